@@ -1,0 +1,63 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every error body is `{"error": {"code": "<snake_case>", "message": "..."}}`.
+//! Client mistakes are 4xx; 5xx is kept for the node's own failures.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::storage;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<storage::Error> for ApiError {
+    fn from(e: storage::Error) -> Self {
+        use storage::Error as E;
+        let (status, code) = match &e {
+            E::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::NotDurable(_) | E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+            E::Corruption { .. } | E::Decode(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "storage_corruption")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}

@@ -1,0 +1,424 @@
+//! The HTTP API of a node (DESIGN §2).
+//!
+//! Handlers are thin: decode and validate the request, call the engine,
+//! encode the response. Validation happens before anything reaches the WAL,
+//! so a rejected request never writes anything. Errors become responses in
+//! one place, [`error::ApiError`].
+
+pub mod error;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+
+use crate::metrics::Metrics;
+use crate::storage::{self, Engine, Op, MAX_KEY_BYTES};
+
+/// Request limits, from the command line.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_value_bytes: usize,
+    pub max_bulk_bytes: usize,
+    pub max_bulk_items: usize,
+    pub max_inflight_requests: usize,
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub enable_debug: bool,
+    pub node_id: String,
+    pub data_dir: String,
+    pub epoch: u64,
+    pub started: Instant,
+    inflight: Semaphore,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        enable_debug: bool,
+        node_id: String,
+        data_dir: String,
+        epoch: u64,
+    ) -> Self {
+        AppState {
+            inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
+            engine,
+            metrics,
+            limits,
+            enable_debug,
+            node_id,
+            data_dir,
+            epoch,
+            started: Instant::now(),
+        }
+    }
+}
+
+type Shared = Arc<AppState>;
+
+/// Builds the router with every route of DESIGN §2 that a single node serves.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(
+            "/v1/kv/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .route("/v1/kv", any(empty_key))
+        .route("/v1/kv/", any(empty_key))
+        .route("/v1/bulk", axum::routing::post(bulk))
+        .route("/v1/status", get(status))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Admission control and metrics for every request.
+async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let op = op_label(
+        req.method(),
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str()),
+    );
+    let started = Instant::now();
+    let response = match st.inflight.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry shortly",
+        )
+        .into_response(),
+    };
+    let m = &st.metrics;
+    m.http_requests_total
+        .with_label_values(&[op, response.status().as_str()])
+        .inc();
+    m.http_request_duration_seconds
+        .with_label_values(&[op])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn op_label(method: &Method, path: Option<&str>) -> &'static str {
+    match (path, method) {
+        (Some("/v1/kv/{*key}"), &Method::GET) => "get",
+        (Some("/v1/kv/{*key}"), &Method::PUT) => "put",
+        (Some("/v1/kv/{*key}"), &Method::DELETE) => "delete",
+        (Some("/v1/bulk"), _) => "bulk",
+        (Some("/v1/status"), _) => "status",
+        (Some("/health"), _) => "health",
+        (Some("/ready"), _) => "ready",
+        (Some("/metrics"), _) => "metrics",
+        _ => "other",
+    }
+}
+
+/// Checks a key against DESIGN §2: UTF-8 (guaranteed by the caller's type),
+/// 1..=1024 bytes, no NUL.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("key is empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if key.contains('\0') {
+        return Err("key contains a NUL byte".into());
+    }
+    Ok(())
+}
+
+fn key_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(key) = path.map_err(|e| ApiError::bad_request("invalid_key", e.body_text()))?;
+    validate_key(&key).map_err(|m| ApiError::bad_request("invalid_key", m))?;
+    Ok(key)
+}
+
+#[derive(Debug, Deserialize)]
+struct WriteParams {
+    debug_flaky: Option<f64>,
+}
+
+/// Decides whether this write is applied in memory (false only when
+/// `debug_flaky` is allowed, valid, and the coin says so).
+fn apply_decision(
+    st: &AppState,
+    params: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<bool, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Some(p) = params.debug_flaky else {
+        return Ok(true);
+    };
+    if !st.enable_debug {
+        return Err(ApiError::bad_request(
+            "debug_disabled",
+            "debug_flaky needs kvd to run with --enable-debug",
+        ));
+    }
+    if !(0.0..=1.0).contains(&p) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("debug_flaky must be within 0.0..=1.0, got {p}"),
+        ));
+    }
+    Ok(rand::random::<f64>() >= p)
+}
+
+/// Reads a request body of at most `limit` bytes (413 beyond it).
+async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_long = e
+            .into_inner()
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some();
+        if too_long {
+            ApiError::too_large(
+                "value_too_large",
+                format!("{what} exceeds the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("bad_body", format!("could not read the {what}"))
+        }
+    })
+}
+
+async fn get_key(
+    State(st): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(path)?;
+    match st.engine.get(key.as_bytes()) {
+        Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
+        None => Err(ApiError::not_found(format!("key {key:?} not found"))),
+    }
+}
+
+async fn put_key(
+    State(st): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<WriteParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(path)?;
+    let apply = apply_decision(&st, params)?;
+    let value = read_body(body, st.limits.max_value_bytes, "value").await?;
+    let op = Op::Put {
+        key: Bytes::from(key.into_bytes()),
+        value,
+    };
+    let r = st.engine.write(op, apply).await?;
+    Ok(Json(json!({"index": r.index})).into_response())
+}
+
+async fn delete_key(
+    State(st): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(path)?;
+    let op = Op::Delete {
+        key: Bytes::from(key.into_bytes()),
+    };
+    let r = st.engine.write(op, true).await?;
+    Ok(Json(json!({"deleted": r.outcome.deleted, "index": r.index})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRequest {
+    items: Vec<BulkItem>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkItem {
+    key: String,
+    value: BulkValue,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BulkValue {
+    Text(String),
+    Binary(Base64Value),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Base64Value {
+    base64: String,
+}
+
+/// Turns a parsed bulk request into one log op, or says which item is bad.
+fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
+    if req.items.is_empty() {
+        return Err(ApiError::bad_request("invalid_bulk", "bulk has no items"));
+    }
+    if req.items.len() > limits.max_bulk_items {
+        return Err(ApiError::too_large(
+            "too_many_items",
+            format!(
+                "bulk has {} items; the limit is {}",
+                req.items.len(),
+                limits.max_bulk_items
+            ),
+        ));
+    }
+    let mut items = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.into_iter().enumerate() {
+        validate_key(&item.key)
+            .map_err(|m| ApiError::bad_request("invalid_item", format!("items[{i}]: {m}")))?;
+        let value = match item.value {
+            BulkValue::Text(s) => Bytes::from(s.into_bytes()),
+            BulkValue::Binary(b) => base64::engine::general_purpose::STANDARD
+                .decode(b.base64.as_bytes())
+                .map(Bytes::from)
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_item",
+                        format!("items[{i}]: value is not valid base64: {e}"),
+                    )
+                })?,
+        };
+        if value.len() > limits.max_value_bytes {
+            return Err(ApiError::too_large(
+                "value_too_large",
+                format!(
+                    "items[{i}]: value is {} bytes; the limit is {}",
+                    value.len(),
+                    limits.max_value_bytes
+                ),
+            ));
+        }
+        items.push((Bytes::from(item.key.into_bytes()), value));
+    }
+    Ok(Op::Bulk { items })
+}
+
+async fn bulk(
+    State(st): State<Shared>,
+    params: Result<Query<WriteParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let apply = apply_decision(&st, params)?;
+    let raw = read_body(body, st.limits.max_bulk_bytes, "bulk body").await?;
+    let req: BulkRequest = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("bulk body is not {{\"items\": [{{\"key\", \"value\"}}]}}: {e}"),
+        )
+    })?;
+    let op = bulk_op(req, &st.limits)?;
+    let count = match &op {
+        Op::Bulk { items } => items.len(),
+        _ => 0,
+    };
+    let r = st.engine.write(op, apply).await?;
+    Ok(Json(json!({"index": r.index, "count": count})).into_response())
+}
+
+async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
+    let s = st.engine.status();
+    let m = &st.metrics;
+    m.keys.set(s.keys as i64);
+    Json(json!({
+        "node_id": st.node_id,
+        "mode": "single",
+        "role": "primary",
+        "epoch": st.epoch,
+        "last_index": s.last_index,
+        "commit_index": s.applied_index,
+        "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index,
+        "keys": s.keys,
+        "digest": format!("{:016x}", st.engine.state().digest()),
+        "wal_bytes": s.wal_bytes,
+        "wal_segments": s.wal_segments,
+        "storage_poisoned": s.poisoned,
+        "data_dir": st.data_dir,
+        "uptime_seconds": st.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "peers": [],
+    }))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(st): State<Shared>) -> Response {
+    if st.engine.is_poisoned() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            storage::Error::Poisoned.to_string(),
+        )
+        .into_response()
+    } else {
+        Json(json!({"ready": true})).into_response()
+    }
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    let s = st.engine.status();
+    let m = &st.metrics;
+    m.keys.set(s.keys as i64);
+    m.epoch.set(st.epoch as i64);
+    m.is_primary.set(1);
+    m.last_index.set(s.last_index as i64);
+    m.commit_index.set(s.applied_index as i64);
+    m.wal_bytes.set(s.wal_bytes as i64);
+    m.wal_segments.set(s.wal_segments as i64);
+    m.storage_poisoned.set(i64::from(s.poisoned));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("invalid_key", "key is empty")
+}
+
+async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

@@ -1,0 +1,67 @@
+//! Command-line configuration of a node.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// kvd: a kvstore node. Serves get/set/delete and atomic bulk set over HTTP;
+/// every acknowledged write is in a write-ahead log fsync'd before the reply.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "kvd", version, about, long_about = None)]
+pub struct Config {
+    /// TCP port of the HTTP API.
+    #[arg(long, default_value_t = 8765)]
+    pub port: u16,
+
+    /// Address to listen on. The default keeps the node private to this
+    /// machine; kvd has no authentication, so expose it with care.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Directory holding the WAL (wal/), snapshots (snap/), node metadata
+    /// (meta) and the LOCK file. Created if missing; one kvd per directory.
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Name of this node, shown in /v1/status and metrics.
+    #[arg(long, default_value = "n0")]
+    pub node_id: String,
+
+    /// Largest value accepted by PUT or in one bulk item, in bytes; larger
+    /// ones get 413 and write nothing.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_value_bytes: usize,
+
+    /// Largest POST /v1/bulk request body, in bytes (413 beyond it).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_bulk_bytes: usize,
+
+    /// Most items in one bulk request (413 beyond it).
+    #[arg(long, default_value_t = 100_000)]
+    pub max_bulk_items: usize,
+
+    /// Take a snapshot (and delete the WAL segments it covers) after this
+    /// many MiB have been written to the WAL since the last snapshot.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every_mib: u64,
+
+    /// Size in MiB at which a WAL segment is sealed and a new one started.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub wal_segment_mib: u64,
+
+    /// Requests handled at once; more get 503 "overloaded" at once instead of
+    /// queueing without bound.
+    #[arg(long, default_value_t = 4096)]
+    pub max_inflight_requests: usize,
+
+    /// Writes queued for the WAL writer; past this, handlers wait (back-pressure).
+    #[arg(long, default_value_t = 8192)]
+    pub write_queue: usize,
+
+    /// Allow debug-only request options such as `debug_flaky=P` (a write made
+    /// durable but not applied in memory, as if the node crashed in between).
+    /// Never enable in production.
+    #[arg(long)]
+    pub enable_debug: bool,
+}

@@ -1,0 +1,13 @@
+//! kvd: the kvstore node daemon.
+//!
+//! - [`storage`]: WAL, in-memory state, snapshots, recovery.
+//! - [`api`]: the HTTP API (DESIGN §2), thin handlers over the engine.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: command-line configuration.
+//! - [`server`]: wires the parts together and runs a node.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod storage;

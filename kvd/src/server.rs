@@ -1,0 +1,193 @@
+//! Runs a node: lock the data dir, recover the engine, serve HTTP until
+//! SIGTERM/SIGINT, then shut down gracefully.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{self, AppState, Limits};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::storage::{Engine, EngineConfig, RealFs};
+
+/// Holds the data dir's `LOCK` for the life of the process: the kernel
+/// drops an flock when the process dies, so a crash never leaves it stuck.
+pub struct DataDirLock {
+    _lock: Flock<File>,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let path = data_dir.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, errno)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                bail!(
+                    "data dir {} is in use by another kvd{} ({errno}); \
+                     only one kvd may use a data dir at a time",
+                    data_dir.display(),
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    }
+                );
+            }
+        };
+        // The pid is only a hint for the error message above.
+        lock.set_len(0)?;
+        lock.rewind()?;
+        write!(lock, "{}", std::process::id())?;
+        Ok(DataDirLock { _lock: lock })
+    }
+}
+
+/// Node metadata (`meta`, JSON). Format version 1.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    pub format_version: u32,
+    pub node_id: String,
+    pub epoch: u64,
+    pub mode: String,
+}
+
+impl Meta {
+    /// Reads `meta`, or creates it durably for a fresh data dir.
+    pub fn load_or_init(data_dir: &Path, node_id: &str) -> Result<Meta> {
+        let path = data_dir.join("meta");
+        match std::fs::read(&path) {
+            Ok(raw) => {
+                let meta: Meta = serde_json::from_slice(&raw).with_context(|| {
+                    format!("corrupt node metadata in {} (offset 0)", path.display())
+                })?;
+                if meta.format_version != 1 {
+                    bail!(
+                        "{} has format version {}; this kvd reads version 1",
+                        path.display(),
+                        meta.format_version
+                    );
+                }
+                Ok(meta)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let meta = Meta {
+                    format_version: 1,
+                    node_id: node_id.to_string(),
+                    epoch: 1,
+                    mode: "single".into(),
+                };
+                meta.store(data_dir)?;
+                Ok(meta)
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Replaces `meta` atomically: temp file, fsync, rename, dir fsync.
+    pub fn store(&self, data_dir: &Path) -> Result<()> {
+        let tmp = data_dir.join("meta.tmp");
+        let path = data_dir.join("meta");
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(data_dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Runs the node until a shutdown signal.
+pub async fn run(cfg: Config) -> Result<()> {
+    let _lock = DataDirLock::acquire(&cfg.data_dir)?;
+    let meta = Meta::load_or_init(&cfg.data_dir, &cfg.node_id)?;
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+
+    let mut ecfg = EngineConfig::new(&cfg.data_dir);
+    ecfg.segment_max_bytes = cfg.wal_segment_mib << 20;
+    ecfg.snapshot_every_bytes = cfg.snapshot_every_mib << 20;
+    ecfg.queue_capacity = cfg.write_queue;
+    ecfg.epoch = meta.epoch;
+    let engine_metrics = metrics.clone();
+    let (engine, report) = tokio::task::spawn_blocking(move || {
+        Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
+    })
+    .await
+    .context("recovery task panicked")?
+    .with_context(|| format!("recovering data dir {}", cfg.data_dir.display()))?;
+    eprintln!(
+        "kvd: {} recovered {} keys in {:.3}s (snapshot at index {}, {} WAL records replayed, \
+         {} torn tail bytes cut)",
+        cfg.data_dir.display(),
+        report.keys,
+        report.duration.as_secs_f64(),
+        report.snapshot_index,
+        report.records_replayed,
+        report.truncated_bytes
+    );
+    let engine = Arc::new(engine);
+
+    let addr = SocketAddr::new(cfg.bind, cfg.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let state = Arc::new(AppState::new(
+        engine.clone(),
+        metrics,
+        Limits {
+            max_value_bytes: cfg.max_value_bytes,
+            max_bulk_bytes: cfg.max_bulk_bytes,
+            max_bulk_items: cfg.max_bulk_items,
+            max_inflight_requests: cfg.max_inflight_requests,
+        },
+        cfg.enable_debug,
+        meta.node_id.clone(),
+        cfg.data_dir.display().to_string(),
+        meta.epoch,
+    ));
+    eprintln!("kvd: node {} serving on http://{addr}", meta.node_id);
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+
+    // In-flight requests have finished; the writer drains its queue (each
+    // write fsync'd before its reply) and stops.
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .context("engine shutdown panicked")?;
+    eprintln!("kvd: shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvd: cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => eprintln!("kvd: SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => eprintln!("kvd: SIGINT received, shutting down"),
+    }
+}

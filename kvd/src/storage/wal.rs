@@ -1,0 +1,398 @@
+//! The write-ahead log: an ordered sequence of segment files.
+//!
+//! # Files
+//!
+//! `wal/{first_index:020}.wal`, each starting with a 16-byte header
+//! (`b"KVSTWAL\0"`, format version u32 LE = 1, reserved u32 = 0) followed by
+//! frames as described in [`super::record`].
+//!
+//! # Invariants
+//!
+//! - Record indexes are contiguous across all segments: each record's index
+//!   is its predecessor's plus one; a segment's name is its first index.
+//! - Only the last segment can hold an incomplete or damaged tail (sealed
+//!   segments were fsync'd whole before the next one was created), and such a
+//!   tail is only an *unacknowledged* write if no valid record follows it.
+//! - After a failed write or fsync the log is poisoned: the kernel may have
+//!   dropped the dirty pages, so no later fsync can vouch for them, and every
+//!   further append is refused until restart re-reads what is really on disk.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::fs::{Fs, WriteFile};
+use super::record::{self, Frame, Record};
+use super::Error;
+
+pub const SEGMENT_MAGIC: &[u8; 8] = b"KVSTWAL\0";
+pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_HEADER_BYTES: usize = 16;
+
+fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h
+}
+
+fn segment_name(first_index: u64) -> String {
+    format!("{first_index:020}.wal")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".wal")?;
+    if stem.len() != 20 {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    first_index: u64,
+    path: PathBuf,
+    /// Size on disk; kept current for the active segment too.
+    bytes: u64,
+}
+
+/// The log, open for appending.
+pub struct Wal {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    /// Sorted by first index; the last one is being appended to.
+    segments: Vec<Segment>,
+    active: Box<dyn WriteFile>,
+    segment_max_bytes: u64,
+    /// Index the next appended record must carry.
+    next_index: u64,
+    /// Epoch of the last record in the log (0 when empty).
+    last_epoch: u64,
+    poisoned: bool,
+}
+
+/// What recovery found besides the records it replayed.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// Bytes cut from the tail of the last segment (an unacknowledged write).
+    pub truncated_bytes: u64,
+    pub records_replayed: u64,
+    pub segments: usize,
+}
+
+impl Wal {
+    /// Opens the log in `dir`, replaying every record with index greater than
+    /// `after_index` (what the snapshot already covers) into `apply`.
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        after_index: u64,
+        segment_max_bytes: u64,
+        mut apply: impl FnMut(Record),
+    ) -> Result<(Wal, RecoveryReport), Error> {
+        fs.create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let mut segments: Vec<Segment> = fs
+            .list(dir)
+            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+            .into_iter()
+            .filter_map(|name| {
+                parse_segment_name(&name).map(|first_index| Segment {
+                    first_index,
+                    path: dir.join(name),
+                    bytes: 0,
+                })
+            })
+            .collect();
+        segments.sort_by_key(|s| s.first_index);
+
+        let mut report = RecoveryReport::default();
+        // The index the next record must carry, once we have seen one.
+        let mut expected: Option<u64> = None;
+        let mut last_epoch = 0u64;
+        let mut drop_last = false;
+        let n = segments.len();
+
+        if let Some(first) = segments.first() {
+            if first.first_index > after_index + 1 {
+                return Err(Error::Corruption {
+                    file: first.path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "log starts at index {} but the snapshot only covers up to {after_index}: \
+                         records in between are missing",
+                        first.first_index
+                    ),
+                });
+            }
+        }
+
+        for (i, seg) in segments.iter_mut().enumerate() {
+            let is_last = i + 1 == n;
+            let mut buf = Vec::new();
+            fs.open_read(&seg.path)
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
+            let corrupt = |offset: usize, reason: String| Error::Corruption {
+                file: seg.path.clone(),
+                offset: offset as u64,
+                reason,
+            };
+
+            if buf.len() < SEGMENT_HEADER_BYTES {
+                if is_last {
+                    // Created but its header never became durable.
+                    report.truncated_bytes += buf.len() as u64;
+                    drop_last = true;
+                    break;
+                }
+                return Err(corrupt(0, "segment shorter than its header".into()));
+            }
+            if &buf[..8] != SEGMENT_MAGIC {
+                return Err(corrupt(0, "bad segment magic".into()));
+            }
+            let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+            if version != SEGMENT_VERSION {
+                return Err(corrupt(
+                    8,
+                    format!("unsupported WAL format version {version}"),
+                ));
+            }
+            match expected {
+                Some(e) if e != seg.first_index => {
+                    return Err(corrupt(
+                        0,
+                        format!(
+                            "segment should start at index {e} but is named for {}",
+                            seg.first_index
+                        ),
+                    ))
+                }
+                _ => expected = Some(seg.first_index),
+            }
+
+            let mut off = SEGMENT_HEADER_BYTES;
+            while off < buf.len() {
+                let want = expected.unwrap_or(seg.first_index);
+                match record::read_frame(&buf, off) {
+                    Frame::Valid { payload, next } => {
+                        let rec = Record::decode_payload(payload)
+                            .map_err(|e| corrupt(off, format!("undecodable record: {e}")))?;
+                        if rec.index != want {
+                            return Err(corrupt(
+                                off,
+                                format!("record has index {} where {want} was expected", rec.index),
+                            ));
+                        }
+                        last_epoch = rec.epoch;
+                        expected = Some(want + 1);
+                        if rec.index > after_index {
+                            apply(rec);
+                            report.records_replayed += 1;
+                        }
+                        off = next;
+                    }
+                    bad => {
+                        let reason = match bad {
+                            Frame::Bad { reason } => reason,
+                            _ => "record runs past the end of the file".to_string(),
+                        };
+                        let later =
+                            (off + 1..buf.len()).find(|&o| record::valid_record_at(&buf, o, want));
+                        if let Some(o) = later {
+                            return Err(corrupt(
+                                off,
+                                format!(
+                                    "{reason}; a valid record follows at offset {o}, \
+                                     so this is damage to acknowledged data, not a torn write"
+                                ),
+                            ));
+                        }
+                        if !is_last {
+                            return Err(corrupt(
+                                off,
+                                format!("{reason} in a sealed (non-final) segment"),
+                            ));
+                        }
+                        // A torn tail: the write it held was never acknowledged.
+                        report.truncated_bytes += (buf.len() - off) as u64;
+                        fs.truncate(&seg.path, off as u64).map_err(|e| {
+                            Error::io(format!("truncating torn tail of {}", seg.path.display()), e)
+                        })?;
+                        buf.truncate(off);
+                        break;
+                    }
+                }
+            }
+            seg.bytes = buf.len() as u64;
+        }
+        report.segments = segments.len();
+
+        if drop_last {
+            let seg = segments
+                .pop()
+                .expect("drop_last is only set for an existing segment");
+            fs.remove(&seg.path)
+                .and_then(|_| fs.sync_dir(dir))
+                .map_err(|e| Error::io(format!("removing torn {}", seg.path.display()), e))?;
+        }
+
+        let next_index = after_index + 1;
+        if expected.is_some_and(|e| e < next_index) {
+            // The snapshot is ahead of the whole log (it was installed from
+            // elsewhere): every segment is covered, and keeping them would
+            // leave a gap in the indexes, so they go.
+            for seg in segments.drain(..) {
+                fs.remove(&seg.path)
+                    .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
+            }
+            fs.sync_dir(dir)
+                .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
+        }
+        let next_index = expected.unwrap_or(next_index).max(next_index);
+        let active = match segments.last() {
+            Some(last) => fs
+                .open_append(&last.path)
+                .map_err(|e| Error::io(format!("opening {}", last.path.display()), e))?,
+            None => {
+                let (seg, active) = create_segment(fs.as_ref(), dir, next_index)?;
+                segments.push(seg);
+                active
+            }
+        };
+        let wal = Wal {
+            fs,
+            dir: dir.to_path_buf(),
+            segments,
+            active,
+            segment_max_bytes,
+            next_index,
+            last_epoch,
+            poisoned: false,
+        };
+        Ok((wal, report))
+    }
+
+    /// Index the next record must carry.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    pub fn last_epoch(&self) -> u64 {
+        self.last_epoch
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Bytes in all segments on disk.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .last_mut()
+            .expect("WAL invariant: there is always an active segment")
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Writes already-framed records (indexes `first..first+count`) to the
+    /// active segment. Not durable until [`Wal::sync`] returns.
+    pub fn append(
+        &mut self,
+        first: u64,
+        count: u64,
+        framed: &[u8],
+        last_epoch: u64,
+    ) -> Result<(), Error> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        assert_eq!(
+            first, self.next_index,
+            "WAL invariant: appended records must continue the log contiguously"
+        );
+        if self.active_mut().bytes >= self.segment_max_bytes {
+            self.roll()?;
+        }
+        if let Err(e) = self.active.write_all(framed) {
+            self.poisoned = true;
+            return Err(Error::io("appending to the WAL".into(), e));
+        }
+        self.active_mut().bytes += framed.len() as u64;
+        self.next_index = first + count;
+        self.last_epoch = last_epoch;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (one fdatasync).
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        if let Err(e) = self.active.sync_data() {
+            self.poisoned = true;
+            return Err(Error::io("fsync of the WAL".into(), e));
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one at `next_index`.
+    fn roll(&mut self) -> Result<(), Error> {
+        // Everything in the old segment must be durable before records can
+        // land in a newer one: recovery only tolerates a torn *last* segment.
+        self.sync()?;
+        let (seg, active) = create_segment(self.fs.as_ref(), &self.dir, self.next_index)
+            .inspect_err(|_| self.poisoned = true)?;
+        self.segments.push(seg);
+        self.active = active;
+        Ok(())
+    }
+
+    /// Deletes sealed segments whose records all have index <= `upto`
+    /// (a durable snapshot covers them). Returns how many were removed.
+    pub fn remove_covered(&mut self, upto: u64) -> Result<usize, Error> {
+        let mut removed = 0;
+        // Segment i is covered when segment i+1 starts at or before upto+1.
+        while self.segments.len() >= 2 && self.segments[1].first_index <= upto + 1 {
+            let seg = self.segments.remove(0);
+            self.fs
+                .remove(&seg.path)
+                .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Creates a segment whose directory entry and header are durable.
+fn create_segment(
+    fs: &dyn Fs,
+    dir: &Path,
+    first_index: u64,
+) -> Result<(Segment, Box<dyn WriteFile>), Error> {
+    let path = dir.join(segment_name(first_index));
+    let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+    let mut f = fs.create(&path).map_err(|e| io("creating", e))?;
+    f.write_all(&segment_header())
+        .and_then(|_| f.sync_data())
+        .map_err(|e| io("writing header of", e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
+    let seg = Segment {
+        first_index,
+        path,
+        bytes: SEGMENT_HEADER_BYTES as u64,
+    };
+    Ok((seg, f))
+}

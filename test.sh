@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one test command (README "Test"): installs what the tests need, then
+# build, formatting, lints, and every test. .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== build (debug binaries used by the end-to-end tests)"
+cargo build --workspace --bins --locked
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test (unit, crash-model, end-to-end)"
+cargo test --workspace --locked

@@ -40,6 +40,8 @@ struct Disk {
     /// Mutating operations left before the power fails (None: never).
     ops_left: Option<u64>,
     crashed: bool,
+    /// Fail the next sync_data with EIO (then behave again).
+    fail_next_sync: bool,
 }
 
 impl Disk {
@@ -83,6 +85,9 @@ impl WriteFile for SimFile {
     fn sync_data(&mut self) -> io::Result<()> {
         let mut d = self.disk.lock();
         d.tick()?;
+        if std::mem::take(&mut d.fail_next_sync) {
+            return Err(io::Error::other("simulated EIO from fdatasync"));
+        }
         let ino = &mut d.inodes[self.ino];
         ino.synced = ino.data.clone();
         Ok(())
@@ -379,4 +384,28 @@ fn concurrent_writers_with_group_commit_survive_300_crash_points() {
     for seed in 10_000..10_300 {
         crash_once(seed, 4);
     }
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_wal_until_restart() {
+    let fs = SimFs::default();
+    let (engine, _) = Engine::open(Arc::new(fs.clone()), config(), None).unwrap();
+    let put = |v: &'static [u8]| Op::Put {
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(v),
+    };
+    engine.write_blocking(put(b"1"), true).unwrap();
+    fs.0.lock().fail_next_sync = true;
+    assert!(engine.write_blocking(put(b"2"), true).is_err());
+    // The disk works again, but the engine must not trust it: the kernel may
+    // have dropped the pages of the failed write.
+    let err = engine.write_blocking(put(b"3"), true).unwrap_err();
+    assert!(matches!(err, kvd::storage::Error::Poisoned), "got {err}");
+    assert!(engine.is_poisoned());
+    assert_eq!(engine.get(b"k"), Some(Bytes::from_static(b"1")));
+    engine.shutdown();
+    drop(engine);
+    let (engine, _) = Engine::open(Arc::new(fs), config(), None).unwrap();
+    assert!(!engine.is_poisoned());
+    engine.write_blocking(put(b"4"), true).unwrap();
 }

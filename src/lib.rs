@@ -1,0 +1,306 @@
+//! kvstore test kit: starts real `kvd` processes for the end-to-end tests
+//! (`tests/`) and the benchmarks (`benches/`).
+//!
+//! Each node gets a free loopback port and a data dir the caller owns
+//! (usually inside a `tempfile::TempDir`). Only the processes started here
+//! are ever signalled, by PID; a node still running when its handle drops is
+//! SIGKILLed and reaped.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub use nix::sys::signal::Signal as Sig;
+
+/// Directory with the workspace's built binaries (`kvd`, `kvclient`, ...).
+///
+/// `KVSTORE_BIN_DIR` overrides; otherwise it is the profile directory of the
+/// running test or bench executable (`target/<profile>/`), where
+/// `cargo build` put the binaries of the same profile.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KVSTORE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the current executable has a path");
+    let mut dir = exe
+        .parent()
+        .expect("an executable lives in a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, with a clear message if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`, \
+         with --release for benchmarks) or set KVSTORE_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding an ephemeral port");
+    l.local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Minimal blocking HTTP/1.1 GET over loopback: (status, body). Used for
+/// readiness polling so the kit works inside and outside async runtimes.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status code")?
+        .parse()?;
+    let mut body = raw[head_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..line_end])?.trim(), 16)?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// A running (or stopped) kvd process that this kit started.
+pub struct Kvd {
+    child: Option<Child>,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Kvd {
+    /// Starts kvd on a free port with `data_dir` and `extra` flags, and waits
+    /// until it answers `/health`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
+        let mut last_err = None;
+        // A port found free can be taken before kvd binds it; try a few.
+        for _ in 0..5 {
+            let mut node = Kvd {
+                child: None,
+                port: free_port(),
+                data_dir: data_dir.to_path_buf(),
+                log_path: PathBuf::new(),
+                args: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            match node.spawn_and_wait() {
+                Ok(()) => return Ok(node),
+                Err(e) => {
+                    if !node.log().contains("binding") {
+                        return Err(e);
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("kvd did not start")))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let parent = self.data_dir.parent().unwrap_or(Path::new("."));
+        self.log_path = parent.join(format!("kvd-{}.log", self.port));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let child = Command::new(bin("kvd"))
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning kvd")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_healthy(Duration::from_secs(60))
+    }
+
+    /// Waits until `/health` answers 200, failing early if kvd exits.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                bail!(
+                    "kvd exited with {status} during start-up; log:\n{}",
+                    self.log()
+                );
+            }
+            if matches!(
+                http_get(self.port, "/health", Duration::from_millis(500)),
+                Ok((200, _))
+            ) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "kvd did not become healthy in {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node's log so far (stdout and stderr of every start).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends `sig` to this node's process (and only it).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let pid = self.pid().context("kvd is not running")?;
+        kill(Pid::from_raw(pid as i32), sig).context("signalling kvd")?;
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait_exit()
+    }
+
+    /// SIGTERM, then wait for the graceful exit.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        self.wait_exit()
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("kvd is not running")?;
+        Ok(child.wait()?)
+    }
+
+    fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("kvd is not running"),
+        }
+    }
+
+    /// Starts the node again with the same port, data dir and flags.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("kvd is still running; stop it first");
+        }
+        self.spawn_and_wait()
+    }
+}
+
+impl Drop for Kvd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a binary of the workspace to completion (for "refuses to start"
+/// checks): exit status and combined output.
+pub fn run_to_exit(name: &str, args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut out = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                o.read_to_string(&mut out)?;
+            }
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut out)?;
+            }
+            return Ok((status, out));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

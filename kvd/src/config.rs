@@ -8,7 +8,13 @@ use clap::Parser;
 /// kvd: a kvstore node. Serves get/set/delete and atomic bulk set over HTTP;
 /// every acknowledged write is in a write-ahead log fsync'd before the reply.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "kvd", version, about, long_about = None)]
+#[command(
+    name = "kvd",
+    version,
+    after_help = "Signals: SIGTERM or SIGINT stop the node gracefully (in-flight writes finish, exit 0).\n\
+                  Exit status 1: the node could not start (data dir in use, corrupt data, port taken); \
+                  the message says which and where."
+)]
 pub struct Config {
     /// TCP port of the HTTP API.
     #[arg(long, default_value_t = 8765)]

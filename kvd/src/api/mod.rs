@@ -217,7 +217,11 @@ async fn get_key(
     let key = key_from_path(path)?;
     match st.engine.get(key.as_bytes()) {
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
-        None => Err(ApiError::not_found(format!("key {key:?} not found"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("key {key:?} not found"),
+        )),
     }
 }
 

@@ -1,0 +1,565 @@
+//! The `kvclient` command line: arguments, output formats and exit codes.
+//!
+//! Contract: stdout carries only the result (raw value bytes for `get`, one
+//! line for writes, JSON with `--json`); every failure is exactly one line on
+//! stderr starting with `kvclient: `, and the exit status tells "key not
+//! found" (1) apart from every other failure (2), so scripts can branch
+//! without parsing text.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use kvclient::{BulkRequest, Client, WireValue, DEFAULT_ENDPOINT};
+use serde_json::{json, Value};
+
+/// Hard-wrapped by hand: the workspace builds clap without `wrap_help`.
+const LONG_ABOUT: &str = "\
+Command-line client for kvstore, a replicated persistent key-value store.
+
+Talks to any node of a cluster: a write sent to a secondary follows its
+redirect to the primary, and failed connections, timeouts and 503 answers
+are retried on the next endpoint with backoff until --timeout-ms runs out.
+
+Output goes to stdout: the raw value bytes for `get` (no newline added, so
+binary values round-trip), a one-line summary for writes, or JSON with --json.
+
+Exit status:
+  0  success
+  1  `get`: the key does not exist
+  2  any other failure: bad arguments, unreachable cluster, server error
+A failure prints one line on stderr, starting with \"kvclient: \".";
+
+const GET_ABOUT: &str = "\
+Print the value stored under KEY as raw bytes, without a trailing newline.
+With --json, print {\"key\": KEY, \"value\": V} where V is a string for UTF-8
+values and {\"base64\": \"...\"} otherwise.
+Exits 1 if the key does not exist.";
+
+const BULK_ABOUT: &str = "\
+Write many keys in one atomic batch: after success, or after a crash,
+either all items exist or none do.
+
+The input is the API's JSON document
+  {\"items\": [{\"key\": K, \"value\": V}, ...]}
+where V is a UTF-8 string or {\"base64\": \"...\"}. With --kv it is lines of
+KEY=VALUE instead: split at the first '=', nothing trimmed, blank lines
+skipped.";
+
+/// Parsed command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvclient",
+    version,
+    about = "Command-line client for kvstore",
+    long_about = LONG_ABOUT
+)]
+pub struct Cli {
+    /// Base URLs of the nodes, comma-separated; tried in order, writes
+    /// follow the primary
+    #[arg(
+        long,
+        env = "KV_ENDPOINTS",
+        hide_env_values = true,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENDPOINT,
+        global = true
+    )]
+    endpoints: Vec<String>,
+
+    /// Give up after this many milliseconds (at most an hour), counting
+    /// every retry and redirect
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000),
+        global = true
+    )]
+    timeout_ms: u64,
+
+    /// Retries after a failed attempt (connection error, timeout, 503);
+    /// 0 tries once
+    #[arg(long, value_name = "N", default_value_t = 8, global = true)]
+    retries: u32,
+
+    /// Print machine-readable JSON instead of human output
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the value stored under KEY (exit 1 if there is none)
+    #[command(
+        long_about = GET_ABOUT
+    )]
+    Get {
+        /// The key (UTF-8, 1 to 1024 bytes, no NUL)
+        key: String,
+        /// Linearizable read: the primary confirms with a majority that it is
+        /// still primary before answering
+        #[arg(long)]
+        consistent: bool,
+    },
+
+    /// Store a value under KEY
+    Set(SetArgs),
+
+    /// Delete KEY (succeeds whether or not it existed)
+    Del {
+        /// The key to delete
+        key: String,
+    },
+
+    /// Write many keys in one atomic batch
+    #[command(
+        long_about = BULK_ABOUT
+    )]
+    Bulk {
+        /// File to read the items from; '-' (the default) reads standard input
+        #[arg(value_name = "FILE|-", default_value = "-")]
+        file: String,
+        /// Read KEY=VALUE lines instead of a JSON document
+        #[arg(long)]
+        kv: bool,
+    },
+
+    /// Show the answering node's status (id, mode, role, epoch, indexes, peers)
+    Status,
+
+    /// Full-text search over values, best match first (needs kvd --index)
+    Search {
+        /// Words to search for
+        query: String,
+        /// Most hits to return
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+
+    /// Keys whose values are most similar to QUERY (needs kvd --index)
+    Similar {
+        /// Text to compare values against
+        query: String,
+        /// Most hits to return
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    /// The key (UTF-8, 1 to 1024 bytes, no NUL)
+    key: String,
+    /// The value; '-' reads it from standard input (binary-safe)
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    value: Option<String>,
+    /// Read the value from this file instead (binary-safe)
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+}
+
+/// How a command failed; decides the exit status and how the error prints.
+enum Failure {
+    /// `get` of an absent key: exit 1.
+    NotFound(String),
+    /// A client error: its Display is already one complete line (printing
+    /// its source chain as well would repeat the root cause).
+    Client(kvclient::Error),
+    /// Local failures (files, stdin, input format), printed with context.
+    Other(anyhow::Error),
+}
+
+impl From<kvclient::Error> for Failure {
+    fn from(err: kvclient::Error) -> Self {
+        Failure::Client(err)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Failure::Other(err)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(Failure::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::NotFound(key)) => {
+            report(&format!("key not found: {key:?}"));
+            ExitCode::from(1)
+        }
+        Err(Failure::Client(err)) => {
+            report(&err.to_string());
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(err)) => {
+            report(&format!("{err:#}"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Keeps clap's own output for help and version (and for a bare
+/// `kvclient`, where the help is the useful answer), but shortens usage
+/// errors to the one-line failure contract; the exit status is 2 either way.
+fn usage_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
+        _ => {
+            // clap's message is a paragraph, then usage and tips; the first
+            // paragraph says what was wrong.
+            let text = err.to_string();
+            let first = text.split("\n\n").next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            report(&format!("{first} (see --help)"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints the one-line error; newlines from nested messages are folded so
+/// the line stays one line.
+fn report(message: &str) {
+    let line: Vec<&str> = message.split_whitespace().collect();
+    eprintln!("kvclient: {}", line.join(" "));
+}
+
+fn build_client(cli: &Cli) -> Result<Client, Failure> {
+    let budget = Duration::from_millis(cli.timeout_ms);
+    Ok(Client::builder()
+        .endpoints(cli.endpoints.iter().cloned())
+        .request_timeout(budget)
+        .connect_timeout(budget.min(Duration::from_secs(1)))
+        .retry_deadline(budget)
+        .max_retries(cli.retries)
+        .build()?)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let client = build_client(&cli)?;
+    match &cli.command {
+        Command::Get { key, consistent } => {
+            let value = if *consistent {
+                client.get_consistent(key).await?
+            } else {
+                client.get(key).await?
+            };
+            let Some(value) = value else {
+                return Err(Failure::NotFound(key.clone()));
+            };
+            if cli.json {
+                print_json(&json!({"key": key, "value": WireValue::from_bytes(&value)}))
+            } else {
+                write_stdout(&value)
+            }
+        }
+        Command::Set(args) => {
+            let value = read_value(args)?;
+            let index = client.set(&args.key, value).await?;
+            if cli.json {
+                print_json(&json!({"index": index}))
+            } else {
+                print_line(&format!("OK (index {index})"))
+            }
+        }
+        Command::Del { key } => {
+            let outcome = client.delete(key).await?;
+            if cli.json {
+                print_json(&json!(outcome))
+            } else if outcome.deleted {
+                print_line(&format!("deleted (index {})", outcome.index))
+            } else {
+                print_line(&format!("not found (index {})", outcome.index))
+            }
+        }
+        Command::Bulk { file, kv } => {
+            let input = read_input(file)?;
+            let items = if *kv {
+                parse_kv_lines(&input)?
+            } else {
+                parse_bulk_json(&input)?
+            };
+            if items.is_empty() {
+                // Almost always an empty file or a forgotten pipe, not intent.
+                return Err(anyhow::anyhow!("bulk input has no items").into());
+            }
+            let outcome = client.bulk_set(&items).await?;
+            if cli.json {
+                print_json(&json!(outcome))
+            } else {
+                print_line(&format!(
+                    "OK: {} keys (index {})",
+                    outcome.count, outcome.index
+                ))
+            }
+        }
+        Command::Status => {
+            let status = client.status().await?;
+            if cli.json {
+                print_json(status.as_json())
+            } else {
+                write_stdout(render_status(status.as_json()).as_bytes())
+            }
+        }
+        Command::Search { query, limit } => {
+            let hits = client.search(query, *limit).await?;
+            print_hits(cli.json, &hits)
+        }
+        Command::Similar { query, top_k } => {
+            let hits = client.similar(query, *top_k).await?;
+            print_hits(cli.json, &hits)
+        }
+    }
+}
+
+fn read_value(args: &SetArgs) -> Result<Bytes, Failure> {
+    match (&args.value, &args.file) {
+        (Some(value), _) if value == "-" => Ok(read_input("-")?.into()),
+        (Some(value), _) => Ok(Bytes::copy_from_slice(value.as_bytes())),
+        (None, Some(path)) => {
+            let data = std::fs::read(path)
+                .with_context(|| format!("reading value file {}", path.display()))?;
+            Ok(data.into())
+        }
+        // clap's required_unless_present rules this out; kept as an error
+        // rather than a panic in case the attributes ever change.
+        (None, None) => Err(anyhow::anyhow!("set needs a VALUE or --file").into()),
+    }
+}
+
+/// Reads a whole file, or standard input for `-`.
+fn read_input(file: &str) -> anyhow::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    if file == "-" {
+        io::stdin()
+            .lock()
+            .read_to_end(&mut data)
+            .context("reading standard input")?;
+    } else {
+        data = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    Ok(data)
+}
+
+/// Parses the API's bulk document, so a file can be replayed with curl too.
+fn parse_bulk_json(input: &[u8]) -> Result<Vec<(String, Bytes)>, Failure> {
+    let doc: BulkRequest = serde_json::from_slice(input).context(
+        "parsing bulk JSON (expected {\"items\": [{\"key\": ..., \"value\": ...}]}, or use --kv)",
+    )?;
+    Ok(doc.to_pairs()?)
+}
+
+/// Parses `KEY=VALUE` lines: split at the first `=` (so values may contain
+/// `=`, keys may not), nothing trimmed except a CRLF line ending, blank lines
+/// skipped.
+fn parse_kv_lines(input: &[u8]) -> anyhow::Result<Vec<(String, Bytes)>> {
+    let text = std::str::from_utf8(input).context("--kv input is not UTF-8")?;
+    let mut items = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("line {}: expected KEY=VALUE", n + 1);
+        };
+        items.push((key.to_owned(), Bytes::copy_from_slice(value.as_bytes())));
+    }
+    Ok(items)
+}
+
+fn print_hits(json_output: bool, hits: &[kvclient::SearchHit]) -> Result<(), Failure> {
+    if json_output {
+        return print_json(&json!({"hits": hits}));
+    }
+    let mut out = String::new();
+    for hit in hits {
+        out.push_str(&format!("{:>10.4}  {}\n", hit.score, hit.key));
+    }
+    write_stdout(out.as_bytes())
+}
+
+/// Human rendering of a status document: the well-known fields first, then
+/// the rest; nested objects and lists (peers) one item per indented line.
+/// Works on any JSON so that new server fields show up without a client
+/// release.
+fn render_status(status: &Value) -> String {
+    const FIRST: [&str; 7] = [
+        "node_id",
+        "mode",
+        "role",
+        "epoch",
+        "last_index",
+        "commit_index",
+        "keys",
+    ];
+    let Value::Object(map) = status else {
+        return format!("{}\n", pretty(status));
+    };
+    // The rest sorted explicitly: the map's own order depends on whether
+    // some crate in the build enables serde_json's `preserve_order`.
+    let mut rest: Vec<&String> = map
+        .keys()
+        .filter(|k| !FIRST.contains(&k.as_str()))
+        .collect();
+    rest.sort();
+    let names: Vec<&String> = FIRST
+        .iter()
+        .filter_map(|name| map.get_key_value(*name).map(|(k, _)| k))
+        .chain(rest)
+        .collect();
+    let width = names.iter().map(|k| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for name in names {
+        match &map[name.as_str()] {
+            Value::Array(items) if !items.is_empty() => {
+                out.push_str(&format!("{name}:\n"));
+                for item in items {
+                    out.push_str(&format!("  - {}\n", inline(item)));
+                }
+            }
+            Value::Object(fields) if !fields.is_empty() => {
+                out.push_str(&format!("{name}:\n"));
+                for (k, v) in fields {
+                    out.push_str(&format!("  {k}: {}\n", inline(v)));
+                }
+            }
+            Value::Array(_) | Value::Object(_) => {
+                out.push_str(&format!("{name:<width$}  (none)\n"));
+            }
+            scalar => out.push_str(&format!("{name:<width$}  {}\n", inline(scalar))),
+        }
+    }
+    out
+}
+
+/// One value on one line: plain scalars, `k=v` pairs for flat objects,
+/// compact JSON for anything deeper.
+fn inline(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Bool(_) | Value::Number(_) => value.to_string(),
+        Value::Object(fields) if fields.values().all(|v| !v.is_object() && !v.is_array()) => fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", inline(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Value::Array(_) | Value::Object(_) => value.to_string(),
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+fn print_json(value: &Value) -> Result<(), Failure> {
+    print_line(&pretty(value))
+}
+
+fn print_line(line: &str) -> Result<(), Failure> {
+    write_stdout(format!("{line}\n").as_bytes())
+}
+
+fn write_stdout(data: &[u8]) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    match out.write_all(data).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // The reader went away (`kvclient get k | head -c 10`): the command
+        // itself succeeded, so this is not worth a failure exit.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(err) => Err(anyhow::Error::new(err).context("writing to stdout").into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn kv_lines_split_at_first_equals() {
+        let items = parse_kv_lines(b"a=1\r\n\nb==x=y\nc=\n").unwrap();
+        assert_eq!(
+            items,
+            vec![
+                ("a".to_owned(), Bytes::from_static(b"1")),
+                ("b".to_owned(), Bytes::from_static(b"=x=y")),
+                ("c".to_owned(), Bytes::new()),
+            ]
+        );
+        let err = parse_kv_lines(b"a=1\nnoequals\n").unwrap_err();
+        assert_eq!(err.to_string(), "line 2: expected KEY=VALUE");
+    }
+
+    #[test]
+    fn bulk_json_accepts_text_and_base64() {
+        let items = parse_bulk_json(
+            br#"{"items":[{"key":"a","value":"x"},{"key":"b","value":{"base64":"AAE="}}]}"#,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(items[1].1, Bytes::from_static(&[0, 1]));
+        assert!(parse_bulk_json(b"a=1").is_err());
+    }
+
+    #[test]
+    fn status_renders_known_fields_first_and_peers_per_line() {
+        let text = render_status(&json!({
+            "zeta": true,
+            "role": "primary",
+            "node_id": "n0",
+            "peers": [{"id": "n1", "lag": 0}, {"id": "n2", "lag": 3}],
+            "empty": [],
+        }));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "node_id  n0",
+                "role     primary",
+                "empty    (none)",
+                "peers:",
+                "  - id=n1 lag=0",
+                "  - id=n2 lag=3",
+                "zeta     true",
+            ]
+        );
+    }
+
+    #[test]
+    fn set_value_and_file_are_exclusive() {
+        assert!(Cli::try_parse_from(["kvclient", "set", "k"]).is_err());
+        assert!(Cli::try_parse_from(["kvclient", "set", "k", "v", "--file", "f"]).is_err());
+        assert!(Cli::try_parse_from(["kvclient", "set", "k", "--file", "f"]).is_ok());
+        assert!(Cli::try_parse_from(["kvclient", "set", "k", "-"]).is_ok());
+    }
+}

@@ -1,0 +1,872 @@
+//! The client: endpoint choice, primary following, retries, timeouts.
+//!
+//! Contract of every call:
+//! - it is bounded in time: each attempt by the request timeout, the whole
+//!   call (attempts, backoff sleeps, redirects) by the retry deadline;
+//! - a 307/308 from a secondary moves the client to the primary it names
+//!   (`X-KV-Primary`, else `Location`), without spending a retry, and the
+//!   client keeps using that primary for later calls until it fails;
+//! - connection failures, timeouts and "not now" statuses (429/502/503/504)
+//!   are retried with backoff on the next endpoint, honouring `Retry-After`;
+//!   everything else is returned at once;
+//! - the last error is returned unchanged when the budget runs out, so
+//!   [`Error::is_retryable`] still tells what kind of failure it was.
+//!
+//! Retrying is only sound because every call here is idempotent: a PUT,
+//! DELETE or bulk write repeated with the same content leaves the same state
+//! (it may get a later log index, which is harmless).
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::backoff::Backoff;
+use crate::error::{is_retryable_status, Error, Result};
+use crate::key::{encode_query_value, path_for_key, validate_key};
+use crate::wire::{
+    BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchResponse,
+    Status,
+};
+
+/// Header with which a secondary names the primary's base URL (DESIGN §4).
+pub const PRIMARY_HEADER: &str = "x-kv-primary";
+
+/// Error code of the server's 404 for an absent key (other 404s, such as an
+/// unknown route, carry `not_found`).
+pub const KEY_NOT_FOUND: &str = "key_not_found";
+
+/// Where a kvd listens by default (DESIGN §2).
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8765";
+
+/// Longest server error message kept in an [`Error::Server`]: errors are
+/// printed on one line, and a misbehaving proxy could send a whole page.
+const MAX_ERROR_MESSAGE_CHARS: usize = 300;
+
+/// Configures and builds a [`Client`]. Every limit has a default that suits a
+/// local three-node cluster; see each setter for why.
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    max_retries: u32,
+    retry_deadline: Duration,
+    backoff: Backoff,
+    max_redirects: u32,
+    max_retry_after: Duration,
+    max_response_bytes: u64,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            endpoints: Vec::new(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            max_retries: 8,
+            retry_deadline: Duration::from_secs(15),
+            backoff: Backoff::default(),
+            max_redirects: 5,
+            max_retry_after: Duration::from_secs(5),
+            max_response_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// A builder with default limits and no endpoints.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one endpoint (base URL such as `http://127.0.0.1:8765`; a missing
+    /// `http://` is added). Order matters: the first is tried first.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(url.into());
+        self
+    }
+
+    /// Adds several endpoints, in order.
+    pub fn endpoints<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Limit for one attempt, from connecting until the whole response body
+    /// has arrived (default 5 s). It is what turns a stopped (SIGSTOP) node
+    /// into an error instead of a hang.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Limit for establishing a TCP connection (default 1 s). Shorter than
+    /// the request timeout so an unreachable node is skipped quickly.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Retries after the first attempt (default 8; 0 disables retrying).
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Time budget for a whole call including retries, backoff and redirects
+    /// (default 15 s, enough to ride out a failover). No attempt is started,
+    /// and no attempt runs, past it.
+    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// Delay policy between retries.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Redirects followed in a row before giving up with
+    /// [`Error::RedirectLoop`] (default 5). A correct cluster needs one.
+    pub fn max_redirects(mut self, hops: u32) -> Self {
+        self.max_redirects = hops;
+        self
+    }
+
+    /// Cap on a server's `Retry-After` (default 5 s), so a wrong header
+    /// cannot park a client for an hour.
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// Largest response body accepted (default 64 MiB; kvd's default value
+    /// limit is 4 MiB).
+    pub fn max_response_bytes(mut self, limit: u64) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// Validates the configuration and builds the client.
+    pub fn build(self) -> Result<Client> {
+        let mut configured: Vec<String> = Vec::with_capacity(self.endpoints.len());
+        for raw in &self.endpoints {
+            let url = normalize_endpoint(raw)?;
+            // Duplicates would skew rotation towards one node.
+            if !configured.contains(&url) {
+                configured.push(url);
+            }
+        }
+        if configured.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "timeouts must be greater than zero".into(),
+            ));
+        }
+        if self.retry_deadline.is_zero() {
+            return Err(Error::InvalidConfig(
+                "the retry deadline must be greater than zero".into(),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            // Redirects are handled here, because following one means
+            // switching the preferred node, and reqwest would follow a 307
+            // to anywhere without telling us.
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment (HTTP_PROXY) would silently route
+            // cluster traffic, loopback included, through it.
+            .no_proxy()
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .user_agent(concat!("kvclient/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| Error::InvalidConfig(format!("HTTP client: {err}")))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                endpoints: Endpoints {
+                    configured,
+                    cursor: Mutex::new(Cursor::default()),
+                },
+                request_timeout: self.request_timeout,
+                max_retries: self.max_retries,
+                retry_deadline: self.retry_deadline,
+                backoff: self.backoff,
+                max_redirects: self.max_redirects,
+                max_retry_after: self.max_retry_after,
+                max_response_bytes: self.max_response_bytes,
+            }),
+        })
+    }
+}
+
+/// A kvstore client over a list of nodes. Cheap to clone; clones share
+/// connections and the knowledge of who the primary is.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    endpoints: Endpoints,
+    request_timeout: Duration,
+    max_retries: u32,
+    retry_deadline: Duration,
+    backoff: Backoff,
+    max_redirects: u32,
+    max_retry_after: Duration,
+    max_response_bytes: u64,
+}
+
+/// A complete HTTP answer, body read, as returned by [`Client::request`].
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// Base URL of the node that answered.
+    pub endpoint: String,
+    /// Status code (never a redirect or a retryable status: those are handled).
+    pub status: StatusCode,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    /// `Ok(self)` for 2xx, the server's error otherwise.
+    pub fn error_for_status(self) -> Result<Self> {
+        if self.status.is_success() {
+            Ok(self)
+        } else {
+            Err(server_error(&self))
+        }
+    }
+}
+
+impl Client {
+    /// Starts a builder.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::new()
+    }
+
+    /// A client with default limits over the given endpoints.
+    pub fn new<I, S>(endpoints: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Client::builder().endpoints(endpoints).build()
+    }
+
+    /// The configured endpoints, normalised (scheme added, trailing `/` cut).
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints.configured
+    }
+
+    /// The endpoint the next call will try first: the primary learned from a
+    /// redirect, else the current configured endpoint.
+    pub fn current_endpoint(&self) -> String {
+        self.inner.endpoints.current()
+    }
+
+    /// The value of `key`, or `None` when the node answers 404 `key_not_found`.
+    ///
+    /// Reads are served by whichever node is asked (DESIGN §4), so on a
+    /// secondary this may lag the primary; see [`Client::get_consistent`].
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.get_inner(path_for_key(key)?).await
+    }
+
+    /// A linearizable read: `?consistent=true` makes the primary confirm its
+    /// epoch with a majority before answering. A secondary redirects such a
+    /// read to the primary, which this client follows.
+    pub async fn get_consistent(&self, key: &str) -> Result<Option<Bytes>> {
+        self.get_inner(format!("{}?consistent=true", path_for_key(key)?))
+            .await
+    }
+
+    async fn get_inner(&self, path: String) -> Result<Option<Bytes>> {
+        let resp = self.execute(Method::GET, &path, None).await?;
+        match resp.status {
+            // Only the server's own "no such key" means absent; any other 404
+            // (say, a wrong base URL) is an error, not an empty answer.
+            StatusCode::NOT_FOUND => match server_error(&resp) {
+                Error::Server { code, .. } if code == KEY_NOT_FOUND => Ok(None),
+                other => Err(other),
+            },
+            status if status.is_success() => Ok(Some(resp.body)),
+            _ => Err(server_error(&resp)),
+        }
+    }
+
+    /// Stores `value` under `key`; returns the write's log index once the
+    /// server reports it durable (and committed, in a cluster).
+    pub async fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
+        let path = path_for_key(key)?;
+        let body = (value.into(), "application/octet-stream");
+        let resp = self.execute(Method::PUT, &path, Some(body)).await?;
+        let index: IndexResponse = decode_success(resp, "set response")?;
+        Ok(index.index)
+    }
+
+    /// Deletes `key`. Deleting an absent key is not an error: the outcome
+    /// says whether anything was there.
+    pub async fn delete(&self, key: &str) -> Result<DeleteOutcome> {
+        let path = path_for_key(key)?;
+        let resp = self.execute(Method::DELETE, &path, None).await?;
+        decode_success(resp, "delete response")
+    }
+
+    /// Writes all items atomically: after the call, or after a crash, either
+    /// every item is visible or none is. UTF-8 values travel as JSON strings,
+    /// others as base64. Every key is validated before anything is sent.
+    pub async fn bulk_set(&self, items: &[(String, Bytes)]) -> Result<BulkOutcome> {
+        for (key, _) in items {
+            validate_key(key).map_err(|reason| Error::invalid_key(key, reason))?;
+        }
+        // Invariant: serialising strings and a Vec into memory cannot fail
+        // (serde_json fails only on I/O errors and non-string map keys).
+        #[allow(clippy::expect_used)]
+        let json =
+            serde_json::to_vec(&BulkRequest::from_pairs(items)).expect("bulk request serialises");
+        let body = (Bytes::from(json), "application/json");
+        let resp = self.execute(Method::POST, "/v1/bulk", Some(body)).await?;
+        decode_success(resp, "bulk response")
+    }
+
+    /// The answering node's status document (`GET /v1/status`).
+    pub async fn status(&self) -> Result<Status> {
+        let resp = self.execute(Method::GET, "/v1/status", None).await?;
+        decode_success(resp, "status")
+    }
+
+    /// Full-text search (server started with `--index`), best hit first.
+    pub async fn search(&self, query: &str, limit: usize) -> Result<Vec<SearchHit>> {
+        let path = format!("/v1/search?q={}&limit={limit}", encode_query_value(query));
+        let resp = self.execute(Method::GET, &path, None).await?;
+        let hits: SearchResponse = decode_success(resp, "search response")?;
+        Ok(hits.hits)
+    }
+
+    /// TF-IDF cosine similarity (server started with `--index`), best first.
+    pub async fn similar(&self, query: &str, top_k: usize) -> Result<Vec<SearchHit>> {
+        let path = format!("/v1/similar?q={}&top_k={top_k}", encode_query_value(query));
+        let resp = self.execute(Method::GET, &path, None).await?;
+        let hits: SearchResponse = decode_success(resp, "similar response")?;
+        Ok(hits.hits)
+    }
+
+    /// Any request, with the same primary following, retries and limits as
+    /// the typed calls. For endpoints this crate has no method for (admin,
+    /// debug parameters such as `?debug_flaky=`). Only use it for idempotent
+    /// requests: it may be sent more than once. Error statuses other than the
+    /// retryable ones are returned as a response; see
+    /// [`RawResponse::error_for_status`].
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        content_type: Option<&'static str>,
+    ) -> Result<RawResponse> {
+        let path = if path_and_query.starts_with('/') {
+            path_and_query.to_owned()
+        } else {
+            format!("/{path_and_query}")
+        };
+        let body = body.map(|b| (b, content_type.unwrap_or("application/octet-stream")));
+        self.execute(method, &path, body).await
+    }
+
+    /// The retry/redirect loop shared by every call. Returns the first answer
+    /// that is neither a redirect nor a retryable status.
+    async fn execute(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &'static str)>,
+    ) -> Result<RawResponse> {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.retry_deadline;
+        let mut target = inner.endpoints.current();
+        let mut retries: u32 = 0;
+        // Redirects in a row since the last failure. Reset on retry, because
+        // during a failover "redirect to the old primary, which is down" is
+        // legitimately repeated and is bounded by the retry budget instead.
+        let mut hops: u32 = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            // The floor keeps reqwest from being handed a zero timeout when a
+            // redirect arrives just as the budget ends; such an attempt simply
+            // times out.
+            let timeout = inner
+                .request_timeout
+                .min(remaining)
+                .max(Duration::from_millis(1));
+            let outcome = self
+                .attempt(&target, &method, path, body.as_ref(), timeout)
+                .await;
+            let (err, hint) = match outcome {
+                Ok(resp) if is_redirect(resp.status) => {
+                    hops += 1;
+                    match redirect_target(&resp.headers, path) {
+                        Some(next) if hops > inner.max_redirects => {
+                            return Err(Error::RedirectLoop { hops, last: next });
+                        }
+                        Some(next) => {
+                            inner.endpoints.follow(&next);
+                            target = next;
+                            continue;
+                        }
+                        None => (
+                            Error::NoPrimary {
+                                endpoint: resp.endpoint,
+                                status: resp.status.as_u16(),
+                            },
+                            None,
+                        ),
+                    }
+                }
+                Ok(resp) if is_retryable_status(resp.status.as_u16()) => {
+                    let hint = primary_hint(&resp.headers);
+                    (server_error(&resp), hint)
+                }
+                Ok(resp) => return Ok(resp),
+                Err(err) if err.is_retryable() => (err, None),
+                Err(err) => return Err(err),
+            };
+            if retries >= inner.max_retries {
+                return Err(err);
+            }
+            let delay = match err.retry_after() {
+                Some(asked) => asked.min(inner.max_retry_after),
+                None => inner.backoff.delay(retries),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(err);
+            }
+            retries += 1;
+            hops = 0;
+            target = inner.endpoints.failed(&target, hint);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One HTTP exchange with one node, body included, within `timeout`.
+    async fn attempt(
+        &self,
+        endpoint: &str,
+        method: &Method,
+        path: &str,
+        body: Option<&(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<RawResponse> {
+        let url = format!("{endpoint}{path}");
+        let mut req = self
+            .inner
+            .http
+            .request(method.clone(), url)
+            .timeout(timeout);
+        if let Some((bytes, content_type)) = body {
+            req = req.header(CONTENT_TYPE, *content_type).body(bytes.clone());
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|err| Error::from_reqwest(endpoint, timeout, err))?;
+        let status = resp.status();
+        let headers = std::mem::take(resp.headers_mut());
+        let limit = self.inner.max_response_bytes;
+        if resp.content_length().is_some_and(|len| len > limit) {
+            return Err(Error::ResponseTooLarge {
+                endpoint: endpoint.to_owned(),
+                limit_bytes: limit,
+            });
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|err| Error::from_reqwest(endpoint, timeout, err))?
+        {
+            // u64 from usize cannot fail on supported (<= 64-bit) targets.
+            let len = u64::try_from(buf.len() + chunk.len()).unwrap_or(u64::MAX);
+            if len > limit {
+                return Err(Error::ResponseTooLarge {
+                    endpoint: endpoint.to_owned(),
+                    limit_bytes: limit,
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(RawResponse {
+            endpoint: endpoint.to_owned(),
+            status,
+            headers,
+            body: buf.freeze(),
+        })
+    }
+}
+
+/// Which node to ask next. Shared by all clones of a client; the lock is
+/// never held across an await.
+#[derive(Debug)]
+struct Endpoints {
+    /// Invariant: non-empty (checked in [`ClientBuilder::build`]).
+    configured: Vec<String>,
+    cursor: Mutex<Cursor>,
+}
+
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Index into `configured` of the node to try when no primary is known.
+    /// Invariant: `< configured.len()`.
+    next: usize,
+    /// The primary learned from a redirect; preferred until it fails. It may
+    /// be a URL that is not among the configured endpoints.
+    primary: Option<String>,
+}
+
+impl Endpoints {
+    fn lock(&self) -> MutexGuard<'_, Cursor> {
+        // The cursor is two plain fields that are never left half-updated, so
+        // a panic elsewhere while holding the lock cannot corrupt it.
+        self.cursor.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn current(&self) -> String {
+        let cursor = self.lock();
+        self.pick(&cursor)
+    }
+
+    fn pick(&self, cursor: &Cursor) -> String {
+        match &cursor.primary {
+            Some(primary) => primary.clone(),
+            None => self.configured[cursor.next % self.configured.len()].clone(),
+        }
+    }
+
+    fn follow(&self, primary: &str) {
+        self.lock().primary = Some(primary.to_owned());
+    }
+
+    /// Records that `endpoint` failed and returns the next node to try: the
+    /// primary named by the failing node if it named one, else the next
+    /// configured endpoint.
+    fn failed(&self, endpoint: &str, hint: Option<String>) -> String {
+        let mut cursor = self.lock();
+        if cursor.primary.as_deref() == Some(endpoint) {
+            cursor.primary = None;
+        }
+        // Only advance when the failed node is the current one: a concurrent
+        // call may already have moved on, and advancing again would skip a
+        // healthy node.
+        if self.configured[cursor.next] == endpoint {
+            cursor.next = (cursor.next + 1) % self.configured.len();
+        }
+        if let Some(hint) = hint.filter(|h| h != endpoint) {
+            cursor.primary = Some(hint);
+        }
+        self.pick(&cursor)
+    }
+}
+
+/// Turns a user- or server-supplied base URL into the canonical form used to
+/// build request URLs: `http://host:port[/prefix]`, no trailing slash.
+pub(crate) fn normalize_endpoint(raw: &str) -> Result<String> {
+    let invalid = |reason: &str| Error::InvalidEndpoint {
+        url: raw.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err(invalid("empty"));
+    }
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|err| invalid(&err.to_string()))?;
+    if url.scheme() != "http" {
+        // kvd serves plain HTTP, and the workspace builds reqwest without TLS.
+        return Err(invalid("only http:// endpoints are supported"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("a base URL cannot have a query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+fn is_redirect(status: StatusCode) -> bool {
+    // Only the redirects that keep method and body: a 301/302/303 would turn
+    // a PUT into a GET, which is never what a kvd means.
+    status == StatusCode::TEMPORARY_REDIRECT || status == StatusCode::PERMANENT_REDIRECT
+}
+
+/// The primary named by `X-KV-Primary`, if it is a usable base URL.
+fn primary_hint(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(PRIMARY_HEADER)?.to_str().ok()?.trim();
+    if value.is_empty() {
+        return None;
+    }
+    normalize_endpoint(value).ok()
+}
+
+/// Where a redirect points, as a base URL. `X-KV-Primary` wins because it is
+/// exactly a base URL; `Location` is a full request URL, from which the
+/// request path is cut (or, if it was rewritten, the origin is kept).
+fn redirect_target(headers: &HeaderMap, path: &str) -> Option<String> {
+    if let Some(primary) = primary_hint(headers) {
+        return Some(primary);
+    }
+    let location = headers.get(LOCATION)?.to_str().ok()?.trim();
+    // A relative Location names no other node.
+    let url = reqwest::Url::parse(location).ok()?;
+    if let Some(base) = url.as_str().strip_suffix(path) {
+        if let Ok(base) = normalize_endpoint(base) {
+            return Some(base);
+        }
+    }
+    normalize_endpoint(&url.origin().ascii_serialization()).ok()
+}
+
+/// Reads `Retry-After` in its delta-seconds form (what kvd sends). The
+/// HTTP-date form is ignored: backoff takes over.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let secs = value.parse::<f64>().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Builds the error for a non-success answer from its JSON error body, or
+/// from the status and a body prefix when the body is not one.
+fn server_error(resp: &RawResponse) -> Error {
+    let status = resp.status.as_u16();
+    let fallback_message = || {
+        let text = String::from_utf8_lossy(&resp.body);
+        let text = one_line(&text);
+        if text.is_empty() {
+            resp.status
+                .canonical_reason()
+                .unwrap_or("unknown status")
+                .to_owned()
+        } else {
+            text
+        }
+    };
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(&resp.body) {
+        Ok(body) => {
+            let code = if body.error.code.is_empty() {
+                format!("http_{status}")
+            } else {
+                body.error.code
+            };
+            let message = one_line(&body.error.message);
+            let message = if message.is_empty() {
+                fallback_message()
+            } else {
+                message
+            };
+            (code, message)
+        }
+        Err(_) => (format!("http_{status}"), fallback_message()),
+    };
+    Error::Server {
+        endpoint: resp.endpoint.clone(),
+        status,
+        code,
+        message,
+        retry_after: parse_retry_after(&resp.headers),
+    }
+}
+
+/// Collapses whitespace (newlines included) and caps the length, because
+/// errors are printed as one line.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for (i, word) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    if out.chars().count() > MAX_ERROR_MESSAGE_CHARS {
+        out = out.chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
+        out.push_str("...");
+    }
+    out
+}
+
+/// Decodes a 2xx JSON body, or turns an error status into an error.
+fn decode_success<T: DeserializeOwned>(resp: RawResponse, what: &'static str) -> Result<T> {
+    let resp = resp.error_for_status()?;
+    serde_json::from_slice(&resp.body).map_err(|err| Error::Decode {
+        endpoint: resp.endpoint,
+        what,
+        reason: err.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn endpoints_are_normalised() {
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:8765").unwrap(),
+            "http://127.0.0.1:8765"
+        );
+        assert_eq!(
+            normalize_endpoint(" http://Node0:8765/ ").unwrap(),
+            "http://node0:8765"
+        );
+        assert_eq!(
+            normalize_endpoint("http://h:1/prefix/").unwrap(),
+            "http://h:1/prefix"
+        );
+        for bad in ["", "https://h:1", "http://", "http://h:1/?x=1", "ftp://h"] {
+            let err = normalize_endpoint(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_endpoint", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn redirect_prefers_primary_header() {
+        let h = headers(&[
+            ("x-kv-primary", "http://127.0.0.1:8766"),
+            ("location", "http://127.0.0.1:9999/v1/kv/a"),
+        ]);
+        assert_eq!(
+            redirect_target(&h, "/v1/kv/a").as_deref(),
+            Some("http://127.0.0.1:8766")
+        );
+    }
+
+    #[test]
+    fn redirect_falls_back_to_location() {
+        let h = headers(&[("location", "http://10.0.0.2:8766/kv/v1/kv/a%20b")]);
+        assert_eq!(
+            redirect_target(&h, "/v1/kv/a%20b").as_deref(),
+            Some("http://10.0.0.2:8766/kv"),
+            "the path prefix before the request path is kept"
+        );
+        let h = headers(&[("location", "http://10.0.0.2:8766/v1/kv/rewritten")]);
+        assert_eq!(
+            redirect_target(&h, "/v1/kv/a%20b").as_deref(),
+            Some("http://10.0.0.2:8766"),
+            "a rewritten path falls back to the origin"
+        );
+        let h = headers(&[("x-kv-primary", ""), ("location", "/v1/kv/a")]);
+        assert_eq!(redirect_target(&h, "/v1/kv/a"), None);
+        assert_eq!(redirect_target(&HeaderMap::new(), "/v1/kv/a"), None);
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let parse = |v: &'static str| parse_retry_after(&headers(&[("retry-after", v)]));
+        assert_eq!(parse("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("0.25"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after(&HeaderMap::new()), None);
+    }
+
+    fn raw(status: u16, body: &str) -> RawResponse {
+        RawResponse {
+            endpoint: "http://n0".into(),
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: headers(&[("retry-after", "1")]),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn server_errors_decode_json_body() {
+        let err = server_error(&raw(
+            413,
+            r#"{"error":{"code":"value_too_large","message":"value is 5 MiB,\nlimit 4 MiB"}}"#,
+        ));
+        assert_eq!(err.code(), "value_too_large");
+        assert_eq!(err.status(), Some(413));
+        assert!(!err.is_retryable());
+        assert_eq!(
+            err.to_string(),
+            "http://n0 answered 413: value is 5 MiB, limit 4 MiB (value_too_large)"
+        );
+    }
+
+    #[test]
+    fn server_errors_survive_non_json_bodies() {
+        let err = server_error(&raw(503, "paused\n"));
+        assert_eq!(err.code(), "http_503");
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+        assert!(err.to_string().contains("paused"));
+        let err = server_error(&raw(502, ""));
+        assert!(err.to_string().contains("Bad Gateway"), "{err}");
+        let long = server_error(&raw(500, &"x".repeat(5000)));
+        assert!(long.to_string().len() < 400);
+    }
+
+    fn endpoints(n: usize) -> Endpoints {
+        Endpoints {
+            configured: (0..n).map(|i| format!("http://n{i}")).collect(),
+            cursor: Mutex::new(Cursor::default()),
+        }
+    }
+
+    #[test]
+    fn failures_rotate_through_configured_endpoints() {
+        let e = endpoints(3);
+        assert_eq!(e.current(), "http://n0");
+        assert_eq!(e.failed("http://n0", None), "http://n1");
+        assert_eq!(e.failed("http://n1", None), "http://n2");
+        assert_eq!(e.failed("http://n2", None), "http://n0");
+        // A stale failure report (another call already moved on) must not
+        // skip the healthy current node.
+        assert_eq!(e.failed("http://n2", None), "http://n0");
+    }
+
+    #[test]
+    fn learned_primary_is_preferred_until_it_fails() {
+        let e = endpoints(2);
+        e.follow("http://p");
+        assert_eq!(e.current(), "http://p");
+        assert_eq!(e.failed("http://n0", None), "http://p");
+        assert_eq!(e.failed("http://p", None), "http://n1");
+        assert_eq!(
+            e.failed("http://n1", Some("http://q".into())),
+            "http://q",
+            "a failing node that names the primary sends us there"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! The library's one error type.
+//!
+//! Callers mostly need two answers from an error: "is it worth trying again
+//! later?" ([`Error::is_retryable`]) and "which failure was it, in a form a
+//! script can match?" ([`Error::code`]). Every variant carries the endpoint it
+//! came from, because in a cluster "connection refused" means little without
+//! knowing which node refused.
+
+use std::time::Duration;
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a key was refused before anything was sent.
+///
+/// These mirror the server's rules (DESIGN §2) so that a bad key fails fast
+/// and identically on every node, instead of costing a round trip and a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Keys are 1..=1024 bytes; the empty key would also collide with the
+    /// `/v1/kv/` collection path.
+    #[error("key is empty")]
+    Empty,
+    /// Longer than [`crate::MAX_KEY_BYTES`] bytes of UTF-8.
+    #[error("key is {len} bytes, the limit is {max} bytes", max = crate::MAX_KEY_BYTES)]
+    TooLong {
+        /// The key's length in bytes.
+        len: usize,
+    },
+    /// NUL is reserved by the server (C-string safety in tooling, unambiguous
+    /// key framing).
+    #[error("key contains a NUL byte at byte {at}")]
+    ContainsNul {
+        /// Byte offset of the first NUL.
+        at: usize,
+    },
+    /// A valid key that no URL-based HTTP client can address: URL parsers
+    /// (WHATWG, and so `reqwest`) remove `.` and `..` path segments, even
+    /// percent-encoded ones, so `GET /v1/kv/..` would silently become
+    /// `GET /v1/`. Such keys can still be written with `bulk_set`.
+    #[error("key {0} cannot be sent in a URL path (HTTP clients remove dot segments); write it with a bulk request")]
+    DotSegment(&'static str),
+}
+
+/// Everything that can go wrong in a [`crate::Client`] call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key breaks the server's key rules; nothing was sent.
+    #[error("invalid key {key}: {reason}")]
+    InvalidKey {
+        /// The key, quoted and shortened for display.
+        key: String,
+        /// Which rule it breaks.
+        reason: KeyError,
+    },
+
+    /// A configured (or server-advertised) endpoint is not a usable base URL.
+    #[error("invalid endpoint {url:?}: {reason}")]
+    InvalidEndpoint {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The builder was given no endpoints at all.
+    #[error("no endpoints configured")]
+    NoEndpoints,
+
+    /// A builder setting is unusable (e.g. a zero timeout).
+    #[error("invalid client configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A value in a bulk document could not be turned into bytes (bad base64).
+    #[error("invalid value for key {key:?}: {reason}")]
+    InvalidValue {
+        /// The item's key.
+        key: String,
+        /// What is wrong with the value.
+        reason: String,
+    },
+
+    /// The server answered with an error status and (usually) a JSON error
+    /// body `{"error": {"code", "message"}}`.
+    #[error("{endpoint} answered {status}: {message} ({code})")]
+    Server {
+        /// Base URL of the node that answered.
+        endpoint: String,
+        /// HTTP status code.
+        status: u16,
+        /// The server's snake_case error code, or `http_<status>` when the
+        /// body was not a JSON error.
+        code: String,
+        /// The server's message, or a prefix of the body.
+        message: String,
+        /// The `Retry-After` the server asked for (503 while a cluster is
+        /// paused for a mode switch).
+        retry_after: Option<Duration>,
+    },
+
+    /// No complete answer within the request timeout.
+    #[error("request to {endpoint} timed out after {} ms", timeout.as_millis())]
+    Timeout {
+        /// Base URL of the node that did not answer in time.
+        endpoint: String,
+        /// The timeout that ran out (it may be shorter than the configured
+        /// request timeout when the call's retry deadline was nearly spent).
+        timeout: Duration,
+        /// The underlying error, kept for debugging.
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// No TCP connection could be made (refused, unreachable, connect timeout).
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The root cause, e.g. "Connection refused (os error 111)".
+        reason: String,
+        /// The underlying error, kept for debugging.
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// The connection broke while the request or response was in flight.
+    #[error("HTTP exchange with {endpoint} failed: {reason}")]
+    Transport {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The root cause.
+        reason: String,
+        /// The underlying error, kept for debugging.
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// A 2xx answer whose body is not what the API promises.
+    #[error("cannot decode {what} from {endpoint}: {reason}")]
+    Decode {
+        /// Base URL of the node.
+        endpoint: String,
+        /// What was being decoded, e.g. "set response".
+        what: &'static str,
+        /// The parser's complaint.
+        reason: String,
+    },
+
+    /// The answer was bigger than the client's response limit.
+    #[error("response from {endpoint} exceeds the limit of {limit_bytes} bytes")]
+    ResponseTooLarge {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The configured limit.
+        limit_bytes: u64,
+    },
+
+    /// Redirects did not settle on a primary within the hop limit; usually
+    /// two nodes that each believe the other is primary.
+    #[error("gave up following the primary after {hops} redirects (last: {last})")]
+    RedirectLoop {
+        /// Redirects followed.
+        hops: u32,
+        /// The last redirect target.
+        last: String,
+    },
+
+    /// A redirect that names no primary: the node knows it is not primary
+    /// but not who is (an election is in progress).
+    #[error("{endpoint} answered {status} without naming a primary")]
+    NoPrimary {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The redirect status.
+        status: u16,
+    },
+}
+
+impl Error {
+    /// Whether the same call may succeed if tried again later or elsewhere.
+    ///
+    /// True for transport failures, timeouts, a missing primary and the
+    /// statuses that mean "not now" (429, 502, 503, 504). False for anything
+    /// the caller must change first (bad key, 4xx, undecodable answers): retrying
+    /// those would only repeat the failure. The client has already retried
+    /// retryable errors within its budget when it returns one.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Timeout { .. }
+            | Error::Connect { .. }
+            | Error::Transport { .. }
+            | Error::NoPrimary { .. } => true,
+            Error::Server { status, .. } => is_retryable_status(*status),
+            Error::InvalidKey { .. }
+            | Error::InvalidEndpoint { .. }
+            | Error::NoEndpoints
+            | Error::InvalidConfig(_)
+            | Error::InvalidValue { .. }
+            | Error::Decode { .. }
+            | Error::ResponseTooLarge { .. }
+            | Error::RedirectLoop { .. } => false,
+        }
+    }
+
+    /// A stable snake_case code for scripts and metrics: the server's own code
+    /// for [`Error::Server`], a client-side code otherwise.
+    pub fn code(&self) -> &str {
+        match self {
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::InvalidEndpoint { .. } => "invalid_endpoint",
+            Error::NoEndpoints => "no_endpoints",
+            Error::InvalidConfig(_) => "invalid_config",
+            Error::InvalidValue { .. } => "invalid_value",
+            Error::Server { code, .. } => code,
+            Error::Timeout { .. } => "timeout",
+            Error::Connect { .. } => "connect",
+            Error::Transport { .. } => "transport",
+            Error::Decode { .. } => "decode",
+            Error::ResponseTooLarge { .. } => "response_too_large",
+            Error::RedirectLoop { .. } => "redirect_loop",
+            Error::NoPrimary { .. } => "no_primary",
+        }
+    }
+
+    /// The HTTP status, when the server answered with an error status.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Server { status, .. } | Error::NoPrimary { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The server's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The endpoint the error came from, when one was involved.
+    pub fn endpoint(&self) -> Option<&str> {
+        match self {
+            Error::Server { endpoint, .. }
+            | Error::Timeout { endpoint, .. }
+            | Error::Connect { endpoint, .. }
+            | Error::Transport { endpoint, .. }
+            | Error::Decode { endpoint, .. }
+            | Error::ResponseTooLarge { endpoint, .. }
+            | Error::NoPrimary { endpoint, .. } => Some(endpoint),
+            Error::RedirectLoop { last, .. } => Some(last),
+            Error::InvalidKey { .. }
+            | Error::InvalidEndpoint { .. }
+            | Error::NoEndpoints
+            | Error::InvalidConfig(_)
+            | Error::InvalidValue { .. } => None,
+        }
+    }
+
+    /// Builds [`Error::InvalidKey`] with a display-safe rendering of the key:
+    /// quoted with escapes (a NUL must not reach a terminal raw) and cut
+    /// short, because a 1 KiB key makes an unreadable one-line error.
+    pub(crate) fn invalid_key(key: &str, reason: KeyError) -> Self {
+        const PREVIEW_CHARS: usize = 64;
+        let shown = if key.chars().count() > PREVIEW_CHARS {
+            let prefix: String = key.chars().take(PREVIEW_CHARS).collect();
+            format!("{prefix:?}...")
+        } else {
+            format!("{key:?}")
+        };
+        Error::InvalidKey { key: shown, reason }
+    }
+
+    /// Sorts a `reqwest` failure into connect / timeout / transport.
+    ///
+    /// Connect is checked first: a connect timeout is a connect failure to
+    /// the user ("that node is down"), not a slow request.
+    pub(crate) fn from_reqwest(endpoint: &str, timeout: Duration, err: reqwest::Error) -> Self {
+        let endpoint = endpoint.to_owned();
+        if err.is_connect() {
+            let reason = root_cause(&err);
+            Error::Connect {
+                endpoint,
+                reason,
+                source: err,
+            }
+        } else if err.is_timeout() {
+            Error::Timeout {
+                endpoint,
+                timeout,
+                source: err,
+            }
+        } else {
+            let reason = root_cause(&err);
+            Error::Transport {
+                endpoint,
+                reason,
+                source: err,
+            }
+        }
+    }
+}
+
+/// Statuses that mean "not now" rather than "not like this".
+pub(crate) fn is_retryable_status(status: u16) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// The innermost error message: `reqwest` wraps the useful part ("Connection
+/// refused") three layers deep under "error sending request for url".
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status: u16) -> Error {
+        Error::Server {
+            endpoint: "http://n0".into(),
+            status,
+            code: "x".into(),
+            message: "m".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn only_transient_statuses_are_retryable() {
+        for status in [429, 502, 503, 504] {
+            assert!(server(status).is_retryable(), "{status}");
+        }
+        for status in [400, 404, 409, 413, 500] {
+            assert!(!server(status).is_retryable(), "{status}");
+        }
+    }
+
+    #[test]
+    fn invalid_key_display_is_escaped_and_short() {
+        let long = "k".repeat(2000);
+        let err = Error::invalid_key(&long, KeyError::TooLong { len: 2000 });
+        let shown = err.to_string();
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.contains("2000 bytes"), "{shown}");
+        let err = Error::invalid_key("a\0b", KeyError::ContainsNul { at: 1 });
+        assert!(!err.to_string().contains('\0'));
+        assert_eq!(err.code(), "invalid_key");
+        assert!(!err.is_retryable());
+    }
+}

@@ -1,0 +1,45 @@
+//! Rust client for kvstore, a replicated persistent key-value store.
+//!
+//! One [`Client`] talks to a whole cluster through a list of endpoints: it
+//! follows the primary when a secondary redirects a write (307 with
+//! `X-KV-Primary`), retries connection failures, timeouts and 503s with
+//! capped, jittered backoff on the next node, and bounds every call in time.
+//! Values are bytes ([`bytes::Bytes`]); keys are UTF-8 strings that are
+//! checked against the server's rules before anything is sent.
+//!
+//! ```no_run
+//! # async fn demo() -> kvclient::Result<()> {
+//! use std::time::Duration;
+//! let client = kvclient::Client::builder()
+//!     .endpoints(["http://127.0.0.1:8765", "http://127.0.0.1:8766"])
+//!     .request_timeout(Duration::from_secs(2))
+//!     .build()?;
+//! let index = client.set("users/42/name", "Ada").await?;
+//! assert_eq!(client.get("users/42/name").await?.as_deref(), Some(&b"Ada"[..]));
+//! println!("written at log index {index}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Code map: `client` (endpoints, redirects, retries), `error` (the error
+//! type and its classifiers), `key` (key rules and URL encoding), `wire`
+//! (the API's JSON shapes), `backoff` (retry delays).
+
+mod backoff;
+mod client;
+mod error;
+mod key;
+mod wire;
+
+pub use backoff::Backoff;
+pub use client::{
+    Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT, KEY_NOT_FOUND, PRIMARY_HEADER,
+};
+pub use error::{Error, KeyError, Result};
+pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
+pub use wire::{BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, SearchHit, Status, WireValue};
+
+/// Re-exported so callers need no direct `bytes`/`reqwest` dependency for
+/// values, [`Client::request`] and [`RawResponse`].
+pub use bytes::Bytes;
+pub use reqwest::{header::HeaderMap, Method, StatusCode};

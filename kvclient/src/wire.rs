@@ -1,0 +1,299 @@
+//! JSON shapes of the HTTP API (DESIGN §2), shared by the library and CLI.
+//!
+//! Values are bytes, but JSON has no bytes type: a value travels as a plain
+//! string when it is valid UTF-8 (readable in logs and hand-written bulk
+//! files) and as `{"base64": "..."}` otherwise. [`WireValue`] is that
+//! convention in one place, so the library's bulk encoder, the CLI's `--json`
+//! output and its bulk-file reader cannot drift apart.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// A value as it appears in JSON: a UTF-8 string or `{"base64": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WireValue {
+    /// The value's bytes are this string's UTF-8.
+    Text(String),
+    /// Binary value, standard base64 with padding.
+    Base64 {
+        /// The encoded bytes.
+        base64: String,
+    },
+}
+
+impl WireValue {
+    /// Chooses the readable form when it is lossless.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => WireValue::Text(text.to_owned()),
+            Err(_) => WireValue::Base64 {
+                base64: BASE64.encode(bytes),
+            },
+        }
+    }
+
+    /// The value's bytes; fails only on bad base64. `key` names the item in
+    /// the error, since a bulk document may hold thousands.
+    pub fn to_bytes(&self, key: &str) -> Result<Bytes, Error> {
+        match self {
+            WireValue::Text(text) => Ok(Bytes::copy_from_slice(text.as_bytes())),
+            WireValue::Base64 { base64 } => {
+                BASE64
+                    .decode(base64)
+                    .map(Bytes::from)
+                    .map_err(|err| Error::InvalidValue {
+                        key: key.to_owned(),
+                        reason: format!("bad base64: {err}"),
+                    })
+            }
+        }
+    }
+}
+
+/// One item of a bulk write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkItem {
+    /// The key (validated by the client before sending).
+    pub key: String,
+    /// The value.
+    pub value: WireValue,
+}
+
+/// Body of `POST /v1/bulk`: `{"items": [...]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRequest {
+    /// Items in order; the server applies all of them or none.
+    pub items: Vec<BulkItem>,
+}
+
+impl BulkRequest {
+    /// Encodes key/value pairs, UTF-8 values as strings and others as base64.
+    pub fn from_pairs(items: &[(String, Bytes)]) -> Self {
+        BulkRequest {
+            items: items
+                .iter()
+                .map(|(key, value)| BulkItem {
+                    key: key.clone(),
+                    value: WireValue::from_bytes(value),
+                })
+                .collect(),
+        }
+    }
+
+    /// Decodes every value; the first bad base64 fails the whole document,
+    /// matching the server's all-or-nothing bulk semantics.
+    pub fn to_pairs(&self) -> Result<Vec<(String, Bytes)>, Error> {
+        self.items
+            .iter()
+            .map(|item| Ok((item.key.clone(), item.value.to_bytes(&item.key)?)))
+            .collect()
+    }
+}
+
+/// Answer to `PUT /v1/kv/{key}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IndexResponse {
+    pub(crate) index: u64,
+}
+
+/// Answer to `DELETE /v1/kv/{key}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteOutcome {
+    /// Whether the key existed. A delete of an absent key still succeeds (it
+    /// is idempotent, so retries are safe) and still gets a log index.
+    pub deleted: bool,
+    /// Log index of the delete.
+    pub index: u64,
+}
+
+/// Answer to `POST /v1/bulk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkOutcome {
+    /// Log index of the single record holding the whole batch.
+    pub index: u64,
+    /// Number of items written.
+    pub count: u64,
+}
+
+/// One result of a search or similarity query, best first in the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    /// The matching key.
+    pub key: String,
+    /// BM25 score (search) or cosine similarity (similar).
+    pub score: f64,
+}
+
+/// Answer to `GET /v1/search` and `GET /v1/similar`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SearchResponse {
+    pub(crate) hits: Vec<SearchHit>,
+}
+
+/// `GET /v1/status`, kept as the server's JSON with typed accessors.
+///
+/// Holding the raw JSON rather than a fixed struct is deliberate: the status
+/// document grows with the server (peers, lag, mode-switch state) and a
+/// client must neither fail on fields it does not know nor drop them when a
+/// tool prints the status. The accessors cover what callers branch on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Status(serde_json::Value);
+
+impl Status {
+    /// Wraps a status document.
+    pub fn from_json(value: serde_json::Value) -> Self {
+        Status(value)
+    }
+
+    /// The whole document.
+    pub fn as_json(&self) -> &serde_json::Value {
+        &self.0
+    }
+
+    /// The whole document, owned.
+    pub fn into_json(self) -> serde_json::Value {
+        self.0
+    }
+
+    /// Node id, whether the server sends it as a string or a number.
+    pub fn node_id(&self) -> Option<String> {
+        match self.0.get("node_id")? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Cluster mode, e.g. `primary-secondary` or `masterless`.
+    pub fn mode(&self) -> Option<&str> {
+        self.str_field("mode")
+    }
+
+    /// This node's role, e.g. `primary` or `secondary`.
+    pub fn role(&self) -> Option<&str> {
+        self.str_field("role")
+    }
+
+    /// Current epoch.
+    pub fn epoch(&self) -> Option<u64> {
+        self.u64_field("epoch")
+    }
+
+    /// Index of the last log entry on this node.
+    pub fn last_index(&self) -> Option<u64> {
+        self.u64_field("last_index")
+    }
+
+    /// Highest committed index known to this node.
+    pub fn commit_index(&self) -> Option<u64> {
+        self.u64_field("commit_index")
+    }
+
+    /// Number of live keys.
+    pub fn keys(&self) -> Option<u64> {
+        self.u64_field("keys")
+    }
+
+    fn str_field(&self, name: &str) -> Option<&str> {
+        self.0.get(name)?.as_str()
+    }
+
+    fn u64_field(&self, name: &str) -> Option<u64> {
+        self.0.get(name)?.as_u64()
+    }
+}
+
+/// Every error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: ErrorDetail,
+}
+
+/// The inside of [`ErrorBody`]; both fields default so that a server error
+/// missing one still yields the other.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct ErrorDetail {
+    #[serde(default)]
+    pub(crate) code: String,
+    #[serde(default)]
+    pub(crate) message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bulk_encodes_utf8_as_string_and_binary_as_base64() {
+        let items = vec![
+            ("a".to_owned(), Bytes::from_static(b"hello")),
+            ("b".to_owned(), Bytes::from_static(&[0xff, 0x00, 0x01])),
+            ("c".to_owned(), Bytes::new()),
+        ];
+        let body = serde_json::to_value(BulkRequest::from_pairs(&items)).unwrap();
+        assert_eq!(
+            body,
+            json!({"items": [
+                {"key": "a", "value": "hello"},
+                {"key": "b", "value": {"base64": "/wAB"}},
+                {"key": "c", "value": ""},
+            ]})
+        );
+    }
+
+    #[test]
+    fn bulk_round_trips_through_json() {
+        let items = vec![
+            (
+                "text".to_owned(),
+                Bytes::from_static("ünï\0code".as_bytes()),
+            ),
+            ("bin".to_owned(), Bytes::from_static(&[0xc3, 0x28, 0x80])),
+        ];
+        let text = serde_json::to_string(&BulkRequest::from_pairs(&items)).unwrap();
+        let back: BulkRequest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.to_pairs().unwrap(), items);
+    }
+
+    #[test]
+    fn bad_base64_names_the_key() {
+        let doc: BulkRequest =
+            serde_json::from_value(json!({"items": [{"key": "k1", "value": {"base64": "!!"}}]}))
+                .unwrap();
+        let err = doc.to_pairs().unwrap_err();
+        assert_eq!(err.code(), "invalid_value");
+        assert!(err.to_string().contains("k1"), "{err}");
+    }
+
+    #[test]
+    fn status_accessors_tolerate_shapes() {
+        let status = Status::from_json(json!({
+            "node_id": 2, "mode": "masterless", "role": "peer", "epoch": 7,
+            "last_index": 10, "commit_index": 9, "keys": 3, "peers": []
+        }));
+        assert_eq!(status.node_id().as_deref(), Some("2"));
+        assert_eq!(status.mode(), Some("masterless"));
+        assert_eq!(status.role(), Some("peer"));
+        assert_eq!(status.epoch(), Some(7));
+        assert_eq!(status.last_index(), Some(10));
+        assert_eq!(status.commit_index(), Some(9));
+        assert_eq!(status.keys(), Some(3));
+        let sparse = Status::from_json(json!({"node_id": "n0"}));
+        assert_eq!(sparse.node_id().as_deref(), Some("n0"));
+        assert_eq!(sparse.epoch(), None);
+    }
+
+    #[test]
+    fn error_body_parses_with_missing_fields() {
+        let body: ErrorBody = serde_json::from_str(r#"{"error":{"code":"key_too_long"}}"#).unwrap();
+        assert_eq!(body.error.code, "key_too_long");
+        assert_eq!(body.error.message, "");
+    }
+}

@@ -35,6 +35,9 @@ use crate::wire::{
 /// Header with which a secondary names the primary's base URL (DESIGN §4).
 pub const PRIMARY_HEADER: &str = "x-kv-primary";
 
+/// Shortest time worth starting another attempt with.
+const MIN_USEFUL_ATTEMPT: Duration = Duration::from_millis(20);
+
 /// Error code of the server's 404 for an absent key (other 404s, such as an
 /// unknown route, carry `not_found`).
 pub const KEY_NOT_FOUND: &str = "key_not_found";
@@ -454,7 +457,9 @@ impl Client {
                 Some(asked) => asked.min(inner.max_retry_after),
                 None => inner.backoff.delay(retries),
             };
-            if Instant::now() + delay >= deadline {
+            // An attempt with almost no time left can only time out, and its
+            // Timeout would hide the real reason (say, the server's 503).
+            if Instant::now() + delay + MIN_USEFUL_ATTEMPT >= deadline {
                 return Err(err);
             }
             retries += 1;

@@ -1,0 +1,1107 @@
+//! Shared parts of the benchmark programs (`throughput`, `durability`,
+//! `recovery`): a small flag parser, a lean HTTP load generator, helpers to
+//! start the comparison servers (etcd, Redis) and to read process figures
+//! from `/proc`, and the report plumbing (table, JSON file, the command that
+//! reproduces the run).
+//!
+//! Every server a benchmark starts runs on a free loopback port in a temp dir
+//! and is killed, by its own PID, when its handle drops.
+
+// Each benchmark binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvstore::{free_port, http_get, wait_until};
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------
+// Command line
+
+/// One flag a benchmark accepts: `--name VALUE` (or `--name=VALUE`) when
+/// `value` names the argument, a bare switch otherwise.
+pub struct FlagSpec {
+    pub name: &'static str,
+    pub value: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// Parsed flags. Deliberately tiny (no clap in the root crate): benchmarks
+/// take a handful of flags and must also ignore the `--bench` that
+/// `cargo bench` appends for harness-less targets.
+pub struct Cli {
+    bench: &'static str,
+    values: BTreeMap<&'static str, String>,
+    switches: Vec<&'static str>,
+    /// The user's arguments, verbatim, for the reproduce command.
+    pub raw: Vec<String>,
+}
+
+impl Cli {
+    /// Parses `std::env::args()`; prints usage and exits on `--help` or on a
+    /// flag it does not know.
+    pub fn parse(bench: &'static str, about: &str, specs: &'static [FlagSpec]) -> Cli {
+        let mut cli = Cli {
+            bench,
+            values: BTreeMap::new(),
+            switches: Vec::new(),
+            raw: Vec::new(),
+        };
+        let usage = || {
+            let mut u = format!(
+                "{about}\n\nUsage: cargo build --release && cargo bench --bench {bench} -- [FLAGS]\n\nFlags:\n"
+            );
+            for s in specs {
+                let left = match s.value {
+                    Some(v) => format!("--{} {v}", s.name),
+                    None => format!("--{}", s.name),
+                };
+                let _ = writeln!(u, "  {left:<28} {}", s.help);
+            }
+            let _ = writeln!(u, "  {:<28} this text", "--help");
+            u
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            if arg == "--bench" {
+                continue; // added by `cargo bench`
+            }
+            if arg == "--help" || arg == "-h" {
+                print!("{}", usage());
+                std::process::exit(0);
+            }
+            let Some(stripped) = arg.strip_prefix("--") else {
+                eprintln!("unexpected argument {arg:?}\n\n{}", usage());
+                std::process::exit(2);
+            };
+            let (name, inline) = match stripped.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (stripped, None),
+            };
+            let Some(spec) = specs.iter().find(|s| s.name == name) else {
+                eprintln!("unknown flag --{name}\n\n{}", usage());
+                std::process::exit(2);
+            };
+            cli.raw.push(arg.clone());
+            if spec.value.is_some() {
+                let v = match inline {
+                    Some(v) => v,
+                    None => match args.next() {
+                        Some(v) => {
+                            cli.raw.push(v.clone());
+                            v
+                        }
+                        None => {
+                            eprintln!("--{name} needs a value\n\n{}", usage());
+                            std::process::exit(2);
+                        }
+                    },
+                };
+                cli.values.insert(spec.name, v);
+            } else {
+                cli.switches.push(spec.name);
+            }
+        }
+        cli
+    }
+
+    pub fn flag(&self, name: &str) -> bool {
+        self.switches.contains(&name)
+    }
+
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|s| s.as_str())
+    }
+
+    /// A parsed value, or `default`; exits with a message on a bad value.
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.values.get(name) {
+            None => default,
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                eprintln!("--{name} {v:?}: {e}");
+                std::process::exit(2);
+            }),
+        }
+    }
+
+    /// A comma-separated list such as `0,1k,100k,1M` (k and M suffixes).
+    pub fn counts(&self, name: &str, default: &[u64]) -> Vec<u64> {
+        match self.values.get(name) {
+            None => default.to_vec(),
+            Some(v) => v
+                .split(',')
+                .map(|s| {
+                    parse_count(s.trim()).unwrap_or_else(|| {
+                        eprintln!("--{name}: {s:?} is not a count (e.g. 0, 1000, 10k, 1M)");
+                        std::process::exit(2);
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The exact command that reproduces this run.
+    pub fn reproduce(&self) -> String {
+        let features = if cfg!(feature = "etcd-grpc") {
+            " --features etcd-grpc"
+        } else {
+            ""
+        };
+        let mut cmd = format!(
+            "cargo build --release && cargo bench{features} --bench {}",
+            self.bench
+        );
+        if !self.raw.is_empty() {
+            cmd.push_str(" --");
+            for a in &self.raw {
+                cmd.push(' ');
+                cmd.push_str(&shell_quote(a));
+            }
+        }
+        cmd
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.,/:".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+pub fn parse_count(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1_000),
+        'm' | 'M' => (&s[..s.len() - 1], 1_000_000),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().map(|n| n * mult)
+}
+
+/// `1000000` -> `1M`, `20000` -> `20k`.
+pub fn human_count(n: u64) -> String {
+    // Remainders bound first: `is_multiple_of` is newer than the MSRV.
+    let (rem_m, rem_k) = (n % 1_000_000, n % 1_000);
+    if n >= 1_000_000 && rem_m == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1_000 && rem_k == 0 {
+        format!("{}k", n / 1_000)
+    } else {
+        n.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Where things live, and the report
+
+/// The workspace root (the root package is the workspace root).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Parent of the benchmarks' temp dirs: `--tmp-dir`, else the system temp
+/// dir. It must be on a real disk, not tmpfs, or fsync costs nothing.
+pub fn tmp_parent(cli: &Cli) -> PathBuf {
+    cli.str("tmp-dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Writes `bench-results/<name>.json` and returns its path.
+pub fn write_results(name: &str, value: &Value) -> Result<PathBuf> {
+    let dir = workspace_root().join("bench-results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Facts about the machine and the moment, stored with every result so a
+/// number can be judged later (was a compiler running beside it?).
+pub fn environment() -> Value {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "busy_processes": busy_processes(),
+        "kvd_binary": kvstore::bin_dir().join("kvd").display().to_string(),
+        "unix_time": SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// Names of heavy processes (compilers, linkers) running now: their CPU use
+/// skews numbers on a 2-core machine. Read-only look at `/proc/*/comm`.
+pub fn busy_processes() -> Vec<String> {
+    let ancestors = ancestors();
+    let mut found = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            // The `cargo bench` that runs this benchmark is not a rival.
+            let pid = e.file_name().to_string_lossy().parse::<u32>().unwrap_or(0);
+            if ancestors.contains(&pid) {
+                continue;
+            }
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            if matches!(
+                comm,
+                "rustc" | "cc" | "ld" | "cc1" | "clippy-driver" | "rust-lld"
+            ) || comm.starts_with("cargo")
+            {
+                found.push(comm.to_string());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// PIDs of this process and its ancestors.
+fn ancestors() -> Vec<u32> {
+    let mut out = vec![std::process::id()];
+    let mut pid = std::process::id();
+    while pid > 1 && out.len() < 64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The field after the parenthesised name and the state is the ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0);
+        if ppid == 0 {
+            break;
+        }
+        out.push(ppid);
+        pid = ppid;
+    }
+    out
+}
+
+/// Warns when a compile runs beside the benchmark: on 2 cores it steals the
+/// CPU the server and the load generator need.
+pub fn warn_if_noisy(stage: &str) -> bool {
+    let busy = busy_processes();
+    if busy.is_empty() {
+        return false;
+    }
+    eprintln!(
+        "warning ({stage}): other heavy processes are running ({}); numbers will be noisy",
+        busy.join(", ")
+    );
+    true
+}
+
+/// Warns if `target/release/kvd` is older than the kvd sources: `cargo bench`
+/// builds the benchmark, not the kvd binary it spawns.
+pub fn check_kvd_binary() -> Result<()> {
+    let bin = kvstore::bin_dir().join("kvd");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first (cargo bench builds only the \
+             benchmark, not the kvd binary it starts), or set KVSTORE_BIN_DIR",
+            bin.display()
+        );
+    }
+    let bin_time = std::fs::metadata(&bin)?.modified()?;
+    let src = workspace_root().join("kvd");
+    if let Some(newest) = newest_mtime(&src) {
+        if newest > bin_time {
+            eprintln!(
+                "warning: {} is older than the sources in {}; run `cargo build --release`",
+                bin.display(),
+                src.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().ok()?.modified().ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// A plain text table, columns padded to their widest cell; columns of
+/// numbers are right-aligned, text columns left-aligned.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let n = self.header.len();
+        let mut width = vec![0; n];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(n) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let numeric: Vec<bool> = (0..n)
+            .map(|i| {
+                self.rows.iter().all(|r| {
+                    r.get(i).is_none_or(|c| {
+                        let c = c.trim_end_matches(['%', 'x']);
+                        c == "-" || c.split(" / ").all(|p| p.parse::<f64>().is_ok())
+                    })
+                })
+            })
+            .collect();
+        let mut out = String::new();
+        let line = |out: &mut String, r: &[String]| {
+            for (i, c) in r.iter().enumerate().take(n) {
+                if i > 0 {
+                    out.push_str("  ");
+                }
+                if !numeric[i] {
+                    let _ = write!(out, "{c:<w$}", w = width[i]);
+                } else {
+                    let _ = write!(out, "{c:>w$}", w = width[i]);
+                }
+            }
+            out.push('\n');
+        };
+        line(&mut out, &self.header);
+        let total: usize = width.iter().sum::<usize>() + 2 * (n - 1);
+        out.push_str(&"-".repeat(total));
+        out.push('\n');
+        for r in &self.rows {
+            line(&mut out, r);
+        }
+        out
+    }
+}
+
+pub fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+pub fn fmt_ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+pub fn fmt_rate(r: f64) -> String {
+    format!("{r:.0}")
+}
+
+pub fn fmt_mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    pb.set_style(style);
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// VmRSS and VmHWM (peak) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Ok((
+        field("VmRSS:").context("no VmRSS")?,
+        field("VmHWM:").unwrap_or(0),
+    ))
+}
+
+/// CPU time (user + system) a process has used so far. For `"self"` this
+/// includes the children it has reaped (e.g. a finished redis-benchmark).
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let mut ticks = field(11) + field(12);
+    if pid == "self" {
+        ticks += field(13) + field(14); // cutime, cstime
+    }
+    // USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time the whole machine spent busy (all cores, from `/proc/stat`):
+/// with the server's and this process's shares subtracted, what is left
+/// is other work competing for the 2 cores.
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    // cpu user nice system idle iowait irq softirq steal ... Interrupt
+    // time is left out: much of it is the loopback traffic of the
+    // benchmark itself, charged to no process.
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 7].iter().filter_map(|&i| f.get(i)).sum();
+    Duration::from_millis(busy * 10)
+}
+
+/// CPU time the whole machine spent idle (idle + iowait, all cores).
+pub fn machine_idle() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let idle: u64 = [3, 4].iter().filter_map(|&i| f.get(i)).sum();
+    Duration::from_millis(idle * 10)
+}
+
+/// Total size of the files under `dir`, in bytes.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += dir_bytes(&p);
+            } else if let Ok(m) = e.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Copies a directory tree (a stopped kvd's data dir).
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), &dst)
+                .with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Version line of an installed tool, e.g. `etcd --version`.
+pub fn tool_version(cmd: &str, arg: &str) -> Option<String> {
+    let out = Command::new(cmd).arg(arg).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
+/// A process this benchmark started; SIGKILLed and reaped on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub log_path: PathBuf,
+    pub name: &'static str,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited with {st}; log:\n{}", self.name, self.log());
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("{} did not exit within {timeout:?} of SIGTERM", self.name)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_logged(name: &'static str, cmd: &mut Command, dir: &Path, port: u16) -> Result<Server> {
+    std::fs::create_dir_all(dir)?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawning {name} (run benches/setup.sh to install it)"))?;
+    Ok(Server {
+        child,
+        port,
+        dir: dir.to_path_buf(),
+        log_path,
+        name,
+    })
+}
+
+/// A single-node etcd with its data in `dir/data`, on loopback ports.
+pub fn start_etcd(dir: &Path) -> Result<Server> {
+    let port = free_port();
+    let peer = free_port();
+    let client_url = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--name", "bench"])
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .args(["--logger", "zap", "--log-level", "error"]);
+    let mut s = spawn_logged("etcd", &mut cmd, dir, port)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.check_alive()?;
+        if let Ok((200, body)) = http_get(port, "/health", Duration::from_millis(500)) {
+            if String::from_utf8_lossy(&body).contains("true") {
+                return Ok(s);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("etcd did not become healthy; log:\n{}", s.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Redis with every write fsync'd before the reply (`appendfsync always`),
+/// no RDB snapshots, data in `dir`.
+pub fn start_redis(dir: &Path) -> Result<Server> {
+    let port = free_port();
+    let mut s = spawn_redis(dir, port)?;
+    wait_redis(&mut s, Duration::from_secs(30))?;
+    Ok(s)
+}
+
+/// Spawns redis-server without waiting (the restart timing polls itself).
+pub fn spawn_redis(dir: &Path, port: u16) -> Result<Server> {
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", ""])
+        .args(["--daemonize", "no"]);
+    spawn_logged("redis", &mut cmd, dir, port)
+}
+
+/// Waits until Redis answers PING with PONG (it answers -LOADING while it
+/// replays its AOF).
+pub fn wait_redis(s: &mut Server, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        s.check_alive()?;
+        if redis_cmd(s.port, "PING").map(|r| r.starts_with("+PONG")) == Ok(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "redis did not answer PING in {timeout:?}; log:\n{}",
+                s.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Sends one inline command to Redis and returns the raw reply (first read).
+pub fn redis_cmd(port: u16, cmd: &str) -> std::result::Result<String, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{cmd}\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+// ---------------------------------------------------------------------------
+// HTTP client
+
+pub type Body = Full<Bytes>;
+
+/// One client connection, kept alive across requests.
+pub enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    /// HTTP/2 (h2c), for gRPC.
+    #[cfg(feature = "etcd-grpc")]
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl Conn {
+    /// Opens an HTTP/1.1 connection; its driver runs as a task of the
+    /// current runtime.
+    pub async fn http1(addr: SocketAddr) -> Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H1(sender))
+    }
+
+    /// Opens a cleartext HTTP/2 connection (what gRPC speaks to etcd).
+    #[cfg(feature = "etcd-grpc")]
+    pub async fn http2(addr: SocketAddr) -> Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H2(sender))
+    }
+
+    /// Sends one request and reads the whole response.
+    pub async fn send(&mut self, req: Request<Body>) -> Result<(StatusCode, Bytes)> {
+        match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                let resp = s.send_request(req).await?;
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                Ok((status, body))
+            }
+            #[cfg(feature = "etcd-grpc")]
+            Conn::H2(s) => {
+                s.ready().await?;
+                let resp = s.send_request(req).await?;
+                let status = resp.status();
+                let head_status = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let collected = resp.into_body().collect().await?;
+                let trailer_status = collected
+                    .trailers()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let body = collected.to_bytes();
+                match trailer_status.or(head_status) {
+                    Some(s) if s == "0" => Ok((status, body)),
+                    Some(s) => bail!("grpc-status {s}"),
+                    None => bail!("no grpc-status in the response"),
+                }
+            }
+        }
+    }
+}
+
+/// Which connection a load task opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    #[cfg(feature = "etcd-grpc")]
+    Http2,
+}
+
+async fn connect(proto: Proto, addr: SocketAddr) -> Result<Conn> {
+    match proto {
+        Proto::Http1 => Conn::http1(addr).await,
+        #[cfg(feature = "etcd-grpc")]
+        Proto::Http2 => Conn::http2(addr).await,
+    }
+}
+
+/// A closed-loop load: `conns` connections, each with one request in flight
+/// at a time, sent back to back; latencies of requests started after the
+/// warm-up and finished before the end are recorded.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+    pub conns: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Outcome of one load run.
+pub struct LoadResult {
+    /// Successful requests inside the measured window.
+    pub ops: u64,
+    /// Failed requests (transport errors or unexpected status), any time.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Latency in microseconds of the measured successful requests.
+    pub hist: Histogram<u64>,
+    pub secs: f64,
+    /// Requests each connection sent (all answered), in connection order.
+    pub sent: Vec<u64>,
+}
+
+impl LoadResult {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
+    pub fn p50_us(&self) -> u64 {
+        self.hist.value_at_quantile(0.50)
+    }
+
+    pub fn p99_us(&self) -> u64 {
+        self.hist.value_at_quantile(0.99)
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "ops": self.ops,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "seconds": self.secs,
+            "ops_per_sec": self.ops_per_sec(),
+            "latency_us": {
+                "mean": self.hist.mean(),
+                "p50": self.p50_us(),
+                "p90": self.hist.value_at_quantile(0.90),
+                "p99": self.p99_us(),
+                "p999": self.hist.value_at_quantile(0.999),
+                "max": self.hist.max(),
+            },
+        })
+    }
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    // 1 us .. 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Builds request `seq` of connection `conn`.
+pub type MakeRequest = dyn Fn(usize, u64) -> Request<Body> + Send + Sync;
+
+/// Runs a closed-loop load (see [`LoadSpec`]); `live` counts successes as
+/// they happen, for a progress display.
+pub async fn run_load(
+    spec: &LoadSpec,
+    make: Arc<MakeRequest>,
+    live: Arc<AtomicU64>,
+) -> Result<LoadResult> {
+    // Open every connection before the clock starts.
+    let mut conns = Vec::with_capacity(spec.conns);
+    for _ in 0..spec.conns {
+        conns.push(
+            connect(spec.proto, spec.addr)
+                .await
+                .with_context(|| format!("connecting to {}", spec.addr))?,
+        );
+    }
+    let start = Instant::now() + spec.warmup;
+    let end = start + spec.duration;
+    let mut tasks = Vec::with_capacity(spec.conns);
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let make = make.clone();
+        let live = live.clone();
+        let spec = spec.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_hist();
+            let (mut ops, mut errors, mut first_error) = (0u64, 0u64, None::<String>);
+            let mut seq = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let req = make(i, seq);
+                seq += 1;
+                let outcome = conn.send(req).await;
+                let t1 = Instant::now();
+                let failure = match outcome {
+                    Ok((status, _)) if status.is_success() => None,
+                    Ok((status, body)) => Some(format!(
+                        "HTTP {status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(200)])
+                    )),
+                    Err(e) => Some(format!("{e:#}")),
+                };
+                match failure {
+                    None => {
+                        live.fetch_add(1, Ordering::Relaxed);
+                        if t0 >= start && t1 <= end {
+                            ops += 1;
+                            let us = (t1 - t0).as_micros() as u64;
+                            let _ = hist.record(us.max(1));
+                        }
+                    }
+                    Some(msg) => {
+                        errors += 1;
+                        first_error.get_or_insert(msg);
+                        // A broken connection is replaced; give the server a
+                        // moment rather than spinning on it.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        if let Ok(c) = connect(spec.proto, spec.addr).await {
+                            conn = c;
+                        }
+                    }
+                }
+            }
+            (hist, ops, errors, first_error, seq)
+        }));
+    }
+    let mut result = LoadResult {
+        ops: 0,
+        errors: 0,
+        first_error: None,
+        hist: new_hist(),
+        secs: spec.duration.as_secs_f64(),
+        sent: Vec::with_capacity(spec.conns),
+    };
+    for t in tasks {
+        let (hist, ops, errors, first_error, sent) = t.await.context("load task panicked")?;
+        result.sent.push(sent);
+        result.hist.add(&hist).context("merging histograms")?;
+        result.ops += ops;
+        result.errors += errors;
+        if result.first_error.is_none() {
+            result.first_error = first_error;
+        }
+    }
+    Ok(result)
+}
+
+/// A tokio runtime for the load generator: `threads == 0` is a
+/// current-thread runtime (one OS thread drives every connection), else a
+/// multi-thread runtime with that many workers.
+pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let rt = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
+}
+
+/// Key `i` of a bulk-loaded data set: 16 bytes, `p` + 15 digits.
+pub fn preload_key(i: u64) -> String {
+    format!("p{i:015}")
+}
+
+/// A value of exactly `len` printable bytes, varying with `seed`.
+pub fn value_of(seed: u64, len: usize) -> String {
+    let mut v = format!("v{seed:016x}-");
+    while v.len() < len {
+        v.push((b'a' + (v.len() % 26) as u8) as char);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Loads keys `from..to` (see [`preload_key`]) with `value_len`-byte values
+/// into kvd through `POST /v1/bulk`, `chunk` items per request.
+pub async fn bulk_load(
+    addr: SocketAddr,
+    from: u64,
+    to: u64,
+    chunk: u64,
+    value_len: usize,
+    pb: &ProgressBar,
+) -> Result<()> {
+    let mut conn = Conn::http1(addr).await?;
+    let mut i = from;
+    while i < to {
+        let n = chunk.min(to - i);
+        let mut body = String::with_capacity(n as usize * (value_len + 40) + 16);
+        body.push_str("{\"items\":[");
+        for j in i..i + n {
+            if j > i {
+                body.push(',');
+            }
+            let _ = write!(
+                body,
+                "{{\"key\":\"{}\",\"value\":\"{}\"}}",
+                preload_key(j),
+                value_of(j, value_len)
+            );
+        }
+        body.push_str("]}");
+        let req = Request::post("/v1/bulk")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let (status, resp) = conn.send(req).await?;
+        if !status.is_success() {
+            bail!(
+                "bulk load of keys {i}..{} failed: HTTP {status}: {}",
+                i + n,
+                String::from_utf8_lossy(&resp)
+            );
+        }
+        i += n;
+        pb.inc(n);
+    }
+    Ok(())
+}
+
+/// `GET /v1/status` of a kvd, parsed.
+pub fn kvd_status(port: u16) -> Result<Value> {
+    let (code, body) = http_get(port, "/v1/status", Duration::from_secs(10))?;
+    if code != 200 {
+        bail!("GET /v1/status: HTTP {code}");
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Number of keys a kvd reports.
+pub fn kvd_keys(port: u16) -> Result<u64> {
+    kvd_status(port)?["keys"]
+        .as_u64()
+        .context("/v1/status has no keys field")
+}
+
+/// `<name>_sum` and `<name>_count` of a histogram in Prometheus text.
+pub fn prom_histogram(text: &str, name: &str) -> (f64, f64) {
+    let value = |suffix: &str| {
+        let metric = format!("{name}{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&metric))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("_sum"), value("_count"))
+}
+
+/// Group-commit counters of a kvd, from `/metrics`: fsync'd batches, the
+/// records in them, and the seconds spent writing and fsyncing them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalCounters {
+    pub batches: f64,
+    pub records: f64,
+    pub fsync_secs: f64,
+}
+
+pub fn kvd_wal_counters(port: u16) -> WalCounters {
+    let text = http_get(port, "/metrics", Duration::from_secs(10))
+        .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let (fsync_secs, batches) = prom_histogram(&text, "kvd_wal_fsync_duration_seconds");
+    let (records, _) = prom_histogram(&text, "kvd_wal_batch_records");
+    WalCounters {
+        batches,
+        records,
+        fsync_secs,
+    }
+}
+
+/// Waits until `f` holds, polling; a thin re-export so benches read alike.
+pub fn poll(timeout: Duration, f: impl FnMut() -> bool) -> bool {
+    wait_until(timeout, f)
+}
+
+/// A 64-bit mix (splitmix64): spreads `(conn, seq)` over a key range without
+/// per-task RNG state.
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}

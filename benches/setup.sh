@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the comparison servers the benchmarks measure kvd against:
+# single-node etcd (Debian `etcd-server`, plus `etcd-client` for etcdctl) and
+# Redis 7 (`redis-server`, `redis-tools` for redis-benchmark and redis-cli).
+#
+# Idempotent: does nothing when every tool is already on PATH, so it is safe
+# to run before each benchmark. Needs root (or sudo) only when installing.
+set -euo pipefail
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+
+if [ ${#need[@]} -eq 0 ]; then
+    echo "setup: etcd, etcdctl, redis-server and redis-benchmark are installed"
+else
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "setup: installing ${need[*]}"
+    $sudo apt-get update
+    # The packages start system services on install where an init system
+    # runs; the benchmarks never use those: they start their own servers on
+    # free loopback ports in temp dirs.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y etcd-server etcd-client redis-server redis-tools
+fi
+
+etcd --version | head -n 1
+redis-server --version

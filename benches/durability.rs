@@ -156,6 +156,11 @@ fn run() -> Result<ExitCode> {
     let mut last_acked = 0;
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(rng.gen_range(min_up..=max_up)));
+        // Every cycle should crash a node that was taking writes: on a busy
+        // machine writers can need longer than the uptime to reconnect.
+        poll(Duration::from_secs(5), || {
+            counters.acked.load(Ordering::Relaxed) > last_acked
+        });
         kvd.kill9()?;
         let acked = counters.acked.load(Ordering::Relaxed);
         acked_per_cycle.push(acked - last_acked);
@@ -215,6 +220,14 @@ fn run() -> Result<ExitCode> {
     t.row(vec!["writers".into(), writers.to_string()]);
     t.row(vec!["load time (s)".into(), format!("{load_secs:.1}")]);
     t.row(vec!["acknowledged writes".into(), total.to_string()]);
+    t.row(vec![
+        "cycles in which writes were acknowledged".into(),
+        acked_per_cycle
+            .iter()
+            .filter(|&&n| n > 0)
+            .count()
+            .to_string(),
+    ]);
     t.row(vec![
         "acked per cycle min / median".into(),
         format!(

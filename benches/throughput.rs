@@ -566,6 +566,7 @@ impl Ctx<'_> {
         })?;
         cell.other_cpu = Some(cpu.other);
         cell.attempts = attempts;
+        cell.detail["machine_idle_pct"] = json!(cpu.idle);
         Ok(cell)
     }
 }

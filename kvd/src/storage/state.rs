@@ -85,8 +85,11 @@ impl State {
         self.hasher.hash_one(key)
     }
 
+    /// Shard from the middle bits of the hash. Not the top bits: hashbrown
+    /// keeps the top 7 as each slot's tag, and if every entry of a shard
+    /// shared its tag, every probe would have to compare whole keys.
     fn shard_of(hash: u64) -> usize {
-        (hash >> (64 - SHARD_BITS)) as usize
+        ((hash >> 32) & (SHARDS as u64 - 1)) as usize
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {

@@ -129,29 +129,31 @@ impl Wal {
 
         for (i, seg) in segments.iter_mut().enumerate() {
             let is_last = i + 1 == n;
-            let mut buf = Vec::new();
-            fs.open_read(&seg.path)
-                .and_then(|mut f| f.read_to_end(&mut buf))
+            let file = fs
+                .open_read(&seg.path)
                 .map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
+            let mut w = Window::new(file);
+            let read_err = |e| Error::io(format!("reading {}", seg.path.display()), e);
             let corrupt = |offset: usize, reason: String| Error::Corruption {
                 file: seg.path.clone(),
                 offset: offset as u64,
                 reason,
             };
 
-            if buf.len() < SEGMENT_HEADER_BYTES {
+            if !w.fill_to(SEGMENT_HEADER_BYTES).map_err(read_err)? {
                 if is_last {
                     // Created but its header never became durable.
-                    report.truncated_bytes += buf.len() as u64;
+                    report.truncated_bytes += w.end() as u64;
                     drop_last = true;
                     break;
                 }
                 return Err(corrupt(0, "segment shorter than its header".into()));
             }
-            if &buf[..8] != SEGMENT_MAGIC {
+            let header = &w.buf[..SEGMENT_HEADER_BYTES];
+            if &header[..8] != SEGMENT_MAGIC {
                 return Err(corrupt(0, "bad segment magic".into()));
             }
-            let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+            let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
             if version != SEGMENT_VERSION {
                 return Err(corrupt(
                     8,
@@ -171,10 +173,16 @@ impl Wal {
                 _ => expected = Some(seg.first_index),
             }
 
+            // Frames are read through a window holding about one frame, so
+            // replay needs memory for a record, not for a whole segment.
             let mut off = SEGMENT_HEADER_BYTES;
-            while off < buf.len() {
+            loop {
+                w.forget_before(off);
+                if !w.fill_frame(off).map_err(read_err)? {
+                    break; // clean end of the segment
+                }
                 let want = expected.unwrap_or(seg.first_index);
-                match record::read_frame(&buf, off) {
+                match record::read_frame(&w.buf, off - w.base) {
                     Frame::Valid { payload, next } => {
                         let rec = Record::decode_payload(payload)
                             .map_err(|e| corrupt(off, format!("undecodable record: {e}")))?;
@@ -190,21 +198,25 @@ impl Wal {
                             apply(rec);
                             report.records_replayed += 1;
                         }
-                        off = next;
+                        off = w.base + next;
                     }
                     bad => {
                         let reason = match bad {
                             Frame::Bad { reason } => reason,
                             _ => "record runs past the end of the file".to_string(),
                         };
-                        let later =
-                            (off + 1..buf.len()).find(|&o| record::valid_record_at(&buf, o, want));
+                        // Rare path: look at everything after the bad frame.
+                        w.fill_to(usize::MAX).map_err(read_err)?;
+                        let rel = off - w.base;
+                        let later = (rel + 1..w.buf.len())
+                            .find(|&o| record::valid_record_at(&w.buf, o, want));
                         if let Some(o) = later {
                             return Err(corrupt(
                                 off,
                                 format!(
-                                    "{reason}; a valid record follows at offset {o}, \
-                                     so this is damage to acknowledged data, not a torn write"
+                                    "{reason}; a valid record follows at offset {}, \
+                                     so this is damage to acknowledged data, not a torn write",
+                                    w.base + o
                                 ),
                             ));
                         }
@@ -215,16 +227,15 @@ impl Wal {
                             ));
                         }
                         // A torn tail: the write it held was never acknowledged.
-                        report.truncated_bytes += (buf.len() - off) as u64;
+                        report.truncated_bytes += (w.end() - off) as u64;
                         fs.truncate(&seg.path, off as u64).map_err(|e| {
                             Error::io(format!("truncating torn tail of {}", seg.path.display()), e)
                         })?;
-                        buf.truncate(off);
                         break;
                     }
                 }
             }
-            seg.bytes = buf.len() as u64;
+            seg.bytes = off as u64;
         }
         report.segments = segments.len();
 
@@ -372,6 +383,73 @@ impl Wal {
                 .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))?;
         }
         Ok(removed)
+    }
+}
+
+/// A sliding view of a segment file: `buf` holds file bytes from offset
+/// `base` on. Keeps about one frame in memory during replay.
+struct Window {
+    file: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    base: usize,
+    eof: bool,
+}
+
+impl Window {
+    fn new(file: Box<dyn Read + Send>) -> Self {
+        Window {
+            file,
+            buf: Vec::new(),
+            base: 0,
+            eof: false,
+        }
+    }
+
+    /// File offset just past the bytes read so far.
+    fn end(&self) -> usize {
+        self.base + self.buf.len()
+    }
+
+    /// Reads until the window reaches file offset `end` or the file ends;
+    /// says whether it reached `end`.
+    fn fill_to(&mut self, end: usize) -> std::io::Result<bool> {
+        while self.end() < end && !self.eof {
+            // Reading in 1 MiB steps bounds what a corrupt length can make us
+            // allocate to what the file really holds.
+            let step = (end - self.end()).min(1 << 20) as u64;
+            let n = (&mut self.file).take(step).read_to_end(&mut self.buf)?;
+            self.eof = n == 0;
+        }
+        Ok(self.end() >= end)
+    }
+
+    /// Loads the whole frame at `off` if the file has it (as far as its
+    /// length field says). False only at a clean end of file.
+    fn fill_frame(&mut self, off: usize) -> std::io::Result<bool> {
+        let header_end = off + record::FRAME_HEADER_BYTES;
+        if !self.fill_to(header_end)? {
+            return Ok(self.end() > off);
+        }
+        let rel = off - self.base;
+        let len = u32::from_le_bytes([
+            self.buf[rel],
+            self.buf[rel + 1],
+            self.buf[rel + 2],
+            self.buf[rel + 3],
+        ]) as usize;
+        if len <= record::MAX_PAYLOAD_BYTES {
+            self.fill_to(header_end + len)?;
+        }
+        Ok(true)
+    }
+
+    /// Drops bytes before `off` once enough have piled up.
+    fn forget_before(&mut self, off: usize) {
+        let rel = off - self.base;
+        if rel >= 4 << 20 {
+            self.buf.drain(..rel);
+            self.base = off;
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
 use kvstore::Kvd;
@@ -34,48 +36,62 @@ use serde_json::json;
 
 use common::*;
 
-const FLAGS: &[FlagSpec] = &[
-    FlagSpec {
-        name: "cycles",
-        value: Some("N"),
-        help: "kill-restart cycles under load (default 50)",
-    },
-    FlagSpec {
-        name: "writers",
-        value: Some("N"),
-        help: "concurrent writer tasks, one connection each (default 16)",
-    },
-    FlagSpec {
-        name: "min-uptime-ms",
-        value: Some("MS"),
-        help: "shortest time kvd serves before a kill (default 100)",
-    },
-    FlagSpec {
-        name: "max-uptime-ms",
-        value: Some("MS"),
-        help: "longest time kvd serves before a kill (default 600)",
-    },
-    FlagSpec {
-        name: "value-bytes",
-        value: Some("N"),
-        help: "value size in bytes (default 100)",
-    },
-    FlagSpec {
-        name: "kvd-args",
-        value: Some("ARGS"),
-        help: "kvd flags (default \"--snapshot-every-mib 1 --wal-segment-mib 1\"; \"\" for kvd's defaults)",
-    },
-    FlagSpec {
-        name: "quick",
-        value: None,
-        help: "10 cycles instead of 50 (not enough for the issue's bar)",
-    },
-    FlagSpec {
-        name: "tmp-dir",
-        value: Some("DIR"),
-        help: "where the data dir goes (must be a real disk, not tmpfs)",
-    },
-];
+#[derive(Parser)]
+#[command(
+    name = "durability",
+    about = "SIGKILL kvd at random moments under write load; check no acknowledged write is lost.",
+    override_usage = "cargo build --release && cargo bench --bench durability -- [FLAGS]",
+    args_override_self = true
+)]
+struct Cli {
+    /// kill-restart cycles under load (default 50)
+    #[arg(long, value_name = "N")]
+    cycles: Option<u64>,
+    /// concurrent writer tasks, one connection each (default 16)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 16,
+        hide_default_value = true
+    )]
+    writers: usize,
+    /// shortest time kvd serves before a kill (default 100)
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 100,
+        hide_default_value = true
+    )]
+    min_uptime_ms: u64,
+    /// longest time kvd serves before a kill (default 600)
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 600,
+        hide_default_value = true
+    )]
+    max_uptime_ms: u64,
+    /// value size in bytes (default 100)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        hide_default_value = true
+    )]
+    value_bytes: usize,
+    /// kvd flags (default "--snapshot-every-mib 1 --wal-segment-mib 1"; "" for kvd's defaults)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    kvd_args: Option<String>,
+    /// 10 cycles instead of 50 (not enough for the bar)
+    #[arg(long)]
+    quick: bool,
+    /// where the data dir goes (must be a real disk, not tmpfs)
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+    /// Appended by `cargo bench` to harness-less targets; ignored.
+    #[arg(long = "bench", hide = true)]
+    _bench: bool,
+}
 
 /// Bound on one request, so a writer never hangs on a dead connection.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -106,35 +122,32 @@ struct Counters {
 type Acked = Vec<(String, Bytes)>;
 
 fn run() -> Result<ExitCode> {
-    let cli = Cli::parse(
-        "durability",
-        "SIGKILL kvd at random moments under write load; check no acknowledged write is lost.",
-        FLAGS,
-    );
-    let quick = cli.flag("quick");
-    let cycles: u64 = cli.get("cycles", if quick { 10 } else { 50 });
-    let writers: usize = cli.get("writers", 16usize).max(1);
-    let min_up: u64 = cli.get("min-uptime-ms", 100u64);
-    let max_up: u64 = cli.get("max-uptime-ms", 600u64).max(min_up + 1);
-    let value_bytes: usize = cli.get("value-bytes", 100usize);
+    let cli = Cli::parse();
+    let quick = cli.quick;
+    let cycles: u64 = cli.cycles.unwrap_or(if quick { 10 } else { 50 });
+    let writers: usize = cli.writers.max(1);
+    let min_up: u64 = cli.min_uptime_ms;
+    let max_up: u64 = cli.max_uptime_ms.max(min_up + 1);
+    let value_bytes: usize = cli.value_bytes;
     // Small snapshot and segment sizes by default, so that kills also land
     // during snapshot writes, segment rolls and WAL truncation, not only
     // during appends.
     let kvd_args: Vec<String> = cli
-        .str("kvd-args")
+        .kvd_args
+        .as_deref()
         .unwrap_or("--snapshot-every-mib 1 --wal-segment-mib 1")
         .split_whitespace()
         .map(str::to_string)
         .collect();
     check_kvd_binary()?;
-    let command = cli.reproduce();
+    let command = reproduce("durability");
     println!("command: {command}");
     let noisy_start = warn_if_noisy("start");
     let env_start = environment();
 
     let tmp = tempfile::Builder::new()
         .prefix("kv-durability-")
-        .tempdir_in(tmp_parent(&cli))?;
+        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
     let data_dir = tmp.path().join("data");
     let args: Vec<&str> = kvd_args.iter().map(String::as_str).collect();
     let mut kvd = Kvd::start(&data_dir, &args)?;

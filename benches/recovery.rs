@@ -21,12 +21,13 @@ mod common;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
 use kvstore::Kvd;
@@ -34,63 +35,66 @@ use serde_json::{json, Value};
 
 use common::*;
 
-const FLAGS: &[FlagSpec] = &[
-    FlagSpec {
-        name: "keys",
-        value: Some("N"),
-        help: "keys to load (default 1M; k and M suffixes)",
-    },
-    FlagSpec {
-        name: "value-bytes",
-        value: Some("N"),
-        help: "value size in bytes (default 100)",
-    },
-    FlagSpec {
-        name: "chunk",
-        value: Some("N"),
-        help: "items per bulk request (default 10000)",
-    },
-    FlagSpec {
-        name: "repeats",
-        value: Some("N"),
-        help: "restarts per stop signal (SIGTERM, SIGKILL) (default 3)",
-    },
-    FlagSpec {
-        name: "sample",
-        value: Some("N"),
-        help: "keys read back after each restart (default 2000)",
-    },
-    FlagSpec {
-        name: "drop-caches",
-        value: None,
-        help: "drop the page cache before each restart (cold start; needs root, machine-wide)",
-    },
-    FlagSpec {
-        name: "no-redis",
-        value: None,
-        help: "skip the Redis comparison",
-    },
-    FlagSpec {
-        name: "quick",
-        value: None,
-        help: "100k keys, one restart per signal",
-    },
-    FlagSpec {
-        name: "kvd-args",
-        value: Some("ARGS"),
-        help: "extra kvd flags, space separated",
-    },
-    FlagSpec {
-        name: "strict",
-        value: None,
-        help: "exit non-zero when a target is missed",
-    },
-    FlagSpec {
-        name: "tmp-dir",
-        value: Some("DIR"),
-        help: "where data dirs go (must be a real disk, not tmpfs)",
-    },
-];
+#[derive(Parser)]
+#[command(
+    name = "recovery",
+    about = "Restart time and resident memory of kvd with 1M keys, beside Redis.",
+    override_usage = "cargo build --release && cargo bench --bench recovery -- [FLAGS]",
+    args_override_self = true
+)]
+struct Cli {
+    /// keys to load (default 1M; k and M suffixes)
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    keys: Option<u64>,
+    /// value size in bytes (default 100)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        hide_default_value = true
+    )]
+    value_bytes: usize,
+    /// items per bulk request (default 10000)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        hide_default_value = true
+    )]
+    chunk: u64,
+    /// restarts per stop signal (SIGTERM, SIGKILL) (default 3)
+    #[arg(long, value_name = "N")]
+    repeats: Option<usize>,
+    /// keys read back after each restart (default 2000)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2000,
+        hide_default_value = true
+    )]
+    sample: u64,
+    /// drop the page cache before each restart (cold start; needs root, machine-wide)
+    #[arg(long)]
+    drop_caches: bool,
+    /// skip the Redis comparison
+    #[arg(long)]
+    no_redis: bool,
+    /// 100k keys, one restart per signal
+    #[arg(long)]
+    quick: bool,
+    /// extra kvd flags, space separated
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    kvd_args: Option<String>,
+    /// exit non-zero when a target is missed
+    #[arg(long)]
+    strict: bool,
+    /// where data dirs go (must be a real disk, not tmpfs)
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+    /// Appended by `cargo bench` to harness-less targets; ignored.
+    #[arg(long = "bench", hide = true)]
+    _bench: bool,
+}
 
 /// Targets from issue 2, "Done when" 9.
 const TARGET_RESTART: Duration = Duration::from_secs(2);
@@ -142,41 +146,30 @@ impl Phase {
 }
 
 fn run() -> Result<ExitCode> {
-    let cli = Cli::parse(
-        "recovery",
-        "Restart time and resident memory of kvd with 1M keys, beside Redis.",
-        FLAGS,
-    );
-    let quick = cli.flag("quick");
-    let keys: u64 = cli
-        .str("keys")
-        .map(|s| {
-            parse_count(s).unwrap_or_else(|| {
-                eprintln!("--keys {s:?} is not a count");
-                std::process::exit(2)
-            })
-        })
-        .unwrap_or(if quick { 100_000 } else { 1_000_000 });
-    let value_bytes: usize = cli.get("value-bytes", 100usize);
-    let chunk: u64 = cli.get("chunk", 10_000u64).max(1);
-    let repeats: usize = cli.get("repeats", if quick { 1 } else { 3 });
-    let sample: u64 = cli.get("sample", 2000u64);
-    let drop_caches = cli.flag("drop-caches");
+    let cli = Cli::parse();
+    let quick = cli.quick;
+    let keys: u64 = cli.keys.unwrap_or(if quick { 100_000 } else { 1_000_000 });
+    let value_bytes: usize = cli.value_bytes;
+    let chunk: u64 = cli.chunk.max(1);
+    let repeats: usize = cli.repeats.unwrap_or(if quick { 1 } else { 3 });
+    let sample: u64 = cli.sample;
+    let drop_caches = cli.drop_caches;
     let kvd_args: Vec<String> = cli
-        .str("kvd-args")
+        .kvd_args
+        .as_deref()
         .unwrap_or("")
         .split_whitespace()
         .map(str::to_string)
         .collect();
     check_kvd_binary()?;
-    let command = cli.reproduce();
+    let command = reproduce("recovery");
     println!("command: {command}");
     let noisy_start = warn_if_noisy("start");
     let env_start = environment();
 
     let tmp = tempfile::Builder::new()
         .prefix("kv-recovery-")
-        .tempdir_in(tmp_parent(&cli))?;
+        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
     let rt = runtime(0)?;
     let mut phases: Vec<Phase> = Vec::new();
 
@@ -269,7 +262,7 @@ fn run() -> Result<ExitCode> {
 
     // Redis: the same data.
     let mut redis_version = None;
-    if !cli.flag("no-redis") {
+    if !cli.no_redis {
         redis_version = tool_version("redis-server", "--version");
         phases.extend(redis_phases(&tmp.path().join("redis"), keys, value_bytes)?);
     }
@@ -375,7 +368,7 @@ fn run() -> Result<ExitCode> {
     let path = write_results("recovery", &results)?;
     println!("results: {}", path.display());
     println!("reproduce: {command}");
-    Ok(if failed && cli.flag("strict") {
+    Ok(if failed && cli.strict {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

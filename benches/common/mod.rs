@@ -1,5 +1,5 @@
 //! Shared parts of the benchmark programs (`throughput`, `durability`,
-//! `recovery`): a small flag parser, a lean HTTP load generator, helpers to
+//! `recovery`): flag value parsers, a lean HTTP load generator, helpers to
 //! start the comparison servers (etcd, Redis) and to read process figures
 //! from `/proc`, and the report plumbing (table, JSON file, the command that
 //! reproduces the run).
@@ -10,7 +10,6 @@
 // Each benchmark binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -32,152 +31,33 @@ use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
 // Command line
+//
+// Each benchmark declares its flags with clap's derive API; what they share
+// is here: the value parsers for counts, and the reproduce command.
 
-/// One flag a benchmark accepts: `--name VALUE` (or `--name=VALUE`) when
-/// `value` names the argument, a bare switch otherwise.
-pub struct FlagSpec {
-    pub name: &'static str,
-    pub value: Option<&'static str>,
-    pub help: &'static str,
-}
-
-/// Parsed flags. Deliberately tiny (no clap in the root crate): benchmarks
-/// take a handful of flags and must also ignore the `--bench` that
-/// `cargo bench` appends for harness-less targets.
-pub struct Cli {
-    bench: &'static str,
-    values: BTreeMap<&'static str, String>,
-    switches: Vec<&'static str>,
-    /// The user's arguments, verbatim, for the reproduce command.
-    pub raw: Vec<String>,
-}
-
-impl Cli {
-    /// Parses `std::env::args()`; prints usage and exits on `--help` or on a
-    /// flag it does not know.
-    pub fn parse(bench: &'static str, about: &str, specs: &'static [FlagSpec]) -> Cli {
-        let mut cli = Cli {
-            bench,
-            values: BTreeMap::new(),
-            switches: Vec::new(),
-            raw: Vec::new(),
-        };
-        let usage = || {
-            let mut u = format!(
-                "{about}\n\nUsage: cargo build --release && cargo bench --bench {bench} -- [FLAGS]\n\nFlags:\n"
-            );
-            for s in specs {
-                let left = match s.value {
-                    Some(v) => format!("--{} {v}", s.name),
-                    None => format!("--{}", s.name),
-                };
-                let _ = writeln!(u, "  {left:<28} {}", s.help);
-            }
-            let _ = writeln!(u, "  {:<28} this text", "--help");
-            u
-        };
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            if arg == "--bench" {
-                continue; // added by `cargo bench`
-            }
-            if arg == "--help" || arg == "-h" {
-                print!("{}", usage());
-                std::process::exit(0);
-            }
-            let Some(stripped) = arg.strip_prefix("--") else {
-                eprintln!("unexpected argument {arg:?}\n\n{}", usage());
-                std::process::exit(2);
-            };
-            let (name, inline) = match stripped.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (stripped, None),
-            };
-            let Some(spec) = specs.iter().find(|s| s.name == name) else {
-                eprintln!("unknown flag --{name}\n\n{}", usage());
-                std::process::exit(2);
-            };
-            cli.raw.push(arg.clone());
-            if spec.value.is_some() {
-                let v = match inline {
-                    Some(v) => v,
-                    None => match args.next() {
-                        Some(v) => {
-                            cli.raw.push(v.clone());
-                            v
-                        }
-                        None => {
-                            eprintln!("--{name} needs a value\n\n{}", usage());
-                            std::process::exit(2);
-                        }
-                    },
-                };
-                cli.values.insert(spec.name, v);
-            } else {
-                cli.switches.push(spec.name);
-            }
-        }
-        cli
-    }
-
-    pub fn flag(&self, name: &str) -> bool {
-        self.switches.contains(&name)
-    }
-
-    pub fn str(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(|s| s.as_str())
-    }
-
-    /// A parsed value, or `default`; exits with a message on a bad value.
-    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.values.get(name) {
-            None => default,
-            Some(v) => v.parse().unwrap_or_else(|e| {
-                eprintln!("--{name} {v:?}: {e}");
-                std::process::exit(2);
-            }),
+/// The exact command that reproduces this run: the user's arguments as
+/// given, without the `--bench` that `cargo bench` appends for harness-less
+/// targets.
+pub fn reproduce(bench: &str) -> String {
+    let features = if cfg!(feature = "etcd-grpc") {
+        " --features etcd-grpc"
+    } else {
+        ""
+    };
+    let mut cmd = format!("cargo build --release && cargo bench{features} --bench {bench}");
+    let raw: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .filter(|a| a != "--bench")
+        .collect();
+    if !raw.is_empty() {
+        cmd.push_str(" --");
+        for a in &raw {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(a));
         }
     }
-
-    /// A comma-separated list such as `0,1k,100k,1M` (k and M suffixes).
-    pub fn counts(&self, name: &str, default: &[u64]) -> Vec<u64> {
-        match self.values.get(name) {
-            None => default.to_vec(),
-            Some(v) => v
-                .split(',')
-                .map(|s| {
-                    parse_count(s.trim()).unwrap_or_else(|| {
-                        eprintln!("--{name}: {s:?} is not a count (e.g. 0, 1000, 10k, 1M)");
-                        std::process::exit(2);
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    /// The exact command that reproduces this run.
-    pub fn reproduce(&self) -> String {
-        let features = if cfg!(feature = "etcd-grpc") {
-            " --features etcd-grpc"
-        } else {
-            ""
-        };
-        let mut cmd = format!(
-            "cargo build --release && cargo bench{features} --bench {}",
-            self.bench
-        );
-        if !self.raw.is_empty() {
-            cmd.push_str(" --");
-            for a in &self.raw {
-                cmd.push(' ');
-                cmd.push_str(&shell_quote(a));
-            }
-        }
-        cmd
-    }
+    cmd
 }
 
 fn shell_quote(s: &str) -> String {
@@ -191,13 +71,24 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-pub fn parse_count(s: &str) -> Option<u64> {
-    let (num, mult) = match s.chars().last()? {
+/// A count such as `0`, `1000`, `10k` or `1M` (k and M suffixes); a clap
+/// value parser.
+pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
+    let not_a_count = || format!("{s:?} is not a count (e.g. 0, 1000, 10k, 1M)");
+    let (num, mult) = match s.chars().last().ok_or_else(not_a_count)? {
         'k' | 'K' => (&s[..s.len() - 1], 1_000),
         'm' | 'M' => (&s[..s.len() - 1], 1_000_000),
         _ => (s, 1),
     };
-    num.parse::<u64>().ok().map(|n| n * mult)
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| not_a_count())
+}
+
+/// A comma-separated list of counts such as `0,1k,100k,1M`; a clap value
+/// parser.
+pub fn parse_counts(s: &str) -> std::result::Result<Vec<u64>, String> {
+    s.split(',').map(|c| parse_count(c.trim())).collect()
 }
 
 /// `1000000` -> `1M`, `20000` -> `20k`.
@@ -223,9 +114,9 @@ pub fn workspace_root() -> PathBuf {
 
 /// Parent of the benchmarks' temp dirs: `--tmp-dir`, else the system temp
 /// dir. It must be on a real disk, not tmpfs, or fsync costs nothing.
-pub fn tmp_parent(cli: &Cli) -> PathBuf {
-    cli.str("tmp-dir")
-        .map(PathBuf::from)
+pub fn tmp_parent(tmp_dir: Option<&Path>) -> PathBuf {
+    tmp_dir
+        .map(Path::to_path_buf)
         .unwrap_or_else(std::env::temp_dir)
 }
 

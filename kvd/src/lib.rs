@@ -9,5 +9,6 @@
 pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod replication;
 pub mod server;
 pub mod storage;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use axum::serve::ListenerExt;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -147,7 +148,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))?;
+        .with_context(|| format!("binding {addr}"))?
+        // Replies are small and each completes a request: send them at once
+        // rather than letting Nagle wait for the client's delayed ACK.
+        .tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                eprintln!("kvd: cannot set TCP_NODELAY: {e}");
+            }
+        });
     let state = Arc::new(AppState::new(
         engine.clone(),
         metrics,

@@ -269,3 +269,48 @@ async fn second_kvd_on_the_same_data_dir_exits_and_the_first_keeps_serving() {
     assert!(format!("{err:#}").contains("in use"), "{err:#}");
     assert_eq!(c.get("after").await.unwrap().as_deref(), Some(&b"2"[..]));
 }
+
+/// A client that stops sending its body mid-way gets 408 once
+/// `--body-timeout-ms` passes, and nothing is written.
+#[tokio::test]
+async fn a_stalled_body_gets_408_and_writes_nothing() {
+    use std::io::{Read, Write};
+
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &["--body-timeout-ms", "300"]);
+    let http = http();
+    let before = fingerprint(&http, &kvd).await;
+
+    let port = kvd.port;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // Promise 100 bytes, send 10, then wait for the server's answer.
+        write!(
+            s,
+            "PUT /v1/kv/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !raw.windows(4).any(|w| w == b"\r\n\r\n") || !raw.ends_with(b"}") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(status, 408, "body: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout");
+    assert_eq!(fingerprint(&http, &kvd).await, before);
+    assert_eq!(get_raw(&http, &kvd, "stalled").await, None);
+}

@@ -61,6 +61,11 @@ pub struct Config {
     #[arg(long, default_value_t = 4096)]
     pub max_inflight_requests: usize,
 
+    /// A request body must arrive within this many milliseconds (408 after),
+    /// so a stalled client cannot hold a request slot forever.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+
     /// Writes queued for the WAL writer; past this, handlers wait (back-pressure).
     #[arg(long, default_value_t = 8192)]
     pub write_queue: usize,

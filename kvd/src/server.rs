@@ -164,6 +164,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             max_bulk_bytes: cfg.max_bulk_bytes,
             max_bulk_items: cfg.max_bulk_items,
             max_inflight_requests: cfg.max_inflight_requests,
+            body_timeout: std::time::Duration::from_millis(cfg.body_timeout_ms),
         },
         cfg.enable_debug,
         meta.node_id.clone(),

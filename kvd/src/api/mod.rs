@@ -35,6 +35,7 @@ pub struct Limits {
     pub max_bulk_bytes: usize,
     pub max_bulk_items: usize,
     pub max_inflight_requests: usize,
+    pub body_timeout: std::time::Duration,
 }
 
 /// What every handler can reach.
@@ -218,9 +219,24 @@ fn apply_decision(
     Ok(rand::random::<f64>() >= p)
 }
 
-/// Reads a request body of at most `limit` bytes (413 beyond it).
-async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a request body of at most `limit` bytes (413 beyond it) within
+/// `timeout` (408 after it).
+async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the {what} did not arrive within {timeout:?}"),
+            )
+        })?;
+    read.map_err(|e| {
         let too_long = e
             .into_inner()
             .downcast_ref::<http_body_util::LengthLimitError>()
@@ -259,7 +275,13 @@ async fn put_key(
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     let apply = apply_decision(&st, params)?;
-    let value = read_body(body, st.limits.max_value_bytes, "value").await?;
+    let value = read_body(
+        body,
+        st.limits.max_value_bytes,
+        st.limits.body_timeout,
+        "value",
+    )
+    .await?;
     let op = Op::Put {
         key: Bytes::from(key.into_bytes()),
         value,
@@ -363,7 +385,13 @@ async fn bulk(
     body: Body,
 ) -> Result<Response, ApiError> {
     let apply = apply_decision(&st, params)?;
-    let raw = read_body(body, st.limits.max_bulk_bytes, "bulk body").await?;
+    let raw = read_body(
+        body,
+        st.limits.max_bulk_bytes,
+        st.limits.body_timeout,
+        "bulk body",
+    )
+    .await?;
     let req: BulkRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",

@@ -456,13 +456,18 @@ impl Writer {
             let _ = req.reply.send(Ok(WriteResult { index, outcome }));
         }
         self.bytes_since_snapshot += buf.len() as u64;
+        self.publish_wal_stats();
+        self.maybe_snapshot();
+    }
+
+    /// Makes the WAL's size visible to `/v1/status` and metrics.
+    fn publish_wal_stats(&self) {
         self.shared
             .wal_bytes
             .store(self.wal.total_bytes(), Ordering::Relaxed);
         self.shared
             .wal_segments
             .store(self.wal.segment_count() as u64, Ordering::Relaxed);
-        self.maybe_snapshot();
     }
 
     fn maybe_snapshot(&mut self) {
@@ -494,14 +499,7 @@ impl Writer {
     fn compact(&mut self) {
         while let Ok(upto) = self.compact_rx.try_recv() {
             match self.wal.remove_covered(upto) {
-                Ok(_) => {
-                    self.shared
-                        .wal_bytes
-                        .store(self.wal.total_bytes(), Ordering::Relaxed);
-                    self.shared
-                        .wal_segments
-                        .store(self.wal.segment_count() as u64, Ordering::Relaxed);
-                }
+                Ok(_) => self.publish_wal_stats(),
                 Err(e) => eprintln!("kvd: WAL compaction failed (will retry later): {e}"),
             }
         }

@@ -56,6 +56,11 @@ pub struct Config {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub wal_segment_mib: u64,
 
+    /// Open client connections; at the limit new ones wait in the kernel's
+    /// accept backlog until one closes.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+
     /// Requests handled at once; more get 503 "overloaded" at once instead of
     /// queueing without bound.
     #[arg(long, default_value_t = 4096)]

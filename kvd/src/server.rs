@@ -156,6 +156,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 eprintln!("kvd: cannot set TCP_NODELAY: {e}");
             }
         });
+    let listener = api::listener::LimitedListener::new(listener, cfg.max_connections);
     let state = Arc::new(AppState::new(
         engine.clone(),
         metrics,

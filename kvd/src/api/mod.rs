@@ -6,6 +6,7 @@
 //! one place, [`error::ApiError`].
 
 pub mod error;
+pub mod listener;
 
 use std::sync::Arc;
 use std::time::Instant;

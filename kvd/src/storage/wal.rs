@@ -365,6 +365,143 @@ impl Wal {
         Ok(())
     }
 
+    /// Index of the segment holding record `index` (or that would, for
+    /// `index == next_index`).
+    fn segment_for(&self, index: u64) -> Option<usize> {
+        self.segments.iter().rposition(|s| s.first_index <= index)
+    }
+
+    /// Scans segment `i` frame by frame, calling `f(record, offset)` until it
+    /// returns false.
+    fn scan_segment(
+        &self,
+        i: usize,
+        mut f: impl FnMut(Record, usize) -> bool,
+    ) -> Result<(), Error> {
+        let seg = &self.segments[i];
+        let io = |e| Error::io(format!("reading {}", seg.path.display()), e);
+        let file = self.fs.open_read(&seg.path).map_err(io)?;
+        let mut w = Window::new(file);
+        let mut off = SEGMENT_HEADER_BYTES;
+        loop {
+            w.forget_before(off);
+            if !w.fill_frame(off).map_err(io)? {
+                return Ok(());
+            }
+            match record::read_frame(&w.buf, off - w.base) {
+                Frame::Valid { payload, next } => {
+                    let rec = Record::decode_payload(payload)?;
+                    if !f(rec, off) {
+                        return Ok(());
+                    }
+                    off = w.base + next;
+                }
+                // Recovery already cut any torn tail; what follows the last
+                // write is not ours to judge here.
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Records with index `from` and after, in order, up to about
+    /// `max_bytes` of payload (at least one record when `from` exists).
+    /// Reads what has been appended, synced or not: a primary may ship
+    /// entries before its own fsync returns.
+    pub fn read_from(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, Error> {
+        let mut out = Vec::new();
+        if from >= self.next_index {
+            return Ok(out);
+        }
+        let Some(mut i) = self.segment_for(from) else {
+            return Ok(out);
+        };
+        let mut bytes = 0usize;
+        while i < self.segments.len() && bytes < max_bytes {
+            let mut want = from.max(self.segments[i].first_index);
+            self.scan_segment(i, |rec, _| {
+                if rec.index < want {
+                    return true;
+                }
+                bytes += rec.op.encoded_len();
+                want = rec.index + 1;
+                out.push(rec);
+                bytes < max_bytes
+            })?;
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    /// Removes every record with index `from` and after: the uncommitted
+    /// suffix that a primary's log contradicts. Durable before it returns.
+    ///
+    /// Later segments go first, then the segment holding `from` is cut, so
+    /// a crash in between leaves a contiguous (longer) log, never a gap.
+    /// Returns the epoch of the new last record, if the log still has one.
+    pub fn truncate_from(&mut self, from: u64) -> Result<Option<u64>, Error> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        assert!(
+            from <= self.next_index,
+            "WAL invariant: cannot truncate from {from}, past the end {}",
+            self.next_index
+        );
+        if from == self.next_index {
+            return Ok(Some(self.last_epoch).filter(|_| from > 1));
+        }
+        let i = self
+            .segment_for(from)
+            .expect("callers never truncate below the start of the log (committed entries)");
+        let mut cut = None;
+        let mut prev_epoch = None;
+        self.scan_segment(i, |rec, off| {
+            if rec.index < from {
+                prev_epoch = Some(rec.epoch);
+                true
+            } else {
+                cut = Some(off);
+                false
+            }
+        })?;
+        let cut = cut.unwrap_or(SEGMENT_HEADER_BYTES) as u64;
+        if prev_epoch.is_none() && i > 0 {
+            self.scan_segment(i - 1, |rec, _| {
+                prev_epoch = Some(rec.epoch);
+                true
+            })?;
+        }
+        let result = self.cut(i, cut);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        self.next_index = from;
+        self.last_epoch = prev_epoch.unwrap_or(0);
+        Ok(prev_epoch)
+    }
+
+    fn cut(&mut self, i: usize, cut: u64) -> Result<(), Error> {
+        for seg in self.segments.drain(i + 1..) {
+            self.fs
+                .remove(&seg.path)
+                .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
+        }
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))?;
+        let seg = &mut self.segments[i];
+        self.fs
+            .truncate(&seg.path, cut)
+            .map_err(|e| Error::io(format!("truncating {}", seg.path.display()), e))?;
+        seg.bytes = cut;
+        self.active = self
+            .fs
+            .open_append(&seg.path)
+            .map_err(|e| Error::io(format!("opening {}", seg.path.display()), e))?;
+        Ok(())
+    }
+
     /// Deletes sealed segments whose records all have index <= `upto`
     /// (a durable snapshot covers them). Returns how many were removed.
     pub fn remove_covered(&mut self, upto: u64) -> Result<usize, Error> {
@@ -473,4 +610,107 @@ fn create_segment(
         bytes: SEGMENT_HEADER_BYTES as u64,
     };
     Ok((seg, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::RealFs;
+    use crate::storage::record::{Op, Timestamp};
+    use bytes::Bytes;
+
+    fn put(index: u64, epoch: u64) -> Record {
+        Record {
+            index,
+            epoch,
+            ts: Timestamp::default(),
+            op: Op::Put {
+                key: Bytes::from(format!("k{index}")),
+                value: Bytes::from(vec![b'v'; 40]),
+            },
+        }
+    }
+
+    fn append(wal: &mut Wal, recs: &[Record]) {
+        let mut buf = Vec::new();
+        for r in recs {
+            r.encode_into(&mut buf);
+        }
+        let last = recs.last().expect("non-empty");
+        wal.append(recs[0].index, recs.len() as u64, &buf, last.epoch)
+            .unwrap();
+        wal.sync().unwrap();
+    }
+
+    fn open(dir: &Path) -> (Wal, Vec<Record>) {
+        let mut seen = Vec::new();
+        let (wal, _) = Wal::open(Arc::new(RealFs), dir, 0, 512, |r| seen.push(r)).unwrap();
+        (wal, seen)
+    }
+
+    #[test]
+    fn read_from_spans_segments_and_respects_the_byte_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = open(tmp.path());
+        for i in 1..=100 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        assert!(wal.segment_count() > 5, "small segments roll often");
+        let all = wal.read_from(1, usize::MAX).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.index).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<_>>()
+        );
+        let some = wal.read_from(37, 200).unwrap();
+        assert_eq!(some[0].index, 37);
+        assert!(!some.is_empty() && some.len() < 10);
+        assert!(some.windows(2).all(|w| w[1].index == w[0].index + 1));
+        assert!(wal.read_from(101, 1000).unwrap().is_empty());
+    }
+
+    #[test]
+    fn truncate_from_drops_the_suffix_durably_and_the_log_continues() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = open(tmp.path());
+        for i in 1..=60 {
+            append(&mut wal, &[put(i, if i <= 30 { 1 } else { 2 })]);
+        }
+        let segments_before = wal.segment_count();
+        assert_eq!(wal.truncate_from(25).unwrap(), Some(1));
+        assert_eq!(wal.next_index(), 25);
+        assert_eq!(wal.last_epoch(), 1);
+        assert!(wal.segment_count() < segments_before);
+        // The new primary's entries take the freed indexes.
+        for i in 25..=40 {
+            append(&mut wal, &[put(i, 3)]);
+        }
+        drop(wal);
+        let (wal, seen) = open(tmp.path());
+        assert_eq!(seen.len(), 40);
+        assert!(seen
+            .iter()
+            .enumerate()
+            .all(|(n, r)| r.index == n as u64 + 1));
+        assert!(seen[..24].iter().all(|r| r.epoch == 1));
+        assert!(seen[24..].iter().all(|r| r.epoch == 3));
+        assert_eq!(wal.next_index(), 41);
+    }
+
+    #[test]
+    fn truncate_at_a_segment_start_and_to_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = open(tmp.path());
+        for i in 1..=40 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        let second_start = wal.segments[1].first_index;
+        assert_eq!(wal.truncate_from(second_start).unwrap(), Some(1));
+        assert_eq!(wal.next_index(), second_start);
+        assert_eq!(wal.truncate_from(1).unwrap(), None);
+        assert_eq!(wal.next_index(), 1);
+        append(&mut wal, &[put(1, 5)]);
+        drop(wal);
+        let (_, seen) = open(tmp.path());
+        assert_eq!(seen, vec![put(1, 5)]);
+    }
 }

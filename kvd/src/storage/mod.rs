@@ -131,6 +131,9 @@ pub struct EngineStatus {
     pub poisoned: bool,
 }
 
+/// Resolves when a submitted write is durable and applied.
+pub type Pending = oneshot::Receiver<Result<WriteResult, Error>>;
+
 struct WriteReq {
     op: Op,
     /// False for `debug_flaky`: durable in the WAL but kept out of memory.
@@ -273,32 +276,32 @@ impl Engine {
     }
 
     /// Queues a write; the receiver resolves once it is durable and applied.
-    pub async fn submit(
-        &self,
-        op: Op,
-        apply: bool,
-    ) -> Result<oneshot::Receiver<Result<WriteResult, Error>>, Error> {
-        if self.shared.poisoned.load(Ordering::Relaxed) {
-            return Err(Error::Poisoned);
-        }
-        let tx = self.tx.lock().clone().ok_or(Error::ShuttingDown)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(WriteReq { op, apply, reply })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+    pub async fn submit(&self, op: Op, apply: bool) -> Result<Pending, Error> {
+        let (tx, req, rx) = self.prepare(op, apply)?;
+        tx.send(req).await.map_err(|_| Error::ShuttingDown)?;
         Ok(rx)
     }
 
     /// Blocking form of [`Engine::write`] for callers outside a runtime.
     pub fn write_blocking(&self, op: Op, apply: bool) -> Result<WriteResult, Error> {
+        let (tx, req, rx) = self.prepare(op, apply)?;
+        tx.blocking_send(req).map_err(|_| Error::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Refuses early when poisoned or shutting down; otherwise a request and
+    /// the channel to send it on.
+    fn prepare(
+        &self,
+        op: Op,
+        apply: bool,
+    ) -> Result<(mpsc::Sender<WriteReq>, WriteReq, Pending), Error> {
         if self.shared.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
         let tx = self.tx.lock().clone().ok_or(Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        tx.blocking_send(WriteReq { op, apply, reply })
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+        Ok((tx, WriteReq { op, apply, reply }, rx))
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {

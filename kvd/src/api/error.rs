@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::replication::rules;
 use crate::storage;
 
 /// An error on its way to the client.
@@ -53,6 +54,13 @@ impl From<storage::Error> for ApiError {
         let (status, code) = match &e {
             E::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            // Logged by a primary that was deposed before it could commit:
+            // the write did not happen, and the client may retry it.
+            E::Superseded => (StatusCode::SERVICE_UNAVAILABLE, "write_superseded"),
+            E::Replication(rules::AppendError::Malformed(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_append")
+            }
+            E::Replication(_) => (StatusCode::INTERNAL_SERVER_ERROR, "replication_error"),
             E::NotDurable(_) | E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             E::Corruption { .. } | E::Decode(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_corruption")

@@ -11,12 +11,20 @@
 //!   tail (an unacknowledged write), and refuses to start on damage anywhere
 //!   else, naming the file and offset.
 //! - After a failed write or fsync the engine is poisoned and refuses writes.
+//! - Replicated mode (`EngineConfig::replicated`, for issue 3): a durable
+//!   entry is applied, and its write acknowledged, only when
+//!   [`Engine::commit_to`] reaches it; a secondary takes the primary's
+//!   entries through [`Engine::replicate`], which follows
+//!   `replication::rules::check_append` and may cut an uncommitted suffix
+//!   (whose waiting writers get [`Error::Superseded`]). After a restart,
+//!   entries past the snapshot wait for the primary's commit index.
 //!
 //! Threads: the WAL writer owns the log and applies; the snapshotter writes
 //! snapshots in the background and hands compaction back to the writer, so
 //! every WAL file operation happens on one thread.
 
 pub mod fs;
+pub mod log_index;
 pub mod record;
 pub mod snapshot;
 pub mod state;
@@ -37,6 +45,8 @@ pub use record::{Op, Record, Timestamp};
 pub use state::{ApplyOutcome, State};
 
 use crate::metrics::Metrics;
+use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
+use log_index::{EpochRuns, LogCache};
 
 /// Longest key, in bytes (DESIGN §2).
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -64,6 +74,10 @@ pub enum Error {
     NotDurable(String),
     #[error("the storage engine is shutting down")]
     ShuttingDown,
+    #[error("the write was logged but a newer primary's log replaced it; it was not applied")]
+    Superseded,
+    #[error("invalid replication request: {0}")]
+    Replication(#[from] rules::AppendError),
 }
 
 impl Error {
@@ -95,6 +109,12 @@ pub struct EngineConfig {
     pub epoch: u64,
     /// Node tag in HLC timestamps.
     pub node_tag: u32,
+    /// Replicated mode: a durable entry is applied (and its write
+    /// acknowledged) only once [`Engine::commit_to`] says it is committed.
+    /// Off, an entry commits when it is durable here (a single node).
+    pub replicated: bool,
+    /// Recent records kept in memory for shipping to secondaries.
+    pub log_cache_bytes: usize,
 }
 
 impl EngineConfig {
@@ -108,6 +128,8 @@ impl EngineConfig {
             queue_capacity: 8192,
             epoch: 1,
             node_tag: 0,
+            replicated: false,
+            log_cache_bytes: 64 << 20,
         }
     }
 }
@@ -134,6 +156,41 @@ pub struct EngineStatus {
 /// Resolves when a submitted write is durable and applied.
 pub type Pending = oneshot::Receiver<Result<WriteResult, Error>>;
 
+/// Work for the WAL thread.
+enum Cmd {
+    Write(WriteReq),
+    Replicate(ReplicateReq),
+    Commit(u64),
+    ReadFrom {
+        from: u64,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<Vec<Record>, Error>>,
+    },
+}
+
+/// Entries from the primary, for a secondary's log.
+pub struct ReplicateRequest {
+    /// The sender's epoch (the caller has already persisted it if newer).
+    pub epoch: u64,
+    pub prev: LogPos,
+    /// Contiguous from `prev.index + 1`.
+    pub records: Vec<Record>,
+    pub leader_commit: u64,
+}
+
+struct ReplicateReq {
+    req: ReplicateRequest,
+    reply: oneshot::Sender<Result<AppendOutcome, Error>>,
+}
+
+/// A durable entry waiting for its commit (replicated mode).
+struct PendingEntry {
+    index: u64,
+    op: Op,
+    apply: bool,
+    reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
+}
+
 struct WriteReq {
     op: Op,
     /// False for `debug_flaky`: durable in the WAL but kept out of memory.
@@ -142,8 +199,15 @@ struct WriteReq {
 }
 
 /// Counters shared between the engine's threads and readers.
-#[derive(Default)]
 struct Shared {
+    /// Epoch stamped on new local records (raised by a promotion).
+    epoch: AtomicU64,
+    commit_index: AtomicU64,
+    /// Woken whenever the durable last index moves (replication recomputes
+    /// the commit index then).
+    durable_changed: tokio::sync::Notify,
+    log: parking_lot::Mutex<EpochRuns>,
+    cache: parking_lot::Mutex<LogCache>,
     last_index: AtomicU64,
     applied_index: AtomicU64,
     snapshot_index: AtomicU64,
@@ -157,7 +221,7 @@ struct Shared {
 pub struct Engine {
     state: Arc<State>,
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<WriteReq>>>,
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -194,19 +258,51 @@ impl Engine {
             let _ = fs.remove(older);
         }
 
+        let mut log = EpochRuns::new(snap_meta.last_index, snap_meta.last_epoch);
+        let mut cache = LogCache::new(cfg.log_cache_bytes);
+        let mut pending = std::collections::VecDeque::new();
         let (wal, wal_report) = wal::Wal::open(
             fs.clone(),
             &wal_dir,
             snap_meta.last_index,
             cfg.segment_max_bytes,
             |rec| {
-                state.apply(&rec.op);
+                log.push(rec.index, rec.epoch);
+                if cfg.replicated {
+                    // Whether these were committed is for the primary to say:
+                    // until then they wait, unapplied.
+                    cache.push(rec.clone());
+                    pending.push_back(PendingEntry {
+                        index: rec.index,
+                        op: rec.op,
+                        apply: true,
+                        reply: None,
+                    });
+                } else {
+                    state.apply(&rec.op);
+                }
             },
         )?;
         let last_index = wal.next_index() - 1;
-        let shared = Arc::new(Shared::default());
-        shared.last_index.store(last_index, Ordering::Relaxed);
-        shared.applied_index.store(last_index, Ordering::Relaxed);
+        let committed = if cfg.replicated {
+            snap_meta.last_index
+        } else {
+            last_index
+        };
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(cfg.epoch),
+            commit_index: AtomicU64::new(committed),
+            durable_changed: tokio::sync::Notify::new(),
+            log: parking_lot::Mutex::new(log),
+            cache: parking_lot::Mutex::new(cache),
+            last_index: AtomicU64::new(last_index),
+            applied_index: AtomicU64::new(committed),
+            snapshot_index: AtomicU64::new(0),
+            wal_bytes: AtomicU64::new(0),
+            wal_segments: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            snapshot_running: AtomicBool::new(false),
+        });
         shared
             .snapshot_index
             .store(snap_meta.last_index, Ordering::Relaxed);
@@ -229,6 +325,7 @@ impl Engine {
             // Replayed WAL bytes count toward the next snapshot.
             bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
             first_unapplied: None,
+            pending,
             snap_tx,
             compact_rx,
         };
@@ -291,17 +388,86 @@ impl Engine {
 
     /// Refuses early when poisoned or shutting down; otherwise a request and
     /// the channel to send it on.
-    fn prepare(
-        &self,
-        op: Op,
-        apply: bool,
-    ) -> Result<(mpsc::Sender<WriteReq>, WriteReq, Pending), Error> {
+    fn prepare(&self, op: Op, apply: bool) -> Result<(mpsc::Sender<Cmd>, Cmd, Pending), Error> {
         if self.shared.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
         let tx = self.tx.lock().clone().ok_or(Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        Ok((tx, WriteReq { op, apply, reply }, rx))
+        Ok((tx, Cmd::Write(WriteReq { op, apply, reply }), rx))
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Cmd>, Error> {
+        self.tx.lock().clone().ok_or(Error::ShuttingDown)
+    }
+
+    /// Replicated mode: entries up to `index` are committed (durable on a
+    /// majority); apply them and acknowledge their writes. Never moves the
+    /// commit index back, nor past the local log.
+    pub async fn commit_to(&self, index: u64) -> Result<(), Error> {
+        self.sender()?
+            .send(Cmd::Commit(index))
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Secondary: appends the primary's entries after log matching
+    /// ([`rules::check_append`]), truncating a conflicting uncommitted
+    /// suffix, and makes them durable before answering.
+    pub async fn replicate(&self, req: ReplicateRequest) -> Result<AppendOutcome, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::Replicate(ReplicateReq { req, reply }))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Log entries from `from` on (about `max_bytes`), for shipping: from
+    /// memory when recent, else from the WAL on disk.
+    pub async fn entries_from(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, Error> {
+        if let Some(recs) = self.shared.cache.lock().get_from(from, max_bytes) {
+            return Ok(recs);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::ReadFrom {
+                from,
+                max_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Sets the epoch stamped on new local records (after a promotion,
+    /// once the caller has persisted it).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.shared.epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// Epoch of log entry `index`, when this node still knows it.
+    pub fn epoch_at(&self, index: u64) -> Option<u64> {
+        self.shared.log.lock().epoch_at(index)
+    }
+
+    /// `(epoch, index)` of the last durable entry.
+    pub fn last_log_pos(&self) -> LogPos {
+        self.shared.log.lock().last()
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.shared.commit_index.load(Ordering::Acquire)
+    }
+
+    /// Resolves the next time the durable last index moves.
+    pub async fn durable_changed(&self) {
+        self.shared.durable_changed.notified().await
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
@@ -390,39 +556,206 @@ struct Writer {
     /// Lowest index logged but deliberately not applied (`debug_flaky`);
     /// snapshots must not claim to cover it.
     first_unapplied: Option<u64>,
+    /// Replicated mode: durable entries not yet known to be committed.
+    pending: std::collections::VecDeque<PendingEntry>,
     snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
     compact_rx: std_mpsc::Receiver<u64>,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<WriteReq>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut batch: Vec<WriteReq> = Vec::with_capacity(self.cfg.max_batch_records);
+        let mut other: Vec<Cmd> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
         while let Some(first) = rx.blocking_recv() {
-            let mut bytes = first.op.encoded_len();
-            batch.push(first);
-            while batch.len() < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes {
-                match rx.try_recv() {
-                    Ok(req) => {
+            let mut bytes = 0;
+            let mut next = Some(first);
+            // Group commit: take every write already queued (up to the
+            // batch limits); anything else waits until the batch is durable.
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Write(req) => {
                         bytes += req.op.encoded_len();
                         batch.push(req);
                     }
-                    Err(_) => break,
+                    cmd => other.push(cmd),
+                }
+                if batch.len() < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes {
+                    next = rx.try_recv().ok();
                 }
             }
-            self.commit(&mut batch, &mut buf);
+            if !batch.is_empty() {
+                self.commit(&mut batch, &mut buf);
+            }
+            for cmd in other.drain(..) {
+                match cmd {
+                    Cmd::Write(_) => unreachable!("writes are batched above"),
+                    Cmd::Commit(index) => self.advance_commit(index),
+                    Cmd::Replicate(r) => {
+                        let outcome = self.replicate(r.req, &mut buf);
+                        let _ = r.reply.send(outcome);
+                    }
+                    Cmd::ReadFrom {
+                        from,
+                        max_bytes,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.wal.read_from(from, max_bytes));
+                    }
+                }
+            }
             self.compact();
         }
         // The channel is closed and drained: every reply went out after its
         // fsync, so there is nothing left to flush.
     }
 
+    /// Replicated mode: applies pending entries up to the commit index.
+    fn advance_commit(&mut self, index: u64) {
+        let last = self.wal.next_index() - 1;
+        let commit = index.min(last);
+        let old = self.shared.commit_index.fetch_max(commit, Ordering::AcqRel);
+        if commit <= old {
+            return;
+        }
+        while self.pending.front().is_some_and(|p| p.index <= commit) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let outcome = self.apply_entry(p.index, &p.op, p.apply);
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Ok(WriteResult {
+                    index: p.index,
+                    outcome,
+                }));
+            }
+        }
+        self.maybe_snapshot();
+    }
+
+    fn apply_entry(&mut self, index: u64, op: &Op, apply: bool) -> ApplyOutcome {
+        let outcome = if apply {
+            self.state.apply(op)
+        } else {
+            self.first_unapplied.get_or_insert(index);
+            ApplyOutcome::default()
+        };
+        self.shared.applied_index.store(index, Ordering::Release);
+        outcome
+    }
+
+    /// Records newly durable entries in the in-memory log view.
+    fn remember(&mut self, records: impl Iterator<Item = Record>) {
+        let mut log = self.shared.log.lock();
+        let mut cache = self.shared.cache.lock();
+        for rec in records {
+            log.push(rec.index, rec.epoch);
+            if self.cfg.replicated {
+                cache.push(rec);
+            }
+        }
+    }
+
+    /// Secondary side of log shipping (see [`Engine::replicate`]).
+    fn replicate(
+        &mut self,
+        req: ReplicateRequest,
+        buf: &mut Vec<u8>,
+    ) -> Result<AppendOutcome, Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        let positions: Vec<LogPos> = req
+            .records
+            .iter()
+            .map(|r| LogPos {
+                epoch: r.epoch,
+                index: r.index,
+            })
+            .collect();
+        let my_epoch = self.shared.epoch.load(Ordering::Acquire);
+        let commit = self.shared.commit_index.load(Ordering::Acquire);
+        let decision = {
+            let log = self.shared.log.lock();
+            rules::check_append(
+                &*log,
+                my_epoch,
+                commit,
+                &rules::AppendRequest {
+                    epoch: req.epoch,
+                    prev: req.prev,
+                    entries: &positions,
+                    leader_commit: req.leader_commit,
+                },
+            )?
+        };
+        if let Some(e) = decision.new_epoch_to_persist {
+            // The caller persisted it before handing us the request.
+            self.shared.epoch.fetch_max(e, Ordering::AcqRel);
+        }
+        let AppendOutcome::Accept {
+            truncate_from,
+            append_from,
+            commit,
+            ..
+        } = decision.outcome.clone()
+        else {
+            return Ok(decision.outcome);
+        };
+        if let Some(from) = truncate_from {
+            self.wal.truncate_from(from)?;
+            self.shared.log.lock().truncate_from(from);
+            self.shared.cache.lock().truncate_from(from);
+            // Our own writes in the cut suffix were never committed: their
+            // clients learn that they did not happen.
+            while self.pending.back().is_some_and(|p| p.index >= from) {
+                if let Some(reply) = self.pending.pop_back().and_then(|p| p.reply) {
+                    let _ = reply.send(Err(Error::Superseded));
+                }
+            }
+            self.shared.last_index.store(from - 1, Ordering::Release);
+        }
+        let new = &req.records[append_from..];
+        if let (Some(first), Some(last)) = (new.first(), new.last()) {
+            buf.clear();
+            for r in new {
+                r.encode_into(buf);
+            }
+            let durable = self
+                .wal
+                .append(first.index, new.len() as u64, buf, last.epoch)
+                .and_then(|_| self.wal.sync());
+            if let Err(e) = durable {
+                self.shared.poisoned.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            for r in new {
+                self.pending.push_back(PendingEntry {
+                    index: r.index,
+                    op: r.op.clone(),
+                    apply: true,
+                    reply: None,
+                });
+            }
+            self.remember(new.iter().cloned());
+            self.shared.last_index.store(last.index, Ordering::Release);
+            self.bytes_since_snapshot += buf.len() as u64;
+            self.publish_wal_stats();
+            self.shared.durable_changed.notify_waiters();
+        }
+        self.advance_commit(commit);
+        Ok(decision.outcome)
+    }
+
     fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
         let first = self.wal.next_index();
         buf.clear();
-        let epoch = self.cfg.epoch;
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let mut stamps = Vec::with_capacity(batch.len());
         for (i, req) in batch.iter().enumerate() {
-            record::encode(first + i as u64, epoch, self.clock.now(), &req.op, buf);
+            let ts = self.clock.now();
+            stamps.push(ts);
+            record::encode(first + i as u64, epoch, ts, &req.op, buf);
         }
         let count = batch.len() as u64;
         let fsync_started = Instant::now();
@@ -444,19 +777,45 @@ impl Writer {
                 .observe(fsync_started.elapsed().as_secs_f64());
             m.wal_batch_records.observe(count as f64);
         }
-        self.shared
-            .last_index
-            .store(first + count - 1, Ordering::Release);
-        for (i, req) in batch.drain(..).enumerate() {
-            let index = first + i as u64;
-            let outcome = if req.apply {
-                self.state.apply(&req.op)
-            } else {
-                self.first_unapplied.get_or_insert(index);
-                ApplyOutcome::default()
-            };
-            self.shared.applied_index.store(index, Ordering::Release);
-            let _ = req.reply.send(Ok(WriteResult { index, outcome }));
+        if self.cfg.replicated {
+            let records = batch
+                .iter()
+                .zip(stamps)
+                .enumerate()
+                .map(|(i, (req, ts))| Record {
+                    index: first + i as u64,
+                    epoch,
+                    ts,
+                    op: req.op.clone(),
+                });
+            self.remember(records);
+        } else {
+            // A single node ships nothing: only the epochs are kept.
+            let mut log = self.shared.log.lock();
+            for index in first..first + count {
+                log.push(index, epoch);
+            }
+        }
+        let last = first + count - 1;
+        self.shared.last_index.store(last, Ordering::Release);
+        if self.cfg.replicated {
+            // Durable here; applied and acknowledged once committed.
+            for (i, req) in batch.drain(..).enumerate() {
+                self.pending.push_back(PendingEntry {
+                    index: first + i as u64,
+                    op: req.op,
+                    apply: req.apply,
+                    reply: Some(req.reply),
+                });
+            }
+            self.shared.durable_changed.notify_waiters();
+        } else {
+            self.shared.commit_index.store(last, Ordering::Release);
+            for (i, req) in batch.drain(..).enumerate() {
+                let index = first + i as u64;
+                let outcome = self.apply_entry(index, &req.op, req.apply);
+                let _ = req.reply.send(Ok(WriteResult { index, outcome }));
+            }
         }
         self.bytes_since_snapshot += buf.len() as u64;
         self.publish_wal_stats();
@@ -490,7 +849,14 @@ impl Writer {
         self.shared.snapshot_running.store(true, Ordering::Release);
         let meta = snapshot::SnapshotMeta {
             last_index: upto,
-            last_epoch: self.wal.last_epoch(),
+            // The epoch of the snapshot's own last entry: a secondary
+            // matches logs against it after compaction.
+            last_epoch: self
+                .shared
+                .log
+                .lock()
+                .epoch_at(upto)
+                .unwrap_or_else(|| self.wal.last_epoch()),
         };
         if self.snap_tx.try_send(meta).is_ok() {
             self.bytes_since_snapshot = 0;

@@ -158,6 +158,20 @@ impl Kvd {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("kvd did not start")))
     }
 
+    /// Starts kvd on a given `port` (for clusters, whose nodes must know
+    /// each other's URLs before they start) and waits for `/health`.
+    pub fn start_on(port: u16, data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
+        let mut node = Kvd {
+            child: None,
+            port,
+            data_dir: data_dir.to_path_buf(),
+            log_path: PathBuf::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.spawn_and_wait()?;
+        Ok(node)
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let parent = self.data_dir.parent().unwrap_or(Path::new("."));
         self.log_path = parent.join(format!("kvd-{}.log", self.port));

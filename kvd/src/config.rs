@@ -34,6 +34,35 @@ pub struct Config {
     #[arg(long, default_value = "n0")]
     pub node_id: String,
 
+    /// Base URLs of the other nodes of a primary/secondary cluster,
+    /// comma-separated (e.g. http://127.0.0.1:8766,http://127.0.0.1:8767).
+    /// Empty: a single node.
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Role when the data dir is fresh: the `primary` bootstraps the cluster
+    /// in epoch 1. A restarted node trusts its persisted epoch and log, not
+    /// this flag, and starts as a secondary until promoted.
+    #[arg(long, value_enum, default_value = "primary")]
+    pub role: BootRole,
+
+    /// Secondaries that must hold a write durably before it is acknowledged
+    /// (with the primary: a majority of 3 by default). 0 = asynchronous
+    /// replication: a write is acknowledged once durable on the primary
+    /// alone and CAN BE LOST if the primary fails before shipping it.
+    #[arg(long, default_value_t = 1)]
+    pub sync_replicas: usize,
+
+    /// URL other nodes and clients use to reach this node (default
+    /// http://<bind>:<port>).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+
+    /// A write not committed within this many milliseconds gets 503
+    /// (it may still commit later; retrying a PUT is safe).
+    #[arg(long, default_value_t = 10_000)]
+    pub commit_timeout_ms: u64,
+
     /// Largest value accepted by PUT or in one bulk item, in bytes; larger
     /// ones get 413 and write nothing.
     #[arg(long, default_value_t = 4 << 20)]
@@ -80,4 +109,11 @@ pub struct Config {
     /// Never enable in production.
     #[arg(long)]
     pub enable_debug: bool,
+}
+
+/// `--role`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootRole {
+    Primary,
+    Secondary,
 }

@@ -13,8 +13,9 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, AppState, Limits};
-use crate::config::Config;
+use crate::config::{BootRole, Config};
 use crate::metrics::Metrics;
+use crate::replication::{self, node::Replicator};
 use crate::storage::{Engine, EngineConfig, RealFs};
 
 /// Holds the data dir's `LOCK` for the life of the process: the kernel
@@ -71,8 +72,8 @@ pub struct Meta {
 }
 
 impl Meta {
-    /// Reads `meta`, or creates it durably for a fresh data dir.
-    pub fn load_or_init(data_dir: &Path, node_id: &str) -> Result<Meta> {
+    /// Reads `meta`, or creates it durably for a fresh data dir; says which.
+    pub fn load_or_init(data_dir: &Path, node_id: &str, mode: &str) -> Result<(Meta, bool)> {
         let path = data_dir.join("meta");
         match std::fs::read(&path) {
             Ok(raw) => {
@@ -86,17 +87,17 @@ impl Meta {
                         meta.format_version
                     );
                 }
-                Ok(meta)
+                Ok((meta, false))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let meta = Meta {
                     format_version: 1,
                     node_id: node_id.to_string(),
                     epoch: 1,
-                    mode: "single".into(),
+                    mode: mode.into(),
                 };
                 meta.store(data_dir)?;
-                Ok(meta)
+                Ok((meta, true))
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -118,7 +119,20 @@ impl Meta {
 /// Runs the node until a shutdown signal.
 pub async fn run(cfg: Config) -> Result<()> {
     let _lock = DataDirLock::acquire(&cfg.data_dir)?;
-    let meta = Meta::load_or_init(&cfg.data_dir, &cfg.node_id)?;
+    let replicated = !cfg.peers.is_empty();
+    if cfg.sync_replicas > cfg.peers.len() && replicated {
+        bail!(
+            "--sync-replicas {} needs at least that many --peers (got {})",
+            cfg.sync_replicas,
+            cfg.peers.len()
+        );
+    }
+    let mode = if replicated {
+        "primary-secondary"
+    } else {
+        "single"
+    };
+    let (meta, fresh) = Meta::load_or_init(&cfg.data_dir, &cfg.node_id, mode)?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
 
     let mut ecfg = EngineConfig::new(&cfg.data_dir);
@@ -126,6 +140,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.snapshot_every_bytes = cfg.snapshot_every_mib << 20;
     ecfg.queue_capacity = cfg.write_queue;
     ecfg.epoch = meta.epoch;
+    ecfg.replicated = replicated;
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
@@ -144,6 +159,29 @@ pub async fn run(cfg: Config) -> Result<()> {
         report.truncated_bytes
     );
     let engine = Arc::new(engine);
+    let advertise_url = cfg
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}:{}", cfg.bind, cfg.port));
+    let replicator = replicated.then(|| {
+        // A fresh data dir takes its role from the flag; a restarted node
+        // trusts its persisted epoch and log and waits to be promoted.
+        let primary = fresh && cfg.role == BootRole::Primary;
+        let r = Replicator::new(
+            engine.clone(),
+            replication::node::Settings {
+                node_id: meta.node_id.clone(),
+                advertise_url: advertise_url.clone(),
+                peers: cfg.peers.clone(),
+                sync_replicas: cfg.sync_replicas,
+                data_dir: cfg.data_dir.clone(),
+            },
+            meta.clone(),
+            primary,
+        );
+        r.start();
+        r
+    });
 
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -171,6 +209,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         meta.node_id.clone(),
         cfg.data_dir.display().to_string(),
         meta.epoch,
+        replicator,
+        std::time::Duration::from_millis(cfg.commit_timeout_ms),
     ));
     eprintln!("kvd: node {} serving on http://{addr}", meta.node_id);
     axum::serve(listener, api::router(state))

@@ -3,7 +3,7 @@
 //! Every error body is `{"error": {"code": "<snake_case>", "message": "..."}}`.
 //! Client mistakes are 4xx; 5xx is kept for the node's own failures.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -17,6 +17,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Extra headers: `Retry-After`, or `Location` and `X-KV-Primary`.
+    pub headers: Vec<(HeaderName, String)>,
 }
 
 impl ApiError {
@@ -25,7 +27,32 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds `Retry-After: secs`.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.headers.push((header::RETRY_AFTER, secs.to_string()));
+        self
+    }
+
+    /// 307 to the same path and query on `primary` (a base URL).
+    pub fn redirect(primary: &str, uri: &Uri) -> Self {
+        let primary = primary.trim_end_matches('/');
+        let target = format!(
+            "{primary}{}",
+            uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        let mut e = Self::new(
+            StatusCode::TEMPORARY_REDIRECT,
+            "not_primary",
+            format!("this node is a secondary; send writes to {primary}"),
+        );
+        e.headers.push((header::LOCATION, target));
+        e.headers
+            .push((HeaderName::from_static("x-kv-primary"), primary.to_string()));
+        e
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -44,7 +71,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        resp
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use crate::metrics::Metrics;
+use crate::replication::node::{self, Replicator, Role};
 use crate::storage::{self, Engine, Op, MAX_KEY_BYTES};
 
 /// Request limits, from the command line.
@@ -47,7 +48,12 @@ pub struct AppState {
     pub enable_debug: bool,
     pub node_id: String,
     pub data_dir: String,
+    /// Epoch of a single node (a cluster node's comes from `replicator`).
     pub epoch: u64,
+    /// Present when this node is part of a primary/secondary cluster.
+    pub replicator: Option<Arc<Replicator>>,
+    /// Longest a write waits for its commit before answering 503.
+    pub commit_timeout: std::time::Duration,
     pub started: Instant,
     inflight: Semaphore,
     /// Metric handles per operation, resolved once: looking labels up on
@@ -70,6 +76,8 @@ impl AppState {
         node_id: String,
         data_dir: String,
         epoch: u64,
+        replicator: Option<Arc<Replicator>>,
+        commit_timeout: std::time::Duration,
     ) -> Self {
         let op_metrics = OPS
             .iter()
@@ -90,6 +98,8 @@ impl AppState {
             node_id,
             data_dir,
             epoch,
+            replicator,
+            commit_timeout,
             started: Instant::now(),
         }
     }
@@ -107,6 +117,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/kv", any(empty_key))
         .route("/v1/kv/", any(empty_key))
         .route("/v1/bulk", axum::routing::post(bulk))
+        .route("/internal/append", axum::routing::post(internal_append))
         .route("/v1/status", get(status))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -253,6 +264,57 @@ async fn read_body(
     })
 }
 
+impl AppState {
+    fn epoch(&self) -> u64 {
+        self.replicator.as_ref().map_or(self.epoch, |r| r.epoch())
+    }
+
+    fn role(&self) -> Role {
+        self.replicator.as_ref().map_or(Role::Primary, |r| r.role())
+    }
+
+    /// Only the primary takes writes: anyone else points the client at it
+    /// (307 with `Location` and `X-KV-Primary`), or says it knows none (503).
+    fn check_primary(&self, uri: &Uri) -> Result<(), ApiError> {
+        let Some(r) = &self.replicator else {
+            return Ok(());
+        };
+        if r.is_primary() {
+            return Ok(());
+        }
+        Err(match r.primary_url() {
+            Some(primary) => ApiError::redirect(&primary, uri),
+            None => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_primary",
+                "this node is a secondary and knows no primary yet; retry shortly",
+            )
+            .retry_after(1),
+        })
+    }
+
+    /// Logs a write and waits for its commit, within `commit_timeout`.
+    async fn write(&self, op: Op, apply: bool) -> Result<storage::WriteResult, ApiError> {
+        if self.replicator.is_none() {
+            // A single node commits at its own fsync: nothing to time out on.
+            return Ok(self.engine.write(op, apply).await?);
+        }
+        match tokio::time::timeout(self.commit_timeout, self.engine.write(op, apply)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "commit_timeout",
+                format!(
+                    "the write was not committed within {:?} (no majority reachable?); \
+                     it may still commit, and retrying it is safe",
+                    self.commit_timeout
+                ),
+            )
+            .retry_after(1)),
+        }
+    }
+}
+
 async fn get_key(
     State(st): State<Shared>,
     path: Result<Path<String>, PathRejection>,
@@ -270,12 +332,14 @@ async fn get_key(
 
 async fn put_key(
     State(st): State<Shared>,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<WriteParams>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     let apply = apply_decision(&st, params)?;
+    st.check_primary(&uri)?;
     let value = read_body(
         body,
         st.limits.max_value_bytes,
@@ -287,7 +351,7 @@ async fn put_key(
         key: Bytes::from(key.into_bytes()),
         value,
     };
-    let r = st.engine.write(op, apply).await?;
+    let r = st.write(op, apply).await?;
     // The hottest response: formatted directly rather than via a JSON map.
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
@@ -298,13 +362,15 @@ async fn put_key(
 
 async fn delete_key(
     State(st): State<Shared>,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    st.check_primary(&uri)?;
     let op = Op::Delete {
         key: Bytes::from(key.into_bytes()),
     };
-    let r = st.engine.write(op, true).await?;
+    let r = st.write(op, true).await?;
     Ok(Json(json!({"deleted": r.outcome.deleted, "index": r.index})).into_response())
 }
 
@@ -382,10 +448,12 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
 
 async fn bulk(
     State(st): State<Shared>,
+    uri: Uri,
     params: Result<Query<WriteParams>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let apply = apply_decision(&st, params)?;
+    st.check_primary(&uri)?;
     let raw = read_body(
         body,
         st.limits.max_bulk_bytes,
@@ -404,7 +472,7 @@ async fn bulk(
         Op::Bulk { items } => items.len(),
         _ => 0,
     };
-    let r = st.engine.write(op, apply).await?;
+    let r = st.write(op, apply).await?;
     Ok(Json(json!({"index": r.index, "count": count})).into_response())
 }
 
@@ -414,11 +482,12 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
     m.keys.set(s.keys as i64);
     Json(json!({
         "node_id": st.node_id,
-        "mode": "single",
-        "role": "primary",
-        "epoch": st.epoch,
+        "mode": if st.replicator.is_some() { "primary-secondary" } else { "single" },
+        "role": st.role(),
+        "epoch": st.epoch(),
+        "primary": st.replicator.as_ref().map_or_else(|| None, |r| r.primary_url()),
         "last_index": s.last_index,
-        "commit_index": s.applied_index,
+        "commit_index": st.engine.commit_index(),
         "applied_index": s.applied_index,
         "snapshot_index": s.snapshot_index,
         "keys": s.keys,
@@ -429,8 +498,29 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "data_dir": st.data_dir,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
-        "peers": [],
+        "peers": st.replicator.as_ref().map_or_else(|| json!([]), |r| r.peer_status()),
     }))
+}
+
+/// Replication traffic from the primary (see `replication::node`).
+async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+    let Some(r) = st.replicator.clone() else {
+        return Err(ApiError::bad_request(
+            "not_replicated",
+            "this node runs alone (no --peers); it takes no replication traffic",
+        ));
+    };
+    let raw = read_body(
+        body,
+        st.limits.max_bulk_bytes.saturating_mul(2),
+        st.limits.body_timeout,
+        "append body",
+    )
+    .await?;
+    let append =
+        node::decode_append(&raw).map_err(|m| ApiError::bad_request("invalid_append", m))?;
+    let reply = r.handle_append(append).await?;
+    Ok(Json(reply).into_response())
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -454,10 +544,10 @@ async fn metrics(State(st): State<Shared>) -> Response {
     let s = st.engine.status();
     let m = &st.metrics;
     m.keys.set(s.keys as i64);
-    m.epoch.set(st.epoch as i64);
-    m.is_primary.set(1);
+    m.epoch.set(st.epoch() as i64);
+    m.is_primary.set(i64::from(st.role() == Role::Primary));
     m.last_index.set(s.last_index as i64);
-    m.commit_index.set(s.applied_index as i64);
+    m.commit_index.set(st.engine.commit_index() as i64);
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));

@@ -39,4 +39,5 @@
 //!   function over state, without I/O. The runtime around it moves bytes,
 //!   persists what a decision says to persist, and nothing else.
 
+pub mod node;
 pub mod rules;

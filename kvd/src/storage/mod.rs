@@ -456,6 +456,16 @@ impl Engine {
         self.shared.log.lock().epoch_at(index)
     }
 
+    /// Where a primary resumes shipping to a peer that rejected an append
+    /// at `rejected_prev_index` with `hint`.
+    pub fn catch_up_after_reject(
+        &self,
+        rejected_prev_index: u64,
+        hint: &rules::ConflictHint,
+    ) -> rules::CatchUp {
+        rules::next_index_after_reject(&*self.shared.log.lock(), rejected_prev_index, hint)
+    }
+
     /// `(epoch, index)` of the last durable entry.
     pub fn last_log_pos(&self) -> LogPos {
         self.shared.log.lock().last()
@@ -465,9 +475,11 @@ impl Engine {
         self.shared.commit_index.load(Ordering::Acquire)
     }
 
-    /// Resolves the next time the durable last index moves.
-    pub async fn durable_changed(&self) {
-        self.shared.durable_changed.notified().await
+    /// Notified (`notify_waiters`) whenever the durable last index moves.
+    /// Create and `enable` a `notified()` future before checking the log,
+    /// so that no move between the check and the wait is missed.
+    pub fn durable_notify(&self) -> &tokio::sync::Notify {
+        &self.shared.durable_changed
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {

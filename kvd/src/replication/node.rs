@@ -1,0 +1,455 @@
+//! The replication runtime: moves bytes and persists what the rules decide.
+//!
+//! On the primary, one task per peer ships log entries (`POST
+//! /internal/append`, batched, one request in flight per peer) and a commit
+//! task advances the commit index with [`rules::commit_index`] whenever the
+//! local log or a peer's match index moves. On a secondary, the append
+//! handler persists a newer epoch before anything else, then hands the
+//! entries to [`Engine::replicate`].
+//!
+//! Not yet here (issue 3's next steps): elections (`/promote_to_primary`),
+//! snapshot install for peers behind the primary's WAL, linearizable reads.
+//!
+//! # `/internal/append` body (version 1), integers little-endian
+//!
+//! ```text
+//! b"KVAP" | version u32 = 1 | epoch u64 | prev_index u64 | prev_epoch u64
+//! | leader_commit u64 | leader_url_len u16 | leader_url (UTF-8)
+//! | WAL frames (see storage::record), contiguous from prev_index + 1
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::rules::{self, AppendOutcome, CatchUp, ConflictHint, LogPos};
+use crate::server::Meta;
+use crate::storage::record::{self, Frame, Record};
+use crate::storage::{Engine, ReplicateRequest};
+
+const MAGIC: &[u8; 4] = b"KVAP";
+const VERSION: u32 = 1;
+/// Payload bytes per append request: big enough to batch, small enough to
+/// keep one round trip short.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// An idle primary still sends this often, carrying its commit index.
+const HEARTBEAT: Duration = Duration::from_millis(50);
+/// One append round trip may take this long before the peer counts as down.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node's role in its current epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// Static settings of the replication runtime.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: String,
+    /// How peers and clients reach this node.
+    pub advertise_url: String,
+    pub peers: Vec<String>,
+    /// Secondaries that must hold an entry durably before it commits.
+    pub sync_replicas: usize,
+    pub data_dir: PathBuf,
+}
+
+struct Peer {
+    url: String,
+    match_index: AtomicU64,
+    next_index: AtomicU64,
+    reachable: AtomicBool,
+    last_ack: Mutex<Option<Instant>>,
+}
+
+/// The replication state of this node.
+pub struct Replicator {
+    engine: Arc<Engine>,
+    settings: Settings,
+    is_primary: AtomicBool,
+    primary_url: Mutex<Option<String>>,
+    meta: Mutex<Meta>,
+    peers: Vec<Peer>,
+    /// Woken when a peer's match index moves.
+    acked: Notify,
+    http: reqwest::Client,
+}
+
+/// The secondary's answer to an append.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AppendReply {
+    Accept { match_index: u64 },
+    Stale { my_epoch: u64 },
+    Mismatch { hint: ConflictHint },
+}
+
+/// A decoded `/internal/append` body.
+pub struct AppendBody {
+    pub epoch: u64,
+    pub prev: LogPos,
+    pub leader_commit: u64,
+    pub leader_url: String,
+    pub records: Vec<Record>,
+}
+
+/// Encodes an append request body (format in the module docs).
+pub fn encode_append(
+    epoch: u64,
+    prev: LogPos,
+    leader_commit: u64,
+    leader_url: &str,
+    records: &[Record],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        64 + records
+            .iter()
+            .map(|r| r.op.encoded_len() + 8)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    for n in [epoch, prev.index, prev.epoch, leader_commit] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    let url = leader_url.as_bytes();
+    let url_len = u16::try_from(url.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&url_len.to_le_bytes());
+    out.extend_from_slice(&url[..url_len as usize]);
+    for r in records {
+        r.encode_into(&mut out);
+    }
+    out
+}
+
+/// Decodes an append request body; every error is a 400 for the sender.
+pub fn decode_append(body: &[u8]) -> Result<AppendBody, String> {
+    const FIXED: usize = 4 + 4 + 8 * 4 + 2;
+    if body.len() < FIXED || &body[..4] != MAGIC {
+        return Err("not a kvstore append body".into());
+    }
+    let u64_at = |at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&body[at..at + 8]);
+        u64::from_le_bytes(a)
+    };
+    let version = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+    if version != VERSION {
+        return Err(format!("unsupported append version {version}"));
+    }
+    let (epoch, prev_index, prev_epoch, leader_commit) =
+        (u64_at(8), u64_at(16), u64_at(24), u64_at(32));
+    let url_len = u16::from_le_bytes([body[40], body[41]]) as usize;
+    let url_end = FIXED + url_len;
+    if body.len() < url_end {
+        return Err("append body ends inside the leader URL".into());
+    }
+    let leader_url = std::str::from_utf8(&body[FIXED..url_end])
+        .map_err(|_| "leader URL is not UTF-8".to_string())?
+        .to_string();
+    let mut records = Vec::new();
+    let mut off = url_end;
+    while off < body.len() {
+        match record::read_frame(body, off) {
+            Frame::Valid { payload, next } => {
+                let rec = Record::decode_payload(payload)
+                    .map_err(|e| format!("entry at byte {off}: {e}"))?;
+                records.push(rec);
+                off = next;
+            }
+            Frame::Incomplete => return Err(format!("entry at byte {off} is cut short")),
+            Frame::Bad { reason } => return Err(format!("entry at byte {off}: {reason}")),
+        }
+    }
+    Ok(AppendBody {
+        epoch,
+        prev: LogPos {
+            epoch: prev_epoch,
+            index: prev_index,
+        },
+        leader_commit,
+        leader_url,
+        records,
+    })
+}
+
+impl Replicator {
+    pub fn new(engine: Arc<Engine>, settings: Settings, meta: Meta, primary: bool) -> Arc<Self> {
+        let next = engine.last_log_pos().index + 1;
+        let peers = settings
+            .peers
+            .iter()
+            .map(|url| Peer {
+                url: url.trim_end_matches('/').to_string(),
+                match_index: AtomicU64::new(0),
+                next_index: AtomicU64::new(next),
+                reachable: AtomicBool::new(false),
+                last_ack: Mutex::new(None),
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(APPEND_TIMEOUT)
+            .connect_timeout(Duration::from_millis(500))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        engine.set_epoch(meta.epoch);
+        Arc::new(Replicator {
+            primary_url: Mutex::new(primary.then(|| settings.advertise_url.clone())),
+            is_primary: AtomicBool::new(primary),
+            engine,
+            settings,
+            meta: Mutex::new(meta),
+            peers,
+            acked: Notify::new(),
+            http,
+        })
+    }
+
+    /// Starts the background tasks (they idle while this node is secondary).
+    pub fn start(self: &Arc<Self>) {
+        for i in 0..self.peers.len() {
+            let me = self.clone();
+            tokio::spawn(async move { me.ship_to(i).await });
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.advance_commit().await });
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.is_primary.load(Ordering::Acquire)
+    }
+
+    pub fn role(&self) -> Role {
+        if self.is_primary() {
+            Role::Primary
+        } else {
+            Role::Secondary
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.meta.lock().epoch
+    }
+
+    /// The primary's base URL, when known.
+    pub fn primary_url(&self) -> Option<String> {
+        self.primary_url.lock().clone()
+    }
+
+    /// Per-peer replication state for `/v1/status`.
+    pub fn peer_status(&self) -> serde_json::Value {
+        let last = self.engine.last_log_pos().index;
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let m = p.match_index.load(Ordering::Acquire);
+                serde_json::json!({
+                    "url": p.url,
+                    "match_index": m,
+                    "lag_entries": last.saturating_sub(m),
+                    "reachable": p.reachable.load(Ordering::Acquire),
+                    "last_ack_ms_ago": p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(peers)
+    }
+
+    /// Persists a newer epoch (fsync) before anything acts on it, and steps
+    /// down if this node was primary.
+    fn adopt_epoch(&self, epoch: u64) -> std::io::Result<()> {
+        let mut meta = self.meta.lock();
+        if epoch <= meta.epoch {
+            return Ok(());
+        }
+        let mut next = meta.clone();
+        next.epoch = epoch;
+        next.store(&self.settings.data_dir)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        *meta = next;
+        self.engine.set_epoch(epoch);
+        if self.is_primary.swap(false, Ordering::AcqRel) {
+            eprintln!("kvd: saw epoch {epoch}; stepping down to secondary");
+        }
+        *self.primary_url.lock() = None;
+        Ok(())
+    }
+
+    /// Secondary side of `/internal/append`.
+    pub async fn handle_append(
+        &self,
+        body: AppendBody,
+    ) -> Result<AppendReply, crate::api::ApiError> {
+        use crate::api::ApiError;
+        use axum::http::StatusCode;
+        let my_epoch = self.epoch();
+        if body.epoch > my_epoch {
+            self.adopt_epoch(body.epoch).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "meta_write_failed",
+                    format!("could not persist epoch {}: {e}", body.epoch),
+                )
+            })?;
+        } else if body.epoch == my_epoch && self.is_primary() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "two_primaries",
+                format!("this node is primary of epoch {my_epoch} too; refusing"),
+            ));
+        }
+        if body.epoch >= self.epoch() {
+            *self.primary_url.lock() = Some(body.leader_url.clone());
+        }
+        let outcome = self
+            .engine
+            .replicate(ReplicateRequest {
+                epoch: body.epoch,
+                prev: body.prev,
+                records: body.records,
+                leader_commit: body.leader_commit,
+            })
+            .await?;
+        Ok(match outcome {
+            AppendOutcome::Accept { match_index, .. } => AppendReply::Accept { match_index },
+            AppendOutcome::Stale { my_epoch } => AppendReply::Stale { my_epoch },
+            AppendOutcome::Mismatch(hint) => AppendReply::Mismatch { hint },
+        })
+    }
+
+    /// Primary: keeps peer `i` up to date.
+    async fn ship_to(self: Arc<Self>, i: usize) {
+        let peer = &self.peers[i];
+        loop {
+            if !self.is_primary() {
+                tokio::time::sleep(HEARTBEAT).await;
+                continue;
+            }
+            // Register for "new entries" before looking, so none is missed.
+            let durable = self.engine.durable_notify().notified();
+            tokio::pin!(durable);
+            durable.as_mut().enable();
+            let next = peer.next_index.load(Ordering::Acquire).max(1);
+            let prev_index = next - 1;
+            let Some(prev_epoch) = self.engine.epoch_at(prev_index) else {
+                eprintln!(
+                    "kvd: peer {} needs entries before {next}, which this node's log no \
+                     longer holds (snapshot install is not implemented yet)",
+                    peer.url
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("kvd: reading entries for {}: {e}", peer.url);
+                    tokio::time::sleep(HEARTBEAT).await;
+                    continue;
+                }
+            };
+            let sent = records.len() as u64;
+            let epoch = self.epoch();
+            let body = encode_append(
+                epoch,
+                LogPos {
+                    epoch: prev_epoch,
+                    index: prev_index,
+                },
+                self.engine.commit_index(),
+                &self.settings.advertise_url,
+                &records,
+            );
+            let reply = self
+                .http
+                .post(format!("{}/internal/append", peer.url))
+                .body(body)
+                .send()
+                .await;
+            let reply = match reply {
+                Ok(r) if r.status().is_success() => r.json::<AppendReply>().await.ok(),
+                _ => None,
+            };
+            peer.reachable.store(reply.is_some(), Ordering::Release);
+            match reply {
+                None => tokio::time::sleep(HEARTBEAT).await,
+                Some(AppendReply::Accept { match_index }) => {
+                    *peer.last_ack.lock() = Some(Instant::now());
+                    peer.match_index.fetch_max(match_index, Ordering::AcqRel);
+                    peer.next_index.store(match_index + 1, Ordering::Release);
+                    self.acked.notify_one();
+                    if sent == 0 {
+                        // Caught up: wait for new entries, or heartbeat.
+                        tokio::select! {
+                            _ = durable => {}
+                            _ = tokio::time::sleep(HEARTBEAT) => {}
+                        }
+                    }
+                }
+                Some(AppendReply::Stale { my_epoch }) => {
+                    if let Err(e) = self.adopt_epoch(my_epoch) {
+                        eprintln!("kvd: could not persist epoch {my_epoch}: {e}");
+                    }
+                }
+                Some(AppendReply::Mismatch { hint }) => {
+                    match self.engine.catch_up_after_reject(prev_index, &hint) {
+                        CatchUp::Append { next_index } => {
+                            peer.next_index.store(next_index, Ordering::Release)
+                        }
+                        CatchUp::InstallSnapshot => {
+                            eprintln!(
+                                "kvd: peer {} needs a snapshot install (not implemented yet)",
+                                peer.url
+                            );
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Primary: commits what a majority holds durably.
+    async fn advance_commit(self: Arc<Self>) {
+        loop {
+            let durable = self.engine.durable_notify().notified();
+            tokio::pin!(durable);
+            durable.as_mut().enable();
+            let acked = self.acked.notified();
+            if self.is_primary() {
+                let matches: Vec<u64> = self
+                    .peers
+                    .iter()
+                    .map(|p| p.match_index.load(Ordering::Acquire))
+                    .collect();
+                let engine = &self.engine;
+                let commit = rules::commit_index(
+                    self.epoch(),
+                    engine.last_log_pos().index,
+                    &matches,
+                    |i| engine.epoch_at(i),
+                    engine.commit_index(),
+                    self.settings.sync_replicas,
+                );
+                if commit > engine.commit_index() && engine.commit_to(commit).await.is_err() {
+                    return; // shutting down
+                }
+            }
+            tokio::select! {
+                _ = durable => {}
+                _ = acked => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+        }
+    }
+}

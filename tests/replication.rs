@@ -1,0 +1,193 @@
+//! Primary/secondary replication (issue 3, first steps): log shipping with
+//! majority commit, reads on every node, redirects from secondaries.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kvstore::{free_port, wait_until, Kvd};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Three nodes on loopback: n0 bootstraps as primary.
+fn cluster(tmp: &TempDir) -> Vec<Kvd> {
+    let mut ports = BTreeSet::new();
+    while ports.len() < 3 {
+        ports.insert(free_port());
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    (0..3)
+        .map(|i| {
+            let peers: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| url(*p))
+                .collect();
+            let node_id = format!("n{i}");
+            let peers = peers.join(",");
+            let role = if i == 0 { "primary" } else { "secondary" };
+            let dir = tmp.path().join(&node_id);
+            Kvd::start_on(
+                ports[i],
+                &dir,
+                &["--node-id", &node_id, "--peers", &peers, "--role", role],
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+async fn status(http: &reqwest::Client, node: &Kvd) -> Value {
+    http.get(format!("{}/v1/status", node.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_reach_every_node_and_digests_match() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = cluster(&tmp);
+    let http = common::http();
+    let client = kvclient::Client::new([nodes[0].url()]).unwrap();
+
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    c.set(&format!("w{w}/k{i}"), format!("v{w}-{i}"))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    client
+        .bulk_set(&[
+            ("bulk/a".to_string(), "1".into()),
+            ("bulk/b".to_string(), "2".into()),
+        ])
+        .await
+        .unwrap();
+
+    // Every acknowledged write is readable on both secondaries.
+    for node in &nodes[1..] {
+        let c = kvclient::Client::new([node.url()]).unwrap();
+        for w in 0..16 {
+            for i in 0..25 {
+                let key = format!("w{w}/k{i}");
+                let want = format!("v{w}-{i}");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let got = c.get(&key).await.unwrap();
+                    if got.as_deref() == Some(want.as_bytes()) {
+                        break;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{key} on {}: {got:?}",
+                        node.url()
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    // Once writes stop, all three digests are equal.
+    let mut digests = Vec::new();
+    for node in &nodes {
+        let s = status(&http, node).await;
+        digests.push(s["digest"].as_str().unwrap().to_string());
+        assert_eq!(s["keys"], 16 * 25 + 2, "{s}");
+    }
+    assert!(digests.windows(2).all(|d| d[0] == d[1]), "{digests:?}");
+
+    let p = status(&http, &nodes[0]).await;
+    assert_eq!(p["role"], "primary");
+    assert_eq!(p["mode"], "primary-secondary");
+    assert_eq!(p["peers"].as_array().unwrap().len(), 2);
+    let s = status(&http, &nodes[1]).await;
+    assert_eq!(s["role"], "secondary");
+    assert_eq!(s["primary"], nodes[0].url());
+}
+
+#[tokio::test]
+async fn a_secondary_redirects_writes_and_the_client_follows() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = cluster(&tmp);
+
+    // The secondary learns the primary from its first append (heartbeat).
+    assert!(wait_until(Duration::from_secs(10), || {
+        kvstore::http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|s| s["primary"] == nodes[0].url().as_str())
+    }));
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = no_follow
+        .put(format!("{}/v1/kv/redirected?x=1", nodes[1].url()))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(resp.headers()["x-kv-primary"], nodes[0].url().as_str());
+    assert_eq!(
+        resp.headers()["location"],
+        format!("{}/v1/kv/redirected?x=1", nodes[0].url()).as_str()
+    );
+
+    let via_secondary = kvclient::Client::new([nodes[1].url()]).unwrap();
+    via_secondary
+        .set("followed", "yes".to_string())
+        .await
+        .unwrap();
+    let on_primary = kvclient::Client::new([nodes[0].url()]).unwrap();
+    assert_eq!(
+        on_primary.get("followed").await.unwrap().as_deref(),
+        Some(&b"yes"[..])
+    );
+}
+
+#[tokio::test]
+async fn malformed_or_misdirected_replication_traffic_is_refused() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = cluster(&tmp);
+    let http = common::http();
+    let before = status(&http, &nodes[1]).await;
+
+    let resp = http
+        .post(format!("{}/internal/append", nodes[1].url()))
+        .body("not an append")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_append");
+    let after = status(&http, &nodes[1]).await;
+    assert_eq!(before["epoch"], after["epoch"]);
+
+    // A single node takes no replication traffic.
+    let single = Kvd::start(&tmp.path().join("single"), &[]).unwrap();
+    let resp = http
+        .post(format!("{}/internal/append", single.url()))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}

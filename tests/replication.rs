@@ -191,3 +191,103 @@ async fn malformed_or_misdirected_replication_traffic_is_refused() {
         .unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+async fn promote(http: &reqwest::Client, node: &Kvd) -> (u16, Value) {
+    let resp = http
+        .post(format!("{}/promote_to_primary", node.url()))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_secondary_takes_over_and_the_old_primary_rejoins() {
+    let tmp = TempDir::new().unwrap();
+    let mut nodes = cluster(&tmp);
+    let http = common::http();
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let client = kvclient::Client::builder()
+        .endpoints(urls.clone())
+        .build()
+        .unwrap();
+    for i in 0..100 {
+        client
+            .set(&format!("before/{i}"), format!("b{i}"))
+            .await
+            .unwrap();
+    }
+
+    nodes[0].kill9().unwrap();
+    let (code, body) = promote(&http, &nodes[1]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["epoch"], 2);
+
+    for i in 0..100 {
+        client
+            .set(&format!("after/{i}"), format!("a{i}"))
+            .await
+            .unwrap();
+    }
+    let n1 = kvclient::Client::new([nodes[1].url()]).unwrap();
+    for (prefix, v) in [("before", "b"), ("after", "a")] {
+        for i in 0..100 {
+            let got = n1.get(&format!("{prefix}/{i}")).await.unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(format!("{v}{i}").as_bytes()),
+                "{prefix}/{i}"
+            );
+        }
+    }
+
+    // The old primary comes back as a secondary of epoch 2 and converges.
+    nodes[0].restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s: Vec<Value> = futures_status(&http, &nodes).await;
+        let converged = s
+            .iter()
+            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
+            && s[0]["role"] == "secondary"
+            && s[1]["role"] == "primary";
+        if converged {
+            assert_eq!(s[0]["keys"], 200);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn futures_status(http: &reqwest::Client, nodes: &[Kvd]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(status(http, n).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn promotion_without_a_majority_or_peers_is_refused_and_changes_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let mut nodes = cluster(&tmp);
+    let http = common::http();
+    nodes[0].kill9().unwrap();
+    nodes[2].kill9().unwrap();
+    let (code, body) = promote(&http, &nodes[1]).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "no_majority");
+    let s = status(&http, &nodes[1]).await;
+    assert_eq!(s["epoch"], 1, "a refused promotion must not bump the epoch");
+    assert_eq!(s["role"], "secondary");
+
+    let single = Kvd::start(&tmp.path().join("single"), &[]).unwrap();
+    let (code, body) = promote(&http, &single).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "no_peers");
+}

@@ -69,6 +69,9 @@ pub struct Meta {
     pub node_id: String,
     pub epoch: u64,
     pub mode: String,
+    /// Whom this node voted for in `epoch` (each epoch is granted once).
+    #[serde(default)]
+    pub voted_for: Option<String>,
 }
 
 impl Meta {
@@ -95,6 +98,7 @@ impl Meta {
                     node_id: node_id.to_string(),
                     epoch: 1,
                     mode: mode.into(),
+                    voted_for: None,
                 };
                 meta.store(data_dir)?;
                 Ok((meta, true))

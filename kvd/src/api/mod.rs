@@ -118,6 +118,9 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/kv/", any(empty_key))
         .route("/v1/bulk", axum::routing::post(bulk))
         .route("/internal/append", axum::routing::post(internal_append))
+        .route("/internal/vote", axum::routing::post(internal_vote))
+        .route("/promote_to_primary", axum::routing::post(promote))
+        .route("/v1/admin/promote", axum::routing::post(promote))
         .route("/v1/status", get(status))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -521,6 +524,60 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
         node::decode_append(&raw).map_err(|m| ApiError::bad_request("invalid_append", m))?;
     let reply = r.handle_append(append).await?;
     Ok(Json(reply).into_response())
+}
+
+/// A candidate's vote request (see `replication::node`).
+async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+    let Some(r) = st.replicator.clone() else {
+        return Err(ApiError::bad_request(
+            "not_replicated",
+            "this node runs alone (no --peers); it takes no votes",
+        ));
+    };
+    let raw = read_body(body, 64 << 10, st.limits.body_timeout, "vote request").await?;
+    let req: crate::replication::rules::VoteRequest = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request("invalid_vote", format!("bad vote request: {e}")))?;
+    let answer = tokio::task::spawn_blocking(move || r.handle_vote(&req))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "vote_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "meta_write_failed",
+                format!("could not persist the vote: {e}"),
+            )
+        })?;
+    Ok(Json(answer).into_response())
+}
+
+/// `POST /promote_to_primary`: run an election for this node.
+async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
+    let Some(r) = st.replicator.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_peers",
+            "this node runs alone (no --peers): there is nobody to hold an election with",
+        ));
+    };
+    match r.promote().await {
+        Ok(epoch) => Ok(Json(json!({"epoch": epoch, "role": "primary"})).into_response()),
+        Err(node::PromoteError::Refused(why)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            why.code(),
+            why.to_string(),
+        )),
+        Err(node::PromoteError::Io(e)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "meta_write_failed",
+            format!("could not persist the new epoch: {e}"),
+        )),
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -7,8 +7,13 @@
 //! handler persists a newer epoch before anything else, then hands the
 //! entries to [`Engine::replicate`].
 //!
-//! Not yet here (issue 3's next steps): elections (`/promote_to_primary`),
-//! snapshot install for peers behind the primary's WAL, linearizable reads.
+//! Promotion (`POST /promote_to_primary`) follows `replication::mod`'s steps:
+//! a pre-vote round (no state changes anywhere) whose answers also feed the
+//! precheck, then the node's own vote persisted, then the real vote, then a
+//! no-op entry in the new epoch. Votes travel as JSON on `/internal/vote`.
+//!
+//! Not yet here (issue 3's next steps): snapshot install for peers behind
+//! the primary's WAL, linearizable reads.
 //!
 //! # `/internal/append` body (version 1), integers little-endian
 //!
@@ -27,10 +32,13 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::rules::{self, AppendOutcome, CatchUp, ConflictHint, LogPos};
+use super::rules::{
+    self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, LogPos, PeerStatus, Refusal,
+    VoteReply, VoteRequest, VoterState,
+};
 use crate::server::Meta;
 use crate::storage::record::{self, Frame, Record};
-use crate::storage::{Engine, ReplicateRequest};
+use crate::storage::{Engine, Op, ReplicateRequest};
 
 const MAGIC: &[u8; 4] = b"KVAP";
 const VERSION: u32 = 1;
@@ -80,6 +88,8 @@ pub struct Replicator {
     peers: Vec<Peer>,
     /// Woken when a peer's match index moves.
     acked: Notify,
+    /// One promotion at a time on this node.
+    promoting: tokio::sync::Mutex<()>,
     http: reqwest::Client,
 }
 
@@ -90,6 +100,24 @@ pub enum AppendReply {
     Accept { match_index: u64 },
     Stale { my_epoch: u64 },
     Mismatch { hint: ConflictHint },
+}
+
+/// A voter's answer on `/internal/vote`: its state, whatever it decided.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VoteAnswer {
+    pub granted: bool,
+    pub epoch: u64,
+    pub last: LogPos,
+    pub reason: String,
+}
+
+/// Why a promotion did not happen.
+#[derive(Debug)]
+pub enum PromoteError {
+    /// The election rules refused it (409).
+    Refused(Refusal),
+    /// Persisting the new epoch failed (500).
+    Io(std::io::Error),
 }
 
 /// A decoded `/internal/append` body.
@@ -210,6 +238,7 @@ impl Replicator {
             meta: Mutex::new(meta),
             peers,
             acked: Notify::new(),
+            promoting: tokio::sync::Mutex::new(()),
             http,
         })
     }
@@ -274,6 +303,7 @@ impl Replicator {
         }
         let mut next = meta.clone();
         next.epoch = epoch;
+        next.voted_for = None;
         next.store(&self.settings.data_dir)
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         *meta = next;
@@ -283,6 +313,163 @@ impl Replicator {
         }
         *self.primary_url.lock() = None;
         Ok(())
+    }
+
+    /// Voter side of `/internal/vote`: decides with [`rules::decide_vote`]
+    /// and persists a new epoch (and vote) before answering.
+    pub fn handle_vote(&self, req: &VoteRequest) -> std::io::Result<VoteAnswer> {
+        let last = self.engine.last_log_pos();
+        let mut meta = self.meta.lock();
+        let mut state = VoterState {
+            current_epoch: meta.epoch,
+            voted_for: meta.voted_for.clone(),
+            last,
+        };
+        let decision = rules::decide_vote(&state, req);
+        if decision.new_epoch_to_persist.is_some() {
+            state.apply_vote(req, &decision);
+            let mut next = meta.clone();
+            next.epoch = state.current_epoch;
+            next.voted_for = state.voted_for.clone();
+            next.store(&self.settings.data_dir)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            *meta = next;
+            self.engine.set_epoch(state.current_epoch);
+            if self.is_primary.swap(false, Ordering::AcqRel) {
+                eprintln!(
+                    "kvd: vote for epoch {} seen; stepping down to secondary",
+                    state.current_epoch
+                );
+            }
+            *self.primary_url.lock() = None;
+        }
+        Ok(VoteAnswer {
+            granted: decision.granted,
+            epoch: meta.epoch,
+            last,
+            reason: decision.reason.as_str().to_string(),
+        })
+    }
+
+    /// Asks every peer for its vote in `epoch`; `None` for no answer.
+    async fn ask_votes(&self, epoch: u64, pre_vote: bool) -> Vec<Option<VoteAnswer>> {
+        let req = VoteRequest {
+            epoch,
+            candidate: self.settings.node_id.clone(),
+            last: self.engine.last_log_pos(),
+            pre_vote,
+        };
+        // Ask everyone at once: an unreachable peer costs one timeout, not
+        // one per peer.
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let (http, url, req) = (self.http.clone(), p.url.clone(), req.clone());
+            asks.spawn(async move {
+                let resp = http
+                    .post(format!("{url}/internal/vote"))
+                    .timeout(Duration::from_secs(1))
+                    .json(&req)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())?;
+                resp.json::<VoteAnswer>().await.ok().map(|a| (i, a))
+            });
+        }
+        let mut answers: Vec<Option<VoteAnswer>> = self.peers.iter().map(|_| None).collect();
+        while let Some(done) = asks.join_next().await {
+            if let Ok(Some((i, a))) = done {
+                answers[i] = Some(a);
+            }
+        }
+        answers
+    }
+
+    fn tally(&self, answers: &[Option<VoteAnswer>]) -> ElectionOutcome {
+        let replies: Vec<(&str, VoteReply)> = self
+            .peers
+            .iter()
+            .zip(answers)
+            .map(|(p, a)| {
+                let reply = match a {
+                    Some(a) if a.granted => VoteReply::Granted,
+                    Some(a) => VoteReply::Refused {
+                        epoch: a.epoch,
+                        last: a.last,
+                    },
+                    None => VoteReply::Unreachable,
+                };
+                (p.url.as_str(), reply)
+            })
+            .collect();
+        rules::tally(self.engine.last_log_pos(), &replies, self.peers.len() + 1)
+    }
+
+    /// Runs an election for this node (DESIGN §4); returns the new epoch.
+    pub async fn promote(self: &Arc<Self>) -> Result<u64, PromoteError> {
+        let _one_at_a_time = self.promoting.lock().await;
+        if self.is_primary() {
+            return Ok(self.epoch());
+        }
+        let my_last = self.engine.last_log_pos();
+        // 1. Probe with a pre-vote: its answers carry every peer's epoch and
+        //    log, for the precheck. Nothing changes anywhere yet.
+        let probe = self.ask_votes(self.epoch() + 1, true).await;
+        let statuses: Vec<(&str, Option<PeerStatus>)> = self
+            .peers
+            .iter()
+            .zip(&probe)
+            .map(|(p, a)| {
+                let status = a.as_ref().map(|a| PeerStatus {
+                    epoch: a.epoch,
+                    last: a.last,
+                });
+                (p.url.as_str(), status)
+            })
+            .collect();
+        let epoch =
+            rules::promotion_precheck(self.epoch(), my_last, &statuses, self.peers.len() + 1)
+                .map_err(PromoteError::Refused)?;
+        // 2. The pre-vote at the epoch we will really run for.
+        let pre = self.ask_votes(epoch, true).await;
+        if let ElectionOutcome::Lost(why) = self.tally(&pre) {
+            return Err(PromoteError::Refused(why));
+        }
+        // 3. Our own vote, persisted, then the real vote.
+        let own = VoteRequest {
+            epoch,
+            candidate: self.settings.node_id.clone(),
+            last: my_last,
+            pre_vote: false,
+        };
+        let mine = self.handle_vote(&own).map_err(PromoteError::Io)?;
+        if !mine.granted {
+            return Err(PromoteError::Refused(Refusal::NotEnoughVotes {
+                granted: 0,
+                needed: rules::majority(self.peers.len() + 1),
+            }));
+        }
+        let votes = self.ask_votes(epoch, false).await;
+        if let ElectionOutcome::Lost(why) = self.tally(&votes) {
+            return Err(PromoteError::Refused(why));
+        }
+        // 4. Won: lead, starting every peer right after our log, and commit
+        //    a no-op of our epoch (which commits older entries with it).
+        let next = self.engine.last_log_pos().index + 1;
+        for p in &self.peers {
+            p.match_index.store(0, Ordering::Release);
+            p.next_index.store(next, Ordering::Release);
+        }
+        *self.primary_url.lock() = Some(self.settings.advertise_url.clone());
+        self.is_primary.store(true, Ordering::Release);
+        eprintln!("kvd: promoted to primary of epoch {epoch}");
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.write(Op::Noop, true).await {
+                eprintln!("kvd: the new epoch's no-op did not commit: {e}");
+            }
+        });
+        Ok(epoch)
     }
 
     /// Secondary side of `/internal/append`.

@@ -12,6 +12,10 @@ use tempfile::TempDir;
 
 /// Three nodes on loopback: n0 bootstraps as primary.
 fn cluster(tmp: &TempDir) -> Vec<Kvd> {
+    cluster_with(tmp, &[])
+}
+
+fn cluster_with(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
     let mut ports = BTreeSet::new();
     while ports.len() < 3 {
         ports.insert(free_port());
@@ -30,12 +34,9 @@ fn cluster(tmp: &TempDir) -> Vec<Kvd> {
             let peers = peers.join(",");
             let role = if i == 0 { "primary" } else { "secondary" };
             let dir = tmp.path().join(&node_id);
-            Kvd::start_on(
-                ports[i],
-                &dir,
-                &["--node-id", &node_id, "--peers", &peers, "--role", role],
-            )
-            .unwrap()
+            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
+            args.extend_from_slice(extra);
+            Kvd::start_on(ports[i], &dir, &args).unwrap()
         })
         .collect()
 }
@@ -290,4 +291,165 @@ async fn promotion_without_a_majority_or_peers_is_refused_and_changes_nothing() 
     let (code, body) = promote(&http, &single).await;
     assert_eq!(code, 409, "{body}");
     assert_eq!(body["error"]["code"], "no_peers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_reads_need_the_primary_and_a_majority() {
+    let tmp = TempDir::new().unwrap();
+    let mut nodes = cluster(&tmp);
+    let http = common::http();
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let client = kvclient::Client::new([nodes[0].url()]).unwrap();
+    client.set("c", "1".to_string()).await.unwrap();
+    assert_eq!(
+        client.get_consistent("c").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+
+    assert!(wait_until(Duration::from_secs(10), || {
+        kvstore::http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
+            .ok()
+            .and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|s| s["primary"] == nodes[0].url().as_str())
+    }));
+    let resp = no_follow
+        .get(format!("{}/v1/kv/c?consistent=true", nodes[1].url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        307,
+        "a secondary sends consistent reads to the primary"
+    );
+
+    let metrics = http
+        .get(format!("{}/metrics", nodes[0].url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "kvd_replication_lag_entries{{peer=\"{}\"}}",
+            nodes[1].url()
+        )),
+        "{metrics}"
+    );
+
+    // Without a majority the primary cannot prove it still leads.
+    nodes[1].kill9().unwrap();
+    nodes[2].kill9().unwrap();
+    let resp = http
+        .get(format!("{}/v1/kv/c?consistent=true", nodes[0].url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    // A plain read is still served locally.
+    let resp = http
+        .get(format!("{}/v1/kv/c", nodes[0].url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = cluster_with(&tmp, &["--commit-timeout-ms", "1500"]);
+    let http = common::http();
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let client = kvclient::Client::builder().endpoints(urls).build().unwrap();
+    for i in 0..50 {
+        client
+            .set(&format!("before/{i}"), format!("b{i}"))
+            .await
+            .unwrap();
+    }
+
+    nodes[0].signal(kvstore::Sig::SIGSTOP).unwrap();
+    let (code, body) = promote(&http, &nodes[1]).await;
+    assert_eq!(code, 200, "{body}");
+    let c12 = kvclient::Client::new([nodes[1].url(), nodes[2].url()]).unwrap();
+    for i in 0..50 {
+        c12.set(&format!("after/{i}"), format!("a{i}"))
+            .await
+            .unwrap();
+    }
+
+    // Writers aim straight at the old primary (no redirects followed) from
+    // before it wakes until the cluster has converged.
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let old = nodes[0].url();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (no_follow, stop, old) = (no_follow.clone(), stop.clone(), old.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("stale/{w}/{i}");
+                    i += 1;
+                    if let Ok(r) = no_follow
+                        .put(format!("{old}/v1/kv/{key}"))
+                        .body("x")
+                        .send()
+                        .await
+                    {
+                        if r.status() == 200 {
+                            acked.push(key);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                acked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nodes[0].signal(kvstore::Sig::SIGCONT).unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = futures_status(&http, &nodes).await;
+        if s.iter()
+            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
+            && s[0]["role"] == "secondary"
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked_by_old = Vec::new();
+    for w in writers {
+        acked_by_old.extend(w.await.unwrap());
+    }
+    assert!(
+        acked_by_old.is_empty(),
+        "the deposed primary acknowledged {acked_by_old:?}"
+    );
+    let n0 = kvclient::Client::new([nodes[0].url()]).unwrap();
+    for (prefix, v) in [("before", "b"), ("after", "a")] {
+        for i in 0..50 {
+            let got = n0.get(&format!("{prefix}/{i}")).await.unwrap();
+            assert_eq!(got.as_deref(), Some(format!("{v}{i}").as_bytes()));
+        }
+    }
 }

@@ -3,8 +3,8 @@
 //! `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric kvd exports.
@@ -24,6 +24,7 @@ pub struct Metrics {
     pub wal_bytes: IntGauge,
     pub wal_segments: IntGauge,
     pub storage_poisoned: IntGauge,
+    pub replication_lag_entries: IntGaugeVec,
 }
 
 /// Latency buckets from 50 µs to 10 s: a group commit on a fast disk takes
@@ -88,6 +89,14 @@ impl Metrics {
             "kvd_storage_poisoned",
             "1 once a WAL write or fsync failed and the node refuses writes",
         )?;
+        let replication_lag_entries = IntGaugeVec::new(
+            Opts::new(
+                "kvd_replication_lag_entries",
+                "Log entries a peer is behind this primary's last index",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(replication_lag_entries.clone()))?;
         registry.register(Box::new(http_requests_total.clone()))?;
         registry.register(Box::new(http_request_duration_seconds.clone()))?;
         registry.register(Box::new(wal_fsync_seconds.clone()))?;
@@ -118,6 +127,7 @@ impl Metrics {
             wal_bytes,
             wal_segments,
             storage_poisoned,
+            replication_lag_entries,
         })
     }
 

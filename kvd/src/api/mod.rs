@@ -318,11 +318,33 @@ impl AppState {
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct ReadParams {
+    #[serde(default)]
+    consistent: bool,
+}
+
 async fn get_key(
     State(st): State<Shared>,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
+    params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    // A single node's local read already sees every acknowledged write.
+    if let (true, Some(r)) = (params.consistent, &st.replicator) {
+        st.check_primary(&uri)?;
+        r.read_barrier(st.commit_timeout).await.map_err(|why| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                why,
+                "could not confirm leadership with a majority for a consistent read; retry",
+            )
+            .retry_after(1)
+        })?;
+    }
     match st.engine.get(key.as_bytes()) {
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
         None => Err(ApiError::new(
@@ -608,6 +630,13 @@ async fn metrics(State(st): State<Shared>) -> Response {
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));
+    if let Some(r) = &st.replicator {
+        for (peer, lag) in r.peer_lags() {
+            m.replication_lag_entries
+                .with_label_values(&[&peer])
+                .set(lag as i64);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -294,6 +294,18 @@ impl Replicator {
         serde_json::Value::Array(peers)
     }
 
+    /// `(peer URL, entries behind our last index)` for every peer.
+    pub fn peer_lags(&self) -> Vec<(String, u64)> {
+        let last = self.engine.last_log_pos().index;
+        self.peers
+            .iter()
+            .map(|p| {
+                let m = p.match_index.load(Ordering::Acquire);
+                (p.url.clone(), last.saturating_sub(m))
+            })
+            .collect()
+    }
+
     /// Persists a newer epoch (fsync) before anything acts on it, and steps
     /// down if this node was primary.
     fn adopt_epoch(&self, epoch: u64) -> std::io::Result<()> {
@@ -312,6 +324,67 @@ impl Replicator {
             eprintln!("kvd: saw epoch {epoch}; stepping down to secondary");
         }
         *self.primary_url.lock() = None;
+        Ok(())
+    }
+
+    /// Linearizable read barrier (Raft's ReadIndex): confirms with a
+    /// majority that this node still leads its epoch, then waits until
+    /// everything committed when the read arrived is applied. A peer that
+    /// answers an append without calling it stale has not moved past our
+    /// epoch, so no newer primary can have committed anything yet.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), &'static str> {
+        if !self.is_primary() {
+            return Err("not_primary");
+        }
+        let read_index = self.engine.commit_index();
+        let epoch = self.epoch();
+        let body = encode_append(
+            epoch,
+            LogPos::ZERO,
+            self.engine.commit_index(),
+            &self.settings.advertise_url,
+            &[],
+        );
+        let mut asks = tokio::task::JoinSet::new();
+        for p in &self.peers {
+            let (http, url, body) = (self.http.clone(), p.url.clone(), body.clone());
+            asks.spawn(async move {
+                let resp = http
+                    .post(format!("{url}/internal/append"))
+                    .timeout(Duration::from_secs(1))
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())?;
+                resp.json::<AppendReply>().await.ok()
+            });
+        }
+        let needed = rules::majority(self.peers.len() + 1);
+        let mut confirmed = 1; // ourselves
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok(Some(AppendReply::Stale { my_epoch })) => {
+                    let _ = self.adopt_epoch(my_epoch);
+                    return Err("not_primary");
+                }
+                Ok(Some(_)) => confirmed += 1,
+                _ => {}
+            }
+            if confirmed >= needed {
+                break;
+            }
+        }
+        if confirmed < needed || !self.is_primary() || self.epoch() != epoch {
+            return Err("no_majority");
+        }
+        let deadline = Instant::now() + timeout;
+        while self.engine.status().applied_index < read_index {
+            if Instant::now() >= deadline {
+                return Err("apply_timeout");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         Ok(())
     }
 

@@ -605,3 +605,61 @@ async fn ten_failovers_under_16_writers_lose_no_acknowledged_write() {
         acked.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_from_a_stale_epoch_gets_409_and_changes_nothing() {
+    use kvd::replication::node::encode_append;
+    use kvd::replication::rules::LogPos;
+
+    let tmp = TempDir::new().unwrap();
+    let nodes = cluster(&tmp);
+    let http = common::http();
+    // A planned switchover: n1 wins epoch 2 while n0 is alive.
+    let (code, body) = promote(&http, &nodes[1]).await;
+    assert_eq!(code, 200, "{body}");
+    // Let n2 take the new primary's no-op, so nothing else moves its log.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let (p, s) = (
+            status(&http, &nodes[1]).await,
+            status(&http, &nodes[2]).await,
+        );
+        if s["epoch"] == 2
+            && s["last_index"] == p["last_index"]
+            && s["commit_index"] == p["commit_index"]
+        {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2 never caught up: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let record = kvd::storage::Record {
+        index: 1,
+        epoch: 1,
+        ts: kvd::storage::Timestamp::default(),
+        op: kvd::storage::Op::Noop,
+    };
+    let stale = encode_append(1, LogPos::ZERO, 0, &nodes[0].url(), &[record]);
+    let resp = http
+        .post(format!("{}/internal/append", nodes[2].url()))
+        .body(stale)
+        .send()
+        .await
+        .unwrap();
+    let code = resp.status();
+    let epoch_header = resp.headers().get("x-kv-epoch").cloned();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(epoch_header.unwrap(), "2");
+    assert_eq!(body["error"]["code"], "stale_epoch");
+    let after = status(&http, &nodes[2]).await;
+    assert_eq!(before["last_index"], after["last_index"]);
+    assert_eq!(after["epoch"], 2);
+    // The old primary stepped down when it saw the new epoch.
+    let old = status(&http, &nodes[0]).await;
+    assert_eq!(old["role"], "secondary");
+}

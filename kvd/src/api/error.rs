@@ -31,6 +31,12 @@ impl ApiError {
         }
     }
 
+    /// Adds a header (a static, valid header name).
+    pub fn with_header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((HeaderName::from_static(name), value));
+        self
+    }
+
     /// Adds `Retry-After: secs`.
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.headers.push((header::RETRY_AFTER, secs.to_string()));

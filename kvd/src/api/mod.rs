@@ -544,8 +544,16 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
     .await?;
     let append =
         node::decode_append(&raw).map_err(|m| ApiError::bad_request("invalid_append", m))?;
-    let reply = r.handle_append(append).await?;
-    Ok(Json(reply).into_response())
+    match r.handle_append(append).await? {
+        // A deposed primary is told so with a 409 that carries our epoch.
+        node::AppendReply::Stale { my_epoch } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "stale_epoch",
+            format!("the sender's epoch is older than this node's epoch {my_epoch}"),
+        )
+        .with_header(node::EPOCH_HEADER, my_epoch.to_string())),
+        reply => Ok(Json(reply).into_response()),
+    }
 }
 
 /// A candidate's vote request (see `replication::node`).

@@ -355,9 +355,8 @@ impl Replicator {
                     .body(body)
                     .send()
                     .await
-                    .ok()
-                    .filter(|r| r.status().is_success())?;
-                resp.json::<AppendReply>().await.ok()
+                    .ok()?;
+                parse_append_reply(resp).await
             });
         }
         let needed = rules::majority(self.peers.len() + 1);
@@ -637,8 +636,8 @@ impl Replicator {
                 .send()
                 .await;
             let reply = match reply {
-                Ok(r) if r.status().is_success() => r.json::<AppendReply>().await.ok(),
-                _ => None,
+                Ok(r) => parse_append_reply(r).await,
+                Err(_) => None,
             };
             peer.reachable.store(reply.is_some(), Ordering::Release);
             match reply {
@@ -712,4 +711,27 @@ impl Replicator {
             }
         }
     }
+}
+
+/// Header carrying the answering node's epoch on a `stale_epoch` refusal.
+pub const EPOCH_HEADER: &str = "x-kv-epoch";
+
+/// Reads a peer's answer to an append: 200 with a JSON reply, or 409
+/// `stale_epoch` with the peer's epoch in [`EPOCH_HEADER`]. Anything else
+/// counts as no answer.
+async fn parse_append_reply(resp: reqwest::Response) -> Option<AppendReply> {
+    if resp.status() == reqwest::StatusCode::CONFLICT {
+        let my_epoch = resp
+            .headers()
+            .get(EPOCH_HEADER)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        return Some(AppendReply::Stale { my_epoch });
+    }
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<AppendReply>().await.ok()
 }

@@ -119,6 +119,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/bulk", axum::routing::post(bulk))
         .route("/internal/append", axum::routing::post(internal_append))
         .route("/internal/vote", axum::routing::post(internal_vote))
+        .route("/internal/snapshot", axum::routing::post(internal_snapshot))
         .route("/promote_to_primary", axum::routing::post(promote))
         .route("/v1/admin/promote", axum::routing::post(promote))
         .route("/v1/status", get(status))
@@ -554,6 +555,33 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
         .with_header(node::EPOCH_HEADER, my_epoch.to_string())),
         reply => Ok(Json(reply).into_response()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotParams {
+    epoch: u64,
+    leader: String,
+}
+
+/// A snapshot from the primary for a secondary behind its WAL.
+async fn internal_snapshot(
+    State(st): State<Shared>,
+    params: Result<Query<SnapshotParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(r) = st.replicator.clone() else {
+        return Err(ApiError::bad_request(
+            "not_replicated",
+            "this node runs alone (no --peers); it takes no replication traffic",
+        ));
+    };
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    // Bounded by what the engine would ever write: 1 GiB records aside, a
+    // snapshot is the data set, so the limit is generous but finite.
+    let raw = read_body(body, 4 << 30, st.commit_timeout * 12, "snapshot").await?;
+    let last_index = r.handle_snapshot(params.epoch, params.leader, &raw).await?;
+    Ok(Json(json!({"last_index": last_index})).into_response())
 }
 
 /// A candidate's vote request (see `replication::node`).

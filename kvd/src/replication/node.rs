@@ -49,6 +49,8 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(50);
 /// One append round trip may take this long before the peer counts as down.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A snapshot transfer may take this long (hundreds of MB on loopback).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A node's role in its current epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -601,12 +603,8 @@ impl Replicator {
             let next = peer.next_index.load(Ordering::Acquire).max(1);
             let prev_index = next - 1;
             let Some(prev_epoch) = self.engine.epoch_at(prev_index) else {
-                eprintln!(
-                    "kvd: peer {} needs entries before {next}, which this node's log no \
-                     longer holds (snapshot install is not implemented yet)",
-                    peer.url
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // The entries it needs are only in our snapshot now.
+                self.send_snapshot(peer).await;
                 continue;
             };
             let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
@@ -665,17 +663,120 @@ impl Replicator {
                         CatchUp::Append { next_index } => {
                             peer.next_index.store(next_index, Ordering::Release)
                         }
-                        CatchUp::InstallSnapshot => {
-                            eprintln!(
-                                "kvd: peer {} needs a snapshot install (not implemented yet)",
-                                peer.url
-                            );
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
+                        CatchUp::InstallSnapshot => self.send_snapshot(peer).await,
                     }
                 }
             }
         }
+    }
+
+    /// Primary: sends our newest snapshot to a peer that is behind our WAL
+    /// (`POST /internal/snapshot?epoch=E&leader=URL`, the snapshot file as
+    /// the body), then resumes shipping after it.
+    async fn send_snapshot(&self, peer: &Peer) {
+        let Some((path, index)) = self.engine.latest_snapshot() else {
+            tokio::time::sleep(HEARTBEAT).await;
+            return;
+        };
+        // A newer snapshot may replace this one while we read; then retry.
+        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+        let Ok(Ok(bytes)) = read else {
+            tokio::time::sleep(HEARTBEAT).await;
+            return;
+        };
+        eprintln!(
+            "kvd: sending snapshot at index {index} ({} bytes) to {}",
+            bytes.len(),
+            peer.url
+        );
+        let reply = self
+            .http
+            .post(format!("{}/internal/snapshot", peer.url))
+            .query(&[
+                ("epoch", self.epoch().to_string()),
+                ("leader", self.settings.advertise_url.clone()),
+            ])
+            .timeout(SNAPSHOT_TIMEOUT)
+            .body(bytes)
+            .send()
+            .await;
+        match reply {
+            Ok(r) if r.status().is_success() => {
+                let installed = r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["last_index"].as_u64())
+                    .unwrap_or(index);
+                peer.match_index.fetch_max(installed, Ordering::AcqRel);
+                peer.next_index.store(installed + 1, Ordering::Release);
+                peer.reachable.store(true, Ordering::Release);
+                self.acked.notify_one();
+            }
+            Ok(r) => {
+                if let Some(AppendReply::Stale { my_epoch }) = parse_append_reply(r).await {
+                    let _ = self.adopt_epoch(my_epoch);
+                }
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+            Err(_) => tokio::time::sleep(HEARTBEAT).await,
+        }
+    }
+
+    /// Secondary side of `/internal/snapshot`: the same epoch rules as an
+    /// append, then the snapshot replaces our log and state.
+    pub async fn handle_snapshot(
+        &self,
+        epoch: u64,
+        leader: String,
+        body: &[u8],
+    ) -> Result<u64, crate::api::ApiError> {
+        use crate::api::ApiError;
+        use axum::http::StatusCode;
+        let internal = |code: &'static str, e: String| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, e)
+        };
+        let my_epoch = self.epoch();
+        if epoch < my_epoch {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "stale_epoch",
+                format!("the sender's epoch is older than this node's epoch {my_epoch}"),
+            )
+            .with_header(EPOCH_HEADER, my_epoch.to_string()));
+        }
+        if epoch == my_epoch && self.is_primary() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "two_primaries",
+                format!("this node is primary of epoch {my_epoch} too; refusing"),
+            ));
+        }
+        self.adopt_epoch(epoch)
+            .map_err(|e| internal("meta_write_failed", e.to_string()))?;
+        *self.primary_url.lock() = Some(leader);
+        let tmp = self.engine.incoming_snapshot_path();
+        let write = {
+            let tmp = tmp.clone();
+            let body = body.to_vec();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&body)?;
+                f.sync_all()
+            })
+        };
+        write
+            .await
+            .map_err(|e| internal("snapshot_write_failed", e.to_string()))?
+            .map_err(|e| internal("snapshot_write_failed", e.to_string()))?;
+        self.engine.install_snapshot(tmp).await.map_err(|e| {
+            if e.is_corruption() {
+                ApiError::bad_request("invalid_snapshot", e.to_string())
+            } else {
+                ApiError::from(e)
+            }
+        })
     }
 
     /// Primary: commits what a majority holds durably.

@@ -53,6 +53,22 @@ impl EpochRuns {
         self.last_index = index;
     }
 
+    /// Forgets entries before `base_index + 1` (they are in a snapshot and
+    /// no longer in the WAL), keeping the base's epoch.
+    pub fn compact_to(&mut self, base_index: u64) {
+        if base_index <= self.base_index || base_index > self.last_index {
+            return;
+        }
+        if let Some(epoch) = self.epoch_at(base_index) {
+            self.base_epoch = epoch;
+            self.base_index = base_index;
+            let keep_from = self.runs.partition_point(|&(start, _)| start <= base_index);
+            // The run holding base_index + 1 may start earlier; keep it.
+            let keep_from = keep_from.saturating_sub(1);
+            self.runs.drain(..keep_from);
+        }
+    }
+
     /// Forgets entries `from` and after.
     pub fn truncate_from(&mut self, from: u64) {
         assert!(
@@ -120,6 +136,11 @@ impl LogCache {
                 self.bytes -= old.op.encoded_len();
             }
         }
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.bytes = 0;
     }
 
     pub fn truncate_from(&mut self, from: u64) {

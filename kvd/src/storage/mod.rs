@@ -166,6 +166,10 @@ enum Cmd {
         max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Record>, Error>>,
     },
+    InstallSnapshot {
+        tmp_path: PathBuf,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
 }
 
 /// Entries from the primary, for a secondary's log.
@@ -219,6 +223,7 @@ struct Shared {
 
 /// The storage engine handle. Cheap to share behind an `Arc`.
 pub struct Engine {
+    snap_dir: PathBuf,
     state: Arc<State>,
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
@@ -326,6 +331,8 @@ impl Engine {
             bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
             first_unapplied: None,
             pending,
+            fs: fs.clone(),
+            snap_dir: snap_dir.clone(),
             snap_tx,
             compact_rx,
         };
@@ -356,6 +363,7 @@ impl Engine {
         };
         Ok((
             Engine {
+                snap_dir: cfg.data_dir.join("snap"),
                 state,
                 shared,
                 tx: Mutex::new(Some(tx)),
@@ -439,6 +447,30 @@ impl Engine {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Secondary: installs the snapshot the primary sent (written to
+    /// `tmp_path` inside the data dir's `snap/`), replacing log and state.
+    /// Returns the snapshot's last index.
+    pub async fn install_snapshot(&self, tmp_path: PathBuf) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::InstallSnapshot { tmp_path, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The newest durable snapshot file and its last index, for shipping.
+    pub fn latest_snapshot(&self) -> Option<(PathBuf, u64)> {
+        let index = self.shared.snapshot_index.load(Ordering::Acquire);
+        (index > 0).then(|| (self.snap_dir.join(snapshot::snapshot_name(index)), index))
+    }
+
+    /// Where a snapshot arriving from the primary is written first: outside
+    /// `snap/`, whose leftover `.tmp` files the snapshot thread removes.
+    pub fn incoming_snapshot_path(&self) -> PathBuf {
+        self.snap_dir.with_file_name("snapshot-incoming.tmp")
     }
 
     /// Sets the epoch stamped on new local records (after a promotion,
@@ -570,6 +602,8 @@ struct Writer {
     first_unapplied: Option<u64>,
     /// Replicated mode: durable entries not yet known to be committed.
     pending: std::collections::VecDeque<PendingEntry>,
+    fs: Arc<dyn Fs>,
+    snap_dir: PathBuf,
     snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
     compact_rx: std_mpsc::Receiver<u64>,
 }
@@ -613,6 +647,9 @@ impl Writer {
                         reply,
                     } => {
                         let _ = reply.send(self.wal.read_from(from, max_bytes));
+                    }
+                    Cmd::InstallSnapshot { tmp_path, reply } => {
+                        let _ = reply.send(self.install_snapshot(&tmp_path));
                     }
                 }
             }
@@ -666,6 +703,58 @@ impl Writer {
                 cache.push(rec);
             }
         }
+    }
+
+    /// Secondary: replaces log and state with a snapshot from the primary
+    /// (see [`Engine::install_snapshot`]).
+    fn install_snapshot(&mut self, tmp_path: &Path) -> Result<u64, Error> {
+        let fresh = self.state.empty_like();
+        let meta = snapshot::load(
+            self.fs.as_ref(),
+            tmp_path,
+            &fresh,
+            record::MAX_PAYLOAD_BYTES,
+        )?;
+        let commit = self.shared.commit_index.load(Ordering::Acquire);
+        if meta.last_index <= commit {
+            // We already have all of it committed; nothing to do.
+            let _ = self.fs.remove(tmp_path);
+            return Ok(commit);
+        }
+        // Durable snapshot first; then the log restarts after it. A crash in
+        // between leaves a snapshot ahead of the log, which recovery handles
+        // by starting the log afresh.
+        let final_path = self.snap_dir.join(snapshot::snapshot_name(meta.last_index));
+        self.fs
+            .rename(tmp_path, &final_path)
+            .and_then(|_| self.fs.sync_dir(&self.snap_dir))
+            .map_err(|e| Error::io(format!("installing {}", final_path.display()), e))?;
+        for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
+            if old != final_path {
+                let _ = self.fs.remove(&old);
+            }
+        }
+        self.wal.reset(meta.last_index + 1, meta.last_epoch)?;
+        for p in self.pending.drain(..) {
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Err(Error::Superseded));
+            }
+        }
+        *self.shared.log.lock() = EpochRuns::new(meta.last_index, meta.last_epoch);
+        self.shared.cache.lock().clear();
+        self.state.replace_with(fresh);
+        self.first_unapplied = None;
+        self.bytes_since_snapshot = 0;
+        for idx in [
+            &self.shared.last_index,
+            &self.shared.commit_index,
+            &self.shared.applied_index,
+            &self.shared.snapshot_index,
+        ] {
+            idx.store(meta.last_index, Ordering::Release);
+        }
+        self.publish_wal_stats();
+        Ok(meta.last_index)
     }
 
     /// Secondary side of log shipping (see [`Engine::replicate`]).
@@ -880,7 +969,13 @@ impl Writer {
     fn compact(&mut self) {
         while let Ok(upto) = self.compact_rx.try_recv() {
             match self.wal.remove_covered(upto) {
-                Ok(_) => self.publish_wal_stats(),
+                Ok(_) => {
+                    // Entries gone from the WAL can only reach a peer by
+                    // snapshot: say so to the catch-up rules.
+                    let first = self.wal.first_index();
+                    self.shared.log.lock().compact_to(first.saturating_sub(1));
+                    self.publish_wal_stats();
+                }
                 Err(e) => eprintln!("kvd: WAL compaction failed (will retry later): {e}"),
             }
         }

@@ -81,6 +81,30 @@ impl State {
         }
     }
 
+    /// An empty state hashing like this one, to load a snapshot into
+    /// before [`State::replace_with`].
+    pub fn empty_like(&self) -> State {
+        State {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            hasher: self.hasher,
+            keys: AtomicU64::new(0),
+            digest: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `other`'s contents (a state made by [`State::empty_like`]),
+    /// shard by shard: readers see each key either old or new, which is
+    /// what a secondary installing a snapshot may show.
+    pub fn replace_with(&self, other: State) {
+        for (mine, theirs) in self.shards.iter().zip(other.shards.iter()) {
+            *mine.write() = std::mem::take(&mut *theirs.write());
+        }
+        self.keys
+            .store(other.keys.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.digest
+            .store(other.digest.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }

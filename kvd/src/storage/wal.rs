@@ -289,6 +289,37 @@ impl Wal {
         self.next_index
     }
 
+    /// Index of the oldest record the log still holds (or would hold).
+    pub fn first_index(&self) -> u64 {
+        self.segments
+            .first()
+            .map_or(self.next_index, |s| s.first_index)
+    }
+
+    /// Drops the whole log and starts afresh at `next_index` (after a
+    /// snapshot covering everything before it was installed). Durable before
+    /// it returns.
+    pub fn reset(&mut self, next_index: u64, last_epoch: u64) -> Result<(), Error> {
+        let result: Result<(), Error> = (|| {
+            for seg in self.segments.drain(..) {
+                self.fs
+                    .remove(&seg.path)
+                    .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
+            }
+            let (seg, active) = create_segment(self.fs.as_ref(), &self.dir, next_index)?;
+            self.segments.push(seg);
+            self.active = active;
+            Ok(())
+        })();
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        self.next_index = next_index;
+        self.last_epoch = last_epoch;
+        Ok(())
+    }
+
     pub fn last_epoch(&self) -> u64 {
         self.last_epoch
     }

@@ -1030,37 +1030,6 @@ fn wal_view(before: WalCounters, after: WalCounters, wall_secs: f64) -> Value {
     })
 }
 
-/// etcd's `KV/Put` as a gRPC request over HTTP/2: the protobuf
-/// `PutRequest{key = 1, value = 2}` encoded by hand (two length-delimited
-/// fields), behind gRPC's 5-byte message prefix. Hand-rolled so the
-/// benchmark needs neither protoc nor a gRPC stack beyond hyper.
-#[cfg(feature = "etcd-grpc")]
-fn grpc_put_request(port: u16, key: &[u8], value: &[u8]) -> Request<Body> {
-    fn varint(out: &mut Vec<u8>, mut v: usize) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    let mut msg = Vec::with_capacity(key.len() + value.len() + 8);
-    msg.push(0x0a); // field 1 (key), wire type 2
-    varint(&mut msg, key.len());
-    msg.extend_from_slice(key);
-    msg.push(0x12); // field 2 (value), wire type 2
-    varint(&mut msg, value.len());
-    msg.extend_from_slice(value);
-    let mut framed = Vec::with_capacity(msg.len() + 5);
-    framed.push(0); // not compressed
-    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
-    Request::post(format!("http://127.0.0.1:{port}/etcdserverpb.KV/Put"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from(framed)))
-        .expect("a request built from valid parts")
-}
-
 /// Runs `redis-benchmark -t set` against `redis` (a Redis with
 /// `appendfsync always`) and parses its CSV summary.
 fn redis_benchmark(

@@ -549,6 +549,58 @@ pub fn start_etcd(dir: &Path) -> Result<Server> {
     }
 }
 
+/// An etcd cluster of `members` members on loopback (data of member `i` in
+/// `dir/m{i}`); returns once every member reports healthy (a leader is
+/// elected). Members are killed, by their own PIDs, when dropped.
+pub fn start_etcd_cluster(dir: &Path, members: usize) -> Result<Vec<Server>> {
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < 2 * members {
+        ports.insert(free_port());
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let (client, peer) = ports.split_at(members);
+    let initial = (0..members)
+        .map(|i| format!("m{i}=http://127.0.0.1:{}", peer[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let token = format!("bench-{}-{}", std::process::id(), client[0]);
+    let mut servers = Vec::with_capacity(members);
+    for i in 0..members {
+        let client_url = format!("http://127.0.0.1:{}", client[i]);
+        let peer_url = format!("http://127.0.0.1:{}", peer[i]);
+        let mdir = dir.join(format!("m{i}"));
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--data-dir")
+            .arg(mdir.join("data"))
+            .args(["--name", &format!("m{i}")])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
+            .args(["--logger", "zap", "--log-level", "error"]);
+        servers.push(spawn_logged("etcd", &mut cmd, &mdir, client[i])?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in &mut servers {
+        loop {
+            s.check_alive()?;
+            if let Ok((200, body)) = http_get(s.port, "/health", Duration::from_millis(500)) {
+                if String::from_utf8_lossy(&body).contains("true") {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd member did not become healthy; log:\n{}", s.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(servers)
+}
+
 /// Redis with every write fsync'd before the reply (`appendfsync always`),
 /// no RDB snapshots, data in `dir`.
 pub fn start_redis(dir: &Path) -> Result<Server> {
@@ -682,6 +734,37 @@ impl Conn {
             }
         }
     }
+}
+
+/// etcd's `KV/Put` as a gRPC request over HTTP/2: the protobuf
+/// `PutRequest{key = 1, value = 2}` encoded by hand (two length-delimited
+/// fields), behind gRPC's 5-byte message prefix. Hand-rolled so the
+/// benchmark needs neither protoc nor a gRPC stack beyond hyper.
+#[cfg(feature = "etcd-grpc")]
+pub fn grpc_put_request(port: u16, key: &[u8], value: &[u8]) -> Request<Body> {
+    fn varint(out: &mut Vec<u8>, mut v: usize) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut msg = Vec::with_capacity(key.len() + value.len() + 8);
+    msg.push(0x0a); // field 1 (key), wire type 2
+    varint(&mut msg, key.len());
+    msg.extend_from_slice(key);
+    msg.push(0x12); // field 2 (value), wire type 2
+    varint(&mut msg, value.len());
+    msg.extend_from_slice(value);
+    let mut framed = Vec::with_capacity(msg.len() + 5);
+    framed.push(0); // not compressed
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    Request::post(format!("http://127.0.0.1:{port}/etcdserverpb.KV/Put"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(framed)))
+        .expect("a request built from valid parts")
 }
 
 /// Which connection a load task opens.

@@ -736,3 +736,146 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
         "n2 caught up without a snapshot install, so the test proved nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal() {
+    use kvstore::LinkProxy;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let tmp = TempDir::new().unwrap();
+    let mut ports = BTreeSet::new();
+    while ports.len() < 3 {
+        ports.insert(free_port());
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    // link[i][j]: node i's connections to node j, which the test can cut.
+    let link: Vec<Vec<Option<LinkProxy>>> = (0..3)
+        .map(|i| {
+            (0..3)
+                .map(|j| (i != j).then(|| LinkProxy::start(ports[j]).unwrap()))
+                .collect()
+        })
+        .collect();
+    let nodes: Vec<Kvd> = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| link[i][j].as_ref().unwrap().url())
+                .collect();
+            let node_id = format!("n{i}");
+            let peers = peers.join(",");
+            let role = if i == 0 { "primary" } else { "secondary" };
+            let args = [
+                "--node-id",
+                &node_id,
+                "--peers",
+                &peers,
+                "--role",
+                role,
+                "--commit-timeout-ms",
+                "1500",
+            ];
+            Kvd::start_on(ports[i], &tmp.path().join(&node_id), &args).unwrap()
+        })
+        .collect();
+    let http = common::http();
+    let n0 = kvclient::Client::new([nodes[0].url()]).unwrap();
+    for i in 0..50 {
+        n0.set(&format!("before/{i}"), format!("b{i}"))
+            .await
+            .unwrap();
+    }
+
+    // Cut n0 off from both secondaries, both directions.
+    for j in [1, 2] {
+        link[0][j].as_ref().unwrap().cut();
+        link[j][0].as_ref().unwrap().cut();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (no_follow, stop, url) = (no_follow.clone(), stop.clone(), nodes[0].url());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("cut/{w}/{i}");
+                    i += 1;
+                    if let Ok(r) = no_follow
+                        .put(format!("{url}/v1/kv/{key}"))
+                        .body("x")
+                        .send()
+                        .await
+                    {
+                        if r.status() == 200 {
+                            acked.push(key);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                acked
+            })
+        })
+        .collect();
+
+    // The majority side elects n1 and takes writes.
+    let (code, body) = promote(&http, &nodes[1]).await;
+    assert_eq!(code, 200, "{body}");
+    let majority = kvclient::Client::new([nodes[1].url(), nodes[2].url()]).unwrap();
+    for i in 0..50 {
+        majority
+            .set(&format!("after/{i}"), format!("a{i}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Heal: n0 sees epoch 2, steps down, drops its unacknowledged suffix
+    // and converges.
+    for row in &link {
+        for l in row.iter().flatten() {
+            l.heal();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = futures_status(&http, &nodes).await;
+        if s.iter()
+            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
+            && s[0]["role"] == "secondary"
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked_by_old = Vec::new();
+    for w in writers {
+        acked_by_old.extend(w.await.unwrap());
+    }
+    assert!(
+        acked_by_old.is_empty(),
+        "the cut-off primary acknowledged {acked_by_old:?}"
+    );
+    for (prefix, v) in [("before", "b"), ("after", "a")] {
+        for i in 0..50 {
+            let got = n0.get(&format!("{prefix}/{i}")).await.unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(format!("{v}{i}").as_bytes()),
+                "{prefix}/{i}"
+            );
+        }
+    }
+    drop(nodes);
+}

@@ -668,22 +668,18 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster_with(
         &tmp,
-        &["--snapshot-every-mib", "1", "--wal-segment-mib", "1"],
+        &["--snapshot-every-mib", "4", "--wal-segment-mib", "1"],
     );
     let http = common::http();
     nodes[2].kill9().unwrap();
 
-    // About 5 MiB: several snapshots, and the first WAL segment is deleted.
+    // 200k writes (20 bulks of 10k keys, 100-byte values) while n2 is down:
+    // several snapshots, and the WAL segments n2 would need are deleted.
     let client = kvclient::Client::new([nodes[0].url()]).unwrap();
-    let value = "x".repeat(1000);
-    for chunk in 0..10 {
-        let items: Vec<(String, kvclient::Bytes)> = (0..500)
-            .map(|i| {
-                (
-                    format!("k{chunk}/{i}"),
-                    kvclient::Bytes::from(value.clone()),
-                )
-            })
+    let value = kvclient::Bytes::from("x".repeat(100));
+    for chunk in 0..20 {
+        let items: Vec<(String, kvclient::Bytes)> = (0..10_000)
+            .map(|i| (format!("k{chunk}/{i}"), value.clone()))
             .collect();
         client.bulk_set(&items).await.unwrap();
     }
@@ -706,7 +702,7 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let s = futures_status(&http, &nodes).await;
-        if s.iter().all(|x| x["digest"] == s[0]["digest"]) && s[2]["keys"] == 5050 {
+        if s.iter().all(|x| x["digest"] == s[0]["digest"]) && s[2]["keys"] == 200_050 {
             assert!(s[2]["snapshot_index"].as_u64().unwrap() > 0, "{}", s[2]);
             break;
         }

@@ -245,24 +245,10 @@ async fn a_promoted_secondary_takes_over_and_the_old_primary_rejoins() {
 
     // The old primary comes back as a secondary of epoch 2 and converges.
     nodes[0].restart().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s: Vec<Value> = futures_status(&http, &nodes).await;
-        let converged = s
-            .iter()
-            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
-            && s[0]["role"] == "secondary"
-            && s[1]["role"] == "primary";
-        if converged {
-            assert_eq!(s[0]["keys"], 200);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no convergence: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_rejoined(&http, &nodes, 2).await;
+    let s = futures_status(&http, &nodes).await;
+    assert_eq!(s[1]["role"], "primary");
+    assert_eq!(s[0]["keys"], 200);
 }
 
 async fn futures_status(http: &reqwest::Client, nodes: &[Kvd]) -> Vec<Value> {
@@ -271,6 +257,80 @@ async fn futures_status(http: &reqwest::Client, nodes: &[Kvd]) -> Vec<Value> {
         out.push(status(http, n).await);
     }
     out
+}
+
+/// Writers that PUT straight at one node (following no redirects) until
+/// stopped, keeping the keys it answered 200: what a deposed primary must
+/// never acknowledge.
+struct DirectWriters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl DirectWriters {
+    fn start(url: String, prefix: &str) -> DirectWriters {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let no_follow = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let tasks = (0..4)
+            .map(|w| {
+                let (no_follow, stop, url) = (no_follow.clone(), stop.clone(), url.clone());
+                let prefix = format!("{prefix}/{w}");
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("{prefix}/{i}");
+                        i += 1;
+                        let sent = no_follow
+                            .put(format!("{url}/v1/kv/{key}"))
+                            .body("x")
+                            .send()
+                            .await;
+                        if sent.is_ok_and(|r| r.status() == 200) {
+                            acked.push(key);
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    acked
+                })
+            })
+            .collect();
+        DirectWriters { stop, tasks }
+    }
+
+    /// Stops the writers; the keys that were acknowledged.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for t in self.tasks {
+            acked.extend(t.await.unwrap());
+        }
+        acked
+    }
+}
+
+/// Waits until every node has the same digest and epoch `epoch`, and node
+/// 0 is a secondary again.
+async fn wait_rejoined(http: &reqwest::Client, nodes: &[Kvd], epoch: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = futures_status(http, nodes).await;
+        if s.iter()
+            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == epoch)
+            && s[0]["role"] == "secondary"
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -386,61 +446,11 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
 
     // Writers aim straight at the old primary (no redirects followed) from
     // before it wakes until the cluster has converged.
-    let no_follow = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let old = nodes[0].url();
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (no_follow, stop, old) = (no_follow.clone(), stop.clone(), old.clone());
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let key = format!("stale/{w}/{i}");
-                    i += 1;
-                    if let Ok(r) = no_follow
-                        .put(format!("{old}/v1/kv/{key}"))
-                        .body("x")
-                        .send()
-                        .await
-                    {
-                        if r.status() == 200 {
-                            acked.push(key);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                acked
-            })
-        })
-        .collect();
+    let writers = DirectWriters::start(nodes[0].url(), "stale");
     tokio::time::sleep(Duration::from_millis(200)).await;
     nodes[0].signal(kvstore::Sig::SIGCONT).unwrap();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = futures_status(&http, &nodes).await;
-        if s.iter()
-            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
-            && s[0]["role"] == "secondary"
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no convergence: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked_by_old = Vec::new();
-    for w in writers {
-        acked_by_old.extend(w.await.unwrap());
-    }
+    wait_rejoined(&http, &nodes, 2).await;
+    let acked_by_old = writers.stop().await;
     assert!(
         acked_by_old.is_empty(),
         "the deposed primary acknowledged {acked_by_old:?}"
@@ -736,8 +746,6 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal() {
     use kvstore::LinkProxy;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     let tmp = TempDir::new().unwrap();
     let mut ports = BTreeSet::new();
@@ -788,37 +796,7 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
         link[0][j].as_ref().unwrap().cut();
         link[j][0].as_ref().unwrap().cut();
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let no_follow = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (no_follow, stop, url) = (no_follow.clone(), stop.clone(), nodes[0].url());
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let key = format!("cut/{w}/{i}");
-                    i += 1;
-                    if let Ok(r) = no_follow
-                        .put(format!("{url}/v1/kv/{key}"))
-                        .body("x")
-                        .send()
-                        .await
-                    {
-                        if r.status() == 200 {
-                            acked.push(key);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                acked
-            })
-        })
-        .collect();
+    let writers = DirectWriters::start(nodes[0].url(), "cut");
 
     // The majority side elects n1 and takes writes.
     let (code, body) = promote(&http, &nodes[1]).await;
@@ -839,26 +817,8 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
             l.heal();
         }
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = futures_status(&http, &nodes).await;
-        if s.iter()
-            .all(|x| x["digest"] == s[0]["digest"] && x["epoch"] == 2)
-            && s[0]["role"] == "secondary"
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no convergence: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut acked_by_old = Vec::new();
-    for w in writers {
-        acked_by_old.extend(w.await.unwrap());
-    }
+    wait_rejoined(&http, &nodes, 2).await;
+    let acked_by_old = writers.stop().await;
     assert!(
         acked_by_old.is_empty(),
         "the cut-off primary acknowledged {acked_by_old:?}"

@@ -99,13 +99,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const VERIFY_CONNS: usize = 16;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("durability: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("durability", run())
 }
 
 /// Counters shared by the writers and the progress display.
@@ -132,22 +126,17 @@ fn run() -> Result<ExitCode> {
     // Small snapshot and segment sizes by default, so that kills also land
     // during snapshot writes, segment rolls and WAL truncation, not only
     // during appends.
-    let kvd_args: Vec<String> = cli
-        .kvd_args
-        .as_deref()
-        .unwrap_or("--snapshot-every-mib 1 --wal-segment-mib 1")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    check_kvd_binary()?;
-    let command = reproduce("durability");
-    println!("command: {command}");
-    let noisy_start = warn_if_noisy("start");
-    let env_start = environment();
-
-    let tmp = tempfile::Builder::new()
-        .prefix("kv-durability-")
-        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
+    let kvd_args: Vec<String> = split_flags(
+        cli.kvd_args
+            .as_deref()
+            .unwrap_or("--snapshot-every-mib 1 --wal-segment-mib 1"),
+    );
+    let RunStart {
+        command,
+        noisy_start,
+        env_start,
+        tmp,
+    } = start_run("durability", cli.tmp_dir.as_deref())?;
     let data_dir = tmp.path().join("data");
     let args: Vec<&str> = kvd_args.iter().map(String::as_str).collect();
     let mut kvd = Kvd::start(&data_dir, &args)?;
@@ -318,9 +307,7 @@ fn run() -> Result<ExitCode> {
         "examples": examples,
         "pass": ok,
     });
-    let path = write_results("durability", &results)?;
-    println!("results: {}", path.display());
-    println!("reproduce: {command}");
+    report_results("durability", &results, &command)?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -100,13 +100,7 @@ struct Cli {
 const TARGET_RESTART: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("recovery: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("recovery", run())
 }
 
 /// One line of the report.
@@ -154,22 +148,13 @@ fn run() -> Result<ExitCode> {
     let repeats: usize = cli.repeats.unwrap_or(if quick { 1 } else { 3 });
     let sample: u64 = cli.sample;
     let drop_caches = cli.drop_caches;
-    let kvd_args: Vec<String> = cli
-        .kvd_args
-        .as_deref()
-        .unwrap_or("")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    check_kvd_binary()?;
-    let command = reproduce("recovery");
-    println!("command: {command}");
-    let noisy_start = warn_if_noisy("start");
-    let env_start = environment();
-
-    let tmp = tempfile::Builder::new()
-        .prefix("kv-recovery-")
-        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
+    let kvd_args: Vec<String> = split_flags(cli.kvd_args.as_deref().unwrap_or(""));
+    let RunStart {
+        command,
+        noisy_start,
+        env_start,
+        tmp,
+    } = start_run("recovery", cli.tmp_dir.as_deref())?;
     let rt = runtime(0)?;
     let mut phases: Vec<Phase> = Vec::new();
 
@@ -365,9 +350,7 @@ fn run() -> Result<ExitCode> {
         "phases": phases.iter().map(Phase::to_json).collect::<Vec<_>>(),
         "summary": summary,
     });
-    let path = write_results("recovery", &results)?;
-    println!("results: {}", path.display());
-    println!("reproduce: {command}");
+    report_results("recovery", &results, &command)?;
     Ok(if failed && cli.strict {
         ExitCode::FAILURE
     } else {

@@ -38,11 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use base64::Engine as _;
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::Full;
-use hyper::Request;
 use indicatif::ProgressBar;
 use kvstore::{free_port, Kvd};
 use serde_json::{json, Value};
@@ -139,13 +136,7 @@ const ETCD_GATEWAY: &str = "etcd 3 members (JSON gateway)";
 const ETCD_GRPC: &str = "etcd 3 members (gRPC)";
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("replicated: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("replicated", run())
 }
 
 struct Config {
@@ -180,13 +171,7 @@ impl Config {
             value_bytes: cli.value_bytes,
             sync_replicas: cli.sync_replicas,
             client_threads: cli.client_threads,
-            kvd_args: cli
-                .kvd_args
-                .as_deref()
-                .unwrap_or("")
-                .split_whitespace()
-                .map(str::to_string)
-                .collect(),
+            kvd_args: split_flags(cli.kvd_args.as_deref().unwrap_or("")),
             failover_runs: cli.failover_runs.unwrap_or(if quick { 3 } else { 10 }),
             failover_writers: cli.failover_writers.max(1),
             failover_settle: Duration::from_millis(cli.failover_settle_ms),
@@ -330,61 +315,6 @@ fn with_cpu<T>(pids: &[String], f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu
     ))
 }
 
-/// Key written by request `seq` of connection `conn`: 16 bytes.
-fn write_key(conn: usize, seq: u64) -> String {
-    format!("w{conn:03}{seq:012}")
-}
-
-/// Shows the live request rate on the progress bar.
-struct Ticker {
-    live: Arc<AtomicU64>,
-    label: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn new(pb: ProgressBar) -> Ticker {
-        let live = Arc::new(AtomicU64::new(0));
-        let label = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, lb, st) = (live.clone(), label.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut last = (Instant::now(), 0u64);
-            while !st.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(250));
-                let now = (Instant::now(), l.load(Ordering::Relaxed));
-                let rate = now.1.saturating_sub(last.1) as f64
-                    / now.0.duration_since(last.0).as_secs_f64();
-                last = now;
-                let label = lb.lock().map(|s| s.clone()).unwrap_or_default();
-                pb.set_message(format!("{label}  {rate:.0} req/s"));
-            }
-        });
-        Ticker {
-            live,
-            label,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn set(&self, label: impl Into<String>) {
-        if let Ok(mut l) = self.label.lock() {
-            *l = label.into();
-        }
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Three kvd nodes on loopback ports: node 0 bootstraps as primary.
 fn start_kvd_cluster(dir: &Path, extra: &[String]) -> Result<Vec<Kvd>> {
     std::fs::create_dir_all(dir)?;
@@ -505,16 +435,6 @@ impl Ctx<'_> {
         })
     }
 
-    fn kvd_put_make(&self) -> Arc<MakeRequest> {
-        let v = self.value.clone();
-        Arc::new(move |conn, seq| {
-            Request::put(format!("/v1/kv/{}", write_key(conn, seq)))
-                .header("host", "127.0.0.1")
-                .body(Full::new(v.clone()))
-                .expect("a request built from valid parts")
-        })
-    }
-
     fn kvd_single(&self, dir: &Path) -> Result<Cell> {
         self.ticker.set(format!("starting {KVD_SINGLE}"));
         let args: Vec<&str> = self.cfg.kvd_args.iter().map(String::as_str).collect();
@@ -524,7 +444,7 @@ impl Ctx<'_> {
         self.measure(
             KVD_SINGLE,
             &self.spec(node.port, Proto::Http1),
-            self.kvd_put_make(),
+            kvd_put_make(self.value.clone()),
             &[pid],
         )
     }
@@ -541,7 +461,7 @@ impl Ctx<'_> {
         let mut cell = self.measure(
             KVD_CLUSTER,
             &self.spec(nodes[0].port, Proto::Http1),
-            self.kvd_put_make(),
+            kvd_put_make(self.value.clone()),
             &pids,
         )?;
         // Every node should hold the writes: show how far each got.
@@ -567,29 +487,14 @@ impl Ctx<'_> {
         let pids: Vec<String> = members.iter().map(|m| m.pid().to_string()).collect();
         let mut cells = Vec::new();
 
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let value_b64 = b64.encode(&self.value);
-        let make: Arc<MakeRequest> = Arc::new(move |conn, seq| {
-            let body = format!(
-                "{{\"key\":\"{}\",\"value\":\"{value_b64}\"}}",
-                b64.encode(write_key(conn, seq))
-            );
-            Request::post("/v3/kv/put")
-                .header("host", "127.0.0.1")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .expect("a request built from valid parts")
-        });
+        let make = etcd_gateway_put_make(&self.value);
         let mut cell = self.measure(ETCD_GATEWAY, &self.spec(leader, Proto::Http1), make, &pids)?;
         cell.detail["leader_port"] = json!(leader);
         cells.push(cell);
 
         #[cfg(feature = "etcd-grpc")]
         {
-            let v = self.value.clone();
-            let make: Arc<MakeRequest> = Arc::new(move |conn, seq| {
-                grpc_put_request(leader, write_key(conn, seq).as_bytes(), &v)
-            });
+            let make = etcd_grpc_put_make(leader, self.value.clone());
             let mut cell =
                 self.measure(ETCD_GRPC, &self.spec(leader, Proto::Http2), make, &pids)?;
             cell.detail["leader_port"] = json!(leader);
@@ -921,14 +826,12 @@ fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     let cfg = Config::from_cli(&cli);
-    check_kvd_binary()?;
-    let command = reproduce("replicated");
-    println!("command: {command}");
-    let noisy_start = warn_if_noisy("start");
-    let env_start = environment();
-    let tmp = tempfile::Builder::new()
-        .prefix("kv-replicated-")
-        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
+    let RunStart {
+        command,
+        noisy_start,
+        env_start,
+        tmp,
+    } = start_run("replicated", cli.tmp_dir.as_deref())?;
     let rt = runtime(cfg.client_threads)?;
 
     let per_round = usize::from(cfg.single)
@@ -1145,9 +1048,7 @@ fn run() -> Result<ExitCode> {
         "failover": failover_json,
         "summary": summary,
     });
-    let path = write_results("replicated", &results)?;
-    println!("results: {}", path.display());
-    println!("reproduce: {command}");
+    report_results("replicated", &results, &command)?;
     Ok(if failed && cli.strict {
         ExitCode::FAILURE
     } else {

@@ -35,17 +35,14 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use base64::Engine as _;
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::Request;
-use indicatif::ProgressBar;
 use kvstore::Kvd;
 use serde_json::{json, Value};
 
@@ -144,13 +141,7 @@ const TARGET_ETCD_RATIO: f64 = 3.0;
 const TARGET_SIZE_RATIO: f64 = 0.90;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("throughput: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("throughput", run())
 }
 
 struct Config {
@@ -239,13 +230,7 @@ impl Config {
             value_bytes: cli.value_bytes,
             chunk: cli.chunk.max(1),
             client_threads: cli.client_threads,
-            kvd_args: cli
-                .kvd_args
-                .as_deref()
-                .unwrap_or("")
-                .split_whitespace()
-                .map(str::to_string)
-                .collect(),
+            kvd_args: split_flags(cli.kvd_args.as_deref().unwrap_or("")),
             etcd: !cli.no_etcd,
             redis: !cli.no_redis,
             redis_requests: cli
@@ -343,61 +328,6 @@ impl Cell {
     }
 }
 
-/// Shows the live request rate of the running cell on the progress bar.
-struct Ticker {
-    live: Arc<AtomicU64>,
-    label: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn new(pb: ProgressBar) -> Ticker {
-        let live = Arc::new(AtomicU64::new(0));
-        let label = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, lb, st) = (live.clone(), label.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut last = (Instant::now(), 0u64);
-            while !st.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(250));
-                let now = (Instant::now(), l.load(Ordering::Relaxed));
-                let rate = now.1.saturating_sub(last.1) as f64
-                    / now.0.duration_since(last.0).as_secs_f64();
-                last = now;
-                let label = lb.lock().map(|s| s.clone()).unwrap_or_default();
-                pb.set_message(format!("{label}  {rate:.0} req/s"));
-            }
-        });
-        Ticker {
-            live,
-            label,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn set(&self, label: String) {
-        if let Ok(mut l) = self.label.lock() {
-            *l = label;
-        }
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Key written by request `seq` of connection `conn`: 16 bytes.
-fn write_key(conn: usize, seq: u64) -> String {
-    format!("w{conn:03}{seq:012}")
-}
-
 /// A kvd of one cell and its data dir, removed after the node is killed
 /// (fields drop in order).
 struct Node {
@@ -454,13 +384,7 @@ impl Ctx<'_> {
                 _dir: dir,
             };
             let pid = node.pid().context("kvd has a pid")?.to_string();
-            let v = self.value.clone();
-            let make: Arc<MakeRequest> = Arc::new(move |conn, seq| {
-                Request::put(format!("/v1/kv/{}", write_key(conn, seq)))
-                    .header("host", "127.0.0.1")
-                    .body(Full::new(v.clone()))
-                    .expect("a request built from valid parts")
-            });
+            let make = kvd_put_make(self.value.clone());
             let wal0 = kvd_wal_counters(node.port);
             let t0 = Instant::now();
             let spec = self.spec(node.port, Proto::Http1, conns);
@@ -520,19 +444,7 @@ impl Ctx<'_> {
 
         self.ticker.set(format!("etcd JSON gateway PUT c={conns}"));
         let spec = self.spec(etcd.port, Proto::Http1, conns);
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let value_b64 = b64.encode(&self.value);
-        let make: Arc<MakeRequest> = Arc::new(move |conn, seq| {
-            let body = format!(
-                "{{\"key\":\"{}\",\"value\":\"{value_b64}\"}}",
-                b64.encode(write_key(conn, seq))
-            );
-            Request::post("/v3/kv/put")
-                .header("host", "127.0.0.1")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .expect("a request built from valid parts")
-        });
+        let make = etcd_gateway_put_make(&self.value);
         let (res, cpu, attempts) = quietest(&self.cfg.quiet, || {
             measured(self.rt, &spec, make.clone(), self.ticker, &pid)
         })?;
@@ -550,11 +462,7 @@ impl Ctx<'_> {
         {
             self.ticker.set(format!("etcd gRPC PUT c={conns}"));
             let spec = self.spec(etcd.port, Proto::Http2, conns);
-            let port = etcd.port;
-            let v = self.value.clone();
-            let make: Arc<MakeRequest> = Arc::new(move |conn, seq| {
-                grpc_put_request(port, write_key(conn, seq).as_bytes(), &v)
-            });
+            let make = etcd_grpc_put_make(etcd.port, self.value.clone());
             let (res, cpu, attempts) = quietest(&self.cfg.quiet, || {
                 measured(self.rt, &spec, make.clone(), self.ticker, &pid)
             })?;
@@ -622,15 +530,12 @@ fn median_cell(cells: &[&Cell]) -> Option<Cell> {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     let cfg = Config::from_cli(&cli);
-    check_kvd_binary()?;
-    let command = reproduce("throughput");
-    println!("command: {command}");
-    let noisy_start = warn_if_noisy("start");
-    let env_start = environment();
-
-    let tmp = tempfile::Builder::new()
-        .prefix("kv-throughput-")
-        .tempdir_in(tmp_parent(cli.tmp_dir.as_deref()))?;
+    let RunStart {
+        command,
+        noisy_start,
+        env_start,
+        tmp,
+    } = start_run("throughput", cli.tmp_dir.as_deref())?;
     let rt = runtime(cfg.client_threads)?;
     let kvd_args: Vec<&str> = cfg.kvd_args.iter().map(String::as_str).collect();
 
@@ -923,9 +828,7 @@ fn run() -> Result<ExitCode> {
             .map(Cell::to_json).collect::<Vec<_>>(),
         "summary": summary,
     });
-    let path = write_results("throughput", &results)?;
-    println!("results: {}", path.display());
-    println!("reproduce: {command}");
+    report_results("throughput", &results, &command)?;
     Ok(if failed && cli.strict {
         ExitCode::FAILURE
     } else {

@@ -1,5 +1,6 @@
 //! Shared parts of the benchmark programs (`throughput`, `durability`,
-//! `recovery`): flag value parsers, a lean HTTP load generator, helpers to
+//! `recovery`, `replicated`): flag value parsers, a lean HTTP load
+//! generator and the PUT requests it sends, a live rate display, helpers to
 //! start the comparison servers (etcd, Redis) and to read process figures
 //! from `/proc`, and the report plumbing (table, JSON file, the command that
 //! reproduces the run).
@@ -14,12 +15,13 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use base64::Engine as _;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
@@ -1078,4 +1080,154 @@ pub fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The `main` of a benchmark program: `run`'s exit code, or its error on
+/// stderr, prefixed with the program's name, and failure.
+pub fn exit_code(name: &str, run: Result<ExitCode>) -> ExitCode {
+    match run {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Extra command-line flags given as one space-separated string (such as
+/// `--kvd-args`), one flag or value each.
+pub fn split_flags(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Write loads
+
+/// Key written by request `seq` of connection `conn`: 16 bytes.
+pub fn write_key(conn: usize, seq: u64) -> String {
+    format!("w{conn:03}{seq:012}")
+}
+
+/// PUTs of `value` to kvd under new unique keys ([`write_key`]).
+pub fn kvd_put_make(value: Bytes) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| {
+        Request::put(format!("/v1/kv/{}", write_key(conn, seq)))
+            .header("host", "127.0.0.1")
+            .body(Full::new(value.clone()))
+            .expect("a request built from valid parts")
+    })
+}
+
+/// PUTs of `value` to etcd through its JSON gateway (`/v3/kv/put`, key and
+/// value base64-encoded) under new unique keys ([`write_key`]).
+pub fn etcd_gateway_put_make(value: &Bytes) -> Arc<MakeRequest> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let value_b64 = b64.encode(value);
+    Arc::new(move |conn, seq| {
+        let body = format!(
+            "{{\"key\":\"{}\",\"value\":\"{value_b64}\"}}",
+            b64.encode(write_key(conn, seq))
+        );
+        Request::post("/v3/kv/put")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request built from valid parts")
+    })
+}
+
+/// PUTs of `value` to the etcd on `port` over gRPC under new unique keys
+/// ([`write_key`]).
+#[cfg(feature = "etcd-grpc")]
+pub fn etcd_grpc_put_make(port: u16, value: Bytes) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| grpc_put_request(port, write_key(conn, seq).as_bytes(), &value))
+}
+
+/// Shows the live request rate on the progress bar: a thread that reads
+/// `live` (requests answered so far) every 250 ms, after the label `set`.
+pub struct Ticker {
+    pub live: Arc<AtomicU64>,
+    label: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    pub fn new(pb: ProgressBar) -> Ticker {
+        let live = Arc::new(AtomicU64::new(0));
+        let label = Arc::new(Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, lb, st) = (live.clone(), label.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last = (Instant::now(), 0u64);
+            while !st.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = (Instant::now(), l.load(Ordering::Relaxed));
+                let rate = now.1.saturating_sub(last.1) as f64
+                    / now.0.duration_since(last.0).as_secs_f64();
+                last = now;
+                let label = lb.lock().map(|s| s.clone()).unwrap_or_default();
+                pb.set_message(format!("{label}  {rate:.0} req/s"));
+            }
+        });
+        Ticker {
+            live,
+            label,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn set(&self, label: impl Into<String>) {
+        if let Ok(mut l) = self.label.lock() {
+            *l = label.into();
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What every benchmark run begins with: the command that reproduces it
+/// (printed), whether compilers were running, the environment, and the
+/// run's temp dir under `tmp_parent(tmp_dir)`, named `kv-<bench>-*`.
+pub struct RunStart {
+    pub command: String,
+    pub noisy_start: bool,
+    pub env_start: Value,
+    pub tmp: tempfile::TempDir,
+}
+
+/// Begins the run of benchmark `bench` (see [`RunStart`]), after checking
+/// that the kvd binary is fresh.
+pub fn start_run(bench: &str, tmp_dir: Option<&Path>) -> Result<RunStart> {
+    check_kvd_binary()?;
+    let command = reproduce(bench);
+    println!("command: {command}");
+    let noisy_start = warn_if_noisy("start");
+    let env_start = environment();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("kv-{bench}-"))
+        .tempdir_in(tmp_parent(tmp_dir))?;
+    Ok(RunStart {
+        command,
+        noisy_start,
+        env_start,
+        tmp,
+    })
+}
+
+/// Writes `bench-results/<bench>.json` and prints where, then the command
+/// that reproduces the run.
+pub fn report_results(bench: &str, results: &Value, command: &str) -> Result<()> {
+    let path = write_results(bench, results)?;
+    println!("results: {}", path.display());
+    println!("reproduce: {command}");
+    Ok(())
 }

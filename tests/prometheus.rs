@@ -116,7 +116,11 @@ fn prometheus_scrapes_kvsup_and_every_node() {
         .filter_map(|s| s["metric"]["job"].as_str())
         .collect();
     assert_eq!(jobs.iter().filter(|j| **j == "kvd").count(), 3, "{last:#?}");
-    assert_eq!(jobs.iter().filter(|j| **j == "kvsup").count(), 1, "{last:#?}");
+    assert_eq!(
+        jobs.iter().filter(|j| **j == "kvsup").count(),
+        1,
+        "{last:#?}"
+    );
     let keys_seen = wait_until(Duration::from_secs(30), || {
         query(port, "max(kvd_keys)").is_some_and(|r| {
             r.first()

@@ -110,6 +110,7 @@ pub struct Sup {
     moving: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     election: Mutex<ElectionState>,
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
 #[derive(Default)]
@@ -170,7 +171,13 @@ impl Sup {
             moving: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
+            watcher: Mutex::new(None),
         })
+    }
+
+    /// Holds the manifest file watcher (dropping the previous one).
+    pub fn keep_watcher(&self, w: notify::RecommendedWatcher) {
+        *self.watcher.lock() = Some(w);
     }
 
     pub fn manifest(&self) -> Manifest {
@@ -776,7 +783,15 @@ impl Sup {
                 .map_err(|e| ApplyError::Failed(format!("mode switch failed: {e:#}")))?;
         }
         *self.manifest.write() = new;
-        *self.manifest_path.lock() = path.to_path_buf();
+        let moved = {
+            let mut p = self.manifest_path.lock();
+            let moved = *p != path;
+            *p = path.to_path_buf();
+            moved
+        };
+        if moved {
+            crate::watch::spawn(self.clone());
+        }
         self.metrics.applies.inc();
         self.event(
             "apply",

@@ -23,7 +23,7 @@ pub struct Supervised {
     pub sup_port: u16,
     /// `(name, port)` of every node, in manifest order.
     pub nodes: Vec<(String, u16)>,
-    down: bool,
+    pub down: bool,
 }
 
 /// A manifest for `nodes` with free ports; `extra_spec` is added to `spec:`

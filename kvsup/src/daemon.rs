@@ -284,8 +284,7 @@ impl Sup {
 
     /// Starts (or adopts) `node` and a task that watches for its exit.
     fn start_node(self: &Arc<Self>, node: &Arc<Node>) -> Result<()> {
-        std::fs::create_dir_all(&node.data_dir)
-            .with_context(|| format!("creating {}", node.data_dir.display()))?;
+        // The data dir is kvd's (it creates it); kvsup never writes there.
         let handle = match process::adoptable(&node.pid_file, &node.data_dir) {
             Some(pid) => {
                 self.event(

@@ -604,35 +604,30 @@ impl Sup {
 
     /// Asks the primary at `primary` to hand over to `to`; the new epoch.
     async fn transfer(&self, primary: &str, to: &str, timeout: Duration) -> Result<u64, String> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{primary}/v1/admin/transfer"))
             .json(&json!({"to": to, "timeout_ms": timeout.as_millis() as u64}))
-            .timeout(timeout + Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| format!("transfer request failed: {e}"))?;
-        let code = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if code.is_success() {
-            Ok(body.get("epoch").and_then(Value::as_u64).unwrap_or(0))
-        } else {
-            Err(body
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map_or_else(|| format!("transfer answered {code}"), str::to_string))
-        }
+            .timeout(timeout + Duration::from_secs(5));
+        Self::epoch_from(req, "transfer").await
     }
 
     /// Asks the node at `url` to run for primary; its new epoch on success.
     async fn promote_once(&self, url: &str) -> Result<u64, String> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{url}/promote_to_primary"))
-            .timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        Self::epoch_from(req, "promotion").await
+    }
+
+    /// Sends a request answered by `{"epoch": N}`, or by an error body
+    /// whose message is returned.
+    async fn epoch_from(req: reqwest::RequestBuilder, what: &str) -> Result<u64, String> {
+        let resp = req
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(|e| format!("{what} request failed: {e}"))?;
         let code = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if code.is_success() {
@@ -641,7 +636,7 @@ impl Sup {
             Err(body
                 .pointer("/error/message")
                 .and_then(Value::as_str)
-                .map_or_else(|| format!("answered {code}"), str::to_string))
+                .map_or_else(|| format!("{what} answered {code}"), str::to_string))
         }
     }
 

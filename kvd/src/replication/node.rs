@@ -93,6 +93,8 @@ pub struct Replicator {
     /// One promotion at a time on this node.
     promoting: tokio::sync::Mutex<()>,
     http: reqwest::Client,
+    /// Set by a mode switch: the background tasks end.
+    stopped: AtomicBool,
 }
 
 /// The secondary's answer to an append.
@@ -242,6 +244,7 @@ impl Replicator {
             acked: Notify::new(),
             promoting: tokio::sync::Mutex::new(()),
             http,
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -253,6 +256,13 @@ impl Replicator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.advance_commit().await });
+    }
+
+    /// Ends the background tasks and steps down (a mode switch).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.is_primary.store(false, Ordering::Release);
+        self.acked.notify_waiters();
     }
 
     pub fn is_primary(&self) -> bool {
@@ -591,7 +601,7 @@ impl Replicator {
     /// Primary: keeps peer `i` up to date.
     async fn ship_to(self: Arc<Self>, i: usize) {
         let peer = &self.peers[i];
-        loop {
+        while !self.stopped.load(Ordering::Acquire) {
             if !self.is_primary() {
                 tokio::time::sleep(HEARTBEAT).await;
                 continue;
@@ -781,7 +791,7 @@ impl Replicator {
 
     /// Primary: commits what a majority holds durably.
     async fn advance_commit(self: Arc<Self>) {
-        loop {
+        while !self.stopped.load(Ordering::Acquire) {
             let durable = self.engine.durable_notify().notified();
             tokio::pin!(durable);
             durable.as_mut().enable();

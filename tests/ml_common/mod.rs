@@ -230,7 +230,10 @@ pub async fn get(http: &reqwest::Client, url: &str, key: &str) -> Option<Vec<u8>
 /// The acknowledged writes of a run, per key: the one with the highest
 /// stamp wins (`None` value: a delete).
 #[derive(Clone, Default)]
-pub struct Acked(pub Arc<Mutex<HashMap<String, (Ts, Option<String>)>>>);
+pub struct Acked(pub Arc<Mutex<Winners>>);
+
+/// Key -> (stamp, value or `None` for a delete) of the winning write.
+pub type Winners = HashMap<String, (Ts, Option<String>)>;
 
 impl Acked {
     pub fn record(&self, key: &str, ts: Ts, value: Option<String>) {
@@ -241,14 +244,14 @@ impl Acked {
         }
     }
 
-    pub fn snapshot(&self) -> HashMap<String, (Ts, Option<String>)> {
+    pub fn snapshot(&self) -> Winners {
         self.0.lock().unwrap().clone()
     }
 }
 
 /// Checks that every node holds, for every key, the value of the
 /// acknowledged write with the highest stamp (pipelined GETs).
-pub fn check_winners(nodes: &[Kvd], acked: &HashMap<String, (Ts, Option<String>)>) {
+pub fn check_winners(nodes: &[Kvd], acked: &Winners) {
     let keys: Vec<&String> = acked.keys().collect();
     let paths: Vec<String> = keys.iter().map(|k| format!("/v1/kv/{k}")).collect();
     for n in nodes {

@@ -66,7 +66,6 @@ impl Versioned {
 
 type Map = hashbrown::HashMap<Box<[u8]>, LwwEntry, foldhash::fast::RandomState>;
 
-#[derive(Default)]
 struct Bucket {
     map: Map,
     digest: u64,
@@ -142,9 +141,17 @@ impl Inner {
 
 impl Lww {
     pub fn new() -> Self {
+        // One seed for every bucket: building 1024 random states would
+        // cost more than the empty maps themselves.
+        let hasher = foldhash::fast::RandomState::default();
         Lww {
             inner: RwLock::new(Inner {
-                buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
+                buckets: (0..BUCKETS)
+                    .map(|_| Bucket {
+                        map: Map::with_hasher(hasher),
+                        digest: 0,
+                    })
+                    .collect(),
                 max_ts: Timestamp::default(),
                 tombstones: 0,
             }),
@@ -279,7 +286,8 @@ impl Lww {
     pub fn seed_from_state(&self, state: &State, base: Timestamp) {
         let mut inner = self.inner.write();
         for b in inner.buckets.iter_mut() {
-            *b = Bucket::default();
+            b.map.clear();
+            b.digest = 0;
         }
         inner.tombstones = 0;
         for shard in 0..state.shard_count() {
@@ -296,7 +304,8 @@ impl Lww {
     pub fn clear(&self) {
         let mut inner = self.inner.write();
         for b in inner.buckets.iter_mut() {
-            *b = Bucket::default();
+            b.map.clear();
+            b.digest = 0;
         }
         inner.tombstones = 0;
     }

@@ -97,7 +97,10 @@ pub fn start_runtime(
     }
 }
 
-/// 503 `writes_paused` with `Retry-After: 1`.
+/// Header with a retry hint in milliseconds (kvclient reads it first).
+pub const RETRY_AFTER_MS_HEADER: &str = "x-kv-retry-after-ms";
+
+/// 503 `writes_paused` with `Retry-After: 1` and `X-KV-Retry-After-Ms: 50`.
 pub fn paused_error() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -105,6 +108,8 @@ pub fn paused_error() -> ApiError {
         "writes are paused for a mode switch; retry shortly",
     )
     .retry_after(1)
+    // A finer hint for kvclient: a switch's pause is usually under 1 s.
+    .with_header(RETRY_AFTER_MS_HEADER, "50".to_string())
 }
 
 /// A client write in masterless mode: durable here, then (with

@@ -74,6 +74,8 @@ struct Cluster {
 
 impl Cluster {
     fn start(dir: &Path, mode: &str, extra: &[&str]) -> Result<Cluster> {
+        // The kit writes each node's log beside its data dir.
+        std::fs::create_dir_all(dir)?;
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < 3 {
             let p = free_port();

@@ -783,6 +783,9 @@ impl Writer {
                     Cmd::Rebase { req, reply } => {
                         let _ = reply.send(self.rebase(req));
                     }
+                    // A poisoned WAL may hold stamped records whose fate
+                    // is unknown until a restart: claim nothing then.
+                    Cmd::Tick if self.wal.is_poisoned() => {}
                     Cmd::Tick => {
                         let wall = self.wall.now_ms();
                         if wall > self.clock.last().physical_ms {

@@ -221,6 +221,7 @@ fn load_on(
         total.ops += r.ops;
         total.errors += r.errors;
         total.hist.add(&r.hist)?;
+        total.sent.extend(r.sent);
         if total.first_error.is_none() {
             total.first_error = r.first_error;
         }

@@ -94,6 +94,13 @@ async fn a_write_to_any_node_is_readable_on_the_other_two() {
     assert_eq!(s["mode"], "masterless", "{s}");
     assert_eq!(s["role"], "peer");
     assert!(Ts::from_json(&s["hlc"]).unwrap().physical_ms > 0, "{s}");
+    // There is no primary to promote.
+    let r = http
+        .post(format!("{}/promote_to_primary", urls[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
     let peers = s["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 2);
     assert!(

@@ -375,12 +375,25 @@ pub async fn switch_mode<S: AsRef<str>>(
                 .to_string(),
         }),
     };
+    let primary_url = primary.as_ref().and_then(|p| {
+        statuses
+            .iter()
+            .position(|s| s["node_id"] == p.as_str())
+            .map(|i| admin.urls[i].clone())
+    });
+    if let (Some(p), None) = (&primary, &primary_url) {
+        let _ = admin.resume().await;
+        return Err(SwitchError(format!(
+            "no node is named {p:?}; writes resumed"
+        )));
+    }
     let req = json!({
         "mode": to.as_str(),
         "base_index": base_index,
         "epoch": epoch,
         "base_ts_ms": base_ts_ms,
         "primary": primary,
+        "primary_url": primary_url,
     });
     let mut switched = vec![false; admin.urls.len()];
     let mut last_err = None;

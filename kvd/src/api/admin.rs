@@ -232,6 +232,10 @@ pub struct ModeRequest {
     /// Primary/secondary: node id of the primary of `epoch`.
     #[serde(default)]
     primary: Option<String>,
+    /// Primary/secondary: the primary's URL for clients, so secondaries
+    /// redirect writes at once (else they learn it from its first append).
+    #[serde(default)]
+    primary_url: Option<String>,
 }
 
 /// `POST /v1/admin/mode`: switch this node (writes must be paused).
@@ -340,6 +344,9 @@ pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Respons
         Some((req.base_index, base_ts)),
     )
     .map_err(|e| internal("runtime_start_failed", e))?;
+    if let (Some(r), Some(url), false) = (&rt.replicator, &req.primary_url, i_lead) {
+        r.set_primary_hint(url.trim_end_matches('/').to_string());
+    }
     st.set_runtime(rt);
     eprintln!(
         "kvd: switched to {} at base index {} in epoch {}{}",

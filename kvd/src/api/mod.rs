@@ -733,6 +733,13 @@ async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response,
 
 /// `POST /promote_to_primary`: run an election for this node.
 async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
+    if st.ml().is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "masterless",
+            "this node is in masterless mode: every node takes writes and there is no primary",
+        ));
+    }
     let Some(r) = st.replicator() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -258,6 +258,17 @@ impl Replicator {
         tokio::spawn(async move { me.advance_commit().await });
     }
 
+    /// Tells a secondary where the primary is before its first append
+    /// arrives (a mode switch names it), so writes redirect at once.
+    pub fn set_primary_hint(&self, url: String) {
+        if !self.is_primary() {
+            let mut p = self.primary_url.lock();
+            if p.is_none() {
+                *p = Some(url);
+            }
+        }
+    }
+
     /// Ends the background tasks and steps down (a mode switch).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);

@@ -166,6 +166,8 @@ pub struct MlNode {
     http: reqwest::Client,
     repaired: AtomicU64,
     purged: AtomicU64,
+    /// Stream batches accepted across a compaction gap.
+    gaps: AtomicU64,
     gst: Mutex<Timestamp>,
 }
 
@@ -239,6 +241,7 @@ impl MlNode {
             http,
             repaired: AtomicU64::new(0),
             purged: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
             gst: Mutex::new(Timestamp::default()),
         }))
     }
@@ -391,6 +394,9 @@ impl MlNode {
         }
         if !body.records.is_empty() {
             self.engine.ingest(body.records).await?;
+        }
+        if !contiguous {
+            self.gaps.fetch_add(1, Ordering::Relaxed);
         }
         let mut next = RecvPos {
             pos: body.upto,
@@ -599,6 +605,7 @@ impl MlNode {
             "write_quorum": self.settings.write_quorum,
             "repaired_versions": self.repaired.load(Ordering::Relaxed),
             "purged_tombstones": self.purged.load(Ordering::Relaxed),
+            "stream_gaps_total": self.gaps.load(Ordering::Relaxed),
         })
     }
 

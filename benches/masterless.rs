@@ -366,6 +366,10 @@ type Pauses = Vec<(String, Duration, Duration)>;
 /// Runs `cycles` switches there and back under 16 writers.
 async fn switch_cycles(urls: &[String], cycles: usize) -> Result<(Pauses, u64, u64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Only writes started after the warm-up count for the longest write (a
+    // fresh cluster's secondaries answer 503 no_primary with Retry-After: 1
+    // until the primary's first append reaches them).
+    let measuring = Arc::new(AtomicBool::new(false));
     let max_ms = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
@@ -377,17 +381,25 @@ async fn switch_cycles(urls: &[String], cycles: usize) -> Result<(Pauses, u64, u
             .endpoints(order)
             .retry_deadline(Duration::from_secs(30))
             .build()?;
-        let (stop, max_ms, errors, acked) =
-            (stop.clone(), max_ms.clone(), errors.clone(), acked.clone());
+        let (stop, max_ms, errors, acked, measuring) = (
+            stop.clone(),
+            max_ms.clone(),
+            errors.clone(),
+            acked.clone(),
+            measuring.clone(),
+        );
         writers.push(tokio::spawn(async move {
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
                 let t0 = Instant::now();
+                let measured = measuring.load(Ordering::Relaxed);
                 match client.set(&format!("s{t}-{seq}"), "x".repeat(100)).await {
                     Ok(_) => {
                         acked.fetch_add(1, Ordering::Relaxed);
-                        max_ms.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        if measured {
+                            max_ms.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        }
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +410,8 @@ async fn switch_cycles(urls: &[String], cycles: usize) -> Result<(Pauses, u64, u
     }
     let opts = SwitchOptions::default();
     let mut pauses = Vec::new();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    measuring.store(true, Ordering::Relaxed);
     for _ in 0..cycles {
         for to in [Mode::Masterless, Mode::PrimarySecondary] {
             let r = switch_mode(urls, to, &opts).await?;

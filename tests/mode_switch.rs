@@ -46,7 +46,16 @@ impl Writers {
                     seq += 1;
                     let key = format!("w{t}-{seq}");
                     let value = format!("v{t}-{seq}");
-                    match client.set(&key, value.clone()).await {
+                    let t0 = std::time::Instant::now();
+                    let res = client.set(&key, value.clone()).await;
+                    if t0.elapsed() > Duration::from_millis(500) {
+                        eprintln!(
+                            "slow write {key}: {:?} ({:?})",
+                            t0.elapsed(),
+                            res.as_ref().err()
+                        );
+                    }
+                    match res {
                         Ok(_) => {
                             acked.record(&key, Ts::default(), Some(value));
                             count.fetch_add(1, Ordering::Relaxed);

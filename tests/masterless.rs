@@ -376,7 +376,7 @@ async fn write_quorum_waits_for_peers_durable_copies() {
             "--write-quorum".into(),
             "3".into(),
             "--commit-timeout-ms".into(),
-            "500".into(),
+            "2000".into(),
         ]
     });
     let http = http();

@@ -94,6 +94,23 @@ async fn a_write_to_any_node_is_readable_on_the_other_two() {
     assert_eq!(s["mode"], "masterless", "{s}");
     assert_eq!(s["role"], "peer");
     assert!(Ts::from_json(&s["hlc"]).unwrap().physical_ms > 0, "{s}");
+    // Malformed internal traffic is refused and changes nothing.
+    let before = status(&http, &urls[1]).await;
+    for (path, body) in [
+        ("/internal/ml/stream", &b"garbage"[..]),
+        ("/internal/ml/buckets", &b"{\"buckets\": \"all\"}"[..]),
+    ] {
+        let r = http
+            .post(format!("{}{path}", urls[1]))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    let after = status(&http, &urls[1]).await;
+    assert_eq!(before["last_index"], after["last_index"]);
+    assert_eq!(before["digest"], after["digest"]);
     // There is no primary to promote.
     let r = http
         .post(format!("{}/promote_to_primary", urls[1]))

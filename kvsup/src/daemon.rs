@@ -106,6 +106,7 @@ pub struct Sup {
     pub metrics: Metrics,
     wake: tokio::sync::Notify,
     failover_in_progress: AtomicBool,
+    switching: AtomicBool,
     /// Held by anything that moves the primary: failover, switchover, mode switch.
     moving: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
@@ -168,6 +169,7 @@ impl Sup {
             metrics: Metrics::new().context("registering metrics")?,
             wake: tokio::sync::Notify::new(),
             failover_in_progress: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
             moving: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
@@ -254,6 +256,8 @@ impl Sup {
                     // the reconcile loop elects a primary if none is left.
                     let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
                     let first = self.nodes.first().is_some_and(|n| n.name == node.name);
+                    args.push("--mode".into());
+                    args.push("primary-secondary".into());
                     args.push("--role".into());
                     args.push(
                         if fresh && first {
@@ -722,6 +726,7 @@ impl Sup {
             })
             .collect();
         let failover = self.failover_in_progress.load(Ordering::Acquire);
+        let switching = self.switching.load(Ordering::Acquire);
         let has_leader = match m.spec.mode {
             Mode::PrimarySecondary if self.nodes.len() > 1 => primary.is_some(),
             _ => true,
@@ -738,9 +743,10 @@ impl Sup {
             "supervisor_pid": std::process::id(),
             "health_check": m.spec.health_check,
             "conditions": {
-                "Ready": all_healthy && has_leader && !failover,
+                "Ready": all_healthy && has_leader && !failover && !switching,
                 "Degraded": !all_healthy || !has_leader,
                 "FailoverInProgress": failover,
+                "ModeSwitchInProgress": switching,
             },
             "primary": primary,
             "epoch": epoch,
@@ -800,11 +806,79 @@ impl Sup {
         Ok(changes)
     }
 
+    /// Live mode switch (DESIGN §6) through [`kvclient::admin::switch_mode`]:
+    /// writes pause on every node until all hold identical contents, every
+    /// node changes mode, writes resume. No failover or switchover runs
+    /// meanwhile (they take the same lock).
     async fn switch_mode(self: &Arc<Self>, to: Mode) -> Result<()> {
-        bail!(
-            "switching a running cluster to {} is not supported by this build",
-            to.as_str()
-        )
+        use kvclient::admin;
+        if self.nodes.len() < 2 {
+            bail!("a single node has no replication mode to switch");
+        }
+        let _moving = self.moving.lock().await;
+        let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
+        let target = match to {
+            Mode::PrimarySecondary => admin::Mode::PrimarySecondary,
+            Mode::Masterless => admin::Mode::Masterless,
+        };
+        // Back to primary/secondary: the first healthy node leads.
+        let primary = (to == Mode::PrimarySecondary)
+            .then(|| self.views().into_iter().find(|v| v.healthy).map(|v| v.name))
+            .flatten();
+        let opts = admin::SwitchOptions {
+            primary,
+            ..admin::SwitchOptions::default()
+        };
+        self.switching.store(true, Ordering::Release);
+        self.event(
+            "mode",
+            None,
+            format!("switching to {}: pausing writes on every node", to.as_str()),
+        );
+        let result = admin::switch_mode(&urls, target, &opts).await;
+        self.switching.store(false, Ordering::Release);
+        let report = result.map_err(|e| {
+            self.metrics.reconcile_errors.inc();
+            self.event("error", None, e.to_string());
+            anyhow::anyhow!(e)
+        })?;
+        self.metrics.mode_switches.inc();
+        self.metrics
+            .mode_switch_pause
+            .observe(report.pause.as_secs_f64());
+        {
+            let mut el = self.election.lock();
+            el.known_primary = report.primary.clone();
+            el.primary_down_since = None;
+            el.no_primary_since = None;
+        }
+        let digest = report
+            .digests_after
+            .first()
+            .map_or_else(String::new, |d| d.digest.clone());
+        self.event(
+            "mode",
+            None,
+            if report.already {
+                format!("every node was already {}", to.as_str())
+            } else {
+                format!(
+                    "now {}: writes paused {} ms (identical after {} ms), digest {digest} on every node{}",
+                    to.as_str(),
+                    report.pause.as_millis(),
+                    report.converge.as_millis(),
+                    report
+                        .primary
+                        .as_deref()
+                        .map(|p| format!(", primary {p} of epoch {}", report.epoch))
+                        .unwrap_or_default()
+                )
+            },
+        );
+        for n in &self.nodes {
+            self.check(n).await;
+        }
+        Ok(())
     }
 
     pub fn kill(&self, name: &str, sig: Signal) -> Result<u32> {

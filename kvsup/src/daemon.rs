@@ -694,6 +694,22 @@ impl Sup {
                 .get("lag_entries")?
                 .as_u64()
         };
+        // Masterless: how far the node at `url` is behind the most any
+        // other node has to send it (each node reports its peers' lag).
+        let statuses: Vec<Value> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.health.lock().status.clone())
+            .collect();
+        let masterless_lag = |url: &str| -> Option<u64> {
+            statuses
+                .iter()
+                .filter_map(|s| s.pointer("/masterless/peers")?.as_array())
+                .flatten()
+                .filter(|p| p.get("url").and_then(Value::as_str) == Some(url))
+                .filter_map(|p| p.get("lag_entries").and_then(Value::as_u64))
+                .max()
+        };
         let all_healthy = views.iter().all(|v| v.healthy);
         let nodes: Vec<Value> = self
             .nodes
@@ -715,7 +731,13 @@ impl Sup {
                     "commit_index": st.get("commit_index"),
                     "keys": st.get("keys"),
                     "digest": st.get("digest"),
-                    "lag": if is_primary { Some(0) } else { lag_of(&n.url) },
+                    "lag": if m.spec.mode == Mode::Masterless {
+                        masterless_lag(&n.url)
+                    } else if is_primary {
+                        Some(0)
+                    } else {
+                        lag_of(&n.url)
+                    },
                     "healthy": r.running && h.ok,
                     "failures": h.failures,
                     "restarts": n.restarts.load(Ordering::Relaxed),

@@ -145,6 +145,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.queue_capacity = cfg.write_queue;
     ecfg.epoch = meta.epoch;
     ecfg.replicated = replicated;
+    ecfg.index = cfg
+        .index
+        .then(|| Arc::new(crate::index::Index::new(cfg.index_stem)));
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))

@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod listener;
+mod search;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -122,6 +123,8 @@ pub fn router(state: Shared) -> Router {
         .route("/internal/snapshot", axum::routing::post(internal_snapshot))
         .route("/promote_to_primary", axum::routing::post(promote))
         .route("/v1/admin/promote", axum::routing::post(promote))
+        .route("/v1/search", get(search::search))
+        .route("/v1/similar", get(search::similar))
         .route("/v1/status", get(status))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -162,8 +165,9 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
 }
 
 /// Values of the `op` label; `op_label` returns an index into this.
-const OPS: [&str; 9] = [
-    "get", "put", "delete", "bulk", "status", "health", "ready", "metrics", "other",
+const OPS: [&str; 11] = [
+    "get", "put", "delete", "bulk", "status", "health", "ready", "metrics", "other", "search",
+    "similar",
 ];
 
 fn op_label(method: &Method, path: Option<&str>) -> usize {
@@ -176,6 +180,8 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
         (Some("/health"), _) => 5,
         (Some("/ready"), _) => 6,
         (Some("/metrics"), _) => 7,
+        (Some("/v1/search"), _) => 9,
+        (Some("/v1/similar"), _) => 10,
         _ => 8,
     }
 }
@@ -525,6 +531,16 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "uptime_seconds": st.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
         "peers": st.replicator.as_ref().map_or_else(|| json!([]), |r| r.peer_status()),
+        "index": st.engine.state().index().map(|ix| {
+            let s = ix.stats();
+            json!({
+                "documents": s.documents,
+                "terms": s.terms,
+                "postings": s.postings,
+                "memory_bytes": s.memory_bytes,
+                "stemming": ix.stemming(),
+            })
+        }),
     }))
 }
 
@@ -666,6 +682,13 @@ async fn metrics(State(st): State<Shared>) -> Response {
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));
+    if let Some(ix) = st.engine.state().index() {
+        let s = ix.stats();
+        m.index.documents.set(s.documents as i64);
+        m.index.terms.set(s.terms as i64);
+        m.index.postings.set(s.postings as i64);
+        m.index.memory_bytes.set(s.memory_bytes as i64);
+    }
     if let Some(r) = &st.replicator {
         for (peer, lag) in r.peer_lags() {
             m.replication_lag_entries

@@ -115,6 +115,8 @@ pub struct EngineConfig {
     pub replicated: bool,
     /// Recent records kept in memory for shipping to secondaries.
     pub log_cache_bytes: usize,
+    /// `--index`: the search index the state keeps in step (DESIGN §7).
+    pub index: Option<Arc<crate::index::Index>>,
 }
 
 impl EngineConfig {
@@ -130,6 +132,7 @@ impl EngineConfig {
             node_tag: 0,
             replicated: false,
             log_cache_bytes: 64 << 20,
+            index: None,
         }
     }
 }
@@ -250,7 +253,7 @@ impl Engine {
         let started = Instant::now();
         let snap_dir = cfg.data_dir.join("snap");
         let wal_dir = cfg.data_dir.join("wal");
-        let state = Arc::new(State::new());
+        let state = Arc::new(State::with_index(cfg.index.clone()));
 
         let mut snap_meta = snapshot::SnapshotMeta::default();
         let snapshots = snapshot::list(fs.as_ref(), &snap_dir)?;

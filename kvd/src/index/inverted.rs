@@ -1,0 +1,655 @@
+//! The inverted index proper: interned terms, posting lists, a doc-id map,
+//! and the two rankings (BM25 and TF-IDF cosine) over them.
+//!
+//! Layout, chosen so that one write costs O(terms of the document) and no
+//! scan of a long list:
+//!
+//! - A term is interned once (`term_table` → term id); `lists[term]` is its
+//!   posting list `(doc, tf)`, in no particular order.
+//! - A document (one key with at least one term) gets a dense doc id,
+//!   recycled after a delete. `docs[doc]` holds its key, its length in
+//!   tokens and its distinct terms `(term, tf, pos)`, where `pos` is the
+//!   posting's place in `lists[term]`. That back-pointer makes a delete
+//!   O(terms): `swap_remove` the posting and fix the back-pointer of the
+//!   one posting that moved into its place.
+//! - A document's terms are kept in the order of the term *strings*, and a
+//!   query's terms too, so every floating-point sum (a BM25 score, a
+//!   document's TF-IDF norm, a dot product) adds the same numbers in the
+//!   same order on every node and after every restart, whatever the term
+//!   ids happen to be there. Equal data gives bit-equal scores.
+//!
+//! Ranking formulas (also in ARCHITECTURE.md; the property test
+//! `kvd/tests/index_model.rs` checks them against a brute-force version):
+//!
+//! ```text
+//! N      = documents (keys whose value has at least one term)
+//! n(t)   = documents containing term t;  f(t,D) = occurrences of t in D
+//! |D|    = tokens in D;  avgdl = (sum of |D|) / N
+//! BM25:  IDF(t) = ln(1 + (N - n(t) + 0.5) / (n(t) + 0.5))
+//!        score(D,Q) = sum over distinct t in Q of
+//!                     IDF(t) * f(t,D) * (k1 + 1) / (f(t,D) + k1 * (1 - b + b * |D| / avgdl))
+//!        k1 = 1.2, b = 0.75
+//! TF-IDF: idf(t) = ln((1 + N) / (1 + n(t))) + 1
+//!        w(t,X) = f(t,X) * idf(t)   (X a document or the query)
+//!        cos(Q,D) = sum_t w(t,Q) w(t,D) / (|w(Q)| |w(D)|)
+//! ```
+
+use std::cell::RefCell;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+
+use super::text::Analyzer;
+
+pub const K1: f64 = 1.2;
+pub const B: f64 = 0.75;
+
+/// A value's terms: distinct terms in string order with their counts, and
+/// the total number of tokens. Made outside any lock.
+#[derive(Debug, Default, Clone)]
+pub struct Analyzed {
+    arena: String,
+    /// `(start, end, tf)` into `arena`, sorted by the term string, distinct.
+    terms: Vec<(usize, usize, u32)>,
+    len: u64,
+}
+
+impl Analyzed {
+    pub fn of_value(analyzer: &Analyzer, value: &[u8]) -> Analyzed {
+        let mut a = Analyzed::default();
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        analyzer.value_terms(value, &mut |t| {
+            let start = a.arena.len();
+            a.arena.push_str(t);
+            spans.push((start, a.arena.len()));
+        });
+        a.len = spans.len() as u64;
+        let arena = &a.arena;
+        spans.sort_unstable_by(|x, y| arena[x.0..x.1].cmp(&arena[y.0..y.1]));
+        for (s, e) in spans {
+            match a.terms.last_mut() {
+                Some(last) if arena[last.0..last.1] == arena[s..e] => last.2 += 1,
+                _ => a.terms.push((s, e, 1)),
+            }
+        }
+        a
+    }
+
+    /// Distinct terms and their counts, in string order.
+    pub fn terms(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.terms.iter().map(|&(s, e, tf)| (&self.arena[s..e], tf))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Posting {
+    doc: u32,
+    tf: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DocTerm {
+    term: u32,
+    tf: u32,
+    /// Where this document's posting sits in `lists[term]`.
+    pos: u32,
+}
+
+#[derive(Debug)]
+struct Doc {
+    key: Box<str>,
+    /// Distinct terms in term-string order.
+    terms: Box<[DocTerm]>,
+    /// TF-IDF norm cached for index generation `norm_gen` (IDF moves with
+    /// every write, so a norm is good only for the generation it was
+    /// computed in). Written by concurrent readers, who all compute the
+    /// same value for the same generation.
+    norm: AtomicU64,
+    norm_gen: AtomicU64,
+}
+
+/// One result: a key and its score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub key: String,
+    pub score: f64,
+}
+
+/// A page of results and the number of documents that matched at all.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Page {
+    pub hits: Vec<Hit>,
+    pub total: usize,
+}
+
+/// Figures for `/v1/status` and metrics.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Stats {
+    pub documents: u64,
+    pub terms: u64,
+    pub postings: u64,
+    pub memory_bytes: u64,
+}
+
+/// The index contents. Mutated only by the WAL thread (under the write
+/// lock of [`super::Index`]); queried under the read lock.
+pub struct Inner {
+    hasher: foldhash::fast::FixedState,
+    term_table: HashTable<u32>,
+    term_names: Vec<Box<str>>,
+    lists: Vec<Vec<Posting>>,
+    free_terms: Vec<u32>,
+    docs: Vec<Option<Doc>>,
+    /// `|D|` by doc id, dense, for BM25's inner loop.
+    doc_len: Vec<u32>,
+    free_docs: Vec<u32>,
+    key_table: HashTable<u32>,
+    n_docs: u64,
+    total_len: u64,
+    postings: u64,
+    key_bytes: u64,
+    term_bytes: u64,
+    /// Bumped by every change; TF-IDF caches are keyed by it.
+    gen: u64,
+    /// `idf(t)` for every term id, for one generation.
+    idf_cache: Mutex<Option<(u64, Arc<Vec<f64>>)>>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            hasher: foldhash::fast::FixedState::with_seed(0x696e_6465_7821),
+            term_table: HashTable::new(),
+            term_names: Vec::new(),
+            lists: Vec::new(),
+            free_terms: Vec::new(),
+            docs: Vec::new(),
+            doc_len: Vec::new(),
+            free_docs: Vec::new(),
+            key_table: HashTable::new(),
+            n_docs: 0,
+            total_len: 0,
+            postings: 0,
+            key_bytes: 0,
+            term_bytes: 0,
+            gen: 0,
+            idf_cache: Mutex::new(None),
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread accumulators for queries, reused so a query allocates
+    /// nothing proportional to the corpus.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+#[derive(Default)]
+struct Scratch {
+    acc: Vec<f64>,
+    matched: Vec<u32>,
+    touched: Vec<u32>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, docs: usize) {
+        if self.acc.len() < docs {
+            self.acc.resize(docs, 0.0);
+            self.matched.resize(docs, 0);
+        }
+    }
+
+    fn add(&mut self, doc: u32, x: f64) {
+        let d = doc as usize;
+        if self.matched[d] == 0 {
+            self.touched.push(doc);
+        }
+        self.acc[d] += x;
+        self.matched[d] += 1;
+    }
+
+    fn reset(&mut self) {
+        for &d in &self.touched {
+            self.acc[d as usize] = 0.0;
+            self.matched[d as usize] = 0;
+        }
+        self.touched.clear();
+    }
+}
+
+/// Ranking order: more matched query terms first, then higher score, then
+/// key ascending (so equal scores come out the same on every node).
+/// "Less" ranks first; a max-heap of these keeps the worst on top.
+struct Ranked<'a> {
+    matched: u32,
+    score: f64,
+    key: &'a str,
+}
+
+impl Ord for Ranked<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .matched
+            .cmp(&self.matched)
+            .then_with(|| other.score.total_cmp(&self.score))
+            .then_with(|| self.key.cmp(other.key))
+    }
+}
+
+impl PartialOrd for Ranked<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ranked<'_> {}
+
+/// Keeps the best `want` of what it is offered.
+struct TopK<'a> {
+    want: usize,
+    heap: BinaryHeap<Ranked<'a>>,
+}
+
+impl<'a> TopK<'a> {
+    fn new(want: usize) -> Self {
+        TopK {
+            want,
+            heap: BinaryHeap::with_capacity(want.min(1 << 16) + 1),
+        }
+    }
+
+    fn offer(&mut self, r: Ranked<'a>) {
+        if self.want == 0 {
+            return;
+        }
+        if self.heap.len() < self.want {
+            self.heap.push(r);
+        } else if let Some(mut worst) = self.heap.peek_mut() {
+            if r < *worst {
+                *worst = r;
+            }
+        }
+    }
+
+    fn page(self, offset: usize, total: usize) -> Page {
+        Page {
+            hits: self
+                .heap
+                .into_sorted_vec()
+                .into_iter()
+                .skip(offset)
+                .map(|r| Hit {
+                    key: r.key.to_string(),
+                    score: r.score,
+                })
+                .collect(),
+            total,
+        }
+    }
+}
+
+/// BM25's IDF.
+pub fn bm25_idf(n_docs: f64, df: f64) -> f64 {
+    (1.0 + (n_docs - df + 0.5) / (df + 0.5)).ln()
+}
+
+/// TF-IDF's IDF.
+pub fn tfidf_idf(n_docs: f64, df: f64) -> f64 {
+    ((1.0 + n_docs) / (1.0 + df)).ln() + 1.0
+}
+
+/// A similarity query: distinct terms in string order with their counts;
+/// `None` for a term no document has.
+pub struct QueryVector {
+    pub terms: Vec<(Option<u32>, u32)>,
+    /// A document to leave out of the results (the `key=` of "more like this").
+    pub exclude: Option<u32>,
+}
+
+impl Inner {
+    fn hash(&self, s: &str) -> u64 {
+        self.hasher.hash_one(s)
+    }
+
+    pub fn term_id(&self, t: &str) -> Option<u32> {
+        let h = self.hash(t);
+        self.term_table
+            .find(h, |&id| &*self.term_names[id as usize] == t)
+            .copied()
+    }
+
+    fn doc_id(&self, key: &str) -> Option<u32> {
+        let h = self.hash(key);
+        let docs = &self.docs;
+        self.key_table
+            .find(h, |&d| {
+                docs[d as usize].as_ref().is_some_and(|x| &*x.key == key)
+            })
+            .copied()
+    }
+
+    fn intern(&mut self, t: &str) -> u32 {
+        if let Some(id) = self.term_id(t) {
+            return id;
+        }
+        let id = match self.free_terms.pop() {
+            Some(id) => {
+                self.term_names[id as usize] = t.into();
+                id
+            }
+            None => {
+                let id = u32::try_from(self.term_names.len()).expect("fewer than 2^32 terms");
+                self.term_names.push(t.into());
+                self.lists.push(Vec::new());
+                id
+            }
+        };
+        self.term_bytes += t.len() as u64;
+        let h = self.hash(t);
+        let (names, hasher) = (&self.term_names, &self.hasher);
+        self.term_table
+            .insert_unique(h, id, |&x| hasher.hash_one(&*names[x as usize]));
+        id
+    }
+
+    fn forget_term(&mut self, id: u32) {
+        let h = self.hash(&self.term_names[id as usize]);
+        if let Ok(e) = self.term_table.find_entry(h, |&x| x == id) {
+            e.remove();
+        }
+        self.term_bytes -= self.term_names[id as usize].len() as u64;
+        self.term_names[id as usize] = Box::from("");
+        self.lists[id as usize] = Vec::new();
+        self.free_terms.push(id);
+    }
+
+    /// Sets `key`'s document to `doc` (no terms: the key has no document).
+    pub fn put(&mut self, key: &str, doc: &Analyzed) {
+        self.delete(key);
+        if doc.is_empty() {
+            return;
+        }
+        let d = match self.free_docs.pop() {
+            Some(d) => d,
+            None => {
+                let d = u32::try_from(self.docs.len()).expect("fewer than 2^32 documents");
+                self.docs.push(None);
+                self.doc_len.push(0);
+                d
+            }
+        };
+        let mut terms = Vec::with_capacity(doc.terms.len());
+        for (t, tf) in doc.terms() {
+            let id = self.intern(t);
+            let list = &mut self.lists[id as usize];
+            terms.push(DocTerm {
+                term: id,
+                tf,
+                pos: u32::try_from(list.len()).expect("fewer than 2^32 postings per term"),
+            });
+            list.push(Posting { doc: d, tf });
+        }
+        self.postings += terms.len() as u64;
+        self.n_docs += 1;
+        self.total_len += doc.len;
+        self.key_bytes += key.len() as u64;
+        self.doc_len[d as usize] = u32::try_from(doc.len).unwrap_or(u32::MAX);
+        self.docs[d as usize] = Some(Doc {
+            key: key.into(),
+            terms: terms.into_boxed_slice(),
+            norm: AtomicU64::new(0),
+            norm_gen: AtomicU64::new(u64::MAX),
+        });
+        let h = self.hash(key);
+        let (docs, hasher) = (&self.docs, &self.hasher);
+        self.key_table.insert_unique(h, d, |&x| {
+            hasher.hash_one(docs[x as usize].as_ref().map_or("", |doc| &*doc.key))
+        });
+        self.gen += 1;
+    }
+
+    /// Drops `key`'s document, if it has one.
+    pub fn delete(&mut self, key: &str) {
+        let h = self.hash(key);
+        let docs = &self.docs;
+        let Ok(entry) = self.key_table.find_entry(h, |&d| {
+            docs[d as usize].as_ref().is_some_and(|x| &*x.key == key)
+        }) else {
+            return;
+        };
+        let (d, _) = entry.remove();
+        let Some(doc) = self.docs[d as usize].take() else {
+            return;
+        };
+        for dt in doc.terms.iter() {
+            let list = &mut self.lists[dt.term as usize];
+            let pos = dt.pos as usize;
+            list.swap_remove(pos);
+            if pos < list.len() {
+                let moved = list[pos].doc;
+                self.repoint(moved, dt.term, dt.pos);
+            }
+            let list = &mut self.lists[dt.term as usize];
+            if list.is_empty() {
+                self.forget_term(dt.term);
+            } else if list.capacity() > 32 && list.capacity() > 4 * list.len() {
+                list.shrink_to(2 * list.len());
+            }
+        }
+        self.postings -= doc.terms.len() as u64;
+        self.n_docs -= 1;
+        self.total_len -= u64::from(self.doc_len[d as usize]).min(self.total_len);
+        self.key_bytes -= doc.key.len() as u64;
+        self.doc_len[d as usize] = 0;
+        self.free_docs.push(d);
+        self.gen += 1;
+    }
+
+    /// The posting of (`doc`, `term`) now sits at `pos`.
+    fn repoint(&mut self, doc: u32, term: u32, pos: u32) {
+        let names = &self.term_names;
+        let Some(Some(d)) = self.docs.get_mut(doc as usize) else {
+            return;
+        };
+        let i = if d.terms.len() <= 32 {
+            d.terms.iter().position(|x| x.term == term)
+        } else {
+            let name = &names[term as usize];
+            d.terms
+                .binary_search_by(|x| names[x.term as usize].cmp(name))
+                .ok()
+        };
+        if let Some(i) = i {
+            d.terms[i].pos = pos;
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        use std::mem::size_of;
+        let mem = self.docs.capacity() * size_of::<Option<Doc>>()
+            + self.doc_len.capacity() * 4
+            + self.free_docs.capacity() * 4
+            + self.key_table.capacity() * 5
+            + self.term_table.capacity() * 5
+            + self.term_names.capacity() * size_of::<Box<str>>()
+            + self.lists.capacity() * size_of::<Vec<Posting>>()
+            + self.free_terms.capacity() * 4;
+        let lists: usize = self
+            .lists
+            .iter()
+            .map(|l| l.capacity() * size_of::<Posting>())
+            .sum();
+        Stats {
+            documents: self.n_docs,
+            terms: self.term_table.len() as u64,
+            postings: self.postings,
+            memory_bytes: mem as u64
+                + lists as u64
+                + self.postings * size_of::<DocTerm>() as u64
+                + self.key_bytes
+                + self.term_bytes,
+        }
+    }
+
+    pub fn documents(&self) -> u64 {
+        self.n_docs
+    }
+
+    /// BM25 over `terms` (distinct, in string order): the best
+    /// `offset + limit`, ranked by matched terms, score, key.
+    pub fn bm25(&self, terms: &[&str], offset: usize, limit: usize) -> Page {
+        if self.n_docs == 0 {
+            return Page::default();
+        }
+        let n = self.n_docs as f64;
+        let avgdl = self.total_len as f64 / n;
+        let lists: Vec<(f64, &[Posting])> = terms
+            .iter()
+            .filter_map(|t| self.term_id(t))
+            .map(|id| {
+                let list = &self.lists[id as usize];
+                (bm25_idf(n, list.len() as f64), list.as_slice())
+            })
+            .collect();
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.prepare(self.docs.len());
+            // Length normalisation K(D) = k1 * (1 - b + b |D| / avgdl).
+            let k_base = K1 * (1.0 - B);
+            let k_len = K1 * B / avgdl;
+            for (idf, list) in &lists {
+                for p in list.iter() {
+                    let tf = f64::from(p.tf);
+                    let dl = f64::from(self.doc_len[p.doc as usize]);
+                    let x = idf * (tf * (K1 + 1.0)) / (tf + (k_base + k_len * dl));
+                    s.add(p.doc, x);
+                }
+            }
+            let mut top = TopK::new(offset.saturating_add(limit));
+            for &d in &s.touched {
+                if let Some(doc) = &self.docs[d as usize] {
+                    top.offer(Ranked {
+                        matched: s.matched[d as usize],
+                        score: s.acc[d as usize],
+                        key: &doc.key,
+                    });
+                }
+            }
+            let total = s.touched.len();
+            s.reset();
+            top.page(offset, total)
+        })
+    }
+
+    /// The query vector of `key`'s document, if it has one.
+    pub fn doc_vector(&self, key: &str) -> Option<QueryVector> {
+        let d = self.doc_id(key)?;
+        let doc = self.docs[d as usize].as_ref()?;
+        Some(QueryVector {
+            terms: doc.terms.iter().map(|t| (Some(t.term), t.tf)).collect(),
+            exclude: Some(d),
+        })
+    }
+
+    /// `idf(t)` for every term id, for the current generation.
+    fn idf_table(&self) -> Arc<Vec<f64>> {
+        let mut cache = self.idf_cache.lock();
+        if let Some((gen, table)) = &*cache {
+            if *gen == self.gen {
+                return table.clone();
+            }
+        }
+        let n = self.n_docs as f64;
+        let table: Arc<Vec<f64>> = Arc::new(
+            self.lists
+                .iter()
+                .map(|l| tfidf_idf(n, l.len() as f64))
+                .collect(),
+        );
+        *cache = Some((self.gen, table.clone()));
+        table
+    }
+
+    /// `|w(D)|` for the current generation, cached in the document.
+    fn doc_norm(&self, doc: &Doc, idf: &mut Option<Arc<Vec<f64>>>) -> f64 {
+        if doc.norm_gen.load(AtomicOrdering::Acquire) == self.gen {
+            return f64::from_bits(doc.norm.load(AtomicOrdering::Relaxed));
+        }
+        let table = idf.get_or_insert_with(|| self.idf_table());
+        let mut sum = 0.0;
+        for t in doc.terms.iter() {
+            let w = f64::from(t.tf) * table[t.term as usize];
+            sum += w * w;
+        }
+        let norm = sum.sqrt();
+        doc.norm.store(norm.to_bits(), AtomicOrdering::Relaxed);
+        doc.norm_gen.store(self.gen, AtomicOrdering::Release);
+        norm
+    }
+
+    /// TF-IDF cosine similarity: the best `offset + limit` documents that
+    /// share a term with the query, by score then key.
+    pub fn similar(&self, q: &QueryVector, offset: usize, limit: usize) -> Page {
+        if self.n_docs == 0 {
+            return Page::default();
+        }
+        let n = self.n_docs as f64;
+        let mut q_norm = 0.0;
+        let mut lists: Vec<(f64, &[Posting])> = Vec::with_capacity(q.terms.len());
+        for &(id, qtf) in &q.terms {
+            let list = id.map_or(&[][..], |id| self.lists[id as usize].as_slice());
+            let idf = tfidf_idf(n, list.len() as f64);
+            let wq = f64::from(qtf) * idf;
+            q_norm += wq * wq;
+            if !list.is_empty() {
+                // w(t,Q) * w(t,D) = (qtf * idf) * (tf * idf)
+                lists.push((wq * idf, list));
+            }
+        }
+        let q_norm = q_norm.sqrt();
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.prepare(self.docs.len());
+            for (wq_idf, list) in &lists {
+                for p in list.iter() {
+                    s.add(p.doc, wq_idf * f64::from(p.tf));
+                }
+            }
+            let mut idf = None;
+            let mut top = TopK::new(offset.saturating_add(limit));
+            let mut total = 0;
+            for &d in &s.touched {
+                if Some(d) == q.exclude {
+                    continue;
+                }
+                let Some(doc) = &self.docs[d as usize] else {
+                    continue;
+                };
+                total += 1;
+                let score = (s.acc[d as usize] / (q_norm * self.doc_norm(doc, &mut idf))).min(1.0);
+                top.offer(Ranked {
+                    matched: 0,
+                    score,
+                    key: &doc.key,
+                });
+            }
+            s.reset();
+            top.page(offset, total)
+        })
+    }
+}

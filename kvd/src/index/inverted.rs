@@ -1,22 +1,28 @@
 //! The inverted index proper: interned terms, posting lists, a doc-id map,
 //! and the two rankings (BM25 and TF-IDF cosine) over them.
 //!
-//! Layout, chosen so that one write costs O(terms of the document) and no
-//! scan of a long list:
+//! Layout, chosen so that a write costs O(terms of the document) on the WAL
+//! thread, and no scan or shift of a long list:
 //!
 //! - A term is interned once (`term_table` → term id); `lists[term]` is its
-//!   posting list `(doc, tf)`, in no particular order.
-//! - A document (one key with at least one term) gets a dense doc id,
-//!   recycled after a delete. `docs[doc]` holds its key, its length in
-//!   tokens and its distinct terms `(term, tf, pos)`, where `pos` is the
-//!   posting's place in `lists[term]`. That back-pointer makes a delete
-//!   O(terms): `swap_remove` the posting and fix the back-pointer of the
-//!   one posting that moved into its place.
-//! - A document's terms are kept in the order of the term *strings*, and a
-//!   query's terms too, so every floating-point sum (a BM25 score, a
-//!   document's TF-IDF norm, a dot product) adds the same numbers in the
-//!   same order on every node and after every restart, whatever the term
-//!   ids happen to be there. Equal data gives bit-equal scores.
+//!   posting list `(doc, tf)`, in no particular order, and `df[term]` the
+//!   number of live documents holding it.
+//! - A document (one key with at least one term) gets a dense doc id.
+//!   `docs[doc]` holds its key and its distinct terms with their counts;
+//!   `doc_len[doc]` its length in tokens (0: no live document).
+//! - A delete does not touch the posting lists: it marks the doc id dead
+//!   (`doc_len = 0`), lowers `df` of its terms, and leaves its postings as
+//!   stale entries that queries skip. A list whose stale entries outnumber
+//!   its live ones is compacted right then (amortised O(1) per delete, and
+//!   a query never reads more than twice the live postings). A dead doc id
+//!   is reused only once no list names it any more (`refs` counts the stale
+//!   postings naming it), so a stale posting can never be mistaken for a
+//!   later document.
+//! - A document's terms are kept in one fixed order (FNV-1a hash of the
+//!   term, then the term), and a query's terms too, so every floating-point
+//!   sum (a BM25 score, a TF-IDF norm, a dot product) adds the same numbers
+//!   in the same order on every node and after every restart, whatever the
+//!   term ids happen to be there. Equal data gives bit-equal scores.
 //!
 //! Ranking formulas (also in ARCHITECTURE.md; the property test
 //! `kvd/tests/index_model.rs` checks them against a brute-force version):
@@ -49,40 +55,82 @@ use super::text::Analyzer;
 pub const K1: f64 = 1.2;
 pub const B: f64 = 0.75;
 
-/// A value's terms: distinct terms in string order with their counts, and
-/// the total number of tokens. Made outside any lock.
+/// The fixed order of terms (see the module docs): FNV-1a of the bytes,
+/// then the bytes. The same on every node, build and release.
+pub fn order_key(t: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in t.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A finaliser (splitmix64) that spreads every bit of `x` over the result,
+/// for hash tables keyed by [`order_key`].
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Compares two terms in the fixed order.
+pub fn term_order(a: (u64, &str), b: (u64, &str)) -> Ordering {
+    a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// A value's terms: distinct terms in the fixed order with their counts,
+/// and the total number of tokens. Made outside any lock.
 #[derive(Debug, Default, Clone)]
 pub struct Analyzed {
     arena: String,
-    /// `(start, end, tf)` into `arena`, sorted by the term string, distinct.
-    terms: Vec<(usize, usize, u32)>,
+    /// `(order key, start, end, tf)` into `arena`, distinct, in order.
+    terms: Vec<(u64, usize, usize, u32)>,
     len: u64,
 }
 
 impl Analyzed {
     pub fn of_value(analyzer: &Analyzer, value: &[u8]) -> Analyzed {
-        let mut a = Analyzed::default();
-        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut a = Analyzed {
+            arena: String::with_capacity(value.len().min(1 << 16)),
+            terms: Vec::with_capacity((value.len() / 8).min(1 << 14)),
+            len: 0,
+        };
+        // Distinct terms through a small hash table of indexes into
+        // `a.terms`, so repeated words cost one probe, not a sort entry.
+        let mut seen: HashTable<u32> = HashTable::with_capacity(a.terms.capacity());
         analyzer.value_terms(value, &mut |t| {
-            let start = a.arena.len();
-            a.arena.push_str(t);
-            spans.push((start, a.arena.len()));
-        });
-        a.len = spans.len() as u64;
-        let arena = &a.arena;
-        spans.sort_unstable_by(|x, y| arena[x.0..x.1].cmp(&arena[y.0..y.1]));
-        for (s, e) in spans {
-            match a.terms.last_mut() {
-                Some(last) if arena[last.0..last.1] == arena[s..e] => last.2 += 1,
-                _ => a.terms.push((s, e, 1)),
+            a.len += 1;
+            let k = order_key(t);
+            let h = mix64(k);
+            let (arena, terms) = (&mut a.arena, &mut a.terms);
+            match seen.find(h, |&i| {
+                let e = &terms[i as usize];
+                e.0 == k && &arena[e.1..e.2] == t
+            }) {
+                Some(&i) => terms[i as usize].3 += 1,
+                None => {
+                    let start = arena.len();
+                    arena.push_str(t);
+                    let i = u32::try_from(terms.len()).expect("fewer than 2^32 distinct terms");
+                    terms.push((k, start, arena.len(), 1));
+                    seen.insert_unique(h, i, |&j| mix64(terms[j as usize].0));
+                }
             }
-        }
+        });
+        let arena = &a.arena;
+        a.terms.sort_unstable_by(|x, y| {
+            x.0.cmp(&y.0)
+                .then_with(|| arena[x.1..x.2].cmp(&arena[y.1..y.2]))
+        });
         a
     }
 
-    /// Distinct terms and their counts, in string order.
+    /// Distinct terms and their counts, in the fixed order.
     pub fn terms(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.terms.iter().map(|&(s, e, tf)| (&self.arena[s..e], tf))
+        self.terms
+            .iter()
+            .map(|&(_, s, e, tf)| (&self.arena[s..e], tf))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -100,14 +148,12 @@ struct Posting {
 struct DocTerm {
     term: u32,
     tf: u32,
-    /// Where this document's posting sits in `lists[term]`.
-    pos: u32,
 }
 
 #[derive(Debug)]
 struct Doc {
     key: Box<str>,
-    /// Distinct terms in term-string order.
+    /// Distinct terms in the fixed order.
     terms: Box<[DocTerm]>,
     /// TF-IDF norm cached for index generation `norm_gen` (IDF moves with
     /// every write, so a norm is good only for the generation it was
@@ -147,15 +193,21 @@ pub struct Inner {
     term_table: HashTable<u32>,
     term_names: Vec<Box<str>>,
     lists: Vec<Vec<Posting>>,
+    /// Live documents holding each term (`lists[t]` may hold more: stale).
+    df: Vec<u32>,
     free_terms: Vec<u32>,
     docs: Vec<Option<Doc>>,
-    /// `|D|` by doc id, dense, for BM25's inner loop.
+    /// `|D|` by doc id, dense, for the queries' inner loops; 0 = no live
+    /// document (free, or dead with stale postings left).
     doc_len: Vec<u32>,
+    /// For a dead doc id: stale postings that still name it.
+    refs: Vec<u32>,
     free_docs: Vec<u32>,
     key_table: HashTable<u32>,
     n_docs: u64,
     total_len: u64,
     postings: u64,
+    stale: u64,
     key_bytes: u64,
     term_bytes: u64,
     /// Bumped by every change; TF-IDF caches are keyed by it.
@@ -171,14 +223,17 @@ impl Default for Inner {
             term_table: HashTable::new(),
             term_names: Vec::new(),
             lists: Vec::new(),
+            df: Vec::new(),
             free_terms: Vec::new(),
             docs: Vec::new(),
             doc_len: Vec::new(),
+            refs: Vec::new(),
             free_docs: Vec::new(),
             key_table: HashTable::new(),
             n_docs: 0,
             total_len: 0,
             postings: 0,
+            stale: 0,
             key_bytes: 0,
             term_bytes: 0,
             gen: 0,
@@ -313,7 +368,7 @@ pub fn tfidf_idf(n_docs: f64, df: f64) -> f64 {
     ((1.0 + n_docs) / (1.0 + df)).ln() + 1.0
 }
 
-/// A similarity query: distinct terms in string order with their counts;
+/// A similarity query: distinct terms in the fixed order with their counts;
 /// `None` for a term no document has.
 pub struct QueryVector {
     pub terms: Vec<(Option<u32>, u32)>,
@@ -344,7 +399,11 @@ impl Inner {
     }
 
     fn intern(&mut self, t: &str) -> u32 {
-        if let Some(id) = self.term_id(t) {
+        let h = self.hash(t);
+        if let Some(&id) = self
+            .term_table
+            .find(h, |&id| &*self.term_names[id as usize] == t)
+        {
             return id;
         }
         let id = match self.free_terms.pop() {
@@ -356,17 +415,18 @@ impl Inner {
                 let id = u32::try_from(self.term_names.len()).expect("fewer than 2^32 terms");
                 self.term_names.push(t.into());
                 self.lists.push(Vec::new());
+                self.df.push(0);
                 id
             }
         };
         self.term_bytes += t.len() as u64;
-        let h = self.hash(t);
         let (names, hasher) = (&self.term_names, &self.hasher);
         self.term_table
             .insert_unique(h, id, |&x| hasher.hash_one(&*names[x as usize]));
         id
     }
 
+    /// Drops term `id` (no live document holds it, its list is empty).
     fn forget_term(&mut self, id: u32) {
         let h = self.hash(&self.term_names[id as usize]);
         if let Ok(e) = self.term_table.find_entry(h, |&x| x == id) {
@@ -376,6 +436,32 @@ impl Inner {
         self.term_names[id as usize] = Box::from("");
         self.lists[id as usize] = Vec::new();
         self.free_terms.push(id);
+    }
+
+    /// Removes the stale postings of `lists[t]`; doc ids no list names any
+    /// more become free.
+    fn compact(&mut self, t: u32) {
+        let (doc_len, refs, free_docs) = (&self.doc_len, &mut self.refs, &mut self.free_docs);
+        let list = &mut self.lists[t as usize];
+        let before = list.len();
+        list.retain(|p| {
+            let live = doc_len[p.doc as usize] != 0;
+            if !live {
+                let r = &mut refs[p.doc as usize];
+                *r -= 1;
+                if *r == 0 {
+                    free_docs.push(p.doc);
+                }
+            }
+            live
+        });
+        self.stale -= (before - list.len()) as u64;
+        if list.capacity() > 16 && list.capacity() > 4 * list.len() {
+            list.shrink_to(2 * list.len());
+        }
+        if self.df[t as usize] == 0 {
+            self.forget_term(t);
+        }
     }
 
     /// Sets `key`'s document to `doc` (no terms: the key has no document).
@@ -390,25 +476,23 @@ impl Inner {
                 let d = u32::try_from(self.docs.len()).expect("fewer than 2^32 documents");
                 self.docs.push(None);
                 self.doc_len.push(0);
+                self.refs.push(0);
                 d
             }
         };
         let mut terms = Vec::with_capacity(doc.terms.len());
         for (t, tf) in doc.terms() {
             let id = self.intern(t);
-            let list = &mut self.lists[id as usize];
-            terms.push(DocTerm {
-                term: id,
-                tf,
-                pos: u32::try_from(list.len()).expect("fewer than 2^32 postings per term"),
-            });
-            list.push(Posting { doc: d, tf });
+            self.lists[id as usize].push(Posting { doc: d, tf });
+            self.df[id as usize] += 1;
+            terms.push(DocTerm { term: id, tf });
         }
         self.postings += terms.len() as u64;
         self.n_docs += 1;
         self.total_len += doc.len;
         self.key_bytes += key.len() as u64;
-        self.doc_len[d as usize] = u32::try_from(doc.len).unwrap_or(u32::MAX);
+        // A document has at least one token, so a live length is never 0.
+        self.doc_len[d as usize] = u32::try_from(doc.len).unwrap_or(u32::MAX).max(1);
         self.docs[d as usize] = Some(Doc {
             key: key.into(),
             terms: terms.into_boxed_slice(),
@@ -436,53 +520,31 @@ impl Inner {
         let Some(doc) = self.docs[d as usize].take() else {
             return;
         };
+        let len = self.doc_len[d as usize];
+        self.doc_len[d as usize] = 0;
+        self.refs[d as usize] = doc.terms.len() as u32;
+        self.stale += doc.terms.len() as u64;
         for dt in doc.terms.iter() {
-            let list = &mut self.lists[dt.term as usize];
-            let pos = dt.pos as usize;
-            list.swap_remove(pos);
-            if pos < list.len() {
-                let moved = list[pos].doc;
-                self.repoint(moved, dt.term, dt.pos);
-            }
-            let list = &mut self.lists[dt.term as usize];
-            if list.is_empty() {
-                self.forget_term(dt.term);
-            } else if list.capacity() > 32 && list.capacity() > 4 * list.len() {
-                list.shrink_to(2 * list.len());
+            let t = dt.term as usize;
+            self.df[t] -= 1;
+            let stale = self.lists[t].len() - self.df[t] as usize;
+            if stale > self.df[t] as usize {
+                self.compact(dt.term);
             }
         }
+        // (If every list holding it was compacted in the loop, `compact`
+        // already freed the doc id.)
         self.postings -= doc.terms.len() as u64;
         self.n_docs -= 1;
-        self.total_len -= u64::from(self.doc_len[d as usize]).min(self.total_len);
+        self.total_len -= u64::from(len).min(self.total_len);
         self.key_bytes -= doc.key.len() as u64;
-        self.doc_len[d as usize] = 0;
-        self.free_docs.push(d);
         self.gen += 1;
-    }
-
-    /// The posting of (`doc`, `term`) now sits at `pos`.
-    fn repoint(&mut self, doc: u32, term: u32, pos: u32) {
-        let names = &self.term_names;
-        let Some(Some(d)) = self.docs.get_mut(doc as usize) else {
-            return;
-        };
-        let i = if d.terms.len() <= 32 {
-            d.terms.iter().position(|x| x.term == term)
-        } else {
-            let name = &names[term as usize];
-            d.terms
-                .binary_search_by(|x| names[x.term as usize].cmp(name))
-                .ok()
-        };
-        if let Some(i) = i {
-            d.terms[i].pos = pos;
-        }
     }
 
     pub fn stats(&self) -> Stats {
         use std::mem::size_of;
         let mem = self.docs.capacity() * size_of::<Option<Doc>>()
-            + self.doc_len.capacity() * 4
+            + (self.doc_len.capacity() + self.refs.capacity() + self.df.capacity()) * 4
             + self.free_docs.capacity() * 4
             + self.key_table.capacity() * 5
             + self.term_table.capacity() * 5
@@ -510,7 +572,7 @@ impl Inner {
         self.n_docs
     }
 
-    /// BM25 over `terms` (distinct, in string order): the best
+    /// BM25 over `terms` (distinct, in the fixed order): the best
     /// `offset + limit`, ranked by matched terms, score, key.
     pub fn bm25(&self, terms: &[&str], offset: usize, limit: usize) -> Page {
         if self.n_docs == 0 {
@@ -522,8 +584,8 @@ impl Inner {
             .iter()
             .filter_map(|t| self.term_id(t))
             .map(|id| {
-                let list = &self.lists[id as usize];
-                (bm25_idf(n, list.len() as f64), list.as_slice())
+                let df = f64::from(self.df[id as usize]);
+                (bm25_idf(n, df), self.lists[id as usize].as_slice())
             })
             .collect();
         SCRATCH.with(|s| {
@@ -534,9 +596,12 @@ impl Inner {
             let k_len = K1 * B / avgdl;
             for (idf, list) in &lists {
                 for p in list.iter() {
+                    let dl = self.doc_len[p.doc as usize];
+                    if dl == 0 {
+                        continue; // stale
+                    }
                     let tf = f64::from(p.tf);
-                    let dl = f64::from(self.doc_len[p.doc as usize]);
-                    let x = idf * (tf * (K1 + 1.0)) / (tf + (k_base + k_len * dl));
+                    let x = idf * (tf * (K1 + 1.0)) / (tf + (k_base + k_len * f64::from(dl)));
                     s.add(p.doc, x);
                 }
             }
@@ -576,9 +641,9 @@ impl Inner {
         }
         let n = self.n_docs as f64;
         let table: Arc<Vec<f64>> = Arc::new(
-            self.lists
+            self.df
                 .iter()
-                .map(|l| tfidf_idf(n, l.len() as f64))
+                .map(|&df| tfidf_idf(n, f64::from(df)))
                 .collect(),
         );
         *cache = Some((self.gen, table.clone()));
@@ -612,11 +677,14 @@ impl Inner {
         let mut q_norm = 0.0;
         let mut lists: Vec<(f64, &[Posting])> = Vec::with_capacity(q.terms.len());
         for &(id, qtf) in &q.terms {
-            let list = id.map_or(&[][..], |id| self.lists[id as usize].as_slice());
-            let idf = tfidf_idf(n, list.len() as f64);
+            let (df, list) = match id {
+                Some(id) => (self.df[id as usize], self.lists[id as usize].as_slice()),
+                None => (0, &[][..]),
+            };
+            let idf = tfidf_idf(n, f64::from(df));
             let wq = f64::from(qtf) * idf;
             q_norm += wq * wq;
-            if !list.is_empty() {
+            if df > 0 {
                 // w(t,Q) * w(t,D) = (qtf * idf) * (tf * idf)
                 lists.push((wq * idf, list));
             }
@@ -627,7 +695,9 @@ impl Inner {
             s.prepare(self.docs.len());
             for (wq_idf, list) in &lists {
                 for p in list.iter() {
-                    s.add(p.doc, wq_idf * f64::from(p.tf));
+                    if self.doc_len[p.doc as usize] != 0 {
+                        s.add(p.doc, wq_idf * f64::from(p.tf));
+                    }
                 }
             }
             let mut idf = None;

@@ -162,7 +162,7 @@ impl Index {
         self.inner.read().stats()
     }
 
-    /// A query's distinct terms in string order, within the limits.
+    /// A query's distinct terms in the fixed order, within the limits.
     fn query_terms(&self, q: &str) -> Result<Vec<(String, u32)>, QueryError> {
         if q.len() > MAX_QUERY_BYTES {
             return Err(QueryError::TooLong(q.len()));
@@ -176,7 +176,10 @@ impl Index {
         if words.len() > MAX_QUERY_TERMS {
             return Err(QueryError::TooManyTerms(words.len()));
         }
-        words.sort_unstable();
+        // The fixed term order, as documents keep theirs (see `inverted`).
+        words.sort_by(|a, b| {
+            inverted::term_order((inverted::order_key(a), a), (inverted::order_key(b), b))
+        });
         let mut terms: Vec<(String, u32)> = Vec::with_capacity(words.len());
         for w in words {
             match terms.last_mut() {

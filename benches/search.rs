@@ -578,6 +578,9 @@ fn run() -> Result<ExitCode> {
     let ticker = Ticker::new(pb.clone());
     let make = put_docs_make(&corpus);
     let mut cells: Vec<(bool, LoadResult)> = Vec::new();
+    // kvd's CPU time per write (us), by cell: what the index costs, less
+    // exposed to the machine's noise than the rate.
+    let mut cpu_per_write: Vec<(bool, f64)> = Vec::new();
     for r in 0..rounds {
         for with_index in [false, true] {
             let label = if with_index {
@@ -596,7 +599,12 @@ fn run() -> Result<ExitCode> {
                 warmup: Duration::from_secs(1),
                 duration: Duration::from_secs(secs),
             };
+            let pid = kvd.pid().context("kvd pid")?.to_string();
+            let cpu0 = cpu_time(&pid);
             let res = rt.block_on(run_load(&spec, make.clone(), ticker.live.clone()))?;
+            let cpu = cpu_time(&pid).saturating_sub(cpu0);
+            let sent: u64 = res.sent.iter().sum();
+            cpu_per_write.push((with_index, cpu.as_secs_f64() * 1e6 / sent.max(1) as f64));
             if res.errors > 0 {
                 bail!(
                     "{} write errors ({label}): {}",
@@ -620,6 +628,16 @@ fn run() -> Result<ExitCode> {
     let put_plain = med(false, &|r| r.ops_per_sec());
     let put_index = med(true, &|r| r.ops_per_sec());
     let write_ratio = put_index / put_plain;
+    let cpu_med = |w: bool| {
+        median(
+            cpu_per_write
+                .iter()
+                .filter(|c| c.0 == w)
+                .map(|c| c.1)
+                .collect(),
+        )
+    };
+    let (cpu_plain, cpu_index) = (cpu_med(false), cpu_med(true));
 
     // Report.
     println!(
@@ -680,13 +698,21 @@ fn run() -> Result<ExitCode> {
     }
     print!("{}", t.render());
 
-    let mut w = Table::new(&["writes", "PUT/s (median)", "p50 ms", "p99 ms", "rounds"]);
+    let mut w = Table::new(&[
+        "writes",
+        "PUT/s (median)",
+        "p50 ms",
+        "p99 ms",
+        "kvd CPU us/write",
+        "rounds",
+    ]);
     for (with_index, name) in [(false, "kvd"), (true, "kvd --index")] {
         w.row(vec![
             name.into(),
             fmt_rate(med(with_index, &|r| r.ops_per_sec())),
             format!("{:.2}", med(with_index, &|r| r.p50_us() as f64) / 1000.0),
             format!("{:.2}", med(with_index, &|r| r.p99_us() as f64) / 1000.0),
+            format!("{:.1}", cpu_med(with_index)),
             rounds.to_string(),
         ]);
     }
@@ -758,6 +784,7 @@ fn run() -> Result<ExitCode> {
             "with_index": cells.iter().filter(|c| c.0).map(|c| c.1.to_json()).collect::<Vec<_>>(),
             "median_put_per_sec": {"without_index": put_plain, "with_index": put_index},
             "ratio": write_ratio,
+            "kvd_cpu_us_per_write": {"without_index": cpu_plain, "with_index": cpu_index},
         },
         "memory": {
             "kvd_rss_kib_with_index": indexed_rss, "kvd_rss_kib_without_index": plain_rss,

@@ -18,11 +18,14 @@
 //!   is reused only once no list names it any more (`refs` counts the stale
 //!   postings naming it), so a stale posting can never be mistaken for a
 //!   later document.
-//! - A document's terms are kept in one fixed order (FNV-1a hash of the
-//!   term, then the term), and a query's terms too, so every floating-point
-//!   sum (a BM25 score, a TF-IDF norm, a dot product) adds the same numbers
-//!   in the same order on every node and after every restart, whatever the
-//!   term ids happen to be there. Equal data gives bit-equal scores.
+//! - Every floating-point sum adds the same numbers in the same way on
+//!   every node and after every restart, whatever the term ids or the
+//!   insertion history there, so equal data gives bit-equal scores: a
+//!   document keeps its terms in the order they first appear in its value;
+//!   a text query's terms are put in one fixed order (FNV-1a hash of the
+//!   term, then the term), and so is a document's when it is the query, which
+//!   fixes the order of each BM25 sum and dot product; a document's TF-IDF
+//!   norm is summed exactly, in fixed point, so its order does not matter.
 //!
 //! Ranking formulas (also in ARCHITECTURE.md; the property test
 //! `kvd/tests/index_model.rs` checks them against a brute-force version):
@@ -66,12 +69,11 @@ pub fn order_key(t: &str) -> u64 {
     h
 }
 
-/// A finaliser (splitmix64) that spreads every bit of `x` over the result,
-/// for hash tables keyed by [`order_key`].
-fn mix64(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// Hash of a term for hash tables (not for ordering: that is
+/// [`order_key`]'s job).
+fn term_hash(t: &str) -> u64 {
+    const H: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7465_726d_7321);
+    H.hash_one(t)
 }
 
 /// Compares two terms in the fixed order.
@@ -79,12 +81,12 @@ pub fn term_order(a: (u64, &str), b: (u64, &str)) -> Ordering {
     a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1))
 }
 
-/// A value's terms: distinct terms in the fixed order with their counts,
-/// and the total number of tokens. Made outside any lock.
+/// A value's terms: distinct terms, in the order they first appear, with
+/// their counts, and the total number of tokens. Made outside any lock.
 #[derive(Debug, Default, Clone)]
 pub struct Analyzed {
     arena: String,
-    /// `(order key, start, end, tf)` into `arena`, distinct, in order.
+    /// `(term_hash, start, end, tf)` into `arena`, distinct.
     terms: Vec<(u64, usize, usize, u32)>,
     len: u64,
 }
@@ -101,8 +103,8 @@ impl Analyzed {
         let mut seen: HashTable<u32> = HashTable::with_capacity(a.terms.capacity());
         analyzer.value_terms(value, &mut |t| {
             a.len += 1;
-            let k = order_key(t);
-            let h = mix64(k);
+            let k = term_hash(t);
+            let h = k;
             let (arena, terms) = (&mut a.arena, &mut a.terms);
             match seen.find(h, |&i| {
                 let e = &terms[i as usize];
@@ -114,23 +116,25 @@ impl Analyzed {
                     arena.push_str(t);
                     let i = u32::try_from(terms.len()).expect("fewer than 2^32 distinct terms");
                     terms.push((k, start, arena.len(), 1));
-                    seen.insert_unique(h, i, |&j| mix64(terms[j as usize].0));
+                    seen.insert_unique(h, i, |&j| terms[j as usize].0);
                 }
             }
-        });
-        let arena = &a.arena;
-        a.terms.sort_unstable_by(|x, y| {
-            x.0.cmp(&y.0)
-                .then_with(|| arena[x.1..x.2].cmp(&arena[y.1..y.2]))
         });
         a
     }
 
-    /// Distinct terms and their counts, in the fixed order.
+    /// Distinct terms and their counts.
     pub fn terms(&self) -> impl Iterator<Item = (&str, u32)> {
         self.terms
             .iter()
             .map(|&(_, s, e, tf)| (&self.arena[s..e], tf))
+    }
+
+    /// Like [`Analyzed::terms`], with each term's hash.
+    fn keyed_terms(&self) -> impl Iterator<Item = (u64, &str, u32)> {
+        self.terms
+            .iter()
+            .map(|&(k, s, e, tf)| (k, &self.arena[s..e], tf))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,6 +148,60 @@ struct Posting {
     tf: u32,
 }
 
+/// Bytes of a term kept in its hash-table slot: interning a term that short
+/// compares it there, without a trip to the term's own allocation.
+const INLINE: usize = 11;
+
+/// A slot of the term table: the term id and the term's first bytes.
+#[derive(Debug, Clone, Copy)]
+struct TermSlot {
+    id: u32,
+    /// The term's length, or `u8::MAX` if longer than [`INLINE`].
+    len: u8,
+    head: [u8; INLINE],
+}
+
+impl TermSlot {
+    fn new_packed(id: u32, p: &Packed) -> TermSlot {
+        TermSlot {
+            id,
+            len: p.len,
+            head: p.head,
+        }
+    }
+
+    /// Whether this slot holds `t` (packed as `p`): fixed-size compares for
+    /// short terms, the term itself only for long ones.
+    fn is(&self, p: &Packed, t: &str, names: &[Box<str>]) -> bool {
+        self.len == p.len
+            && self.head == p.head
+            && (p.len != u8::MAX || *names[self.id as usize] == *t)
+    }
+}
+
+/// A term's length and first bytes, as a [`TermSlot`] keeps them.
+struct Packed {
+    len: u8,
+    head: [u8; INLINE],
+}
+
+impl Packed {
+    fn of(t: &str) -> Packed {
+        let mut head = [0; INLINE];
+        for (h, b) in head.iter_mut().zip(t.bytes()) {
+            *h = b;
+        }
+        Packed {
+            len: if t.len() <= INLINE {
+                t.len() as u8
+            } else {
+                u8::MAX
+            },
+            head,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct DocTerm {
     term: u32,
@@ -153,7 +211,8 @@ struct DocTerm {
 #[derive(Debug)]
 struct Doc {
     key: Box<str>,
-    /// Distinct terms in the fixed order.
+    /// Distinct terms, in the order they first appear in the value (sums
+    /// over them are exact, or sorted first: see [`fixed`] and `doc_vector`).
     terms: Box<[DocTerm]>,
     /// TF-IDF norm cached for index generation `norm_gen` (IDF moves with
     /// every write, so a norm is good only for the generation it was
@@ -190,7 +249,7 @@ pub struct Stats {
 /// lock of [`super::Index`]); queried under the read lock.
 pub struct Inner {
     hasher: foldhash::fast::FixedState,
-    term_table: HashTable<u32>,
+    term_table: HashTable<TermSlot>,
     term_names: Vec<Box<str>>,
     lists: Vec<Vec<Posting>>,
     /// Live documents holding each term (`lists[t]` may hold more: stale).
@@ -358,6 +417,25 @@ impl<'a> TopK<'a> {
     }
 }
 
+/// 2^40, the unit of [`fixed`].
+const FIXED_ONE: f64 = (1u64 << 40) as f64;
+
+/// `x` (finite, >= 1, < 2^73) in units of 2^-40, truncated: integer sums
+/// of these are exact and so do not depend on the order of the terms,
+/// which a document's list does not keep. The truncation loses at most
+/// 2^-40 of each term relative, far below what the ranking needs.
+fn fixed(x: f64) -> u128 {
+    let bits = x.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32 - 1075;
+    let mantissa = u128::from((bits & ((1u64 << 52) - 1)) | (1u64 << 52));
+    let shift = exp + 40;
+    if shift >= 0 {
+        mantissa << shift.min(127)
+    } else {
+        mantissa >> (-shift).min(127)
+    }
+}
+
 /// BM25's IDF.
 pub fn bm25_idf(n_docs: f64, df: f64) -> f64 {
     (1.0 + (n_docs - df + 0.5) / (df + 0.5)).ln()
@@ -382,10 +460,11 @@ impl Inner {
     }
 
     pub fn term_id(&self, t: &str) -> Option<u32> {
-        let h = self.hash(t);
+        let h = term_hash(t);
+        let p = Packed::of(t);
         self.term_table
-            .find(h, |&id| &*self.term_names[id as usize] == t)
-            .copied()
+            .find(h, |slot| slot.is(&p, t, &self.term_names))
+            .map(|slot| slot.id)
     }
 
     fn doc_id(&self, key: &str) -> Option<u32> {
@@ -398,13 +477,14 @@ impl Inner {
             .copied()
     }
 
-    fn intern(&mut self, t: &str) -> u32 {
-        let h = self.hash(t);
-        if let Some(&id) = self
+    /// The id of term `t` (whose [`term_hash`] is `h`), made if new.
+    fn intern(&mut self, h: u64, t: &str) -> u32 {
+        let p = Packed::of(t);
+        if let Some(slot) = self
             .term_table
-            .find(h, |&id| &*self.term_names[id as usize] == t)
+            .find(h, |slot| slot.is(&p, t, &self.term_names))
         {
-            return id;
+            return slot.id;
         }
         let id = match self.free_terms.pop() {
             Some(id) => {
@@ -420,16 +500,18 @@ impl Inner {
             }
         };
         self.term_bytes += t.len() as u64;
-        let (names, hasher) = (&self.term_names, &self.hasher);
+        let names = &self.term_names;
         self.term_table
-            .insert_unique(h, id, |&x| hasher.hash_one(&*names[x as usize]));
+            .insert_unique(h, TermSlot::new_packed(id, &p), |slot| {
+                term_hash(&names[slot.id as usize])
+            });
         id
     }
 
     /// Drops term `id` (no live document holds it, its list is empty).
     fn forget_term(&mut self, id: u32) {
-        let h = self.hash(&self.term_names[id as usize]);
-        if let Ok(e) = self.term_table.find_entry(h, |&x| x == id) {
+        let h = term_hash(&self.term_names[id as usize]);
+        if let Ok(e) = self.term_table.find_entry(h, |slot| slot.id == id) {
             e.remove();
         }
         self.term_bytes -= self.term_names[id as usize].len() as u64;
@@ -480,12 +562,26 @@ impl Inner {
                 d
             }
         };
-        let mut terms = Vec::with_capacity(doc.terms.len());
-        for (t, tf) in doc.terms() {
-            let id = self.intern(t);
-            self.lists[id as usize].push(Posting { doc: d, tf });
-            self.df[id as usize] += 1;
-            terms.push(DocTerm { term: id, tf });
+        // Three passes rather than one: the lists' tails are scattered over
+        // the heap, and loads that do not depend on each other (pass 2)
+        // let the CPU wait for many cache misses at once, where the pushes
+        // of a single pass would wait for them one by one.
+        let mut terms: Vec<DocTerm> = doc
+            .keyed_terms()
+            .map(|(key, t, tf)| DocTerm {
+                term: self.intern(key, t),
+                tf,
+            })
+            .collect();
+        let mut warm = 0u32;
+        for dt in &terms {
+            warm ^= self.lists[dt.term as usize].last().map_or(0, |p| p.doc);
+            warm ^= self.df[dt.term as usize];
+        }
+        std::hint::black_box(warm);
+        for dt in &mut terms {
+            self.lists[dt.term as usize].push(Posting { doc: d, tf: dt.tf });
+            self.df[dt.term as usize] += 1;
         }
         self.postings += terms.len() as u64;
         self.n_docs += 1;
@@ -547,7 +643,7 @@ impl Inner {
             + (self.doc_len.capacity() + self.refs.capacity() + self.df.capacity()) * 4
             + self.free_docs.capacity() * 4
             + self.key_table.capacity() * 5
-            + self.term_table.capacity() * 5
+            + self.term_table.capacity() * (size_of::<TermSlot>() + 1)
             + self.term_names.capacity() * size_of::<Box<str>>()
             + self.lists.capacity() * size_of::<Vec<Posting>>()
             + self.free_terms.capacity() * 4;
@@ -625,8 +721,21 @@ impl Inner {
     pub fn doc_vector(&self, key: &str) -> Option<QueryVector> {
         let d = self.doc_id(key)?;
         let doc = self.docs[d as usize].as_ref()?;
+        // Into the fixed order, so the dot products add up alike everywhere.
+        let mut terms: Vec<(u64, &str, DocTerm)> = doc
+            .terms
+            .iter()
+            .map(|t| {
+                let name = &*self.term_names[t.term as usize];
+                (order_key(name), name, *t)
+            })
+            .collect();
+        terms.sort_unstable_by(|a, b| term_order((a.0, a.1), (b.0, b.1)));
         Some(QueryVector {
-            terms: doc.terms.iter().map(|t| (Some(t.term), t.tf)).collect(),
+            terms: terms
+                .into_iter()
+                .map(|(_, _, t)| (Some(t.term), t.tf))
+                .collect(),
             exclude: Some(d),
         })
     }
@@ -656,12 +765,14 @@ impl Inner {
             return f64::from_bits(doc.norm.load(AtomicOrdering::Relaxed));
         }
         let table = idf.get_or_insert_with(|| self.idf_table());
-        let mut sum = 0.0;
+        // An exact fixed-point sum: the same bits whatever the order of
+        // the document's terms (see `fixed`).
+        let mut sum: u128 = 0;
         for t in doc.terms.iter() {
             let w = f64::from(t.tf) * table[t.term as usize];
-            sum += w * w;
+            sum += fixed(w * w);
         }
-        let norm = sum.sqrt();
+        let norm = (sum as f64 / FIXED_ONE).sqrt();
         doc.norm.store(norm.to_bits(), AtomicOrdering::Relaxed);
         doc.norm_gen.store(self.gen, AtomicOrdering::Release);
         norm

@@ -265,6 +265,49 @@ mod tests {
         ));
     }
 
+    /// Equal contents give bit-equal scores, whatever the history (and so
+    /// the term ids and doc ids) that led there.
+    #[test]
+    fn equal_data_gives_bit_equal_answers_whatever_the_history() {
+        let docs: Vec<(String, String)> = (0..300)
+            .map(|i| {
+                let words: Vec<String> = (0..(5 + i % 23))
+                    .map(|j| format!("w{}", (i * 7 + j * j * 13) % 97))
+                    .collect();
+                (format!("k{i}"), words.join(" "))
+            })
+            .collect();
+        let a = Index::new(false);
+        for (k, v) in &docs {
+            a.put(k.as_bytes(), v.as_bytes());
+        }
+        let b = Index::new(false);
+        for i in 0..200 {
+            b.put(
+                format!("junk{i}").as_bytes(),
+                format!("z{i} w{}", 96 - i % 97).as_bytes(),
+            );
+        }
+        for (k, v) in docs.iter().rev() {
+            b.put(k.as_bytes(), b"placeholder words");
+            b.put(k.as_bytes(), v.as_bytes());
+        }
+        for i in 0..200 {
+            b.delete(format!("junk{i}").as_bytes());
+        }
+        for q in ["w1", "w3 w50 w7", "w10 w20 w30 w40 w50 w60 w70"] {
+            assert_eq!(a.search(q, 0, 1000), b.search(q, 0, 1000), "{q}");
+            assert_eq!(
+                a.similar_text(q, 0, 1000),
+                b.similar_text(q, 0, 1000),
+                "{q}"
+            );
+        }
+        for (k, _) in docs.iter().step_by(17) {
+            assert_eq!(a.similar_key(k, 0, 1000), b.similar_key(k, 0, 1000), "{k}");
+        }
+    }
+
     #[test]
     fn similar_by_text_and_key() {
         let ix = Index::new(false);

@@ -100,7 +100,19 @@ impl Analyzed {
         };
         // Distinct terms through a small hash table of indexes into
         // `a.terms`, so repeated words cost one probe, not a sort entry.
-        let mut seen: HashTable<u32> = HashTable::with_capacity(a.terms.capacity());
+        SEEN.with(|seen| {
+            let mut seen = seen.borrow_mut();
+            seen.clear();
+            a.fill(analyzer, value, &mut seen);
+            if seen.capacity() > 1 << 16 {
+                *seen = HashTable::new();
+            }
+        });
+        a
+    }
+
+    fn fill(&mut self, analyzer: &Analyzer, value: &[u8], seen: &mut HashTable<u32>) {
+        let a = self;
         analyzer.value_terms(value, &mut |t| {
             a.len += 1;
             let k = term_hash(t);
@@ -120,7 +132,6 @@ impl Analyzed {
                 }
             }
         });
-        a
     }
 
     /// Distinct terms and their counts.
@@ -302,6 +313,9 @@ impl Default for Inner {
 }
 
 thread_local! {
+    /// The distinct-term table of [`Analyzed::of_value`], reused.
+    static SEEN: RefCell<HashTable<u32>> = RefCell::new(HashTable::new());
+
     /// Per-thread accumulators for queries, reused so a query allocates
     /// nothing proportional to the corpus.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
@@ -547,8 +561,8 @@ impl Inner {
     }
 
     /// Sets `key`'s document to `doc` (no terms: the key has no document).
-    pub fn put(&mut self, key: &str, doc: &Analyzed) {
-        self.delete(key);
+    pub fn put(&mut self, key: Box<str>, doc: &Analyzed) {
+        self.delete(&key);
         if doc.is_empty() {
             return;
         }
@@ -589,13 +603,13 @@ impl Inner {
         self.key_bytes += key.len() as u64;
         // A document has at least one token, so a live length is never 0.
         self.doc_len[d as usize] = u32::try_from(doc.len).unwrap_or(u32::MAX).max(1);
+        let h = self.hash(&key);
         self.docs[d as usize] = Some(Doc {
-            key: key.into(),
+            key,
             terms: terms.into_boxed_slice(),
             norm: AtomicU64::new(0),
             norm_gen: AtomicU64::new(u64::MAX),
         });
-        let h = self.hash(key);
         let (docs, hasher) = (&self.docs, &self.hasher);
         self.key_table.insert_unique(h, d, |&x| {
             hasher.hash_one(docs[x as usize].as_ref().map_or("", |doc| &*doc.key))

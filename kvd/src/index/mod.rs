@@ -87,7 +87,7 @@ impl Drop for Batch<'_> {
         let mut inner = self.index.inner.write();
         for c in changes {
             match c {
-                Change::Put(k, a) => inner.put(&k, &a),
+                Change::Put(k, a) => inner.put(k, &a),
                 Change::Delete(k) => inner.delete(&k),
             }
         }
@@ -117,7 +117,7 @@ impl Index {
         }
         let mut inner = self.inner.write();
         match c {
-            Change::Put(k, a) => inner.put(&k, &a),
+            Change::Put(k, a) => inner.put(k, &a),
             Change::Delete(k) => inner.delete(&k),
         }
     }
@@ -153,7 +153,7 @@ impl Index {
         let mut fresh = Inner::default();
         fill(&mut |k, v| {
             let a = Analyzed::of_value(&self.analyzer, v);
-            fresh.put(&key_str(k), &a);
+            fresh.put(key_str(k), &a);
         });
         *self.inner.write() = fresh;
     }

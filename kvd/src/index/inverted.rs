@@ -314,7 +314,7 @@ impl Default for Inner {
 
 thread_local! {
     /// The distinct-term table of [`Analyzed::of_value`], reused.
-    static SEEN: RefCell<HashTable<u32>> = RefCell::new(HashTable::new());
+    static SEEN: RefCell<HashTable<u32>> = const { RefCell::new(HashTable::new()) };
 
     /// Per-thread accumulators for queries, reused so a query allocates
     /// nothing proportional to the corpus.

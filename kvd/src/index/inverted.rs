@@ -678,10 +678,6 @@ impl Inner {
         }
     }
 
-    pub fn documents(&self) -> u64 {
-        self.n_docs
-    }
-
     /// BM25 over `terms` (distinct, in the fixed order): the best
     /// `offset + limit`, ranked by matched terms, score, key.
     pub fn bm25(&self, terms: &[&str], offset: usize, limit: usize) -> Page {

@@ -62,7 +62,8 @@ pub struct State {
     digest: AtomicU64,
     /// `kvd --index`: told every change in `put_locked` / `delete_locked`
     /// (and rebuilt by `replace_with`). Any new path that changes the key
-    /// space must go through those two functions, or tell the index itself.
+    /// space must go through those two functions, or tell the index itself
+    /// (`put` of the live value; a tombstone is a `delete` to the index).
     index: Option<Arc<Index>>,
 }
 

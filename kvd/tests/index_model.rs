@@ -250,7 +250,29 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
     let index = Arc::new(Index::new(stem));
     let state = State::with_index(Some(index.clone()));
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for s in steps {
+    let an = Analyzer::new(stem);
+    for (i, s) in steps.into_iter().enumerate() {
+        // Queries between writes too: similarity then works from norms
+        // cached some writes ago (bounds), which must not change results.
+        if i % 4 == 3 {
+            let corpus = Corpus::new(&model, &an);
+            let q = &queries[i % queries.len()];
+            let mut toks = Vec::new();
+            an.text_terms(q, &mut |t| toks.push(t.to_string()));
+            let got = index.similar_text(q, 0, 3).unwrap();
+            check_page(
+                &format!("similar {q:?} at step {i}"),
+                &got,
+                &corpus.cosine(&toks, None),
+                0,
+                3,
+            )?;
+            if let Some(k) = corpus.docs.keys().nth(i % 5) {
+                let want = corpus.cosine(&corpus.docs[k], Some(k));
+                let got = index.similar_key(k, 0, 2).unwrap();
+                check_page(&format!("similar key={k} at step {i}"), &got, &want, 0, 2)?;
+            }
+        }
         match s {
             Step::Put(k, v) => {
                 state.apply(&Op::Put {
@@ -287,7 +309,6 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
             }
         }
     }
-    let an = Analyzer::new(stem);
     let corpus = Corpus::new(&model, &an);
     let stats = index.stats();
     prop_assert_eq!(stats.documents, corpus.docs.len() as u64);

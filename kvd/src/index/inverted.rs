@@ -231,6 +231,8 @@ struct Doc {
     /// same value for the same generation.
     norm: AtomicU64,
     norm_gen: AtomicU64,
+    /// `sqrt(sum of tf^2)`: a floor of the TF-IDF norm (every idf >= 1).
+    tf_norm: f64,
 }
 
 /// One result: a key and its score.
@@ -412,6 +414,14 @@ impl<'a> TopK<'a> {
                 *worst = r;
             }
         }
+    }
+
+    /// The score a newcomer must reach to enter, once full.
+    fn bar(&self) -> Option<f64> {
+        if self.heap.len() < self.want {
+            return None;
+        }
+        self.heap.peek().map(|r| r.score)
     }
 
     fn page(self, offset: usize, total: usize) -> Page {
@@ -597,6 +607,11 @@ impl Inner {
             self.lists[dt.term as usize].push(Posting { doc: d, tf: dt.tf });
             self.df[dt.term as usize] += 1;
         }
+        let tf_norm = terms
+            .iter()
+            .map(|t| f64::from(t.tf) * f64::from(t.tf))
+            .sum::<f64>()
+            .sqrt();
         self.postings += terms.len() as u64;
         self.n_docs += 1;
         self.total_len += doc.len;
@@ -609,6 +624,7 @@ impl Inner {
             terms: terms.into_boxed_slice(),
             norm: AtomicU64::new(0),
             norm_gen: AtomicU64::new(u64::MAX),
+            tf_norm,
         });
         let (docs, hasher) = (&self.docs, &self.hasher);
         self.key_table.insert_unique(h, d, |&x| {
@@ -769,6 +785,33 @@ impl Inner {
         table
     }
 
+    /// `|w(D)|` if it is cached for the current generation.
+    fn cached_norm(&self, doc: &Doc) -> Option<f64> {
+        (doc.norm_gen.load(AtomicOrdering::Acquire) == self.gen)
+            .then(|| f64::from_bits(doc.norm.load(AtomicOrdering::Relaxed)))
+    }
+
+    /// A lower bound of `|w(D)|` now, from what never changes and what
+    /// was cached: every idf is at least 1, so `|w(D)| >= |tf(D)|`; and if
+    /// the norm was computed `W` changes ago, each idf of the document's
+    /// terms has moved since by at most
+    /// `delta = ln(1 + W / (1 + N_min)) + ln(1 + W / 2)` (N moved by at most
+    /// W, and each of its terms' document frequency, at least 1 then and
+    /// now, by at most W), so `|w(D)| >= old - delta * |tf(D)|`.
+    fn norm_floor(&self, doc: &Doc) -> f64 {
+        let tf_norm = doc.tf_norm;
+        let then = doc.norm_gen.load(AtomicOrdering::Acquire);
+        if then == u64::MAX || then > self.gen {
+            return tf_norm;
+        }
+        let old = f64::from_bits(doc.norm.load(AtomicOrdering::Relaxed));
+        let w = (self.gen - then) as f64;
+        let n_min = (self.n_docs as f64 - w).max(0.0);
+        let delta = (1.0 + w / (1.0 + n_min)).ln() + (1.0 + w / 2.0).ln();
+        // Slack for the rounding in `old` and here.
+        (old - delta * tf_norm).max(tf_norm) * (1.0 - 1e-12)
+    }
+
     /// `|w(D)|` for the current generation, cached in the document.
     fn doc_norm(&self, doc: &Doc, idf: &mut Option<Arc<Vec<f64>>>) -> f64 {
         if doc.norm_gen.load(AtomicOrdering::Acquire) == self.gen {
@@ -824,6 +867,13 @@ impl Inner {
             let mut idf = None;
             let mut top = TopK::new(offset.saturating_add(limit));
             let mut total = 0;
+            // Documents whose norm is known for this generation are scored
+            // at once; the others get an upper bound from a lower bound on
+            // their norm (`norm_floor`) and are scored, best bound first,
+            // only while their bound can still beat the current top: the
+            // first similarity query after a write then computes a few
+            // norms, not one per candidate.
+            let mut pending: Vec<(f64, u32)> = Vec::new();
             for &d in &s.touched {
                 if Some(d) == q.exclude {
                     continue;
@@ -832,10 +882,33 @@ impl Inner {
                     continue;
                 };
                 total += 1;
-                let score = (s.acc[d as usize] / (q_norm * self.doc_norm(doc, &mut idf))).min(1.0);
+                let dot = s.acc[d as usize];
+                match self.cached_norm(doc) {
+                    Some(norm) => top.offer(Ranked {
+                        matched: 0,
+                        score: (dot / (q_norm * norm)).min(1.0),
+                        key: &doc.key,
+                    }),
+                    None => {
+                        // Rounding slack: the bound must not fall below the
+                        // score computed from the exact norm.
+                        let bound = dot / (q_norm * self.norm_floor(doc)) * (1.0 + 1e-9);
+                        pending.push((bound, d));
+                    }
+                }
+            }
+            pending.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+            for (bound, d) in pending {
+                if top.bar().is_some_and(|bar| bound < bar) {
+                    break;
+                }
+                let Some(doc) = &self.docs[d as usize] else {
+                    continue;
+                };
+                let norm = self.doc_norm(doc, &mut idf);
                 top.offer(Ranked {
                     matched: 0,
-                    score,
+                    score: (s.acc[d as usize] / (q_norm * norm)).min(1.0),
                     key: &doc.key,
                 });
             }

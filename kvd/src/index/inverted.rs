@@ -389,6 +389,29 @@ impl PartialEq for Ranked<'_> {
 
 impl Eq for Ranked<'_> {}
 
+/// A candidate's score bound, ordered by the bound (for a max-heap).
+struct Bound(f64, u32);
+
+impl Ord for Bound {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl PartialOrd for Bound {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Bound {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Bound {}
+
 /// Keeps the best `want` of what it is offered.
 struct TopK<'a> {
     want: usize,
@@ -873,7 +896,7 @@ impl Inner {
             // only while their bound can still beat the current top: the
             // first similarity query after a write then computes a few
             // norms, not one per candidate.
-            let mut pending: Vec<(f64, u32)> = Vec::new();
+            let mut pending: Vec<Bound> = Vec::new();
             for &d in &s.touched {
                 if Some(d) == q.exclude {
                     continue;
@@ -893,12 +916,13 @@ impl Inner {
                         // Rounding slack: the bound must not fall below the
                         // score computed from the exact norm.
                         let bound = dot / (q_norm * self.norm_floor(doc)) * (1.0 + 1e-9);
-                        pending.push((bound, d));
+                        pending.push(Bound(bound, d));
                     }
                 }
             }
-            pending.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-            for (bound, d) in pending {
+            // A heap, not a sort: usually only the first few come out.
+            let mut pending = BinaryHeap::from(pending);
+            while let Some(Bound(bound, d)) = pending.pop() {
                 if top.bar().is_some_and(|bar| bound < bar) {
                     break;
                 }

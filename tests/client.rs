@@ -10,7 +10,7 @@
 //! Not covered here, because a single-node kvd cannot produce them yet:
 //! redirects to the primary (307 + `X-KV-Primary`; the redirect-target
 //! parsing is unit-tested in kvclient/src/client.rs), `Retry-After` (kvd
-//! never sends it), and search/similar (kvd has no index yet).
+//! never sends it). Search and similar, library and CLI, are in tests/search.rs.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

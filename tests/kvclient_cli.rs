@@ -5,7 +5,7 @@
 //!
 //! Argument errors, help and unreachable endpoints need no node and are
 //! tested in kvclient/tests/cli.rs. Not covered: redirects to the primary
-//! (needs replication) and search/similar (kvd has no index yet); the
+//! (needs replication) and search/similar (in tests/search.rs); the
 //! rendering of a non-empty peers list is unit-tested in kvclient/src/cli.rs,
 //! since a single node always reports none.
 

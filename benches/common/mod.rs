@@ -41,11 +41,16 @@ use serde_json::{json, Value};
 /// given, without the `--bench` that `cargo bench` appends for harness-less
 /// targets.
 pub fn reproduce(bench: &str) -> String {
-    let features = if cfg!(feature = "etcd-grpc") {
-        " --features etcd-grpc"
-    } else {
-        ""
-    };
+    let mut features = String::new();
+    for (on, name) in [
+        (cfg!(feature = "etcd-grpc"), "etcd-grpc"),
+        (cfg!(feature = "sqlite-bench"), "sqlite-bench"),
+    ] {
+        if on {
+            features.push_str(" --features ");
+            features.push_str(name);
+        }
+    }
     let mut cmd = format!("cargo build --release && cargo bench{features} --bench {bench}");
     let raw: Vec<String> = std::env::args_os()
         .skip(1)

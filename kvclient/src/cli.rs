@@ -143,15 +143,28 @@ enum Command {
         /// Most hits to return
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        /// Skip this many best hits (the next page starts at the previous
+        /// page's offset plus its hits)
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
 
-    /// Keys whose values are most similar to QUERY (needs kvd --index)
+    /// Keys whose values are most similar to QUERY, or to KEY's value with
+    /// --key (needs kvd --index)
     Similar {
         /// Text to compare values against
-        query: String,
+        #[arg(required_unless_present = "key", conflicts_with = "key")]
+        query: Option<String>,
+        /// Compare against this key's value instead ("more like this"; the
+        /// key itself is left out)
+        #[arg(long)]
+        key: Option<String>,
         /// Most hits to return
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// Skip this many best hits
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
 }
 
@@ -324,13 +337,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 write_stdout(render_status(status.as_json()).as_bytes())
             }
         }
-        Command::Search { query, limit } => {
-            let hits = client.search(query, *limit).await?;
-            print_hits(cli.json, &hits)
+        Command::Search {
+            query,
+            limit,
+            offset,
+        } => {
+            let page = client.search_page(query, *limit, *offset).await?;
+            print_hits(cli.json, &page)
         }
-        Command::Similar { query, top_k } => {
-            let hits = client.similar(query, *top_k).await?;
-            print_hits(cli.json, &hits)
+        Command::Similar {
+            query,
+            key,
+            top_k,
+            offset,
+        } => {
+            // clap insists on exactly one of the two.
+            let to = match key {
+                Some(k) => kvclient::SimilarTo::Key(k),
+                None => kvclient::SimilarTo::Text(query.as_deref().unwrap_or_default()),
+            };
+            let page = client.similar_page(to, *top_k, *offset).await?;
+            print_hits(cli.json, &page)
         }
     }
 }
@@ -391,12 +418,16 @@ fn parse_kv_lines(input: &[u8]) -> anyhow::Result<Vec<(String, Bytes)>> {
     Ok(items)
 }
 
-fn print_hits(json_output: bool, hits: &[kvclient::SearchHit]) -> Result<(), Failure> {
+fn print_hits(json_output: bool, page: &kvclient::SearchPage) -> Result<(), Failure> {
     if json_output {
-        return print_json(&json!({"hits": hits}));
+        return print_json(&json!({
+            "hits": page.hits,
+            "total": page.total,
+            "next_offset": page.next_offset,
+        }));
     }
     let mut out = String::new();
-    for hit in hits {
+    for hit in &page.hits {
         out.push_str(&format!("{:>10.4}  {}\n", hit.score, hit.key));
     }
     write_stdout(out.as_bytes())

@@ -28,8 +28,8 @@ use crate::backoff::Backoff;
 use crate::error::{is_retryable_status, Error, Result};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{
-    BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchResponse,
-    Status,
+    BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchPage,
+    SimilarTo, Status,
 };
 
 /// Header with which a secondary names the primary's base URL (DESIGN §4).
@@ -360,18 +360,56 @@ impl Client {
 
     /// Full-text search (server started with `--index`), best hit first.
     pub async fn search(&self, query: &str, limit: usize) -> Result<Vec<SearchHit>> {
-        let path = format!("/v1/search?q={}&limit={limit}", encode_query_value(query));
-        let resp = self.execute(Method::GET, &path, None).await?;
-        let hits: SearchResponse = decode_success(resp, "search response")?;
-        Ok(hits.hits)
+        Ok(self.search_page(query, limit, 0).await?.hits)
     }
 
-    /// TF-IDF cosine similarity (server started with `--index`), best first.
-    pub async fn similar(&self, query: &str, top_k: usize) -> Result<Vec<SearchHit>> {
-        let path = format!("/v1/similar?q={}&top_k={top_k}", encode_query_value(query));
+    /// One page of a full-text search: `limit` hits after the best `offset`.
+    pub async fn search_page(
+        &self,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<SearchPage> {
+        let path = format!(
+            "/v1/search?q={}&limit={limit}&offset={offset}",
+            encode_query_value(query)
+        );
         let resp = self.execute(Method::GET, &path, None).await?;
-        let hits: SearchResponse = decode_success(resp, "similar response")?;
-        Ok(hits.hits)
+        decode_success(resp, "search response")
+    }
+
+    /// TF-IDF cosine similarity to `query` (server started with `--index`),
+    /// best first.
+    pub async fn similar(&self, query: &str, top_k: usize) -> Result<Vec<SearchHit>> {
+        Ok(self
+            .similar_page(SimilarTo::Text(query), top_k, 0)
+            .await?
+            .hits)
+    }
+
+    /// Keys whose values are most like `key`'s value, best first (`key`
+    /// itself left out).
+    pub async fn similar_to_key(&self, key: &str, top_k: usize) -> Result<Vec<SearchHit>> {
+        Ok(self.similar_page(SimilarTo::Key(key), top_k, 0).await?.hits)
+    }
+
+    /// One page of a similarity query: `top_k` hits after the best `offset`.
+    pub async fn similar_page(
+        &self,
+        to: SimilarTo<'_>,
+        top_k: usize,
+        offset: usize,
+    ) -> Result<SearchPage> {
+        let target = match to {
+            SimilarTo::Text(q) => format!("q={}", encode_query_value(q)),
+            SimilarTo::Key(k) => {
+                validate_key(k).map_err(|reason| Error::invalid_key(k, reason))?;
+                format!("key={}", encode_query_value(k))
+            }
+        };
+        let path = format!("/v1/similar?{target}&top_k={top_k}&offset={offset}");
+        let resp = self.execute(Method::GET, &path, None).await?;
+        decode_success(resp, "similar response")
     }
 
     /// Any request, with the same primary following, retries and limits as

@@ -42,7 +42,10 @@ pub use client::{
 };
 pub use error::{Error, KeyError, Result};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
-pub use wire::{BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, SearchHit, Status, WireValue};
+pub use wire::{
+    BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, SearchHit, SearchPage, SimilarTo, Status,
+    WireValue,
+};
 
 /// Re-exported so callers need no direct `bytes`/`reqwest` dependency for
 /// values, [`Client::request`] and [`RawResponse`].

@@ -129,10 +129,26 @@ pub struct SearchHit {
     pub score: f64,
 }
 
-/// Answer to `GET /v1/search` and `GET /v1/similar`.
+/// Answer to `GET /v1/search` and `GET /v1/similar`: one page of hits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct SearchResponse {
-    pub(crate) hits: Vec<SearchHit>,
+pub struct SearchPage {
+    /// Best first.
+    pub hits: Vec<SearchHit>,
+    /// Documents that matched at all (shared a term with the query).
+    #[serde(default)]
+    pub total: u64,
+    /// `offset` of the next page, if there is one.
+    #[serde(default)]
+    pub next_offset: Option<u64>,
+}
+
+/// What `GET /v1/similar` compares values against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimilarTo<'a> {
+    /// Free text.
+    Text(&'a str),
+    /// The value of this key ("more like this"; the key itself is left out).
+    Key(&'a str),
 }
 
 /// `GET /v1/status`, kept as the server's JSON with typed accessors.

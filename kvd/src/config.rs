@@ -128,6 +128,18 @@ pub struct Config {
     /// Never enable in production.
     #[arg(long)]
     pub enable_debug: bool,
+
+    /// Keep a full-text (BM25) and TF-IDF similarity index over the values
+    /// and serve GET /v1/search and /v1/similar. Rebuilt from the data on
+    /// every start (it is not stored); costs memory and some write speed.
+    #[arg(long)]
+    pub index: bool,
+
+    /// With --index: reduce words to their English stems (Snowball), so
+    /// "running" finds "runs". Every node of a cluster must use the same
+    /// setting, or their results differ.
+    #[arg(long, requires = "index")]
+    pub index_stem: bool,
 }
 
 /// `--mode`.

@@ -1,6 +1,7 @@
 //! kvd: the kvstore node daemon.
 //!
 //! - [`storage`]: WAL, in-memory state, snapshots, recovery.
+//! - [`index`]: full-text (BM25) and TF-IDF similarity indexes (`--index`).
 //! - [`api`]: the HTTP API (DESIGN §2), thin handlers over the engine.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: command-line configuration.
@@ -8,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod index;
 pub mod masterless;
 pub mod metrics;
 pub mod replication;

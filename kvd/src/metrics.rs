@@ -25,6 +25,51 @@ pub struct Metrics {
     pub wal_segments: IntGauge,
     pub storage_poisoned: IntGauge,
     pub replication_lag_entries: IntGaugeVec,
+    pub index: IndexMetrics,
+}
+
+/// `--index` figures (set from the index when `/metrics` is read; the
+/// query histogram as queries run).
+pub struct IndexMetrics {
+    pub documents: IntGauge,
+    pub terms: IntGauge,
+    pub postings: IntGauge,
+    pub memory_bytes: IntGauge,
+    pub query_duration_seconds: HistogramVec,
+}
+
+impl IndexMetrics {
+    fn new(registry: &Registry) -> Result<IndexMetrics, prometheus::Error> {
+        let m = IndexMetrics {
+            documents: IntGauge::new(
+                "kvd_index_documents",
+                "Keys whose value has at least one indexed term",
+            )?,
+            terms: IntGauge::new("kvd_index_terms", "Distinct terms in the index")?,
+            postings: IntGauge::new(
+                "kvd_index_postings",
+                "Postings (document, term) in the index",
+            )?,
+            memory_bytes: IntGauge::new(
+                "kvd_index_memory_bytes",
+                "Estimated heap bytes held by the index",
+            )?,
+            query_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvd_index_query_duration_seconds",
+                    "Time to answer one index query, by kind (search, similar)",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["kind"],
+            )?,
+        };
+        registry.register(Box::new(m.documents.clone()))?;
+        registry.register(Box::new(m.terms.clone()))?;
+        registry.register(Box::new(m.postings.clone()))?;
+        registry.register(Box::new(m.memory_bytes.clone()))?;
+        registry.register(Box::new(m.query_duration_seconds.clone()))?;
+        Ok(m)
+    }
 }
 
 /// Latency buckets from 50 µs to 10 s: a group commit on a fast disk takes
@@ -111,7 +156,9 @@ impl Metrics {
         registry.register(Box::new(wal_bytes.clone()))?;
         registry.register(Box::new(wal_segments.clone()))?;
         registry.register(Box::new(storage_poisoned.clone()))?;
+        let index = IndexMetrics::new(&registry)?;
         Ok(Metrics {
+            index,
             registry,
             http_requests_total,
             http_request_duration_seconds,

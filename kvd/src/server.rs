@@ -180,6 +180,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.node_tag = node_tag(&meta.node_id);
     let wall = WallClock::new(cfg.clock_offset_ms);
     ecfg.wall = wall.clone();
+    ecfg.index = cfg
+        .index
+        .then(|| Arc::new(crate::index::Index::new(cfg.index_stem)));
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod error;
 pub mod listener;
+mod search;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,6 +154,8 @@ pub fn router(state: Shared) -> Router {
         .route("/promote_to_primary", axum::routing::post(promote))
         .route("/v1/admin/promote", axum::routing::post(promote))
         .route("/v1/admin/transfer", axum::routing::post(transfer))
+        .route("/v1/search", get(search::search))
+        .route("/v1/similar", get(search::similar))
         .route("/v1/status", get(status))
         .route(
             "/v1/admin/pause_writes",
@@ -212,8 +215,9 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
 }
 
 /// Values of the `op` label; `op_label` returns an index into this.
-const OPS: [&str; 9] = [
-    "get", "put", "delete", "bulk", "status", "health", "ready", "metrics", "other",
+const OPS: [&str; 11] = [
+    "get", "put", "delete", "bulk", "status", "health", "ready", "metrics", "other", "search",
+    "similar",
 ];
 
 fn op_label(method: &Method, path: Option<&str>) -> usize {
@@ -226,6 +230,8 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
         (Some("/health"), _) => 5,
         (Some("/ready"), _) => 6,
         (Some("/metrics"), _) => 7,
+        (Some("/v1/search"), _) => 9,
+        (Some("/v1/similar"), _) => 10,
         _ => 8,
     }
 }
@@ -652,6 +658,16 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
             v["clock_offset_ms"] = json!(st.wall.offset_ms());
             v
         }),
+        "index": st.engine.state().index().map(|ix| {
+            let s = ix.stats();
+            json!({
+                "documents": s.documents,
+                "terms": s.terms,
+                "postings": s.postings,
+                "memory_bytes": s.memory_bytes,
+                "stemming": ix.stemming(),
+            })
+        }),
     }))
 }
 
@@ -834,6 +850,13 @@ async fn metrics(State(st): State<Shared>) -> Response {
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));
+    if let Some(ix) = st.engine.state().index() {
+        let s = ix.stats();
+        m.index.documents.set(s.documents as i64);
+        m.index.terms.set(s.terms as i64);
+        m.index.postings.set(s.postings as i64);
+        m.index.memory_bytes.set(s.memory_bytes as i64);
+    }
     let lags = match (st.replicator(), st.ml()) {
         (Some(r), _) => r.peer_lags(),
         (None, Some(ml)) => ml.peer_lags(),

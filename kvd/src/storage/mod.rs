@@ -125,6 +125,8 @@ pub struct EngineConfig {
     pub masterless: bool,
     /// The wall clock under the hybrid logical clock (with its test offset).
     pub wall: WallClock,
+    /// `--index`: the search index the state keeps in step (DESIGN §7).
+    pub index: Option<Arc<crate::index::Index>>,
 }
 
 impl EngineConfig {
@@ -142,6 +144,7 @@ impl EngineConfig {
             log_cache_bytes: 64 << 20,
             masterless: false,
             wall: WallClock::default(),
+            index: None,
         }
     }
 }
@@ -305,7 +308,7 @@ impl Engine {
         let started = Instant::now();
         let snap_dir = cfg.data_dir.join("snap");
         let wal_dir = cfg.data_dir.join("wal");
-        let state = Arc::new(State::new());
+        let state = Arc::new(State::with_index(cfg.index.clone()));
         let lww = Arc::new(Lww::new());
         let lww_opt = cfg.masterless.then_some(&*lww);
 

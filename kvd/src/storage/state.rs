@@ -11,12 +11,14 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hashbrown::HashTable;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
 use super::record::Op;
+use crate::index::Index;
 
 const SHARD_BITS: u32 = 8;
 const SHARDS: usize = 1 << SHARD_BITS;
@@ -58,6 +60,11 @@ pub struct State {
     /// XOR of `entry_digest` over all entries, kept current on every apply
     /// so that comparing replicas costs nothing.
     digest: AtomicU64,
+    /// `kvd --index`: told every change in `put_locked` / `delete_locked`
+    /// (and rebuilt by `replace_with`). Any new path that changes the key
+    /// space must go through those two functions, or tell the index itself
+    /// (`put` of the live value; a tombstone is a `delete` to the index).
+    index: Option<Arc<Index>>,
 }
 
 /// Hash of one entry under a fixed seed: equal on every node and release.
@@ -73,22 +80,35 @@ impl Default for State {
 
 impl State {
     pub fn new() -> Self {
+        Self::with_index(None)
+    }
+
+    /// A state that keeps `index` in step with its contents.
+    pub fn with_index(index: Option<Arc<Index>>) -> Self {
         State {
             shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             hasher: foldhash::fast::RandomState::default(),
             keys: AtomicU64::new(0),
             digest: AtomicU64::new(0),
+            index,
         }
     }
 
+    /// The search index, with `kvd --index`.
+    pub fn index(&self) -> Option<&Arc<Index>> {
+        self.index.as_ref()
+    }
+
     /// An empty state hashing like this one, to load a snapshot into
-    /// before [`State::replace_with`].
+    /// before [`State::replace_with`] (without an index: that one rebuilds
+    /// this state's index from the new contents).
     pub fn empty_like(&self) -> State {
         State {
             shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             hasher: self.hasher,
             keys: AtomicU64::new(0),
             digest: AtomicU64::new(0),
+            index: None,
         }
     }
 
@@ -103,6 +123,13 @@ impl State {
             .store(other.keys.load(Ordering::Relaxed), Ordering::Relaxed);
         self.digest
             .store(other.digest.load(Ordering::Relaxed), Ordering::Relaxed);
+        if let Some(ix) = &self.index {
+            ix.rebuild(|put| {
+                for i in 0..SHARDS {
+                    self.for_each_in_shard(i, |k, v| put(k, v));
+                }
+            });
+        }
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
@@ -146,6 +173,9 @@ impl State {
     }
 
     fn put_locked(&self, shard: &mut HashTable<Entry>, h: u64, key: &[u8], value: &[u8]) {
+        if let Some(ix) = &self.index {
+            ix.put(key, value);
+        }
         let entry = make_entry(key, value);
         let mut d = entry_digest(&entry);
         match shard.find_mut(h, |e| entry_key(e) == key) {
@@ -164,6 +194,9 @@ impl State {
     fn delete_locked(&self, shard: &mut HashTable<Entry>, h: u64, key: &[u8]) -> bool {
         match shard.find_entry(h, |e| entry_key(e) == key) {
             Ok(occupied) => {
+                if let Some(ix) = &self.index {
+                    ix.delete(key);
+                }
                 let (old, _) = occupied.remove();
                 self.digest.fetch_xor(entry_digest(&old), Ordering::Relaxed);
                 self.keys.fetch_sub(1, Ordering::Relaxed);
@@ -205,6 +238,8 @@ impl State {
                     .enumerate()
                     .map(|(i, w)| w.then(|| self.shards[i].write()))
                     .collect();
+                // Searches, too, see all of the bulk or none of it.
+                let _index_batch = self.index.as_deref().map(Index::batch);
                 for ((k, v), h) in items.iter().zip(&hashes) {
                     let guard = guards[Self::shard_of(*h)]
                         .as_mut()

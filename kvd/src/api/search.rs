@@ -1,0 +1,176 @@
+//! `GET /v1/search` and `GET /v1/similar` (DESIGN §2, §7), over the node's
+//! own index: like other reads, served locally on every node.
+//!
+//! - `/v1/search?q=TEXT[&limit=N][&offset=M]`: BM25. Documents holding
+//!   more of the query's distinct terms come first, then higher score,
+//!   then key ascending.
+//! - `/v1/similar?q=TEXT` or `/v1/similar?key=K` (more like `K`'s value,
+//!   `K` itself left out), `[&top_k=N]` (alias `limit`) `[&offset=M]`:
+//!   TF-IDF cosine similarity, then key ascending.
+//!
+//! Answer: `{"hits": [{"key", "score"}], "total": T, "offset": M,
+//! "next_offset": M' | null}`, where `total` counts every document that
+//! matched (shared a term) and `next_offset` is where the next page
+//! starts, if there is one.
+//!
+//! Refused with 400: no `--index` (`index_disabled`), a query with no
+//! words (`empty_query`), longer than 1024 bytes or 64 words
+//! (`query_too_long`), `limit`/`top_k` outside 1..=1000 (`invalid_limit`),
+//! `offset` over 10000 (`invalid_offset`), both or neither of `q` and `key`
+//! (`invalid_query`). `key=` of a key that does not exist: 404.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{validate_key, ApiError, AppState};
+use crate::index::{self, Index, Page, QueryError};
+
+const DEFAULT_LIMIT: usize = 10;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct SearchParams {
+    q: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct SimilarParams {
+    q: Option<String>,
+    key: Option<String>,
+    top_k: Option<usize>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+fn index_of(st: &AppState) -> Result<Arc<Index>, ApiError> {
+    st.engine.state().index().cloned().ok_or_else(|| {
+        ApiError::bad_request(
+            "index_disabled",
+            "search is off on this node: start kvd with --index to use /v1/search and /v1/similar",
+        )
+    })
+}
+
+fn page_bounds(limit: Option<usize>, offset: Option<usize>) -> Result<(usize, usize), ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > index::MAX_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!(
+                "limit/top_k must be within 1..={}, got {limit}",
+                index::MAX_LIMIT
+            ),
+        ));
+    }
+    let offset = offset.unwrap_or(0);
+    if offset > index::MAX_OFFSET {
+        return Err(ApiError::bad_request(
+            "invalid_offset",
+            format!("offset must be at most {}, got {offset}", index::MAX_OFFSET),
+        ));
+    }
+    Ok((limit, offset))
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    let code = match e {
+        QueryError::Empty => "empty_query",
+        QueryError::TooLong(_) | QueryError::TooManyTerms(_) => "query_too_long",
+    };
+    ApiError::bad_request(code, e.to_string())
+}
+
+fn answer(page: Page, offset: usize) -> Response {
+    let end = offset + page.hits.len();
+    let next = (page.total > end && !page.hits.is_empty()).then_some(end);
+    let hits: Vec<_> = page
+        .hits
+        .into_iter()
+        .map(|h| json!({"key": h.key, "score": h.score}))
+        .collect();
+    Json(json!({
+        "hits": hits,
+        "total": page.total,
+        "offset": offset,
+        "next_offset": next,
+    }))
+    .into_response()
+}
+
+fn params<T>(p: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    p.map(|Query(p)| p)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+pub(super) async fn search(
+    State(st): State<Arc<AppState>>,
+    p: Result<Query<SearchParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ix = index_of(&st)?;
+    let p = params(p)?;
+    let (limit, offset) = page_bounds(p.limit, p.offset)?;
+    let q = p.q.unwrap_or_default();
+    let started = Instant::now();
+    let page = ix.search(&q, offset, limit).map_err(query_error)?;
+    st.metrics
+        .index
+        .query_duration_seconds
+        .with_label_values(&["search"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(answer(page, offset))
+}
+
+pub(super) async fn similar(
+    State(st): State<Arc<AppState>>,
+    p: Result<Query<SimilarParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ix = index_of(&st)?;
+    let p = params(p)?;
+    if p.top_k.is_some() && p.limit.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "give top_k or limit, not both",
+        ));
+    }
+    let (limit, offset) = page_bounds(p.top_k.or(p.limit), p.offset)?;
+    let started = Instant::now();
+    let page = match (p.q, p.key) {
+        (Some(q), None) => ix.similar_text(&q, offset, limit).map_err(query_error)?,
+        (None, Some(key)) => {
+            validate_key(&key).map_err(|m| ApiError::bad_request("invalid_key", m))?;
+            match ix.similar_key(&key, offset, limit) {
+                Some(page) => page,
+                // Present but without text: nothing is like it.
+                None if st.engine.get(key.as_bytes()).is_some() => Page::default(),
+                None => {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "key_not_found",
+                        format!("key {key:?} not found"),
+                    ))
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give exactly one of q (text) and key (more like this key's value)",
+            ))
+        }
+    };
+    st.metrics
+        .index
+        .query_duration_seconds
+        .with_label_values(&["similar"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(answer(page, offset))
+}

@@ -12,6 +12,7 @@ helpers that start real kvd/kvsup processes.
 """
 
 from .client import BulkResult, KVClient, Response, SearchHit
+from .codec import Value
 from .errors import (
     ConnectError,
     InvalidKeyError,
@@ -30,6 +31,7 @@ __all__ = [
     "SearchHit",
     "BulkResult",
     "Response",
+    "Value",
     "KVError",
     "ServerError",
     "UnavailableError",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.client import KVClient
+from kvstore.codec import Value
 from kvstore.cluster import Node, free_port, start_node
 from kvstore.errors import ConnectError, InvalidKeyError, InvalidValueError, ServerError
 from test_unit import ROUND_TRIP
@@ -100,7 +101,7 @@ def test_server_errors_carry_the_servers_code(tmp_path: Path) -> None:
 
 
 def test_bulk_set_then_gets(kv: KVClient) -> None:
-    items = [(f"bulk/{i}", {"i": i, "name": f"item {i}"}) for i in range(500)]
+    items: list[tuple[str, Value]] = [(f"bulk/{i}", {"i": i, "name": f"item {i}"}) for i in range(500)]
     items += [("bin", b"\x00\x01\xff"), ("text", "plain"), ("num", 7), ("raw-text", b"hello")]
     result = kv.bulk_set(items)
     assert result.count == len(items)

@@ -28,7 +28,7 @@ if [ ! -x "$PYENV/bin/pip" ]; then
         rm -rf "$PYENV"
         echo "python3 -m venv failed; installing Debian's python3-venv"
         apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv "$PYENV"
+        python3 -m venv "$PYENV" || { rm -rf "$PYENV"; /usr/bin/python3 -m venv "$PYENV"; }
     fi
 fi
 "$PYENV/bin/python" -m pip install --quiet -r python/requirements-dev.txt

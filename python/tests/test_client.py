@@ -4,6 +4,7 @@ bulk writes, concurrency, and interop with the Rust CLI."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -13,7 +14,13 @@ import pytest
 from kvstore.client import KVClient
 from kvstore.codec import Value
 from kvstore.cluster import Node, free_port, start_node
-from kvstore.errors import ConnectError, InvalidKeyError, InvalidValueError, ServerError
+from kvstore.errors import (
+    ConnectError,
+    InvalidKeyError,
+    InvalidValueError,
+    KVTimeoutError,
+    ServerError,
+)
 from test_unit import ROUND_TRIP
 
 
@@ -170,6 +177,20 @@ def test_retries_move_to_the_next_endpoint(node: Node) -> None:
     kv.set("a", "via the second endpoint")
     assert kv.current_endpoint == node.url
     assert kv.get("a") == "via the second endpoint"
+
+
+def test_a_stopped_node_times_out_and_the_client_moves_on(tmp_path: Path) -> None:
+    with start_node(tmp_path / "a") as stopped, start_node(tmp_path / "b") as live:
+        stopped.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(KVTimeoutError) as err:
+                KVClient(stopped.url, timeout=0.3, max_retries=0).get("k")
+            assert err.value.retryable and err.value.endpoint == stopped.url
+            kv = KVClient([stopped.url, live.url], timeout=0.3, backoff_initial=0.01)
+            kv.set("k", "served by the live node")
+            assert kv.current_endpoint == live.url
+        finally:
+            stopped.signal(signal.SIGCONT)
 
 
 def test_aliases(kv: KVClient) -> None:

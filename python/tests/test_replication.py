@@ -33,6 +33,9 @@ def test_writes_to_a_secondary_follow_the_redirect_to_the_primary(start_three: S
     kv.set("via-secondary", "ok")
     assert kv.current_endpoint == primary.url, "the client now prefers the primary"
     assert KVClient(primary.url).get("via-secondary") == "ok"
+    # A bulk (a POST with a body) is re-sent to the primary whole.
+    assert KVClient(s1.url).bulk_set([("b1", b"\x00"), ("b2", [2])]).count == 2
+    assert KVClient(primary.url).get("b1") == b"\x00"
     # A linearizable read asked of a secondary is redirected too.
     assert KVClient(s1.url).get("via-secondary", consistent=True) == "ok"
 

@@ -382,7 +382,7 @@ class KVClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._pool.close()
+        self.close()
 
     def __repr__(self) -> str:
         return f"KVClient({self.endpoints!r})"

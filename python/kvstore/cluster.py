@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .client import KVClient
+from .client import KVClient, normalize_endpoint
 
 __all__ = [
     "Node",
@@ -452,7 +452,7 @@ class Cluster:
     @property
     def urls(self) -> list[str]:
         """Every node's base URL, in manifest order."""
-        return [str(n["url"]) for n in self.status().get("nodes", [])]
+        return [normalize_endpoint(str(n["url"])) for n in self.status().get("nodes", [])]
 
     @property
     def primary(self) -> str | None:
@@ -464,7 +464,7 @@ class Cluster:
     def url_of(self, node: str) -> str:
         for n in self.status().get("nodes", []):
             if n.get("name") == node:
-                return str(n["url"])
+                return normalize_endpoint(str(n["url"]))
         raise KeyError(node)
 
     def client(self, **kwargs: Any) -> KVClient:

@@ -18,6 +18,9 @@ use nix::unistd::Pid;
 
 pub use nix::sys::signal::Signal as Sig;
 
+pub mod linearizability;
+pub mod sup;
+
 /// Directory with the workspace's built binaries (`kvd`, `kvclient`, ...).
 ///
 /// `KVSTORE_BIN_DIR` overrides; otherwise it is the profile directory of the
@@ -292,7 +295,21 @@ impl Drop for Kvd {
 /// Runs a binary of the workspace to completion (for "refuses to start"
 /// checks): exit status and combined output.
 pub fn run_to_exit(name: &str, args: &[&str], timeout: Duration) -> Result<(ExitStatus, String)> {
-    let mut child = Command::new(bin(name))
+    run_to_exit_in(None, name, args, timeout)
+}
+
+/// [`run_to_exit`], run in directory `dir` if given.
+pub fn run_to_exit_in(
+    dir: Option<&Path>,
+    name: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(ExitStatus, String)> {
+    let mut cmd = Command::new(bin(name));
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

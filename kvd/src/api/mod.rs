@@ -9,7 +9,7 @@ pub mod error;
 pub mod listener;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -122,6 +122,7 @@ pub fn router(state: Shared) -> Router {
         .route("/internal/snapshot", axum::routing::post(internal_snapshot))
         .route("/promote_to_primary", axum::routing::post(promote))
         .route("/v1/admin/promote", axum::routing::post(promote))
+        .route("/v1/admin/transfer", axum::routing::post(transfer))
         .route("/v1/status", get(status))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -284,6 +285,14 @@ impl AppState {
             return Ok(());
         };
         if r.is_primary() {
+            if r.writes_paused() {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transfer_in_progress",
+                    "the primary is handing over to another node; retry shortly",
+                )
+                .retry_after(1));
+            }
             return Ok(());
         }
         Err(match r.primary_url() {
@@ -513,6 +522,7 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "epoch": st.epoch(),
         "primary": st.replicator.as_ref().map_or_else(|| None, |r| r.primary_url()),
         "last_index": s.last_index,
+        "last_log_epoch": st.engine.last_log_pos().epoch,
         "commit_index": st.engine.commit_index(),
         "applied_index": s.applied_index,
         "snapshot_index": s.snapshot_index,
@@ -635,6 +645,40 @@ async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
             "meta_write_failed",
             format!("could not persist the new epoch: {e}"),
         )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    /// URL of the peer to hand the primary role to, as in `--peers`.
+    to: String,
+    #[serde(default = "default_transfer_ms")]
+    timeout_ms: u64,
+}
+
+fn default_transfer_ms() -> u64 {
+    10_000
+}
+
+/// Planned switchover, asked of the primary (`kvsup promote`): see
+/// [`node::Replicator::transfer`].
+async fn transfer(
+    State(st): State<Shared>,
+    body: Result<Json<TransferRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_transfer", e.body_text()))?;
+    let Some(r) = st.replicator.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_peers",
+            "this node runs alone (no --peers): there is nobody to hand over to",
+        ));
+    };
+    let timeout = Duration::from_millis(req.timeout_ms.clamp(10, 600_000));
+    match r.transfer(&req.to, timeout).await {
+        Ok(epoch) => Ok(Json(json!({"to": req.to, "epoch": epoch})).into_response()),
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, "transfer_failed", why)),
     }
 }
 

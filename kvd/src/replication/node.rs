@@ -52,6 +52,10 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A snapshot transfer may take this long (hundreds of MB on loopback).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long an election waits for the remaining peers once a majority has
+/// answered (see `ask_votes`).
+const VOTE_STRAGGLER_GRACE: Duration = Duration::from_millis(100);
+
 /// A node's role in its current epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +96,9 @@ pub struct Replicator {
     acked: Notify,
     /// One promotion at a time on this node.
     promoting: tokio::sync::Mutex<()>,
+    /// While set and in the future, client writes are refused (503): a
+    /// leadership transfer is letting its target catch up.
+    transfer_until: Mutex<Option<Instant>>,
     http: reqwest::Client,
 }
 
@@ -241,8 +248,74 @@ impl Replicator {
             peers,
             acked: Notify::new(),
             promoting: tokio::sync::Mutex::new(()),
+            transfer_until: Mutex::new(None),
             http,
         })
+    }
+
+    /// Whether client writes are paused for a leadership transfer.
+    pub fn writes_paused(&self) -> bool {
+        matches!(*self.transfer_until.lock(), Some(t) if Instant::now() < t)
+    }
+
+    /// Planned switchover to the peer at `to` (Raft's leadership transfer):
+    /// stop taking client writes, wait until `to` holds this node's whole
+    /// log, then ask it to run for primary. Its vote is then won at once
+    /// (it is as up to date as anyone), so no acknowledged write is lost and
+    /// the pause lasts about one replication round trip. Writes resume on
+    /// return whatever happened (if the target lost, this node is still
+    /// primary). Returns the target's new epoch.
+    pub async fn transfer(&self, to: &str, timeout: Duration) -> Result<u64, String> {
+        if !self.is_primary() {
+            return Err("this node is not the primary".into());
+        }
+        let Some(peer) = self.peers.iter().find(|p| p.url == to) else {
+            return Err(format!("{to} is not a peer of this node"));
+        };
+        let deadline = Instant::now() + timeout;
+        *self.transfer_until.lock() = Some(deadline);
+        let result = async {
+            // Writes admitted before the pause may still be on their way
+            // into the log; wait until the target matches a log that has
+            // stopped growing.
+            loop {
+                let last = self.engine.last_log_pos().index;
+                if peer.match_index.load(Ordering::Acquire) >= last {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "{to} did not catch up within {timeout:?} (it is at {} of {last})",
+                        peer.match_index.load(Ordering::Acquire)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let resp = self
+                .http
+                .post(format!("{to}/promote_to_primary"))
+                .timeout(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_secs(1)),
+                )
+                .send()
+                .await
+                .map_err(|e| format!("asking {to} to run: {e}"))?;
+            let ok = resp.status().is_success();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            if ok {
+                Ok(body
+                    .get("epoch")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0))
+            } else {
+                Err(format!("{to} refused: {body}"))
+            }
+        }
+        .await;
+        *self.transfer_until.lock() = None;
+        result
     }
 
     /// Starts the background tasks (they idle while this node is secondary).
@@ -426,6 +499,9 @@ impl Replicator {
     }
 
     /// Asks every peer for its vote in `epoch`; `None` for no answer.
+    ///
+    /// Returns when every peer answered, or [`VOTE_STRAGGLER_GRACE`] after a
+    /// majority did.
     async fn ask_votes(&self, epoch: u64, pre_vote: bool) -> Vec<Option<VoteAnswer>> {
         let req = VoteRequest {
             epoch,
@@ -451,9 +527,28 @@ impl Replicator {
             });
         }
         let mut answers: Vec<Option<VoteAnswer>> = self.peers.iter().map(|_| None).collect();
-        while let Some(done) = asks.join_next().await {
+        // Once a majority (with us) has answered, a peer that is stopped or
+        // cut off should not hold the election up for a whole timeout: the
+        // rest get a short grace, then count as unreachable. Safety does not
+        // depend on the stragglers; every rule is decided by the answers.
+        let needed = rules::majority(self.peers.len() + 1);
+        let mut answered = 1;
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace_until {
+                Some(t) => match tokio::time::timeout_at(t, asks.join_next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+                None => asks.join_next().await,
+            };
+            let Some(done) = next else { break };
             if let Ok(Some((i, a))) = done {
                 answers[i] = Some(a);
+                answered += 1;
+                if answered >= needed && grace_until.is_none() {
+                    grace_until = Some(tokio::time::Instant::now() + VOTE_STRAGGLER_GRACE);
+                }
             }
         }
         answers

@@ -1,0 +1,974 @@
+//! The supervisor daemon: holds the desired state (the applied manifest) and
+//! makes the cluster match it, over and over.
+//!
+//! Tasks:
+//! - one health checker per node (`/v1/status` at the manifest's interval);
+//! - one watcher per running process (its exit is seen at once);
+//! - the reconcile loop: start missing nodes, restart dead ones with capped
+//!   backoff, and fail over when the primary has failed;
+//! - the file watcher (re-applies the manifest when it is edited);
+//! - the HTTP API the `kvsup` commands talk to.
+//!
+//! kvsup decides *when* to elect and *whom* to ask; safety is kvd's: a
+//! promotion only succeeds with a majority of votes (DESIGN §4), so a wrong
+//! guess here (a primary that was only slow) costs a needless election,
+//! never a lost write.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::manifest::{Manifest, Mode};
+use crate::metrics::Metrics;
+use crate::process::{self, Handle, Launch};
+
+/// Events kept for `kvsup events`.
+const MAX_EVENTS: usize = 1000;
+
+/// A node runs this long before an exit resets its restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Extra wait before electing when no primary was ever seen.
+const NO_PRIMARY_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    pub time_ms: u64,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub message: String,
+}
+
+#[derive(Default)]
+struct RunState {
+    pid: Option<u32>,
+    running: bool,
+    started_at: Option<Instant>,
+    exited_at: Option<Instant>,
+    last_exit: Option<String>,
+    spawned_once: bool,
+    next_start: Option<Instant>,
+    backoff_ms: u64,
+}
+
+#[derive(Default)]
+struct Health {
+    ok: bool,
+    failures: u32,
+    status: Option<Value>,
+    last_error: Option<String>,
+}
+
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+    run: Mutex<RunState>,
+    health: Mutex<Health>,
+    restarts: AtomicU64,
+}
+
+/// What the reconcile loop learned about one node this round.
+struct View {
+    name: String,
+    url: String,
+    running: bool,
+    healthy: bool,
+    failed: bool,
+    role: Option<String>,
+    epoch: u64,
+    last: (u64, u64),
+}
+
+pub struct Sup {
+    manifest: RwLock<Manifest>,
+    manifest_path: Mutex<PathBuf>,
+    base_dir: PathBuf,
+    pub state_dir: PathBuf,
+    kvd: PathBuf,
+    pub nodes: Vec<Arc<Node>>,
+    http: reqwest::Client,
+    events: Mutex<VecDeque<Event>>,
+    next_event: AtomicU64,
+    pub metrics: Metrics,
+    wake: tokio::sync::Notify,
+    failover_in_progress: AtomicBool,
+    /// Held by anything that moves the primary: failover, switchover, mode switch.
+    moving: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    election: Mutex<ElectionState>,
+}
+
+#[derive(Default)]
+struct ElectionState {
+    known_primary: Option<String>,
+    primary_down_since: Option<Instant>,
+    /// Since when no healthy primary has been seen.
+    no_primary_since: Option<Instant>,
+    last_refusal: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Sup {
+    pub fn new(manifest: Manifest, path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Result<Sup> {
+        let state_dir = manifest.state_dir(&base_dir);
+        let nodes = manifest
+            .spec
+            .nodes
+            .iter()
+            .map(|n| {
+                let dir = state_dir.join(&n.name);
+                Arc::new(Node {
+                    name: n.name.clone(),
+                    port: n.port,
+                    url: format!("http://127.0.0.1:{}", n.port),
+                    data_dir: dir.join("data"),
+                    log: state_dir.join(format!("{}.log", n.name)),
+                    pid_file: state_dir.join(format!("{}.pid", n.name)),
+                    run: Mutex::new(RunState::default()),
+                    health: Mutex::new(Health::default()),
+                    restarts: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_max_idle_per_host(4)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Sup {
+            manifest: RwLock::new(manifest),
+            manifest_path: Mutex::new(path),
+            base_dir,
+            state_dir,
+            kvd,
+            nodes,
+            http,
+            events: Mutex::new(VecDeque::new()),
+            next_event: AtomicU64::new(1),
+            metrics: Metrics::new().context("registering metrics")?,
+            wake: tokio::sync::Notify::new(),
+            failover_in_progress: AtomicBool::new(false),
+            moving: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+            election: Mutex::new(ElectionState::default()),
+        })
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        self.manifest.read().clone()
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.manifest_path.lock().clone()
+    }
+
+    pub fn event(&self, kind: &str, node: Option<&str>, message: impl Into<String>) {
+        let e = Event {
+            id: self.next_event.fetch_add(1, Ordering::Relaxed),
+            time_ms: now_ms(),
+            kind: kind.to_string(),
+            node: node.map(str::to_string),
+            message: message.into(),
+        };
+        eprintln!(
+            "kvsup: [{}] {}{}",
+            e.kind,
+            e.node
+                .as_deref()
+                .map(|n| format!("{n}: "))
+                .unwrap_or_default(),
+            e.message
+        );
+        let mut q = self.events.lock();
+        if q.len() == MAX_EVENTS {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().iter().cloned().collect()
+    }
+
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.iter().find(|n| n.name == name).cloned()
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.manifest.read().spec.health_check.interval_ms)
+    }
+
+    // ---------------------------------------------------------------- spawn
+
+    fn launch_for(&self, node: &Node) -> Launch {
+        let m = self.manifest.read();
+        let mut args = vec![
+            "--port".to_string(),
+            node.port.to_string(),
+            "--data-dir".to_string(),
+            node.data_dir.display().to_string(),
+            "--node-id".to_string(),
+            node.name.clone(),
+            "--advertise-url".to_string(),
+            node.url.clone(),
+        ];
+        if self.nodes.len() > 1 {
+            let peers: Vec<&str> = self
+                .nodes
+                .iter()
+                .filter(|n| n.name != node.name)
+                .map(|n| n.url.as_str())
+                .collect();
+            args.push("--peers".into());
+            args.push(peers.join(","));
+            match m.spec.mode {
+                Mode::PrimarySecondary => {
+                    // A brand-new cluster is bootstrapped by its first node;
+                    // any node with history comes back as a secondary and
+                    // the reconcile loop elects a primary if none is left.
+                    let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
+                    let first = self.nodes.first().is_some_and(|n| n.name == node.name);
+                    args.push("--role".into());
+                    args.push(
+                        if fresh && first {
+                            "primary"
+                        } else {
+                            "secondary"
+                        }
+                        .into(),
+                    );
+                }
+                Mode::Masterless => {
+                    args.push("--mode".into());
+                    args.push("masterless".into());
+                }
+            }
+        }
+        if m.spec.index {
+            args.push("--index".into());
+        }
+        args.extend(m.spec.kvd_args.iter().cloned());
+        Launch {
+            kvd: self.kvd.clone(),
+            args,
+            log: node.log.clone(),
+            pid_file: node.pid_file.clone(),
+        }
+    }
+
+    /// Starts (or adopts) `node` and a task that watches for its exit.
+    fn start_node(self: &Arc<Self>, node: &Arc<Node>) -> Result<()> {
+        std::fs::create_dir_all(&node.data_dir)
+            .with_context(|| format!("creating {}", node.data_dir.display()))?;
+        let handle = match process::adoptable(&node.pid_file, &node.data_dir) {
+            Some(pid) => {
+                self.event(
+                    "adopt",
+                    Some(&node.name),
+                    format!("found kvd pid {pid} already running; supervising it"),
+                );
+                Handle::Adopted(pid)
+            }
+            None => Handle::Child(process::spawn(&self.launch_for(node))?),
+        };
+        let pid = handle.pid();
+        let restart = {
+            let mut r = node.run.lock();
+            let restart = r.spawned_once;
+            r.pid = pid;
+            r.running = true;
+            r.started_at = Some(Instant::now());
+            r.spawned_once = true;
+            r.next_start = None;
+            restart
+        };
+        if restart {
+            node.restarts.fetch_add(1, Ordering::Relaxed);
+            self.metrics.restarts.with_label_values(&[&node.name]).inc();
+        }
+        if matches!(handle, Handle::Child(_)) {
+            self.event(
+                if restart { "restart" } else { "spawn" },
+                Some(&node.name),
+                format!("started kvd pid {} on {}", pid.unwrap_or(0), node.url),
+            );
+        }
+        let sup = self.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut handle = handle;
+            let how = handle.wait(Duration::from_millis(50)).await;
+            sup.on_exit(&node, how);
+        });
+        Ok(())
+    }
+
+    fn on_exit(&self, node: &Node, how: String) {
+        let policy = self.manifest.read().spec.restart;
+        {
+            let mut r = node.run.lock();
+            let now = Instant::now();
+            let stable = r.started_at.is_some_and(|t| now - t >= STABLE_AFTER);
+            r.backoff_ms = if stable || r.backoff_ms == 0 {
+                policy.backoff_initial_ms
+            } else {
+                (r.backoff_ms * 2).min(policy.backoff_max_ms)
+            };
+            r.running = false;
+            r.pid = None;
+            r.exited_at = Some(now);
+            r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+            r.last_exit = Some(how.clone());
+        }
+        {
+            let mut h = node.health.lock();
+            h.ok = false;
+            h.last_error = Some(format!("process {how}"));
+        }
+        self.metrics.node_up.with_label_values(&[&node.name]).set(0);
+        if !self.shutting_down.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&node.pid_file);
+            self.event("exit", Some(&node.name), how);
+        }
+        self.wake.notify_one();
+    }
+
+    // --------------------------------------------------------------- health
+
+    async fn check(&self, node: &Node) {
+        let timeout = Duration::from_millis(self.manifest.read().spec.health_check.timeout_ms());
+        let running = node.run.lock().running;
+        let result = if running {
+            self.fetch_status(&node.url, timeout).await
+        } else {
+            Err("not running".to_string())
+        };
+        let mut h = node.health.lock();
+        let was_ok = h.ok;
+        match result {
+            Ok(v) => {
+                h.ok = true;
+                h.failures = 0;
+                h.status = Some(v);
+                h.last_error = None;
+            }
+            Err(e) => {
+                h.ok = false;
+                if running {
+                    h.failures = h.failures.saturating_add(1);
+                    self.metrics
+                        .health_check_failures
+                        .with_label_values(&[&node.name])
+                        .inc();
+                }
+                h.last_error = Some(e);
+            }
+        }
+        self.metrics
+            .node_up
+            .with_label_values(&[&node.name])
+            .set(i64::from(h.ok));
+        if was_ok != h.ok {
+            drop(h);
+            self.wake.notify_one();
+        }
+    }
+
+    async fn fetch_status(&self, url: &str, timeout: Duration) -> Result<Value, String> {
+        let resp = self
+            .http
+            .get(format!("{url}/v1/status"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| format!("status check failed: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("status check answered {}", resp.status()));
+        }
+        resp.json::<Value>()
+            .await
+            .map_err(|e| format!("status check: bad body: {e}"))
+    }
+
+    fn health_loop(self: &Arc<Self>, node: Arc<Node>) {
+        let sup = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if sup.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                let started = Instant::now();
+                sup.check(&node).await;
+                let interval = sup.interval();
+                tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+            }
+        });
+    }
+
+    // ------------------------------------------------------------ reconcile
+
+    fn views(&self) -> Vec<View> {
+        let threshold = self.manifest.read().spec.health_check.failure_threshold;
+        self.nodes
+            .iter()
+            .map(|n| {
+                let running = n.run.lock().running;
+                let h = n.health.lock();
+                let st = h.status.as_ref();
+                let num = |k: &str| {
+                    st.and_then(|s| s.get(k))
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+                };
+                View {
+                    name: n.name.clone(),
+                    url: n.url.clone(),
+                    running,
+                    healthy: running && h.ok,
+                    failed: !running || h.failures >= threshold,
+                    role: st
+                        .and_then(|s| s.get("role"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    epoch: num("epoch"),
+                    last: (num("last_log_epoch"), num("last_index")),
+                }
+            })
+            .collect()
+    }
+
+    async fn reconcile(self: &Arc<Self>) {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        for node in &self.nodes {
+            let due = {
+                let r = node.run.lock();
+                !r.running && r.next_start.is_none_or(|t| now >= t)
+            };
+            if due {
+                if let Err(e) = self.start_node(node) {
+                    self.metrics.reconcile_errors.inc();
+                    self.event("error", Some(&node.name), format!("cannot start: {e:#}"));
+                    let policy = self.manifest.read().spec.restart;
+                    let mut r = node.run.lock();
+                    r.backoff_ms = (r.backoff_ms.max(policy.backoff_initial_ms) * 2)
+                        .min(policy.backoff_max_ms);
+                    r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+                }
+            }
+        }
+        let mode = self.manifest.read().spec.mode;
+        if mode == Mode::PrimarySecondary && self.nodes.len() > 1 {
+            // Failover waits while a switchover or mode switch holds the lock.
+            if let Ok(_guard) = self.moving.try_lock() {
+                self.failover_step().await;
+            }
+        }
+        self.publish_conditions();
+    }
+
+    /// The healthy primary with the highest epoch, if any.
+    fn current_primary(views: &[View]) -> Option<&View> {
+        views
+            .iter()
+            .filter(|v| v.healthy && v.role.as_deref() == Some("primary"))
+            .max_by_key(|v| v.epoch)
+    }
+
+    async fn failover_step(self: &Arc<Self>) {
+        let views = self.views();
+        let threshold = self.manifest.read().spec.health_check.failure_threshold;
+        let should_elect = {
+            let mut el = self.election.lock();
+            if let Some(p) = Self::current_primary(&views) {
+                if el.known_primary.as_deref() != Some(&p.name) {
+                    el.known_primary = Some(p.name.clone());
+                }
+                el.primary_down_since = None;
+                el.no_primary_since = None;
+                self.failover_in_progress.store(false, Ordering::Release);
+                return;
+            }
+            let without = el
+                .no_primary_since
+                .get_or_insert_with(Instant::now)
+                .elapsed();
+            let interval = self.interval();
+            // How long a node that failed its checks is given before a vote.
+            let patience = interval * threshold;
+            let known = el
+                .known_primary
+                .as_ref()
+                .and_then(|k| views.iter().find(|v| &v.name == k));
+            if el.primary_down_since.is_none() {
+                el.primary_down_since = Some(Instant::now());
+            }
+            match known {
+                // The primary's process is gone: no reason to wait.
+                Some(k) if !k.running => true,
+                Some(k) => k.failed && without >= patience,
+                // No primary known (a restarted cluster, or a fresh one whose
+                // first node is still starting): wait longer, so that a node
+                // bootstrapping as primary is not raced by an election.
+                None => without >= patience + NO_PRIMARY_GRACE,
+            }
+        };
+        if !should_elect {
+            return;
+        }
+        let mut candidates: Vec<&View> = views
+            .iter()
+            .filter(|v| v.healthy && v.role.as_deref() != Some("primary"))
+            .collect();
+        let majority = self.nodes.len() / 2 + 1;
+        if candidates.len() < majority.saturating_sub(1).max(1) {
+            // Not enough reachable nodes to win a vote; wait.
+            return;
+        }
+        self.failover_in_progress.store(true, Ordering::Release);
+        candidates.sort_by(|a, b| b.last.cmp(&a.last).then(a.name.cmp(&b.name)));
+        let mut refusals = Vec::new();
+        for c in candidates {
+            match self.promote_once(&c.url).await {
+                Ok(epoch) => {
+                    let took = {
+                        let mut el = self.election.lock();
+                        let since = el.primary_down_since.take();
+                        el.known_primary = Some(c.name.clone());
+                        el.no_primary_since = None;
+                        el.last_refusal = None;
+                        since.map(|t| t.elapsed())
+                    };
+                    self.metrics.failovers.inc();
+                    if let Some(t) = took {
+                        self.metrics.failover_duration.observe(t.as_secs_f64());
+                    }
+                    self.event(
+                        "failover",
+                        Some(&c.name),
+                        format!(
+                            "promoted to primary of epoch {epoch}{}",
+                            took.map(|t| format!(
+                                " ({} ms after the primary failed)",
+                                t.as_millis()
+                            ))
+                            .unwrap_or_default()
+                        ),
+                    );
+                    // Take the new role into account at once, not a check later.
+                    if let Some(n) = self.node(&c.name) {
+                        self.check(&n).await;
+                    }
+                    self.failover_in_progress.store(false, Ordering::Release);
+                    return;
+                }
+                Err(e) => refusals.push(format!("{}: {e}", c.name)),
+            }
+        }
+        self.metrics.reconcile_errors.inc();
+        let why = refusals.join("; ");
+        let mut el = self.election.lock();
+        if el.last_refusal.as_deref() != Some(&why) {
+            el.last_refusal = Some(why.clone());
+            drop(el);
+            self.event("error", None, format!("no node could be promoted: {why}"));
+        }
+    }
+
+    /// Asks the primary at `primary` to hand over to `to`; the new epoch.
+    async fn transfer(&self, primary: &str, to: &str, timeout: Duration) -> Result<u64, String> {
+        let resp = self
+            .http
+            .post(format!("{primary}/v1/admin/transfer"))
+            .json(&json!({"to": to, "timeout_ms": timeout.as_millis() as u64}))
+            .timeout(timeout + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("transfer request failed: {e}"))?;
+        let code = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if code.is_success() {
+            Ok(body.get("epoch").and_then(Value::as_u64).unwrap_or(0))
+        } else {
+            Err(body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("transfer answered {code}"), str::to_string))
+        }
+    }
+
+    /// Asks the node at `url` to run for primary; its new epoch on success.
+    async fn promote_once(&self, url: &str) -> Result<u64, String> {
+        let resp = self
+            .http
+            .post(format!("{url}/promote_to_primary"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let code = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if code.is_success() {
+            Ok(body.get("epoch").and_then(Value::as_u64).unwrap_or(0))
+        } else {
+            Err(body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("answered {code}"), str::to_string))
+        }
+    }
+
+    fn publish_conditions(&self) {
+        let st = self.status();
+        let ready = st["conditions"]["Ready"].as_bool().unwrap_or(false);
+        self.metrics.ready.set(i64::from(ready));
+        self.metrics
+            .primary_epoch
+            .set(st["epoch"].as_u64().unwrap_or(0) as i64);
+    }
+
+    fn reconcile_loop(self: &Arc<Self>) {
+        let sup = self.clone();
+        tokio::spawn(async move {
+            loop {
+                sup.reconcile().await;
+                if sup.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                // Wake on a node's exit or a health change, or at the interval.
+                let interval = sup.interval();
+                tokio::select! {
+                    _ = sup.wake.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
+    }
+
+    // --------------------------------------------------------------- status
+
+    /// The `kvsup status --json` document.
+    pub fn status(&self) -> Value {
+        let m = self.manifest.read().clone();
+        let views = self.views();
+        let primary = if m.spec.mode == Mode::PrimarySecondary {
+            Self::current_primary(&views).map(|v| v.name.clone())
+        } else {
+            None
+        };
+        let primary_status = primary
+            .as_deref()
+            .and_then(|p| self.node(p))
+            .and_then(|n| n.health.lock().status.clone());
+        let lag_of = |url: &str| -> Option<u64> {
+            let peers = primary_status.as_ref()?.get("peers")?.as_array()?;
+            peers
+                .iter()
+                .find(|p| p.get("url").and_then(Value::as_str) == Some(url))?
+                .get("lag_entries")?
+                .as_u64()
+        };
+        let all_healthy = views.iter().all(|v| v.healthy);
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let r = n.run.lock();
+                let h = n.health.lock();
+                let st = h.status.clone().unwrap_or(Value::Null);
+                let is_primary = primary.as_deref() == Some(&n.name);
+                json!({
+                    "name": n.name,
+                    "url": n.url,
+                    "pid": r.pid,
+                    "running": r.running,
+                    "role": if h.ok { st.get("role").cloned().unwrap_or(Value::Null) } else { json!("down") },
+                    "mode": st.get("mode"),
+                    "epoch": st.get("epoch"),
+                    "last_index": st.get("last_index"),
+                    "commit_index": st.get("commit_index"),
+                    "keys": st.get("keys"),
+                    "digest": st.get("digest"),
+                    "lag": if is_primary { Some(0) } else { lag_of(&n.url) },
+                    "healthy": r.running && h.ok,
+                    "failures": h.failures,
+                    "restarts": n.restarts.load(Ordering::Relaxed),
+                    "last_exit": r.last_exit,
+                    "last_error": h.last_error,
+                    "log": n.log,
+                })
+            })
+            .collect();
+        let failover = self.failover_in_progress.load(Ordering::Acquire);
+        let has_leader = match m.spec.mode {
+            Mode::PrimarySecondary if self.nodes.len() > 1 => primary.is_some(),
+            _ => true,
+        };
+        let epoch = primary
+            .as_deref()
+            .and_then(|p| views.iter().find(|v| v.name == p))
+            .map_or(0, |v| v.epoch);
+        json!({
+            "cluster": m.metadata.name,
+            "mode": m.spec.mode.as_str(),
+            "manifest": self.manifest_path(),
+            "state_dir": self.state_dir,
+            "supervisor_pid": std::process::id(),
+            "health_check": m.spec.health_check,
+            "conditions": {
+                "Ready": all_healthy && has_leader && !failover,
+                "Degraded": !all_healthy || !has_leader,
+                "FailoverInProgress": failover,
+            },
+            "primary": primary,
+            "epoch": epoch,
+            "nodes": nodes,
+        })
+    }
+
+    // ------------------------------------------------------------- commands
+
+    /// Applies a manifest read from `path` (by `kvsup apply` or the file
+    /// watcher). Returns the list of changes; with `dry_run`, changes nothing.
+    pub async fn apply(
+        self: &Arc<Self>,
+        path: &Path,
+        base_dir: &Path,
+        dry_run: bool,
+    ) -> Result<Vec<String>, ApplyError> {
+        let new = Manifest::load(path).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        if new.state_dir(base_dir) != self.state_dir {
+            return Err(ApplyError::Refused(format!(
+                "spec.stateDir resolves to {}, but this supervisor runs in {}",
+                new.state_dir(base_dir).display(),
+                self.state_dir.display()
+            )));
+        }
+        let old = self.manifest();
+        let changes = old.diff(&new).map_err(ApplyError::Refused)?;
+        if dry_run {
+            return Ok(changes);
+        }
+        if new.spec.mode != old.spec.mode {
+            self.switch_mode(new.spec.mode)
+                .await
+                .map_err(|e| ApplyError::Failed(format!("mode switch failed: {e:#}")))?;
+        }
+        *self.manifest.write() = new;
+        *self.manifest_path.lock() = path.to_path_buf();
+        self.metrics.applies.inc();
+        self.event(
+            "apply",
+            None,
+            if changes.is_empty() {
+                format!("{} applied; no changes", path.display())
+            } else {
+                format!("{} applied: {}", path.display(), changes.join("; "))
+            },
+        );
+        self.wake.notify_one();
+        Ok(changes)
+    }
+
+    async fn switch_mode(self: &Arc<Self>, to: Mode) -> Result<()> {
+        bail!(
+            "switching a running cluster to {} is not supported by this build",
+            to.as_str()
+        )
+    }
+
+    pub fn kill(&self, name: &str, sig: Signal) -> Result<u32> {
+        let node = self
+            .node(name)
+            .with_context(|| format!("no node named {name:?}"))?;
+        let pid = node
+            .run
+            .lock()
+            .pid
+            .with_context(|| format!("{name} is not running"))?;
+        process::signal(pid, sig)?;
+        self.event(
+            "kill",
+            Some(name),
+            format!("sent {sig} to pid {pid} (kvsup kill)"),
+        );
+        Ok(pid)
+    }
+
+    /// Planned switchover: the primary stops taking writes, waits until
+    /// `name` holds everything it has, then has it run for primary (kvd's
+    /// `/v1/admin/transfer`). The old primary steps down when it sees the
+    /// new epoch; writes it had not committed are answered with an error
+    /// (never acknowledged), so no acknowledged write is lost.
+    pub async fn promote(self: &Arc<Self>, name: &str, deadline: Duration) -> Result<u64> {
+        let target = self
+            .node(name)
+            .with_context(|| format!("no node named {name:?}"))?;
+        if self.manifest.read().spec.mode != Mode::PrimarySecondary || self.nodes.len() < 2 {
+            bail!("promote needs a primary/secondary cluster of 2 or more nodes");
+        }
+        let _guard = self.moving.lock().await;
+        let until = Instant::now() + deadline;
+        let mut last_err = String::from("no attempt made");
+        while Instant::now() < until {
+            let views = self.views();
+            let primary = Self::current_primary(&views).map(|v| (v.name.clone(), v.url.clone()));
+            if primary.as_ref().is_some_and(|(p, _)| p == name) {
+                return Ok(views.iter().find(|v| v.name == name).map_or(0, |v| v.epoch));
+            }
+            let remaining = until.saturating_duration_since(Instant::now());
+            let attempt = match &primary {
+                // The primary pauses writes, waits for the target to hold
+                // its whole log, then has it run (kvd's leadership transfer).
+                Some((_, purl)) => self.transfer(purl, &target.url, remaining).await,
+                // No primary: the vote itself checks who is most up to date.
+                None => self.promote_once(&target.url).await,
+            };
+            match attempt {
+                Ok(epoch) => {
+                    self.metrics.switchovers.inc();
+                    self.election.lock().known_primary = Some(name.to_string());
+                    self.event(
+                        "promote",
+                        Some(name),
+                        format!("planned switchover: primary of epoch {epoch}"),
+                    );
+                    for n in &self.nodes {
+                        self.check(n).await;
+                    }
+                    return Ok(epoch);
+                }
+                Err(e) => last_err = e,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("could not promote {name} within {deadline:?}: {last_err}")
+    }
+
+    /// Stops every node gracefully (SIGTERM; SIGKILL after `grace`).
+    pub async fn down(self: &Arc<Self>, grace: Duration) -> Vec<String> {
+        self.shutting_down.store(true, Ordering::Release);
+        self.event("down", None, "stopping all nodes");
+        for n in &self.nodes {
+            if let Some(pid) = n.run.lock().pid {
+                let _ = process::signal(pid, Signal::SIGTERM);
+                // A stopped process handles SIGTERM only once continued.
+                let _ = process::signal(pid, Signal::SIGCONT);
+            }
+        }
+        let until = Instant::now() + grace;
+        while Instant::now() < until && self.nodes.iter().any(|n| n.run.lock().running) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut report = Vec::new();
+        for n in &self.nodes {
+            let (running, pid, exit) = {
+                let r = n.run.lock();
+                (r.running, r.pid, r.last_exit.clone())
+            };
+            if running {
+                if let Some(pid) = pid {
+                    let _ = process::signal(pid, Signal::SIGKILL);
+                }
+                report.push(format!("{}: killed after {grace:?}", n.name));
+            } else {
+                report.push(format!(
+                    "{}: {}",
+                    n.name,
+                    exit.unwrap_or_else(|| "not running".into())
+                ));
+            }
+            let _ = std::fs::remove_file(&n.pid_file);
+        }
+        // Wait for the SIGKILLed ones to be reaped too.
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until && self.nodes.iter().any(|n| n.run.lock().running) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        report
+    }
+
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid manifest: {0}")]
+    Invalid(String),
+    #[error("change refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs the daemon until `kvsup down` (or SIGTERM, which leaves the nodes
+/// running for the next daemon to adopt).
+pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Result<()> {
+    let manifest = Manifest::load(&manifest_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let port = manifest.spec.supervisor.port;
+    let sup = Arc::new(Sup::new(manifest, manifest_path, base_dir, kvd)?);
+    std::fs::create_dir_all(&sup.state_dir)
+        .with_context(|| format!("creating {}", sup.state_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("binding the supervisor port 127.0.0.1:{port}"))?;
+    let pid_file = sup.state_dir.join("kvsup.pid");
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    sup.event(
+        "start",
+        None,
+        format!(
+            "supervising cluster {:?} from {} (pid {})",
+            sup.manifest().metadata.name,
+            sup.manifest_path().display(),
+            std::process::id()
+        ),
+    );
+    sup.metrics.applies.inc();
+    for n in &sup.nodes {
+        sup.health_loop(n.clone());
+    }
+    sup.reconcile_loop();
+    crate::watch::spawn(sup.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let app = crate::http::router(sup.clone(), stop_tx);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = stop_rx.recv() => {}
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
+    serve.await.context("serving the supervisor API")?;
+    if !sup.shutting_down.load(Ordering::Acquire) {
+        sup.event("stop", None, "supervisor stopping; nodes keep running");
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! The `kvsup` command: `apply` starts (or updates) a cluster's supervisor
+//! daemon; the other commands talk to the running daemon over loopback HTTP.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use kvsup::manifest::Manifest;
+
+/// kvsup: the kvstore supervisor. Declare a cluster in a YAML manifest;
+/// kvsup starts its nodes, health-checks them, restarts dead ones and
+/// promotes a new primary when the primary fails.
+#[derive(Parser, Debug)]
+#[command(name = "kvsup", version)]
+struct Cli {
+    /// Supervisor to talk to (default: from -f's manifest, else
+    /// http://127.0.0.1:8700).
+    #[arg(long, env = "KVSUP_URL", global = true)]
+    supervisor: Option<String>,
+
+    /// Manifest whose supervisor to talk to (for commands other than apply).
+    #[arg(short = 'f', long = "file", global = true)]
+    file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Make the cluster match the manifest: start the supervisor daemon and
+    /// its nodes if none runs, else hand the manifest to the running daemon.
+    /// Applying the same file again changes nothing. The daemon then watches
+    /// the file and re-applies it when it is edited.
+    Apply {
+        /// kvd binary to run (default: the kvd beside this kvsup).
+        #[arg(long)]
+        kvd: Option<PathBuf>,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Nodes (role, epoch, commit index, lag, health, restarts) and the
+    /// cluster's conditions (Ready, Degraded, FailoverInProgress).
+    Status {
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a signal to a node's process (chaos testing). A killed node is
+    /// restarted by the supervisor; a killed primary is failed over.
+    Kill {
+        node: String,
+        /// KILL, TERM, STOP or CONT.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Planned switchover: wait until NODE has everything the primary has,
+    /// then make it primary. No acknowledged write is lost.
+    Promote {
+        node: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Stop every node gracefully (SIGTERM) and the supervisor daemon.
+    Down,
+    /// Failovers, restarts, kills and applies, oldest first.
+    Events {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the supervisor daemon in the foreground (`apply` starts it).
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long)]
+        base_dir: PathBuf,
+        #[arg(long)]
+        kvd: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvsup: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvsup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let file = cli.file.clone();
+    match cli.cmd {
+        Cmd::Apply { kvd, dry_run } => {
+            let file = file.context("apply needs -f MANIFEST")?;
+            apply(&file, kvd, dry_run).await
+        }
+        Cmd::Daemon { base_dir, kvd } => {
+            let file = file.context("daemon needs -f MANIFEST")?;
+            kvsup::daemon::run(file, base_dir, kvd).await
+        }
+        cmd => {
+            let url = supervisor_url(cli.supervisor.as_deref(), file.as_deref())?;
+            let c = Api::new(&url)?;
+            match cmd {
+                Cmd::Status { json } => {
+                    let st = c.get("/v1/status").await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&st)?);
+                    } else {
+                        print_status(&st);
+                    }
+                    Ok(())
+                }
+                Cmd::Kill { node, signal } => {
+                    let r = c
+                        .post("/v1/kill", json!({"node": node, "signal": signal}), 10)
+                        .await?;
+                    println!(
+                        "sent {} to {node} (pid {})",
+                        r["signal"].as_str().unwrap_or("?"),
+                        r["pid"]
+                    );
+                    Ok(())
+                }
+                Cmd::Promote { node, timeout_ms } => {
+                    let r = c
+                        .post(
+                            "/v1/promote",
+                            json!({"node": node, "timeout_ms": timeout_ms}),
+                            timeout_ms / 1000 + 10,
+                        )
+                        .await?;
+                    println!("{node} is primary of epoch {}", r["epoch"]);
+                    Ok(())
+                }
+                Cmd::Down => down(&c).await,
+                Cmd::Events { json } => {
+                    let r = c.get("/v1/events").await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        for e in r["events"].as_array().into_iter().flatten() {
+                            println!(
+                                "{}  {:<9} {:<4} {}",
+                                e["time_ms"],
+                                e["kind"].as_str().unwrap_or(""),
+                                e["node"].as_str().unwrap_or("-"),
+                                e["message"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                    Ok(())
+                }
+                Cmd::Apply { .. } | Cmd::Daemon { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn supervisor_url(flag: Option<&str>, file: Option<&Path>) -> Result<String> {
+    if let Some(u) = flag {
+        return Ok(u.trim_end_matches('/').to_string());
+    }
+    if let Some(f) = file {
+        let m = Manifest::load(f).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok(format!("http://127.0.0.1:{}", m.spec.supervisor.port));
+    }
+    Ok("http://127.0.0.1:8700".into())
+}
+
+/// A small client for the daemon's API; every call has a timeout.
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str) -> Result<Api> {
+        Ok(Api {
+            base: base.to_string(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()?,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("no kvsup supervisor answering at {}", self.base))?;
+        Self::decode(r).await
+    }
+
+    async fn post(&self, path: &str, body: Value, timeout_s: u64) -> Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .timeout(Duration::from_secs(timeout_s))
+            .send()
+            .await
+            .with_context(|| format!("no kvsup supervisor answering at {}", self.base))?;
+        Self::decode(r).await
+    }
+
+    async fn decode(r: reqwest::Response) -> Result<Value> {
+        let code = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if code.is_success() {
+            Ok(body)
+        } else {
+            bail!(
+                "{}",
+                body.pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("supervisor answered {code}"), str::to_string)
+            )
+        }
+    }
+}
+
+async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let path =
+        std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let url = format!("http://127.0.0.1:{}", m.spec.supervisor.port);
+    let api = Api::new(&url)?;
+    let name = &m.metadata.name;
+    if let Ok(st) = api.get("/v1/status").await {
+        if st["cluster"].as_str() != Some(name) {
+            bail!(
+                "the supervisor at {url} runs cluster {}, not {name:?}",
+                st["cluster"]
+            );
+        }
+        let r = api
+            .post(
+                "/v1/apply",
+                json!({"path": path, "base_dir": base, "dry_run": dry_run}),
+                120,
+            )
+            .await?;
+        let changes: Vec<&str> = r["changes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        match (dry_run, changes.is_empty()) {
+            (_, true) => println!("cluster {name}: unchanged"),
+            (true, false) => println!("cluster {name}: would change:\n  {}", changes.join("\n  ")),
+            (false, false) => println!("cluster {name}: configured:\n  {}", changes.join("\n  ")),
+        }
+        return Ok(());
+    }
+    let state_dir = m.state_dir(&base);
+    let kvd = match kvd {
+        Some(k) => k,
+        None => std::env::current_exe()
+            .context("locating kvsup")?
+            .with_file_name("kvd"),
+    };
+    if dry_run {
+        println!(
+            "cluster {name}: would start the supervisor on {url} (state in {}) and nodes:",
+            state_dir.display()
+        );
+        for n in &m.spec.nodes {
+            println!("  {} on http://127.0.0.1:{}", n.name, n.port);
+        }
+        return Ok(());
+    }
+    if !kvd.exists() {
+        bail!(
+            "kvd not found at {} (build it, or pass --kvd PATH)",
+            kvd.display()
+        );
+    }
+    let kvd = std::fs::canonicalize(&kvd)?;
+    if let Some(pid) = read_pid(&state_dir.join("kvsup.pid")) {
+        if kvsup::process::alive(pid) {
+            bail!(
+                "a kvsup daemon (pid {pid}) owns {} but does not answer on {url}",
+                state_dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let log_path = state_dir.join("kvsup.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("daemon")
+        .arg("-f")
+        .arg(&path)
+        .arg("--base-dir")
+        .arg(&base)
+        .arg("--kvd")
+        .arg(&kvd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .spawn()
+        .context("starting the supervisor daemon")?;
+    // Wait until the daemon answers and has started every node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!(
+                "the supervisor daemon exited ({status}):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if let Ok(st) = api.get("/v1/status").await {
+            let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+            if nodes.iter().all(|n| !n["pid"].is_null()) {
+                println!(
+                    "cluster {name}: supervisor started on {url} (pid {}), state in {}",
+                    child.id(),
+                    state_dir.display()
+                );
+                for n in nodes {
+                    println!(
+                        "  {} {} pid {}",
+                        n["name"].as_str().unwrap_or(""),
+                        n["url"].as_str().unwrap_or(""),
+                        n["pid"]
+                    );
+                }
+                println!(
+                    "run `kvsup status -f {}` to watch it become Ready",
+                    file.display()
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the supervisor did not start the nodes within 30 s; see {}",
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_pid(p: &Path) -> Option<u32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+async fn down(c: &Api) -> Result<()> {
+    let r = c.post("/v1/down", json!({}), 60).await?;
+    for line in r["stopped"].as_array().into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or(""));
+    }
+    if let Some(pid) = r["supervisor_pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while kvsup::process::alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if kvsup::process::alive(pid) {
+            bail!("the supervisor (pid {pid}) did not exit");
+        }
+    }
+    println!("supervisor stopped");
+    Ok(())
+}
+
+fn print_status(st: &Value) {
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    println!(
+        "CLUSTER {}  MODE {}  PRIMARY {}  EPOCH {}",
+        s(&st["cluster"]),
+        s(&st["mode"]),
+        s(&st["primary"]),
+        s(&st["epoch"])
+    );
+    let c = &st["conditions"];
+    println!(
+        "CONDITIONS Ready={} Degraded={} FailoverInProgress={}",
+        s(&c["Ready"]),
+        s(&c["Degraded"]),
+        s(&c["FailoverInProgress"])
+    );
+    println!(
+        "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
+        "NAME", "URL", "PID", "ROLE", "EPOCH", "COMMIT", "LAG", "HEALTH", "RESTARTS"
+    );
+    for n in st["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
+            s(&n["name"]),
+            s(&n["url"]),
+            s(&n["pid"]),
+            s(&n["role"]),
+            s(&n["epoch"]),
+            s(&n["commit_index"]),
+            s(&n["lag"]),
+            if n["healthy"].as_bool() == Some(true) {
+                "healthy"
+            } else {
+                "unhealthy"
+            },
+            s(&n["restarts"])
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! A linearizability checker for per-key registers (the chaos test's judge).
+//!
+//! A history is a list of operations, each with the time it was called and
+//! the time its answer came back. Keys are independent registers, so each
+//! key's sub-history is checked on its own (linearizability is local). For
+//! one key this is the Wing–Gong search with Lowe's memoisation, as in
+//! Porcupine: walk the events in time order, try to linearize each pending
+//! call before the first return that is still outstanding, backtrack when a
+//! return is reached whose operation could not be placed, and never revisit
+//! a (set of linearized operations, register value) pair.
+//!
+//! An operation whose outcome is unknown (a write that timed out or lost its
+//! connection) may or may not have happened: it gets a return time of
+//! "never", so it may be linearized anywhere after its call, or not at all.
+//! Written values must be unique, so a read names the write it saw.
+
+use std::collections::{HashMap, HashSet};
+
+/// What one operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Wrote a unique value id (> 0).
+    Write(u64),
+    /// Read: `None` for "absent", else the value id seen.
+    Read(Option<u64>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub key: String,
+    pub kind: Kind,
+    /// Nanoseconds since a common start.
+    pub call: u64,
+    /// When the answer came; `None` if unknown whether it took effect
+    /// (only meaningful for writes; failed reads are simply left out).
+    pub ret: Option<u64>,
+    /// Who issued it (for messages).
+    pub client: usize,
+}
+
+/// The verdict for a whole history.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub keys: usize,
+    pub operations: usize,
+    /// Keys whose history is not linearizable, with a reason.
+    pub violations: Vec<String>,
+    /// Keys whose search hit the step limit (undecided: treated as failure).
+    pub undecided: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty() && self.undecided.is_empty()
+    }
+}
+
+/// Search steps allowed per key before giving up.
+const STEP_LIMIT: u64 = 20_000_000;
+
+pub fn check(history: &[Operation]) -> Report {
+    let mut by_key: HashMap<&str, Vec<&Operation>> = HashMap::new();
+    for op in history {
+        by_key.entry(&op.key).or_default().push(op);
+    }
+    let mut report = Report {
+        keys: by_key.len(),
+        operations: history.len(),
+        ..Report::default()
+    };
+    let mut keys: Vec<_> = by_key.into_iter().collect();
+    keys.sort_by(|a, b| a.0.cmp(b.0));
+    for (key, ops) in keys {
+        match check_register(&ops) {
+            Verdict::Linearizable => {}
+            Verdict::Violation(why) => report.violations.push(format!("{key}: {why}")),
+            Verdict::Undecided => report.undecided.push(key.to_string()),
+        }
+    }
+    report
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Linearizable,
+    Violation(String),
+    Undecided,
+}
+
+const NIL: usize = usize::MAX;
+
+struct Event {
+    op: usize,
+    is_call: bool,
+    /// For a call: the index of its return event.
+    partner: usize,
+    prev: usize,
+    next: usize,
+}
+
+fn check_register(ops: &[&Operation]) -> Verdict {
+    // A read of a value nobody wrote can never be explained.
+    let written: HashSet<u64> = ops
+        .iter()
+        .filter_map(|o| match o.kind {
+            Kind::Write(v) => Some(v),
+            Kind::Read(_) => None,
+        })
+        .collect();
+    for o in ops {
+        if let Kind::Read(Some(v)) = o.kind {
+            if !written.contains(&v) {
+                return Verdict::Violation(format!(
+                    "client {} read value {v}, which no operation wrote",
+                    o.client
+                ));
+            }
+        }
+    }
+    // Events in time order; at equal times calls come first (operations
+    // touching at an instant are concurrent, not ordered).
+    let mut order: Vec<(u64, u8, usize)> = Vec::with_capacity(ops.len() * 2);
+    for (i, o) in ops.iter().enumerate() {
+        order.push((o.call, 0, i));
+        order.push((o.ret.unwrap_or(u64::MAX), 1, i));
+    }
+    order.sort_unstable();
+    // Index 0 is the list head (a sentinel).
+    let mut ev: Vec<Event> = Vec::with_capacity(order.len() + 1);
+    ev.push(Event {
+        op: NIL,
+        is_call: false,
+        partner: NIL,
+        prev: NIL,
+        next: 1,
+    });
+    let mut ret_at = vec![NIL; ops.len()];
+    for (pos, &(_, kind, op)) in order.iter().enumerate() {
+        let idx = pos + 1;
+        ev.push(Event {
+            op,
+            is_call: kind == 0,
+            partner: NIL,
+            prev: idx - 1,
+            next: if pos + 1 < order.len() { idx + 1 } else { NIL },
+        });
+        if kind == 1 {
+            ret_at[op] = idx;
+        }
+    }
+    if order.is_empty() {
+        ev[0].next = NIL;
+    }
+    for e in ev.iter_mut().skip(1) {
+        if e.is_call {
+            e.partner = ret_at[e.op];
+        }
+    }
+
+    let words = ops.len().div_ceil(64);
+    let mut linearized = vec![0u64; words];
+    let mut state: Option<u64> = None;
+    let mut cache: HashSet<(Vec<u64>, Option<u64>)> = HashSet::new();
+    let mut stack: Vec<(usize, Option<u64>)> = Vec::new();
+    let mut entry = ev[0].next;
+    let mut steps = 0u64;
+    let mut deepest = 0usize;
+
+    fn unlink(ev: &mut [Event], i: usize) {
+        let (p, n) = (ev[i].prev, ev[i].next);
+        ev[p].next = n;
+        if n != NIL {
+            ev[n].prev = p;
+        }
+    }
+    fn relink(ev: &mut [Event], i: usize) {
+        let (p, n) = (ev[i].prev, ev[i].next);
+        ev[p].next = i;
+        if n != NIL {
+            ev[n].prev = i;
+        }
+    }
+
+    while ev[0].next != NIL {
+        steps += 1;
+        if steps > STEP_LIMIT {
+            return Verdict::Undecided;
+        }
+        if entry == NIL {
+            // Cannot happen: every call has a return event after it.
+            return Verdict::Violation("internal: ran off the event list".into());
+        }
+        let e = &ev[entry];
+        if e.is_call {
+            let op = ops[e.op];
+            let next_state = match op.kind {
+                Kind::Write(v) => Some(Some(v)),
+                Kind::Read(seen) => (seen == state).then_some(state),
+            };
+            if let Some(ns) = next_state {
+                let mut bits = linearized.clone();
+                bits[e.op / 64] |= 1 << (e.op % 64);
+                if cache.insert((bits.clone(), ns)) {
+                    stack.push((entry, state));
+                    deepest = deepest.max(stack.len());
+                    state = ns;
+                    linearized = bits;
+                    let partner = e.partner;
+                    unlink(&mut ev, entry);
+                    unlink(&mut ev, partner);
+                    entry = ev[0].next;
+                    continue;
+                }
+            }
+            entry = ev[entry].next;
+        } else {
+            // An operation returned before we could place it: undo the
+            // latest choice and try the next candidate after it.
+            let Some((call, prev_state)) = stack.pop() else {
+                let op = ops[ev[entry].op];
+                return Verdict::Violation(format!(
+                    "no order explains client {}'s {:?} (called at {} ns, returned at {:?}); \
+                     the longest explainable prefix had {deepest} operations",
+                    op.client, op.kind, op.call, op.ret
+                ));
+            };
+            state = prev_state;
+            let o = ev[call].op;
+            linearized[o / 64] &= !(1 << (o % 64));
+            let partner = ev[call].partner;
+            relink(&mut ev, partner);
+            relink(&mut ev, call);
+            entry = ev[call].next;
+        }
+    }
+    Verdict::Linearizable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, kind: Kind, call: u64, ret: Option<u64>) -> Operation {
+        Operation {
+            key: "k".into(),
+            kind,
+            call,
+            ret,
+            client,
+        }
+    }
+
+    #[test]
+    fn sequential_history_is_linearizable() {
+        let h = vec![
+            op(0, Kind::Read(None), 0, Some(1)),
+            op(0, Kind::Write(1), 2, Some(3)),
+            op(1, Kind::Read(Some(1)), 4, Some(5)),
+            op(0, Kind::Write(2), 6, Some(7)),
+            op(1, Kind::Read(Some(2)), 8, Some(9)),
+        ];
+        assert!(check(&h).ok());
+    }
+
+    #[test]
+    fn stale_read_after_acknowledged_write_is_a_violation() {
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(0, Kind::Write(2), 2, Some(3)),
+            op(1, Kind::Read(Some(1)), 4, Some(5)),
+        ];
+        let r = check(&h);
+        assert_eq!(r.violations.len(), 1, "{r:?}");
+    }
+
+    #[test]
+    fn lost_acknowledged_write_is_a_violation() {
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(1, Kind::Read(None), 2, Some(3)),
+        ];
+        assert!(!check(&h).ok());
+    }
+
+    #[test]
+    fn concurrent_operations_may_go_either_way() {
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(10)),
+            op(1, Kind::Read(Some(1)), 1, Some(2)),
+            op(2, Kind::Read(None), 3, Some(4)),
+        ];
+        // Read(None) after a read that saw 1, both inside the write: no.
+        assert!(!check(&h).ok());
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(10)),
+            op(2, Kind::Read(None), 1, Some(2)),
+            op(1, Kind::Read(Some(1)), 3, Some(4)),
+        ];
+        assert!(check(&h).ok());
+    }
+
+    #[test]
+    fn indeterminate_writes_may_or_may_not_happen() {
+        let seen = vec![
+            op(0, Kind::Write(1), 0, None),
+            op(1, Kind::Read(Some(1)), 50, Some(60)),
+        ];
+        assert!(check(&seen).ok());
+        let unseen = vec![
+            op(0, Kind::Write(1), 0, None),
+            op(1, Kind::Read(None), 50, Some(60)),
+        ];
+        assert!(check(&unseen).ok());
+        // But once seen it cannot be unseen.
+        let flicker = vec![
+            op(0, Kind::Write(1), 0, None),
+            op(1, Kind::Read(Some(1)), 50, Some(60)),
+            op(1, Kind::Read(None), 70, Some(80)),
+        ];
+        assert!(!check(&flicker).ok());
+    }
+
+    #[test]
+    fn read_of_a_value_never_written_is_a_violation() {
+        let h = vec![op(0, Kind::Read(Some(9)), 0, Some(1))];
+        assert!(!check(&h).ok());
+    }
+
+    #[test]
+    fn many_concurrent_clients_stay_fast() {
+        // 16 clients, 2000 overlapping operations on one key, all consistent
+        // with writes taking effect at their call times.
+        let mut h = Vec::new();
+        let mut last = None;
+        for i in 0..2000u64 {
+            let t = i * 10;
+            if i % 3 == 0 {
+                h.push(op((i % 16) as usize, Kind::Write(i + 1), t, Some(t + 35)));
+                last = Some(i + 1);
+            } else {
+                h.push(op((i % 16) as usize, Kind::Read(last), t + 1, Some(t + 30)));
+            }
+        }
+        let r = check(&h);
+        assert!(r.ok(), "{r:?}");
+    }
+}

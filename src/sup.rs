@@ -1,0 +1,206 @@
+//! Clusters run by a real `kvsup` (started with `kvsup apply`), for the
+//! end-to-end tests of the supervisor and the chaos test.
+//!
+//! Every cluster lives in a directory the caller owns (a `TempDir`): the
+//! manifest, the supervisor's state, the nodes' data and logs. Ports are
+//! free loopback ports. On drop the cluster is brought down with
+//! `kvsup down`; if that fails, the processes named by the pid files in the
+//! state dir (ours: started by this cluster's supervisor) are SIGKILLed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{free_port, http_get, wait_until};
+
+pub struct Supervised {
+    pub dir: PathBuf,
+    pub manifest: PathBuf,
+    pub state_dir: PathBuf,
+    pub sup_port: u16,
+    /// `(name, port)` of every node, in manifest order.
+    pub nodes: Vec<(String, u16)>,
+    down: bool,
+}
+
+/// A manifest for `nodes` with free ports; `extra_spec` is added to `spec:`
+/// verbatim (two-space indented YAML lines).
+pub fn manifest_text(
+    name: &str,
+    nodes: &[(String, u16)],
+    sup_port: u16,
+    extra_spec: &str,
+) -> String {
+    let mut s = format!(
+        "apiVersion: kvstore/v1\nkind: Cluster\nmetadata: {{name: {name}}}\nspec:\n  stateDir: state\n  nodes:\n"
+    );
+    for (n, p) in nodes {
+        s.push_str(&format!("    - {{name: {n}, port: {p}}}\n"));
+    }
+    s.push_str(&format!("  supervisor: {{port: {sup_port}}}\n"));
+    s.push_str(extra_spec);
+    s
+}
+
+impl Supervised {
+    /// Writes a manifest of `n` nodes into `dir`, applies it, and waits
+    /// until the cluster is Ready.
+    pub fn apply(dir: &Path, n: usize, extra_spec: &str) -> Result<Supervised> {
+        let nodes: Vec<(String, u16)> = (0..n).map(|i| (format!("n{i}"), free_port())).collect();
+        let sup_port = free_port();
+        let manifest = dir.join("cluster.yaml");
+        std::fs::write(
+            &manifest,
+            manifest_text("test", &nodes, sup_port, extra_spec),
+        )?;
+        let mut c = Supervised {
+            dir: dir.to_path_buf(),
+            manifest,
+            state_dir: dir.join("state"),
+            sup_port,
+            nodes,
+            down: false,
+        };
+        let (st, out) = c.kvsup(&["apply"])?;
+        if !st.success() {
+            c.down = true;
+            bail!("kvsup apply failed ({st}): {out}");
+        }
+        c.wait_ready(Duration::from_secs(60))?;
+        Ok(c)
+    }
+
+    /// Runs `kvsup ARGS` for this cluster from `dir`; exit status and output.
+    pub fn kvsup(&self, args: &[&str]) -> Result<(ExitStatus, String)> {
+        // apply reads the manifest; the others reach the daemon by URL, so
+        // they work even while the file holds a broken edit.
+        let m = self.manifest.display().to_string();
+        let url = format!("http://127.0.0.1:{}", self.sup_port);
+        let mut all: Vec<&str> = args.to_vec();
+        if args.first() == Some(&"apply") {
+            all.extend(["-f", &m]);
+        } else {
+            all.extend(["--supervisor", &url]);
+        }
+        run_in(&self.dir, "kvsup", &all, Duration::from_secs(120))
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let (code, body) = http_get(self.sup_port, "/v1/status", Duration::from_secs(5))?;
+        if code != 200 {
+            bail!("supervisor status answered {code}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        let (_, body) = http_get(self.sup_port, "/metrics", Duration::from_secs(5))?;
+        Ok(String::from_utf8(body)?)
+    }
+
+    /// Value of an unlabelled sample (e.g. `kvsup_failovers_total`) on the
+    /// supervisor's `/metrics`.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("{name} not on /metrics"))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Value> {
+        let mut last = Value::Null;
+        let ok = wait_until(timeout, || match self.status() {
+            Ok(s) => {
+                let ready = s["conditions"]["Ready"].as_bool() == Some(true);
+                last = s;
+                ready
+            }
+            Err(_) => false,
+        });
+        if !ok {
+            bail!("cluster not Ready within {timeout:?}; last status: {last:#}");
+        }
+        Ok(last)
+    }
+
+    pub fn primary(&self) -> Option<String> {
+        self.status().ok()?["primary"].as_str().map(str::to_string)
+    }
+
+    pub fn url(&self, node: &str) -> String {
+        let port = self
+            .nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .map_or(0, |(_, p)| *p);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// One node's entry in the supervisor's status.
+    pub fn node_status(&self, node: &str) -> Result<Value> {
+        let s = self.status()?;
+        s["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node).cloned())
+            .with_context(|| format!("{node} not in status"))
+    }
+
+    /// `kvsup down`: output; the cluster is then gone.
+    pub fn down(&mut self) -> Result<String> {
+        self.down = true;
+        let (st, out) = self.kvsup(&["down"])?;
+        if !st.success() {
+            bail!("kvsup down failed ({st}): {out}");
+        }
+        Ok(out)
+    }
+
+    /// Pids named by the pid files in the state dir (supervisor and nodes).
+    pub fn pids(&self) -> Vec<u32> {
+        let Ok(rd) = std::fs::read_dir(&self.state_dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if !self.down && self.down().is_ok() {
+            return;
+        }
+        for pid in self.pids() {
+            if let Ok(p) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// [`crate::run_to_exit`] with a working directory.
+pub fn run_in(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(ExitStatus, String)> {
+    // The manifest's relative stateDir resolves against the directory
+    // apply runs in: the cluster's own directory.
+    crate::run_to_exit_in(Some(dir), name, args, timeout)
+}

@@ -1,0 +1,337 @@
+//! kvsup end to end: real `kvsup apply` starting a real supervisor daemon
+//! and real kvd nodes on free loopback ports, in temp dirs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvstore::sup::{manifest_text, Supervised};
+use kvstore::{free_port, wait_until};
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn roles(status: &Value) -> BTreeMap<String, String> {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["role"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pids(status: &Value) -> Vec<u64> {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["pid"].as_u64().unwrap())
+        .collect()
+}
+
+fn alive(pid: u64) -> bool {
+    kvsup::process::alive(pid as u32)
+}
+
+fn client(c: &Supervised) -> kvclient::Client {
+    kvclient::Client::builder()
+        .endpoints(c.urls())
+        .request_timeout(Duration::from_secs(2))
+        .retry_deadline(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn apply_brings_up_a_cluster_reapply_changes_nothing_and_down_stops_it() {
+    let tmp = TempDir::new().unwrap();
+    let mut c = Supervised::apply(tmp.path(), 3, "").unwrap();
+    let st = c.status().unwrap();
+    let r = roles(&st);
+    assert_eq!(r.values().filter(|r| *r == "primary").count(), 1, "{st:#}");
+    assert_eq!(
+        r.values().filter(|r| *r == "secondary").count(),
+        2,
+        "{st:#}"
+    );
+    assert!(st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["healthy"] == true));
+
+    // The table names the primary and the conditions.
+    let (ok, table) = c.kvsup(&["status"]).unwrap();
+    assert!(ok.success(), "{table}");
+    assert!(table.contains("Ready=true"), "{table}");
+    assert!(
+        table.contains("primary") && table.contains("secondary"),
+        "{table}"
+    );
+
+    // Applying the same file again changes nothing: same processes.
+    let before = pids(&st);
+    let (ok, out) = c.kvsup(&["apply"]).unwrap();
+    assert!(ok.success(), "{out}");
+    assert!(out.contains("unchanged"), "{out}");
+    let (ok, out) = c.kvsup(&["apply", "--dry-run"]).unwrap();
+    assert!(ok.success() && out.contains("unchanged"), "{out}");
+    let st = c.wait_ready(Duration::from_secs(10)).unwrap();
+    assert_eq!(pids(&st), before);
+    assert!(st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["restarts"] == 0));
+
+    // A dry run of a change reports it and changes nothing.
+    let edited = std::fs::read_to_string(&c.manifest).unwrap().replace(
+        "stateDir: state",
+        "stateDir: state\n  healthCheck: {intervalMs: 250}",
+    );
+    let other = tmp.path().join("edited.yaml");
+    std::fs::write(&other, edited).unwrap();
+    let (ok, out) = kvstore::sup::run_in(
+        tmp.path(),
+        "kvsup",
+        &["apply", "--dry-run", "-f", other.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(ok.success() && out.contains("would change"), "{out}");
+    assert!(out.contains("healthCheck"), "{out}");
+    assert_eq!(c.status().unwrap()["health_check"]["intervalMs"], 200);
+
+    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
+    let out = c.down().unwrap();
+    assert!(out.contains("exited with status 0"), "{out}");
+    for pid in before.iter().chain([&sup_pid]) {
+        assert!(!alive(*pid), "pid {pid} still running after down: {out}");
+    }
+    assert!(c.status().is_err(), "the supervisor still answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_is_replaced_restarted_and_rejoins() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 3, "").unwrap();
+    let kv = client(&c);
+    kv.set("before", "1").await.unwrap();
+    let old = c.primary().unwrap();
+    let failovers = c.metric("kvsup_failovers_total").unwrap();
+
+    let (ok, out) = c.kvsup(&["kill", &old]).unwrap();
+    assert!(ok.success(), "{out}");
+    // A new primary takes writes through kvclient (which retries and
+    // follows redirects); how fast is measured by benches/failover.rs.
+    kv.set("after", "2").await.unwrap();
+    let st = c.status().unwrap();
+    let new = st["primary"].as_str().unwrap().to_string();
+    assert_ne!(new, old, "{st:#}");
+
+    // The killed node is restarted and comes back as a secondary.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            c.node_status(&old).is_ok_and(|n| {
+                n["healthy"] == true && n["role"] == "secondary" && n["restarts"] == 1
+            })
+        }),
+        "{:#}",
+        c.status().unwrap()
+    );
+    assert_eq!(c.metric("kvsup_failovers_total").unwrap(), failovers + 1.0);
+    let (_, events) = c.kvsup(&["events"]).unwrap();
+    assert!(
+        events.contains("failover") && events.contains("restart"),
+        "{events}"
+    );
+    // Nothing acknowledged was lost, and the rejoined node has it all.
+    assert_eq!(kv.get_consistent("before").await.unwrap().unwrap(), "1");
+    assert_eq!(kv.get_consistent("after").await.unwrap().unwrap(), "2");
+    let http = reqwest::Client::new();
+    let digest_of = |url: String| {
+        let http = http.clone();
+        async move {
+            let s: Value = http
+                .get(format!("{url}/v1/status"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (s["digest"].clone(), s["commit_index"].clone())
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut all = Vec::new();
+        for u in c.urls() {
+            all.push(digest_of(u).await);
+        }
+        if all.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_moves_the_primary_under_load_without_losing_writes() {
+    let tmp = TempDir::new().unwrap();
+    let c = Arc::new(Supervised::apply(tmp.path(), 3, "").unwrap());
+    let old = c.primary().unwrap();
+    let target = ["n0", "n1", "n2"]
+        .into_iter()
+        .find(|n| *n != old)
+        .unwrap()
+        .to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (kv, stop) = (client(&c), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("w{w}-{i}");
+                if kv.set(&key, key.clone()).await.is_ok() {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c2 = c.clone();
+    let t2 = target.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || c2.kvsup(&["promote", &t2]).unwrap())
+        .await
+        .unwrap();
+    assert!(ok.success(), "{out}");
+    assert_eq!(c.primary().as_deref(), Some(target.as_str()));
+    // Keep writing a little under the new primary, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    let kv = client(&c);
+    let mut lost = Vec::new();
+    for k in &acked {
+        if kv.get_consistent(k).await.unwrap().as_deref() != Some(k.as_bytes()) {
+            lost.push(k.clone());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    assert_eq!(c.metric("kvsup_switchovers_total").unwrap(), 1.0);
+}
+
+#[test]
+fn an_edited_manifest_is_applied_without_a_new_apply() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 1, "").unwrap();
+    assert_eq!(c.status().unwrap()["health_check"]["intervalMs"], 200);
+    let text = std::fs::read_to_string(&c.manifest).unwrap();
+    // Saved the way editors do: a new file renamed over the old one.
+    let tmp_file = tmp.path().join(".cluster.yaml.swp");
+    std::fs::write(
+        &tmp_file,
+        text.replace(
+            "stateDir: state",
+            "stateDir: state\n  healthCheck: {intervalMs: 300, failureThreshold: 4}",
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp_file, &c.manifest).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            c.status().is_ok_and(|s| {
+                s["health_check"]["intervalMs"] == 300 && s["health_check"]["failureThreshold"] == 4
+            })
+        }),
+        "{:#}",
+        c.status().unwrap()
+    );
+    // A broken edit is not applied, and says why in the events.
+    std::fs::write(&c.manifest, text.replace("kind: Cluster", "kind: Clutser")).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || {
+        c.kvsup(&["events"])
+            .is_ok_and(|(_, e)| e.contains("not applied") && e.contains("kind"))
+    }));
+    assert_eq!(c.status().unwrap()["health_check"]["intervalMs"], 300);
+    assert!(c.wait_ready(Duration::from_secs(10)).is_ok());
+}
+
+#[test]
+fn bad_manifests_are_refused_naming_the_field_and_start_nothing() {
+    let nodes: Vec<(String, u16)> = (0..3).map(|i| (format!("n{i}"), free_port())).collect();
+    let sup_port = free_port();
+    let good = manifest_text("bad", &nodes, sup_port, "");
+    let p1 = format!("port: {}", nodes[1].1);
+    let p2 = format!("port: {}", nodes[2].1);
+    let no_nodes: String = good
+        .lines()
+        .filter(|l| !l.contains("{name: n") && !l.contains("nodes:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let cases = [
+        (
+            "unknown field",
+            good.replace("stateDir: state", "stateDir: state\n  replicas: 3"),
+            "replicas",
+            Some(":6:"),
+        ),
+        (
+            "duplicate port",
+            good.replace(&p2, &p1),
+            "spec.nodes[2].port",
+            Some(":9:"),
+        ),
+        ("missing nodes", no_nodes, "nodes", None),
+        (
+            "wrong kind",
+            good.replace("kind: Cluster", "kind: Deployment"),
+            "kind",
+            Some(":2:"),
+        ),
+    ];
+    for (what, text, field, line) in cases {
+        let tmp = TempDir::new().unwrap();
+        let f = tmp.path().join("m.yaml");
+        std::fs::write(&f, &text).unwrap();
+        let (st, out) = kvstore::sup::run_in(
+            tmp.path(),
+            "kvsup",
+            &["apply", "-f", f.to_str().unwrap()],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(!st.success(), "{what}: accepted\n{text}");
+        assert!(out.contains(field), "{what}: {out}");
+        if let Some(l) = line {
+            assert!(out.contains(l), "{what}: no line {l} in {out}");
+        }
+        assert!(!tmp.path().join("state").exists(), "{what}: state dir made");
+        for p in nodes.iter().map(|n| n.1).chain([sup_port]) {
+            assert!(
+                std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
+                "{what}: something listens on {p}"
+            );
+        }
+    }
+}

@@ -1,9 +1,6 @@
 """Clusters run by kvsup, started with kvstore.cluster.start_cluster: the
-client follows the primary kvsup elects after the old one is killed.
-
-Needs the kvsup binary (issue 4, on main); until it is built these tests fail
-with "kvsup not found".
-"""
+client follows the primary kvsup elects after the old one is killed, and
+`kvsup down` (Cluster.stop) leaves no node running."""
 
 from __future__ import annotations
 

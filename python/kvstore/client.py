@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import random
 import socket
 import threading
@@ -300,8 +301,9 @@ class KVClient:
 
     ``url_or_urls`` is a base URL (``"http://127.0.0.1:8765"``; ``http://``
     may be omitted), a comma-separated list of them (like ``KV_ENDPOINTS``),
-    or a sequence. The first is tried first. Use it as a context manager, or
-    call :meth:`close`, to close its connections.
+    or a sequence; without one, ``$KV_ENDPOINTS`` (as for the ``kvclient``
+    CLI), else ``http://127.0.0.1:8765``. The first is tried first. Use it as
+    a context manager, or call :meth:`close`, to close its connections.
 
     Limits (seconds):
 
@@ -321,7 +323,7 @@ class KVClient:
 
     def __init__(
         self,
-        url_or_urls: str | Sequence[str] = DEFAULT_ENDPOINT,
+        url_or_urls: str | Sequence[str] | None = None,
         timeout: float = 5.0,
         *,
         connect_timeout: float = 1.0,
@@ -334,6 +336,8 @@ class KVClient:
         max_response_bytes: int = 64 << 20,
         max_idle_connections: int = 16,
     ) -> None:
+        if url_or_urls is None:
+            url_or_urls = os.environ.get("KV_ENDPOINTS") or DEFAULT_ENDPOINT
         raw = url_or_urls.split(",") if isinstance(url_or_urls, str) else list(url_or_urls)
         configured: list[str] = []
         for item in raw:

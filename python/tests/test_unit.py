@@ -133,6 +133,8 @@ def test_client_configuration_is_checked() -> None:
     with pytest.raises(ConfigError):
         KVClient([])
     with pytest.raises(ConfigError):
+        KVClient(" , ")
+    with pytest.raises(ConfigError):
         KVClient("127.0.0.1:1", timeout=0)
     with pytest.raises(ConfigError):
         KVClient("127.0.0.1:1", retry_deadline=-1)
@@ -169,3 +171,10 @@ def test_server_errors_decode_json_and_other_bodies() -> None:
     assert "paused" in str(err)
     assert "Bad Gateway" in str(_server_error(Response("http://n0", 502, {}, b"")))
     assert len(str(_server_error(Response("http://n0", 500, {}, b"x" * 5000)))) < 400
+
+
+def test_default_endpoints_come_from_kv_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KV_ENDPOINTS", raising=False)
+    assert KVClient().endpoints == ["http://127.0.0.1:8765"]
+    monkeypatch.setenv("KV_ENDPOINTS", "127.0.0.1:1,127.0.0.1:2")
+    assert KVClient().endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]

@@ -5,6 +5,7 @@ client follows the primary kvsup elects after the old one is killed, and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,30 @@ def test_start_cluster_from_a_manifest_file(tmp_path: Path) -> None:
         kv.set("k", {"from": "file"})
         assert kv.get("k") == {"from": "file"}
         assert (tmp_path / ".kvsup" / "pysingle" / "n0" / "data").is_dir()
+
+
+def test_cluster_kill_stops_the_daemon_and_every_node(tmp_path: Path) -> None:
+    cluster = start_cluster(make_manifest("pykill", 2), workdir=tmp_path)
+    urls = cluster.urls
+    pids = [n["pid"] for n in cluster.status()["nodes"]]
+    daemon_pid = int((tmp_path / ".kvsup" / "pykill" / "kvsup.pid").read_text())
+    cluster.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A killed child of the daemon stays a zombie until reaped; it no
+        # longer serves, which is what matters.
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"
+
+    for pid in [daemon_pid, *pids]:
+        wait_until(lambda: gone(pid), 10, f"pid {pid} gone")
+    for url in urls:
+        with pytest.raises(ConnectError):
+            KVClient(url, max_retries=0).status()

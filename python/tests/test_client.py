@@ -186,7 +186,8 @@ def test_a_stopped_node_times_out_and_the_client_moves_on(tmp_path: Path) -> Non
             with pytest.raises(KVTimeoutError) as err:
                 KVClient(stopped.url, timeout=0.3, max_retries=0).get("k")
             assert err.value.retryable and err.value.endpoint == stopped.url
-            kv = KVClient([stopped.url, live.url], timeout=0.3, backoff_initial=0.01)
+            # Long enough for a busy machine's fsync on the live node.
+            kv = KVClient([stopped.url, live.url], timeout=2.0, backoff_initial=0.01)
             kv.set("k", "served by the live node")
             assert kv.current_endpoint == live.url
         finally:

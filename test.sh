@@ -6,6 +6,16 @@ cd "$(dirname "$0")"
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+echo "== test dependencies"
+# tests/prometheus.rs runs a real Prometheus server and promtool (Debian
+# package `prometheus`). Installed only when missing; needs root or sudo.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 echo "== build (debug binaries used by the end-to-end tests)"
 cargo build --workspace --bins --locked
 
@@ -27,7 +37,10 @@ if [ ! -x "$PYENV/bin/pip" ]; then
     if ! python3 -m venv "$PYENV" >/dev/null 2>&1 || [ ! -x "$PYENV/bin/pip" ]; then
         rm -rf "$PYENV"
         echo "python3 -m venv failed; installing Debian's python3-venv"
-        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        SUDO=""
+        if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
         python3 -m venv "$PYENV" || { rm -rf "$PYENV"; /usr/bin/python3 -m venv "$PYENV"; }
     fi
 fi

@@ -165,6 +165,9 @@ fn check_register(ops: &[&Operation]) -> Verdict {
     let mut entry = ev[0].next;
     let mut steps = 0u64;
     let mut deepest = 0usize;
+    // The return event at which the deepest explainable prefix got stuck:
+    // where the history stops making sense.
+    let mut stuck_at = NIL;
 
     fn unlink(ev: &mut [Event], i: usize) {
         let (p, n) = (ev[i].prev, ev[i].next);
@@ -216,11 +219,18 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         } else {
             // An operation returned before we could place it: undo the
             // latest choice and try the next candidate after it.
+            if stack.len() >= deepest {
+                stuck_at = ev[entry].op;
+            }
             let Some((call, prev_state)) = stack.pop() else {
-                let op = ops[ev[entry].op];
+                let op = ops[if stuck_at == NIL {
+                    ev[entry].op
+                } else {
+                    stuck_at
+                }];
                 return Verdict::Violation(format!(
-                    "no order explains client {}'s {:?} (called at {} ns, returned at {:?}); \
-                     the longest explainable prefix had {deepest} operations",
+                    "after the longest explainable prefix ({deepest} operations), no order \
+                     explains client {}'s {:?} (called at {} ns, returned at {:?})",
                     op.client, op.kind, op.call, op.ret
                 ));
             };

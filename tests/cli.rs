@@ -112,6 +112,32 @@ fn kvclient_help_describes_every_flag_and_command() {
 
 /// A `kvclient` command aimed at `url` only (an inherited KV_ENDPOINTS must
 /// not redirect the test).
+#[test]
+fn kvsup_help_describes_every_command_and_flag() {
+    let help = help_of("kvsup");
+    for cmd in ["apply", "status", "kill", "promote", "down", "events"] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(cmd) && l.len() > cmd.len() + 8),
+            "`kvsup --help` does not describe the {cmd} command:\n{help}"
+        );
+    }
+    assert_flags_described("kvsup", &help, &["--supervisor", "--file", "--help"]);
+    assert!(help.contains("KVSUP_URL"), "{help}");
+    let out = Command::new(kvstore::bin("kvsup"))
+        .args(["apply", "--help"])
+        .output()
+        .unwrap();
+    let apply = String::from_utf8_lossy(&out.stdout);
+    assert_flags_described("kvsup apply", &apply, &["--kvd", "--dry-run"]);
+    let out = Command::new(kvstore::bin("kvsup"))
+        .args(["kill", "--help"])
+        .output()
+        .unwrap();
+    let kill = String::from_utf8_lossy(&out.stdout);
+    assert!(kill.contains("KILL, TERM, STOP or CONT"), "{kill}");
+}
+
 fn kvc(url: &str) -> Command {
     let mut c = Command::new(bin("kvclient"));
     c.env_remove("KV_ENDPOINTS")

@@ -162,7 +162,7 @@ async fn run(cli: Cli) -> Result<()> {
                         for e in r["events"].as_array().into_iter().flatten() {
                             println!(
                                 "{}  {:<9} {:<4} {}",
-                                e["time_ms"],
+                                clock(e["time_ms"].as_u64().unwrap_or(0)),
                                 e["kind"].as_str().unwrap_or(""),
                                 e["node"].as_str().unwrap_or("-"),
                                 e["message"].as_str().unwrap_or("")
@@ -443,4 +443,16 @@ fn print_status(st: &Value) {
             s(&n["restarts"])
         );
     }
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
 }

@@ -99,6 +99,11 @@ pub struct Replicator {
     /// While set and in the future, client writes are refused (503): a
     /// leadership transfer is letting its target catch up.
     transfer_until: Mutex<Option<Instant>>,
+    /// First log index of this node's current term as primary (its no-op
+    /// goes there or later). Until the commit index reaches it, this node
+    /// may not know everything its predecessors committed, so linearizable
+    /// reads wait for it (Raft §8).
+    lead_from: AtomicU64,
     http: reqwest::Client,
 }
 
@@ -249,6 +254,7 @@ impl Replicator {
             acked: Notify::new(),
             promoting: tokio::sync::Mutex::new(()),
             transfer_until: Mutex::new(None),
+            lead_from: AtomicU64::new(0),
             http,
         })
     }
@@ -411,8 +417,18 @@ impl Replicator {
         if !self.is_primary() {
             return Err("not_primary");
         }
-        let read_index = self.engine.commit_index();
         let epoch = self.epoch();
+        let deadline = Instant::now() + timeout;
+        // A new primary first commits its no-op: only then is its commit
+        // index at least everything any earlier primary acknowledged.
+        let lead_from = self.lead_from.load(Ordering::Acquire);
+        while self.engine.commit_index() < lead_from {
+            if Instant::now() >= deadline || !self.is_primary() {
+                return Err("no_majority");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let read_index = self.engine.commit_index();
         let body = encode_append(
             epoch,
             LogPos::ZERO,
@@ -452,7 +468,6 @@ impl Replicator {
         if confirmed < needed || !self.is_primary() || self.epoch() != epoch {
             return Err("no_majority");
         }
-        let deadline = Instant::now() + timeout;
         while self.engine.status().applied_index < read_index {
             if Instant::now() >= deadline {
                 return Err("apply_timeout");
@@ -630,6 +645,7 @@ impl Replicator {
             p.next_index.store(next, Ordering::Release);
         }
         *self.primary_url.lock() = Some(self.settings.advertise_url.clone());
+        self.lead_from.store(next, Ordering::Release);
         self.is_primary.store(true, Ordering::Release);
         eprintln!("kvd: promoted to primary of epoch {epoch}");
         let engine = self.engine.clone();

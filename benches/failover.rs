@@ -49,14 +49,7 @@ fn main() -> ExitCode {
 }
 
 fn client(urls: &[String], first: usize) -> kvclient::Client {
-    let mut order = urls.to_vec();
-    order.rotate_left(first % urls.len());
-    kvclient::Client::builder()
-        .endpoints(order)
-        .request_timeout(Duration::from_millis(500))
-        .max_retries(0)
-        .build()
-        .expect("a valid client configuration")
+    kvstore::sup::single_attempt_client(urls, first, Duration::from_millis(500))
 }
 
 fn run() -> Result<ExitCode> {

@@ -23,7 +23,7 @@ pub struct Supervised {
     pub sup_port: u16,
     /// `(name, port)` of every node, in manifest order.
     pub nodes: Vec<(String, u16)>,
-    down: bool,
+    pub down: bool,
 }
 
 /// A manifest for `nodes` with free ports; `extra_spec` is added to `spec:`
@@ -203,4 +203,20 @@ pub fn run_in(
     // The manifest's relative stateDir resolves against the directory
     // apply runs in: the cluster's own directory.
     crate::run_to_exit_in(Some(dir), name, args, timeout)
+}
+
+/// A kvclient that makes exactly one attempt per call (no retries), starting
+/// at endpoint `first` (rotating the list): each call is then one operation
+/// in a recorded history (a retried write could take effect twice), and a
+/// caller that wants to move on after a failure builds one with the next
+/// `first`. Redirects to the primary are still followed.
+pub fn single_attempt_client(urls: &[String], first: usize, timeout: Duration) -> kvclient::Client {
+    let mut order = urls.to_vec();
+    order.rotate_left(first % urls.len().max(1));
+    kvclient::Client::builder()
+        .endpoints(order)
+        .request_timeout(timeout)
+        .max_retries(0)
+        .build()
+        .expect("a valid client configuration")
 }

@@ -41,18 +41,8 @@ fn extra_spec() -> String {
     }
 }
 
-/// A kvclient that does not retry: every attempt is one operation in the
-/// history (a retried write could take effect twice). Redirects to the
-/// primary are still followed. `first` rotates the endpoint order.
 fn client(urls: &[String], first: usize) -> kvclient::Client {
-    let mut order = urls.to_vec();
-    order.rotate_left(first % urls.len());
-    kvclient::Client::builder()
-        .endpoints(order)
-        .request_timeout(Duration::from_secs(1))
-        .max_retries(0)
-        .build()
-        .unwrap()
+    kvstore::sup::single_attempt_client(urls, first, Duration::from_secs(1))
 }
 
 fn value_id(client: usize, seq: u64) -> u64 {

@@ -335,3 +335,239 @@ fn bad_manifests_are_refused_naming_the_field_and_start_nothing() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_supervisor_adopts_the_running_nodes() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 3, "").unwrap();
+    let kv = client(&c);
+    kv.set("k", "v").await.unwrap();
+    let st = c.status().unwrap();
+    let before = pids(&st);
+    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
+    // The supervisor dies; its nodes keep serving.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !alive(sup_pid)));
+    kv.set("k2", "v2").await.unwrap();
+
+    // A new apply starts a new supervisor, which adopts them: same pids.
+    let (ok, out) = c.kvsup(&["apply"]).unwrap();
+    assert!(ok.success(), "{out}");
+    let st = c.wait_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(pids(&st), before, "{st:#}");
+    assert_ne!(st["supervisor_pid"].as_u64().unwrap(), sup_pid);
+    let (_, events) = c.kvsup(&["events"]).unwrap();
+    assert_eq!(events.matches("adopt").count(), 3, "{events}");
+
+    // An adopted primary that dies is still failed over and restarted.
+    let old = c.primary().unwrap();
+    c.kvsup(&["kill", &old]).unwrap();
+    kv.set("k3", "v3").await.unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        c.node_status(&old)
+            .is_ok_and(|n| n["healthy"] == true && n["role"] == "secondary")
+    }));
+    assert_ne!(c.primary().unwrap(), old);
+    for (k, v) in [("k", "v"), ("k2", "v2"), ("k3", "v3")] {
+        assert_eq!(kv.get_consistent(k).await.unwrap().unwrap(), v);
+    }
+}
+
+#[test]
+fn a_crashing_node_is_restarted_with_growing_capped_backoff() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = vec![("n0".to_string(), free_port())];
+    let sup_port = free_port();
+    // An invalid flag value: kvd exits with status 2 at once, every time.
+    let text = manifest_text(
+        "crashy",
+        &nodes,
+        sup_port,
+        "  restart: {backoffInitialMs: 50, backoffMaxMs: 400}\n  kvdArgs: [\"--snapshot-every-mib=0\"]\n",
+    );
+    let f = tmp.path().join("m.yaml");
+    std::fs::write(&f, text).unwrap();
+    let mut c = Supervised {
+        dir: tmp.path().to_path_buf(),
+        manifest: f,
+        state_dir: tmp.path().join("state"),
+        sup_port,
+        nodes,
+        down: false,
+    };
+    let (ok, out) = c.kvsup(&["apply"]).unwrap();
+    assert!(ok.success(), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            c.node_status("n0")
+                .is_ok_and(|n| n["restarts"].as_u64().unwrap_or(0) >= 6)
+        }),
+        "{:#}",
+        c.status().unwrap()
+    );
+    let n = c.node_status("n0").unwrap();
+    assert_eq!(n["last_exit"], "exited with status 2", "{n:#}");
+    assert_eq!(n["healthy"], false);
+    let st = c.status().unwrap();
+    assert_eq!(st["conditions"]["Ready"], false);
+    assert_eq!(st["conditions"]["Degraded"], true);
+    // Gaps between starts: at least 50, 100, 200, 400, 400 ms.
+    let (_, ev) = c.kvsup(&["events", "--json"]).unwrap();
+    let ev: Value = serde_json::from_str(&ev).unwrap();
+    let starts: Vec<u64> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "spawn" || e["kind"] == "restart")
+        .map(|e| e["time_ms"].as_u64().unwrap())
+        .collect();
+    let expected = [50, 100, 200, 400, 400];
+    for (i, w) in starts.windows(2).take(expected.len()).enumerate() {
+        assert!(
+            w[1] - w[0] >= expected[i],
+            "restart {} came {} ms after the previous start (backoff {} ms): {starts:?}",
+            i + 1,
+            w[1] - w[0],
+            expected[i]
+        );
+    }
+    c.down().unwrap();
+}
+
+/// Every node's `/v1/status`.
+async fn node_statuses(c: &Supervised) -> Vec<Value> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for u in c.urls() {
+        let s: Value = http
+            .get(format!("{u}/v1/status"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.push(s);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let c = Arc::new(Supervised::apply(tmp.path(), 3, "").unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let (kv, stop) = (client(&c), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("w{w}-{i}");
+                match kv.set(&key, key.clone()).await {
+                    Ok(_) => acked.push(key),
+                    Err(_) => failed += 1,
+                }
+                i += 1;
+            }
+            (acked, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A second manifest file, same cluster, mode masterless.
+    let masterless = tmp.path().join("masterless.yaml");
+    let text = std::fs::read_to_string(&c.manifest).unwrap();
+    std::fs::write(
+        &masterless,
+        text.replace("stateDir: state", "stateDir: state\n  mode: masterless"),
+    )
+    .unwrap();
+    let m = masterless.display().to_string();
+    let c2 = c.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        kvstore::sup::run_in(
+            &c2.dir,
+            "kvsup",
+            &["apply", "-f", &m],
+            Duration::from_secs(120),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(ok.success() && out.contains("spec.mode"), "{out}");
+    let st = c.wait_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(st["mode"], "masterless", "{st:#}");
+    assert!(st["primary"].is_null(), "{st:#}");
+    for n in node_statuses(&c).await {
+        assert_eq!(n["mode"], "masterless", "{n:#}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // And back, by applying the original file again.
+    let c2 = c.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || c2.kvsup(&["apply"]).unwrap())
+        .await
+        .unwrap();
+    assert!(ok.success() && out.contains("spec.mode"), "{out}");
+    let st = c.wait_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(st["mode"], "primary-secondary", "{st:#}");
+    assert!(st["primary"].is_string(), "{st:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for w in writers {
+        let (a, f) = w.await.unwrap();
+        acked.extend(a);
+        failed += f;
+    }
+    assert!(
+        acked.len() > 100,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+
+    // Every node ends identical and holds every acknowledged write.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let digests: Vec<Value> = node_statuses(&c)
+            .await
+            .into_iter()
+            .map(|s| s["digest"].clone())
+            .collect();
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "digests differ: {digests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for url in c.urls() {
+        let node = kvclient::Client::new([url.clone()]).unwrap();
+        for k in &acked {
+            assert_eq!(
+                node.get(k).await.unwrap().as_deref(),
+                Some(k.as_bytes()),
+                "{k} missing on {url}"
+            );
+        }
+    }
+    let (_, events) = c.kvsup(&["events"]).unwrap();
+    assert_eq!(events.matches("writes paused").count(), 2, "{events}");
+    assert_eq!(c.metric("kvsup_mode_switches_total").unwrap(), 2.0);
+    eprintln!(
+        "mode switch there and back: {} writes acknowledged, {failed} failed",
+        acked.len()
+    );
+}

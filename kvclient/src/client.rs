@@ -450,7 +450,10 @@ impl Client {
                 Err(err) if err.is_retryable() => (err, None),
                 Err(err) => return Err(err),
             };
-            if retries >= inner.max_retries {
+            // A server that said when to come back (503 with Retry-After,
+            // e.g. writes paused for a mode switch) is retried until the
+            // deadline; other failures also count against `max_retries`.
+            if retries >= inner.max_retries && err.retry_after().is_none() {
                 return Err(err);
             }
             let delay = match err.retry_after() {
@@ -651,9 +654,21 @@ fn redirect_target(headers: &HeaderMap, path: &str) -> Option<String> {
     normalize_endpoint(&url.origin().ascii_serialization()).ok()
 }
 
-/// Reads `Retry-After` in its delta-seconds form (what kvd sends). The
-/// HTTP-date form is ignored: backoff takes over.
+/// kvd's finer hint beside `Retry-After`, in milliseconds (a mode
+/// switch's pause is usually well under a second).
+pub const RETRY_AFTER_MS_HEADER: &str = "x-kv-retry-after-ms";
+
+/// Reads kvd's `X-KV-Retry-After-Ms`, else `Retry-After` in its
+/// delta-seconds form (what kvd sends). The HTTP-date form is ignored:
+/// backoff takes over.
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get(RETRY_AFTER_MS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Duration::from_millis(ms));
+    }
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));

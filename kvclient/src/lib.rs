@@ -21,10 +21,14 @@
 //! # }
 //! ```
 //!
-//! Code map: `client` (endpoints, redirects, retries), `error` (the error
+//! [`admin::switch_mode`] switches a live cluster between primary/secondary
+//! and masterless (DESIGN §6).
+//!
+//! Code map: `admin` (mode switch orchestration), `client` (endpoints, redirects, retries), `error` (the error
 //! type and its classifiers), `key` (key rules and URL encoding), `wire`
 //! (the API's JSON shapes), `backoff` (retry delays).
 
+pub mod admin;
 mod backoff;
 mod client;
 mod error;
@@ -34,6 +38,7 @@ mod wire;
 pub use backoff::Backoff;
 pub use client::{
     Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT, KEY_NOT_FOUND, PRIMARY_HEADER,
+    RETRY_AFTER_MS_HEADER,
 };
 pub use error::{Error, KeyError, Result};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};

@@ -104,11 +104,37 @@ pub struct Config {
     #[arg(long, default_value_t = 8192)]
     pub write_queue: usize,
 
+    /// Replication mode of a cluster (with --peers): `primary-secondary`
+    /// (one primary takes writes, DESIGN §4) or `masterless` (every node
+    /// takes writes, last-write-wins by hybrid logical clock, DESIGN §5).
+    /// Used when the data dir is fresh; afterwards the mode persisted in
+    /// `meta` wins (a live mode switch changes it).
+    #[arg(long, value_enum, default_value = "primary-secondary")]
+    pub mode: ModeArg,
+
+    /// Masterless: nodes (this one included, 1..=3) that must hold a write
+    /// durably before it is acknowledged. 1 acknowledges after the local
+    /// fsync; peers get the write asynchronously.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3))]
+    pub write_quorum: u64,
+
+    /// Debug only (needs --enable-debug): offset added to this node's wall
+    /// clock, in milliseconds (negative: behind), to test clock faults.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub clock_offset_ms: i64,
+
     /// Allow debug-only request options such as `debug_flaky=P` (a write made
     /// durable but not applied in memory, as if the node crashed in between).
     /// Never enable in production.
     #[arg(long)]
     pub enable_debug: bool,
+}
+
+/// `--mode`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeArg {
+    PrimarySecondary,
+    Masterless,
 }
 
 /// `--role`.

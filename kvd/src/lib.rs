@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod masterless;
 pub mod metrics;
 pub mod replication;
 pub mod server;

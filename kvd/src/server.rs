@@ -12,10 +12,11 @@ use axum::serve::ListenerExt;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::api::admin::{self, ClusterSettings};
 use crate::api::{self, AppState, Limits};
-use crate::config::{BootRole, Config};
+use crate::config::{BootRole, Config, ModeArg};
+use crate::masterless::hlc::{node_tag, WallClock};
 use crate::metrics::Metrics;
-use crate::replication::{self, node::Replicator};
 use crate::storage::{Engine, EngineConfig, RealFs};
 
 /// Holds the data dir's `LOCK` for the life of the process: the kernel
@@ -131,12 +132,42 @@ pub async fn run(cfg: Config) -> Result<()> {
             cfg.peers.len()
         );
     }
-    let mode = if replicated {
-        "primary-secondary"
-    } else {
-        "single"
+    if cfg.write_quorum as usize > cfg.peers.len() + 1 {
+        bail!(
+            "--write-quorum {} needs at least {} --peers (got {})",
+            cfg.write_quorum,
+            cfg.write_quorum - 1,
+            cfg.peers.len()
+        );
+    }
+    if cfg.clock_offset_ms != 0 && !cfg.enable_debug {
+        bail!("--clock-offset-ms is a debug knob; it needs --enable-debug");
+    }
+    let flag_mode = match cfg.mode {
+        ModeArg::Masterless => "masterless",
+        ModeArg::PrimarySecondary => "primary-secondary",
     };
-    let (meta, fresh) = Meta::load_or_init(&cfg.data_dir, &cfg.node_id, mode)?;
+    let mode = if replicated { flag_mode } else { "single" };
+    let (mut meta, fresh) = Meta::load_or_init(&cfg.data_dir, &cfg.node_id, mode)?;
+    // After a live mode switch the persisted mode is the truth.
+    let mode = match meta.mode.as_str() {
+        m @ ("masterless" | "primary-secondary") if replicated => {
+            if m != flag_mode {
+                eprintln!(
+                    "kvd: data dir {} is in {m} mode (switched live); ignoring --mode {flag_mode}",
+                    cfg.data_dir.display()
+                );
+            }
+            if m == "masterless" {
+                "masterless"
+            } else {
+                "primary-secondary"
+            }
+        }
+        _ => mode,
+    };
+    meta.mode = mode.to_string();
+    let masterless = mode == "masterless";
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
 
     let mut ecfg = EngineConfig::new(&cfg.data_dir);
@@ -144,7 +175,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.snapshot_every_bytes = cfg.snapshot_every_mib << 20;
     ecfg.queue_capacity = cfg.write_queue;
     ecfg.epoch = meta.epoch;
-    ecfg.replicated = replicated;
+    ecfg.replicated = replicated && !masterless;
+    ecfg.masterless = masterless;
+    ecfg.node_tag = node_tag(&meta.node_id);
+    let wall = WallClock::new(cfg.clock_offset_ms);
+    ecfg.wall = wall.clone();
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
@@ -167,25 +202,26 @@ pub async fn run(cfg: Config) -> Result<()> {
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("http://{}:{}", cfg.bind, cfg.port));
-    let replicator = replicated.then(|| {
+    let cluster = replicated.then(|| ClusterSettings {
+        node_id: meta.node_id.clone(),
+        advertise_url: advertise_url.clone(),
+        peers: cfg.peers.clone(),
+        sync_replicas: cfg.sync_replicas,
+        write_quorum: cfg.write_quorum as usize,
+        data_dir: cfg.data_dir.clone(),
+    });
+    let runtime = match &cluster {
         // A fresh data dir takes its role from the flag; a restarted node
         // trusts its persisted epoch and log and waits to be promoted.
-        let primary = fresh && cfg.role == BootRole::Primary;
-        let r = Replicator::new(
-            engine.clone(),
-            replication::node::Settings {
-                node_id: meta.node_id.clone(),
-                advertise_url: advertise_url.clone(),
-                peers: cfg.peers.clone(),
-                sync_replicas: cfg.sync_replicas,
-                data_dir: cfg.data_dir.clone(),
-            },
-            meta.clone(),
-            primary,
-        );
-        r.start();
-        r
-    });
+        Some(c) => admin::start_runtime(
+            &engine,
+            c,
+            &meta,
+            fresh && cfg.role == BootRole::Primary,
+            None,
+        )?,
+        None => api::Runtime::default(),
+    };
 
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -213,10 +249,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         meta.node_id.clone(),
         cfg.data_dir.display().to_string(),
         meta.epoch,
-        replicator,
+        runtime,
+        cluster,
+        wall,
         std::time::Duration::from_millis(cfg.commit_timeout_ms),
     ));
-    eprintln!("kvd: node {} serving on http://{addr}", meta.node_id);
+    eprintln!(
+        "kvd: node {} serving on http://{addr} ({mode})",
+        meta.node_id
+    );
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await

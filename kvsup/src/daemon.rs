@@ -106,10 +106,12 @@ pub struct Sup {
     pub metrics: Metrics,
     wake: tokio::sync::Notify,
     failover_in_progress: AtomicBool,
+    switching: AtomicBool,
     /// Held by anything that moves the primary: failover, switchover, mode switch.
     moving: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     election: Mutex<ElectionState>,
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
 #[derive(Default)]
@@ -167,10 +169,17 @@ impl Sup {
             metrics: Metrics::new().context("registering metrics")?,
             wake: tokio::sync::Notify::new(),
             failover_in_progress: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
             moving: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
+            watcher: Mutex::new(None),
         })
+    }
+
+    /// Holds the manifest file watcher (dropping the previous one).
+    pub fn keep_watcher(&self, w: notify::RecommendedWatcher) {
+        *self.watcher.lock() = Some(w);
     }
 
     pub fn manifest(&self) -> Manifest {
@@ -247,6 +256,8 @@ impl Sup {
                     // the reconcile loop elects a primary if none is left.
                     let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
                     let first = self.nodes.first().is_some_and(|n| n.name == node.name);
+                    args.push("--mode".into());
+                    args.push("primary-secondary".into());
                     args.push("--role".into());
                     args.push(
                         if fresh && first {
@@ -277,8 +288,7 @@ impl Sup {
 
     /// Starts (or adopts) `node` and a task that watches for its exit.
     fn start_node(self: &Arc<Self>, node: &Arc<Node>) -> Result<()> {
-        std::fs::create_dir_all(&node.data_dir)
-            .with_context(|| format!("creating {}", node.data_dir.display()))?;
+        // The data dir is kvd's (it creates it); kvsup never writes there.
         let handle = match process::adoptable(&node.pid_file, &node.data_dir) {
             Some(pid) => {
                 self.event(
@@ -598,35 +608,30 @@ impl Sup {
 
     /// Asks the primary at `primary` to hand over to `to`; the new epoch.
     async fn transfer(&self, primary: &str, to: &str, timeout: Duration) -> Result<u64, String> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{primary}/v1/admin/transfer"))
             .json(&json!({"to": to, "timeout_ms": timeout.as_millis() as u64}))
-            .timeout(timeout + Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| format!("transfer request failed: {e}"))?;
-        let code = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if code.is_success() {
-            Ok(body.get("epoch").and_then(Value::as_u64).unwrap_or(0))
-        } else {
-            Err(body
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map_or_else(|| format!("transfer answered {code}"), str::to_string))
-        }
+            .timeout(timeout + Duration::from_secs(5));
+        Self::epoch_from(req, "transfer").await
     }
 
     /// Asks the node at `url` to run for primary; its new epoch on success.
     async fn promote_once(&self, url: &str) -> Result<u64, String> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{url}/promote_to_primary"))
-            .timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        Self::epoch_from(req, "promotion").await
+    }
+
+    /// Sends a request answered by `{"epoch": N}`, or by an error body
+    /// whose message is returned.
+    async fn epoch_from(req: reqwest::RequestBuilder, what: &str) -> Result<u64, String> {
+        let resp = req
             .send()
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(|e| format!("{what} request failed: {e}"))?;
         let code = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if code.is_success() {
@@ -635,7 +640,7 @@ impl Sup {
             Err(body
                 .pointer("/error/message")
                 .and_then(Value::as_str)
-                .map_or_else(|| format!("answered {code}"), str::to_string))
+                .map_or_else(|| format!("{what} answered {code}"), str::to_string))
         }
     }
 
@@ -689,6 +694,22 @@ impl Sup {
                 .get("lag_entries")?
                 .as_u64()
         };
+        // Masterless: how far the node at `url` is behind the most any
+        // other node has to send it (each node reports its peers' lag).
+        let statuses: Vec<Value> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.health.lock().status.clone())
+            .collect();
+        let masterless_lag = |url: &str| -> Option<u64> {
+            statuses
+                .iter()
+                .filter_map(|s| s.pointer("/masterless/peers")?.as_array())
+                .flatten()
+                .filter(|p| p.get("url").and_then(Value::as_str) == Some(url))
+                .filter_map(|p| p.get("lag_entries").and_then(Value::as_u64))
+                .max()
+        };
         let all_healthy = views.iter().all(|v| v.healthy);
         let nodes: Vec<Value> = self
             .nodes
@@ -710,7 +731,13 @@ impl Sup {
                     "commit_index": st.get("commit_index"),
                     "keys": st.get("keys"),
                     "digest": st.get("digest"),
-                    "lag": if is_primary { Some(0) } else { lag_of(&n.url) },
+                    "lag": if m.spec.mode == Mode::Masterless {
+                        masterless_lag(&n.url)
+                    } else if is_primary {
+                        Some(0)
+                    } else {
+                        lag_of(&n.url)
+                    },
                     "healthy": r.running && h.ok,
                     "failures": h.failures,
                     "restarts": n.restarts.load(Ordering::Relaxed),
@@ -721,6 +748,7 @@ impl Sup {
             })
             .collect();
         let failover = self.failover_in_progress.load(Ordering::Acquire);
+        let switching = self.switching.load(Ordering::Acquire);
         let has_leader = match m.spec.mode {
             Mode::PrimarySecondary if self.nodes.len() > 1 => primary.is_some(),
             _ => true,
@@ -737,9 +765,10 @@ impl Sup {
             "supervisor_pid": std::process::id(),
             "health_check": m.spec.health_check,
             "conditions": {
-                "Ready": all_healthy && has_leader && !failover,
+                "Ready": all_healthy && has_leader && !failover && !switching,
                 "Degraded": !all_healthy || !has_leader,
                 "FailoverInProgress": failover,
+                "ModeSwitchInProgress": switching,
             },
             "primary": primary,
             "epoch": epoch,
@@ -776,7 +805,15 @@ impl Sup {
                 .map_err(|e| ApplyError::Failed(format!("mode switch failed: {e:#}")))?;
         }
         *self.manifest.write() = new;
-        *self.manifest_path.lock() = path.to_path_buf();
+        let moved = {
+            let mut p = self.manifest_path.lock();
+            let moved = *p != path;
+            *p = path.to_path_buf();
+            moved
+        };
+        if moved {
+            crate::watch::spawn(self.clone());
+        }
         self.metrics.applies.inc();
         self.event(
             "apply",
@@ -791,11 +828,79 @@ impl Sup {
         Ok(changes)
     }
 
+    /// Live mode switch (DESIGN §6) through [`kvclient::admin::switch_mode`]:
+    /// writes pause on every node until all hold identical contents, every
+    /// node changes mode, writes resume. No failover or switchover runs
+    /// meanwhile (they take the same lock).
     async fn switch_mode(self: &Arc<Self>, to: Mode) -> Result<()> {
-        bail!(
-            "switching a running cluster to {} is not supported by this build",
-            to.as_str()
-        )
+        use kvclient::admin;
+        if self.nodes.len() < 2 {
+            bail!("a single node has no replication mode to switch");
+        }
+        let _moving = self.moving.lock().await;
+        let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
+        let target = match to {
+            Mode::PrimarySecondary => admin::Mode::PrimarySecondary,
+            Mode::Masterless => admin::Mode::Masterless,
+        };
+        // Back to primary/secondary: the first healthy node leads.
+        let primary = (to == Mode::PrimarySecondary)
+            .then(|| self.views().into_iter().find(|v| v.healthy).map(|v| v.name))
+            .flatten();
+        let opts = admin::SwitchOptions {
+            primary,
+            ..admin::SwitchOptions::default()
+        };
+        self.switching.store(true, Ordering::Release);
+        self.event(
+            "mode",
+            None,
+            format!("switching to {}: pausing writes on every node", to.as_str()),
+        );
+        let result = admin::switch_mode(&urls, target, &opts).await;
+        self.switching.store(false, Ordering::Release);
+        let report = result.map_err(|e| {
+            self.metrics.reconcile_errors.inc();
+            self.event("error", None, e.to_string());
+            anyhow::anyhow!(e)
+        })?;
+        self.metrics.mode_switches.inc();
+        self.metrics
+            .mode_switch_pause
+            .observe(report.pause.as_secs_f64());
+        {
+            let mut el = self.election.lock();
+            el.known_primary = report.primary.clone();
+            el.primary_down_since = None;
+            el.no_primary_since = None;
+        }
+        let digest = report
+            .digests_after
+            .first()
+            .map_or_else(String::new, |d| d.digest.clone());
+        self.event(
+            "mode",
+            None,
+            if report.already {
+                format!("every node was already {}", to.as_str())
+            } else {
+                format!(
+                    "now {}: writes paused {} ms (identical after {} ms), digest {digest} on every node{}",
+                    to.as_str(),
+                    report.pause.as_millis(),
+                    report.converge.as_millis(),
+                    report
+                        .primary
+                        .as_deref()
+                        .map(|p| format!(", primary {p} of epoch {}", report.epoch))
+                        .unwrap_or_default()
+                )
+            },
+        );
+        for n in &self.nodes {
+            self.check(n).await;
+        }
+        Ok(())
     }
 
     pub fn kill(&self, name: &str, sig: Signal) -> Result<u32> {

@@ -345,18 +345,29 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
         }
         if let Ok(st) = api.get("/v1/status").await {
             let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
-            if nodes.iter().all(|n| !n["pid"].is_null()) {
+            // Started, or started and already exited (its log says why).
+            if nodes
+                .iter()
+                .all(|n| !n["pid"].is_null() || !n["last_exit"].is_null())
+            {
                 println!(
                     "cluster {name}: supervisor started on {url} (pid {}), state in {}",
                     child.id(),
                     state_dir.display()
                 );
                 for n in nodes {
+                    let how = match n["pid"].as_u64() {
+                        Some(pid) => format!("pid {pid}"),
+                        None => format!(
+                            "{} (will be restarted; see {})",
+                            n["last_exit"].as_str().unwrap_or("exited"),
+                            n["log"].as_str().unwrap_or("its log")
+                        ),
+                    };
                     println!(
-                        "  {} {} pid {}",
+                        "  {} {} {how}",
                         n["name"].as_str().unwrap_or(""),
                         n["url"].as_str().unwrap_or(""),
-                        n["pid"]
                     );
                 }
                 println!(

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub applies: IntCounter,
     pub health_check_failures: IntCounterVec,
     pub ready: IntGauge,
+    pub mode_switches: IntCounter,
+    pub mode_switch_pause: Histogram,
 }
 
 impl Metrics {
@@ -67,6 +69,17 @@ impl Metrics {
             &["node"],
         )?;
         let ready = IntGauge::new("kvsup_cluster_ready", "1 when the cluster is Ready")?;
+        let mode_switches = IntCounter::new(
+            "kvsup_mode_switches_total",
+            "Live switches between primary/secondary and masterless",
+        )?;
+        let mode_switch_pause = Histogram::with_opts(
+            HistogramOpts::new(
+                "kvsup_mode_switch_pause_seconds",
+                "How long writes were paused by a mode switch",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
         for c in [
             Box::new(node_up.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(primary_epoch.clone()),
@@ -78,6 +91,8 @@ impl Metrics {
             Box::new(applies.clone()),
             Box::new(health_check_failures.clone()),
             Box::new(ready.clone()),
+            Box::new(mode_switches.clone()),
+            Box::new(mode_switch_pause.clone()),
         ] {
             registry.register(c)?;
         }
@@ -93,6 +108,8 @@ impl Metrics {
             applies,
             health_check_failures,
             ready,
+            mode_switches,
+            mode_switch_pause,
         })
     }
 

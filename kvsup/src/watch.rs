@@ -14,11 +14,15 @@ use crate::daemon::Sup;
 /// Events within this window are taken as one edit.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// Watches the manifest the daemon currently applies; called again when an
+/// apply names another file (the previous watcher is dropped, which ends
+/// its task).
 pub fn spawn(sup: Arc<Sup>) {
     // Bounded: a burst of file events only needs to wake the loop once.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let watched = sup.manifest_path();
     let name = watched.file_name().map(|n| n.to_os_string());
+    let name_now = name.clone();
     let dir = watched
         .parent()
         .map(std::path::Path::to_path_buf)
@@ -49,12 +53,18 @@ pub fn spawn(sup: Arc<Sup>) {
         );
         return;
     }
+    // The daemon keeps the watcher; replacing it drops the old one, whose
+    // handler (and so this task's channel) goes with it.
+    sup.keep_watcher(watcher);
     tokio::spawn(async move {
-        let _keep = watcher;
         while rx.recv().await.is_some() {
             tokio::time::sleep(DEBOUNCE).await;
             while rx.try_recv().is_ok() {}
             let path = sup.manifest_path();
+            if Some(path.file_name().map(|n| n.to_os_string())) != Some(name_now.clone()) {
+                // The daemon moved on to another file; its own watcher runs.
+                return;
+            }
             let base = sup.base_dir().to_path_buf();
             let unchanged =
                 crate::manifest::Manifest::load(&path).is_ok_and(|m| m == sup.manifest());

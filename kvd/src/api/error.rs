@@ -100,6 +100,7 @@ impl From<storage::Error> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_append")
             }
             E::Replication(_) => (StatusCode::INTERNAL_SERVER_ERROR, "replication_error"),
+            E::NotQuiescent(_) => (StatusCode::CONFLICT, "not_quiescent"),
             E::NotDurable(_) | E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             E::Corruption { .. } | E::Decode(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_corruption")

@@ -5,6 +5,7 @@
 //! so a rejected request never writes anything. Errors become responses in
 //! one place, [`error::ApiError`].
 
+pub mod admin;
 pub mod error;
 pub mod listener;
 
@@ -26,6 +27,8 @@ use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 
+use crate::masterless::hlc::WallClock;
+use crate::masterless::node::MlNode;
 use crate::metrics::Metrics;
 use crate::replication::node::{self, Replicator, Role};
 use crate::storage::{self, Engine, Op, MAX_KEY_BYTES};
@@ -50,8 +53,20 @@ pub struct AppState {
     pub data_dir: String,
     /// Epoch of a single node (a cluster node's comes from `replicator`).
     pub epoch: u64,
-    /// Present when this node is part of a primary/secondary cluster.
-    pub replicator: Option<Arc<Replicator>>,
+    /// The replication runtime of this node's current mode (a live mode
+    /// switch replaces it; see `admin`).
+    runtime: parking_lot::RwLock<Runtime>,
+    /// How to build a runtime for either mode (None for a single node).
+    pub cluster: Option<admin::ClusterSettings>,
+    /// The node's wall clock (its offset is a debug knob).
+    pub wall: WallClock,
+    /// Writes answer 503 `writes_paused` while set (mode switch).
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Held shared by every write in flight; a pause takes it exclusively
+    /// to wait for them.
+    pub write_gate: tokio::sync::RwLock<()>,
+    /// One mode switch at a time.
+    pub switching: tokio::sync::Mutex<()>,
     /// Longest a write waits for its commit before answering 503.
     pub commit_timeout: std::time::Duration,
     pub started: Instant,
@@ -76,7 +91,9 @@ impl AppState {
         node_id: String,
         data_dir: String,
         epoch: u64,
-        replicator: Option<Arc<Replicator>>,
+        runtime: Runtime,
+        cluster: Option<admin::ClusterSettings>,
+        wall: WallClock,
         commit_timeout: std::time::Duration,
     ) -> Self {
         let op_metrics = OPS
@@ -98,7 +115,12 @@ impl AppState {
             node_id,
             data_dir,
             epoch,
-            replicator,
+            runtime: parking_lot::RwLock::new(runtime),
+            cluster,
+            wall,
+            paused: std::sync::atomic::AtomicBool::new(false),
+            write_gate: tokio::sync::RwLock::new(()),
+            switching: tokio::sync::Mutex::new(()),
             commit_timeout,
             started: Instant::now(),
         }
@@ -106,6 +128,14 @@ impl AppState {
 }
 
 type Shared = Arc<AppState>;
+
+/// The replication runtime of the current mode: neither (a single node),
+/// a primary/secondary [`Replicator`], or a masterless [`MlNode`].
+#[derive(Default, Clone)]
+pub struct Runtime {
+    pub replicator: Option<Arc<Replicator>>,
+    pub masterless: Option<Arc<MlNode>>,
+}
 
 /// Builds the router with every route of DESIGN §2 that a single node serves.
 pub fn router(state: Shared) -> Router {
@@ -124,6 +154,25 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/admin/promote", axum::routing::post(promote))
         .route("/v1/admin/transfer", axum::routing::post(transfer))
         .route("/v1/status", get(status))
+        .route(
+            "/v1/admin/pause_writes",
+            axum::routing::post(admin::pause_writes),
+        )
+        .route(
+            "/v1/admin/resume_writes",
+            axum::routing::post(admin::resume_writes),
+        )
+        .route("/v1/admin/mode", axum::routing::post(admin::switch_mode))
+        .route(
+            "/v1/admin/debug/clock",
+            axum::routing::post(admin::debug_clock),
+        )
+        .route("/internal/ml/stream", axum::routing::post(admin::ml_stream))
+        .route("/internal/ml/digest", get(admin::ml_digest))
+        .route(
+            "/internal/ml/buckets",
+            axum::routing::post(admin::ml_buckets),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -270,18 +319,51 @@ async fn read_body(
 }
 
 impl AppState {
+    /// The primary/secondary runtime, when in that mode.
+    pub fn replicator(&self) -> Option<Arc<Replicator>> {
+        self.runtime.read().replicator.clone()
+    }
+
+    /// The masterless runtime, when in that mode.
+    pub fn ml(&self) -> Option<Arc<MlNode>> {
+        self.runtime.read().masterless.clone()
+    }
+
+    pub fn set_runtime(&self, rt: Runtime) {
+        *self.runtime.write() = rt;
+    }
+
     fn epoch(&self) -> u64 {
-        self.replicator.as_ref().map_or(self.epoch, |r| r.epoch())
+        match self.replicator() {
+            Some(r) => r.epoch(),
+            None if self.cluster.is_some() => self.engine.epoch(),
+            None => self.epoch,
+        }
     }
 
     fn role(&self) -> Role {
-        self.replicator.as_ref().map_or(Role::Primary, |r| r.role())
+        self.replicator().map_or(Role::Primary, |r| r.role())
+    }
+
+    /// `single`, `primary-secondary` or `masterless`.
+    pub fn mode(&self) -> &'static str {
+        let rt = self.runtime.read();
+        if rt.masterless.is_some() {
+            "masterless"
+        } else if rt.replicator.is_some() {
+            "primary-secondary"
+        } else if self.cluster.is_some() {
+            // Between two modes, during a switch.
+            "switching"
+        } else {
+            "single"
+        }
     }
 
     /// Only the primary takes writes: anyone else points the client at it
     /// (307 with `Location` and `X-KV-Primary`), or says it knows none (503).
     fn check_primary(&self, uri: &Uri) -> Result<(), ApiError> {
-        let Some(r) = &self.replicator else {
+        let Some(r) = self.replicator() else {
             return Ok(());
         };
         if r.is_primary() {
@@ -308,7 +390,18 @@ impl AppState {
 
     /// Logs a write and waits for its commit, within `commit_timeout`.
     async fn write(&self, op: Op, apply: bool) -> Result<storage::WriteResult, ApiError> {
-        if self.replicator.is_none() {
+        // Held while in flight, so that a pause can wait for this write.
+        let _gate = self.write_gate.read().await;
+        if self.paused.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(admin::paused_error());
+        }
+        if self.cluster.is_some() && self.mode() == "switching" {
+            return Err(admin::paused_error());
+        }
+        if let Some(ml) = self.ml() {
+            return admin::masterless_write(self, &ml, op, apply).await;
+        }
+        if self.replicator().is_none() {
             // A single node commits at its own fsync: nothing to time out on.
             return Ok(self.engine.write(op, apply).await?);
         }
@@ -344,7 +437,7 @@ async fn get_key(
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     // A single node's local read already sees every acknowledged write.
-    if let (true, Some(r)) = (params.consistent, &st.replicator) {
+    if let (true, Some(r)) = (params.consistent, st.replicator()) {
         st.check_primary(&uri)?;
         r.read_barrier(st.commit_timeout).await.map_err(|why| {
             ApiError::new(
@@ -388,11 +481,16 @@ async fn put_key(
     };
     let r = st.write(op, apply).await?;
     // The hottest response: formatted directly rather than via a JSON map.
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        format!("{{\"index\":{}}}", r.index),
-    )
-        .into_response())
+    // Masterless writes also say their last-write-wins stamp.
+    let body = if st.ml().is_some() {
+        format!(
+            "{{\"index\":{},\"ts\":{{\"physical_ms\":{},\"logical\":{},\"node\":{}}}}}",
+            r.index, r.ts.physical_ms, r.ts.logical, r.ts.node
+        )
+    } else {
+        format!("{{\"index\":{}}}", r.index)
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn delete_key(
@@ -406,6 +504,12 @@ async fn delete_key(
         key: Bytes::from(key.into_bytes()),
     };
     let r = st.write(op, true).await?;
+    if st.ml().is_some() {
+        return Ok(
+            Json(json!({"deleted": r.outcome.deleted, "index": r.index, "ts": r.ts}))
+                .into_response(),
+        );
+    }
     Ok(Json(json!({"deleted": r.outcome.deleted, "index": r.index})).into_response())
 }
 
@@ -517,10 +621,10 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
     m.keys.set(s.keys as i64);
     Json(json!({
         "node_id": st.node_id,
-        "mode": if st.replicator.is_some() { "primary-secondary" } else { "single" },
-        "role": st.role(),
+        "mode": st.mode(),
+        "role": if st.ml().is_some() { json!("peer") } else { json!(st.role()) },
         "epoch": st.epoch(),
-        "primary": st.replicator.as_ref().map_or_else(|| None, |r| r.primary_url()),
+        "primary": st.replicator().and_then(|r| r.primary_url()),
         "last_index": s.last_index,
         "last_log_epoch": st.engine.last_log_pos().epoch,
         "commit_index": st.engine.commit_index(),
@@ -534,13 +638,26 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "data_dir": st.data_dir,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
-        "peers": st.replicator.as_ref().map_or_else(|| json!([]), |r| r.peer_status()),
+        "peers": match (st.replicator(), st.ml()) {
+            (Some(r), _) => r.peer_status(),
+            (None, Some(ml)) => ml.status()["peers"].clone(),
+            _ => json!([]),
+        },
+        "writes_paused": st.paused.load(std::sync::atomic::Ordering::Acquire),
+        "hlc": st.engine.hlc(),
+        "masterless": st.ml().map(|ml| {
+            let mut v = ml.status();
+            v["lww_digest"] = json!(format!("{:016x}", st.engine.lww().digest()));
+            v["tombstones"] = json!(st.engine.lww().tombstones());
+            v["clock_offset_ms"] = json!(st.wall.offset_ms());
+            v
+        }),
     }))
 }
 
 /// Replication traffic from the primary (see `replication::node`).
 async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator.clone() else {
+    let Some(r) = st.replicator() else {
         return Err(ApiError::bad_request(
             "not_replicated",
             "this node runs alone (no --peers); it takes no replication traffic",
@@ -579,7 +696,7 @@ async fn internal_snapshot(
     params: Result<Query<SnapshotParams>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator.clone() else {
+    let Some(r) = st.replicator() else {
         return Err(ApiError::bad_request(
             "not_replicated",
             "this node runs alone (no --peers); it takes no replication traffic",
@@ -596,7 +713,7 @@ async fn internal_snapshot(
 
 /// A candidate's vote request (see `replication::node`).
 async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator.clone() else {
+    let Some(r) = st.replicator() else {
         return Err(ApiError::bad_request(
             "not_replicated",
             "this node runs alone (no --peers); it takes no votes",
@@ -626,7 +743,14 @@ async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response,
 
 /// `POST /promote_to_primary`: run an election for this node.
 async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator.clone() else {
+    if st.ml().is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "masterless",
+            "this node is in masterless mode: every node takes writes and there is no primary",
+        ));
+    }
+    let Some(r) = st.replicator() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_peers",
@@ -668,7 +792,7 @@ async fn transfer(
     body: Result<Json<TransferRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_transfer", e.body_text()))?;
-    let Some(r) = st.replicator.clone() else {
+    let Some(r) = st.replicator() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_peers",
@@ -710,8 +834,13 @@ async fn metrics(State(st): State<Shared>) -> Response {
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));
-    if let Some(r) = &st.replicator {
-        for (peer, lag) in r.peer_lags() {
+    let lags = match (st.replicator(), st.ml()) {
+        (Some(r), _) => r.peer_lags(),
+        (None, Some(ml)) => ml.peer_lags(),
+        _ => Vec::new(),
+    };
+    {
+        for (peer, lag) in lags {
             m.replication_lag_entries
                 .with_label_values(&[&peer])
                 .set(lag as i64);

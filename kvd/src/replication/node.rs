@@ -105,6 +105,8 @@ pub struct Replicator {
     /// reads wait for it (Raft §8).
     lead_from: AtomicU64,
     http: reqwest::Client,
+    /// Set by a mode switch: the background tasks end.
+    stopped: AtomicBool,
 }
 
 /// The secondary's answer to an append.
@@ -256,6 +258,7 @@ impl Replicator {
             transfer_until: Mutex::new(None),
             lead_from: AtomicU64::new(0),
             http,
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -332,6 +335,24 @@ impl Replicator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.advance_commit().await });
+    }
+
+    /// Tells a secondary where the primary is before its first append
+    /// arrives (a mode switch names it), so writes redirect at once.
+    pub fn set_primary_hint(&self, url: String) {
+        if !self.is_primary() {
+            let mut p = self.primary_url.lock();
+            if p.is_none() {
+                *p = Some(url);
+            }
+        }
+    }
+
+    /// Ends the background tasks and steps down (a mode switch).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.is_primary.store(false, Ordering::Release);
+        self.acked.notify_waiters();
     }
 
     pub fn is_primary(&self) -> bool {
@@ -702,7 +723,7 @@ impl Replicator {
     /// Primary: keeps peer `i` up to date.
     async fn ship_to(self: Arc<Self>, i: usize) {
         let peer = &self.peers[i];
-        loop {
+        while !self.stopped.load(Ordering::Acquire) {
             if !self.is_primary() {
                 tokio::time::sleep(HEARTBEAT).await;
                 continue;
@@ -892,7 +913,7 @@ impl Replicator {
 
     /// Primary: commits what a majority holds durably.
     async fn advance_commit(self: Arc<Self>) {
-        loop {
+        while !self.stopped.load(Ordering::Acquire) {
             let durable = self.engine.durable_notify().notified();
             tokio::pin!(durable);
             durable.as_mut().enable();

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -44,6 +44,8 @@ pub use fs::{Fs, RealFs};
 pub use record::{Op, Record, Timestamp};
 pub use state::{ApplyOutcome, State};
 
+use crate::masterless::hlc::{Hlc, WallClock};
+use crate::masterless::lww::Lww;
 use crate::metrics::Metrics;
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 use log_index::{EpochRuns, LogCache};
@@ -78,6 +80,8 @@ pub enum Error {
     Superseded,
     #[error("invalid replication request: {0}")]
     Replication(#[from] rules::AppendError),
+    #[error("cannot change mode now: {0}")]
+    NotQuiescent(String),
 }
 
 impl Error {
@@ -115,6 +119,12 @@ pub struct EngineConfig {
     pub replicated: bool,
     /// Recent records kept in memory for shipping to secondaries.
     pub log_cache_bytes: usize,
+    /// Masterless mode: every record is merged last-write-wins by its
+    /// timestamp (see `masterless::lww`), and peers' writes arrive through
+    /// [`Engine::ingest`]. Excludes `replicated`.
+    pub masterless: bool,
+    /// The wall clock under the hybrid logical clock (with its test offset).
+    pub wall: WallClock,
 }
 
 impl EngineConfig {
@@ -130,6 +140,8 @@ impl EngineConfig {
             node_tag: 0,
             replicated: false,
             log_cache_bytes: 64 << 20,
+            masterless: false,
+            wall: WallClock::default(),
         }
     }
 }
@@ -139,6 +151,9 @@ impl EngineConfig {
 pub struct WriteResult {
     pub index: u64,
     pub outcome: ApplyOutcome,
+    /// The write's hybrid-logical-clock stamp (its last-write-wins order in
+    /// masterless mode; zero for entries applied at a primary's commit).
+    pub ts: Timestamp,
 }
 
 /// A point-in-time view of the engine for `/v1/status` and metrics.
@@ -170,6 +185,36 @@ enum Cmd {
         tmp_path: PathBuf,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
+    /// Masterless: a peer's writes (or anti-entropy repairs), merged.
+    Ingest {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+    /// Mode switch: restart the log at a common base (see [`Engine::rebase`]).
+    Rebase {
+        req: Rebase,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Masterless: move the clock to the wall clock's time, so an idle
+    /// node's durable clock (and the global stable time) still advances.
+    Tick,
+    /// Masterless: forget tombstones older than the global stable time.
+    Purge {
+        before: Timestamp,
+        reply: oneshot::Sender<u64>,
+    },
+}
+
+/// A mode switch's common log base: every node of the cluster makes its
+/// (identical) contents a snapshot at `base_index` in `epoch`, and its log
+/// restarts after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rebase {
+    pub masterless: bool,
+    pub base_index: u64,
+    pub epoch: u64,
+    /// Masterless: the stamp every key gets (equal on every node).
+    pub base_ts: Timestamp,
 }
 
 /// Entries from the primary, for a secondary's log.
@@ -190,6 +235,7 @@ struct ReplicateReq {
 /// A durable entry waiting for its commit (replicated mode).
 struct PendingEntry {
     index: u64,
+    ts: Timestamp,
     op: Op,
     apply: bool,
     reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
@@ -219,6 +265,15 @@ struct Shared {
     wal_segments: AtomicU64,
     poisoned: AtomicBool,
     snapshot_running: AtomicBool,
+    /// Masterless mode (changes only in a mode switch).
+    masterless: AtomicBool,
+    /// Last-write-wins stamps and tombstones (empty unless masterless).
+    lww: Arc<Lww>,
+    /// The clock's latest timestamp, for status.
+    hlc: parking_lot::Mutex<Timestamp>,
+    /// Largest timestamp of a durable record, published after
+    /// `last_index` (see [`Engine::durable_hlc`]).
+    durable_hlc: parking_lot::Mutex<Timestamp>,
 }
 
 /// The storage engine handle. Cheap to share behind an `Arc`.
@@ -251,13 +306,21 @@ impl Engine {
         let snap_dir = cfg.data_dir.join("snap");
         let wal_dir = cfg.data_dir.join("wal");
         let state = Arc::new(State::new());
+        let lww = Arc::new(Lww::new());
+        let lww_opt = cfg.masterless.then_some(&*lww);
 
         let mut snap_meta = snapshot::SnapshotMeta::default();
         let snapshots = snapshot::list(fs.as_ref(), &snap_dir)?;
         if let Some((_, path)) = snapshots.first() {
             // The newest snapshot is the only one whose WAL suffix is
             // guaranteed to exist; a damaged one is damaged acknowledged data.
-            snap_meta = snapshot::load(fs.as_ref(), path, &state, record::MAX_PAYLOAD_BYTES)?;
+            snap_meta = snapshot::load(
+                fs.as_ref(),
+                path,
+                &state,
+                lww_opt,
+                record::MAX_PAYLOAD_BYTES,
+            )?;
         }
         for (_, older) in snapshots.iter().skip(1) {
             let _ = fs.remove(older);
@@ -273,12 +336,16 @@ impl Engine {
             cfg.segment_max_bytes,
             |rec| {
                 log.push(rec.index, rec.epoch);
-                if cfg.replicated {
+                if cfg.masterless {
+                    cache.push(rec.clone());
+                    lww.apply(&state, rec.ts, &rec.op);
+                } else if cfg.replicated {
                     // Whether these were committed is for the primary to say:
                     // until then they wait, unapplied.
                     cache.push(rec.clone());
                     pending.push_back(PendingEntry {
                         index: rec.index,
+                        ts: rec.ts,
                         op: rec.op,
                         apply: true,
                         reply: None,
@@ -307,6 +374,10 @@ impl Engine {
             wal_segments: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             snapshot_running: AtomicBool::new(false),
+            masterless: AtomicBool::new(cfg.masterless),
+            lww: lww.clone(),
+            hlc: parking_lot::Mutex::new(Timestamp::default()),
+            durable_hlc: parking_lot::Mutex::new(lww.max_ts()),
         });
         shared
             .snapshot_index
@@ -326,7 +397,15 @@ impl Engine {
             shared: shared.clone(),
             cfg: cfg.clone(),
             metrics: metrics.clone(),
-            clock: Clock::new(cfg.node_tag),
+            clock: {
+                // Past every stamp on disk: strictly increasing across restarts.
+                let mut c = Hlc::new(cfg.node_tag);
+                c.observe(lww.max_ts(), 0);
+                c
+            },
+            wall: cfg.wall.clone(),
+            masterless: cfg.masterless,
+            replicated: cfg.replicated,
             // Replayed WAL bytes count toward the next snapshot.
             bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
             first_unapplied: None,
@@ -461,6 +540,81 @@ impl Engine {
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
+    /// Masterless: merges records from a peer (its own writes, or
+    /// anti-entropy repairs), keeping their timestamps. Only the items newer
+    /// than what this node holds are logged (durably, before this returns)
+    /// and applied. Returns this node's last log index.
+    pub async fn ingest(&self, records: Vec<Record>) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::Ingest { records, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Mode switch: makes the current contents a durable snapshot at
+    /// `req.base_index` in `req.epoch` and restarts the log after it, in the
+    /// new mode. Refused unless every logged entry is applied (no
+    /// uncommitted entries) and `base_index` is at least the last index.
+    /// The caller has paused writes on every node.
+    pub async fn rebase(&self, req: Rebase) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::Rebase { req, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Masterless: purges tombstones stamped before `before`; how many.
+    /// Skipped (0) while a snapshot is being written, so that a snapshot
+    /// never misses a tombstone that the WAL after it still needs.
+    pub async fn purge_tombstones(&self, before: Timestamp) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::Purge { before, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Masterless: advances the clock to the wall clock when idle.
+    pub async fn tick_clock(&self) -> Result<(), Error> {
+        self.sender()?
+            .send(Cmd::Tick)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    pub fn is_masterless(&self) -> bool {
+        self.shared.masterless.load(Ordering::Acquire)
+    }
+
+    /// Last-write-wins stamps (masterless mode).
+    pub fn lww(&self) -> &Lww {
+        &self.shared.lww
+    }
+
+    /// The hybrid logical clock's latest timestamp.
+    pub fn hlc(&self) -> Timestamp {
+        *self.shared.hlc.lock()
+    }
+
+    /// `(durable_hlc, last_index)`: every record stamped by this node at or
+    /// before `durable_hlc` is in the log at or before `last_index` (the
+    /// stamp is read first; the writer publishes it after the index).
+    pub fn durable_hlc(&self) -> (Timestamp, u64) {
+        let ts = *self.shared.durable_hlc.lock();
+        (ts, self.shared.last_index.load(Ordering::Acquire))
+    }
+
+    /// Index of the oldest entry the WAL still holds (older ones are only
+    /// in the snapshot).
+    pub fn first_log_index(&self) -> u64 {
+        self.shared.log.lock().first_index()
+    }
+
     /// The newest durable snapshot file and its last index, for shipping.
     pub fn latest_snapshot(&self) -> Option<(PathBuf, u64)> {
         let index = self.shared.snapshot_index.load(Ordering::Acquire);
@@ -556,38 +710,6 @@ impl Drop for Engine {
     }
 }
 
-/// Hybrid logical clock for record timestamps: strictly increasing even if
-/// the wall clock steps back.
-struct Clock {
-    last: Timestamp,
-}
-
-impl Clock {
-    fn new(node: u32) -> Self {
-        Clock {
-            last: Timestamp {
-                physical_ms: 0,
-                logical: 0,
-                node,
-            },
-        }
-    }
-
-    fn now(&mut self) -> Timestamp {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if wall > self.last.physical_ms {
-            self.last.physical_ms = wall;
-            self.last.logical = 0;
-        } else {
-            self.last.logical += 1;
-        }
-        self.last
-    }
-}
-
 /// The WAL thread: batches, fsyncs, applies, replies.
 struct Writer {
     wal: wal::Wal,
@@ -595,7 +717,11 @@ struct Writer {
     shared: Arc<Shared>,
     cfg: EngineConfig,
     metrics: Option<Arc<Metrics>>,
-    clock: Clock,
+    clock: Hlc,
+    wall: WallClock,
+    /// Current mode (a mode switch changes it, see [`Writer::rebase`]).
+    masterless: bool,
+    replicated: bool,
     bytes_since_snapshot: u64,
     /// Lowest index logged but deliberately not applied (`debug_flaky`);
     /// snapshots must not claim to cover it.
@@ -651,6 +777,33 @@ impl Writer {
                     Cmd::InstallSnapshot { tmp_path, reply } => {
                         let _ = reply.send(self.install_snapshot(&tmp_path));
                     }
+                    Cmd::Ingest { records, reply } => {
+                        let _ = reply.send(self.ingest(records, &mut buf));
+                    }
+                    Cmd::Rebase { req, reply } => {
+                        let _ = reply.send(self.rebase(req));
+                    }
+                    // A poisoned WAL may hold stamped records whose fate
+                    // is unknown until a restart: claim nothing then.
+                    Cmd::Tick if self.wal.is_poisoned() => {}
+                    Cmd::Tick => {
+                        let wall = self.wall.now_ms();
+                        if wall > self.clock.last().physical_ms {
+                            self.clock.now(wall);
+                        }
+                        // No stamp is outstanding: the writer issues and
+                        // logs stamps in one step.
+                        *self.shared.hlc.lock() = self.clock.last();
+                        *self.shared.durable_hlc.lock() = self.clock.last();
+                    }
+                    Cmd::Purge { before, reply } => {
+                        let n = if self.shared.snapshot_running.load(Ordering::Acquire) {
+                            0
+                        } else {
+                            self.shared.lww.purge(before)
+                        };
+                        let _ = reply.send(n);
+                    }
                 }
             }
             self.compact();
@@ -671,19 +824,22 @@ impl Writer {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let outcome = self.apply_entry(p.index, &p.op, p.apply);
+            let outcome = self.apply_entry(p.index, p.ts, &p.op, p.apply);
             if let Some(reply) = p.reply {
                 let _ = reply.send(Ok(WriteResult {
                     index: p.index,
                     outcome,
+                    ts: p.ts,
                 }));
             }
         }
         self.maybe_snapshot();
     }
 
-    fn apply_entry(&mut self, index: u64, op: &Op, apply: bool) -> ApplyOutcome {
-        let outcome = if apply {
+    fn apply_entry(&mut self, index: u64, ts: Timestamp, op: &Op, apply: bool) -> ApplyOutcome {
+        let outcome = if apply && self.masterless {
+            self.shared.lww.apply(&self.state, ts, op)
+        } else if apply {
             self.state.apply(op)
         } else {
             self.first_unapplied.get_or_insert(index);
@@ -699,7 +855,7 @@ impl Writer {
         let mut cache = self.shared.cache.lock();
         for rec in records {
             log.push(rec.index, rec.epoch);
-            if self.cfg.replicated {
+            if self.replicated || self.masterless {
                 cache.push(rec);
             }
         }
@@ -713,6 +869,7 @@ impl Writer {
             self.fs.as_ref(),
             tmp_path,
             &fresh,
+            None,
             record::MAX_PAYLOAD_BYTES,
         )?;
         let commit = self.shared.commit_index.load(Ordering::Acquire);
@@ -833,6 +990,7 @@ impl Writer {
             for r in new {
                 self.pending.push_back(PendingEntry {
                     index: r.index,
+                    ts: r.ts,
                     op: r.op.clone(),
                     apply: true,
                     reply: None,
@@ -853,8 +1011,9 @@ impl Writer {
         buf.clear();
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let mut stamps = Vec::with_capacity(batch.len());
+        let wall = self.wall.now_ms();
         for (i, req) in batch.iter().enumerate() {
-            let ts = self.clock.now();
+            let ts = self.clock.now(wall);
             stamps.push(ts);
             record::encode(first + i as u64, epoch, ts, &req.op, buf);
         }
@@ -878,17 +1037,19 @@ impl Writer {
                 .observe(fsync_started.elapsed().as_secs_f64());
             m.wal_batch_records.observe(count as f64);
         }
-        if self.cfg.replicated {
-            let records = batch
-                .iter()
-                .zip(stamps)
-                .enumerate()
-                .map(|(i, (req, ts))| Record {
-                    index: first + i as u64,
-                    epoch,
-                    ts,
-                    op: req.op.clone(),
-                });
+        *self.shared.hlc.lock() = self.clock.last();
+        if self.replicated || self.masterless {
+            let records =
+                batch
+                    .iter()
+                    .zip(stamps.iter().copied())
+                    .enumerate()
+                    .map(|(i, (req, ts))| Record {
+                        index: first + i as u64,
+                        epoch,
+                        ts,
+                        op: req.op.clone(),
+                    });
             self.remember(records);
         } else {
             // A single node ships nothing: only the epochs are kept.
@@ -899,11 +1060,14 @@ impl Writer {
         }
         let last = first + count - 1;
         self.shared.last_index.store(last, Ordering::Release);
-        if self.cfg.replicated {
+        // Every stamp this node has issued is now durable.
+        *self.shared.durable_hlc.lock() = self.clock.last();
+        if self.replicated {
             // Durable here; applied and acknowledged once committed.
             for (i, req) in batch.drain(..).enumerate() {
                 self.pending.push_back(PendingEntry {
                     index: first + i as u64,
+                    ts: stamps[i],
                     op: req.op,
                     apply: req.apply,
                     reply: Some(req.reply),
@@ -914,13 +1078,161 @@ impl Writer {
             self.shared.commit_index.store(last, Ordering::Release);
             for (i, req) in batch.drain(..).enumerate() {
                 let index = first + i as u64;
-                let outcome = self.apply_entry(index, &req.op, req.apply);
-                let _ = req.reply.send(Ok(WriteResult { index, outcome }));
+                let outcome = self.apply_entry(index, stamps[i], &req.op, req.apply);
+                let _ = req.reply.send(Ok(WriteResult {
+                    index,
+                    outcome,
+                    ts: stamps[i],
+                }));
+            }
+            if self.masterless {
+                self.shared.durable_changed.notify_waiters();
             }
         }
         self.bytes_since_snapshot += buf.len() as u64;
         self.publish_wal_stats();
         self.maybe_snapshot();
+    }
+
+    /// Masterless side of [`Engine::ingest`].
+    fn ingest(&mut self, records: Vec<Record>, buf: &mut Vec<u8>) -> Result<u64, Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        if !self.masterless {
+            return Err(Error::NotQuiescent(
+                "this node is not in masterless mode".into(),
+            ));
+        }
+        let wall = self.wall.now_ms();
+        let mut winners = Vec::with_capacity(records.len());
+        for r in &records {
+            self.clock.observe(r.ts, wall);
+            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
+                winners.push((r.ts, op));
+            }
+        }
+        *self.shared.hlc.lock() = self.clock.last();
+        let first = self.wal.next_index();
+        if winners.is_empty() {
+            *self.shared.durable_hlc.lock() = self.clock.last();
+            return Ok(first - 1);
+        }
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        buf.clear();
+        for (i, (ts, op)) in winners.iter().enumerate() {
+            record::encode(first + i as u64, epoch, *ts, op, buf);
+        }
+        let count = winners.len() as u64;
+        let durable = self
+            .wal
+            .append(first, count, buf, epoch)
+            .and_then(|_| self.wal.sync());
+        if let Err(e) = durable {
+            self.shared.poisoned.store(true, Ordering::Relaxed);
+            eprintln!("kvd: WAL write failed, refusing further writes: {e}");
+            return Err(e);
+        }
+        let last = first + count - 1;
+        self.remember(winners.iter().enumerate().map(|(i, (ts, op))| Record {
+            index: first + i as u64,
+            epoch,
+            ts: *ts,
+            op: op.clone(),
+        }));
+        self.shared.last_index.store(last, Ordering::Release);
+        self.shared.commit_index.store(last, Ordering::Release);
+        *self.shared.durable_hlc.lock() = self.clock.last();
+        for (i, (ts, op)) in winners.iter().enumerate() {
+            self.apply_entry(first + i as u64, *ts, op, true);
+        }
+        self.bytes_since_snapshot += buf.len() as u64;
+        self.publish_wal_stats();
+        self.shared.durable_changed.notify_waiters();
+        self.maybe_snapshot();
+        Ok(last)
+    }
+
+    /// Side of [`Engine::rebase`] on the WAL thread.
+    fn rebase(&mut self, req: Rebase) -> Result<(), Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        if !self.pending.is_empty() {
+            return Err(Error::NotQuiescent(format!(
+                "{} logged entries are not committed yet",
+                self.pending.len()
+            )));
+        }
+        let last = self.wal.next_index() - 1;
+        if req.base_index < last {
+            return Err(Error::NotQuiescent(format!(
+                "base index {} is behind this node's last index {last}",
+                req.base_index
+            )));
+        }
+        // The snapshot thread must not write concurrently.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.shared.snapshot_running.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return Err(Error::NotQuiescent(
+                    "a snapshot is still being written".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if req.masterless {
+            self.shared.lww.seed_from_state(&self.state, req.base_ts);
+        } else {
+            self.shared.lww.clear();
+        }
+        let meta = snapshot::SnapshotMeta {
+            last_index: req.base_index,
+            last_epoch: req.epoch,
+        };
+        let (path, _) = snapshot::write(
+            self.fs.as_ref(),
+            &self.snap_dir,
+            &self.state,
+            req.masterless.then_some(&*self.shared.lww),
+            meta,
+        )?;
+        for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
+            if old != path {
+                let _ = self.fs.remove(&old);
+            }
+        }
+        // Durable snapshot first, then the log restarts after it (a crash in
+        // between leaves a snapshot ahead of the log, which recovery handles).
+        self.wal.reset(req.base_index + 1, req.epoch)?;
+        self.shared
+            .masterless
+            .store(req.masterless, Ordering::Release);
+        self.masterless = req.masterless;
+        self.replicated = !req.masterless;
+        *self.shared.log.lock() = EpochRuns::new(req.base_index, req.epoch);
+        self.shared.cache.lock().clear();
+        self.shared.epoch.fetch_max(req.epoch, Ordering::AcqRel);
+        self.first_unapplied = None;
+        self.bytes_since_snapshot = 0;
+        for idx in [
+            &self.shared.last_index,
+            &self.shared.commit_index,
+            &self.shared.applied_index,
+            &self.shared.snapshot_index,
+        ] {
+            idx.store(req.base_index, Ordering::Release);
+        }
+        let wall = self.wall.now_ms();
+        self.clock.observe(req.base_ts, wall);
+        *self.shared.hlc.lock() = self.clock.last();
+        {
+            let mut d = self.shared.durable_hlc.lock();
+            *d = (*d).max(req.base_ts);
+        }
+        self.publish_wal_stats();
+        self.shared.durable_changed.notify_waiters();
+        Ok(())
     }
 
     /// Makes the WAL's size visible to `/v1/status` and metrics.
@@ -1014,7 +1326,12 @@ impl Snapshotter {
     }
 
     fn take(&self, meta: snapshot::SnapshotMeta) -> Result<(), Error> {
-        let (path, _size) = snapshot::write(self.fs.as_ref(), &self.dir, &self.state, meta)?;
+        let lww = self
+            .shared
+            .masterless
+            .load(Ordering::Acquire)
+            .then_some(&*self.shared.lww);
+        let (path, _size) = snapshot::write(self.fs.as_ref(), &self.dir, &self.state, lww, meta)?;
         // Older snapshots are now redundant; the WAL they needed goes too.
         for (_, old) in snapshot::list(self.fs.as_ref(), &self.dir)? {
             if old != path {

@@ -41,7 +41,19 @@ pub const PAYLOAD_FIXED_BYTES: usize = 1 + 8 + 8 + 8 + 4 + 4;
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
 /// A hybrid logical clock timestamp; totally ordered, node id breaks ties.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Timestamp {
     pub physical_ms: u64,
     pub logical: u32,

@@ -12,6 +12,13 @@
 //! crc = CRC32C of every byte before it.
 //! ```
 //!
+//! Version 2 (masterless mode) is the same with a version of 2 and, after
+//! each entry's value, its last-write-wins stamp and a flag:
+//! `ts_ms u64 | logical u32 | node u32 | flags u8` (flags bit 0: a
+//! tombstone, whose value is empty). Both versions load in either mode: a
+//! version 1 snapshot in masterless mode stamps every key with the zero
+//! timestamp; a version 2 one in primary/secondary mode drops tombstones.
+//!
 //! Snapshots are *fuzzy*: written one shard at a time while writes go on, so
 //! a shard may already hold effects of records after `last_index`. That is
 //! sound because every record overwrites whole keys: replaying the WAL from
@@ -24,14 +31,17 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::fs::Fs;
-use super::record::Op;
+use super::record::{Op, Timestamp};
 use super::state::State;
 use super::{Error, MAX_KEY_BYTES};
+use crate::masterless::lww::{Lww, BUCKETS};
 use bytes::Bytes;
 
 const MAGIC: &[u8; 8] = b"KVSTSNAP";
 const END_MAGIC: &[u8; 8] = b"SNAPEND\0";
 const VERSION: u32 = 1;
+/// Masterless snapshots: entries carry their timestamp and tombstones.
+const VERSION_LWW: u32 = 2;
 const HEADER_BYTES: usize = 32;
 
 pub fn snapshot_name(last_index: u64) -> String {
@@ -96,11 +106,13 @@ impl<R: Read> CrcReader<R> {
     }
 }
 
-/// Loads the snapshot at `path` into `state` (which must be empty).
+/// Loads the snapshot at `path` into `state` (which must be empty), and
+/// into `lww` in masterless mode.
 pub fn load(
     fs: &dyn Fs,
     path: &Path,
     state: &State,
+    lww: Option<&Lww>,
     max_value_bytes: usize,
 ) -> Result<SnapshotMeta, Error> {
     let f = fs
@@ -124,7 +136,7 @@ pub fn load(
         return Err(corrupt(0, "bad snapshot magic".into()));
     }
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_LWW {
         return Err(corrupt(
             8,
             format!("unsupported snapshot version {version}"),
@@ -182,10 +194,39 @@ pub fn load(
         }
         let mut value = vec![0u8; vlen];
         r.exact(&mut value).map_err(|e| short(at, e))?;
-        state.apply(&Op::Put {
-            key: Bytes::copy_from_slice(&key),
-            value: Bytes::from(value),
-        });
+        let (ts, tombstone) = if version == VERSION_LWW {
+            let physical_ms = r.u64().map_err(|e| short(at, e))?;
+            let logical = r.u32().map_err(|e| short(at, e))?;
+            let node = r.u32().map_err(|e| short(at, e))?;
+            let mut flags = [0u8; 1];
+            r.exact(&mut flags).map_err(|e| short(at, e))?;
+            let ts = Timestamp {
+                physical_ms,
+                logical,
+                node,
+            };
+            (ts, flags[0] & 1 == 1)
+        } else {
+            (Timestamp::default(), false)
+        };
+        let key = Bytes::copy_from_slice(&key);
+        let op = if tombstone {
+            Op::Delete { key }
+        } else {
+            Op::Put {
+                key,
+                value: Bytes::from(value),
+            }
+        };
+        match lww {
+            Some(lww) => {
+                lww.apply(state, ts, &op);
+            }
+            None if tombstone => {}
+            None => {
+                state.apply(&op);
+            }
+        }
         count += 1;
     }
     Ok(SnapshotMeta {
@@ -195,11 +236,13 @@ pub fn load(
 }
 
 /// Writes a snapshot of `state` covering the log through `meta.last_index`
-/// and makes it durable. Returns its path and size in bytes.
+/// and makes it durable; with `lww` (masterless mode) in version 2, with
+/// stamps and tombstones. Returns its path and size in bytes.
 pub fn write(
     fs: &dyn Fs,
     dir: &Path,
     state: &State,
+    lww: Option<&Lww>,
     meta: SnapshotMeta,
 ) -> Result<(PathBuf, u64), Error> {
     let final_path = dir.join(snapshot_name(meta.last_index));
@@ -211,7 +254,8 @@ pub fn write(
     let mut size = 0u64;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&VERSION.to_le_bytes());
+    let version = if lww.is_some() { VERSION_LWW } else { VERSION };
+    buf.extend_from_slice(&version.to_le_bytes());
     buf.extend_from_slice(&0u32.to_le_bytes());
     buf.extend_from_slice(&meta.last_index.to_le_bytes());
     buf.extend_from_slice(&meta.last_epoch.to_le_bytes());
@@ -223,7 +267,26 @@ pub fn write(
         buf.clear();
         r
     };
-    for shard in 0..state.shard_count() {
+    if let Some(lww) = lww {
+        for b in 0..BUCKETS {
+            for v in lww.bucket(state, b) {
+                let value = v.value.as_deref().unwrap_or_default();
+                buf.extend_from_slice(&(v.key.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&v.key);
+                buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                buf.extend_from_slice(value);
+                buf.extend_from_slice(&v.ts.physical_ms.to_le_bytes());
+                buf.extend_from_slice(&v.ts.logical.to_le_bytes());
+                buf.extend_from_slice(&v.ts.node.to_le_bytes());
+                buf.push(u8::from(v.value.is_none()));
+                count += 1;
+            }
+            if buf.len() >= 1 << 20 {
+                flush(&mut buf, &mut f).map_err(|e| io("writing", e))?;
+            }
+        }
+    }
+    for shard in (0..state.shard_count()).filter(|_| lww.is_none()) {
         // Copy the shard out under its read lock, write it with no lock held.
         state.for_each_in_shard(shard, |k, v| {
             buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -249,4 +312,73 @@ pub fn write(
     fs.sync_dir(dir)
         .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
     Ok((final_path, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::RealFs;
+
+    fn ts(ms: u64) -> Timestamp {
+        Timestamp {
+            physical_ms: ms,
+            logical: 1,
+            node: 7,
+        }
+    }
+
+    #[test]
+    fn a_masterless_snapshot_keeps_stamps_and_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, lww) = (State::new(), Lww::new());
+        lww.apply(
+            &state,
+            ts(5),
+            &Op::Put {
+                key: Bytes::from_static(b"live"),
+                value: Bytes::from_static(b"v"),
+            },
+        );
+        lww.apply(
+            &state,
+            ts(6),
+            &Op::Delete {
+                key: Bytes::from_static(b"gone"),
+            },
+        );
+        let meta = SnapshotMeta {
+            last_index: 9,
+            last_epoch: 2,
+        };
+        let (path, _) = write(&RealFs, dir.path(), &state, Some(&lww), meta).unwrap();
+
+        let (s2, l2) = (State::new(), Lww::new());
+        assert_eq!(load(&RealFs, &path, &s2, Some(&l2), 1 << 20).unwrap(), meta);
+        assert_eq!(s2.get(b"live").as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            l2.entry(b"live").map(|e| (e.ts, e.tombstone)),
+            Some((ts(5), false))
+        );
+        assert_eq!(
+            l2.entry(b"gone").map(|e| (e.ts, e.tombstone)),
+            Some((ts(6), true))
+        );
+        assert_eq!(l2.digests(), lww.digests());
+        // An older put of the deleted key still loses after the reload.
+        l2.apply(
+            &s2,
+            ts(4),
+            &Op::Put {
+                key: Bytes::from_static(b"gone"),
+                value: Bytes::from_static(b"old"),
+            },
+        );
+        assert_eq!(s2.get(b"gone"), None);
+
+        // Loaded without stamps (primary/secondary), tombstones are dropped.
+        let s3 = State::new();
+        load(&RealFs, &path, &s3, None, 1 << 20).unwrap();
+        assert_eq!(s3.len(), 1);
+        assert_eq!(s3.digest(), state.digest());
+    }
 }

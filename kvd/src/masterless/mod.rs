@@ -1,0 +1,17 @@
+//! Masterless mode (DESIGN §5): every node accepts writes.
+//!
+//! - [`hlc`]: the hybrid logical clock that stamps every write.
+//! - [`lww`]: last-write-wins merge with tombstones, per-key stamps,
+//!   anti-entropy buckets and their digests.
+//! - [`node`]: the runtime: streaming each node's own writes to every peer
+//!   from the peer's durable position, write quorums, anti-entropy, tombstone
+//!   purging below the global stable time, and the `/internal/ml/*` wire
+//!   formats.
+//!
+//! The storage engine does the logging and applying (`Engine::ingest`,
+//! `Engine::rebase`); this module moves bytes between nodes and decides
+//! what to ask for.
+
+pub mod hlc;
+pub mod lww;
+pub mod node;

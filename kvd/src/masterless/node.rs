@@ -1,0 +1,781 @@
+//! The masterless runtime: streams, write quorums, anti-entropy, purging.
+//!
+//! # Streaming (each node's own writes to each peer)
+//!
+//! One task per peer sends the records of this node's log that this node
+//! stamped itself (`ts.node` is our tag), in log order, from the peer's
+//! position: `POST /internal/ml/stream`, one request in flight per peer,
+//! batches up to 4 MiB, an empty one every 100 ms when idle. The RECEIVER
+//! owns the position: after it has merged a batch durably
+//! ([`Engine::ingest`] fsyncs before returning) it stores "origin X: through
+//! X's index N" in `ml-recv.json` (temp file, fsync, rename) and answers
+//! `{"pos": N}`; the sender always continues from `pos + 1`. So a restart
+//! of either side resumes where the receiver's durable copy ends: the
+//! sender learns the position from the first answer. A position file
+//! behind the WAL (crash between the two) only means records arrive twice,
+//! which the merge ignores.
+//!
+//! If the sender's WAL no longer holds `pos + 1` (compacted after a
+//! snapshot), it sends from its oldest entry with `gap = 1`; anti-entropy
+//! repairs what the gap held.
+//!
+//! # Write quorum
+//!
+//! A local write is acknowledged once durable here and, with
+//! `--write-quorum W`, once `W - 1` peers have answered a stream request
+//! with a position at or past its index.
+//!
+//! # Anti-entropy
+//!
+//! Every 250 ms, for each peer: `GET /internal/ml/digest` (the peer's 1024
+//! bucket digests, its durable clock and stable time), compare with ours,
+//! and for differing buckets `POST /internal/ml/buckets` to pull their
+//! versions (keys with stamps, values, tombstones), merged like any peer
+//! write. Every node pulls from every peer, so differences disappear in
+//! both directions.
+//!
+//! # Tombstone purging
+//!
+//! Each stream request carries the sender's durable clock `H` when the batch
+//! reaches the end of its log: "you now have every write I stamped at or
+//! before H". The receiver keeps the largest such `H` per origin (durably,
+//! with the position). A node's *stable time* is the minimum over origins;
+//! the *global stable time* (GST) is the minimum of its own and every peer's
+//! (learned from digests). A tombstone older than the GST is held by every
+//! node, and no older write for its key can still arrive from any stream,
+//! so it can go. A stream gap freezes the origin's `H` until an
+//! anti-entropy round finds the origin and us equal.
+//!
+//! # Wire formats (version 1, integers little-endian)
+//!
+//! ```text
+//! stream request: b"KVML" | version u32 | from u64 | upto u64
+//!   | hlc_ms u64 | hlc_logical u32 | hlc_node u32 | complete u8 | gap u8
+//!   | origin_len u16 | origin (node id, UTF-8) | WAL frames (storage::record)
+//! buckets answer: WAL frames, index 0, epoch 0, Put or Delete per version
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::hlc::node_tag;
+use super::lww::BUCKETS;
+use crate::storage::record::{self, Frame, Record};
+use crate::storage::{Engine, Timestamp};
+
+const MAGIC: &[u8; 4] = b"KVML";
+const VERSION: u32 = 1;
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Most bytes of versions in one buckets answer.
+pub const MAX_BUCKETS_ANSWER_BYTES: usize = 8 << 20;
+const IDLE: Duration = Duration::from_millis(100);
+const ANTI_ENTROPY_EVERY: Duration = Duration::from_millis(250);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Buckets asked for in one request.
+const BUCKETS_PER_REQUEST: usize = 128;
+const RECV_FILE: &str = "ml-recv.json";
+
+/// Static settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: String,
+    pub advertise_url: String,
+    pub peers: Vec<String>,
+    /// Nodes (this one included) holding a write durably before its ack.
+    pub write_quorum: usize,
+    pub data_dir: PathBuf,
+}
+
+struct Peer {
+    url: String,
+    /// The peer's node id, once a digest answer told us.
+    node_id: Mutex<Option<String>>,
+    /// Our log position the peer holds durably (from its last answer).
+    acked: AtomicU64,
+    /// Whether `acked` was heard from the peer since we started.
+    known: AtomicBool,
+    reachable: AtomicBool,
+    last_ack: Mutex<Option<Instant>>,
+    /// The peer's stable time, from its last digest answer.
+    stable: Mutex<Timestamp>,
+    /// Whether the last anti-entropy round found every bucket equal.
+    in_sync: AtomicBool,
+}
+
+/// What this node durably holds of one origin's stream.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecvPos {
+    /// The origin's log index through which we hold its writes.
+    pub pos: u64,
+    /// We hold every write the origin stamped at or before this.
+    pub hlc: Timestamp,
+    /// A compaction gap was skipped; `hlc` is frozen until anti-entropy
+    /// finds us equal with the origin.
+    pub gap: bool,
+}
+
+/// `ml-recv.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RecvFile {
+    format_version: u32,
+    origins: BTreeMap<String, RecvPos>,
+}
+
+/// A decoded stream request.
+pub struct StreamBody {
+    pub from: u64,
+    pub upto: u64,
+    pub hlc: Timestamp,
+    pub complete: bool,
+    pub gap: bool,
+    pub origin: String,
+    pub records: Vec<Record>,
+}
+
+/// The answer to `GET /internal/ml/digest`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DigestAnswer {
+    pub node_id: String,
+    /// Durable clock and last index, read before the digests.
+    pub durable_hlc: Timestamp,
+    pub last_index: u64,
+    pub stable: Timestamp,
+    /// `BUCKETS` little-endian u64 digests, base64.
+    pub buckets: String,
+}
+
+/// The masterless state of this node.
+pub struct MlNode {
+    engine: Arc<Engine>,
+    settings: Settings,
+    tag: u32,
+    peers: Vec<Peer>,
+    recv: tokio::sync::Mutex<RecvFile>,
+    /// A copy of `recv`'s origins for status (no await needed).
+    recv_view: Mutex<BTreeMap<String, RecvPos>>,
+    acked: Notify,
+    stopped: AtomicBool,
+    http: reqwest::Client,
+    repaired: AtomicU64,
+    purged: AtomicU64,
+    /// Stream batches accepted across a compaction gap.
+    gaps: AtomicU64,
+    gst: Mutex<Timestamp>,
+}
+
+impl MlNode {
+    /// A runtime for `engine` (already in masterless mode). `reset_to`:
+    /// after a mode switch, every origin's log restarts after this index
+    /// and everyone holds everything stamped up to the given base stamp.
+    pub fn new(
+        engine: Arc<Engine>,
+        settings: Settings,
+        reset_to: Option<(u64, Timestamp)>,
+    ) -> anyhow::Result<Arc<MlNode>> {
+        let path = settings.data_dir.join(RECV_FILE);
+        let recv = match reset_to {
+            Some((base, ts)) => {
+                let file = RecvFile {
+                    format_version: 1,
+                    origins: BTreeMap::from([(
+                        "*".to_string(),
+                        RecvPos {
+                            pos: base,
+                            hlc: ts,
+                            gap: false,
+                        },
+                    )]),
+                };
+                store_recv(&settings.data_dir, &file)?;
+                file
+            }
+            None => match std::fs::read(&path) {
+                // A damaged or missing file only makes peers resend.
+                Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
+                    eprintln!(
+                        "kvd: ignoring unreadable {} ({e}); peers will resend",
+                        path.display()
+                    );
+                    RecvFile::default()
+                }),
+                Err(_) => RecvFile::default(),
+            },
+        };
+        let peers = settings
+            .peers
+            .iter()
+            .map(|url| Peer {
+                url: url.trim_end_matches('/').to_string(),
+                node_id: Mutex::new(None),
+                acked: AtomicU64::new(0),
+                known: AtomicBool::new(false),
+                reachable: AtomicBool::new(false),
+                last_ack: Mutex::new(None),
+                stable: Mutex::new(Timestamp::default()),
+                in_sync: AtomicBool::new(false),
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_millis(500))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Ok(Arc::new(MlNode {
+            tag: node_tag(&settings.node_id),
+            recv_view: Mutex::new(recv.origins.clone()),
+            recv: tokio::sync::Mutex::new(recv),
+            engine,
+            settings,
+            peers,
+            acked: Notify::new(),
+            stopped: AtomicBool::new(false),
+            http,
+            repaired: AtomicU64::new(0),
+            purged: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            gst: Mutex::new(Timestamp::default()),
+        }))
+    }
+
+    /// Starts the stream and anti-entropy tasks.
+    pub fn start(self: &Arc<Self>) {
+        for i in 0..self.peers.len() {
+            let me = self.clone();
+            tokio::spawn(async move { me.stream_to(i).await });
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.anti_entropy().await });
+    }
+
+    /// Stops the background tasks (a mode switch); handlers refuse after.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.acked.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn write_quorum(&self) -> usize {
+        self.settings.write_quorum
+    }
+
+    /// Waits until `write_quorum - 1` peers hold our log through `index`.
+    pub async fn wait_quorum(&self, index: u64, timeout: Duration) -> bool {
+        let needed = self.settings.write_quorum.saturating_sub(1);
+        if needed == 0 {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.acked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let have = self
+                .peers
+                .iter()
+                .filter(|p| p.acked.load(Ordering::Acquire) >= index)
+                .count();
+            if have >= needed {
+                return true;
+            }
+            if self.is_stopped() {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    // ----- streaming, sender side -----
+
+    async fn stream_to(self: Arc<Self>, i: usize) {
+        let peer = &self.peers[i];
+        // Until the peer tells us its position, offer nothing but our end.
+        let mut next = self.engine.durable_hlc().1 + 1;
+        while !self.is_stopped() {
+            let durable = self.engine.durable_notify().notified();
+            tokio::pin!(durable);
+            durable.as_mut().enable();
+            let (hlc, last) = self.engine.durable_hlc();
+            let first = self.engine.first_log_index();
+            let (from, gap) = if next < first {
+                (first, true)
+            } else {
+                (next.max(1), false)
+            };
+            let records = if from <= last {
+                match self.engine.entries_from(from, MAX_BATCH_BYTES).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("kvd: reading entries for {}: {e}", peer.url);
+                        tokio::time::sleep(IDLE).await;
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let upto = records.last().map_or(from - 1, |r| r.index);
+            let complete = upto >= last;
+            let own: Vec<Record> = records
+                .into_iter()
+                .filter(|r| r.ts.node == self.tag)
+                .collect();
+            let body = encode_stream(from, upto, hlc, complete, gap, &self.settings.node_id, &own);
+            let reply = self
+                .http
+                .post(format!("{}/internal/ml/stream", peer.url))
+                .body(body)
+                .send()
+                .await;
+            let pos = match reply {
+                Ok(r) if r.status().is_success() => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["pos"].as_u64()),
+                _ => None,
+            };
+            peer.reachable.store(pos.is_some(), Ordering::Release);
+            let Some(pos) = pos else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            *peer.last_ack.lock() = Some(Instant::now());
+            peer.acked.store(pos, Ordering::Release);
+            peer.known.store(true, Ordering::Release);
+            self.acked.notify_waiters();
+            next = pos + 1;
+            if complete && pos >= last {
+                tokio::select! {
+                    _ = durable => {}
+                    _ = tokio::time::sleep(IDLE) => {}
+                }
+            }
+        }
+    }
+
+    // ----- streaming, receiver side -----
+
+    /// Merges a peer's stream batch; answers our durable position for it.
+    pub async fn handle_stream(&self, body: StreamBody) -> Result<u64, crate::storage::Error> {
+        let mut recv = self.recv.lock().await;
+        let base = recv.origins.get("*").copied().unwrap_or_default();
+        let cur = recv.origins.get(&body.origin).copied().unwrap_or(base);
+        let contiguous = body.from <= cur.pos + 1;
+        if !contiguous && !body.gap {
+            // The sender is ahead of what we hold: it resumes from our
+            // position.
+            return Ok(cur.pos);
+        }
+        if body.upto <= cur.pos {
+            // Nothing new; an idle sender's clock may still move our
+            // stable time.
+            if body.upto == cur.pos && body.complete && !cur.gap && body.hlc > cur.hlc {
+                let next = RecvPos {
+                    hlc: body.hlc,
+                    ..cur
+                };
+                self.store(&mut recv, &body.origin, next).await;
+            }
+            return Ok(cur.pos);
+        }
+        if !body.records.is_empty() {
+            self.engine.ingest(body.records).await?;
+        }
+        if !contiguous {
+            self.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut next = RecvPos {
+            pos: body.upto,
+            hlc: cur.hlc,
+            gap: cur.gap || !contiguous,
+        };
+        if body.complete && !next.gap {
+            next.hlc = next.hlc.max(body.hlc);
+        }
+        // Never ahead of the WAL: stored after the ingest's fsync.
+        self.store(&mut recv, &body.origin, next).await;
+        Ok(next.pos)
+    }
+
+    /// Records `origin`'s new position, durably.
+    async fn store(&self, recv: &mut RecvFile, origin: &str, pos: RecvPos) {
+        recv.origins.insert(origin.to_string(), pos);
+        let file = recv.clone();
+        let dir = self.settings.data_dir.clone();
+        let stored = tokio::task::spawn_blocking(move || store_recv(&dir, &file)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            eprintln!("kvd: could not store {RECV_FILE}; peers may resend");
+        }
+        *self.recv_view.lock() = recv.origins.clone();
+    }
+
+    // ----- anti-entropy -----
+
+    /// This node's answer to a digest request.
+    pub fn digest_answer(&self) -> DigestAnswer {
+        let (durable_hlc, last_index) = self.engine.durable_hlc();
+        let digests = self.engine.lww().digests();
+        let mut raw = Vec::with_capacity(digests.len() * 8);
+        for d in digests {
+            raw.extend_from_slice(&d.to_le_bytes());
+        }
+        DigestAnswer {
+            node_id: self.settings.node_id.clone(),
+            durable_hlc,
+            last_index,
+            stable: self.stable_time(),
+            buckets: base64::engine::general_purpose::STANDARD.encode(raw),
+        }
+    }
+
+    /// The versions of the asked buckets, as WAL frames (answer capped at
+    /// [`MAX_BUCKETS_ANSWER_BYTES`], whole buckets, at least one).
+    pub fn buckets_answer(&self, buckets: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &b in buckets {
+            if b >= BUCKETS {
+                continue;
+            }
+            if !out.is_empty() && out.len() >= MAX_BUCKETS_ANSWER_BYTES {
+                break;
+            }
+            for v in self.engine.lww().bucket(self.engine.state(), b) {
+                record::encode(0, 0, v.ts, &v.to_op(), &mut out);
+            }
+        }
+        out
+    }
+
+    /// Our stable time: every origin's writes up to it are here.
+    pub fn stable_time(&self) -> Timestamp {
+        let view = self.recv_view.lock();
+        let base = view.get("*").copied().unwrap_or_default();
+        let mut stable: Option<Timestamp> = None;
+        for p in &self.peers {
+            let Some(id) = p.node_id.lock().clone() else {
+                return Timestamp::default();
+            };
+            let h = view.get(&id).copied().unwrap_or(base).hlc;
+            stable = Some(stable.map_or(h, |s| s.min(h)));
+        }
+        stable.unwrap_or_else(|| self.engine.durable_hlc().0)
+    }
+
+    async fn anti_entropy(self: Arc<Self>) {
+        while !self.is_stopped() {
+            tokio::time::sleep(ANTI_ENTROPY_EVERY).await;
+            let _ = self.engine.tick_clock().await;
+            for i in 0..self.peers.len() {
+                if self.is_stopped() {
+                    return;
+                }
+                if let Err(e) = self.sync_with(i).await {
+                    self.peers[i].in_sync.store(false, Ordering::Release);
+                    let _ = e; // unreachable peers are normal; status shows it
+                }
+            }
+            let gst = self
+                .peers
+                .iter()
+                .map(|p| *p.stable.lock())
+                .fold(self.stable_time(), |a, b| a.min(b));
+            *self.gst.lock() = gst;
+            if gst > Timestamp::default() {
+                if let Ok(n) = self.engine.purge_tombstones(gst).await {
+                    self.purged.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn sync_with(&self, i: usize) -> anyhow::Result<()> {
+        let peer = &self.peers[i];
+        let answer: DigestAnswer = self
+            .http
+            .get(format!("{}/internal/ml/digest", peer.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        *peer.node_id.lock() = Some(answer.node_id.clone());
+        *peer.stable.lock() = answer.stable;
+        let raw = base64::engine::general_purpose::STANDARD.decode(&answer.buckets)?;
+        anyhow::ensure!(raw.len() == BUCKETS * 8, "digest answer has the wrong size");
+        let mine = self.engine.lww().digests();
+        let differing: Vec<usize> = (0..BUCKETS)
+            .filter(|&b| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&raw[b * 8..b * 8 + 8]);
+                u64::from_le_bytes(w) != mine[b]
+            })
+            .collect();
+        if differing.is_empty() {
+            peer.in_sync.store(true, Ordering::Release);
+            self.close_gap(&answer).await;
+            return Ok(());
+        }
+        peer.in_sync.store(false, Ordering::Release);
+        for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
+            let bytes = self
+                .http
+                .post(format!("{}/internal/ml/buckets", peer.url))
+                .json(&serde_json::json!({ "buckets": chunk }))
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            let records = decode_frames(&bytes, 0).map_err(anyhow::Error::msg)?;
+            let n = records.len() as u64;
+            if n > 0 {
+                self.engine.ingest(records).await?;
+                self.repaired.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a stream gap, the origin's clock may advance again once we
+    /// hold everything it held when it answered (equal digests, and our
+    /// stream position at its last index).
+    async fn close_gap(&self, answer: &DigestAnswer) {
+        let mut recv = self.recv.lock().await;
+        let Some(cur) = recv.origins.get(&answer.node_id).copied() else {
+            return;
+        };
+        if !cur.gap || cur.pos < answer.last_index {
+            return;
+        }
+        let next = RecvPos {
+            pos: cur.pos,
+            hlc: cur.hlc.max(answer.durable_hlc),
+            gap: false,
+        };
+        self.store(&mut recv, &answer.node_id, next).await;
+    }
+
+    // ----- status -----
+
+    /// Masterless fields of `/v1/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let last = self.engine.durable_hlc().1;
+        let view = self.recv_view.lock().clone();
+        let base = view.get("*").copied().unwrap_or_default();
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let id = p.node_id.lock().clone();
+                let acked = p.acked.load(Ordering::Acquire);
+                let recv = id.as_ref().map(|id| view.get(id).copied().unwrap_or(base));
+                serde_json::json!({
+                    "url": p.url,
+                    "node_id": id,
+                    "acked_index": p.known.load(Ordering::Acquire).then_some(acked),
+                    "lag_entries": last.saturating_sub(acked),
+                    "reachable": p.reachable.load(Ordering::Acquire),
+                    "last_ack_ms_ago": p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
+                    "in_sync": p.in_sync.load(Ordering::Acquire),
+                    "received_through": recv.map(|r| r.pos),
+                    "received_hlc": recv.map(|r| r.hlc),
+                    "stream_gap": recv.map(|r| r.gap),
+                    "stable": *p.stable.lock(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "peers": peers,
+            "stable_time": self.stable_time(),
+            "global_stable_time": *self.gst.lock(),
+            "write_quorum": self.settings.write_quorum,
+            "repaired_versions": self.repaired.load(Ordering::Relaxed),
+            "purged_tombstones": self.purged.load(Ordering::Relaxed),
+            "stream_gaps_total": self.gaps.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `(peer URL, entries of our log it does not hold yet)`.
+    pub fn peer_lags(&self) -> Vec<(String, u64)> {
+        let last = self.engine.durable_hlc().1;
+        self.peers
+            .iter()
+            .map(|p| {
+                (
+                    p.url.clone(),
+                    last.saturating_sub(p.acked.load(Ordering::Acquire)),
+                )
+            })
+            .collect()
+    }
+}
+
+fn store_recv(dir: &std::path::Path, file: &RecvFile) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{RECV_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    let mut file = file.clone();
+    file.format_version = 1;
+    f.write_all(&serde_json::to_vec(&file)?)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join(RECV_FILE))?;
+    Ok(())
+}
+
+/// Encodes a stream request (format in the module docs).
+pub fn encode_stream(
+    from: u64,
+    upto: u64,
+    hlc: Timestamp,
+    complete: bool,
+    gap: bool,
+    origin: &str,
+    records: &[Record],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        64 + records
+            .iter()
+            .map(|r| r.op.encoded_len() + 8)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&from.to_le_bytes());
+    out.extend_from_slice(&upto.to_le_bytes());
+    out.extend_from_slice(&hlc.physical_ms.to_le_bytes());
+    out.extend_from_slice(&hlc.logical.to_le_bytes());
+    out.extend_from_slice(&hlc.node.to_le_bytes());
+    out.push(u8::from(complete));
+    out.push(u8::from(gap));
+    let origin = origin.as_bytes();
+    let n = u16::try_from(origin.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&origin[..n as usize]);
+    for r in records {
+        r.encode_into(&mut out);
+    }
+    out
+}
+
+/// Decodes a stream request; every error is a 400 for the sender.
+pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
+    const FIXED: usize = 4 + 4 + 8 + 8 + 8 + 4 + 4 + 1 + 1 + 2;
+    if body.len() < FIXED || &body[..4] != MAGIC {
+        return Err("not a kvstore stream body".into());
+    }
+    let u64_at = |at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&body[at..at + 8]);
+        u64::from_le_bytes(a)
+    };
+    let u32_at =
+        |at: usize| u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+    if u32_at(4) != VERSION {
+        return Err(format!("unsupported stream version {}", u32_at(4)));
+    }
+    let (from, upto) = (u64_at(8), u64_at(16));
+    let hlc = Timestamp {
+        physical_ms: u64_at(24),
+        logical: u32_at(32),
+        node: u32_at(36),
+    };
+    let complete = body[40] != 0;
+    let gap = body[41] != 0;
+    let n = u16::from_le_bytes([body[42], body[43]]) as usize;
+    if body.len() < FIXED + n {
+        return Err("stream body ends inside the origin".into());
+    }
+    let origin = std::str::from_utf8(&body[FIXED..FIXED + n])
+        .map_err(|_| "origin is not UTF-8".to_string())?
+        .to_string();
+    if origin.is_empty() || origin == "*" {
+        return Err("origin must be a node id".into());
+    }
+    if from == 0 || upto + 1 < from {
+        return Err(format!("bad range {from}..={upto}"));
+    }
+    let records = decode_frames(body, FIXED + n)?;
+    Ok(StreamBody {
+        from,
+        upto,
+        hlc,
+        complete,
+        gap,
+        origin,
+        records,
+    })
+}
+
+/// Decodes contiguous WAL frames from `off` to the end of `buf`.
+pub fn decode_frames(buf: &[u8], mut off: usize) -> Result<Vec<Record>, String> {
+    let mut records = Vec::new();
+    while off < buf.len() {
+        match record::read_frame(buf, off) {
+            Frame::Valid { payload, next } => {
+                let rec = Record::decode_payload(payload)
+                    .map_err(|e| format!("entry at byte {off}: {e}"))?;
+                if matches!(rec.op, crate::storage::Op::Noop) {
+                    return Err(format!("entry at byte {off}: a no-op is not a write"));
+                }
+                records.push(rec);
+                off = next;
+            }
+            Frame::Incomplete => return Err(format!("entry at byte {off} is cut short")),
+            Frame::Bad { reason } => return Err(format!("entry at byte {off}: {reason}")),
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Op;
+    use bytes::Bytes;
+
+    #[test]
+    fn stream_body_round_trips() {
+        let rec = Record {
+            index: 7,
+            epoch: 1,
+            ts: Timestamp {
+                physical_ms: 5,
+                logical: 2,
+                node: 9,
+            },
+            op: Op::Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"v"),
+            },
+        };
+        let hlc = Timestamp {
+            physical_ms: 6,
+            logical: 0,
+            node: 9,
+        };
+        let body = encode_stream(3, 7, hlc, true, false, "n1", std::slice::from_ref(&rec));
+        let d = decode_stream(&body).unwrap();
+        assert_eq!(
+            (d.from, d.upto, d.hlc, d.complete, d.gap),
+            (3, 7, hlc, true, false)
+        );
+        assert_eq!(d.origin, "n1");
+        assert_eq!(d.records, vec![rec]);
+        assert!(decode_stream(&body[..body.len() - 1]).is_err());
+        assert!(decode_stream(b"nope").is_err());
+    }
+}

@@ -86,3 +86,15 @@ def test_cluster_kill_stops_the_daemon_and_every_node(tmp_path: Path) -> None:
     for url in urls:
         with pytest.raises(ConnectError):
             KVClient(url, max_retries=0).status()
+
+
+def test_start_cluster_masterless_writes_anywhere(tmp_path: Path) -> None:
+    with start_cluster(make_manifest("pyml", 3, mode="masterless"), workdir=tmp_path) as cluster:
+        assert cluster.status()["mode"] == "masterless"
+        assert cluster.primary is None
+        clients = [KVClient(url) for url in cluster.urls]
+        for i, kv in enumerate(clients):
+            kv.set(f"from/{i}", [i])
+        for kv in clients:
+            for i in range(3):
+                wait_until(lambda: kv.get(f"from/{i}") == [i], 15, f"write of node {i} everywhere")

@@ -119,6 +119,9 @@ impl ClientBuilder {
     }
 
     /// Retries after the first attempt (default 8; 0 disables retrying).
+    /// A request the server refused unapplied with a `Retry-After` (writes
+    /// paused for a mode switch or handover) is retried until the deadline
+    /// without counting, unless this is 0.
     pub fn max_retries(mut self, retries: u32) -> Self {
         self.max_retries = retries;
         self
@@ -450,10 +453,15 @@ impl Client {
                 Err(err) if err.is_retryable() => (err, None),
                 Err(err) => return Err(err),
             };
-            // A server that said when to come back (503 with Retry-After,
-            // e.g. writes paused for a mode switch) is retried until the
-            // deadline; other failures also count against `max_retries`.
-            if retries >= inner.max_retries && err.retry_after().is_none() {
+            // A server that refused the request outright and said when to
+            // come back (writes paused for a mode switch or a handover, no
+            // primary yet) is retried until the deadline: nothing was
+            // written, so this cannot apply a write twice. Everything else,
+            // including a commit timeout (the write may still commit),
+            // counts against `max_retries`, and `max_retries(0)` means no
+            // retry at all.
+            let paused = err.retry_after().is_some() && err.was_not_applied();
+            if retries >= inner.max_retries && !(paused && inner.max_retries > 0) {
                 return Err(err);
             }
             let delay = match err.retry_after() {

@@ -203,6 +203,16 @@ impl Error {
         }
     }
 
+    /// Whether the server refused the request before doing anything (so
+    /// retrying a write cannot apply it twice): paused writes, a primary
+    /// handing over, no primary known yet, or overload.
+    pub fn was_not_applied(&self) -> bool {
+        matches!(
+            self.code(),
+            "writes_paused" | "transfer_in_progress" | "no_primary" | "overloaded"
+        )
+    }
+
     /// A stable snake_case code for scripts and metrics: the server's own code
     /// for [`Error::Server`], a client-side code otherwise.
     pub fn code(&self) -> &str {

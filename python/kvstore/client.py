@@ -11,7 +11,11 @@ client (``kvclient/src/client.rs``):
   client keeps using that primary until it fails;
 - connection failures, timeouts and "not now" statuses (429/502/503/504) are
   retried with capped, jittered exponential backoff on the next endpoint,
-  honouring ``Retry-After``; every other error is raised at once;
+  honouring ``Retry-After`` (or kvd's ``X-KV-Retry-After-Ms``); every other
+  error is raised at once;
+- a refusal that wrote nothing and says when to come back (writes paused for
+  a mode switch or handover, no primary yet, overload) is retried until the
+  deadline without counting against ``max_retries`` (unless it is 0);
 - when the budget runs out the last error is raised, so its ``retryable``
   still tells what kind of failure it was.
 
@@ -80,6 +84,9 @@ MAX_KEY_BYTES = 1024
 
 #: Header with which a secondary names the primary's base URL (DESIGN §4).
 PRIMARY_HEADER = "X-KV-Primary"
+
+#: kvd's finer hint beside ``Retry-After``, in milliseconds.
+RETRY_AFTER_MS_HEADER = "X-KV-Retry-After-Ms"
 
 #: Error code of the server's 404 for an absent key (an unknown route gets
 #: ``not_found``, which is an error, not "absent").
@@ -571,9 +578,15 @@ class KVClient:
                     error = _server_error(resp)
                 else:
                     return resp
-            if retries >= self.max_retries:
-                raise error
             asked = getattr(error, "retry_after", None)
+            # A server that refused the request outright and said when to come
+            # back (writes paused for a mode switch or a handover, no primary
+            # yet) is retried until the deadline: nothing was written. Every
+            # other failure, a commit timeout included (the write may still
+            # commit), counts against max_retries; max_retries=0 means none.
+            paused = asked is not None and error.was_not_applied
+            if retries >= self.max_retries and not (paused and self.max_retries > 0):
+                raise error
             if isinstance(asked, (int, float)):
                 delay = min(float(asked), self.max_retry_after)
             else:
@@ -740,8 +753,12 @@ def _redirect_target(headers: Mapping[str, str], path: str) -> str | None:
 
 
 def _parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """``Retry-After`` in its delta-seconds form (what kvd sends); the
-    HTTP-date form is ignored and backoff takes over."""
+    """kvd's finer ``X-KV-Retry-After-Ms`` (a mode switch's pause is usually
+    well under a second), else ``Retry-After`` in its delta-seconds form (what
+    kvd sends); the HTTP-date form is ignored and backoff takes over."""
+    ms = headers.get(RETRY_AFTER_MS_HEADER.lower(), "").strip()
+    if ms.isdigit():
+        return int(ms) / 1000.0
     value = headers.get("retry-after", "").strip()
     try:
         secs = float(value)

@@ -33,7 +33,12 @@ __all__ = [
     "RedirectLoopError",
     "NoPrimaryError",
     "RETRYABLE_STATUSES",
+    "NOT_APPLIED_CODES",
 ]
+
+#: Server codes of refusals that wrote nothing (the same set as the Rust
+#: client's ``Error::was_not_applied``).
+NOT_APPLIED_CODES = frozenset({"writes_paused", "transfer_in_progress", "no_primary", "overloaded"})
 
 #: Statuses that mean "not now" rather than "not like this": overloaded,
 #: paused for a mode switch, commit timed out, proxy trouble.
@@ -60,6 +65,13 @@ class KVError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code})"
+
+    @property
+    def was_not_applied(self) -> bool:
+        """Whether the server refused the request before doing anything, so
+        that retrying a write cannot apply it twice: writes paused (mode
+        switch), a primary handing over, no primary yet, or overload."""
+        return self.code in NOT_APPLIED_CODES
 
 
 class InvalidKeyError(KVError, ValueError):

@@ -157,6 +157,22 @@ def test_retry_after_seconds() -> None:
     assert _parse_retry_after({"retry-after": "-1"}) is None
     assert _parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
     assert _parse_retry_after({}) is None
+    assert _parse_retry_after({"x-kv-retry-after-ms": "250", "retry-after": "1"}) == 0.25
+
+
+def test_only_refusals_that_wrote_nothing_count_as_not_applied() -> None:
+    for code, expected in [
+        ("writes_paused", True),
+        ("transfer_in_progress", True),
+        ("no_primary", True),
+        ("overloaded", True),
+        ("commit_timeout", False),
+        ("http_503", False),
+    ]:
+        err = _server_error(
+            Response("http://n0", 503, {}, b'{"error":{"code":"%s","message":"m"}}' % code.encode())
+        )
+        assert err.was_not_applied is expected, code
 
 
 def test_server_errors_decode_json_and_other_bodies() -> None:

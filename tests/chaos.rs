@@ -238,7 +238,9 @@ async fn chaos_kills_lose_no_acknowledged_write_and_stay_linearizable() {
         .filter(|o| matches!(o.kind, Kind::Read(_)))
         .count();
     let unknown = history.iter().filter(|o| o.ret.is_none()).count();
+    let checking = Instant::now();
     let report = check(&history);
+    eprintln!("chaos: history checked in {:?}", checking.elapsed());
     eprintln!(
         "chaos: {secs} s, {acked} acknowledged writes, {unknown} writes of unknown outcome, \
          {reads} linearizable reads, {} keys; lost: {}; violations: {}; undecided: {}",

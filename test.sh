@@ -27,3 +27,25 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test (unit, crash-model, end-to-end)"
 cargo test --workspace --locked
+
+echo "== Python client (python/): pip install, mypy --strict, pytest against target/debug"
+# A venv under target/ (ignored by git), reused between runs. Debian's
+# python3 lacks ensurepip until python3-venv is installed.
+PYENV="$PWD/target/pyenv"
+if [ ! -x "$PYENV/bin/pip" ]; then
+    rm -rf "$PYENV"
+    if ! python3 -m venv "$PYENV" >/dev/null 2>&1 || [ ! -x "$PYENV/bin/pip" ]; then
+        rm -rf "$PYENV"
+        echo "python3 -m venv failed; installing Debian's python3-venv"
+        SUDO=""
+        if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        python3 -m venv "$PYENV" || { rm -rf "$PYENV"; /usr/bin/python3 -m venv "$PYENV"; }
+    fi
+fi
+"$PYENV/bin/python" -m pip install --quiet -r python/requirements-dev.txt
+"$PYENV/bin/python" -m pip install --quiet --no-deps --force-reinstall ./python
+# pytest (not `python -m pytest`) so the tests import the installed package.
+export KVSTORE_BIN_DIR="${KVSTORE_BIN_DIR:-$PWD/target/debug}"
+(cd python && "$PYENV/bin/mypy" --strict kvstore tests && "$PYENV/bin/pytest" -q)

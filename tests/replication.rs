@@ -434,6 +434,20 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
             .unwrap();
     }
 
+    // Both secondaries hold everything first, so that n1 is as up to date
+    // as n2 and may win (a write commits once ONE secondary has it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = (
+            status(&http, &nodes[1]).await,
+            status(&http, &nodes[2]).await,
+        );
+        if a["last_index"] == b["last_index"] && a["last_index"] != serde_json::json!(0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a} {b}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     nodes[0].signal(kvstore::Sig::SIGSTOP).unwrap();
     let (code, body) = promote(&http, &nodes[1]).await;
     assert_eq!(code, 200, "{body}");

@@ -450,6 +450,7 @@ impl Client {
         // during a failover "redirect to the old primary, which is down" is
         // legitimately repeated and is bounded by the retry budget instead.
         let mut hops: u32 = 0;
+        let mut last_err: Option<Error> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // The floor keeps reqwest from being handed a zero timeout when a
@@ -488,6 +489,12 @@ impl Client {
                     (server_error(&resp), hint)
                 }
                 Ok(resp) => return Ok(resp),
+                // An attempt cut short by the call's deadline that times
+                // out says less than the failure before it (a refused
+                // connection, the server's 503): report that one.
+                Err(err @ Error::Timeout { .. }) if timeout < inner.request_timeout => {
+                    return Err(last_err.unwrap_or(err));
+                }
                 Err(err) if err.is_retryable() => (err, None),
                 Err(err) => return Err(err),
             };
@@ -514,6 +521,7 @@ impl Client {
             retries += 1;
             hops = 0;
             target = inner.endpoints.failed(&target, hint);
+            last_err = Some(err);
             tokio::time::sleep(delay).await;
         }
     }

@@ -153,33 +153,7 @@ async fn killed_primary_is_replaced_restarted_and_rejoins() {
     // Nothing acknowledged was lost, and the rejoined node has it all.
     assert_eq!(kv.get_consistent("before").await.unwrap().unwrap(), "1");
     assert_eq!(kv.get_consistent("after").await.unwrap().unwrap(), "2");
-    let http = reqwest::Client::new();
-    let digest_of = |url: String| {
-        let http = http.clone();
-        async move {
-            let s: Value = http
-                .get(format!("{url}/v1/status"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (s["digest"].clone(), s["commit_index"].clone())
-        }
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut all = Vec::new();
-        for u in c.urls() {
-            all.push(digest_of(u).await);
-        }
-        if all.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{all:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_same_digests(&c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,6 +412,26 @@ fn a_crashing_node_is_restarted_with_growing_capped_backoff() {
     c.down().unwrap();
 }
 
+/// Waits until every node shows the same content digest.
+async fn wait_same_digests(c: &Supervised) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let digests: Vec<Value> = node_statuses(c)
+            .await
+            .into_iter()
+            .map(|s| s["digest"].clone())
+            .collect();
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "digests differ: {digests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every node's `/v1/status`.
 async fn node_statuses(c: &Supervised) -> Vec<Value> {
     let http = reqwest::Client::new();
@@ -537,22 +531,7 @@ async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing
     );
 
     // Every node ends identical and holds every acknowledged write.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let digests: Vec<Value> = node_statuses(&c)
-            .await
-            .into_iter()
-            .map(|s| s["digest"].clone())
-            .collect();
-        if digests.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "digests differ: {digests:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_same_digests(&c).await;
     for url in c.urls() {
         let node = kvclient::Client::new([url.clone()]).unwrap();
         for k in &acked {

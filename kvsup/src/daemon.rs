@@ -839,10 +839,6 @@ impl Sup {
         }
         let _moving = self.moving.lock().await;
         let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
-        let target = match to {
-            Mode::PrimarySecondary => admin::Mode::PrimarySecondary,
-            Mode::Masterless => admin::Mode::Masterless,
-        };
         // Back to primary/secondary: the first healthy node leads.
         let primary = (to == Mode::PrimarySecondary)
             .then(|| self.views().into_iter().find(|v| v.healthy).map(|v| v.name))
@@ -857,7 +853,7 @@ impl Sup {
             None,
             format!("switching to {}: pausing writes on every node", to.as_str()),
         );
-        let result = admin::switch_mode(&urls, target, &opts).await;
+        let result = admin::switch_mode(&urls, to, &opts).await;
         self.switching.store(false, Ordering::Release);
         let report = result.map_err(|e| {
             self.metrics.reconcile_errors.inc();

@@ -33,21 +33,8 @@ pub struct Metadata {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    PrimarySecondary,
-    Masterless,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::PrimarySecondary => "primary-secondary",
-            Mode::Masterless => "masterless",
-        }
-    }
-}
+/// `spec.mode`: the same type `kvclient::admin::switch_mode` takes.
+pub use kvclient::admin::Mode;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

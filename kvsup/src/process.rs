@@ -66,14 +66,21 @@ pub fn alive(pid: u32) -> bool {
     if kill(Pid::from_raw(p), None).is_err() {
         return false;
     }
-    // A zombie still answers kill(0); its state letter in /proc says Z.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    // A zombie still answers kill(0); its state letter in /proc says Z. A
+    // killed multi-threaded process shows its leader as Z while its other
+    // threads still exit (holding its files and sockets): it is gone only
+    // when no thread is left besides the leader.
+    let zombie = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state != "Z"),
-        Err(_) => false,
+            .is_some_and(|state| state == "Z"),
+        Err(_) => return false,
+    };
+    if !zombie {
+        return true;
     }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|threads| threads.count() > 1)
 }
 
 pub fn signal(pid: u32, sig: Signal) -> Result<()> {

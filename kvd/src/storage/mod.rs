@@ -491,6 +491,17 @@ impl Engine {
         self.tx.lock().clone().ok_or(Error::ShuttingDown)
     }
 
+    /// Sends the WAL thread the command `cmd` builds around a reply channel,
+    /// and waits for its answer.
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(cmd(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
     /// Replicated mode: entries up to `index` are committed (durable on a
     /// majority); apply them and acknowledge their writes. Never moves the
     /// commit index back, nor past the local log.
@@ -505,12 +516,8 @@ impl Engine {
     /// ([`rules::check_append`]), truncating a conflicting uncommitted
     /// suffix, and makes them durable before answering.
     pub async fn replicate(&self, req: ReplicateRequest) -> Result<AppendOutcome, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::Replicate(ReplicateReq { req, reply }))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::Replicate(ReplicateReq { req, reply }))
+            .await?
     }
 
     /// Log entries from `from` on (about `max_bytes`), for shipping: from
@@ -519,28 +526,20 @@ impl Engine {
         if let Some(recs) = self.shared.cache.lock().get_from(from, max_bytes) {
             return Ok(recs);
         }
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::ReadFrom {
-                from,
-                max_bytes,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::ReadFrom {
+            from,
+            max_bytes,
+            reply,
+        })
+        .await?
     }
 
     /// Secondary: installs the snapshot the primary sent (written to
     /// `tmp_path` inside the data dir's `snap/`), replacing log and state.
     /// Returns the snapshot's last index.
     pub async fn install_snapshot(&self, tmp_path: PathBuf) -> Result<u64, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::InstallSnapshot { tmp_path, reply })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::InstallSnapshot { tmp_path, reply })
+            .await?
     }
 
     /// Masterless: merges records from a peer (its own writes, or
@@ -548,12 +547,7 @@ impl Engine {
     /// than what this node holds are logged (durably, before this returns)
     /// and applied. Returns this node's last log index.
     pub async fn ingest(&self, records: Vec<Record>) -> Result<u64, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::Ingest { records, reply })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::Ingest { records, reply }).await?
     }
 
     /// Mode switch: makes the current contents a durable snapshot at
@@ -562,24 +556,14 @@ impl Engine {
     /// uncommitted entries) and `base_index` is at least the last index.
     /// The caller has paused writes on every node.
     pub async fn rebase(&self, req: Rebase) -> Result<(), Error> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::Rebase { req, reply })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::Rebase { req, reply }).await?
     }
 
     /// Masterless: purges tombstones stamped before `before`; how many.
     /// Skipped (0) while a snapshot is being written, so that a snapshot
     /// never misses a tombstone that the WAL after it still needs.
     pub async fn purge_tombstones(&self, before: Timestamp) -> Result<u64, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Cmd::Purge { before, reply })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)
+        self.ask(|reply| Cmd::Purge { before, reply }).await
     }
 
     /// Masterless: advances the clock to the wall clock when idle.

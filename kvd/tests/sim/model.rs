@@ -1,0 +1,69 @@
+//! The workload of the crash models: random puts, deletes and bulks over a
+//! small key space, and the plain map they should leave.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use kvd::storage::{Engine, Op};
+
+/// Keys per prefix: few, so that writes overwrite and delete each other.
+pub const KEYS: usize = 12;
+
+pub type Model = BTreeMap<Bytes, Bytes>;
+
+pub fn key(prefix: &str, i: usize) -> Bytes {
+    Bytes::from(format!("{prefix}k{i}"))
+}
+
+pub fn apply_model(m: &mut Model, op: &Op) {
+    match op {
+        Op::Put { key, value } => {
+            m.insert(key.clone(), value.clone());
+        }
+        Op::Delete { key } => {
+            m.remove(key);
+        }
+        Op::Bulk { items } => {
+            for (k, v) in items {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Op::Noop => {}
+    }
+}
+
+/// A random put (60%), delete (20%) or bulk (20%) of keys under `prefix`.
+/// Values name the op that wrote them (`seq`), so a mix-up would be visible.
+pub fn random_op(rng: &mut StdRng, prefix: &str, seq: u64) -> Op {
+    let k = |rng: &mut StdRng| key(prefix, rng.gen_range(0..KEYS));
+    let value = |rng: &mut StdRng| {
+        let mut v = format!("{prefix}{seq}:").into_bytes();
+        v.resize(v.len() + rng.gen_range(0..200), b'x');
+        Bytes::from(v)
+    };
+    match rng.gen_range(0..10) {
+        0..=5 => Op::Put {
+            key: k(rng),
+            value: value(rng),
+        },
+        6..=7 => Op::Delete { key: k(rng) },
+        _ => Op::Bulk {
+            items: (0..rng.gen_range(1..6))
+                .map(|_| (k(rng), value(rng)))
+                .collect(),
+        },
+    }
+}
+
+/// The engine's contents under `prefix`.
+pub fn contents(engine: &Engine, prefix: &str) -> Model {
+    (0..KEYS)
+        .filter_map(|i| {
+            let k = key(prefix, i);
+            engine.get(&k).map(|v| (k, v))
+        })
+        .collect()
+}

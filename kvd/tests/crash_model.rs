@@ -5,7 +5,9 @@
 //! every acknowledged write; the one write in flight at the crash may or
 //! may not survive, but never partially. Every seed's crash fires: the
 //! writers keep writing until the power fails, so no seed degenerates into
-//! a clean shutdown.
+//! a clean shutdown. Torn WAL tails of every kind (a prefix of the
+//! unsynced bytes, then maybe zeros or garbage) must each have reached
+//! recovery a number of times, or the run proves too little.
 
 mod sim;
 
@@ -18,7 +20,7 @@ use rand::{Rng, SeedableRng};
 
 use kvd::storage::{Engine, EngineConfig, Op};
 use sim::model::{apply_model, contents, random_op, Model};
-use sim::SimFs;
+use sim::{SimFs, TailTally};
 
 fn config() -> EngineConfig {
     let mut cfg = EngineConfig::new("/sim/data");
@@ -43,7 +45,8 @@ struct Writer {
 }
 
 /// Runs `writers` concurrent writers until the disk dies, reboots, recovers.
-fn crash_once(seed: u64, writers: usize) {
+/// Returns the torn tails the reboot left.
+fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
     let mut rng = StdRng::seed_from_u64(seed);
     let fs = SimFs::default();
     // A few hundred operations cover start-up, rolls, snapshots, compaction.
@@ -93,9 +96,9 @@ fn crash_once(seed: u64, writers: usize) {
          the seed tested only a clean shutdown"
     );
 
-    let rebooted = fs.reboot(&mut rng);
+    let (rebooted, tails) = fs.reboot(&mut rng);
     let (engine, report) = Engine::open(Arc::new(rebooted.clone()), config(), None)
-        .unwrap_or_else(|e| panic!("seed {seed}: recovery failed to boot: {e}"));
+        .unwrap_or_else(|e| panic!("seed {seed}: recovery failed to boot: {e}\ntails: {tails:?}"));
     for w in &results {
         let got = contents(&engine, &w.prefix);
         let mut with_in_flight = w.acked.clone();
@@ -105,7 +108,8 @@ fn crash_once(seed: u64, writers: usize) {
         assert!(
             got == w.acked || got == with_in_flight,
             "seed {seed}: writer {} lost acknowledged data or saw a partial write\n\
-             recovered: {got:?}\nacknowledged: {:?}\nin flight: {:?}\nreport: {report:?}",
+             recovered: {got:?}\nacknowledged: {:?}\nin flight: {:?}\nreport: {report:?}\n\
+             tails: {tails:?}",
             w.prefix,
             w.acked,
             w.in_flight
@@ -130,20 +134,25 @@ fn crash_once(seed: u64, writers: usize) {
         Some(Bytes::from_static(b"crash")),
         "seed {seed}"
     );
+    tails
 }
 
 #[test]
 fn a_single_writer_survives_1000_crash_points() {
+    let mut tally = TailTally::default();
     for seed in 0..1000 {
-        crash_once(seed, 1);
+        tally.add(&crash_once(seed, 1));
     }
+    tally.assert_each_at_least(100);
 }
 
 #[test]
 fn concurrent_writers_with_group_commit_survive_300_crash_points() {
+    let mut tally = TailTally::default();
     for seed in 10_000..10_300 {
-        crash_once(seed, 4);
+        tally.add(&crash_once(seed, 4));
     }
+    tally.assert_each_at_least(10);
 }
 
 #[test]
@@ -202,7 +211,7 @@ fn truncating_a_suffix_survives_a_crash_at_every_step() {
         drop(wal);
 
         let mut rng = StdRng::seed_from_u64(crash_at);
-        let rebooted = fs.reboot(&mut rng);
+        let (rebooted, _) = fs.reboot(&mut rng);
         let mut seen = Vec::new();
         let (wal, _) = Wal::open(Arc::new(rebooted), dir, 0, 400, |r| seen.push(r.index))
             .unwrap_or_else(|e| panic!("crash at op {crash_at}: the log does not boot: {e}"));

@@ -3,8 +3,12 @@
 //!
 //! On "crash" the simulated disk keeps only what was made durable: file
 //! contents as of their last `sync_data`, directory entries as of their
-//! directory's last `sync_dir`, plus a random torn prefix of each file's
-//! unsynced appended bytes.
+//! directory's last `sync_dir`. Of the bytes appended to a file after its
+//! last sync, a reboot keeps a torn tail the way real disks and file
+//! systems leave one after a power cut: a prefix of the real bytes, and
+//! after it possibly a stretch of zeros (the file's size reached the disk,
+//! its data did not) or of garbage (stale blocks), never longer than what
+//! was appended. Whatever follows the torn tail is lost.
 //!
 //! Simplification: directories themselves are durable once created (the
 //! engine creates `wal/` and `snap/` once, at first start).
@@ -189,6 +193,30 @@ impl Fs for SimFs {
     }
 }
 
+/// What a reboot left past the synced bytes of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Only a prefix of the real bytes.
+    None,
+    /// The real prefix, then zeros.
+    Zeros,
+    /// The real prefix, then random bytes.
+    Garbage,
+}
+
+/// The torn tail a reboot left on one file.
+#[derive(Debug, Clone)]
+pub struct TornTail {
+    pub path: PathBuf,
+    /// Bytes appended after the last sync.
+    pub unsynced: usize,
+    /// Of those, the real ones that survived.
+    pub kept: usize,
+    /// Zeros or garbage after them.
+    pub fill: Fill,
+    pub filled: usize,
+}
+
 impl SimFs {
     /// The power fails at the `ops`-th mutating operation from now (0: the
     /// next one).
@@ -218,23 +246,25 @@ impl SimFs {
         Ok(out)
     }
 
-    /// What a reboot finds: durable entries, synced bytes, and a random torn
-    /// prefix of whatever was appended after the last sync.
-    pub fn reboot(&self, rng: &mut StdRng) -> SimFs {
+    /// What a reboot finds: durable entries, synced bytes, and a torn tail
+    /// of whatever was appended after the last sync (see the module doc).
+    /// Also says which torn tails it left.
+    pub fn reboot(&self, rng: &mut StdRng) -> (SimFs, Vec<TornTail>) {
         let d = self.0.lock();
         let mut disk = Disk {
             dirs: d.dirs.clone(),
             ..Disk::default()
         };
+        let mut tails = Vec::new();
         let mut remap = BTreeMap::new();
         for (path, &ino) in &d.durable {
             let new_ino = *remap.entry(ino).or_insert_with(|| {
                 let node = &d.inodes[ino];
                 let mut data = node.synced.clone();
                 if node.data.len() > node.synced.len() && node.data.starts_with(&node.synced) {
-                    let extra = &node.data[node.synced.len()..];
-                    let keep = rng.gen_range(0..=extra.len());
-                    data.extend_from_slice(&extra[..keep]);
+                    let tail = torn_tail(rng, path, &node.data[node.synced.len()..]);
+                    data.extend_from_slice(&tail.0);
+                    tails.push(tail.1);
                 }
                 disk.inodes.push(Inode {
                     data: data.clone(),
@@ -245,6 +275,67 @@ impl SimFs {
             disk.current.insert(path.clone(), new_ino);
             disk.durable.insert(path.clone(), new_ino);
         }
-        SimFs(Arc::new(Mutex::new(disk)))
+        (SimFs(Arc::new(Mutex::new(disk))), tails)
+    }
+}
+
+/// The bytes a power cut leaves of `unsynced`, appended after a file's last
+/// sync: a real prefix, then (maybe) zeros or garbage up to at most the
+/// appended length.
+fn torn_tail(rng: &mut StdRng, path: &Path, unsynced: &[u8]) -> (Vec<u8>, TornTail) {
+    let kept = rng.gen_range(0..=unsynced.len());
+    let fill = match rng.gen_range(0..3) {
+        0 => Fill::None,
+        1 => Fill::Zeros,
+        _ => Fill::Garbage,
+    };
+    let filled = match fill {
+        Fill::None => 0,
+        _ => rng.gen_range(0..=unsynced.len() - kept),
+    };
+    let mut bytes = unsynced[..kept].to_vec();
+    match fill {
+        Fill::None => {}
+        Fill::Zeros => bytes.resize(kept + filled, 0),
+        Fill::Garbage => bytes.extend((0..filled).map(|_| rng.gen::<u8>())),
+    }
+    let tail = TornTail {
+        path: path.to_path_buf(),
+        unsynced: unsynced.len(),
+        kept,
+        fill,
+        filled,
+    };
+    (bytes, tail)
+}
+
+/// How many torn tails of each kind reached WAL segments, over many reboots:
+/// evidence that recovery really met zeros and garbage, not only prefixes.
+#[derive(Debug, Default)]
+pub struct TailTally {
+    pub prefix_only: u64,
+    pub zeros: u64,
+    pub garbage: u64,
+}
+
+impl TailTally {
+    pub fn add(&mut self, tails: &[TornTail]) {
+        let in_wal = |t: &&TornTail| t.path.extension().is_some_and(|e| e == "wal");
+        for t in tails.iter().filter(in_wal) {
+            match t.fill {
+                _ if t.filled == 0 => self.prefix_only += 1,
+                Fill::None => self.prefix_only += 1,
+                Fill::Zeros => self.zeros += 1,
+                Fill::Garbage => self.garbage += 1,
+            }
+        }
+    }
+
+    /// Panics unless each kind of tail reached the WAL at least `n` times.
+    pub fn assert_each_at_least(&self, n: u64) {
+        assert!(
+            self.prefix_only >= n && self.zeros >= n && self.garbage >= n,
+            "too few torn WAL tails of some kind to prove anything: {self:?}"
+        );
     }
 }

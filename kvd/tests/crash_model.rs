@@ -7,7 +7,9 @@
 //! writers keep writing until the power fails, so no seed degenerates into
 //! a clean shutdown. Torn WAL tails of every kind (a prefix of the
 //! unsynced bytes, then maybe zeros or garbage) must each have reached
-//! recovery a number of times, or the run proves too little.
+//! recovery a number of times, or the run proves too little. Crashes inside
+//! snapshot install, the mode switch's rebase and masterless ingest are in
+//! `crash_replicated.rs`.
 
 mod sim;
 

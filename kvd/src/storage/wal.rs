@@ -301,7 +301,9 @@ impl Wal {
     /// it returns.
     pub fn reset(&mut self, next_index: u64, last_epoch: u64) -> Result<(), Error> {
         let result: Result<(), Error> = (|| {
-            for seg in self.segments.drain(..) {
+            // Newest first, as in `cut`: the log may be longer than the
+            // snapshot that replaces it (an uncommitted suffix).
+            for seg in self.segments.drain(..).rev() {
                 self.fs
                     .remove(&seg.path)
                     .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
@@ -466,8 +468,9 @@ impl Wal {
     /// Removes every record with index `from` and after: the uncommitted
     /// suffix that a primary's log contradicts. Durable before it returns.
     ///
-    /// Later segments go first, then the segment holding `from` is cut, so
-    /// a crash in between leaves a contiguous (longer) log, never a gap.
+    /// Later segments go first (newest first), then the segment holding
+    /// `from` is cut, so a crash in between leaves a contiguous (longer)
+    /// log, never a gap.
     /// Returns the epoch of the new last record, if the log still has one.
     pub fn truncate_from(&mut self, from: u64) -> Result<Option<u64>, Error> {
         if self.poisoned {
@@ -513,7 +516,10 @@ impl Wal {
     }
 
     fn cut(&mut self, i: usize, cut: u64) -> Result<(), Error> {
-        for seg in self.segments.drain(i + 1..) {
+        // Newest first: a journaling file system may make each removal
+        // durable before the directory fsync, and a crash that kept only
+        // some of them must leave a shorter log, not one with a gap.
+        for seg in self.segments.drain(i + 1..).rev() {
             self.fs
                 .remove(&seg.path)
                 .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;

@@ -36,6 +36,15 @@ fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
     h
 }
 
+/// What is wrong with a segment header, if anything: offset and reason.
+fn header_problem(header: &[u8]) -> Option<(usize, String)> {
+    if &header[..8] != SEGMENT_MAGIC {
+        return Some((0, "bad segment magic".into()));
+    }
+    let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    (version != SEGMENT_VERSION).then(|| (8, format!("unsupported WAL format version {version}")))
+}
+
 fn segment_name(first_index: u64) -> String {
     format!("{first_index:020}.wal")
 }
@@ -149,16 +158,18 @@ impl Wal {
                 }
                 return Err(corrupt(0, "segment shorter than its header".into()));
             }
-            let header = &w.buf[..SEGMENT_HEADER_BYTES];
-            if &header[..8] != SEGMENT_MAGIC {
-                return Err(corrupt(0, "bad segment magic".into()));
-            }
-            let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-            if version != SEGMENT_VERSION {
-                return Err(corrupt(
-                    8,
-                    format!("unsupported WAL format version {version}"),
-                ));
+            if let Some((offset, reason)) = header_problem(&w.buf[..SEGMENT_HEADER_BYTES]) {
+                // A header is written alone and fsync'd before any record
+                // goes in, so a last segment that is nothing but a bad header
+                // is one whose header never became durable while its
+                // directory entry did (a journaling file system may commit
+                // that first). It held nothing.
+                if is_last && !w.fill_to(SEGMENT_HEADER_BYTES + 1).map_err(read_err)? {
+                    report.truncated_bytes += w.end() as u64;
+                    drop_last = true;
+                    break;
+                }
+                return Err(corrupt(offset, reason));
             }
             match expected {
                 Some(e) if e != seg.first_index => {

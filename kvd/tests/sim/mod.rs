@@ -1,14 +1,17 @@
 //! The crash models' test kit: a simulated disk that loses power at a
 //! chosen moment, and the key-value workload the models run over it.
 //!
-//! On "crash" the simulated disk keeps only what was made durable: file
+//! On "crash" the simulated disk keeps what was made durable: file
 //! contents as of their last `sync_data`, directory entries as of their
-//! directory's last `sync_dir`. Of the bytes appended to a file after its
-//! last sync, a reboot keeps a torn tail the way real disks and file
-//! systems leave one after a power cut: a prefix of the real bytes, and
-//! after it possibly a stretch of zeros (the file's size reached the disk,
-//! its data did not) or of garbage (stale blocks), never longer than what
-//! was appended. Whatever follows the torn tail is lost.
+//! directory's last `sync_dir`. Of each directory's changes since then
+//! (creations, renames, removals) it keeps some prefix, in order: a
+//! journaling file system may commit them before anyone asks, never out of
+//! order. Of the bytes appended to a file after its last sync, it keeps a
+//! torn tail the way real disks and file systems leave one after a power
+//! cut: a prefix of the real bytes, and after it possibly a stretch of
+//! zeros (the file's size reached the disk, its data did not) or of garbage
+//! (stale blocks), never longer than what was appended. Whatever follows
+//! the torn tail is lost.
 //!
 //! Simplification: directories themselves are durable once created (the
 //! engine creates `wal/` and `snap/` once, at first start).
@@ -36,11 +39,20 @@ struct Inode {
     synced: Vec<u8>,
 }
 
+/// A change to a directory's entries that no `sync_dir` has covered yet.
+#[derive(Clone, Debug)]
+enum DirOp {
+    Link(PathBuf, usize),
+    Unlink(PathBuf),
+}
+
 #[derive(Default)]
 struct Disk {
     inodes: Vec<Inode>,
     current: BTreeMap<PathBuf, usize>,
     durable: BTreeMap<PathBuf, usize>,
+    /// Per directory, its changes since its last sync_dir, in order.
+    unsynced: BTreeMap<PathBuf, Vec<DirOp>>,
     dirs: BTreeSet<PathBuf>,
     /// Mutating operations so far.
     ops: u64,
@@ -66,6 +78,11 @@ impl Disk {
         }
         self.ops += 1;
         Ok(())
+    }
+
+    fn log(&mut self, path: &Path, op: DirOp) {
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.unsynced.entry(dir).or_default().push(op);
     }
 }
 
@@ -137,6 +154,7 @@ impl Fs for SimFs {
         d.inodes.push(Inode::default());
         let ino = d.inodes.len() - 1;
         d.current.insert(path.to_path_buf(), ino);
+        d.log(path, DirOp::Link(path.to_path_buf(), ino));
         Ok(Box::new(SimFile {
             disk: self.0.clone(),
             ino,
@@ -167,6 +185,8 @@ impl Fs for SimFs {
         d.tick()?;
         let ino = d.current.remove(from).ok_or_else(|| not_found(from))?;
         d.current.insert(to.to_path_buf(), ino);
+        d.log(from, DirOp::Unlink(from.to_path_buf()));
+        d.log(to, DirOp::Link(to.to_path_buf(), ino));
         Ok(())
     }
 
@@ -174,6 +194,7 @@ impl Fs for SimFs {
         let mut d = self.0.lock();
         d.tick()?;
         d.current.remove(path).ok_or_else(|| not_found(path))?;
+        d.log(path, DirOp::Unlink(path.to_path_buf()));
         Ok(())
     }
 
@@ -189,6 +210,7 @@ impl Fs for SimFs {
             .collect();
         d.durable.retain(|p, _| !in_dir(p));
         d.durable.extend(current);
+        d.unsynced.remove(dir);
         Ok(())
     }
 }
@@ -246,18 +268,28 @@ impl SimFs {
         Ok(out)
     }
 
-    /// What a reboot finds: durable entries, synced bytes, and a torn tail
-    /// of whatever was appended after the last sync (see the module doc).
-    /// Also says which torn tails it left.
+    /// What a reboot finds: durable entries and some prefix of each
+    /// directory's later changes, synced bytes, and a torn tail of whatever
+    /// was appended after the last sync (see the module doc). Also says
+    /// which torn tails it left.
     pub fn reboot(&self, rng: &mut StdRng) -> (SimFs, Vec<TornTail>) {
         let d = self.0.lock();
         let mut disk = Disk {
             dirs: d.dirs.clone(),
             ..Disk::default()
         };
+        let mut entries = d.durable.clone();
+        for ops in d.unsynced.values() {
+            for op in &ops[..rng.gen_range(0..=ops.len())] {
+                match op {
+                    DirOp::Link(path, ino) => entries.insert(path.clone(), *ino),
+                    DirOp::Unlink(path) => entries.remove(path),
+                };
+            }
+        }
         let mut tails = Vec::new();
         let mut remap = BTreeMap::new();
-        for (path, &ino) in &d.durable {
+        for (path, &ino) in &entries {
             let new_ino = *remap.entry(ino).or_insert_with(|| {
                 let node = &d.inodes[ino];
                 let mut data = node.synced.clone();

@@ -1,7 +1,6 @@
-//! The storage engine in replicated mode (groundwork for issue 3), driven
-//! in-process: a primary's durable entries wait for their commit, entries
-//! ship to a secondary through `replicate`, and a conflicting uncommitted
-//! suffix is cut.
+//! The storage engine in replicated mode, driven in-process: a primary's
+//! durable entries wait for their commit, entries ship to a secondary
+//! through `replicate`, and a conflicting uncommitted suffix is cut.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -12,6 +11,7 @@ use bytes::Bytes;
 use kvd::replication::rules::{AppendOutcome, LogPos};
 use kvd::storage::{Engine, EngineConfig, Error, Op, RealFs, Record, ReplicateRequest, Timestamp};
 use tempfile::TempDir;
+use tokio::sync::oneshot::error::TryRecvError;
 
 fn open(dir: &TempDir, epoch: u64) -> Arc<Engine> {
     open_with_cache(dir, epoch, 64 << 20)
@@ -57,6 +57,13 @@ async fn until_durable(e: &Engine, index: u64) {
     panic!("index {index} never became durable");
 }
 
+/// Returns once the WAL thread has handled every command sent before: it
+/// answers them in order, and this one has an answer (a purge of
+/// tombstones stamped before the zero stamp, which removes nothing).
+async fn handled_so_far(e: &Engine) {
+    e.purge_tombstones(Timestamp::default()).await.unwrap();
+}
+
 fn accepted_match(outcome: &AppendOutcome) -> u64 {
     match outcome {
         AppendOutcome::Accept { match_index, .. } => *match_index,
@@ -68,24 +75,30 @@ fn accepted_match(outcome: &AppendOutcome) -> u64 {
 async fn a_durable_write_is_applied_and_acknowledged_only_at_commit() {
     let dir = TempDir::new().unwrap();
     let p = open(&dir, 1);
-    let write = tokio::spawn({
-        let p = p.clone();
-        async move { p.write(put("k", "v"), true).await }
-    });
+    let mut reply = p.submit(put("k", "v"), true).await.unwrap();
     until_durable(&p, 1).await;
+    // The WAL thread is done with the write: any answer would be there.
+    handled_so_far(&p).await;
     assert_eq!(get(&p, "k"), None, "applied before commit");
-    assert!(!write.is_finished(), "acknowledged before commit");
+    assert!(
+        matches!(reply.try_recv(), Err(TryRecvError::Empty)),
+        "acknowledged before commit"
+    );
 
     p.commit_to(1).await.unwrap();
-    let r = write.await.unwrap().unwrap();
+    let r = reply.await.unwrap().unwrap();
     assert_eq!(r.index, 1);
     assert_eq!(get(&p, "k").as_deref(), Some("v"));
     assert_eq!(p.commit_index(), 1);
     // The commit index never goes back, nor past the log.
     p.commit_to(0).await.unwrap();
     p.commit_to(99).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(p.commit_index(), 1);
+    handled_so_far(&p).await;
+    assert_eq!(
+        p.commit_index(),
+        1,
+        "the commit index moved back or past the log"
+    );
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ use crate::masterless::hlc::WallClock;
 use crate::masterless::node::MlNode;
 use crate::metrics::Metrics;
 use crate::replication::node::{self, Replicator, Role};
-use crate::storage::{self, Engine, Op, MAX_KEY_BYTES};
+use crate::storage::{self, Engine, Op};
 
 /// Request limits, from the command line.
 #[derive(Debug, Clone)]
@@ -237,21 +237,10 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
 }
 
 /// Checks a key against DESIGN §2: UTF-8 (guaranteed by the caller's type),
-/// 1..=1024 bytes, no NUL.
+/// 1..=1024 bytes, no NUL. The same rule holds records from peers
+/// ([`storage::record::validate_key`]).
 pub fn validate_key(key: &str) -> Result<(), String> {
-    if key.is_empty() {
-        return Err("key is empty".into());
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(format!(
-            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
-            key.len()
-        ));
-    }
-    if key.contains('\0') {
-        return Err("key contains a NUL byte".into());
-    }
-    Ok(())
+    storage::record::validate_key(key.as_bytes())
 }
 
 fn key_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {

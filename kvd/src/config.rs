@@ -118,6 +118,20 @@ pub struct Config {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3))]
     pub write_quorum: u64,
 
+    /// Masterless: refuse writes from peers (and a mode switch's base stamp)
+    /// stamped more than this many milliseconds ahead of this node's wall
+    /// clock: a stamp far in the future would win every later write to its
+    /// key. Nodes whose clocks differ by more than this stop merging each
+    /// other's writes (the refused batches are retried) until they agree.
+    #[arg(long, default_value_t = crate::storage::DEFAULT_MAX_CLOCK_OFFSET_MS)]
+    pub max_clock_offset_ms: u64,
+
+    /// Largest snapshot a primary may upload to this node, in MiB (413
+    /// beyond it; the upload is streamed to disk, not held in memory).
+    /// Must exceed the data set of the cluster.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_snapshot_mib: u64,
+
     /// Debug only (needs --enable-debug): offset added to this node's wall
     /// clock, in milliseconds (negative: behind), to test clock faults.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]

@@ -183,6 +183,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.index = cfg
         .index
         .then(|| Arc::new(crate::index::Index::new(cfg.index_stem)));
+    ecfg.limits = crate::storage::record::Limits {
+        max_value_bytes: cfg.max_value_bytes,
+        max_bulk_items: cfg.max_bulk_items,
+    };
+    ecfg.max_clock_offset_ms = cfg.max_clock_offset_ms;
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
@@ -247,6 +252,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             max_bulk_items: cfg.max_bulk_items,
             max_inflight_requests: cfg.max_inflight_requests,
             body_timeout: std::time::Duration::from_millis(cfg.body_timeout_ms),
+            max_snapshot_bytes: cfg.max_snapshot_mib.saturating_mul(1 << 20),
         },
         cfg.enable_debug,
         meta.node_id.clone(),

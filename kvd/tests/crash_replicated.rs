@@ -70,6 +70,10 @@ fn config(mode: Mode, epoch: u64) -> EngineConfig {
     cfg.node_tag = ME;
     cfg.replicated = mode == Mode::PrimarySecondary;
     cfg.masterless = mode == Mode::Masterless;
+    // Peers' stamps here lie in the year 2100, so that which version wins
+    // never depends on the wall clock; the bound on stamps ahead of the
+    // clock is not what this model is about (tests/masterless_safety.rs).
+    cfg.max_clock_offset_ms = u64::MAX;
     cfg
 }
 
@@ -246,7 +250,9 @@ fn old_log(rt: &Runtime, e: &Engine, fs: &SimFs, rng: &mut StdRng) -> OldLog {
         model = random_model(rng, 10_000, 20);
         let tmp = e.incoming_snapshot_path();
         write_incoming(fs, &tmp, &snapshot_file(&model, snapshot_index, 1)).expect("setup");
-        rt.block_on(e.install_snapshot(tmp)).expect("setup install");
+        let incoming = e.verify_snapshot(tmp).expect("setup snapshot verifies");
+        rt.block_on(e.install_snapshot(incoming))
+            .expect("setup install");
     }
     let ops: Vec<Op> = (0..rng.gen_range(1..40))
         .map(|seq| random_op(rng, P, seq))
@@ -294,7 +300,8 @@ fn install_once(seed: u64, crash_at: Option<u64>) -> InstallRun {
     let (installed, ops) = cut_power(&fs, crash_at, &what, || {
         write_incoming(&fs, &tmp, &bytes)
             .map_err(|e| Error::io("incoming snapshot".into(), e))
-            .and_then(|_| rt.block_on(engine.install_snapshot(tmp.clone())))
+            .and_then(|_| engine.verify_snapshot(tmp.clone()))
+            .and_then(|incoming| rt.block_on(engine.install_snapshot(incoming)))
     });
     engine.shutdown();
     drop(engine);

@@ -85,14 +85,14 @@ async fn a_durable_write_is_applied_and_acknowledged_only_at_commit() {
         "acknowledged before commit"
     );
 
-    p.commit_to(1).await.unwrap();
+    p.commit_to(1, 1).await.unwrap();
     let r = reply.await.unwrap().unwrap();
     assert_eq!(r.index, 1);
     assert_eq!(get(&p, "k").as_deref(), Some("v"));
     assert_eq!(p.commit_index(), 1);
     // The commit index never goes back, nor past the log.
-    p.commit_to(0).await.unwrap();
-    p.commit_to(99).await.unwrap();
+    p.commit_to(0, 1).await.unwrap();
+    p.commit_to(99, 1).await.unwrap();
     handled_so_far(&p).await;
     assert_eq!(
         p.commit_index(),
@@ -138,7 +138,7 @@ async fn entries_ship_to_a_secondary_which_applies_them_at_commit() {
     );
     assert_eq!(s.state().len(), 0, "nothing is applied before commit");
 
-    p.commit_to(10).await.unwrap();
+    p.commit_to(10, 1).await.unwrap();
     for w in writes {
         w.await.unwrap().unwrap();
     }

@@ -36,6 +36,7 @@ use serde_json::json;
 use super::{read_body, ApiError, AppState, Runtime, Shared};
 use crate::masterless::node::{self as ml, MlNode};
 use crate::replication::node::{self as ps, Replicator};
+use crate::replication::rules;
 use crate::server::Meta;
 use crate::storage::{self, Engine, Op, Rebase, Timestamp};
 
@@ -294,6 +295,25 @@ pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Respons
             ),
         ));
     }
+    if !rules::epoch_in_reach(st.epoch(), req.epoch) {
+        return Err(ApiError::bad_request(
+            "epoch_out_of_range",
+            format!(
+                "the switch's epoch {} is more than {} above this node's epoch {}",
+                req.epoch,
+                rules::MAX_EPOCH_STEP,
+                st.epoch()
+            ),
+        ));
+    }
+    let base_ts = Timestamp {
+        physical_ms: req.base_ts_ms,
+        logical: 0,
+        node: 0,
+    };
+    // Every node observes the base stamp: one far ahead would move every
+    // clock there.
+    st.engine.check_stamp(base_ts)?;
     // Stop the old runtime: no more shipping, streaming or repairs here.
     let old = std::mem::take(&mut *st.runtime.write());
     if let Some(r) = &old.replicator {
@@ -302,11 +322,6 @@ pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Respons
     if let Some(n) = &old.masterless {
         n.stop();
     }
-    let base_ts = Timestamp {
-        physical_ms: req.base_ts_ms,
-        logical: 0,
-        node: 0,
-    };
     let rebase = Rebase {
         masterless,
         base_index: req.base_index,

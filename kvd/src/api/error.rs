@@ -101,6 +101,9 @@ impl From<storage::Error> for ApiError {
             }
             E::Replication(_) => (StatusCode::INTERNAL_SERVER_ERROR, "replication_error"),
             E::NotQuiescent(_) => (StatusCode::CONFLICT, "not_quiescent"),
+            // A peer sent what no client could: its request, not our fault.
+            E::InvalidEntry(_) => (StatusCode::BAD_REQUEST, "invalid_entry"),
+            E::StampOutOfRange(_) => (StatusCode::BAD_REQUEST, "stamp_out_of_range"),
             E::NotDurable(_) | E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
             E::Corruption { .. } | E::Decode(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_corruption")

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod error;
 pub mod listener;
 mod search;
+mod upload;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ use crate::masterless::hlc::WallClock;
 use crate::masterless::node::MlNode;
 use crate::metrics::Metrics;
 use crate::replication::node::{self, Replicator, Role};
-use crate::storage::{self, Engine, Op, MAX_KEY_BYTES};
+use crate::storage::{self, Engine, Op};
 
 /// Request limits, from the command line.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct Limits {
     pub max_bulk_items: usize,
     pub max_inflight_requests: usize,
     pub body_timeout: std::time::Duration,
+    /// Largest snapshot upload from a primary (`--max-snapshot-mib`).
+    pub max_snapshot_bytes: u64,
 }
 
 /// What every handler can reach.
@@ -237,21 +240,10 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
 }
 
 /// Checks a key against DESIGN §2: UTF-8 (guaranteed by the caller's type),
-/// 1..=1024 bytes, no NUL.
+/// 1..=1024 bytes, no NUL. The same rule holds records from peers
+/// ([`storage::record::validate_key`]).
 pub fn validate_key(key: &str) -> Result<(), String> {
-    if key.is_empty() {
-        return Err("key is empty".into());
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(format!(
-            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
-            key.len()
-        ));
-    }
-    if key.contains('\0') {
-        return Err("key contains a NUL byte".into());
-    }
-    Ok(())
+    storage::record::validate_key(key.as_bytes())
 }
 
 fn key_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -690,26 +682,17 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
         node::decode_append(&raw).map_err(|m| ApiError::bad_request("invalid_append", m))?;
     match r.handle_append(append).await? {
         // A deposed primary is told so with a 409 that carries our epoch.
-        node::AppendReply::Stale { my_epoch } => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "stale_epoch",
-            format!("the sender's epoch is older than this node's epoch {my_epoch}"),
-        )
-        .with_header(node::EPOCH_HEADER, my_epoch.to_string())),
+        node::AppendReply::Stale { my_epoch } => Err(node::stale_epoch(my_epoch)),
         reply => Ok(Json(reply).into_response()),
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct SnapshotParams {
-    epoch: u64,
-    leader: String,
-}
-
-/// A snapshot from the primary for a secondary behind its WAL.
+/// A snapshot from the primary for a secondary behind its WAL: streamed
+/// to disk as it arrives (see `upload`), then checked before anything
+/// changes (see [`node::Replicator::receive_snapshot`]).
 async fn internal_snapshot(
     State(st): State<Shared>,
-    params: Result<Query<SnapshotParams>, QueryRejection>,
+    params: Result<Query<node::SnapshotOffer>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Some(r) = st.replicator() else {
@@ -718,12 +701,17 @@ async fn internal_snapshot(
             "this node runs alone (no --peers); it takes no replication traffic",
         ));
     };
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    // Bounded by what the engine would ever write: 1 GiB records aside, a
-    // snapshot is the data set, so the limit is generous but finite.
-    let raw = read_body(body, 4 << 30, st.commit_timeout * 12, "snapshot").await?;
-    let last_index = r.handle_snapshot(params.epoch, params.leader, &raw).await?;
+    let Query(offer) = params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let _slot = r.begin_snapshot(&offer)?;
+    // Declared after the slot, so dropped (and removed) before it frees.
+    let tmp = upload::TempFile::new(st.engine.incoming_snapshot_path());
+    let limits = upload::UploadLimits {
+        max_bytes: st.limits.max_snapshot_bytes,
+        idle: st.limits.body_timeout,
+        total: node::SNAPSHOT_TIMEOUT,
+    };
+    upload::receive(body, tmp.path(), &limits).await?;
+    let last_index = r.receive_snapshot(&offer, tmp.path().to_path_buf()).await?;
     Ok(Json(json!({"last_index": last_index})).into_response())
 }
 
@@ -747,12 +735,19 @@ async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response,
                 e.to_string(),
             )
         })?
-        .map_err(|e| {
-            ApiError::new(
+        .map_err(|e| match e {
+            node::VoteError::OutOfReach { epoch, my_epoch } => ApiError::bad_request(
+                "epoch_out_of_range",
+                format!(
+                    "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
+                    crate::replication::rules::MAX_EPOCH_STEP
+                ),
+            ),
+            node::VoteError::Io(e) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "meta_write_failed",
                 format!("could not persist the vote: {e}"),
-            )
+            ),
         })?;
     Ok(Json(answer).into_response())
 }

@@ -104,16 +104,28 @@ impl Hlc {
     }
 
     /// Logical + 1; on the (theoretical) overflow the physical part moves
-    /// one millisecond ahead instead, which keeps the order strict.
+    /// one millisecond ahead instead, which keeps the order strict. The
+    /// physical part saturates rather than wrapping to 0: it stays within
+    /// [`within_offset`] of a wall clock, nowhere near 2^64.
     fn bump(&mut self) {
         match self.last.logical.checked_add(1) {
             Some(l) => self.last.logical = l,
             None => {
-                self.last.physical_ms += 1;
+                self.last.physical_ms = self.last.physical_ms.saturating_add(1);
                 self.last.logical = 0;
             }
         }
     }
+}
+
+/// Whether a stamp from elsewhere is at most `max_offset_ms` ahead of the
+/// local wall time `wall_ms` (CockroachDB's maximum clock offset). Stamps
+/// behind are always fine: the clock never goes back for them. One far
+/// ahead would win every later write to its key until the wall clock
+/// caught up, so peers' records stamped so are refused; bounding every
+/// stamp a node observes also bounds its own clock.
+pub fn within_offset(seen: Timestamp, wall_ms: u64, max_offset_ms: u64) -> bool {
+    seen.physical_ms <= wall_ms.saturating_add(max_offset_ms)
 }
 
 /// A node's id in timestamps: a fixed hash of its name (equal on every
@@ -156,6 +168,35 @@ mod tests {
         d.now(10_000);
         d.observe(remote, 10_000);
         assert!(d.now(10_000) > remote);
+    }
+
+    #[test]
+    fn the_clock_never_wraps_to_zero() {
+        let mut c = Hlc::new(1);
+        let top = Timestamp {
+            physical_ms: u64::MAX,
+            logical: u32::MAX,
+            node: 2,
+        };
+        c.observe(top, 1_000);
+        assert_eq!(c.last().physical_ms, u64::MAX);
+        assert_eq!(c.now(1_000).physical_ms, u64::MAX);
+    }
+
+    #[test]
+    fn stamps_more_than_the_offset_ahead_are_out_of_range() {
+        let at = |ms| Timestamp {
+            physical_ms: ms,
+            logical: u32::MAX,
+            node: 9,
+        };
+        let wall = 1_700_000_000_000;
+        assert!(within_offset(at(0), wall, 500));
+        assert!(within_offset(at(wall - 10_000), wall, 500));
+        assert!(within_offset(at(wall + 500), wall, 500));
+        assert!(!within_offset(at(wall + 501), wall, 500));
+        assert!(!within_offset(at(u64::MAX), wall, 500));
+        assert!(within_offset(at(u64::MAX), u64::MAX - 1, 500), "saturates");
     }
 
     #[test]

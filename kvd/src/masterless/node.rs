@@ -303,7 +303,7 @@ impl MlNode {
     async fn stream_to(self: Arc<Self>, i: usize) {
         let peer = &self.peers[i];
         // Until the peer tells us its position, offer nothing but our end.
-        let mut next = self.engine.durable_hlc().1 + 1;
+        let mut next = self.engine.durable_hlc().1.saturating_add(1);
         while !self.is_stopped() {
             let durable = self.engine.durable_notify().notified();
             tokio::pin!(durable);
@@ -357,7 +357,7 @@ impl MlNode {
             peer.acked.store(pos, Ordering::Release);
             peer.known.store(true, Ordering::Release);
             self.acked.notify_waiters();
-            next = pos + 1;
+            next = pos.saturating_add(1);
             if complete && pos >= last {
                 tokio::select! {
                     _ = durable => {}
@@ -370,11 +370,16 @@ impl MlNode {
     // ----- streaming, receiver side -----
 
     /// Merges a peer's stream batch; answers our durable position for it.
+    /// A batch whose clock or any record fails the checks of
+    /// [`Engine::ingest`] is refused whole, changing nothing.
     pub async fn handle_stream(&self, body: StreamBody) -> Result<u64, crate::storage::Error> {
+        // The sender's clock becomes our stable time for it, which decides
+        // tombstone purges: it must be no more believable than its records.
+        self.engine.check_stamp(body.hlc)?;
         let mut recv = self.recv.lock().await;
         let base = recv.origins.get("*").copied().unwrap_or_default();
         let cur = recv.origins.get(&body.origin).copied().unwrap_or(base);
-        let contiguous = body.from <= cur.pos + 1;
+        let contiguous = body.from <= cur.pos.saturating_add(1);
         if !contiguous && !body.gap {
             // The sender is ahead of what we hold: it resumes from our
             // position.
@@ -512,6 +517,10 @@ impl MlNode {
             .error_for_status()?
             .json()
             .await?;
+        // Its clocks feed our stable times (and purges): held to the same
+        // bound as its records' stamps.
+        self.engine.check_stamp(answer.durable_hlc)?;
+        self.engine.check_stamp(answer.stable)?;
         *peer.node_id.lock() = Some(answer.node_id.clone());
         *peer.stable.lock() = answer.stable;
         let raw = base64::engine::general_purpose::STANDARD.decode(&answer.buckets)?;
@@ -705,7 +714,7 @@ pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
     if origin.is_empty() || origin == "*" {
         return Err("origin must be a node id".into());
     }
-    if from == 0 || upto + 1 < from {
+    if from == 0 || upto.saturating_add(1) < from {
         return Err(format!("bad range {from}..={upto}"));
     }
     let records = decode_frames(body, FIXED + n)?;

@@ -12,8 +12,12 @@
 //! precheck, then the node's own vote persisted, then the real vote, then a
 //! no-op entry in the new epoch. Votes travel as JSON on `/internal/vote`.
 //!
-//! Not yet here (issue 3's next steps): snapshot install for peers behind
-//! the primary's WAL, linearizable reads.
+//! Epoch and role are one value ([`Leadership`]), read together under the
+//! `term` lock: a primary captures it before it prepares a round (reads
+//! entries, a snapshot) and sends only if it still holds exactly that
+//! leadership, in that epoch ([`rules::send_epoch`]). A secondary takes
+//! appends and snapshots of an epoch from one sender only, the first it
+//! hears from in that epoch ([`rules::judge_sender`]).
 //!
 //! # `/internal/append` body (version 1), integers little-endian
 //!
@@ -32,13 +36,15 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use super::rules::Role;
 use super::rules::{
-    self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, LogPos, PeerStatus, Refusal,
-    VoteReply, VoteRequest, VoterState,
+    self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, Leadership, LogPos, PeerStatus,
+    Refusal, SenderVerdict, VoteReason, VoteReply, VoteRequest, VoterState,
 };
+use crate::api::ApiError;
 use crate::server::Meta;
 use crate::storage::record::{self, Frame, Record};
-use crate::storage::{Engine, Op, ReplicateRequest};
+use crate::storage::{Engine, IncomingSnapshot, Op, ReplicateRequest};
 
 const MAGIC: &[u8; 4] = b"KVAP";
 const VERSION: u32 = 1;
@@ -49,20 +55,13 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(50);
 /// One append round trip may take this long before the peer counts as down.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
-/// A snapshot transfer may take this long (hundreds of MB on loopback).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// A snapshot transfer may take this long (hundreds of MB on loopback),
+/// both for the sender and for the receiver reading it.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long an election waits for the remaining peers once a majority has
 /// answered (see `ask_votes`).
 const VOTE_STRAGGLER_GRACE: Duration = Duration::from_millis(100);
-
-/// A node's role in its current epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-}
 
 /// Static settings of the replication runtime.
 #[derive(Debug, Clone)]
@@ -84,13 +83,46 @@ struct Peer {
     last_ack: Mutex<Option<Instant>>,
 }
 
+/// What this node is in which epoch: `meta` (epoch, vote) as persisted,
+/// the role in that epoch, and whom it follows in it. One lock, so that
+/// epoch and role are always read and changed together.
+struct Term {
+    meta: Meta,
+    primary: bool,
+    /// The URL of the primary of `meta.epoch` (ourselves when primary):
+    /// the one sender whose appends and snapshots this epoch accepts.
+    leader: Option<String>,
+    /// Where a mode switch said the primary is, for redirects until its
+    /// first append arrives (not trusted as `leader`).
+    hint: Option<String>,
+}
+
+impl Term {
+    fn leadership(&self) -> Leadership {
+        Leadership {
+            epoch: self.meta.epoch,
+            role: if self.primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
+        }
+    }
+
+    /// A new epoch (already persisted): nobody is known to lead it yet.
+    fn enter(&mut self, meta: Meta) {
+        self.meta = meta;
+        self.primary = false;
+        self.leader = None;
+        self.hint = None;
+    }
+}
+
 /// The replication state of this node.
 pub struct Replicator {
     engine: Arc<Engine>,
     settings: Settings,
-    is_primary: AtomicBool,
-    primary_url: Mutex<Option<String>>,
-    meta: Mutex<Meta>,
+    term: Mutex<Term>,
     peers: Vec<Peer>,
     /// Woken when a peer's match index moves.
     acked: Notify,
@@ -107,6 +139,8 @@ pub struct Replicator {
     http: reqwest::Client,
     /// Set by a mode switch: the background tasks end.
     stopped: AtomicBool,
+    /// One incoming snapshot at a time: they share one temp file.
+    receiving_snapshot: tokio::sync::Mutex<()>,
 }
 
 /// The secondary's answer to an append.
@@ -125,6 +159,32 @@ pub struct VoteAnswer {
     pub epoch: u64,
     pub last: LogPos,
     pub reason: String,
+}
+
+/// Why a vote was not answered.
+#[derive(Debug)]
+pub enum VoteError {
+    /// The epoch is beyond [`rules::epoch_in_reach`] (400).
+    OutOfReach { epoch: u64, my_epoch: u64 },
+    /// Persisting the vote failed (500).
+    Io(std::io::Error),
+}
+
+/// What a primary says about itself when it sends a snapshot
+/// (`POST /internal/snapshot` query parameters).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotOffer {
+    pub epoch: u64,
+    pub leader: String,
+    /// The end of the sender's log, which the snapshot cannot be past.
+    pub last_index: u64,
+    pub last_epoch: u64,
+}
+
+impl SnapshotOffer {
+    fn sender_last(&self) -> LogPos {
+        LogPos::new(self.last_epoch, self.last_index)
+    }
 }
 
 /// Why a promotion did not happen.
@@ -227,7 +287,7 @@ pub fn decode_append(body: &[u8]) -> Result<AppendBody, String> {
 
 impl Replicator {
     pub fn new(engine: Arc<Engine>, settings: Settings, meta: Meta, primary: bool) -> Arc<Self> {
-        let next = engine.last_log_pos().index + 1;
+        let next = engine.last_log_pos().index.saturating_add(1);
         let peers = settings
             .peers
             .iter()
@@ -247,11 +307,14 @@ impl Replicator {
             .unwrap_or_default();
         engine.set_epoch(meta.epoch);
         Arc::new(Replicator {
-            primary_url: Mutex::new(primary.then(|| settings.advertise_url.clone())),
-            is_primary: AtomicBool::new(primary),
+            term: Mutex::new(Term {
+                meta,
+                primary,
+                leader: primary.then(|| settings.advertise_url.clone()),
+                hint: None,
+            }),
             engine,
             settings,
-            meta: Mutex::new(meta),
             peers,
             acked: Notify::new(),
             promoting: tokio::sync::Mutex::new(()),
@@ -259,6 +322,7 @@ impl Replicator {
             lead_from: AtomicU64::new(0),
             http,
             stopped: AtomicBool::new(false),
+            receiving_snapshot: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -340,40 +404,40 @@ impl Replicator {
     /// Tells a secondary where the primary is before its first append
     /// arrives (a mode switch names it), so writes redirect at once.
     pub fn set_primary_hint(&self, url: String) {
-        if !self.is_primary() {
-            let mut p = self.primary_url.lock();
-            if p.is_none() {
-                *p = Some(url);
-            }
+        let mut t = self.term.lock();
+        if !t.primary && t.leader.is_none() {
+            t.hint = Some(url);
         }
     }
 
     /// Ends the background tasks and steps down (a mode switch).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        self.is_primary.store(false, Ordering::Release);
+        self.term.lock().primary = false;
         self.acked.notify_waiters();
     }
 
+    /// Epoch and role, read together.
+    pub fn leadership(&self) -> Leadership {
+        self.term.lock().leadership()
+    }
+
     pub fn is_primary(&self) -> bool {
-        self.is_primary.load(Ordering::Acquire)
+        self.term.lock().primary
     }
 
     pub fn role(&self) -> Role {
-        if self.is_primary() {
-            Role::Primary
-        } else {
-            Role::Secondary
-        }
+        self.leadership().role
     }
 
     pub fn epoch(&self) -> u64 {
-        self.meta.lock().epoch
+        self.term.lock().meta.epoch
     }
 
     /// The primary's base URL, when known.
     pub fn primary_url(&self) -> Option<String> {
-        self.primary_url.lock().clone()
+        let t = self.term.lock();
+        t.leader.clone().or_else(|| t.hint.clone())
     }
 
     /// Per-peer replication state for `/v1/status`.
@@ -409,23 +473,41 @@ impl Replicator {
     }
 
     /// Persists a newer epoch (fsync) before anything acts on it, and steps
-    /// down if this node was primary.
+    /// down if this node was primary. An epoch out of reach is refused
+    /// ([`rules::epoch_in_reach`]): one forged answer must not use up
+    /// every epoch.
     fn adopt_epoch(&self, epoch: u64) -> std::io::Result<()> {
-        let mut meta = self.meta.lock();
-        if epoch <= meta.epoch {
+        self.enter_epoch(&mut self.term.lock(), epoch)
+    }
+
+    /// [`Replicator::adopt_epoch`] with the term lock held.
+    fn enter_epoch(&self, t: &mut Term, epoch: u64) -> std::io::Result<()> {
+        if epoch <= t.meta.epoch {
             return Ok(());
         }
-        let mut next = meta.clone();
+        if !rules::epoch_in_reach(t.meta.epoch, epoch) {
+            return Err(std::io::Error::other(format!(
+                "epoch {epoch} is out of reach of this node's epoch {}",
+                t.meta.epoch
+            )));
+        }
+        let mut next = t.meta.clone();
         next.epoch = epoch;
         next.voted_for = None;
+        self.persist(t, next)
+    }
+
+    /// Stores `next` (a newer epoch, and its vote) in `meta`, then enters
+    /// it: steps down, and forgets the old epoch's primary.
+    fn persist(&self, t: &mut Term, next: Meta) -> std::io::Result<()> {
         next.store(&self.settings.data_dir)
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-        *meta = next;
+        let (epoch, was_primary) = (next.epoch, t.primary);
+        t.enter(next);
         self.engine.set_epoch(epoch);
-        if self.is_primary.swap(false, Ordering::AcqRel) {
+        if was_primary {
             eprintln!("kvd: saw epoch {epoch}; stepping down to secondary");
         }
-        *self.primary_url.lock() = None;
         Ok(())
     }
 
@@ -435,25 +517,25 @@ impl Replicator {
     /// answers an append without calling it stale has not moved past our
     /// epoch, so no newer primary can have committed anything yet.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), &'static str> {
-        if !self.is_primary() {
+        let lead = self.leadership();
+        if !lead.leads() {
             return Err("not_primary");
         }
-        let epoch = self.epoch();
         let deadline = Instant::now() + timeout;
         // A new primary first commits its no-op: only then is its commit
         // index at least everything any earlier primary acknowledged.
         let lead_from = self.lead_from.load(Ordering::Acquire);
         while self.engine.commit_index() < lead_from {
-            if Instant::now() >= deadline || !self.is_primary() {
+            if Instant::now() >= deadline || self.leadership() != lead {
                 return Err("no_majority");
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let read_index = self.engine.commit_index();
         let body = encode_append(
-            epoch,
+            lead.epoch,
             LogPos::ZERO,
-            self.engine.commit_index(),
+            read_index,
             &self.settings.advertise_url,
             &[],
         );
@@ -486,7 +568,8 @@ impl Replicator {
                 break;
             }
         }
-        if confirmed < needed || !self.is_primary() || self.epoch() != epoch {
+        // The confirmations are for the leadership the read started in.
+        if confirmed < needed || self.leadership() != lead {
             return Err("no_majority");
         }
         while self.engine.status().applied_index < read_index {
@@ -499,36 +582,33 @@ impl Replicator {
     }
 
     /// Voter side of `/internal/vote`: decides with [`rules::decide_vote`]
-    /// and persists a new epoch (and vote) before answering.
-    pub fn handle_vote(&self, req: &VoteRequest) -> std::io::Result<VoteAnswer> {
+    /// and persists a new epoch (and vote) before answering. An epoch out
+    /// of reach is refused with nothing persisted.
+    pub fn handle_vote(&self, req: &VoteRequest) -> Result<VoteAnswer, VoteError> {
         let last = self.engine.last_log_pos();
-        let mut meta = self.meta.lock();
+        let mut t = self.term.lock();
         let mut state = VoterState {
-            current_epoch: meta.epoch,
-            voted_for: meta.voted_for.clone(),
+            current_epoch: t.meta.epoch,
+            voted_for: t.meta.voted_for.clone(),
             last,
         };
         let decision = rules::decide_vote(&state, req);
+        if decision.reason == VoteReason::EpochOutOfReach {
+            return Err(VoteError::OutOfReach {
+                epoch: req.epoch,
+                my_epoch: t.meta.epoch,
+            });
+        }
         if decision.new_epoch_to_persist.is_some() {
             state.apply_vote(req, &decision);
-            let mut next = meta.clone();
+            let mut next = t.meta.clone();
             next.epoch = state.current_epoch;
             next.voted_for = state.voted_for.clone();
-            next.store(&self.settings.data_dir)
-                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            *meta = next;
-            self.engine.set_epoch(state.current_epoch);
-            if self.is_primary.swap(false, Ordering::AcqRel) {
-                eprintln!(
-                    "kvd: vote for epoch {} seen; stepping down to secondary",
-                    state.current_epoch
-                );
-            }
-            *self.primary_url.lock() = None;
+            self.persist(&mut t, next).map_err(VoteError::Io)?;
         }
         Ok(VoteAnswer {
             granted: decision.granted,
-            epoch: meta.epoch,
+            epoch: t.meta.epoch,
             last,
             reason: decision.reason.as_str().to_string(),
         })
@@ -613,13 +693,14 @@ impl Replicator {
     /// Runs an election for this node (DESIGN §4); returns the new epoch.
     pub async fn promote(self: &Arc<Self>) -> Result<u64, PromoteError> {
         let _one_at_a_time = self.promoting.lock().await;
-        if self.is_primary() {
-            return Ok(self.epoch());
+        let now = self.leadership();
+        if now.leads() {
+            return Ok(now.epoch);
         }
         let my_last = self.engine.last_log_pos();
         // 1. Probe with a pre-vote: its answers carry every peer's epoch and
         //    log, for the precheck. Nothing changes anywhere yet.
-        let probe = self.ask_votes(self.epoch() + 1, true).await;
+        let probe = self.ask_votes(now.epoch.saturating_add(1), true).await;
         let statuses: Vec<(&str, Option<PeerStatus>)> = self
             .peers
             .iter()
@@ -647,27 +728,26 @@ impl Replicator {
             last: my_last,
             pre_vote: false,
         };
-        let mine = self.handle_vote(&own).map_err(PromoteError::Io)?;
-        if !mine.granted {
-            return Err(PromoteError::Refused(Refusal::NotEnoughVotes {
+        let not_granted = || {
+            PromoteError::Refused(Refusal::NotEnoughVotes {
                 granted: 0,
                 needed: rules::majority(self.peers.len() + 1),
-            }));
+            })
+        };
+        let mine = self.handle_vote(&own).map_err(|e| match e {
+            VoteError::Io(e) => PromoteError::Io(e),
+            VoteError::OutOfReach { .. } => not_granted(),
+        })?;
+        if !mine.granted {
+            return Err(not_granted());
         }
         let votes = self.ask_votes(epoch, false).await;
         if let ElectionOutcome::Lost(why) = self.tally(&votes) {
             return Err(PromoteError::Refused(why));
         }
-        // 4. Won: lead, starting every peer right after our log, and commit
-        //    a no-op of our epoch (which commits older entries with it).
-        let next = self.engine.last_log_pos().index + 1;
-        for p in &self.peers {
-            p.match_index.store(0, Ordering::Release);
-            p.next_index.store(next, Ordering::Release);
-        }
-        *self.primary_url.lock() = Some(self.settings.advertise_url.clone());
-        self.lead_from.store(next, Ordering::Release);
-        self.is_primary.store(true, Ordering::Release);
+        // 4. Won: lead, and commit a no-op of our epoch (which commits
+        //    older entries with it).
+        self.take_lead(epoch).map_err(PromoteError::Refused)?;
         eprintln!("kvd: promoted to primary of epoch {epoch}");
         let engine = self.engine.clone();
         tokio::spawn(async move {
@@ -678,31 +758,90 @@ impl Replicator {
         Ok(epoch)
     }
 
-    /// Secondary side of `/internal/append`.
-    pub async fn handle_append(
-        &self,
-        body: AppendBody,
-    ) -> Result<AppendReply, crate::api::ApiError> {
-        use crate::api::ApiError;
+    /// Becomes primary of `epoch`, whose votes this node has just won,
+    /// starting every peer right after our log. Refused if the election
+    /// was overtaken while the votes were out: a newer epoch seen, or
+    /// another sender already followed as `epoch`'s primary.
+    fn take_lead(&self, epoch: u64) -> Result<(), Refusal> {
+        let mut t = self.term.lock();
+        if t.meta.epoch != epoch || t.leader.is_some() {
+            return Err(Refusal::Overtaken {
+                ran_for: epoch,
+                now: t.meta.epoch,
+            });
+        }
+        let next = self.engine.last_log_pos().index.saturating_add(1);
+        for p in &self.peers {
+            p.match_index.store(0, Ordering::Release);
+            p.next_index.store(next, Ordering::Release);
+        }
+        self.lead_from.store(next, Ordering::Release);
+        t.primary = true;
+        t.leader = Some(self.settings.advertise_url.clone());
+        Ok(())
+    }
+
+    /// Maps [`rules::judge_sender`]'s verdict on a request of `epoch` from
+    /// `sender` to a refusal (4xx, nothing changes), or returns it.
+    fn judge(&self, t: &Term, epoch: u64, sender: &str) -> Result<SenderVerdict, ApiError> {
         use axum::http::StatusCode;
-        let my_epoch = self.epoch();
-        if body.epoch > my_epoch {
-            self.adopt_epoch(body.epoch).map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "meta_write_failed",
-                    format!("could not persist epoch {}: {e}", body.epoch),
-                )
-            })?;
-        } else if body.epoch == my_epoch && self.is_primary() {
-            return Err(ApiError::new(
+        let my_epoch = t.meta.epoch;
+        let verdict = rules::judge_sender(t.leadership(), t.leader.as_deref(), epoch, sender);
+        match verdict {
+            SenderVerdict::OutOfReach => Err(ApiError::bad_request(
+                "epoch_out_of_range",
+                format!(
+                    "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
+                    rules::MAX_EPOCH_STEP
+                ),
+            )),
+            SenderVerdict::TwoPrimaries => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "two_primaries",
                 format!("this node is primary of epoch {my_epoch} too; refusing"),
-            ));
+            )),
+            SenderVerdict::SecondPrimary => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "epoch_has_primary",
+                format!(
+                    "epoch {epoch} is led by {}, not {sender}; refusing",
+                    t.leader.as_deref().unwrap_or("another node")
+                ),
+            )),
+            v @ (SenderVerdict::Stale | SenderVerdict::Follow { .. }) => Ok(v),
         }
-        if body.epoch >= self.epoch() {
-            *self.primary_url.lock() = Some(body.leader_url.clone());
+    }
+
+    /// Follows `sender` as the primary of `epoch` if [`Replicator::judge`]
+    /// allows, persisting a newer epoch first. `Some(our epoch)`: the
+    /// sender is stale.
+    fn follow(&self, epoch: u64, sender: &str) -> Result<Option<u64>, ApiError> {
+        let mut t = self.term.lock();
+        match self.judge(&t, epoch, sender)? {
+            SenderVerdict::Follow { adopt } => {
+                if adopt {
+                    self.enter_epoch(&mut t, epoch).map_err(|e| {
+                        ApiError::new(
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "meta_write_failed",
+                            format!("could not persist epoch {epoch}: {e}"),
+                        )
+                    })?;
+                }
+                t.leader = Some(sender.to_string());
+                Ok(None)
+            }
+            _ => Ok(Some(t.meta.epoch)),
+        }
+    }
+
+    /// Secondary side of `/internal/append`. Nothing changes (not even the
+    /// epoch) unless every entry is one a client could have written and
+    /// the sender may lead the epoch it claims.
+    pub async fn handle_append(&self, body: AppendBody) -> Result<AppendReply, ApiError> {
+        self.engine.check_entries(&body.records)?;
+        if let Some(my_epoch) = self.follow(body.epoch, &body.leader_url)? {
+            return Ok(AppendReply::Stale { my_epoch });
         }
         let outcome = self
             .engine
@@ -724,7 +863,8 @@ impl Replicator {
     async fn ship_to(self: Arc<Self>, i: usize) {
         let peer = &self.peers[i];
         while !self.stopped.load(Ordering::Acquire) {
-            if !self.is_primary() {
+            let lead = self.leadership();
+            if !lead.leads() {
                 tokio::time::sleep(HEARTBEAT).await;
                 continue;
             }
@@ -736,7 +876,7 @@ impl Replicator {
             let prev_index = next - 1;
             let Some(prev_epoch) = self.engine.epoch_at(prev_index) else {
                 // The entries it needs are only in our snapshot now.
-                self.send_snapshot(peer).await;
+                self.send_snapshot(peer, lead).await;
                 continue;
             };
             let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
@@ -747,8 +887,12 @@ impl Replicator {
                     continue;
                 }
             };
+            // Reading the log may have waited: deposed meanwhile, this node
+            // must not present these entries as any epoch's primary.
+            let Some(epoch) = rules::send_epoch(lead, self.leadership()) else {
+                continue;
+            };
             let sent = records.len() as u64;
-            let epoch = self.epoch();
             let body = encode_append(
                 epoch,
                 LogPos {
@@ -769,13 +913,21 @@ impl Replicator {
                 Ok(r) => parse_append_reply(r).await,
                 Err(_) => None,
             };
+            // An answer about a log this node led before a step-down says
+            // nothing about the log it holds now.
+            if self.leadership() != lead {
+                continue;
+            }
             peer.reachable.store(reply.is_some(), Ordering::Release);
             match reply {
                 None => tokio::time::sleep(HEARTBEAT).await,
                 Some(AppendReply::Accept { match_index }) => {
+                    // A peer holds at most what it was sent.
+                    let match_index = match_index.min(prev_index.saturating_add(sent));
                     *peer.last_ack.lock() = Some(Instant::now());
                     peer.match_index.fetch_max(match_index, Ordering::AcqRel);
-                    peer.next_index.store(match_index + 1, Ordering::Release);
+                    peer.next_index
+                        .store(match_index.saturating_add(1), Ordering::Release);
                     self.acked.notify_one();
                     if sent == 0 {
                         // Caught up: wait for new entries, or heartbeat.
@@ -787,7 +939,7 @@ impl Replicator {
                 }
                 Some(AppendReply::Stale { my_epoch }) => {
                     if let Err(e) = self.adopt_epoch(my_epoch) {
-                        eprintln!("kvd: could not persist epoch {my_epoch}: {e}");
+                        eprintln!("kvd: could not adopt epoch {my_epoch}: {e}");
                     }
                 }
                 Some(AppendReply::Mismatch { hint }) => {
@@ -795,7 +947,7 @@ impl Replicator {
                         CatchUp::Append { next_index } => {
                             peer.next_index.store(next_index, Ordering::Release)
                         }
-                        CatchUp::InstallSnapshot => self.send_snapshot(peer).await,
+                        CatchUp::InstallSnapshot => self.send_snapshot(peer, lead).await,
                     }
                 }
             }
@@ -803,9 +955,10 @@ impl Replicator {
     }
 
     /// Primary: sends our newest snapshot to a peer that is behind our WAL
-    /// (`POST /internal/snapshot?epoch=E&leader=URL`, the snapshot file as
-    /// the body), then resumes shipping after it.
-    async fn send_snapshot(&self, peer: &Peer) {
+    /// (`POST /internal/snapshot` with a [`SnapshotOffer`] as the query, the
+    /// snapshot file as the body), then resumes shipping after it; only as
+    /// the primary of `lead`, which the snapshot was chosen under.
+    async fn send_snapshot(&self, peer: &Peer, lead: Leadership) {
         let Some((path, index)) = self.engine.latest_snapshot() else {
             tokio::time::sleep(HEARTBEAT).await;
             return;
@@ -816,6 +969,16 @@ impl Replicator {
             tokio::time::sleep(HEARTBEAT).await;
             return;
         };
+        let Some(epoch) = rules::send_epoch(lead, self.leadership()) else {
+            return;
+        };
+        let last = self.engine.last_log_pos();
+        let offer = SnapshotOffer {
+            epoch,
+            leader: self.settings.advertise_url.clone(),
+            last_index: last.index,
+            last_epoch: last.epoch,
+        };
         eprintln!(
             "kvd: sending snapshot at index {index} ({} bytes) to {}",
             bytes.len(),
@@ -824,24 +987,27 @@ impl Replicator {
         let reply = self
             .http
             .post(format!("{}/internal/snapshot", peer.url))
-            .query(&[
-                ("epoch", self.epoch().to_string()),
-                ("leader", self.settings.advertise_url.clone()),
-            ])
+            .query(&offer)
             .timeout(SNAPSHOT_TIMEOUT)
             .body(bytes)
             .send()
             .await;
+        if self.leadership() != lead {
+            return;
+        }
         match reply {
             Ok(r) if r.status().is_success() => {
+                // A peer holds at most our log.
                 let installed = r
                     .json::<serde_json::Value>()
                     .await
                     .ok()
                     .and_then(|v| v["last_index"].as_u64())
-                    .unwrap_or(index);
+                    .unwrap_or(index)
+                    .min(last.index);
                 peer.match_index.fetch_max(installed, Ordering::AcqRel);
-                peer.next_index.store(installed + 1, Ordering::Release);
+                peer.next_index
+                    .store(installed.saturating_add(1), Ordering::Release);
                 peer.reachable.store(true, Ordering::Release);
                 self.acked.notify_one();
             }
@@ -855,60 +1021,65 @@ impl Replicator {
         }
     }
 
-    /// Secondary side of `/internal/snapshot`: the same epoch rules as an
-    /// append, then the snapshot replaces our log and state.
-    pub async fn handle_snapshot(
+    /// Secondary side of `/internal/snapshot`, before the body is read: the
+    /// sender checks of an append (nothing changes), and one upload at a
+    /// time (they share one temp file); the slot is held until the guard
+    /// drops.
+    pub fn begin_snapshot(
         &self,
-        epoch: u64,
-        leader: String,
-        body: &[u8],
-    ) -> Result<u64, crate::api::ApiError> {
-        use crate::api::ApiError;
-        use axum::http::StatusCode;
-        let internal = |code: &'static str, e: String| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, e)
-        };
-        let my_epoch = self.epoch();
-        if epoch < my_epoch {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "stale_epoch",
-                format!("the sender's epoch is older than this node's epoch {my_epoch}"),
-            )
-            .with_header(EPOCH_HEADER, my_epoch.to_string()));
-        }
-        if epoch == my_epoch && self.is_primary() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "two_primaries",
-                format!("this node is primary of epoch {my_epoch} too; refusing"),
-            ));
-        }
-        self.adopt_epoch(epoch)
-            .map_err(|e| internal("meta_write_failed", e.to_string()))?;
-        *self.primary_url.lock() = Some(leader);
-        let tmp = self.engine.incoming_snapshot_path();
-        let write = {
-            let tmp = tmp.clone();
-            let body = body.to_vec();
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&body)?;
-                f.sync_all()
-            })
-        };
-        write
-            .await
-            .map_err(|e| internal("snapshot_write_failed", e.to_string()))?
-            .map_err(|e| internal("snapshot_write_failed", e.to_string()))?;
-        self.engine.install_snapshot(tmp).await.map_err(|e| {
-            if e.is_corruption() {
-                ApiError::bad_request("invalid_snapshot", e.to_string())
-            } else {
-                ApiError::from(e)
+        offer: &SnapshotOffer,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        {
+            let t = self.term.lock();
+            if let SenderVerdict::Stale = self.judge(&t, offer.epoch, &offer.leader)? {
+                return Err(stale_epoch(t.meta.epoch));
             }
+        }
+        self.receiving_snapshot.try_lock().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "snapshot_in_progress",
+                "another snapshot is being received; one at a time",
+            )
         })
+    }
+
+    /// Secondary side of `/internal/snapshot`, once the upload is on disk
+    /// at `path`: loads and checks it (checksum, keys and values, its
+    /// position against the sender's log), and only then takes the sender
+    /// as primary (persisting a newer epoch) and installs it, replacing our
+    /// log and state. A refusal changes nothing; the caller removes `path`
+    /// unless it was installed.
+    pub async fn receive_snapshot(
+        &self,
+        offer: &SnapshotOffer,
+        path: PathBuf,
+    ) -> Result<u64, ApiError> {
+        let engine = self.engine.clone();
+        let incoming: IncomingSnapshot =
+            tokio::task::spawn_blocking(move || engine.verify_snapshot(path))
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "snapshot_verify_failed",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| {
+                    if e.is_corruption() {
+                        ApiError::bad_request("invalid_snapshot", e.to_string())
+                    } else {
+                        ApiError::from(e)
+                    }
+                })?;
+        let at = LogPos::new(incoming.meta.last_epoch, incoming.meta.last_index);
+        rules::check_snapshot(offer.epoch, offer.sender_last(), at)
+            .map_err(|why| ApiError::bad_request(why.code(), why.to_string()))?;
+        if let Some(my_epoch) = self.follow(offer.epoch, &offer.leader)? {
+            return Err(stale_epoch(my_epoch));
+        }
+        Ok(self.engine.install_snapshot(incoming).await?)
     }
 
     /// Primary: commits what a majority holds durably.
@@ -918,7 +1089,8 @@ impl Replicator {
             tokio::pin!(durable);
             durable.as_mut().enable();
             let acked = self.acked.notified();
-            if self.is_primary() {
+            let lead = self.leadership();
+            if lead.leads() {
                 let matches: Vec<u64> = self
                     .peers
                     .iter()
@@ -926,14 +1098,18 @@ impl Replicator {
                     .collect();
                 let engine = &self.engine;
                 let commit = rules::commit_index(
-                    self.epoch(),
+                    lead.epoch,
                     engine.last_log_pos().index,
                     &matches,
                     |i| engine.epoch_at(i),
                     engine.commit_index(),
                     self.settings.sync_replicas,
                 );
-                if commit > engine.commit_index() && engine.commit_to(commit).await.is_err() {
+                // Tagged with the epoch it was counted in: the WAL thread
+                // ignores it if this node has been deposed since.
+                if commit > engine.commit_index()
+                    && engine.commit_to(commit, lead.epoch).await.is_err()
+                {
                     return; // shutting down
                 }
             }
@@ -944,6 +1120,17 @@ impl Replicator {
             }
         }
     }
+}
+
+/// 409 `stale_epoch` carrying our epoch in [`EPOCH_HEADER`]: tells a
+/// deposed primary to step down.
+pub fn stale_epoch(my_epoch: u64) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "stale_epoch",
+        format!("the sender's epoch is older than this node's epoch {my_epoch}"),
+    )
+    .with_header(EPOCH_HEADER, my_epoch.to_string())
 }
 
 /// Header carrying the answering node's epoch on a `stale_epoch` refusal.

@@ -71,6 +71,96 @@ pub fn should_step_down(my_epoch: u64, seen_epoch: u64) -> bool {
     seen_epoch > my_epoch
 }
 
+/// How far above its own epoch a node follows an epoch it sees. Elections
+/// raise the epoch one at a time, so no real cluster gets near this; an
+/// unbounded jump would let one request carrying 2^64-1 leave an epoch
+/// nobody can outbid, after which no node could ever be elected.
+pub const MAX_EPOCH_STEP: u64 = 1 << 32;
+
+/// May a node in `my_epoch` act on `seen` (adopt it, vote in it)?
+pub fn epoch_in_reach(my_epoch: u64, seen: u64) -> bool {
+    seen <= my_epoch.saturating_add(MAX_EPOCH_STEP)
+}
+
+// ---------------------------------------------------------------------------
+// Leadership
+// ---------------------------------------------------------------------------
+
+/// A node's role in its current epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// A node's epoch and its role in it, read together (under one lock), so
+/// that no decision sees the role from before a step-down and the epoch
+/// from after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub epoch: u64,
+    pub role: Role,
+}
+
+impl Leadership {
+    pub fn leads(&self) -> bool {
+        self.role == Role::Primary
+    }
+}
+
+/// The epoch in which a primary sends what it prepared while it was
+/// `captured` (entries read from its log, a snapshot, a read barrier's
+/// heartbeat), now that it is `now`: the epoch it led when it started,
+/// and nothing at all if it no longer leads exactly that epoch. (Raft: a
+/// leader speaks only for the term it was elected in; a node deposed while
+/// it read its log must not present that log as the new epoch's.)
+pub fn send_epoch(captured: Leadership, now: Leadership) -> Option<u64> {
+    (captured.leads() && now == captured).then_some(captured.epoch)
+}
+
+/// How a node answers a request (append or snapshot) from `sender`, which
+/// claims to lead `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderVerdict {
+    /// An older epoch: answer `stale_epoch` so the sender steps down.
+    Stale,
+    /// Too far above ours ([`epoch_in_reach`]): refuse, change nothing.
+    OutOfReach,
+    /// Our own epoch, which we lead: one of us is wrong; refuse.
+    TwoPrimaries,
+    /// Our own epoch, whose primary we already know is someone else: each
+    /// epoch has at most one primary, so refuse.
+    SecondPrimary,
+    /// Follow it: persist `epoch` first when `adopt`, then remember the
+    /// sender as the primary of `epoch`.
+    Follow { adopt: bool },
+}
+
+/// Judges a request of `epoch` from `sender`, given this node's
+/// leadership and the primary it follows in its epoch (`leader`), if it
+/// has heard from one.
+pub fn judge_sender(
+    me: Leadership,
+    leader: Option<&str>,
+    epoch: u64,
+    sender: &str,
+) -> SenderVerdict {
+    if epoch < me.epoch {
+        SenderVerdict::Stale
+    } else if !epoch_in_reach(me.epoch, epoch) {
+        SenderVerdict::OutOfReach
+    } else if epoch > me.epoch {
+        SenderVerdict::Follow { adopt: true }
+    } else if me.leads() {
+        SenderVerdict::TwoPrimaries
+    } else if leader.is_some_and(|l| l != sender) {
+        SenderVerdict::SecondPrimary
+    } else {
+        SenderVerdict::Follow { adopt: false }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Votes
 // ---------------------------------------------------------------------------
@@ -119,6 +209,8 @@ pub enum VoteReason {
     /// Our log is more up to date than the candidate's: it may lack a
     /// committed entry, so it must not lead.
     CandidateBehind,
+    /// The requested epoch is beyond [`epoch_in_reach`] of ours.
+    EpochOutOfReach,
 }
 
 impl VoteReason {
@@ -130,6 +222,7 @@ impl VoteReason {
             VoteReason::StaleEpoch => "stale_epoch",
             VoteReason::EpochTaken => "epoch_taken",
             VoteReason::CandidateBehind => "candidate_behind",
+            VoteReason::EpochOutOfReach => "epoch_out_of_range",
         }
     }
 }
@@ -151,8 +244,9 @@ pub struct VoteDecision {
 }
 
 /// Decides a vote (DESIGN §4). Grant only if
-/// - `req.epoch > my.current_epoch`, or it equals it and we already voted for
-///   this same candidate (an idempotent retry); and
+/// - `req.epoch > my.current_epoch` (but within [`epoch_in_reach`]), or it
+///   equals it and we already voted for this same candidate (an idempotent
+///   retry); and
 /// - the candidate's last entry is at least as up to date as ours.
 ///
 /// A candidate votes for itself through this same function on its own state,
@@ -166,6 +260,8 @@ pub fn decide_vote(my: &VoterState, req: &VoteRequest) -> VoteDecision {
     let newer = req.epoch > my.current_epoch;
     let reason = if req.epoch < my.current_epoch {
         VoteReason::StaleEpoch
+    } else if !epoch_in_reach(my.current_epoch, req.epoch) {
+        VoteReason::EpochOutOfReach
     } else if !newer && my.voted_for.as_deref() != Some(req.candidate.as_str()) {
         VoteReason::EpochTaken
     } else if !req.last.at_least_as_up_to_date_as(&my.last) {
@@ -179,7 +275,7 @@ pub fn decide_vote(my: &VoterState, req: &VoteRequest) -> VoteDecision {
         reason,
         VoteReason::Granted | VoteReason::AlreadyGrantedToCandidate
     );
-    let real_and_newer = newer && !req.pre_vote;
+    let real_and_newer = newer && !req.pre_vote && reason != VoteReason::EpochOutOfReach;
     VoteDecision {
         granted,
         new_epoch_to_persist: real_and_newer.then_some(req.epoch),
@@ -232,6 +328,10 @@ pub enum Refusal {
     /// this one, or a peer had already seen the epoch).
     #[error("only {granted} of the {needed} votes needed were granted")]
     NotEnoughVotes { granted: usize, needed: usize },
+    /// The votes were won, but meanwhile this node saw a newer epoch (or
+    /// another primary of the one it ran for): it does not lead.
+    #[error("the election for epoch {ran_for} was overtaken: this node is now in epoch {now}")]
+    Overtaken { ran_for: u64, now: u64 },
 }
 
 impl Refusal {
@@ -242,6 +342,7 @@ impl Refusal {
             Refusal::BehindPeer { .. } => "behind_peer",
             Refusal::NoMajority { .. } => "no_majority",
             Refusal::NotEnoughVotes { .. } => "not_enough_votes",
+            Refusal::Overtaken { .. } => "overtaken",
         }
     }
 }
@@ -428,12 +529,10 @@ pub fn commit_index(
     if n <= old_commit {
         return old_commit;
     }
-    let epoch = epoch_of(n);
-    debug_assert!(
-        epoch.is_none_or(|e| e <= current_epoch),
-        "the primary's log holds no entry newer than its epoch"
-    );
-    if epoch == Some(current_epoch) {
+    // Only an entry of the primary's own epoch commits by counting. (A
+    // primary deposed while it counted may already hold a newer primary's
+    // entries; those are not its to commit, and this refuses them too.)
+    if epoch_of(n) == Some(current_epoch) {
         n
     } else {
         old_commit
@@ -745,6 +844,63 @@ pub fn next_index_after_reject(
         .and_then(|t| last_index_of_epoch(log, t))
         .map_or(hint.first_index, |i| i + 1);
     catch_up_from(log, next.min(rejected_prev_index).max(1))
+}
+
+/// Why a secondary refuses a snapshot before installing anything.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotRefusal {
+    #[error(
+        "the snapshot ends at (epoch {}, index {}), beyond its sender's log, which ends at \
+         (epoch {}, index {}) in epoch {epoch}",
+        .snapshot.epoch, .snapshot.index, .sender_last.epoch, .sender_last.index
+    )]
+    AheadOfSender {
+        snapshot: LogPos,
+        sender_last: LogPos,
+        epoch: u64,
+    },
+    #[error("a snapshot at (epoch {}, index {}) is not a position of any log", .0.epoch, .0.index)]
+    Malformed(LogPos),
+}
+
+impl SnapshotRefusal {
+    /// The snake_case `error.code` of the 400 answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SnapshotRefusal::AheadOfSender { .. } => "snapshot_ahead_of_sender",
+            SnapshotRefusal::Malformed(_) => "invalid_snapshot",
+        }
+    }
+}
+
+/// Checks a snapshot whose last entry is `snapshot` against what its
+/// sender, a primary of `epoch` whose log ends at `sender_last`, can hold:
+/// a primary snapshots only its own log, so nothing in it is newer than
+/// that log's end, which is never newer than the primary's epoch. A
+/// snapshot past its sender's log would make the receiver skip entries it
+/// never got and report a match index it does not hold.
+pub fn check_snapshot(
+    epoch: u64,
+    sender_last: LogPos,
+    snapshot: LogPos,
+) -> Result<(), SnapshotRefusal> {
+    // Index 0 is the empty log; a snapshot at u64::MAX leaves no index for
+    // the next entry.
+    if snapshot.index == 0 || snapshot.epoch == 0 || snapshot.index == u64::MAX {
+        return Err(SnapshotRefusal::Malformed(snapshot));
+    }
+    let within = sender_last.epoch <= epoch
+        && snapshot.epoch <= sender_last.epoch
+        && snapshot.index <= sender_last.index;
+    if within {
+        Ok(())
+    } else {
+        Err(SnapshotRefusal::AheadOfSender {
+            snapshot,
+            sender_last,
+            epoch,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1086,6 +1242,130 @@ mod tests {
 
     fn st(epoch: u64, last: LogPos) -> Option<PeerStatus> {
         Some(PeerStatus { epoch, last })
+    }
+
+    // ------------------------------------------------------------------
+    // Leadership, senders, epoch bounds, snapshot offers
+    // ------------------------------------------------------------------
+
+    fn lead(epoch: u64) -> Leadership {
+        Leadership {
+            epoch,
+            role: Role::Primary,
+        }
+    }
+
+    fn follow(epoch: u64) -> Leadership {
+        Leadership {
+            epoch,
+            role: Role::Secondary,
+        }
+    }
+
+    #[test]
+    fn a_primary_deposed_while_it_read_its_log_sends_nothing() {
+        // The interleaving: role checked as primary of 3, entries read (an
+        // await), meanwhile epoch 4 seen and stepped down, then the send.
+        assert_eq!(send_epoch(lead(3), follow(4)), None);
+        // Re-elected meanwhile: the round was prepared for epoch 3's log.
+        assert_eq!(send_epoch(lead(3), lead(5)), None);
+        assert_eq!(send_epoch(lead(3), follow(3)), None);
+        assert_eq!(send_epoch(follow(3), follow(3)), None);
+        assert_eq!(send_epoch(lead(3), lead(3)), Some(3));
+        let all: Vec<Leadership> = (0..4).flat_map(|e| [lead(e), follow(e)]).collect();
+        for &captured in &all {
+            for &now in &all {
+                match send_epoch(captured, now) {
+                    Some(e) => {
+                        assert!(captured.leads() && now == captured, "{captured:?} {now:?}");
+                        assert_eq!(e, captured.epoch, "sent in an epoch it did not lead");
+                    }
+                    None => assert!(!captured.leads() || now != captured),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn epochs_in_reach_are_bounded_above_only() {
+        assert!(epoch_in_reach(5, 0));
+        assert!(epoch_in_reach(5, 5 + MAX_EPOCH_STEP));
+        assert!(!epoch_in_reach(5, 6 + MAX_EPOCH_STEP));
+        assert!(!epoch_in_reach(1, u64::MAX));
+        assert!(
+            epoch_in_reach(u64::MAX - 1, u64::MAX),
+            "saturates, never wraps"
+        );
+    }
+
+    #[test]
+    fn a_node_follows_at_most_one_primary_per_epoch() {
+        use SenderVerdict::*;
+        let far = 3 + MAX_EPOCH_STEP + 1;
+        #[rustfmt::skip]
+        let cases = [
+            (follow(3), None, 2, "a", Stale),
+            (lead(3), None, 2, "a", Stale),
+            (follow(3), None, far, "a", OutOfReach),
+            (follow(3), Some("a"), u64::MAX, "a", OutOfReach),
+            (follow(3), Some("a"), 4, "b", Follow { adopt: true }),
+            (lead(3), Some("me"), 4, "b", Follow { adopt: true }),
+            (follow(3), None, 3, "a", Follow { adopt: false }),
+            (follow(3), Some("a"), 3, "a", Follow { adopt: false }),
+            (follow(3), Some("a"), 3, "b", SecondPrimary),
+            (lead(3), Some("me"), 3, "b", TwoPrimaries),
+        ];
+        for (me, leader, epoch, sender, want) in cases {
+            assert_eq!(
+                judge_sender(me, leader, epoch, sender),
+                want,
+                "{me:?} {leader:?} {epoch} {sender}"
+            );
+        }
+    }
+
+    #[test]
+    fn votes_beyond_reach_are_refused_and_persist_nothing() {
+        for pre_vote in [false, true] {
+            for epoch in [2 + MAX_EPOCH_STEP, u64::MAX] {
+                let d = decide_vote(
+                    &voter(1, None, p(1, 5)),
+                    &ask(epoch, "a", p(9, 9), pre_vote),
+                );
+                assert_eq!(d.reason, VoteReason::EpochOutOfReach);
+                assert!(!d.granted && !d.record_vote);
+                assert_eq!(d.new_epoch_to_persist, None);
+            }
+            let d = decide_vote(
+                &voter(1, None, p(1, 5)),
+                &ask(1 + MAX_EPOCH_STEP, "a", p(1, 5), pre_vote),
+            );
+            assert!(d.granted, "the largest step in reach is granted");
+        }
+    }
+
+    #[test]
+    fn snapshots_beyond_their_senders_log_are_refused() {
+        #[rustfmt::skip]
+        let cases = [
+            // (sender epoch, sender's last entry, snapshot, accepted)
+            (3, p(3, 10), p(3, 10), true),
+            (3, p(3, 10), p(2, 7), true),
+            (4, p(3, 10), p(3, 10), true),
+            (3, p(3, 10), p(3, 11), false),
+            (3, p(3, 10), p(4, 10), false),
+            (3, p(4, 10), p(3, 10), false),
+            (3, p(3, 10), p(0, 0), false),
+            (3, p(3, 10), p(3, 0), false),
+            (u64::MAX, p(u64::MAX, u64::MAX), p(3, u64::MAX), false),
+        ];
+        for (epoch, sender_last, snap, ok) in cases {
+            assert_eq!(
+                check_snapshot(epoch, sender_last, snap).is_ok(),
+                ok,
+                "{epoch} {sender_last:?} {snap:?}"
+            );
+        }
     }
 
     #[test]

@@ -82,6 +82,14 @@ pub enum Error {
     Replication(#[from] rules::AppendError),
     #[error("cannot change mode now: {0}")]
     NotQuiescent(String),
+    /// A record from a peer that no client write could carry (see
+    /// [`record::validate_op`]); nothing of its batch was logged.
+    #[error("invalid entry from a peer: {0}")]
+    InvalidEntry(String),
+    /// A timestamp from elsewhere too far ahead of this node's wall clock
+    /// (see [`EngineConfig::max_clock_offset_ms`]); nothing was logged.
+    #[error("{0}")]
+    StampOutOfRange(String),
 }
 
 impl Error {
@@ -127,6 +135,13 @@ pub struct EngineConfig {
     pub wall: WallClock,
     /// `--index`: the search index the state keeps in step (DESIGN §7).
     pub index: Option<Arc<crate::index::Index>>,
+    /// What a client write may carry; records from peers are held to it.
+    pub limits: record::Limits,
+    /// Masterless: how far a peer's stamp may be ahead of our wall clock
+    /// (`--max-clock-offset-ms`). A stamp far in the future would win
+    /// every later write to its key, and one near 2^64 would leave the
+    /// clock no room to grow.
+    pub max_clock_offset_ms: u64,
 }
 
 impl EngineConfig {
@@ -145,9 +160,15 @@ impl EngineConfig {
             masterless: false,
             wall: WallClock::default(),
             index: None,
+            limits: record::Limits::default(),
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
         }
     }
 }
+
+/// Default of `--max-clock-offset-ms`: far above what synchronised clocks
+/// differ by, and above the clock faults the tests inject (10 s).
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 60_000;
 
 /// Result of one acknowledged write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,14 +199,18 @@ pub type Pending = oneshot::Receiver<Result<WriteResult, Error>>;
 enum Cmd {
     Write(WriteReq),
     Replicate(ReplicateReq),
-    Commit(u64),
+    /// Commit through `index`, as counted by the primary of `epoch`.
+    Commit {
+        index: u64,
+        epoch: u64,
+    },
     ReadFrom {
         from: u64,
         max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Record>, Error>>,
     },
     InstallSnapshot {
-        tmp_path: PathBuf,
+        snapshot: IncomingSnapshot,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Masterless: a peer's writes (or anti-entropy repairs), merged.
@@ -279,8 +304,21 @@ struct Shared {
     durable_hlc: parking_lot::Mutex<Timestamp>,
 }
 
+/// A snapshot from the primary, loaded and checked ([`Engine::verify_snapshot`])
+/// but not installed yet.
+pub struct IncomingSnapshot {
+    path: PathBuf,
+    pub meta: snapshot::SnapshotMeta,
+    state: State,
+}
+
 /// The storage engine handle. Cheap to share behind an `Arc`.
 pub struct Engine {
+    fs: Arc<dyn Fs>,
+    /// Rules for records from peers (see [`Engine::check_entries`]).
+    limits: record::Limits,
+    wall: WallClock,
+    max_clock_offset_ms: u64,
     snap_dir: PathBuf,
     state: Arc<State>,
     shared: Arc<Shared>,
@@ -317,13 +355,7 @@ impl Engine {
         if let Some((_, path)) = snapshots.first() {
             // The newest snapshot is the only one whose WAL suffix is
             // guaranteed to exist; a damaged one is damaged acknowledged data.
-            snap_meta = snapshot::load(
-                fs.as_ref(),
-                path,
-                &state,
-                lww_opt,
-                record::MAX_PAYLOAD_BYTES,
-            )?;
+            snap_meta = snapshot::load(fs.as_ref(), path, &state, lww_opt, snapshot::Source::Own)?;
         }
         for (_, older) in snapshots.iter().skip(1) {
             let _ = fs.remove(older);
@@ -419,7 +451,7 @@ impl Engine {
             compact_rx,
         };
         let snapshotter = Snapshotter {
-            fs,
+            fs: fs.clone(),
             dir: snap_dir,
             state: state.clone(),
             shared: shared.clone(),
@@ -445,6 +477,10 @@ impl Engine {
         };
         Ok((
             Engine {
+                fs,
+                limits: cfg.limits,
+                wall: cfg.wall.clone(),
+                max_clock_offset_ms: cfg.max_clock_offset_ms,
                 snap_dir: cfg.data_dir.join("snap"),
                 state,
                 shared,
@@ -503,21 +539,47 @@ impl Engine {
     }
 
     /// Replicated mode: entries up to `index` are committed (durable on a
-    /// majority); apply them and acknowledge their writes. Never moves the
-    /// commit index back, nor past the local log.
-    pub async fn commit_to(&self, index: u64) -> Result<(), Error> {
+    /// majority, as counted by the primary of `epoch`); apply them and
+    /// acknowledge their writes. Never moves the commit index back, nor
+    /// past the local log; ignored once this node's epoch is no longer
+    /// `epoch` (a deposed primary's count was of a log it may have lost).
+    pub async fn commit_to(&self, index: u64, epoch: u64) -> Result<(), Error> {
         self.sender()?
-            .send(Cmd::Commit(index))
+            .send(Cmd::Commit { index, epoch })
             .await
             .map_err(|_| Error::ShuttingDown)
     }
 
     /// Secondary: appends the primary's entries after log matching
     /// ([`rules::check_append`]), truncating a conflicting uncommitted
-    /// suffix, and makes them durable before answering.
+    /// suffix, and makes them durable before answering. Refuses the whole
+    /// request, changing nothing, if any entry fails [`Engine::check_entries`].
     pub async fn replicate(&self, req: ReplicateRequest) -> Result<AppendOutcome, Error> {
+        self.check_entries(&req.records)?;
         self.ask(|reply| Cmd::Replicate(ReplicateReq { req, reply }))
             .await?
+    }
+
+    /// Checks records from a peer as a client write is checked (keys,
+    /// value sizes, bulk sizes): a bad one refuses its whole batch.
+    pub fn check_entries(&self, records: &[Record]) -> Result<(), Error> {
+        records.iter().try_for_each(|r| {
+            record::validate_op(&r.op, &self.limits)
+                .map_err(|why| Error::InvalidEntry(format!("entry {}: {why}", r.index)))
+        })
+    }
+
+    /// Masterless: refuses a timestamp from elsewhere that is more than
+    /// `--max-clock-offset-ms` ahead of this node's wall clock.
+    pub fn check_stamp(&self, ts: Timestamp) -> Result<(), Error> {
+        let wall = self.wall.now_ms();
+        if crate::masterless::hlc::within_offset(ts, wall, self.max_clock_offset_ms) {
+            return Ok(());
+        }
+        Err(Error::StampOutOfRange(format!(
+            "stamp {} ms is more than {} ms ahead of this node's clock ({wall} ms)",
+            ts.physical_ms, self.max_clock_offset_ms
+        )))
     }
 
     /// Log entries from `from` on (about `max_bytes`), for shipping: from
@@ -534,19 +596,34 @@ impl Engine {
         .await?
     }
 
-    /// Secondary: installs the snapshot the primary sent (written to
-    /// `tmp_path` inside the data dir's `snap/`), replacing log and state.
-    /// Returns the snapshot's last index.
-    pub async fn install_snapshot(&self, tmp_path: PathBuf) -> Result<u64, Error> {
-        self.ask(|reply| Cmd::InstallSnapshot { tmp_path, reply })
+    /// Secondary: loads the snapshot the primary sent (written to `path`,
+    /// see [`Engine::incoming_snapshot_path`]) into a fresh state, checking
+    /// its checksum and that every key and value is one a client could
+    /// write. Changes nothing; blocking (it reads the whole file).
+    pub fn verify_snapshot(&self, path: PathBuf) -> Result<IncomingSnapshot, Error> {
+        let state = self.state.empty_like();
+        let source = snapshot::Source::Peer(&self.limits);
+        let meta = snapshot::load(self.fs.as_ref(), &path, &state, None, source)?;
+        Ok(IncomingSnapshot { path, meta, state })
+    }
+
+    /// Secondary: installs a verified snapshot, replacing log and state
+    /// (unless this node has already committed past it). Returns the last
+    /// index this node then holds.
+    pub async fn install_snapshot(&self, snapshot: IncomingSnapshot) -> Result<u64, Error> {
+        self.ask(|reply| Cmd::InstallSnapshot { snapshot, reply })
             .await?
     }
 
     /// Masterless: merges records from a peer (its own writes, or
     /// anti-entropy repairs), keeping their timestamps. Only the items newer
     /// than what this node holds are logged (durably, before this returns)
-    /// and applied. Returns this node's last log index.
+    /// and applied. Returns this node's last log index. A batch with a bad
+    /// record or stamp ([`Engine::check_entries`], [`Engine::check_stamp`])
+    /// is refused whole before anything, the clock included, changes.
     pub async fn ingest(&self, records: Vec<Record>) -> Result<u64, Error> {
+        self.check_entries(&records)?;
+        records.iter().try_for_each(|r| self.check_stamp(r.ts))?;
         self.ask(|reply| Cmd::Ingest { records, reply }).await?
     }
 
@@ -609,7 +686,8 @@ impl Engine {
     }
 
     /// Where a snapshot arriving from the primary is written first: outside
-    /// `snap/`, whose leftover `.tmp` files the snapshot thread removes.
+    /// `snap/`, whose leftover `.tmp` files the snapshot thread removes. The
+    /// receiver removes it whenever the snapshot is not installed.
     pub fn incoming_snapshot_path(&self) -> PathBuf {
         self.snap_dir.with_file_name("snapshot-incoming.tmp")
     }
@@ -749,7 +827,14 @@ impl Writer {
             for cmd in other.drain(..) {
                 match cmd {
                     Cmd::Write(_) => unreachable!("writes are batched above"),
-                    Cmd::Commit(index) => self.advance_commit(index),
+                    // A count by a primary since deposed is of a log it
+                    // may no longer hold (a newer primary's entries may
+                    // have replaced its suffix): not ours to commit.
+                    Cmd::Commit { index, epoch } => {
+                        if epoch == self.shared.epoch.load(Ordering::Acquire) {
+                            self.advance_commit(index)
+                        }
+                    }
                     Cmd::Replicate(r) => {
                         let outcome = self.replicate(r.req, &mut buf);
                         let _ = r.reply.send(outcome);
@@ -761,8 +846,8 @@ impl Writer {
                     } => {
                         let _ = reply.send(self.wal.read_from(from, max_bytes));
                     }
-                    Cmd::InstallSnapshot { tmp_path, reply } => {
-                        let _ = reply.send(self.install_snapshot(&tmp_path));
+                    Cmd::InstallSnapshot { snapshot, reply } => {
+                        let _ = reply.send(self.install_snapshot(snapshot));
                     }
                     Cmd::Ingest { records, reply } => {
                         let _ = reply.send(self.ingest(records, &mut buf));
@@ -850,21 +935,22 @@ impl Writer {
 
     /// Secondary: replaces log and state with a snapshot from the primary
     /// (see [`Engine::install_snapshot`]).
-    fn install_snapshot(&mut self, tmp_path: &Path) -> Result<u64, Error> {
-        let fresh = self.state.empty_like();
-        let meta = snapshot::load(
-            self.fs.as_ref(),
-            tmp_path,
-            &fresh,
-            None,
-            record::MAX_PAYLOAD_BYTES,
-        )?;
+    fn install_snapshot(&mut self, incoming: IncomingSnapshot) -> Result<u64, Error> {
+        let IncomingSnapshot {
+            path: tmp_path,
+            meta,
+            state: fresh,
+        } = incoming;
+        let tmp_path = tmp_path.as_path();
         let commit = self.shared.commit_index.load(Ordering::Acquire);
         if meta.last_index <= commit {
             // We already have all of it committed; nothing to do.
             let _ = self.fs.remove(tmp_path);
             return Ok(commit);
         }
+        let next = meta.last_index.checked_add(1).ok_or(Error::Replication(
+            rules::AppendError::Malformed("snapshot at the last index"),
+        ))?;
         // Durable snapshot first; then the log restarts after it. A crash in
         // between leaves a snapshot ahead of the log, which recovery handles
         // by starting the log afresh.
@@ -878,7 +964,7 @@ impl Writer {
                 let _ = self.fs.remove(&old);
             }
         }
-        self.wal.reset(meta.last_index + 1, meta.last_epoch)?;
+        self.wal.reset(next, meta.last_epoch)?;
         for p in self.pending.drain(..) {
             if let Some(reply) = p.reply {
                 let _ = reply.send(Err(Error::Superseded));
@@ -1158,6 +1244,11 @@ impl Writer {
                 req.base_index
             )));
         }
+        let Some(next) = req.base_index.checked_add(1) else {
+            return Err(Error::NotQuiescent(
+                "a base index of 2^64-1 leaves no index for the next entry".into(),
+            ));
+        };
         // The snapshot thread must not write concurrently.
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.shared.snapshot_running.load(Ordering::Acquire) {
@@ -1191,7 +1282,7 @@ impl Writer {
         }
         // Durable snapshot first, then the log restarts after it (a crash in
         // between leaves a snapshot ahead of the log, which recovery handles).
-        self.wal.reset(req.base_index + 1, req.epoch)?;
+        self.wal.reset(next, req.epoch)?;
         self.shared
             .masterless
             .store(req.masterless, Ordering::Release);

@@ -30,7 +30,7 @@
 
 use bytes::Bytes;
 
-use super::Error;
+use super::{Error, MAX_KEY_BYTES};
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -195,6 +195,83 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
     crc = crc32c::crc32c_append(crc, &out[start + FRAME_HEADER_BYTES..]);
     out[start..start + 4].copy_from_slice(&len_bytes);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What one client write may carry (DESIGN §2), from the command line.
+/// A record from a peer (an append, a masterless stream or repair, a
+/// snapshot) is held to the same rules before anything of it is logged:
+/// a key no client could have written could never be read or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_value_bytes: usize,
+    pub max_bulk_items: usize,
+}
+
+impl Default for Limits {
+    /// kvd's command-line defaults.
+    fn default() -> Self {
+        Limits {
+            max_value_bytes: 4 << 20,
+            max_bulk_items: 100_000,
+        }
+    }
+}
+
+/// Checks a key against DESIGN §2: UTF-8, 1..=1024 bytes, no NUL. The one
+/// key rule, for client requests and peer records alike.
+pub fn validate_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("key is empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if key.contains(&0) {
+        return Err("key contains a NUL byte".into());
+    }
+    if std::str::from_utf8(key).is_err() {
+        return Err("key is not UTF-8".into());
+    }
+    Ok(())
+}
+
+/// Checks a value's size against `limits`.
+pub fn validate_value(value: &[u8], limits: &Limits) -> Result<(), String> {
+    if value.len() > limits.max_value_bytes {
+        return Err(format!(
+            "value is {} bytes; the limit is {}",
+            value.len(),
+            limits.max_value_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every key and value of `op` as a client write is checked (a bulk
+/// needs 1..=`max_bulk_items` items; the client API refuses an empty one).
+pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
+    match op {
+        Op::Put { key, value } => validate_key(key).and_then(|_| validate_value(value, limits)),
+        Op::Delete { key } => validate_key(key),
+        Op::Bulk { items } => {
+            if items.is_empty() || items.len() > limits.max_bulk_items {
+                return Err(format!(
+                    "bulk has {} items; it must have 1 to {}",
+                    items.len(),
+                    limits.max_bulk_items
+                ));
+            }
+            items.iter().enumerate().try_for_each(|(i, (k, v))| {
+                validate_key(k)
+                    .and_then(|_| validate_value(v, limits))
+                    .map_err(|e| format!("items[{i}]: {e}"))
+            })
+        }
+        Op::Noop => Ok(()),
+    }
 }
 
 /// Outcome of looking for a frame at some offset of a buffer.
@@ -366,6 +443,52 @@ mod tests {
                 !matches!(read_frame(&b, 0), Frame::Valid { .. }),
                 "flip of bit {bit} went unnoticed"
             );
+        }
+    }
+
+    #[test]
+    fn peer_records_meet_the_client_rules() {
+        let limits = Limits {
+            max_value_bytes: 4,
+            max_bulk_items: 2,
+        };
+        let put = |k: &[u8], v: &[u8]| Op::Put {
+            key: Bytes::copy_from_slice(k),
+            value: Bytes::copy_from_slice(v),
+        };
+        let bulk = |items: &[(&'static [u8], &'static [u8])]| Op::Bulk {
+            items: items
+                .iter()
+                .map(|(k, v)| (Bytes::from_static(k), Bytes::from_static(v)))
+                .collect(),
+        };
+        let long = vec![b'k'; MAX_KEY_BYTES + 1];
+        #[rustfmt::skip]
+        let cases: Vec<(Op, Option<&str>)> = vec![
+            (put(b"k", b"1234"), None),
+            (put("€".as_bytes(), b""), None),
+            (put(&long[1..], b""), None),
+            (Op::Noop, None),
+            (Op::Delete { key: Bytes::from_static(b"k") }, None),
+            (bulk(&[(b"a", b"1"), (b"b", b"2")]), None),
+            (put(b"", b"v"), Some("key is empty")),
+            (put(&long, b"v"), Some("1025 bytes")),
+            (put(b"a\0b", b"v"), Some("NUL")),
+            (put(b"\xff", b"v"), Some("not UTF-8")),
+            (put("€".as_bytes().split_at(2).0, b""), Some("not UTF-8")),
+            (put(b"k", b"12345"), Some("value is 5 bytes")),
+            (Op::Delete { key: Bytes::from_static(b"\0") }, Some("NUL")),
+            (bulk(&[]), Some("0 items")),
+            (bulk(&[(b"a", b""), (b"b", b""), (b"c", b"")]), Some("3 items")),
+            (bulk(&[(b"a", b""), (b"\xc3", b"")]), Some("items[1]: key is not UTF-8")),
+            (bulk(&[(b"a", b"123456")]), Some("items[0]: value is 6 bytes")),
+        ];
+        for (op, want) in cases {
+            match (validate_op(&op, &limits), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{op:?}: {e}"),
+                (got, want) => panic!("{op:?}: got {got:?}, want {want:?}"),
+            }
         }
     }
 

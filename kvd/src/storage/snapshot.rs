@@ -31,7 +31,7 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::fs::Fs;
-use super::record::{Op, Timestamp};
+use super::record::{validate_key, Limits, Op, Timestamp, MAX_PAYLOAD_BYTES};
 use super::state::State;
 use super::{Error, MAX_KEY_BYTES};
 use crate::masterless::lww::{Lww, BUCKETS};
@@ -106,6 +106,17 @@ impl<R: Read> CrcReader<R> {
     }
 }
 
+/// Where a snapshot being loaded comes from, which says how it is checked.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// This node's own `snap/`: written by us, checked for damage only.
+    Own,
+    /// A primary's upload: every key and value must also be one a client
+    /// write could carry under `limits` (an invalid key could never be read
+    /// or deleted again).
+    Peer(&'a Limits),
+}
+
 /// Loads the snapshot at `path` into `state` (which must be empty), and
 /// into `lww` in masterless mode.
 pub fn load(
@@ -113,8 +124,12 @@ pub fn load(
     path: &Path,
     state: &State,
     lww: Option<&Lww>,
-    max_value_bytes: usize,
+    source: Source<'_>,
 ) -> Result<SnapshotMeta, Error> {
+    let max_value_bytes = match source {
+        Source::Own => MAX_PAYLOAD_BYTES,
+        Source::Peer(limits) => limits.max_value_bytes,
+    };
     let f = fs
         .open_read(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
@@ -188,9 +203,15 @@ pub fn load(
         key.clear();
         key.resize(klen, 0);
         r.exact(&mut key).map_err(|e| short(at, e))?;
+        if let Source::Peer(_) = source {
+            validate_key(&key).map_err(|why| corrupt(at, why))?;
+        }
         let vlen = r.u32().map_err(|e| short(at, e))? as usize;
         if vlen > max_value_bytes {
-            return Err(corrupt(at, format!("implausible value length {vlen}")));
+            return Err(corrupt(
+                at,
+                format!("value length {vlen} is over the limit of {max_value_bytes}"),
+            ));
         }
         let mut value = vec![0u8; vlen];
         r.exact(&mut value).map_err(|e| short(at, e))?;
@@ -353,7 +374,10 @@ mod tests {
         let (path, _) = write(&RealFs, dir.path(), &state, Some(&lww), meta).unwrap();
 
         let (s2, l2) = (State::new(), Lww::new());
-        assert_eq!(load(&RealFs, &path, &s2, Some(&l2), 1 << 20).unwrap(), meta);
+        assert_eq!(
+            load(&RealFs, &path, &s2, Some(&l2), Source::Own).unwrap(),
+            meta
+        );
         assert_eq!(s2.get(b"live").as_deref(), Some(&b"v"[..]));
         assert_eq!(
             l2.entry(b"live").map(|e| (e.ts, e.tombstone)),
@@ -377,7 +401,7 @@ mod tests {
 
         // Loaded without stamps (primary/secondary), tombstones are dropped.
         let s3 = State::new();
-        load(&RealFs, &path, &s3, None, 1 << 20).unwrap();
+        load(&RealFs, &path, &s3, None, Source::Own).unwrap();
         assert_eq!(s3.len(), 1);
         assert_eq!(s3.digest(), state.digest());
     }

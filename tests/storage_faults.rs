@@ -1,8 +1,8 @@
 //! Storage resources running out or going away under a live node: its data
-//! dir deleted, its file descriptors used up. In each case the node refuses
-//! writes with a JSON 5xx that says why, writes nothing it did not
-//! acknowledge, and (where the shortage passes) takes writes again without
-//! a restart.
+//! dir deleted, its file descriptors used up, its memory budget full. In
+//! each case the node refuses writes with a JSON 5xx that says why, writes
+//! nothing it did not acknowledge, and (where the shortage passes) takes
+//! writes again without a restart.
 
 mod common;
 
@@ -284,4 +284,74 @@ fn a_descriptor_shortage_refuses_writes_only_while_it_lasts() {
         assert_eq!(code, 404, "refused k{i:02} was written");
     }
     assert_eq!(call(&kvd, "GET", "/v1/kv/after", b"").0, 200);
+}
+
+/// `--max-memory-mib`: a write that would grow the data set past it gets
+/// 507 and writes nothing; deletes are taken and make room again.
+#[test]
+fn writes_past_the_memory_budget_get_507_and_deletes_make_room() {
+    const LIMIT_BYTES: u64 = 1 << 20;
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &["--max-memory-mib", "1"]);
+    let mut c = Conn::open(kvd.port);
+    let value = vec![b'v'; 64 << 10];
+
+    let mut stored = 0;
+    let refusal = loop {
+        let (code, body) = c.call("PUT", &format!("/v1/kv/k{stored:02}"), &value);
+        if code != 200 {
+            break (code, body);
+        }
+        stored += 1;
+        assert!(stored <= 16, "16 values of 64 KiB already fill 1 MiB");
+    };
+    assert!(stored >= 14, "only {stored} values of 64 KiB fit in 1 MiB");
+    assert_eq!(refusal.0, 507, "{}", text(&refusal.1));
+    assert_eq!(error_code(&refusal.1), "memory_full");
+    let full = c.status();
+    let used = full["memory"]["data_set_bytes"]
+        .as_u64()
+        .expect("data_set_bytes");
+    assert!(
+        used <= LIMIT_BYTES,
+        "the data set outgrew its budget: {full}"
+    );
+    assert_eq!(full["memory"]["max_bytes"], LIMIT_BYTES, "{full}");
+
+    // Less than one more 64 KiB value fits; each of these needs more.
+    let big = "x".repeat(40 << 10);
+    let bulk =
+        format!(r#"{{"items":[{{"key":"b1","value":"{big}"}},{{"key":"b2","value":"{big}"}}]}}"#);
+    let new_key_value = vec![b'n'; 64 << 10];
+    for (method, path, body) in [
+        ("POST", "/v1/bulk", bulk.as_bytes()),
+        ("PUT", "/v1/kv/new", &new_key_value[..]),
+    ] {
+        let (code, body) = c.call(method, path, body);
+        assert_eq!(code, 507, "{method} {path}: {}", text(&body));
+        assert_eq!(error_code(&body), "memory_full");
+    }
+    let s = c.status();
+    assert_eq!(
+        s["last_index"], full["last_index"],
+        "a refusal logged something"
+    );
+    assert_eq!(s["keys"], stored, "{s}");
+    assert_eq!(
+        s["storage_state"], "ok",
+        "a full budget is not a storage fault"
+    );
+    assert_eq!(c.call("GET", "/ready", b"").0, 200);
+
+    // A write that does not grow the data set still passes; a delete frees.
+    assert_eq!(c.call("PUT", "/v1/kv/k00", b"small").0, 200);
+    let (code, body) = c.call("DELETE", "/v1/kv/k01", b"");
+    assert_eq!(
+        (code, text(&body).contains("\"deleted\":true")),
+        (200, true)
+    );
+    assert_eq!(c.call("PUT", "/v1/kv/new", &new_key_value).0, 200);
+    assert_eq!(c.call("GET", "/v1/kv/new", b""), (200, new_key_value));
+    let after = c.status();
+    assert!(after["memory"]["data_set_bytes"].as_u64().unwrap() <= LIMIT_BYTES);
 }

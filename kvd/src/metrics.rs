@@ -26,6 +26,8 @@ pub struct Metrics {
     pub storage_poisoned: IntGauge,
     pub storage_state: IntGaugeVec,
     pub wal_roll_failures_total: IntCounter,
+    pub data_set_bytes: IntGauge,
+    pub max_data_bytes: IntGauge,
     pub replication_lag_entries: IntGaugeVec,
     pub index: IndexMetrics,
 }
@@ -148,6 +150,14 @@ impl Metrics {
             "kvd_wal_roll_failures_total",
             "Write batches refused because no new WAL segment could be started",
         )?;
+        let data_set_bytes = IntGauge::new(
+            "kvd_data_set_bytes",
+            "Keys, values and per-entry overhead, as --max-memory-mib counts them",
+        )?;
+        let max_data_bytes = IntGauge::new(
+            "kvd_max_data_set_bytes",
+            "The --max-memory-mib budget in bytes (0: no limit)",
+        )?;
         let replication_lag_entries = IntGaugeVec::new(
             Opts::new(
                 "kvd_replication_lag_entries",
@@ -172,6 +182,8 @@ impl Metrics {
         registry.register(Box::new(storage_poisoned.clone()))?;
         registry.register(Box::new(storage_state.clone()))?;
         registry.register(Box::new(wal_roll_failures_total.clone()))?;
+        registry.register(Box::new(data_set_bytes.clone()))?;
+        registry.register(Box::new(max_data_bytes.clone()))?;
         let index = IndexMetrics::new(&registry)?;
         Ok(Metrics {
             index,
@@ -192,6 +204,8 @@ impl Metrics {
             storage_poisoned,
             storage_state,
             wal_roll_failures_total,
+            data_set_bytes,
+            max_data_bytes,
             replication_lag_entries,
         })
     }

@@ -254,6 +254,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     ecfg.index = cfg
         .index
         .then(|| Arc::new(crate::index::Index::new(cfg.index_stem)));
+    ecfg.max_data_bytes =
+        (cfg.max_memory_mib > 0).then(|| cfg.max_memory_mib.saturating_mul(1 << 20));
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))

@@ -103,6 +103,8 @@ impl From<storage::Error> for ApiError {
                 )
                 .retry_after(1)
             }
+            // Not retryable: only deletes (or a higher limit) make room.
+            E::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "memory_full"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             // Logged by a primary that was deposed before it could commit:
             // the write did not happen, and the client may retry it.

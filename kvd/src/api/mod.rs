@@ -643,6 +643,10 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "storage_poisoned": s.poisoned,
         "storage_state": s.storage_state,
         "storage_detail": s.storage_detail,
+        "memory": {
+            "data_set_bytes": s.data_set_bytes,
+            "max_bytes": s.max_data_bytes,
+        },
         "data_dir": st.data_dir,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -854,6 +858,12 @@ async fn metrics(State(st): State<Shared>) -> Response {
             .with_label_values(&[state.as_str()])
             .set(i64::from(state == s.storage_state));
     }
+    m.data_set_bytes
+        .set(i64::try_from(s.data_set_bytes).unwrap_or(i64::MAX));
+    m.max_data_bytes.set(
+        s.max_data_bytes
+            .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+    );
     if let Some(ix) = st.engine.state().index() {
         let s = ix.stats();
         m.index.documents.set(s.documents as i64);

@@ -16,6 +16,9 @@
 //!   until a restart; [`StorageState`] says which. A segment roll that fails
 //!   before any record reached the new segment only refuses its batch
 //!   ([`Error::SegmentUnavailable`]).
+//! - With `EngineConfig::max_data_bytes`, a local write that would grow the
+//!   data set ([`State::data_bytes`]) past it is refused before it is logged
+//!   ([`Error::MemoryFull`]); deletes and shrinking writes always pass.
 //! - Replicated mode (`EngineConfig::replicated`, for issue 3): a durable
 //!   entry is applied, and its write acknowledged, only when
 //!   [`Engine::commit_to`] reaches it; a secondary takes the primary's
@@ -84,6 +87,11 @@ pub enum Error {
     DataDirLost(String),
     #[error("no new WAL segment could be started ({0}); the write was not logged: retry it")]
     SegmentUnavailable(String),
+    #[error(
+        "the data set would grow to {would_be} bytes, past the --max-memory-mib budget of \
+         {limit} bytes; the write was not logged (deletes are still taken)"
+    )]
+    MemoryFull { would_be: u64, limit: u64 },
     #[error("write not durable: {0}")]
     NotDurable(String),
     #[error("the storage engine is shutting down")]
@@ -139,6 +147,9 @@ pub struct EngineConfig {
     pub wall: WallClock,
     /// `--index`: the search index the state keeps in step (DESIGN §7).
     pub index: Option<Arc<crate::index::Index>>,
+    /// `--max-memory-mib`: local writes that would grow the data set
+    /// ([`State::data_bytes`]) past this many bytes are refused.
+    pub max_data_bytes: Option<u64>,
 }
 
 impl EngineConfig {
@@ -157,6 +168,7 @@ impl EngineConfig {
             masterless: false,
             wall: WallClock::default(),
             index: None,
+            max_data_bytes: None,
         }
     }
 }
@@ -185,6 +197,9 @@ pub struct EngineStatus {
     pub storage_state: StorageState,
     /// What went wrong, when `storage_state` is not `Ok`.
     pub storage_detail: Option<String>,
+    /// The data set as `--max-memory-mib` counts it.
+    pub data_set_bytes: u64,
+    pub max_data_bytes: Option<u64>,
 }
 
 /// Whether the engine takes writes, and if not, why. Anything but `Ok`
@@ -365,6 +380,7 @@ struct Shared {
 /// The storage engine handle. Cheap to share behind an `Arc`.
 pub struct Engine {
     snap_dir: PathBuf,
+    max_data_bytes: Option<u64>,
     state: Arc<State>,
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
@@ -538,6 +554,7 @@ impl Engine {
         Ok((
             Engine {
                 snap_dir: cfg.data_dir.join("snap"),
+                max_data_bytes: cfg.max_data_bytes,
                 state,
                 shared,
                 tx: Mutex::new(Some(tx)),
@@ -788,6 +805,8 @@ impl Engine {
             poisoned: s.health.get() != StorageState::Ok,
             storage_state: s.health.get(),
             storage_detail: s.health.detail.lock().clone(),
+            data_set_bytes: self.state.data_bytes(),
+            max_data_bytes: self.max_data_bytes,
         }
     }
 
@@ -1117,6 +1136,10 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
+        self.refuse_over_memory(batch);
+        if batch.is_empty() {
+            return;
+        }
         let first = self.wal.next_index();
         buf.clear();
         let epoch = self.shared.epoch.load(Ordering::Acquire);
@@ -1230,6 +1253,32 @@ impl Writer {
         for req in batch.drain(..) {
             let _ = req.reply.send(Err(each(e)));
         }
+    }
+
+    /// `--max-memory-mib`: answers [`Error::MemoryFull`] to the writes of
+    /// `batch` that would grow the data set past the budget, in order, and
+    /// keeps the rest. Shrinking writes free nothing for the rest of the
+    /// batch (they are not applied yet), which keeps the check on the safe
+    /// side. On a primary, writes logged but not yet committed are not in
+    /// the state yet: concurrent writes can overshoot by what is in flight.
+    fn refuse_over_memory(&self, batch: &mut Vec<WriteReq>) {
+        let Some(limit) = self.cfg.max_data_bytes else {
+            return;
+        };
+        let mut used = self.state.data_bytes();
+        let mut kept = Vec::with_capacity(batch.len());
+        for req in batch.drain(..) {
+            match state::admit(used, self.state.growth_bytes(&req.op), limit) {
+                Ok(now) => {
+                    used = now;
+                    kept.push(req);
+                }
+                Err(would_be) => {
+                    let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
+                }
+            }
+        }
+        *batch = kept;
     }
 
     /// Makes the WAL's refusal (if it has started refusing) visible to

@@ -100,6 +100,16 @@ pub struct Config {
     #[arg(long, default_value_t = 30_000)]
     pub body_timeout_ms: u64,
 
+    /// Memory budget of the data set, in MiB (0: none). A PUT or bulk that
+    /// would grow it past this gets 507 "memory_full" and writes nothing;
+    /// deletes and writes that do not grow it are always taken (like
+    /// Redis's maxmemory with noeviction). The data set is every key and
+    /// value plus 48 bytes per key (table slot and allocator overhead),
+    /// counted as it changes; the search index, masterless stamps and
+    /// buffers are not in it, so leave headroom above it.
+    #[arg(long, default_value_t = 0)]
+    pub max_memory_mib: u64,
+
     /// Writes queued for the WAL writer; past this, handlers wait (back-pressure).
     #[arg(long, default_value_t = 8192)]
     pub write_queue: usize,

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub wal_bytes: IntGauge,
     pub wal_segments: IntGauge,
     pub storage_poisoned: IntGauge,
+    pub storage_state: IntGaugeVec,
+    pub wal_roll_failures_total: IntCounter,
+    pub data_set_bytes: IntGauge,
+    pub max_data_bytes: IntGauge,
     pub replication_lag_entries: IntGaugeVec,
     pub index: IndexMetrics,
 }
@@ -132,7 +136,27 @@ impl Metrics {
         let wal_segments = IntGauge::new("kvd_wal_segments", "WAL segment files on disk")?;
         let storage_poisoned = IntGauge::new(
             "kvd_storage_poisoned",
-            "1 once a WAL write or fsync failed and the node refuses writes",
+            "1 once the node refuses writes for a storage reason (see kvd_storage_state)",
+        )?;
+        let storage_state = IntGaugeVec::new(
+            Opts::new(
+                "kvd_storage_state",
+                "1 for the storage engine's current state: ok, poisoned (a WAL write or \
+                 fsync failed), data_dir_lost (the data dir was removed or replaced)",
+            ),
+            &["state"],
+        )?;
+        let wal_roll_failures_total = IntCounter::new(
+            "kvd_wal_roll_failures_total",
+            "Write batches refused because no new WAL segment could be started",
+        )?;
+        let data_set_bytes = IntGauge::new(
+            "kvd_data_set_bytes",
+            "Keys, values and per-entry overhead, as --max-memory-mib counts them",
+        )?;
+        let max_data_bytes = IntGauge::new(
+            "kvd_max_data_set_bytes",
+            "The --max-memory-mib budget in bytes (0: no limit)",
         )?;
         let replication_lag_entries = IntGaugeVec::new(
             Opts::new(
@@ -156,6 +180,10 @@ impl Metrics {
         registry.register(Box::new(wal_bytes.clone()))?;
         registry.register(Box::new(wal_segments.clone()))?;
         registry.register(Box::new(storage_poisoned.clone()))?;
+        registry.register(Box::new(storage_state.clone()))?;
+        registry.register(Box::new(wal_roll_failures_total.clone()))?;
+        registry.register(Box::new(data_set_bytes.clone()))?;
+        registry.register(Box::new(max_data_bytes.clone()))?;
         let index = IndexMetrics::new(&registry)?;
         Ok(Metrics {
             index,
@@ -174,6 +202,10 @@ impl Metrics {
             wal_bytes,
             wal_segments,
             storage_poisoned,
+            storage_state,
+            wal_roll_failures_total,
+            data_set_bytes,
+            max_data_bytes,
             replication_lag_entries,
         })
     }

@@ -4,8 +4,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::serve::ListenerExt;
@@ -17,18 +19,26 @@ use crate::api::{self, AppState, Limits};
 use crate::config::{BootRole, Config, ModeArg};
 use crate::masterless::hlc::{node_tag, WallClock};
 use crate::metrics::Metrics;
-use crate::storage::{Engine, EngineConfig, RealFs};
+use crate::storage::{Engine, EngineConfig, RealFs, StorageState};
+
+/// How often the data dir's identity is checked, besides at every WAL
+/// segment roll: the longest a node goes on acknowledging writes into a
+/// deleted data dir.
+const DATA_DIR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Holds the data dir's `LOCK` for the life of the process: the kernel
 /// drops an flock when the process dies, so a crash never leaves it stuck.
+/// Also holds a claim on the data dir's path (see [`claim_path`]).
 pub struct DataDirLock {
     _lock: Flock<File>,
+    _path_claim: UnixListener,
 }
 
 impl DataDirLock {
     pub fn acquire(data_dir: &Path) -> Result<DataDirLock> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let path_claim = claim_path(data_dir)?;
         let path = data_dir.join("LOCK");
         let file = OpenOptions::new()
             .create(true)
@@ -59,8 +69,69 @@ impl DataDirLock {
         lock.set_len(0)?;
         lock.rewind()?;
         write!(lock, "{}", std::process::id())?;
-        Ok(DataDirLock { _lock: lock })
+        Ok(DataDirLock {
+            _lock: lock,
+            _path_claim: path_claim,
+        })
     }
+}
+
+/// Claims the data dir's path for this process, as a name in Linux's
+/// abstract socket namespace. The flock on `LOCK` stops a second kvd only
+/// while that file is still in the data dir: after an `rm -rf` of a running
+/// node's dir, a new kvd would create a fresh `LOCK` and get it, while the
+/// first still serves. Nothing on disk can remove this claim, and the
+/// kernel drops it when the process dies, as it does the flock.
+fn claim_path(data_dir: &Path) -> Result<UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+
+    let canonical = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving data dir {}", data_dir.display()))?;
+    let name = format!(
+        "kvd-data-dir-{:016x}",
+        fnv1a(canonical.as_os_str().as_bytes())
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    match UnixListener::bind_addr(&addr) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "data dir {} is in use by another kvd that is still running, although the \
+             directory may have been removed or replaced under it; only one kvd may use a \
+             data dir at a time: stop the other one first",
+            data_dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("claiming data dir {}", data_dir.display())),
+    }
+}
+
+/// FNV-1a, 64 bits: stable across releases, so that kvd versions agree on
+/// a data dir's claim.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Asks the engine every [`DATA_DIR_CHECK_INTERVAL`] whether its data dir
+/// is still there, until it is not (the engine then refuses writes and
+/// says why) or the engine is gone.
+fn watch_data_dir(engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DATA_DIR_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            if !matches!(engine.check_data_dir().await, Ok(StorageState::Ok)) {
+                return;
+            }
+        }
+    });
 }
 
 /// Node metadata (`meta`, JSON). Format version 1.
@@ -188,6 +259,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         max_bulk_items: cfg.max_bulk_items,
     };
     ecfg.max_clock_offset_ms = cfg.max_clock_offset_ms;
+    ecfg.max_data_bytes =
+        (cfg.max_memory_mib > 0).then(|| cfg.max_memory_mib.saturating_mul(1 << 20));
     let engine_metrics = metrics.clone();
     let (engine, report) = tokio::task::spawn_blocking(move || {
         Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
@@ -206,6 +279,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         report.truncated_bytes
     );
     let engine = Arc::new(engine);
+    watch_data_dir(&engine);
     let advertise_url = cfg
         .advertise_url
         .clone()

@@ -121,20 +121,33 @@ fn primary_epoch(e: &Engine, epoch: u64) -> u64 {
     epoch.max(e.last_log_pos().epoch)
 }
 
-/// Runs `step` with the power failing at its `crash_at`-th file-system
-/// operation (None: not at all). Returns the step's result and how many
-/// operations it got through.
+/// Waits until the engine's WAL thread has finished what it did for
+/// earlier commands, including work it does after replying (making the
+/// next WAL segment in advance): it answers commands in order, so the
+/// answer to a no-op command comes after all of that.
+fn settle(rt: &Runtime, e: &Engine) {
+    // A purge before the zero timestamp removes nothing.
+    let _ = rt.block_on(e.purge_tombstones(Timestamp::default()));
+}
+
+/// Runs `step` on `engine` with the power failing at its `crash_at`-th
+/// file-system operation (None: not at all). Returns the step's result and
+/// how many operations it got through, counted from a settled engine to a
+/// settled engine so that the count is the same in every run of a seed.
 fn cut_power<T>(
     fs: &SimFs,
+    (rt, engine): (&Runtime, &Engine),
     crash_at: Option<u64>,
     what: &str,
     step: impl FnOnce() -> T,
 ) -> (T, u64) {
+    settle(rt, engine);
     let start = fs.ops();
     if let Some(k) = crash_at {
         fs.crash_after(k);
     }
     let out = step();
+    settle(rt, engine);
     if crash_at.is_some() {
         assert!(fs.crashed(), "{what}: the crash never fired");
     }
@@ -297,7 +310,7 @@ fn install_once(seed: u64, crash_at: Option<u64>) -> InstallRun {
     let bytes = snapshot_file(&snap, snap_index, 2);
     let tmp = engine.incoming_snapshot_path();
 
-    let (installed, ops) = cut_power(&fs, crash_at, &what, || {
+    let (installed, ops) = cut_power(&fs, (&rt, &engine), crash_at, &what, || {
         write_incoming(&fs, &tmp, &bytes)
             .map_err(|e| Error::io("incoming snapshot".into(), e))
             .and_then(|_| engine.verify_snapshot(tmp.clone()))
@@ -473,7 +486,9 @@ fn rebase_once(seed: u64, from: Mode, crash_at: Option<u64>) -> u64 {
         epoch: old_epoch + 1,
         base_ts: peers.base_ts(),
     };
-    let (done, ops) = cut_power(&fs, crash_at, &what, || rt.block_on(engine.rebase(req)));
+    let (done, ops) = cut_power(&fs, (&rt, &engine), crash_at, &what, || {
+        rt.block_on(engine.rebase(req))
+    });
     let done = done.is_ok();
     engine.shutdown();
     drop(engine);

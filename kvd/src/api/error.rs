@@ -92,6 +92,19 @@ impl From<storage::Error> for ApiError {
         use storage::Error as E;
         let (status, code) = match &e {
             E::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            E::DataDirLost(_) => (StatusCode::SERVICE_UNAVAILABLE, "data_dir_lost"),
+            // Nothing was logged and the WAL retries the roll on the next
+            // write: worth retrying soon.
+            E::SegmentUnavailable(_) => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "wal_unavailable",
+                    e.to_string(),
+                )
+                .retry_after(1)
+            }
+            // Not retryable: only deletes (or a higher limit) make room.
+            E::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "memory_full"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             // Logged by a primary that was deposed before it could commit:
             // the write did not happen, and the client may retry it.

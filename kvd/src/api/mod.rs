@@ -633,6 +633,12 @@ async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
         "wal_bytes": s.wal_bytes,
         "wal_segments": s.wal_segments,
         "storage_poisoned": s.poisoned,
+        "storage_state": s.storage_state,
+        "storage_detail": s.storage_detail,
+        "memory": {
+            "data_set_bytes": s.data_set_bytes,
+            "max_bytes": s.max_data_bytes,
+        },
         "data_dir": st.data_dir,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -821,16 +827,13 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// 200 while the engine takes writes; 503 with the storage reason once it
+/// refuses them (a full memory budget is not a reason: deletes still work,
+/// and every replica holds the same data set).
 async fn ready(State(st): State<Shared>) -> Response {
-    if st.engine.is_poisoned() {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
-            storage::Error::Poisoned.to_string(),
-        )
-        .into_response()
-    } else {
-        Json(json!({"ready": true})).into_response()
+    match st.engine.storage_refusal() {
+        Some(e) => ApiError::from(e).into_response(),
+        None => Json(json!({"ready": true})).into_response(),
     }
 }
 
@@ -845,6 +848,17 @@ async fn metrics(State(st): State<Shared>) -> Response {
     m.wal_bytes.set(s.wal_bytes as i64);
     m.wal_segments.set(s.wal_segments as i64);
     m.storage_poisoned.set(i64::from(s.poisoned));
+    for state in storage::StorageState::ALL {
+        m.storage_state
+            .with_label_values(&[state.as_str()])
+            .set(i64::from(state == s.storage_state));
+    }
+    m.data_set_bytes
+        .set(i64::try_from(s.data_set_bytes).unwrap_or(i64::MAX));
+    m.max_data_bytes.set(
+        s.max_data_bytes
+            .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+    );
     if let Some(ix) = st.engine.state().index() {
         let s = ix.stats();
         m.index.documents.set(s.documents as i64);

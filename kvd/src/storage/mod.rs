@@ -10,7 +10,15 @@
 //! - Recovery replays the newest snapshot plus the WAL after it, cuts a torn
 //!   tail (an unacknowledged write), and refuses to start on damage anywhere
 //!   else, naming the file and offset.
-//! - After a failed write or fsync the engine is poisoned and refuses writes.
+//! - After a failed write or fsync the engine is poisoned and refuses writes;
+//!   so it does once its data dir is removed or replaced under it (checked
+//!   at every segment roll and by [`Engine::check_data_dir`]). Either lasts
+//!   until a restart; [`StorageState`] says which. A segment roll that fails
+//!   before any record reached the new segment only refuses its batch
+//!   ([`Error::SegmentUnavailable`]).
+//! - With `EngineConfig::max_data_bytes`, a local write that would grow the
+//!   data set ([`State::data_bytes`]) past it is refused before it is logged
+//!   ([`Error::MemoryFull`]); deletes and shrinking writes always pass.
 //! - Replicated mode (`EngineConfig::replicated`, for issue 3): a durable
 //!   entry is applied, and its write acknowledged, only when
 //!   [`Engine::commit_to`] reaches it; a secondary takes the primary's
@@ -31,7 +39,7 @@ pub mod state;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -72,6 +80,18 @@ pub enum Error {
     Decode(String),
     #[error("the WAL refused further writes after an I/O failure; restart kvd to recover")]
     Poisoned,
+    #[error(
+        "the data dir was removed or replaced under this node ({0}); it refuses writes, \
+         which would go to files no restart reads: stop this kvd, then restore the data dir"
+    )]
+    DataDirLost(String),
+    #[error("no new WAL segment could be started ({0}); the write was not logged: retry it")]
+    SegmentUnavailable(String),
+    #[error(
+        "the data set would grow to {would_be} bytes, past the --max-memory-mib budget of \
+         {limit} bytes; the write was not logged (deletes are still taken)"
+    )]
+    MemoryFull { would_be: u64, limit: u64 },
     #[error("write not durable: {0}")]
     NotDurable(String),
     #[error("the storage engine is shutting down")]
@@ -142,6 +162,9 @@ pub struct EngineConfig {
     /// every later write to its key, and one near 2^64 would leave the
     /// clock no room to grow.
     pub max_clock_offset_ms: u64,
+    /// `--max-memory-mib`: local writes that would grow the data set
+    /// ([`State::data_bytes`]) past this many bytes are refused.
+    pub max_data_bytes: Option<u64>,
 }
 
 impl EngineConfig {
@@ -162,6 +185,7 @@ impl EngineConfig {
             index: None,
             limits: record::Limits::default(),
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
+            max_data_bytes: None,
         }
     }
 }
@@ -189,7 +213,77 @@ pub struct EngineStatus {
     pub keys: u64,
     pub wal_bytes: u64,
     pub wal_segments: u64,
+    /// Refusing writes for a storage reason: `storage_state` is not `Ok`.
     pub poisoned: bool,
+    pub storage_state: StorageState,
+    /// What went wrong, when `storage_state` is not `Ok`.
+    pub storage_detail: Option<String>,
+    /// The data set as `--max-memory-mib` counts it.
+    pub data_set_bytes: u64,
+    pub max_data_bytes: Option<u64>,
+}
+
+/// Whether the engine takes writes, and if not, why. Anything but `Ok`
+/// lasts until a restart re-reads what is really on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageState {
+    #[default]
+    Ok,
+    /// A WAL write or fsync failed: the kernel may have dropped its pages.
+    Poisoned,
+    /// The data dir, its `LOCK` or `wal/` was removed or replaced.
+    DataDirLost,
+}
+
+impl StorageState {
+    pub const ALL: [StorageState; 3] = [
+        StorageState::Ok,
+        StorageState::Poisoned,
+        StorageState::DataDirLost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageState::Ok => "ok",
+            StorageState::Poisoned => "poisoned",
+            StorageState::DataDirLost => "data_dir_lost",
+        }
+    }
+}
+
+/// The engine's [`StorageState`], readable from any thread; set only by
+/// the WAL thread, and never back to `Ok`.
+#[derive(Default)]
+struct Health {
+    state: AtomicU8,
+    detail: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn get(&self) -> StorageState {
+        StorageState::ALL[usize::from(self.state.load(Ordering::Acquire))]
+    }
+
+    /// Records the first failure; says whether this call recorded it.
+    fn fail(&self, state: StorageState, detail: String) -> bool {
+        if state == StorageState::Ok || self.get() != StorageState::Ok {
+            return false;
+        }
+        *self.detail.lock() = Some(detail);
+        self.state.store(state as u8, Ordering::Release);
+        true
+    }
+
+    /// The error a write gets now, if any.
+    fn refusal(&self) -> Option<Error> {
+        let detail = || self.detail.lock().clone().unwrap_or_default();
+        match self.get() {
+            StorageState::Ok => None,
+            StorageState::Poisoned => Some(Error::Poisoned),
+            StorageState::DataDirLost => Some(Error::DataDirLost(detail())),
+        }
+    }
 }
 
 /// Resolves when a submitted write is durable and applied.
@@ -230,6 +324,10 @@ enum Cmd {
     Purge {
         before: Timestamp,
         reply: oneshot::Sender<u64>,
+    },
+    /// See [`Engine::check_data_dir`].
+    CheckDataDir {
+        reply: oneshot::Sender<StorageState>,
     },
 }
 
@@ -291,7 +389,7 @@ struct Shared {
     snapshot_index: AtomicU64,
     wal_bytes: AtomicU64,
     wal_segments: AtomicU64,
-    poisoned: AtomicBool,
+    health: Health,
     snapshot_running: AtomicBool,
     /// Masterless mode (changes only in a mode switch).
     masterless: AtomicBool,
@@ -320,6 +418,7 @@ pub struct Engine {
     wall: WallClock,
     max_clock_offset_ms: u64,
     snap_dir: PathBuf,
+    max_data_bytes: Option<u64>,
     state: Arc<State>,
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
@@ -364,7 +463,7 @@ impl Engine {
         let mut log = EpochRuns::new(snap_meta.last_index, snap_meta.last_epoch);
         let mut cache = LogCache::new(cfg.log_cache_bytes);
         let mut pending = std::collections::VecDeque::new();
-        let (wal, wal_report) = wal::Wal::open(
+        let (mut wal, wal_report) = wal::Wal::open(
             fs.clone(),
             &wal_dir,
             snap_meta.last_index,
@@ -390,6 +489,14 @@ impl Engine {
                 }
             },
         )?;
+        wal.watch(fs::Anchors::record(
+            fs.as_ref(),
+            &[
+                cfg.data_dir.clone(),
+                cfg.data_dir.join("LOCK"),
+                wal_dir.clone(),
+            ],
+        ));
         let last_index = wal.next_index() - 1;
         let committed = if cfg.replicated {
             snap_meta.last_index
@@ -407,7 +514,7 @@ impl Engine {
             snapshot_index: AtomicU64::new(0),
             wal_bytes: AtomicU64::new(0),
             wal_segments: AtomicU64::new(0),
-            poisoned: AtomicBool::new(false),
+            health: Health::default(),
             snapshot_running: AtomicBool::new(false),
             masterless: AtomicBool::new(cfg.masterless),
             lww: lww.clone(),
@@ -445,6 +552,7 @@ impl Engine {
             bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
             first_unapplied: None,
             pending,
+            roll_refusals: 0,
             fs: fs.clone(),
             snap_dir: snap_dir.clone(),
             snap_tx,
@@ -482,6 +590,7 @@ impl Engine {
                 wall: cfg.wall.clone(),
                 max_clock_offset_ms: cfg.max_clock_offset_ms,
                 snap_dir: cfg.data_dir.join("snap"),
+                max_data_bytes: cfg.max_data_bytes,
                 state,
                 shared,
                 tx: Mutex::new(Some(tx)),
@@ -515,8 +624,8 @@ impl Engine {
     /// Refuses early when poisoned or shutting down; otherwise a request and
     /// the channel to send it on.
     fn prepare(&self, op: Op, apply: bool) -> Result<(mpsc::Sender<Cmd>, Cmd, Pending), Error> {
-        if self.shared.poisoned.load(Ordering::Relaxed) {
-            return Err(Error::Poisoned);
+        if let Some(e) = self.shared.health.refusal() {
+            return Err(e);
         }
         let tx = self.tx.lock().clone().ok_or(Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
@@ -741,8 +850,25 @@ impl Engine {
         &self.state
     }
 
+    /// Whether writes are refused for a storage reason ([`StorageState`]).
     pub fn is_poisoned(&self) -> bool {
-        self.shared.poisoned.load(Ordering::Relaxed)
+        self.storage_state() != StorageState::Ok
+    }
+
+    pub fn storage_state(&self) -> StorageState {
+        self.shared.health.get()
+    }
+
+    /// The error a write would get now for a storage reason, if any.
+    pub fn storage_refusal(&self) -> Option<Error> {
+        self.shared.health.refusal()
+    }
+
+    /// Checks that the data dir, its `LOCK` and `wal/` are still the ones
+    /// the engine opened (the server asks periodically; every segment roll
+    /// checks too). Once one is gone, writes are refused until a restart.
+    pub async fn check_data_dir(&self) -> Result<StorageState, Error> {
+        self.ask(|reply| Cmd::CheckDataDir { reply }).await
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -754,7 +880,11 @@ impl Engine {
             keys: self.state.len(),
             wal_bytes: s.wal_bytes.load(Ordering::Relaxed),
             wal_segments: s.wal_segments.load(Ordering::Relaxed),
-            poisoned: s.poisoned.load(Ordering::Relaxed),
+            poisoned: s.health.get() != StorageState::Ok,
+            storage_state: s.health.get(),
+            storage_detail: s.health.detail.lock().clone(),
+            data_set_bytes: self.state.data_bytes(),
+            max_data_bytes: self.max_data_bytes,
         }
     }
 
@@ -793,6 +923,9 @@ struct Writer {
     first_unapplied: Option<u64>,
     /// Replicated mode: durable entries not yet known to be committed.
     pending: std::collections::VecDeque<PendingEntry>,
+    /// Batches refused in a row because no new segment could be started
+    /// (logged when it starts and when it ends, not once per batch).
+    roll_refusals: u64,
     fs: Arc<dyn Fs>,
     snap_dir: PathBuf,
     snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
@@ -876,9 +1009,18 @@ impl Writer {
                         };
                         let _ = reply.send(n);
                     }
+                    Cmd::CheckDataDir { reply } => {
+                        self.wal.check_anchors();
+                        self.publish_storage_state(None);
+                        let _ = reply.send(self.wal.state());
+                    }
                 }
             }
             self.compact();
+            // Off the reply path: the next roll then needs no new file.
+            let _ = self.wal.prepare_spare();
+            // Any WAL operation above may have poisoned the log.
+            self.publish_storage_state(None);
         }
         // The channel is closed and drained: every reply went out after its
         // fsync, so there is nothing left to flush.
@@ -1057,7 +1199,7 @@ impl Writer {
                 .append(first.index, new.len() as u64, buf, last.epoch)
                 .and_then(|_| self.wal.sync());
             if let Err(e) = durable {
-                self.shared.poisoned.store(true, Ordering::Relaxed);
+                self.publish_storage_state(Some(&e));
                 return Err(e);
             }
             for r in new {
@@ -1080,6 +1222,10 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
+        self.refuse_over_memory(batch);
+        if batch.is_empty() {
+            return;
+        }
         let first = self.wal.next_index();
         buf.clear();
         let epoch = self.shared.epoch.load(Ordering::Acquire);
@@ -1097,13 +1243,16 @@ impl Writer {
             .append(first, count, buf, epoch)
             .and_then(|_| self.wal.sync());
         if let Err(e) = durable {
-            self.shared.poisoned.store(true, Ordering::Relaxed);
-            eprintln!("kvd: WAL write failed, refusing further writes: {e}");
-            let msg = e.to_string();
-            for req in batch.drain(..) {
-                let _ = req.reply.send(Err(Error::NotDurable(msg.clone())));
-            }
+            self.refuse_batch(batch, &e);
             return;
+        }
+        if self.roll_refusals > 0 {
+            eprintln!(
+                "kvd: a new WAL segment was started after {} refused write batches; \
+                 writes are taken again",
+                self.roll_refusals
+            );
+            self.roll_refusals = 0;
         }
         if let Some(m) = &self.metrics {
             m.wal_fsync_seconds
@@ -1167,6 +1316,74 @@ impl Writer {
         self.maybe_snapshot();
     }
 
+    /// Answers every write of a batch that could not be logged. Only a
+    /// failed roll leaves the WAL usable; anything else refuses all later
+    /// writes too.
+    fn refuse_batch(&mut self, batch: &mut Vec<WriteReq>, e: &Error) {
+        self.publish_storage_state(Some(e));
+        if let Error::SegmentUnavailable(_) = e {
+            if self.roll_refusals == 0 {
+                eprintln!("kvd: refusing writes until a new WAL segment can be started: {e}");
+            }
+            self.roll_refusals = self.roll_refusals.saturating_add(1);
+            if let Some(m) = &self.metrics {
+                m.wal_roll_failures_total.inc();
+            }
+        }
+        let each = |e: &Error| match e {
+            Error::SegmentUnavailable(m) => Error::SegmentUnavailable(m.clone()),
+            Error::DataDirLost(m) => Error::DataDirLost(m.clone()),
+            Error::Poisoned => Error::Poisoned,
+            other => Error::NotDurable(other.to_string()),
+        };
+        for req in batch.drain(..) {
+            let _ = req.reply.send(Err(each(e)));
+        }
+    }
+
+    /// `--max-memory-mib`: answers [`Error::MemoryFull`] to the writes of
+    /// `batch` that would grow the data set past the budget, in order, and
+    /// keeps the rest. Shrinking writes free nothing for the rest of the
+    /// batch (they are not applied yet), which keeps the check on the safe
+    /// side. On a primary, writes logged but not yet committed are not in
+    /// the state yet: concurrent writes can overshoot by what is in flight.
+    fn refuse_over_memory(&self, batch: &mut Vec<WriteReq>) {
+        let Some(limit) = self.cfg.max_data_bytes else {
+            return;
+        };
+        let mut used = self.state.data_bytes();
+        let mut kept = Vec::with_capacity(batch.len());
+        for req in batch.drain(..) {
+            match state::admit(used, self.state.growth_bytes(&req.op), limit) {
+                Ok(now) => {
+                    used = now;
+                    kept.push(req);
+                }
+                Err(would_be) => {
+                    let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
+                }
+            }
+        }
+        *batch = kept;
+    }
+
+    /// Makes the WAL's refusal (if it has started refusing) visible to
+    /// `prepare`, `/ready` and `/v1/status`, and logs it the first time.
+    /// `cause` is the failure that made the WAL refuse, if the caller has it.
+    fn publish_storage_state(&self, cause: Option<&Error>) {
+        let Some(refusal) = self.wal.refusal() else {
+            return;
+        };
+        let (detail, log) = match (&refusal, cause) {
+            (Error::DataDirLost(what), _) => (what.clone(), refusal.to_string()),
+            (_, Some(cause)) => (cause.to_string(), format!("{refusal} ({cause})")),
+            (refusal, None) => (refusal.to_string(), refusal.to_string()),
+        };
+        if self.shared.health.fail(self.wal.state(), detail) {
+            eprintln!("kvd: refusing writes until restart: {log}");
+        }
+    }
+
     /// Masterless side of [`Engine::ingest`].
     fn ingest(&mut self, records: Vec<Record>, buf: &mut Vec<u8>) -> Result<u64, Error> {
         if self.wal.is_poisoned() {
@@ -1202,8 +1419,8 @@ impl Writer {
             .append(first, count, buf, epoch)
             .and_then(|_| self.wal.sync());
         if let Err(e) = durable {
-            self.shared.poisoned.store(true, Ordering::Relaxed);
-            eprintln!("kvd: WAL write failed, refusing further writes: {e}");
+            self.publish_storage_state(Some(&e));
+            eprintln!("kvd: WAL write failed: {e}");
             return Err(e);
         }
         let last = first + count - 1;

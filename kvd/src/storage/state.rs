@@ -8,6 +8,13 @@
 //!
 //! Invariant: only the WAL writer thread mutates the state (through
 //! [`State::apply`]), in log order; everyone else only reads.
+//!
+//! The data set's size ([`State::data_bytes`], what `--max-memory-mib`
+//! bounds) is kept current on every change rather than measured: each entry
+//! counts its allocation (`2 + key + value` bytes) plus
+//! [`ENTRY_OVERHEAD_BYTES`]. Reading the process's RSS instead would cost a
+//! system call per write and count what is not data (the WAL buffer, the
+//! log cache, freed memory the allocator keeps).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +31,36 @@ const SHARD_BITS: u32 = 8;
 const SHARDS: usize = 1 << SHARD_BITS;
 
 type Entry = Box<[u8]>;
+
+/// Memory an entry costs beyond its allocation's length: its table slot (a
+/// 16-byte pointer and a control byte, in a table kept between 7/16 and
+/// 7/8 full) and the allocator's header and rounding.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 48;
+
+/// What an entry of `entry_len` allocated bytes counts in the data set.
+fn charge(entry_len: usize) -> u64 {
+    entry_len as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+/// Whether a write that grows the data set by `growth` bytes (negative: it
+/// shrinks) fits in `limit` with `used` bytes taken: `Ok(used after)`, or
+/// `Err(what it would reach)`. Writes that do not grow it always fit, so
+/// deletes are taken even over the limit; what they free is not credited
+/// until they are applied.
+pub fn admit(used: u64, growth: i64, limit: u64) -> Result<u64, u64> {
+    let Ok(growth) = u64::try_from(growth) else {
+        return Ok(used);
+    };
+    if growth == 0 {
+        return Ok(used);
+    }
+    let after = used.saturating_add(growth);
+    if after <= limit {
+        Ok(after)
+    } else {
+        Err(after)
+    }
+}
 
 fn entry_key(e: &[u8]) -> &[u8] {
     let n = u16::from_le_bytes([e[0], e[1]]) as usize;
@@ -57,6 +94,8 @@ pub struct State {
     shards: Box<[RwLock<HashTable<Entry>>]>,
     hasher: foldhash::fast::RandomState,
     keys: AtomicU64,
+    /// Sum of [`charge`] over all entries (see the module docs).
+    bytes: AtomicU64,
     /// XOR of `entry_digest` over all entries, kept current on every apply
     /// so that comparing replicas costs nothing.
     digest: AtomicU64,
@@ -89,6 +128,7 @@ impl State {
             shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             hasher: foldhash::fast::RandomState::default(),
             keys: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             digest: AtomicU64::new(0),
             index,
         }
@@ -107,6 +147,7 @@ impl State {
             shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             hasher: self.hasher,
             keys: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             digest: AtomicU64::new(0),
             index: None,
         }
@@ -121,6 +162,8 @@ impl State {
         }
         self.keys
             .store(other.keys.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.bytes
+            .store(other.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         self.digest
             .store(other.digest.load(Ordering::Relaxed), Ordering::Relaxed);
         if let Some(ix) = &self.index {
@@ -160,6 +203,43 @@ impl State {
         self.len() == 0
     }
 
+    /// The data set's size in bytes, as `--max-memory-mib` counts it.
+    pub fn data_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// What `key`'s entry counts now (0 if absent).
+    fn charged(&self, key: &[u8]) -> u64 {
+        let h = self.hash(key);
+        let shard = self.shards[Self::shard_of(h)].read();
+        shard
+            .find(h, |e| entry_key(e) == key)
+            .map_or(0, |e| charge(e.len()))
+    }
+
+    /// How much applying `op` now would change [`State::data_bytes`].
+    pub fn growth_bytes(&self, op: &Op) -> i64 {
+        let new = |k: &[u8], v: &[u8]| charge(2 + k.len() + v.len());
+        let diff = |new: u64, old: u64| {
+            i64::try_from(new).unwrap_or(i64::MAX) - i64::try_from(old).unwrap_or(i64::MAX)
+        };
+        match op {
+            Op::Put { key, value } => diff(new(key, value), self.charged(key)),
+            Op::Delete { key } => diff(0, self.charged(key)),
+            Op::Bulk { items } => {
+                // The last item for a key is what stays.
+                let mut last = std::collections::HashMap::with_capacity(items.len());
+                for (k, v) in items {
+                    last.insert(&k[..], new(k, v));
+                }
+                last.into_iter()
+                    .map(|(k, n)| diff(n, self.charged(k)))
+                    .fold(0i64, i64::saturating_add)
+            }
+            Op::Noop => 0,
+        }
+    }
+
     pub fn shard_count(&self) -> usize {
         SHARDS
     }
@@ -178,9 +258,11 @@ impl State {
         }
         let entry = make_entry(key, value);
         let mut d = entry_digest(&entry);
+        self.bytes.fetch_add(charge(entry.len()), Ordering::Relaxed);
         match shard.find_mut(h, |e| entry_key(e) == key) {
             Some(slot) => {
                 d ^= entry_digest(slot);
+                self.bytes.fetch_sub(charge(slot.len()), Ordering::Relaxed);
                 *slot = entry;
             }
             None => {
@@ -199,6 +281,7 @@ impl State {
                 }
                 let (old, _) = occupied.remove();
                 self.digest.fetch_xor(entry_digest(&old), Ordering::Relaxed);
+                self.bytes.fetch_sub(charge(old.len()), Ordering::Relaxed);
                 self.keys.fetch_sub(1, Ordering::Relaxed);
                 true
             }
@@ -300,5 +383,78 @@ mod tests {
             t.apply(&Op::Put { key: k, value: v });
         }
         assert_eq!(s.digest(), t.digest());
+    }
+
+    /// What `data_bytes` must be: the charge of every entry, recounted.
+    fn recount(s: &State) -> u64 {
+        (0..s.shard_count())
+            .map(|i| {
+                let mut n = 0;
+                s.for_each_in_shard(i, |k, v| n += charge(2 + k.len() + v.len()));
+                n
+            })
+            .sum()
+    }
+
+    #[test]
+    fn data_bytes_follow_every_change_and_growth_predicts_it() {
+        let s = State::new();
+        let ops = [
+            Op::Put {
+                key: b("a"),
+                value: b("1234"),
+            },
+            Op::Put {
+                key: b("a"),
+                value: b("12"),
+            },
+            Op::Put {
+                key: b("b"),
+                value: b(&"x".repeat(1000)),
+            },
+            Op::Bulk {
+                items: vec![(b("a"), b("long value")), (b("c"), b("")), (b("a"), b("z"))],
+            },
+            Op::Delete { key: b("b") },
+            Op::Delete { key: b("missing") },
+            Op::Noop,
+        ];
+        for op in &ops {
+            let before = s.data_bytes();
+            let growth = s.growth_bytes(op);
+            s.apply(op);
+            assert_eq!(s.data_bytes(), recount(&s), "after {op:?}");
+            assert_eq!(s.data_bytes() as i64 - before as i64, growth, "{op:?}");
+        }
+        assert_eq!(
+            s.data_bytes(),
+            2 * ENTRY_OVERHEAD_BYTES + (2 + 1 + 1) + (2 + 1)
+        );
+        let t = s.empty_like();
+        t.apply(&Op::Put {
+            key: b("x"),
+            value: b("y"),
+        });
+        s.replace_with(t);
+        assert_eq!(s.data_bytes(), recount(&s));
+        s.apply(&Op::Delete { key: b("x") });
+        assert_eq!(s.data_bytes(), 0);
+    }
+
+    #[test]
+    fn admit_refuses_only_growth_past_the_limit() {
+        assert_eq!(admit(90, 10, 100), Ok(100));
+        assert_eq!(admit(90, 11, 100), Err(101));
+        assert_eq!(
+            admit(150, -20, 100),
+            Ok(150),
+            "shrinking writes pass over the limit"
+        );
+        assert_eq!(admit(150, 0, 100), Ok(150), "so do deletes of absent keys");
+        assert_eq!(
+            admit(u64::MAX - 1, 5, u64::MAX - 1),
+            Err(u64::MAX),
+            "saturates"
+        );
     }
 }

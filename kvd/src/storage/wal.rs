@@ -6,6 +6,11 @@
 //! (`b"KVSTWAL\0"`, format version u32 LE = 1, reserved u32 = 0) followed by
 //! frames as described in [`super::record`].
 //!
+//! `wal/next-segment.tmp` is the next segment made in advance: a header and
+//! no records, renamed into place when the active segment fills up, so that
+//! rolling needs no new file descriptor (the directory is held open too).
+//! Recovery ignores it; it is made again after every roll and at start.
+//!
 //! # Invariants
 //!
 //! - Record indexes are contiguous across all segments: each record's index
@@ -16,14 +21,21 @@
 //! - After a failed write or fsync the log is poisoned: the kernel may have
 //!   dropped the dirty pages, so no later fsync can vouch for them, and every
 //!   further append is refused until restart re-reads what is really on disk.
+//! - A roll that fails before any byte of a record went to the new segment
+//!   (no spare, and creating one failed: say, out of file descriptors)
+//!   puts nothing in doubt: that append is refused, the log stays usable,
+//!   and the next append tries the roll again.
+//! - Once the data dir, `LOCK` or `wal/` is removed or replaced (checked at
+//!   every roll and when asked), the log refuses appends: they would land in
+//!   unlinked files that no restart reads.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::fs::{Fs, WriteFile};
+use super::fs::{Anchors, DirHandle, Fs, WriteFile};
 use super::record::{self, Frame, Record};
-use super::Error;
+use super::{Error, StorageState};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KVSTWAL\0";
 pub const SEGMENT_VERSION: u32 = 1;
@@ -44,6 +56,9 @@ fn header_problem(header: &[u8]) -> Option<(usize, String)> {
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     (version != SEGMENT_VERSION).then(|| (8, format!("unsupported WAL format version {version}")))
 }
+
+/// Name of the segment made in advance (see the module docs).
+pub const SPARE_NAME: &str = "next-segment.tmp";
 
 fn segment_name(first_index: u64) -> String {
     format!("{first_index:020}.wal")
@@ -77,7 +92,16 @@ pub struct Wal {
     next_index: u64,
     /// Epoch of the last record in the log (0 when empty).
     last_epoch: u64,
-    poisoned: bool,
+    /// `Ok` until the log must refuse appends (sticky until restart).
+    state: StorageState,
+    /// Which watched path changed, once `state` is `DataDirLost`.
+    lost: String,
+    /// `wal/` held open, to sync its entries without a new descriptor.
+    dir_handle: Option<Box<dyn DirHandle>>,
+    /// The next segment, made in advance at [`SPARE_NAME`].
+    spare: Option<Box<dyn WriteFile>>,
+    /// Paths whose replacement means the data dir was lost.
+    anchors: Anchors,
 }
 
 /// What recovery found besides the records it replayed.
@@ -282,7 +306,10 @@ impl Wal {
                 active
             }
         };
-        let wal = Wal {
+        let dir_handle = fs
+            .open_dir(dir)
+            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let mut wal = Wal {
             fs,
             dir: dir.to_path_buf(),
             segments,
@@ -290,8 +317,14 @@ impl Wal {
             segment_max_bytes,
             next_index,
             last_epoch,
-            poisoned: false,
+            state: StorageState::Ok,
+            lost: String::new(),
+            dir_handle,
+            spare: None,
+            anchors: Anchors::default(),
         };
+        // Best effort: without a spare, the first roll creates the segment.
+        let _ = wal.prepare_spare();
         Ok((wal, report))
     }
 
@@ -325,7 +358,7 @@ impl Wal {
             Ok(())
         })();
         if result.is_err() {
-            self.poisoned = true;
+            self.state = StorageState::Poisoned;
         }
         result?;
         self.next_index = next_index;
@@ -337,8 +370,56 @@ impl Wal {
         self.last_epoch
     }
 
+    /// Whether the log refuses appends (for any reason; see [`Wal::state`]).
     pub fn is_poisoned(&self) -> bool {
-        self.poisoned
+        self.state != StorageState::Ok
+    }
+
+    pub fn state(&self) -> StorageState {
+        self.state
+    }
+
+    /// The error every append gets in the current state, if any.
+    pub fn refusal(&self) -> Option<Error> {
+        match self.state {
+            StorageState::Ok => None,
+            StorageState::Poisoned => Some(Error::Poisoned),
+            StorageState::DataDirLost => Some(Error::DataDirLost(self.lost.clone())),
+        }
+    }
+
+    /// Watches `anchors` (the data dir, its `LOCK`, `wal/`) from now on.
+    pub fn watch(&mut self, anchors: Anchors) {
+        self.anchors = anchors;
+    }
+
+    /// Checks the watched paths; the first time one is found removed or
+    /// replaced, the log stops taking appends and the change is returned.
+    pub fn check_anchors(&mut self) -> Option<String> {
+        if self.state == StorageState::DataDirLost {
+            return None;
+        }
+        let lost = self.anchors.lost(self.fs.as_ref())?;
+        self.state = StorageState::DataDirLost;
+        self.lost.clone_from(&lost);
+        Some(lost)
+    }
+
+    /// Makes the next segment in advance, unless there is one. Failure
+    /// (out of descriptors, disk full) costs nothing now: the next roll
+    /// tries again, and refuses its append if it fails too.
+    pub fn prepare_spare(&mut self) -> Result<(), Error> {
+        if self.spare.is_some() || self.is_poisoned() {
+            return Ok(());
+        }
+        let path = self.dir.join(SPARE_NAME);
+        let io = |e| Error::io(format!("making {} in advance", path.display()), e);
+        let mut f = self.fs.create(&path).map_err(io)?;
+        f.write_all(&segment_header())
+            .and_then(|_| f.sync_data())
+            .map_err(io)?;
+        self.spare = Some(f);
+        Ok(())
     }
 
     /// Bytes in all segments on disk.
@@ -365,8 +446,8 @@ impl Wal {
         framed: &[u8],
         last_epoch: u64,
     ) -> Result<(), Error> {
-        if self.poisoned {
-            return Err(Error::Poisoned);
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
         assert_eq!(
             first, self.next_index,
@@ -376,7 +457,7 @@ impl Wal {
             self.roll()?;
         }
         if let Err(e) = self.active.write_all(framed) {
-            self.poisoned = true;
+            self.state = StorageState::Poisoned;
             return Err(Error::io("appending to the WAL".into(), e));
         }
         self.active_mut().bytes += framed.len() as u64;
@@ -387,26 +468,64 @@ impl Wal {
 
     /// Makes everything appended so far durable (one fdatasync).
     pub fn sync(&mut self) -> Result<(), Error> {
-        if self.poisoned {
-            return Err(Error::Poisoned);
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
         if let Err(e) = self.active.sync_data() {
-            self.poisoned = true;
+            self.state = StorageState::Poisoned;
             return Err(Error::io("fsync of the WAL".into(), e));
         }
         Ok(())
     }
 
-    /// Seals the active segment and starts a new one at `next_index`.
+    /// Seals the active segment and starts a new one at `next_index`, from
+    /// the spare when there is one. Until the rename, a failure changes
+    /// nothing on disk that recovery reads, so it only refuses this append
+    /// ([`Error::SegmentUnavailable`]); after it, the new name must be
+    /// durable before any record lands in the file, or the log is poisoned.
     fn roll(&mut self) -> Result<(), Error> {
         // Everything in the old segment must be durable before records can
         // land in a newer one: recovery only tolerates a torn *last* segment.
         self.sync()?;
-        let (seg, active) = create_segment(self.fs.as_ref(), &self.dir, self.next_index)
-            .inspect_err(|_| self.poisoned = true)?;
-        self.segments.push(seg);
+        self.check_anchors();
+        if let Some(e) = self.refusal() {
+            return Err(e);
+        }
+        let unavailable = |e: Error| Error::SegmentUnavailable(e.to_string());
+        self.prepare_spare().map_err(unavailable)?;
+        let spare = self.dir.join(SPARE_NAME);
+        let path = self.dir.join(segment_name(self.next_index));
+        self.fs.rename(&spare, &path).map_err(|e| {
+            unavailable(Error::io(
+                format!("renaming {} into place", spare.display()),
+                e,
+            ))
+        })?;
+        if let Err(e) = self.sync_dir() {
+            self.state = StorageState::Poisoned;
+            return Err(e);
+        }
+        let active = self
+            .spare
+            .take()
+            .expect("prepare_spare succeeded, so there is a spare");
+        self.segments.push(Segment {
+            first_index: self.next_index,
+            path,
+            bytes: SEGMENT_HEADER_BYTES as u64,
+        });
         self.active = active;
         Ok(())
+    }
+
+    /// Makes the entries of `wal/` durable, through the held directory
+    /// when there is one.
+    fn sync_dir(&self) -> Result<(), Error> {
+        match &self.dir_handle {
+            Some(d) => d.sync(),
+            None => self.fs.sync_dir(&self.dir),
+        }
+        .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))
     }
 
     /// Index of the segment holding record `index` (or that would, for
@@ -484,8 +603,8 @@ impl Wal {
     /// log, never a gap.
     /// Returns the epoch of the new last record, if the log still has one.
     pub fn truncate_from(&mut self, from: u64) -> Result<Option<u64>, Error> {
-        if self.poisoned {
-            return Err(Error::Poisoned);
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
         assert!(
             from <= self.next_index,
@@ -518,7 +637,7 @@ impl Wal {
         }
         let result = self.cut(i, cut);
         if result.is_err() {
-            self.poisoned = true;
+            self.state = StorageState::Poisoned;
         }
         result?;
         self.next_index = from;
@@ -742,6 +861,131 @@ mod tests {
         assert!(seen[..24].iter().all(|r| r.epoch == 1));
         assert!(seen[24..].iter().all(|r| r.epoch == 3));
         assert_eq!(wal.next_index(), 41);
+    }
+
+    /// The real file system, except that `create` fails while `fail` is set
+    /// (as it does with EMFILE when the process is out of descriptors).
+    #[derive(Default)]
+    struct NoCreateFs {
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Fs for NoCreateFs {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            RealFs.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            RealFs.list(dir)
+        }
+        fn open_read(&self, path: &Path) -> std::io::Result<Box<dyn Read + Send>> {
+            RealFs.open_read(path)
+        }
+        fn create(&self, path: &Path) -> std::io::Result<Box<dyn WriteFile>> {
+            if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("Too many open files (simulated)"));
+            }
+            RealFs.create(path)
+        }
+        fn open_append(&self, path: &Path) -> std::io::Result<Box<dyn WriteFile>> {
+            RealFs.open_append(path)
+        }
+        fn truncate(&self, path: &Path, len: u64) -> std::io::Result<()> {
+            RealFs.truncate(path, len)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            RealFs.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            RealFs.sync_dir(dir)
+        }
+        fn open_dir(&self, dir: &Path) -> std::io::Result<Option<Box<dyn DirHandle>>> {
+            RealFs.open_dir(dir)
+        }
+    }
+
+    fn try_append(wal: &mut Wal, rec: &Record) -> Result<(), Error> {
+        let mut buf = Vec::new();
+        rec.encode_into(&mut buf);
+        wal.append(rec.index, 1, &buf, rec.epoch)?;
+        wal.sync()
+    }
+
+    /// Appends records from `wal.next_index()` until one needs a roll.
+    fn fill_active_segment(wal: &mut Wal) {
+        let segments = wal.segment_count();
+        while wal.segments[segments - 1].bytes < wal.segment_max_bytes {
+            let next = wal.next_index();
+            try_append(wal, &put(next, 1)).unwrap();
+            assert_eq!(wal.segment_count(), segments, "no roll yet");
+        }
+    }
+
+    #[test]
+    fn a_roll_that_cannot_create_a_segment_refuses_only_its_append() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = Arc::new(NoCreateFs::default());
+        let (mut wal, _) = Wal::open(fs.clone(), tmp.path(), 0, 512, |_| {}).unwrap();
+        fill_active_segment(&mut wal);
+        // No file can be created from here on; the spare made at start
+        // still lets the first roll through.
+        fs.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        let next = wal.next_index();
+        try_append(&mut wal, &put(next, 1)).expect("the spare needs no new file");
+        assert_eq!(wal.segment_count(), 2);
+        assert!(wal.prepare_spare().is_err(), "no new spare meanwhile");
+        fill_active_segment(&mut wal);
+
+        let refused = wal.next_index();
+        let err = try_append(&mut wal, &put(refused, 1)).unwrap_err();
+        assert!(matches!(err, Error::SegmentUnavailable(_)), "got {err}");
+        assert!(!wal.is_poisoned(), "nothing was in doubt");
+        assert_eq!(
+            wal.next_index(),
+            refused,
+            "the refused record is not in the log"
+        );
+        let err = try_append(&mut wal, &put(refused, 1)).unwrap_err();
+        assert!(matches!(err, Error::SegmentUnavailable(_)), "still: {err}");
+
+        // Files can be made again: the same append now rolls and lands.
+        fs.fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        try_append(&mut wal, &put(refused, 1)).unwrap();
+        assert_eq!(wal.segment_count(), 3);
+        try_append(&mut wal, &put(refused + 1, 1)).unwrap();
+        drop(wal);
+        let (wal, seen) = open(tmp.path());
+        assert_eq!(
+            seen.iter().map(|r| r.index).collect::<Vec<_>>(),
+            (1..=refused + 1).collect::<Vec<_>>()
+        );
+        assert_eq!(wal.segment_count(), 3, "the spare is not a segment");
+    }
+
+    #[test]
+    fn a_roll_after_the_data_dir_was_removed_refuses_every_later_append() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let dir = data.join("wal");
+        let (mut wal, _) = Wal::open(Arc::new(RealFs), &dir, 0, 512, |_| {}).unwrap();
+        wal.watch(Anchors::record(&RealFs, &[data.clone(), dir.clone()]));
+        fill_active_segment(&mut wal);
+        std::fs::remove_dir_all(&data).unwrap();
+
+        let next = wal.next_index();
+        let err = try_append(&mut wal, &put(next, 1)).unwrap_err();
+        assert!(
+            matches!(&err, Error::DataDirLost(why) if why.ends_with("data was removed")),
+            "got {err}"
+        );
+        assert_eq!(wal.state(), StorageState::DataDirLost);
+        assert!(wal.sync().is_err() && wal.truncate_from(next).is_err());
+        assert!(matches!(
+            try_append(&mut wal, &put(next, 1)),
+            Err(Error::DataDirLost(_))
+        ));
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! kvsup under faults that its health checks used to miss or mishandle: a
 //! primary that steps down but keeps answering, a primary whose disk is
 //! full, a cluster whose bootstrap primary dies at once or that restarts
-//! whole. Real kvsup and kvd processes on free loopback ports, in temp dirs.
+//! whole, manifests and API requests that would break the supervisor, and
+//! output into a closed pipe. Real kvsup and kvd processes on free loopback
+//! ports, in temp dirs.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kvstore::sup::Supervised;
-use kvstore::wait_until;
+use kvstore::sup::{manifest_text, Supervised};
+use kvstore::{free_port, wait_until};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -246,4 +248,199 @@ async fn a_restarted_cluster_elects_once_every_node_answers() {
         events(&c)
     );
     assert_eq!(kv.get_consistent("k").await.unwrap().unwrap(), "v");
+}
+
+/// `kvsup apply --dry-run -f` of `text` in a fresh directory: (refused?,
+/// output). A dry run starts nothing even where validation is missing.
+fn dry_run(text: &str) -> (bool, String) {
+    let tmp = TempDir::new().unwrap();
+    let f = tmp.path().join("m.yaml");
+    std::fs::write(&f, text).unwrap();
+    let (st, out) = kvstore::sup::run_in(
+        tmp.path(),
+        "kvsup",
+        &["apply", "--dry-run", "-f", f.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    (!st.success(), out)
+}
+
+#[test]
+fn manifests_that_would_break_the_supervisor_are_refused() {
+    let nodes: Vec<(String, u16)> = (0..3).map(|i| (format!("n{i}"), free_port())).collect();
+    let good = manifest_text("edge", &nodes, free_port(), "");
+    let up = "../".repeat(64);
+    let cases = [
+        (
+            "a node named like the daemon's own files",
+            good.replace("name: n1,", "name: kvsup,"),
+            "spec.nodes[1].name",
+        ),
+        (
+            "the file system root",
+            good.replace("stateDir: state", "stateDir: /"),
+            "spec.stateDir",
+        ),
+        (
+            "a system directory",
+            good.replace("stateDir: state", "stateDir: /etc"),
+            "spec.stateDir",
+        ),
+        (
+            "a relative path up to the root",
+            good.replace("stateDir: state", &format!("stateDir: {up}")),
+            "spec.stateDir",
+        ),
+        (
+            "a restart backoff no node outlives",
+            format!(
+                "{good}  restart: {{backoffInitialMs: {m}, backoffMaxMs: {m}}}\n",
+                m = u64::MAX
+            ),
+            "spec.restart",
+        ),
+    ];
+    let mut accepted = Vec::new();
+    for (what, text, field) in cases {
+        let (refused, out) = dry_run(&text);
+        if !refused || !out.contains(field) {
+            accepted.push(format!("{what}: refused={refused}, output: {out}"));
+        }
+    }
+    assert!(accepted.is_empty(), "{}", accepted.join("\n"));
+    // The limits are not in the way of an ordinary manifest.
+    let (refused, out) = dry_run(&good.replace(
+        "stateDir: state",
+        "stateDir: state\n  restart: {backoffInitialMs: 1000, backoffMaxMs: 300000}",
+    ));
+    assert!(!refused, "{out}");
+}
+
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 1, "").unwrap();
+    let url = format!("http://127.0.0.1:{}", c.sup_port);
+    for cmd in [&["status"][..], &["status", "--json"], &["events"]] {
+        let mut child = Command::new(kvstore::bin("kvsup"))
+            .args(cmd)
+            .args(["--supervisor", &url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before kvsup has printed anything (it still
+        // has to ask the daemon), as `kvsup status | head -0` would.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "kvsup {cmd:?} into a closed pipe: {}: {err}",
+            out.status
+        );
+    }
+}
+
+/// A file only its owner may read, holding `text`.
+fn private_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    p
+}
+
+/// Opens `fifo` for writing without blocking and closes it at once, which
+/// ends a read that is waiting on it (and does nothing if none is).
+fn release(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(fifo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_requests_read_only_small_regular_files_and_echo_none() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 3, "").unwrap();
+    let sup_pid = c.status().unwrap()["supervisor_pid"].as_u64().unwrap();
+    // A safety net for this test's own machine: should the daemon ever read
+    // /dev/zero to the end again, it fails at 1 GiB instead of taking every
+    // byte of memory from whatever else runs here.
+    let limited = Command::new("prlimit")
+        .args(["--pid", &sup_pid.to_string(), "--as=1073741824"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(limited, "prlimit on the supervisor failed");
+
+    let http = reqwest::Client::new();
+    let apply = |path: PathBuf| {
+        let req = http
+            .post(format!("http://127.0.0.1:{}/v1/apply", c.sup_port))
+            .json(&json!({"path": path, "base_dir": tmp.path()}))
+            .timeout(Duration::from_secs(10));
+        async move {
+            match req.send().await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, format!("no answer: {e}")),
+            }
+        }
+    };
+    let files = TempDir::new().unwrap();
+    let secret = "hunter2-do-not-print-me";
+    let mut problems = Vec::new();
+    for (what, path, needle) in [
+        (
+            "a private plain-text file",
+            private_file(files.path(), "secret.txt", secret),
+            secret,
+        ),
+        (
+            "a private YAML file",
+            private_file(files.path(), "secret.yaml", &format!("{secret}: 1\n")),
+            secret,
+        ),
+    ] {
+        let (code, body) = apply(path).await;
+        if code != 400 || body.contains(needle) {
+            problems.push(format!("{what}: {code} {body}"));
+        }
+    }
+    // Anything but a regular file is refused for what it is, unread.
+    let not_regular = |what: &str, (code, body): (u16, String)| {
+        (code != 400 || !body.contains("not a regular file"))
+            .then(|| format!("{what}: {code} {body}"))
+    };
+    problems.extend(not_regular("a directory", apply(files.path().into()).await));
+    // FIFOs: a read of one waits for a writer that never comes.
+    let fifos = [fifo(files.path(), "a.fifo"), fifo(files.path(), "b.fifo")];
+    let (a, b) = tokio::join!(apply(fifos[0].clone()), apply(fifos[1].clone()));
+    problems.extend(not_regular("a FIFO", a));
+    problems.extend(not_regular("another FIFO", b));
+    // Health checks and the API still run while those requests are answered.
+    if let Err(e) = c.status() {
+        problems.push(format!("status after the FIFOs: {e:#}"));
+    }
+    for f in &fifos {
+        release(f);
+    }
+    problems.extend(not_regular("/dev/zero", apply("/dev/zero".into()).await));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // And the supervisor still fails over a killed primary.
+    let old = c.primary().unwrap();
+    let (ok, out) = c.kvsup(&["kill", &old]).unwrap();
+    assert!(ok.success(), "{out}");
+    client(&c, DEADLINE).set("after", "1").await.unwrap();
+    assert_ne!(c.primary().as_deref(), Some(old.as_str()));
 }

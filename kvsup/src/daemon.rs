@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::election::{self, Decision, NodeView};
-use crate::manifest::{Manifest, Mode};
+use crate::manifest::{Manifest, ManifestError, Mode, RestartPolicy};
 use crate::metrics::Metrics;
 use crate::process::{self, Handle, Launch};
 
@@ -369,15 +369,11 @@ impl Sup {
             let mut r = node.run.lock();
             let now = Instant::now();
             let stable = r.started_at.is_some_and(|t| now - t >= STABLE_AFTER);
-            r.backoff_ms = if stable || r.backoff_ms == 0 {
-                policy.backoff_initial_ms
-            } else {
-                (r.backoff_ms * 2).min(policy.backoff_max_ms)
-            };
+            r.backoff_ms = next_backoff_ms(r.backoff_ms, stable, policy);
             r.running = false;
             r.pid = None;
             r.exited_at = Some(now);
-            r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+            r.next_start = Some(after_ms(now, r.backoff_ms));
             r.last_exit = Some(how.clone());
         }
         {
@@ -589,9 +585,8 @@ impl Sup {
                     self.event("error", Some(&node.name), format!("cannot start: {e:#}"));
                     let policy = self.manifest.read().spec.restart;
                     let mut r = node.run.lock();
-                    r.backoff_ms = (r.backoff_ms.max(policy.backoff_initial_ms) * 2)
-                        .min(policy.backoff_max_ms);
-                    r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+                    r.backoff_ms = next_backoff_ms(r.backoff_ms, false, policy);
+                    r.next_start = Some(after_ms(now, r.backoff_ms));
                 }
             }
         }
@@ -881,7 +876,11 @@ impl Sup {
         base_dir: &Path,
         dry_run: bool,
     ) -> Result<Vec<String>, ApplyError> {
-        let new = Manifest::load(path).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        // The requester may not be allowed to read `path` (the daemon may
+        // run as another user): its content is never repeated back.
+        let new = load_manifest(path)
+            .await
+            .map_err(|e| ApplyError::Invalid(e.redacted()))?;
         if new.state_dir(base_dir) != self.state_dir {
             return Err(ApplyError::Refused(format!(
                 "spec.stateDir resolves to {}, but this supervisor runs in {}",
@@ -1115,6 +1114,40 @@ impl Sup {
     }
 }
 
+/// [`Manifest::load`] on a blocking thread, so that a slow file system
+/// never holds up a runtime worker (health checks and failover run there).
+pub async fn load_manifest(path: &Path) -> Result<Manifest, ManifestError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Manifest::load(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ManifestError {
+                file: path.display().to_string(),
+                line: None,
+                field: "(file)".into(),
+                message: format!("reading it failed: {e}"),
+                quotes_content: false,
+            })
+        })
+}
+
+/// The restart delay after an exit: the initial one after a first exit or
+/// a stable run, else twice the previous one, capped at the maximum.
+pub fn next_backoff_ms(prev_ms: u64, stable: bool, policy: RestartPolicy) -> u64 {
+    if stable || prev_ms == 0 {
+        policy.backoff_initial_ms.min(policy.backoff_max_ms)
+    } else {
+        prev_ms.saturating_mul(2).min(policy.backoff_max_ms)
+    }
+}
+
+/// `now + ms`, with `ms` held to the manifest's limit, so that no value
+/// can overflow the clock (which would panic the exit watcher and leave the
+/// node never restarted).
+fn after_ms(now: Instant, ms: u64) -> Instant {
+    now + Duration::from_millis(ms.min(crate::manifest::MAX_BACKOFF_MS))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("invalid manifest: {0}")]
@@ -1129,6 +1162,9 @@ pub enum ApplyError {
 /// running for the next daemon to adopt).
 pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Result<()> {
     let manifest = Manifest::load(&manifest_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    manifest
+        .checked_state_dir(&base_dir, &manifest_path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let port = manifest.spec.supervisor.port;
     let sup = Arc::new(Sup::new(manifest, manifest_path, base_dir, kvd)?);
     std::fs::create_dir_all(&sup.state_dir)
@@ -1172,4 +1208,36 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
     }
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_cap_and_never_overflows() {
+        let policy = RestartPolicy {
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+        };
+        let mut b = 0;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            b = next_backoff_ms(b, false, policy);
+            seen.push(b);
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(next_backoff_ms(5_000, true, policy), 100);
+        let huge = RestartPolicy {
+            backoff_initial_ms: u64::MAX,
+            backoff_max_ms: u64::MAX,
+        };
+        assert_eq!(next_backoff_ms(u64::MAX, false, huge), u64::MAX);
+        let now = Instant::now();
+        let at = after_ms(now, u64::MAX);
+        assert_eq!(
+            at - now,
+            Duration::from_millis(crate::manifest::MAX_BACKOFF_MS)
+        );
+    }
 }

@@ -209,11 +209,12 @@ async fn a_bootstrap_primary_killed_right_after_apply_is_replaced_at_once() {
     c.start().unwrap();
     // Every node has started (made its data dir's meta), so n0, the
     // bootstrap primary, is not bootstrapped again when it is restarted.
-    assert!(wait_until(DEADLINE, || c.nodes.iter().all(|(n, _)| c
-        .state_dir
-        .join(n)
-        .join("data/meta")
-        .exists())));
+    let meta = |n: &str| c.state_dir.join(n).join("data/meta");
+    assert!(
+        wait_until(DEADLINE, || c.nodes.iter().all(|(n, _)| meta(n).exists())),
+        "not every node made its meta: {:#}",
+        c.status().unwrap()
+    );
     let (ok, out) = c.kvsup(&["kill", "n0"]).unwrap();
     assert!(ok.success(), "{out}");
     let kv = client(&c, Duration::from_secs(30));

@@ -49,6 +49,15 @@ impl Supervised {
     /// Writes a manifest of `n` nodes into `dir`, applies it, and waits
     /// until the cluster is Ready.
     pub fn apply(dir: &Path, n: usize, extra_spec: &str) -> Result<Supervised> {
+        let mut c = Supervised::prepare(dir, n, extra_spec)?;
+        c.start()?;
+        c.wait_ready(Duration::from_secs(60))?;
+        Ok(c)
+    }
+
+    /// Writes a manifest of `n` nodes into `dir` (state in `dir/state`)
+    /// and applies nothing yet: for tests that set something up first.
+    pub fn prepare(dir: &Path, n: usize, extra_spec: &str) -> Result<Supervised> {
         let nodes: Vec<(String, u16)> = (0..n).map(|i| (format!("n{i}"), free_port())).collect();
         let sup_port = free_port();
         let manifest = dir.join("cluster.yaml");
@@ -56,21 +65,27 @@ impl Supervised {
             &manifest,
             manifest_text("test", &nodes, sup_port, extra_spec),
         )?;
-        let mut c = Supervised {
+        Ok(Supervised {
             dir: dir.to_path_buf(),
             manifest,
             state_dir: dir.join("state"),
             sup_port,
             nodes,
-            down: false,
-        };
-        let (st, out) = c.kvsup(&["apply"])?;
+            // Nothing to bring down until `start`.
+            down: true,
+        })
+    }
+
+    /// `kvsup apply` of the manifest; returns once the nodes are started
+    /// (not Ready: see [`Supervised::wait_ready`]).
+    pub fn start(&mut self) -> Result<()> {
+        self.down = false;
+        let (st, out) = self.kvsup(&["apply"])?;
         if !st.success() {
-            c.down = true;
+            self.down = true;
             bail!("kvsup apply failed ({st}): {out}");
         }
-        c.wait_ready(Duration::from_secs(60))?;
-        Ok(c)
+        Ok(())
     }
 
     /// Runs `kvsup ARGS` for this cluster from `dir`; exit status and output.

@@ -2,9 +2,9 @@
 //! and real kvd nodes on free loopback ports, in temp dirs.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvstore::sup::{manifest_text, Supervised};
 use kvstore::{free_port, wait_until};
@@ -45,6 +45,98 @@ fn client(c: &Supervised) -> kvclient::Client {
         .retry_deadline(Duration::from_secs(20))
         .build()
         .unwrap()
+}
+
+/// One acknowledged write: its key (also its value), when it was sent and
+/// when it was acknowledged.
+struct Acked {
+    key: String,
+    sent: Instant,
+    done: Instant,
+}
+
+/// Writers setting new keys back to back through retrying clients, for an
+/// operation that must not lose writes made while it runs.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+    writers: Vec<tokio::task::JoinHandle<(Vec<Acked>, usize)>>,
+}
+
+impl Load {
+    fn start(c: &Supervised, writers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let writers = (0..writers)
+            .map(|w| {
+                let (kv, stop, count) = (client(c), stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let (mut acked, mut failed) = (Vec::new(), 0);
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("w{w}-{i}");
+                        let sent = Instant::now();
+                        match kv.set(&key, key.clone()).await {
+                            Ok(_) => {
+                                let done = Instant::now();
+                                acked.push(Acked { key, sent, done });
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => failed += 1,
+                        }
+                        i += 1;
+                    }
+                    (acked, failed)
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            writers,
+        }
+    }
+
+    /// Waits until `n` more writes than so far are acknowledged.
+    async fn more(&self, n: usize) {
+        let target = self.acked.load(Ordering::Relaxed) + n;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.acked.load(Ordering::Relaxed) < target {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} writes acknowledged, waiting for {target}",
+                self.acked.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the writers: every acknowledged write, and how many failed.
+    async fn finish(self) -> (Vec<Acked>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acked, mut failed) = (Vec::new(), 0);
+        for w in self.writers {
+            let (a, f) = w.await.unwrap();
+            acked.extend(a);
+            failed += f;
+        }
+        (acked, failed)
+    }
+}
+
+/// Asserts that acknowledged writes were in flight while the operation
+/// `what` ran from `from` to `to`: sent before it ended, acknowledged after
+/// it began.
+fn assert_overlapped(acked: &[Acked], what: &str, (from, to): (Instant, Instant)) {
+    let during = acked
+        .iter()
+        .filter(|a| a.sent <= to && a.done >= from)
+        .count();
+    assert!(
+        during > 0,
+        "no acknowledged write overlapped {what} ({} acknowledged in all)",
+        acked.len()
+    );
 }
 
 #[test]
@@ -166,42 +258,25 @@ async fn promote_moves_the_primary_under_load_without_losing_writes() {
         .find(|n| *n != old)
         .unwrap()
         .to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..8 {
-        let (kv, stop) = (client(&c), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w{w}-{i}");
-                if kv.set(&key, key.clone()).await.is_ok() {
-                    acked.push(key);
-                }
-                i += 1;
-            }
-            acked
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(&c, 8);
+    load.more(50).await;
     let c2 = c.clone();
     let t2 = target.clone();
+    let began = Instant::now();
     let (ok, out) = tokio::task::spawn_blocking(move || c2.kvsup(&["promote", &t2]).unwrap())
         .await
         .unwrap();
+    let ended = Instant::now();
     assert!(ok.success(), "{out}");
     assert_eq!(c.primary().as_deref(), Some(target.as_str()));
-    // Keep writing a little under the new primary, then stop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(w.await.unwrap());
-    }
-    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    // Keep writing under the new primary, then stop.
+    load.more(50).await;
+    let (acked, _) = load.finish().await;
+    assert_overlapped(&acked, "the switchover", (began, ended));
     let kv = client(&c);
     let mut lost = Vec::new();
-    for k in &acked {
+    for a in &acked {
+        let k = &a.key;
         if kv.get_consistent(k).await.unwrap().as_deref() != Some(k.as_bytes()) {
             lost.push(k.clone());
         }
@@ -455,26 +530,8 @@ async fn node_statuses(c: &Supervised) -> Vec<Value> {
 async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing() {
     let tmp = TempDir::new().unwrap();
     let c = Arc::new(Supervised::apply(tmp.path(), 3, "").unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..16 {
-        let (kv, stop) = (client(&c), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut failed = 0;
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w{w}-{i}");
-                match kv.set(&key, key.clone()).await {
-                    Ok(_) => acked.push(key),
-                    Err(_) => failed += 1,
-                }
-                i += 1;
-            }
-            (acked, failed)
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(&c, 16);
+    load.more(50).await;
 
     // A second manifest file, same cluster, mode masterless.
     let masterless = tmp.path().join("masterless.yaml");
@@ -486,6 +543,7 @@ async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing
     .unwrap();
     let m = masterless.display().to_string();
     let c2 = c.clone();
+    let began = Instant::now();
     let (ok, out) = tokio::task::spawn_blocking(move || {
         kvstore::sup::run_in(
             &c2.dir,
@@ -497,6 +555,7 @@ async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing
     })
     .await
     .unwrap();
+    let there = (began, Instant::now());
     assert!(ok.success() && out.contains("spec.mode"), "{out}");
     let st = c.wait_ready(Duration::from_secs(30)).unwrap();
     assert_eq!(st["mode"], "masterless", "{st:#}");
@@ -504,37 +563,29 @@ async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing
     for n in node_statuses(&c).await {
         assert_eq!(n["mode"], "masterless", "{n:#}");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.more(50).await;
 
     // And back, by applying the original file again.
     let c2 = c.clone();
+    let began = Instant::now();
     let (ok, out) = tokio::task::spawn_blocking(move || c2.kvsup(&["apply"]).unwrap())
         .await
         .unwrap();
+    let back = (began, Instant::now());
     assert!(ok.success() && out.contains("spec.mode"), "{out}");
     let st = c.wait_ready(Duration::from_secs(30)).unwrap();
     assert_eq!(st["mode"], "primary-secondary", "{st:#}");
     assert!(st["primary"].is_string(), "{st:#}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    let mut failed = 0;
-    for w in writers {
-        let (a, f) = w.await.unwrap();
-        acked.extend(a);
-        failed += f;
-    }
-    assert!(
-        acked.len() > 100,
-        "only {} writes acknowledged",
-        acked.len()
-    );
+    load.more(50).await;
+    let (acked, failed) = load.finish().await;
+    assert_overlapped(&acked, "the switch to masterless", there);
+    assert_overlapped(&acked, "the switch back", back);
 
     // Every node ends identical and holds every acknowledged write.
     wait_same_digests(&c).await;
     for url in c.urls() {
         let node = kvclient::Client::new([url.clone()]).unwrap();
-        for k in &acked {
+        for Acked { key: k, .. } in &acked {
             assert_eq!(
                 node.get(k).await.unwrap().as_deref(),
                 Some(k.as_bytes()),

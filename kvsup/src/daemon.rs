@@ -26,7 +26,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::manifest::{Manifest, Mode};
+use crate::election::{self, Decision, NodeView};
+use crate::manifest::{Manifest, ManifestError, Mode, RestartPolicy};
 use crate::metrics::Metrics;
 use crate::process::{self, Handle, Launch};
 
@@ -36,8 +37,14 @@ const MAX_EVENTS: usize = 1000;
 /// A node runs this long before an exit resets its restart backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// Extra wait before electing when no primary was ever seen.
+/// Extra wait before electing when no primary is known and some node does
+/// not answer yet (it may come back as the primary).
 const NO_PRIMARY_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a node that has not answered since it was started is probed,
+/// so that a starting cluster is seen (and elects) without waiting for a
+/// health interval.
+const STARTUP_PROBE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -53,6 +60,8 @@ pub struct Event {
 struct RunState {
     pid: Option<u32>,
     running: bool,
+    /// A status check has answered since the process was started.
+    answered: bool,
     started_at: Option<Instant>,
     exited_at: Option<Instant>,
     last_exit: Option<String>,
@@ -63,7 +72,10 @@ struct RunState {
 
 #[derive(Default)]
 struct Health {
+    /// The last check answered.
     ok: bool,
+    /// ...and the node's storage takes writes.
+    ready: bool,
     failures: u32,
     status: Option<Value>,
     last_error: Option<String>,
@@ -79,18 +91,23 @@ pub struct Node {
     run: Mutex<RunState>,
     health: Mutex<Health>,
     restarts: AtomicU64,
+    /// Wakes the node's health checker when its process is started.
+    started: tokio::sync::Notify,
 }
 
-/// What the reconcile loop learned about one node this round.
-struct View {
-    name: String,
-    url: String,
-    running: bool,
-    healthy: bool,
-    failed: bool,
-    role: Option<String>,
-    epoch: u64,
-    last: (u64, u64),
+impl Node {
+    /// Running, and no check has answered since it was started.
+    fn awaiting_first_answer(&self) -> bool {
+        let r = self.run.lock();
+        r.running && !r.answered
+    }
+}
+
+/// What one check saw of a node that answered.
+struct Seen {
+    status: Value,
+    /// Why its storage refuses writes, if it does.
+    not_ready: Option<String>,
 }
 
 pub struct Sup {
@@ -148,6 +165,7 @@ impl Sup {
                     run: Mutex::new(RunState::default()),
                     health: Mutex::new(Health::default()),
                     restarts: AtomicU64::new(0),
+                    started: tokio::sync::Notify::new(),
                 })
             })
             .collect();
@@ -228,7 +246,18 @@ impl Sup {
 
     // ---------------------------------------------------------------- spawn
 
-    fn launch_for(&self, node: &Node) -> Launch {
+    /// Whether `node` starts as the primary that bootstraps a brand-new
+    /// cluster: the first node, while no node has a `meta` file yet. Any
+    /// node with history comes back as a secondary, and the reconcile loop
+    /// elects a primary if none is left.
+    fn bootstraps(&self, node: &Node) -> bool {
+        let ps = self.manifest.read().spec.mode == Mode::PrimarySecondary;
+        let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
+        let first = self.nodes.first().is_some_and(|n| n.name == node.name);
+        ps && self.nodes.len() > 1 && fresh && first
+    }
+
+    fn launch_for(&self, node: &Node, bootstraps: bool) -> Launch {
         let m = self.manifest.read();
         let mut args = vec![
             "--port".to_string(),
@@ -251,22 +280,10 @@ impl Sup {
             args.push(peers.join(","));
             match m.spec.mode {
                 Mode::PrimarySecondary => {
-                    // A brand-new cluster is bootstrapped by its first node;
-                    // any node with history comes back as a secondary and
-                    // the reconcile loop elects a primary if none is left.
-                    let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
-                    let first = self.nodes.first().is_some_and(|n| n.name == node.name);
                     args.push("--mode".into());
                     args.push("primary-secondary".into());
                     args.push("--role".into());
-                    args.push(
-                        if fresh && first {
-                            "primary"
-                        } else {
-                            "secondary"
-                        }
-                        .into(),
-                    );
+                    args.push(if bootstraps { "primary" } else { "secondary" }.into());
                 }
                 Mode::Masterless => {
                     args.push("--mode".into());
@@ -298,7 +315,19 @@ impl Sup {
                 );
                 Handle::Adopted(pid)
             }
-            None => Handle::Child(process::spawn(&self.launch_for(node))?),
+            None => {
+                let bootstraps = self.bootstraps(node);
+                let child = process::spawn(&self.launch_for(node, bootstraps))?;
+                if bootstraps {
+                    // kvsup knows who leads a fresh cluster before it
+                    // answers: its exit is then a failover like any other,
+                    // not a wait for a primary that may still appear.
+                    let mut el = self.election.lock();
+                    el.known_primary = Some(node.name.clone());
+                    el.no_primary_since = None;
+                }
+                Handle::Child(child)
+            }
         };
         let pid = handle.pid();
         let restart = {
@@ -306,11 +335,13 @@ impl Sup {
             let restart = r.spawned_once;
             r.pid = pid;
             r.running = true;
+            r.answered = false;
             r.started_at = Some(Instant::now());
             r.spawned_once = true;
             r.next_start = None;
             restart
         };
+        node.started.notify_one();
         if restart {
             node.restarts.fetch_add(1, Ordering::Relaxed);
             self.metrics.restarts.with_label_values(&[&node.name]).inc();
@@ -338,20 +369,17 @@ impl Sup {
             let mut r = node.run.lock();
             let now = Instant::now();
             let stable = r.started_at.is_some_and(|t| now - t >= STABLE_AFTER);
-            r.backoff_ms = if stable || r.backoff_ms == 0 {
-                policy.backoff_initial_ms
-            } else {
-                (r.backoff_ms * 2).min(policy.backoff_max_ms)
-            };
+            r.backoff_ms = next_backoff_ms(r.backoff_ms, stable, policy);
             r.running = false;
             r.pid = None;
             r.exited_at = Some(now);
-            r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+            r.next_start = Some(after_ms(now, r.backoff_ms));
             r.last_exit = Some(how.clone());
         }
         {
             let mut h = node.health.lock();
             h.ok = false;
+            h.ready = false;
             h.last_error = Some(format!("process {how}"));
         }
         self.metrics.node_up.with_label_values(&[&node.name]).set(0);
@@ -364,40 +392,74 @@ impl Sup {
 
     // --------------------------------------------------------------- health
 
+    /// One health check of `node`; a failure counts towards
+    /// `failureThreshold`.
     async fn check(&self, node: &Node) {
+        let result = self.look(node).await;
+        self.record(node, result);
+    }
+
+    /// What `node` answers now: its status, and whether its storage takes
+    /// writes (`/ready`, and the status's `storage_poisoned`: a node whose
+    /// WAL failed still answers `/health` and `/v1/status` with 200).
+    async fn look(&self, node: &Node) -> Result<Seen, String> {
+        if !node.run.lock().running {
+            return Err("not running".to_string());
+        }
         let timeout = Duration::from_millis(self.manifest.read().spec.health_check.timeout_ms());
-        let running = node.run.lock().running;
-        let result = if running {
-            self.fetch_status(&node.url, timeout).await
-        } else {
-            Err("not running".to_string())
+        // Both at once: a check costs one round trip.
+        let (status, ready) = tokio::join!(
+            self.fetch_status(&node.url, timeout),
+            self.fetch_ready(&node.url, timeout)
+        );
+        let status = status?;
+        let poisoned = status.get("storage_poisoned").and_then(Value::as_bool) == Some(true);
+        let not_ready = match ready? {
+            Some(why) => Some(why),
+            None => poisoned.then(|| "its status says storage_poisoned".to_string()),
+        };
+        Ok(Seen { status, not_ready })
+    }
+
+    fn record(&self, node: &Node, result: Result<Seen, String>) {
+        let running = {
+            let mut r = node.run.lock();
+            r.answered |= result.is_ok();
+            r.running
         };
         let mut h = node.health.lock();
-        let was_ok = h.ok;
-        match result {
-            Ok(v) => {
+        let before = (h.ok, h.ready);
+        let failed = match result {
+            Ok(seen) => {
                 h.ok = true;
-                h.failures = 0;
-                h.status = Some(v);
-                h.last_error = None;
+                h.ready = seen.not_ready.is_none();
+                h.status = Some(seen.status);
+                h.last_error = seen
+                    .not_ready
+                    .map(|why| format!("storage refuses writes: {why}"));
+                !h.ready
             }
             Err(e) => {
                 h.ok = false;
-                if running {
-                    h.failures = h.failures.saturating_add(1);
-                    self.metrics
-                        .health_check_failures
-                        .with_label_values(&[&node.name])
-                        .inc();
-                }
+                h.ready = false;
                 h.last_error = Some(e);
+                running
             }
+        };
+        if failed {
+            h.failures = h.failures.saturating_add(1);
+            self.metrics
+                .health_check_failures
+                .with_label_values(&[&node.name])
+                .inc();
+        } else if h.ok {
+            h.failures = 0;
         }
         self.metrics
             .node_up
             .with_label_values(&[&node.name])
-            .set(i64::from(h.ok));
-        if was_ok != h.ok {
+            .set(i64::from(h.ok && h.ready));
+        if before != (h.ok, h.ready) {
             drop(h);
             self.wake.notify_one();
         }
@@ -419,24 +481,65 @@ impl Sup {
             .map_err(|e| format!("status check: bad body: {e}"))
     }
 
+    /// `Ok(None)` when `/ready` answers 200, `Ok(Some(why))` when it answers
+    /// anything else; `Err` when it does not answer.
+    async fn fetch_ready(&self, url: &str, timeout: Duration) -> Result<Option<String>, String> {
+        let resp = self
+            .http
+            .get(format!("{url}/ready"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| format!("readiness check failed: {e}"))?;
+        let code = resp.status();
+        if code.is_success() {
+            return Ok(None);
+        }
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let message = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no reason given");
+        Ok(Some(format!("/ready answered {code}: {message}")))
+    }
+
     fn health_loop(self: &Arc<Self>, node: Arc<Node>) {
         let sup = self.clone();
         tokio::spawn(async move {
-            loop {
-                if sup.shutting_down.load(Ordering::Acquire) {
-                    return;
+            while !sup.shutting_down.load(Ordering::Acquire) {
+                let next = tokio::time::Instant::now() + sup.interval();
+                if node.awaiting_first_answer() {
+                    sup.probe_until_answer(&node, next).await;
+                } else {
+                    sup.check(&node).await;
                 }
-                let started = Instant::now();
-                sup.check(&node).await;
-                let interval = sup.interval();
-                tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+                // A start ends the wait: the new process is probed at once.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = node.started.notified() => {}
+                }
             }
         });
     }
 
+    /// Probes a node that has not answered since it was started, every
+    /// [`STARTUP_PROBE`] until it answers or `until` (the end of this
+    /// interval). Only the last probe is recorded, so a starting node
+    /// fails at most one check per interval, like any other.
+    async fn probe_until_answer(&self, node: &Node, until: tokio::time::Instant) {
+        loop {
+            let result = self.look(node).await;
+            if result.is_ok() || tokio::time::Instant::now() + STARTUP_PROBE >= until {
+                self.record(node, result);
+                return;
+            }
+            tokio::time::sleep(STARTUP_PROBE).await;
+        }
+    }
+
     // ------------------------------------------------------------ reconcile
 
-    fn views(&self) -> Vec<View> {
+    fn views(&self) -> Vec<NodeView> {
         let threshold = self.manifest.read().spec.health_check.failure_threshold;
         self.nodes
             .iter()
@@ -449,16 +552,16 @@ impl Sup {
                         .and_then(Value::as_u64)
                         .unwrap_or(0)
                 };
-                View {
+                NodeView {
                     name: n.name.clone(),
                     url: n.url.clone(),
                     running,
-                    healthy: running && h.ok,
+                    answering: running && h.ok,
+                    ready: h.ready,
                     failed: !running || h.failures >= threshold,
-                    role: st
-                        .and_then(|s| s.get("role"))
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
+                    claims_primary: h.ok
+                        && st.and_then(|s| s.get("role")).and_then(Value::as_str)
+                            == Some("primary"),
                     epoch: num("epoch"),
                     last: (num("last_log_epoch"), num("last_index")),
                 }
@@ -482,9 +585,8 @@ impl Sup {
                     self.event("error", Some(&node.name), format!("cannot start: {e:#}"));
                     let policy = self.manifest.read().spec.restart;
                     let mut r = node.run.lock();
-                    r.backoff_ms = (r.backoff_ms.max(policy.backoff_initial_ms) * 2)
-                        .min(policy.backoff_max_ms);
-                    r.next_start = Some(now + Duration::from_millis(r.backoff_ms));
+                    r.backoff_ms = next_backoff_ms(r.backoff_ms, false, policy);
+                    r.next_start = Some(after_ms(now, r.backoff_ms));
                 }
             }
         }
@@ -498,66 +600,48 @@ impl Sup {
         self.publish_conditions();
     }
 
-    /// The healthy primary with the highest epoch, if any.
-    fn current_primary(views: &[View]) -> Option<&View> {
-        views
-            .iter()
-            .filter(|v| v.healthy && v.role.as_deref() == Some("primary"))
-            .max_by_key(|v| v.epoch)
-    }
-
     async fn failover_step(self: &Arc<Self>) {
         let views = self.views();
-        let threshold = self.manifest.read().spec.health_check.failure_threshold;
-        let should_elect = {
+        let hc = self.manifest.read().spec.health_check;
+        let decision = {
             let mut el = self.election.lock();
-            if let Some(p) = Self::current_primary(&views) {
-                if el.known_primary.as_deref() != Some(&p.name) {
-                    el.known_primary = Some(p.name.clone());
-                }
+            let timing = election::Timing {
+                without_leader: el.no_primary_since.map_or(Duration::ZERO, |t| t.elapsed()),
+                patience: self.interval().saturating_mul(hc.failure_threshold),
+                grace: NO_PRIMARY_GRACE,
+            };
+            let d = election::decide(&views, el.known_primary.as_deref(), timing);
+            if let Decision::Led(p) = &d {
+                el.known_primary = Some(p.name.clone());
                 el.primary_down_since = None;
                 el.no_primary_since = None;
+                el.last_refusal = None;
                 self.failover_in_progress.store(false, Ordering::Release);
                 return;
             }
-            let without = el
-                .no_primary_since
-                .get_or_insert_with(Instant::now)
-                .elapsed();
-            let interval = self.interval();
-            // How long a node that failed its checks is given before a vote.
-            let patience = interval * threshold;
-            let known = el
-                .known_primary
-                .as_ref()
-                .and_then(|k| views.iter().find(|v| &v.name == k));
-            if el.primary_down_since.is_none() {
-                el.primary_down_since = Some(Instant::now());
-            }
-            match known {
-                // The primary's process is gone: no reason to wait.
-                Some(k) if !k.running => true,
-                Some(k) => k.failed && without >= patience,
-                // No primary known (a restarted cluster, or a fresh one whose
-                // first node is still starting): wait longer, so that a node
-                // bootstrapping as primary is not raced by an election.
-                None => without >= patience + NO_PRIMARY_GRACE,
-            }
+            let now = Instant::now();
+            el.no_primary_since.get_or_insert(now);
+            el.primary_down_since.get_or_insert(now);
+            d
         };
-        if !should_elect {
-            return;
+        match decision {
+            Decision::Led(_) | Decision::Wait => {}
+            Decision::Stuck {
+                cause,
+                healthy,
+                needed,
+            } => self.report_once(format!(
+                "cannot elect a primary ({cause}): {healthy} of {} nodes are healthy, \
+                 {needed} needed to win a vote",
+                views.len()
+            )),
+            Decision::Elect { cause, candidates } => self.elect(&cause, &candidates).await,
         }
-        let mut candidates: Vec<&View> = views
-            .iter()
-            .filter(|v| v.healthy && v.role.as_deref() != Some("primary"))
-            .collect();
-        let majority = self.nodes.len() / 2 + 1;
-        if candidates.len() < majority.saturating_sub(1).max(1) {
-            // Not enough reachable nodes to win a vote; wait.
-            return;
-        }
+    }
+
+    /// Asks each candidate in turn to run for primary until one wins.
+    async fn elect(self: &Arc<Self>, cause: &election::Cause, candidates: &[&NodeView]) {
         self.failover_in_progress.store(true, Ordering::Release);
-        candidates.sort_by(|a, b| b.last.cmp(&a.last).then(a.name.cmp(&b.name)));
         let mut refusals = Vec::new();
         for c in candidates {
             match self.promote_once(&c.url).await {
@@ -578,12 +662,9 @@ impl Sup {
                         "failover",
                         Some(&c.name),
                         format!(
-                            "promoted to primary of epoch {epoch}{}",
-                            took.map(|t| format!(
-                                " ({} ms after the primary failed)",
-                                t.as_millis()
-                            ))
-                            .unwrap_or_default()
+                            "promoted to primary of epoch {epoch} ({cause}{})",
+                            took.map(|t| format!("; {} ms without a primary", t.as_millis()))
+                                .unwrap_or_default()
                         ),
                     );
                     // Take the new role into account at once, not a check later.
@@ -596,13 +677,21 @@ impl Sup {
                 Err(e) => refusals.push(format!("{}: {e}", c.name)),
             }
         }
+        self.report_once(format!(
+            "no node could be promoted ({cause}): {}",
+            refusals.join("; ")
+        ));
+    }
+
+    /// Counts a failed election step and says why, once per distinct reason
+    /// (the loop retries every interval).
+    fn report_once(&self, why: String) {
         self.metrics.reconcile_errors.inc();
-        let why = refusals.join("; ");
         let mut el = self.election.lock();
         if el.last_refusal.as_deref() != Some(&why) {
             el.last_refusal = Some(why.clone());
             drop(el);
-            self.event("error", None, format!("no node could be promoted: {why}"));
+            self.event("error", None, why);
         }
     }
 
@@ -678,7 +767,7 @@ impl Sup {
         let m = self.manifest.read().clone();
         let views = self.views();
         let primary = if m.spec.mode == Mode::PrimarySecondary {
-            Self::current_primary(&views).map(|v| v.name.clone())
+            election::leader(&views).map(|v| v.name.clone())
         } else {
             None
         };
@@ -710,7 +799,7 @@ impl Sup {
                 .filter_map(|p| p.get("lag_entries").and_then(Value::as_u64))
                 .max()
         };
-        let all_healthy = views.iter().all(|v| v.healthy);
+        let all_healthy = views.iter().all(NodeView::healthy);
         let nodes: Vec<Value> = self
             .nodes
             .iter()
@@ -738,7 +827,8 @@ impl Sup {
                     } else {
                         lag_of(&n.url)
                     },
-                    "healthy": r.running && h.ok,
+                    "healthy": r.running && h.ok && h.ready,
+                    "ready": h.ready,
                     "failures": h.failures,
                     "restarts": n.restarts.load(Ordering::Relaxed),
                     "last_exit": r.last_exit,
@@ -786,7 +876,11 @@ impl Sup {
         base_dir: &Path,
         dry_run: bool,
     ) -> Result<Vec<String>, ApplyError> {
-        let new = Manifest::load(path).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        // The requester may not be allowed to read `path` (the daemon may
+        // run as another user): its content is never repeated back.
+        let new = load_manifest(path)
+            .await
+            .map_err(|e| ApplyError::Invalid(e.redacted()))?;
         if new.state_dir(base_dir) != self.state_dir {
             return Err(ApplyError::Refused(format!(
                 "spec.stateDir resolves to {}, but this supervisor runs in {}",
@@ -841,7 +935,12 @@ impl Sup {
         let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
         // Back to primary/secondary: the first healthy node leads.
         let primary = (to == Mode::PrimarySecondary)
-            .then(|| self.views().into_iter().find(|v| v.healthy).map(|v| v.name))
+            .then(|| {
+                self.views()
+                    .into_iter()
+                    .find(NodeView::healthy)
+                    .map(|v| v.name)
+            })
             .flatten();
         let opts = admin::SwitchOptions {
             primary,
@@ -934,7 +1033,7 @@ impl Sup {
         let mut last_err = String::from("no attempt made");
         while Instant::now() < until {
             let views = self.views();
-            let primary = Self::current_primary(&views).map(|v| (v.name.clone(), v.url.clone()));
+            let primary = election::leader(&views).map(|v| (v.name.clone(), v.url.clone()));
             if primary.as_ref().is_some_and(|(p, _)| p == name) {
                 return Ok(views.iter().find(|v| v.name == name).map_or(0, |v| v.epoch));
             }
@@ -1015,6 +1114,40 @@ impl Sup {
     }
 }
 
+/// [`Manifest::load`] on a blocking thread, so that a slow file system
+/// never holds up a runtime worker (health checks and failover run there).
+pub async fn load_manifest(path: &Path) -> Result<Manifest, ManifestError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Manifest::load(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ManifestError {
+                file: path.display().to_string(),
+                line: None,
+                field: "(file)".into(),
+                message: format!("reading it failed: {e}"),
+                quotes_content: false,
+            })
+        })
+}
+
+/// The restart delay after an exit: the initial one after a first exit or
+/// a stable run, else twice the previous one, capped at the maximum.
+pub fn next_backoff_ms(prev_ms: u64, stable: bool, policy: RestartPolicy) -> u64 {
+    if stable || prev_ms == 0 {
+        policy.backoff_initial_ms.min(policy.backoff_max_ms)
+    } else {
+        prev_ms.saturating_mul(2).min(policy.backoff_max_ms)
+    }
+}
+
+/// `now + ms`, with `ms` held to the manifest's limit, so that no value
+/// can overflow the clock (which would panic the exit watcher and leave the
+/// node never restarted).
+fn after_ms(now: Instant, ms: u64) -> Instant {
+    now + Duration::from_millis(ms.min(crate::manifest::MAX_BACKOFF_MS))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("invalid manifest: {0}")]
@@ -1029,6 +1162,9 @@ pub enum ApplyError {
 /// running for the next daemon to adopt).
 pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Result<()> {
     let manifest = Manifest::load(&manifest_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    manifest
+        .checked_state_dir(&base_dir, &manifest_path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let port = manifest.spec.supervisor.port;
     let sup = Arc::new(Sup::new(manifest, manifest_path, base_dir, kvd)?);
     std::fs::create_dir_all(&sup.state_dir)
@@ -1072,4 +1208,36 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
     }
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_cap_and_never_overflows() {
+        let policy = RestartPolicy {
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+        };
+        let mut b = 0;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            b = next_backoff_ms(b, false, policy);
+            seen.push(b);
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(next_backoff_ms(5_000, true, policy), 100);
+        let huge = RestartPolicy {
+            backoff_initial_ms: u64::MAX,
+            backoff_max_ms: u64::MAX,
+        };
+        assert_eq!(next_backoff_ms(u64::MAX, false, huge), u64::MAX);
+        let now = Instant::now();
+        let at = after_ms(now, u64::MAX);
+        assert_eq!(
+            at - now,
+            Duration::from_millis(crate::manifest::MAX_BACKOFF_MS)
+        );
+    }
 }

@@ -71,6 +71,15 @@ struct ApplyReq {
 }
 
 async fn apply(State(c): State<Ctx>, Json(req): Json<ApplyReq>) -> Response {
+    // Relative paths would resolve against the daemon's directory, which
+    // the requester does not know.
+    if !req.path.is_absolute() || !req.base_dir.is_absolute() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "path and base_dir must be absolute".into(),
+        );
+    }
     match c.sup.apply(&req.path, &req.base_dir, req.dry_run).await {
         Ok(changes) => Json(json!({"changes": changes, "dry_run": req.dry_run})).into_response(),
         Err(ApplyError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "invalid_manifest", m),

@@ -2,6 +2,7 @@
 //! runs a database on Kubernetes (DESIGN §8). See ARCHITECTURE.md.
 
 pub mod daemon;
+pub mod election;
 pub mod http;
 pub mod manifest;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! The `kvsup` command: `apply` starts (or updates) a cluster's supervisor
 //! daemon; the other commands talk to the running daemon over loopback HTTP.
 
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -11,6 +12,28 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use kvsup::manifest::Manifest;
+
+/// `println!` that returns an error instead of panicking when stdout is
+/// gone; a closed pipe (`kvsup status | head -1`) becomes [`StdoutClosed`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// The reader of stdout went away: the command ends quietly, with success,
+/// as a pipeline's producer should.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
 
 /// kvsup: the kvstore supervisor. Declare a cluster in a YAML manifest;
 /// kvsup starts its nodes, health-checks them, restarts dead ones and
@@ -100,6 +123,7 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvsup: {e:#}");
             ExitCode::FAILURE
@@ -125,9 +149,9 @@ async fn run(cli: Cli) -> Result<()> {
                 Cmd::Status { json } => {
                     let st = c.get("/v1/status").await?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&st)?);
+                        say!("{}", serde_json::to_string_pretty(&st)?);
                     } else {
-                        print_status(&st);
+                        print_status(&st)?;
                     }
                     Ok(())
                 }
@@ -135,7 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let r = c
                         .post("/v1/kill", json!({"node": node, "signal": signal}), 10)
                         .await?;
-                    println!(
+                    say!(
                         "sent {} to {node} (pid {})",
                         r["signal"].as_str().unwrap_or("?"),
                         r["pid"]
@@ -150,17 +174,17 @@ async fn run(cli: Cli) -> Result<()> {
                             timeout_ms / 1000 + 10,
                         )
                         .await?;
-                    println!("{node} is primary of epoch {}", r["epoch"]);
+                    say!("{node} is primary of epoch {}", r["epoch"]);
                     Ok(())
                 }
                 Cmd::Down => down(&c).await,
                 Cmd::Events { json } => {
                     let r = c.get("/v1/events").await?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
+                        say!("{}", serde_json::to_string_pretty(&r)?);
                     } else {
                         for e in r["events"].as_array().into_iter().flatten() {
-                            println!(
+                            say!(
                                 "{}  {:<9} {:<4} {}",
                                 clock(e["time_ms"].as_u64().unwrap_or(0)),
                                 e["kind"].as_str().unwrap_or(""),
@@ -248,6 +272,9 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
     let path =
         std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
     let base = std::env::current_dir().context("reading the current directory")?;
+    let state_dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
     let url = format!("http://127.0.0.1:{}", m.spec.supervisor.port);
     let api = Api::new(&url)?;
     let name = &m.metadata.name;
@@ -272,13 +299,12 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
             .filter_map(Value::as_str)
             .collect();
         match (dry_run, changes.is_empty()) {
-            (_, true) => println!("cluster {name}: unchanged"),
-            (true, false) => println!("cluster {name}: would change:\n  {}", changes.join("\n  ")),
-            (false, false) => println!("cluster {name}: configured:\n  {}", changes.join("\n  ")),
+            (_, true) => say!("cluster {name}: unchanged"),
+            (true, false) => say!("cluster {name}: would change:\n  {}", changes.join("\n  ")),
+            (false, false) => say!("cluster {name}: configured:\n  {}", changes.join("\n  ")),
         }
         return Ok(());
     }
-    let state_dir = m.state_dir(&base);
     let kvd = match kvd {
         Some(k) => k,
         None => std::env::current_exe()
@@ -286,12 +312,12 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
             .with_file_name("kvd"),
     };
     if dry_run {
-        println!(
+        say!(
             "cluster {name}: would start the supervisor on {url} (state in {}) and nodes:",
             state_dir.display()
         );
         for n in &m.spec.nodes {
-            println!("  {} on http://127.0.0.1:{}", n.name, n.port);
+            say!("  {} on http://127.0.0.1:{}", n.name, n.port);
         }
         return Ok(());
     }
@@ -350,7 +376,7 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
                 .iter()
                 .all(|n| !n["pid"].is_null() || !n["last_exit"].is_null())
             {
-                println!(
+                say!(
                     "cluster {name}: supervisor started on {url} (pid {}), state in {}",
                     child.id(),
                     state_dir.display()
@@ -364,13 +390,13 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
                             n["log"].as_str().unwrap_or("its log")
                         ),
                     };
-                    println!(
+                    say!(
                         "  {} {} {how}",
                         n["name"].as_str().unwrap_or(""),
                         n["url"].as_str().unwrap_or(""),
                     );
                 }
-                println!(
+                say!(
                     "run `kvsup status -f {}` to watch it become Ready",
                     file.display()
                 );
@@ -394,7 +420,7 @@ fn read_pid(p: &Path) -> Option<u32> {
 async fn down(c: &Api) -> Result<()> {
     let r = c.post("/v1/down", json!({}), 60).await?;
     for line in r["stopped"].as_array().into_iter().flatten() {
-        println!("{}", line.as_str().unwrap_or(""));
+        say!("{}", line.as_str().unwrap_or(""));
     }
     if let Some(pid) = r["supervisor_pid"]
         .as_u64()
@@ -408,17 +434,17 @@ async fn down(c: &Api) -> Result<()> {
             bail!("the supervisor (pid {pid}) did not exit");
         }
     }
-    println!("supervisor stopped");
+    say!("supervisor stopped");
     Ok(())
 }
 
-fn print_status(st: &Value) {
+fn print_status(st: &Value) -> Result<()> {
     let s = |v: &Value| match v {
         Value::Null => "-".to_string(),
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };
-    println!(
+    say!(
         "CLUSTER {}  MODE {}  PRIMARY {}  EPOCH {}",
         s(&st["cluster"]),
         s(&st["mode"]),
@@ -426,18 +452,26 @@ fn print_status(st: &Value) {
         s(&st["epoch"])
     );
     let c = &st["conditions"];
-    println!(
+    say!(
         "CONDITIONS Ready={} Degraded={} FailoverInProgress={}",
         s(&c["Ready"]),
         s(&c["Degraded"]),
         s(&c["FailoverInProgress"])
     );
-    println!(
+    say!(
         "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
-        "NAME", "URL", "PID", "ROLE", "EPOCH", "COMMIT", "LAG", "HEALTH", "RESTARTS"
+        "NAME",
+        "URL",
+        "PID",
+        "ROLE",
+        "EPOCH",
+        "COMMIT",
+        "LAG",
+        "HEALTH",
+        "RESTARTS"
     );
     for n in st["nodes"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
             s(&n["name"]),
             s(&n["url"]),
@@ -454,6 +488,7 @@ fn print_status(st: &Value) {
             s(&n["restarts"])
         );
     }
+    Ok(())
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.

@@ -8,7 +8,8 @@
 //! offending value.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,22 @@ pub const KIND: &str = "Cluster";
 
 /// Largest manifest file read; a manifest is a few hundred bytes.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Longest restart backoff: five minutes, Kubernetes' cap for a container
+/// in a crash loop. A longer one would leave a node down for good.
+pub const MAX_BACKOFF_MS: u64 = 300_000;
+
+/// A node may not be called this: the daemon's own files in `stateDir` are
+/// `kvsup.pid` and `kvsup.log`, beside each node's `<name>.pid` and
+/// `<name>.log`.
+const RESERVED_NODE_NAME: &str = "kvsup";
+
+/// Directories that belong to the operating system: a `stateDir` in one
+/// of them is refused (kvsup writes logs, pid files and data there).
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run",
+    "/sbin", "/sys", "/usr",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -174,26 +191,173 @@ pub struct ManifestError {
     /// Dotted path of the field, e.g. `spec.nodes[1].port`.
     pub field: String,
     pub message: String,
+    /// The message may quote the file's content (a parse or validation
+    /// error), not only say why it could not be read.
+    pub quotes_content: bool,
+}
+
+/// Every field name of a manifest, for [`ManifestError::redacted`].
+const FIELD_NAMES: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "name",
+    "spec",
+    "mode",
+    "index",
+    "stateDir",
+    "nodes",
+    "port",
+    "healthCheck",
+    "intervalMs",
+    "failureThreshold",
+    "timeoutMs",
+    "supervisor",
+    "restart",
+    "backoffInitialMs",
+    "backoffMaxMs",
+    "kvdArgs",
+];
+
+impl ManifestError {
+    fn file_error(file: &str, message: String) -> ManifestError {
+        ManifestError {
+            file: file.to_string(),
+            line: None,
+            field: "(file)".into(),
+            message,
+            quotes_content: false,
+        }
+    }
+
+    /// The error without anything read from the file: for a requester of
+    /// the daemon's API, who may not be allowed to read it (the daemon may
+    /// run as another user). The field path stays when it is made of
+    /// manifest field names only.
+    pub fn redacted(&self) -> String {
+        if !self.quotes_content {
+            return self.to_string();
+        }
+        let known = self.field.split('.').all(|part| {
+            let name = part.split('[').next().unwrap_or(part);
+            FIELD_NAMES.contains(&name)
+        });
+        format!(
+            "{}{}: {}not a valid manifest (`kvsup apply --dry-run -f {}` says why)",
+            self.file,
+            self.line.map(|l| format!(":{l}")).unwrap_or_default(),
+            if known {
+                format!("{}: ", self.field)
+            } else {
+                String::new()
+            },
+            self.file
+        )
+    }
+}
+
+/// Reads the file at `path` if it is a regular file of at most
+/// [`MAX_MANIFEST_BYTES`]. Anything else is refused before a byte is read:
+/// `/dev/zero` never ends, and a FIFO blocks its reader until a writer
+/// comes (it is opened non-blocking, so not even the open waits).
+fn read_manifest_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| format!("cannot open: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("not a regular file ({})", file_type(&meta)));
+    }
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "{} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    // Bounded even if the file grows while it is read.
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest"
+        ));
+    }
+    Ok(text)
+}
+
+fn file_type(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// `path` with `.` and `..` resolved without the file system (`..` of the
+/// root is the root).
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether `dir` (absolute, normalized) may be a state directory: not the
+/// root, not a top-level directory (`/home`, `/tmp`, `/var`: kvsup puts
+/// its files directly in `stateDir`, so it needs one of its own), not
+/// inside a system directory.
+pub fn check_state_dir(dir: &Path) -> Result<(), String> {
+    let depth = dir
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .count();
+    let system = SYSTEM_DIRS.iter().any(|s| dir.starts_with(s));
+    if depth < 2 || system {
+        return Err(format!(
+            "{} is {}; kvsup writes its logs, pid files and the nodes' data there, so \
+             give it a directory of its own, such as /var/lib/kvsup/<cluster>",
+            dir.display(),
+            if depth == 0 {
+                "the root directory"
+            } else if system {
+                "a system directory"
+            } else {
+                "a top-level directory"
+            }
+        ));
+    }
+    Ok(())
 }
 
 impl Manifest {
     /// Reads, parses and validates a manifest file.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let file = path.display().to_string();
-        let err = |message: String| ManifestError {
-            file: file.clone(),
-            line: None,
-            field: "(file)".into(),
-            message,
-        };
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(err(format!(
-                "{} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest",
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text = read_manifest_file(path).map_err(|m| ManifestError::file_error(&file, m))?;
         Manifest::parse(&text, &file)
     }
 
@@ -218,6 +382,7 @@ impl Manifest {
                 line,
                 field,
                 message,
+                quotes_content: true,
             }
         })?;
         m.validate(text, file)?;
@@ -231,6 +396,7 @@ impl Manifest {
                 line: find_line(text, key, value, nth),
                 field: field.to_string(),
                 message,
+                quotes_content: true,
             })
         };
         if self.api_version != API_VERSION {
@@ -264,6 +430,11 @@ impl Manifest {
                 "must not be empty".into(),
             );
         }
+        if s.state_dir.is_absolute() {
+            if let Err(why) = check_state_dir(&normalize(&s.state_dir)) {
+                return fail("spec.stateDir", "stateDir", "", 0, why);
+            }
+        }
         if s.nodes.is_empty() {
             return fail(
                 "spec.nodes",
@@ -287,6 +458,18 @@ impl Manifest {
         for (i, n) in s.nodes.iter().enumerate() {
             if let Err(why) = check_name(&n.name) {
                 return fail(&format!("spec.nodes[{i}].name"), "name", &n.name, 0, why);
+            }
+            if n.name == RESERVED_NODE_NAME {
+                return fail(
+                    &format!("spec.nodes[{i}].name"),
+                    "name",
+                    &n.name,
+                    0,
+                    format!(
+                        "{RESERVED_NODE_NAME:?} is reserved: the supervisor's own pid file and \
+                         log are {RESERVED_NODE_NAME}.pid and {RESERVED_NODE_NAME}.log"
+                    ),
+                );
             }
             if !names.insert(n.name.as_str()) {
                 return fail(
@@ -361,13 +544,16 @@ impl Manifest {
             }
         }
         let r = &s.restart;
-        if r.backoff_initial_ms == 0 || r.backoff_max_ms < r.backoff_initial_ms {
+        if r.backoff_initial_ms == 0
+            || r.backoff_max_ms < r.backoff_initial_ms
+            || r.backoff_max_ms > MAX_BACKOFF_MS
+        {
             return fail(
                 "spec.restart",
                 "restart",
                 "",
                 0,
-                "need 0 < backoffInitialMs <= backoffMaxMs".into(),
+                format!("need 0 < backoffInitialMs <= backoffMaxMs <= {MAX_BACKOFF_MS}"),
             );
         }
         for a in &s.kvd_args {
@@ -385,13 +571,28 @@ impl Manifest {
         Ok(())
     }
 
-    /// `stateDir` made absolute against `base` (the directory `kvsup apply` ran in).
+    /// `stateDir` made absolute against `base` (the directory `kvsup apply`
+    /// ran in), `.` and `..` resolved.
     pub fn state_dir(&self, base: &Path) -> PathBuf {
-        if self.spec.state_dir.is_absolute() {
-            self.spec.state_dir.clone()
-        } else {
-            base.join(&self.spec.state_dir)
-        }
+        normalize(&base.join(&self.spec.state_dir))
+    }
+
+    /// [`Manifest::state_dir`], refused by [`check_state_dir`] also where a
+    /// relative path or a symbolic link leads to the root or a system
+    /// directory.
+    pub fn checked_state_dir(&self, base: &Path, file: &str) -> Result<PathBuf, ManifestError> {
+        let dir = self.state_dir(base);
+        let real = resolve_links(&dir);
+        check_state_dir(&dir)
+            .and_then(|()| check_state_dir(&real))
+            .map_err(|message| ManifestError {
+                file: file.to_string(),
+                line: None,
+                field: "spec.stateDir".into(),
+                message,
+                quotes_content: true,
+            })?;
+        Ok(dir)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -451,6 +652,17 @@ impl Manifest {
         }
         Ok(changes)
     }
+}
+
+/// `dir` with its longest existing ancestor's symbolic links resolved.
+fn resolve_links(dir: &Path) -> PathBuf {
+    for ancestor in dir.ancestors() {
+        if let Ok(real) = ancestor.canonicalize() {
+            let rest = dir.strip_prefix(ancestor).unwrap_or(Path::new(""));
+            return normalize(&real.join(rest));
+        }
+    }
+    dir.to_path_buf()
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -567,6 +779,170 @@ spec:
         assert_eq!(e.line, Some(5), "{e}");
         let e = Manifest::parse(&GOOD.replace("port: 8766", "port: 99999"), "m").unwrap_err();
         assert_eq!(e.line, Some(9), "{e}");
+    }
+
+    #[test]
+    fn a_node_may_not_take_the_daemons_file_names() {
+        let bad = GOOD.replace("name: n1,", "name: kvsup,");
+        let e = Manifest::parse(&bad, "m").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("spec.nodes[1].name", Some(9)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn state_dirs_of_the_system_are_refused() {
+        for dir in [
+            "/",
+            "/etc",
+            "/etc/kvsup",
+            "/usr/lib/x",
+            "/home",
+            "/tmp",
+            "/proc/1",
+        ] {
+            let bad = GOOD.replace("stateDir: .kvsup/demo", &format!("stateDir: {dir}"));
+            let e = Manifest::parse(&bad, "m").unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.line),
+                ("spec.stateDir", Some(6)),
+                "{dir}: {e}"
+            );
+        }
+        for dir in [
+            "/var/lib/kvsup/demo",
+            "/tmp/demo",
+            "/srv/kv",
+            "/home/ada/kv",
+        ] {
+            assert_eq!(check_state_dir(Path::new(dir)), Ok(()), "{dir}");
+        }
+        // Relative paths are checked once resolved against where apply runs.
+        let m = Manifest::parse(&GOOD.replace(".kvsup/demo", "../../.."), "m").unwrap();
+        let e = m.checked_state_dir(Path::new("/srv/kv"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.stateDir", "{e}");
+        assert!(e.message.contains("the root directory"), "{e}");
+        let m = Manifest::parse(GOOD, "m").unwrap();
+        assert_eq!(
+            m.checked_state_dir(Path::new("/srv/kv/../kv2"), "m"),
+            Ok(PathBuf::from("/srv/kv2/.kvsup/demo"))
+        );
+    }
+
+    #[test]
+    fn normalize_resolves_dots_without_the_file_system() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), Path::new("/a/c"));
+        assert_eq!(normalize(Path::new("/a/../../..")), Path::new("/"));
+        assert_eq!(normalize(Path::new("a/../../b")), Path::new("../b"));
+    }
+
+    #[test]
+    fn restart_backoff_is_bounded() {
+        let with = |r: &str| GOOD.replace("supervisor:", &format!("restart: {r}\n  supervisor:"));
+        for r in [
+            format!("{{backoffInitialMs: {m}, backoffMaxMs: {m}}}", m = u64::MAX),
+            "{backoffMaxMs: 300001}".to_string(),
+            "{backoffInitialMs: 0}".to_string(),
+            "{backoffInitialMs: 600, backoffMaxMs: 500}".to_string(),
+        ] {
+            let e = Manifest::parse(&with(&r), "m").unwrap_err();
+            assert_eq!(e.field, "spec.restart", "{r}: {e}");
+        }
+        let m = Manifest::parse(&with("{backoffInitialMs: 1, backoffMaxMs: 300000}"), "m");
+        assert_eq!(m.unwrap().spec.restart.backoff_max_ms, MAX_BACKOFF_MS);
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let big = dir.path().join("big.yaml");
+        // Sparse: no need to write a megabyte.
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_MANIFEST_BYTES + 1)
+            .unwrap();
+        let cases = [
+            (dir.path().to_path_buf(), "not a regular file (a directory)"),
+            (
+                PathBuf::from("/dev/null"),
+                "not a regular file (a character device)",
+            ),
+            (big, "larger than the"),
+            (dir.path().join("absent.yaml"), "cannot open"),
+        ];
+        for (path, why) in cases {
+            let e = Manifest::load(&path).unwrap_err();
+            assert!(e.message.contains(why), "{}: {e}", path.display());
+            assert!(!e.quotes_content, "{e}");
+        }
+        let ok = dir.path().join("m.yaml");
+        std::fs::write(&ok, GOOD).unwrap();
+        assert!(Manifest::load(&ok).is_ok());
+    }
+
+    #[test]
+    fn redacted_errors_repeat_nothing_from_the_file() {
+        for (text, field) in [
+            ("hunter2", None),
+            ("hunter2: 1", None),
+            (&*GOOD.replace("kvstore/v1", "hunter2"), Some("apiVersion")),
+            (
+                &*GOOD.replace("kind: Cluster", "kind: hunter2"),
+                Some("kind"),
+            ),
+            (
+                &*GOOD.replace("port: 8766", "port: hunter2"),
+                Some("spec.nodes[1].port"),
+            ),
+            (
+                &*GOOD.replace("mode: primary-secondary", "mode: hunter2"),
+                Some("spec.mode"),
+            ),
+        ] {
+            let e = Manifest::parse(text, "/x/m.yaml").unwrap_err();
+            assert!(
+                e.to_string().contains("hunter2"),
+                "the full error says why: {e}"
+            );
+            let r = e.redacted();
+            assert!(!r.contains("hunter2"), "{r}");
+            assert!(r.starts_with("/x/m.yaml"), "{r}");
+            if let Some(f) = field {
+                assert!(r.contains(&format!(": {f}: ")), "{r}");
+            }
+        }
+        // What is not from the file stays.
+        let e = Manifest::load(Path::new("/dev/null")).unwrap_err();
+        assert_eq!(e.redacted(), e.to_string());
+    }
+
+    #[test]
+    fn field_names_cover_every_field() {
+        fn keys(v: &serde_yaml_ng::Value, out: &mut Vec<String>) {
+            match v {
+                serde_yaml_ng::Value::Mapping(m) => {
+                    for (k, v) in m {
+                        out.push(k.as_str().unwrap_or_default().to_string());
+                        keys(v, out);
+                    }
+                }
+                serde_yaml_ng::Value::Sequence(s) => s.iter().for_each(|v| keys(v, out)),
+                _ => {}
+            }
+        }
+        let mut m = Manifest::parse(GOOD, "m").unwrap();
+        m.spec.health_check.timeout_ms = Some(500);
+        m.spec.kvd_args = vec!["--sync-replicas=1".into()];
+        let mut all = Vec::new();
+        keys(&serde_yaml_ng::to_value(&m).unwrap(), &mut all);
+        for k in all {
+            assert!(
+                FIELD_NAMES.contains(&k.as_str()),
+                "{k} is not in FIELD_NAMES"
+            );
+        }
     }
 
     #[test]

@@ -66,8 +66,9 @@ pub fn spawn(sup: Arc<Sup>) {
                 return;
             }
             let base = sup.base_dir().to_path_buf();
-            let unchanged =
-                crate::manifest::Manifest::load(&path).is_ok_and(|m| m == sup.manifest());
+            let unchanged = crate::daemon::load_manifest(&path)
+                .await
+                .is_ok_and(|m| m == sup.manifest());
             if unchanged {
                 continue;
             }

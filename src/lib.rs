@@ -78,14 +78,49 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Minimal blocking HTTP/1.1 GET over loopback: (status, body). Used for
 /// readiness polling so the kit works inside and outside async runtimes.
 pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
+    http_request(port, "GET", path, None, timeout)
+}
+
+/// [`http_get`]'s POST of a JSON body.
+pub fn http_post_json(
+    port: u16,
+    path: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
+    http_request(
+        port,
+        "POST",
+        path,
+        Some(&serde_json::to_vec(body)?),
+        timeout,
+    )
+}
+
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    json_body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let body = json_body.unwrap_or_default();
+    let content = match json_body {
+        Some(b) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ),
+        None => String::new(),
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{content}\r\n"
     )?;
+    s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let head_end = raw
@@ -123,6 +158,20 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
         out.extend_from_slice(&b[..size]);
         b = &b[size + 2..];
     }
+}
+
+/// Whether process `pid` is stopped (SIGSTOP), from the state letter in
+/// `/proc/<pid>/stat`: the positive sign that a stop landed, where a
+/// request that gets no answer could have many causes.
+pub fn is_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": comm may hold spaces and parentheses, so the
+    // state is the first field after the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "T")
 }
 
 /// A running (or stopped) kvd process that this kit started.

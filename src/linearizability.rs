@@ -12,7 +12,10 @@
 //! An operation whose outcome is unknown (a write that timed out or lost its
 //! connection) may or may not have happened: it gets a return time of
 //! "never", so it may be linearized anywhere after its call, or not at all.
-//! Written values must be unique, so a read names the write it saw.
+//! Written values must be unique, so a read names the write it saw. A bulk
+//! write is one write per key it touches (same call and return times); a
+//! delete empties the register, and its answer ("was the key there?") is
+//! checked too.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,8 +24,26 @@ use std::collections::{HashMap, HashSet};
 pub enum Kind {
     /// Wrote a unique value id (> 0).
     Write(u64),
+    /// Deleted the key; `existed` is the answer's "the key was there"
+    /// (`None` when no answer came).
+    Delete { existed: Option<bool> },
     /// Read: `None` for "absent", else the value id seen.
     Read(Option<u64>),
+}
+
+impl Kind {
+    /// The register after this operation takes effect on `state`, or
+    /// `None` if it cannot take effect there (a read that saw something
+    /// else, a delete whose answer contradicts `state`).
+    fn step(self, state: Option<u64>) -> Option<Option<u64>> {
+        match self {
+            Kind::Write(v) => Some(Some(v)),
+            Kind::Delete { existed } => {
+                existed.is_none_or(|e| e == state.is_some()).then_some(None)
+            }
+            Kind::Read(seen) => (seen == state).then_some(state),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +76,8 @@ impl Report {
     }
 }
 
-/// Search steps allowed per key before giving up (a few seconds).
+/// Search steps allowed per key before giving up (under a second, even in a
+/// debug build).
 const STEP_LIMIT: u64 = 5_000_000;
 
 /// A pseudo-random 128-bit tag for operation `i` (splitmix64, twice).
@@ -69,25 +91,11 @@ fn tag(i: u64) -> u128 {
     (u128::from(mix(2 * i)) << 64) | u128::from(mix(2 * i + 1))
 }
 
+/// Checks every key's history on its own; a key whose search needs more
+/// than [`STEP_LIMIT`] steps is reported undecided, which fails the report.
 pub fn check(history: &[Operation]) -> Report {
-    // A write of unknown outcome whose value no read returned can be left
-    // out: it may not have happened, and had it happened it could explain
-    // no read (values are unique). Dropping these keeps the search from
-    // trying every subset of them, which is what makes it explode.
-    let observed: HashSet<(&str, u64)> = history
-        .iter()
-        .filter_map(|o| match o.kind {
-            Kind::Read(Some(v)) => Some((o.key.as_str(), v)),
-            _ => None,
-        })
-        .collect();
     let mut by_key: HashMap<&str, Vec<&Operation>> = HashMap::new();
     for op in history {
-        if let (Kind::Write(v), None) = (op.kind, op.ret) {
-            if !observed.contains(&(op.key.as_str(), v)) {
-                continue;
-            }
-        }
         by_key.entry(&op.key).or_default().push(op);
     }
     let mut report = Report {
@@ -98,13 +106,52 @@ pub fn check(history: &[Operation]) -> Report {
     let mut keys: Vec<_> = by_key.into_iter().collect();
     keys.sort_by(|a, b| a.0.cmp(b.0));
     for (key, ops) in keys {
-        match check_register(&ops) {
+        match check_register(&prune_unknown(&ops)) {
             Verdict::Linearizable => {}
             Verdict::Violation(why) => report.violations.push(format!("{key}: {why}")),
             Verdict::Undecided => report.undecided.push(key.to_string()),
         }
     }
     report
+}
+
+/// Leaves out the operations of unknown outcome that could explain
+/// nothing: they may not have happened, so leaving them out is one of the
+/// orders the search would try anyway, and keeping them makes it try every
+/// subset of them, which is what makes it explode. A write explains only a
+/// later read of its value (values are unique) or a later delete that found
+/// the key; a delete explains only a later "absent" (a read of nothing, or
+/// a delete that found nothing). One after whose call no such answer came
+/// explains nothing.
+fn prune_unknown<'a>(ops: &[&'a Operation]) -> Vec<&'a Operation> {
+    let observed: HashSet<u64> = ops
+        .iter()
+        .filter_map(|o| match o.kind {
+            Kind::Read(Some(v)) => Some(v),
+            _ => None,
+        })
+        .collect();
+    // The last return of an answer that needs the key present, or absent.
+    let last_return = |needs_present: bool| {
+        ops.iter()
+            .filter(|o| match o.kind {
+                Kind::Read(seen) => !needs_present && seen.is_none(),
+                Kind::Delete { existed } => existed == Some(needs_present),
+                Kind::Write(_) => false,
+            })
+            .filter_map(|o| o.ret)
+            .max()
+    };
+    let (last_present, last_absent) = (last_return(true), last_return(false));
+    let explains = |last: Option<u64>, o: &Operation| last.is_some_and(|r| r >= o.call);
+    ops.iter()
+        .copied()
+        .filter(|o| match (o.kind, o.ret) {
+            (Kind::Write(v), None) => observed.contains(&v) || explains(last_present, o),
+            (Kind::Delete { .. }, None) => explains(last_absent, o),
+            _ => true,
+        })
+        .collect()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -131,7 +178,7 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         .iter()
         .filter_map(|o| match o.kind {
             Kind::Write(v) => Some(v),
-            Kind::Read(_) => None,
+            Kind::Delete { .. } | Kind::Read(_) => None,
         })
         .collect();
     for o in ops {
@@ -225,12 +272,7 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         }
         let e = &ev[entry];
         if e.is_call {
-            let op = ops[e.op];
-            let next_state = match op.kind {
-                Kind::Write(v) => Some(Some(v)),
-                Kind::Read(seen) => (seen == state).then_some(state),
-            };
-            if let Some(ns) = next_state {
+            if let Some(ns) = ops[e.op].kind.step(state) {
                 let bits = linearized ^ tags[e.op];
                 if cache.insert((bits, ns)) {
                     stack.push((entry, state));
@@ -259,8 +301,13 @@ fn check_register(ops: &[&Operation]) -> Verdict {
                 }];
                 return Verdict::Violation(format!(
                     "after the longest explainable prefix ({deepest} operations), no order \
-                     explains client {}'s {:?} (called at {} ns, returned at {:?})",
-                    op.client, op.kind, op.call, op.ret
+                     explains client {}'s {:?} (called at {} ns, returned at {:?}); \
+                     around it: {}",
+                    op.client,
+                    op.kind,
+                    op.call,
+                    op.ret,
+                    neighbourhood(ops, op)
                 ));
             };
             state = prev_state;
@@ -272,6 +319,26 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         }
     }
     Verdict::Linearizable
+}
+
+/// What a reader of a violation needs: the operations concurrent with
+/// `op`, and the last few that ended before it began, in call order.
+fn neighbourhood(ops: &[&Operation], op: &Operation) -> String {
+    let ends = |o: &Operation| o.ret.unwrap_or(u64::MAX);
+    let mut before: Vec<&Operation> = ops.iter().copied().filter(|o| ends(o) < op.call).collect();
+    before.sort_by_key(|o| ends(o));
+    let mut shown: Vec<&Operation> = before.into_iter().rev().take(5).collect();
+    shown.extend(
+        ops.iter()
+            .copied()
+            .filter(|o| ends(o) >= op.call && o.call <= ends(op)),
+    );
+    shown.sort_by_key(|o| o.call);
+    let line = |o: &&Operation| {
+        let ret = o.ret.map_or("unknown".to_string(), |r| r.to_string());
+        format!("[client {} {:?} {}..{ret}]", o.client, o.kind, o.call)
+    };
+    shown.iter().map(line).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -356,6 +423,106 @@ mod tests {
             op(1, Kind::Read(None), 70, Some(80)),
         ];
         assert!(!check(&flicker).ok());
+    }
+
+    fn delete(existed: Option<bool>) -> Kind {
+        Kind::Delete { existed }
+    }
+
+    #[test]
+    fn a_delete_empties_the_register() {
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(0, delete(Some(true)), 2, Some(3)),
+            op(1, Kind::Read(None), 4, Some(5)),
+        ];
+        assert!(check(&h).ok());
+        // The key comes back after an acknowledged delete: a violation.
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(0, delete(Some(true)), 2, Some(3)),
+            op(1, Kind::Read(Some(1)), 4, Some(5)),
+        ];
+        assert_eq!(check(&h).violations.len(), 1);
+    }
+
+    #[test]
+    fn a_deletes_answer_must_match_the_register() {
+        // "Nothing was there" right after an acknowledged write.
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(1, delete(Some(false)), 2, Some(3)),
+        ];
+        assert!(!check(&h).ok());
+        // "Something was there" on a key never written.
+        let h = vec![op(0, delete(Some(true)), 0, Some(1))];
+        assert!(!check(&h).ok());
+        // Concurrent with the write, either answer has an order.
+        for existed in [true, false] {
+            let h = vec![
+                op(0, Kind::Write(1), 0, Some(10)),
+                op(1, delete(Some(existed)), 1, Some(2)),
+                op(2, Kind::Read(None), 11, Some(12)),
+            ];
+            let r = check(&h);
+            assert_eq!(r.ok(), existed, "existed: {existed}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn deletes_of_unknown_outcome_may_or_may_not_happen() {
+        let acked = op(0, Kind::Write(1), 0, Some(1));
+        let unknown = op(0, delete(None), 2, None);
+        for seen in [None, Some(1)] {
+            let h = vec![
+                acked.clone(),
+                unknown.clone(),
+                op(1, Kind::Read(seen), 50, Some(60)),
+            ];
+            assert!(check(&h).ok(), "{seen:?}");
+        }
+        // A write nobody read can still be what a delete found.
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(0, delete(Some(true)), 2, Some(3)),
+            op(1, Kind::Write(2), 4, None),
+            op(0, delete(Some(true)), 50, Some(60)),
+        ];
+        assert!(check(&h).ok());
+        // Once it took effect, the old value cannot come back.
+        let flicker = vec![
+            acked,
+            unknown,
+            op(1, Kind::Read(None), 50, Some(60)),
+            op(1, Kind::Read(Some(1)), 70, Some(80)),
+        ];
+        assert!(!check(&flicker).ok());
+    }
+
+    /// 20 concurrent writes, then two reads after all of them returned that
+    /// see different values: not linearizable, but refuting it means
+    /// trying every subset of the writes (about 10^7 search states, twice
+    /// the step limit; under a second in a debug build).
+    fn history_needing_an_exhaustive_search() -> Vec<Operation> {
+        let mut h: Vec<Operation> = (1..=20)
+            .map(|v| op(v as usize, Kind::Write(v), 0, Some(1000)))
+            .collect();
+        h.push(op(0, Kind::Read(Some(1)), 1001, Some(1002)));
+        h.push(op(0, Kind::Read(Some(2)), 1003, Some(1004)));
+        h
+    }
+
+    #[test]
+    fn a_search_past_its_step_limit_is_undecided_and_fails_the_check() {
+        let r = check(&history_needing_an_exhaustive_search());
+        assert_eq!(r.undecided, ["k"], "{r:?}");
+        assert!(r.violations.is_empty(), "{r:?}");
+        assert!(!r.ok(), "an undecided key must fail the check");
+        // The same shape, small enough to search fully, is a violation.
+        let mut small = history_needing_an_exhaustive_search();
+        small.retain(|o| !matches!(o.kind, Kind::Write(v) if v > 4));
+        let r = check(&small);
+        assert_eq!(r.violations.len(), 1, "{r:?}");
     }
 
     #[test]

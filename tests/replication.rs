@@ -259,57 +259,131 @@ async fn futures_status(http: &reqwest::Client, nodes: &[Kvd]) -> Vec<Value> {
     out
 }
 
+/// What an old primary answered one direct write: a status code, or the
+/// error that left the write without an answer.
+#[derive(Debug, Clone)]
+struct Answer {
+    key: String,
+    sent: tokio::time::Instant,
+    answered: tokio::time::Instant,
+    outcome: Result<u16, String>,
+}
+
+impl Answer {
+    /// A refusal that wrote nothing: a redirect to the new primary, a
+    /// stale-epoch conflict, or "cannot commit now".
+    fn is_refusal(&self) -> bool {
+        matches!(self.outcome, Ok(307 | 409 | 503))
+    }
+}
+
 /// Writers that PUT straight at one node (following no redirects) until
-/// stopped, keeping the keys it answered 200: what a deposed primary must
-/// never acknowledge.
+/// stopped, recording every answer: a deposed primary must never
+/// acknowledge (200), and the answers show that requests did reach it.
 struct DirectWriters {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+    /// Requests started so far.
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answers: std::sync::Arc<std::sync::Mutex<Vec<Answer>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl DirectWriters {
+    const WRITERS: usize = 4;
+
     fn start(url: String, prefix: &str) -> DirectWriters {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let no_follow = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(5))
+            .timeout(common::REQUEST_TIMEOUT)
             .build()
             .unwrap();
-        let tasks = (0..4)
+        let tasks = (0..Self::WRITERS)
             .map(|w| {
                 let (no_follow, stop, url) = (no_follow.clone(), stop.clone(), url.clone());
+                let (sent, answers) = (sent.clone(), answers.clone());
                 let prefix = format!("{prefix}/{w}");
                 tokio::spawn(async move {
-                    let mut acked = Vec::new();
                     let mut i = 0;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let key = format!("{prefix}/{i}");
                         i += 1;
-                        let sent = no_follow
+                        let at = tokio::time::Instant::now();
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let outcome = no_follow
                             .put(format!("{url}/v1/kv/{key}"))
                             .body("x")
                             .send()
-                            .await;
-                        if sent.is_ok_and(|r| r.status() == 200) {
-                            acked.push(key);
-                        }
+                            .await
+                            .map(|r| r.status().as_u16())
+                            .map_err(|e| e.to_string());
+                        answers.lock().unwrap().push(Answer {
+                            key,
+                            sent: at,
+                            answered: tokio::time::Instant::now(),
+                            outcome,
+                        });
+                        // Pacing, so that four writers do not saturate a
+                        // debug build on a small machine.
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    acked
                 })
             })
             .collect();
-        DirectWriters { stop, tasks }
+        DirectWriters {
+            stop,
+            sent,
+            answers,
+            tasks,
+        }
     }
 
-    /// Stops the writers; the keys that were acknowledged.
-    async fn stop(self) -> Vec<String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut acked = Vec::new();
-        for t in self.tasks {
-            acked.extend(t.await.unwrap());
+    fn sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn answers(&self) -> Vec<Answer> {
+        self.answers.lock().unwrap().clone()
+    }
+
+    /// Waits (generously) until `cond` holds for the answers so far.
+    async fn wait_for(&self, what: &str, cond: impl Fn(&[Answer]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !cond(&self.answers()) {
+            let answers = self.answers();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: never happened; {} answers, the last: {:?}",
+                answers.len(),
+                &answers[answers.len().saturating_sub(3)..]
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        acked
+    }
+
+    /// Stops the writers; every answer, after checking that none was an
+    /// acknowledgement or anything but a refusal or a lost connection.
+    async fn stop(self) -> Vec<Answer> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let answers = self.answers.lock().unwrap().clone();
+        let acked: Vec<&String> = answers
+            .iter()
+            .filter(|a| a.outcome == Ok(200))
+            .map(|a| &a.key)
+            .collect();
+        assert!(acked.is_empty(), "the old primary acknowledged {acked:?}");
+        let odd: Vec<&Answer> = answers
+            .iter()
+            .filter(|a| a.outcome.is_ok() && !a.is_refusal())
+            .collect();
+        assert!(odd.is_empty(), "unexpected answers: {odd:?}");
+        answers
     }
 }
 
@@ -418,6 +492,7 @@ async fn consistent_reads_need_the_primary_and_a_majority() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap(), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +524,11 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     nodes[0].signal(kvstore::Sig::SIGSTOP).unwrap();
+    let n0_pid = nodes[0].pid().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || kvstore::is_stopped(n0_pid)),
+        "n0 never showed as stopped"
+    );
     let (code, body) = promote(&http, &nodes[1]).await;
     assert_eq!(code, 200, "{body}");
     let c12 = kvclient::Client::new([nodes[1].url(), nodes[2].url()]).unwrap();
@@ -459,16 +539,23 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
     }
 
     // Writers aim straight at the old primary (no redirects followed) from
-    // before it wakes until the cluster has converged.
+    // before it wakes until the cluster has converged: every writer has a
+    // request waiting in the stopped node's socket when it wakes.
     let writers = DirectWriters::start(nodes[0].url(), "stale");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    while writers.sent() < DirectWriters::WRITERS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let woke = tokio::time::Instant::now();
     nodes[0].signal(kvstore::Sig::SIGCONT).unwrap();
     wait_rejoined(&http, &nodes, 2).await;
-    let acked_by_old = writers.stop().await;
-    assert!(
-        acked_by_old.is_empty(),
-        "the deposed primary acknowledged {acked_by_old:?}"
-    );
+    // A request sent while n0 was stopped reached it and was refused once
+    // it woke, believing itself primary of epoch 1.
+    writers
+        .wait_for("a refusal of a request held across the wake", |answers| {
+            answers.iter().any(|a| a.sent < woke && a.is_refusal())
+        })
+        .await;
+    writers.stop().await;
     let n0 = kvclient::Client::new([nodes[0].url()]).unwrap();
     for (prefix, v) in [("before", "b"), ("after", "a")] {
         for i in 0..50 {
@@ -556,9 +643,25 @@ async fn ten_failovers_under_16_writers_lose_no_acknowledged_write() {
         })
         .collect();
 
+    // Each primary acknowledges writes before it is killed (and the last
+    // one before the writers stop): every failover is tested under load.
+    let acked_grows = |round: usize| {
+        let acked = acked.clone();
+        let from = acked.lock().unwrap().len();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while acked.lock().unwrap().len() < from + 20 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "round {round}: no writes acknowledged by the new primary"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
     let mut primary = 0usize;
     for round in 0..10 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        acked_grows(round).await;
         nodes[primary].kill9().unwrap();
         // Promote the most up-to-date survivor (the other would be refused).
         let others: Vec<usize> = (0..3).filter(|&i| i != primary).collect();
@@ -601,7 +704,7 @@ async fn ten_failovers_under_16_writers_lose_no_acknowledged_write() {
         nodes[primary].restart().unwrap();
         primary = next;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    acked_grows(10).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
@@ -828,7 +931,16 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Writes reached n0 and were refused while it was cut off, and it has
+    // not heard of epoch 2 (the cut held).
+    writers
+        .wait_for("a refusal while cut off", |answers| {
+            answers.iter().any(Answer::is_refusal)
+        })
+        .await;
+    let cut_off = status(&http, &nodes[0]).await;
+    assert_eq!(cut_off["epoch"], 1, "n0 was not cut off: {cut_off}");
+    let healed = tokio::time::Instant::now();
 
     // Heal: n0 sees epoch 2, steps down, drops its unacknowledged suffix
     // and converges.
@@ -838,10 +950,14 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
         }
     }
     wait_rejoined(&http, &nodes, 2).await;
-    let acked_by_old = writers.stop().await;
-    assert!(
-        acked_by_old.is_empty(),
-        "the cut-off primary acknowledged {acked_by_old:?}"
+    let answers = writers.stop().await;
+    let refused_while_cut = answers
+        .iter()
+        .filter(|a| a.answered < healed && a.is_refusal())
+        .count();
+    eprintln!(
+        "n0 answered {} writes, {refused_while_cut} refusals while cut off",
+        answers.len()
     );
     for (prefix, v) in [("before", "b"), ("after", "a")] {
         for i in 0..50 {

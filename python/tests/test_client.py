@@ -137,6 +137,7 @@ def test_concurrent_bulk_sets_over_the_same_keys_never_mix(kv: KVClient) -> None
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a writer never finished"
     assert not errors, errors
     values = [kv.get(k) for k in keys]
     # Each bulk is applied whole: the final state is one bulk's, not a mix.

@@ -49,6 +49,7 @@ def test_bulk_set_then_sigkill_is_all_or_nothing(node: Node) -> None:
     finally:
         stop.set()
         t.join(30)
+    assert not t.is_alive(), "the writer never finished"
     node.restart()
     kv = node.client()
     for i in range(attempted[0] + 2):
@@ -79,5 +80,17 @@ def test_debug_flaky_write_is_recovered_by_a_restart(node: Node, kv: KVClient) -
 
 def test_debug_flaky_is_refused_without_enable_debug(tmp_path: Path) -> None:
     with start_node(tmp_path / "plain") as n:
-        resp = n.client().request("PUT", "/v1/kv/k?debug_flaky=1.0", b"v")
+        kv = n.client()
+        resp = kv.request("PUT", "/v1/kv/k?debug_flaky=1.0", b"v")
         assert resp.status == 400
+        resp = kv.request(
+            "POST", "/v1/bulk?debug_flaky=1.0", b'{"items":[{"key":"b","value":"1"}]}', "application/json"
+        )
+        assert resp.status == 400
+        # Refused means nothing written: not in memory, not in the log (a
+        # restart would replay it).
+        assert kv.get_raw("k") is None and kv.get_raw("b") is None
+        assert kv.status()["last_index"] == 0
+        n.kill()
+        n.restart()
+        assert kv.get_raw("k") is None and kv.get_raw("b") is None

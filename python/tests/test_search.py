@@ -66,7 +66,7 @@ def test_similarity_search(tmp_path: Path) -> None:
         assert all(0 <= h.score <= 1.0 + 1e-9 for h in hits), hits
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
         # Nothing shares a term with "zebra": no document is similar to it.
-        assert all(h.score == 0 for h in kv.search_similar("zebra", 5))
+        assert kv.search_similar("zebra", 5) == []
 
 
 def test_the_index_is_rebuilt_after_a_restart(tmp_path: Path) -> None:

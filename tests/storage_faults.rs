@@ -128,7 +128,17 @@ fn removing_the_data_dir_of_a_running_node_stops_its_writes() {
     assert_eq!(call(&kvd, "PUT", "/v1/kv/before", b"1").0, 200);
 
     std::fs::remove_dir_all(&dir).unwrap();
-    // Noticed without any write: /ready fails.
+    // The very next write is refused, not acknowledged: its fsync went to
+    // an unlinked segment, which the WAL checks after every fsync.
+    let (code, body) = call(&kvd, "PUT", "/v1/kv/right-after", b"0");
+    assert_eq!(
+        code,
+        503,
+        "a write right after the removal: {}",
+        text(&body)
+    );
+    assert_eq!(error_code(&body), "data_dir_lost");
+    // Noticed without any write too: /ready fails.
     let mut ready = (0, Vec::new());
     let noticed = wait_until(Duration::from_secs(30), || {
         ready = call(&kvd, "GET", "/ready", b"");

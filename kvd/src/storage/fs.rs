@@ -19,6 +19,12 @@ use std::path::{Path, PathBuf};
 pub trait WriteFile: Write + Send {
     /// Makes the file's data durable (fdatasync).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Whether the file has no name left (it was unlinked while open): its
+    /// data is then durable in a file that no restart will find. An error
+    /// reading that counts as "no": only a positive answer stops writes.
+    fn is_unlinked(&self) -> bool {
+        false
+    }
 }
 
 /// A directory held open for [`DirHandle::sync`].
@@ -87,6 +93,10 @@ impl Write for RealFile {
 impl WriteFile for RealFile {
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn is_unlinked(&self) -> bool {
+        // One fstat of a descriptor already open: cheap beside the fsync.
+        self.0.metadata().is_ok_and(|m| m.nlink() == 0)
     }
 }
 

@@ -26,8 +26,10 @@
 //!   puts nothing in doubt: that append is refused, the log stays usable,
 //!   and the next append tries the roll again.
 //! - Once the data dir, `LOCK` or `wal/` is removed or replaced (checked at
-//!   every roll and when asked), the log refuses appends: they would land in
-//!   unlinked files that no restart reads.
+//!   every roll and when asked), or the active segment has been unlinked
+//!   (checked after every fsync, before anything is acknowledged), the log
+//!   refuses appends: they would land in unlinked files that no restart
+//!   reads.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -475,7 +477,27 @@ impl Wal {
             self.state = StorageState::Poisoned;
             return Err(Error::io("fsync of the WAL".into(), e));
         }
+        // The fsync of a segment that was unlinked (its data dir deleted)
+        // succeeds, but vouches for nothing a restart would read: refuse
+        // to acknowledge it. The path checks at each roll and every second
+        // catch a data dir moved away, which leaves the segment linked.
+        if self.active.is_unlinked() {
+            // Name the anchor that went (the data dir, usually) if one did.
+            if self.check_anchors().is_none() {
+                self.state = StorageState::DataDirLost;
+                self.lost = format!("{} was removed", self.active_path().display());
+            }
+            return Err(Error::DataDirLost(self.lost.clone()));
+        }
         Ok(())
+    }
+
+    fn active_path(&self) -> &Path {
+        &self
+            .segments
+            .last()
+            .expect("WAL invariant: there is always an active segment")
+            .path
     }
 
     /// Seals the active segment and starts a new one at `next_index`, from

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use axum::serve::ListenerExt;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -229,15 +228,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))?
-        // Replies are small and each completes a request: send them at once
-        // rather than letting Nagle wait for the client's delayed ACK.
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                eprintln!("kvd: cannot set TCP_NODELAY: {e}");
-            }
-        });
-    let listener = api::listener::LimitedListener::new(listener, cfg.max_connections);
+        .with_context(|| format!("binding {addr}"))?;
+    let budget = connection_budget(&cfg)?;
+    eprintln!("kvd: {}", budget.describe(cfg.max_connections));
+    let connections = metrics.connections.clone();
     let state = Arc::new(AppState::new(
         engine.clone(),
         metrics,
@@ -261,10 +255,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         "kvd: node {} serving on http://{addr} ({mode})",
         meta.node_id
     );
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let serve_cfg = api::serve::ServeConfig {
+        budget,
+        timeouts: api::serve::Timeouts {
+            idle: std::time::Duration::from_millis(cfg.idle_timeout_ms),
+            header: std::time::Duration::from_millis(cfg.header_timeout_ms),
+        },
+        metrics: connections,
+    };
+    api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
 
     // In-flight requests have finished; the writer drains its queue (each
     // write fsync'd before its reply) and stops.
@@ -273,6 +272,14 @@ pub async fn run(cfg: Config) -> Result<()> {
         .context("engine shutdown panicked")?;
     eprintln!("kvd: shut down cleanly");
     Ok(())
+}
+
+/// The connection pools' sizes, fitted to the descriptors this process
+/// may open (`api::listener`).
+fn connection_budget(cfg: &Config) -> Result<api::listener::Budget> {
+    let (nofile, open) = api::listener::descriptor_usage().context("reading RLIMIT_NOFILE")?;
+    api::listener::connection_budget(nofile, open, cfg.max_connections, cfg.reserved_connections)
+        .map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

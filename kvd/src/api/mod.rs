@@ -6,9 +6,11 @@
 //! one place, [`error::ApiError`].
 
 pub mod admin;
+pub mod conn_io;
 pub mod error;
 pub mod listener;
 mod search;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@
 //!   yet). Connections in the reserved pool (see `listener`) get at most
 //!   [`RESERVE_TIMEOUT`] for both, so they are handed back quickly.
 //! - A request head is at most [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] fields
-//!   (431 beyond).
+//!   (431 beyond, with a JSON body: see `conn_io`).
 //! - Keep-alive as usual; pipelined requests are answered in order, each
 //!   answer flushed when ready (hyper's pipeline flushing stays off).
 //!
@@ -35,7 +35,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::conn_io::{Activity, ConnIo};
+use super::conn_io::{self, Activity, ConnIo, HeadLimits, ParkedSlot};
 use super::listener::{self, AcceptAction, Budget, Pool, Pools, Slot};
 use crate::metrics::ConnectionMetrics;
 
@@ -45,6 +45,11 @@ pub const MAX_HEAD_BYTES: usize = 64 << 10;
 pub const MAX_HEADERS: usize = 100;
 /// The idle and header timeouts of a connection in the reserved pool.
 pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const HEAD_LIMITS: HeadLimits = HeadLimits {
+    max_head_bytes: MAX_HEAD_BYTES,
+    max_headers: MAX_HEADERS,
+};
 
 /// How long a connection may take to deliver a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +178,8 @@ async fn connection(
         eprintln!("kvd: cannot set TCP_NODELAY: {e}");
     }
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ConnIo::new(stream, activity.clone()));
+    let parked = ParkedSlot::default();
+    let io = TokioIo::new(ConnIo::new(stream, activity.clone(), parked.clone()));
     let mut builder = http1::Builder::new();
     builder
         .timer(HeadTimer { activity, timeouts })
@@ -182,14 +188,17 @@ async fn connection(
         .max_header_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
     let mut conn = pin!(builder.serve_connection(io, TowerToHyperService::new(router)));
-    // A connection that fails (a timeout, a reset) has nobody to tell.
-    let _ = tokio::select! {
+    let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = async { drop(stop.wait_for(|stop| *stop).await) } => {
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
     };
+    let parked = parked.lock().take();
+    if let Some(p) = parked {
+        conn_io::finish_parked(p, result.as_ref().err(), &HEAD_LIMITS).await;
+    }
     drop(slot);
 }
 

@@ -1,6 +1,8 @@
-//! Protocol edges, over raw sockets: the errors hyper answers itself before
-//! any handler runs (head too large, malformed framing) must carry the JSON
-//! error body like every other error, and write nothing.
+//! Protocol edges, over raw sockets: `Expect: 100-continue` on a body over
+//! the limit, transfer codings kvd does not decode, query parameters that
+//! are not UTF-8, and the errors hyper answers itself before any handler
+//! runs (head too large, malformed framing), which must carry the JSON
+//! error body like every other error. None of them writes anything.
 
 mod common;
 mod raw;
@@ -8,7 +10,7 @@ mod raw;
 use std::io::Write;
 
 use common::{fingerprint, http, start};
-use raw::{connect, exchange, read_answer, Answer};
+use raw::{connect, exchange, get, read_answer, Answer};
 use tempfile::TempDir;
 
 /// Sends `request` on a new connection and reads the one answer. The
@@ -27,6 +29,142 @@ fn answer_to(port: u16, request: &[u8]) -> Answer {
     let _ = s.shutdown(std::net::Shutdown::Both);
     let _ = sender.join();
     answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_over_the_limit_gets_413_and_no_100() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &["--max-value-bytes", "1000"]);
+    let port = kvd.port;
+    let before = fingerprint(&http(), &kvd).await;
+
+    let first = tokio::task::spawn_blocking(move || {
+        answer_to(
+            port,
+            b"PUT /v1/kv/big HTTP/1.1\r\nHost: kvd\r\nContent-Length: 1001\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        first.status, 413,
+        "a body announced over the limit must be refused before it is sent: {}",
+        first.head
+    );
+    assert_eq!(first.error_code(), "value_too_large");
+
+    // The same for a bulk over --max-bulk-bytes.
+    let tmp2 = TempDir::new().unwrap();
+    let kvd2 = start(&tmp2, &["--max-bulk-bytes", "1000"]);
+    let port2 = kvd2.port;
+    let bulk = tokio::task::spawn_blocking(move || {
+        answer_to(
+            port2,
+            b"POST /v1/bulk HTTP/1.1\r\nHost: kvd\r\nContent-Length: 5000\r\n\
+              Content-Type: application/json\r\nExpect: 100-continue\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(bulk.status, 413, "{}", bulk.head);
+    assert_eq!(bulk.error_code(), "value_too_large");
+
+    // Within the limit, the 100 comes and the write goes through.
+    let ok = tokio::task::spawn_blocking(move || {
+        let mut s = connect(port);
+        write!(
+            s,
+            "PUT /v1/kv/small HTTP/1.1\r\nHost: kvd\r\nContent-Length: 5\r\n\
+             Expect: 100-continue\r\n\r\n"
+        )
+        .unwrap();
+        let cont = read_answer(&mut s).unwrap();
+        assert_eq!(cont.status, 100);
+        s.write_all(b"hello").unwrap();
+        read_answer(&mut s).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 200);
+    let after = fingerprint(&http(), &kvd).await;
+    assert_eq!(after.0, before.0 + 1, "only the small PUT was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    let port = kvd.port;
+    let before = fingerprint(&http(), &kvd).await;
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: deflate,chunked\r\n",
+        ]
+        .map(|te| {
+            let req =
+                format!("PUT /v1/kv/coded HTTP/1.1\r\nHost: kvd\r\n{te}\r\n3\r\nabc\r\n0\r\n\r\n");
+            (te, answer_to(port, req.as_bytes()))
+        })
+    })
+    .await
+    .unwrap();
+    for (te, a) in answers {
+        assert_eq!(a.status, 501, "{te:?}: {}", a.head);
+        assert_eq!(a.error_code(), "unsupported_transfer_encoding", "{te:?}");
+    }
+    assert_eq!(
+        fingerprint(&http(), &kvd).await,
+        before,
+        "nothing was written"
+    );
+
+    // Plain chunked still works.
+    let ok = tokio::task::spawn_blocking(move || {
+        answer_to(
+            port,
+            b"PUT /v1/kv/plain HTTP/1.1\r\nHost: kvd\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n0\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 200);
+    let mut s = connect(port);
+    assert_eq!(get(&mut s, "/v1/kv/plain").unwrap().body, b"abc");
+}
+
+#[test]
+fn query_parameters_that_are_not_utf8_get_400() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &["--index"]);
+    let mut s = connect(kvd.port);
+    let put = raw::put(&mut s, "doc", b"a caf\xc3\xa9 in paris").unwrap();
+    assert_eq!(put.status, 200);
+
+    for path in [
+        "/v1/search?q=caf%C3",
+        "/v1/search?q=paris%FF",
+        "/v1/similar?q=caf%C3%28",
+        "/v1/similar?key=do%FFc",
+        "/v1/search?q=paris&offset=%FF",
+    ] {
+        let mut s = connect(kvd.port);
+        let a = get(&mut s, path).unwrap();
+        assert_eq!(
+            a.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(a.error_code(), "invalid_query", "{path}");
+    }
+    // Well-formed percent-encoded UTF-8 still finds the document.
+    let a = get(&mut s, "/v1/search?q=caf%C3%A9").unwrap();
+    assert_eq!(a.status, 200);
+    assert!(String::from_utf8_lossy(&a.body).contains("\"doc\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

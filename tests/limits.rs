@@ -1,8 +1,8 @@
-//! Limits on connections: the connection budget (and the reserve kept for
-//! peers and health checks), the header and idle timeouts, and the
-//! descriptors kept for the WAL under a low `ulimit -n`. Everything is
-//! observed over raw sockets, and every wait polls for a positive signal
-//! with a generous deadline.
+//! Limits on connections and what they hold: the connection budget (and the
+//! reserve kept for peers and health checks), the header and idle timeouts,
+//! the descriptors kept for the WAL under a low `ulimit -n`, and the memory
+//! budget for request bodies. Everything is observed over raw sockets, and
+//! every wait polls for a positive signal with a generous deadline.
 
 mod common;
 mod raw;
@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::start;
-use raw::{answered_within, closed_by_server, connect, get, put, wait_for_metric, DEADLINE};
+use raw::{
+    answered_within, closed_by_server, connect, get, put, read_answer, wait_for_metric, DEADLINE,
+};
 use tempfile::TempDir;
 
 /// Long enough that no timeout fires during a test that does not test it.
@@ -312,4 +314,100 @@ fn a_connection_flood_cannot_take_the_descriptors_the_wal_needs() {
         kvd.log()
     );
     drop(flood);
+}
+
+/// `PUT /v1/kv/key` on a new connection, sending the body only once kvd
+/// answers `100 Continue`; the final answer.
+fn put_expecting_continue(port: u16, key: &str, value: &[u8]) -> raw::Answer {
+    let mut s = connect(port);
+    write!(
+        s,
+        "PUT /v1/kv/{key} HTTP/1.1\r\nHost: kvd\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\n\r\n",
+        value.len()
+    )
+    .unwrap();
+    let first = read_answer(&mut s).unwrap();
+    if first.status != 100 {
+        return first;
+    }
+    s.write_all(value).unwrap();
+    read_answer(&mut s).unwrap()
+}
+
+#[test]
+fn request_bodies_beyond_the_memory_budget_get_503_overloaded() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(
+        &tmp,
+        &[
+            "--max-inflight-body-bytes",
+            "1000000",
+            "--max-value-bytes",
+            "800000",
+            "--body-timeout-ms",
+            NEVER_MS,
+        ],
+    );
+
+    // A announces 800 000 bytes and waits for `100 Continue`: kvd sends it
+    // when the handler starts reading, after the body's bytes are reserved.
+    let mut a = connect(kvd.port);
+    write!(
+        a,
+        "PUT /v1/kv/a HTTP/1.1\r\nHost: kvd\r\nContent-Length: 800000\r\n\
+         Expect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let cont = read_answer(&mut a).unwrap();
+    assert_eq!(cont.status, 100, "{}", cont.head);
+
+    // B's 400 000 bytes do not fit beside them: refused before B sends them.
+    let refused = put_expecting_continue(kvd.port, "b", &vec![b'b'; 400_000]);
+    assert_eq!(
+        refused.status,
+        503,
+        "a body beyond the budget: {}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.error_code(), "overloaded");
+    let mut c = connect(kvd.port);
+    assert_eq!(
+        get(&mut c, "/v1/kv/b").unwrap().status,
+        404,
+        "B wrote nothing"
+    );
+
+    // Once A is done, its bytes are given back.
+    a.write_all(&vec![b'a'; 800_000]).unwrap();
+    assert_eq!(read_answer(&mut a).unwrap().status, 200);
+    assert_eq!(put(&mut c, "b", &vec![b'b'; 400_000]).unwrap().status, 200);
+
+    // A chunked body reserves its bytes as they arrive: 750 000 of them.
+    let mut chunked = connect(kvd.port);
+    write!(
+        chunked,
+        "PUT /v1/kv/chunked HTTP/1.1\r\nHost: kvd\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    for size in [100_000; 7].into_iter().chain([50_000]) {
+        write!(chunked, "{size:x}\r\n").unwrap();
+        chunked.write_all(&vec![b'c'; size]).unwrap();
+        chunked.write_all(b"\r\n").unwrap();
+    }
+    // Once kvd says it holds all of them, a body that does not fit beside
+    // them is refused.
+    wait_for_metric(&mut c, "kvd_http_body_bytes_inflight", |v| v >= 750_000.0);
+    let d = put_expecting_continue(kvd.port, "d", &vec![b'd'; 300_000]);
+    assert_eq!(
+        d.status,
+        503,
+        "a body beside 750 000 chunked bytes being read: {}",
+        String::from_utf8_lossy(&d.body)
+    );
+    assert_eq!(d.error_code(), "overloaded");
+    chunked.write_all(b"0\r\n\r\n").unwrap();
+    assert_eq!(read_answer(&mut chunked).unwrap().status, 200);
+    let d = put_expecting_continue(kvd.port, "d", &vec![b'd'; 300_000]);
+    assert_eq!(d.status, 200);
 }

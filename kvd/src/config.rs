@@ -85,7 +85,7 @@ pub struct Config {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub wal_segment_mib: u64,
 
-    // --- HTTP connections and timeouts (api::listener, api::serve) ---
+    // --- HTTP connections, timeouts and body memory (api::listener, api::serve) ---
     /// Open client connections. At the limit, a further connection takes
     /// one of --reserved-connections; with those taken too, new ones wait
     /// in the kernel's accept backlog until one closes. Lowered at start
@@ -112,6 +112,14 @@ pub struct Config {
     /// is closed.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_ms: u64,
+
+    /// Bytes of request bodies held in memory at once, over all requests:
+    /// each reserves its Content-Length before it is read (a chunked body:
+    /// each chunk as it arrives), and one that does not fit gets 503
+    /// "overloaded". A body larger than this is read only when it is alone.
+    #[arg(long, default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_body_bytes: u32,
 
     /// Requests handled at once; more get 503 "overloaded" at once instead of
     /// queueing without bound.

@@ -75,13 +75,14 @@ impl IndexMetrics {
 
 /// The HTTP listener's figures: open connections and their limits per pool
 /// (`client`, `reserve`), whether accepting is paused because every slot is
-/// taken, and failed accepts.
+/// taken, failed accepts, and the request-body bytes held in memory.
 #[derive(Clone)]
 pub struct ConnectionMetrics {
     pub open: IntGaugeVec,
     pub limit: IntGaugeVec,
     pub accept_paused: IntGauge,
     pub accept_errors_total: IntCounter,
+    pub body_bytes_inflight: IntGauge,
 }
 
 impl ConnectionMetrics {
@@ -106,11 +107,16 @@ impl ConnectionMetrics {
                 "kvd_http_accept_errors_total",
                 "Failed accept(2) calls (EMFILE and the like)",
             )?,
+            body_bytes_inflight: IntGauge::new(
+                "kvd_http_body_bytes_inflight",
+                "Request-body bytes reserved by requests being read or handled",
+            )?,
         };
         registry.register(Box::new(m.open.clone()))?;
         registry.register(Box::new(m.limit.clone()))?;
         registry.register(Box::new(m.accept_paused.clone()))?;
         registry.register(Box::new(m.accept_errors_total.clone()))?;
+        registry.register(Box::new(m.body_bytes_inflight.clone()))?;
         Ok(m)
     }
 }

@@ -241,6 +241,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             max_bulk_items: cfg.max_bulk_items,
             max_inflight_requests: cfg.max_inflight_requests,
             body_timeout: std::time::Duration::from_millis(cfg.body_timeout_ms),
+            max_inflight_body_bytes: cfg.max_inflight_body_bytes,
         },
         cfg.enable_debug,
         meta.node_id.clone(),

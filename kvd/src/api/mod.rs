@@ -6,6 +6,7 @@
 //! one place, [`error::ApiError`].
 
 pub mod admin;
+pub mod body_budget;
 pub mod conn_io;
 pub mod error;
 pub mod listener;
@@ -44,6 +45,8 @@ pub struct Limits {
     pub max_bulk_items: usize,
     pub max_inflight_requests: usize,
     pub body_timeout: std::time::Duration,
+    /// Bytes of request bodies held in memory at once (`body_budget`).
+    pub max_inflight_body_bytes: u32,
 }
 
 /// What every handler can reach.
@@ -74,6 +77,7 @@ pub struct AppState {
     pub commit_timeout: std::time::Duration,
     pub started: Instant,
     inflight: Semaphore,
+    body_budget: body_budget::BodyBudget,
     /// Metric handles per operation, resolved once: looking labels up on
     /// every request costs more than the rest of a GET's bookkeeping.
     op_metrics: Vec<OpMetrics>,
@@ -111,6 +115,10 @@ impl AppState {
         AppState {
             op_metrics,
             inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
+            body_budget: body_budget::BodyBudget::new(
+                limits.max_inflight_body_bytes,
+                metrics.connections.body_bytes_inflight.clone(),
+            ),
             engine,
             metrics,
             limits,
@@ -197,7 +205,10 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
     let response = match check_request(&req) {
         Err(e) => e.into_response(),
         Ok(()) => match st.inflight.try_acquire() {
-            Ok(_permit) => next.run(req).await,
+            Ok(_permit) => {
+                let (req, _hold) = budget_body(&st, req);
+                next.run(req).await
+            }
             Err(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -257,6 +268,21 @@ fn query_is_utf8(query: &str) -> Result<(), ApiError> {
         .map_err(|_| {
             ApiError::bad_request("invalid_query", "the query string does not decode to UTF-8")
         })
+}
+
+/// Puts a request's body under the body budget (`body_budget`); the hold
+/// lasts until the handler has answered. Bodiless requests (most GETs)
+/// skip it, and so does `/internal/snapshot`, whose body is streamed to
+/// disk rather than held.
+fn budget_body(st: &AppState, req: Request) -> (Request, Option<body_budget::Hold>) {
+    use axum::body::HttpBody;
+    let streamed = req.uri().path() == "/internal/snapshot";
+    if streamed || req.body().size_hint().exact() == Some(0) {
+        return (req, None);
+    }
+    let (parts, body) = req.into_parts();
+    let (body, hold) = st.body_budget.wrap(body);
+    (Request::from_parts(parts, body), Some(hold))
 }
 
 /// Values of the `op` label; `op_label` returns an index into this.
@@ -337,7 +363,7 @@ fn apply_decision(
 }
 
 /// Reads a request body of at most `limit` bytes (413 beyond it) within
-/// `timeout` (408 after it).
+/// `timeout` (408 after it), if the body budget has room (503 if not).
 async fn read_body(
     body: Body,
     limit: usize,
@@ -369,6 +395,13 @@ async fn read_body(
         let e = e.into_inner();
         if caused_by::<http_body_util::LengthLimitError>(&*e) {
             too_large()
+        } else if let Some(over) = cause::<body_budget::OverBudget>(&*e) {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                over.to_string(),
+            )
+            .retry_after(1)
         } else {
             ApiError::bad_request("bad_body", format!("could not read the {what}"))
         }

@@ -1,5 +1,5 @@
-//! Issue 2, "Done when" 6: bad requests get a 4xx JSON error and leave the
-//! store unchanged; a second kvd on a data dir in use refuses to start.
+//! Bad requests get a 4xx JSON error and leave the store unchanged; a
+//! second kvd on a data dir in use refuses to start.
 
 mod common;
 

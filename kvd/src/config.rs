@@ -85,10 +85,41 @@ pub struct Config {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub wal_segment_mib: u64,
 
-    /// Open client connections; at the limit new ones wait in the kernel's
-    /// accept backlog until one closes.
+    // --- HTTP connections, timeouts and body memory (api::listener, api::serve) ---
+    /// Open client connections. At the limit, a further connection takes
+    /// one of --reserved-connections; with those taken too, new ones wait
+    /// in the kernel's accept backlog until one closes. Lowered at start
+    /// to fit RLIMIT_NOFILE (`ulimit -n`), minus the descriptors open and
+    /// 64 more kept for the WAL, snapshots and peers; the start-up log
+    /// says the figure.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+
+    /// Connections kept for when the --max-connections are all open, so
+    /// that peers and kvsup's health checks still get in. They serve
+    /// anything, but close after 1 s idle (or 1 s to send a request head),
+    /// so whoever takes one hands it back quickly. 0 = none.
+    #[arg(long, default_value_t = 32)]
+    pub reserved_connections: usize,
+
+    /// A connection must send a complete request head (request line and
+    /// headers) within this many milliseconds of its first byte (a new
+    /// connection: of being accepted), or it is closed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+
+    /// A keep-alive connection with no request for this many milliseconds
+    /// is closed.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+
+    /// Bytes of request bodies held in memory at once, over all requests:
+    /// each reserves its Content-Length before it is read (a chunked body:
+    /// each chunk as it arrives), and one that does not fit gets 503
+    /// "overloaded". A body larger than this is read only when it is alone.
+    #[arg(long, default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_body_bytes: u32,
 
     /// Requests handled at once; more get 503 "overloaded" at once instead of
     /// queueing without bound.
@@ -99,7 +130,7 @@ pub struct Config {
     /// so a stalled client cannot hold a request slot forever.
     #[arg(long, default_value_t = 30_000)]
     pub body_timeout_ms: u64,
-
+    // --- end of HTTP connections ---
     /// Memory budget of the data set, in MiB (0: none). A PUT or bulk that
     /// would grow it past this gets 507 "memory_full" and writes nothing;
     /// deletes and writes that do not grow it are always taken (like

@@ -5,12 +5,10 @@
 //! - [`api`]: the HTTP API (DESIGN §2), thin handlers over the engine.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: command-line configuration.
-//! - [`fd_budget`]: how many connections fit in `ulimit -n`.
 //! - [`server`]: wires the parts together and runs a node.
 
 pub mod api;
 pub mod config;
-pub mod fd_budget;
 pub mod index;
 pub mod masterless;
 pub mod metrics;

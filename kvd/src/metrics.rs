@@ -30,6 +30,7 @@ pub struct Metrics {
     pub max_data_bytes: IntGauge,
     pub replication_lag_entries: IntGaugeVec,
     pub index: IndexMetrics,
+    pub connections: ConnectionMetrics,
 }
 
 /// `--index` figures (set from the index when `/metrics` is read; the
@@ -72,6 +73,54 @@ impl IndexMetrics {
         registry.register(Box::new(m.postings.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.query_duration_seconds.clone()))?;
+        Ok(m)
+    }
+}
+
+/// The HTTP listener's figures: open connections and their limits per pool
+/// (`client`, `reserve`), whether accepting is paused because every slot is
+/// taken, failed accepts, and the request-body bytes held in memory.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    pub open: IntGaugeVec,
+    pub limit: IntGaugeVec,
+    pub accept_paused: IntGauge,
+    pub accept_errors_total: IntCounter,
+    pub body_bytes_inflight: IntGauge,
+}
+
+impl ConnectionMetrics {
+    fn new(registry: &Registry) -> Result<ConnectionMetrics, prometheus::Error> {
+        let m = ConnectionMetrics {
+            open: IntGaugeVec::new(
+                Opts::new("kvd_http_connections", "Open HTTP connections, by pool"),
+                &["pool"],
+            )?,
+            limit: IntGaugeVec::new(
+                Opts::new(
+                    "kvd_http_connection_limit",
+                    "Most HTTP connections open at once, by pool (fitted to RLIMIT_NOFILE)",
+                ),
+                &["pool"],
+            )?,
+            accept_paused: IntGauge::new(
+                "kvd_http_accept_paused",
+                "1 while every connection slot is taken and new connections wait in the backlog",
+            )?,
+            accept_errors_total: IntCounter::new(
+                "kvd_http_accept_errors_total",
+                "Failed accept(2) calls (EMFILE and the like)",
+            )?,
+            body_bytes_inflight: IntGauge::new(
+                "kvd_http_body_bytes_inflight",
+                "Request-body bytes reserved by requests being read or handled",
+            )?,
+        };
+        registry.register(Box::new(m.open.clone()))?;
+        registry.register(Box::new(m.limit.clone()))?;
+        registry.register(Box::new(m.accept_paused.clone()))?;
+        registry.register(Box::new(m.accept_errors_total.clone()))?;
+        registry.register(Box::new(m.body_bytes_inflight.clone()))?;
         Ok(m)
     }
 }
@@ -185,8 +234,10 @@ impl Metrics {
         registry.register(Box::new(data_set_bytes.clone()))?;
         registry.register(Box::new(max_data_bytes.clone()))?;
         let index = IndexMetrics::new(&registry)?;
+        let connections = ConnectionMetrics::new(&registry)?;
         Ok(Metrics {
             index,
+            connections,
             registry,
             http_requests_total,
             http_request_duration_seconds,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use axum::serve::ListenerExt;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -308,15 +307,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))?
-        // Replies are small and each completes a request: send them at once
-        // rather than letting Nagle wait for the client's delayed ACK.
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                eprintln!("kvd: cannot set TCP_NODELAY: {e}");
-            }
-        });
-    let listener = api::listener::LimitedListener::new(listener, cfg.max_connections);
+        .with_context(|| format!("binding {addr}"))?;
+    let budget = connection_budget(&cfg)?;
+    eprintln!("kvd: {}", budget.describe(cfg.max_connections));
+    let connections = metrics.connections.clone();
     let state = Arc::new(AppState::new(
         engine.clone(),
         metrics,
@@ -327,6 +321,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             max_inflight_requests: cfg.max_inflight_requests,
             body_timeout: std::time::Duration::from_millis(cfg.body_timeout_ms),
             max_snapshot_bytes: cfg.max_snapshot_mib.saturating_mul(1 << 20),
+            max_inflight_body_bytes: cfg.max_inflight_body_bytes,
         },
         cfg.enable_debug,
         meta.node_id.clone(),
@@ -341,10 +336,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         "kvd: node {} serving on http://{addr} ({mode})",
         meta.node_id
     );
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let serve_cfg = api::serve::ServeConfig {
+        budget,
+        timeouts: api::serve::Timeouts {
+            idle: std::time::Duration::from_millis(cfg.idle_timeout_ms),
+            header: std::time::Duration::from_millis(cfg.header_timeout_ms),
+        },
+        metrics: connections,
+    };
+    api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
 
     // In-flight requests have finished; the writer drains its queue (each
     // write fsync'd before its reply) and stops.
@@ -353,6 +353,14 @@ pub async fn run(cfg: Config) -> Result<()> {
         .context("engine shutdown panicked")?;
     eprintln!("kvd: shut down cleanly");
     Ok(())
+}
+
+/// The connection pools' sizes, fitted to the descriptors this process
+/// may open (`api::listener`).
+fn connection_budget(cfg: &Config) -> Result<api::listener::Budget> {
+    let (nofile, open) = api::listener::descriptor_usage().context("reading RLIMIT_NOFILE")?;
+    api::listener::connection_budget(nofile, open, cfg.max_connections, cfg.reserved_connections)
+        .map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

@@ -6,9 +6,12 @@
 //! one place, [`error::ApiError`].
 
 pub mod admin;
+pub mod body_budget;
+pub mod conn_io;
 pub mod error;
 pub mod listener;
 mod search;
+pub mod serve;
 mod upload;
 
 use std::sync::Arc;
@@ -45,6 +48,8 @@ pub struct Limits {
     pub body_timeout: std::time::Duration,
     /// Largest snapshot upload from a primary (`--max-snapshot-mib`).
     pub max_snapshot_bytes: u64,
+    /// Bytes of request bodies held in memory at once (`body_budget`).
+    pub max_inflight_body_bytes: u32,
 }
 
 /// What every handler can reach.
@@ -75,6 +80,7 @@ pub struct AppState {
     pub commit_timeout: std::time::Duration,
     pub started: Instant,
     inflight: Semaphore,
+    body_budget: body_budget::BodyBudget,
     /// Metric handles per operation, resolved once: looking labels up on
     /// every request costs more than the rest of a GET's bookkeeping.
     op_metrics: Vec<OpMetrics>,
@@ -112,6 +118,10 @@ impl AppState {
         AppState {
             op_metrics,
             inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
+            body_budget: body_budget::BodyBudget::new(
+                limits.max_inflight_body_bytes,
+                metrics.connections.body_bytes_inflight.clone(),
+            ),
             engine,
             metrics,
             limits,
@@ -195,14 +205,20 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
         req.extensions().get::<MatchedPath>().map(|p| p.as_str()),
     );
     let started = Instant::now();
-    let response = match st.inflight.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "too many requests in flight; retry shortly",
-        )
-        .into_response(),
+    let response = match check_request(&req) {
+        Err(e) => e.into_response(),
+        Ok(()) => match st.inflight.try_acquire() {
+            Ok(_permit) => {
+                let (req, _hold) = budget_body(&st, req);
+                next.run(req).await
+            }
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+            )
+            .into_response(),
+        },
     };
     let m = &st.op_metrics[op];
     if response.status() == StatusCode::OK {
@@ -215,6 +231,61 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
     }
     m.duration.observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// What every request must satisfy before any handler sees it.
+fn check_request(req: &Request) -> Result<(), ApiError> {
+    transfer_codings_supported(req.headers())?;
+    if let Some(q) = req.uri().query() {
+        query_is_utf8(q)?;
+    }
+    Ok(())
+}
+
+/// hyper decodes `chunked`, and refuses (400) a list that does not end
+/// with it; anything before it (`gzip, chunked`) would reach a handler
+/// still encoded, so it gets 501 (RFC 9112 §6.1).
+fn transfer_codings_supported(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&c| c == b','))
+        .map(|c| c.trim_ascii());
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported_transfer_encoding",
+            "only the chunked transfer coding is supported; send the body as it is to be stored",
+        )),
+    }
+}
+
+/// Query parameters are decoded leniently (bad UTF-8 becomes U+FFFD), so
+/// a query that does not decode to UTF-8 is refused before that happens.
+fn query_is_utf8(query: &str) -> Result<(), ApiError> {
+    percent_encoding::percent_decode_str(query)
+        .decode_utf8()
+        .map(|_| ())
+        .map_err(|_| {
+            ApiError::bad_request("invalid_query", "the query string does not decode to UTF-8")
+        })
+}
+
+/// Puts a request's body under the body budget (`body_budget`); the hold
+/// lasts until the handler has answered. Bodiless requests (most GETs)
+/// skip it, and so does `/internal/snapshot`, whose body is streamed to
+/// disk rather than held.
+fn budget_body(st: &AppState, req: Request) -> (Request, Option<body_budget::Hold>) {
+    use axum::body::HttpBody;
+    let streamed = req.uri().path() == "/internal/snapshot";
+    if streamed || req.body().size_hint().exact() == Some(0) {
+        return (req, None);
+    }
+    let (parts, body) = req.into_parts();
+    let (body, hold) = st.body_budget.wrap(body);
+    (Request::from_parts(parts, body), Some(hold))
 }
 
 /// Values of the `op` label; `op_label` returns an index into this.
@@ -284,13 +355,25 @@ fn apply_decision(
 }
 
 /// Reads a request body of at most `limit` bytes (413 beyond it) within
-/// `timeout` (408 after it).
+/// `timeout` (408 after it), if the body budget has room (503 if not).
 async fn read_body(
     body: Body,
     limit: usize,
     timeout: std::time::Duration,
     what: &str,
 ) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    let too_large = || {
+        ApiError::too_large(
+            "value_too_large",
+            format!("{what} exceeds the limit of {limit} bytes"),
+        )
+    };
+    // Refused on its Content-Length before any of it is read, so that a
+    // client waiting for `100 Continue` gets the 413 instead.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| {
@@ -301,19 +384,38 @@ async fn read_body(
             )
         })?;
     read.map_err(|e| {
-        let too_long = e
-            .into_inner()
-            .downcast_ref::<http_body_util::LengthLimitError>()
-            .is_some();
-        if too_long {
-            ApiError::too_large(
-                "value_too_large",
-                format!("{what} exceeds the limit of {limit} bytes"),
+        let e = e.into_inner();
+        if caused_by::<http_body_util::LengthLimitError>(&*e) {
+            too_large()
+        } else if let Some(over) = cause::<body_budget::OverBudget>(&*e) {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                over.to_string(),
             )
+            .retry_after(1)
         } else {
             ApiError::bad_request("bad_body", format!("could not read the {what}"))
         }
     })
+}
+
+/// The first error of type `T` in `e`'s chain of sources.
+fn cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        at = e.source();
+    }
+    None
+}
+
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    cause::<T>(e).is_some()
 }
 
 impl AppState {
@@ -902,4 +1004,49 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn codings(values: &[&'static str]) -> Result<(), ApiError> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+        }
+        transfer_codings_supported(&h)
+    }
+
+    #[test]
+    fn only_chunked_alone_is_a_supported_transfer_coding() {
+        assert!(codings(&[]).is_ok());
+        assert!(codings(&["chunked"]).is_ok());
+        assert!(codings(&["Chunked "]).is_ok());
+        for bad in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["identity"],
+        ] {
+            let e = codings(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED, "{bad:?}");
+            assert_eq!(e.code, "unsupported_transfer_encoding");
+        }
+    }
+
+    #[test]
+    fn a_query_must_decode_to_utf8() {
+        for good in ["q=caf%C3%A9", "q=a+b&limit=3", "q=%ZZ", "", "key=%E2%82%AC"] {
+            assert!(query_is_utf8(good).is_ok(), "{good}");
+        }
+        for bad in ["q=caf%C3", "q=%FF", "q=ok&offset=%C3%28", "key=%E2%82"] {
+            assert_eq!(
+                query_is_utf8(bad).unwrap_err().code,
+                "invalid_query",
+                "{bad}"
+            );
+        }
+    }
 }

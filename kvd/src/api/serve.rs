@@ -1,0 +1,311 @@
+//! The accept loop and the serving of each connection (HTTP/1.1, hyper).
+//!
+//! This replaces `axum::serve`, which has no way to time a connection out.
+//! Per connection:
+//!
+//! - A connection's first request head must arrive whole within the header
+//!   timeout of its accept. After a request, the connection may sit idle
+//!   for the idle timeout; once the next head's first byte arrives, the
+//!   rest of that head must follow within the header timeout. A connection
+//!   that misses a deadline is closed without an answer (nothing was asked
+//!   yet). Connections in the reserved pool (see `listener`) get at most
+//!   [`RESERVE_TIMEOUT`] for both, so they are handed back quickly.
+//! - A request head is at most [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] fields
+//!   (431 beyond, with a JSON body: see `conn_io`).
+//! - Keep-alive as usual; pipelined requests are answered in order, each
+//!   answer flushed when ready (hyper's pipeline flushing stays off).
+//!
+//! The loop takes a slot (`listener::Pools`) before it accepts, so a
+//! connection beyond the budget waits in the kernel's backlog. A failed
+//! accept never ends the loop: a shortage such as EMFILE waits with backoff
+//! (`listener::on_accept_error`). On shutdown the loop stops accepting,
+//! every connection finishes the request it is serving and closes, and
+//! `serve` returns once all are closed.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::conn_io::{self, Activity, ConnIo, HeadLimits, ParkedSlot};
+use super::listener::{self, AcceptAction, Budget, Pool, Pools, Slot};
+use crate::metrics::ConnectionMetrics;
+
+/// Largest request head (request line and headers), in bytes.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// Most header fields in one request (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+/// The idle and header timeouts of a connection in the reserved pool.
+pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const HEAD_LIMITS: HeadLimits = HeadLimits {
+    max_head_bytes: MAX_HEAD_BYTES,
+    max_headers: MAX_HEADERS,
+};
+
+/// How long a connection may take to deliver a request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the end of one request until the next head's first byte.
+    pub idle: Duration,
+    /// From the first byte of a head (a new connection: from its accept)
+    /// until the head is complete.
+    pub header: Duration,
+}
+
+impl Timeouts {
+    /// The shorter timeouts of a reserved-pool connection.
+    pub fn for_reserve(self) -> Timeouts {
+        Timeouts {
+            idle: self.idle.min(RESERVE_TIMEOUT),
+            header: self.header.min(RESERVE_TIMEOUT),
+        }
+    }
+}
+
+/// When a connection that started waiting for a head at `wanted_at` is
+/// closed: `first` is whether it is the connection's first head, and
+/// `first_byte` when that head's first byte arrived, if it has.
+pub fn head_deadline(
+    wanted_at: Instant,
+    first: bool,
+    first_byte: Option<Instant>,
+    t: Timeouts,
+) -> Instant {
+    match (first, first_byte) {
+        (true, _) => wanted_at + t.header,
+        (false, None) => wanted_at + t.idle,
+        (false, Some(at)) => at + t.header,
+    }
+}
+
+/// What `serve` needs besides the listener and the router.
+pub struct ServeConfig {
+    pub budget: Budget,
+    /// Timeouts of client-pool connections.
+    pub timeouts: Timeouts,
+    pub metrics: ConnectionMetrics,
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then waits
+/// for every connection to finish its request and close.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let pools = Pools::new(&cfg.budget, cfg.metrics.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = pin!(shutdown);
+    let mut failures = 0u32;
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            slot = pools.acquire() => match slot {
+                Some(s) => s,
+                None => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(e) => {
+                drop(slot);
+                cfg.metrics.accept_errors_total.inc();
+                let AcceptAction::Wait(delay) = listener::on_accept_error(&e, failures + 1) else {
+                    continue;
+                };
+                failures = failures.saturating_add(1);
+                if listener::should_log_accept_failure(failures) {
+                    eprintln!(
+                        "kvd: accept failed ({e}; {failures} in a row); retrying in {delay:?}"
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        let slot = pools.accepted(slot);
+        let timeouts = match slot.pool {
+            Pool::Client => cfg.timeouts,
+            Pool::Reserve => cfg.timeouts.for_reserve(),
+        };
+        tokio::spawn(connection(
+            stream,
+            slot,
+            router.clone(),
+            timeouts,
+            stop_rx.clone(),
+        ));
+    }
+    // Closing the listener refuses what waits in the backlog.
+    drop(listener);
+    let _ = stop_tx.send(true);
+    pools.drained(&cfg.budget).await;
+}
+
+/// Serves one connection; its slot is given back when this returns.
+async fn connection(
+    stream: TcpStream,
+    slot: Slot,
+    router: Router,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Replies are small and each completes a request: send them at once
+    // rather than letting Nagle wait for the client's delayed ACK.
+    if let Err(e) = stream.set_nodelay(true) {
+        eprintln!("kvd: cannot set TCP_NODELAY: {e}");
+    }
+    let activity = Arc::new(Activity::new());
+    let parked = ParkedSlot::default();
+    let io = TokioIo::new(ConnIo::new(stream, activity.clone(), parked.clone()));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(HeadTimer { activity, timeouts })
+        // Turns the timer on; `HeadTimer` computes the actual deadlines.
+        .header_read_timeout(timeouts.header)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    let mut conn = pin!(builder.serve_connection(io, TowerToHyperService::new(router)));
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { drop(stop.wait_for(|stop| *stop).await) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    let parked = parked.lock().take();
+    if let Some(p) = parked {
+        conn_io::finish_parked(p, result.as_ref().err(), &HEAD_LIMITS).await;
+    }
+    drop(slot);
+}
+
+/// hyper's timer for the header read timeout, which it arms whenever it
+/// starts waiting for a request head: the sleep it hands out ends at
+/// [`head_deadline`], recomputed as the head's first byte arrives.
+struct HeadTimer {
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        // Not used by hyper's HTTP/1 server; a plain sleep all the same.
+        Box::pin(PlainSleep(Box::pin(tokio::time::sleep(duration))))
+    }
+
+    fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let first = self.activity.head_wanted();
+        Box::pin(HeadSleep {
+            activity: self.activity.clone(),
+            timeouts: self.timeouts,
+            wanted_at: Instant::now(),
+            first,
+            sleep: None,
+        })
+    }
+}
+
+struct HeadSleep {
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    wanted_at: Instant,
+    first: bool,
+    /// Created on the first poll: most heads arrive before hyper waits.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let deadline = tokio::time::Instant::from_std(head_deadline(
+            this.wanted_at,
+            this.first,
+            this.activity.first_byte(),
+            this.timeouts,
+        ));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+struct PlainSleep(Pin<Box<tokio::time::Sleep>>);
+
+impl Future for PlainSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for PlainSleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts {
+        idle: Duration::from_secs(60),
+        header: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn a_new_connection_has_the_header_timeout_from_its_accept() {
+        let t0 = Instant::now();
+        assert_eq!(head_deadline(t0, true, None, T), t0 + T.header);
+        let byte = t0 + Duration::from_secs(5);
+        assert_eq!(head_deadline(t0, true, Some(byte), T), t0 + T.header);
+    }
+
+    #[test]
+    fn a_keep_alive_connection_idles_then_has_the_header_timeout() {
+        let t0 = Instant::now();
+        assert_eq!(head_deadline(t0, false, None, T), t0 + T.idle);
+        let byte = t0 + Duration::from_secs(30);
+        assert_eq!(head_deadline(t0, false, Some(byte), T), byte + T.header);
+    }
+
+    #[test]
+    fn reserved_connections_time_out_quickly() {
+        let r = T.for_reserve();
+        assert_eq!(r.idle, RESERVE_TIMEOUT);
+        assert_eq!(r.header, RESERVE_TIMEOUT);
+        let short = Timeouts {
+            idle: Duration::from_millis(200),
+            header: Duration::from_millis(100),
+        };
+        assert_eq!(short.for_reserve(), short, "never longer than configured");
+    }
+}

@@ -181,8 +181,6 @@ pub struct Kvd {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     args: Vec<String>,
-    /// Soft and hard `RLIMIT_NOFILE` of the process (`ulimit -n`), if set.
-    fd_limit: Option<u64>,
 }
 
 impl Kvd {
@@ -198,7 +196,6 @@ impl Kvd {
                 data_dir: data_dir.to_path_buf(),
                 log_path: PathBuf::new(),
                 args: extra.iter().map(|s| s.to_string()).collect(),
-                fd_limit: None,
             };
             match node.spawn_and_wait() {
                 Ok(()) => return Ok(node),
@@ -222,22 +219,6 @@ impl Kvd {
             data_dir: data_dir.to_path_buf(),
             log_path: PathBuf::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
-            fd_limit: None,
-        };
-        node.spawn_and_wait()?;
-        Ok(node)
-    }
-
-    /// [`Kvd::start`] with at most `fd_limit` open file descriptors
-    /// (`ulimit -n`, kept across restarts), to test descriptor shortage.
-    pub fn start_with_fd_limit(data_dir: &Path, extra: &[&str], fd_limit: u64) -> Result<Kvd> {
-        let mut node = Kvd {
-            child: None,
-            port: free_port(),
-            data_dir: data_dir.to_path_buf(),
-            log_path: PathBuf::new(),
-            args: extra.iter().map(|s| s.to_string()).collect(),
-            fd_limit: Some(fd_limit),
         };
         node.spawn_and_wait()?;
         Ok(node)
@@ -251,18 +232,7 @@ impl Kvd {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
-        // bash sets the limit, then `exec` makes kvd the process this
-        // handle's pid names.
-        let mut cmd = match self.fd_limit {
-            Some(n) => {
-                let mut c = Command::new("bash");
-                c.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string()])
-                    .arg(bin("kvd"));
-                c
-            }
-            None => Command::new(bin("kvd")),
-        };
-        let child = cmd
+        let child = Command::new(bin("kvd"))
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--data-dir")

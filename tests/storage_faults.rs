@@ -8,6 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{data_dir, start, REQUEST_TIMEOUT};
@@ -213,41 +214,59 @@ fn open_fds(pid: u32) -> u64 {
         .count() as u64
 }
 
-/// Idle connections take every descriptor a node with a low `ulimit -n`
-/// has, so the WAL cannot create a file, and writes roll segments. A write
-/// may be refused meanwhile (503, nothing logged) but never poisons the
-/// WAL: once the connections close, writes work again without a restart,
-/// and everything acknowledged survives one. (A roll takes the segment made
-/// in advance and frees the sealed one's descriptor for the next, so it
-/// usually needs no new descriptor at all; the refusal itself is tested
-/// deterministically in `storage::wal`'s unit tests.)
+/// Idle connections take every descriptor a node has, so the WAL cannot
+/// create a file, and writes roll segments. A write may be refused
+/// meanwhile (503, nothing logged) but never poisons the WAL: once the
+/// connections close, writes work again without a restart, and everything
+/// acknowledged survives one. kvd fits its connection budget to `ulimit -n`
+/// at start, so to run it out of descriptors the test lowers the running
+/// process's limit below that budget (`prlimit`), as an operator might.
+/// (A roll takes the segment made in advance and frees the sealed one's
+/// descriptor for the next, so it may need no new descriptor at all; the
+/// refusal itself is tested deterministically in `storage::wal`'s unit
+/// tests.)
 #[test]
 fn a_descriptor_shortage_refuses_writes_only_while_it_lasts() {
-    const FD_LIMIT: u64 = 128;
     const VALUE_BYTES: usize = 256 << 10;
     let tmp = TempDir::new().unwrap();
     let args = ["--wal-segment-mib", "1", "--snapshot-every-mib", "1024"];
-    let mut kvd = Kvd::start_with_fd_limit(&data_dir(&tmp), &args, FD_LIMIT)
-        .unwrap_or_else(|e| panic!("kvd failed to start: {e:#}"));
+    let mut kvd =
+        Kvd::start(&data_dir(&tmp), &args).unwrap_or_else(|e| panic!("kvd failed to start: {e:#}"));
     let pid = kvd.pid().expect("kvd runs");
     let value = |i: usize| vec![b'a' + (i % 26) as u8; VALUE_BYTES];
     // Opened first, so the test can still talk to kvd at the limit.
     let mut writer = Conn::open(kvd.port);
     assert_eq!(writer.call("PUT", "/v1/kv/k00", &value(0)).0, 200);
 
+    let fd_limit = open_fds(pid) + 32;
+    let lowered = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={fd_limit}:{fd_limit}"),
+        ])
+        .status()
+        .expect("running prlimit");
+    assert!(lowered.success(), "prlimit failed: {lowered}");
     let mut idle = Vec::new();
-    while open_fds(pid) < FD_LIMIT {
+    for _ in 0..fd_limit {
+        if open_fds(pid) >= fd_limit {
+            break;
+        }
         let mut c = Conn::open(kvd.port);
         match c.request("GET", "/health", b"") {
             Ok((200, _)) => idle.push(c),
-            // Refused by a connection budget: the WAL keeps its reserve.
             _ => break,
         }
     }
+    let held = open_fds(pid);
     eprintln!(
-        "{} idle connections; kvd holds {} of {FD_LIMIT} descriptors",
-        idle.len(),
-        open_fds(pid)
+        "{} idle connections; kvd holds {held} of {fd_limit} descriptors",
+        idle.len()
+    );
+    assert_eq!(
+        held, fd_limit,
+        "the idle connections did not use up kvd's descriptors"
     );
 
     // Six segments' worth.

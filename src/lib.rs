@@ -61,6 +61,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct loopback ports that were free a moment ago.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < n {
+        ports.insert(free_port());
+    }
+    ports.into_iter().collect()
+}
+
+/// Three replicated nodes on loopback, each knowing the others' URLs:
+/// `n0` bootstraps as primary, `n1` and `n2` as secondaries, with data dirs
+/// `dir/n0` .. `dir/n2` and `extra` flags on each.
+pub fn start_cluster(dir: &Path, extra: &[&str]) -> Result<Vec<Kvd>> {
+    let ports = free_ports(3);
+    (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("http://127.0.0.1:{}", ports[j]))
+                .collect();
+            let (node_id, peers) = (format!("n{i}"), peers.join(","));
+            let role = if i == 0 { "primary" } else { "secondary" };
+            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
+            args.extend_from_slice(extra);
+            Kvd::start_on(ports[i], &dir.join(&node_id), &args)
+        })
+        .collect()
+}
+
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

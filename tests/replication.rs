@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kvstore::{free_port, wait_until, Kvd};
+use kvstore::{start_cluster, wait_until, Kvd};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -16,29 +15,7 @@ fn cluster(tmp: &TempDir) -> Vec<Kvd> {
 }
 
 fn cluster_with(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
-    let mut ports = BTreeSet::new();
-    while ports.len() < 3 {
-        ports.insert(free_port());
-    }
-    let ports: Vec<u16> = ports.into_iter().collect();
-    let url = |p: u16| format!("http://127.0.0.1:{p}");
-    (0..3)
-        .map(|i| {
-            let peers: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| url(*p))
-                .collect();
-            let node_id = format!("n{i}");
-            let peers = peers.join(",");
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let dir = tmp.path().join(&node_id);
-            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
-            args.extend_from_slice(extra);
-            Kvd::start_on(ports[i], &dir, &args).unwrap()
-        })
-        .collect()
+    start_cluster(tmp.path(), extra).unwrap()
 }
 
 async fn status(http: &reqwest::Client, node: &Kvd) -> Value {
@@ -871,11 +848,7 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
     use kvstore::LinkProxy;
 
     let tmp = TempDir::new().unwrap();
-    let mut ports = BTreeSet::new();
-    while ports.len() < 3 {
-        ports.insert(free_port());
-    }
-    let ports: Vec<u16> = ports.into_iter().collect();
+    let ports = kvstore::free_ports(3);
     // link[i][j]: node i's connections to node j, which the test can cut.
     let link: Vec<Vec<Option<LinkProxy>>> = (0..3)
         .map(|i| {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use kvd::replication::node::encode_append;
 use kvd::replication::rules::LogPos;
 use kvd::storage::snapshot::{self, SnapshotMeta};
 use kvd::storage::{Op, RealFs, Record, State, Timestamp};
-use kvstore::{free_port, Kvd};
+use kvstore::{free_port, start_cluster, Kvd};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,24 +26,7 @@ const INCOMING: &str = "snapshot-incoming.tmp";
 
 /// Three nodes on loopback; n0 bootstraps as primary.
 fn cluster(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
-    let mut ports = BTreeSet::new();
-    while ports.len() < 3 {
-        ports.insert(free_port());
-    }
-    let ports: Vec<u16> = ports.into_iter().collect();
-    (0..3)
-        .map(|i| {
-            let peers: Vec<String> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| format!("http://127.0.0.1:{}", ports[j]))
-                .collect();
-            let (node_id, peers) = (format!("n{i}"), peers.join(","));
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
-            args.extend_from_slice(extra);
-            Kvd::start_on(ports[i], &tmp.path().join(&node_id), &args).unwrap()
-        })
-        .collect()
+    start_cluster(tmp.path(), extra).unwrap()
 }
 
 /// A secondary whose peers never answer: only the test talks to it.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{expect_json_error, http, status};
 use kvclient::{Bytes, SimilarTo};
-use kvstore::{bin, free_port, Kvd};
+use kvstore::{bin, start_cluster, Kvd};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -283,27 +283,7 @@ async fn a_single_node_shows_every_acknowledged_write_and_keeps_results_across_r
 }
 
 fn cluster(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
-    let mut ports = BTreeSet::new();
-    while ports.len() < 3 {
-        ports.insert(free_port());
-    }
-    let ports: Vec<u16> = ports.into_iter().collect();
-    (0..3)
-        .map(|i| {
-            let peers: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| format!("http://127.0.0.1:{p}"))
-                .collect();
-            let node_id = format!("n{i}");
-            let peers = peers.join(",");
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
-            args.extend_from_slice(extra);
-            Kvd::start_on(ports[i], &tmp.path().join(&node_id), &args).unwrap()
-        })
-        .collect()
+    start_cluster(tmp.path(), extra).unwrap()
 }
 
 /// Waits until every node has applied everything the first one has.

@@ -16,7 +16,7 @@
 //! flags; with `--sync-replicas=0` (commit without any secondary) this test
 //! fails, which is how its teeth were checked.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,6 +86,11 @@ struct Progress {
     reads: AtomicU64,
     /// Writes (of any kind) whose outcome is unknown.
     unknown: AtomicU64,
+    /// Writes refused with an answer that says nothing was written (left
+    /// out of the history: they cannot have happened).
+    refused: AtomicU64,
+    /// Why writes failed, by kvclient error code (refused ones included).
+    failures: Mutex<BTreeMap<String, u64>>,
     since_fault: Mutex<SinceFault>,
 }
 
@@ -99,6 +104,24 @@ struct SinceFault {
 }
 
 impl Progress {
+    /// Records a failed write; says whether its outcome is unknown.
+    fn failed(&self, e: &kvclient::Error) -> bool {
+        *self
+            .failures
+            .lock()
+            .unwrap()
+            .entry(e.code().to_string())
+            .or_default() += 1;
+        let wrote_nothing = e.was_not_applied() || matches!(e, kvclient::Error::Connect { .. });
+        let counter = if wrote_nothing {
+            &self.refused
+        } else {
+            &self.unknown
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        !wrote_nothing
+    }
+
     fn succeeded(&self, call: u64, read: bool) {
         let mut s = self.since_fault.lock().unwrap();
         if call >= s.from {
@@ -148,7 +171,9 @@ impl Planned {
 
 /// Sends one planned operation (one attempt) and returns the history
 /// entries it adds: one per key written, none for a failed read (it
-/// observed nothing). A failed write is "outcome unknown" (`ret: None`).
+/// observed nothing) or for a write refused with an answer that says
+/// nothing was written. Any other failed write is "outcome unknown"
+/// (`ret: None`).
 async fn attempt(
     kv: &kvclient::Client,
     planned: Planned,
@@ -159,7 +184,6 @@ async fn attempt(
 ) -> (bool, Vec<Operation>) {
     let ns = |t: Instant| t.duration_since(start).as_nanos() as u64;
     let call = ns(Instant::now());
-    let ret = |ok: bool| ok.then(|| ns(Instant::now()));
     let op = |key: String, kind: Kind, ret: Option<u64>| Operation {
         key,
         kind,
@@ -167,34 +191,49 @@ async fn attempt(
         ret,
         client,
     };
+    // What a write's answer means for the history: `Some(ret)` if it may
+    // have happened (`ret` None: outcome unknown), None if it cannot have.
+    let outcome = |answer: Result<(), &kvclient::Error>| match answer {
+        Ok(()) => Some(Some(ns(Instant::now()))),
+        Err(e) => progress.failed(e).then_some(None),
+    };
     let (ok, ops, counter) = match planned {
         Planned::Put(key) => {
-            let done = ret(kv.set(&key, value.to_string()).await.is_ok());
-            let ops = vec![op(key, Kind::Write(value), done)];
-            (done.is_some(), ops, &progress.puts)
+            let answer = kv.set(&key, value.to_string()).await;
+            let ops = outcome(answer.as_ref().map(|_| ()))
+                .map(|ret| op(key, Kind::Write(value), ret))
+                .into_iter()
+                .collect();
+            (answer.is_ok(), ops, &progress.puts)
         }
         Planned::Delete(key) => {
             let answer = kv.delete(&key).await;
-            let done = ret(answer.is_ok());
-            let existed = answer.ok().map(|a| a.deleted);
-            let ops = vec![op(key, Kind::Delete { existed }, done)];
-            (done.is_some(), ops, &progress.deletes)
+            let existed = answer.as_ref().ok().map(|a| a.deleted);
+            let ops = outcome(answer.as_ref().map(|_| ()))
+                .map(|ret| op(key, Kind::Delete { existed }, ret))
+                .into_iter()
+                .collect();
+            (answer.is_ok(), ops, &progress.deletes)
         }
         Planned::Bulk(keys) => {
             let items: Vec<(String, Bytes)> = keys
                 .iter()
                 .map(|k| (k.clone(), Bytes::from(value.to_string())))
                 .collect();
-            let done = ret(kv.bulk_set(&items).await.is_ok());
-            let ops = keys
-                .into_iter()
-                .map(|k| op(k, Kind::Write(value), done))
-                .collect();
-            (done.is_some(), ops, &progress.bulks)
+            let answer = kv.bulk_set(&items).await;
+            let ops = match outcome(answer.as_ref().map(|_| ())) {
+                Some(ret) => keys
+                    .into_iter()
+                    .map(|k| op(k, Kind::Write(value), ret))
+                    .collect(),
+                None => Vec::new(),
+            };
+            (answer.is_ok(), ops, &progress.bulks)
         }
         Planned::Read(key) => match kv.get_consistent(&key).await {
             Ok(v) => {
-                let ops = vec![op(key, Kind::Read(v.map(|b| parse_id(&b))), ret(true))];
+                let read = Kind::Read(v.map(|b| parse_id(&b)));
+                let ops = vec![op(key, read, Some(ns(Instant::now())))];
                 (true, ops, &progress.reads)
             }
             Err(_) => return (false, Vec::new()),
@@ -203,8 +242,6 @@ async fn attempt(
     if ok {
         counter.fetch_add(1, Ordering::Relaxed);
         progress.succeeded(call, matches!(ops[0].kind, Kind::Read(_)));
-    } else {
-        progress.unknown.fetch_add(1, Ordering::Relaxed);
     }
     (ok, ops)
 }
@@ -568,6 +605,8 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
         count(&progress.bulks),
     );
     let (reads, unknown) = (count(&progress.reads), count(&progress.unknown));
+    let refused = count(&progress.refused);
+    let failures = progress.failures.lock().unwrap().clone();
     let failovers = c.metric("kvsup_failovers_total").unwrap();
     let restarts: HashMap<String, u64> = c.status().unwrap()["nodes"]
         .as_array()
@@ -582,7 +621,8 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
         .collect();
     eprintln!(
         "chaos: {:?}, {} faults ({} step-downs, {} kills of the primary); acknowledged: \
-         {puts} puts, {deletes} deletes, {bulks} bulks; {unknown} writes of unknown outcome; \
+         {puts} puts, {deletes} deletes, {bulks} bulks; {unknown} writes of unknown outcome, \
+         {refused} refused having written nothing (failed writes by code: {failures:?}); \
          {reads} linearizable reads; {} keys; lost: {}; violations: {}; undecided: {}; \
          failovers {failovers}; restarts {restarts:?}; kills {:?}; problems: {}",
         start.elapsed(),

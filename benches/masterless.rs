@@ -1,4 +1,4 @@
-//! Masterless mode benchmark (issue 5):
+//! Masterless mode benchmark:
 //!
 //! 1. durable PUT/s and p50/p99 of a 3-node masterless cluster at 64
 //!    connections spread over the three nodes, 100-byte values, with

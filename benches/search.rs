@@ -1,7 +1,6 @@
 //! `search`: query latency of kvd's full-text (BM25) and similarity
 //! (TF-IDF) indexes beside SQLite FTS5 on the same corpus and queries, write
-//! throughput with and without `--index`, and the index's memory (issue 6,
-//! "Done when" 4).
+//! throughput with and without `--index`, and the index's memory.
 //!
 //! - **Corpus**: `--docs` documents (default 100k) of 20-200 words (uniform),
 //!   words drawn from a Zipf distribution (s = 1) over a vocabulary of

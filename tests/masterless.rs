@@ -1,4 +1,4 @@
-//! Masterless mode (DESIGN §5, issue 5) with three real kvd processes:
+//! Masterless mode (DESIGN §5) with three real kvd processes:
 //! writes on every node, last-write-wins by hybrid logical clock,
 //! tombstones, catch-up after a crash or a partition, clock faults.
 
@@ -214,7 +214,7 @@ async fn a_delete_is_never_undone_by_an_older_put_arriving_later() {
         .unwrap();
 }
 
-/// Done-when 3: the other two take 50k writes while one node is gone.
+/// The other two take 50k writes while one node is gone.
 /// Killed: it catches up from the others' logs (streams resume at its
 /// durable positions). Cut off: the others' WAL segments are small and
 /// compacted away meanwhile, so the streams skip a gap and anti-entropy

@@ -1,4 +1,4 @@
-//! Primary/secondary replication (issue 3, first steps): log shipping with
+//! Primary/secondary replication: log shipping with
 //! majority commit, reads on every node, redirects from secondaries.
 
 mod common;

@@ -1,11 +1,11 @@
-//! Issue 6: `kvd --index`, end to end against real processes.
+//! `kvd --index`, end to end against real processes.
 //!
-//! - Done-when 1: set, overwrite, delete and bulk show in search results as
+//! - Set, overwrite, delete and bulk show in search results as
 //!   soon as the write is acknowledged; every node of a 3-node cluster
 //!   answers the same queries identically (after replicated writes, a
 //!   snapshot install and a restart), and so does a single node after
 //!   SIGKILL and SIGTERM restarts (snapshot load plus WAL replay).
-//! - Done-when 3: without `--index`, and for empty or oversized queries and
+//! - Without `--index`, and for empty or oversized queries and
 //!   bad paging, a 400 with a JSON error body.
 //! - `kvclient search` / `similar` (library and CLI), index metrics and
 //!   status figures.

@@ -1,4 +1,4 @@
-//! Property test of the masterless merge (Done-when 4 of issue 5): the
+//! Property test of the masterless merge: the
 //! same set of writes, applied in any order and with any duplication,
 //! gives the same state, and that state is the model's: per key, the write
 //! with the highest timestamp (a delete leaves the key absent). Also

@@ -19,7 +19,7 @@
 //! - With `EngineConfig::max_data_bytes`, a local write that would grow the
 //!   data set ([`State::data_bytes`]) past it is refused before it is logged
 //!   ([`Error::MemoryFull`]); deletes and shrinking writes always pass.
-//! - Replicated mode (`EngineConfig::replicated`, for issue 3): a durable
+//! - Replicated mode (`EngineConfig::replicated`): a durable
 //!   entry is applied, and its write acknowledged, only when
 //!   [`Engine::commit_to`] reaches it; a secondary takes the primary's
 //!   entries through [`Engine::replicate`], which follows

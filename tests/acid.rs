@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 2: bulk writes are atomic, under concurrency and
+//! Bulk writes are atomic, under concurrency and
 //! across SIGKILL.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 1: the common operations against a real kvd.
+//! The common operations against a real kvd.
 
 mod common;
 

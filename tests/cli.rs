@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 10 (help texts) and the `kvclient` CLI (DESIGN §9)
+//! Help texts and the `kvclient` CLI (DESIGN §9)
 //! against a real kvd.
 
 mod common;

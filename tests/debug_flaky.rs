@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 3: `debug_flaky` simulates a crash between "durable
+//! `debug_flaky` simulates a crash between "durable
 //! in the WAL" and "applied in memory", and only with `--enable-debug`.
 
 mod common;

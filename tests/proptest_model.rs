@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 7: random sequences of set/delete/bulk/restart
+//! Random sequences of set/delete/bulk/restart
 //! against a real kvd give the same contents as a `BTreeMap` model.
 
 mod common;

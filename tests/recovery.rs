@@ -1,4 +1,4 @@
-//! Issue 2, "Done when" 4: recovery from a torn tail, refusal on mid-log
+//! Recovery from a torn tail, refusal on mid-log
 //! corruption, and snapshots that let old WAL segments go.
 
 mod common;

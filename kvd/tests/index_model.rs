@@ -1,4 +1,4 @@
-//! Issue 6, "Done when" 2: on random corpora built by random puts,
+//! On random corpora built by random puts,
 //! overwrites, deletes, bulks and snapshot installs (through
 //! `State::apply` and `State::replace_with`, the hooks kvd uses), BM25
 //! scores and rankings and TF-IDF similarity top-k equal a brute-force

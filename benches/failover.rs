@@ -70,7 +70,13 @@ fn run() -> Result<ExitCode> {
     for run in 1..=args.runs {
         c.wait_ready(Duration::from_secs(60))?;
         let old = c.primary().unwrap_or_default();
-        rt.block_on(client(&urls, 0).set("warm", "up"))?;
+        // Retried: a node that just rejoined may not know the primary yet.
+        let warm = kvclient::Client::builder()
+            .endpoints(urls.clone())
+            .retry_deadline(Duration::from_secs(30))
+            .max_retries(1000)
+            .build()?;
+        rt.block_on(warm.set("warm", "up"))?;
         let t0 = Instant::now();
         let (ok, out) = c.kvsup(&["kill", &old])?;
         if !ok.success() {

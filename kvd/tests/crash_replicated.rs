@@ -743,3 +743,38 @@ fn a_masterless_node_merging_peers_survives_300_crash_points() {
     }
     tally.assert_each_at_least(10);
 }
+
+/// A rebase whose snapshot cannot be made durable (a failed fsync, no
+/// crash) changes nothing: the node stays in its old mode with its stamps
+/// and tombstones, so the switch can be refused and tried again.
+#[test]
+fn a_failed_rebase_leaves_a_masterless_node_its_stamps() {
+    let rt = runtime();
+    let fs = SimFs::default();
+    let mut peers = Peers::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    let (engine, _) = open(&fs, config(Mode::Masterless, 1)).expect("boots");
+    fill(&rt, &engine, Mode::Masterless, 1, &mut rng, &mut peers);
+    let stamps = |e: &Engine| -> Vec<_> {
+        (0..KEYS)
+            .map(|i| e.lww().entry(&key(P, i)).map(|v| (v.ts, v.tombstone)))
+            .collect()
+    };
+    let before = (stamps(&engine), engine.lww().digest(), contents(&engine, P));
+    assert!(
+        before.0.iter().any(Option::is_some),
+        "the node holds stamps"
+    );
+
+    fs.fail_next_sync();
+    let req = Rebase {
+        masterless: false,
+        base_index: engine.last_log_pos().index,
+        epoch: 2,
+        base_ts: peers.base_ts(),
+    };
+    assert!(rt.block_on(engine.rebase(req)).is_err(), "the fsync failed");
+    assert!(engine.is_masterless(), "still masterless");
+    let after = (stamps(&engine), engine.lww().digest(), contents(&engine, P));
+    assert_eq!(after, before, "a failed rebase changed the stamps");
+}

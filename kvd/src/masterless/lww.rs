@@ -300,6 +300,15 @@ impl Lww {
         inner.max_ts = inner.max_ts.max(base);
     }
 
+    /// Takes `other`'s stamps and tombstones in one step (readers see the
+    /// old set or the new one), keeping the largest timestamp either saw.
+    pub fn replace_with(&self, other: Lww) {
+        let mut inner = self.inner.write();
+        let max_ts = inner.max_ts;
+        *inner = other.inner.into_inner();
+        inner.max_ts = inner.max_ts.max(max_ts);
+    }
+
     /// Forgets everything (leaving masterless mode).
     pub fn clear(&self) {
         let mut inner = self.inner.write();

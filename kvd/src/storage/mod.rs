@@ -1476,10 +1476,12 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        // The new mode's stamps (none when leaving masterless) are built
+        // aside and take over only once the snapshot holding them is
+        // durable: a rebase that fails leaves the node as it was.
+        let stamps = Lww::new();
         if req.masterless {
-            self.shared.lww.seed_from_state(&self.state, req.base_ts);
-        } else {
-            self.shared.lww.clear();
+            stamps.seed_from_state(&self.state, req.base_ts);
         }
         let meta = snapshot::SnapshotMeta {
             last_index: req.base_index,
@@ -1489,9 +1491,10 @@ impl Writer {
             self.fs.as_ref(),
             &self.snap_dir,
             &self.state,
-            req.masterless.then_some(&*self.shared.lww),
+            req.masterless.then_some(&stamps),
             meta,
         )?;
+        self.shared.lww.replace_with(stamps);
         for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
             if old != path {
                 let _ = self.fs.remove(&old);

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use kvproto::Mode;
 
 /// kvd: a kvstore node. Serves get/set/delete and atomic bulk set over HTTP;
 /// every acknowledged write is in a write-ahead log fsync'd before the reply.
@@ -151,7 +152,7 @@ pub struct Config {
     /// Used when the data dir is fresh; afterwards the mode persisted in
     /// `meta` wins (a live mode switch changes it).
     #[arg(long, value_enum, default_value = "primary-secondary")]
-    pub mode: ModeArg,
+    pub mode: Mode,
 
     /// Masterless: nodes (this one included, 1..=3) that must hold a write
     /// durably before it is acknowledged. 1 acknowledges after the local
@@ -195,13 +196,6 @@ pub struct Config {
     /// setting, or their results differ.
     #[arg(long, requires = "index")]
     pub index_stem: bool,
-}
-
-/// `--mode`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModeArg {
-    PrimarySecondary,
-    Masterless,
 }
 
 /// `--role`.

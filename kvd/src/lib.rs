@@ -12,6 +12,8 @@ pub mod config;
 pub mod index;
 pub mod masterless;
 pub mod metrics;
+pub mod node;
 pub mod replication;
 pub mod server;
 pub mod storage;
+pub mod tasks;

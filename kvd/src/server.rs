@@ -10,15 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kvproto::Mode;
 use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
 
-use crate::api::admin::{self, ClusterSettings};
 use crate::api::{self, AppState, Limits};
-use crate::config::{BootRole, Config, ModeArg};
+use crate::config::{BootRole, Config};
+use crate::index::Index;
 use crate::masterless::hlc::{node_tag, WallClock};
 use crate::metrics::Metrics;
-use crate::storage::{Engine, EngineConfig, RealFs, StorageState};
+use crate::node::{ClusterSettings, Node, Runtime};
+use crate::storage::{record, Engine, EngineConfig, Meta, MetaStore, RealFs, StorageState};
+use crate::tasks::Tasks;
 
 /// How often the data dir's identity is checked, besides at every WAL
 /// segment roll: the longest a node goes on acknowledging writes into a
@@ -116,9 +118,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Asks the engine every [`DATA_DIR_CHECK_INTERVAL`] whether its data dir
 /// is still there, until it is not (the engine then refuses writes and
 /// says why) or the engine is gone.
-fn watch_data_dir(engine: &Arc<Engine>) {
+fn watch_data_dir(engine: &Arc<Engine>, tasks: &Tasks) {
     let engine = Arc::downgrade(engine);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(DATA_DIR_CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -133,69 +135,62 @@ fn watch_data_dir(engine: &Arc<Engine>) {
     });
 }
 
-/// Node metadata (`meta`, JSON). Format version 1.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Meta {
-    pub format_version: u32,
-    pub node_id: String,
-    pub epoch: u64,
-    pub mode: String,
-    /// Whom this node voted for in `epoch` (each epoch is granted once).
-    #[serde(default)]
-    pub voted_for: Option<String>,
-}
-
-impl Meta {
-    /// Reads `meta`, or creates it durably for a fresh data dir; says which.
-    pub fn load_or_init(data_dir: &Path, node_id: &str, mode: &str) -> Result<(Meta, bool)> {
-        let path = data_dir.join("meta");
-        match std::fs::read(&path) {
-            Ok(raw) => {
-                let meta: Meta = serde_json::from_slice(&raw).with_context(|| {
-                    format!("corrupt node metadata in {} (offset 0)", path.display())
-                })?;
-                if meta.format_version != 1 {
-                    bail!(
-                        "{} has format version {}; this kvd reads version 1",
-                        path.display(),
-                        meta.format_version
-                    );
-                }
-                Ok((meta, false))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let meta = Meta {
-                    format_version: 1,
-                    node_id: node_id.to_string(),
-                    epoch: 1,
-                    mode: mode.into(),
-                    voted_for: None,
-                };
-                meta.store(data_dir)?;
-                Ok((meta, true))
-            }
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-
-    /// Replaces `meta` atomically: temp file, fsync, rename, dir fsync.
-    pub fn store(&self, data_dir: &Path) -> Result<()> {
-        let tmp = data_dir.join("meta.tmp");
-        let path = data_dir.join("meta");
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        File::open(data_dir)?.sync_all()?;
-        Ok(())
-    }
-}
-
 /// Runs the node until a shutdown signal.
 pub async fn run(cfg: Config) -> Result<()> {
     let _lock = DataDirLock::acquire(&cfg.data_dir)?;
-    let replicated = !cfg.peers.is_empty();
-    if cfg.sync_replicas > cfg.peers.len() && replicated {
+    check_flags(&cfg)?;
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let store = MetaStore::new(Arc::new(RealFs), &cfg.data_dir);
+    let (meta, fresh) = load_meta(&cfg, &store)?;
+    let wall = WallClock::new(cfg.clock_offset_ms);
+    let engine = open_engine(&cfg, &meta, &wall, metrics.clone()).await?;
+    let tasks = Tasks::new();
+    watch_data_dir(&engine, &tasks);
+    let node = Arc::new(start_node(&cfg, &engine, &meta, fresh, store, wall)?);
+
+    let addr = SocketAddr::new(cfg.bind, cfg.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let budget = connection_budget(&cfg)?;
+    eprintln!("kvd: {}", budget.describe(cfg.max_connections));
+    let connections = metrics.connections.clone();
+    let state = Arc::new(AppState::new(
+        node.clone(),
+        metrics,
+        limits(&cfg),
+        cfg.enable_debug,
+        cfg.data_dir.display().to_string(),
+    ));
+    eprintln!(
+        "kvd: node {} serving on http://{addr} ({})",
+        meta.node_id, meta.mode
+    );
+    let serve_cfg = api::serve::ServeConfig {
+        budget,
+        timeouts: api::serve::Timeouts {
+            idle: Duration::from_millis(cfg.idle_timeout_ms),
+            header: Duration::from_millis(cfg.header_timeout_ms),
+        },
+        metrics: connections,
+    };
+    api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
+
+    // In-flight requests have finished: the runtime's and our own tasks
+    // stop, then the writer drains its queue (each write fsync'd before its
+    // reply) and stops.
+    node.stop().await;
+    tasks.stop().await;
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .context("engine shutdown panicked")?;
+    eprintln!("kvd: shut down cleanly");
+    Ok(())
+}
+
+/// Refuses flag combinations that cannot work, before anything starts.
+fn check_flags(cfg: &Config) -> Result<()> {
+    if cfg.sync_replicas > cfg.peers.len() && !cfg.peers.is_empty() {
         bail!(
             "--sync-replicas {} needs at least that many --peers (got {})",
             cfg.sync_replicas,
@@ -213,60 +208,67 @@ pub async fn run(cfg: Config) -> Result<()> {
     if cfg.clock_offset_ms != 0 && !cfg.enable_debug {
         bail!("--clock-offset-ms is a debug knob; it needs --enable-debug");
     }
-    let flag_mode = match cfg.mode {
-        ModeArg::Masterless => "masterless",
-        ModeArg::PrimarySecondary => "primary-secondary",
-    };
-    let mode = if replicated { flag_mode } else { "single" };
-    let (mut meta, fresh) = Meta::load_or_init(&cfg.data_dir, &cfg.node_id, mode)?;
-    // After a live mode switch the persisted mode is the truth.
-    let mode = match meta.mode.as_str() {
-        m @ ("masterless" | "primary-secondary") if replicated => {
-            if m != flag_mode {
+    Ok(())
+}
+
+/// Reads (or creates) `meta`, with the mode the node runs in: a node
+/// without peers is single; a cluster node's persisted mode wins over
+/// `--mode`, since a live switch changes it. Says whether it was created.
+fn load_meta(cfg: &Config, store: &MetaStore) -> Result<(Meta, bool)> {
+    let replicated = !cfg.peers.is_empty();
+    let mode = if replicated { cfg.mode } else { Mode::Single };
+    let (mut meta, fresh) = store.load_or_init(&cfg.node_id, mode)?;
+    meta.mode = match meta.mode {
+        m if replicated && m.is_cluster() => {
+            if m != cfg.mode {
                 eprintln!(
-                    "kvd: data dir {} is in {m} mode (switched live); ignoring --mode {flag_mode}",
-                    cfg.data_dir.display()
+                    "kvd: data dir {} is in {m} mode (switched live); ignoring --mode {}",
+                    cfg.data_dir.display(),
+                    cfg.mode
                 );
             }
-            if m == "masterless" {
-                "masterless"
-            } else {
-                "primary-secondary"
-            }
+            m
         }
         _ => mode,
     };
-    meta.mode = mode.to_string();
-    let masterless = mode == "masterless";
-    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    Ok((meta, fresh))
+}
 
+/// The engine's settings from the flags and `meta`.
+fn engine_config(cfg: &Config, meta: &Meta, wall: &WallClock) -> EngineConfig {
     let mut ecfg = EngineConfig::new(&cfg.data_dir);
     ecfg.segment_max_bytes = cfg.wal_segment_mib << 20;
     ecfg.snapshot_every_bytes = cfg.snapshot_every_mib << 20;
     ecfg.queue_capacity = cfg.write_queue;
     ecfg.epoch = meta.epoch;
-    ecfg.replicated = replicated && !masterless;
-    ecfg.masterless = masterless;
+    ecfg.replicated = meta.mode == Mode::PrimarySecondary;
+    ecfg.masterless = meta.mode == Mode::Masterless;
     ecfg.node_tag = node_tag(&meta.node_id);
-    let wall = WallClock::new(cfg.clock_offset_ms);
     ecfg.wall = wall.clone();
-    ecfg.index = cfg
-        .index
-        .then(|| Arc::new(crate::index::Index::new(cfg.index_stem)));
-    ecfg.limits = crate::storage::record::Limits {
+    ecfg.index = cfg.index.then(|| Arc::new(Index::new(cfg.index_stem)));
+    ecfg.limits = record::Limits {
         max_value_bytes: cfg.max_value_bytes,
         max_bulk_items: cfg.max_bulk_items,
     };
     ecfg.max_clock_offset_ms = cfg.max_clock_offset_ms;
     ecfg.max_data_bytes =
         (cfg.max_memory_mib > 0).then(|| cfg.max_memory_mib.saturating_mul(1 << 20));
-    let engine_metrics = metrics.clone();
-    let (engine, report) = tokio::task::spawn_blocking(move || {
-        Engine::open(Arc::new(RealFs), ecfg, Some(engine_metrics))
-    })
-    .await
-    .context("recovery task panicked")?
-    .with_context(|| format!("recovering data dir {}", cfg.data_dir.display()))?;
+    ecfg
+}
+
+/// Recovers the data dir (off the async threads) and says what it found.
+async fn open_engine(
+    cfg: &Config,
+    meta: &Meta,
+    wall: &WallClock,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Engine>> {
+    let ecfg = engine_config(cfg, meta, wall);
+    let (engine, report) =
+        tokio::task::spawn_blocking(move || Engine::open(Arc::new(RealFs), ecfg, Some(metrics)))
+            .await
+            .context("recovery task panicked")?
+            .with_context(|| format!("recovering data dir {}", cfg.data_dir.display()))?;
     eprintln!(
         "kvd: {} recovered {} keys in {:.3}s (snapshot at index {}, {} WAL records replayed, \
          {} torn tail bytes cut)",
@@ -277,82 +279,61 @@ pub async fn run(cfg: Config) -> Result<()> {
         report.records_replayed,
         report.truncated_bytes
     );
-    let engine = Arc::new(engine);
-    watch_data_dir(&engine);
-    let advertise_url = cfg
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}:{}", cfg.bind, cfg.port));
-    let cluster = replicated.then(|| ClusterSettings {
+    Ok(Arc::new(engine))
+}
+
+/// The node, with the runtime of its mode started. A fresh data dir takes
+/// its role from `--role`; a restarted node trusts its persisted epoch and
+/// log and waits to be promoted.
+fn start_node(
+    cfg: &Config,
+    engine: &Arc<Engine>,
+    meta: &Meta,
+    fresh: bool,
+    store: MetaStore,
+    wall: WallClock,
+) -> Result<Node> {
+    let cluster = meta.mode.is_cluster().then(|| ClusterSettings {
         node_id: meta.node_id.clone(),
-        advertise_url: advertise_url.clone(),
+        advertise_url: cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{}", cfg.bind, cfg.port)),
         peers: cfg.peers.clone(),
         sync_replicas: cfg.sync_replicas,
         write_quorum: cfg.write_quorum as usize,
         data_dir: cfg.data_dir.clone(),
+        meta: store,
     });
     let runtime = match &cluster {
-        // A fresh data dir takes its role from the flag; a restarted node
-        // trusts its persisted epoch and log and waits to be promoted.
-        Some(c) => admin::start_runtime(
-            &engine,
-            c,
-            &meta,
-            fresh && cfg.role == BootRole::Primary,
-            None,
-        )?,
-        None => api::Runtime::default(),
+        Some(c) => {
+            let primary = fresh && cfg.role == BootRole::Primary;
+            Runtime::start(engine, c, meta, primary, None)?
+        }
+        None => Runtime::Single,
     };
-
-    let addr = SocketAddr::new(cfg.bind, cfg.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let budget = connection_budget(&cfg)?;
-    eprintln!("kvd: {}", budget.describe(cfg.max_connections));
-    let connections = metrics.connections.clone();
-    let state = Arc::new(AppState::new(
+    let commit_timeout = Duration::from_millis(cfg.commit_timeout_ms);
+    Ok(Node::new(
         engine.clone(),
-        metrics,
-        Limits {
-            max_value_bytes: cfg.max_value_bytes,
-            max_bulk_bytes: cfg.max_bulk_bytes,
-            max_bulk_items: cfg.max_bulk_items,
-            max_inflight_requests: cfg.max_inflight_requests,
-            body_timeout: std::time::Duration::from_millis(cfg.body_timeout_ms),
-            max_snapshot_bytes: cfg.max_snapshot_mib.saturating_mul(1 << 20),
-            max_inflight_body_bytes: cfg.max_inflight_body_bytes,
-        },
-        cfg.enable_debug,
-        meta.node_id.clone(),
-        cfg.data_dir.display().to_string(),
-        meta.epoch,
-        runtime,
+        meta,
         cluster,
+        runtime,
         wall,
-        std::time::Duration::from_millis(cfg.commit_timeout_ms),
-    ));
-    eprintln!(
-        "kvd: node {} serving on http://{addr} ({mode})",
-        meta.node_id
-    );
-    let serve_cfg = api::serve::ServeConfig {
-        budget,
-        timeouts: api::serve::Timeouts {
-            idle: std::time::Duration::from_millis(cfg.idle_timeout_ms),
-            header: std::time::Duration::from_millis(cfg.header_timeout_ms),
-        },
-        metrics: connections,
-    };
-    api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
+        commit_timeout,
+    ))
+}
 
-    // In-flight requests have finished; the writer drains its queue (each
-    // write fsync'd before its reply) and stops.
-    tokio::task::spawn_blocking(move || engine.shutdown())
-        .await
-        .context("engine shutdown panicked")?;
-    eprintln!("kvd: shut down cleanly");
-    Ok(())
+/// The request limits of the API, from the flags.
+fn limits(cfg: &Config) -> Limits {
+    Limits {
+        max_value_bytes: cfg.max_value_bytes,
+        max_bulk_bytes: cfg.max_bulk_bytes,
+        max_bulk_items: cfg.max_bulk_items,
+        max_inflight_requests: cfg.max_inflight_requests,
+        body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+        max_snapshot_bytes: cfg.max_snapshot_mib.saturating_mul(1 << 20),
+        max_inflight_body_bytes: cfg.max_inflight_body_bytes,
+    }
 }
 
 /// The connection pools' sizes, fitted to the descriptors this process

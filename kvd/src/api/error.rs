@@ -6,8 +6,11 @@
 use axum::http::{header, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use kvproto::{code, header as h, ErrorBody};
 
+use crate::node::switch::SwitchError;
+use crate::node::WriteError;
+use crate::replication::node::{self as ps, PromoteError, VoteError};
 use crate::replication::rules;
 use crate::storage;
 
@@ -52,12 +55,12 @@ impl ApiError {
         );
         let mut e = Self::new(
             StatusCode::TEMPORARY_REDIRECT,
-            "not_primary",
+            code::NOT_PRIMARY,
             format!("this node is a secondary; send writes to {primary}"),
         );
         e.headers.push((header::LOCATION, target));
         e.headers
-            .push((HeaderName::from_static("x-kv-primary"), primary.to_string()));
+            .push((HeaderName::from_static(h::PRIMARY), primary.to_string()));
         e
     }
 
@@ -70,13 +73,13 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(StatusCode::NOT_FOUND, code::NOT_FOUND, message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorBody::new(self.code, self.message);
         let mut resp = (self.status, Json(body)).into_response();
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
@@ -91,36 +94,141 @@ impl From<storage::Error> for ApiError {
     fn from(e: storage::Error) -> Self {
         use storage::Error as E;
         let (status, code) = match &e {
-            E::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
-            E::DataDirLost(_) => (StatusCode::SERVICE_UNAVAILABLE, "data_dir_lost"),
+            E::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, code::STORAGE_UNAVAILABLE),
+            E::DataDirLost(_) => (StatusCode::SERVICE_UNAVAILABLE, code::DATA_DIR_LOST),
             // Nothing was logged and the WAL retries the roll on the next
             // write: worth retrying soon.
             E::SegmentUnavailable(_) => {
                 return ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "wal_unavailable",
+                    code::WAL_UNAVAILABLE,
                     e.to_string(),
                 )
                 .retry_after(1)
             }
             // Not retryable: only deletes (or a higher limit) make room.
-            E::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "memory_full"),
-            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, code::MEMORY_FULL),
+            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::SHUTTING_DOWN),
             // Logged by a primary that was deposed before it could commit:
             // the write did not happen, and the client may retry it.
-            E::Superseded => (StatusCode::SERVICE_UNAVAILABLE, "write_superseded"),
+            E::Superseded => (StatusCode::SERVICE_UNAVAILABLE, code::WRITE_SUPERSEDED),
             E::Replication(rules::AppendError::Malformed(_)) => {
-                (StatusCode::BAD_REQUEST, "invalid_append")
+                (StatusCode::BAD_REQUEST, code::INVALID_APPEND)
             }
-            E::Replication(_) => (StatusCode::INTERNAL_SERVER_ERROR, "replication_error"),
-            E::NotQuiescent(_) => (StatusCode::CONFLICT, "not_quiescent"),
+            E::Replication(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::REPLICATION_ERROR),
+            E::NotQuiescent(_) => (StatusCode::CONFLICT, code::NOT_QUIESCENT),
             // A peer sent what no client could: its request, not our fault.
-            E::InvalidEntry(_) => (StatusCode::BAD_REQUEST, "invalid_entry"),
-            E::StampOutOfRange(_) => (StatusCode::BAD_REQUEST, "stamp_out_of_range"),
-            E::NotDurable(_) | E::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
-            E::Corruption { .. } | E::Decode(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "storage_corruption")
+            E::InvalidEntry(_) => (StatusCode::BAD_REQUEST, code::INVALID_ENTRY),
+            E::StampOutOfRange(_) => (StatusCode::BAD_REQUEST, code::STAMP_OUT_OF_RANGE),
+            E::NotDurable(_) | E::Io { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, code::STORAGE_ERROR)
             }
+            E::Corruption { .. } | E::Decode(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, code::STORAGE_CORRUPTION)
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// 503 `writes_paused` with `Retry-After: 1` and `X-KV-Retry-After-Ms: 50`.
+pub fn paused_error() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code::WRITES_PAUSED,
+        WriteError::Paused.to_string(),
+    )
+    .retry_after(1)
+    // A finer hint for kvclient: a switch's pause is usually under 1 s.
+    .with_header(h::RETRY_AFTER_MS, "50".to_string())
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        let code = match e {
+            WriteError::Paused => return paused_error(),
+            WriteError::Storage(e) => return e.into(),
+            WriteError::CommitTimeout(_) => code::COMMIT_TIMEOUT,
+            WriteError::QuorumTimeout { .. } => code::QUORUM_TIMEOUT,
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).retry_after(1)
+    }
+}
+
+impl From<ps::Error> for ApiError {
+    fn from(e: ps::Error) -> Self {
+        use ps::Error as E;
+        let (status, code) = match e {
+            E::Storage(e) => return e.into(),
+            E::StaleEpoch { my_epoch } => {
+                return ApiError::new(StatusCode::CONFLICT, code::STALE_EPOCH, e.to_string())
+                    .with_header(h::EPOCH, my_epoch.to_string())
+            }
+            E::SnapshotRefused(why) => {
+                return ApiError::bad_request(why.code(), why.to_string());
+            }
+            E::EpochOutOfReach { .. } => (StatusCode::BAD_REQUEST, code::EPOCH_OUT_OF_RANGE),
+            E::TwoPrimaries { .. } => (StatusCode::CONFLICT, code::TWO_PRIMARIES),
+            E::EpochHasPrimary { .. } => (StatusCode::CONFLICT, code::EPOCH_HAS_PRIMARY),
+            E::SnapshotInProgress => (StatusCode::CONFLICT, code::SNAPSHOT_IN_PROGRESS),
+            E::InvalidSnapshot(_) => (StatusCode::BAD_REQUEST, code::INVALID_SNAPSHOT),
+            E::SnapshotCheck(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::SNAPSHOT_VERIFY_FAILED,
+            ),
+            E::PersistEpoch { .. } => (StatusCode::INTERNAL_SERVER_ERROR, code::META_WRITE_FAILED),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<VoteError> for ApiError {
+    fn from(e: VoteError) -> Self {
+        match e {
+            VoteError::OutOfReach { .. } => {
+                ApiError::bad_request(code::EPOCH_OUT_OF_RANGE, e.to_string())
+            }
+            VoteError::Persist(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::META_WRITE_FAILED,
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<PromoteError> for ApiError {
+    fn from(e: PromoteError) -> Self {
+        match e {
+            PromoteError::Refused(why) => {
+                ApiError::new(StatusCode::CONFLICT, why.code(), why.to_string())
+            }
+            PromoteError::Persist(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::META_WRITE_FAILED,
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<SwitchError> for ApiError {
+    fn from(e: SwitchError) -> Self {
+        use SwitchError as E;
+        let (status, code) = match e {
+            E::Storage(e) => return e.into(),
+            E::NoPeers => (StatusCode::CONFLICT, code::NO_PEERS),
+            E::InvalidMode(_) => (StatusCode::BAD_REQUEST, code::INVALID_MODE),
+            E::NotPaused => (StatusCode::CONFLICT, code::WRITES_NOT_PAUSED),
+            E::StaleEpoch { .. } => (StatusCode::CONFLICT, code::STALE_EPOCH),
+            E::EpochOutOfReach { .. } => (StatusCode::BAD_REQUEST, code::EPOCH_OUT_OF_RANGE),
+            E::NotQuiescent(_) => (StatusCode::CONFLICT, code::NOT_QUIESCENT),
+            E::MetaRead(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::META_READ_FAILED),
+            E::MetaWrite(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::META_WRITE_FAILED),
+            E::RuntimeStart(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::RUNTIME_START_FAILED,
+            ),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -32,10 +32,14 @@ use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 
-use crate::masterless::hlc::WallClock;
-use crate::masterless::node::MlNode;
+use kvproto::admin::{PromoteAnswer, TransferAnswer, TransferRequest};
+use kvproto::code;
+use kvproto::status::{IndexStatus, Memory, Peers, Status};
+
 use crate::metrics::Metrics;
-use crate::replication::node::{self, Replicator, Role};
+use crate::node::{Node, Runtime, WriteTarget, Written};
+use crate::replication::node::{self, AppendReply};
+use crate::replication::rules;
 use crate::storage::{self, Engine, Op};
 
 /// Request limits, from the command line.
@@ -54,30 +58,14 @@ pub struct Limits {
 
 /// What every handler can reach.
 pub struct AppState {
+    /// The node: its mode, runtime and write path.
+    pub node: Arc<Node>,
+    /// The node's engine (reads, status).
     pub engine: Arc<Engine>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub enable_debug: bool,
-    pub node_id: String,
     pub data_dir: String,
-    /// Epoch of a single node (a cluster node's comes from `replicator`).
-    pub epoch: u64,
-    /// The replication runtime of this node's current mode (a live mode
-    /// switch replaces it; see `admin`).
-    runtime: parking_lot::RwLock<Runtime>,
-    /// How to build a runtime for either mode (None for a single node).
-    pub cluster: Option<admin::ClusterSettings>,
-    /// The node's wall clock (its offset is a debug knob).
-    pub wall: WallClock,
-    /// Writes answer 503 `writes_paused` while set (mode switch).
-    pub paused: std::sync::atomic::AtomicBool,
-    /// Held shared by every write in flight; a pause takes it exclusively
-    /// to wait for them.
-    pub write_gate: tokio::sync::RwLock<()>,
-    /// One mode switch at a time.
-    pub switching: tokio::sync::Mutex<()>,
-    /// Longest a write waits for its commit before answering 503.
-    pub commit_timeout: std::time::Duration,
     pub started: Instant,
     inflight: Semaphore,
     body_budget: body_budget::BodyBudget,
@@ -92,19 +80,12 @@ struct OpMetrics {
 }
 
 impl AppState {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        engine: Arc<Engine>,
+        node: Arc<Node>,
         metrics: Arc<Metrics>,
         limits: Limits,
         enable_debug: bool,
-        node_id: String,
         data_dir: String,
-        epoch: u64,
-        runtime: Runtime,
-        cluster: Option<admin::ClusterSettings>,
-        wall: WallClock,
-        commit_timeout: std::time::Duration,
     ) -> Self {
         let op_metrics = OPS
             .iter()
@@ -122,34 +103,18 @@ impl AppState {
                 limits.max_inflight_body_bytes,
                 metrics.connections.body_bytes_inflight.clone(),
             ),
-            engine,
+            engine: node.engine().clone(),
+            node,
             metrics,
             limits,
             enable_debug,
-            node_id,
             data_dir,
-            epoch,
-            runtime: parking_lot::RwLock::new(runtime),
-            cluster,
-            wall,
-            paused: std::sync::atomic::AtomicBool::new(false),
-            write_gate: tokio::sync::RwLock::new(()),
-            switching: tokio::sync::Mutex::new(()),
-            commit_timeout,
             started: Instant::now(),
         }
     }
 }
 
 type Shared = Arc<AppState>;
-
-/// The replication runtime of the current mode: neither (a single node),
-/// a primary/secondary [`Replicator`], or a masterless [`MlNode`].
-#[derive(Default, Clone)]
-pub struct Runtime {
-    pub replicator: Option<Arc<Replicator>>,
-    pub masterless: Option<Arc<MlNode>>,
-}
 
 /// Builds the router with every route of DESIGN §2 that a single node serves.
 pub fn router(state: Shared) -> Router {
@@ -419,105 +384,30 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 }
 
 impl AppState {
-    /// The primary/secondary runtime, when in that mode.
-    pub fn replicator(&self) -> Option<Arc<Replicator>> {
-        self.runtime.read().replicator.clone()
-    }
-
-    /// The masterless runtime, when in that mode.
-    pub fn ml(&self) -> Option<Arc<MlNode>> {
-        self.runtime.read().masterless.clone()
-    }
-
-    pub fn set_runtime(&self, rt: Runtime) {
-        *self.runtime.write() = rt;
-    }
-
-    fn epoch(&self) -> u64 {
-        match self.replicator() {
-            Some(r) => r.epoch(),
-            None if self.cluster.is_some() => self.engine.epoch(),
-            None => self.epoch,
-        }
-    }
-
-    fn role(&self) -> Role {
-        self.replicator().map_or(Role::Primary, |r| r.role())
-    }
-
-    /// `single`, `primary-secondary` or `masterless`.
-    pub fn mode(&self) -> &'static str {
-        let rt = self.runtime.read();
-        if rt.masterless.is_some() {
-            "masterless"
-        } else if rt.replicator.is_some() {
-            "primary-secondary"
-        } else if self.cluster.is_some() {
-            // Between two modes, during a switch.
-            "switching"
-        } else {
-            "single"
-        }
-    }
-
     /// Only the primary takes writes: anyone else points the client at it
     /// (307 with `Location` and `X-KV-Primary`), or says it knows none (503).
     fn check_primary(&self, uri: &Uri) -> Result<(), ApiError> {
-        let Some(r) = self.replicator() else {
-            return Ok(());
-        };
-        if r.is_primary() {
-            if r.writes_paused() {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transfer_in_progress",
-                    "the primary is handing over to another node; retry shortly",
-                )
-                .retry_after(1));
-            }
-            return Ok(());
-        }
-        Err(match r.primary_url() {
-            Some(primary) => ApiError::redirect(&primary, uri),
-            None => ApiError::new(
+        match self.node.write_target() {
+            WriteTarget::Here => Ok(()),
+            WriteTarget::Transferring => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no_primary",
-                "this node is a secondary and knows no primary yet; retry shortly",
+                code::TRANSFER_IN_PROGRESS,
+                "the primary is handing over to another node; retry shortly",
             )
-            .retry_after(1),
-        })
-    }
-
-    /// Logs a write and waits for its commit, within `commit_timeout`.
-    async fn write(&self, op: Op, apply: bool) -> Result<storage::WriteResult, ApiError> {
-        // Held while in flight, so that a pause can wait for this write.
-        let _gate = self.write_gate.read().await;
-        if self.paused.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(admin::paused_error());
-        }
-        if self.cluster.is_some() && self.mode() == "switching" {
-            return Err(admin::paused_error());
-        }
-        if let Some(ml) = self.ml() {
-            return admin::masterless_write(self, &ml, op, apply).await;
-        }
-        if self.replicator().is_none() {
-            // A single node commits at its own fsync: nothing to time out on.
-            return Ok(self.engine.write(op, apply).await?);
-        }
-        match tokio::time::timeout(self.commit_timeout, self.engine.write(op, apply)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ApiError::new(
+            .retry_after(1)),
+            WriteTarget::Primary(primary) => Err(ApiError::redirect(&primary, uri)),
+            WriteTarget::NoPrimary => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "commit_timeout",
-                format!(
-                    "the write was not committed within {:?} (no majority reachable?); \
-                     it may still commit, and retrying it is safe",
-                    self.commit_timeout
-                ),
+                code::NO_PRIMARY,
+                "this node is a secondary and knows no primary yet; retry shortly",
             )
             .retry_after(1)),
         }
+    }
+
+    /// Logs a write and waits for its commit, within the commit timeout.
+    async fn write(&self, op: Op, apply: bool) -> Result<Written, ApiError> {
+        Ok(self.node.write(op, apply).await?)
     }
 }
 
@@ -537,16 +427,18 @@ async fn get_key(
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     // A single node's local read already sees every acknowledged write.
-    if let (true, Some(r)) = (params.consistent, st.replicator()) {
+    if let (true, Some(r)) = (params.consistent, st.node.replicator()) {
         st.check_primary(&uri)?;
-        r.read_barrier(st.commit_timeout).await.map_err(|why| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                why,
-                "could not confirm leadership with a majority for a consistent read; retry",
-            )
-            .retry_after(1)
-        })?;
+        r.read_barrier(st.node.commit_timeout())
+            .await
+            .map_err(|why| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    why,
+                    "could not confirm leadership with a majority for a consistent read; retry",
+                )
+                .retry_after(1)
+            })?;
     }
     match st.engine.get(key.as_bytes()) {
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
@@ -582,13 +474,12 @@ async fn put_key(
     let r = st.write(op, apply).await?;
     // The hottest response: formatted directly rather than via a JSON map.
     // Masterless writes also say their last-write-wins stamp.
-    let body = if st.ml().is_some() {
-        format!(
+    let body = match r.stamp {
+        Some(ts) => format!(
             "{{\"index\":{},\"ts\":{{\"physical_ms\":{},\"logical\":{},\"node\":{}}}}}",
-            r.index, r.ts.physical_ms, r.ts.logical, r.ts.node
-        )
-    } else {
-        format!("{{\"index\":{}}}", r.index)
+            r.index, ts.physical_ms, ts.logical, ts.node
+        ),
+        None => format!("{{\"index\":{}}}", r.index),
     };
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -604,13 +495,11 @@ async fn delete_key(
         key: Bytes::from(key.into_bytes()),
     };
     let r = st.write(op, true).await?;
-    if st.ml().is_some() {
-        return Ok(
-            Json(json!({"deleted": r.outcome.deleted, "index": r.index, "ts": r.ts}))
-                .into_response(),
-        );
+    Ok(match r.stamp {
+        Some(ts) => Json(json!({"deleted": r.outcome.deleted, "index": r.index, "ts": ts})),
+        None => Json(json!({"deleted": r.outcome.deleted, "index": r.index})),
     }
-    Ok(Json(json!({"deleted": r.outcome.deleted, "index": r.index})).into_response())
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -715,70 +604,78 @@ async fn bulk(
     Ok(Json(json!({"index": r.index, "count": count})).into_response())
 }
 
-async fn status(State(st): State<Shared>) -> Json<serde_json::Value> {
+async fn status(State(st): State<Shared>) -> Json<Status> {
     let s = st.engine.status();
-    let m = &st.metrics;
-    m.keys.set(s.keys as i64);
-    Json(json!({
-        "node_id": st.node_id,
-        "mode": st.mode(),
-        "role": if st.ml().is_some() { json!("peer") } else { json!(st.role()) },
-        "epoch": st.epoch(),
-        "primary": st.replicator().and_then(|r| r.primary_url()),
-        "last_index": s.last_index,
-        "last_log_epoch": st.engine.last_log_pos().epoch,
-        "commit_index": st.engine.commit_index(),
-        "applied_index": s.applied_index,
-        "snapshot_index": s.snapshot_index,
-        "keys": s.keys,
-        "digest": format!("{:016x}", st.engine.state().digest()),
-        "wal_bytes": s.wal_bytes,
-        "wal_segments": s.wal_segments,
-        "storage_poisoned": s.poisoned,
-        "storage_state": s.storage_state,
-        "storage_detail": s.storage_detail,
-        "memory": {
-            "data_set_bytes": s.data_set_bytes,
-            "max_bytes": s.max_data_bytes,
-        },
-        "data_dir": st.data_dir,
-        "uptime_seconds": st.started.elapsed().as_secs(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "peers": match (st.replicator(), st.ml()) {
-            (Some(r), _) => r.peer_status(),
-            (None, Some(ml)) => ml.status()["peers"].clone(),
-            _ => json!([]),
-        },
-        "writes_paused": st.paused.load(std::sync::atomic::Ordering::Acquire),
-        "hlc": st.engine.hlc(),
-        "masterless": st.ml().map(|ml| {
-            let mut v = ml.status();
-            v["lww_digest"] = json!(format!("{:016x}", st.engine.lww().digest()));
-            v["tombstones"] = json!(st.engine.lww().tombstones());
-            v["clock_offset_ms"] = json!(st.wall.offset_ms());
-            v
-        }),
-        "index": st.engine.state().index().map(|ix| {
+    st.metrics.keys.set(s.keys as i64);
+    let node = &st.node;
+    let runtime = node.runtime();
+    let (peers, masterless) = match &runtime {
+        Runtime::PrimarySecondary(r) => (Peers::Replication(r.peer_status()), None),
+        Runtime::Masterless(ml) => {
+            let ml = ml.status(node.wall().offset_ms());
+            (Peers::Masterless(ml.peers.clone()), Some(ml))
+        }
+        Runtime::Single | Runtime::Switching => (Peers::Replication(Vec::new()), None),
+    };
+    let primary = match &runtime {
+        Runtime::PrimarySecondary(r) => r.primary_url(),
+        _ => None,
+    };
+    Json(Status {
+        applied_index: s.applied_index,
+        commit_index: st.engine.commit_index(),
+        data_dir: st.data_dir.clone(),
+        digest: format!("{:016x}", st.engine.state().digest()),
+        epoch: node.epoch(),
+        hlc: st.engine.hlc(),
+        index: st.engine.state().index().map(|ix| {
             let s = ix.stats();
-            json!({
-                "documents": s.documents,
-                "terms": s.terms,
-                "postings": s.postings,
-                "memory_bytes": s.memory_bytes,
-                "stemming": ix.stemming(),
-            })
+            IndexStatus {
+                documents: s.documents,
+                memory_bytes: s.memory_bytes,
+                postings: s.postings,
+                stemming: ix.stemming(),
+                terms: s.terms,
+            }
         }),
-    }))
+        keys: s.keys,
+        last_index: s.last_index,
+        last_log_epoch: st.engine.last_log_pos().epoch,
+        masterless,
+        memory: Memory {
+            data_set_bytes: s.data_set_bytes,
+            max_bytes: s.max_data_bytes,
+        },
+        mode: runtime.mode(),
+        node_id: node.node_id().to_string(),
+        peers,
+        primary,
+        role: node.role(),
+        snapshot_index: s.snapshot_index,
+        storage_detail: s.storage_detail,
+        storage_poisoned: s.poisoned,
+        storage_state: s.storage_state,
+        uptime_seconds: st.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        wal_bytes: s.wal_bytes,
+        wal_segments: s.wal_segments,
+        writes_paused: node.writes_paused(),
+    })
+}
+
+/// The primary/secondary runtime, or the refusal of a node without peers.
+fn replicator(st: &AppState, takes: &str) -> Result<Arc<node::Replicator>, ApiError> {
+    st.node.replicator().ok_or_else(|| {
+        ApiError::bad_request(
+            code::NOT_REPLICATED,
+            format!("this node runs alone (no --peers); it takes no {takes}"),
+        )
+    })
 }
 
 /// Replication traffic from the primary (see `replication::node`).
 async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator() else {
-        return Err(ApiError::bad_request(
-            "not_replicated",
-            "this node runs alone (no --peers); it takes no replication traffic",
-        ));
-    };
+    let r = replicator(&st, "replication traffic")?;
     let raw = read_body(
         body,
         st.limits.max_bulk_bytes.saturating_mul(2),
@@ -787,10 +684,10 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
     )
     .await?;
     let append =
-        node::decode_append(&raw).map_err(|m| ApiError::bad_request("invalid_append", m))?;
+        node::decode_append(&raw).map_err(|m| ApiError::bad_request(code::INVALID_APPEND, m))?;
     match r.handle_append(append).await? {
         // A deposed primary is told so with a 409 that carries our epoch.
-        node::AppendReply::Stale { my_epoch } => Err(node::stale_epoch(my_epoch)),
+        AppendReply::Stale { my_epoch } => Err(node::Error::StaleEpoch { my_epoch }.into()),
         reply => Ok(Json(reply).into_response()),
     }
 }
@@ -803,105 +700,68 @@ async fn internal_snapshot(
     params: Result<Query<node::SnapshotOffer>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator() else {
-        return Err(ApiError::bad_request(
-            "not_replicated",
-            "this node runs alone (no --peers); it takes no replication traffic",
-        ));
-    };
-    let Query(offer) = params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let r = replicator(&st, "replication traffic")?;
+    let Query(offer) =
+        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
     let _slot = r.begin_snapshot(&offer)?;
     // Declared after the slot, so dropped (and removed) before it frees.
-    let tmp = upload::TempFile::new(st.engine.incoming_snapshot_path());
+    let tmp = upload::TempFile::new(st.engine.fs(), st.engine.incoming_snapshot_path());
     let limits = upload::UploadLimits {
         max_bytes: st.limits.max_snapshot_bytes,
         idle: st.limits.body_timeout,
         total: node::SNAPSHOT_TIMEOUT,
     };
-    upload::receive(body, tmp.path(), &limits).await?;
+    upload::receive(body, &tmp, &limits).await?;
     let last_index = r.receive_snapshot(&offer, tmp.path().to_path_buf()).await?;
     Ok(Json(json!({"last_index": last_index})).into_response())
 }
 
 /// A candidate's vote request (see `replication::node`).
 async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
-    let Some(r) = st.replicator() else {
-        return Err(ApiError::bad_request(
-            "not_replicated",
-            "this node runs alone (no --peers); it takes no votes",
-        ));
-    };
+    let r = replicator(&st, "votes")?;
     let raw = read_body(body, 64 << 10, st.limits.body_timeout, "vote request").await?;
-    let req: crate::replication::rules::VoteRequest = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::bad_request("invalid_vote", format!("bad vote request: {e}")))?;
+    let req: rules::VoteRequest = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(code::INVALID_VOTE, format!("bad vote request: {e}")))?;
     let answer = tokio::task::spawn_blocking(move || r.handle_vote(&req))
         .await
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "vote_failed",
+                code::VOTE_FAILED,
                 e.to_string(),
             )
-        })?
-        .map_err(|e| match e {
-            node::VoteError::OutOfReach { epoch, my_epoch } => ApiError::bad_request(
-                "epoch_out_of_range",
-                format!(
-                    "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
-                    crate::replication::rules::MAX_EPOCH_STEP
-                ),
-            ),
-            node::VoteError::Io(e) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "meta_write_failed",
-                format!("could not persist the vote: {e}"),
-            ),
-        })?;
+        })??;
     Ok(Json(answer).into_response())
 }
 
 /// `POST /promote_to_primary`: run an election for this node.
 async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
-    if st.ml().is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "masterless",
-            "this node is in masterless mode: every node takes writes and there is no primary",
-        ));
-    }
-    let Some(r) = st.replicator() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no_peers",
-            "this node runs alone (no --peers): there is nobody to hold an election with",
-        ));
+    let r = match st.node.runtime() {
+        Runtime::PrimarySecondary(r) => r,
+        Runtime::Masterless(_) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                code::MASTERLESS,
+                "this node is in masterless mode: every node takes writes and there is no primary",
+            ))
+        }
+        Runtime::Single | Runtime::Switching => return Err(no_peers("to hold an election with")),
     };
-    match r.promote().await {
-        Ok(epoch) => Ok(Json(json!({"epoch": epoch, "role": "primary"})).into_response()),
-        Err(node::PromoteError::Refused(why)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            why.code(),
-            why.to_string(),
-        )),
-        Err(node::PromoteError::Io(e)) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "meta_write_failed",
-            format!("could not persist the new epoch: {e}"),
-        )),
-    }
+    let epoch = r.promote().await?;
+    Ok(Json(PromoteAnswer {
+        epoch,
+        role: kvproto::status::Role::Primary,
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransferRequest {
-    /// URL of the peer to hand the primary role to, as in `--peers`.
-    to: String,
-    #[serde(default = "default_transfer_ms")]
-    timeout_ms: u64,
-}
-
-fn default_transfer_ms() -> u64 {
-    10_000
+/// 409 `no_peers`: a node alone has nobody `for_what`.
+fn no_peers(for_what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        code::NO_PEERS,
+        format!("this node runs alone (no --peers): there is nobody {for_what}"),
+    )
 }
 
 /// Planned switchover, asked of the primary (`kvsup promote`): see
@@ -910,18 +770,19 @@ async fn transfer(
     State(st): State<Shared>,
     body: Result<Json<TransferRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_transfer", e.body_text()))?;
-    let Some(r) = st.replicator() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no_peers",
-            "this node runs alone (no --peers): there is nobody to hand over to",
-        ));
+    let Json(req) =
+        body.map_err(|e| ApiError::bad_request(code::INVALID_TRANSFER, e.body_text()))?;
+    let Some(r) = st.node.replicator() else {
+        return Err(no_peers("to hand over to"));
     };
     let timeout = Duration::from_millis(req.timeout_ms.clamp(10, 600_000));
     match r.transfer(&req.to, timeout).await {
-        Ok(epoch) => Ok(Json(json!({"to": req.to, "epoch": epoch})).into_response()),
-        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, "transfer_failed", why)),
+        Ok(epoch) => Ok(Json(TransferAnswer { epoch, to: req.to }).into_response()),
+        Err(why) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            code::TRANSFER_FAILED,
+            why,
+        )),
     }
 }
 
@@ -943,8 +804,10 @@ async fn metrics(State(st): State<Shared>) -> Response {
     let s = st.engine.status();
     let m = &st.metrics;
     m.keys.set(s.keys as i64);
-    m.epoch.set(st.epoch() as i64);
-    m.is_primary.set(i64::from(st.role() == Role::Primary));
+    m.epoch.set(st.node.epoch() as i64);
+    m.is_primary.set(i64::from(
+        st.node.replication_role() == rules::Role::Primary,
+    ));
     m.last_index.set(s.last_index as i64);
     m.commit_index.set(st.engine.commit_index() as i64);
     m.wal_bytes.set(s.wal_bytes as i64);
@@ -968,17 +831,10 @@ async fn metrics(State(st): State<Shared>) -> Response {
         m.index.postings.set(s.postings as i64);
         m.index.memory_bytes.set(s.memory_bytes as i64);
     }
-    let lags = match (st.replicator(), st.ml()) {
-        (Some(r), _) => r.peer_lags(),
-        (None, Some(ml)) => ml.peer_lags(),
-        _ => Vec::new(),
-    };
-    {
-        for (peer, lag) in lags {
-            m.replication_lag_entries
-                .with_label_values(&[&peer])
-                .set(lag as i64);
-        }
+    for (peer, lag) in st.node.runtime().peer_lags() {
+        m.replication_lag_entries
+            .with_label_values(&[&peer])
+            .set(lag as i64);
     }
     (
         [(

@@ -2,9 +2,9 @@
 //! they arrive, never held in memory, with a size limit and timeouts, and
 //! removed unless installed.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
@@ -12,29 +12,33 @@ use axum::http::StatusCode;
 use http_body_util::BodyExt;
 
 use super::ApiError;
+use crate::storage::fs::{Fs, WriteFile};
 
 /// Bytes gathered before one write: few syscalls, bounded memory.
 const WRITE_CHUNK: usize = 1 << 20;
 
-/// A file that is removed when this is dropped: an upload that is refused,
-/// fails, or is abandoned (the sender goes away and the handler is
-/// dropped) leaves nothing behind. One that was installed has been renamed
-/// away already.
-pub struct TempFile(PathBuf);
+/// A file of the engine's file system that is removed when this is
+/// dropped: an upload that is refused, fails, or is abandoned (the sender
+/// goes away and the handler is dropped) leaves nothing behind. One that
+/// was installed has been renamed away already.
+pub struct TempFile {
+    fs: Arc<dyn Fs>,
+    path: PathBuf,
+}
 
 impl TempFile {
-    pub fn new(path: PathBuf) -> TempFile {
-        TempFile(path)
+    pub fn new(fs: Arc<dyn Fs>, path: PathBuf) -> TempFile {
+        TempFile { fs, path }
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = self.fs.remove(&self.path);
     }
 }
 
@@ -48,12 +52,12 @@ pub struct UploadLimits {
     pub total: Duration,
 }
 
-/// Streams `body` into a new file at `path` and fsyncs it; returns its
+/// Streams `body` into the new file `tmp` and fsyncs it; returns its
 /// size. 413 `snapshot_too_large` as soon as a declared length or the
 /// bytes received pass `max_bytes`; 408 when a piece takes longer than
 /// `idle` or the whole longer than `total`. The caller owns the file (a
 /// [`TempFile`]) whatever the outcome.
-pub async fn receive(body: Body, path: &Path, limits: &UploadLimits) -> Result<u64, ApiError> {
+pub async fn receive(body: Body, tmp: &TempFile, limits: &UploadLimits) -> Result<u64, ApiError> {
     let too_large = || {
         ApiError::too_large(
             "snapshot_too_large",
@@ -68,7 +72,7 @@ pub async fn receive(body: Body, path: &Path, limits: &UploadLimits) -> Result<u
     }
     let deadline = tokio::time::Instant::now() + limits.total;
     let mut body = body;
-    let mut file = File::create(path).map_err(write_failed)?;
+    let mut file = tmp.fs.create(&tmp.path).map_err(write_failed)?;
     let mut buf = Vec::with_capacity(WRITE_CHUNK);
     let mut received = 0u64;
     loop {
@@ -98,14 +102,14 @@ pub async fn receive(body: Body, path: &Path, limits: &UploadLimits) -> Result<u
 /// Appends `buf` to `file` off the async threads (and fsyncs if `sync`);
 /// hands both back, `buf` emptied.
 async fn write_out(
-    mut file: File,
+    mut file: Box<dyn WriteFile>,
     mut buf: Vec<u8>,
     sync: bool,
-) -> Result<(File, Vec<u8>), ApiError> {
+) -> Result<(Box<dyn WriteFile>, Vec<u8>), ApiError> {
     tokio::task::spawn_blocking(move || {
         file.write_all(&buf)?;
         if sync {
-            file.sync_all()?;
+            file.sync_data()?;
         }
         buf.clear();
         Ok((file, buf))

@@ -56,20 +56,25 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use kvproto::bytes::{PutLe, Reader};
+use kvproto::status::{MasterlessPeer, MasterlessStatus};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::hlc::node_tag;
 use super::lww::BUCKETS;
-use crate::storage::record::{self, Frame, Record};
-use crate::storage::{Engine, Timestamp};
+use crate::storage::fs::Fs;
+use crate::storage::record::{self, Record};
+use crate::storage::{self, Engine, Op, Timestamp};
+use crate::tasks::Tasks;
 
 const MAGIC: &[u8; 4] = b"KVML";
 const VERSION: u32 = 1;
@@ -163,6 +168,8 @@ pub struct MlNode {
     recv_view: Mutex<BTreeMap<String, RecvPos>>,
     acked: Notify,
     stopped: AtomicBool,
+    /// The stream and anti-entropy tasks.
+    tasks: Tasks,
     http: reqwest::Client,
     repaired: AtomicU64,
     purged: AtomicU64,
@@ -179,8 +186,9 @@ impl MlNode {
         engine: Arc<Engine>,
         settings: Settings,
         reset_to: Option<(u64, Timestamp)>,
-    ) -> anyhow::Result<Arc<MlNode>> {
+    ) -> Result<Arc<MlNode>, storage::Error> {
         let path = settings.data_dir.join(RECV_FILE);
+        let fs = engine.fs();
         let recv = match reset_to {
             Some((base, ts)) => {
                 let file = RecvFile {
@@ -194,10 +202,10 @@ impl MlNode {
                         },
                     )]),
                 };
-                store_recv(&settings.data_dir, &file)?;
+                store_recv(fs.as_ref(), &settings.data_dir, &file)?;
                 file
             }
-            None => match std::fs::read(&path) {
+            None => match fs.read(&path) {
                 // A damaged or missing file only makes peers resend.
                 Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
                     eprintln!(
@@ -238,6 +246,7 @@ impl MlNode {
             peers,
             acked: Notify::new(),
             stopped: AtomicBool::new(false),
+            tasks: Tasks::new(),
             http,
             repaired: AtomicU64::new(0),
             purged: AtomicU64::new(0),
@@ -250,16 +259,18 @@ impl MlNode {
     pub fn start(self: &Arc<Self>) {
         for i in 0..self.peers.len() {
             let me = self.clone();
-            tokio::spawn(async move { me.stream_to(i).await });
+            self.tasks.spawn(async move { me.stream_to(i).await });
         }
         let me = self.clone();
-        tokio::spawn(async move { me.anti_entropy().await });
+        self.tasks.spawn(async move { me.anti_entropy().await });
     }
 
-    /// Stops the background tasks (a mode switch); handlers refuse after.
-    pub fn stop(&self) {
+    /// Stops the background tasks, waiting until they are gone (a mode
+    /// switch, a shutdown); handlers refuse after.
+    pub async fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.acked.notify_waiters();
+        self.tasks.stop().await;
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -421,7 +432,9 @@ impl MlNode {
         recv.origins.insert(origin.to_string(), pos);
         let file = recv.clone();
         let dir = self.settings.data_dir.clone();
-        let stored = tokio::task::spawn_blocking(move || store_recv(&dir, &file)).await;
+        let fs = self.engine.fs();
+        let stored =
+            tokio::task::spawn_blocking(move || store_recv(fs.as_ref(), &dir, &file)).await;
         if !matches!(stored, Ok(Ok(()))) {
             eprintln!("kvd: could not store {RECV_FILE}; peers may resend");
         }
@@ -580,42 +593,46 @@ impl MlNode {
 
     // ----- status -----
 
-    /// Masterless fields of `/v1/status`.
-    pub fn status(&self) -> serde_json::Value {
+    /// Masterless fields of `/v1/status`; `clock_offset_ms` is the wall
+    /// clock's debug offset.
+    pub fn status(&self, clock_offset_ms: i64) -> MasterlessStatus {
         let last = self.engine.durable_hlc().1;
         let view = self.recv_view.lock().clone();
         let base = view.get("*").copied().unwrap_or_default();
-        let peers: Vec<_> = self
+        let peers = self
             .peers
             .iter()
             .map(|p| {
                 let id = p.node_id.lock().clone();
                 let acked = p.acked.load(Ordering::Acquire);
                 let recv = id.as_ref().map(|id| view.get(id).copied().unwrap_or(base));
-                serde_json::json!({
-                    "url": p.url,
-                    "node_id": id,
-                    "acked_index": p.known.load(Ordering::Acquire).then_some(acked),
-                    "lag_entries": last.saturating_sub(acked),
-                    "reachable": p.reachable.load(Ordering::Acquire),
-                    "last_ack_ms_ago": p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
-                    "in_sync": p.in_sync.load(Ordering::Acquire),
-                    "received_through": recv.map(|r| r.pos),
-                    "received_hlc": recv.map(|r| r.hlc),
-                    "stream_gap": recv.map(|r| r.gap),
-                    "stable": *p.stable.lock(),
-                })
+                MasterlessPeer {
+                    acked_index: p.known.load(Ordering::Acquire).then_some(acked),
+                    in_sync: p.in_sync.load(Ordering::Acquire),
+                    lag_entries: last.saturating_sub(acked),
+                    last_ack_ms_ago: p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
+                    node_id: id,
+                    reachable: p.reachable.load(Ordering::Acquire),
+                    received_hlc: recv.map(|r| r.hlc),
+                    received_through: recv.map(|r| r.pos),
+                    stable: *p.stable.lock(),
+                    stream_gap: recv.map(|r| r.gap),
+                    url: p.url.clone(),
+                }
             })
             .collect();
-        serde_json::json!({
-            "peers": peers,
-            "stable_time": self.stable_time(),
-            "global_stable_time": *self.gst.lock(),
-            "write_quorum": self.settings.write_quorum,
-            "repaired_versions": self.repaired.load(Ordering::Relaxed),
-            "purged_tombstones": self.purged.load(Ordering::Relaxed),
-            "stream_gaps_total": self.gaps.load(Ordering::Relaxed),
-        })
+        MasterlessStatus {
+            clock_offset_ms,
+            global_stable_time: *self.gst.lock(),
+            lww_digest: format!("{:016x}", self.engine.lww().digest()),
+            peers,
+            purged_tombstones: self.purged.load(Ordering::Relaxed),
+            repaired_versions: self.repaired.load(Ordering::Relaxed),
+            stable_time: self.stable_time(),
+            stream_gaps_total: self.gaps.load(Ordering::Relaxed),
+            tombstones: self.engine.lww().tombstones(),
+            write_quorum: self.settings.write_quorum as u64,
+        }
     }
 
     /// `(peer URL, entries of our log it does not hold yet)`.
@@ -633,16 +650,21 @@ impl MlNode {
     }
 }
 
-fn store_recv(dir: &std::path::Path, file: &RecvFile) -> anyhow::Result<()> {
-    use std::io::Write;
+/// Replaces `ml-recv.json` durably (temp file, fsync, rename, directory
+/// fsync), through the engine's file system.
+fn store_recv(fs: &dyn Fs, dir: &Path, file: &RecvFile) -> Result<(), storage::Error> {
     let tmp = dir.join(format!("{RECV_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let path = dir.join(RECV_FILE);
     let mut file = file.clone();
     file.format_version = 1;
-    f.write_all(&serde_json::to_vec(&file)?)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, dir.join(RECV_FILE))?;
-    Ok(())
+    let raw = serde_json::to_vec(&file).map_err(|e| storage::Error::Decode(e.to_string()))?;
+    let io = |e| storage::Error::io(format!("storing {}", path.display()), e);
+    let mut f = fs.create(&tmp).map_err(io)?;
+    f.write_all(&raw).map_err(io)?;
+    f.sync_data().map_err(io)?;
+    drop(f);
+    fs.rename(&tmp, &path).map_err(io)?;
+    fs.sync_dir(dir).map_err(io)
 }
 
 /// Encodes a stream request (format in the module docs).
@@ -662,98 +684,96 @@ pub fn encode_stream(
             .sum::<usize>(),
     );
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&from.to_le_bytes());
-    out.extend_from_slice(&upto.to_le_bytes());
-    out.extend_from_slice(&hlc.physical_ms.to_le_bytes());
-    out.extend_from_slice(&hlc.logical.to_le_bytes());
-    out.extend_from_slice(&hlc.node.to_le_bytes());
+    out.put_u32(VERSION);
+    out.put_u64(from);
+    out.put_u64(upto);
+    out.put_u64(hlc.physical_ms);
+    out.put_u32(hlc.logical);
+    out.put_u32(hlc.node);
     out.push(u8::from(complete));
     out.push(u8::from(gap));
-    let origin = origin.as_bytes();
-    let n = u16::try_from(origin.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(&origin[..n as usize]);
+    out.put_str16(origin);
     for r in records {
         r.encode_into(&mut out);
     }
     out
 }
 
+/// The fixed part of a stream request, before the origin's bytes.
+struct StreamHeader {
+    from: u64,
+    upto: u64,
+    hlc: Timestamp,
+    complete: bool,
+    gap: bool,
+    origin_len: u16,
+}
+
+/// Reads the fixed part; `None` if the body ends inside it.
+fn stream_header(r: &mut Reader<'_>) -> Option<StreamHeader> {
+    Some(StreamHeader {
+        from: r.u64()?,
+        upto: r.u64()?,
+        hlc: Timestamp {
+            physical_ms: r.u64()?,
+            logical: r.u32()?,
+            node: r.u32()?,
+        },
+        complete: r.flag()?,
+        gap: r.flag()?,
+        origin_len: r.u16()?,
+    })
+}
+
 /// Decodes a stream request; every error is a 400 for the sender.
 pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
     const FIXED: usize = 4 + 4 + 8 + 8 + 8 + 4 + 4 + 1 + 1 + 2;
-    if body.len() < FIXED || &body[..4] != MAGIC {
+    let mut r = Reader::new(body);
+    if r.bytes(4) != Some(MAGIC) || body.len() < FIXED {
         return Err("not a kvstore stream body".into());
     }
-    let u64_at = |at: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&body[at..at + 8]);
-        u64::from_le_bytes(a)
-    };
-    let u32_at =
-        |at: usize| u32::from_le_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
-    if u32_at(4) != VERSION {
-        return Err(format!("unsupported stream version {}", u32_at(4)));
+    let short = || "stream body ends inside its header".to_string();
+    let version = r.u32().ok_or_else(short)?;
+    if version != VERSION {
+        return Err(format!("unsupported stream version {version}"));
     }
-    let (from, upto) = (u64_at(8), u64_at(16));
-    let hlc = Timestamp {
-        physical_ms: u64_at(24),
-        logical: u32_at(32),
-        node: u32_at(36),
-    };
-    let complete = body[40] != 0;
-    let gap = body[41] != 0;
-    let n = u16::from_le_bytes([body[42], body[43]]) as usize;
-    if body.len() < FIXED + n {
-        return Err("stream body ends inside the origin".into());
-    }
-    let origin = std::str::from_utf8(&body[FIXED..FIXED + n])
+    let h = stream_header(&mut r).ok_or_else(short)?;
+    let origin = r
+        .bytes(usize::from(h.origin_len))
+        .ok_or("stream body ends inside the origin")?;
+    let origin = std::str::from_utf8(origin)
         .map_err(|_| "origin is not UTF-8".to_string())?
         .to_string();
     if origin.is_empty() || origin == "*" {
         return Err("origin must be a node id".into());
     }
-    if from == 0 || upto.saturating_add(1) < from {
-        return Err(format!("bad range {from}..={upto}"));
+    if h.from == 0 || h.upto.saturating_add(1) < h.from {
+        return Err(format!("bad range {}..={}", h.from, h.upto));
     }
-    let records = decode_frames(body, FIXED + n)?;
+    let records = decode_frames(body, r.offset())?;
     Ok(StreamBody {
-        from,
-        upto,
-        hlc,
-        complete,
-        gap,
+        from: h.from,
+        upto: h.upto,
+        hlc: h.hlc,
+        complete: h.complete,
+        gap: h.gap,
         origin,
         records,
     })
 }
 
-/// Decodes contiguous WAL frames from `off` to the end of `buf`.
-pub fn decode_frames(buf: &[u8], mut off: usize) -> Result<Vec<Record>, String> {
-    let mut records = Vec::new();
-    while off < buf.len() {
-        match record::read_frame(buf, off) {
-            Frame::Valid { payload, next } => {
-                let rec = Record::decode_payload(payload)
-                    .map_err(|e| format!("entry at byte {off}: {e}"))?;
-                if matches!(rec.op, crate::storage::Op::Noop) {
-                    return Err(format!("entry at byte {off}: a no-op is not a write"));
-                }
-                records.push(rec);
-                off = next;
-            }
-            Frame::Incomplete => return Err(format!("entry at byte {off} is cut short")),
-            Frame::Bad { reason } => return Err(format!("entry at byte {off}: {reason}")),
-        }
-    }
-    Ok(records)
+/// Decodes contiguous WAL frames of writes (no no-ops) from `off` to the
+/// end of `buf`.
+pub fn decode_frames(buf: &[u8], off: usize) -> Result<Vec<Record>, String> {
+    record::decode_frames(buf, off, |rec| match rec.op {
+        Op::Noop => Err("a no-op is not a write".into()),
+        _ => Ok(()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Op;
     use bytes::Bytes;
 
     #[test]

@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvproto::bytes::{PutLe, Reader};
+use kvproto::status::ReplicaPeer;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -41,13 +43,14 @@ use super::rules::{
     self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, Leadership, LogPos, PeerStatus,
     Refusal, SenderVerdict, VoteReason, VoteReply, VoteRequest, VoterState,
 };
-use crate::api::ApiError;
-use crate::server::Meta;
-use crate::storage::record::{self, Frame, Record};
-use crate::storage::{Engine, IncomingSnapshot, Op, ReplicateRequest};
+use crate::storage::record::{self, Record};
+use crate::storage::{self, Engine, IncomingSnapshot, Meta, MetaStore, Op, ReplicateRequest};
+use crate::tasks::Tasks;
 
 const MAGIC: &[u8; 4] = b"KVAP";
 const VERSION: u32 = 1;
+/// Magic, version, four u64s and the URL's length.
+const FIXED_HEADER_BYTES: usize = 4 + 4 + 8 * 4 + 2;
 /// Payload bytes per append request: big enough to batch, small enough to
 /// keep one round trip short.
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -64,7 +67,7 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 const VOTE_STRAGGLER_GRACE: Duration = Duration::from_millis(100);
 
 /// Static settings of the replication runtime.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub node_id: String,
     /// How peers and clients reach this node.
@@ -72,7 +75,8 @@ pub struct Settings {
     pub peers: Vec<String>,
     /// Secondaries that must hold an entry durably before it commits.
     pub sync_replicas: usize,
-    pub data_dir: PathBuf,
+    /// Where this node's epoch and vote are persisted.
+    pub meta: MetaStore,
 }
 
 struct Peer {
@@ -137,8 +141,10 @@ pub struct Replicator {
     /// reads wait for it (Raft §8).
     lead_from: AtomicU64,
     http: reqwest::Client,
-    /// Set by a mode switch: the background tasks end.
+    /// Set by [`Replicator::stop`]: the background tasks end.
     stopped: AtomicBool,
+    /// The background tasks (shipping, commit, a new epoch's no-op).
+    tasks: Tasks,
     /// One incoming snapshot at a time: they share one temp file.
     receiving_snapshot: tokio::sync::Mutex<()>,
 }
@@ -162,12 +168,62 @@ pub struct VoteAnswer {
 }
 
 /// Why a vote was not answered.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VoteError {
-    /// The epoch is beyond [`rules::epoch_in_reach`] (400).
+    /// The epoch is beyond [`rules::epoch_in_reach`].
+    #[error(
+        "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
+        rules::MAX_EPOCH_STEP
+    )]
     OutOfReach { epoch: u64, my_epoch: u64 },
-    /// Persisting the vote failed (500).
-    Io(std::io::Error),
+    /// Persisting the vote failed.
+    #[error("could not persist the vote: {0}")]
+    Persist(storage::Error),
+}
+
+/// Why the replication runtime refused a request from a peer, or could not
+/// carry it out. Nothing changed unless the variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The sender's epoch is beyond [`rules::epoch_in_reach`] of ours.
+    #[error(
+        "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
+        rules::MAX_EPOCH_STEP
+    )]
+    EpochOutOfReach { epoch: u64, my_epoch: u64 },
+    /// We are the primary of the sender's epoch ourselves.
+    #[error("this node is primary of epoch {my_epoch} too; refusing")]
+    TwoPrimaries { my_epoch: u64 },
+    /// Another sender already leads the sender's epoch here.
+    #[error("epoch {epoch} is led by {leader}, not {sender}; refusing")]
+    EpochHasPrimary {
+        epoch: u64,
+        leader: String,
+        sender: String,
+    },
+    /// The sender's epoch is older than ours: it must step down.
+    #[error("the sender's epoch is older than this node's epoch {my_epoch}")]
+    StaleEpoch { my_epoch: u64 },
+    #[error("another snapshot is being received; one at a time")]
+    SnapshotInProgress,
+    /// The snapshot does not load (checksum, keys, values).
+    #[error("{0}")]
+    InvalidSnapshot(storage::Error),
+    /// The snapshot loads but is not one its sender could send.
+    #[error("{0}")]
+    SnapshotRefused(rules::SnapshotRefusal),
+    /// The task checking the snapshot failed.
+    #[error("{0}")]
+    SnapshotCheck(String),
+    /// Persisting a newer epoch failed (nothing else changed).
+    #[error("could not persist epoch {epoch}: {source}")]
+    PersistEpoch {
+        epoch: u64,
+        #[source]
+        source: storage::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
 }
 
 /// What a primary says about itself when it sends a snapshot
@@ -188,12 +244,14 @@ impl SnapshotOffer {
 }
 
 /// Why a promotion did not happen.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
-    /// The election rules refused it (409).
+    /// The election rules refused it.
+    #[error("{0}")]
     Refused(Refusal),
-    /// Persisting the new epoch failed (500).
-    Io(std::io::Error),
+    /// Persisting the new epoch failed.
+    #[error("could not persist the new epoch: {0}")]
+    Persist(storage::Error),
 }
 
 /// A decoded `/internal/append` body.
@@ -220,14 +278,11 @@ pub fn encode_append(
             .sum::<usize>(),
     );
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.put_u32(VERSION);
     for n in [epoch, prev.index, prev.epoch, leader_commit] {
-        out.extend_from_slice(&n.to_le_bytes());
+        out.put_u64(n);
     }
-    let url = leader_url.as_bytes();
-    let url_len = u16::try_from(url.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&url_len.to_le_bytes());
-    out.extend_from_slice(&url[..url_len as usize]);
+    out.put_str16(leader_url);
     for r in records {
         r.encode_into(&mut out);
     }
@@ -236,43 +291,28 @@ pub fn encode_append(
 
 /// Decodes an append request body; every error is a 400 for the sender.
 pub fn decode_append(body: &[u8]) -> Result<AppendBody, String> {
-    const FIXED: usize = 4 + 4 + 8 * 4 + 2;
-    if body.len() < FIXED || &body[..4] != MAGIC {
+    let mut r = Reader::new(body);
+    if r.bytes(4) != Some(MAGIC) || body.len() < FIXED_HEADER_BYTES {
         return Err("not a kvstore append body".into());
     }
-    let u64_at = |at: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&body[at..at + 8]);
-        u64::from_le_bytes(a)
-    };
-    let version = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+    let short = || "append body ends inside its header".to_string();
+    let version = r.u32().ok_or_else(short)?;
     if version != VERSION {
         return Err(format!("unsupported append version {version}"));
     }
-    let (epoch, prev_index, prev_epoch, leader_commit) =
-        (u64_at(8), u64_at(16), u64_at(24), u64_at(32));
-    let url_len = u16::from_le_bytes([body[40], body[41]]) as usize;
-    let url_end = FIXED + url_len;
-    if body.len() < url_end {
-        return Err("append body ends inside the leader URL".into());
+    let mut u64s = [0u64; 4];
+    for n in &mut u64s {
+        *n = r.u64().ok_or_else(short)?;
     }
-    let leader_url = std::str::from_utf8(&body[FIXED..url_end])
+    let [epoch, prev_index, prev_epoch, leader_commit] = u64s;
+    let url_len = r.u16().ok_or_else(short)?;
+    let url = r
+        .bytes(usize::from(url_len))
+        .ok_or("append body ends inside the leader URL")?;
+    let leader_url = std::str::from_utf8(url)
         .map_err(|_| "leader URL is not UTF-8".to_string())?
         .to_string();
-    let mut records = Vec::new();
-    let mut off = url_end;
-    while off < body.len() {
-        match record::read_frame(body, off) {
-            Frame::Valid { payload, next } => {
-                let rec = Record::decode_payload(payload)
-                    .map_err(|e| format!("entry at byte {off}: {e}"))?;
-                records.push(rec);
-                off = next;
-            }
-            Frame::Incomplete => return Err(format!("entry at byte {off} is cut short")),
-            Frame::Bad { reason } => return Err(format!("entry at byte {off}: {reason}")),
-        }
-    }
+    let records = record::decode_frames(body, r.offset(), |_| Ok(()))?;
     Ok(AppendBody {
         epoch,
         prev: LogPos {
@@ -322,6 +362,7 @@ impl Replicator {
             lead_from: AtomicU64::new(0),
             http,
             stopped: AtomicBool::new(false),
+            tasks: Tasks::new(),
             receiving_snapshot: tokio::sync::Mutex::new(()),
         })
     }
@@ -395,10 +436,10 @@ impl Replicator {
     pub fn start(self: &Arc<Self>) {
         for i in 0..self.peers.len() {
             let me = self.clone();
-            tokio::spawn(async move { me.ship_to(i).await });
+            self.tasks.spawn(async move { me.ship_to(i).await });
         }
         let me = self.clone();
-        tokio::spawn(async move { me.advance_commit().await });
+        self.tasks.spawn(async move { me.advance_commit().await });
     }
 
     /// Tells a secondary where the primary is before its first append
@@ -410,11 +451,13 @@ impl Replicator {
         }
     }
 
-    /// Ends the background tasks and steps down (a mode switch).
-    pub fn stop(&self) {
+    /// Ends the background tasks, waiting until they are gone, and steps
+    /// down (a mode switch, a shutdown).
+    pub async fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.term.lock().primary = false;
         self.acked.notify_waiters();
+        self.tasks.stop().await;
     }
 
     /// Epoch and role, read together.
@@ -441,23 +484,21 @@ impl Replicator {
     }
 
     /// Per-peer replication state for `/v1/status`.
-    pub fn peer_status(&self) -> serde_json::Value {
+    pub fn peer_status(&self) -> Vec<ReplicaPeer> {
         let last = self.engine.last_log_pos().index;
-        let peers: Vec<_> = self
-            .peers
+        self.peers
             .iter()
             .map(|p| {
                 let m = p.match_index.load(Ordering::Acquire);
-                serde_json::json!({
-                    "url": p.url,
-                    "match_index": m,
-                    "lag_entries": last.saturating_sub(m),
-                    "reachable": p.reachable.load(Ordering::Acquire),
-                    "last_ack_ms_ago": p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
-                })
+                ReplicaPeer {
+                    lag_entries: last.saturating_sub(m),
+                    last_ack_ms_ago: p.last_ack.lock().map(|t| t.elapsed().as_millis() as u64),
+                    match_index: m,
+                    reachable: p.reachable.load(Ordering::Acquire),
+                    url: p.url.clone(),
+                }
             })
-            .collect();
-        serde_json::Value::Array(peers)
+            .collect()
     }
 
     /// `(peer URL, entries behind our last index)` for every peer.
@@ -476,20 +517,23 @@ impl Replicator {
     /// down if this node was primary. An epoch out of reach is refused
     /// ([`rules::epoch_in_reach`]): one forged answer must not use up
     /// every epoch.
-    fn adopt_epoch(&self, epoch: u64) -> std::io::Result<()> {
+    fn adopt_epoch(&self, epoch: u64) -> Result<(), storage::Error> {
         self.enter_epoch(&mut self.term.lock(), epoch)
     }
 
     /// [`Replicator::adopt_epoch`] with the term lock held.
-    fn enter_epoch(&self, t: &mut Term, epoch: u64) -> std::io::Result<()> {
+    fn enter_epoch(&self, t: &mut Term, epoch: u64) -> Result<(), storage::Error> {
         if epoch <= t.meta.epoch {
             return Ok(());
         }
         if !rules::epoch_in_reach(t.meta.epoch, epoch) {
-            return Err(std::io::Error::other(format!(
-                "epoch {epoch} is out of reach of this node's epoch {}",
-                t.meta.epoch
-            )));
+            return Err(storage::Error::io(
+                "adopting an epoch".into(),
+                std::io::Error::other(format!(
+                    "epoch {epoch} is out of reach of this node's epoch {}",
+                    t.meta.epoch
+                )),
+            ));
         }
         let mut next = t.meta.clone();
         next.epoch = epoch;
@@ -499,9 +543,8 @@ impl Replicator {
 
     /// Stores `next` (a newer epoch, and its vote) in `meta`, then enters
     /// it: steps down, and forgets the old epoch's primary.
-    fn persist(&self, t: &mut Term, next: Meta) -> std::io::Result<()> {
-        next.store(&self.settings.data_dir)
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    fn persist(&self, t: &mut Term, next: Meta) -> Result<(), storage::Error> {
+        self.settings.meta.store(&next)?;
         let (epoch, was_primary) = (next.epoch, t.primary);
         t.enter(next);
         self.engine.set_epoch(epoch);
@@ -604,7 +647,7 @@ impl Replicator {
             let mut next = t.meta.clone();
             next.epoch = state.current_epoch;
             next.voted_for = state.voted_for.clone();
-            self.persist(&mut t, next).map_err(VoteError::Io)?;
+            self.persist(&mut t, next).map_err(VoteError::Persist)?;
         }
         Ok(VoteAnswer {
             granted: decision.granted,
@@ -735,7 +778,7 @@ impl Replicator {
             })
         };
         let mine = self.handle_vote(&own).map_err(|e| match e {
-            VoteError::Io(e) => PromoteError::Io(e),
+            VoteError::Persist(e) => PromoteError::Persist(e),
             VoteError::OutOfReach { .. } => not_granted(),
         })?;
         if !mine.granted {
@@ -750,7 +793,7 @@ impl Replicator {
         self.take_lead(epoch).map_err(PromoteError::Refused)?;
         eprintln!("kvd: promoted to primary of epoch {epoch}");
         let engine = self.engine.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = engine.write(Op::Noop, true).await {
                 eprintln!("kvd: the new epoch's no-op did not commit: {e}");
             }
@@ -782,32 +825,18 @@ impl Replicator {
     }
 
     /// Maps [`rules::judge_sender`]'s verdict on a request of `epoch` from
-    /// `sender` to a refusal (4xx, nothing changes), or returns it.
-    fn judge(&self, t: &Term, epoch: u64, sender: &str) -> Result<SenderVerdict, ApiError> {
-        use axum::http::StatusCode;
+    /// `sender` to a refusal (nothing changes), or returns it.
+    fn judge(&self, t: &Term, epoch: u64, sender: &str) -> Result<SenderVerdict, Error> {
         let my_epoch = t.meta.epoch;
         let verdict = rules::judge_sender(t.leadership(), t.leader.as_deref(), epoch, sender);
         match verdict {
-            SenderVerdict::OutOfReach => Err(ApiError::bad_request(
-                "epoch_out_of_range",
-                format!(
-                    "epoch {epoch} is more than {} above this node's epoch {my_epoch}",
-                    rules::MAX_EPOCH_STEP
-                ),
-            )),
-            SenderVerdict::TwoPrimaries => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "two_primaries",
-                format!("this node is primary of epoch {my_epoch} too; refusing"),
-            )),
-            SenderVerdict::SecondPrimary => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "epoch_has_primary",
-                format!(
-                    "epoch {epoch} is led by {}, not {sender}; refusing",
-                    t.leader.as_deref().unwrap_or("another node")
-                ),
-            )),
+            SenderVerdict::OutOfReach => Err(Error::EpochOutOfReach { epoch, my_epoch }),
+            SenderVerdict::TwoPrimaries => Err(Error::TwoPrimaries { my_epoch }),
+            SenderVerdict::SecondPrimary => Err(Error::EpochHasPrimary {
+                epoch,
+                leader: t.leader.as_deref().unwrap_or("another node").to_string(),
+                sender: sender.to_string(),
+            }),
             v @ (SenderVerdict::Stale | SenderVerdict::Follow { .. }) => Ok(v),
         }
     }
@@ -815,18 +844,13 @@ impl Replicator {
     /// Follows `sender` as the primary of `epoch` if [`Replicator::judge`]
     /// allows, persisting a newer epoch first. `Some(our epoch)`: the
     /// sender is stale.
-    fn follow(&self, epoch: u64, sender: &str) -> Result<Option<u64>, ApiError> {
+    fn follow(&self, epoch: u64, sender: &str) -> Result<Option<u64>, Error> {
         let mut t = self.term.lock();
         match self.judge(&t, epoch, sender)? {
             SenderVerdict::Follow { adopt } => {
                 if adopt {
-                    self.enter_epoch(&mut t, epoch).map_err(|e| {
-                        ApiError::new(
-                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "meta_write_failed",
-                            format!("could not persist epoch {epoch}: {e}"),
-                        )
-                    })?;
+                    self.enter_epoch(&mut t, epoch)
+                        .map_err(|source| Error::PersistEpoch { epoch, source })?;
                 }
                 t.leader = Some(sender.to_string());
                 Ok(None)
@@ -838,7 +862,7 @@ impl Replicator {
     /// Secondary side of `/internal/append`. Nothing changes (not even the
     /// epoch) unless every entry is one a client could have written and
     /// the sender may lead the epoch it claims.
-    pub async fn handle_append(&self, body: AppendBody) -> Result<AppendReply, ApiError> {
+    pub async fn handle_append(&self, body: AppendBody) -> Result<AppendReply, Error> {
         self.engine.check_entries(&body.records)?;
         if let Some(my_epoch) = self.follow(body.epoch, &body.leader_url)? {
             return Ok(AppendReply::Stale { my_epoch });
@@ -1028,20 +1052,18 @@ impl Replicator {
     pub fn begin_snapshot(
         &self,
         offer: &SnapshotOffer,
-    ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
         {
             let t = self.term.lock();
             if let SenderVerdict::Stale = self.judge(&t, offer.epoch, &offer.leader)? {
-                return Err(stale_epoch(t.meta.epoch));
+                return Err(Error::StaleEpoch {
+                    my_epoch: t.meta.epoch,
+                });
             }
         }
-        self.receiving_snapshot.try_lock().map_err(|_| {
-            ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "snapshot_in_progress",
-                "another snapshot is being received; one at a time",
-            )
-        })
+        self.receiving_snapshot
+            .try_lock()
+            .map_err(|_| Error::SnapshotInProgress)
     }
 
     /// Secondary side of `/internal/snapshot`, once the upload is on disk
@@ -1054,30 +1076,24 @@ impl Replicator {
         &self,
         offer: &SnapshotOffer,
         path: PathBuf,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, Error> {
         let engine = self.engine.clone();
         let incoming: IncomingSnapshot =
             tokio::task::spawn_blocking(move || engine.verify_snapshot(path))
                 .await
-                .map_err(|e| {
-                    ApiError::new(
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "snapshot_verify_failed",
-                        e.to_string(),
-                    )
-                })?
+                .map_err(|e| Error::SnapshotCheck(e.to_string()))?
                 .map_err(|e| {
                     if e.is_corruption() {
-                        ApiError::bad_request("invalid_snapshot", e.to_string())
+                        Error::InvalidSnapshot(e)
                     } else {
-                        ApiError::from(e)
+                        Error::Storage(e)
                     }
                 })?;
         let at = LogPos::new(incoming.meta.last_epoch, incoming.meta.last_index);
         rules::check_snapshot(offer.epoch, offer.sender_last(), at)
-            .map_err(|why| ApiError::bad_request(why.code(), why.to_string()))?;
+            .map_err(Error::SnapshotRefused)?;
         if let Some(my_epoch) = self.follow(offer.epoch, &offer.leader)? {
-            return Err(stale_epoch(my_epoch));
+            return Err(Error::StaleEpoch { my_epoch });
         }
         Ok(self.engine.install_snapshot(incoming).await?)
     }
@@ -1122,19 +1138,8 @@ impl Replicator {
     }
 }
 
-/// 409 `stale_epoch` carrying our epoch in [`EPOCH_HEADER`]: tells a
-/// deposed primary to step down.
-pub fn stale_epoch(my_epoch: u64) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::CONFLICT,
-        "stale_epoch",
-        format!("the sender's epoch is older than this node's epoch {my_epoch}"),
-    )
-    .with_header(EPOCH_HEADER, my_epoch.to_string())
-}
-
 /// Header carrying the answering node's epoch on a `stale_epoch` refusal.
-pub const EPOCH_HEADER: &str = "x-kv-epoch";
+pub use kvproto::header::EPOCH as EPOCH_HEADER;
 
 /// Reads a peer's answer to an append: 200 with a JSON reply, or 409
 /// `stale_epoch` with the peer's epoch in [`EPOCH_HEADER`]. Anything else

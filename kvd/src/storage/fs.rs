@@ -47,6 +47,12 @@ pub trait Fs: Send + Sync + 'static {
     /// Names (not paths) of the entries of `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
+    /// The whole contents of `path`.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_read(path)?.read_to_end(&mut out)?;
+        Ok(out)
+    }
     /// Creates `path`, truncating it if it exists.
     fn create(&self, path: &Path) -> io::Result<Box<dyn WriteFile>>;
     /// Opens an existing file for appending.

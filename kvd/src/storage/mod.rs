@@ -33,6 +33,7 @@
 
 pub mod fs;
 pub mod log_index;
+pub mod meta;
 pub mod record;
 pub mod snapshot;
 pub mod state;
@@ -49,6 +50,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 pub use fs::{Fs, RealFs};
+pub use meta::{Meta, MetaStore};
 pub use record::{Op, Record, Timestamp};
 pub use state::{ApplyOutcome, State};
 
@@ -59,7 +61,7 @@ use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 use log_index::{EpochRuns, LogCache};
 
 /// Longest key, in bytes (DESIGN §2).
-pub const MAX_KEY_BYTES: usize = 1024;
+pub use kvproto::MAX_KEY_BYTES;
 
 /// Errors of the storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -223,34 +225,9 @@ pub struct EngineStatus {
     pub max_data_bytes: Option<u64>,
 }
 
-/// Whether the engine takes writes, and if not, why. Anything but `Ok`
-/// lasts until a restart re-reads what is really on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StorageState {
-    #[default]
-    Ok,
-    /// A WAL write or fsync failed: the kernel may have dropped its pages.
-    Poisoned,
-    /// The data dir, its `LOCK` or `wal/` was removed or replaced.
-    DataDirLost,
-}
-
-impl StorageState {
-    pub const ALL: [StorageState; 3] = [
-        StorageState::Ok,
-        StorageState::Poisoned,
-        StorageState::DataDirLost,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StorageState::Ok => "ok",
-            StorageState::Poisoned => "poisoned",
-            StorageState::DataDirLost => "data_dir_lost",
-        }
-    }
-}
+/// Whether the engine takes writes, and if not, why (the wire type of
+/// `/v1/status`).
+pub use kvproto::status::StorageState;
 
 /// The engine's [`StorageState`], readable from any thread; set only by
 /// the WAL thread, and never back to `Ok`.
@@ -762,6 +739,13 @@ impl Engine {
 
     pub fn is_masterless(&self) -> bool {
         self.shared.masterless.load(Ordering::Acquire)
+    }
+
+    /// The file system the engine persists through (the node's other
+    /// durable files, `meta` and `ml-recv.json`, and incoming snapshots go
+    /// through it too).
+    pub fn fs(&self) -> Arc<dyn Fs> {
+        self.fs.clone()
     }
 
     /// Last-write-wins stamps (masterless mode).

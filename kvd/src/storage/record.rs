@@ -30,7 +30,9 @@
 
 use bytes::Bytes;
 
-use super::{Error, MAX_KEY_BYTES};
+use super::Error;
+#[cfg(test)]
+use super::MAX_KEY_BYTES;
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -40,25 +42,9 @@ pub const PAYLOAD_FIXED_BYTES: usize = 1 + 8 + 8 + 8 + 4 + 4;
 /// (or a torn length), never something we try to allocate.
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
-/// A hybrid logical clock timestamp; totally ordered, node id breaks ties.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-pub struct Timestamp {
-    pub physical_ms: u64,
-    pub logical: u32,
-    pub node: u32,
-}
+/// A hybrid logical clock timestamp; totally ordered, node id breaks ties
+/// (the wire type, shared with clients).
+pub use kvproto::Timestamp;
 
 /// What a record does to the key space.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,22 +206,7 @@ impl Default for Limits {
 /// Checks a key against DESIGN §2: UTF-8, 1..=1024 bytes, no NUL. The one
 /// key rule, for client requests and peer records alike.
 pub fn validate_key(key: &[u8]) -> Result<(), String> {
-    if key.is_empty() {
-        return Err("key is empty".into());
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(format!(
-            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
-            key.len()
-        ));
-    }
-    if key.contains(&0) {
-        return Err("key contains a NUL byte".into());
-    }
-    if std::str::from_utf8(key).is_err() {
-        return Err("key is not UTF-8".into());
-    }
-    Ok(())
+    kvproto::validate_key(key).map_err(|e| e.to_string())
 }
 
 /// Checks a value's size against `limits`.
@@ -272,6 +243,31 @@ pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
         }
         Op::Noop => Ok(()),
     }
+}
+
+/// Decodes contiguous frames from `off` to the end of `buf` (a body from
+/// a peer: `/internal/append`, `/internal/ml/stream`, a buckets answer),
+/// holding each record to `check`. Every error names the frame's offset.
+pub fn decode_frames(
+    buf: &[u8],
+    mut off: usize,
+    check: impl Fn(&Record) -> Result<(), String>,
+) -> Result<Vec<Record>, String> {
+    let mut records = Vec::new();
+    while off < buf.len() {
+        match read_frame(buf, off) {
+            Frame::Valid { payload, next } => {
+                let rec = Record::decode_payload(payload)
+                    .map_err(|e| format!("entry at byte {off}: {e}"))?;
+                check(&rec).map_err(|e| format!("entry at byte {off}: {e}"))?;
+                records.push(rec);
+                off = next;
+            }
+            Frame::Incomplete => return Err(format!("entry at byte {off} is cut short")),
+            Frame::Bad { reason } => return Err(format!("entry at byte {off}: {reason}")),
+        }
+    }
+    Ok(records)
 }
 
 /// Outcome of looking for a frame at some offset of a buffer.

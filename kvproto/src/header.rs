@@ -1,0 +1,12 @@
+//! Header names of the HTTP API (lowercase, as `http` wants them).
+
+/// On a secondary's 307: the base URL of the primary to send writes to.
+pub const PRIMARY: &str = "x-kv-primary";
+
+/// On a `stale_epoch` refusal between nodes: the refusing node's epoch,
+/// which tells a deposed primary to step down.
+pub const EPOCH: &str = "x-kv-epoch";
+
+/// A retry hint in milliseconds, finer than `Retry-After` (kvclient reads
+/// it first).
+pub const RETRY_AFTER_MS: &str = "x-kv-retry-after-ms";

@@ -12,6 +12,7 @@ pub mod config;
 pub mod index;
 pub mod masterless;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod replication;
 pub mod server;

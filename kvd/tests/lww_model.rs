@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use kvd::masterless::lww::{bucket_of, Lww};
+use kvd::storage::lww::{bucket_of, Lww};
 use kvd::storage::{Op, State, Timestamp};
 use proptest::prelude::*;
 use rand::rngs::StdRng;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::storage::Timestamp;
+use crate::model::Timestamp;
 
 /// The system clock in milliseconds, plus a test-only offset.
 #[derive(Debug, Clone, Default)]

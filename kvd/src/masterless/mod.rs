@@ -1,8 +1,11 @@
 //! Masterless mode (DESIGN §5): every node accepts writes.
 //!
 //! - [`hlc`]: the hybrid logical clock that stamps every write.
-//! - [`lww`]: last-write-wins merge with tombstones, per-key stamps,
-//!   anti-entropy buckets and their digests.
+//! - [`crate::storage::lww`] (in storage, which applies it): last-write-wins
+//!   merge with tombstones, per-key stamps, anti-entropy buckets and their
+//!   digests.
+//! - [`rules`]: the decisions (stream positions, what a receiver makes of
+//!   a batch, write quorums, stable times) as plain functions.
 //! - [`node`]: the runtime: streaming each node's own writes to every peer
 //!   from the peer's durable position, write quorums, anti-entropy, tombstone
 //!   purging below the global stable time, and the `/internal/ml/*` wire
@@ -13,5 +16,5 @@
 //! what to ask for.
 
 pub mod hlc;
-pub mod lww;
 pub mod node;
+pub mod rules;

@@ -70,8 +70,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::hlc::node_tag;
-use super::lww::BUCKETS;
+pub use super::rules::RecvPos;
+use super::rules::{self, Batch, Receive};
 use crate::storage::fs::Fs;
+use crate::storage::lww::BUCKETS;
 use crate::storage::record::{self, Record};
 use crate::storage::{self, Engine, Op, Timestamp};
 use crate::tasks::Tasks;
@@ -113,18 +115,6 @@ struct Peer {
     stable: Mutex<Timestamp>,
     /// Whether the last anti-entropy round found every bucket equal.
     in_sync: AtomicBool,
-}
-
-/// What this node durably holds of one origin's stream.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RecvPos {
-    /// The origin's log index through which we hold its writes.
-    pub pos: u64,
-    /// We hold every write the origin stamped at or before this.
-    pub hlc: Timestamp,
-    /// A compaction gap was skipped; `hlc` is frozen until anti-entropy
-    /// finds us equal with the origin.
-    pub gap: bool,
 }
 
 /// `ml-recv.json`.
@@ -283,21 +273,13 @@ impl MlNode {
 
     /// Waits until `write_quorum - 1` peers hold our log through `index`.
     pub async fn wait_quorum(&self, index: u64, timeout: Duration) -> bool {
-        let needed = self.settings.write_quorum.saturating_sub(1);
-        if needed == 0 {
-            return true;
-        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.acked.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let have = self
-                .peers
-                .iter()
-                .filter(|p| p.acked.load(Ordering::Acquire) >= index)
-                .count();
-            if have >= needed {
+            let acks = self.peers.iter().map(|p| p.acked.load(Ordering::Acquire));
+            if rules::has_quorum(acks, index, self.settings.write_quorum) {
                 return true;
             }
             if self.is_stopped() {
@@ -321,11 +303,7 @@ impl MlNode {
             durable.as_mut().enable();
             let (hlc, last) = self.engine.durable_hlc();
             let first = self.engine.first_log_index();
-            let (from, gap) = if next < first {
-                (first, true)
-            } else {
-                (next.max(1), false)
-            };
+            let (from, gap) = rules::send_from(next, first);
             let records = if from <= last {
                 match self.engine.entries_from(from, MAX_BATCH_BYTES).await {
                     Ok(r) => r,
@@ -390,41 +368,32 @@ impl MlNode {
         let mut recv = self.recv.lock().await;
         let base = recv.origins.get("*").copied().unwrap_or_default();
         let cur = recv.origins.get(&body.origin).copied().unwrap_or(base);
-        let contiguous = body.from <= cur.pos.saturating_add(1);
-        if !contiguous && !body.gap {
-            // The sender is ahead of what we hold: it resumes from our
-            // position.
-            return Ok(cur.pos);
-        }
-        if body.upto <= cur.pos {
-            // Nothing new; an idle sender's clock may still move our
-            // stable time.
-            if body.upto == cur.pos && body.complete && !cur.gap && body.hlc > cur.hlc {
-                let next = RecvPos {
-                    hlc: body.hlc,
-                    ..cur
-                };
-                self.store(&mut recv, &body.origin, next).await;
-            }
-            return Ok(cur.pos);
-        }
-        if !body.records.is_empty() {
-            self.engine.ingest(body.records).await?;
-        }
-        if !contiguous {
-            self.gaps.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut next = RecvPos {
-            pos: body.upto,
-            hlc: cur.hlc,
-            gap: cur.gap || !contiguous,
+        let batch = Batch {
+            from: body.from,
+            upto: body.upto,
+            hlc: body.hlc,
+            complete: body.complete,
+            gap: body.gap,
         };
-        if body.complete && !next.gap {
-            next.hlc = next.hlc.max(body.hlc);
+        match rules::receive(cur, batch) {
+            Receive::Answer { pos, store } => {
+                if let Some(next) = store {
+                    self.store(&mut recv, &body.origin, next).await;
+                }
+                Ok(pos)
+            }
+            Receive::Ingest { next, crossed_gap } => {
+                if !body.records.is_empty() {
+                    self.engine.ingest(body.records).await?;
+                }
+                if crossed_gap {
+                    self.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                // Never ahead of the WAL: stored after the ingest's fsync.
+                self.store(&mut recv, &body.origin, next).await;
+                Ok(next.pos)
+            }
         }
-        // Never ahead of the WAL: stored after the ingest's fsync.
-        self.store(&mut recv, &body.origin, next).await;
-        Ok(next.pos)
     }
 
     /// Records `origin`'s new position, durably.
@@ -482,15 +451,15 @@ impl MlNode {
     pub fn stable_time(&self) -> Timestamp {
         let view = self.recv_view.lock();
         let base = view.get("*").copied().unwrap_or_default();
-        let mut stable: Option<Timestamp> = None;
-        for p in &self.peers {
-            let Some(id) = p.node_id.lock().clone() else {
-                return Timestamp::default();
-            };
-            let h = view.get(&id).copied().unwrap_or(base).hlc;
-            stable = Some(stable.map_or(h, |s| s.min(h)));
-        }
-        stable.unwrap_or_else(|| self.engine.durable_hlc().0)
+        let held: Vec<Option<Timestamp>> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let id = p.node_id.lock().clone()?;
+                Some(view.get(&id).copied().unwrap_or(base).hlc)
+            })
+            .collect();
+        rules::stable_time(&held, self.engine.durable_hlc().0)
     }
 
     async fn anti_entropy(self: Arc<Self>) {
@@ -506,11 +475,8 @@ impl MlNode {
                     let _ = e; // unreachable peers are normal; status shows it
                 }
             }
-            let gst = self
-                .peers
-                .iter()
-                .map(|p| *p.stable.lock())
-                .fold(self.stable_time(), |a, b| a.min(b));
+            let peers = self.peers.iter().map(|p| *p.stable.lock());
+            let gst = rules::global_stable_time(self.stable_time(), peers);
             *self.gst.lock() = gst;
             if gst > Timestamp::default() {
                 if let Ok(n) = self.engine.purge_tombstones(gst).await {
@@ -580,15 +546,9 @@ impl MlNode {
         let Some(cur) = recv.origins.get(&answer.node_id).copied() else {
             return;
         };
-        if !cur.gap || cur.pos < answer.last_index {
-            return;
+        if let Some(next) = rules::close_gap(cur, answer.last_index, answer.durable_hlc) {
+            self.store(&mut recv, &answer.node_id, next).await;
         }
-        let next = RecvPos {
-            pos: cur.pos,
-            hlc: cur.hlc.max(answer.durable_hlc),
-            gap: false,
-        };
-        self.store(&mut recv, &answer.node_id, next).await;
     }
 
     // ----- status -----

@@ -25,35 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A position in the log: the `(epoch, index)` of an entry.
-///
-/// The derived order compares `epoch` first, then `index` (field order
-/// matters): that is Raft's "at least as up to date" order of two logs'
-/// last entries. A log whose last entry has a newer epoch is more up to date
-/// even if it is shorter, because entries of an older epoch that the newer
-/// log lacks cannot be committed (a newer primary would have had them).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct LogPos {
-    pub epoch: u64,
-    pub index: u64,
-}
-
-impl LogPos {
-    /// The empty log's last position (the index-0 sentinel).
-    pub const ZERO: LogPos = LogPos { epoch: 0, index: 0 };
-
-    pub const fn new(epoch: u64, index: u64) -> LogPos {
-        LogPos { epoch, index }
-    }
-
-    /// Raft's rule: is a log ending at `self` at least as up to date as one
-    /// ending at `other`?
-    pub fn at_least_as_up_to_date_as(&self, other: &LogPos) -> bool {
-        self >= other
-    }
-}
+pub use crate::model::LogPos;
 
 /// Number of votes (or durable copies) that make a majority of
 /// `cluster_size` nodes. Any two majorities share a node.

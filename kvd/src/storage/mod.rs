@@ -33,6 +33,7 @@
 
 pub mod fs;
 pub mod log_index;
+pub mod lww;
 pub mod meta;
 pub mod record;
 pub mod snapshot;
@@ -55,10 +56,10 @@ pub use record::{Op, Record, Timestamp};
 pub use state::{ApplyOutcome, State};
 
 use crate::masterless::hlc::{Hlc, WallClock};
-use crate::masterless::lww::Lww;
 use crate::metrics::Metrics;
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 use log_index::{EpochRuns, LogCache};
+use lww::Lww;
 
 /// Longest key, in bytes (DESIGN §2).
 pub use kvproto::MAX_KEY_BYTES;
@@ -150,7 +151,7 @@ pub struct EngineConfig {
     /// Recent records kept in memory for shipping to secondaries.
     pub log_cache_bytes: usize,
     /// Masterless mode: every record is merged last-write-wins by its
-    /// timestamp (see `masterless::lww`), and peers' writes arrive through
+    /// timestamp (see [`lww`]), and peers' writes arrive through
     /// [`Engine::ingest`]. Excludes `replicated`.
     pub masterless: bool,
     /// The wall clock under the hybrid logical clock (with its test offset).

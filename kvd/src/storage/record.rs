@@ -31,8 +31,6 @@
 use bytes::Bytes;
 
 use super::Error;
-#[cfg(test)]
-use super::MAX_KEY_BYTES;
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -42,18 +40,7 @@ pub const PAYLOAD_FIXED_BYTES: usize = 1 + 8 + 8 + 8 + 4 + 4;
 /// (or a torn length), never something we try to allocate.
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
-/// A hybrid logical clock timestamp; totally ordered, node id breaks ties
-/// (the wire type, shared with clients).
-pub use kvproto::Timestamp;
-
-/// What a record does to the key space.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Op {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
-    Bulk { items: Vec<(Bytes, Bytes)> },
-    Noop,
-}
+pub use crate::model::{Op, Record, Timestamp};
 
 impl Op {
     fn code(&self) -> u8 {
@@ -80,15 +67,6 @@ impl Op {
                 Op::Noop => 0,
             }
     }
-}
-
-/// One log entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub index: u64,
-    pub epoch: u64,
-    pub ts: Timestamp,
-    pub op: Op,
 }
 
 impl Record {
@@ -458,7 +436,7 @@ mod tests {
                 .map(|(k, v)| (Bytes::from_static(k), Bytes::from_static(v)))
                 .collect(),
         };
-        let long = vec![b'k'; MAX_KEY_BYTES + 1];
+        let long = vec![b'k'; kvproto::MAX_KEY_BYTES + 1];
         #[rustfmt::skip]
         let cases: Vec<(Op, Option<&str>)> = vec![
             (put(b"k", b"1234"), None),

@@ -31,10 +31,10 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::fs::Fs;
+use super::lww::{Lww, BUCKETS};
 use super::record::{validate_key, Limits, Op, Timestamp, MAX_PAYLOAD_BYTES};
 use super::state::State;
 use super::{Error, MAX_KEY_BYTES};
-use crate::masterless::lww::{Lww, BUCKETS};
 use bytes::Bytes;
 
 const MAGIC: &[u8; 8] = b"KVSTSNAP";

@@ -28,7 +28,8 @@ use std::hash::{BuildHasher, Hasher};
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use crate::storage::{ApplyOutcome, Op, State, Timestamp};
+use super::state::{ApplyOutcome, State};
+use crate::model::{Op, Timestamp};
 
 /// Anti-entropy buckets (a power of two).
 pub const BUCKETS: usize = 1024;

@@ -426,6 +426,50 @@ async fn a_restarted_supervisor_adopts_the_running_nodes() {
     }
 }
 
+/// SIGTERM stops the daemon alone: it ends every task it runs (none has to
+/// be aborted), removes its pid file and exits, while its node keeps
+/// serving; the next apply adopts the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_and_its_tasks_but_not_the_nodes() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 1, "").unwrap();
+    let kv = client(&c);
+    kv.set("k", "v").await.unwrap();
+    let st = c.status().unwrap();
+    let before = pids(&st);
+    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(sup_pid)),
+        "the daemon still runs 5 s after SIGTERM"
+    );
+    assert!(!c.state_dir.join("kvsup.pid").exists());
+    let log = std::fs::read_to_string(c.state_dir.join("kvsup.log")).unwrap();
+    for line in [
+        "supervisor stopping; nodes keep running",
+        "daemon tasks stopped",
+        "supervisor stopped",
+    ] {
+        assert!(log.contains(line), "no {line:?} in the log:\n{log}");
+    }
+    assert!(!log.contains("aborting"), "{log}");
+    assert!(
+        before.iter().all(|p| alive(*p)),
+        "a node died with the daemon"
+    );
+    kv.set("k2", "v2").await.unwrap();
+
+    let (ok, out) = c.kvsup(&["apply"]).unwrap();
+    assert!(ok.success(), "{out}");
+    let st = c.wait_ready(Duration::from_secs(30)).unwrap();
+    assert_eq!(pids(&st), before, "{st:#}");
+    assert_eq!(kv.get("k2").await.unwrap().unwrap(), "v2");
+}
+
 #[test]
 fn a_crashing_node_is_restarted_with_growing_capped_backoff() {
     let tmp = TempDir::new().unwrap();

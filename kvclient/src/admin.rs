@@ -27,6 +27,8 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::de::{DeserializeOwned, Deserializer};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// A cluster's replication mode.
@@ -124,13 +126,107 @@ pub struct SwitchReport {
     pub digests_after: Vec<NodeDigest>,
 }
 
+/// The fields of kvd's `GET /v1/status` body that a switch reads: a part
+/// of the status body kvd writes, mirrored here. A field that is absent, or
+/// of another type, reads as `None`.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default, deserialize_with = "lenient")]
+    node_id: Option<String>,
+    /// `primary-secondary` or `masterless` (or a transient state).
+    #[serde(default, deserialize_with = "lenient")]
+    mode: Option<String>,
+    /// Content digest, equal on nodes with equal contents.
+    #[serde(default, deserialize_with = "lenient")]
+    digest: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    epoch: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
+    last_index: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
+    commit_index: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
+    writes_paused: Option<bool>,
+    #[serde(default, deserialize_with = "lenient")]
+    hlc: Option<HlcStatus>,
+    /// Present in masterless mode.
+    #[serde(default, deserialize_with = "lenient")]
+    masterless: Option<MasterlessStatus>,
+}
+
+/// `hlc` of [`NodeStatus`]: the node's clock.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct HlcStatus {
+    #[serde(default, deserialize_with = "lenient")]
+    physical_ms: Option<u64>,
+}
+
+/// `masterless` of [`NodeStatus`].
+#[derive(Debug, Clone, Default, Deserialize)]
+struct MasterlessStatus {
+    /// Digest of the last-write-wins stamps and tombstones.
+    #[serde(default, deserialize_with = "lenient")]
+    lww_digest: Option<String>,
+}
+
+/// A field as `T`, or `None` when it has another type: a status from a
+/// newer or older kvd still reads.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    Ok(serde_json::from_value(Value::deserialize(d)?).ok())
+}
+
+impl NodeStatus {
+    fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or_default()
+    }
+
+    fn is_in(&self, mode: Mode) -> bool {
+        self.mode.as_deref() == Some(mode.as_str())
+    }
+
+    fn lww_digest(&self) -> Option<&str> {
+        self.masterless.as_ref()?.lww_digest.as_deref()
+    }
+
+    fn clock_ms(&self) -> Option<u64> {
+        self.hlc.as_ref()?.physical_ms
+    }
+
+    fn digest_at(&self, url: &str) -> NodeDigest {
+        NodeDigest {
+            url: url.to_string(),
+            node_id: self.node_id().to_string(),
+            digest: self.digest.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Identical contents everywhere, whole logs applied, writes paused.
+fn converged(statuses: &[NodeStatus]) -> bool {
+    let first = &statuses[0];
+    statuses.iter().all(|s| {
+        s.digest == first.digest
+            && s.lww_digest() == first.lww_digest()
+            && s.commit_index == s.last_index
+            && s.writes_paused == Some(true)
+    })
+}
+
+fn max_u64(statuses: &[NodeStatus], f: impl Fn(&NodeStatus) -> Option<u64>) -> u64 {
+    statuses.iter().filter_map(f).max().unwrap_or(0)
+}
+
 #[derive(Clone)]
 struct Admin {
     http: reqwest::Client,
     urls: Vec<String>,
 }
 
-async fn get_status(http: reqwest::Client, url: String) -> Result<Value, SwitchError> {
+async fn get_status(http: reqwest::Client, url: String) -> Result<NodeStatus, SwitchError> {
     let resp = http
         .get(format!("{url}/v1/status"))
         .send()
@@ -168,17 +264,18 @@ async fn post(
 }
 
 /// Runs one request per node index at once; results in index order.
-async fn on_nodes<F, Fut>(idx: &[usize], f: F) -> Vec<Result<Value, SwitchError>>
+async fn on_nodes<T, F, Fut>(idx: &[usize], f: F) -> Vec<Result<T, SwitchError>>
 where
+    T: Send + 'static,
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<Value, SwitchError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, SwitchError>> + Send + 'static,
 {
     let mut set = tokio::task::JoinSet::new();
     for (k, &i) in idx.iter().enumerate() {
         let fut = f(i);
         set.spawn(async move { (k, fut.await) });
     }
-    let mut out: Vec<Option<Result<Value, SwitchError>>> = idx.iter().map(|_| None).collect();
+    let mut out: Vec<Option<Result<T, SwitchError>>> = idx.iter().map(|_| None).collect();
     while let Some(done) = set.join_next().await {
         match done {
             Ok((k, r)) => out[k] = Some(r),
@@ -196,12 +293,41 @@ where
         .collect()
 }
 
+/// The base every node switches with (step 4): the same on every node.
+struct Base {
+    base_index: u64,
+    epoch: u64,
+    /// To primary/secondary: the new primary's node id.
+    primary: Option<String>,
+    /// The `POST /v1/admin/mode` body.
+    request: Value,
+}
+
 impl Admin {
+    fn new<S: AsRef<str>>(nodes: &[S], opts: &SwitchOptions) -> Result<Admin, SwitchError> {
+        if nodes.is_empty() {
+            return Err(SwitchError("no nodes given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(opts.request_timeout)
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| SwitchError(e.to_string()))?;
+        Ok(Admin {
+            http,
+            urls: nodes
+                .iter()
+                .map(|u| u.as_ref().trim_end_matches('/').to_string())
+                .collect(),
+        })
+    }
+
     fn all(&self) -> Vec<usize> {
         (0..self.urls.len()).collect()
     }
 
-    async fn statuses(&self) -> Result<Vec<Value>, SwitchError> {
+    async fn statuses(&self) -> Result<Vec<NodeStatus>, SwitchError> {
         on_nodes(&self.all(), |i| {
             get_status(self.http.clone(), self.urls[i].clone())
         })
@@ -231,29 +357,169 @@ impl Admin {
         }
         Ok(())
     }
-}
 
-fn digest_of(url: &str, s: &Value) -> NodeDigest {
-    NodeDigest {
-        url: url.to_string(),
-        node_id: s["node_id"].as_str().unwrap_or_default().to_string(),
-        digest: s["digest"].as_str().unwrap_or_default().to_string(),
+    /// Resumes writes (best effort) and fails with `why`, saying so.
+    async fn give_up(&self, why: String) -> SwitchError {
+        let _ = self.resume().await;
+        SwitchError(format!("{why}; writes resumed"))
     }
-}
 
-/// Identical contents everywhere, whole logs applied.
-fn converged(statuses: &[Value]) -> bool {
-    let first = &statuses[0];
-    statuses.iter().all(|s| {
-        s["digest"] == first["digest"]
-            && s["masterless"]["lww_digest"] == first["masterless"]["lww_digest"]
-            && s["commit_index"] == s["last_index"]
-            && s["writes_paused"] == true
-    })
-}
+    fn digests(&self, statuses: &[NodeStatus]) -> Vec<NodeDigest> {
+        self.urls
+            .iter()
+            .zip(statuses)
+            .map(|(u, s)| s.digest_at(u))
+            .collect()
+    }
 
-fn max_u64(statuses: &[Value], f: impl Fn(&Value) -> Option<u64>) -> u64 {
-    statuses.iter().filter_map(f).max().unwrap_or(0)
+    /// Step 2: writes paused on every node, or on none.
+    async fn pause(&self) -> Result<(), SwitchError> {
+        let paused = self
+            .post_to(&self.all(), "/v1/admin/pause_writes", &json!({}))
+            .await;
+        match paused.into_iter().find_map(Result::err) {
+            Some(e) => Err(self.give_up(format!("pausing writes: {}", e.0)).await),
+            None => Ok(()),
+        }
+    }
+
+    /// Step 3: polls until every node holds the same contents with its
+    /// whole log applied (unanswered polls are retried until `timeout`).
+    async fn await_identical(&self, timeout: Duration) -> Result<Vec<NodeStatus>, SwitchError> {
+        let started = Instant::now();
+        loop {
+            let statuses = match self.statuses().await {
+                Ok(s) => s,
+                Err(_) if started.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.give_up(e.0).await),
+            };
+            if converged(&statuses) {
+                return Ok(statuses);
+            }
+            if started.elapsed() >= timeout {
+                let ds: Vec<_> = statuses
+                    .iter()
+                    .map(|s| format!("{}={}", json!(s.node_id), json!(s.digest)))
+                    .collect();
+                let why = format!(
+                    "the nodes did not become identical within {timeout:?} ({})",
+                    ds.join(", ")
+                );
+                return Err(self.give_up(why).await);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Step 4's base: `base_index` 1 past the largest last index, `epoch`
+    /// 1 past the largest epoch, the clock 1 ms past the largest reading
+    /// (else now), and to primary/secondary the primary (the option, else
+    /// the first node) with its URL.
+    async fn common_base(
+        &self,
+        statuses: &[NodeStatus],
+        to: Mode,
+        opts: &SwitchOptions,
+    ) -> Result<Base, SwitchError> {
+        let base_index = max_u64(statuses, |s| s.last_index) + 1;
+        let epoch = max_u64(statuses, |s| s.epoch) + 1;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let clock = max_u64(statuses, NodeStatus::clock_ms);
+        let base_ts_ms = if clock == 0 { now_ms } else { clock + 1 };
+        let primary = match to {
+            Mode::Masterless => None,
+            Mode::PrimarySecondary => Some(match &opts.primary {
+                Some(p) => p.clone(),
+                None => statuses[0].node_id().to_string(),
+            }),
+        };
+        let primary_url = primary.as_ref().and_then(|p| {
+            statuses
+                .iter()
+                .position(|s| s.node_id.as_deref() == Some(p.as_str()))
+                .map(|i| self.urls[i].clone())
+        });
+        if let (Some(p), None) = (&primary, &primary_url) {
+            return Err(self.give_up(format!("no node is named {p:?}")).await);
+        }
+        let request = json!({
+            "mode": to.as_str(),
+            "base_index": base_index,
+            "epoch": epoch,
+            "base_ts_ms": base_ts_ms,
+            "primary": primary,
+            "primary_url": primary_url,
+        });
+        Ok(Base {
+            base_index,
+            epoch,
+            primary,
+            request,
+        })
+    }
+
+    /// Step 4: `POST /v1/admin/mode` on every node, up to three rounds
+    /// for the ones that failed. If none switched, writes resume; if only
+    /// some did, they stay paused.
+    async fn switch_every_node(&self, base: &Base) -> Result<(), SwitchError> {
+        let mut switched = vec![false; self.urls.len()];
+        let mut last_err = None;
+        for _attempt in 0..3 {
+            let todo: Vec<usize> = (0..self.urls.len()).filter(|&i| !switched[i]).collect();
+            if todo.is_empty() {
+                break;
+            }
+            let results = self.post_to(&todo, "/v1/admin/mode", &base.request).await;
+            for (i, r) in todo.into_iter().zip(results) {
+                match r {
+                    Ok(_) => switched[i] = true,
+                    Err(e) => last_err = Some(e),
+                }
+            }
+        }
+        if switched.iter().all(|s| *s) {
+            return Ok(());
+        }
+        let e = last_err.map(|e| e.0).unwrap_or_default();
+        if switched.iter().all(|s| !s) {
+            return Err(self.give_up(format!("no node switched ({e})")).await);
+        }
+        Err(SwitchError(format!(
+            "only some nodes switched ({e}); writes stay paused: run the switch again"
+        )))
+    }
+
+    /// Step 5's wait: every node in `to` with the same contents, within
+    /// twice `timeout` of `paused_at`.
+    async fn await_new_mode(
+        &self,
+        to: Mode,
+        paused_at: Instant,
+        timeout: Duration,
+    ) -> Result<Vec<NodeStatus>, SwitchError> {
+        loop {
+            let statuses = self.statuses().await?;
+            let first = &statuses[0];
+            if statuses
+                .iter()
+                .all(|s| s.is_in(to) && s.digest == first.digest)
+            {
+                return Ok(statuses);
+            }
+            if paused_at.elapsed() >= timeout * 2 {
+                return Err(SwitchError(
+                    "nodes switched but do not agree; writes stay paused".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Switches the live cluster at `nodes` (base URLs of every node) to mode
@@ -263,33 +529,13 @@ pub async fn switch_mode<S: AsRef<str>>(
     to: Mode,
     opts: &SwitchOptions,
 ) -> Result<SwitchReport, SwitchError> {
-    if nodes.is_empty() {
-        return Err(SwitchError("no nodes given".into()));
-    }
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(opts.request_timeout)
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .map_err(|e| SwitchError(e.to_string()))?;
-    let admin = Admin {
-        http,
-        urls: nodes
-            .iter()
-            .map(|u| u.as_ref().trim_end_matches('/').to_string())
-            .collect(),
-    };
+    let admin = Admin::new(nodes, opts)?;
 
     // 1. Where are we?
     let before = admin.statuses().await?;
-    let from = before[0]["mode"].as_str().unwrap_or_default().to_string();
-    if before.iter().all(|s| s["mode"] == to.as_str()) {
-        let digests: Vec<_> = admin
-            .urls
-            .iter()
-            .zip(&before)
-            .map(|(u, s)| digest_of(u, s))
-            .collect();
+    let from = before[0].mode.clone().unwrap_or_default();
+    if before.iter().all(|s| s.is_in(to)) {
+        let digests = admin.digests(&before);
         return Ok(SwitchReport {
             from,
             to,
@@ -297,7 +543,7 @@ pub async fn switch_mode<S: AsRef<str>>(
             pause: Duration::ZERO,
             converge: Duration::ZERO,
             base_index: 0,
-            epoch: max_u64(&before, |s| s["epoch"].as_u64()),
+            epoch: max_u64(&before, |s| s.epoch),
             primary: None,
             digests_before: digests.clone(),
             digests_after: digests,
@@ -306,159 +552,82 @@ pub async fn switch_mode<S: AsRef<str>>(
 
     // 2. Pause writes everywhere.
     let paused_at = Instant::now();
-    let paused = admin
-        .post_to(&admin.all(), "/v1/admin/pause_writes", &json!({}))
-        .await;
-    if let Some(Err(e)) = paused.into_iter().find(|r| r.is_err()) {
-        let _ = admin.resume().await;
-        return Err(SwitchError(format!(
-            "pausing writes: {}; writes resumed",
-            e.0
-        )));
-    }
+    admin.pause().await?;
 
     // 3. Wait for identical contents.
     let converge_started = Instant::now();
-    let statuses = loop {
-        let statuses = match admin.statuses().await {
-            Ok(s) => s,
-            Err(e) if converge_started.elapsed() < opts.converge_timeout => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            Err(e) => {
-                let _ = admin.resume().await;
-                return Err(SwitchError(format!("{}; writes resumed", e.0)));
-            }
-        };
-        if converged(&statuses) {
-            break statuses;
-        }
-        if converge_started.elapsed() >= opts.converge_timeout {
-            let _ = admin.resume().await;
-            let ds: Vec<_> = statuses
-                .iter()
-                .map(|s| format!("{}={}", s["node_id"], s["digest"]))
-                .collect();
-            return Err(SwitchError(format!(
-                "the nodes did not become identical within {:?} ({}); writes resumed",
-                opts.converge_timeout,
-                ds.join(", ")
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let statuses = admin.await_identical(opts.converge_timeout).await?;
     let converge = converge_started.elapsed();
-    let digests_before: Vec<_> = admin
-        .urls
-        .iter()
-        .zip(&statuses)
-        .map(|(u, s)| digest_of(u, s))
-        .collect();
+    let digests_before = admin.digests(&statuses);
 
     // 4. The common base, and the switch on every node.
-    let base_index = max_u64(&statuses, |s| s["last_index"].as_u64()) + 1;
-    let epoch = max_u64(&statuses, |s| s["epoch"].as_u64()) + 1;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let clock = max_u64(&statuses, |s| s["hlc"]["physical_ms"].as_u64());
-    let base_ts_ms = if clock == 0 { now_ms } else { clock + 1 };
-    let primary = match to {
-        Mode::Masterless => None,
-        Mode::PrimarySecondary => Some(match &opts.primary {
-            Some(p) => p.clone(),
-            None => statuses[0]["node_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        }),
-    };
-    let primary_url = primary.as_ref().and_then(|p| {
-        statuses
-            .iter()
-            .position(|s| s["node_id"] == p.as_str())
-            .map(|i| admin.urls[i].clone())
-    });
-    if let (Some(p), None) = (&primary, &primary_url) {
-        let _ = admin.resume().await;
-        return Err(SwitchError(format!(
-            "no node is named {p:?}; writes resumed"
-        )));
-    }
-    let req = json!({
-        "mode": to.as_str(),
-        "base_index": base_index,
-        "epoch": epoch,
-        "base_ts_ms": base_ts_ms,
-        "primary": primary,
-        "primary_url": primary_url,
-    });
-    let mut switched = vec![false; admin.urls.len()];
-    let mut last_err = None;
-    for _attempt in 0..3 {
-        let todo: Vec<usize> = (0..admin.urls.len()).filter(|&i| !switched[i]).collect();
-        if todo.is_empty() {
-            break;
-        }
-        let results = admin.post_to(&todo, "/v1/admin/mode", &req).await;
-        for (i, r) in todo.into_iter().zip(results) {
-            match r {
-                Ok(_) => switched[i] = true,
-                Err(e) => last_err = Some(e),
-            }
-        }
-    }
-    if switched.iter().any(|s| !s) {
-        let e = last_err.map(|e| e.0).unwrap_or_default();
-        if switched.iter().all(|s| !s) {
-            let _ = admin.resume().await;
-            return Err(SwitchError(format!(
-                "no node switched ({e}); writes resumed"
-            )));
-        }
-        return Err(SwitchError(format!(
-            "only some nodes switched ({e}); writes stay paused: run the switch again"
-        )));
-    }
+    let base = admin.common_base(&statuses, to, opts).await?;
+    admin.switch_every_node(&base).await?;
 
     // 5. Every node in the new mode with the same contents, then resume.
-    let after = loop {
-        let statuses = admin.statuses().await?;
-        let first = &statuses[0];
-        if statuses
-            .iter()
-            .all(|s| s["mode"] == to.as_str() && s["digest"] == first["digest"])
-        {
-            break statuses;
-        }
-        if paused_at.elapsed() >= opts.converge_timeout * 2 {
-            return Err(SwitchError(
-                "nodes switched but do not agree; writes stay paused".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let after = admin
+        .await_new_mode(to, paused_at, opts.converge_timeout)
+        .await?;
     admin.resume().await?;
-    let pause = paused_at.elapsed();
-    let digests_after = admin
-        .urls
-        .iter()
-        .zip(&after)
-        .map(|(u, s)| digest_of(u, s))
-        .collect();
     Ok(SwitchReport {
         from,
         to,
         already: false,
-        pause,
+        pause: paused_at.elapsed(),
         converge,
-        base_index,
-        epoch,
-        primary,
+        base_index: base.base_index,
+        epoch: base.epoch,
+        primary: base.primary,
         digests_before,
-        digests_after,
+        digests_after: admin.digests(&after),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(v: Value) -> NodeStatus {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_status_view_reads_what_kvd_writes_and_tolerates_the_rest() {
+        let s = status(json!({
+            "node_id": "n1", "mode": "masterless", "role": "peer", "epoch": 7,
+            "last_index": 10, "commit_index": 10, "digest": "00ab",
+            "writes_paused": true, "hlc": {"physical_ms": 1_700_000_000_000_u64, "logical": 2},
+            "masterless": {"lww_digest": "ff00", "peers": []}, "unknown": {"x": 1},
+        }));
+        assert_eq!(s.node_id(), "n1");
+        assert!(s.is_in(Mode::Masterless) && !s.is_in(Mode::PrimarySecondary));
+        assert_eq!((s.epoch, s.last_index), (Some(7), Some(10)));
+        assert_eq!(s.clock_ms(), Some(1_700_000_000_000));
+        assert_eq!(s.lww_digest(), Some("ff00"));
+        // Absent or of another type: absent, as `value["field"].as_...()` read it.
+        let odd = status(json!({"node_id": 3, "epoch": "7", "hlc": [], "masterless": null}));
+        assert_eq!((odd.node_id(), odd.epoch, odd.clock_ms()), ("", None, None));
+        assert_eq!(odd.lww_digest(), None);
+        assert_eq!(odd.digest_at("http://n").digest, "");
+    }
+
+    #[test]
+    fn converged_needs_equal_digests_applied_logs_and_paused_writes() {
+        let base =
+            json!({"digest": "a", "commit_index": 5, "last_index": 5, "writes_paused": true});
+        let with = |k: &str, v: Value| {
+            let mut s = base.clone();
+            s[k] = v;
+            status(s)
+        };
+        assert!(converged(&[status(base.clone()), status(base.clone())]));
+        for other in [
+            with("digest", json!("b")),
+            with("commit_index", json!(4)),
+            with("writes_paused", json!(false)),
+            with("masterless", json!({"lww_digest": "x"})),
+        ] {
+            assert!(!converged(&[status(base.clone()), other]));
+        }
+    }
 }

@@ -25,22 +25,17 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
+use crate::codes::KEY_NOT_FOUND;
 use crate::error::{is_retryable_status, Error, Result};
+use crate::headers::{PRIMARY_HEADER, RETRY_AFTER_MS_HEADER};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{
     BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchPage,
     SimilarTo, Status,
 };
 
-/// Header with which a secondary names the primary's base URL (DESIGN §4).
-pub const PRIMARY_HEADER: &str = "x-kv-primary";
-
 /// Shortest time worth starting another attempt with.
 const MIN_USEFUL_ATTEMPT: Duration = Duration::from_millis(20);
-
-/// Error code of the server's 404 for an absent key (other 404s, such as an
-/// unknown route, carry `not_found`).
-pub const KEY_NOT_FOUND: &str = "key_not_found";
 
 /// Where a kvd listens by default (DESIGN §2).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8765";
@@ -51,9 +46,16 @@ const MAX_ERROR_MESSAGE_CHARS: usize = 300;
 
 /// Configures and builds a [`Client`]. Every limit has a default that suits a
 /// local three-node cluster; see each setter for why.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
+    limits: Limits,
+}
+
+/// The limits a client keeps to; each has a setter on [`ClientBuilder`]
+/// that says why its default is what it is.
+#[derive(Debug, Clone)]
+struct Limits {
     request_timeout: Duration,
     connect_timeout: Duration,
     max_retries: u32,
@@ -64,10 +66,9 @@ pub struct ClientBuilder {
     max_response_bytes: u64,
 }
 
-impl Default for ClientBuilder {
+impl Default for Limits {
     fn default() -> Self {
-        ClientBuilder {
-            endpoints: Vec::new(),
+        Limits {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             max_retries: 8,
@@ -78,6 +79,17 @@ impl Default for ClientBuilder {
             max_response_bytes: 64 << 20,
         }
     }
+}
+
+/// One builder method per limit: `$name(value)` sets `limits.$name`.
+macro_rules! limit_setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.limits.$name = value;
+            self
+        }
+    )*};
 }
 
 impl ClientBuilder {
@@ -103,63 +115,35 @@ impl ClientBuilder {
         self
     }
 
-    /// Limit for one attempt, from connecting until the whole response body
-    /// has arrived (default 5 s). It is what turns a stopped (SIGSTOP) node
-    /// into an error instead of a hang.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// Limit for establishing a TCP connection (default 1 s). Shorter than
-    /// the request timeout so an unreachable node is skipped quickly.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Retries after the first attempt (default 8; 0 disables retrying).
-    /// A request the server refused unapplied with a `Retry-After` (writes
-    /// paused for a mode switch or handover) is retried until the deadline
-    /// without counting, unless this is 0.
-    pub fn max_retries(mut self, retries: u32) -> Self {
-        self.max_retries = retries;
-        self
-    }
-
-    /// Time budget for a whole call including retries, backoff and redirects
-    /// (default 15 s, enough to ride out a failover). No attempt is started,
-    /// and no attempt runs, past it.
-    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
-        self.retry_deadline = deadline;
-        self
-    }
-
-    /// Delay policy between retries.
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
-        self
-    }
-
-    /// Redirects followed in a row before giving up with
-    /// [`Error::RedirectLoop`] (default 5). A correct cluster needs one.
-    pub fn max_redirects(mut self, hops: u32) -> Self {
-        self.max_redirects = hops;
-        self
-    }
-
-    /// Cap on a server's `Retry-After` (default 5 s), so a wrong header
-    /// cannot park a client for an hour.
-    pub fn max_retry_after(mut self, cap: Duration) -> Self {
-        self.max_retry_after = cap;
-        self
-    }
-
-    /// Largest response body accepted (default 64 MiB; kvd's default value
-    /// limit is 4 MiB).
-    pub fn max_response_bytes(mut self, limit: u64) -> Self {
-        self.max_response_bytes = limit;
-        self
+    limit_setters! {
+        /// Limit for one attempt, from connecting until the whole response
+        /// body has arrived (default 5 s). It is what turns a stopped
+        /// (SIGSTOP) node into an error instead of a hang.
+        request_timeout: Duration;
+        /// Limit for establishing a TCP connection (default 1 s). Shorter
+        /// than the request timeout so an unreachable node is skipped
+        /// quickly.
+        connect_timeout: Duration;
+        /// Retries after the first attempt (default 8; 0 disables
+        /// retrying). A request the server refused unapplied with a
+        /// `Retry-After` (writes paused for a mode switch or handover) is
+        /// retried until the deadline without counting, unless this is 0.
+        max_retries: u32;
+        /// Time budget for a whole call including retries, backoff and
+        /// redirects (default 15 s, enough to ride out a failover). No
+        /// attempt is started, and no attempt runs, past it.
+        retry_deadline: Duration;
+        /// Delay policy between retries.
+        backoff: Backoff;
+        /// Redirects followed in a row before giving up with
+        /// [`Error::RedirectLoop`] (default 5). A correct cluster needs one.
+        max_redirects: u32;
+        /// Cap on a server's `Retry-After` (default 5 s), so a wrong header
+        /// cannot park a client for an hour.
+        max_retry_after: Duration;
+        /// Largest response body accepted (default 64 MiB; kvd's default
+        /// value limit is 4 MiB).
+        max_response_bytes: u64;
     }
 
     /// Validates the configuration and builds the client.
@@ -175,12 +159,13 @@ impl ClientBuilder {
         if configured.is_empty() {
             return Err(Error::NoEndpoints);
         }
-        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+        let limits = self.limits;
+        if limits.request_timeout.is_zero() || limits.connect_timeout.is_zero() {
             return Err(Error::InvalidConfig(
                 "timeouts must be greater than zero".into(),
             ));
         }
-        if self.retry_deadline.is_zero() {
+        if limits.retry_deadline.is_zero() {
             return Err(Error::InvalidConfig(
                 "the retry deadline must be greater than zero".into(),
             ));
@@ -193,7 +178,7 @@ impl ClientBuilder {
             // A proxy from the environment (HTTP_PROXY) would silently route
             // cluster traffic, loopback included, through it.
             .no_proxy()
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(limits.connect_timeout)
             .tcp_nodelay(true)
             .user_agent(concat!("kvclient/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -205,13 +190,7 @@ impl ClientBuilder {
                     configured,
                     cursor: Mutex::new(Cursor::default()),
                 },
-                request_timeout: self.request_timeout,
-                max_retries: self.max_retries,
-                retry_deadline: self.retry_deadline,
-                backoff: self.backoff,
-                max_redirects: self.max_redirects,
-                max_retry_after: self.max_retry_after,
-                max_response_bytes: self.max_response_bytes,
+                limits,
             }),
         })
     }
@@ -228,13 +207,7 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     endpoints: Endpoints,
-    request_timeout: Duration,
-    max_retries: u32,
-    retry_deadline: Duration,
-    backoff: Backoff,
-    max_redirects: u32,
-    max_retry_after: Duration,
-    max_response_bytes: u64,
+    limits: Limits,
 }
 
 /// A complete HTTP answer, body read, as returned by [`Client::request`].
@@ -443,7 +416,7 @@ impl Client {
         body: Option<(Bytes, &'static str)>,
     ) -> Result<RawResponse> {
         let inner = &*self.inner;
-        let deadline = Instant::now() + inner.retry_deadline;
+        let deadline = Instant::now() + inner.limits.retry_deadline;
         let mut target = inner.endpoints.current();
         let mut retries: u32 = 0;
         // Redirects in a row since the last failure. Reset on retry, because
@@ -457,6 +430,7 @@ impl Client {
             // redirect arrives just as the budget ends; such an attempt simply
             // times out.
             let timeout = inner
+                .limits
                 .request_timeout
                 .min(remaining)
                 .max(Duration::from_millis(1));
@@ -467,7 +441,7 @@ impl Client {
                 Ok(resp) if is_redirect(resp.status) => {
                     hops += 1;
                     match redirect_target(&resp.headers, path) {
-                        Some(next) if hops > inner.max_redirects => {
+                        Some(next) if hops > inner.limits.max_redirects => {
                             return Err(Error::RedirectLoop { hops, last: next });
                         }
                         Some(next) => {
@@ -492,7 +466,7 @@ impl Client {
                 // An attempt cut short by the call's deadline that times
                 // out says less than the failure before it (a refused
                 // connection, the server's 503): report that one.
-                Err(err @ Error::Timeout { .. }) if timeout < inner.request_timeout => {
+                Err(err @ Error::Timeout { .. }) if timeout < inner.limits.request_timeout => {
                     return Err(last_err.unwrap_or(err));
                 }
                 Err(err) if err.is_retryable() => (err, None),
@@ -506,12 +480,12 @@ impl Client {
             // counts against `max_retries`, and `max_retries(0)` means no
             // retry at all.
             let paused = err.retry_after().is_some() && err.was_not_applied();
-            if retries >= inner.max_retries && !(paused && inner.max_retries > 0) {
+            if retries >= inner.limits.max_retries && !(paused && inner.limits.max_retries > 0) {
                 return Err(err);
             }
             let delay = match err.retry_after() {
-                Some(asked) => asked.min(inner.max_retry_after),
-                None => inner.backoff.delay(retries),
+                Some(asked) => asked.min(inner.limits.max_retry_after),
+                None => inner.limits.backoff.delay(retries),
             };
             // An attempt with almost no time left can only time out, and its
             // Timeout would hide the real reason (say, the server's 503).
@@ -550,7 +524,7 @@ impl Client {
             .map_err(|err| Error::from_reqwest(endpoint, timeout, err))?;
         let status = resp.status();
         let headers = std::mem::take(resp.headers_mut());
-        let limit = self.inner.max_response_bytes;
+        let limit = self.inner.limits.max_response_bytes;
         if resp.content_length().is_some_and(|len| len > limit) {
             return Err(Error::ResponseTooLarge {
                 endpoint: endpoint.to_owned(),
@@ -707,10 +681,6 @@ fn redirect_target(headers: &HeaderMap, path: &str) -> Option<String> {
     }
     normalize_endpoint(&url.origin().ascii_serialization()).ok()
 }
-
-/// kvd's finer hint beside `Retry-After`, in milliseconds (a mode
-/// switch's pause is usually well under a second).
-pub const RETRY_AFTER_MS_HEADER: &str = "x-kv-retry-after-ms";
 
 /// Reads kvd's `X-KV-Retry-After-Ms`, else `Retry-After` in its
 /// delta-seconds form (what kvd sends). The HTTP-date form is ignored:

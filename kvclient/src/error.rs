@@ -207,10 +207,7 @@ impl Error {
     /// retrying a write cannot apply it twice): paused writes, a primary
     /// handing over, no primary known yet, or overload.
     pub fn was_not_applied(&self) -> bool {
-        matches!(
-            self.code(),
-            "writes_paused" | "transfer_in_progress" | "no_primary" | "overloaded"
-        )
+        crate::codes::NOT_APPLIED.contains(&self.code())
     }
 
     /// A stable snake_case code for scripts and metrics: the server's own code
@@ -229,7 +226,7 @@ impl Error {
             Error::Decode { .. } => "decode",
             Error::ResponseTooLarge { .. } => "response_too_large",
             Error::RedirectLoop { .. } => "redirect_loop",
-            Error::NoPrimary { .. } => "no_primary",
+            Error::NoPrimary { .. } => crate::codes::NO_PRIMARY,
         }
     }
 

@@ -1,10 +1,26 @@
 //! kvsup: runs a kvstore cluster from a YAML manifest, the way an operator
 //! runs a database on Kubernetes (DESIGN §8). See ARCHITECTURE.md.
+//!
+//! Layers, each using only those below it (`tests/layers.rs` holds the
+//! table and checks every `crate::` path against it):
+//!
+//! 1. decisions, no I/O but reading a manifest file: `manifest` (types,
+//!    validation, diff, restart backoff) and `election` (when to elect,
+//!    whom to ask);
+//! 2. effects: `process` (spawn, adopt, signal kvd), `metrics`, `logging`;
+//! 3. `daemon`: the supervisor's state and tasks (health checks, exit
+//!    watchers, reconcile and failover, the commands);
+//! 4. interfaces: `http` (the daemon's API) and `watch` (the manifest file
+//!    watcher);
+//! 5. wiring: `server` (the daemon from start to stop) and the `kvsup`
+//!    command in `main.rs`.
 
 pub mod daemon;
 pub mod election;
 pub mod http;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod process;
+pub mod server;
 pub mod watch;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
+use kvsup::logging::{self, LogFormat};
 use kvsup::manifest::Manifest;
 
 /// `println!` that returns an error instead of panicking when stdout is
@@ -49,6 +50,12 @@ struct Cli {
     /// Manifest whose supervisor to talk to (for commands other than apply).
     #[arg(short = 'f', long = "file", global = true)]
     file: Option<PathBuf>,
+
+    /// How the daemon writes its log (`<stateDir>/kvsup.log`): text, or
+    /// JSON lines. The filter is the KVSUP_LOG environment variable
+    /// (e.g. `debug`, `kvsup=debug,reqwest=warn`; default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     cmd: Cmd,
@@ -110,24 +117,33 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_format) {
+        eprintln!("kvsup: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    // The daemon's stderr is its log (`apply` shows its tail when it exits
+    // at once); a command says what failed on one line.
+    let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
+    let fail = |e: anyhow::Error| {
+        if daemon {
+            tracing::error!(error = %format_args!("{e:#}"), "the supervisor daemon failed");
+        } else {
+            eprintln!("kvsup: {e:#}");
+        }
+        ExitCode::FAILURE
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kvsup: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(anyhow::Error::new(e).context("cannot start the async runtime")),
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kvsup: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }
 
@@ -136,69 +152,73 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Apply { kvd, dry_run } => {
             let file = file.context("apply needs -f MANIFEST")?;
-            apply(&file, kvd, dry_run).await
+            apply(&file, kvd, dry_run, cli.log_format).await
         }
         Cmd::Daemon { base_dir, kvd } => {
             let file = file.context("daemon needs -f MANIFEST")?;
-            kvsup::daemon::run(file, base_dir, kvd).await
+            kvsup::server::run(file, base_dir, kvd).await
         }
         cmd => {
             let url = supervisor_url(cli.supervisor.as_deref(), file.as_deref())?;
-            let c = Api::new(&url)?;
-            match cmd {
-                Cmd::Status { json } => {
-                    let st = c.get("/v1/status").await?;
-                    if json {
-                        say!("{}", serde_json::to_string_pretty(&st)?);
-                    } else {
-                        print_status(&st)?;
-                    }
-                    Ok(())
-                }
-                Cmd::Kill { node, signal } => {
-                    let r = c
-                        .post("/v1/kill", json!({"node": node, "signal": signal}), 10)
-                        .await?;
-                    say!(
-                        "sent {} to {node} (pid {})",
-                        r["signal"].as_str().unwrap_or("?"),
-                        r["pid"]
-                    );
-                    Ok(())
-                }
-                Cmd::Promote { node, timeout_ms } => {
-                    let r = c
-                        .post(
-                            "/v1/promote",
-                            json!({"node": node, "timeout_ms": timeout_ms}),
-                            timeout_ms / 1000 + 10,
-                        )
-                        .await?;
-                    say!("{node} is primary of epoch {}", r["epoch"]);
-                    Ok(())
-                }
-                Cmd::Down => down(&c).await,
-                Cmd::Events { json } => {
-                    let r = c.get("/v1/events").await?;
-                    if json {
-                        say!("{}", serde_json::to_string_pretty(&r)?);
-                    } else {
-                        for e in r["events"].as_array().into_iter().flatten() {
-                            say!(
-                                "{}  {:<9} {:<4} {}",
-                                clock(e["time_ms"].as_u64().unwrap_or(0)),
-                                e["kind"].as_str().unwrap_or(""),
-                                e["node"].as_str().unwrap_or("-"),
-                                e["message"].as_str().unwrap_or("")
-                            );
-                        }
-                    }
-                    Ok(())
-                }
-                Cmd::Apply { .. } | Cmd::Daemon { .. } => unreachable!("handled above"),
-            }
+            talk(&Api::new(&url)?, cmd).await
         }
     }
+}
+
+/// The commands that talk to a running daemon.
+async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Status { json } => show(c, "/v1/status", json, print_status).await?,
+        Cmd::Kill { node, signal } => {
+            let r = c
+                .post("/v1/kill", json!({"node": node, "signal": signal}), 10)
+                .await?;
+            say!(
+                "sent {} to {node} (pid {})",
+                r["signal"].as_str().unwrap_or("?"),
+                r["pid"]
+            );
+        }
+        Cmd::Promote { node, timeout_ms } => {
+            let r = c
+                .post(
+                    "/v1/promote",
+                    json!({"node": node, "timeout_ms": timeout_ms}),
+                    timeout_ms / 1000 + 10,
+                )
+                .await?;
+            say!("{node} is primary of epoch {}", r["epoch"]);
+        }
+        Cmd::Down => down(c).await?,
+        Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
+        Cmd::Apply { .. } | Cmd::Daemon { .. } => unreachable!("handled by run"),
+    }
+    Ok(())
+}
+
+/// GETs `path` from the daemon and prints it: the JSON document, or
+/// `table` of it.
+async fn show(c: &Api, path: &str, json: bool, table: fn(&Value) -> Result<()>) -> Result<()> {
+    let v = c.get(path).await?;
+    if json {
+        say!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        table(&v)?;
+    }
+    Ok(())
+}
+
+fn print_events(r: &Value) -> Result<()> {
+    for e in r["events"].as_array().into_iter().flatten() {
+        say!(
+            "{}  {:<9} {:<4} {}",
+            clock(e["time_ms"].as_u64().unwrap_or(0)),
+            e["kind"].as_str().unwrap_or(""),
+            e["node"].as_str().unwrap_or("-"),
+            e["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 fn supervisor_url(flag: Option<&str>, file: Option<&Path>) -> Result<String> {
@@ -267,43 +287,43 @@ impl Api {
     }
 }
 
-async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
-    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+/// What `kvsup apply` works with: the manifest, where its file is, where
+/// apply runs (relative `stateDir`s resolve against it), and the daemon's
+/// state dir and URL.
+struct Applying {
+    manifest: Manifest,
+    /// The file as given, for the messages.
+    file: PathBuf,
+    /// The file, absolute, for the daemon.
+    path: PathBuf,
+    base: PathBuf,
+    state_dir: PathBuf,
+    url: String,
+}
+
+/// `kvsup apply`: validates the manifest here (as the user, with the full
+/// message), then hands it to the daemon that answers on its port, or
+/// starts one.
+async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool, log: LogFormat) -> Result<()> {
+    let manifest = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
     let path =
         std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
     let base = std::env::current_dir().context("reading the current directory")?;
-    let state_dir = m
+    let state_dir = manifest
         .checked_state_dir(&base, &file.display().to_string())
         .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
-    let url = format!("http://127.0.0.1:{}", m.spec.supervisor.port);
-    let api = Api::new(&url)?;
-    let name = &m.metadata.name;
+    let url = format!("http://127.0.0.1:{}", manifest.spec.supervisor.port);
+    let a = Applying {
+        manifest,
+        file: file.to_path_buf(),
+        path,
+        base,
+        state_dir,
+        url,
+    };
+    let api = Api::new(&a.url)?;
     if let Ok(st) = api.get("/v1/status").await {
-        if st["cluster"].as_str() != Some(name) {
-            bail!(
-                "the supervisor at {url} runs cluster {}, not {name:?}",
-                st["cluster"]
-            );
-        }
-        let r = api
-            .post(
-                "/v1/apply",
-                json!({"path": path, "base_dir": base, "dry_run": dry_run}),
-                120,
-            )
-            .await?;
-        let changes: Vec<&str> = r["changes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        match (dry_run, changes.is_empty()) {
-            (_, true) => say!("cluster {name}: unchanged"),
-            (true, false) => say!("cluster {name}: would change:\n  {}", changes.join("\n  ")),
-            (false, false) => say!("cluster {name}: configured:\n  {}", changes.join("\n  ")),
-        }
-        return Ok(());
+        return apply_to_running(&api, &st, &a, dry_run).await;
     }
     let kvd = match kvd {
         Some(k) => k,
@@ -312,54 +332,109 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
             .with_file_name("kvd"),
     };
     if dry_run {
+        let name = &a.manifest.metadata.name;
         say!(
-            "cluster {name}: would start the supervisor on {url} (state in {}) and nodes:",
-            state_dir.display()
+            "cluster {name}: would start the supervisor on {} (state in {}) and nodes:",
+            a.url,
+            a.state_dir.display()
         );
-        for n in &m.spec.nodes {
+        for n in &a.manifest.spec.nodes {
             say!("  {} on http://127.0.0.1:{}", n.name, n.port);
         }
         return Ok(());
     }
+    let child = start_daemon(&a, &kvd, log)?;
+    wait_until_started(&api, child, &a).await
+}
+
+/// Hands the manifest to the daemon already running (which `st` is the
+/// status of) and says what changed.
+async fn apply_to_running(api: &Api, st: &Value, a: &Applying, dry_run: bool) -> Result<()> {
+    let name = &a.manifest.metadata.name;
+    if st["cluster"].as_str() != Some(name) {
+        bail!(
+            "the supervisor at {} runs cluster {}, not {name:?}",
+            a.url,
+            st["cluster"]
+        );
+    }
+    let r = api
+        .post(
+            "/v1/apply",
+            json!({"path": a.path, "base_dir": a.base, "dry_run": dry_run}),
+            120,
+        )
+        .await?;
+    let changes: Vec<&str> = r["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    match (dry_run, changes.is_empty()) {
+        (_, true) => say!("cluster {name}: unchanged"),
+        (true, false) => say!("cluster {name}: would change:\n  {}", changes.join("\n  ")),
+        (false, false) => say!("cluster {name}: configured:\n  {}", changes.join("\n  ")),
+    }
+    Ok(())
+}
+
+/// Forks `kvsup daemon` for the manifest: its own process group (a Ctrl-C
+/// meant for this command does not reach it), output to
+/// `<stateDir>/kvsup.log`. Refused while a daemon that does not answer
+/// still owns the state dir.
+fn start_daemon(a: &Applying, kvd: &Path, log: LogFormat) -> Result<std::process::Child> {
     if !kvd.exists() {
         bail!(
             "kvd not found at {} (build it, or pass --kvd PATH)",
             kvd.display()
         );
     }
-    let kvd = std::fs::canonicalize(&kvd)?;
-    if let Some(pid) = read_pid(&state_dir.join("kvsup.pid")) {
+    let kvd = std::fs::canonicalize(kvd)?;
+    if let Some(pid) = read_pid(&a.state_dir.join("kvsup.pid")) {
         if kvsup::process::alive(pid) {
             bail!(
-                "a kvsup daemon (pid {pid}) owns {} but does not answer on {url}",
-                state_dir.display()
+                "a kvsup daemon (pid {pid}) owns {} but does not answer on {}",
+                a.state_dir.display(),
+                a.url
             );
         }
     }
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating {}", state_dir.display()))?;
-    let log_path = state_dir.join("kvsup.log");
-    let log = std::fs::OpenOptions::new()
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let log_path = a.state_dir.join("kvsup.log");
+    let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    std::process::Command::new(std::env::current_exe()?)
         .arg("daemon")
         .arg("-f")
-        .arg(&path)
+        .arg(&a.path)
         .arg("--base-dir")
-        .arg(&base)
+        .arg(&a.base)
         .arg("--kvd")
         .arg(&kvd)
+        .arg("--log-format")
+        .arg(log.as_str())
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::from(log_file.try_clone()?))
+        .stderr(Stdio::from(log_file))
         .process_group(0)
         .spawn()
-        .context("starting the supervisor daemon")?;
-    // Wait until the daemon answers and has started every node.
-    let deadline = Instant::now() + Duration::from_secs(30);
+        .context("starting the supervisor daemon")
+}
+
+/// How long `apply` waits for a new daemon to start every node.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the new daemon answers and has started every node (or seen
+/// it exit at once: its log says why), then says where things are. If the
+/// daemon exits first, the tail of its log is the error.
+async fn wait_until_started(api: &Api, mut child: std::process::Child, a: &Applying) -> Result<()> {
+    let log_path = a.state_dir.join("kvsup.log");
+    let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -371,36 +446,11 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
         }
         if let Ok(st) = api.get("/v1/status").await {
             let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
-            // Started, or started and already exited (its log says why).
             if nodes
                 .iter()
                 .all(|n| !n["pid"].is_null() || !n["last_exit"].is_null())
             {
-                say!(
-                    "cluster {name}: supervisor started on {url} (pid {}), state in {}",
-                    child.id(),
-                    state_dir.display()
-                );
-                for n in nodes {
-                    let how = match n["pid"].as_u64() {
-                        Some(pid) => format!("pid {pid}"),
-                        None => format!(
-                            "{} (will be restarted; see {})",
-                            n["last_exit"].as_str().unwrap_or("exited"),
-                            n["log"].as_str().unwrap_or("its log")
-                        ),
-                    };
-                    say!(
-                        "  {} {} {how}",
-                        n["name"].as_str().unwrap_or(""),
-                        n["url"].as_str().unwrap_or(""),
-                    );
-                }
-                say!(
-                    "run `kvsup status -f {}` to watch it become Ready",
-                    file.display()
-                );
-                return Ok(());
+                return print_started(a, child.id(), &nodes);
             }
         }
         if Instant::now() > deadline {
@@ -411,6 +461,35 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn print_started(a: &Applying, pid: u32, nodes: &[Value]) -> Result<()> {
+    say!(
+        "cluster {}: supervisor started on {} (pid {pid}), state in {}",
+        a.manifest.metadata.name,
+        a.url,
+        a.state_dir.display()
+    );
+    for n in nodes {
+        let how = match n["pid"].as_u64() {
+            Some(pid) => format!("pid {pid}"),
+            None => format!(
+                "{} (will be restarted; see {})",
+                n["last_exit"].as_str().unwrap_or("exited"),
+                n["log"].as_str().unwrap_or("its log")
+            ),
+        };
+        say!(
+            "  {} {} {how}",
+            n["name"].as_str().unwrap_or(""),
+            n["url"].as_str().unwrap_or(""),
+        );
+    }
+    say!(
+        "run `kvsup status -f {}` to watch it become Ready",
+        a.file.display()
+    );
+    Ok(())
 }
 
 fn read_pid(p: &Path) -> Option<u32> {

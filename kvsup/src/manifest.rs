@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -88,32 +89,24 @@ pub struct NodeSpec {
     pub port: u16,
 }
 
+/// `spec.healthCheck`; a field left out takes its value from
+/// [`HealthCheck::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheck {
-    #[serde(default = "default_interval")]
     pub interval_ms: u64,
     /// Consecutive failed checks after which a node counts as failed (a
     /// process that exited counts as failed at once).
-    #[serde(default = "default_threshold")]
     pub failure_threshold: u32,
     /// Timeout of one check; default max(intervalMs, 500).
-    #[serde(default)]
     pub timeout_ms: Option<u64>,
-}
-
-fn default_interval() -> u64 {
-    200
-}
-fn default_threshold() -> u32 {
-    3
 }
 
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
-            interval_ms: default_interval(),
-            failure_threshold: default_threshold(),
+            interval_ms: 200,
+            failure_threshold: 3,
             timeout_ms: None,
         }
     }
@@ -125,48 +118,55 @@ impl HealthCheck {
     }
 }
 
+/// `spec.supervisor`: the daemon's loopback port (default 8700).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Supervisor {
-    #[serde(default = "default_sup_port")]
     pub port: u16,
-}
-
-fn default_sup_port() -> u16 {
-    8700
 }
 
 impl Default for Supervisor {
     fn default() -> Self {
-        Supervisor {
-            port: default_sup_port(),
-        }
+        Supervisor { port: 8700 }
     }
 }
 
+/// `spec.restart`: how long a node that exited waits before it is
+/// started again (100 ms doubling to 5 s by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct RestartPolicy {
-    #[serde(default = "default_backoff_initial")]
     pub backoff_initial_ms: u64,
-    #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
-}
-
-fn default_backoff_initial() -> u64 {
-    100
-}
-fn default_backoff_max() -> u64 {
-    5_000
 }
 
 impl Default for RestartPolicy {
     fn default() -> Self {
         RestartPolicy {
-            backoff_initial_ms: default_backoff_initial(),
-            backoff_max_ms: default_backoff_max(),
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
         }
     }
+}
+
+impl RestartPolicy {
+    /// The restart delay after an exit: the initial one after a first exit
+    /// or a stable run, else twice the previous one, capped at the maximum.
+    pub fn next_backoff_ms(self, prev_ms: u64, stable: bool) -> u64 {
+        if stable || prev_ms == 0 {
+            self.backoff_initial_ms.min(self.backoff_max_ms)
+        } else {
+            prev_ms.saturating_mul(2).min(self.backoff_max_ms)
+        }
+    }
+}
+
+/// When a node whose backoff is `backoff_ms` may start again: `now +
+/// backoff_ms`, held to [`MAX_BACKOFF_MS`], so that no value can overflow
+/// the clock (which would panic the exit watcher and leave the node never
+/// restarted).
+pub fn restart_at(now: Instant, backoff_ms: u64) -> Instant {
+    now + Duration::from_millis(backoff_ms.min(MAX_BACKOFF_MS))
 }
 
 /// Flags kvsup sets on every kvd itself; `kvdArgs` may not override them.
@@ -389,186 +389,38 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The checks that need the whole document, in the order a reader meets
+    /// the fields; the first failure is the one reported.
     fn validate(&self, text: &str, file: &str) -> Result<(), ManifestError> {
-        let fail = |field: &str, key: &str, value: &str, nth: usize, message: String| {
-            Err(ManifestError {
-                file: file.to_string(),
-                line: find_line(text, key, value, nth),
-                field: field.to_string(),
-                message,
-                quotes_content: true,
-            })
-        };
-        if self.api_version != API_VERSION {
-            return fail(
-                "apiVersion",
-                "apiVersion",
-                &self.api_version,
-                0,
-                format!("must be {API_VERSION:?}, not {:?}", self.api_version),
-            );
-        }
-        if self.kind != KIND {
-            return fail(
-                "kind",
-                "kind",
-                &self.kind,
-                0,
-                format!("must be {KIND:?}, not {:?}", self.kind),
-            );
-        }
-        if let Err(why) = check_name(&self.metadata.name) {
-            return fail("metadata.name", "name", &self.metadata.name, 0, why);
-        }
+        let at = Locator { text, file };
+        self.check_header(&at)?;
         let s = &self.spec;
-        if s.state_dir.as_os_str().is_empty() {
-            return fail(
-                "spec.stateDir",
-                "stateDir",
-                "",
-                0,
-                "must not be empty".into(),
-            );
-        }
-        if s.state_dir.is_absolute() {
-            if let Err(why) = check_state_dir(&normalize(&s.state_dir)) {
-                return fail("spec.stateDir", "stateDir", "", 0, why);
-            }
-        }
-        if s.nodes.is_empty() {
-            return fail(
-                "spec.nodes",
-                "nodes",
-                "",
-                0,
-                "at least one node is required".into(),
-            );
-        }
-        if s.nodes.len() > 7 {
-            return fail(
-                "spec.nodes",
-                "nodes",
-                "",
-                0,
-                format!("{} nodes; kvsup runs at most 7", s.nodes.len()),
-            );
-        }
-        let mut names = HashSet::new();
-        let mut ports = HashSet::new();
-        for (i, n) in s.nodes.iter().enumerate() {
-            if let Err(why) = check_name(&n.name) {
-                return fail(&format!("spec.nodes[{i}].name"), "name", &n.name, 0, why);
-            }
-            if n.name == RESERVED_NODE_NAME {
-                return fail(
-                    &format!("spec.nodes[{i}].name"),
-                    "name",
-                    &n.name,
+        check_state_dir_field(&s.state_dir, &at)?;
+        let ports = check_nodes(&s.nodes, &at)?;
+        check_supervisor_port(s.supervisor.port, &ports, &at)?;
+        check_health_check(&s.health_check, &at)?;
+        check_restart(&s.restart, &at)?;
+        check_kvd_args(&s.kvd_args, &at)
+    }
+
+    /// `apiVersion`, `kind` and `metadata.name`.
+    fn check_header(&self, at: &Locator) -> Result<(), ManifestError> {
+        for (key, value, want) in [
+            ("apiVersion", &self.api_version, API_VERSION),
+            ("kind", &self.kind, KIND),
+        ] {
+            if value != want {
+                return Err(at.fail(
+                    key,
+                    key,
+                    value,
                     0,
-                    format!(
-                        "{RESERVED_NODE_NAME:?} is reserved: the supervisor's own pid file and \
-                         log are {RESERVED_NODE_NAME}.pid and {RESERVED_NODE_NAME}.log"
-                    ),
-                );
-            }
-            if !names.insert(n.name.as_str()) {
-                return fail(
-                    &format!("spec.nodes[{i}].name"),
-                    "name",
-                    &n.name,
-                    1,
-                    format!("duplicate node name {:?}", n.name),
-                );
-            }
-            let port = n.port.to_string();
-            if n.port == 0 {
-                return fail(
-                    &format!("spec.nodes[{i}].port"),
-                    "port",
-                    &port,
-                    0,
-                    "must be 1..=65535".into(),
-                );
-            }
-            if !ports.insert(n.port) {
-                return fail(
-                    &format!("spec.nodes[{i}].port"),
-                    "port",
-                    &port,
-                    1,
-                    format!("duplicate port {}", n.port),
-                );
+                    format!("must be {want:?}, not {value:?}"),
+                ));
             }
         }
-        if ports.contains(&s.supervisor.port) || s.supervisor.port == 0 {
-            let port = s.supervisor.port.to_string();
-            return fail(
-                "spec.supervisor.port",
-                "port",
-                &port,
-                if s.supervisor.port == 0 { 0 } else { 1 },
-                format!(
-                    "{} is not usable for the supervisor (0, or a node's port)",
-                    s.supervisor.port
-                ),
-            );
-        }
-        let hc = &s.health_check;
-        if !(10..=60_000).contains(&hc.interval_ms) {
-            return fail(
-                "spec.healthCheck.intervalMs",
-                "intervalMs",
-                &hc.interval_ms.to_string(),
-                0,
-                "must be 10..=60000".into(),
-            );
-        }
-        if !(1..=100).contains(&hc.failure_threshold) {
-            return fail(
-                "spec.healthCheck.failureThreshold",
-                "failureThreshold",
-                &hc.failure_threshold.to_string(),
-                0,
-                "must be 1..=100".into(),
-            );
-        }
-        if let Some(t) = hc.timeout_ms {
-            if !(10..=60_000).contains(&t) {
-                return fail(
-                    "spec.healthCheck.timeoutMs",
-                    "timeoutMs",
-                    &t.to_string(),
-                    0,
-                    "must be 10..=60000".into(),
-                );
-            }
-        }
-        let r = &s.restart;
-        if r.backoff_initial_ms == 0
-            || r.backoff_max_ms < r.backoff_initial_ms
-            || r.backoff_max_ms > MAX_BACKOFF_MS
-        {
-            return fail(
-                "spec.restart",
-                "restart",
-                "",
-                0,
-                format!("need 0 < backoffInitialMs <= backoffMaxMs <= {MAX_BACKOFF_MS}"),
-            );
-        }
-        for a in &s.kvd_args {
-            let flag = a.split('=').next().unwrap_or(a);
-            if RESERVED_FLAGS.contains(&flag) {
-                return fail(
-                    "spec.kvdArgs",
-                    "kvdArgs",
-                    "",
-                    0,
-                    format!("{flag} is set by kvsup from the manifest and may not be given here"),
-                );
-            }
-        }
-        Ok(())
+        check_name(&self.metadata.name)
+            .map_err(|why| at.fail("metadata.name", "name", &self.metadata.name, 0, why))
     }
 
     /// `stateDir` made absolute against `base` (the directory `kvsup apply`
@@ -652,6 +504,202 @@ impl Manifest {
         }
         Ok(changes)
     }
+}
+
+/// Where a failed check points: the manifest's text (to find the line of
+/// the offending value) and the file's name.
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Locator<'_> {
+    /// The error for `field`, at the line of the `nth` `key: value` of the
+    /// text (see [`find_line`]).
+    fn fail(
+        &self,
+        field: &str,
+        key: &str,
+        value: &str,
+        nth: usize,
+        message: String,
+    ) -> ManifestError {
+        ManifestError {
+            file: self.file.to_string(),
+            line: find_line(self.text, key, value, nth),
+            field: field.to_string(),
+            message,
+            quotes_content: true,
+        }
+    }
+}
+
+fn check_state_dir_field(dir: &Path, at: &Locator) -> Result<(), ManifestError> {
+    if dir.as_os_str().is_empty() {
+        return Err(at.fail(
+            "spec.stateDir",
+            "stateDir",
+            "",
+            0,
+            "must not be empty".into(),
+        ));
+    }
+    if dir.is_absolute() {
+        check_state_dir(&normalize(dir))
+            .map_err(|why| at.fail("spec.stateDir", "stateDir", "", 0, why))?;
+    }
+    Ok(())
+}
+
+/// Most nodes a manifest may list.
+const MAX_NODES: usize = 7;
+
+/// The node list: 1 to [`MAX_NODES`] nodes, valid and distinct names and
+/// ports. Returns the ports (the supervisor may not take one).
+fn check_nodes(nodes: &[NodeSpec], at: &Locator) -> Result<HashSet<u16>, ManifestError> {
+    if nodes.is_empty() {
+        return Err(at.fail(
+            "spec.nodes",
+            "nodes",
+            "",
+            0,
+            "at least one node is required".into(),
+        ));
+    }
+    if nodes.len() > MAX_NODES {
+        return Err(at.fail(
+            "spec.nodes",
+            "nodes",
+            "",
+            0,
+            format!("{} nodes; kvsup runs at most {MAX_NODES}", nodes.len()),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut ports = HashSet::new();
+    for (i, n) in nodes.iter().enumerate() {
+        check_node_name(i, &n.name, &mut names, at)?;
+        let field = format!("spec.nodes[{i}].port");
+        let port = n.port.to_string();
+        if n.port == 0 {
+            return Err(at.fail(&field, "port", &port, 0, "must be 1..=65535".into()));
+        }
+        if !ports.insert(n.port) {
+            return Err(at.fail(
+                &field,
+                "port",
+                &port,
+                1,
+                format!("duplicate port {}", n.port),
+            ));
+        }
+    }
+    Ok(ports)
+}
+
+/// The name of node `i`: valid, not the daemon's own, not taken by an
+/// earlier node (those are in `names`, which this one joins).
+fn check_node_name<'a>(
+    i: usize,
+    name: &'a str,
+    names: &mut HashSet<&'a str>,
+    at: &Locator,
+) -> Result<(), ManifestError> {
+    let field = format!("spec.nodes[{i}].name");
+    check_name(name).map_err(|why| at.fail(&field, "name", name, 0, why))?;
+    if name == RESERVED_NODE_NAME {
+        return Err(at.fail(
+            &field,
+            "name",
+            name,
+            0,
+            format!(
+                "{RESERVED_NODE_NAME:?} is reserved: the supervisor's own pid file and \
+                 log are {RESERVED_NODE_NAME}.pid and {RESERVED_NODE_NAME}.log"
+            ),
+        ));
+    }
+    if !names.insert(name) {
+        return Err(at.fail(
+            &field,
+            "name",
+            name,
+            1,
+            format!("duplicate node name {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_supervisor_port(
+    port: u16,
+    node_ports: &HashSet<u16>,
+    at: &Locator,
+) -> Result<(), ManifestError> {
+    if port != 0 && !node_ports.contains(&port) {
+        return Ok(());
+    }
+    Err(at.fail(
+        "spec.supervisor.port",
+        "port",
+        &port.to_string(),
+        // Equal to a node's port, whose `port: N` comes first in the text.
+        if port == 0 { 0 } else { 1 },
+        format!("{port} is not usable for the supervisor (0, or a node's port)"),
+    ))
+}
+
+fn check_health_check(hc: &HealthCheck, at: &Locator) -> Result<(), ManifestError> {
+    let in_range = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        Err(at.fail(
+            &format!("spec.healthCheck.{key}"),
+            key,
+            &value.to_string(),
+            0,
+            format!("must be {}..={}", range.start(), range.end()),
+        ))
+    };
+    in_range("intervalMs", hc.interval_ms, 10..=60_000)?;
+    in_range("failureThreshold", u64::from(hc.failure_threshold), 1..=100)?;
+    match hc.timeout_ms {
+        Some(t) => in_range("timeoutMs", t, 10..=60_000),
+        None => Ok(()),
+    }
+}
+
+fn check_restart(r: &RestartPolicy, at: &Locator) -> Result<(), ManifestError> {
+    if r.backoff_initial_ms == 0
+        || r.backoff_max_ms < r.backoff_initial_ms
+        || r.backoff_max_ms > MAX_BACKOFF_MS
+    {
+        return Err(at.fail(
+            "spec.restart",
+            "restart",
+            "",
+            0,
+            format!("need 0 < backoffInitialMs <= backoffMaxMs <= {MAX_BACKOFF_MS}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_kvd_args(args: &[String], at: &Locator) -> Result<(), ManifestError> {
+    for a in args {
+        let flag = a.split('=').next().unwrap_or(a);
+        if RESERVED_FLAGS.contains(&flag) {
+            return Err(at.fail(
+                "spec.kvdArgs",
+                "kvdArgs",
+                "",
+                0,
+                format!("{flag} is set by kvsup from the manifest and may not be given here"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `dir` with its longest existing ancestor's symbolic links resolved.
@@ -943,6 +991,30 @@ spec:
                 "{k} is not in FIELD_NAMES"
             );
         }
+    }
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_cap_and_never_overflows() {
+        let policy = RestartPolicy {
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+        };
+        let mut b = 0;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            b = policy.next_backoff_ms(b, false);
+            seen.push(b);
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(policy.next_backoff_ms(5_000, true), 100);
+        let huge = RestartPolicy {
+            backoff_initial_ms: u64::MAX,
+            backoff_max_ms: u64::MAX,
+        };
+        assert_eq!(huge.next_backoff_ms(u64::MAX, false), u64::MAX);
+        let now = Instant::now();
+        let at = restart_at(now, u64::MAX);
+        assert_eq!(at - now, Duration::from_millis(MAX_BACKOFF_MS));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The supervisor's Prometheus metrics (DESIGN §10).
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -23,93 +24,70 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
-        let registry = Registry::new();
-        let node_up = IntGaugeVec::new(
-            Opts::new("kvsup_node_up", "1 if the node's last health check passed"),
-            &["node"],
-        )?;
-        let primary_epoch = IntGauge::new(
-            "kvsup_primary_epoch",
-            "Epoch of the healthy primary (0: none)",
-        )?;
-        let failovers = IntCounter::new(
-            "kvsup_failovers_total",
-            "Automatic promotions after the primary failed",
-        )?;
-        let switchovers = IntCounter::new(
-            "kvsup_switchovers_total",
-            "Planned primary moves (kvsup promote)",
-        )?;
-        let restarts = IntCounterVec::new(
-            Opts::new(
+        let r = Registry::new();
+        Ok(Metrics {
+            node_up: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("kvsup_node_up", "1 if the node's last health check passed"),
+                    &["node"],
+                )?,
+            )?,
+            primary_epoch: register(
+                &r,
+                IntGauge::new(
+                    "kvsup_primary_epoch",
+                    "Epoch of the healthy primary (0: none)",
+                )?,
+            )?,
+            failovers: counter(
+                &r,
+                "kvsup_failovers_total",
+                "Automatic promotions after the primary failed",
+            )?,
+            switchovers: counter(
+                &r,
+                "kvsup_switchovers_total",
+                "Planned primary moves (kvsup promote)",
+            )?,
+            restarts: per_node_counter(
+                &r,
                 "kvsup_restarts_total",
                 "Node processes restarted after exiting",
-            ),
-            &["node"],
-        )?;
-        let failover_duration = Histogram::with_opts(
-            HistogramOpts::new(
+            )?,
+            failover_duration: histogram(
+                &r,
                 "kvsup_failover_duration_seconds",
                 "From the primary's failure being seen to a new primary elected",
-            )
-            .buckets(vec![
-                0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
-            ]),
-        )?;
-        let reconcile_errors = IntCounter::new(
-            "kvsup_reconcile_errors_total",
-            "Reconcile steps that failed (spawn, promotion, manifest reload)",
-        )?;
-        let applies = IntCounter::new("kvsup_applies_total", "Manifests applied")?;
-        let health_check_failures = IntCounterVec::new(
-            Opts::new(
+                &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0],
+            )?,
+            reconcile_errors: counter(
+                &r,
+                "kvsup_reconcile_errors_total",
+                "Reconcile steps that failed (spawn, promotion, manifest reload)",
+            )?,
+            applies: counter(&r, "kvsup_applies_total", "Manifests applied")?,
+            health_check_failures: per_node_counter(
+                &r,
                 "kvsup_health_check_failures_total",
                 "Failed node health checks",
-            ),
-            &["node"],
-        )?;
-        let ready = IntGauge::new("kvsup_cluster_ready", "1 when the cluster is Ready")?;
-        let mode_switches = IntCounter::new(
-            "kvsup_mode_switches_total",
-            "Live switches between primary/secondary and masterless",
-        )?;
-        let mode_switch_pause = Histogram::with_opts(
-            HistogramOpts::new(
+            )?,
+            ready: register(
+                &r,
+                IntGauge::new("kvsup_cluster_ready", "1 when the cluster is Ready")?,
+            )?,
+            mode_switches: counter(
+                &r,
+                "kvsup_mode_switches_total",
+                "Live switches between primary/secondary and masterless",
+            )?,
+            mode_switch_pause: histogram(
+                &r,
                 "kvsup_mode_switch_pause_seconds",
                 "How long writes were paused by a mode switch",
-            )
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
-        )?;
-        for c in [
-            Box::new(node_up.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(primary_epoch.clone()),
-            Box::new(failovers.clone()),
-            Box::new(switchovers.clone()),
-            Box::new(restarts.clone()),
-            Box::new(failover_duration.clone()),
-            Box::new(reconcile_errors.clone()),
-            Box::new(applies.clone()),
-            Box::new(health_check_failures.clone()),
-            Box::new(ready.clone()),
-            Box::new(mode_switches.clone()),
-            Box::new(mode_switch_pause.clone()),
-        ] {
-            registry.register(c)?;
-        }
-        Ok(Metrics {
-            registry,
-            node_up,
-            primary_epoch,
-            failovers,
-            switchovers,
-            restarts,
-            failover_duration,
-            reconcile_errors,
-            applies,
-            health_check_failures,
-            ready,
-            mode_switches,
-            mode_switch_pause,
+                &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            )?,
+            registry: r,
         })
     }
 
@@ -119,4 +97,31 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// `metric`, registered in `r`.
+fn register<M: Collector + Clone + 'static>(r: &Registry, metric: M) -> prometheus::Result<M> {
+    r.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    register(r, IntCounter::new(name, help)?)
+}
+
+/// A counter with a `node` label.
+fn per_node_counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounterVec> {
+    register(r, IntCounterVec::new(Opts::new(name, help), &["node"])?)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<Histogram> {
+    register(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?,
+    )
 }

@@ -1,0 +1,191 @@
+//! Node processes: the kvd command line a node gets, starting (or adopting)
+//! it, the task that watches for its exit, and the restart backoff.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::{Node, RunState, Sup};
+use crate::manifest::{restart_at, Mode, RestartPolicy};
+use crate::process::{self, Handle, Launch};
+
+/// A node runs this long before an exit resets its restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// How often an adopted process (not our child, so not waitable) is polled.
+const ADOPTED_POLL: Duration = Duration::from_millis(50);
+
+impl RunState {
+    /// Schedules the next start after the policy's backoff (`stable`: the
+    /// last run was long enough to start the backoff over).
+    fn back_off(&mut self, now: Instant, policy: RestartPolicy, stable: bool) {
+        self.backoff_ms = policy.next_backoff_ms(self.backoff_ms, stable);
+        self.next_start = Some(restart_at(now, self.backoff_ms));
+    }
+}
+
+impl Sup {
+    /// Starts every node that is not running once its backoff has passed.
+    pub(super) fn start_due_nodes(self: &Arc<Self>) {
+        let now = Instant::now();
+        for node in &self.nodes {
+            let due = {
+                let r = node.run.lock();
+                !r.running && r.next_start.is_none_or(|t| now >= t)
+            };
+            if !due {
+                continue;
+            }
+            if let Err(e) = self.start_node(node) {
+                self.metrics.reconcile_errors.inc();
+                self.event("error", Some(&node.name), format!("cannot start: {e:#}"));
+                let policy = self.manifest.read().spec.restart;
+                node.run.lock().back_off(now, policy, false);
+            }
+        }
+    }
+
+    /// Whether `node` starts as the primary that bootstraps a brand-new
+    /// cluster: the first node, while no node has a `meta` file yet. Any
+    /// node with history comes back as a secondary, and the reconcile loop
+    /// elects a primary if none is left.
+    fn bootstraps(&self, node: &Node) -> bool {
+        let ps = self.manifest.read().spec.mode == Mode::PrimarySecondary;
+        let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
+        let first = self.nodes.first().is_some_and(|n| n.name == node.name);
+        ps && self.nodes.len() > 1 && fresh && first
+    }
+
+    fn launch_for(&self, node: &Node, bootstraps: bool) -> Launch {
+        let m = self.manifest.read();
+        let mut args = vec![
+            "--port".to_string(),
+            node.port.to_string(),
+            "--data-dir".to_string(),
+            node.data_dir.display().to_string(),
+            "--node-id".to_string(),
+            node.name.clone(),
+            "--advertise-url".to_string(),
+            node.url.clone(),
+        ];
+        if self.nodes.len() > 1 {
+            let peers: Vec<&str> = self
+                .nodes
+                .iter()
+                .filter(|n| n.name != node.name)
+                .map(|n| n.url.as_str())
+                .collect();
+            args.push("--peers".into());
+            args.push(peers.join(","));
+            args.push("--mode".into());
+            args.push(m.spec.mode.as_str().into());
+            if m.spec.mode == Mode::PrimarySecondary {
+                args.push("--role".into());
+                args.push(if bootstraps { "primary" } else { "secondary" }.into());
+            }
+        }
+        if m.spec.index {
+            args.push("--index".into());
+        }
+        args.extend(m.spec.kvd_args.iter().cloned());
+        Launch {
+            kvd: self.kvd.clone(),
+            args,
+            log: node.log.clone(),
+            pid_file: node.pid_file.clone(),
+        }
+    }
+
+    /// Starts (or adopts) `node` and a task that watches for its exit.
+    fn start_node(self: &Arc<Self>, node: &Arc<Node>) -> Result<()> {
+        let handle = self.launch_or_adopt(node)?;
+        let pid = handle.pid();
+        let restart = {
+            let mut r = node.run.lock();
+            let restart = r.spawned_once;
+            r.pid = pid;
+            r.running = true;
+            r.answered = false;
+            r.started_at = Some(Instant::now());
+            r.spawned_once = true;
+            r.next_start = None;
+            restart
+        };
+        node.started.notify_one();
+        if restart {
+            node.restarts.fetch_add(1, Ordering::Relaxed);
+            self.metrics.restarts.with_label_values(&[&node.name]).inc();
+        }
+        if matches!(handle, Handle::Child(_)) {
+            self.event(
+                if restart { "restart" } else { "spawn" },
+                Some(&node.name),
+                format!("started kvd pid {} on {}", pid.unwrap_or(0), node.url),
+            );
+        }
+        self.spawn(self.clone().watch_exit(node.clone(), handle));
+        Ok(())
+    }
+
+    /// The kvd a previous daemon left running on `node`'s data dir, else a
+    /// new one.
+    fn launch_or_adopt(&self, node: &Node) -> Result<Handle> {
+        // The data dir is kvd's (it creates it); kvsup never writes there.
+        if let Some(pid) = process::adoptable(&node.pid_file, &node.data_dir) {
+            self.event(
+                "adopt",
+                Some(&node.name),
+                format!("found kvd pid {pid} already running; supervising it"),
+            );
+            return Ok(Handle::Adopted(pid));
+        }
+        let bootstraps = self.bootstraps(node);
+        let child = process::spawn(&self.launch_for(node, bootstraps))?;
+        if bootstraps {
+            // kvsup knows who leads a fresh cluster before it answers: its
+            // exit is then a failover like any other, not a wait for a
+            // primary that may still appear.
+            let mut el = self.election.lock();
+            el.known_primary = Some(node.name.clone());
+            el.no_primary_since = None;
+        }
+        Ok(Handle::Child(child))
+    }
+
+    /// Waits for the process of `node` to exit. A daemon that stops first
+    /// leaves it running (the next daemon adopts it).
+    async fn watch_exit(self: Arc<Self>, node: Arc<Node>, mut handle: Handle) {
+        tokio::select! {
+            how = handle.wait(ADOPTED_POLL) => self.on_exit(&node, how),
+            () = self.stopped() => {}
+        }
+    }
+
+    fn on_exit(&self, node: &Node, how: String) {
+        let policy = self.manifest.read().spec.restart;
+        {
+            let mut r = node.run.lock();
+            let now = Instant::now();
+            let stable = r.started_at.is_some_and(|t| now - t >= STABLE_AFTER);
+            r.back_off(now, policy, stable);
+            r.running = false;
+            r.pid = None;
+            r.exited_at = Some(now);
+            r.last_exit = Some(how.clone());
+        }
+        {
+            let mut h = node.health.lock();
+            h.ok = false;
+            h.ready = false;
+            h.last_error = Some(format!("process {how}"));
+        }
+        self.metrics.node_up.with_label_values(&[&node.name]).set(0);
+        if !self.shutting_down() {
+            let _ = std::fs::remove_file(&node.pid_file);
+            self.event("exit", Some(&node.name), how);
+        }
+        self.wake.notify_one();
+    }
+}

@@ -314,11 +314,16 @@ pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            // Not `PathBuf::pop` alone: it would drop a `..` as if it were
+            // a name, and at the root leave `/..`, in which the system
+            // directory check would not see `/etc` (`/../etc/kvsup`).
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
             Component::CurDir => {}
             c => out.push(c),
         }
@@ -884,6 +889,9 @@ spec:
         assert_eq!(normalize(Path::new("/a/./b/../c")), Path::new("/a/c"));
         assert_eq!(normalize(Path::new("/a/../../..")), Path::new("/"));
         assert_eq!(normalize(Path::new("a/../../b")), Path::new("../b"));
+        assert_eq!(normalize(Path::new("/a/../..")), Path::new("/"));
+        assert_eq!(normalize(Path::new("/../etc/kv")), Path::new("/etc/kv"));
+        assert_eq!(normalize(Path::new("../../b")), Path::new("../../b"));
     }
 
     #[test]

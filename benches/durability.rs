@@ -16,8 +16,6 @@
 //! Exits non-zero if any acknowledged key is missing or has another value.
 //! `cargo build --release && cargo bench --bench durability` (`-- --help`).
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,11 +28,10 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
-use kvstore::Kvd;
+use kvstore_testkit::bench::*;
+use kvstore_testkit::Kvd;
 use rand::Rng;
 use serde_json::json;
-
-use common::*;
 
 #[derive(Parser)]
 #[command(

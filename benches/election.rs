@@ -18,15 +18,13 @@
 //!
 //! `cargo build --release && cargo bench --bench election`
 
-mod common;
-
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use common::{exit_code, reproduce, write_results, Table};
-use kvstore::sup::Supervised;
+use kvstore_testkit::bench::{self, exit_code, reproduce, write_results, Table};
+use kvstore_testkit::sup::{single_attempt_client, Supervised};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -61,8 +59,7 @@ fn first_write(rt: &tokio::runtime::Runtime, urls: &[String], key: &str) -> Resu
     let mut attempt = 0;
     rt.block_on(async {
         loop {
-            let client =
-                kvstore::sup::single_attempt_client(urls, attempt, Duration::from_millis(500));
+            let client = single_attempt_client(urls, attempt, Duration::from_millis(500));
             if client.set(key, "v").await.is_ok() {
                 return Ok(Instant::now());
             }
@@ -121,7 +118,7 @@ fn summary(xs: &[f64]) -> (f64, f64) {
 
 fn run() -> Result<ExitCode> {
     let args = Args::parse();
-    common::check_kvd_binary()?;
+    bench::check_kvd_binary()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -195,7 +192,7 @@ fn run() -> Result<ExitCode> {
             "restart_apply_started_to_write_ms": from_start,
             "health_interval_ms": args.interval_ms,
             "failure_threshold": args.threshold,
-            "environment": common::environment(),
+            "environment": bench::environment(),
             "reproduce": reproduce("election"),
         }),
     )?;

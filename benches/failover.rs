@@ -15,16 +15,14 @@
 //!
 //! `cargo build --release && cargo bench --bench failover`
 
-mod common;
-
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use common::{exit_code, reproduce, write_results, Table};
-use kvstore::sup::Supervised;
-use kvstore::wait_until;
+use kvstore_testkit::bench::{self, exit_code, reproduce, write_results, Table};
+use kvstore_testkit::sup::{single_attempt_client, Supervised};
+use kvstore_testkit::wait_until;
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -49,12 +47,12 @@ fn main() -> ExitCode {
 }
 
 fn client(urls: &[String], first: usize) -> kvclient::Client {
-    kvstore::sup::single_attempt_client(urls, first, Duration::from_millis(500))
+    single_attempt_client(urls, first, Duration::from_millis(500))
 }
 
 fn run() -> Result<ExitCode> {
     let args = Args::parse();
-    common::check_kvd_binary()?;
+    bench::check_kvd_binary()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -153,7 +151,7 @@ fn run() -> Result<ExitCode> {
             "health_interval_ms": args.interval_ms,
             "failure_threshold": args.threshold,
             "kvsup_failover_mean_ms": if sup_count > 0.0 { sup_sum / sup_count * 1e3 } else { 0.0 },
-            "environment": common::environment(),
+            "environment": bench::environment(),
             "reproduce": reproduce("failover"),
         }),
     )?;

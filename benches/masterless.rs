@@ -14,8 +14,6 @@
 //! `cargo build --release && cargo bench --bench masterless` (`-- --quick`
 //! for a shorter run).
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,9 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
-use common::*;
 use kvclient::admin::{switch_mode, Mode, SwitchOptions};
-use kvstore::{free_port, Kvd, LinkProxy};
+use kvstore_testkit::bench::*;
+use kvstore_testkit::cluster::Cluster;
+use kvstore_testkit::Kvd;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -66,101 +65,36 @@ fn main() -> ExitCode {
     exit_code("masterless", run())
 }
 
-/// Three kvd nodes; node i reaches node j through `links[i][j]`.
-struct Cluster {
-    nodes: Vec<Kvd>,
-    links: Vec<Vec<Option<LinkProxy>>>,
+/// A cluster in `dir` whose links the benchmark can cut; `mode` is
+/// `masterless` or `primary-secondary`, `extra` flags go to every node.
+fn start_cluster(dir: &Path, mode: &str, extra: &[&str]) -> Result<Cluster> {
+    Cluster::start_in(dir, |_| {
+        let mut flags = vec!["--mode".to_string(), mode.to_string()];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
+    })
 }
 
-impl Cluster {
-    fn start(dir: &Path, mode: &str, extra: &[&str]) -> Result<Cluster> {
-        // The kit writes each node's log beside its data dir.
-        std::fs::create_dir_all(dir)?;
-        let mut ports: Vec<u16> = Vec::new();
-        while ports.len() < 3 {
-            let p = free_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
+/// Polls until every digest of `c` is equal; how long that took.
+fn wait_converged(c: &Cluster, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let ds: Vec<Option<String>> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                kvd_status(n.port)
+                    .ok()
+                    .and_then(|s| s["digest"].as_str().map(str::to_string))
+            })
+            .collect();
+        if ds.iter().all(|d| d.is_some() && *d == ds[0]) {
+            return Ok(started.elapsed());
         }
-        let mut links = Vec::new();
-        for i in 0..3 {
-            let mut row = Vec::new();
-            for (j, port) in ports.iter().enumerate() {
-                row.push(if i == j {
-                    None
-                } else {
-                    Some(LinkProxy::start(*port)?)
-                });
-            }
-            links.push(row);
+        if started.elapsed() > timeout {
+            bail!("digests still differ after {timeout:?}: {ds:?}");
         }
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            let peers: Vec<String> = (0..3)
-                .filter(|&j| j != i)
-                .filter_map(|j| links[i][j].as_ref().map(|l: &LinkProxy| l.url()))
-                .collect();
-            let id = format!("n{i}");
-            let peers = peers.join(",");
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let mut args = vec![
-                "--node-id",
-                &id,
-                "--peers",
-                &peers,
-                "--mode",
-                mode,
-                "--role",
-                role,
-            ];
-            args.extend_from_slice(extra);
-            nodes.push(Kvd::start_on(ports[i], &dir.join(&id), &args)?);
-        }
-        Ok(Cluster { nodes, links })
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.url()).collect()
-    }
-
-    fn isolate(&self, i: usize) {
-        for j in 0..3 {
-            if j != i {
-                for l in [&self.links[i][j], &self.links[j][i]].into_iter().flatten() {
-                    l.cut();
-                }
-            }
-        }
-    }
-
-    fn heal(&self) {
-        for l in self.links.iter().flatten().flatten() {
-            l.heal();
-        }
-    }
-
-    /// Polls until every digest is equal; how long that took.
-    fn wait_converged(&self, timeout: Duration) -> Result<Duration> {
-        let started = Instant::now();
-        loop {
-            let ds: Vec<Option<String>> = self
-                .nodes
-                .iter()
-                .map(|n| {
-                    kvd_status(n.port)
-                        .ok()
-                        .and_then(|s| s["digest"].as_str().map(str::to_string))
-                })
-                .collect();
-            if ds.iter().all(|d| d.is_some() && *d == ds[0]) {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > timeout {
-                bail!("digests still differ after {timeout:?}: {ds:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -266,10 +200,10 @@ fn run() -> Result<ExitCode> {
     for quorum in ["1", "2"] {
         ticker.set(format!("masterless --write-quorum {quorum}"));
         let dir = tmp.path().join(format!("q{quorum}"));
-        let c = Cluster::start(&dir, "masterless", &["--write-quorum", quorum])?;
+        let c = start_cluster(&dir, "masterless", &["--write-quorum", quorum])?;
         let refs: Vec<&Kvd> = c.nodes.iter().collect();
         let r = load_on(&rt, &refs, cli.conns, duration, value.clone(), &ticker)?;
-        let conv = c.wait_converged(Duration::from_secs(60))?;
+        let conv = wait_converged(&c, Duration::from_secs(60))?;
         table.row(vec![
             quorum.to_string(),
             cli.conns.to_string(),
@@ -286,7 +220,7 @@ fn run() -> Result<ExitCode> {
 
     // 2. Convergence after a partition of one node.
     ticker.set(format!("n2 cut off for {partition:?}"));
-    let c = Cluster::start(&tmp.path().join("partition"), "masterless", &[])?;
+    let c = start_cluster(&tmp.path().join("partition"), "masterless", &[])?;
     c.isolate(2);
     let refs: Vec<&Kvd> = c.nodes[..2].iter().collect();
     let r = load_on(&rt, &refs, 32, partition, value.clone(), &ticker)?;
@@ -295,7 +229,7 @@ fn run() -> Result<ExitCode> {
     ticker.set("healed; waiting for equal digests");
     let healed = Instant::now();
     c.heal();
-    let conv = c.wait_converged(Duration::from_secs(600))?;
+    let conv = wait_converged(&c, Duration::from_secs(600))?;
     drop(c);
     let mut ptable = Table::new(&[
         "partition s",
@@ -316,7 +250,7 @@ fn run() -> Result<ExitCode> {
 
     // 3. Mode switch pause under 16 writers.
     ticker.set("mode switches under 16 writers");
-    let c = Cluster::start(&tmp.path().join("switch"), "primary-secondary", &[])?;
+    let c = start_cluster(&tmp.path().join("switch"), "primary-secondary", &[])?;
     let urls = c.urls();
     let (pauses, max_write_ms, errors, acked) = rt.block_on(switch_cycles(&urls, cycles))?;
     drop(c);

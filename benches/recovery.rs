@@ -17,8 +17,6 @@
 //!
 //! `cargo build --release && cargo bench --bench recovery` (`-- --help`).
 
-mod common;
-
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -30,10 +28,9 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
-use kvstore::Kvd;
+use kvstore_testkit::bench::*;
+use kvstore_testkit::Kvd;
 use serde_json::{json, Value};
-
-use common::*;
 
 #[derive(Parser)]
 #[command(

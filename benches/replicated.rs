@@ -27,8 +27,6 @@
 //! Run `bash benches/setup.sh` first (installs etcd), then
 //! `cargo build --release && cargo bench --features etcd-grpc --bench replicated`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,10 +39,9 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
 use indicatif::ProgressBar;
-use kvstore::{free_port, Kvd};
+use kvstore_testkit::bench::*;
+use kvstore_testkit::{free_port, Kvd};
 use serde_json::{json, Value};
-
-use common::*;
 
 #[derive(Parser)]
 #[command(

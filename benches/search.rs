@@ -41,8 +41,6 @@
 //!
 //! `cargo build --release && cargo bench --features sqlite-bench --bench search`
 
-mod common;
-
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -56,12 +54,11 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use http_body_util::Full;
 use hyper::Request;
-use kvstore::Kvd;
+use kvstore_testkit::bench::*;
+use kvstore_testkit::Kvd;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-
-use common::*;
 
 #[derive(Parser)]
 #[command(
@@ -377,17 +374,9 @@ fn make_template(c: &Corpus, dir: &Path) -> Result<Duration> {
                 .map(|(j, d)| json!({"key": key_of(chunk_no * 2000 + j), "value": d}))
                 .collect();
             let body = serde_json::to_vec(&json!({ "items": items }))?;
-            let req = Request::post("/v1/bulk")
-                .header("host", "127.0.0.1")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))?;
-            let (status, resp) = conn.send(req).await?;
-            if !status.is_success() {
-                bail!(
-                    "bulk load: HTTP {status}: {}",
-                    String::from_utf8_lossy(&resp)
-                );
-            }
+            post_bulk(&mut conn, Bytes::from(body))
+                .await
+                .context("bulk load")?;
         }
         anyhow::Ok(())
     })?;

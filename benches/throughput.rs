@@ -30,8 +30,6 @@
 //! `cargo build --release && cargo bench --bench throughput` (`-- --help`
 //! lists the flags; `-- --quick` is a short run).
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -43,10 +41,9 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::Request;
-use kvstore::Kvd;
+use kvstore_testkit::bench::*;
+use kvstore_testkit::Kvd;
 use serde_json::{json, Value};
-
-use common::*;
 
 #[derive(Parser)]
 #[command(

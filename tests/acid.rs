@@ -1,13 +1,11 @@
 //! Bulk writes are atomic, under concurrency and
 //! across SIGKILL.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{client, crash_restart, field, http, start, status};
+use kvstore_testkit::node::{self, client, crash_restart, field, http, start, status};
 use rand::Rng;
 use serde_json::json;
 use tempfile::TempDir;
@@ -152,7 +150,7 @@ async fn count_present(port: u16, prefix: &str) -> usize {
     let paths: Vec<String> = (0..BIG_BULK)
         .map(|i| format!("/v1/kv/{prefix}/{i:05}"))
         .collect();
-    let answers = tokio::task::spawn_blocking(move || common::pipelined_get(port, &paths))
+    let answers = tokio::task::spawn_blocking(move || node::pipelined_get(port, &paths))
         .await
         .unwrap();
     let mut present = 0;
@@ -228,7 +226,7 @@ async fn bulk_interrupted_by_sigkill_is_all_or_nothing() {
         let acknowledged = matches!(answer, Ok(200));
         // A connect error: the kill came before the request reached kvd.
         let reached = !matches!(&answer, Err(e) if e.is_connect());
-        common::restart(&mut kvd);
+        node::restart(&mut kvd);
 
         let present = count_present(kvd.port, &prefix).await;
         assert!(

@@ -1,12 +1,12 @@
 //! Bad requests get a 4xx JSON error and leave the store unchanged; a
 //! second kvd on a data dir in use refuses to start.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{data_dir, expect_json_error, fingerprint, get_raw, http, key_url, start};
-use kvstore::{free_port, run_to_exit, Kvd};
+use kvstore_testkit::node::{
+    self, data_dir, expect_json_error, fingerprint, get_raw, http, key_url, start,
+};
+use kvstore_testkit::{free_port, run_to_exit, Kvd};
 use reqwest::Method;
 use serde_json::json;
 use tempfile::TempDir;
@@ -238,7 +238,7 @@ async fn second_kvd_on_the_same_data_dir_exits_and_the_first_keeps_serving() {
     let tmp = TempDir::new().unwrap();
     let dir = data_dir(&tmp);
     let first = start(&tmp, &[]);
-    let c = common::client(&first);
+    let c = node::client(&first);
     c.set("before", "1").await.unwrap();
 
     let port = free_port().to_string();

@@ -1,10 +1,8 @@
 //! The common operations against a real kvd.
 
-mod common;
-
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{client, get_raw, http, start};
+use kvstore_testkit::node::{self, client, get_raw, http, start};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -58,11 +56,11 @@ async fn get_of_a_never_set_key_is_404_with_a_json_error() {
     let http = http();
 
     let resp = http
-        .get(common::key_url(&kvd, "never-set"))
+        .get(node::key_url(&kvd, "never-set"))
         .send()
         .await
         .unwrap();
-    let (status, _code) = common::expect_json_error(resp, "GET of a never-set key").await;
+    let (status, _code) = node::expect_json_error(resp, "GET of a never-set key").await;
     assert_eq!(status, 404);
     assert_eq!(client(&kvd).get("never-set").await.unwrap(), None);
 }
@@ -97,7 +95,7 @@ async fn set_sigterm_restart_get() {
         "SIGTERM must end kvd with status 0, got {exit}; log:\n{}",
         kvd.log()
     );
-    common::restart(&mut kvd);
+    node::restart(&mut kvd);
     assert_eq!(
         c.get("survivor").await.unwrap().as_deref(),
         Some(&b"still here"[..])
@@ -208,7 +206,7 @@ async fn keys_with_slashes_spaces_and_unicode_round_trip() {
     check("before restart").await;
 
     // Keys also survive the WAL's encoding and replay byte for byte.
-    common::crash_restart(&mut kvd);
+    node::crash_restart(&mut kvd);
     check("after SIGKILL and restart").await;
 
     // A bulk write takes the same keys (JSON strings, not URL paths).

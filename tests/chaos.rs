@@ -7,7 +7,7 @@
 //! primary or at a secondary. Every fault must land, and after each the
 //! cluster must be Ready and serve writes and reads again. Every operation
 //! is recorded; afterwards the history is checked: no acknowledged write
-//! lost, every key's history linearizable (`kvstore::linearizability`),
+//! lost, every key's history linearizable (`kvstore_testkit::linearizability`),
 //! all digests equal.
 //!
 //! `KVSTORE_CHAOS_SECS` sets the length (default 120; at least one round
@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvclient::Bytes;
-use kvstore::linearizability::{check, Kind, Operation};
-use kvstore::sup::Supervised;
+use kvstore_testkit::linearizability::{check, Kind, Operation};
+use kvstore_testkit::sup::{single_attempt_client, Supervised};
+use kvstore_testkit::{http_get, http_post_json, is_stopped, wait_until};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -65,7 +66,7 @@ fn extra_spec() -> String {
 }
 
 fn client(urls: &[String], first: usize) -> kvclient::Client {
-    kvstore::sup::single_attempt_client(urls, first, Duration::from_secs(1))
+    single_attempt_client(urls, first, Duration::from_secs(1))
 }
 
 fn value_id(client: usize, seq: u64) -> u64 {
@@ -415,13 +416,13 @@ impl Monkey {
     fn stop_and_continue(&mut self, node: &str, rng: &mut impl Rng) -> anyhow::Result<()> {
         let pid = self.pid(node)?;
         self.kvsup_kill(node, "STOP")?;
-        let stopped = kvstore::wait_until(Duration::from_secs(10), || kvstore::is_stopped(pid));
+        let stopped = wait_until(Duration::from_secs(10), || is_stopped(pid));
         // How long the node stays frozen is the fault itself.
         std::thread::sleep(Duration::from_millis(rng.gen_range(1_000..3_000)));
         self.kvsup_kill(node, "CONT")?;
         anyhow::ensure!(stopped, "pid {pid} never showed as stopped");
         anyhow::ensure!(
-            kvstore::wait_until(Duration::from_secs(10), || !kvstore::is_stopped(pid)),
+            wait_until(Duration::from_secs(10), || !is_stopped(pid)),
             "pid {pid} still stopped after SIGCONT"
         );
         Ok(())
@@ -432,14 +433,13 @@ impl Monkey {
     /// and, if it leads, step down.
     fn step_down(&mut self, node: &str) -> anyhow::Result<()> {
         let port = self.c.nodes.iter().find(|(n, _)| n == node).unwrap().1;
-        let (code, body) = kvstore::http_get(port, "/v1/status", Duration::from_secs(5))?;
+        let (code, body) = http_get(port, "/v1/status", Duration::from_secs(5))?;
         anyhow::ensure!(code == 200, "status answered {code}");
         let status: Value = serde_json::from_slice(&body)?;
         let epoch = status["epoch"].as_u64().unwrap_or_default() + 1;
         let vote = json!({"epoch": epoch, "candidate": "chaos",
                           "last": {"epoch": 0, "index": 0}, "pre_vote": false});
-        let (code, body) =
-            kvstore::http_post_json(port, "/internal/vote", &vote, Duration::from_secs(5))?;
+        let (code, body) = http_post_json(port, "/internal/vote", &vote, Duration::from_secs(5))?;
         let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
         anyhow::ensure!(code == 200, "vote answered {code}: {answer}");
         anyhow::ensure!(
@@ -457,7 +457,7 @@ impl Monkey {
         self.progress
             .count_from(began.duration_since(self.start).as_nanos() as u64);
         let mut last = String::new();
-        let ok = kvstore::wait_until(RECOVERY, || {
+        let ok = wait_until(RECOVERY, || {
             let ready = self
                 .c
                 .status()
@@ -509,7 +509,7 @@ async fn final_reads(
 }
 
 fn status_of(port: u16) -> Option<Value> {
-    let (code, body) = kvstore::http_get(port, "/v1/status", Duration::from_secs(2)).ok()?;
+    let (code, body) = http_get(port, "/v1/status", Duration::from_secs(2)).ok()?;
     (code == 200).then(|| serde_json::from_slice(&body).ok())?
 }
 
@@ -675,7 +675,7 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
     // All nodes converge to the same contents.
     let ports: Vec<u16> = c.nodes.iter().map(|n| n.1).collect();
     let mut last = Vec::new();
-    let same = kvstore::wait_until(Duration::from_secs(30), || {
+    let same = wait_until(Duration::from_secs(30), || {
         last = ports
             .iter()
             .map(|p| status_of(*p).map(|s| (s["digest"].clone(), s["commit_index"].clone())))

@@ -1,14 +1,12 @@
 //! Help texts and the `kvclient` CLI (DESIGN §9)
 //! against a real kvd.
 
-mod common;
-
 use std::process::Output;
 use std::time::Duration;
 
 use assert_cmd::Command;
 use base64::Engine as _;
-use kvstore::{bin, free_port, http_get, Kvd};
+use kvstore_testkit::{bin, free_port, http_get, node, Kvd};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -124,13 +122,13 @@ fn kvsup_help_describes_every_command_and_flag() {
     }
     assert_flags_described("kvsup", &help, &["--supervisor", "--file", "--help"]);
     assert!(help.contains("KVSUP_URL"), "{help}");
-    let out = Command::new(kvstore::bin("kvsup"))
+    let out = Command::new(bin("kvsup"))
         .args(["apply", "--help"])
         .output()
         .unwrap();
     let apply = String::from_utf8_lossy(&out.stdout);
     assert_flags_described("kvsup apply", &apply, &["--kvd", "--dry-run"]);
-    let out = Command::new(kvstore::bin("kvsup"))
+    let out = Command::new(bin("kvsup"))
         .args(["kill", "--help"])
         .output()
         .unwrap();
@@ -195,7 +193,7 @@ fn assert_one_error_line(out: &Output, what: &str) {
 #[test]
 fn kvclient_cli_against_a_real_node() {
     let tmp = TempDir::new().unwrap();
-    let kvd = common::start(&tmp, &[]);
+    let kvd = node::start(&tmp, &[]);
     let url = kvd.url();
     let k = || kvc(&url);
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvclient::{Backoff, Client, ClientBuilder, Error, KeyError};
-use kvstore::{free_port, http_get, wait_until, Kvd, Sig};
+use kvstore_testkit::{free_port, http_get, wait_until, Kvd, Sig};
 use serde_json::json;
 use tempfile::TempDir;
 

@@ -1,9 +1,9 @@
 //! `debug_flaky` simulates a crash between "durable
 //! in the WAL" and "applied in memory", and only with `--enable-debug`.
 
-mod common;
-
-use common::{crash_restart, expect_json_error, field, fingerprint, get_raw, http, start, status};
+use kvstore_testkit::node::{
+    self, crash_restart, expect_json_error, field, fingerprint, get_raw, http, start, status,
+};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -15,7 +15,7 @@ async fn flaky_writes_are_acknowledged_unapplied_and_recovered_by_replay() {
 
     // A normal write first, so we can tell "not applied" from "store empty".
     let resp = http
-        .put(common::key_url(&kvd, "normal"))
+        .put(node::key_url(&kvd, "normal"))
         .body("applied")
         .send()
         .await
@@ -27,7 +27,7 @@ async fn flaky_writes_are_acknowledged_unapplied_and_recovered_by_replay() {
     for i in 0..5 {
         let (k, v) = (format!("flaky/put/{i}"), format!("put value {i}"));
         let resp = http
-            .put(format!("{}?debug_flaky=1.0", common::key_url(&kvd, &k)))
+            .put(format!("{}?debug_flaky=1.0", node::key_url(&kvd, &k)))
             .body(v.clone())
             .send()
             .await
@@ -103,7 +103,7 @@ async fn flaky_zero_applies_normally() {
     let kvd = start(&tmp, &["--enable-debug"]);
     let http = http();
     let resp = http
-        .put(format!("{}?debug_flaky=0.0", common::key_url(&kvd, "k")))
+        .put(format!("{}?debug_flaky=0.0", node::key_url(&kvd, "k")))
         .body("v")
         .send()
         .await
@@ -118,7 +118,7 @@ async fn without_enable_debug_flaky_is_refused_and_writes_nothing() {
     let mut kvd = start(&tmp, &[]);
     let http = http();
     let resp = http
-        .put(common::key_url(&kvd, "existing"))
+        .put(node::key_url(&kvd, "existing"))
         .body("old")
         .send()
         .await
@@ -129,7 +129,7 @@ async fn without_enable_debug_flaky_is_refused_and_writes_nothing() {
     let resp = http
         .put(format!(
             "{}?debug_flaky=1.0",
-            common::key_url(&kvd, "refused/put")
+            node::key_url(&kvd, "refused/put")
         ))
         .body("nope")
         .send()
@@ -142,7 +142,7 @@ async fn without_enable_debug_flaky_is_refused_and_writes_nothing() {
     let resp = http
         .put(format!(
             "{}?debug_flaky=1.0",
-            common::key_url(&kvd, "existing")
+            node::key_url(&kvd, "existing")
         ))
         .body("new")
         .send()

@@ -4,13 +4,10 @@
 //! runs (head too large, malformed framing), which must carry the JSON
 //! error body like every other error. None of them writes anything.
 
-mod common;
-mod raw;
-
 use std::io::Write;
 
-use common::{fingerprint, http, start};
-use raw::{connect, exchange, get, read_answer, Answer};
+use kvstore_testkit::node::{fingerprint, http, start};
+use kvstore_testkit::raw::{self, connect, exchange, get, read_answer, Answer};
 use tempfile::TempDir;
 
 /// Sends `request` on a new connection and reads the one answer. The

@@ -12,7 +12,7 @@
 use std::process::Output;
 
 use assert_cmd::Command;
-use kvstore::{bin, free_port, Kvd};
+use kvstore_testkit::{bin, free_port, Kvd};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvstore::sup::{manifest_text, Supervised};
-use kvstore::{free_port, wait_until};
+use kvstore_testkit::sup::{manifest_text, run_in, Supervised};
+use kvstore_testkit::{free_port, wait_until};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -188,7 +188,7 @@ fn apply_brings_up_a_cluster_reapply_changes_nothing_and_down_stops_it() {
     );
     let other = tmp.path().join("edited.yaml");
     std::fs::write(&other, edited).unwrap();
-    let (ok, out) = kvstore::sup::run_in(
+    let (ok, out) = run_in(
         tmp.path(),
         "kvsup",
         &["apply", "--dry-run", "-f", other.to_str().unwrap()],
@@ -363,7 +363,7 @@ fn bad_manifests_are_refused_naming_the_field_and_start_nothing() {
         let tmp = TempDir::new().unwrap();
         let f = tmp.path().join("m.yaml");
         std::fs::write(&f, &text).unwrap();
-        let (st, out) = kvstore::sup::run_in(
+        let (st, out) = run_in(
             tmp.path(),
             "kvsup",
             &["apply", "-f", f.to_str().unwrap()],
@@ -589,7 +589,7 @@ async fn applying_another_mode_switches_the_live_cluster_and_back_losing_nothing
     let c2 = c.clone();
     let began = Instant::now();
     let (ok, out) = tokio::task::spawn_blocking(move || {
-        kvstore::sup::run_in(
+        run_in(
             &c2.dir,
             "kvsup",
             &["apply", "-f", &m],

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kvstore::sup::{manifest_text, Supervised};
-use kvstore::{free_port, wait_until};
+use kvstore_testkit::sup::{manifest_text, run_in, Supervised};
+use kvstore_testkit::{bin, free_port, wait_until};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -257,7 +257,7 @@ fn dry_run(text: &str) -> (bool, String) {
     let tmp = TempDir::new().unwrap();
     let f = tmp.path().join("m.yaml");
     std::fs::write(&f, text).unwrap();
-    let (st, out) = kvstore::sup::run_in(
+    let (st, out) = run_in(
         tmp.path(),
         "kvsup",
         &["apply", "--dry-run", "-f", f.to_str().unwrap()],
@@ -324,7 +324,7 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
     let c = Supervised::apply(tmp.path(), 1, "").unwrap();
     let url = format!("http://127.0.0.1:{}", c.sup_port);
     for cmd in [&["status"][..], &["status", "--json"], &["events"]] {
-        let mut child = Command::new(kvstore::bin("kvsup"))
+        let mut child = Command::new(bin("kvsup"))
             .args(cmd)
             .args(["--supervisor", &url])
             .stdin(Stdio::null())

@@ -4,19 +4,18 @@
 //! budget for request bodies. Everything is observed over raw sockets, and
 //! every wait polls for a positive signal with a generous deadline.
 
-mod common;
-mod raw;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::start;
-use raw::{
-    answered_within, closed_by_server, connect, get, put, read_answer, wait_for_metric, DEADLINE,
+use kvstore_testkit::node::start;
+use kvstore_testkit::raw::{
+    self, answered_within, closed_by_server, connect, get, put, read_answer, wait_for_metric,
+    DEADLINE,
 };
+use kvstore_testkit::{bin, free_port, http_get, wait_until};
 use tempfile::TempDir;
 
 /// Long enough that no timeout fires during a test that does not test it.
@@ -195,13 +194,13 @@ struct LimitedKvd {
 
 impl LimitedKvd {
     fn start(dir: &Path, nofile: u32, extra: &[&str]) -> LimitedKvd {
-        let port = kvstore::free_port();
+        let port = free_port();
         let log = dir.join("kvd.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new("sh")
             .arg("-c")
             .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-            .arg(kvstore::bin("kvd"))
+            .arg(bin("kvd"))
             .args(["--port", &port.to_string()])
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -212,14 +211,14 @@ impl LimitedKvd {
             .spawn()
             .unwrap();
         let mut kvd = LimitedKvd { child, port, log };
-        let up = kvstore::wait_until(Duration::from_secs(60), || {
+        let up = wait_until(Duration::from_secs(60), || {
             assert!(
                 kvd.child.try_wait().unwrap().is_none(),
                 "kvd exited: {}",
                 kvd.log()
             );
             matches!(
-                kvstore::http_get(port, "/health", Duration::from_millis(500)),
+                http_get(port, "/health", Duration::from_millis(500)),
                 Ok((200, _))
             )
         });
@@ -275,8 +274,7 @@ fn a_connection_flood_cannot_take_the_descriptors_the_wal_needs() {
     // kvd has taken as many as it will: all of its descriptors but the 64
     // it keeps (give or take a few that come and go).
     let slack = 8;
-    let took_them =
-        kvstore::wait_until(DEADLINE, || kvd.open_fds() >= NOFILE as usize - 64 - slack);
+    let took_them = wait_until(DEADLINE, || kvd.open_fds() >= NOFILE as usize - 64 - slack);
     assert!(took_them, "kvd has {} descriptors open", kvd.open_fds());
 
     // Writes that need new WAL segments and a snapshot still succeed.

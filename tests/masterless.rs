@@ -2,15 +2,16 @@
 //! writes on every node, last-write-wins by hybrid logical clock,
 //! tombstones, catch-up after a crash or a partition, clock faults.
 
-mod ml_common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ml_common::{
-    check_winners, del, eventually, get, http, put, status, wait_converged, Acked, Cluster, Ts,
+use kvstore_testkit::cluster::Cluster;
+use kvstore_testkit::masterless::{
+    check_winners, del, eventually, get, put, wait_converged, Acked, Ts,
 };
+use kvstore_testkit::node::{http, status_at};
+use kvstore_testkit::run_to_exit;
 use rand::Rng;
 
 fn masterless(extra: impl Fn(usize) -> Vec<String>) -> Cluster {
@@ -90,12 +91,12 @@ async fn a_write_to_any_node_is_readable_on_the_other_two() {
             assert!(ok, "n{j} never saw {key} written on n{i}");
         }
     }
-    let s = status(&http, &urls[0]).await;
+    let s = status_at(&http, &urls[0]).await;
     assert_eq!(s["mode"], "masterless", "{s}");
     assert_eq!(s["role"], "peer");
     assert!(Ts::from_json(&s["hlc"]).unwrap().physical_ms > 0, "{s}");
     // Malformed internal traffic is refused and changes nothing.
-    let before = status(&http, &urls[1]).await;
+    let before = status_at(&http, &urls[1]).await;
     for (path, body) in [
         ("/internal/ml/stream", &b"garbage"[..]),
         ("/internal/ml/buckets", &b"{\"buckets\": \"all\"}"[..]),
@@ -108,7 +109,7 @@ async fn a_write_to_any_node_is_readable_on_the_other_two() {
             .unwrap();
         assert_eq!(r.status(), 400, "{path}");
     }
-    let after = status(&http, &urls[1]).await;
+    let after = status_at(&http, &urls[1]).await;
     assert_eq!(before["last_index"], after["last_index"]);
     assert_eq!(before["digest"], after["digest"]);
     // There is no primary to promote.
@@ -180,7 +181,7 @@ async fn a_delete_is_never_undone_by_an_older_put_arriving_later() {
     c.isolate(2);
     let old_put = put(&http, &urls[2], "doomed", "older put").await.unwrap();
     let moved_on = eventually(Duration::from_secs(10), || async {
-        let s = status(&http, &urls[0]).await;
+        let s = status_at(&http, &urls[0]).await;
         Ts::from_json(&s["hlc"]).unwrap().physical_ms > old_put.physical_ms
     })
     .await;
@@ -200,7 +201,7 @@ async fn a_delete_is_never_undone_by_an_older_put_arriving_later() {
     let purged = eventually(Duration::from_secs(20), || async {
         let mut all = true;
         for u in &urls {
-            all &= status(&http, u).await["masterless"]["tombstones"] == 0;
+            all &= status_at(&http, u).await["masterless"]["tombstones"] == 0;
         }
         all
     })
@@ -250,17 +251,17 @@ async fn one_node_away_during_50k_writes(kill: bool) {
         .expect("the returning node did not converge");
     eprintln!("converged {took:?} after the node came back");
     check_winners(&c.nodes, &acked.snapshot());
-    let s = status(&http, &urls[2]).await;
+    let s = status_at(&http, &urls[2]).await;
     if kill {
         // The others' streams resumed from n2's durable positions and
         // reached the end of their logs (anti-entropy may have repaired
         // some keys first, concurrently).
         let caught_up = eventually(Duration::from_secs(10), || async {
-            let s = status(&http, &urls[2]).await;
+            let s = status_at(&http, &urls[2]).await;
             let mut all = true;
             for p in s["peers"].as_array().unwrap() {
                 let i: usize = p["node_id"].as_str().unwrap()[1..].parse().unwrap();
-                let last = status(&http, &urls[i]).await["last_index"].as_u64();
+                let last = status_at(&http, &urls[i]).await["last_index"].as_u64();
                 all &= p["received_through"].as_u64() == last;
             }
             all
@@ -285,7 +286,7 @@ async fn one_node_away_during_50k_writes(kill: bool) {
         // Once anti-entropy found n2 equal to the origins, their clocks
         // count again for the stable time.
         let closed = eventually(Duration::from_secs(10), || async {
-            let s = status(&http, &urls[2]).await;
+            let s = status_at(&http, &urls[2]).await;
             s["peers"]
                 .as_array()
                 .unwrap()
@@ -331,7 +332,7 @@ async fn clock_faults_never_move_a_clock_back_and_nodes_still_converge() {
             let mut samples = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for (i, u) in urls.iter().enumerate() {
-                    let now = Ts::from_json(&status(&http, u).await["hlc"]).unwrap();
+                    let now = Ts::from_json(&status_at(&http, u).await["hlc"]).unwrap();
                     assert!(
                         now >= last[i],
                         "n{i}'s clock went back: {last:?} -> {now:?}"
@@ -361,14 +362,14 @@ async fn clock_faults_never_move_a_clock_back_and_nodes_still_converge() {
     }
     // Jump n2 back once the writers are going.
     let jumped = eventually(Duration::from_secs(10), || async {
-        status(&http, &urls[2]).await["last_index"]
+        status_at(&http, &urls[2]).await["last_index"]
             .as_u64()
             .unwrap()
             > 100
     })
     .await;
     assert!(jumped);
-    let before = Ts::from_json(&status(&http, &urls[2]).await["hlc"]).unwrap();
+    let before = Ts::from_json(&status_at(&http, &urls[2]).await["hlc"]).unwrap();
     let r = http
         .post(format!("{}/v1/admin/debug/clock", urls[2]))
         .json(&serde_json::json!({"offset_ms": -10_000}))
@@ -379,7 +380,7 @@ async fn clock_faults_never_move_a_clock_back_and_nodes_still_converge() {
     while let Some(done) = writers.join_next().await {
         done.unwrap();
     }
-    let after = Ts::from_json(&status(&http, &urls[2]).await["hlc"]).unwrap();
+    let after = Ts::from_json(&status_at(&http, &urls[2]).await["hlc"]).unwrap();
     assert!(after > before);
     stop.store(true, Ordering::Relaxed);
     assert!(watcher.await.unwrap() > 3);
@@ -430,8 +431,8 @@ async fn write_quorum_waits_for_peers_durable_copies() {
         .await
         .unwrap();
     // Asking for more copies than nodes is refused at start-up.
-    let lone = c.tmp.path().join("lone");
-    let (code, out) = kvstore::run_to_exit(
+    let lone = c.dir.join("lone");
+    let (code, out) = run_to_exit(
         "kvd",
         &[
             "--mode",
@@ -468,12 +469,12 @@ async fn a_restarted_sender_resumes_its_stream_where_each_peer_holds_it() {
     c.nodes[0].kill9().unwrap();
     c.nodes[0].restart().unwrap();
     c.heal();
-    let last0 = status(&http, &urls[0]).await["last_index"].as_u64();
+    let last0 = status_at(&http, &urls[0]).await["last_index"].as_u64();
     // Each peer's durable position for n0 reaches n0's last index: the
     // restarted sender learned where they were and sent the rest.
     for (i, u) in urls.iter().enumerate().skip(1) {
         let ok = eventually(Duration::from_secs(20), || async {
-            let s = status(&http, u).await;
+            let s = status_at(&http, u).await;
             s["peers"]
                 .as_array()
                 .unwrap()

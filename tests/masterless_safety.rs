@@ -5,16 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::expect_json_error;
 use kvd::masterless::hlc::node_tag;
 use kvd::masterless::node::encode_stream;
 use kvd::storage::{Op, Record, Timestamp};
-use kvstore::{free_port, Kvd};
+use kvstore_testkit::node::{self, expect_json_error};
+use kvstore_testkit::{free_port, Kvd};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -79,7 +77,7 @@ async fn stream(
 }
 
 async fn status(http: &reqwest::Client, node: &Kvd) -> Value {
-    common::status(http, node).await
+    node::status(http, node).await
 }
 
 /// What a refused batch must leave as it was.
@@ -106,7 +104,7 @@ fn assert_clock_near_wall(s: &Value, what: &str) {
 async fn stamps_far_ahead_of_the_wall_clock_are_refused() {
     let tmp = TempDir::new().unwrap();
     let node = lone_node(&tmp, &[]);
-    let http = common::http();
+    let http = node::http();
     let before = status(&http, &node).await;
 
     let cases = [
@@ -137,7 +135,7 @@ async fn stamps_far_ahead_of_the_wall_clock_are_refused() {
     assert_eq!(resp.status(), 200);
     // And a client write afterwards still wins, with a stamp above it.
     let resp = http
-        .put(common::key_url(&node, "k"))
+        .put(node::key_url(&node, "k"))
         .body("mine")
         .send()
         .await
@@ -149,7 +147,7 @@ async fn stamps_far_ahead_of_the_wall_clock_are_refused() {
         "{r}"
     );
     assert_eq!(
-        common::get_raw(&http, &node, "k").await.as_deref(),
+        node::get_raw(&http, &node, "k").await.as_deref(),
         Some(&b"mine"[..])
     );
 }
@@ -158,7 +156,7 @@ async fn stamps_far_ahead_of_the_wall_clock_are_refused() {
 async fn streamed_records_are_validated_like_client_writes() {
     let tmp = TempDir::new().unwrap();
     let node = lone_node(&tmp, &["--max-value-bytes", "1024"]);
-    let http = common::http();
+    let http = node::http();
     let before = status(&http, &node).await;
 
     let long_key = vec![b'k'; 1025];
@@ -190,7 +188,7 @@ async fn streamed_records_are_validated_like_client_writes() {
         let (code, err) = expect_json_error(resp, what).await;
         assert_eq!((code, err.as_str()), (400, "invalid_entry"), "{what}");
         assert_eq!(view(&status(&http, &node).await), view(&before), "{what}");
-        assert_eq!(common::get_raw(&http, &node, "good").await, None, "{what}");
+        assert_eq!(node::get_raw(&http, &node, "good").await, None, "{what}");
     }
     // A good batch still merges.
     let t = now_ms();
@@ -204,7 +202,7 @@ async fn streamed_records_are_validated_like_client_writes() {
     .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
-        common::get_raw(&http, &node, "good").await.as_deref(),
+        node::get_raw(&http, &node, "good").await.as_deref(),
         Some(&b"v"[..])
     );
 }

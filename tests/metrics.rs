@@ -1,10 +1,8 @@
 //! `/metrics` (DESIGN §10): the kvd metrics that apply to one node, in the
 //! Prometheus text format, reflecting the writes actually made.
 
-mod common;
-
 use bytes::Bytes;
-use common::{client, http, start};
+use kvstore_testkit::node::{client, http, start};
 use tempfile::TempDir;
 
 /// One sample line of the text exposition.

@@ -3,14 +3,14 @@
 //! primary/secondary -> masterless -> primary/secondary, no acknowledged
 //! write lost, identical digests after each switch.
 
-mod ml_common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvclient::admin::{switch_mode, Mode, SwitchOptions, SwitchReport};
-use ml_common::{check_winners, eventually, http, status, wait_converged, Acked, Cluster, Ts};
+use kvstore_testkit::cluster::Cluster;
+use kvstore_testkit::masterless::{self, check_winners, eventually, wait_converged, Acked, Ts};
+use kvstore_testkit::node::{http, status_at};
 
 struct Writers {
     stop: Arc<AtomicBool>,
@@ -122,7 +122,7 @@ async fn switching_to_masterless_and_back_under_16_writers_loses_no_acknowledged
     check_report(&r, Mode::Masterless);
     assert_eq!(r.from, "primary-secondary");
     for u in &urls {
-        assert_eq!(status(&http, u).await["mode"], "masterless");
+        assert_eq!(status_at(&http, u).await["mode"], "masterless");
     }
     // Writes flow again, now on every node.
     writers.wait_for_more(300).await;
@@ -132,7 +132,7 @@ async fn switching_to_masterless_and_back_under_16_writers_loses_no_acknowledged
         .unwrap();
     check_report(&r, Mode::PrimarySecondary);
     assert_eq!(r.primary.as_deref(), Some("n0"));
-    let s0 = status(&http, &urls[0]).await;
+    let s0 = status_at(&http, &urls[0]).await;
     assert_eq!(s0["mode"], "primary-secondary");
     assert_eq!(s0["role"], "primary");
     assert_eq!(s0["epoch"].as_u64(), Some(r.epoch));
@@ -158,7 +158,10 @@ async fn switching_to_masterless_and_back_under_16_writers_loses_no_acknowledged
         client.set(&format!("after-crash/{i}"), "x").await.unwrap();
     }
     c.nodes[2].restart().unwrap();
-    assert_eq!(status(&http, &urls[2]).await["mode"], "primary-secondary");
+    assert_eq!(
+        status_at(&http, &urls[2]).await["mode"],
+        "primary-secondary"
+    );
     wait_converged(&http, &urls, Duration::from_secs(20))
         .await
         .expect("the restarted secondary did not catch up");
@@ -186,7 +189,7 @@ async fn the_mode_endpoint_needs_paused_writes_and_valid_input() {
     assert_eq!(r.status(), 409);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "writes_not_paused");
-    ml_common::put(&http, u, "before", "pause").await.unwrap();
+    masterless::put(&http, u, "before", "pause").await.unwrap();
     // Paused: writes get 503 with Retry-After; a bad mode gets 400.
     let r = http
         .post(format!("{u}/v1/admin/pause_writes"))
@@ -218,7 +221,7 @@ async fn the_mode_endpoint_needs_paused_writes_and_valid_input() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // A base behind the log is refused and changes nothing.
-    let s = status(&http, u).await;
+    let s = status_at(&http, u).await;
     assert!(s["last_index"].as_u64().unwrap() >= 1);
     let r = http
         .post(format!("{u}/v1/admin/mode"))
@@ -229,7 +232,7 @@ async fn the_mode_endpoint_needs_paused_writes_and_valid_input() {
     assert_eq!(r.status(), 409);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "not_quiescent");
-    let s2 = status(&http, u).await;
+    let s2 = status_at(&http, u).await;
     assert_eq!(s2["mode"], "masterless");
     assert_eq!(s["digest"], s2["digest"]);
     assert_eq!(s["last_index"], s2["last_index"]);

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kvstore::sup::Supervised;
-use kvstore::{free_port, http_get, run_to_exit, wait_until};
+use kvstore_testkit::sup::Supervised;
+use kvstore_testkit::{free_port, http_get, run_to_exit, wait_until};
 use serde_json::Value;
 use tempfile::TempDir;
 

@@ -1,12 +1,11 @@
 //! Random sequences of set/delete/bulk/restart
 //! against a real kvd give the same contents as a `BTreeMap` model.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use common::{client, field, http, status};
+use kvstore_testkit::node::{self, client, field, http, status};
+use kvstore_testkit::Kvd;
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -52,7 +51,7 @@ fn step() -> impl Strategy<Value = Step> {
 async fn check(
     c: &kvclient::Client,
     http: &reqwest::Client,
-    kvd: &kvstore::Kvd,
+    kvd: &Kvd,
     model: &BTreeMap<usize, Vec<u8>>,
     when: &str,
 ) -> Result<(), TestCaseError> {
@@ -81,7 +80,7 @@ async fn check(
 
 async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let tmp = TempDir::new().unwrap();
-    let mut kvd = common::start(&tmp, &[]);
+    let mut kvd = node::start(&tmp, &[]);
     let c = client(&kvd);
     let http = http();
     let mut model: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
@@ -112,7 +111,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     let exit = kvd.terminate().unwrap();
                     prop_assert!(exit.success(), "SIGTERM exit status {}", exit);
                 }
-                common::restart(&mut kvd);
+                node::restart(&mut kvd);
                 check(
                     &c,
                     &http,

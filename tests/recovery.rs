@@ -1,24 +1,24 @@
 //! Recovery from a torn tail, refusal on mid-log
 //! corruption, and snapshots that let old WAL segments go.
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{
-    client, crash_restart, data_dir, field, frames, http, payload_index, payload_put_key,
-    pipelined_get, segment_path, start, status, wal_segments,
+use kvstore_testkit::node::{
+    self, client, crash_restart, data_dir, field, http, pipelined_get, start, status,
 };
-use kvstore::{free_port, run_to_exit, wait_until};
+use kvstore_testkit::wal::{
+    self, frames, payload_index, payload_put_key, segment_path, wal_segments,
+};
+use kvstore_testkit::{free_port, run_to_exit, wait_until};
 use tempfile::TempDir;
 
 #[test]
 fn crc32c_helper_matches_the_standard_check_value() {
     // The helper validates frames in the other tests; it must be right.
-    assert_eq!(common::crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(wal::crc32c(b"123456789"), 0xE306_9283);
     assert_eq!(
-        common::crc32c_append(common::crc32c(b"1234"), b"56789"),
+        wal::crc32c_append(wal::crc32c(b"1234"), b"56789"),
         0xE306_9283
     );
 }
@@ -53,7 +53,7 @@ async fn torn_last_record_is_cut_and_earlier_records_served() {
         format!("k{:02}", N - 1),
         "the last record is the last write"
     );
-    let cut_at = last.offset + (common::FRAME_HEADER_BYTES + last.len) / 2;
+    let cut_at = last.offset + (wal::FRAME_HEADER_BYTES + last.len) / 2;
     std::fs::OpenOptions::new()
         .write(true)
         .open(&last_seg)
@@ -61,7 +61,7 @@ async fn torn_last_record_is_cut_and_earlier_records_served() {
         .set_len(cut_at as u64)
         .unwrap();
 
-    common::restart(&mut kvd);
+    node::restart(&mut kvd);
     for i in 0..N - 1 {
         let k = format!("k{i:02}");
         assert_eq!(
@@ -126,7 +126,7 @@ async fn flipped_bit_in_an_early_record_refuses_to_start_naming_file_and_offset(
     let fs = frames(&original);
     assert!(fs.len() >= 10, "one record per write");
     let victim = fs[1];
-    let byte = victim.offset + common::FRAME_HEADER_BYTES + victim.len / 2;
+    let byte = victim.offset + wal::FRAME_HEADER_BYTES + victim.len / 2;
     let mut damaged = original.clone();
     damaged[byte] ^= 0x10;
     std::fs::write(&seg, &damaged).unwrap();
@@ -163,7 +163,7 @@ async fn flipped_bit_in_an_early_record_refuses_to_start_naming_file_and_offset(
     // Undo the damage: the node starts and every write is there, so the
     // refusal was about that bit and nothing else.
     std::fs::write(&seg, &original).unwrap();
-    common::restart(&mut kvd);
+    node::restart(&mut kvd);
     for i in 0..10 {
         assert_eq!(
             c.get(&format!("k{i}")).await.unwrap().as_deref(),

@@ -1,11 +1,10 @@
 //! Primary/secondary replication: log shipping with
 //! majority commit, reads on every node, redirects from secondaries.
 
-mod common;
-
 use std::time::Duration;
 
-use kvstore::{start_cluster, wait_until, Kvd};
+use kvstore_testkit::cluster::Cluster;
+use kvstore_testkit::{http_get, is_stopped, node, start_cluster, wait_until, Kvd, Sig};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -19,20 +18,14 @@ fn cluster_with(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
 }
 
 async fn status(http: &reqwest::Client, node: &Kvd) -> Value {
-    http.get(format!("{}/v1/status", node.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    node::status_at(http, &node.url()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_reach_every_node_and_digests_match() {
     let tmp = TempDir::new().unwrap();
     let nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     let client = kvclient::Client::new([nodes[0].url()]).unwrap();
 
     let writers: Vec<_> = (0..16)
@@ -106,7 +99,7 @@ async fn a_secondary_redirects_writes_and_the_client_follows() {
 
     // The secondary learns the primary from its first append (heartbeat).
     assert!(wait_until(Duration::from_secs(10), || {
-        kvstore::http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
+        http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
             .ok()
             .and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok())
             .is_some_and(|s| s["primary"] == nodes[0].url().as_str())
@@ -144,7 +137,7 @@ async fn a_secondary_redirects_writes_and_the_client_follows() {
 async fn malformed_or_misdirected_replication_traffic_is_refused() {
     let tmp = TempDir::new().unwrap();
     let nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     let before = status(&http, &nodes[1]).await;
 
     let resp = http
@@ -184,7 +177,7 @@ async fn promote(http: &reqwest::Client, node: &Kvd) -> (u16, Value) {
 async fn a_promoted_secondary_takes_over_and_the_old_primary_rejoins() {
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let client = kvclient::Client::builder()
         .endpoints(urls.clone())
@@ -275,7 +268,7 @@ impl DirectWriters {
         let no_follow = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(common::REQUEST_TIMEOUT)
+            .timeout(node::REQUEST_TIMEOUT)
             .build()
             .unwrap();
         let tasks = (0..Self::WRITERS)
@@ -388,7 +381,7 @@ async fn wait_rejoined(http: &reqwest::Client, nodes: &[Kvd], epoch: u64) {
 async fn promotion_without_a_majority_or_peers_is_refused_and_changes_nothing() {
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     nodes[0].kill9().unwrap();
     nodes[2].kill9().unwrap();
     let (code, body) = promote(&http, &nodes[1]).await;
@@ -408,7 +401,7 @@ async fn promotion_without_a_majority_or_peers_is_refused_and_changes_nothing() 
 async fn consistent_reads_need_the_primary_and_a_majority() {
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     let no_follow = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -421,7 +414,7 @@ async fn consistent_reads_need_the_primary_and_a_majority() {
     );
 
     assert!(wait_until(Duration::from_secs(10), || {
-        kvstore::http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
+        http_get(nodes[1].port, "/v1/status", Duration::from_secs(1))
             .ok()
             .and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok())
             .is_some_and(|s| s["primary"] == nodes[0].url().as_str())
@@ -476,7 +469,7 @@ async fn consistent_reads_need_the_primary_and_a_majority() {
 async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
     let tmp = TempDir::new().unwrap();
     let nodes = cluster_with(&tmp, &["--commit-timeout-ms", "1500"]);
-    let http = common::http();
+    let http = node::http();
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let client = kvclient::Client::builder().endpoints(urls).build().unwrap();
     for i in 0..50 {
@@ -500,10 +493,10 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
         assert!(tokio::time::Instant::now() < deadline, "{a} {b}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    nodes[0].signal(kvstore::Sig::SIGSTOP).unwrap();
+    nodes[0].signal(Sig::SIGSTOP).unwrap();
     let n0_pid = nodes[0].pid().unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || kvstore::is_stopped(n0_pid)),
+        wait_until(Duration::from_secs(10), || is_stopped(n0_pid)),
         "n0 never showed as stopped"
     );
     let (code, body) = promote(&http, &nodes[1]).await;
@@ -523,7 +516,7 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let woke = tokio::time::Instant::now();
-    nodes[0].signal(kvstore::Sig::SIGCONT).unwrap();
+    nodes[0].signal(Sig::SIGCONT).unwrap();
     wait_rejoined(&http, &nodes, 2).await;
     // A request sent while n0 was stopped reached it and was refused once
     // it woke, believing itself primary of epoch 1.
@@ -546,16 +539,16 @@ async fn a_paused_old_primary_acknowledges_nothing_after_it_wakes() {
 async fn promoting_a_node_behind_a_reachable_peer_is_refused() {
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     // n2 misses writes that n0 and n1 commit, then n0 dies: n2 can only
     // catch up from n1, so it stays behind n1 until n1 leads.
-    nodes[2].signal(kvstore::Sig::SIGSTOP).unwrap();
+    nodes[2].signal(Sig::SIGSTOP).unwrap();
     let client = kvclient::Client::new([nodes[0].url()]).unwrap();
     for i in 0..20 {
         client.set(&format!("k{i}"), "v".to_string()).await.unwrap();
     }
     nodes[0].kill9().unwrap();
-    nodes[2].signal(kvstore::Sig::SIGCONT).unwrap();
+    nodes[2].signal(Sig::SIGCONT).unwrap();
 
     let before = status(&http, &nodes[2]).await;
     let (code, body) = promote(&http, &nodes[2]).await;
@@ -594,7 +587,7 @@ async fn ten_failovers_under_16_writers_lose_no_acknowledged_write() {
 
     let tmp = TempDir::new().unwrap();
     let mut nodes = cluster_with(&tmp, &["--commit-timeout-ms", "2000"]);
-    let http = common::http();
+    let http = node::http();
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -723,7 +716,7 @@ async fn an_append_from_a_stale_epoch_gets_409_and_changes_nothing() {
 
     let tmp = TempDir::new().unwrap();
     let nodes = cluster(&tmp);
-    let http = common::http();
+    let http = node::http();
     // A planned switchover: n1 wins epoch 2 while n0 is alive.
     let (code, body) = promote(&http, &nodes[1]).await;
     assert_eq!(code, 200, "{body}");
@@ -780,7 +773,7 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
         &tmp,
         &["--snapshot-every-mib", "4", "--wal-segment-mib", "1"],
     );
-    let http = common::http();
+    let http = node::http();
     nodes[2].kill9().unwrap();
 
     // 200k writes (20 bulks of 10k keys, 100-byte values) while n2 is down:
@@ -845,41 +838,10 @@ async fn a_secondary_behind_the_primarys_wal_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal() {
-    use kvstore::LinkProxy;
-
-    let tmp = TempDir::new().unwrap();
-    let ports = kvstore::free_ports(3);
-    // link[i][j]: node i's connections to node j, which the test can cut.
-    let link: Vec<Vec<Option<LinkProxy>>> = (0..3)
-        .map(|i| {
-            (0..3)
-                .map(|j| (i != j).then(|| LinkProxy::start(ports[j]).unwrap()))
-                .collect()
-        })
-        .collect();
-    let nodes: Vec<Kvd> = (0..3)
-        .map(|i| {
-            let peers: Vec<String> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| link[i][j].as_ref().unwrap().url())
-                .collect();
-            let node_id = format!("n{i}");
-            let peers = peers.join(",");
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let args = [
-                "--node-id",
-                &node_id,
-                "--peers",
-                &peers,
-                "--role",
-                role,
-                "--commit-timeout-ms",
-                "1500",
-            ];
-            Kvd::start_on(ports[i], &tmp.path().join(&node_id), &args).unwrap()
-        })
-        .collect();
-    let http = common::http();
+    // Every link goes through a proxy the test can cut.
+    let c = Cluster::start_with(|_| vec!["--commit-timeout-ms".into(), "1500".into()]);
+    let nodes = &c.nodes;
+    let http = node::http();
     let n0 = kvclient::Client::new([nodes[0].url()]).unwrap();
     for i in 0..50 {
         n0.set(&format!("before/{i}"), format!("b{i}"))
@@ -888,10 +850,7 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
     }
 
     // Cut n0 off from both secondaries, both directions.
-    for j in [1, 2] {
-        link[0][j].as_ref().unwrap().cut();
-        link[j][0].as_ref().unwrap().cut();
-    }
+    c.isolate(0);
     let writers = DirectWriters::start(nodes[0].url(), "cut");
 
     // The majority side elects n1 and takes writes.
@@ -917,12 +876,8 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
 
     // Heal: n0 sees epoch 2, steps down, drops its unacknowledged suffix
     // and converges.
-    for row in &link {
-        for l in row.iter().flatten() {
-            l.heal();
-        }
-    }
-    wait_rejoined(&http, &nodes, 2).await;
+    c.heal();
+    wait_rejoined(&http, nodes, 2).await;
     let answers = writers.stop().await;
     let refused_while_cut = answers
         .iter()
@@ -942,5 +897,5 @@ async fn a_partitioned_primary_acknowledges_nothing_and_rejoins_after_the_heal()
             );
         }
     }
-    drop(nodes);
+    drop(c);
 }

@@ -5,18 +5,16 @@
 //! streamed to disk with a size limit and a timeout, leaving no temp file
 //! behind when refused. The forged requests use kvd's own wire encoders.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{expect_json_error, http, key_url, status};
 use kvd::replication::node::encode_append;
 use kvd::replication::rules::LogPos;
 use kvd::storage::snapshot::{self, SnapshotMeta};
 use kvd::storage::{Op, RealFs, Record, State, Timestamp};
-use kvstore::{free_port, start_cluster, Kvd};
+use kvstore_testkit::node::{expect_json_error, http, key_url, status};
+use kvstore_testkit::{free_port, start_cluster, Kvd};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,15 +10,13 @@
 //! - `kvclient search` / `similar` (library and CLI), index metrics and
 //!   status figures.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{expect_json_error, http, status};
 use kvclient::{Bytes, SimilarTo};
-use kvstore::{bin, start_cluster, Kvd};
+use kvstore_testkit::node::{self, expect_json_error, http, status};
+use kvstore_testkit::{bin, start_cluster, wait_until, Kvd};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -160,7 +158,7 @@ async fn check_visibility_after_each_ack(c: &kvclient::Client) {
 async fn a_single_node_shows_every_acknowledged_write_and_keeps_results_across_restarts() {
     let tmp = TempDir::new().unwrap();
     // Small snapshots, so the restarts below load a snapshot *and* replay WAL.
-    let mut kvd = common::start(
+    let mut kvd = node::start(
         &tmp,
         &[
             "--index",
@@ -170,7 +168,7 @@ async fn a_single_node_shows_every_acknowledged_write_and_keeps_results_across_r
             "1",
         ],
     );
-    let c = common::client(&kvd);
+    let c = node::client(&kvd);
     let h = http();
     check_visibility_after_each_ack(&c).await;
     let live = write_corpus(&c, 1).await;
@@ -261,7 +259,7 @@ async fn a_single_node_shows_every_acknowledged_write_and_keeps_results_across_r
     let live2 = write_corpus(&c, 2).await;
     assert_eq!(live, live2);
     assert!(
-        kvstore::wait_until(Duration::from_secs(30), || std::fs::read_dir(
+        wait_until(Duration::from_secs(30), || std::fs::read_dir(
             kvd.data_dir.join("snap")
         )
         .map(|d| d.count() > 0)
@@ -274,12 +272,12 @@ async fn a_single_node_shows_every_acknowledged_write_and_keeps_results_across_r
     let before = answers(&h, &kvd).await;
     assert!(before.iter().all(|(code, _)| *code == 200), "{before:?}");
 
-    common::crash_restart(&mut kvd);
+    node::crash_restart(&mut kvd);
     assert_eq!(answers(&h, &kvd).await, before, "after SIGKILL");
     kvd.terminate().unwrap();
-    common::restart(&mut kvd);
+    node::restart(&mut kvd);
     assert_eq!(answers(&h, &kvd).await, before, "after SIGTERM");
-    check_visibility_after_each_ack(&common::client(&kvd)).await;
+    check_visibility_after_each_ack(&node::client(&kvd)).await;
 }
 
 fn cluster(tmp: &TempDir, extra: &[&str]) -> Vec<Kvd> {
@@ -328,7 +326,7 @@ async fn three_nodes_give_the_same_answers_after_replication_snapshot_install_an
 
     check_visibility_after_each_ack(&c).await;
     write_corpus(&c, 3).await;
-    let corpus_end = common::field(&status(&h, &nodes[0]).await, "last_index");
+    let corpus_end = node::field(&status(&h, &nodes[0]).await, "last_index");
     for round in 0..4 {
         let big: Vec<(String, Bytes)> = (0..1000)
             .map(|i| {
@@ -343,10 +341,10 @@ async fn three_nodes_give_the_same_answers_after_replication_snapshot_install_an
         .join("wal")
         .join("00000000000000000001.wal");
     assert!(
-        kvstore::wait_until(Duration::from_secs(30), || !first_segment.exists()),
+        wait_until(Duration::from_secs(30), || !first_segment.exists()),
         "the primary never compacted its WAL"
     );
-    common::restart(&mut nodes[2]);
+    node::restart(&mut nodes[2]);
     // Changes after the install go in incrementally on n2's rebuilt index.
     c.set("doc/17", "maple maple river".to_string())
         .await
@@ -358,7 +356,7 @@ async fn three_nodes_give_the_same_answers_after_replication_snapshot_install_an
     wait_applied(&h, &nodes).await;
     // The corpus reached n2 inside the snapshot, not as log entries.
     let s2 = status(&h, &nodes[2]).await;
-    assert!(common::field(&s2, "snapshot_index") > corpus_end, "{s2}");
+    assert!(node::field(&s2, "snapshot_index") > corpus_end, "{s2}");
 
     let want = answers(&h, &nodes[0]).await;
     assert!(want.iter().all(|(code, _)| *code == 200), "{want:?}");
@@ -381,7 +379,7 @@ async fn three_nodes_give_the_same_answers_after_replication_snapshot_install_an
     // A secondary restarted (WAL replay, then commit from the primary)
     // answers the same again.
     nodes[1].kill9().unwrap();
-    common::restart(&mut nodes[1]);
+    node::restart(&mut nodes[1]);
     c.set("after-restart", "river".to_string()).await.unwrap();
     wait_applied(&h, &nodes).await;
     let want = answers(&h, &nodes[0]).await;
@@ -402,7 +400,7 @@ async fn futures_statuses(h: &reqwest::Client, nodes: &[Kvd]) -> Vec<Value> {
 async fn bad_queries_and_a_node_without_index_get_400() {
     let h = http();
     let plain_dir = TempDir::new().unwrap();
-    let plain = common::start(&plain_dir, &[]);
+    let plain = node::start(&plain_dir, &[]);
     for path in [
         "/v1/search?q=river",
         "/v1/similar?q=river",
@@ -420,8 +418,8 @@ async fn bad_queries_and_a_node_without_index_get_400() {
     assert!(st["index"].is_null(), "{st}");
 
     let tmp = TempDir::new().unwrap();
-    let kvd = common::start(&tmp, &["--index"]);
-    let c = common::client(&kvd);
+    let kvd = node::start(&tmp, &["--index"]);
+    let c = node::client(&kvd);
     c.set("a", "river stone".to_string()).await.unwrap();
     c.set("raw", Bytes::from_static(&[0xff])).await.unwrap();
     let long = "r".repeat(1025);
@@ -480,7 +478,7 @@ async fn bad_queries_and_a_node_without_index_get_400() {
 #[test]
 fn kvclient_cli_search_and_similar() {
     let tmp = TempDir::new().unwrap();
-    let kvd = common::start(&tmp, &["--index"]);
+    let kvd = node::start(&tmp, &["--index"]);
     let cli = |args: &[&str]| {
         Command::new(bin("kvclient"))
             .env_remove("KV_ENDPOINTS")

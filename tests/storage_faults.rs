@@ -4,15 +4,13 @@
 //! nothing it did not acknowledge, and (where the shortage passes) takes
 //! writes again without a restart.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{data_dir, start, REQUEST_TIMEOUT};
-use kvstore::{free_port, run_to_exit, wait_until, Kvd};
+use kvstore_testkit::node::{data_dir, start, REQUEST_TIMEOUT};
+use kvstore_testkit::{free_port, run_to_exit, wait_until, Kvd};
 use serde_json::Value;
 use tempfile::TempDir;
 

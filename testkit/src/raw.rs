@@ -2,7 +2,6 @@
 //! byte (half a head, a stalled body, a socket that sends nothing) and see
 //! every byte of the answer (a `100 Continue`, the body of an error that
 //! hyper writes itself).
-#![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// A generous bound on any wait in these tests (debug builds on a loaded
 /// 2-core machine are slow; a hang must still end the test).
-pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const DEADLINE: Duration = crate::node::REQUEST_TIMEOUT;
 
 /// A connection to kvd on 127.0.0.1 with reads bounded by [`DEADLINE`].
 pub fn connect(port: u16) -> TcpStream {

@@ -1,10 +1,24 @@
-//! kvstore test kit: starts real `kvd` processes for the end-to-end tests
-//! (`tests/`) and the benchmarks (`benches/`).
+//! kvstore test kit: starts real `kvd` and `kvsup` processes for the
+//! end-to-end tests (`tests/`), the benchmarks (`benches/`) and any crate's
+//! own tests.
 //!
 //! Each node gets a free loopback port and a data dir the caller owns
 //! (usually inside a `tempfile::TempDir`). Only the processes started here
 //! are ever signalled, by PID; a node still running when its handle drops is
 //! SIGKILLed and reaped.
+//!
+//! This file holds the processes and the plain HTTP of the kit; the modules
+//! add, each for its own kind of test:
+//! - [`node`]: one node in a temp dir, its HTTP API through `reqwest` and
+//!   `kvclient`, error bodies, pipelined GETs;
+//! - [`cluster`]: three nodes, linked directly or through cuttable proxies;
+//! - [`masterless`]: stamped writes, convergence and last-write-wins checks;
+//! - [`sup`]: clusters run by a real `kvsup`;
+//! - [`wal`]: the WAL's on-disk format, to damage it precisely;
+//! - [`raw`]: HTTP/1.1 byte by byte over a `TcpStream`;
+//! - [`linearizability`]: the checker that judges the chaos test's history;
+//! - `bench` (feature `bench`): the benchmark programs' load generator,
+//!   comparison servers and reports.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -18,8 +32,17 @@ use nix::unistd::Pid;
 
 pub use nix::sys::signal::Signal as Sig;
 
+#[cfg(feature = "bench")]
+pub mod bench;
+pub mod cluster;
 pub mod linearizability;
+pub mod masterless;
+pub mod node;
+pub mod raw;
 pub mod sup;
+pub mod wal;
+
+pub use cluster::start_cluster;
 
 /// Directory with the workspace's built binaries (`kvd`, `kvclient`, ...).
 ///
@@ -68,26 +91,6 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         ports.insert(free_port());
     }
     ports.into_iter().collect()
-}
-
-/// Three replicated nodes on loopback, each knowing the others' URLs:
-/// `n0` bootstraps as primary, `n1` and `n2` as secondaries, with data dirs
-/// `dir/n0` .. `dir/n2` and `extra` flags on each.
-pub fn start_cluster(dir: &Path, extra: &[&str]) -> Result<Vec<Kvd>> {
-    let ports = free_ports(3);
-    (0..3)
-        .map(|i| {
-            let peers: Vec<String> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| format!("http://127.0.0.1:{}", ports[j]))
-                .collect();
-            let (node_id, peers) = (format!("n{i}"), peers.join(","));
-            let role = if i == 0 { "primary" } else { "secondary" };
-            let mut args = vec!["--node-id", &node_id, "--peers", &peers, "--role", role];
-            args.extend_from_slice(extra);
-            Kvd::start_on(ports[i], &dir.join(&node_id), &args)
-        })
-        .collect()
 }
 
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.

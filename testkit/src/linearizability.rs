@@ -173,7 +173,14 @@ struct Event {
 }
 
 fn check_register(ops: &[&Operation]) -> Verdict {
-    // A read of a value nobody wrote can never be explained.
+    if let Some(violation) = read_of_an_unwritten_value(ops) {
+        return violation;
+    }
+    search(ops, event_list(ops))
+}
+
+/// A read of a value nobody wrote can never be explained.
+fn read_of_an_unwritten_value(ops: &[&Operation]) -> Option<Verdict> {
     let written: HashSet<u64> = ops
         .iter()
         .filter_map(|o| match o.kind {
@@ -184,13 +191,19 @@ fn check_register(ops: &[&Operation]) -> Verdict {
     for o in ops {
         if let Kind::Read(Some(v)) = o.kind {
             if !written.contains(&v) {
-                return Verdict::Violation(format!(
+                return Some(Verdict::Violation(format!(
                     "client {} read value {v}, which no operation wrote",
                     o.client
-                ));
+                )));
             }
         }
     }
+    None
+}
+
+/// The calls and returns of `ops` as a doubly linked list in time order,
+/// each call knowing its return; index 0 is the list head (a sentinel).
+fn event_list(ops: &[&Operation]) -> Vec<Event> {
     // Events in time order; at equal times calls come first (operations
     // touching at an instant are concurrent, not ordered).
     let mut order: Vec<(u64, u8, usize)> = Vec::with_capacity(ops.len() * 2);
@@ -199,7 +212,6 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         order.push((o.ret.unwrap_or(u64::MAX), 1, i));
     }
     order.sort_unstable();
-    // Index 0 is the list head (a sentinel).
     let mut ev: Vec<Event> = Vec::with_capacity(order.len() + 1);
     ev.push(Event {
         op: NIL,
@@ -230,7 +242,11 @@ fn check_register(ops: &[&Operation]) -> Verdict {
             e.partner = ret_at[e.op];
         }
     }
+    ev
+}
 
+/// The Wing–Gong search over the event list `ev` of `ops`.
+fn search(ops: &[&Operation], mut ev: Vec<Event>) -> Verdict {
     // The set of linearized operations is kept as a 128-bit XOR of random
     // per-operation tags: the memo key costs no allocation, and two
     // different sets collide with probability about 2^-128 per pair.
@@ -245,21 +261,6 @@ fn check_register(ops: &[&Operation]) -> Verdict {
     // The return event at which the deepest explainable prefix got stuck:
     // where the history stops making sense.
     let mut stuck_at = NIL;
-
-    fn unlink(ev: &mut [Event], i: usize) {
-        let (p, n) = (ev[i].prev, ev[i].next);
-        ev[p].next = n;
-        if n != NIL {
-            ev[n].prev = p;
-        }
-    }
-    fn relink(ev: &mut [Event], i: usize) {
-        let (p, n) = (ev[i].prev, ev[i].next);
-        ev[p].next = i;
-        if n != NIL {
-            ev[n].prev = i;
-        }
-    }
 
     while ev[0].next != NIL {
         steps += 1;
@@ -319,6 +320,21 @@ fn check_register(ops: &[&Operation]) -> Verdict {
         }
     }
     Verdict::Linearizable
+}
+
+fn unlink(ev: &mut [Event], i: usize) {
+    let (p, n) = (ev[i].prev, ev[i].next);
+    ev[p].next = n;
+    if n != NIL {
+        ev[n].prev = p;
+    }
+}
+fn relink(ev: &mut [Event], i: usize) {
+    let (p, n) = (ev[i].prev, ev[i].next);
+    ev[p].next = i;
+    if n != NIL {
+        ev[n].prev = i;
+    }
 }
 
 /// What a reader of a violation needs: the operations concurrent with

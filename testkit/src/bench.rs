@@ -1,5 +1,4 @@
-//! Shared parts of the benchmark programs (`throughput`, `durability`,
-//! `recovery`, `replicated`): flag value parsers, a lean HTTP load
+//! Shared parts of the benchmark programs (`benches/`; feature `bench`): flag value parsers, a lean HTTP load
 //! generator and the PUT requests it sends, a live rate display, helpers to
 //! start the comparison servers (etcd, Redis) and to read process figures
 //! from `/proc`, and the report plumbing (table, JSON file, the command that
@@ -7,9 +6,6 @@
 //!
 //! Every server a benchmark starts runs on a free loopback port in a temp dir
 //! and is killed, by its own PID, when its handle drops.
-
-// Each benchmark binary compiles this module and uses only part of it.
-#![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -20,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::{free_port, http_get, wait_until};
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -28,7 +25,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstore::{free_port, http_get, wait_until};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
@@ -39,7 +35,8 @@ use serde_json::{json, Value};
 
 /// The exact command that reproduces this run: the user's arguments as
 /// given, without the `--bench` that `cargo bench` appends for harness-less
-/// targets.
+/// targets. The features named are the root package's, which turn on the
+/// kit's features of the same names.
 pub fn reproduce(bench: &str) -> String {
     let mut features = String::new();
     for (on, name) in [
@@ -114,9 +111,10 @@ pub fn human_count(n: u64) -> String {
 // ---------------------------------------------------------------------------
 // Where things live, and the report
 
-/// The workspace root (the root package is the workspace root).
+/// The workspace root: the parent of the kit's own directory.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let kit = Path::new(env!("CARGO_MANIFEST_DIR"));
+    kit.parent().unwrap_or(kit).to_path_buf()
 }
 
 /// Parent of the benchmarks' temp dirs: `--tmp-dir`, else the system temp
@@ -146,7 +144,7 @@ pub fn environment() -> Value {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "loadavg": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         "busy_processes": busy_processes(),
-        "kvd_binary": kvstore::bin_dir().join("kvd").display().to_string(),
+        "kvd_binary": crate::bin_dir().join("kvd").display().to_string(),
         "unix_time": SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -219,7 +217,7 @@ pub fn warn_if_noisy(stage: &str) -> bool {
 /// Warns if `target/release/kvd` is older than the kvd sources: `cargo bench`
 /// builds the benchmark, not the kvd binary it spawns.
 pub fn check_kvd_binary() -> Result<()> {
-    let bin = kvstore::bin_dir().join("kvd");
+    let bin = crate::bin_dir().join("kvd");
     if !bin.exists() {
         bail!(
             "{} not found: run `cargo build --release` first (cargo bench builds only the \
@@ -389,22 +387,19 @@ pub fn cpu_time(pid: &str) -> Duration {
 /// with the server's and this process's shares subtracted, what is left
 /// is other work competing for the 2 cores.
 pub fn machine_busy() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or("");
     // cpu user nice system idle iowait irq softirq steal ... Interrupt
     // time is left out: much of it is the loopback traffic of the
     // benchmark itself, charged to no process.
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let busy: u64 = [0, 1, 2, 7].iter().filter_map(|&i| f.get(i)).sum();
-    Duration::from_millis(busy * 10)
+    machine_time(&[0, 1, 2, 7])
 }
 
 /// CPU time the whole machine spent idle (idle + iowait, all cores).
 pub fn machine_idle() -> Duration {
+    machine_time(&[3, 4])
+}
+
+/// The sum of the given fields (0: user) of the `cpu` line of `/proc/stat`.
+fn machine_time(fields: &[usize]) -> Duration {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = stat.lines().next().unwrap_or("");
     let f: Vec<u64> = line
@@ -412,8 +407,9 @@ pub fn machine_idle() -> Duration {
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
         .collect();
-    let idle: u64 = [3, 4].iter().filter_map(|&i| f.get(i)).sum();
-    Duration::from_millis(idle * 10)
+    let ticks: u64 = fields.iter().filter_map(|&i| f.get(i)).sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Total size of the files under `dir`, in bytes.
@@ -1005,20 +1001,24 @@ pub async fn bulk_load(
             );
         }
         body.push_str("]}");
-        let req = Request::post("/v1/bulk")
-            .header("host", "127.0.0.1")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let (status, resp) = conn.send(req).await?;
-        if !status.is_success() {
-            bail!(
-                "bulk load of keys {i}..{} failed: HTTP {status}: {}",
-                i + n,
-                String::from_utf8_lossy(&resp)
-            );
-        }
+        post_bulk(&mut conn, Bytes::from(body))
+            .await
+            .with_context(|| format!("bulk load of keys {i}..{}", i + n))?;
         i += n;
         pb.inc(n);
+    }
+    Ok(())
+}
+
+/// `POST /v1/bulk` of a JSON body over `conn`; an error unless it succeeds.
+pub async fn post_bulk(conn: &mut Conn, body: Bytes) -> Result<()> {
+    let req = Request::post("/v1/bulk")
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(body))?;
+    let (status, resp) = conn.send(req).await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&resp));
     }
     Ok(())
 }

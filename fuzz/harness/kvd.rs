@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use kvd::storage::lww::Lww;
 use kvd::masterless::node::{decode_frames, decode_stream, encode_stream};
-use kvd::replication::node::{decode_append, encode_append};
 use kvd::model::LogPos;
+use kvd::replication::node::{decode_append, encode_append};
 use kvd::storage::fs::{Fs, WriteFile};
+use kvd::storage::lww::Lww;
 use kvd::storage::record::{self, Frame, Limits, Op, Record, Timestamp};
 use kvd::storage::snapshot::{self, SnapshotMeta, Source};
 use kvd::storage::wal::{Wal, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION};

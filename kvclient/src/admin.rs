@@ -27,46 +27,12 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::de::{DeserializeOwned, Deserializer};
-use serde::Deserialize;
+use kvproto::admin::ModeRequest;
+use kvproto::status::Status;
 use serde_json::{json, Value};
 
-/// A cluster's replication mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    PrimarySecondary,
-    Masterless,
-}
-
-impl Mode {
-    /// The name kvd and manifests use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::PrimarySecondary => "primary-secondary",
-            Mode::Masterless => "masterless",
-        }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = SwitchError;
-    fn from_str(s: &str) -> Result<Mode, SwitchError> {
-        match s {
-            "primary-secondary" => Ok(Mode::PrimarySecondary),
-            "masterless" => Ok(Mode::Masterless),
-            other => Err(SwitchError(format!(
-                "unknown mode {other:?} (primary-secondary or masterless)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A cluster's replication mode (the one type kvd, kvsup and clients use).
+pub use kvproto::Mode;
 
 /// Why a switch did not complete (the message says where it stopped and
 /// whether writes are still paused).
@@ -107,8 +73,9 @@ pub struct NodeDigest {
 /// What [`switch_mode`] did.
 #[derive(Debug, Clone)]
 pub struct SwitchReport {
-    /// Mode before (as the first node reported it).
-    pub from: String,
+    /// Mode before, as the first node reported it (`None`: between two
+    /// modes, a switch that stopped half way).
+    pub from: Option<Mode>,
     pub to: Mode,
     /// True when every node was already in `to`: nothing was done.
     pub already: bool,
@@ -126,98 +93,31 @@ pub struct SwitchReport {
     pub digests_after: Vec<NodeDigest>,
 }
 
-/// The fields of kvd's `GET /v1/status` body that a switch reads: a part
-/// of the status body kvd writes, mirrored here. A field that is absent, or
-/// of another type, reads as `None`.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct NodeStatus {
-    #[serde(default, deserialize_with = "lenient")]
-    node_id: Option<String>,
-    /// `primary-secondary` or `masterless` (or a transient state).
-    #[serde(default, deserialize_with = "lenient")]
-    mode: Option<String>,
-    /// Content digest, equal on nodes with equal contents.
-    #[serde(default, deserialize_with = "lenient")]
-    digest: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
-    epoch: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
-    last_index: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
-    commit_index: Option<u64>,
-    #[serde(default, deserialize_with = "lenient")]
-    writes_paused: Option<bool>,
-    #[serde(default, deserialize_with = "lenient")]
-    hlc: Option<HlcStatus>,
-    /// Present in masterless mode.
-    #[serde(default, deserialize_with = "lenient")]
-    masterless: Option<MasterlessStatus>,
+fn lww_digest(s: &Status) -> Option<&str> {
+    s.masterless.as_ref().map(|m| m.lww_digest.as_str())
 }
 
-/// `hlc` of [`NodeStatus`]: the node's clock.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct HlcStatus {
-    #[serde(default, deserialize_with = "lenient")]
-    physical_ms: Option<u64>,
-}
-
-/// `masterless` of [`NodeStatus`].
-#[derive(Debug, Clone, Default, Deserialize)]
-struct MasterlessStatus {
-    /// Digest of the last-write-wins stamps and tombstones.
-    #[serde(default, deserialize_with = "lenient")]
-    lww_digest: Option<String>,
-}
-
-/// A field as `T`, or `None` when it has another type: a status from a
-/// newer or older kvd still reads.
-fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    Ok(serde_json::from_value(Value::deserialize(d)?).ok())
-}
-
-impl NodeStatus {
-    fn node_id(&self) -> &str {
-        self.node_id.as_deref().unwrap_or_default()
-    }
-
-    fn is_in(&self, mode: Mode) -> bool {
-        self.mode.as_deref() == Some(mode.as_str())
-    }
-
-    fn lww_digest(&self) -> Option<&str> {
-        self.masterless.as_ref()?.lww_digest.as_deref()
-    }
-
-    fn clock_ms(&self) -> Option<u64> {
-        self.hlc.as_ref()?.physical_ms
-    }
-
-    fn digest_at(&self, url: &str) -> NodeDigest {
-        NodeDigest {
-            url: url.to_string(),
-            node_id: self.node_id().to_string(),
-            digest: self.digest.clone().unwrap_or_default(),
-        }
+fn digest_at(s: &Status, url: &str) -> NodeDigest {
+    NodeDigest {
+        url: url.to_string(),
+        node_id: s.node_id.clone(),
+        digest: s.digest.clone(),
     }
 }
 
 /// Identical contents everywhere, whole logs applied, writes paused.
-fn converged(statuses: &[NodeStatus]) -> bool {
+fn converged(statuses: &[Status]) -> bool {
     let first = &statuses[0];
     statuses.iter().all(|s| {
         s.digest == first.digest
-            && s.lww_digest() == first.lww_digest()
+            && lww_digest(s) == lww_digest(first)
             && s.commit_index == s.last_index
-            && s.writes_paused == Some(true)
+            && s.writes_paused
     })
 }
 
-fn max_u64(statuses: &[NodeStatus], f: impl Fn(&NodeStatus) -> Option<u64>) -> u64 {
-    statuses.iter().filter_map(f).max().unwrap_or(0)
+fn max_u64(statuses: &[Status], f: impl Fn(&Status) -> u64) -> u64 {
+    statuses.iter().map(f).max().unwrap_or(0)
 }
 
 #[derive(Clone)]
@@ -226,7 +126,7 @@ struct Admin {
     urls: Vec<String>,
 }
 
-async fn get_status(http: reqwest::Client, url: String) -> Result<NodeStatus, SwitchError> {
+async fn get_status(http: reqwest::Client, url: String) -> Result<Status, SwitchError> {
     let resp = http
         .get(format!("{url}/v1/status"))
         .send()
@@ -300,7 +200,7 @@ struct Base {
     /// To primary/secondary: the new primary's node id.
     primary: Option<String>,
     /// The `POST /v1/admin/mode` body.
-    request: Value,
+    request: ModeRequest,
 }
 
 impl Admin {
@@ -327,7 +227,7 @@ impl Admin {
         (0..self.urls.len()).collect()
     }
 
-    async fn statuses(&self) -> Result<Vec<NodeStatus>, SwitchError> {
+    async fn statuses(&self) -> Result<Vec<Status>, SwitchError> {
         on_nodes(&self.all(), |i| {
             get_status(self.http.clone(), self.urls[i].clone())
         })
@@ -364,11 +264,11 @@ impl Admin {
         SwitchError(format!("{why}; writes resumed"))
     }
 
-    fn digests(&self, statuses: &[NodeStatus]) -> Vec<NodeDigest> {
+    fn digests(&self, statuses: &[Status]) -> Vec<NodeDigest> {
         self.urls
             .iter()
             .zip(statuses)
-            .map(|(u, s)| s.digest_at(u))
+            .map(|(u, s)| digest_at(s, u))
             .collect()
     }
 
@@ -385,7 +285,7 @@ impl Admin {
 
     /// Step 3: polls until every node holds the same contents with its
     /// whole log applied (unanswered polls are retried until `timeout`).
-    async fn await_identical(&self, timeout: Duration) -> Result<Vec<NodeStatus>, SwitchError> {
+    async fn await_identical(&self, timeout: Duration) -> Result<Vec<Status>, SwitchError> {
         let started = Instant::now();
         loop {
             let statuses = match self.statuses().await {
@@ -420,7 +320,7 @@ impl Admin {
     /// the first node) with its URL.
     async fn common_base(
         &self,
-        statuses: &[NodeStatus],
+        statuses: &[Status],
         to: Mode,
         opts: &SwitchOptions,
     ) -> Result<Base, SwitchError> {
@@ -430,32 +330,30 @@ impl Admin {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let clock = max_u64(statuses, NodeStatus::clock_ms);
+        let clock = max_u64(statuses, |s| s.hlc.physical_ms);
         let base_ts_ms = if clock == 0 { now_ms } else { clock + 1 };
         let primary = match to {
-            Mode::Masterless => None,
+            Mode::Masterless | Mode::Single => None,
             Mode::PrimarySecondary => Some(match &opts.primary {
                 Some(p) => p.clone(),
-                None => statuses[0].node_id().to_string(),
+                None => statuses[0].node_id.clone(),
             }),
         };
         let primary_url = primary.as_ref().and_then(|p| {
             statuses
                 .iter()
-                .position(|s| s.node_id.as_deref() == Some(p.as_str()))
+                .position(|s| s.node_id == *p)
                 .map(|i| self.urls[i].clone())
         });
         if let (Some(p), None) = (&primary, &primary_url) {
             return Err(self.give_up(format!("no node is named {p:?}")).await);
         }
-        let request = json!({
-            "mode": to.as_str(),
-            "base_index": base_index,
-            "epoch": epoch,
-            "base_ts_ms": base_ts_ms,
-            "primary": primary,
-            "primary_url": primary_url,
-        });
+        let request = ModeRequest {
+            base_ts_ms,
+            primary: primary.clone(),
+            primary_url,
+            ..ModeRequest::new(to, base_index, epoch)
+        };
         Ok(Base {
             base_index,
             epoch,
@@ -475,7 +373,8 @@ impl Admin {
             if todo.is_empty() {
                 break;
             }
-            let results = self.post_to(&todo, "/v1/admin/mode", &base.request).await;
+            let body = serde_json::to_value(&base.request).unwrap_or_default();
+            let results = self.post_to(&todo, "/v1/admin/mode", &body).await;
             for (i, r) in todo.into_iter().zip(results) {
                 match r {
                     Ok(_) => switched[i] = true,
@@ -502,13 +401,13 @@ impl Admin {
         to: Mode,
         paused_at: Instant,
         timeout: Duration,
-    ) -> Result<Vec<NodeStatus>, SwitchError> {
+    ) -> Result<Vec<Status>, SwitchError> {
         loop {
             let statuses = self.statuses().await?;
             let first = &statuses[0];
             if statuses
                 .iter()
-                .all(|s| s.is_in(to) && s.digest == first.digest)
+                .all(|s| s.mode == Some(to) && s.digest == first.digest)
             {
                 return Ok(statuses);
             }
@@ -529,12 +428,17 @@ pub async fn switch_mode<S: AsRef<str>>(
     to: Mode,
     opts: &SwitchOptions,
 ) -> Result<SwitchReport, SwitchError> {
+    if !to.is_cluster() {
+        return Err(SwitchError(format!(
+            "{to} is not a cluster mode (primary-secondary or masterless)"
+        )));
+    }
     let admin = Admin::new(nodes, opts)?;
 
     // 1. Where are we?
     let before = admin.statuses().await?;
-    let from = before[0].mode.clone().unwrap_or_default();
-    if before.iter().all(|s| s.is_in(to)) {
+    let from = before[0].mode;
+    if before.iter().all(|s| s.mode == Some(to)) {
         let digests = admin.digests(&before);
         return Ok(SwitchReport {
             from,
@@ -587,47 +491,75 @@ pub async fn switch_mode<S: AsRef<str>>(
 mod tests {
     use super::*;
 
-    fn status(v: Value) -> NodeStatus {
+    /// A status body as kvd writes it, with `patch`'s fields replaced.
+    fn status(patch: Value) -> Status {
+        let ts = json!({"physical_ms": 1_700_000_000_000_u64, "logical": 2, "node": 0});
+        let mut v = json!({
+            "applied_index": 10, "commit_index": 10, "data_dir": "d", "digest": "00ab",
+            "epoch": 7, "hlc": ts, "keys": 1, "last_index": 10, "last_log_epoch": 7,
+            "memory": {"data_set_bytes": 0, "max_bytes": null}, "mode": "masterless",
+            "node_id": "n1", "peers": [], "role": "peer", "snapshot_index": 0,
+            "storage_poisoned": false, "storage_state": "ok", "uptime_seconds": 1,
+            "version": "0", "wal_bytes": 0, "wal_segments": 1, "writes_paused": true,
+        });
+        for (k, x) in patch.as_object().into_iter().flatten() {
+            v[k] = x.clone();
+        }
         serde_json::from_value(v).unwrap()
     }
 
     #[test]
-    fn the_status_view_reads_what_kvd_writes_and_tolerates_the_rest() {
-        let s = status(json!({
-            "node_id": "n1", "mode": "masterless", "role": "peer", "epoch": 7,
-            "last_index": 10, "commit_index": 10, "digest": "00ab",
-            "writes_paused": true, "hlc": {"physical_ms": 1_700_000_000_000_u64, "logical": 2},
-            "masterless": {"lww_digest": "ff00", "peers": []}, "unknown": {"x": 1},
-        }));
-        assert_eq!(s.node_id(), "n1");
-        assert!(s.is_in(Mode::Masterless) && !s.is_in(Mode::PrimarySecondary));
-        assert_eq!((s.epoch, s.last_index), (Some(7), Some(10)));
-        assert_eq!(s.clock_ms(), Some(1_700_000_000_000));
-        assert_eq!(s.lww_digest(), Some("ff00"));
-        // Absent or of another type: absent, as `value["field"].as_...()` read it.
-        let odd = status(json!({"node_id": 3, "epoch": "7", "hlc": [], "masterless": null}));
-        assert_eq!((odd.node_id(), odd.epoch, odd.clock_ms()), ("", None, None));
-        assert_eq!(odd.lww_digest(), None);
-        assert_eq!(odd.digest_at("http://n").digest, "");
+    fn the_switch_reads_kvds_typed_status() {
+        let s = status(json!({"masterless": {
+            "clock_offset_ms": 0, "global_stable_time": {"physical_ms": 0, "logical": 0, "node": 0},
+            "lww_digest": "ff00", "peers": [], "purged_tombstones": 0, "repaired_versions": 0,
+            "stable_time": {"physical_ms": 0, "logical": 0, "node": 0}, "stream_gaps_total": 0,
+            "tombstones": 0, "write_quorum": 1,
+        }}));
+        assert_eq!(s.mode, Some(Mode::Masterless));
+        assert_eq!(lww_digest(&s), Some("ff00"));
+        assert_eq!(
+            max_u64(std::slice::from_ref(&s), |s| s.hlc.physical_ms),
+            1_700_000_000_000
+        );
+        assert_eq!(digest_at(&s, "http://n").digest, "00ab");
+        assert_eq!(status(json!({"mode": "switching"})).mode, None);
     }
 
     #[test]
     fn converged_needs_equal_digests_applied_logs_and_paused_writes() {
-        let base =
-            json!({"digest": "a", "commit_index": 5, "last_index": 5, "writes_paused": true});
-        let with = |k: &str, v: Value| {
+        let base = status(json!({}));
+        assert!(converged(&[base.clone(), base.clone()]));
+        let lww = |d: &str| {
             let mut s = base.clone();
-            s[k] = v;
-            status(s)
+            let mut m = status(json!({"masterless": {
+                "clock_offset_ms": 0, "global_stable_time": {"physical_ms": 0, "logical": 0, "node": 0},
+                "lww_digest": d, "peers": [], "purged_tombstones": 0, "repaired_versions": 0,
+                "stable_time": {"physical_ms": 0, "logical": 0, "node": 0}, "stream_gaps_total": 0,
+                "tombstones": 0, "write_quorum": 1,
+            }}));
+            s.masterless = m.masterless.take();
+            s
         };
-        assert!(converged(&[status(base.clone()), status(base.clone())]));
         for other in [
-            with("digest", json!("b")),
-            with("commit_index", json!(4)),
-            with("writes_paused", json!(false)),
-            with("masterless", json!({"lww_digest": "x"})),
+            status(json!({"digest": "b"})),
+            status(json!({"commit_index": 4})),
+            status(json!({"writes_paused": false})),
+            lww("x"),
         ] {
-            assert!(!converged(&[status(base.clone()), other]));
+            assert!(!converged(&[base.clone(), other]));
         }
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_single_is_refused_before_any_request() {
+        let err = switch_mode(
+            &["http://127.0.0.1:9"],
+            Mode::Single,
+            &SwitchOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.0.contains("not a cluster mode"), "{err}");
     }
 }

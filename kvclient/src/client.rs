@@ -25,14 +25,14 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
-use crate::codes::KEY_NOT_FOUND;
 use crate::error::{is_retryable_status, Error, Result};
-use crate::headers::{PRIMARY_HEADER, RETRY_AFTER_MS_HEADER};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{
     BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchPage,
     SimilarTo, Status,
 };
+use kvproto::code::KEY_NOT_FOUND;
+use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
 
 /// Shortest time worth starting another attempt with.
 const MIN_USEFUL_ATTEMPT: Duration = Duration::from_millis(20);

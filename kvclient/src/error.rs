@@ -207,7 +207,7 @@ impl Error {
     /// retrying a write cannot apply it twice): paused writes, a primary
     /// handing over, no primary known yet, or overload.
     pub fn was_not_applied(&self) -> bool {
-        crate::codes::NOT_APPLIED.contains(&self.code())
+        kvproto::code::NOT_APPLIED.contains(&self.code())
     }
 
     /// A stable snake_case code for scripts and metrics: the server's own code
@@ -226,7 +226,7 @@ impl Error {
             Error::Decode { .. } => "decode",
             Error::ResponseTooLarge { .. } => "response_too_large",
             Error::RedirectLoop { .. } => "redirect_loop",
-            Error::NoPrimary { .. } => crate::codes::NO_PRIMARY,
+            Error::NoPrimary { .. } => kvproto::code::NO_PRIMARY,
         }
     }
 

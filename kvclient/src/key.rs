@@ -7,22 +7,19 @@
 
 use crate::error::{Error, KeyError};
 
-/// Longest key the server accepts, in bytes of UTF-8.
-pub const MAX_KEY_BYTES: usize = 1024;
+pub use kvproto::MAX_KEY_BYTES;
 
-/// Checks a key against the server's rules, so a bad key fails before any
-/// network traffic and with the same error whichever node would have seen it.
+/// Checks a key against the server's rules (the rule kvd applies, from
+/// `kvproto`), so a bad key fails before any network traffic and with the
+/// same error whichever node would have seen it.
 pub fn validate_key(key: &str) -> Result<(), KeyError> {
-    if key.is_empty() {
-        return Err(KeyError::Empty);
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(KeyError::TooLong { len: key.len() });
-    }
-    if let Some(at) = key.bytes().position(|b| b == 0) {
-        return Err(KeyError::ContainsNul { at });
-    }
-    Ok(())
+    kvproto::validate_key(key.as_bytes()).map_err(|e| match e {
+        kvproto::KeyError::Empty => KeyError::Empty,
+        kvproto::KeyError::TooLong { len } => KeyError::TooLong { len },
+        kvproto::KeyError::ContainsNul { at } => KeyError::ContainsNul { at },
+        // A `&str` is UTF-8.
+        kvproto::KeyError::NotUtf8 => unreachable!("a &str is UTF-8"),
+    })
 }
 
 /// Percent-encodes a key for use after `/v1/kv/`.

@@ -27,24 +27,23 @@
 //! Code map: `admin` (mode switch orchestration), `client` (endpoints,
 //! redirects, retries), `error` (the error type and its classifiers), `key`
 //! (key rules and URL encoding), `wire` (the API's JSON shapes), `backoff`
-//! (retry delays). What must match kvd is each in one module: header names
-//! in `headers`, error codes in `codes`, the key rules in `key`.
+//! (retry delays). What must match kvd comes from `kvproto`, the wire types
+//! kvd itself uses: header names, error codes, the key rule, the mode and
+//! the status body.
 
 pub mod admin;
 mod backoff;
 mod client;
-mod codes;
 mod error;
-mod headers;
 mod key;
 mod wire;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
-pub use codes::KEY_NOT_FOUND;
 pub use error::{Error, KeyError, Result};
-pub use headers::{PRIMARY_HEADER, RETRY_AFTER_MS_HEADER};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
+pub use kvproto::code::KEY_NOT_FOUND;
+pub use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
 pub use wire::{
     BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, SearchHit, SearchPage, SimilarTo, Status,
     WireValue,

@@ -154,3 +154,8 @@ pub const NOT_QUIESCENT: &str = "not_quiescent";
 pub const RUNTIME_START_FAILED: &str = "runtime_start_failed";
 /// A task of the node failed unexpectedly.
 pub const INTERNAL: &str = "internal";
+
+/// The codes of answers that say nothing was written (writes paused, a
+/// primary handing over, no primary known yet, overload): retrying such a
+/// write cannot apply it twice.
+pub const NOT_APPLIED: [&str; 4] = [WRITES_PAUSED, TRANSFER_IN_PROGRESS, NO_PRIMARY, OVERLOADED];

@@ -51,8 +51,9 @@ pub struct Metadata {
     pub name: String,
 }
 
-/// `spec.mode`: the same type `kvclient::admin::switch_mode` takes.
-pub use kvclient::admin::Mode;
+/// `spec.mode`: the one mode type kvd and `kvclient::admin::switch_mode`
+/// use; a manifest names a cluster mode (`single` is refused).
+pub use kvproto::Mode;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -400,6 +401,7 @@ impl Manifest {
         let at = Locator { text, file };
         self.check_header(&at)?;
         let s = &self.spec;
+        check_mode(s.mode, &at)?;
         check_state_dir_field(&s.state_dir, &at)?;
         let ports = check_nodes(&s.nodes, &at)?;
         check_supervisor_port(s.supervisor.port, &ports, &at)?;
@@ -537,6 +539,21 @@ impl Locator<'_> {
             quotes_content: true,
         }
     }
+}
+
+/// A cluster runs primary/secondary or masterless: `single` is what a kvd
+/// without peers is, not a mode a manifest can ask for.
+fn check_mode(mode: Mode, at: &Locator) -> Result<(), ManifestError> {
+    if mode.is_cluster() {
+        return Ok(());
+    }
+    Err(at.fail(
+        "spec.mode",
+        "mode",
+        mode.as_str(),
+        0,
+        format!("must be primary-secondary or masterless, not {mode}"),
+    ))
 }
 
 fn check_state_dir_field(dir: &Path, at: &Locator) -> Result<(), ManifestError> {
@@ -830,6 +847,12 @@ spec:
         let e = Manifest::parse(&GOOD.replace("mode: primary-secondary", "mode: raft"), "m")
             .unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
+        let e = Manifest::parse(
+            &GOOD.replace("mode: primary-secondary", "mode: single"),
+            "m",
+        )
+        .unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("spec.mode", Some(5)), "{e}");
         let e = Manifest::parse(&GOOD.replace("port: 8766", "port: 99999"), "m").unwrap_err();
         assert_eq!(e.line, Some(9), "{e}");
     }

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::{error_message, ElectionState, Sup};
 use crate::election::{self, Decision, NodeView};
 use crate::manifest::Mode;
+use kvproto::status::Role;
 
 /// Extra wait before electing when no primary is known and some node does
 /// not answer yet (it may come back as the primary).
@@ -59,11 +60,6 @@ impl Sup {
                 let running = n.run.lock().running;
                 let h = n.health.lock();
                 let st = h.status.as_ref();
-                let num = |k: &str| {
-                    st.and_then(|s| s.get(k))
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0)
-                };
                 NodeView {
                     name: n.name.clone(),
                     url: n.url.clone(),
@@ -71,11 +67,9 @@ impl Sup {
                     answering: running && h.ok,
                     ready: h.ready,
                     failed: !running || h.failures >= threshold,
-                    claims_primary: h.ok
-                        && st.and_then(|s| s.get("role")).and_then(Value::as_str)
-                            == Some("primary"),
-                    epoch: num("epoch"),
-                    last: (num("last_log_epoch"), num("last_index")),
+                    claims_primary: h.ok && st.map(|s| s.role) == Some(Role::Primary),
+                    epoch: st.map_or(0, |s| s.epoch),
+                    last: st.map_or((0, 0), |s| (s.last_log_epoch, s.last_index)),
                 }
             })
             .collect()

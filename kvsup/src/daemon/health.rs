@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvproto::status::Status;
 use serde_json::Value;
 
 use super::{error_message, Node, Sup};
@@ -16,7 +17,7 @@ const STARTUP_PROBE: Duration = Duration::from_millis(20);
 
 /// What one check saw of a node that answered.
 struct Seen {
-    status: Value,
+    status: Status,
     /// Why its storage refuses writes, if it does.
     not_ready: Option<String>,
 }
@@ -69,7 +70,7 @@ impl Sup {
             self.fetch_ready(&node.url, timeout)
         );
         let status = status?;
-        let poisoned = status.get("storage_poisoned").and_then(Value::as_bool) == Some(true);
+        let poisoned = status.storage_poisoned;
         let not_ready = match ready? {
             Some(why) => Some(why),
             None => poisoned.then(|| "its status says storage_poisoned".to_string()),
@@ -143,12 +144,12 @@ impl Sup {
             .map_err(|e| format!("{what} failed: {e}"))
     }
 
-    async fn fetch_status(&self, url: &str, timeout: Duration) -> Result<Value, String> {
+    async fn fetch_status(&self, url: &str, timeout: Duration) -> Result<Status, String> {
         let resp = self.get(url, "/v1/status", timeout, "status check").await?;
         if !resp.status().is_success() {
             return Err(format!("status check answered {}", resp.status()));
         }
-        resp.json::<Value>()
+        resp.json::<Status>()
             .await
             .map_err(|e| format!("status check: bad body: {e}"))
     }

@@ -88,7 +88,7 @@ struct Health {
     /// ...and the node's storage takes writes.
     ready: bool,
     failures: u32,
-    status: Option<Value>,
+    status: Option<kvproto::status::Status>,
     last_error: Option<String>,
 }
 

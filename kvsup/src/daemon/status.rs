@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
+use kvproto::status::{Peers, Status};
 use serde_json::{json, Value};
 
 use super::{Node, Sup};
@@ -13,9 +14,9 @@ use crate::manifest::Mode;
 struct Lags {
     mode: Mode,
     /// The primary's status (primary/secondary): its peers' lag.
-    primary_status: Option<Value>,
+    primary_status: Option<Status>,
     /// Every node's status (masterless: each reports its peers' lag).
-    statuses: Vec<Value>,
+    statuses: Vec<Status>,
 }
 
 impl Lags {
@@ -26,21 +27,19 @@ impl Lags {
             Mode::Masterless => self
                 .statuses
                 .iter()
-                .filter_map(|s| s.pointer("/masterless/peers")?.as_array())
-                .flatten()
-                .filter(|p| p.get("url").and_then(Value::as_str) == Some(url))
-                .filter_map(|p| p.get("lag_entries").and_then(Value::as_u64))
+                .filter_map(|s| s.masterless.as_ref())
+                .flat_map(|m| &m.peers)
+                .filter(|p| p.url == url)
+                .map(|p| p.lag_entries)
                 .max(),
             Mode::PrimarySecondary if is_primary => Some(0),
-            Mode::PrimarySecondary => self
-                .primary_status
-                .as_ref()?
-                .get("peers")?
-                .as_array()?
-                .iter()
-                .find(|p| p.get("url").and_then(Value::as_str) == Some(url))?
-                .get("lag_entries")?
-                .as_u64(),
+            Mode::PrimarySecondary => match &self.primary_status.as_ref()?.peers {
+                Peers::Replication(peers) => {
+                    peers.iter().find(|p| p.url == url).map(|p| p.lag_entries)
+                }
+                Peers::Masterless(_) => None,
+            },
+            Mode::Single => None,
         }
     }
 }
@@ -110,19 +109,24 @@ impl Sup {
 fn node_row(n: &Node, lag: Option<u64>) -> Value {
     let r = n.run.lock();
     let h = n.health.lock();
-    let st = h.status.clone().unwrap_or(Value::Null);
+    let st = h.status.as_ref();
+    let role = match (h.ok, st) {
+        (true, Some(s)) => json!(s.role),
+        (true, None) => Value::Null,
+        (false, _) => json!("down"),
+    };
     json!({
         "name": n.name,
         "url": n.url,
         "pid": r.pid,
         "running": r.running,
-        "role": if h.ok { st.get("role").cloned().unwrap_or(Value::Null) } else { json!("down") },
-        "mode": st.get("mode"),
-        "epoch": st.get("epoch"),
-        "last_index": st.get("last_index"),
-        "commit_index": st.get("commit_index"),
-        "keys": st.get("keys"),
-        "digest": st.get("digest"),
+        "role": role,
+        "mode": st.map(|s| s.mode.map_or(kvproto::or_switching::SWITCHING, Mode::as_str)),
+        "epoch": st.map(|s| s.epoch),
+        "last_index": st.map(|s| s.last_index),
+        "commit_index": st.map(|s| s.commit_index),
+        "keys": st.map(|s| s.keys),
+        "digest": st.map(|s| &s.digest),
         "lag": lag,
         "healthy": r.running && h.ok && h.ready,
         "ready": h.ready,

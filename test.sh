@@ -25,8 +25,17 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== cargo test (unit, crash-model, end-to-end)"
-cargo test --workspace --locked
+echo "== tests (unit, crash-model, end-to-end)"
+# cargo-nextest runs every test of every binary as one pool (two at a time
+# on two cores), so a long end-to-end test no longer holds up the binaries
+# after it; plain cargo test when it is not installed. Doctests need cargo
+# test either way.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    cargo test --workspace --locked --doc
+else
+    cargo test --workspace --locked
+fi
 
 echo "== Python client (python/): pip install, mypy --strict, pytest against target/debug"
 # A venv under target/ (ignored by git), reused between runs. Debian's

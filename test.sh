@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README "Test"): installs what the tests need, then
+# The one test command (README, "The two commands"): installs what the tests need, then
 # build, formatting, lints, and every test. .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,4 +1,4 @@
-//! Help texts and the `kvclient` CLI (DESIGN §9)
+//! Help texts and the `kvclient` CLI (docs/DESIGN.md §9)
 //! against a real kvd.
 
 use std::process::Output;
@@ -72,7 +72,7 @@ fn kvd_help_describes_every_flag() {
             "--version",
         ],
     );
-    // Defaults a user needs to know are stated (DESIGN §2).
+    // Defaults a user needs to know are stated (docs/DESIGN.md §2).
     assert!(help.contains("8765"), "default port missing:\n{help}");
     assert!(
         help.contains("127.0.0.1"),

@@ -1,4 +1,4 @@
-//! Masterless mode (DESIGN §5) with three real kvd processes:
+//! Masterless mode (docs/DESIGN.md §5) with three real kvd processes:
 //! writes on every node, last-write-wins by hybrid logical clock,
 //! tombstones, catch-up after a crash or a partition, clock faults.
 

@@ -1,4 +1,4 @@
-//! `/metrics` (DESIGN §10): the kvd metrics that apply to one node, in the
+//! `/metrics` (docs/DESIGN.md §10): the kvd metrics that apply to one node, in the
 //! Prometheus text format, reflecting the writes actually made.
 
 use bytes::Bytes;

@@ -1,4 +1,4 @@
-//! Live mode switch (DESIGN §6) of three real kvd processes under
+//! Live mode switch (docs/DESIGN.md §6) of three real kvd processes under
 //! 16 writers, driven through `kvclient::admin::switch_mode`:
 //! primary/secondary -> masterless -> primary/secondary, no acknowledged
 //! write lost, identical digests after each switch.

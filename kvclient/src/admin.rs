@@ -1,4 +1,4 @@
-//! Cluster administration: the live mode switch (DESIGN §6) between
+//! Cluster administration: the live mode switch (docs/DESIGN.md §6) between
 //! primary/secondary and masterless, driven from outside (by `kvsup apply`
 //! when a manifest's mode differs, by tests and benchmarks).
 //!

@@ -37,7 +37,7 @@ use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_M
 /// Shortest time worth starting another attempt with.
 const MIN_USEFUL_ATTEMPT: Duration = Duration::from_millis(20);
 
-/// Where a kvd listens by default (DESIGN §2).
+/// Where a kvd listens by default (docs/DESIGN.md §2).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8765";
 
 /// Longest server error message kept in an [`Error::Server`]: errors are
@@ -262,7 +262,7 @@ impl Client {
 
     /// The value of `key`, or `None` when the node answers 404 `key_not_found`.
     ///
-    /// Reads are served by whichever node is asked (DESIGN §4), so on a
+    /// Reads are served by whichever node is asked (docs/DESIGN.md §4), so on a
     /// secondary this may lag the primary; see [`Client::get_consistent`].
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.get_inner(path_for_key(key)?).await

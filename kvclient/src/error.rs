@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Why a key was refused before anything was sent.
 ///
-/// These mirror the server's rules (DESIGN §2) so that a bad key fails fast
+/// These mirror the server's rules (docs/DESIGN.md §2) so that a bad key fails fast
 /// and identically on every node, instead of costing a round trip and a 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {

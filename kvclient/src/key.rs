@@ -1,7 +1,7 @@
 //! Key rules and how a key travels in a URL.
 //!
 //! Contract: [`validate_key`] accepts exactly the keys the server accepts
-//! (DESIGN §2: UTF-8, 1..=1024 bytes, no NUL); [`encode_key`] turns a valid
+//! (docs/DESIGN.md §2: UTF-8, 1..=1024 bytes, no NUL); [`encode_key`] turns a valid
 //! key into a path suffix that the server's wildcard route percent-decodes
 //! back to the same key, byte for byte.
 

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! [`admin::switch_mode`] switches a live cluster between primary/secondary
-//! and masterless (DESIGN §6).
+//! and masterless (docs/DESIGN.md §6).
 //!
 //! Code map: `admin` (mode switch orchestration), `client` (endpoints,
 //! redirects, retries), `error` (the error type and its classifiers), `key`

@@ -1,4 +1,4 @@
-//! JSON shapes of the HTTP API (DESIGN §2), shared by the library and CLI.
+//! JSON shapes of the HTTP API (docs/DESIGN.md §2), shared by the library and CLI.
 //!
 //! Values are bytes, but JSON has no bytes type: a value travels as a plain
 //! string when it is valid UTF-8 (readable in logs and hand-written bulk

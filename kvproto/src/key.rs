@@ -1,4 +1,4 @@
-//! Which keys a node accepts (DESIGN §2): UTF-8, 1 to [`MAX_KEY_BYTES`]
+//! Which keys a node accepts (docs/DESIGN.md §2): UTF-8, 1 to [`MAX_KEY_BYTES`]
 //! bytes, no NUL. The same rule holds a client's key and every key a peer
 //! sends.
 

@@ -17,9 +17,9 @@ pub enum Mode {
     /// because it has no `--peers`.
     #[cfg_attr(feature = "clap", value(skip))]
     Single,
-    /// One primary per epoch takes writes and ships its log (DESIGN §4).
+    /// One primary per epoch takes writes and ships its log (docs/DESIGN.md §4).
     PrimarySecondary,
-    /// Every node takes writes, merged last-write-wins (DESIGN §5).
+    /// Every node takes writes, merged last-write-wins (docs/DESIGN.md §5).
     Masterless,
 }
 

@@ -13,7 +13,7 @@
 //! plus a grace when kvsup does not know who should be leading.
 //!
 //! Safety is kvd's, not this module's: a promotion succeeds only with a
-//! majority of votes (DESIGN §4), so a wrong decision here costs an election
+//! majority of votes (docs/DESIGN.md §4), so a wrong decision here costs an election
 //! or a delay, never an acknowledged write.
 
 use std::fmt;

@@ -1,5 +1,5 @@
 //! kvsup: runs a kvstore cluster from a YAML manifest, the way an operator
-//! runs a database on Kubernetes (DESIGN §8). See ARCHITECTURE.md.
+//! runs a database on Kubernetes (docs/DESIGN.md §8). See ARCHITECTURE.md.
 //!
 //! Layers, each using only those below it (`tests/layers.rs` holds the
 //! table and checks every `crate::` path against it):

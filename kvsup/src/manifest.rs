@@ -1,4 +1,4 @@
-//! The cluster manifest (DESIGN §8): typed, validated, with errors that name
+//! The cluster manifest (docs/DESIGN.md §8): typed, validated, with errors that name
 //! the field and the line.
 //!
 //! Parsing is strict: an unknown field anywhere is an error (a typo such as

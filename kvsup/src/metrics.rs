@@ -1,4 +1,4 @@
-//! The supervisor's Prometheus metrics (DESIGN §10).
+//! The supervisor's Prometheus metrics (docs/DESIGN.md §10).
 
 use prometheus::core::Collector;
 use prometheus::{

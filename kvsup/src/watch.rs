@@ -1,4 +1,4 @@
-//! Re-applies the manifest when its file is edited (DESIGN §8).
+//! Re-applies the manifest when its file is edited (docs/DESIGN.md §8).
 //!
 //! The directory is watched rather than the file: editors save by writing a
 //! new file and renaming it over the old one, which a watch on the old

@@ -1,6 +1,6 @@
 """``KVClient``: the Python client of kvstore.
 
-It speaks kvd's HTTP API (DESIGN §2) over keep-alive connections from the
+It speaks kvd's HTTP API (docs/DESIGN.md §2) over keep-alive connections from the
 standard library's ``http.client`` and follows the same contract as the Rust
 client (``kvclient/src/client.rs``):
 
@@ -76,13 +76,13 @@ __all__ = [
     "normalize_endpoint",
 ]
 
-#: Where a kvd listens by default (DESIGN §2).
+#: Where a kvd listens by default (docs/DESIGN.md §2).
 DEFAULT_ENDPOINT = "http://127.0.0.1:8765"
 
 #: Longest key the server accepts, in bytes of UTF-8.
 MAX_KEY_BYTES = 1024
 
-#: Header with which a secondary names the primary's base URL (DESIGN §4).
+#: Header with which a secondary names the primary's base URL (docs/DESIGN.md §4).
 PRIMARY_HEADER = "X-KV-Primary"
 
 #: kvd's finer hint beside ``Retry-After``, in milliseconds.
@@ -147,7 +147,7 @@ class Response:
 
 def validate_key(key: str) -> None:
     """Raises :class:`InvalidKeyError` unless the server would accept ``key``
-    (DESIGN §2: UTF-8, 1..=1024 bytes, no NUL), so a bad key fails before any
+    (docs/DESIGN.md §2: UTF-8, 1..=1024 bytes, no NUL), so a bad key fails before any
     network traffic."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"key must be a str, not {type(key).__name__}")

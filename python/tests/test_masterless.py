@@ -1,4 +1,4 @@
-"""Masterless mode through KVClient (kvd --mode masterless, DESIGN §5):
+"""Masterless mode through KVClient (kvd --mode masterless, docs/DESIGN.md §5):
 every node takes writes, and every write reaches every node.
 
 Needs a kvd built with masterless mode. Until that lands on main, these

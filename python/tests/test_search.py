@@ -1,4 +1,4 @@
-"""Full-text and similarity search through KVClient (kvd --index, DESIGN §7).
+"""Full-text and similarity search through KVClient (kvd --index, docs/DESIGN.md §7).
 
 Needs a kvd built with search (issue: indexes). Until that lands on main,
 these tests fail at start-up: kvd does not know --index.

@@ -86,7 +86,7 @@ impl Sup {
         Ok(changes)
     }
 
-    /// Live mode switch (DESIGN §6) through [`kvclient::admin::switch_mode`]:
+    /// Live mode switch (docs/DESIGN.md §6) through [`kvclient::admin::switch_mode`]:
     /// writes pause on every node until all hold identical contents, every
     /// node changes mode, writes resume. No failover or switchover runs
     /// meanwhile (they take the same lock).

@@ -16,7 +16,7 @@
 //!
 //! kvsup decides *when* to elect and *whom* to ask (`crate::election`);
 //! safety is kvd's: a promotion only succeeds with a majority of votes
-//! (DESIGN §4), so a wrong guess here (a primary that was only slow) costs a
+//! (docs/DESIGN.md §4), so a wrong guess here (a primary that was only slow) costs a
 //! needless election, never a lost write.
 
 mod commands;

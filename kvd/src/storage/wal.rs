@@ -94,10 +94,9 @@ pub struct Wal {
     next_index: u64,
     /// Epoch of the last record in the log (0 when empty).
     last_epoch: u64,
-    /// `Ok` until the log must refuse appends (sticky until restart).
-    state: StorageState,
-    /// Which watched path changed, once `state` is `DataDirLost`.
-    lost: String,
+    /// `Ok` until the log must refuse appends (sticky until restart); the
+    /// engine's one storage state, shared with its readers.
+    health: Arc<Health>,
     /// `wal/` held open, to sync its entries without a new descriptor.
     dir_handle: Option<Box<dyn DirHandle>>,
     /// The next segment, made in advance at [`SPARE_NAME`].
@@ -319,8 +318,7 @@ impl Wal {
             segment_max_bytes,
             next_index,
             last_epoch,
-            state: StorageState::Ok,
-            lost: String::new(),
+            health: Arc::new(Health::default()),
             dir_handle,
             spare: None,
             anchors: Anchors::default(),
@@ -359,10 +357,7 @@ impl Wal {
             self.active = active;
             Ok(())
         })();
-        if result.is_err() {
-            self.state = StorageState::Poisoned;
-        }
-        result?;
+        result.map_err(|e| self.poison(e))?;
         self.next_index = next_index;
         self.last_epoch = last_epoch;
         Ok(())
@@ -374,20 +369,28 @@ impl Wal {
 
     /// Whether the log refuses appends (for any reason; see [`Wal::state`]).
     pub fn is_poisoned(&self) -> bool {
-        self.state != StorageState::Ok
+        !self.health.is_ok()
     }
 
     pub fn state(&self) -> StorageState {
-        self.state
+        self.health.get()
+    }
+
+    /// The storage state, shared: the engine's readers see it change.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// The error every append gets in the current state, if any.
     pub fn refusal(&self) -> Option<Error> {
-        match self.state {
-            StorageState::Ok => None,
-            StorageState::Poisoned => Some(Error::Poisoned),
-            StorageState::DataDirLost => Some(Error::DataDirLost(self.lost.clone())),
-        }
+        self.health.refusal()
+    }
+
+    /// Refuses every later append: after a failed write or fsync, the
+    /// kernel may have dropped pages nobody can name. Returns `e`.
+    fn poison(&self, e: Error) -> Error {
+        self.health.fail(StorageState::Poisoned, e.to_string());
+        e
     }
 
     /// Watches `anchors` (the data dir, its `LOCK`, `wal/`) from now on.
@@ -398,12 +401,11 @@ impl Wal {
     /// Checks the watched paths; the first time one is found removed or
     /// replaced, the log stops taking appends and the change is returned.
     pub fn check_anchors(&mut self) -> Option<String> {
-        if self.state == StorageState::DataDirLost {
+        if self.is_poisoned() {
             return None;
         }
         let lost = self.anchors.lost(self.fs.as_ref())?;
-        self.state = StorageState::DataDirLost;
-        self.lost.clone_from(&lost);
+        self.health.fail(StorageState::DataDirLost, lost.clone());
         Some(lost)
     }
 
@@ -459,8 +461,7 @@ impl Wal {
             self.roll()?;
         }
         if let Err(e) = self.active.write_all(framed) {
-            self.state = StorageState::Poisoned;
-            return Err(Error::io("appending to the WAL".into(), e));
+            return Err(self.poison(Error::io("appending to the WAL".into(), e)));
         }
         self.active_mut().bytes += framed.len() as u64;
         self.next_index = first + count;
@@ -474,8 +475,7 @@ impl Wal {
             return Err(e);
         }
         if let Err(e) = self.active.sync_data() {
-            self.state = StorageState::Poisoned;
-            return Err(Error::io("fsync of the WAL".into(), e));
+            return Err(self.poison(Error::io("fsync of the WAL".into(), e)));
         }
         // The fsync of a segment that was unlinked (its data dir deleted)
         // succeeds, but vouches for nothing a restart would read: refuse
@@ -484,10 +484,12 @@ impl Wal {
         if self.active.is_unlinked() {
             // Name the anchor that went (the data dir, usually) if one did.
             if self.check_anchors().is_none() {
-                self.state = StorageState::DataDirLost;
-                self.lost = format!("{} was removed", self.active_path().display());
+                let lost = format!("{} was removed", self.active_path().display());
+                self.health.fail(StorageState::DataDirLost, lost);
             }
-            return Err(Error::DataDirLost(self.lost.clone()));
+            return Err(self
+                .refusal()
+                .unwrap_or_else(|| Error::DataDirLost(String::new())));
         }
         Ok(())
     }
@@ -523,10 +525,7 @@ impl Wal {
                 e,
             ))
         })?;
-        if let Err(e) = self.sync_dir() {
-            self.state = StorageState::Poisoned;
-            return Err(e);
-        }
+        self.sync_dir().map_err(|e| self.poison(e))?;
         let active = self
             .spare
             .take()
@@ -658,10 +657,7 @@ impl Wal {
             })?;
         }
         let result = self.cut(i, cut);
-        if result.is_err() {
-            self.state = StorageState::Poisoned;
-        }
-        result?;
+        result.map_err(|e| self.poison(e))?;
         self.next_index = from;
         self.last_epoch = prev_epoch.unwrap_or(0);
         Ok(prev_epoch)

@@ -51,7 +51,9 @@ impl Health {
         match self.get() {
             StorageState::Ok => None,
             StorageState::Poisoned => Some(Error::Poisoned),
-            StorageState::DataDirLost => Some(Error::DataDirLost(self.detail().unwrap_or_default())),
+            StorageState::DataDirLost => {
+                Some(Error::DataDirLost(self.detail().unwrap_or_default()))
+            }
         }
     }
 }

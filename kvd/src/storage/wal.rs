@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::fs::{Anchors, DirHandle, Fs, WriteFile};
+use super::health::Health;
 use super::record::{self, Frame, Record};
 use super::{Error, StorageState};
 

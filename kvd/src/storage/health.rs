@@ -36,13 +36,17 @@ impl Health {
         if state == StorageState::Ok || !self.is_ok() {
             return false;
         }
-        let said = match state {
-            StorageState::DataDirLost => Error::DataDirLost(detail.clone()).to_string(),
-            _ => format!("{} ({detail})", Error::Poisoned),
+        let refusal = match state {
+            StorageState::DataDirLost => Error::DataDirLost(detail.clone()),
+            _ => Error::Poisoned,
         };
+        tracing::error!(
+            storage_state = state.as_str(),
+            cause = %detail,
+            "refusing writes until restart: {refusal}"
+        );
         *self.detail.lock() = Some(detail);
         self.state.store(state as u8, Ordering::Release);
-        eprintln!("kvd: refusing writes until restart: {said}");
         true
     }
 

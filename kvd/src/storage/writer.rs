@@ -392,10 +392,10 @@ impl Writer {
     /// Logs, once, that a new segment could be started after refusals.
     fn roll_taken_again(&mut self) {
         if self.roll_refusals > 0 {
-            eprintln!(
-                "kvd: a new WAL segment was started after {} refused write batches; \
-                 writes are taken again",
-                self.roll_refusals
+            tracing::info!(
+                refused_batches = self.roll_refusals,
+                "a new WAL segment was started after refused write batches; \
+                 writes are taken again"
             );
             self.roll_refusals = 0;
         }
@@ -407,7 +407,7 @@ impl Writer {
     fn refuse_batch(&mut self, batch: &mut Vec<WriteReq>, e: &Error) {
         if let Error::SegmentUnavailable(_) = e {
             if self.roll_refusals == 0 {
-                eprintln!("kvd: refusing writes until a new WAL segment can be started: {e}");
+                tracing::warn!(error = %e, "refusing writes until a new WAL segment can be started");
             }
             self.roll_refusals = self.roll_refusals.saturating_add(1);
             if let Some(m) = &self.metrics {
@@ -573,7 +573,7 @@ impl Writer {
         let appended = match self.append_durably(entries, Some(observed), buf) {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("kvd: WAL write failed: {e}");
+                tracing::error!(error = %e, "WAL write failed");
                 return Err(e);
             }
         };
@@ -788,7 +788,9 @@ impl Writer {
                     self.shared.log.lock().compact_to(first.saturating_sub(1));
                     self.publish_wal_stats();
                 }
-                Err(e) => eprintln!("kvd: WAL compaction failed (will retry later): {e}"),
+                Err(e) => {
+                    tracing::warn!(upto, error = %e, "WAL compaction failed (will retry later)")
+                }
             }
         }
     }
@@ -819,7 +821,7 @@ impl Snapshotter {
                     }
                     let _ = self.compact_tx.send(meta.last_index);
                 }
-                Err(e) => eprintln!("kvd: snapshot at index {} failed: {e}", meta.last_index),
+                Err(e) => tracing::error!(index = meta.last_index, error = %e, "snapshot failed"),
             }
             self.shared.snapshot_running.store(false, Ordering::Release);
         }

@@ -27,9 +27,11 @@
 //!   (whose waiting writers get [`Error::Superseded`]). After a restart,
 //!   entries past the snapshot wait for the primary's commit index.
 //!
-//! Threads: the WAL writer owns the log and applies; the snapshotter writes
-//! snapshots in the background and hands compaction back to the writer, so
-//! every WAL file operation happens on one thread.
+//! Threads (`writer.rs`): the WAL writer owns the log and applies; the
+//! snapshotter writes snapshots in the background and hands compaction
+//! back to the writer, so every WAL file operation happens on one thread.
+//! One [`Health`] flag says whether the engine takes writes: the WAL sets
+//! it where a failure happens, everyone else reads it.
 
 pub mod fs;
 mod health;

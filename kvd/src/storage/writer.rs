@@ -639,6 +639,13 @@ impl Writer {
     /// After the WAL was reset to start after `base`: the log view, the
     /// indexes and the snapshot bookkeeping say so too.
     fn restart_log_at(&mut self, base: snapshot::SnapshotMeta) {
+        let applied = self.shared.applied_index.load(Ordering::Acquire);
+        debug_assert!(
+            base.last_index >= applied,
+            "WAL writer invariant: a new log base at {} would move the applied index back \
+             from {applied}",
+            base.last_index
+        );
         *self.shared.log.lock() = EpochRuns::new(base.last_index, base.last_epoch);
         self.shared.cache.lock().clear();
         self.first_unapplied = None;

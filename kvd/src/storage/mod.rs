@@ -975,3 +975,26 @@ fn start_threads(
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mode_has_its_commit_policy_and_only_a_single_node_ships_nothing() {
+        let policies =
+            [Mode::Single, Mode::PrimarySecondary, Mode::Masterless].map(CommitPolicy::from);
+        assert_eq!(
+            policies,
+            [
+                CommitPolicy::Local,
+                CommitPolicy::Replicated,
+                CommitPolicy::Merge
+            ]
+        );
+        assert_eq!(policies.map(CommitPolicy::ships), [false, true, true]);
+        for p in CommitPolicy::ALL {
+            assert_eq!(CommitPolicy::ALL[p as usize], p, "the u8 form round-trips");
+        }
+    }
+}

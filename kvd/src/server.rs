@@ -241,8 +241,7 @@ fn engine_config(cfg: &Config, meta: &Meta, wall: &WallClock) -> EngineConfig {
     ecfg.snapshot_every_bytes = cfg.snapshot_every_mib << 20;
     ecfg.queue_capacity = cfg.write_queue;
     ecfg.epoch = meta.epoch;
-    ecfg.replicated = meta.mode == Mode::PrimarySecondary;
-    ecfg.masterless = meta.mode == Mode::Masterless;
+    ecfg.policy = meta.mode.into();
     ecfg.node_tag = node_tag(&meta.node_id);
     ecfg.wall = wall.clone();
     ecfg.index = cfg.index.then(|| Arc::new(Index::new(cfg.index_stem)));

@@ -9,7 +9,8 @@
 //! unsynced bytes, then maybe zeros or garbage) must each have reached
 //! recovery a number of times, or the run proves too little. Crashes inside
 //! snapshot install, the mode switch's rebase and masterless ingest are in
-//! `crash_replicated.rs`.
+//! `crash_replicated.rs`; crashes around votes and epochs (`meta`) in
+//! `crash_votes.rs`.
 
 mod sim;
 

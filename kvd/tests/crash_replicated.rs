@@ -29,7 +29,8 @@ use kvd::replication::rules::{AppendOutcome, LogPos};
 use kvd::storage::fs::Fs;
 use kvd::storage::snapshot::{self, SnapshotMeta};
 use kvd::storage::{
-    Engine, EngineConfig, Error, Op, OpenReport, Rebase, Record, ReplicateRequest, State, Timestamp,
+    CommitPolicy, Engine, EngineConfig, Error, Op, OpenReport, Rebase, Record, ReplicateRequest,
+    State, Timestamp,
 };
 use sim::model::{apply_model, contents, key, random_op, Model, KEYS};
 use sim::{SimFs, TailTally, TornTail};
@@ -58,6 +59,13 @@ impl Mode {
             Mode::Masterless => Mode::PrimarySecondary,
         }
     }
+
+    fn policy(self) -> CommitPolicy {
+        match self {
+            Mode::PrimarySecondary => CommitPolicy::Replicated,
+            Mode::Masterless => CommitPolicy::Merge,
+        }
+    }
 }
 
 fn config(mode: Mode, epoch: u64) -> EngineConfig {
@@ -68,8 +76,7 @@ fn config(mode: Mode, epoch: u64) -> EngineConfig {
     cfg.queue_capacity = 64;
     cfg.epoch = epoch;
     cfg.node_tag = ME;
-    cfg.replicated = mode == Mode::PrimarySecondary;
-    cfg.masterless = mode == Mode::Masterless;
+    cfg.policy = mode.policy();
     // Peers' stamps here lie in the year 2100, so that which version wins
     // never depends on the wall clock; the bound on stamps ahead of the
     // clock is not what this model is about (tests/masterless_safety.rs).
@@ -456,7 +463,7 @@ fn before_rebase(
     if rng.gen_bool(0.5) {
         epoch += 1;
         let req = Rebase {
-            masterless: from == Mode::Masterless,
+            policy: from.policy(),
             base_index: engine.last_log_pos().index + rng.gen_range(0..3),
             epoch,
             base_ts: peers.base_ts(),
@@ -481,7 +488,7 @@ fn rebase_once(seed: u64, from: Mode, crash_at: Option<u64>) -> u64 {
     let last = engine.last_log_pos().index;
     let to = from.other();
     let req = Rebase {
-        masterless: to == Mode::Masterless,
+        policy: to.policy(),
         base_index: last + rng.gen_range(0..4),
         epoch: old_epoch + 1,
         base_ts: peers.base_ts(),
@@ -768,7 +775,7 @@ fn a_failed_rebase_leaves_a_masterless_node_its_stamps() {
 
     fs.fail_next_sync();
     let req = Rebase {
-        masterless: false,
+        policy: CommitPolicy::Replicated,
         base_index: engine.last_log_pos().index,
         epoch: 2,
         base_ts: peers.base_ts(),

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kvd::storage::{Engine, EngineConfig, Op, RealFs, Record, Timestamp};
+use kvd::storage::{CommitPolicy, Engine, EngineConfig, Op, RealFs, Record, Timestamp};
 use tempfile::TempDir;
 
 fn masterless(dir: &TempDir) -> Engine {
     let mut cfg = EngineConfig::new(dir.path());
-    cfg.masterless = true;
+    cfg.policy = CommitPolicy::Merge;
     cfg.node_tag = 1;
     Engine::open(Arc::new(RealFs), cfg, None).unwrap().0
 }

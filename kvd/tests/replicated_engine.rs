@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kvd::replication::rules::{AppendOutcome, LogPos};
-use kvd::storage::{Engine, EngineConfig, Error, Op, RealFs, Record, ReplicateRequest, Timestamp};
+use kvd::storage::{
+    CommitPolicy, Engine, EngineConfig, Error, Op, RealFs, Record, ReplicateRequest, Timestamp,
+};
 use tempfile::TempDir;
 use tokio::sync::oneshot::error::TryRecvError;
 
@@ -19,7 +21,7 @@ fn open(dir: &TempDir, epoch: u64) -> Arc<Engine> {
 
 fn open_with_cache(dir: &TempDir, epoch: u64, log_cache_bytes: usize) -> Arc<Engine> {
     let mut cfg = EngineConfig::new(dir.path());
-    cfg.replicated = true;
+    cfg.policy = CommitPolicy::Replicated;
     cfg.epoch = epoch;
     cfg.log_cache_bytes = log_cache_bytes;
     let (engine, _) = Engine::open(Arc::new(RealFs), cfg, None).unwrap();

@@ -164,7 +164,7 @@ impl Node {
         let old = std::mem::replace(&mut *self.runtime.write(), Runtime::Switching);
         old.stop().await;
         let rebase = Rebase {
-            masterless: to.mode == Mode::Masterless,
+            policy: to.mode.into(),
             base_index: req.base_index,
             epoch: req.epoch,
             base_ts,

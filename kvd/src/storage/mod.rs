@@ -19,7 +19,7 @@
 //! - With `EngineConfig::max_data_bytes`, a local write that would grow the
 //!   data set ([`State::data_bytes`]) past it is refused before it is logged
 //!   ([`Error::MemoryFull`]); deletes and shrinking writes always pass.
-//! - Replicated mode (`EngineConfig::replicated`): a durable
+//! - Replicated mode ([`CommitPolicy::Replicated`]): a durable
 //!   entry is applied, and its write acknowledged, only when
 //!   [`Engine::commit_to`] reaches it; a secondary takes the primary's
 //!   entries through [`Engine::replicate`], which follows
@@ -27,11 +27,14 @@
 //!   (whose waiting writers get [`Error::Superseded`]). After a restart,
 //!   entries past the snapshot wait for the primary's commit index.
 //!
-//! Threads: the WAL writer owns the log and applies; the snapshotter writes
-//! snapshots in the background and hands compaction back to the writer, so
-//! every WAL file operation happens on one thread.
+//! Threads (`writer.rs`): the WAL writer owns the log and applies; the
+//! snapshotter writes snapshots in the background and hands compaction
+//! back to the writer, so every WAL file operation happens on one thread.
+//! One [`Health`] flag says whether the engine takes writes: the WAL sets
+//! it where a failure happens, everyone else reads it.
 
 pub mod fs;
+mod health;
 pub mod log_index;
 pub mod lww;
 pub mod meta;
@@ -39,7 +42,9 @@ pub mod record;
 pub mod snapshot;
 pub mod state;
 pub mod wal;
+mod writer;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -55,11 +60,15 @@ pub use meta::{Meta, MetaStore};
 pub use record::{Op, Record, Timestamp};
 pub use state::{ApplyOutcome, State};
 
+pub use health::Health;
+use kvproto::Mode;
+
 use crate::masterless::hlc::{Hlc, WallClock};
 use crate::metrics::Metrics;
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 use log_index::{EpochRuns, LogCache};
 use lww::Lww;
+use writer::{PendingEntry, Snapshotter, Writer};
 
 /// Longest key, in bytes (DESIGN §2).
 pub use kvproto::MAX_KEY_BYTES;
@@ -144,16 +153,11 @@ pub struct EngineConfig {
     pub epoch: u64,
     /// Node tag in HLC timestamps.
     pub node_tag: u32,
-    /// Replicated mode: a durable entry is applied (and its write
-    /// acknowledged) only once [`Engine::commit_to`] says it is committed.
-    /// Off, an entry commits when it is durable here (a single node).
-    pub replicated: bool,
-    /// Recent records kept in memory for shipping to secondaries.
+    /// When a durable entry commits, and how it is applied (a mode
+    /// switch changes it, see [`Engine::rebase`]).
+    pub policy: CommitPolicy,
+    /// Recent records kept in memory for shipping to peers.
     pub log_cache_bytes: usize,
-    /// Masterless mode: every record is merged last-write-wins by its
-    /// timestamp (see [`lww`]), and peers' writes arrive through
-    /// [`Engine::ingest`]. Excludes `replicated`.
-    pub masterless: bool,
     /// The wall clock under the hybrid logical clock (with its test offset).
     pub wall: WallClock,
     /// `--index`: the search index the state keeps in step (DESIGN §7).
@@ -181,14 +185,53 @@ impl EngineConfig {
             queue_capacity: 8192,
             epoch: 1,
             node_tag: 0,
-            replicated: false,
+            policy: CommitPolicy::Local,
             log_cache_bytes: 64 << 20,
-            masterless: false,
             wall: WallClock::default(),
             index: None,
             limits: record::Limits::default(),
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             max_data_bytes: None,
+        }
+    }
+}
+
+/// When a durable entry commits (is applied, and its write acknowledged),
+/// and how it is applied: the storage side of the cluster [`Mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitPolicy {
+    /// A single node: an entry commits at its own fsync.
+    #[default]
+    Local,
+    /// Replicated mode: a durable entry commits only once
+    /// [`Engine::commit_to`] reaches it (durable on a majority); a
+    /// secondary takes the primary's entries through [`Engine::replicate`].
+    Replicated,
+    /// Masterless mode: an entry commits at its own fsync and is merged
+    /// last-write-wins by its timestamp (see [`lww`]); peers' writes
+    /// arrive through [`Engine::ingest`].
+    Merge,
+}
+
+impl CommitPolicy {
+    const ALL: [CommitPolicy; 3] = [
+        CommitPolicy::Local,
+        CommitPolicy::Replicated,
+        CommitPolicy::Merge,
+    ];
+
+    /// Whether durable entries are kept in memory for shipping to peers.
+    pub fn ships(self) -> bool {
+        self != CommitPolicy::Local
+    }
+}
+
+impl From<Mode> for CommitPolicy {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Single => CommitPolicy::Local,
+            Mode::PrimarySecondary => CommitPolicy::Replicated,
+            Mode::Masterless => CommitPolicy::Merge,
         }
     }
 }
@@ -229,40 +272,6 @@ pub struct EngineStatus {
 /// Whether the engine takes writes, and if not, why (the wire type of
 /// `/v1/status`).
 pub use kvproto::status::StorageState;
-
-/// The engine's [`StorageState`], readable from any thread; set only by
-/// the WAL thread, and never back to `Ok`.
-#[derive(Default)]
-struct Health {
-    state: AtomicU8,
-    detail: Mutex<Option<String>>,
-}
-
-impl Health {
-    fn get(&self) -> StorageState {
-        StorageState::ALL[usize::from(self.state.load(Ordering::Acquire))]
-    }
-
-    /// Records the first failure; says whether this call recorded it.
-    fn fail(&self, state: StorageState, detail: String) -> bool {
-        if state == StorageState::Ok || self.get() != StorageState::Ok {
-            return false;
-        }
-        *self.detail.lock() = Some(detail);
-        self.state.store(state as u8, Ordering::Release);
-        true
-    }
-
-    /// The error a write gets now, if any.
-    fn refusal(&self) -> Option<Error> {
-        let detail = || self.detail.lock().clone().unwrap_or_default();
-        match self.get() {
-            StorageState::Ok => None,
-            StorageState::Poisoned => Some(Error::Poisoned),
-            StorageState::DataDirLost => Some(Error::DataDirLost(detail())),
-        }
-    }
-}
 
 /// Resolves when a submitted write is durable and applied.
 pub type Pending = oneshot::Receiver<Result<WriteResult, Error>>;
@@ -311,10 +320,10 @@ enum Cmd {
 
 /// A mode switch's common log base: every node of the cluster makes its
 /// (identical) contents a snapshot at `base_index` in `epoch`, and its log
-/// restarts after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// restarts after it, committing by `policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rebase {
-    pub masterless: bool,
+    pub policy: CommitPolicy,
     pub base_index: u64,
     pub epoch: u64,
     /// Masterless: the stamp every key gets (equal on every node).
@@ -334,15 +343,6 @@ pub struct ReplicateRequest {
 struct ReplicateReq {
     req: ReplicateRequest,
     reply: oneshot::Sender<Result<AppendOutcome, Error>>,
-}
-
-/// A durable entry waiting for its commit (replicated mode).
-struct PendingEntry {
-    index: u64,
-    ts: Timestamp,
-    op: Op,
-    apply: bool,
-    reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
 }
 
 struct WriteReq {
@@ -367,10 +367,12 @@ struct Shared {
     snapshot_index: AtomicU64,
     wal_bytes: AtomicU64,
     wal_segments: AtomicU64,
-    health: Health,
+    /// The storage state; the WAL sets it where a failure happens.
+    health: Arc<Health>,
     snapshot_running: AtomicBool,
-    /// Masterless mode (changes only in a mode switch).
-    masterless: AtomicBool,
+    /// The [`CommitPolicy`] (as `u8`): set by the WAL thread, and changed
+    /// only by a mode switch.
+    policy: AtomicU8,
     /// Last-write-wins stamps and tombstones (empty unless masterless).
     lww: Arc<Lww>,
     /// The clock's latest timestamp, for status.
@@ -378,6 +380,16 @@ struct Shared {
     /// Largest timestamp of a durable record, published after
     /// `last_index` (see [`Engine::durable_hlc`]).
     durable_hlc: parking_lot::Mutex<Timestamp>,
+}
+
+impl Shared {
+    fn policy(&self) -> CommitPolicy {
+        CommitPolicy::ALL[usize::from(self.policy.load(Ordering::Acquire))]
+    }
+
+    fn set_policy(&self, policy: CommitPolicy) {
+        self.policy.store(policy as u8, Ordering::Release);
+    }
 }
 
 /// A snapshot from the primary, loaded and checked ([`Engine::verify_snapshot`])
@@ -422,152 +434,33 @@ impl Engine {
     ) -> Result<(Engine, OpenReport), Error> {
         let started = Instant::now();
         let snap_dir = cfg.data_dir.join("snap");
-        let wal_dir = cfg.data_dir.join("wal");
         let state = Arc::new(State::with_index(cfg.index.clone()));
         let lww = Arc::new(Lww::new());
-        let lww_opt = cfg.masterless.then_some(&*lww);
-
-        let mut snap_meta = snapshot::SnapshotMeta::default();
-        let snapshots = snapshot::list(fs.as_ref(), &snap_dir)?;
-        if let Some((_, path)) = snapshots.first() {
-            // The newest snapshot is the only one whose WAL suffix is
-            // guaranteed to exist; a damaged one is damaged acknowledged data.
-            snap_meta = snapshot::load(fs.as_ref(), path, &state, lww_opt, snapshot::Source::Own)?;
-        }
-        for (_, older) in snapshots.iter().skip(1) {
-            let _ = fs.remove(older);
-        }
-
-        let mut log = EpochRuns::new(snap_meta.last_index, snap_meta.last_epoch);
-        let mut cache = LogCache::new(cfg.log_cache_bytes);
-        let mut pending = std::collections::VecDeque::new();
-        let (mut wal, wal_report) = wal::Wal::open(
-            fs.clone(),
-            &wal_dir,
-            snap_meta.last_index,
-            cfg.segment_max_bytes,
-            |rec| {
-                log.push(rec.index, rec.epoch);
-                if cfg.masterless {
-                    cache.push(rec.clone());
-                    lww.apply(&state, rec.ts, &rec.op);
-                } else if cfg.replicated {
-                    // Whether these were committed is for the primary to say:
-                    // until then they wait, unapplied.
-                    cache.push(rec.clone());
-                    pending.push_back(PendingEntry {
-                        index: rec.index,
-                        ts: rec.ts,
-                        op: rec.op,
-                        apply: true,
-                        reply: None,
-                    });
-                } else {
-                    state.apply(&rec.op);
-                }
-            },
-        )?;
-        wal.watch(fs::Anchors::record(
-            fs.as_ref(),
-            &[
-                cfg.data_dir.clone(),
-                cfg.data_dir.join("LOCK"),
-                wal_dir.clone(),
-            ],
-        ));
-        let last_index = wal.next_index() - 1;
-        let committed = if cfg.replicated {
-            snap_meta.last_index
-        } else {
-            last_index
-        };
-        let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(cfg.epoch),
-            commit_index: AtomicU64::new(committed),
-            durable_changed: tokio::sync::Notify::new(),
-            log: parking_lot::Mutex::new(log),
-            cache: parking_lot::Mutex::new(cache),
-            last_index: AtomicU64::new(last_index),
-            applied_index: AtomicU64::new(committed),
-            snapshot_index: AtomicU64::new(0),
-            wal_bytes: AtomicU64::new(0),
-            wal_segments: AtomicU64::new(0),
-            health: Health::default(),
-            snapshot_running: AtomicBool::new(false),
-            masterless: AtomicBool::new(cfg.masterless),
-            lww: lww.clone(),
-            hlc: parking_lot::Mutex::new(Timestamp::default()),
-            durable_hlc: parking_lot::Mutex::new(lww.max_ts()),
-        });
-        shared
-            .snapshot_index
-            .store(snap_meta.last_index, Ordering::Relaxed);
-        shared.wal_bytes.store(wal.total_bytes(), Ordering::Relaxed);
-        shared
-            .wal_segments
-            .store(wal.segment_count() as u64, Ordering::Relaxed);
-
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let (snap_tx, snap_rx) = std_mpsc::sync_channel::<snapshot::SnapshotMeta>(1);
-        let (compact_tx, compact_rx) = std_mpsc::channel::<u64>();
-
-        let writer = Writer {
-            wal,
-            state: state.clone(),
-            shared: shared.clone(),
-            cfg: cfg.clone(),
-            metrics: metrics.clone(),
-            clock: {
-                // Past every stamp on disk: strictly increasing across restarts.
-                let mut c = Hlc::new(cfg.node_tag);
-                c.observe(lww.max_ts(), 0);
-                c
-            },
-            wall: cfg.wall.clone(),
-            masterless: cfg.masterless,
-            replicated: cfg.replicated,
-            // Replayed WAL bytes count toward the next snapshot.
-            bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
-            first_unapplied: None,
-            pending,
-            roll_refusals: 0,
-            fs: fs.clone(),
-            snap_dir: snap_dir.clone(),
-            snap_tx,
-            compact_rx,
-        };
-        let snapshotter = Snapshotter {
-            fs: fs.clone(),
-            dir: snap_dir,
-            state: state.clone(),
-            shared: shared.clone(),
-            metrics,
-            compact_tx,
-        };
-        let threads = vec![
-            std::thread::Builder::new()
-                .name("kvd-wal".into())
-                .spawn(move || writer.run(rx))
-                .map_err(|e| Error::io("spawning the WAL thread".into(), e))?,
-            std::thread::Builder::new()
-                .name("kvd-snapshot".into())
-                .spawn(move || snapshotter.run(snap_rx))
-                .map_err(|e| Error::io("spawning the snapshot thread".into(), e))?,
-        ];
+        let stamps = (cfg.policy == CommitPolicy::Merge).then_some(&*lww);
+        let snap = recover_snapshot(fs.as_ref(), &snap_dir, &state, stamps)?;
+        let Recovered {
+            log,
+            view,
+            cache,
+            report: replayed,
+        } = replay_wal(&fs, &cfg, snap, &state, &lww)?;
         let report = OpenReport {
-            snapshot_index: snap_meta.last_index,
-            records_replayed: wal_report.records_replayed,
-            truncated_bytes: wal_report.truncated_bytes,
+            snapshot_index: snap.last_index,
+            records_replayed: replayed.records_replayed,
+            truncated_bytes: replayed.truncated_bytes,
             keys: state.len(),
             duration: started.elapsed(),
         };
+        let shared = Arc::new(Shared::recovered(&cfg, &log.wal, view, cache, snap, lww));
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let threads = start_threads(&fs, &cfg, metrics, &state, &shared, log, rx)?;
         Ok((
             Engine {
                 fs,
                 limits: cfg.limits,
                 wall: cfg.wall.clone(),
                 max_clock_offset_ms: cfg.max_clock_offset_ms,
-                snap_dir: cfg.data_dir.join("snap"),
+                snap_dir,
                 max_data_bytes: cfg.max_data_bytes,
                 state,
                 shared,
@@ -739,7 +632,12 @@ impl Engine {
     }
 
     pub fn is_masterless(&self) -> bool {
-        self.shared.masterless.load(Ordering::Acquire)
+        self.policy() == CommitPolicy::Merge
+    }
+
+    /// The current [`CommitPolicy`].
+    pub fn policy(&self) -> CommitPolicy {
+        self.shared.policy()
     }
 
     /// The file system the engine persists through (the node's other
@@ -837,7 +735,7 @@ impl Engine {
 
     /// Whether writes are refused for a storage reason ([`StorageState`]).
     pub fn is_poisoned(&self) -> bool {
-        self.storage_state() != StorageState::Ok
+        !self.shared.health.is_ok()
     }
 
     pub fn storage_state(&self) -> StorageState {
@@ -865,9 +763,9 @@ impl Engine {
             keys: self.state.len(),
             wal_bytes: s.wal_bytes.load(Ordering::Relaxed),
             wal_segments: s.wal_segments.load(Ordering::Relaxed),
-            poisoned: s.health.get() != StorageState::Ok,
+            poisoned: !s.health.is_ok(),
             storage_state: s.health.get(),
-            storage_detail: s.health.detail.lock().clone(),
+            storage_detail: s.health.detail(),
             data_set_bytes: self.state.data_bytes(),
             max_data_bytes: self.max_data_bytes,
         }
@@ -890,746 +788,213 @@ impl Drop for Engine {
     }
 }
 
-/// The WAL thread: batches, fsyncs, applies, replies.
-struct Writer {
+/// Loads the newest snapshot in `snap_dir` (stamps too, when `stamps` is
+/// given) and removes older ones; the default (index 0) when there is none.
+fn recover_snapshot(
+    fs: &dyn Fs,
+    snap_dir: &Path,
+    state: &State,
+    stamps: Option<&Lww>,
+) -> Result<snapshot::SnapshotMeta, Error> {
+    let mut meta = snapshot::SnapshotMeta::default();
+    let snapshots = snapshot::list(fs, snap_dir)?;
+    if let Some((_, path)) = snapshots.first() {
+        // The newest snapshot is the only one whose WAL suffix is
+        // guaranteed to exist; a damaged one is damaged acknowledged data.
+        meta = snapshot::load(fs, path, state, stamps, snapshot::Source::Own)?;
+    }
+    for (_, older) in snapshots.iter().skip(1) {
+        let _ = fs.remove(older);
+    }
+    Ok(meta)
+}
+
+/// What the WAL thread takes over from recovery.
+struct RecoveredLog {
     wal: wal::Wal,
-    state: Arc<State>,
-    shared: Arc<Shared>,
-    cfg: EngineConfig,
-    metrics: Option<Arc<Metrics>>,
-    clock: Hlc,
-    wall: WallClock,
-    /// Current mode (a mode switch changes it, see [`Writer::rebase`]).
-    masterless: bool,
-    replicated: bool,
-    bytes_since_snapshot: u64,
-    /// Lowest index logged but deliberately not applied (`debug_flaky`);
-    /// snapshots must not claim to cover it.
-    first_unapplied: Option<u64>,
-    /// Replicated mode: durable entries not yet known to be committed.
-    pending: std::collections::VecDeque<PendingEntry>,
-    /// Batches refused in a row because no new segment could be started
-    /// (logged when it starts and when it ends, not once per batch).
-    roll_refusals: u64,
-    fs: Arc<dyn Fs>,
-    snap_dir: PathBuf,
-    snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
-    compact_rx: std_mpsc::Receiver<u64>,
+    /// Replicated: entries past the snapshot, waiting for the primary's
+    /// commit index.
+    pending: VecDeque<PendingEntry>,
 }
 
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        let mut batch: Vec<WriteReq> = Vec::with_capacity(self.cfg.max_batch_records);
-        let mut other: Vec<Cmd> = Vec::new();
-        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-        while let Some(first) = rx.blocking_recv() {
-            let mut bytes = 0;
-            let mut next = Some(first);
-            // Group commit: take every write already queued (up to the
-            // batch limits); anything else waits until the batch is durable.
-            while let Some(cmd) = next.take() {
-                match cmd {
-                    Cmd::Write(req) => {
-                        bytes += req.op.encoded_len();
-                        batch.push(req);
-                    }
-                    cmd => other.push(cmd),
-                }
-                if batch.len() < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !batch.is_empty() {
-                self.commit(&mut batch, &mut buf);
-            }
-            for cmd in other.drain(..) {
-                match cmd {
-                    Cmd::Write(_) => unreachable!("writes are batched above"),
-                    // A count by a primary since deposed is of a log it
-                    // may no longer hold (a newer primary's entries may
-                    // have replaced its suffix): not ours to commit.
-                    Cmd::Commit { index, epoch } => {
-                        if epoch == self.shared.epoch.load(Ordering::Acquire) {
-                            self.advance_commit(index)
-                        }
-                    }
-                    Cmd::Replicate(r) => {
-                        let outcome = self.replicate(r.req, &mut buf);
-                        let _ = r.reply.send(outcome);
-                    }
-                    Cmd::ReadFrom {
-                        from,
-                        max_bytes,
-                        reply,
-                    } => {
-                        let _ = reply.send(self.wal.read_from(from, max_bytes));
-                    }
-                    Cmd::InstallSnapshot { snapshot, reply } => {
-                        let _ = reply.send(self.install_snapshot(snapshot));
-                    }
-                    Cmd::Ingest { records, reply } => {
-                        let _ = reply.send(self.ingest(records, &mut buf));
-                    }
-                    Cmd::Rebase { req, reply } => {
-                        let _ = reply.send(self.rebase(req));
-                    }
-                    // A poisoned WAL may hold stamped records whose fate
-                    // is unknown until a restart: claim nothing then.
-                    Cmd::Tick if self.wal.is_poisoned() => {}
-                    Cmd::Tick => {
-                        let wall = self.wall.now_ms();
-                        if wall > self.clock.last().physical_ms {
-                            self.clock.now(wall);
-                        }
-                        // No stamp is outstanding: the writer issues and
-                        // logs stamps in one step.
-                        *self.shared.hlc.lock() = self.clock.last();
-                        *self.shared.durable_hlc.lock() = self.clock.last();
-                    }
-                    Cmd::Purge { before, reply } => {
-                        let n = if self.shared.snapshot_running.load(Ordering::Acquire) {
-                            0
-                        } else {
-                            self.shared.lww.purge(before)
-                        };
-                        let _ = reply.send(n);
-                    }
-                    Cmd::CheckDataDir { reply } => {
-                        self.wal.check_anchors();
-                        self.publish_storage_state(None);
-                        let _ = reply.send(self.wal.state());
-                    }
-                }
-            }
-            self.compact();
-            // Off the reply path: the next roll then needs no new file.
-            let _ = self.wal.prepare_spare();
-            // Any WAL operation above may have poisoned the log.
-            self.publish_storage_state(None);
-        }
-        // The channel is closed and drained: every reply went out after its
-        // fsync, so there is nothing left to flush.
-    }
+/// The log as recovery left it, before the engine's threads start.
+struct Recovered {
+    log: RecoveredLog,
+    /// The epochs of the log's entries.
+    view: EpochRuns,
+    /// Recent entries, for shipping.
+    cache: LogCache,
+    report: wal::RecoveryReport,
+}
 
-    /// Replicated mode: applies pending entries up to the commit index.
-    fn advance_commit(&mut self, index: u64) {
-        let last = self.wal.next_index() - 1;
-        let commit = index.min(last);
-        let old = self.shared.commit_index.fetch_max(commit, Ordering::AcqRel);
-        if commit <= old {
-            return;
-        }
-        while self.pending.front().is_some_and(|p| p.index <= commit) {
-            let Some(p) = self.pending.pop_front() else {
-                break;
-            };
-            let outcome = self.apply_entry(p.index, p.ts, &p.op, p.apply);
-            if let Some(reply) = p.reply {
-                let _ = reply.send(Ok(WriteResult {
-                    index: p.index,
-                    outcome,
-                    ts: p.ts,
-                }));
-            }
-        }
-        self.maybe_snapshot();
-    }
-
-    fn apply_entry(&mut self, index: u64, ts: Timestamp, op: &Op, apply: bool) -> ApplyOutcome {
-        let outcome = if apply && self.masterless {
-            self.shared.lww.apply(&self.state, ts, op)
-        } else if apply {
-            self.state.apply(op)
-        } else {
-            self.first_unapplied.get_or_insert(index);
-            ApplyOutcome::default()
-        };
-        self.shared.applied_index.store(index, Ordering::Release);
-        outcome
-    }
-
-    /// Records newly durable entries in the in-memory log view.
-    fn remember(&mut self, records: impl Iterator<Item = Record>) {
-        let mut log = self.shared.log.lock();
-        let mut cache = self.shared.cache.lock();
-        for rec in records {
+/// Replays the WAL after `snap` into the log view and, as the policy says,
+/// into the state (now) or the pending entries (once committed).
+fn replay_wal(
+    fs: &Arc<dyn Fs>,
+    cfg: &EngineConfig,
+    snap: snapshot::SnapshotMeta,
+    state: &State,
+    lww: &Lww,
+) -> Result<Recovered, Error> {
+    let dir = wal_dir(&cfg.data_dir);
+    let mut log = EpochRuns::new(snap.last_index, snap.last_epoch);
+    let mut cache = LogCache::new(cfg.log_cache_bytes);
+    let mut pending = VecDeque::new();
+    let (mut wal, report) = wal::Wal::open(
+        fs.clone(),
+        &dir,
+        snap.last_index,
+        cfg.segment_max_bytes,
+        |rec| {
             log.push(rec.index, rec.epoch);
-            if self.replicated || self.masterless {
-                cache.push(rec);
-            }
-        }
-    }
-
-    /// Secondary: replaces log and state with a snapshot from the primary
-    /// (see [`Engine::install_snapshot`]).
-    fn install_snapshot(&mut self, incoming: IncomingSnapshot) -> Result<u64, Error> {
-        let IncomingSnapshot {
-            path: tmp_path,
-            meta,
-            state: fresh,
-        } = incoming;
-        let tmp_path = tmp_path.as_path();
-        let commit = self.shared.commit_index.load(Ordering::Acquire);
-        if meta.last_index <= commit {
-            // We already have all of it committed; nothing to do.
-            let _ = self.fs.remove(tmp_path);
-            return Ok(commit);
-        }
-        let next = meta.last_index.checked_add(1).ok_or(Error::Replication(
-            rules::AppendError::Malformed("snapshot at the last index"),
-        ))?;
-        // Durable snapshot first; then the log restarts after it. A crash in
-        // between leaves a snapshot ahead of the log, which recovery handles
-        // by starting the log afresh.
-        let final_path = self.snap_dir.join(snapshot::snapshot_name(meta.last_index));
-        self.fs
-            .rename(tmp_path, &final_path)
-            .and_then(|_| self.fs.sync_dir(&self.snap_dir))
-            .map_err(|e| Error::io(format!("installing {}", final_path.display()), e))?;
-        for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
-            if old != final_path {
-                let _ = self.fs.remove(&old);
-            }
-        }
-        self.wal.reset(next, meta.last_epoch)?;
-        for p in self.pending.drain(..) {
-            if let Some(reply) = p.reply {
-                let _ = reply.send(Err(Error::Superseded));
-            }
-        }
-        *self.shared.log.lock() = EpochRuns::new(meta.last_index, meta.last_epoch);
-        self.shared.cache.lock().clear();
-        self.state.replace_with(fresh);
-        self.first_unapplied = None;
-        self.bytes_since_snapshot = 0;
-        for idx in [
-            &self.shared.last_index,
-            &self.shared.commit_index,
-            &self.shared.applied_index,
-            &self.shared.snapshot_index,
-        ] {
-            idx.store(meta.last_index, Ordering::Release);
-        }
-        self.publish_wal_stats();
-        Ok(meta.last_index)
-    }
-
-    /// Secondary side of log shipping (see [`Engine::replicate`]).
-    fn replicate(
-        &mut self,
-        req: ReplicateRequest,
-        buf: &mut Vec<u8>,
-    ) -> Result<AppendOutcome, Error> {
-        if self.wal.is_poisoned() {
-            return Err(Error::Poisoned);
-        }
-        let positions: Vec<LogPos> = req
-            .records
-            .iter()
-            .map(|r| LogPos {
-                epoch: r.epoch,
-                index: r.index,
-            })
-            .collect();
-        let my_epoch = self.shared.epoch.load(Ordering::Acquire);
-        let commit = self.shared.commit_index.load(Ordering::Acquire);
-        let decision = {
-            let log = self.shared.log.lock();
-            rules::check_append(
-                &*log,
-                my_epoch,
-                commit,
-                &rules::AppendRequest {
-                    epoch: req.epoch,
-                    prev: req.prev,
-                    entries: &positions,
-                    leader_commit: req.leader_commit,
-                },
-            )?
-        };
-        if let Some(e) = decision.new_epoch_to_persist {
-            // The caller persisted it before handing us the request.
-            self.shared.epoch.fetch_max(e, Ordering::AcqRel);
-        }
-        let AppendOutcome::Accept {
-            truncate_from,
-            append_from,
-            commit,
-            ..
-        } = decision.outcome.clone()
-        else {
-            return Ok(decision.outcome);
-        };
-        if let Some(from) = truncate_from {
-            self.wal.truncate_from(from)?;
-            self.shared.log.lock().truncate_from(from);
-            self.shared.cache.lock().truncate_from(from);
-            // Our own writes in the cut suffix were never committed: their
-            // clients learn that they did not happen.
-            while self.pending.back().is_some_and(|p| p.index >= from) {
-                if let Some(reply) = self.pending.pop_back().and_then(|p| p.reply) {
-                    let _ = reply.send(Err(Error::Superseded));
+            match cfg.policy {
+                CommitPolicy::Local => {
+                    state.apply(&rec.op);
                 }
-            }
-            self.shared.last_index.store(from - 1, Ordering::Release);
-        }
-        let new = &req.records[append_from..];
-        if let (Some(first), Some(last)) = (new.first(), new.last()) {
-            buf.clear();
-            for r in new {
-                r.encode_into(buf);
-            }
-            let durable = self
-                .wal
-                .append(first.index, new.len() as u64, buf, last.epoch)
-                .and_then(|_| self.wal.sync());
-            if let Err(e) = durable {
-                self.publish_storage_state(Some(&e));
-                return Err(e);
-            }
-            for r in new {
-                self.pending.push_back(PendingEntry {
-                    index: r.index,
-                    ts: r.ts,
-                    op: r.op.clone(),
-                    apply: true,
-                    reply: None,
-                });
-            }
-            self.remember(new.iter().cloned());
-            self.shared.last_index.store(last.index, Ordering::Release);
-            self.bytes_since_snapshot += buf.len() as u64;
-            self.publish_wal_stats();
-            self.shared.durable_changed.notify_waiters();
-        }
-        self.advance_commit(commit);
-        Ok(decision.outcome)
-    }
-
-    fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
-        self.refuse_over_memory(batch);
-        if batch.is_empty() {
-            return;
-        }
-        let first = self.wal.next_index();
-        buf.clear();
-        let epoch = self.shared.epoch.load(Ordering::Acquire);
-        let mut stamps = Vec::with_capacity(batch.len());
-        let wall = self.wall.now_ms();
-        for (i, req) in batch.iter().enumerate() {
-            let ts = self.clock.now(wall);
-            stamps.push(ts);
-            record::encode(first + i as u64, epoch, ts, &req.op, buf);
-        }
-        let count = batch.len() as u64;
-        let fsync_started = Instant::now();
-        let durable = self
-            .wal
-            .append(first, count, buf, epoch)
-            .and_then(|_| self.wal.sync());
-        if let Err(e) = durable {
-            self.refuse_batch(batch, &e);
-            return;
-        }
-        if self.roll_refusals > 0 {
-            eprintln!(
-                "kvd: a new WAL segment was started after {} refused write batches; \
-                 writes are taken again",
-                self.roll_refusals
-            );
-            self.roll_refusals = 0;
-        }
-        if let Some(m) = &self.metrics {
-            m.wal_fsync_seconds
-                .observe(fsync_started.elapsed().as_secs_f64());
-            m.wal_batch_records.observe(count as f64);
-        }
-        *self.shared.hlc.lock() = self.clock.last();
-        if self.replicated || self.masterless {
-            let records =
-                batch
-                    .iter()
-                    .zip(stamps.iter().copied())
-                    .enumerate()
-                    .map(|(i, (req, ts))| Record {
-                        index: first + i as u64,
-                        epoch,
-                        ts,
-                        op: req.op.clone(),
+                CommitPolicy::Merge => {
+                    cache.push(rec.clone());
+                    lww.apply(state, rec.ts, &rec.op);
+                }
+                CommitPolicy::Replicated => {
+                    // Whether these were committed is for the primary to
+                    // say: until then they wait, unapplied.
+                    cache.push(rec.clone());
+                    pending.push_back(PendingEntry {
+                        index: rec.index,
+                        ts: rec.ts,
+                        op: rec.op,
+                        apply: true,
+                        reply: None,
                     });
-            self.remember(records);
-        } else {
-            // A single node ships nothing: only the epochs are kept.
-            let mut log = self.shared.log.lock();
-            for index in first..first + count {
-                log.push(index, epoch);
-            }
-        }
-        let last = first + count - 1;
-        self.shared.last_index.store(last, Ordering::Release);
-        // Every stamp this node has issued is now durable.
-        *self.shared.durable_hlc.lock() = self.clock.last();
-        if self.replicated {
-            // Durable here; applied and acknowledged once committed.
-            for (i, req) in batch.drain(..).enumerate() {
-                self.pending.push_back(PendingEntry {
-                    index: first + i as u64,
-                    ts: stamps[i],
-                    op: req.op,
-                    apply: req.apply,
-                    reply: Some(req.reply),
-                });
-            }
-            self.shared.durable_changed.notify_waiters();
-        } else {
-            self.shared.commit_index.store(last, Ordering::Release);
-            for (i, req) in batch.drain(..).enumerate() {
-                let index = first + i as u64;
-                let outcome = self.apply_entry(index, stamps[i], &req.op, req.apply);
-                let _ = req.reply.send(Ok(WriteResult {
-                    index,
-                    outcome,
-                    ts: stamps[i],
-                }));
-            }
-            if self.masterless {
-                self.shared.durable_changed.notify_waiters();
-            }
-        }
-        self.bytes_since_snapshot += buf.len() as u64;
-        self.publish_wal_stats();
-        self.maybe_snapshot();
-    }
-
-    /// Answers every write of a batch that could not be logged. Only a
-    /// failed roll leaves the WAL usable; anything else refuses all later
-    /// writes too.
-    fn refuse_batch(&mut self, batch: &mut Vec<WriteReq>, e: &Error) {
-        self.publish_storage_state(Some(e));
-        if let Error::SegmentUnavailable(_) = e {
-            if self.roll_refusals == 0 {
-                eprintln!("kvd: refusing writes until a new WAL segment can be started: {e}");
-            }
-            self.roll_refusals = self.roll_refusals.saturating_add(1);
-            if let Some(m) = &self.metrics {
-                m.wal_roll_failures_total.inc();
-            }
-        }
-        let each = |e: &Error| match e {
-            Error::SegmentUnavailable(m) => Error::SegmentUnavailable(m.clone()),
-            Error::DataDirLost(m) => Error::DataDirLost(m.clone()),
-            Error::Poisoned => Error::Poisoned,
-            other => Error::NotDurable(other.to_string()),
-        };
-        for req in batch.drain(..) {
-            let _ = req.reply.send(Err(each(e)));
-        }
-    }
-
-    /// `--max-memory-mib`: answers [`Error::MemoryFull`] to the writes of
-    /// `batch` that would grow the data set past the budget, in order, and
-    /// keeps the rest. Shrinking writes free nothing for the rest of the
-    /// batch (they are not applied yet), which keeps the check on the safe
-    /// side. On a primary, writes logged but not yet committed are not in
-    /// the state yet: concurrent writes can overshoot by what is in flight.
-    fn refuse_over_memory(&self, batch: &mut Vec<WriteReq>) {
-        let Some(limit) = self.cfg.max_data_bytes else {
-            return;
-        };
-        let mut used = self.state.data_bytes();
-        let mut kept = Vec::with_capacity(batch.len());
-        for req in batch.drain(..) {
-            match state::admit(used, self.state.growth_bytes(&req.op), limit) {
-                Ok(now) => {
-                    used = now;
-                    kept.push(req);
-                }
-                Err(would_be) => {
-                    let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
                 }
             }
-        }
-        *batch = kept;
-    }
+        },
+    )?;
+    let anchors = [cfg.data_dir.clone(), cfg.data_dir.join("LOCK"), dir];
+    wal.watch(fs::Anchors::record(fs.as_ref(), &anchors));
+    Ok(Recovered {
+        log: RecoveredLog { wal, pending },
+        view: log,
+        cache,
+        report,
+    })
+}
 
-    /// Makes the WAL's refusal (if it has started refusing) visible to
-    /// `prepare`, `/ready` and `/v1/status`, and logs it the first time.
-    /// `cause` is the failure that made the WAL refuse, if the caller has it.
-    fn publish_storage_state(&self, cause: Option<&Error>) {
-        let Some(refusal) = self.wal.refusal() else {
-            return;
+impl Shared {
+    /// The counters as recovery left them.
+    fn recovered(
+        cfg: &EngineConfig,
+        wal: &wal::Wal,
+        view: EpochRuns,
+        cache: LogCache,
+        snap: snapshot::SnapshotMeta,
+        lww: Arc<Lww>,
+    ) -> Shared {
+        let last_index = wal.next_index() - 1;
+        let committed = match cfg.policy {
+            CommitPolicy::Replicated => snap.last_index,
+            CommitPolicy::Local | CommitPolicy::Merge => last_index,
         };
-        let (detail, log) = match (&refusal, cause) {
-            (Error::DataDirLost(what), _) => (what.clone(), refusal.to_string()),
-            (_, Some(cause)) => (cause.to_string(), format!("{refusal} ({cause})")),
-            (refusal, None) => (refusal.to_string(), refusal.to_string()),
-        };
-        if self.shared.health.fail(self.wal.state(), detail) {
-            eprintln!("kvd: refusing writes until restart: {log}");
-        }
-    }
-
-    /// Masterless side of [`Engine::ingest`].
-    fn ingest(&mut self, records: Vec<Record>, buf: &mut Vec<u8>) -> Result<u64, Error> {
-        if self.wal.is_poisoned() {
-            return Err(Error::Poisoned);
-        }
-        if !self.masterless {
-            return Err(Error::NotQuiescent(
-                "this node is not in masterless mode".into(),
-            ));
-        }
-        let wall = self.wall.now_ms();
-        let mut winners = Vec::with_capacity(records.len());
-        for r in &records {
-            self.clock.observe(r.ts, wall);
-            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
-                winners.push((r.ts, op));
-            }
-        }
-        *self.shared.hlc.lock() = self.clock.last();
-        let first = self.wal.next_index();
-        if winners.is_empty() {
-            *self.shared.durable_hlc.lock() = self.clock.last();
-            return Ok(first - 1);
-        }
-        let epoch = self.shared.epoch.load(Ordering::Acquire);
-        buf.clear();
-        for (i, (ts, op)) in winners.iter().enumerate() {
-            record::encode(first + i as u64, epoch, *ts, op, buf);
-        }
-        let count = winners.len() as u64;
-        let durable = self
-            .wal
-            .append(first, count, buf, epoch)
-            .and_then(|_| self.wal.sync());
-        if let Err(e) = durable {
-            self.publish_storage_state(Some(&e));
-            eprintln!("kvd: WAL write failed: {e}");
-            return Err(e);
-        }
-        let last = first + count - 1;
-        self.remember(winners.iter().enumerate().map(|(i, (ts, op))| Record {
-            index: first + i as u64,
-            epoch,
-            ts: *ts,
-            op: op.clone(),
-        }));
-        self.shared.last_index.store(last, Ordering::Release);
-        self.shared.commit_index.store(last, Ordering::Release);
-        *self.shared.durable_hlc.lock() = self.clock.last();
-        for (i, (ts, op)) in winners.iter().enumerate() {
-            self.apply_entry(first + i as u64, *ts, op, true);
-        }
-        self.bytes_since_snapshot += buf.len() as u64;
-        self.publish_wal_stats();
-        self.shared.durable_changed.notify_waiters();
-        self.maybe_snapshot();
-        Ok(last)
-    }
-
-    /// Side of [`Engine::rebase`] on the WAL thread.
-    fn rebase(&mut self, req: Rebase) -> Result<(), Error> {
-        if self.wal.is_poisoned() {
-            return Err(Error::Poisoned);
-        }
-        if !self.pending.is_empty() {
-            return Err(Error::NotQuiescent(format!(
-                "{} logged entries are not committed yet",
-                self.pending.len()
-            )));
-        }
-        let last = self.wal.next_index() - 1;
-        if req.base_index < last {
-            return Err(Error::NotQuiescent(format!(
-                "base index {} is behind this node's last index {last}",
-                req.base_index
-            )));
-        }
-        let Some(next) = req.base_index.checked_add(1) else {
-            return Err(Error::NotQuiescent(
-                "a base index of 2^64-1 leaves no index for the next entry".into(),
-            ));
-        };
-        // The snapshot thread must not write concurrently.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.shared.snapshot_running.load(Ordering::Acquire) {
-            if Instant::now() >= deadline {
-                return Err(Error::NotQuiescent(
-                    "a snapshot is still being written".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // The new mode's stamps (none when leaving masterless) are built
-        // aside and take over only once the snapshot holding them is
-        // durable: a rebase that fails leaves the node as it was.
-        let stamps = Lww::new();
-        if req.masterless {
-            stamps.seed_from_state(&self.state, req.base_ts);
-        }
-        let meta = snapshot::SnapshotMeta {
-            last_index: req.base_index,
-            last_epoch: req.epoch,
-        };
-        let (path, _) = snapshot::write(
-            self.fs.as_ref(),
-            &self.snap_dir,
-            &self.state,
-            req.masterless.then_some(&stamps),
-            meta,
-        )?;
-        self.shared.lww.replace_with(stamps);
-        for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
-            if old != path {
-                let _ = self.fs.remove(&old);
-            }
-        }
-        // Durable snapshot first, then the log restarts after it (a crash in
-        // between leaves a snapshot ahead of the log, which recovery handles).
-        self.wal.reset(next, req.epoch)?;
-        self.shared
-            .masterless
-            .store(req.masterless, Ordering::Release);
-        self.masterless = req.masterless;
-        self.replicated = !req.masterless;
-        *self.shared.log.lock() = EpochRuns::new(req.base_index, req.epoch);
-        self.shared.cache.lock().clear();
-        self.shared.epoch.fetch_max(req.epoch, Ordering::AcqRel);
-        self.first_unapplied = None;
-        self.bytes_since_snapshot = 0;
-        for idx in [
-            &self.shared.last_index,
-            &self.shared.commit_index,
-            &self.shared.applied_index,
-            &self.shared.snapshot_index,
-        ] {
-            idx.store(req.base_index, Ordering::Release);
-        }
-        let wall = self.wall.now_ms();
-        self.clock.observe(req.base_ts, wall);
-        *self.shared.hlc.lock() = self.clock.last();
-        {
-            let mut d = self.shared.durable_hlc.lock();
-            *d = (*d).max(req.base_ts);
-        }
-        self.publish_wal_stats();
-        self.shared.durable_changed.notify_waiters();
-        Ok(())
-    }
-
-    /// Makes the WAL's size visible to `/v1/status` and metrics.
-    fn publish_wal_stats(&self) {
-        self.shared
-            .wal_bytes
-            .store(self.wal.total_bytes(), Ordering::Relaxed);
-        self.shared
-            .wal_segments
-            .store(self.wal.segment_count() as u64, Ordering::Relaxed);
-    }
-
-    fn maybe_snapshot(&mut self) {
-        if self.bytes_since_snapshot < self.cfg.snapshot_every_bytes
-            || self.shared.snapshot_running.load(Ordering::Acquire)
-        {
-            return;
-        }
-        let applied = self.shared.applied_index.load(Ordering::Acquire);
-        let upto = match self.first_unapplied {
-            Some(i) => applied.min(i - 1),
-            None => applied,
-        };
-        if upto <= self.shared.snapshot_index.load(Ordering::Relaxed) {
-            return;
-        }
-        self.shared.snapshot_running.store(true, Ordering::Release);
-        let meta = snapshot::SnapshotMeta {
-            last_index: upto,
-            // The epoch of the snapshot's own last entry: a secondary
-            // matches logs against it after compaction.
-            last_epoch: self
-                .shared
-                .log
-                .lock()
-                .epoch_at(upto)
-                .unwrap_or_else(|| self.wal.last_epoch()),
-        };
-        if self.snap_tx.try_send(meta).is_ok() {
-            self.bytes_since_snapshot = 0;
-        } else {
-            self.shared.snapshot_running.store(false, Ordering::Release);
-        }
-    }
-
-    fn compact(&mut self) {
-        while let Ok(upto) = self.compact_rx.try_recv() {
-            match self.wal.remove_covered(upto) {
-                Ok(_) => {
-                    // Entries gone from the WAL can only reach a peer by
-                    // snapshot: say so to the catch-up rules.
-                    let first = self.wal.first_index();
-                    self.shared.log.lock().compact_to(first.saturating_sub(1));
-                    self.publish_wal_stats();
-                }
-                Err(e) => eprintln!("kvd: WAL compaction failed (will retry later): {e}"),
-            }
+        Shared {
+            epoch: AtomicU64::new(cfg.epoch),
+            commit_index: AtomicU64::new(committed),
+            durable_changed: tokio::sync::Notify::new(),
+            log: parking_lot::Mutex::new(view),
+            cache: parking_lot::Mutex::new(cache),
+            last_index: AtomicU64::new(last_index),
+            applied_index: AtomicU64::new(committed),
+            snapshot_index: AtomicU64::new(snap.last_index),
+            wal_bytes: AtomicU64::new(wal.total_bytes()),
+            wal_segments: AtomicU64::new(wal.segment_count() as u64),
+            health: wal.health(),
+            snapshot_running: AtomicBool::new(false),
+            policy: AtomicU8::new(cfg.policy as u8),
+            durable_hlc: parking_lot::Mutex::new(lww.max_ts()),
+            lww,
+            hlc: parking_lot::Mutex::new(Timestamp::default()),
         }
     }
 }
 
-/// The snapshot thread.
-struct Snapshotter {
-    fs: Arc<dyn Fs>,
-    dir: PathBuf,
-    state: Arc<State>,
-    shared: Arc<Shared>,
+/// Starts the WAL thread (which takes over the recovered log) and the
+/// snapshot thread.
+fn start_threads(
+    fs: &Arc<dyn Fs>,
+    cfg: &EngineConfig,
     metrics: Option<Arc<Metrics>>,
-    compact_tx: std_mpsc::Sender<u64>,
-}
-
-impl Snapshotter {
-    fn run(self, rx: std_mpsc::Receiver<snapshot::SnapshotMeta>) {
-        while let Ok(meta) = rx.recv() {
-            let started = Instant::now();
-            match self.take(meta) {
-                Ok(()) => {
-                    self.shared
-                        .snapshot_index
-                        .store(meta.last_index, Ordering::Release);
-                    if let Some(m) = &self.metrics {
-                        m.snapshots_total.inc();
-                        m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
-                    }
-                    let _ = self.compact_tx.send(meta.last_index);
-                }
-                Err(e) => eprintln!("kvd: snapshot at index {} failed: {e}", meta.last_index),
-            }
-            self.shared.snapshot_running.store(false, Ordering::Release);
-        }
-    }
-
-    fn take(&self, meta: snapshot::SnapshotMeta) -> Result<(), Error> {
-        let lww = self
-            .shared
-            .masterless
-            .load(Ordering::Acquire)
-            .then_some(&*self.shared.lww);
-        let (path, _size) = snapshot::write(self.fs.as_ref(), &self.dir, &self.state, lww, meta)?;
-        // Older snapshots are now redundant; the WAL they needed goes too.
-        for (_, old) in snapshot::list(self.fs.as_ref(), &self.dir)? {
-            if old != path {
-                self.fs
-                    .remove(&old)
-                    .map_err(|e| Error::io(format!("removing {}", old.display()), e))?;
-            }
-        }
-        self.fs
-            .sync_dir(&self.dir)
-            .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))
-    }
+    state: &Arc<State>,
+    shared: &Arc<Shared>,
+    recovered: RecoveredLog,
+    rx: mpsc::Receiver<Cmd>,
+) -> Result<Vec<JoinHandle<()>>, Error> {
+    let snap_dir = cfg.data_dir.join("snap");
+    let (snap_tx, snap_rx) = std_mpsc::sync_channel::<snapshot::SnapshotMeta>(1);
+    let (compact_tx, compact_rx) = std_mpsc::channel::<u64>();
+    // Past every stamp on disk: strictly increasing across restarts.
+    let mut clock = Hlc::new(cfg.node_tag);
+    clock.observe(shared.lww.max_ts(), 0);
+    let writer = Writer {
+        wal: recovered.wal,
+        state: state.clone(),
+        shared: shared.clone(),
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        clock,
+        wall: cfg.wall.clone(),
+        // Replayed WAL bytes count toward the next snapshot.
+        bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
+        first_unapplied: None,
+        pending: recovered.pending,
+        roll_refusals: 0,
+        fs: fs.clone(),
+        snap_dir: snap_dir.clone(),
+        snap_tx,
+        compact_rx,
+    };
+    let snapshotter = Snapshotter {
+        fs: fs.clone(),
+        dir: snap_dir,
+        state: state.clone(),
+        shared: shared.clone(),
+        metrics,
+        compact_tx,
+    };
+    let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(format!("kvd-{name}"))
+            .spawn(body)
+            .map_err(|e| Error::io(format!("spawning the {name} thread"), e))
+    };
+    Ok(vec![
+        spawn("wal", Box::new(move || writer.run(rx)))?,
+        spawn("snapshot", Box::new(move || snapshotter.run(snap_rx)))?,
+    ])
 }
 
 /// Path of the WAL directory under a data dir.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mode_has_its_commit_policy_and_only_a_single_node_ships_nothing() {
+        let policies =
+            [Mode::Single, Mode::PrimarySecondary, Mode::Masterless].map(CommitPolicy::from);
+        assert_eq!(
+            policies,
+            [
+                CommitPolicy::Local,
+                CommitPolicy::Replicated,
+                CommitPolicy::Merge
+            ]
+        );
+        assert_eq!(policies.map(CommitPolicy::ships), [false, true, true]);
+        for p in CommitPolicy::ALL {
+            assert_eq!(CommitPolicy::ALL[p as usize], p, "the u8 form round-trips");
+        }
+    }
 }

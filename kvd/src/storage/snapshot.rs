@@ -119,6 +119,9 @@ pub enum Source<'a> {
 
 /// Loads the snapshot at `path` into `state` (which must be empty), and
 /// into `lww` in masterless mode.
+// One of the fuzzed decoders (`fuzz/`): its code is kept exactly as fuzzed,
+// one pass in the order of the format, rather than split into steps.
+#[allow(clippy::too_many_lines)]
 pub fn load(
     fs: &dyn Fs,
     path: &Path,

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::fs::{Anchors, DirHandle, Fs, WriteFile};
+use super::health::Health;
 use super::record::{self, Frame, Record};
 use super::{Error, StorageState};
 
@@ -94,10 +95,9 @@ pub struct Wal {
     next_index: u64,
     /// Epoch of the last record in the log (0 when empty).
     last_epoch: u64,
-    /// `Ok` until the log must refuse appends (sticky until restart).
-    state: StorageState,
-    /// Which watched path changed, once `state` is `DataDirLost`.
-    lost: String,
+    /// `Ok` until the log must refuse appends (sticky until restart); the
+    /// engine's one storage state, shared with its readers.
+    health: Arc<Health>,
     /// `wal/` held open, to sync its entries without a new descriptor.
     dir_handle: Option<Box<dyn DirHandle>>,
     /// The next segment, made in advance at [`SPARE_NAME`].
@@ -127,177 +127,42 @@ impl Wal {
     ) -> Result<(Wal, RecoveryReport), Error> {
         fs.create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let mut segments: Vec<Segment> = fs
-            .list(dir)
-            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-            .into_iter()
-            .filter_map(|name| {
-                parse_segment_name(&name).map(|first_index| Segment {
-                    first_index,
-                    path: dir.join(name),
-                    bytes: 0,
-                })
-            })
-            .collect();
-        segments.sort_by_key(|s| s.first_index);
-
-        let mut report = RecoveryReport::default();
-        // The index the next record must carry, once we have seen one.
-        let mut expected: Option<u64> = None;
-        let mut last_epoch = 0u64;
-        let mut drop_last = false;
+        let mut segments = list_segments(fs.as_ref(), dir)?;
+        check_log_start(&segments, after_index)?;
+        let mut replay = Replay {
+            after_index,
+            expected: None,
+            last_epoch: 0,
+            report: RecoveryReport {
+                segments: segments.len(),
+                ..RecoveryReport::default()
+            },
+        };
         let n = segments.len();
-
-        if let Some(first) = segments.first() {
-            if first.first_index > after_index + 1 {
-                return Err(Error::Corruption {
-                    file: first.path.clone(),
-                    offset: 0,
-                    reason: format!(
-                        "log starts at index {} but the snapshot only covers up to {after_index}: \
-                         records in between are missing",
-                        first.first_index
-                    ),
-                });
-            }
-        }
-
-        for (i, seg) in segments.iter_mut().enumerate() {
-            let is_last = i + 1 == n;
-            let file = fs
-                .open_read(&seg.path)
-                .map_err(|e| Error::io(format!("reading {}", seg.path.display()), e))?;
-            let mut w = Window::new(file);
-            let read_err = |e| Error::io(format!("reading {}", seg.path.display()), e);
-            let corrupt = |offset: usize, reason: String| Error::Corruption {
-                file: seg.path.clone(),
-                offset: offset as u64,
-                reason,
-            };
-
-            if !w.fill_to(SEGMENT_HEADER_BYTES).map_err(read_err)? {
-                if is_last {
-                    // Created but its header never became durable.
-                    report.truncated_bytes += w.end() as u64;
-                    drop_last = true;
-                    break;
-                }
-                return Err(corrupt(0, "segment shorter than its header".into()));
-            }
-            if let Some((offset, reason)) = header_problem(&w.buf[..SEGMENT_HEADER_BYTES]) {
-                // A header is written alone and fsync'd before any record
-                // goes in, so a last segment that is nothing but a bad header
-                // is one whose header never became durable while its
-                // directory entry did (a journaling file system may commit
-                // that first). It held nothing.
-                if is_last && !w.fill_to(SEGMENT_HEADER_BYTES + 1).map_err(read_err)? {
-                    report.truncated_bytes += w.end() as u64;
-                    drop_last = true;
-                    break;
-                }
-                return Err(corrupt(offset, reason));
-            }
-            match expected {
-                Some(e) if e != seg.first_index => {
-                    return Err(corrupt(
-                        0,
-                        format!(
-                            "segment should start at index {e} but is named for {}",
-                            seg.first_index
-                        ),
-                    ))
-                }
-                _ => expected = Some(seg.first_index),
-            }
-
-            // Frames are read through a window holding about one frame, so
-            // replay needs memory for a record, not for a whole segment.
-            let mut off = SEGMENT_HEADER_BYTES;
-            loop {
-                w.forget_before(off);
-                if !w.fill_frame(off).map_err(read_err)? {
-                    break; // clean end of the segment
-                }
-                let want = expected.unwrap_or(seg.first_index);
-                match record::read_frame(&w.buf, off - w.base) {
-                    Frame::Valid { payload, next } => {
-                        let rec = Record::decode_payload(payload)
-                            .map_err(|e| corrupt(off, format!("undecodable record: {e}")))?;
-                        if rec.index != want {
-                            return Err(corrupt(
-                                off,
-                                format!("record has index {} where {want} was expected", rec.index),
-                            ));
-                        }
-                        last_epoch = rec.epoch;
-                        expected = Some(want + 1);
-                        if rec.index > after_index {
-                            apply(rec);
-                            report.records_replayed += 1;
-                        }
-                        off = w.base + next;
-                    }
-                    bad => {
-                        let reason = match bad {
-                            Frame::Bad { reason } => reason,
-                            _ => "record runs past the end of the file".to_string(),
-                        };
-                        // Rare path: look at everything after the bad frame.
-                        w.fill_to(usize::MAX).map_err(read_err)?;
-                        let rel = off - w.base;
-                        let later = (rel + 1..w.buf.len())
-                            .find(|&o| record::valid_record_at(&w.buf, o, want));
-                        if let Some(o) = later {
-                            return Err(corrupt(
-                                off,
-                                format!(
-                                    "{reason}; a valid record follows at offset {}, \
-                                     so this is damage to acknowledged data, not a torn write",
-                                    w.base + o
-                                ),
-                            ));
-                        }
-                        if !is_last {
-                            return Err(corrupt(
-                                off,
-                                format!("{reason} in a sealed (non-final) segment"),
-                            ));
-                        }
-                        // A torn tail: the write it held was never acknowledged.
-                        report.truncated_bytes += (w.end() - off) as u64;
-                        fs.truncate(&seg.path, off as u64).map_err(|e| {
-                            Error::io(format!("truncating torn tail of {}", seg.path.display()), e)
+        for i in 0..n {
+            match replay.segment(fs.as_ref(), &segments[i], i + 1 == n, &mut apply)? {
+                Some(bytes) => segments[i].bytes = bytes,
+                None => {
+                    // Only the last segment ends this way: it held nothing.
+                    let seg = segments
+                        .pop()
+                        .expect("the segment just replayed is the last one");
+                    fs.remove(&seg.path)
+                        .and_then(|_| fs.sync_dir(dir))
+                        .map_err(|e| {
+                            Error::io(format!("removing torn {}", seg.path.display()), e)
                         })?;
-                        break;
-                    }
                 }
             }
-            seg.bytes = off as u64;
         }
-        report.segments = segments.len();
-
-        if drop_last {
-            let seg = segments
-                .pop()
-                .expect("drop_last is only set for an existing segment");
-            fs.remove(&seg.path)
-                .and_then(|_| fs.sync_dir(dir))
-                .map_err(|e| Error::io(format!("removing torn {}", seg.path.display()), e))?;
-        }
-
         let next_index = after_index + 1;
-        if expected.is_some_and(|e| e < next_index) {
+        if replay.expected.is_some_and(|e| e < next_index) {
             // The snapshot is ahead of the whole log (it was installed from
             // elsewhere): every segment is covered, and keeping them would
             // leave a gap in the indexes, so they go.
-            for seg in segments.drain(..) {
-                fs.remove(&seg.path)
-                    .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
-            }
-            fs.sync_dir(dir)
-                .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
+            remove_all(fs.as_ref(), dir, &mut segments)?;
         }
-        let next_index = expected.unwrap_or(next_index).max(next_index);
+        let next_index = replay.expected.unwrap_or(next_index).max(next_index);
         let active = match segments.last() {
             Some(last) => fs
                 .open_append(&last.path)
@@ -318,16 +183,15 @@ impl Wal {
             active,
             segment_max_bytes,
             next_index,
-            last_epoch,
-            state: StorageState::Ok,
-            lost: String::new(),
+            last_epoch: replay.last_epoch,
+            health: Arc::new(Health::default()),
             dir_handle,
             spare: None,
             anchors: Anchors::default(),
         };
         // Best effort: without a spare, the first roll creates the segment.
         let _ = wal.prepare_spare();
-        Ok((wal, report))
+        Ok((wal, replay.report))
     }
 
     /// Index the next record must carry.
@@ -359,10 +223,7 @@ impl Wal {
             self.active = active;
             Ok(())
         })();
-        if result.is_err() {
-            self.state = StorageState::Poisoned;
-        }
-        result?;
+        result.map_err(|e| self.poison(e))?;
         self.next_index = next_index;
         self.last_epoch = last_epoch;
         Ok(())
@@ -374,20 +235,28 @@ impl Wal {
 
     /// Whether the log refuses appends (for any reason; see [`Wal::state`]).
     pub fn is_poisoned(&self) -> bool {
-        self.state != StorageState::Ok
+        !self.health.is_ok()
     }
 
     pub fn state(&self) -> StorageState {
-        self.state
+        self.health.get()
+    }
+
+    /// The storage state, shared: the engine's readers see it change.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// The error every append gets in the current state, if any.
     pub fn refusal(&self) -> Option<Error> {
-        match self.state {
-            StorageState::Ok => None,
-            StorageState::Poisoned => Some(Error::Poisoned),
-            StorageState::DataDirLost => Some(Error::DataDirLost(self.lost.clone())),
-        }
+        self.health.refusal()
+    }
+
+    /// Refuses every later append: after a failed write or fsync, the
+    /// kernel may have dropped pages nobody can name. Returns `e`.
+    fn poison(&self, e: Error) -> Error {
+        self.health.fail(StorageState::Poisoned, e.to_string());
+        e
     }
 
     /// Watches `anchors` (the data dir, its `LOCK`, `wal/`) from now on.
@@ -398,12 +267,11 @@ impl Wal {
     /// Checks the watched paths; the first time one is found removed or
     /// replaced, the log stops taking appends and the change is returned.
     pub fn check_anchors(&mut self) -> Option<String> {
-        if self.state == StorageState::DataDirLost {
+        if self.is_poisoned() {
             return None;
         }
         let lost = self.anchors.lost(self.fs.as_ref())?;
-        self.state = StorageState::DataDirLost;
-        self.lost.clone_from(&lost);
+        self.health.fail(StorageState::DataDirLost, lost.clone());
         Some(lost)
     }
 
@@ -459,8 +327,7 @@ impl Wal {
             self.roll()?;
         }
         if let Err(e) = self.active.write_all(framed) {
-            self.state = StorageState::Poisoned;
-            return Err(Error::io("appending to the WAL".into(), e));
+            return Err(self.poison(Error::io("appending to the WAL".into(), e)));
         }
         self.active_mut().bytes += framed.len() as u64;
         self.next_index = first + count;
@@ -474,8 +341,7 @@ impl Wal {
             return Err(e);
         }
         if let Err(e) = self.active.sync_data() {
-            self.state = StorageState::Poisoned;
-            return Err(Error::io("fsync of the WAL".into(), e));
+            return Err(self.poison(Error::io("fsync of the WAL".into(), e)));
         }
         // The fsync of a segment that was unlinked (its data dir deleted)
         // succeeds, but vouches for nothing a restart would read: refuse
@@ -484,10 +350,12 @@ impl Wal {
         if self.active.is_unlinked() {
             // Name the anchor that went (the data dir, usually) if one did.
             if self.check_anchors().is_none() {
-                self.state = StorageState::DataDirLost;
-                self.lost = format!("{} was removed", self.active_path().display());
+                let lost = format!("{} was removed", self.active_path().display());
+                self.health.fail(StorageState::DataDirLost, lost);
             }
-            return Err(Error::DataDirLost(self.lost.clone()));
+            return Err(self
+                .refusal()
+                .unwrap_or_else(|| Error::DataDirLost(String::new())));
         }
         Ok(())
     }
@@ -523,10 +391,7 @@ impl Wal {
                 e,
             ))
         })?;
-        if let Err(e) = self.sync_dir() {
-            self.state = StorageState::Poisoned;
-            return Err(e);
-        }
+        self.sync_dir().map_err(|e| self.poison(e))?;
         let active = self
             .spare
             .take()
@@ -658,10 +523,7 @@ impl Wal {
             })?;
         }
         let result = self.cut(i, cut);
-        if result.is_err() {
-            self.state = StorageState::Poisoned;
-        }
-        result?;
+        result.map_err(|e| self.poison(e))?;
         self.next_index = from;
         self.last_epoch = prev_epoch.unwrap_or(0);
         Ok(prev_epoch)
@@ -710,6 +572,223 @@ impl Wal {
         }
         Ok(removed)
     }
+}
+
+/// The segments in `dir`, sorted by first index (sizes not known yet).
+fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<Segment>, Error> {
+    let mut segments: Vec<Segment> = fs
+        .list(dir)
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+        .into_iter()
+        .filter_map(|name| {
+            parse_segment_name(&name).map(|first_index| Segment {
+                first_index,
+                path: dir.join(name),
+                bytes: 0,
+            })
+        })
+        .collect();
+    segments.sort_by_key(|s| s.first_index);
+    Ok(segments)
+}
+
+/// The log must start no later than right after what the snapshot covers.
+fn check_log_start(segments: &[Segment], after_index: u64) -> Result<(), Error> {
+    match segments.first() {
+        Some(first) if first.first_index > after_index + 1 => Err(Error::Corruption {
+            file: first.path.clone(),
+            offset: 0,
+            reason: format!(
+                "log starts at index {} but the snapshot only covers up to {after_index}: \
+                 records in between are missing",
+                first.first_index
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Removes every segment (all covered by a newer snapshot), durably.
+fn remove_all(fs: &dyn Fs, dir: &Path, segments: &mut Vec<Segment>) -> Result<(), Error> {
+    for seg in segments.drain(..) {
+        fs.remove(&seg.path)
+            .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
+    }
+    fs.sync_dir(dir)
+        .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))
+}
+
+/// Damage in `seg` at `offset`.
+fn corrupt(seg: &Segment, offset: usize, reason: String) -> Error {
+    Error::Corruption {
+        file: seg.path.clone(),
+        offset: offset as u64,
+        reason,
+    }
+}
+
+/// A failure to read `seg`.
+fn read_error(seg: &Segment) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(format!("reading {}", seg.path.display()), e)
+}
+
+/// Recovery's progress through the segments, in order.
+struct Replay {
+    /// Records up to here are in the snapshot: checked, not applied.
+    after_index: u64,
+    /// The index the next record must carry, once one has been seen.
+    expected: Option<u64>,
+    last_epoch: u64,
+    report: RecoveryReport,
+}
+
+impl Replay {
+    /// Replays one segment: its valid length, or `None` for a last segment
+    /// whose header never became durable (it held nothing).
+    fn segment(
+        &mut self,
+        fs: &dyn Fs,
+        seg: &Segment,
+        is_last: bool,
+        apply: &mut impl FnMut(Record),
+    ) -> Result<Option<u64>, Error> {
+        let file = fs.open_read(&seg.path).map_err(read_error(seg))?;
+        let mut w = Window::new(file);
+        if !self.header(&mut w, seg, is_last)? {
+            return Ok(None);
+        }
+        match self.expected {
+            Some(e) if e != seg.first_index => {
+                return Err(corrupt(
+                    seg,
+                    0,
+                    format!(
+                        "segment should start at index {e} but is named for {}",
+                        seg.first_index
+                    ),
+                ))
+            }
+            _ => self.expected = Some(seg.first_index),
+        }
+        self.frames(fs, &mut w, seg, is_last, apply).map(Some)
+    }
+
+    /// Checks a segment's header; false for a last segment whose header
+    /// never became durable (its bytes count as cut).
+    fn header(&mut self, w: &mut Window, seg: &Segment, is_last: bool) -> Result<bool, Error> {
+        if !w.fill_to(SEGMENT_HEADER_BYTES).map_err(read_error(seg))? {
+            if is_last {
+                // Created but its header never became durable.
+                self.report.truncated_bytes += w.end() as u64;
+                return Ok(false);
+            }
+            return Err(corrupt(seg, 0, "segment shorter than its header".into()));
+        }
+        let Some((offset, reason)) = header_problem(&w.buf[..SEGMENT_HEADER_BYTES]) else {
+            return Ok(true);
+        };
+        // A header is written alone and fsync'd before any record goes in,
+        // so a last segment that is nothing but a bad header is one whose
+        // header never became durable while its directory entry did (a
+        // journaling file system may commit that first). It held nothing.
+        if is_last
+            && !w
+                .fill_to(SEGMENT_HEADER_BYTES + 1)
+                .map_err(read_error(seg))?
+        {
+            self.report.truncated_bytes += w.end() as u64;
+            return Ok(false);
+        }
+        Err(corrupt(seg, offset, reason))
+    }
+
+    /// Replays the frames after a good header; the segment's valid length
+    /// (a torn tail of the last segment is cut off the file).
+    fn frames(
+        &mut self,
+        fs: &dyn Fs,
+        w: &mut Window,
+        seg: &Segment,
+        is_last: bool,
+        apply: &mut impl FnMut(Record),
+    ) -> Result<u64, Error> {
+        // Frames are read through a window holding about one frame, so
+        // replay needs memory for a record, not for a whole segment.
+        let mut off = SEGMENT_HEADER_BYTES;
+        loop {
+            w.forget_before(off);
+            if !w.fill_frame(off).map_err(read_error(seg))? {
+                return Ok(off as u64); // clean end of the segment
+            }
+            let want = self.expected.unwrap_or(seg.first_index);
+            let reason = match record::read_frame(&w.buf, off - w.base) {
+                Frame::Valid { payload, next } => {
+                    let rec = Record::decode_payload(payload)
+                        .map_err(|e| corrupt(seg, off, format!("undecodable record: {e}")))?;
+                    if rec.index != want {
+                        return Err(corrupt(
+                            seg,
+                            off,
+                            format!("record has index {} where {want} was expected", rec.index),
+                        ));
+                    }
+                    self.last_epoch = rec.epoch;
+                    self.expected = Some(want + 1);
+                    if rec.index > self.after_index {
+                        apply(rec);
+                        self.report.records_replayed += 1;
+                    }
+                    off = w.base + next;
+                    continue;
+                }
+                Frame::Bad { reason } => reason,
+                _ => "record runs past the end of the file".to_string(),
+            };
+            check_torn_tail(w, seg, off, want, is_last, &reason)?;
+            // A torn tail: the write it held was never acknowledged.
+            self.report.truncated_bytes += (w.end() - off) as u64;
+            fs.truncate(&seg.path, off as u64).map_err(|e| {
+                Error::io(format!("truncating torn tail of {}", seg.path.display()), e)
+            })?;
+            return Ok(off as u64);
+        }
+    }
+}
+
+/// A bad frame at `off` (record `want` expected there) is a torn tail only
+/// at the end of the last segment: a valid record after it, or a sealed
+/// segment, makes it damage to acknowledged data.
+fn check_torn_tail(
+    w: &mut Window,
+    seg: &Segment,
+    off: usize,
+    want: u64,
+    is_last: bool,
+    reason: &str,
+) -> Result<(), Error> {
+    // Rare path: look at everything after the bad frame.
+    w.fill_to(usize::MAX).map_err(read_error(seg))?;
+    let rel = off - w.base;
+    let later = (rel + 1..w.buf.len()).find(|&o| record::valid_record_at(&w.buf, o, want));
+    if let Some(o) = later {
+        return Err(corrupt(
+            seg,
+            off,
+            format!(
+                "{reason}; a valid record follows at offset {}, \
+                 so this is damage to acknowledged data, not a torn write",
+                w.base + o
+            ),
+        ));
+    }
+    if !is_last {
+        return Err(corrupt(
+            seg,
+            off,
+            format!("{reason} in a sealed (non-final) segment"),
+        ));
+    }
+    Ok(())
 }
 
 /// A sliding view of a segment file: `buf` holds file bytes from offset

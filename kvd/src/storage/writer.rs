@@ -1,0 +1,854 @@
+//! The engine's two threads: the WAL writer ([`Writer`]: batches, fsyncs,
+//! applies, replies; every WAL file operation happens here) and the
+//! snapshotter ([`Snapshotter`]: writes snapshots in the background and
+//! hands compaction back to the writer).
+//!
+//! Every record reaches the log through one path,
+//! [`Writer::append_durably`] (frame, write, fsync, mark the storage state
+//! on failure, make the entries part of the log view, notify): client
+//! writes ([`Writer::commit`]), a primary's entries
+//! ([`Writer::replicate`]) and peers' merged writes ([`Writer::ingest`])
+//! differ only in what they append and when they apply it, which the
+//! [`CommitPolicy`] decides.
+//!
+//! # Invariants (checked with `debug_assert!`)
+//!
+//! - commit index <= last index;
+//! - the applied index never decreases;
+//! - pending entries (durable, waiting for their commit) are in strictly
+//!   ascending index order, all after the commit index.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::fs::Fs;
+use super::log_index::EpochRuns;
+use super::lww::Lww;
+use super::record::{self, Record};
+use super::state::{self, ApplyOutcome, State};
+use super::{
+    snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
+    ReplicateRequest, Shared, WriteReq, WriteResult,
+};
+use crate::masterless::hlc::{Hlc, WallClock};
+use crate::metrics::Metrics;
+use crate::model::{Op, Timestamp};
+use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
+
+/// A durable entry waiting for its commit (replicated mode).
+pub(super) struct PendingEntry {
+    pub index: u64,
+    pub ts: Timestamp,
+    pub op: Op,
+    pub apply: bool,
+    pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
+}
+
+/// One entry on its way into the log: its epoch, stamp and op.
+type Entry<'a> = (u64, Timestamp, &'a Op);
+
+/// What [`Writer::append_durably`] made durable.
+struct Appended {
+    last: u64,
+    /// The write and fsync took this long.
+    fsync: Duration,
+}
+
+/// The WAL thread.
+pub(super) struct Writer {
+    pub wal: wal::Wal,
+    pub state: Arc<State>,
+    pub shared: Arc<Shared>,
+    pub cfg: EngineConfig,
+    pub metrics: Option<Arc<Metrics>>,
+    pub clock: Hlc,
+    pub wall: WallClock,
+    pub bytes_since_snapshot: u64,
+    /// Lowest index logged but deliberately not applied (`debug_flaky`);
+    /// snapshots must not claim to cover it.
+    pub first_unapplied: Option<u64>,
+    /// Replicated mode: durable entries not yet known to be committed.
+    pub pending: VecDeque<PendingEntry>,
+    /// Batches refused in a row because no new segment could be started
+    /// (logged when it starts and when it ends, not once per batch).
+    pub roll_refusals: u64,
+    pub fs: Arc<dyn Fs>,
+    pub snap_dir: PathBuf,
+    pub snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
+    pub compact_rx: std_mpsc::Receiver<u64>,
+}
+
+impl Writer {
+    /// The current commit policy (only [`Writer::rebase`] changes it).
+    fn policy(&self) -> CommitPolicy {
+        self.shared.policy()
+    }
+
+    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut batch: Vec<WriteReq> = Vec::with_capacity(self.cfg.max_batch_records);
+        let mut other: Vec<Cmd> = Vec::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        while let Some(first) = rx.blocking_recv() {
+            self.gather(&mut rx, first, &mut batch, &mut other);
+            if !batch.is_empty() {
+                self.commit(&mut batch, &mut buf);
+            }
+            for cmd in other.drain(..) {
+                self.handle(cmd, &mut buf);
+            }
+            self.compact();
+            // Off the reply path: the next roll then needs no new file.
+            let _ = self.wal.prepare_spare();
+            self.check_invariants();
+        }
+        // The channel is closed and drained: every reply went out after its
+        // fsync, so there is nothing left to flush.
+    }
+
+    /// Group commit: takes `first` and every write already queued (up to
+    /// the batch limits) into `batch`; anything else goes to `other`, to
+    /// wait until the batch is durable.
+    fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<Cmd>,
+        first: Cmd,
+        batch: &mut Vec<WriteReq>,
+        other: &mut Vec<Cmd>,
+    ) {
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Write(req) => {
+                    bytes += req.op.encoded_len();
+                    batch.push(req);
+                }
+                cmd => other.push(cmd),
+            }
+            if batch.len() < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes {
+                next = rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// Carries out one command other than a write.
+    fn handle(&mut self, cmd: Cmd, buf: &mut Vec<u8>) {
+        match cmd {
+            Cmd::Write(_) => unreachable!("writes are batched by gather"),
+            // A count by a primary since deposed is of a log it may no
+            // longer hold (a newer primary's entries may have replaced its
+            // suffix): not ours to commit.
+            Cmd::Commit { index, epoch } => {
+                if epoch == self.shared.epoch.load(Ordering::Acquire) {
+                    self.advance_commit(index)
+                }
+            }
+            Cmd::Replicate(r) => {
+                let outcome = self.replicate(r.req, buf);
+                let _ = r.reply.send(outcome);
+            }
+            Cmd::ReadFrom {
+                from,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.wal.read_from(from, max_bytes));
+            }
+            Cmd::InstallSnapshot { snapshot, reply } => {
+                let _ = reply.send(self.install_snapshot(snapshot));
+            }
+            Cmd::Ingest { records, reply } => {
+                let _ = reply.send(self.ingest(records, buf));
+            }
+            Cmd::Rebase { req, reply } => {
+                let _ = reply.send(self.rebase(req));
+            }
+            Cmd::Tick => self.tick(),
+            Cmd::Purge { before, reply } => {
+                let n = if self.shared.snapshot_running.load(Ordering::Acquire) {
+                    0
+                } else {
+                    self.shared.lww.purge(before)
+                };
+                let _ = reply.send(n);
+            }
+            Cmd::CheckDataDir { reply } => {
+                self.wal.check_anchors();
+                let _ = reply.send(self.wal.state());
+            }
+        }
+    }
+
+    /// Moves the clock to the wall clock's time, so an idle node's durable
+    /// clock (and the global stable time) still advances. A poisoned WAL
+    /// may hold stamped records whose fate is unknown until a restart:
+    /// claim nothing then.
+    fn tick(&mut self) {
+        if self.wal.is_poisoned() {
+            return;
+        }
+        let wall = self.wall.now_ms();
+        if wall > self.clock.last().physical_ms {
+            self.clock.now(wall);
+        }
+        // No stamp is outstanding: the writer issues and logs stamps in
+        // one step.
+        *self.shared.hlc.lock() = self.clock.last();
+        *self.shared.durable_hlc.lock() = self.clock.last();
+    }
+
+    /// The writer's invariants, after every round of commands.
+    fn check_invariants(&self) {
+        if cfg!(debug_assertions) {
+            let last = self.shared.last_index.load(Ordering::Acquire);
+            let commit = self.shared.commit_index.load(Ordering::Acquire);
+            debug_assert!(
+                commit <= last,
+                "WAL writer invariant: commit index {commit} is past the last index {last}"
+            );
+            let mut prev = commit;
+            for p in &self.pending {
+                debug_assert!(
+                    p.index > prev,
+                    "WAL writer invariant: pending entry {} does not follow {prev} \
+                     (pending entries ascend, after the commit index)",
+                    p.index
+                );
+                prev = p.index;
+            }
+        }
+    }
+
+    /// The one way records enter the log: frames `entries` (contiguous
+    /// from the WAL's next index) into one write, fsyncs it, and only then
+    /// makes them part of the log: recorded in the log view (and the ship
+    /// cache, in a cluster), the last index published, then `durable_hlc`
+    /// (the clock's value once these are durable, for a writer whose clock
+    /// stamped or observed them), then waiters notified. On failure
+    /// nothing of them counts, and the storage state says why (the WAL
+    /// marks it where it failed).
+    fn append_durably<'a>(
+        &mut self,
+        entries: impl Iterator<Item = Entry<'a>> + Clone,
+        durable_hlc: Option<Timestamp>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Appended, Error> {
+        let first = self.wal.next_index();
+        buf.clear();
+        let mut count = 0u64;
+        let mut last_epoch = 0;
+        for (i, (epoch, ts, op)) in entries.clone().enumerate() {
+            record::encode(first + i as u64, epoch, ts, op, buf);
+            count += 1;
+            last_epoch = epoch;
+        }
+        debug_assert!(count > 0, "an append carries at least one entry");
+        let fsync_started = Instant::now();
+        self.wal
+            .append(first, count, buf, last_epoch)
+            .and_then(|_| self.wal.sync())?;
+        let fsync = fsync_started.elapsed();
+        self.remember(first, entries);
+        let last = first + count - 1;
+        self.shared.last_index.store(last, Ordering::Release);
+        if let Some(ts) = durable_hlc {
+            // Published after the index: see `Engine::durable_hlc`.
+            *self.shared.durable_hlc.lock() = ts;
+        }
+        self.bytes_since_snapshot += buf.len() as u64;
+        self.publish_wal_stats();
+        self.shared.durable_changed.notify_waiters();
+        Ok(Appended { last, fsync })
+    }
+
+    /// Records newly durable entries in the in-memory log view: their
+    /// epochs always, the entries themselves when this node ships them.
+    fn remember<'a>(&mut self, first: u64, entries: impl Iterator<Item = Entry<'a>>) {
+        let mut log = self.shared.log.lock();
+        let mut cache = self.policy().ships().then(|| self.shared.cache.lock());
+        for (i, (epoch, ts, op)) in entries.enumerate() {
+            let index = first + i as u64;
+            log.push(index, epoch);
+            if let Some(cache) = cache.as_mut() {
+                cache.push(Record {
+                    index,
+                    epoch,
+                    ts,
+                    op: op.clone(),
+                });
+            }
+        }
+    }
+
+    /// Queues a durable entry for its commit.
+    fn push_pending(&mut self, entry: PendingEntry) {
+        debug_assert!(
+            self.pending.back().is_none_or(|p| p.index < entry.index),
+            "WAL writer invariant: pending entries ascend ({:?} then {})",
+            self.pending.back().map(|p| p.index),
+            entry.index
+        );
+        self.pending.push_back(entry);
+    }
+
+    /// Replicated mode: applies pending entries up to the commit index.
+    fn advance_commit(&mut self, index: u64) {
+        let last = self.wal.next_index() - 1;
+        let commit = index.min(last);
+        let old = self.shared.commit_index.fetch_max(commit, Ordering::AcqRel);
+        if commit <= old {
+            return;
+        }
+        while self.pending.front().is_some_and(|p| p.index <= commit) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let outcome = self.apply_entry(p.index, p.ts, &p.op, p.apply);
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Ok(WriteResult {
+                    index: p.index,
+                    outcome,
+                    ts: p.ts,
+                }));
+            }
+        }
+        self.maybe_snapshot();
+    }
+
+    fn apply_entry(&mut self, index: u64, ts: Timestamp, op: &Op, apply: bool) -> ApplyOutcome {
+        let outcome = match (apply, self.policy()) {
+            (true, CommitPolicy::Merge) => self.shared.lww.apply(&self.state, ts, op),
+            (true, _) => self.state.apply(op),
+            (false, _) => {
+                self.first_unapplied.get_or_insert(index);
+                ApplyOutcome::default()
+            }
+        };
+        let before = self.shared.applied_index.swap(index, Ordering::AcqRel);
+        debug_assert!(
+            index > before,
+            "WAL writer invariant: the applied index went from {before} to {index}"
+        );
+        outcome
+    }
+
+    /// Client writes: logged in one durable append, then applied and
+    /// acknowledged now (at their own fsync) or once committed (replicated).
+    fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
+        self.refuse_over_memory(batch);
+        if batch.is_empty() {
+            return;
+        }
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let wall = self.wall.now_ms();
+        let stamps: Vec<Timestamp> = batch.iter().map(|_| self.clock.now(wall)).collect();
+        let entries = batch
+            .iter()
+            .zip(&stamps)
+            .map(|(req, ts)| (epoch, *ts, &req.op));
+        let first = self.wal.next_index();
+        // Once the batch is durable, so is every stamp this node has issued.
+        let issued = self.clock.last();
+        let appended = match self.append_durably(entries, Some(issued), buf) {
+            Ok(a) => a,
+            Err(e) => return self.refuse_batch(batch, &e),
+        };
+        self.roll_taken_again();
+        if let Some(m) = &self.metrics {
+            m.wal_fsync_seconds.observe(appended.fsync.as_secs_f64());
+            m.wal_batch_records.observe(batch.len() as f64);
+        }
+        *self.shared.hlc.lock() = issued;
+        let requests = batch.drain(..).zip(stamps).enumerate();
+        if self.policy() == CommitPolicy::Replicated {
+            // Durable here; applied and acknowledged once committed.
+            for (i, (req, ts)) in requests {
+                self.push_pending(PendingEntry {
+                    index: first + i as u64,
+                    ts,
+                    op: req.op,
+                    apply: req.apply,
+                    reply: Some(req.reply),
+                });
+            }
+        } else {
+            self.shared
+                .commit_index
+                .store(appended.last, Ordering::Release);
+            for (i, (req, ts)) in requests {
+                let index = first + i as u64;
+                let outcome = self.apply_entry(index, ts, &req.op, req.apply);
+                let _ = req.reply.send(Ok(WriteResult { index, outcome, ts }));
+            }
+        }
+        self.maybe_snapshot();
+    }
+
+    /// Logs, once, that a new segment could be started after refusals.
+    fn roll_taken_again(&mut self) {
+        if self.roll_refusals > 0 {
+            tracing::info!(
+                refused_batches = self.roll_refusals,
+                "a new WAL segment was started after refused write batches; \
+                 writes are taken again"
+            );
+            self.roll_refusals = 0;
+        }
+    }
+
+    /// Answers every write of a batch that could not be logged. Only a
+    /// failed roll leaves the WAL usable; anything else refuses all later
+    /// writes too (the WAL has marked the storage state).
+    fn refuse_batch(&mut self, batch: &mut Vec<WriteReq>, e: &Error) {
+        if let Error::SegmentUnavailable(_) = e {
+            if self.roll_refusals == 0 {
+                tracing::warn!(error = %e, "refusing writes until a new WAL segment can be started");
+            }
+            self.roll_refusals = self.roll_refusals.saturating_add(1);
+            if let Some(m) = &self.metrics {
+                m.wal_roll_failures_total.inc();
+            }
+        }
+        let each = |e: &Error| match e {
+            Error::SegmentUnavailable(m) => Error::SegmentUnavailable(m.clone()),
+            Error::DataDirLost(m) => Error::DataDirLost(m.clone()),
+            Error::Poisoned => Error::Poisoned,
+            other => Error::NotDurable(other.to_string()),
+        };
+        for req in batch.drain(..) {
+            let _ = req.reply.send(Err(each(e)));
+        }
+    }
+
+    /// `--max-memory-mib`: answers [`Error::MemoryFull`] to the writes of
+    /// `batch` that would grow the data set past the budget, in order, and
+    /// keeps the rest. Shrinking writes free nothing for the rest of the
+    /// batch (they are not applied yet), which keeps the check on the safe
+    /// side. On a primary, writes logged but not yet committed are not in
+    /// the state yet: concurrent writes can overshoot by what is in flight.
+    fn refuse_over_memory(&self, batch: &mut Vec<WriteReq>) {
+        let Some(limit) = self.cfg.max_data_bytes else {
+            return;
+        };
+        let mut used = self.state.data_bytes();
+        let mut kept = Vec::with_capacity(batch.len());
+        for req in batch.drain(..) {
+            match state::admit(used, self.state.growth_bytes(&req.op), limit) {
+                Ok(now) => {
+                    used = now;
+                    kept.push(req);
+                }
+                Err(would_be) => {
+                    let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
+                }
+            }
+        }
+        *batch = kept;
+    }
+
+    /// Secondary side of log shipping (see [`super::Engine::replicate`]):
+    /// the rules decide, a conflicting suffix is cut, the new entries are
+    /// appended durably and wait for their commit.
+    fn replicate(
+        &mut self,
+        req: ReplicateRequest,
+        buf: &mut Vec<u8>,
+    ) -> Result<AppendOutcome, Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        let decision = self.check_append(&req)?;
+        if let Some(e) = decision.new_epoch_to_persist {
+            // The caller persisted it before handing us the request.
+            self.shared.epoch.fetch_max(e, Ordering::AcqRel);
+        }
+        let AppendOutcome::Accept {
+            truncate_from,
+            append_from,
+            commit,
+            ..
+        } = decision.outcome.clone()
+        else {
+            return Ok(decision.outcome);
+        };
+        if let Some(from) = truncate_from {
+            self.truncate_suffix(from)?;
+        }
+        let new = &req.records[append_from..];
+        if !new.is_empty() {
+            debug_assert!(
+                new.iter()
+                    .zip(self.wal.next_index()..)
+                    .all(|(r, i)| r.index == i),
+                "the rules accept only entries that continue the log"
+            );
+            let entries = new.iter().map(|r| (r.epoch, r.ts, &r.op));
+            self.append_durably(entries, None, buf)?;
+            for r in new {
+                self.push_pending(PendingEntry {
+                    index: r.index,
+                    ts: r.ts,
+                    op: r.op.clone(),
+                    apply: true,
+                    reply: None,
+                });
+            }
+        }
+        self.advance_commit(commit);
+        Ok(decision.outcome)
+    }
+
+    /// What [`rules::check_append`] says of `req` against this log.
+    fn check_append(&self, req: &ReplicateRequest) -> Result<rules::AppendDecision, Error> {
+        let positions: Vec<LogPos> = req
+            .records
+            .iter()
+            .map(|r| LogPos {
+                epoch: r.epoch,
+                index: r.index,
+            })
+            .collect();
+        let my_epoch = self.shared.epoch.load(Ordering::Acquire);
+        let commit = self.shared.commit_index.load(Ordering::Acquire);
+        let log = self.shared.log.lock();
+        let request = rules::AppendRequest {
+            epoch: req.epoch,
+            prev: req.prev,
+            entries: &positions,
+            leader_commit: req.leader_commit,
+        };
+        Ok(rules::check_append(&*log, my_epoch, commit, &request)?)
+    }
+
+    /// Cuts the uncommitted suffix from `from` on, durably, from the WAL
+    /// and the log view.
+    fn truncate_suffix(&mut self, from: u64) -> Result<(), Error> {
+        self.wal.truncate_from(from)?;
+        self.shared.log.lock().truncate_from(from);
+        self.shared.cache.lock().truncate_from(from);
+        // Our own writes in the cut suffix were never committed: their
+        // clients learn that they did not happen.
+        while self.pending.back().is_some_and(|p| p.index >= from) {
+            if let Some(reply) = self.pending.pop_back().and_then(|p| p.reply) {
+                let _ = reply.send(Err(Error::Superseded));
+            }
+        }
+        self.shared.last_index.store(from - 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Masterless side of [`super::Engine::ingest`]: the clock observes
+    /// every stamp; the items that win are appended durably and applied.
+    fn ingest(&mut self, records: Vec<Record>, buf: &mut Vec<u8>) -> Result<u64, Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        if self.policy() != CommitPolicy::Merge {
+            return Err(Error::NotQuiescent(
+                "this node is not in masterless mode".into(),
+            ));
+        }
+        let wall = self.wall.now_ms();
+        let mut winners = Vec::with_capacity(records.len());
+        for r in &records {
+            self.clock.observe(r.ts, wall);
+            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
+                winners.push((r.ts, op));
+            }
+        }
+        let observed = self.clock.last();
+        *self.shared.hlc.lock() = observed;
+        let first = self.wal.next_index();
+        if winners.is_empty() {
+            *self.shared.durable_hlc.lock() = observed;
+            return Ok(first - 1);
+        }
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let entries = winners.iter().map(|(ts, op)| (epoch, *ts, op));
+        let appended = match self.append_durably(entries, Some(observed), buf) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "WAL write failed");
+                return Err(e);
+            }
+        };
+        self.shared
+            .commit_index
+            .store(appended.last, Ordering::Release);
+        for (i, (ts, op)) in winners.iter().enumerate() {
+            self.apply_entry(first + i as u64, *ts, op, true);
+        }
+        self.maybe_snapshot();
+        Ok(appended.last)
+    }
+
+    /// Secondary: replaces log and state with a snapshot from the primary
+    /// (see [`super::Engine::install_snapshot`]).
+    fn install_snapshot(&mut self, incoming: IncomingSnapshot) -> Result<u64, Error> {
+        let IncomingSnapshot {
+            path: tmp_path,
+            meta,
+            state: fresh,
+        } = incoming;
+        let tmp_path = tmp_path.as_path();
+        let commit = self.shared.commit_index.load(Ordering::Acquire);
+        if meta.last_index <= commit {
+            // We already have all of it committed; nothing to do.
+            let _ = self.fs.remove(tmp_path);
+            return Ok(commit);
+        }
+        let next = meta.last_index.checked_add(1).ok_or(Error::Replication(
+            rules::AppendError::Malformed("snapshot at the last index"),
+        ))?;
+        // Durable snapshot first; then the log restarts after it. A crash in
+        // between leaves a snapshot ahead of the log, which recovery handles
+        // by starting the log afresh.
+        let final_path = self.snap_dir.join(snapshot::snapshot_name(meta.last_index));
+        self.fs
+            .rename(tmp_path, &final_path)
+            .and_then(|_| self.fs.sync_dir(&self.snap_dir))
+            .map_err(|e| Error::io(format!("installing {}", final_path.display()), e))?;
+        self.remove_snapshots_but(&final_path)?;
+        self.wal.reset(next, meta.last_epoch)?;
+        for p in self.pending.drain(..) {
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Err(Error::Superseded));
+            }
+        }
+        self.state.replace_with(fresh);
+        self.restart_log_at(meta);
+        Ok(meta.last_index)
+    }
+
+    /// Removes every snapshot but `keep` (best effort: a leftover is
+    /// removed at the next start).
+    fn remove_snapshots_but(&self, keep: &std::path::Path) -> Result<(), Error> {
+        for (_, old) in snapshot::list(self.fs.as_ref(), &self.snap_dir)? {
+            if old != keep {
+                let _ = self.fs.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    /// After the WAL was reset to start after `base`: the log view, the
+    /// indexes and the snapshot bookkeeping say so too.
+    fn restart_log_at(&mut self, base: snapshot::SnapshotMeta) {
+        let applied = self.shared.applied_index.load(Ordering::Acquire);
+        debug_assert!(
+            base.last_index >= applied,
+            "WAL writer invariant: a new log base at {} would move the applied index back \
+             from {applied}",
+            base.last_index
+        );
+        *self.shared.log.lock() = EpochRuns::new(base.last_index, base.last_epoch);
+        self.shared.cache.lock().clear();
+        self.first_unapplied = None;
+        self.bytes_since_snapshot = 0;
+        for idx in [
+            &self.shared.last_index,
+            &self.shared.commit_index,
+            &self.shared.applied_index,
+            &self.shared.snapshot_index,
+        ] {
+            idx.store(base.last_index, Ordering::Release);
+        }
+        self.publish_wal_stats();
+    }
+
+    /// Side of [`super::Engine::rebase`] on the WAL thread.
+    fn rebase(&mut self, req: Rebase) -> Result<(), Error> {
+        let next = self.check_rebase(&req)?;
+        self.wait_for_snapshotter()?;
+        // The new mode's stamps (none when not merging) are built aside
+        // and take over only once the snapshot holding them is durable: a
+        // rebase that fails leaves the node as it was.
+        let merges = req.policy == CommitPolicy::Merge;
+        let stamps = Lww::new();
+        if merges {
+            stamps.seed_from_state(&self.state, req.base_ts);
+        }
+        let base = snapshot::SnapshotMeta {
+            last_index: req.base_index,
+            last_epoch: req.epoch,
+        };
+        let (path, _) = snapshot::write(
+            self.fs.as_ref(),
+            &self.snap_dir,
+            &self.state,
+            merges.then_some(&stamps),
+            base,
+        )?;
+        self.shared.lww.replace_with(stamps);
+        self.remove_snapshots_but(&path)?;
+        // Durable snapshot first, then the log restarts after it (a crash in
+        // between leaves a snapshot ahead of the log, which recovery handles).
+        self.wal.reset(next, req.epoch)?;
+        self.shared.set_policy(req.policy);
+        self.shared.epoch.fetch_max(req.epoch, Ordering::AcqRel);
+        self.restart_log_at(base);
+        let wall = self.wall.now_ms();
+        self.clock.observe(req.base_ts, wall);
+        *self.shared.hlc.lock() = self.clock.last();
+        {
+            let mut d = self.shared.durable_hlc.lock();
+            *d = (*d).max(req.base_ts);
+        }
+        self.shared.durable_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Refuses a rebase unless every logged entry is applied and the base
+    /// is at or past the last index; the index the log restarts at.
+    fn check_rebase(&self, req: &Rebase) -> Result<u64, Error> {
+        if self.wal.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        if !self.pending.is_empty() {
+            return Err(Error::NotQuiescent(format!(
+                "{} logged entries are not committed yet",
+                self.pending.len()
+            )));
+        }
+        let last = self.wal.next_index() - 1;
+        if req.base_index < last {
+            return Err(Error::NotQuiescent(format!(
+                "base index {} is behind this node's last index {last}",
+                req.base_index
+            )));
+        }
+        req.base_index.checked_add(1).ok_or_else(|| {
+            Error::NotQuiescent("a base index of 2^64-1 leaves no index for the next entry".into())
+        })
+    }
+
+    /// Waits (up to two minutes) until the snapshot thread is not writing,
+    /// so that it does not write concurrently with a rebase.
+    fn wait_for_snapshotter(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.shared.snapshot_running.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return Err(Error::NotQuiescent(
+                    "a snapshot is still being written".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Makes the WAL's size visible to `/v1/status` and metrics.
+    fn publish_wal_stats(&self) {
+        self.shared
+            .wal_bytes
+            .store(self.wal.total_bytes(), Ordering::Relaxed);
+        self.shared
+            .wal_segments
+            .store(self.wal.segment_count() as u64, Ordering::Relaxed);
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.bytes_since_snapshot < self.cfg.snapshot_every_bytes
+            || self.shared.snapshot_running.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let applied = self.shared.applied_index.load(Ordering::Acquire);
+        let upto = match self.first_unapplied {
+            Some(i) => applied.min(i - 1),
+            None => applied,
+        };
+        if upto <= self.shared.snapshot_index.load(Ordering::Relaxed) {
+            return;
+        }
+        self.shared.snapshot_running.store(true, Ordering::Release);
+        let meta = snapshot::SnapshotMeta {
+            last_index: upto,
+            // The epoch of the snapshot's own last entry: a secondary
+            // matches logs against it after compaction.
+            last_epoch: self
+                .shared
+                .log
+                .lock()
+                .epoch_at(upto)
+                .unwrap_or_else(|| self.wal.last_epoch()),
+        };
+        if self.snap_tx.try_send(meta).is_ok() {
+            self.bytes_since_snapshot = 0;
+        } else {
+            self.shared.snapshot_running.store(false, Ordering::Release);
+        }
+    }
+
+    fn compact(&mut self) {
+        while let Ok(upto) = self.compact_rx.try_recv() {
+            match self.wal.remove_covered(upto) {
+                Ok(_) => {
+                    // Entries gone from the WAL can only reach a peer by
+                    // snapshot: say so to the catch-up rules.
+                    let first = self.wal.first_index();
+                    self.shared.log.lock().compact_to(first.saturating_sub(1));
+                    self.publish_wal_stats();
+                }
+                Err(e) => {
+                    tracing::warn!(upto, error = %e, "WAL compaction failed (will retry later)")
+                }
+            }
+        }
+    }
+}
+
+/// The snapshot thread.
+pub(super) struct Snapshotter {
+    pub fs: Arc<dyn Fs>,
+    pub dir: PathBuf,
+    pub state: Arc<State>,
+    pub shared: Arc<Shared>,
+    pub metrics: Option<Arc<Metrics>>,
+    pub compact_tx: std_mpsc::Sender<u64>,
+}
+
+impl Snapshotter {
+    pub fn run(self, rx: std_mpsc::Receiver<snapshot::SnapshotMeta>) {
+        while let Ok(meta) = rx.recv() {
+            let started = Instant::now();
+            match self.take(meta) {
+                Ok(()) => {
+                    self.shared
+                        .snapshot_index
+                        .store(meta.last_index, Ordering::Release);
+                    if let Some(m) = &self.metrics {
+                        m.snapshots_total.inc();
+                        m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
+                    }
+                    let _ = self.compact_tx.send(meta.last_index);
+                }
+                Err(e) => tracing::error!(index = meta.last_index, error = %e, "snapshot failed"),
+            }
+            self.shared.snapshot_running.store(false, Ordering::Release);
+        }
+    }
+
+    fn take(&self, meta: snapshot::SnapshotMeta) -> Result<(), Error> {
+        let merges = self.shared.policy() == CommitPolicy::Merge;
+        let stamps = merges.then_some(&*self.shared.lww);
+        let (path, _size) =
+            snapshot::write(self.fs.as_ref(), &self.dir, &self.state, stamps, meta)?;
+        // Older snapshots are now redundant; the WAL they needed goes too.
+        for (_, old) in snapshot::list(self.fs.as_ref(), &self.dir)? {
+            if old != path {
+                self.fs
+                    .remove(&old)
+                    .map_err(|e| Error::io(format!("removing {}", old.display()), e))?;
+            }
+        }
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))
+    }
+}

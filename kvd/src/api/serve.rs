@@ -134,8 +134,11 @@ pub async fn serve(
                 };
                 failures = failures.saturating_add(1);
                 if listener::should_log_accept_failure(failures) {
-                    eprintln!(
-                        "kvd: accept failed ({e}; {failures} in a row); retrying in {delay:?}"
+                    tracing::warn!(
+                        error = %e,
+                        failures,
+                        retry_in = ?delay,
+                        "accept failed; retrying"
                     );
                 }
                 tokio::select! {
@@ -175,7 +178,7 @@ async fn connection(
     // Replies are small and each completes a request: send them at once
     // rather than letting Nagle wait for the client's delayed ACK.
     if let Err(e) = stream.set_nodelay(true) {
-        eprintln!("kvd: cannot set TCP_NODELAY: {e}");
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
     let activity = Arc::new(Activity::new());
     let parked = ParkedSlot::default();

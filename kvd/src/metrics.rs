@@ -84,12 +84,14 @@ pub struct ConnectionMetrics {
 impl ConnectionMetrics {
     fn new(r: &Registrar) -> Result<ConnectionMetrics, prometheus::Error> {
         Ok(ConnectionMetrics {
-            open: r.gauge_vec(
+            open: r.labelled(
+                IntGaugeVec::new,
                 "kvd_http_connections",
                 "Open HTTP connections, by pool",
                 &["pool"],
             )?,
-            limit: r.gauge_vec(
+            limit: r.labelled(
+                IntGaugeVec::new,
                 "kvd_http_connection_limit",
                 "Most HTTP connections open at once, by pool (fitted to RLIMIT_NOFILE)",
                 &["pool"],
@@ -143,22 +145,15 @@ impl Registrar<'_> {
         self.register(IntCounter::new(name, help)?)
     }
 
-    fn gauge_vec(
+    /// A labelled gauge or counter: `make` is its `new`.
+    fn labelled<M: prometheus::core::Collector + Clone + 'static>(
         &self,
+        make: fn(Opts, &[&str]) -> Result<M, prometheus::Error>,
         name: &str,
         help: &str,
         labels: &[&str],
-    ) -> Result<IntGaugeVec, prometheus::Error> {
-        self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
-    }
-
-    fn counter_vec(
-        &self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-    ) -> Result<IntCounterVec, prometheus::Error> {
-        self.register(IntCounterVec::new(Opts::new(name, help), labels)?)
+    ) -> Result<M, prometheus::Error> {
+        self.register(make(Opts::new(name, help), labels)?)
     }
 
     fn histogram(
@@ -188,7 +183,8 @@ impl Metrics {
         let registry = Registry::new();
         let r = Registrar(&registry);
         Ok(Metrics {
-            http_requests_total: r.counter_vec(
+            http_requests_total: r.labelled(
+                IntCounterVec::new,
                 "kvd_http_requests_total",
                 "HTTP requests served, by operation and status code",
                 &["op", "code"],
@@ -226,7 +222,8 @@ impl Metrics {
                 "kvd_storage_poisoned",
                 "1 once the node refuses writes for a storage reason (see kvd_storage_state)",
             )?,
-            storage_state: r.gauge_vec(
+            storage_state: r.labelled(
+                IntGaugeVec::new,
                 "kvd_storage_state",
                 "1 for the storage engine's current state: ok, poisoned (a WAL write or \
                  fsync failed), data_dir_lost (the data dir was removed or replaced)",
@@ -244,7 +241,8 @@ impl Metrics {
                 "kvd_max_data_set_bytes",
                 "The --max-memory-mib budget in bytes (0: no limit)",
             )?,
-            replication_lag_entries: r.gauge_vec(
+            replication_lag_entries: r.labelled(
+                IntGaugeVec::new,
                 "kvd_replication_lag_entries",
                 "Log entries a peer is behind this primary's last index",
                 &["peer"],

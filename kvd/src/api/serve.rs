@@ -224,7 +224,7 @@ struct HeadTimer {
 impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         // Not used by hyper's HTTP/1 server; a plain sleep all the same.
-        Box::pin(PlainSleep(Box::pin(tokio::time::sleep(duration))))
+        hyper::rt::Timer::sleep(&hyper_util::rt::TokioTimer::new(), duration)
     }
 
     fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
@@ -270,18 +270,6 @@ impl Future for HeadSleep {
 }
 
 impl hyper::rt::Sleep for HeadSleep {}
-
-struct PlainSleep(Pin<Box<tokio::time::Sleep>>);
-
-impl Future for PlainSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-impl hyper::rt::Sleep for PlainSleep {}
 
 #[cfg(test)]
 mod tests {

@@ -988,7 +988,10 @@ impl Replicator {
             return;
         };
         // A newer snapshot may replace this one while we read; then retry.
-        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+        // Read through the engine's `Fs`, like every other file of the data
+        // dir, so a test's simulated disk sees it too.
+        let fs = self.engine.fs();
+        let read = tokio::task::spawn_blocking(move || fs.read(&path)).await;
         let Ok(Ok(bytes)) = read else {
             tokio::time::sleep(HEARTBEAT).await;
             return;

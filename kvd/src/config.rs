@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use kvproto::Mode;
 
+use crate::logging::LogFormat;
+
 /// kvd: a kvstore node. Serves get/set/delete and atomic bulk set over HTTP;
 /// every acknowledged write is in a write-ahead log fsync'd before the reply.
 #[derive(Parser, Debug, Clone)]
@@ -196,6 +198,12 @@ pub struct Config {
     /// setting, or their results differ.
     #[arg(long, requires = "index")]
     pub index_stem: bool,
+
+    /// How the node writes its log to stderr: text, or JSON lines (one
+    /// object per event). The filter is the KVD_LOG environment variable
+    /// (e.g. `debug`, `kvd=debug,hyper=warn`; default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "KVD_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// `--role`.

@@ -1,15 +1,25 @@
 //! kvd: the kvstore node daemon.
 //!
-//! - [`storage`]: WAL, in-memory state, snapshots, recovery.
-//! - [`index`]: full-text (BM25) and TF-IDF similarity indexes (`--index`).
-//! - [`api`]: the HTTP API (DESIGN §2), thin handlers over the engine.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`config`]: command-line configuration.
-//! - [`server`]: wires the parts together and runs a node.
+//! Its modules form layers, each using only those below it (the test
+//! `tests/layers.rs` holds the table and checks every import):
+//!
+//! - [`model`]: the types every layer shares (`Op`, `Record`, `Timestamp`,
+//!   `LogPos`) and the pure rules (`replication::rules`,
+//!   `masterless::rules`, `masterless::hlc`).
+//! - [`index`], [`metrics`], [`tasks`]: the search index, the Prometheus
+//!   metrics, owned background tasks.
+//! - [`storage`]: WAL, in-memory state, snapshots, `meta`, recovery.
+//! - [`replication`], [`masterless`]: the runtime of each cluster mode.
+//! - [`node`]: the node's mode and runtime, the write path, the mode switch.
+//! - [`api`]: the HTTP API (DESIGN §2), thin handlers; the only place that
+//!   chooses status codes.
+//! - [`server`], [`config`], [`logging`]: the wiring: flags, the log
+//!   subscriber (`KVD_LOG`, `--log-format`), running a node.
 
 pub mod api;
 pub mod config;
 pub mod index;
+pub mod logging;
 pub mod masterless;
 pub mod metrics;
 pub mod model;

@@ -44,36 +44,28 @@ pub struct IndexMetrics {
 }
 
 impl IndexMetrics {
-    fn new(registry: &Registry) -> Result<IndexMetrics, prometheus::Error> {
-        let m = IndexMetrics {
-            documents: IntGauge::new(
+    fn new(r: &Registrar) -> Result<IndexMetrics, prometheus::Error> {
+        Ok(IndexMetrics {
+            documents: r.gauge(
                 "kvd_index_documents",
                 "Keys whose value has at least one indexed term",
             )?,
-            terms: IntGauge::new("kvd_index_terms", "Distinct terms in the index")?,
-            postings: IntGauge::new(
+            terms: r.gauge("kvd_index_terms", "Distinct terms in the index")?,
+            postings: r.gauge(
                 "kvd_index_postings",
                 "Postings (document, term) in the index",
             )?,
-            memory_bytes: IntGauge::new(
+            memory_bytes: r.gauge(
                 "kvd_index_memory_bytes",
                 "Estimated heap bytes held by the index",
             )?,
-            query_duration_seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "kvd_index_query_duration_seconds",
-                    "Time to answer one index query, by kind (search, similar)",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            query_duration_seconds: r.histogram_vec(
+                "kvd_index_query_duration_seconds",
+                "Time to answer one index query, by kind (search, similar)",
+                LATENCY_BUCKETS,
                 &["kind"],
             )?,
-        };
-        registry.register(Box::new(m.documents.clone()))?;
-        registry.register(Box::new(m.terms.clone()))?;
-        registry.register(Box::new(m.postings.clone()))?;
-        registry.register(Box::new(m.memory_bytes.clone()))?;
-        registry.register(Box::new(m.query_duration_seconds.clone()))?;
-        Ok(m)
+        })
     }
 }
 
@@ -90,38 +82,33 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    fn new(registry: &Registry) -> Result<ConnectionMetrics, prometheus::Error> {
-        let m = ConnectionMetrics {
-            open: IntGaugeVec::new(
-                Opts::new("kvd_http_connections", "Open HTTP connections, by pool"),
+    fn new(r: &Registrar) -> Result<ConnectionMetrics, prometheus::Error> {
+        Ok(ConnectionMetrics {
+            open: r.labelled(
+                IntGaugeVec::new,
+                "kvd_http_connections",
+                "Open HTTP connections, by pool",
                 &["pool"],
             )?,
-            limit: IntGaugeVec::new(
-                Opts::new(
-                    "kvd_http_connection_limit",
-                    "Most HTTP connections open at once, by pool (fitted to RLIMIT_NOFILE)",
-                ),
+            limit: r.labelled(
+                IntGaugeVec::new,
+                "kvd_http_connection_limit",
+                "Most HTTP connections open at once, by pool (fitted to RLIMIT_NOFILE)",
                 &["pool"],
             )?,
-            accept_paused: IntGauge::new(
+            accept_paused: r.gauge(
                 "kvd_http_accept_paused",
                 "1 while every connection slot is taken and new connections wait in the backlog",
             )?,
-            accept_errors_total: IntCounter::new(
+            accept_errors_total: r.counter(
                 "kvd_http_accept_errors_total",
                 "Failed accept(2) calls (EMFILE and the like)",
             )?,
-            body_bytes_inflight: IntGauge::new(
+            body_bytes_inflight: r.gauge(
                 "kvd_http_body_bytes_inflight",
                 "Request-body bytes reserved by requests being read or handled",
             )?,
-        };
-        registry.register(Box::new(m.open.clone()))?;
-        registry.register(Box::new(m.limit.clone()))?;
-        registry.register(Box::new(m.accept_paused.clone()))?;
-        registry.register(Box::new(m.accept_errors_total.clone()))?;
-        registry.register(Box::new(m.body_bytes_inflight.clone()))?;
-        Ok(m)
+        })
     }
 }
 
@@ -132,132 +119,137 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
+/// Buckets of the group-commit batch size, in records.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+];
+
+/// Makes each metric and registers it in one step, so that none is made
+/// and forgotten (it would never show on `/metrics`).
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn register<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        metric: M,
+    ) -> Result<M, prometheus::Error> {
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.register(IntGauge::new(name, help)?)
+    }
+
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.register(IntCounter::new(name, help)?)
+    }
+
+    /// A labelled gauge or counter: `make` is its `new`.
+    fn labelled<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        make: fn(Opts, &[&str]) -> Result<M, prometheus::Error>,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<M, prometheus::Error> {
+        self.register(make(Opts::new(name, help), labels)?)
+    }
+
+    fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+    ) -> Result<Histogram, prometheus::Error> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts)?)
+    }
+
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        labels: &[&str],
+    ) -> Result<HistogramVec, prometheus::Error> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, labels)?)
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let http_requests_total = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(&registry);
+        Ok(Metrics {
+            http_requests_total: r.labelled(
+                IntCounterVec::new,
                 "kvd_http_requests_total",
                 "HTTP requests served, by operation and status code",
-            ),
-            &["op", "code"],
-        )?;
-        let http_request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
+                &["op", "code"],
+            )?,
+            http_request_duration_seconds: r.histogram_vec(
                 "kvd_http_request_duration_seconds",
                 "Time from request to response, by operation",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["op"],
-        )?;
-        let wal_fsync_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                LATENCY_BUCKETS,
+                &["op"],
+            )?,
+            wal_fsync_seconds: r.histogram(
                 "kvd_wal_fsync_duration_seconds",
                 "Time to write and fdatasync one group-commit batch",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        let wal_batch_records = Histogram::with_opts(
-            HistogramOpts::new(
+                LATENCY_BUCKETS,
+            )?,
+            wal_batch_records: r.histogram(
                 "kvd_wal_batch_records",
                 "Records made durable by one fdatasync (group commit batch size)",
-            )
-            .buckets(vec![
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
-            ]),
-        )?;
-        let snapshots_total = IntCounter::new("kvd_snapshots_total", "Snapshots written")?;
-        let snapshot_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                BATCH_BUCKETS,
+            )?,
+            snapshots_total: r.counter("kvd_snapshots_total", "Snapshots written")?,
+            snapshot_seconds: r.histogram(
                 "kvd_snapshot_duration_seconds",
                 "Time to write one snapshot",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        let keys = IntGauge::new("kvd_keys", "Live keys in memory")?;
-        let epoch = IntGauge::new("kvd_epoch", "Current epoch of this node")?;
-        let is_primary =
-            IntGauge::new("kvd_is_primary", "1 if this node accepts writes as primary")?;
-        let last_index = IntGauge::new("kvd_last_index", "Index of the last durable log entry")?;
-        let commit_index =
-            IntGauge::new("kvd_commit_index", "Index of the last committed log entry")?;
-        let wal_bytes = IntGauge::new("kvd_wal_bytes", "Bytes in WAL segments on disk")?;
-        let wal_segments = IntGauge::new("kvd_wal_segments", "WAL segment files on disk")?;
-        let storage_poisoned = IntGauge::new(
-            "kvd_storage_poisoned",
-            "1 once the node refuses writes for a storage reason (see kvd_storage_state)",
-        )?;
-        let storage_state = IntGaugeVec::new(
-            Opts::new(
+                LATENCY_BUCKETS,
+            )?,
+            keys: r.gauge("kvd_keys", "Live keys in memory")?,
+            epoch: r.gauge("kvd_epoch", "Current epoch of this node")?,
+            is_primary: r.gauge("kvd_is_primary", "1 if this node accepts writes as primary")?,
+            last_index: r.gauge("kvd_last_index", "Index of the last durable log entry")?,
+            commit_index: r.gauge("kvd_commit_index", "Index of the last committed log entry")?,
+            wal_bytes: r.gauge("kvd_wal_bytes", "Bytes in WAL segments on disk")?,
+            wal_segments: r.gauge("kvd_wal_segments", "WAL segment files on disk")?,
+            storage_poisoned: r.gauge(
+                "kvd_storage_poisoned",
+                "1 once the node refuses writes for a storage reason (see kvd_storage_state)",
+            )?,
+            storage_state: r.labelled(
+                IntGaugeVec::new,
                 "kvd_storage_state",
                 "1 for the storage engine's current state: ok, poisoned (a WAL write or \
                  fsync failed), data_dir_lost (the data dir was removed or replaced)",
-            ),
-            &["state"],
-        )?;
-        let wal_roll_failures_total = IntCounter::new(
-            "kvd_wal_roll_failures_total",
-            "Write batches refused because no new WAL segment could be started",
-        )?;
-        let data_set_bytes = IntGauge::new(
-            "kvd_data_set_bytes",
-            "Keys, values and per-entry overhead, as --max-memory-mib counts them",
-        )?;
-        let max_data_bytes = IntGauge::new(
-            "kvd_max_data_set_bytes",
-            "The --max-memory-mib budget in bytes (0: no limit)",
-        )?;
-        let replication_lag_entries = IntGaugeVec::new(
-            Opts::new(
+                &["state"],
+            )?,
+            wal_roll_failures_total: r.counter(
+                "kvd_wal_roll_failures_total",
+                "Write batches refused because no new WAL segment could be started",
+            )?,
+            data_set_bytes: r.gauge(
+                "kvd_data_set_bytes",
+                "Keys, values and per-entry overhead, as --max-memory-mib counts them",
+            )?,
+            max_data_bytes: r.gauge(
+                "kvd_max_data_set_bytes",
+                "The --max-memory-mib budget in bytes (0: no limit)",
+            )?,
+            replication_lag_entries: r.labelled(
+                IntGaugeVec::new,
                 "kvd_replication_lag_entries",
                 "Log entries a peer is behind this primary's last index",
-            ),
-            &["peer"],
-        )?;
-        registry.register(Box::new(replication_lag_entries.clone()))?;
-        registry.register(Box::new(http_requests_total.clone()))?;
-        registry.register(Box::new(http_request_duration_seconds.clone()))?;
-        registry.register(Box::new(wal_fsync_seconds.clone()))?;
-        registry.register(Box::new(wal_batch_records.clone()))?;
-        registry.register(Box::new(snapshots_total.clone()))?;
-        registry.register(Box::new(snapshot_seconds.clone()))?;
-        registry.register(Box::new(keys.clone()))?;
-        registry.register(Box::new(epoch.clone()))?;
-        registry.register(Box::new(is_primary.clone()))?;
-        registry.register(Box::new(last_index.clone()))?;
-        registry.register(Box::new(commit_index.clone()))?;
-        registry.register(Box::new(wal_bytes.clone()))?;
-        registry.register(Box::new(wal_segments.clone()))?;
-        registry.register(Box::new(storage_poisoned.clone()))?;
-        registry.register(Box::new(storage_state.clone()))?;
-        registry.register(Box::new(wal_roll_failures_total.clone()))?;
-        registry.register(Box::new(data_set_bytes.clone()))?;
-        registry.register(Box::new(max_data_bytes.clone()))?;
-        let index = IndexMetrics::new(&registry)?;
-        let connections = ConnectionMetrics::new(&registry)?;
-        Ok(Metrics {
-            index,
-            connections,
+                &["peer"],
+            )?,
+            index: IndexMetrics::new(&r)?,
+            connections: ConnectionMetrics::new(&r)?,
             registry,
-            http_requests_total,
-            http_request_duration_seconds,
-            wal_fsync_seconds,
-            wal_batch_records,
-            snapshots_total,
-            snapshot_seconds,
-            keys,
-            epoch,
-            is_primary,
-            last_index,
-            commit_index,
-            wal_bytes,
-            wal_segments,
-            storage_poisoned,
-            storage_state,
-            wal_roll_failures_total,
-            data_set_bytes,
-            max_data_bytes,
-            replication_lag_entries,
         })
     }
 

@@ -153,7 +153,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     let budget = connection_budget(&cfg)?;
-    eprintln!("kvd: {}", budget.describe(cfg.max_connections));
+    tracing::info!(node = %meta.node_id, "{}", budget.describe(cfg.max_connections));
     let connections = metrics.connections.clone();
     let state = Arc::new(AppState::new(
         node.clone(),
@@ -162,10 +162,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.enable_debug,
         cfg.data_dir.display().to_string(),
     ));
-    eprintln!(
-        "kvd: node {} serving on http://{addr} ({})",
-        meta.node_id, meta.mode
-    );
+    tracing::info!(node = %meta.node_id, mode = %meta.mode, "serving on http://{addr}");
     let serve_cfg = api::serve::ServeConfig {
         budget,
         timeouts: api::serve::Timeouts {
@@ -184,7 +181,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::task::spawn_blocking(move || engine.shutdown())
         .await
         .context("engine shutdown panicked")?;
-    eprintln!("kvd: shut down cleanly");
+    tracing::info!(node = %meta.node_id, "shut down cleanly");
     Ok(())
 }
 
@@ -221,10 +218,11 @@ fn load_meta(cfg: &Config, store: &MetaStore) -> Result<(Meta, bool)> {
     meta.mode = match meta.mode {
         m if replicated && m.is_cluster() => {
             if m != cfg.mode {
-                eprintln!(
-                    "kvd: data dir {} is in {m} mode (switched live); ignoring --mode {}",
-                    cfg.data_dir.display(),
-                    cfg.mode
+                tracing::warn!(
+                    data_dir = %cfg.data_dir.display(),
+                    mode = %m,
+                    flag = %cfg.mode,
+                    "the data dir is in another mode than --mode (switched live); ignoring --mode"
                 );
             }
             m
@@ -268,15 +266,15 @@ async fn open_engine(
             .await
             .context("recovery task panicked")?
             .with_context(|| format!("recovering data dir {}", cfg.data_dir.display()))?;
-    eprintln!(
-        "kvd: {} recovered {} keys in {:.3}s (snapshot at index {}, {} WAL records replayed, \
-         {} torn tail bytes cut)",
-        cfg.data_dir.display(),
-        report.keys,
-        report.duration.as_secs_f64(),
-        report.snapshot_index,
-        report.records_replayed,
-        report.truncated_bytes
+    tracing::info!(
+        node = %meta.node_id,
+        data_dir = %cfg.data_dir.display(),
+        keys = report.keys,
+        seconds = report.duration.as_secs_f64(),
+        snapshot_index = report.snapshot_index,
+        records_replayed = report.records_replayed,
+        torn_bytes_cut = report.truncated_bytes,
+        "recovered the data dir"
     );
     Ok(Arc::new(engine))
 }
@@ -348,12 +346,12 @@ async fn shutdown_signal() {
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("kvd: cannot listen for SIGTERM: {e}");
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
             return std::future::pending().await;
         }
     };
     tokio::select! {
-        _ = term.recv() => eprintln!("kvd: SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => eprintln!("kvd: SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
     }
 }

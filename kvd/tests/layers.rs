@@ -16,7 +16,7 @@
 //! | masterless | `masterless` (the runtime: `masterless::node`) | storage, model, base |
 //! | node | `node::*` | replication, masterless, storage, model, base |
 //! | api | `api::*` | node and everything below |
-//! | wiring | `server`, `config`, the crate root | everything |
+//! | wiring | `server`, `config`, `logging`, the crate root | everything |
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,7 @@ const LAYER_OF: &[(&str, &str)] = &[
     ("api", "api"),
     ("server", "wiring"),
     ("config", "wiring"),
+    ("logging", "wiring"),
     ("", "wiring"),
 ];
 

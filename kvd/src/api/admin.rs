@@ -38,13 +38,7 @@ fn parse<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
 /// `POST /internal/ml/stream`: a peer's own writes.
 pub async fn ml_stream(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let node = masterless(&st)?;
-    let raw = read_body(
-        body,
-        st.limits.max_bulk_bytes.saturating_mul(2),
-        st.limits.body_timeout,
-        "stream body",
-    )
-    .await?;
+    let raw = read_body(&st, body, st.limits.max_peer_body_bytes(), "stream body").await?;
     let req =
         ml::decode_stream(&raw).map_err(|m| ApiError::bad_request(code::INVALID_STREAM, m))?;
     if node.is_stopped() {
@@ -68,7 +62,7 @@ pub struct BucketsRequest {
 /// `POST /internal/ml/buckets`: the versions in some buckets.
 pub async fn ml_buckets(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let node = masterless(&st)?;
-    let raw = read_body(body, 1 << 20, st.limits.body_timeout, "buckets request").await?;
+    let raw = read_body(&st, body, 1 << 20, "buckets request").await?;
     let req: BucketsRequest = parse(&raw)?;
     let out = tokio::task::spawn_blocking(move || node.buckets_answer(&req.buckets))
         .await
@@ -95,7 +89,7 @@ pub async fn resume_writes(State(st): State<Shared>) -> Response {
 
 /// `POST /v1/admin/mode`: switch this node (writes must be paused).
 pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
-    let raw = read_body(body, 64 << 10, st.limits.body_timeout, "mode request").await?;
+    let raw = read_body(&st, body, 64 << 10, "mode request").await?;
     let req: ModeRequest = parse(&raw)?;
     Ok(Json(st.node.switch_mode(&req).await?).into_response())
 }
@@ -109,7 +103,7 @@ pub async fn debug_clock(State(st): State<Shared>, body: Body) -> Result<Respons
             "the clock offset needs kvd to run with --enable-debug",
         ));
     }
-    let raw = read_body(body, 4 << 10, st.limits.body_timeout, "clock request").await?;
+    let raw = read_body(&st, body, 4 << 10, "clock request").await?;
     let req: ClockRequest = parse(&raw)?;
     st.node.wall().set_offset_ms(req.offset_ms);
     Ok(Json(ClockAnswer {

@@ -182,17 +182,22 @@ impl From<ps::Error> for ApiError {
     }
 }
 
+/// `meta` (epoch and vote) could not be stored: nothing was decided.
+fn meta_write_failed(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        code::META_WRITE_FAILED,
+        e.to_string(),
+    )
+}
+
 impl From<VoteError> for ApiError {
     fn from(e: VoteError) -> Self {
         match e {
             VoteError::OutOfReach { .. } => {
                 ApiError::bad_request(code::EPOCH_OUT_OF_RANGE, e.to_string())
             }
-            VoteError::Persist(_) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                code::META_WRITE_FAILED,
-                e.to_string(),
-            ),
+            VoteError::Persist(_) => meta_write_failed(&e),
         }
     }
 }
@@ -203,11 +208,7 @@ impl From<PromoteError> for ApiError {
             PromoteError::Refused(why) => {
                 ApiError::new(StatusCode::CONFLICT, why.code(), why.to_string())
             }
-            PromoteError::Persist(_) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                code::META_WRITE_FAILED,
-                e.to_string(),
-            ),
+            PromoteError::Persist(_) => meta_write_failed(&e),
         }
     }
 }

@@ -187,12 +187,6 @@ impl Pools {
             _permit: permit,
         }
     }
-
-    /// Waits until every slot has been given back (every connection closed).
-    pub async fn drained(&self, budget: &Budget) {
-        let _ = self.clients.acquire_many(budget.clients as u32).await;
-        let _ = self.reserve.acquire_many(budget.reserve as u32).await;
-    }
 }
 
 /// `kvd_http_accept_paused` is 1 while this lives (also if the wait for a

@@ -56,6 +56,14 @@ pub struct Limits {
     pub max_inflight_body_bytes: u32,
 }
 
+impl Limits {
+    /// Largest batch a peer sends (`/internal/append`, `/internal/ml/stream`):
+    /// a bulk request's worth of records, with room for their framing.
+    pub fn max_peer_body_bytes(&self) -> usize {
+        self.max_bulk_bytes.saturating_mul(2)
+    }
+}
+
 /// What every handler can reach.
 pub struct AppState {
     /// The node: its mode, runtime and write path.
@@ -320,14 +328,11 @@ fn apply_decision(
 }
 
 /// Reads a request body of at most `limit` bytes (413 beyond it) within
-/// `timeout` (408 after it), if the body budget has room (503 if not).
-async fn read_body(
-    body: Body,
-    limit: usize,
-    timeout: std::time::Duration,
-    what: &str,
-) -> Result<Bytes, ApiError> {
+/// the body timeout (408 after it), if the body budget has room (503 if
+/// not).
+async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
     use axum::body::HttpBody;
+    let timeout = st.limits.body_timeout;
     let too_large = || {
         ApiError::too_large(
             "value_too_large",
@@ -460,13 +465,7 @@ async fn put_key(
     let key = key_from_path(path)?;
     let apply = apply_decision(&st, params)?;
     st.check_primary(&uri)?;
-    let value = read_body(
-        body,
-        st.limits.max_value_bytes,
-        st.limits.body_timeout,
-        "value",
-    )
-    .await?;
+    let value = read_body(&st, body, st.limits.max_value_bytes, "value").await?;
     let op = Op::Put {
         key: Bytes::from(key.into_bytes()),
         value,
@@ -582,13 +581,7 @@ async fn bulk(
 ) -> Result<Response, ApiError> {
     let apply = apply_decision(&st, params)?;
     st.check_primary(&uri)?;
-    let raw = read_body(
-        body,
-        st.limits.max_bulk_bytes,
-        st.limits.body_timeout,
-        "bulk body",
-    )
-    .await?;
+    let raw = read_body(&st, body, st.limits.max_bulk_bytes, "bulk body").await?;
     let req: BulkRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -676,13 +669,7 @@ fn replicator(st: &AppState, takes: &str) -> Result<Arc<node::Replicator>, ApiEr
 /// Replication traffic from the primary (see `replication::node`).
 async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let r = replicator(&st, "replication traffic")?;
-    let raw = read_body(
-        body,
-        st.limits.max_bulk_bytes.saturating_mul(2),
-        st.limits.body_timeout,
-        "append body",
-    )
-    .await?;
+    let raw = read_body(&st, body, st.limits.max_peer_body_bytes(), "append body").await?;
     let append =
         node::decode_append(&raw).map_err(|m| ApiError::bad_request(code::INVALID_APPEND, m))?;
     match r.handle_append(append).await? {
@@ -719,7 +706,7 @@ async fn internal_snapshot(
 /// A candidate's vote request (see `replication::node`).
 async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let r = replicator(&st, "votes")?;
-    let raw = read_body(body, 64 << 10, st.limits.body_timeout, "vote request").await?;
+    let raw = read_body(&st, body, 64 << 10, "vote request").await?;
     let req: rules::VoteRequest = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request(code::INVALID_VOTE, format!("bad vote request: {e}")))?;
     let answer = tokio::task::spawn_blocking(move || r.handle_vote(&req))

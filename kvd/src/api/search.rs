@@ -106,26 +106,45 @@ fn answer(page: Page, offset: usize) -> Response {
     .into_response()
 }
 
-fn params<T>(p: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    p.map(|Query(p)| p)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+/// The index and the query's parameters, or why the query cannot run.
+fn index_and_params<T>(
+    st: &AppState,
+    p: Result<Query<T>, QueryRejection>,
+) -> Result<(Arc<Index>, T), ApiError> {
+    let ix = index_of(st)?;
+    let p = p
+        .map(|Query(p)| p)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    Ok((ix, p))
+}
+
+/// Runs one query, timing it into the index's histogram (by `kind`) when
+/// it is answered.
+fn timed<T>(
+    st: &AppState,
+    kind: &str,
+    query: impl FnOnce() -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let started = Instant::now();
+    let answer = query()?;
+    st.metrics
+        .index
+        .query_duration_seconds
+        .with_label_values(&[kind])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(answer)
 }
 
 pub(super) async fn search(
     State(st): State<Arc<AppState>>,
     p: Result<Query<SearchParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let ix = index_of(&st)?;
-    let p = params(p)?;
+    let (ix, p) = index_and_params(&st, p)?;
     let (limit, offset) = page_bounds(p.limit, p.offset)?;
     let q = p.q.unwrap_or_default();
-    let started = Instant::now();
-    let page = ix.search(&q, offset, limit).map_err(query_error)?;
-    st.metrics
-        .index
-        .query_duration_seconds
-        .with_label_values(&["search"])
-        .observe(started.elapsed().as_secs_f64());
+    let page = timed(&st, "search", || {
+        ix.search(&q, offset, limit).map_err(query_error)
+    })?;
     Ok(answer(page, offset))
 }
 
@@ -133,8 +152,7 @@ pub(super) async fn similar(
     State(st): State<Arc<AppState>>,
     p: Result<Query<SimilarParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let ix = index_of(&st)?;
-    let p = params(p)?;
+    let (ix, p) = index_and_params(&st, p)?;
     if p.top_k.is_some() && p.limit.is_some() {
         return Err(ApiError::bad_request(
             "invalid_query",
@@ -142,35 +160,25 @@ pub(super) async fn similar(
         ));
     }
     let (limit, offset) = page_bounds(p.top_k.or(p.limit), p.offset)?;
-    let started = Instant::now();
-    let page = match (p.q, p.key) {
-        (Some(q), None) => ix.similar_text(&q, offset, limit).map_err(query_error)?,
+    let page = timed(&st, "similar", || match (p.q, p.key) {
+        (Some(q), None) => ix.similar_text(&q, offset, limit).map_err(query_error),
         (None, Some(key)) => {
             validate_key(&key).map_err(|m| ApiError::bad_request("invalid_key", m))?;
             match ix.similar_key(&key, offset, limit) {
-                Some(page) => page,
+                Some(page) => Ok(page),
                 // Present but without text: nothing is like it.
-                None if st.engine.get(key.as_bytes()).is_some() => Page::default(),
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "key_not_found",
-                        format!("key {key:?} not found"),
-                    ))
-                }
+                None if st.engine.get(key.as_bytes()).is_some() => Ok(Page::default()),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "key_not_found",
+                    format!("key {key:?} not found"),
+                )),
             }
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "give exactly one of q (text) and key (more like this key's value)",
-            ))
-        }
-    };
-    st.metrics
-        .index
-        .query_duration_seconds
-        .with_label_values(&["similar"])
-        .observe(started.elapsed().as_secs_f64());
+        _ => Err(ApiError::bad_request(
+            "invalid_query",
+            "give exactly one of q (text) and key (more like this key's value)",
+        )),
+    })?;
     Ok(answer(page, offset))
 }

@@ -20,7 +20,9 @@
 //! accept never ends the loop: a shortage such as EMFILE waits with backoff
 //! (`listener::on_accept_error`). On shutdown the loop stops accepting,
 //! every connection finishes the request it is serving and closes, and
-//! `serve` returns once all are closed.
+//! `serve` returns once all are closed. The connections' tasks are owned
+//! by `serve` (a `JoinSet`): if `serve` itself is dropped, they are
+//! aborted with it, so none outlives the server.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -34,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::conn_io::{self, Activity, ConnIo, HeadLimits, ParkedSlot};
 use super::listener::{self, AcceptAction, Budget, Pool, Pools, Slot};
@@ -96,7 +99,7 @@ pub struct ServeConfig {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then waits
-/// for every connection to finish its request and close.
+/// for every connection to finish its request and close (its task to end).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -105,6 +108,7 @@ pub async fn serve(
 ) {
     let pools = Pools::new(&cfg.budget, cfg.metrics.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
     let mut failures = 0u32;
     loop {
@@ -134,8 +138,11 @@ pub async fn serve(
                 };
                 failures = failures.saturating_add(1);
                 if listener::should_log_accept_failure(failures) {
-                    eprintln!(
-                        "kvd: accept failed ({e}; {failures} in a row); retrying in {delay:?}"
+                    tracing::warn!(
+                        error = %e,
+                        failures,
+                        retry_in = ?delay,
+                        "accept failed; retrying"
                     );
                 }
                 tokio::select! {
@@ -150,7 +157,10 @@ pub async fn serve(
             Pool::Client => cfg.timeouts,
             Pool::Reserve => cfg.timeouts.for_reserve(),
         };
-        tokio::spawn(connection(
+        // Forget connections that have closed, so the set holds about the
+        // open ones (at most the budget's slots, plus those closed since).
+        while connections.try_join_next().is_some() {}
+        connections.spawn(connection(
             stream,
             slot,
             router.clone(),
@@ -161,7 +171,8 @@ pub async fn serve(
     // Closing the listener refuses what waits in the backlog.
     drop(listener);
     let _ = stop_tx.send(true);
-    pools.drained(&cfg.budget).await;
+    // A connection that panicked has ended too (its slot was dropped).
+    while connections.join_next().await.is_some() {}
 }
 
 /// Serves one connection; its slot is given back when this returns.
@@ -175,7 +186,7 @@ async fn connection(
     // Replies are small and each completes a request: send them at once
     // rather than letting Nagle wait for the client's delayed ACK.
     if let Err(e) = stream.set_nodelay(true) {
-        eprintln!("kvd: cannot set TCP_NODELAY: {e}");
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
     let activity = Arc::new(Activity::new());
     let parked = ParkedSlot::default();
@@ -213,7 +224,7 @@ struct HeadTimer {
 impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         // Not used by hyper's HTTP/1 server; a plain sleep all the same.
-        Box::pin(PlainSleep(Box::pin(tokio::time::sleep(duration))))
+        hyper::rt::Timer::sleep(&hyper_util::rt::TokioTimer::new(), duration)
     }
 
     fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
@@ -260,18 +271,6 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
-struct PlainSleep(Pin<Box<tokio::time::Sleep>>);
-
-impl Future for PlainSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-impl hyper::rt::Sleep for PlainSleep {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +306,69 @@ mod tests {
             header: Duration::from_millis(100),
         };
         assert_eq!(short.for_reserve(), short, "never longer than configured");
+    }
+
+    /// A server on loopback whose only route never answers; its port and
+    /// the task that runs `serve`.
+    async fn stuck_server(
+        shutdown: tokio::sync::oneshot::Receiver<()>,
+    ) -> (u16, tokio::task::JoinHandle<()>) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let metrics = crate::metrics::Metrics::new().unwrap().connections.clone();
+        let cfg = ServeConfig {
+            budget: listener::connection_budget(1 << 20, 0, 16, 0).unwrap(),
+            timeouts: T,
+            metrics,
+        };
+        let router = Router::new().route("/", axum::routing::get(std::future::pending::<()>));
+        let server = tokio::spawn(serve(tcp, router, cfg, async {
+            let _ = shutdown.await;
+        }));
+        (port, server)
+    }
+
+    /// Connects and sends a request the server will never answer.
+    async fn ask(port: u16) -> TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        client
+    }
+
+    /// Whether the server closes `client` within a few seconds.
+    async fn closed(client: &mut TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn dropping_serve_ends_its_connections() {
+        let (_stop, shutdown) = tokio::sync::oneshot::channel();
+        let (port, server) = stuck_server(shutdown).await;
+        let mut client = ask(port).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.abort();
+        assert!(server.await.unwrap_err().is_cancelled());
+        assert!(
+            closed(&mut client).await,
+            "a connection outlived the server that accepted it"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_request_in_flight() {
+        let (stop, shutdown) = tokio::sync::oneshot::channel();
+        let (port, server) = stuck_server(shutdown).await;
+        let _client = ask(port).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(500), server).await;
+        assert!(waited.is_err(), "serve returned with a request unanswered");
     }
 }

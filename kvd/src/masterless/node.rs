@@ -198,9 +198,11 @@ impl MlNode {
             None => match fs.read(&path) {
                 // A damaged or missing file only makes peers resend.
                 Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
-                    eprintln!(
-                        "kvd: ignoring unreadable {} ({e}); peers will resend",
-                        path.display()
+                    tracing::warn!(
+                        node = %settings.node_id,
+                        file = %path.display(),
+                        error = %e,
+                        "ignoring an unreadable file; peers will resend"
                     );
                     RecvFile::default()
                 }),
@@ -308,7 +310,7 @@ impl MlNode {
                 match self.engine.entries_from(from, MAX_BATCH_BYTES).await {
                     Ok(r) => r,
                     Err(e) => {
-                        eprintln!("kvd: reading entries for {}: {e}", peer.url);
+                        tracing::warn!(node = %self.settings.node_id, peer = %peer.url, error = %e, "reading entries to stream");
                         tokio::time::sleep(IDLE).await;
                         continue;
                     }
@@ -404,8 +406,18 @@ impl MlNode {
         let fs = self.engine.fs();
         let stored =
             tokio::task::spawn_blocking(move || store_recv(fs.as_ref(), &dir, &file)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            eprintln!("kvd: could not store {RECV_FILE}; peers may resend");
+        let failed = match stored {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failed {
+            tracing::warn!(
+                node = %self.settings.node_id,
+                file = RECV_FILE,
+                error,
+                "could not store the stream positions; peers may resend"
+            );
         }
         *self.recv_view.lock() = recv.origins.clone();
     }

@@ -129,12 +129,13 @@ impl Node {
             r.set_primary_hint(url.trim_end_matches('/').to_string());
         }
         self.set_runtime(rt);
-        eprintln!(
-            "kvd: switched to {} at base index {} in epoch {}{}",
-            to.mode,
-            req.base_index,
-            req.epoch,
-            if i_lead { " as primary" } else { "" }
+        tracing::info!(
+            node = %self.node_id,
+            mode = %to.mode,
+            base_index = req.base_index,
+            epoch = req.epoch,
+            primary = i_lead,
+            "switched mode"
         );
         Ok(self.switch_status())
     }
@@ -173,7 +174,11 @@ impl Node {
             return Ok(());
         };
         if let Err(restart) = self.restart_runtime(cluster, &old) {
-            eprintln!("kvd: the runtime stopped for a refused switch did not restart: {restart}");
+            tracing::error!(
+                node = %self.node_id,
+                error = %restart,
+                "the runtime stopped for a refused switch did not restart"
+            );
         }
         Err(match e {
             storage::Error::NotQuiescent(m) => SwitchError::NotQuiescent(m),

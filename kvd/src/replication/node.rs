@@ -549,7 +549,7 @@ impl Replicator {
         t.enter(next);
         self.engine.set_epoch(epoch);
         if was_primary {
-            eprintln!("kvd: saw epoch {epoch}; stepping down to secondary");
+            tracing::info!(node = %self.settings.node_id, epoch, "saw a newer epoch; stepping down to secondary");
         }
         Ok(())
     }
@@ -791,11 +791,11 @@ impl Replicator {
         // 4. Won: lead, and commit a no-op of our epoch (which commits
         //    older entries with it).
         self.take_lead(epoch).map_err(PromoteError::Refused)?;
-        eprintln!("kvd: promoted to primary of epoch {epoch}");
-        let engine = self.engine.clone();
+        tracing::info!(node = %self.settings.node_id, epoch, "promoted to primary");
+        let (engine, node) = (self.engine.clone(), self.settings.node_id.clone());
         self.tasks.spawn(async move {
             if let Err(e) = engine.write(Op::Noop, true).await {
-                eprintln!("kvd: the new epoch's no-op did not commit: {e}");
+                tracing::warn!(node, epoch, error = %e, "the new epoch's no-op did not commit");
             }
         });
         Ok(epoch)
@@ -906,7 +906,7 @@ impl Replicator {
             let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("kvd: reading entries for {}: {e}", peer.url);
+                    tracing::warn!(node = %self.settings.node_id, peer = %peer.url, error = %e, "reading entries to ship");
                     tokio::time::sleep(HEARTBEAT).await;
                     continue;
                 }
@@ -963,7 +963,7 @@ impl Replicator {
                 }
                 Some(AppendReply::Stale { my_epoch }) => {
                     if let Err(e) = self.adopt_epoch(my_epoch) {
-                        eprintln!("kvd: could not adopt epoch {my_epoch}: {e}");
+                        tracing::warn!(node = %self.settings.node_id, epoch = my_epoch, peer = %peer.url, error = %e, "could not adopt a peer's epoch");
                     }
                 }
                 Some(AppendReply::Mismatch { hint }) => {
@@ -988,7 +988,10 @@ impl Replicator {
             return;
         };
         // A newer snapshot may replace this one while we read; then retry.
-        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+        // Read through the engine's `Fs`, like every other file of the data
+        // dir, so a test's simulated disk sees it too.
+        let fs = self.engine.fs();
+        let read = tokio::task::spawn_blocking(move || fs.read(&path)).await;
         let Ok(Ok(bytes)) = read else {
             tokio::time::sleep(HEARTBEAT).await;
             return;
@@ -1003,11 +1006,7 @@ impl Replicator {
             last_index: last.index,
             last_epoch: last.epoch,
         };
-        eprintln!(
-            "kvd: sending snapshot at index {index} ({} bytes) to {}",
-            bytes.len(),
-            peer.url
-        );
+        tracing::info!(node = %self.settings.node_id, index, bytes = bytes.len(), peer = %peer.url, "sending snapshot");
         let reply = self
             .http
             .post(format!("{}/internal/snapshot", peer.url))

@@ -118,10 +118,8 @@ pub enum Source<'a> {
 }
 
 /// Loads the snapshot at `path` into `state` (which must be empty), and
-/// into `lww` in masterless mode.
-// One of the fuzzed decoders (`fuzz/`): its code is kept exactly as fuzzed,
-// one pass in the order of the format, rather than split into steps.
-#[allow(clippy::too_many_lines)]
+/// into `lww` in masterless mode: one pass in the order of the format
+/// (header, entries, trailer), refusing damage at the offset it is found.
 pub fn load(
     fs: &dyn Fs,
     path: &Path,
@@ -129,134 +127,188 @@ pub fn load(
     lww: Option<&Lww>,
     source: Source<'_>,
 ) -> Result<SnapshotMeta, Error> {
-    let max_value_bytes = match source {
-        Source::Own => MAX_PAYLOAD_BYTES,
-        Source::Peer(limits) => limits.max_value_bytes,
-    };
     let f = fs
         .open_read(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, f),
-        crc: 0,
-        pos: 0,
+    let mut l = Loader {
+        r: CrcReader {
+            inner: BufReader::with_capacity(1 << 20, f),
+            crc: 0,
+            pos: 0,
+        },
+        path,
+        source,
+        max_value_bytes: match source {
+            Source::Own => MAX_PAYLOAD_BYTES,
+            Source::Peer(limits) => limits.max_value_bytes,
+        },
+        version: 0,
+        key: Vec::new(),
     };
-    let corrupt = |offset: u64, reason: String| Error::Corruption {
-        file: path.to_path_buf(),
-        offset,
-        reason,
-    };
-    let short = |pos: u64, e: std::io::Error| corrupt(pos, format!("snapshot ends early: {e}"));
-
-    let mut header = [0u8; HEADER_BYTES];
-    r.exact(&mut header).map_err(|e| short(0, e))?;
-    if &header[..8] != MAGIC {
-        return Err(corrupt(0, "bad snapshot magic".into()));
-    }
-    let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if version != VERSION && version != VERSION_LWW {
-        return Err(corrupt(
-            8,
-            format!("unsupported snapshot version {version}"),
-        ));
-    }
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&header[16..24]);
-    let last_index = u64::from_le_bytes(word);
-    word.copy_from_slice(&header[24..32]);
-    let last_epoch = u64::from_le_bytes(word);
-
+    let meta = l.header()?;
     let mut count = 0u64;
-    let mut key = Vec::new();
     loop {
-        let at = r.pos;
+        let at = l.r.pos;
         let mut tag = [0u8; 4];
-        r.exact(&mut tag).map_err(|e| short(at, e))?;
+        l.r.exact(&mut tag).map_err(|e| l.short(at, e))?;
         if &tag == b"SNAP" {
             // Keys are at most MAX_KEY_BYTES long, so a key length can never
             // spell "SNAP" (0x50414e53): this is the trailer.
-            let mut rest = [0u8; 4];
-            r.exact(&mut rest).map_err(|e| short(at, e))?;
-            if &rest != b"END\0" {
-                return Err(corrupt(at, "bad snapshot trailer marker".into()));
-            }
-            let n = r.u64().map_err(|e| short(at, e))?;
-            let expect_crc = r.crc;
-            let mut c = [0u8; 4];
-            r.inner.read_exact(&mut c).map_err(|e| short(at, e))?;
-            if u32::from_le_bytes(c) != expect_crc {
-                return Err(corrupt(at, "snapshot checksum mismatch".into()));
-            }
-            if n != count {
-                return Err(corrupt(
-                    at,
-                    format!("trailer says {n} entries, found {count}"),
-                ));
-            }
-            let mut extra = [0u8; 1];
-            if r.inner.read(&mut extra).map_err(|e| short(at, e))? != 0 {
-                return Err(corrupt(at + 20, "bytes after snapshot trailer".into()));
-            }
-            break;
+            l.trailer(at, count)?;
+            return Ok(meta);
         }
-        let klen = u32::from_le_bytes(tag) as usize;
-        if klen == 0 || klen > MAX_KEY_BYTES {
-            return Err(corrupt(at, format!("implausible key length {klen}")));
-        }
-        key.clear();
-        key.resize(klen, 0);
-        r.exact(&mut key).map_err(|e| short(at, e))?;
-        if let Source::Peer(_) = source {
-            validate_key(&key).map_err(|why| corrupt(at, why))?;
-        }
-        let vlen = r.u32().map_err(|e| short(at, e))? as usize;
-        if vlen > max_value_bytes {
-            return Err(corrupt(
-                at,
-                format!("value length {vlen} is over the limit of {max_value_bytes}"),
-            ));
-        }
-        let mut value = vec![0u8; vlen];
-        r.exact(&mut value).map_err(|e| short(at, e))?;
-        let (ts, tombstone) = if version == VERSION_LWW {
-            let physical_ms = r.u64().map_err(|e| short(at, e))?;
-            let logical = r.u32().map_err(|e| short(at, e))?;
-            let node = r.u32().map_err(|e| short(at, e))?;
-            let mut flags = [0u8; 1];
-            r.exact(&mut flags).map_err(|e| short(at, e))?;
-            let ts = Timestamp {
-                physical_ms,
-                logical,
-                node,
-            };
-            (ts, flags[0] & 1 == 1)
-        } else {
-            (Timestamp::default(), false)
-        };
-        let key = Bytes::copy_from_slice(&key);
-        let op = if tombstone {
-            Op::Delete { key }
-        } else {
-            Op::Put {
-                key,
-                value: Bytes::from(value),
-            }
-        };
+        let (ts, op) = l.entry(at, u32::from_le_bytes(tag) as usize)?;
         match lww {
             Some(lww) => {
                 lww.apply(state, ts, &op);
             }
-            None if tombstone => {}
+            None if matches!(op, Op::Delete { .. }) => {}
             None => {
                 state.apply(&op);
             }
         }
         count += 1;
     }
-    Ok(SnapshotMeta {
-        last_index,
-        last_epoch,
-    })
+}
+
+/// A snapshot being read by [`load`].
+struct Loader<'a, R> {
+    r: CrcReader<R>,
+    path: &'a Path,
+    source: Source<'a>,
+    max_value_bytes: usize,
+    /// The header's format version.
+    version: u32,
+    /// The current entry's key (its buffer is reused).
+    key: Vec<u8>,
+}
+
+impl<R: Read> Loader<'_, R> {
+    fn corrupt(&self, offset: u64, reason: String) -> Error {
+        Error::Corruption {
+            file: self.path.to_path_buf(),
+            offset,
+            reason,
+        }
+    }
+
+    fn short(&self, pos: u64, e: std::io::Error) -> Error {
+        self.corrupt(pos, format!("snapshot ends early: {e}"))
+    }
+
+    /// The header: magic, a version this build reads, the position covered.
+    fn header(&mut self) -> Result<SnapshotMeta, Error> {
+        let mut header = [0u8; HEADER_BYTES];
+        self.r.exact(&mut header).map_err(|e| self.short(0, e))?;
+        if &header[..8] != MAGIC {
+            return Err(self.corrupt(0, "bad snapshot magic".into()));
+        }
+        let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        if version != VERSION && version != VERSION_LWW {
+            return Err(self.corrupt(8, format!("unsupported snapshot version {version}")));
+        }
+        self.version = version;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&header[16..24]);
+        let last_index = u64::from_le_bytes(word);
+        word.copy_from_slice(&header[24..32]);
+        let last_epoch = u64::from_le_bytes(word);
+        Ok(SnapshotMeta {
+            last_index,
+            last_epoch,
+        })
+    }
+
+    /// The trailer at `at` ("SNAP" already read): the rest of its marker,
+    /// the entry count, the checksum of everything before it, and then the
+    /// end of the file.
+    fn trailer(&mut self, at: u64, count: u64) -> Result<(), Error> {
+        let mut rest = [0u8; 4];
+        self.r.exact(&mut rest).map_err(|e| self.short(at, e))?;
+        if &rest != b"END\0" {
+            return Err(self.corrupt(at, "bad snapshot trailer marker".into()));
+        }
+        let n = self.r.u64().map_err(|e| self.short(at, e))?;
+        let expect_crc = self.r.crc;
+        let mut c = [0u8; 4];
+        self.r
+            .inner
+            .read_exact(&mut c)
+            .map_err(|e| self.short(at, e))?;
+        if u32::from_le_bytes(c) != expect_crc {
+            return Err(self.corrupt(at, "snapshot checksum mismatch".into()));
+        }
+        if n != count {
+            return Err(self.corrupt(at, format!("trailer says {n} entries, found {count}")));
+        }
+        let mut extra = [0u8; 1];
+        if self
+            .r
+            .inner
+            .read(&mut extra)
+            .map_err(|e| self.short(at, e))?
+            != 0
+        {
+            return Err(self.corrupt(at + 20, "bytes after snapshot trailer".into()));
+        }
+        Ok(())
+    }
+
+    /// The entry at `at` whose key is `klen` bytes (the length already
+    /// read): its stamp and what it does (a tombstone is a delete).
+    fn entry(&mut self, at: u64, klen: usize) -> Result<(Timestamp, Op), Error> {
+        if klen == 0 || klen > MAX_KEY_BYTES {
+            return Err(self.corrupt(at, format!("implausible key length {klen}")));
+        }
+        let mut key = std::mem::take(&mut self.key);
+        key.clear();
+        key.resize(klen, 0);
+        self.r.exact(&mut key).map_err(|e| self.short(at, e))?;
+        if let Source::Peer(_) = self.source {
+            validate_key(&key).map_err(|why| self.corrupt(at, why))?;
+        }
+        let vlen = self.r.u32().map_err(|e| self.short(at, e))? as usize;
+        if vlen > self.max_value_bytes {
+            let max = self.max_value_bytes;
+            return Err(self.corrupt(
+                at,
+                format!("value length {vlen} is over the limit of {max}"),
+            ));
+        }
+        let mut value = vec![0u8; vlen];
+        self.r.exact(&mut value).map_err(|e| self.short(at, e))?;
+        let (ts, tombstone) = if self.version == VERSION_LWW {
+            self.stamp(at)?
+        } else {
+            (Timestamp::default(), false)
+        };
+        let k = Bytes::copy_from_slice(&key);
+        self.key = key;
+        let op = if tombstone {
+            Op::Delete { key: k }
+        } else {
+            Op::Put {
+                key: k,
+                value: Bytes::from(value),
+            }
+        };
+        Ok((ts, op))
+    }
+
+    /// A version-2 entry's stamp and flags (bit 0: tombstone).
+    fn stamp(&mut self, at: u64) -> Result<(Timestamp, bool), Error> {
+        let physical_ms = self.r.u64().map_err(|e| self.short(at, e))?;
+        let logical = self.r.u32().map_err(|e| self.short(at, e))?;
+        let node = self.r.u32().map_err(|e| self.short(at, e))?;
+        let mut flags = [0u8; 1];
+        self.r.exact(&mut flags).map_err(|e| self.short(at, e))?;
+        let ts = Timestamp {
+            physical_ms,
+            logical,
+            node,
+        };
+        Ok((ts, flags[0] & 1 == 1))
+    }
 }
 
 /// Writes a snapshot of `state` covering the log through `meta.last_index`

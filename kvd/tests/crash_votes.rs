@@ -10,17 +10,19 @@
 //! node granted, so a lost vote is asked about, not merely possible.
 //!
 //! The voter takes the steps of the replication runtime's vote handler
-//! (`replication::node`, `handle_vote` and `enter_epoch`): decide with
-//! `rules::decide_vote`, persist the new epoch and vote with
-//! [`MetaStore::store`], and only then answer; an epoch learned from a
-//! primary is persisted, with no vote, before it is acted on.
+//! (`replication::node`, `handle_vote` and `enter_epoch`) with the same
+//! functions: `vote_step` decides and says what `meta` to persist,
+//! [`MetaStore::store`] persists it, and only then is the answer sent; an
+//! epoch learned from a primary (`adopted`) is persisted, with no vote,
+//! before it is acted on.
 
 mod sim;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kvd::replication::rules::{decide_vote, LogPos, VoteReason, VoteRequest, VoterState};
+use kvd::replication::node::{adopted, vote_step};
+use kvd::replication::rules::{LogPos, VoteRequest};
 use kvd::storage::{Error, Meta, MetaStore};
 use kvproto::Mode;
 use rand::rngs::StdRng;
@@ -47,20 +49,8 @@ impl Voter {
     /// Answers `req` (whether the vote is granted), or fails with nothing
     /// answered when persisting the decision failed.
     fn vote(&mut self, req: &VoteRequest) -> Result<bool, Error> {
-        let mut state = VoterState {
-            current_epoch: self.meta.epoch,
-            voted_for: self.meta.voted_for.clone(),
-            last: LogPos::ZERO,
-        };
-        let decision = decide_vote(&state, req);
-        if decision.reason == VoteReason::EpochOutOfReach {
-            return Ok(false);
-        }
-        if decision.new_epoch_to_persist.is_some() {
-            state.apply_vote(req, &decision);
-            let mut next = self.meta.clone();
-            next.epoch = state.current_epoch;
-            next.voted_for = state.voted_for;
+        let (decision, next) = vote_step(&self.meta, LogPos::ZERO, req);
+        if let Some(next) = next {
             self.persist(next)?;
         }
         Ok(decision.granted)
@@ -72,9 +62,7 @@ impl Voter {
         if epoch <= self.meta.epoch {
             return Ok(());
         }
-        let mut next = self.meta.clone();
-        next.epoch = epoch;
-        next.voted_for = None;
+        let next = adopted(&self.meta, epoch);
         self.persist(next)
     }
 

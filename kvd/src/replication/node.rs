@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 pub use super::rules::Role;
 use super::rules::{
     self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, Leadership, LogPos, PeerStatus,
-    Refusal, SenderVerdict, VoteReason, VoteReply, VoteRequest, VoterState,
+    Refusal, SenderVerdict, VoteDecision, VoteReason, VoteReply, VoteRequest, VoterState,
 };
 use crate::storage::record::{self, Record};
 use crate::storage::{self, Engine, IncomingSnapshot, Meta, MetaStore, Op, ReplicateRequest};
@@ -535,10 +535,7 @@ impl Replicator {
                 )),
             ));
         }
-        let mut next = t.meta.clone();
-        next.epoch = epoch;
-        next.voted_for = None;
-        self.persist(t, next)
+        self.persist(t, adopted(&t.meta, epoch))
     }
 
     /// Stores `next` (a newer epoch, and its vote) in `meta`, then enters
@@ -630,23 +627,14 @@ impl Replicator {
     pub fn handle_vote(&self, req: &VoteRequest) -> Result<VoteAnswer, VoteError> {
         let last = self.engine.last_log_pos();
         let mut t = self.term.lock();
-        let mut state = VoterState {
-            current_epoch: t.meta.epoch,
-            voted_for: t.meta.voted_for.clone(),
-            last,
-        };
-        let decision = rules::decide_vote(&state, req);
+        let (decision, next) = vote_step(&t.meta, last, req);
         if decision.reason == VoteReason::EpochOutOfReach {
             return Err(VoteError::OutOfReach {
                 epoch: req.epoch,
                 my_epoch: t.meta.epoch,
             });
         }
-        if decision.new_epoch_to_persist.is_some() {
-            state.apply_vote(req, &decision);
-            let mut next = t.meta.clone();
-            next.epoch = state.current_epoch;
-            next.voted_for = state.voted_for.clone();
+        if let Some(next) = next {
             self.persist(&mut t, next).map_err(VoteError::Persist)?;
         }
         Ok(VoteAnswer {
@@ -1134,6 +1122,39 @@ impl Replicator {
                 _ = tokio::time::sleep(HEARTBEAT) => {}
             }
         }
+    }
+}
+
+/// A vote on `req` by a node whose `meta` is `meta` and whose log ends at
+/// `last`: the decision ([`rules::decide_vote`]), and the `meta` that must
+/// be durable before the answer is sent when the decision changes it. The
+/// vote handler and the crash model of votes both take exactly this step.
+pub fn vote_step(meta: &Meta, last: LogPos, req: &VoteRequest) -> (VoteDecision, Option<Meta>) {
+    let mut state = VoterState {
+        current_epoch: meta.epoch,
+        voted_for: meta.voted_for.clone(),
+        last,
+    };
+    let decision = rules::decide_vote(&state, req);
+    if decision.reason == VoteReason::EpochOutOfReach || decision.new_epoch_to_persist.is_none() {
+        return (decision, None);
+    }
+    state.apply_vote(req, &decision);
+    let next = Meta {
+        epoch: state.current_epoch,
+        voted_for: state.voted_for,
+        ..meta.clone()
+    };
+    (decision, Some(next))
+}
+
+/// The `meta` of a node that adopts `epoch` (newer than its own, seen from
+/// a primary or a refused vote): the epoch used up, with no vote in it.
+pub fn adopted(meta: &Meta, epoch: u64) -> Meta {
+    Meta {
+        epoch,
+        voted_for: None,
+        ..meta.clone()
     }
 }
 

@@ -21,6 +21,7 @@
 //! anything else sends the held bytes as they were. So a response is only
 //! ever rewritten on hyper's own word that it was an error response.
 
+use kvproto::code;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -280,15 +281,18 @@ pub fn json_error_response(head: &[u8], detail: &str, limits: &HeadLimits) -> Op
     let status = auto_error_status(head)?;
     let (code, message) = match status {
         431 => (
-            "headers_too_large",
+            code::HEADERS_TOO_LARGE,
             format!(
                 "the request line and headers exceed {} bytes or {} header fields",
                 limits.max_head_bytes, limits.max_headers
             ),
         ),
-        414 => ("uri_too_long", "the request target is too long".to_string()),
+        414 => (
+            code::URI_TOO_LONG,
+            "the request target is too long".to_string(),
+        ),
         _ => (
-            "malformed_request",
+            code::MALFORMED_REQUEST,
             format!("the request is not valid HTTP/1.1: {detail}"),
         ),
     };

@@ -229,7 +229,7 @@ fn transfer_codings_supported(headers: &axum::http::HeaderMap) -> Result<(), Api
         (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
-            "unsupported_transfer_encoding",
+            code::UNSUPPORTED_TRANSFER_ENCODING,
             "only the chunked transfer coding is supported; send the body as it is to be stored",
         )),
     }
@@ -242,7 +242,10 @@ fn query_is_utf8(query: &str) -> Result<(), ApiError> {
         .decode_utf8()
         .map(|_| ())
         .map_err(|_| {
-            ApiError::bad_request("invalid_query", "the query string does not decode to UTF-8")
+            ApiError::bad_request(
+                code::INVALID_QUERY,
+                "the query string does not decode to UTF-8",
+            )
         })
 }
 
@@ -291,8 +294,8 @@ pub fn validate_key(key: &str) -> Result<(), String> {
 }
 
 fn key_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(key) = path.map_err(|e| ApiError::bad_request("invalid_key", e.body_text()))?;
-    validate_key(&key).map_err(|m| ApiError::bad_request("invalid_key", m))?;
+    let Path(key) = path.map_err(|e| ApiError::bad_request(code::INVALID_KEY, e.body_text()))?;
+    validate_key(&key).map_err(|m| ApiError::bad_request(code::INVALID_KEY, m))?;
     Ok(key)
 }
 
@@ -308,19 +311,19 @@ fn apply_decision(
     params: Result<Query<WriteParams>, QueryRejection>,
 ) -> Result<bool, ApiError> {
     let Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
     let Some(p) = params.debug_flaky else {
         return Ok(true);
     };
     if !st.enable_debug {
         return Err(ApiError::bad_request(
-            "debug_disabled",
+            code::DEBUG_DISABLED,
             "debug_flaky needs kvd to run with --enable-debug",
         ));
     }
     if !(0.0..=1.0).contains(&p) {
         return Err(ApiError::bad_request(
-            "invalid_query",
+            code::INVALID_QUERY,
             format!("debug_flaky must be within 0.0..=1.0, got {p}"),
         ));
     }
@@ -335,7 +338,7 @@ async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Resul
     let timeout = st.limits.body_timeout;
     let too_large = || {
         ApiError::too_large(
-            "value_too_large",
+            code::VALUE_TOO_LARGE,
             format!("{what} exceeds the limit of {limit} bytes"),
         )
     };
@@ -349,7 +352,7 @@ async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Resul
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                code::REQUEST_TIMEOUT,
                 format!("the {what} did not arrive within {timeout:?}"),
             )
         })?;
@@ -365,7 +368,7 @@ async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Resul
             )
             .retry_after(1)
         } else {
-            ApiError::bad_request("bad_body", format!("could not read the {what}"))
+            ApiError::bad_request(code::BAD_BODY, format!("could not read the {what}"))
         }
     })
 }
@@ -430,7 +433,7 @@ async fn get_key(
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     let Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
     // A single node's local read already sees every acknowledged write.
     if let (true, Some(r)) = (params.consistent, st.node.replicator()) {
         st.check_primary(&uri)?;
@@ -449,7 +452,7 @@ async fn get_key(
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "key_not_found",
+            code::KEY_NOT_FOUND,
             format!("key {key:?} not found"),
         )),
     }
@@ -530,11 +533,14 @@ struct Base64Value {
 /// Turns a parsed bulk request into one log op, or says which item is bad.
 fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
     if req.items.is_empty() {
-        return Err(ApiError::bad_request("invalid_bulk", "bulk has no items"));
+        return Err(ApiError::bad_request(
+            code::INVALID_BULK,
+            "bulk has no items",
+        ));
     }
     if req.items.len() > limits.max_bulk_items {
         return Err(ApiError::too_large(
-            "too_many_items",
+            code::TOO_MANY_ITEMS,
             format!(
                 "bulk has {} items; the limit is {}",
                 req.items.len(),
@@ -545,7 +551,7 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
     let mut items = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.into_iter().enumerate() {
         validate_key(&item.key)
-            .map_err(|m| ApiError::bad_request("invalid_item", format!("items[{i}]: {m}")))?;
+            .map_err(|m| ApiError::bad_request(code::INVALID_ITEM, format!("items[{i}]: {m}")))?;
         let value = match item.value {
             BulkValue::Text(s) => Bytes::from(s.into_bytes()),
             BulkValue::Binary(b) => base64::engine::general_purpose::STANDARD
@@ -553,14 +559,14 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
                 .map(Bytes::from)
                 .map_err(|e| {
                     ApiError::bad_request(
-                        "invalid_item",
+                        code::INVALID_ITEM,
                         format!("items[{i}]: value is not valid base64: {e}"),
                     )
                 })?,
         };
         if value.len() > limits.max_value_bytes {
             return Err(ApiError::too_large(
-                "value_too_large",
+                code::VALUE_TOO_LARGE,
                 format!(
                     "items[{i}]: value is {} bytes; the limit is {}",
                     value.len(),
@@ -584,7 +590,7 @@ async fn bulk(
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "bulk body").await?;
     let req: BulkRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(
-            "invalid_json",
+            code::INVALID_JSON,
             format!("bulk body is not {{\"items\": [{{\"key\", \"value\"}}]}}: {e}"),
         )
     })?;
@@ -834,7 +840,7 @@ async fn metrics(State(st): State<Shared>) -> Response {
 }
 
 async fn empty_key() -> ApiError {
-    ApiError::bad_request("invalid_key", "key is empty")
+    ApiError::bad_request(code::INVALID_KEY, "key is empty")
 }
 
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -844,7 +850,7 @@ async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        code::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
     )
 }

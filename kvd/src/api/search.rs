@@ -19,6 +19,7 @@
 //! `offset` over 10000 (`invalid_offset`), both or neither of `q` and `key`
 //! (`invalid_query`). `key=` of a key that does not exist: 404.
 
+use kvproto::code;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,7 +55,7 @@ pub(super) struct SimilarParams {
 fn index_of(st: &AppState) -> Result<Arc<Index>, ApiError> {
     st.engine.state().index().cloned().ok_or_else(|| {
         ApiError::bad_request(
-            "index_disabled",
+            code::INDEX_DISABLED,
             "search is off on this node: start kvd with --index to use /v1/search and /v1/similar",
         )
     })
@@ -64,7 +65,7 @@ fn page_bounds(limit: Option<usize>, offset: Option<usize>) -> Result<(usize, us
     let limit = limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > index::MAX_LIMIT {
         return Err(ApiError::bad_request(
-            "invalid_limit",
+            code::INVALID_LIMIT,
             format!(
                 "limit/top_k must be within 1..={}, got {limit}",
                 index::MAX_LIMIT
@@ -74,7 +75,7 @@ fn page_bounds(limit: Option<usize>, offset: Option<usize>) -> Result<(usize, us
     let offset = offset.unwrap_or(0);
     if offset > index::MAX_OFFSET {
         return Err(ApiError::bad_request(
-            "invalid_offset",
+            code::INVALID_OFFSET,
             format!("offset must be at most {}, got {offset}", index::MAX_OFFSET),
         ));
     }
@@ -83,8 +84,8 @@ fn page_bounds(limit: Option<usize>, offset: Option<usize>) -> Result<(usize, us
 
 fn query_error(e: QueryError) -> ApiError {
     let code = match e {
-        QueryError::Empty => "empty_query",
-        QueryError::TooLong(_) | QueryError::TooManyTerms(_) => "query_too_long",
+        QueryError::Empty => code::EMPTY_QUERY,
+        QueryError::TooLong(_) | QueryError::TooManyTerms(_) => code::QUERY_TOO_LONG,
     };
     ApiError::bad_request(code, e.to_string())
 }
@@ -114,7 +115,7 @@ fn index_and_params<T>(
     let ix = index_of(st)?;
     let p = p
         .map(|Query(p)| p)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+        .map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
     Ok((ix, p))
 }
 
@@ -155,7 +156,7 @@ pub(super) async fn similar(
     let (ix, p) = index_and_params(&st, p)?;
     if p.top_k.is_some() && p.limit.is_some() {
         return Err(ApiError::bad_request(
-            "invalid_query",
+            code::INVALID_QUERY,
             "give top_k or limit, not both",
         ));
     }
@@ -163,20 +164,20 @@ pub(super) async fn similar(
     let page = timed(&st, "similar", || match (p.q, p.key) {
         (Some(q), None) => ix.similar_text(&q, offset, limit).map_err(query_error),
         (None, Some(key)) => {
-            validate_key(&key).map_err(|m| ApiError::bad_request("invalid_key", m))?;
+            validate_key(&key).map_err(|m| ApiError::bad_request(code::INVALID_KEY, m))?;
             match ix.similar_key(&key, offset, limit) {
                 Some(page) => Ok(page),
                 // Present but without text: nothing is like it.
                 None if st.engine.get(key.as_bytes()).is_some() => Ok(Page::default()),
                 None => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
-                    "key_not_found",
+                    code::KEY_NOT_FOUND,
                     format!("key {key:?} not found"),
                 )),
             }
         }
         _ => Err(ApiError::bad_request(
-            "invalid_query",
+            code::INVALID_QUERY,
             "give exactly one of q (text) and key (more like this key's value)",
         )),
     })?;

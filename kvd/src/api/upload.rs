@@ -2,6 +2,7 @@
 //! they arrive, never held in memory, with a size limit and timeouts, and
 //! removed unless installed.
 
+use kvproto::code;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,7 +61,7 @@ pub struct UploadLimits {
 pub async fn receive(body: Body, tmp: &TempFile, limits: &UploadLimits) -> Result<u64, ApiError> {
     let too_large = || {
         ApiError::too_large(
-            "snapshot_too_large",
+            code::SNAPSHOT_TOO_LARGE,
             format!(
                 "the snapshot exceeds the limit of {} bytes (--max-snapshot-mib)",
                 limits.max_bytes
@@ -81,8 +82,9 @@ pub async fn receive(body: Body, tmp: &TempFile, limits: &UploadLimits) -> Resul
             .await
             .map_err(|_| timed_out(limits))?;
         let Some(frame) = frame else { break };
-        let frame = frame
-            .map_err(|_| ApiError::bad_request("bad_body", "could not read the snapshot body"))?;
+        let frame = frame.map_err(|_| {
+            ApiError::bad_request(code::BAD_BODY, "could not read the snapshot body")
+        })?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
@@ -122,7 +124,7 @@ async fn write_out(
 fn write_failed(e: std::io::Error) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
-        "snapshot_write_failed",
+        code::SNAPSHOT_WRITE_FAILED,
         format!("could not write the incoming snapshot: {e}"),
     )
 }
@@ -130,7 +132,7 @@ fn write_failed(e: std::io::Error) -> ApiError {
 fn timed_out(limits: &UploadLimits) -> ApiError {
     ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
+        code::REQUEST_TIMEOUT,
         format!(
             "the snapshot did not arrive in time (each piece within {:?}, all within {:?})",
             limits.idle, limits.total

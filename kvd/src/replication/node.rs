@@ -27,6 +27,7 @@
 //! | WAL frames (see storage::record), contiguous from prev_index + 1
 //! ```
 
+use kvproto::code;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -559,7 +560,7 @@ impl Replicator {
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), &'static str> {
         let lead = self.leadership();
         if !lead.leads() {
-            return Err("not_primary");
+            return Err(code::NOT_PRIMARY);
         }
         let deadline = Instant::now() + timeout;
         // A new primary first commits its no-op: only then is its commit
@@ -567,7 +568,7 @@ impl Replicator {
         let lead_from = self.lead_from.load(Ordering::Acquire);
         while self.engine.commit_index() < lead_from {
             if Instant::now() >= deadline || self.leadership() != lead {
-                return Err("no_majority");
+                return Err(code::NO_MAJORITY);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -599,7 +600,7 @@ impl Replicator {
             match done {
                 Ok(Some(AppendReply::Stale { my_epoch })) => {
                     let _ = self.adopt_epoch(my_epoch);
-                    return Err("not_primary");
+                    return Err(code::NOT_PRIMARY);
                 }
                 Ok(Some(_)) => confirmed += 1,
                 _ => {}
@@ -610,11 +611,11 @@ impl Replicator {
         }
         // The confirmations are for the leadership the read started in.
         if confirmed < needed || self.leadership() != lead {
-            return Err("no_majority");
+            return Err(code::NO_MAJORITY);
         }
         while self.engine.status().applied_index < read_index {
             if Instant::now() >= deadline {
-                return Err("apply_timeout");
+                return Err(code::APPLY_TIMEOUT);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

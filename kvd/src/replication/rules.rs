@@ -23,6 +23,7 @@
 //!   durable copies, and only counts entries of the primary's own epoch.
 //!   A committed entry is never truncated.
 
+use kvproto::code;
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::LogPos;
@@ -310,10 +311,10 @@ impl Refusal {
     /// The snake_case `error.code` of the 409 body.
     pub fn code(&self) -> &'static str {
         match self {
-            Refusal::NoPeers => "no_peers",
-            Refusal::BehindPeer { .. } => "behind_peer",
-            Refusal::NoMajority { .. } => "no_majority",
-            Refusal::NotEnoughVotes { .. } => "not_enough_votes",
+            Refusal::NoPeers => code::NO_PEERS,
+            Refusal::BehindPeer { .. } => code::BEHIND_PEER,
+            Refusal::NoMajority { .. } => code::NO_MAJORITY,
+            Refusal::NotEnoughVotes { .. } => code::NOT_ENOUGH_VOTES,
             Refusal::Overtaken { .. } => "overtaken",
         }
     }
@@ -839,8 +840,8 @@ impl SnapshotRefusal {
     /// The snake_case `error.code` of the 400 answer.
     pub fn code(&self) -> &'static str {
         match self {
-            SnapshotRefusal::AheadOfSender { .. } => "snapshot_ahead_of_sender",
-            SnapshotRefusal::Malformed(_) => "invalid_snapshot",
+            SnapshotRefusal::AheadOfSender { .. } => code::SNAPSHOT_AHEAD_OF_SENDER,
+            SnapshotRefusal::Malformed(_) => code::INVALID_SNAPSHOT,
         }
     }
 }

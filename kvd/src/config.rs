@@ -149,8 +149,8 @@ pub struct Config {
     pub write_queue: usize,
 
     /// Replication mode of a cluster (with --peers): `primary-secondary`
-    /// (one primary takes writes, DESIGN §4) or `masterless` (every node
-    /// takes writes, last-write-wins by hybrid logical clock, DESIGN §5).
+    /// (one primary takes writes, docs/DESIGN.md §4) or `masterless` (every node
+    /// takes writes, last-write-wins by hybrid logical clock, docs/DESIGN.md §5).
     /// Used when the data dir is fresh; afterwards the mode persisted in
     /// `meta` wins (a live mode switch changes it).
     #[arg(long, value_enum, default_value = "primary-secondary")]

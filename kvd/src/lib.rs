@@ -11,7 +11,7 @@
 //! - [`storage`]: WAL, in-memory state, snapshots, `meta`, recovery.
 //! - [`replication`], [`masterless`]: the runtime of each cluster mode.
 //! - [`node`]: the node's mode and runtime, the write path, the mode switch.
-//! - [`api`]: the HTTP API (DESIGN §2), thin handlers; the only place that
+//! - [`api`]: the HTTP API (docs/DESIGN.md §2), thin handlers; the only place that
 //!   chooses status codes.
 //! - [`server`], [`config`], [`logging`]: the wiring: flags, the log
 //!   subscriber (`KVD_LOG`, `--log-format`), running a node.

@@ -1,4 +1,4 @@
-//! Prometheus metrics of a kvd node (DESIGN §10): base units, `_total`
+//! Prometheus metrics of a kvd node (docs/DESIGN.md §10): base units, `_total`
 //! counters, histograms for latencies. One registry per process, rendered by
 //! `GET /metrics`.
 

@@ -54,7 +54,7 @@ struct Cli {
     /// How the daemon writes its log (`<stateDir>/kvsup.log`): text, or
     /// JSON lines. The filter is the KVSUP_LOG environment variable
     /// (e.g. `debug`, `kvsup=debug,reqwest=warn`; default `info`).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "KVSUP_LOG_FORMAT")]
     log_format: LogFormat,
 
     #[command(subcommand)]

@@ -1,4 +1,4 @@
-//! The HTTP API of a node (DESIGN §2).
+//! The HTTP API of a node (docs/DESIGN.md §2).
 //!
 //! Handlers are thin: decode and validate the request, call the engine,
 //! encode the response. Validation happens before anything reaches the WAL,
@@ -124,7 +124,7 @@ impl AppState {
 
 type Shared = Arc<AppState>;
 
-/// Builds the router with every route of DESIGN §2 that a single node serves.
+/// Builds the router with every route of docs/DESIGN.md §2 that a single node serves.
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route(
@@ -286,7 +286,7 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
     }
 }
 
-/// Checks a key against DESIGN §2: UTF-8 (guaranteed by the caller's type),
+/// Checks a key against docs/DESIGN.md §2: UTF-8 (guaranteed by the caller's type),
 /// 1..=1024 bytes, no NUL. The same rule holds records from peers
 /// ([`storage::record::validate_key`]).
 pub fn validate_key(key: &str) -> Result<(), String> {

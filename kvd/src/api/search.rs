@@ -1,4 +1,4 @@
-//! `GET /v1/search` and `GET /v1/similar` (DESIGN §2, §7), over the node's
+//! `GET /v1/search` and `GET /v1/similar` (docs/DESIGN.md §2, §7), over the node's
 //! own index: like other reads, served locally on every node.
 //!
 //! - `/v1/search?q=TEXT[&limit=N][&offset=M]`: BM25. Documents holding

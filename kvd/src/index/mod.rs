@@ -1,5 +1,5 @@
 //! Full-text (BM25) and TF-IDF similarity indexes over the values
-//! (DESIGN §7), kept by `kvd --index`.
+//! (docs/DESIGN.md §7), kept by `kvd --index`.
 //!
 //! - [`text`]: from a value to terms (JSON string leaves or UTF-8 text,
 //!   UAX #29 words, lowercase, optional English stemming).

@@ -1,4 +1,4 @@
-//! From a value to index terms (DESIGN §7): the text of a value, Unicode
+//! From a value to index terms (docs/DESIGN.md §7): the text of a value, Unicode
 //! word segmentation, lowercasing, and optional English stemming.
 //!
 //! - Text of a value: if it parses as JSON, its string leaves (object keys

@@ -1,4 +1,4 @@
-//! Masterless mode (DESIGN §5): every node accepts writes.
+//! Masterless mode (docs/DESIGN.md §5): every node accepts writes.
 //!
 //! - [`hlc`]: the hybrid logical clock that stamps every write.
 //! - [`crate::storage::lww`] (in storage, which applies it): last-write-wins

@@ -1,4 +1,4 @@
-//! The live mode switch (DESIGN §6), node side.
+//! The live mode switch (docs/DESIGN.md §6), node side.
 //!
 //! The orchestrator (`kvclient::admin::switch_mode`) drives every node:
 //!

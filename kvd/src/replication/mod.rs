@@ -1,4 +1,4 @@
-//! Primary/secondary replication (DESIGN §4): Raft's log rules, with
+//! Primary/secondary replication (docs/DESIGN.md §4): Raft's log rules, with
 //! elections started from outside (`POST /promote_to_primary`, or `kvsup`).
 //!
 //! # Contract

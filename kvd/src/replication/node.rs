@@ -722,7 +722,7 @@ impl Replicator {
         rules::tally(self.engine.last_log_pos(), &replies, self.peers.len() + 1)
     }
 
-    /// Runs an election for this node (DESIGN §4); returns the new epoch.
+    /// Runs an election for this node (docs/DESIGN.md §4); returns the new epoch.
     pub async fn promote(self: &Arc<Self>) -> Result<u64, PromoteError> {
         let _one_at_a_time = self.promoting.lock().await;
         let now = self.leadership();

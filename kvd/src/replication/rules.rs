@@ -216,7 +216,7 @@ pub struct VoteDecision {
     pub reason: VoteReason,
 }
 
-/// Decides a vote (DESIGN §4). Grant only if
+/// Decides a vote (docs/DESIGN.md §4). Grant only if
 /// - `req.epoch > my.current_epoch` (but within [`epoch_in_reach`]), or it
 ///   equals it and we already voted for this same candidate (an idempotent
 ///   retry); and
@@ -666,7 +666,7 @@ fn validate_append(req: &AppendRequest<'_>) -> Result<(), AppendError> {
     Ok(())
 }
 
-/// The secondary's rules for an append (DESIGN §4, Raft's AppendEntries).
+/// The secondary's rules for an append (docs/DESIGN.md §4, Raft's AppendEntries).
 ///
 /// `my_epoch` and `my_commit` are this node's persisted epoch and commit
 /// index; `my_commit <= log.last().index`. A primary receiving an append in

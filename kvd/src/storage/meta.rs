@@ -8,7 +8,7 @@
 //! ```
 //!
 //! A node persists a newer epoch, and its vote, here before it acts on
-//! them or answers anyone (DESIGN §4): [`MetaStore::store`] returns only once
+//! them or answers anyone (docs/DESIGN.md §4): [`MetaStore::store`] returns only once
 //! the new contents are durable (temp file, fsync, rename, directory
 //! fsync), through the [`Fs`] seam, so the crash model covers it.
 

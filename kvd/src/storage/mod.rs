@@ -70,7 +70,7 @@ use log_index::{EpochRuns, LogCache};
 use lww::Lww;
 use writer::{PendingEntry, Snapshotter, Writer};
 
-/// Longest key, in bytes (DESIGN §2).
+/// Longest key, in bytes (docs/DESIGN.md §2).
 pub use kvproto::MAX_KEY_BYTES;
 
 /// Errors of the storage engine.
@@ -160,7 +160,7 @@ pub struct EngineConfig {
     pub log_cache_bytes: usize,
     /// The wall clock under the hybrid logical clock (with its test offset).
     pub wall: WallClock,
-    /// `--index`: the search index the state keeps in step (DESIGN §7).
+    /// `--index`: the search index the state keeps in step (docs/DESIGN.md §7).
     pub index: Option<Arc<crate::index::Index>>,
     /// What a client write may carry; records from peers are held to it.
     pub limits: record::Limits,

@@ -161,7 +161,7 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// What one client write may carry (DESIGN §2), from the command line.
+/// What one client write may carry (docs/DESIGN.md §2), from the command line.
 /// A record from a peer (an append, a masterless stream or repair, a
 /// snapshot) is held to the same rules before anything of it is logged:
 /// a key no client could have written could never be read or deleted.
@@ -181,7 +181,7 @@ impl Default for Limits {
     }
 }
 
-/// Checks a key against DESIGN §2: UTF-8, 1..=1024 bytes, no NUL. The one
+/// Checks a key against docs/DESIGN.md §2: UTF-8, 1..=1024 bytes, no NUL. The one
 /// key rule, for client requests and peer records alike.
 pub fn validate_key(key: &[u8]) -> Result<(), String> {
     kvproto::validate_key(key).map_err(|e| e.to_string())

@@ -6,8 +6,8 @@
 //! - [`model`]: the types every layer shares (`Op`, `Record`, `Timestamp`,
 //!   `LogPos`) and the pure rules (`replication::rules`,
 //!   `masterless::rules`, `masterless::hlc`).
-//! - [`index`], [`metrics`], [`tasks`]: the search index, the Prometheus
-//!   metrics, owned background tasks.
+//! - [`index`], [`metrics`], [`tasks`], [`peer_http`]: the search index,
+//!   the Prometheus metrics, owned background tasks, the client to peers.
 //! - [`storage`]: WAL, in-memory state, snapshots, `meta`, recovery.
 //! - [`replication`], [`masterless`]: the runtime of each cluster mode.
 //! - [`node`]: the node's mode and runtime, the write path, the mode switch.
@@ -24,6 +24,7 @@ pub mod masterless;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod peer_http;
 pub mod replication;
 pub mod server;
 pub mod storage;

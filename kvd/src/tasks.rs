@@ -3,6 +3,7 @@
 //! (a mode switch or a shutdown stops them and waits until they are gone).
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
@@ -23,6 +24,27 @@ impl Tasks {
         // Forget tasks that have ended, so a long-lived set stays small.
         while set.try_join_next().is_some() {}
         set.spawn(task);
+    }
+
+    /// Runs `task` on a handle of `owner` (a runtime's tasks each hold it
+    /// alive until they are stopped).
+    pub fn spawn_on<T, F, Fut>(&self, owner: &Arc<T>, task: F)
+    where
+        F: FnOnce(Arc<T>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn(task(owner.clone()));
+    }
+
+    /// Runs `task(owner, i)` for every `i` in `0..n`: one task per peer.
+    pub fn spawn_each<T, F, Fut>(&self, owner: &Arc<T>, n: usize, task: F)
+    where
+        F: Fn(Arc<T>, usize) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for i in 0..n {
+            self.spawn(task(owner.clone(), i));
+        }
     }
 
     /// Cancels every task at its next await point and waits until all have
@@ -47,7 +69,6 @@ impl Tasks {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     #[tokio::test]
     async fn stop_ends_every_task_before_it_returns() {

@@ -30,6 +30,7 @@ const LAYER_OF: &[(&str, &str)] = &[
     ("index", "base"),
     ("metrics", "base"),
     ("tasks", "base"),
+    ("peer_http", "base"),
     ("storage", "storage"),
     ("replication", "replication"),
     ("masterless", "masterless"),

@@ -223,12 +223,7 @@ impl MlNode {
                 in_sync: AtomicBool::new(false),
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_millis(500))
-            .no_proxy()
-            .build()
-            .unwrap_or_default();
+        let http = crate::peer_http::client(REQUEST_TIMEOUT);
         Ok(Arc::new(MlNode {
             tag: node_tag(&settings.node_id),
             recv_view: Mutex::new(recv.origins.clone()),
@@ -249,12 +244,11 @@ impl MlNode {
 
     /// Starts the stream and anti-entropy tasks.
     pub fn start(self: &Arc<Self>) {
-        for i in 0..self.peers.len() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.stream_to(i).await });
-        }
-        let me = self.clone();
-        self.tasks.spawn(async move { me.anti_entropy().await });
+        let tasks = &self.tasks;
+        tasks.spawn_each(self, self.peers.len(), |me, i| async move {
+            me.stream_to(i).await
+        });
+        tasks.spawn_on(self, |me| async move { me.anti_entropy().await });
     }
 
     /// Stops the background tasks, waiting until they are gone (a mode
@@ -325,12 +319,9 @@ impl MlNode {
                 .filter(|r| r.ts.node == self.tag)
                 .collect();
             let body = encode_stream(from, upto, hlc, complete, gap, &self.settings.node_id, &own);
-            let reply = self
-                .http
-                .post(format!("{}/internal/ml/stream", peer.url))
-                .body(body)
-                .send()
-                .await;
+            let reply =
+                crate::peer_http::post_body(&self.http, &peer.url, "/internal/ml/stream", body)
+                    .await;
             let pos = match reply {
                 Ok(r) if r.status().is_success() => r
                     .json::<serde_json::Value>()
@@ -649,26 +640,16 @@ pub fn encode_stream(
     origin: &str,
     records: &[Record],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        64 + records
-            .iter()
-            .map(|r| r.op.encoded_len() + 8)
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(MAGIC);
-    out.put_u32(VERSION);
-    out.put_u64(from);
-    out.put_u64(upto);
-    out.put_u64(hlc.physical_ms);
-    out.put_u32(hlc.logical);
-    out.put_u32(hlc.node);
-    out.push(u8::from(complete));
-    out.push(u8::from(gap));
-    out.put_str16(origin);
-    for r in records {
-        r.encode_into(&mut out);
-    }
-    out
+    record::body_with_records(MAGIC, VERSION, records, |out| {
+        out.put_u64(from);
+        out.put_u64(upto);
+        out.put_u64(hlc.physical_ms);
+        out.put_u32(hlc.logical);
+        out.put_u32(hlc.node);
+        out.push(u8::from(complete));
+        out.push(u8::from(gap));
+        out.put_str16(origin);
+    })
 }
 
 /// The fixed part of a stream request, before the origin's bytes.
@@ -701,14 +682,8 @@ fn stream_header(r: &mut Reader<'_>) -> Option<StreamHeader> {
 pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
     const FIXED: usize = 4 + 4 + 8 + 8 + 8 + 4 + 4 + 1 + 1 + 2;
     let mut r = Reader::new(body);
-    if r.bytes(4) != Some(MAGIC) || body.len() < FIXED {
-        return Err("not a kvstore stream body".into());
-    }
+    record::check_body_start(&mut r, body.len(), (MAGIC, VERSION), FIXED, "stream")?;
     let short = || "stream body ends inside its header".to_string();
-    let version = r.u32().ok_or_else(short)?;
-    if version != VERSION {
-        return Err(format!("unsupported stream version {version}"));
-    }
     let h = stream_header(&mut r).ok_or_else(short)?;
     let origin = r
         .bytes(usize::from(h.origin_len))

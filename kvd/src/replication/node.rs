@@ -272,35 +272,25 @@ pub fn encode_append(
     leader_url: &str,
     records: &[Record],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        64 + records
-            .iter()
-            .map(|r| r.op.encoded_len() + 8)
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(MAGIC);
-    out.put_u32(VERSION);
-    for n in [epoch, prev.index, prev.epoch, leader_commit] {
-        out.put_u64(n);
-    }
-    out.put_str16(leader_url);
-    for r in records {
-        r.encode_into(&mut out);
-    }
-    out
+    record::body_with_records(MAGIC, VERSION, records, |out| {
+        for n in [epoch, prev.index, prev.epoch, leader_commit] {
+            out.put_u64(n);
+        }
+        out.put_str16(leader_url);
+    })
 }
 
 /// Decodes an append request body; every error is a 400 for the sender.
 pub fn decode_append(body: &[u8]) -> Result<AppendBody, String> {
     let mut r = Reader::new(body);
-    if r.bytes(4) != Some(MAGIC) || body.len() < FIXED_HEADER_BYTES {
-        return Err("not a kvstore append body".into());
-    }
+    record::check_body_start(
+        &mut r,
+        body.len(),
+        (MAGIC, VERSION),
+        FIXED_HEADER_BYTES,
+        "append",
+    )?;
     let short = || "append body ends inside its header".to_string();
-    let version = r.u32().ok_or_else(short)?;
-    if version != VERSION {
-        return Err(format!("unsupported append version {version}"));
-    }
     let mut u64s = [0u64; 4];
     for n in &mut u64s {
         *n = r.u64().ok_or_else(short)?;
@@ -340,12 +330,7 @@ impl Replicator {
                 last_ack: Mutex::new(None),
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .timeout(APPEND_TIMEOUT)
-            .connect_timeout(Duration::from_millis(500))
-            .no_proxy()
-            .build()
-            .unwrap_or_default();
+        let http = crate::peer_http::client(APPEND_TIMEOUT);
         engine.set_epoch(meta.epoch);
         Arc::new(Replicator {
             term: Mutex::new(Term {
@@ -435,12 +420,11 @@ impl Replicator {
 
     /// Starts the background tasks (they idle while this node is secondary).
     pub fn start(self: &Arc<Self>) {
-        for i in 0..self.peers.len() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.ship_to(i).await });
-        }
-        let me = self.clone();
-        self.tasks.spawn(async move { me.advance_commit().await });
+        let tasks = &self.tasks;
+        tasks.spawn_each(self, self.peers.len(), |me, i| async move {
+            me.ship_to(i).await
+        });
+        tasks.spawn_on(self, |me| async move { me.advance_commit().await });
     }
 
     /// Tells a secondary where the primary is before its first append
@@ -916,12 +900,8 @@ impl Replicator {
                 &self.settings.advertise_url,
                 &records,
             );
-            let reply = self
-                .http
-                .post(format!("{}/internal/append", peer.url))
-                .body(body)
-                .send()
-                .await;
+            let reply =
+                crate::peer_http::post_body(&self.http, &peer.url, "/internal/append", body).await;
             let reply = match reply {
                 Ok(r) => parse_append_reply(r).await,
                 Err(_) => None,

@@ -123,6 +123,53 @@ impl Record {
     }
 }
 
+/// Reads the start of a body that [`body_with_records`] wrote: `magic`, a
+/// body of at least `fixed` bytes, and `version`. `what` names the format
+/// in the errors ("append", "stream"), each a 400 for the sender.
+pub fn check_body_start(
+    r: &mut kvproto::bytes::Reader<'_>,
+    body_len: usize,
+    (magic, version): (&[u8], u32),
+    fixed: usize,
+    what: &str,
+) -> Result<(), String> {
+    if r.bytes(magic.len()) != Some(magic) || body_len < fixed {
+        return Err(format!("not a kvstore {what} body"));
+    }
+    let found = r
+        .u32()
+        .ok_or_else(|| format!("{what} body ends inside its header"))?;
+    if found != version {
+        return Err(format!("unsupported {what} version {found}"));
+    }
+    Ok(())
+}
+
+/// A body of the binary formats nodes send each other (`/internal/append`,
+/// `/internal/ml/stream`): the format's `magic` and `version` (u32), the
+/// fixed part `head` writes, then `records` framed as in the WAL. The
+/// buffer is sized for all of it at once.
+pub fn body_with_records(
+    magic: &[u8],
+    version: u32,
+    records: &[Record],
+    head: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        64 + records
+            .iter()
+            .map(|r| r.op.encoded_len() + 8)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    head(&mut out);
+    for r in records {
+        r.encode_into(&mut out);
+    }
+    out
+}
+
 /// Appends one framed record, built from its parts, to `out` (lets the WAL
 /// writer frame an op it does not own).
 pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>) {

@@ -11,7 +11,10 @@
 //! - [`bytes::Reader`]: the little-endian reader of the binary encodings
 //!   (`/internal/append`, `/internal/ml/stream`).
 //!
-//! Small on purpose: serde only (clap behind a feature), no I/O, no async.
+//! - [`logging`] (feature `logging`): the log subscriber of kvd and kvsup.
+//!
+//! Small on purpose: serde only (clap and tracing-subscriber behind
+//! features), no I/O but the logger's, no async.
 
 pub mod admin;
 pub mod bytes;
@@ -19,6 +22,8 @@ pub mod code;
 mod error;
 pub mod header;
 pub mod key;
+#[cfg(feature = "logging")]
+pub mod logging;
 mod mode;
 pub mod status;
 mod timestamp;

@@ -385,21 +385,23 @@ fn bad_manifests_are_refused_naming_the_field_and_start_nothing() {
     }
 }
 
+/// Sends `sig` to the supervisor daemon of `c` (only that process: its
+/// nodes are left alone); the node pids and the daemon's pid before it.
+fn signal_supervisor(c: &Supervised, sig: nix::sys::signal::Signal) -> (Vec<u64>, u64) {
+    let st = c.status().unwrap();
+    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup_pid as i32), sig).unwrap();
+    (pids(&st), sup_pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_supervisor_adopts_the_running_nodes() {
     let tmp = TempDir::new().unwrap();
     let c = Supervised::apply(tmp.path(), 3, "").unwrap();
     let kv = client(&c);
     kv.set("k", "v").await.unwrap();
-    let st = c.status().unwrap();
-    let before = pids(&st);
-    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
     // The supervisor dies; its nodes keep serving.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let (before, sup_pid) = signal_supervisor(&c, nix::sys::signal::Signal::SIGKILL);
     assert!(wait_until(Duration::from_secs(10), || !alive(sup_pid)));
     kv.set("k2", "v2").await.unwrap();
 
@@ -435,14 +437,7 @@ async fn sigterm_stops_the_daemon_and_its_tasks_but_not_the_nodes() {
     let c = Supervised::apply(tmp.path(), 1, "").unwrap();
     let kv = client(&c);
     kv.set("k", "v").await.unwrap();
-    let st = c.status().unwrap();
-    let before = pids(&st);
-    let sup_pid = st["supervisor_pid"].as_u64().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let (before, sup_pid) = signal_supervisor(&c, nix::sys::signal::Signal::SIGTERM);
     assert!(
         wait_until(Duration::from_secs(5), || !alive(sup_pid)),
         "the daemon still runs 5 s after SIGTERM"

@@ -5,6 +5,11 @@
 //!   `storage::record`).
 //! - [`Timestamp`]: a hybrid-logical-clock stamp (the wire type).
 //! - [`LogPos`]: a position `(epoch, index)` in a replicated log.
+//! - [`KeyMeta`], [`Item`], [`KeyRange`], [`RangeRead`], [`Page`]: a key's
+//!   versions and what reads return.
+//! - [`Txn`], [`Compare`], [`TxnOp`], [`TxnResult`]: a transaction as a
+//!   client asks for it and as it is answered; the branch it chose is
+//!   logged as [`Op::Txn`].
 //!
 //! The pure rules of the bottom layer live beside the runtimes they govern
 //! and import only this: `replication::rules` (votes, commit index, log
@@ -19,10 +24,228 @@ pub use kvproto::Timestamp;
 /// What a record does to the key space.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
-    Bulk { items: Vec<(Bytes, Bytes)> },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    Bulk {
+        items: Vec<(Bytes, Bytes)>,
+    },
     Noop,
+    /// The branch a transaction chose, resolved by the node that took it:
+    /// its compares are not logged, so every replica applies the same ops
+    /// whatever state it replays them on. Reads are carried too, so that
+    /// the node answering runs them at the record's place in the log.
+    Txn {
+        ops: Vec<TxnOp>,
+    },
+}
+
+/// A key's versions, as etcd keeps them: the log index that created the
+/// key (since it last did not exist), the index of its last write, and the
+/// number of writes since its creation (1 after the first). An absent key
+/// reads as all zeros in a compare.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KeyMeta {
+    pub create_index: u64,
+    pub mod_index: u64,
+    pub version: u64,
+}
+
+/// One key as a read returns it; `value` is `None` for a keys-only read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub key: Bytes,
+    pub value: Option<Bytes>,
+    pub meta: KeyMeta,
+}
+
+/// The half-open key range `[start, end)` in byte order; `end: None` runs
+/// to the end of the key space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: Bytes,
+    pub end: Option<Bytes>,
+}
+
+impl KeyRange {
+    /// Every key that starts with `prefix` (the empty prefix: every key).
+    pub fn prefix(prefix: &[u8]) -> KeyRange {
+        KeyRange {
+            start: Bytes::copy_from_slice(prefix),
+            end: prefix_end(prefix).map(Bytes::from),
+        }
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= &self.start[..] && self.end.as_ref().is_none_or(|e| key < &e[..])
+    }
+}
+
+/// The first key after every key that starts with `prefix`, or `None` if
+/// there is none (an empty prefix, or one of only 0xFF bytes).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A range read: at most `limit` keys of `range` in byte order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeRead {
+    pub range: KeyRange,
+    pub limit: usize,
+    pub keys_only: bool,
+}
+
+/// A page of a range read, a consistent cut of the state at `index` (the
+/// applied index when it was read). `more`: the range holds keys after
+/// the last item (the page stopped at its limit, or at
+/// [`MAX_PAGE_VALUE_BYTES`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<Item>,
+    pub more: bool,
+    pub index: u64,
+}
+
+/// A page stops early once its values reach this many bytes (it always
+/// holds at least one item), so that an answer stays bounded whatever the
+/// values' sizes.
+pub const MAX_PAGE_VALUE_BYTES: usize = 16 << 20;
+
+/// One operation of a transaction's branch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    /// Deletes every key that starts with `prefix` (never empty).
+    DeletePrefix {
+        prefix: Bytes,
+    },
+    Get {
+        key: Bytes,
+    },
+    Range(RangeRead),
+}
+
+impl TxnOp {
+    /// Whether the op changes the key space.
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            TxnOp::Put { .. } | TxnOp::Delete { .. } | TxnOp::DeletePrefix { .. }
+        )
+    }
+}
+
+/// What a compare looks at, with the operand it is compared to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    ModIndex(u64),
+    CreateIndex(u64),
+    Version(u64),
+    Value(Bytes),
+    /// Only `==` and `!=` (the API refuses the others).
+    Exists(bool),
+}
+
+/// A compare's operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+}
+
+impl Cmp {
+    fn test<T: Ord + ?Sized>(self, current: &T, operand: &T) -> bool {
+        match self {
+            Cmp::Eq => current == operand,
+            Cmp::Ne => current != operand,
+            Cmp::Lt => current < operand,
+            Cmp::Gt => current > operand,
+        }
+    }
+}
+
+/// One condition of a transaction: `key`'s current target `cmp` the
+/// operand the target carries (`version == 3`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    pub key: Bytes,
+    pub target: Target,
+    pub cmp: Cmp,
+}
+
+impl Compare {
+    /// Whether the compare holds of the key's current `(meta, value)`
+    /// (`None`: absent). An absent key has versions 0 and does not
+    /// exist; a compare of the value of an absent key never holds.
+    pub fn holds(&self, current: Option<(&KeyMeta, &[u8])>) -> bool {
+        let zero = KeyMeta::default();
+        let meta = current.map_or(&zero, |(m, _)| m);
+        match &self.target {
+            Target::ModIndex(n) => self.cmp.test(&meta.mod_index, n),
+            Target::CreateIndex(n) => self.cmp.test(&meta.create_index, n),
+            Target::Version(n) => self.cmp.test(&meta.version, n),
+            Target::Value(v) => current.is_some_and(|(_, cur)| self.cmp.test(cur, &v[..])),
+            Target::Exists(e) => self.cmp.test(&current.is_some(), e),
+        }
+    }
+}
+
+/// A transaction as a client asks for it: if every compare holds, the
+/// `success` ops run, else the `failure` ops, in order, as one record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compare: Vec<Compare>,
+    pub success: Vec<TxnOp>,
+    pub failure: Vec<TxnOp>,
+}
+
+/// Most compares plus ops one transaction may hold.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// What one op of the branch that ran returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    /// The key's new `mod_index` (the record's index).
+    Put {
+        mod_index: u64,
+    },
+    Delete {
+        deleted: bool,
+    },
+    DeletePrefix {
+        deleted: u64,
+    },
+    Get(Option<Item>),
+    Range {
+        items: Vec<Item>,
+        more: bool,
+    },
+}
+
+/// A transaction's answer: which branch ran, and each op's result.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    pub results: Vec<OpResult>,
 }
 
 /// One log entry.
@@ -61,5 +284,69 @@ impl LogPos {
     /// ending at `other`?
     pub fn at_least_as_up_to_date_as(&self, other: &LogPos) -> bool {
         self >= other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(create: u64, m: u64, version: u64) -> KeyMeta {
+        KeyMeta {
+            create_index: create,
+            mod_index: m,
+            version,
+        }
+    }
+
+    fn cmp(target: Target, cmp: Cmp) -> Compare {
+        Compare {
+            key: Bytes::from_static(b"k"),
+            target,
+            cmp,
+        }
+    }
+
+    #[test]
+    fn compares_of_a_present_key() {
+        let m = meta(3, 7, 2);
+        let cur = Some((&m, &b"abc"[..]));
+        assert!(cmp(Target::ModIndex(7), Cmp::Eq).holds(cur));
+        assert!(!cmp(Target::ModIndex(7), Cmp::Ne).holds(cur));
+        assert!(cmp(Target::ModIndex(8), Cmp::Lt).holds(cur));
+        assert!(cmp(Target::CreateIndex(2), Cmp::Gt).holds(cur));
+        assert!(cmp(Target::Version(2), Cmp::Eq).holds(cur));
+        assert!(cmp(Target::Value(Bytes::from_static(b"abd")), Cmp::Lt).holds(cur));
+        assert!(cmp(Target::Value(Bytes::from_static(b"abc")), Cmp::Eq).holds(cur));
+        assert!(cmp(Target::Exists(true), Cmp::Eq).holds(cur));
+        assert!(cmp(Target::Exists(false), Cmp::Ne).holds(cur));
+    }
+
+    #[test]
+    fn an_absent_key_has_versions_zero_and_no_value() {
+        assert!(cmp(Target::ModIndex(0), Cmp::Eq).holds(None));
+        assert!(cmp(Target::Version(0), Cmp::Eq).holds(None));
+        assert!(cmp(Target::CreateIndex(1), Cmp::Lt).holds(None));
+        assert!(cmp(Target::Exists(false), Cmp::Eq).holds(None));
+        for c in [Cmp::Eq, Cmp::Ne, Cmp::Lt, Cmp::Gt] {
+            assert!(
+                !cmp(Target::Value(Bytes::new()), c).holds(None),
+                "{c:?} of an absent value"
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_ranges() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+        let r = KeyRange::prefix(b"p/");
+        assert!(r.contains(b"p/"));
+        assert!(r.contains(b"p/x"));
+        assert!(!r.contains(b"p0"));
+        assert!(!r.contains(b"p"));
+        assert!(KeyRange::prefix(b"").contains(b"anything"));
     }
 }

@@ -135,7 +135,7 @@ pub enum WriteTarget {
 }
 
 /// An acknowledged client write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     pub index: u64,
     pub outcome: ApplyOutcome,

@@ -164,6 +164,7 @@ impl Lww {
     pub fn winning(&self, ts: Timestamp, op: &Op) -> Option<Op> {
         let inner = self.inner.read();
         match op {
+            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { key, .. } | Op::Delete { key } => inner.wins(key, ts).then(|| op.clone()),
             Op::Bulk { items } => {
                 let items: Vec<_> = items
@@ -182,6 +183,7 @@ impl Lww {
     pub fn apply(&self, state: &State, ts: Timestamp, op: &Op) -> ApplyOutcome {
         let mut inner = self.inner.write();
         match op {
+            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { key, .. } => {
                 if inner.wins(key, ts) {
                     inner.set(key, ts, false);

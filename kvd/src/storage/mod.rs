@@ -55,6 +55,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::model::{KeyMeta, KeyRange, Page, RangeRead, Txn};
 pub use fs::{Fs, RealFs};
 pub use meta::{Meta, MetaStore};
 pub use record::{Op, Record, Timestamp};
@@ -241,7 +242,7 @@ impl From<Mode> for CommitPolicy {
 pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 60_000;
 
 /// Result of one acknowledged write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteResult {
     pub index: u64,
     pub outcome: ApplyOutcome,
@@ -727,6 +728,34 @@ impl Engine {
 
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
         self.state.get(key)
+    }
+
+    /// A key's value with its versions.
+    pub fn get_versioned(&self, key: &[u8]) -> Option<(Bytes, KeyMeta)> {
+        let _ = key;
+        todo!("versions are not built yet")
+    }
+
+    /// One page of a range read, a consistent cut of the applied state.
+    pub fn range(&self, read: &RangeRead) -> Page {
+        let _ = read;
+        todo!("ranges are not built yet")
+    }
+
+    /// How many keys `range` holds, and the applied index of that count.
+    pub fn count(&self, range: &KeyRange) -> (u64, u64) {
+        let _ = range;
+        todo!("ranges are not built yet")
+    }
+
+    /// Logs a transaction as one record: the compares are evaluated by
+    /// the WAL writer against every entry before it (applied or not), and
+    /// only the chosen branch's ops are logged. Resolves once the record
+    /// is durable and applied (committed, in a cluster), with
+    /// `outcome.txn` saying which branch ran and what its ops returned.
+    pub async fn write_txn(&self, txn: Txn) -> Result<WriteResult, Error> {
+        let _ = txn;
+        todo!("transactions are not built yet")
     }
 
     pub fn state(&self) -> &State {

@@ -45,6 +45,7 @@ pub use crate::model::{Op, Record, Timestamp};
 impl Op {
     fn code(&self) -> u8 {
         match self {
+            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { .. } => 1,
             Op::Delete { .. } => 2,
             Op::Bulk { .. } => 3,
@@ -56,6 +57,7 @@ impl Op {
     pub fn encoded_len(&self) -> usize {
         PAYLOAD_FIXED_BYTES
             + match self {
+                Op::Txn { .. } => todo!("transactions are not built yet"),
                 Op::Put { key, value } => 8 + key.len() + value.len(),
                 Op::Delete { key } => 4 + key.len(),
                 Op::Bulk { items } => {
@@ -182,6 +184,7 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
     out.extend_from_slice(&ts.logical.to_le_bytes());
     out.extend_from_slice(&ts.node.to_le_bytes());
     match op {
+        Op::Txn { .. } => todo!("transactions are not built yet"),
         Op::Put { key, value } => {
             put_bytes(out, key);
             put_bytes(out, value);
@@ -250,6 +253,7 @@ pub fn validate_value(value: &[u8], limits: &Limits) -> Result<(), String> {
 /// needs 1..=`max_bulk_items` items; the client API refuses an empty one).
 pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
     match op {
+        Op::Txn { .. } => todo!("transactions are not built yet"),
         Op::Put { key, value } => validate_key(key).and_then(|_| validate_value(value, limits)),
         Op::Delete { key } => validate_key(key),
         Op::Bulk { items } => {

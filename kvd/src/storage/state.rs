@@ -83,10 +83,13 @@ fn make_entry(key: &[u8], value: &[u8]) -> Entry {
 }
 
 /// What applying one op changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// For a delete: whether the key existed.
     pub deleted: bool,
+    /// For a transaction, on the node that answers it: which branch ran
+    /// and what its ops returned.
+    pub txn: Option<crate::model::TxnResult>,
 }
 
 /// The key space.
@@ -224,6 +227,7 @@ impl State {
             i64::try_from(new).unwrap_or(i64::MAX) - i64::try_from(old).unwrap_or(i64::MAX)
         };
         match op {
+            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { key, value } => diff(new(key, value), self.charged(key)),
             Op::Delete { key } => diff(0, self.charged(key)),
             Op::Bulk { items } => {
@@ -294,6 +298,7 @@ impl State {
     /// come through here.
     pub fn apply(&self, op: &Op) -> ApplyOutcome {
         match op {
+            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { key, value } => {
                 let h = self.hash(key);
                 let mut shard = self.shards[Self::shard_of(h)].write();
@@ -305,6 +310,7 @@ impl State {
                 let mut shard = self.shards[Self::shard_of(h)].write();
                 ApplyOutcome {
                     deleted: self.delete_locked(&mut shard, h, key),
+                    ..Default::default()
                 }
             }
             Op::Bulk { items } => {

@@ -41,6 +41,7 @@ pub mod lww;
 pub mod meta;
 pub mod pending_view;
 pub mod record;
+mod resolve;
 pub mod snapshot;
 pub mod state;
 pub mod wal;

@@ -617,6 +617,7 @@ mod tests {
             },
             sample().op,
             Op::Noop,
+            txn_sample(),
         ];
         for op in ops {
             let rec = Record { op, ..sample() };
@@ -629,6 +630,133 @@ mod tests {
                     assert_eq!(Record::decode_payload(payload).unwrap(), rec);
                 }
                 other => panic!("expected valid frame, got {other:?}"),
+            }
+        }
+    }
+
+    fn txn_sample() -> Op {
+        let b = Bytes::from_static;
+        Op::Txn {
+            ops: vec![
+                TxnOp::Put {
+                    key: b(b"k"),
+                    value: b(b"\x00\xff"),
+                },
+                TxnOp::Delete { key: b(b"d") },
+                TxnOp::DeletePrefix { prefix: b(b"p/") },
+                TxnOp::Get { key: b(b"k") },
+                TxnOp::Range(RangeRead {
+                    range: KeyRange {
+                        start: b(b"a"),
+                        end: Some(b(b"b")),
+                    },
+                    limit: 7,
+                    keys_only: true,
+                }),
+                TxnOp::Range(RangeRead {
+                    range: KeyRange::prefix(b""),
+                    limit: MAX_RANGE_LIMIT,
+                    keys_only: false,
+                }),
+            ],
+        }
+    }
+
+    fn payload(op: Op) -> Vec<u8> {
+        let mut buf = Vec::new();
+        Record { op, ..sample() }.encode_into(&mut buf);
+        buf.split_off(FRAME_HEADER_BYTES)
+    }
+
+    #[test]
+    fn transactions_round_trip_and_their_flags_and_limits_have_one_encoding() {
+        for op in [txn_sample(), Op::Txn { ops: vec![] }] {
+            let p = payload(op.clone());
+            assert_eq!(p.len(), op.encoded_len());
+            assert_eq!(Record::decode_payload(&p).unwrap().op, op);
+        }
+        let one = |r: RangeRead| {
+            payload(Op::Txn {
+                ops: vec![TxnOp::Range(r)],
+            })
+        };
+        let read = RangeRead {
+            range: KeyRange::prefix(b"a"),
+            limit: 1,
+            keys_only: false,
+        };
+        let good = one(read.clone());
+        // The op's bytes: count, tag, start (len + 1), has_end, end (len + 1),
+        // limit, keys_only.
+        let at = PAYLOAD_FIXED_BYTES + 4 + 1 + 5;
+        let mut bad_flag = good.clone();
+        bad_flag[at] = 2;
+        let mut bad_keys_only = good.clone();
+        *bad_keys_only.last_mut().unwrap() = 7;
+        let zero = one(RangeRead {
+            limit: 0,
+            ..read.clone()
+        });
+        let over = one(RangeRead {
+            limit: MAX_RANGE_LIMIT + 1,
+            ..read
+        });
+        let mut count = good.clone();
+        count[PAYLOAD_FIXED_BYTES..PAYLOAD_FIXED_BYTES + 4]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        for (what, p) in [
+            ("has_end 2", bad_flag),
+            ("keys_only 7", bad_keys_only),
+            ("limit 0", zero),
+            ("limit over", over),
+            ("count", count),
+        ] {
+            assert!(Record::decode_payload(&p).is_err(), "{what} decoded");
+        }
+    }
+
+    #[test]
+    fn peer_transactions_meet_the_client_rules() {
+        let limits = Limits {
+            max_value_bytes: 4,
+            max_bulk_items: 10,
+        };
+        let b = |s: &'static [u8]| Bytes::from_static(s);
+        let txn = |ops: Vec<TxnOp>| Op::Txn { ops };
+        let range = |start: &'static [u8], end: Option<&'static [u8]>, limit| {
+            TxnOp::Range(RangeRead {
+                range: KeyRange {
+                    start: b(start),
+                    end: end.map(b),
+                },
+                limit,
+                keys_only: false,
+            })
+        };
+        let get = TxnOp::Get { key: b(b"k") };
+        let del = TxnOp::Delete { key: b(b"k") };
+        #[rustfmt::skip]
+        let cases: Vec<(Op, Option<&str>)> = vec![
+            (txn_sample(), None),
+            (txn(vec![]), None),
+            (txn(vec![range(b"", None, 1)]), None),
+            (txn(vec![get.clone(); MAX_TXN_OPS]), None),
+            (txn(vec![get.clone(); MAX_TXN_OPS + 1]), Some("129 ops")),
+            (txn([vec![get; MAX_TXN_OPS], vec![del.clone(); 10]].concat()), None),
+            (txn(vec![del; MAX_TXN_OPS + 11]), Some("139 ops")),
+            (txn(vec![TxnOp::DeletePrefix { prefix: b(b"") }]), Some("ops[0]: prefix: key is empty")),
+            (txn(vec![TxnOp::Put { key: b(b"k"), value: b(b"12345") }]), Some("ops[0]: value is 5 bytes")),
+            (txn(vec![TxnOp::Get { key: b(b"a\0") }]), Some("NUL")),
+            (txn(vec![range(b"", None, 0)]), Some("range limit 0")),
+            (txn(vec![range(b"", None, MAX_RANGE_LIMIT + 1)]), Some("range limit 10001")),
+            (txn(vec![range(b"b", Some(b"a"), 1)]), Some("ends before it starts")),
+            (txn(vec![range(b"\xff", None, 1)]), Some("not UTF-8")),
+        ];
+        for (op, want) in cases {
+            match (validate_op(&op, &limits), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{e}"),
+                (got, want) => panic!("got {got:?}, want {want:?}"),
             }
         }
     }

@@ -1129,6 +1129,65 @@ mod tests {
         ));
     }
 
+    /// A segment in the first release's format holding `recs`.
+    fn first_release_segment(dir: &Path, recs: &[Record]) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut bytes = segment_header().to_vec();
+        bytes[8..12].copy_from_slice(&FIRST_RELEASE_VERSION.to_le_bytes());
+        for r in recs {
+            r.encode_into(&mut bytes);
+        }
+        let path = dir.join(segment_name(recs.first().map_or(1, |r| r.index)));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn version_of(path: &Path) -> u32 {
+        let b = std::fs::read(path).unwrap();
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+    }
+
+    #[test]
+    fn a_first_release_segment_is_read_and_the_next_append_starts_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let old = first_release_segment(&dir, &[put(1, 1), put(2, 1)]);
+        let (mut wal, seen) = open(&dir);
+        assert_eq!(seen, vec![put(1, 1), put(2, 1)]);
+        append(&mut wal, &[put(3, 1)]);
+        assert_eq!(wal.segment_count(), 2, "the version 1 segment was sealed");
+        assert_eq!(version_of(&old), FIRST_RELEASE_VERSION);
+        assert_eq!(version_of(&dir.join(segment_name(3))), SEGMENT_VERSION);
+        drop(wal);
+        assert_eq!(open(&dir).1.len(), 3);
+
+        // One with no records is replaced by the new one, under its name.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let empty = first_release_segment(&dir, &[]);
+        let (mut wal, _) = open(&dir);
+        append(&mut wal, &[put(1, 1)]);
+        assert_eq!(wal.segment_count(), 1);
+        assert_eq!(version_of(&empty), SEGMENT_VERSION);
+        drop(wal);
+        assert_eq!(open(&dir).1, vec![put(1, 1)]);
+    }
+
+    #[test]
+    fn a_transaction_in_a_first_release_segment_is_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let txn = Record {
+            op: Op::Txn { ops: vec![] },
+            ..put(2, 1)
+        };
+        first_release_segment(&dir, &[put(1, 1), txn, put(3, 1)]);
+        let err = Wal::open(Arc::new(RealFs), &dir, 0, 512, |_| {})
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("version 1 segment"), "{err}");
+    }
+
     #[test]
     fn truncate_at_a_segment_start_and_to_empty() {
         let tmp = tempfile::tempdir().unwrap();

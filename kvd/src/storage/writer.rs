@@ -41,14 +41,15 @@ use super::log_index::EpochRuns;
 use super::lww::Lww;
 use super::pending_view::PendingView;
 use super::record::{self, Record};
-use super::state::{self, ApplyOutcome, State};
+use super::resolve::{Resolved, Resolver, TxnAnswer};
+use super::state::{ApplyOutcome, State};
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
-    ReplicateRequest, Shared, Write, WriteReq, WriteResult,
+    ReplicateRequest, Shared, WriteReq, WriteResult,
 };
 use crate::masterless::hlc::{Hlc, WallClock};
 use crate::metrics::Metrics;
-use crate::model::{Op, OpResult, Timestamp, Txn, TxnOp, TxnResult};
+use crate::model::{Op, Timestamp};
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 
 /// A durable entry waiting for its commit (replicated mode).
@@ -60,52 +61,6 @@ pub(super) struct PendingEntry {
     pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
     /// A transaction this node answers.
     pub txn: Option<TxnAnswer>,
-}
-
-/// What answering a transaction needs beyond its record: which branch ran,
-/// and (masterless mode, where a prefix delete is logged as the deletes it
-/// resolved into) how many logged ops each of the branch's ops became.
-pub(super) struct TxnAnswer {
-    succeeded: bool,
-    /// Per op of the branch: `None` for one logged op, `Some(n)` for a
-    /// prefix delete logged as `n` deletes.
-    expanded: Option<Vec<Option<usize>>>,
-}
-
-impl TxnAnswer {
-    /// The answer from what the record's logged ops returned.
-    fn answer(&self, mut r: TxnResult) -> TxnResult {
-        r.succeeded = self.succeeded;
-        let Some(expanded) = &self.expanded else {
-            return r;
-        };
-        let mut logged = std::mem::take(&mut r.results).into_iter();
-        for e in expanded {
-            let result = match e {
-                None => logged.next(),
-                Some(n) => {
-                    let gone = logged
-                        .by_ref()
-                        .take(*n)
-                        .filter(|x| *x == OpResult::Delete { deleted: true })
-                        .count();
-                    Some(OpResult::DeletePrefix {
-                        deleted: gone as u64,
-                    })
-                }
-            };
-            r.results.extend(result);
-        }
-        r
-    }
-}
-
-/// A write request resolved to the op it logs.
-struct Resolved {
-    op: Op,
-    apply: bool,
-    reply: oneshot::Sender<Result<WriteResult, Error>>,
-    txn: Option<TxnAnswer>,
 }
 
 /// One entry on its way into the log: its epoch, stamp and op.
@@ -479,104 +434,18 @@ impl Writer {
         self.maybe_snapshot();
     }
 
-    /// Turns the batch's requests into the ops they log, in order:
-    /// transactions choose their branch against the pending view, and
-    /// `--max-memory-mib` answers [`Error::MemoryFull`] to each write that
-    /// would grow the data set past the budget. Shrinking writes free
-    /// nothing for the rest of the batch (they are not applied yet), which
-    /// keeps the check on the safe side. On a primary, writes logged but not
-    /// yet committed are not in the state yet: concurrent writes can
-    /// overshoot by what is in flight.
+    /// Turns the batch's requests into the ops they log (see [`Resolver`]).
     fn resolve(&mut self, batch: &mut Vec<WriteReq>) -> Vec<Resolved> {
-        let has_txn = batch.iter().any(|r| matches!(r.write, Write::Txn(_)));
-        if has_txn && self.view.is_none() {
-            let pending = self.pending.iter().filter(|p| p.apply);
-            self.view = Some(PendingView::of(
-                &self.state,
-                pending.map(|p| (p.index, &p.op)),
-            ));
+        Resolver {
+            state: &self.state,
+            view: &mut self.view,
+            pending: &self.pending,
+            merges: self.shared.policy() == CommitPolicy::Merge,
+            max_bulk_items: self.cfg.limits.max_bulk_items,
+            max_data_bytes: self.cfg.max_data_bytes,
+            first_index: self.wal.next_index(),
         }
-        let mut used = self.state.data_bytes();
-        let first = self.wal.next_index();
-        let mut out = Vec::with_capacity(batch.len());
-        for req in batch.drain(..) {
-            let (op, txn) = match req.write {
-                Write::Op(op) => (op, None),
-                Write::Txn(t) => match self.resolve_txn(t) {
-                    Ok((op, answer)) => (op, Some(answer)),
-                    Err(e) => {
-                        let _ = req.reply.send(Err(e));
-                        continue;
-                    }
-                },
-            };
-            if let Some(limit) = self.cfg.max_data_bytes {
-                match state::admit(used, self.state.growth_bytes(&op), limit) {
-                    Ok(now) => used = now,
-                    Err(would_be) => {
-                        let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
-                        continue;
-                    }
-                }
-            }
-            if let Some(view) = self.view.as_mut().filter(|_| req.apply) {
-                view.push(&self.state, first + out.len() as u64, &op);
-            }
-            out.push(Resolved {
-                op,
-                apply: req.apply,
-                reply: req.reply,
-                txn,
-            });
-        }
-        out
-    }
-
-    /// The record a transaction logs: the branch its compares choose in the
-    /// pending view. Masterless mode (where the API takes no compares)
-    /// resolves each prefix delete into deletes of the keys this node
-    /// holds, so that other nodes merge it key by key.
-    fn resolve_txn(&self, txn: Txn) -> Result<(Op, TxnAnswer), Error> {
-        let view = self
-            .view
-            .as_ref()
-            .expect("the view is built for a batch holding a transaction");
-        let (succeeded, ops) = txn.into_branch(|k| view.get(&self.state, k));
-        let mut answer = TxnAnswer {
-            succeeded,
-            expanded: None,
-        };
-        if self.policy() != CommitPolicy::Merge
-            || !ops
-                .iter()
-                .any(|op| matches!(op, TxnOp::DeletePrefix { .. }))
-        {
-            return Ok((Op::Txn { ops }, answer));
-        }
-        let (mut flat, mut expanded) = (Vec::with_capacity(ops.len()), Vec::new());
-        for op in ops {
-            match op {
-                TxnOp::DeletePrefix { prefix } => {
-                    let keys = view.keys_under(&self.state, &prefix);
-                    expanded.push(Some(keys.len()));
-                    flat.extend(keys.into_iter().map(|key| TxnOp::Delete { key }));
-                }
-                op => {
-                    expanded.push(None);
-                    flat.push(op);
-                }
-            }
-        }
-        let max = self.cfg.limits.max_bulk_items;
-        if flat.len() > max {
-            return Err(Error::InvalidEntry(format!(
-                "the transaction's prefix deletes would log {} deletes; masterless mode takes \
-                 at most --max-bulk-items ({max}) in one record",
-                flat.len()
-            )));
-        }
-        answer.expanded = Some(expanded);
-        Ok((Op::Txn { ops: flat }, answer))
+        .resolve(batch)
     }
 
     /// Logs, once, that a new segment could be started after refusals.

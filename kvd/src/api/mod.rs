@@ -665,7 +665,7 @@ async fn delete_key(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BulkRequest {
-    items: Vec<BulkItem>,
+    items: Vec<wire::Obj<BulkItem>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -709,7 +709,7 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
         ));
     }
     let mut items = Vec::with_capacity(req.items.len());
-    for (i, item) in req.items.into_iter().enumerate() {
+    for (i, wire::Obj(item)) in req.items.into_iter().enumerate() {
         let bad = |m: String| ApiError::bad_request(code::INVALID_ITEM, format!("items[{i}]: {m}"));
         validate_key(&item.key).map_err(bad)?;
         let value = item.value.into_bytes().map_err(bad)?;

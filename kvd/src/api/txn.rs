@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::query::{NoParams, Params};
 use super::range::{key_range, limit};
-use super::wire::{from_object, JsonItem, JsonValue};
-use super::{check_value_size, read_body, validate_key, with_stamp, ApiError, Limits, Shared};
+use super::wire::{from_object, JsonItem, JsonValue, Obj};
+use super::{check_value_size, read_body, validate_key, ApiError, Limits, Shared};
 use crate::model::{Cmp, Compare, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS};
 use crate::node::Written;
 
@@ -28,7 +28,7 @@ use crate::node::Written;
 #[serde(deny_unknown_fields)]
 pub struct TxnRequest {
     #[serde(default)]
-    compare: Vec<CompareJson>,
+    compare: Vec<Obj<CompareJson>>,
     #[serde(default)]
     success: Vec<OpJson>,
     #[serde(default)]
@@ -49,11 +49,11 @@ struct CompareJson {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum OpJson {
-    Put(PutJson),
-    Delete(KeyJson),
-    DeletePrefix(PrefixJson),
-    Get(KeyJson),
-    Range(RangeJson),
+    Put(Obj<PutJson>),
+    Delete(Obj<KeyJson>),
+    DeletePrefix(Obj<PrefixJson>),
+    Get(Obj<KeyJson>),
+    Range(Obj<RangeJson>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,7 +126,7 @@ pub fn txn_of(req: TxnRequest, limits: &Limits) -> Result<Txn, ApiError> {
         .compare
         .into_iter()
         .enumerate()
-        .map(|(i, c)| compare_of(&format!("compare[{i}]"), c, limits))
+        .map(|(i, Obj(c))| compare_of(&format!("compare[{i}]"), c, limits))
         .collect::<Result<_, _>>()?;
     let branch = |name: &str, ops: Vec<OpJson>| -> Result<Vec<TxnOp>, ApiError> {
         ops.into_iter()
@@ -204,14 +204,14 @@ fn compare_of(path: &str, c: CompareJson, limits: &Limits) -> Result<Compare, Ap
 
 fn op_of(path: &str, op: OpJson, limits: &Limits) -> Result<TxnOp, ApiError> {
     Ok(match op {
-        OpJson::Put(p) => TxnOp::Put {
+        OpJson::Put(Obj(p)) => TxnOp::Put {
             key: key_of(&format!("{path}.put.key"), p.key)?,
             value: value_of(&format!("{path}.put.value"), p.value, limits)?,
         },
-        OpJson::Delete(d) => TxnOp::Delete {
+        OpJson::Delete(Obj(d)) => TxnOp::Delete {
             key: key_of(&format!("{path}.delete.key"), d.key)?,
         },
-        OpJson::DeletePrefix(d) => {
+        OpJson::DeletePrefix(Obj(d)) => {
             let at = format!("{path}.delete_prefix.prefix");
             if d.prefix.is_empty() || d.prefix.len() > MAX_KEY_BYTES {
                 return Err(invalid(
@@ -223,10 +223,10 @@ fn op_of(path: &str, op: OpJson, limits: &Limits) -> Result<TxnOp, ApiError> {
                 prefix: Bytes::from(d.prefix.into_bytes()),
             }
         }
-        OpJson::Get(g) => TxnOp::Get {
+        OpJson::Get(Obj(g)) => TxnOp::Get {
             key: key_of(&format!("{path}.get.key"), g.key)?,
         },
-        OpJson::Range(r) => TxnOp::Range(RangeRead {
+        OpJson::Range(Obj(r)) => TxnOp::Range(RangeRead {
             range: key_range(r.prefix.as_deref(), r.start.as_deref(), r.end.as_deref())
                 .map_err(|e| invalid(&format!("{path}.range"), e))?,
             limit: limit(r.limit).map_err(|m| invalid(&format!("{path}.range.limit"), m))?,
@@ -278,12 +278,11 @@ pub fn unexpected(got: Option<&OpResult>) -> ApiError {
     )
 }
 
-/// `{"succeeded", "index", "results"}`, and the stamp in masterless mode.
+/// `{"succeeded", "index", "results"}`.
 pub fn answer(w: &Written) -> Result<serde_json::Value, ApiError> {
     let r = results(w)?;
     let results: Vec<ResultJson> = r.results.iter().map(ResultJson::from).collect();
-    let body = json!({"succeeded": r.succeeded, "index": w.index, "results": results});
-    Ok(with_stamp(body, w.stamp))
+    Ok(json!({"succeeded": r.succeeded, "index": w.index, "results": results}))
 }
 
 /// `POST /v1/txn`.
@@ -467,6 +466,9 @@ mod tests {
             json!({"success": [{"put": {"key": "a", "value": "x"}, "get": {"key": "a"}}]}),
             json!({"compare": [{"key": "a", "target": "version", "op": "=="}]}),
             json!({"success": {"put": {"key": "a", "value": "x"}}}),
+            json!({"success": [{"put": ["a", "x"]}]}),
+            json!({"compare": [["a", "version", "==", 1]]}),
+            json!({"success": [{"range": []}]}),
             json!([]),
         ] {
             let (status, code, _) = refusal(body.clone());

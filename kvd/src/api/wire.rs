@@ -6,8 +6,8 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{Item, KeyMeta};
 
@@ -18,7 +18,7 @@ pub enum JsonValue {
     /// The value is this string's UTF-8.
     Text(String),
     /// Any bytes, standard base64.
-    Binary(Base64Value),
+    Binary(Obj<Base64Value>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,9 +32,9 @@ impl JsonValue {
     pub fn from_bytes(bytes: &[u8]) -> JsonValue {
         match std::str::from_utf8(bytes) {
             Ok(text) => JsonValue::Text(text.to_string()),
-            Err(_) => JsonValue::Binary(Base64Value {
+            Err(_) => JsonValue::Binary(Obj(Base64Value {
                 base64: BASE64.encode(bytes),
-            }),
+            })),
         }
     }
 
@@ -42,11 +42,26 @@ impl JsonValue {
     pub fn into_bytes(self) -> Result<Bytes, String> {
         match self {
             JsonValue::Text(s) => Ok(Bytes::from(s.into_bytes())),
-            JsonValue::Binary(b) => BASE64
+            JsonValue::Binary(Obj(b)) => BASE64
                 .decode(b.base64.as_bytes())
                 .map(Bytes::from)
                 .map_err(|e| format!("value is not valid base64: {e}")),
         }
+    }
+}
+
+/// A JSON object of `T`'s fields, and only that: serde's derived structs
+/// also take an array of their fields in order, which no body holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Obj<T>(pub T);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = serde_json::Map::deserialize(d)?;
+        T::deserialize(serde_json::Value::Object(fields))
+            .map(Obj)
+            .map_err(D::Error::custom)
     }
 }
 
@@ -132,6 +147,7 @@ mod tests {
     fn a_bad_value_form_is_refused() {
         assert!(serde_json::from_str::<JsonValue>(r#"{"base64": "AA", "x": 1}"#).is_err());
         assert!(serde_json::from_str::<JsonValue>("3").is_err());
+        assert!(serde_json::from_str::<JsonValue>(r#"["AA=="]"#).is_err());
         let bad: JsonValue = serde_json::from_str(r#"{"base64": "not base64!"}"#).unwrap();
         assert!(bad.into_bytes().is_err());
     }
@@ -152,6 +168,8 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        assert!(serde_json::from_str::<Vec<Obj<Body>>>(r#"[{"items": [1]}]"#).is_ok());
+        assert!(serde_json::from_str::<Vec<Obj<Body>>>("[[[1]]]").is_err());
     }
 
     #[test]

@@ -1040,6 +1040,22 @@ mod tests {
     }
 
     #[test]
+    fn op_labels_of_the_kv_routes() {
+        let label = |m: Method, p: &str| OPS[op_label(&m, Some(p))];
+        assert_eq!(label(Method::GET, "/v1/kv/{*key}"), "get");
+        assert_eq!(label(Method::HEAD, "/v1/kv/{*key}"), "get");
+        assert_eq!(label(Method::PUT, "/v1/kv/{*key}"), "put");
+        assert_eq!(label(Method::DELETE, "/v1/kv/{*key}"), "delete");
+        assert_eq!(label(Method::GET, "/v1/kv"), "range");
+        assert_eq!(label(Method::HEAD, "/v1/kv"), "range");
+        assert_eq!(label(Method::DELETE, "/v1/kv"), "delete_range");
+        assert_eq!(label(Method::PUT, "/v1/kv"), "other");
+        assert_eq!(label(Method::POST, "/v1/txn"), "txn");
+        assert_eq!(label(Method::GET, "/openapi.json"), "other");
+        assert_eq!(OPS[op_label(&Method::GET, None)], "other");
+    }
+
+    #[test]
     fn a_query_must_decode_to_utf8() {
         for good in ["q=caf%C3%A9", "q=a+b&limit=3", "q=%ZZ", "", "key=%E2%82%AC"] {
             assert!(query_is_utf8(good).is_ok(), "{good}");

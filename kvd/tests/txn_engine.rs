@@ -224,3 +224,40 @@ async fn masterless_a_prefix_delete_is_logged_as_deletes_and_answered_as_one() {
         "tombstoned"
     );
 }
+
+/// A snapshot is asked for at the same size as a segment, so the segment
+/// it covers is still the active one when it is done; the covered segment
+/// goes once the next one starts, however many rounds the writer ran in
+/// between (a purge of tombstones is one).
+#[tokio::test]
+async fn a_covered_segment_goes_once_the_next_one_starts() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = EngineConfig::new(dir.path());
+    cfg.segment_max_bytes = 4096;
+    cfg.snapshot_every_bytes = 4096;
+    let (e, _) = Engine::open(Arc::new(RealFs), cfg, None).unwrap();
+    let value = "v".repeat(500);
+    while e.status().wal_bytes < 4096 {
+        e.write(put("k", &value), true).await.unwrap();
+    }
+    for _ in 0..500 {
+        if e.status().snapshot_index > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let covered = e.status().snapshot_index;
+    assert!(covered > 0, "a snapshot was taken");
+    for _ in 0..3 {
+        e.purge_tombstones(kvd::storage::Timestamp::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(e.status().wal_segments, 1, "nothing to remove yet");
+    e.write(put("k", "x"), true).await.unwrap();
+    e.purge_tombstones(kvd::storage::Timestamp::default())
+        .await
+        .unwrap();
+    assert_eq!(e.first_log_index(), covered + 1, "the covered segment went");
+    assert_eq!(e.status().wal_segments, 1);
+}

@@ -1027,6 +1027,7 @@ fn start_threads(
         snap_dir: snap_dir.clone(),
         snap_tx,
         compact_rx,
+        covered: 0,
     };
     let snapshotter = Snapshotter {
         fs: fs.clone(),

@@ -16,6 +16,8 @@ import json
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,18 @@ CHECKS = [
     "content_type_conformance",
     "response_schema_conformance",
     "response_headers_conformance",
+    # A request outside the schema (a malformed If-Match, a limit out of
+    # range, a body of the wrong shape) must be refused with one of
+    # NEGATIVE_STATUSES. schemathesis does not count an unknown query
+    # parameter alone as outside the schema: that rule has its own test
+    # below, over every operation of the spec.
+    "negative_data_rejection",
 ]
+
+# What refuses a request outside the schema: 400, or 413, 414, 431 for one
+# over a size limit. Not 404, 409 or 412: the request's shape, not the
+# node's data or mode, must be what refuses it.
+NEGATIVE_STATUSES = [400, 413, 414, 431]
 
 # Routes the run must not call:
 # - POST /v1/admin/pause_writes really pauses the node: every write after
@@ -81,12 +94,86 @@ def test_the_spec_names_every_error_code_of_kvproto() -> None:
     )
 
 
+def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every (method, path, operation) of the spec."""
+    methods = {"get", "head", "put", "post", "delete"}
+    return [
+        (method.upper(), path, op)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in methods
+    ]
+
+
+def example_request(spec: dict[str, Any], path: str, op: dict[str, Any]) -> tuple[str, bytes | None]:
+    """A valid request of `op`, from the spec's examples: the target (path
+    and required query parameters) and the body."""
+    query = []
+    for param in op.get("parameters", []):
+        param = resolve(spec, param)
+        if param["in"] == "query" and param.get("required"):
+            query.append(f"{param['name']}={urllib.parse.quote(param['example'], safe='')}")
+    target = path.replace("{key}", "k") + ("?" + "&".join(query) if query else "")
+    body = op.get("requestBody", {}).get("content", {})
+    if "application/json" in body:
+        return target, json.dumps(body["application/json"]["example"]).encode()
+    if "application/octet-stream" in body:
+        return target, body["application/octet-stream"]["example"].encode()
+    return target, None
+
+
+def resolve(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" not in item:
+        return item
+    found: dict[str, Any] = spec
+    for part in item["$ref"].removeprefix("#/").split("/"):
+        found = found[part]
+    return found
+
+
+def call(url: str, method: str, body: bytes | None = None) -> tuple[int, Any]:
+    """Status and JSON body (None without one) of one request."""
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    return status, json.loads(raw) if raw.startswith(b"{") else None
+
+
+# What /v1/status must keep across refused requests: no write, no pause,
+# no change of mode or epoch.
+UNCHANGED = ["last_index", "keys", "digest", "writes_paused", "mode", "epoch", "role"]
+
+
+def test_every_operation_refuses_a_parameter_it_does_not_take(node: Node) -> None:
+    spec = load_spec()
+    _, before = call(node.url + "/v1/status", "GET")
+    for method, path, op in operations(spec):
+        target, body = example_request(spec, path, op)
+        sep = "&" if "?" in target else "?"
+        url = f"{node.url}{target}{sep}no_such_parameter=1"
+        status, answer = call(url, method, body)
+        what = f"{method} {target} with no_such_parameter"
+        assert status == 400, f"{what}: {status} {answer}"
+        if method != "HEAD":
+            assert answer["error"]["code"] == "unknown_parameter", f"{what}: {answer}"
+            assert "no_such_parameter" in answer["error"]["message"], f"{what}: {answer}"
+    _, after = call(node.url + "/v1/status", "GET")
+    assert {f: after[f] for f in UNCHANGED} == {f: before[f] for f in UNCHANGED}
+
+
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_spec(tmp_path: Path) -> None:
     # --index so that search and similar answer pages, --enable-debug so
     # that debug_flaky is taken rather than refused.
+    config = tmp_path / "schemathesis.toml"
+    statuses = ", ".join(map(str, NEGATIVE_STATUSES))
+    config.write_text(f"[checks.negative_data_rejection]\nexpected-statuses = [{statuses}]\n")
     with start_node(tmp_path / "n0", index=True, enable_debug=True) as node:
         command = [
-            sys.executable, "-m", "schemathesis.cli", "run", str(SPEC),
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
+            "run", str(SPEC),
             "--url", node.url,
             "--checks", ",".join(CHECKS),
             "--max-examples", str(MAX_EXAMPLES),

@@ -3,11 +3,12 @@ it is valid OpenAPI 3.1, it names every error code, and schemathesis finds
 no server error and no answer outside it.
 
 schemathesis runs as its command line in a subprocess, not through its
-pytest plugin: one run covers all four of its phases (the schema's
-examples, the coverage of every keyword's edges, random fuzzing, and
-stateful sequences over the spec's links) under one seed, and each
-failure comes with the curl command that reproduces it. The plugin gives
-one test per operation and only the fuzzing phase.
+pytest integration: one command runs all four of its phases (the spec's
+examples, the edges of every schema keyword, random fuzzing, and
+stateful sequences over the spec's links; the integration needs a
+separate state-machine test for the last) under one seed and budget,
+each failure comes with the curl command that reproduces it, and the
+same command can be run by hand against any node.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def example_request(spec: dict[str, Any], path: str, op: dict[str, Any]) -> tupl
 
 
 def resolve(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """`item`, or what its local `$ref` points at."""
     if "$ref" not in item:
         return item
     found: dict[str, Any] = spec

@@ -468,8 +468,9 @@ async fn del(client: &Client, json: bool, args: &DelArgs) -> Result<(), Failure>
         return if json {
             print_json(&json!(outcome))
         } else {
+            let keys = if outcome.deleted == 1 { "key" } else { "keys" };
             print_line(&format!(
-                "deleted {} keys (index {})",
+                "deleted {} {keys} (index {})",
                 outcome.deleted, outcome.index
             ))
         };

@@ -14,7 +14,7 @@ use reqwest::Method;
 
 use crate::client::{decode_success, Client};
 use crate::error::{Error, Result};
-use crate::key::encode_query_value;
+use crate::key::{encode_query_value, MAX_KEY_BYTES};
 use crate::wire::{CountAnswer, Item, RangePage};
 
 /// Most keys one page may ask for (`limit`).
@@ -63,8 +63,18 @@ impl KeyRange {
     }
 
     /// Refuses what the node would (400 `invalid_range`): a start after
-    /// the end.
+    /// the end, a bound or prefix longer than a key can be.
     pub(crate) fn check(&self) -> Result<()> {
+        let too_long = self
+            .params()
+            .into_iter()
+            .find(|(_, v)| v.len() > MAX_KEY_BYTES);
+        if let Some((name, bound)) = too_long {
+            return Err(Error::InvalidRequest(format!(
+                "range {name} is {} bytes, the limit is {MAX_KEY_BYTES}",
+                bound.len()
+            )));
+        }
         match self {
             KeyRange::Span {
                 start: Some(start),
@@ -185,7 +195,8 @@ impl RangeRequest {
             .into_iter()
             .map(|(name, v)| (name, v.to_owned()))
             .collect();
-        if let Some(size) = self.page_size {
+        // A count reads no page: its size and keys_only do not apply.
+        if let Some(size) = self.page_size.filter(|_| !count_only) {
             if !(1..=MAX_PAGE_SIZE).contains(&size) {
                 return Err(Error::InvalidRequest(format!(
                     "page size {size} is not within 1..={MAX_PAGE_SIZE}"
@@ -194,7 +205,7 @@ impl RangeRequest {
             params.push(("limit", size.to_string()));
         }
         let flags = [
-            ("keys_only", self.keys_only),
+            ("keys_only", self.keys_only && !count_only),
             ("count_only", count_only),
             ("consistent", self.consistent),
         ];
@@ -337,5 +348,23 @@ mod tests {
             .page_size(MAX_PAGE_SIZE)
             .path(None, false)
             .is_ok());
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        for range in [KeyRange::prefix(long.clone()), KeyRange::from_key(long)] {
+            let err = c.range(range).path(None, false).unwrap_err();
+            assert!(err.to_string().contains("1025 bytes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_count_sends_neither_page_size_nor_keys_only() {
+        let req = client()
+            .list("p")
+            .page_size(5)
+            .keys_only(true)
+            .consistent(true);
+        assert_eq!(
+            req.path(None, true).unwrap(),
+            "/v1/kv?prefix=p&count_only=true&consistent=true"
+        );
     }
 }

@@ -541,8 +541,12 @@ class KVClient:
         (a value that names its writer makes that read decisive).
         ``debug_flaky=P`` (nodes with ``--enable-debug``) logs the write but
         skips applying it with probability P (docs/DESIGN.md §2.9)."""
-        path = key_path(key) + _flaky_query(debug_flaky)
         headers = _precondition(if_version, if_absent)
+        if headers and debug_flaky is not None:
+            # The node refuses it too (400): a conditional write is a
+            # transaction, which debug_flaky does not apply to.
+            raise InvalidRequestError("debug_flaky does not go with if_version or if_absent")
+        path = key_path(key) + _flaky_query(debug_flaky)
         body = encode_value(value)
         resp = self._execute(
             "PUT", path, body, "application/octet-stream", headers, conditional=bool(headers)
@@ -581,7 +585,7 @@ class KVClient:
         ``page_size`` keys, the node's default 100) when it needs it. A key
         present throughout the listing is seen exactly once; one written or
         deleted meanwhile may or may not be."""
-        return self._items({"prefix": prefix}, keys_only, page_size, consistent)
+        return self._items(_bounds({"prefix": prefix}), keys_only, page_size, consistent)
 
     def range(
         self,
@@ -608,7 +612,7 @@ class KVClient:
         (every key without either), in one request."""
         if prefix is not None and (start is not None or end is not None):
             raise InvalidRequestError("count takes a prefix or start/end, not both")
-        params = {"prefix": prefix} if prefix is not None else _span(start, end)
+        params = _bounds({"prefix": prefix}) if prefix is not None else _span(start, end)
         params["count_only"] = "true"
         if consistent:
             params["consistent"] = "true"
@@ -1018,6 +1022,16 @@ def _span(start: str | None, end: str | None) -> dict[str, str]:
         params["start"] = start
     if end is not None:
         params["end"] = end
+    return _bounds(params)
+
+
+def _bounds(params: dict[str, str]) -> dict[str, str]:
+    """``params``, unless a bound or prefix is longer than a key can be (the
+    node's 400 ``invalid_range``)."""
+    for name, bound in params.items():
+        size = len(bound.encode("utf-8", errors="surrogatepass"))
+        if size > MAX_KEY_BYTES:
+            raise InvalidRequestError(f"range {name} is {size} bytes, the limit is {MAX_KEY_BYTES}")
     return params
 
 

@@ -80,6 +80,14 @@ def test_bad_ranges_are_refused_before_sending() -> None:
         kv.delete_prefix("")
     with pytest.raises(InvalidRequestError):
         kv.set("k", 1, if_version=1, if_absent=True)
+    with pytest.raises(InvalidRequestError):
+        kv.set("k", 1, if_absent=True, debug_flaky=0.5)
+    with pytest.raises(InvalidRequestError, match="1025 bytes"):
+        kv.count("k" * 1025)
+    with pytest.raises(InvalidRequestError, match="1026 bytes"):
+        kv.count(start="é" * 513)
+    with pytest.raises(InvalidRequestError):
+        kv.list("k" * 1025)
 
 
 def test_pages_decode_text_binary_and_keys_only_items() -> None:

@@ -5,14 +5,16 @@ that compares are refused and ranges work."""
 
 from __future__ import annotations
 
+import signal
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import StartThree
 
 from kvstore.client import Item, KVClient
-from kvstore.cluster import wait_until
-from kvstore.errors import Current, PreconditionFailedError, ServerError
+from kvstore.cluster import start_node, wait_until
+from kvstore.errors import Current, KVTimeoutError, PreconditionFailedError, ServerError
 
 
 def test_versions_follow_puts_and_start_over_after_a_delete(kv: KVClient) -> None:
@@ -125,6 +127,30 @@ def test_a_cas_loop_from_several_threads_loses_no_increment(kv: KVClient) -> Non
     assert kv.get("counter") == threads * per_thread
     v = kv.get_versioned("counter")
     assert v is not None and v.version == threads * per_thread
+
+
+def test_a_conditional_write_is_not_retried_after_an_unknown_outcome(tmp_path: Path) -> None:
+    with start_node(tmp_path / "a") as stuck, start_node(tmp_path / "b") as live:
+        kv = KVClient([stuck.url, live.url], timeout=0.3, backoff_initial=0.01)
+        stuck.signal(signal.SIGSTOP)
+        try:
+            # The request sits in the stopped node's socket and may yet be
+            # served: the outcome is unknown, so no retry on the live node.
+            with pytest.raises(KVTimeoutError) as err:
+                kv.set("k", "once", if_absent=True)
+            assert err.value.outcome_unknown and err.value.endpoint == stuck.url
+            assert live.client().get_raw("k") is None, "not retried on the live node"
+            with pytest.raises(KVTimeoutError):
+                kv.txn(
+                    compare=[{"key": "k", "target": "exists", "op": "==", "value": False}],
+                    success=[{"put": {"key": "k", "value": "once"}}],
+                )
+            assert live.client().get_raw("k") is None
+            # A plain write is retried there.
+            kv.set("k", "plain")
+            assert live.client().get("k") == "plain"
+        finally:
+            stuck.signal(signal.SIGCONT)
 
 
 def test_delete_prefix_removes_exactly_that_prefix(kv: KVClient) -> None:

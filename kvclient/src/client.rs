@@ -25,13 +25,13 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
-use crate::error::{is_retryable_status, Error, Result, PRECONDITION_FAILED};
+use crate::error::{is_retryable_status, Error, Result};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{
     BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, PreconditionBody, SearchHit,
     SearchPage, SimilarTo, Status,
 };
-use kvproto::code::KEY_NOT_FOUND;
+use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
 use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
 
 /// Shortest time worth starting another attempt with.

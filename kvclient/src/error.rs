@@ -272,7 +272,7 @@ impl Error {
             Error::ResponseTooLarge { .. } => "response_too_large",
             Error::RedirectLoop { .. } => "redirect_loop",
             Error::NoPrimary { .. } => code::NO_PRIMARY,
-            Error::PreconditionFailed { .. } => PRECONDITION_FAILED,
+            Error::PreconditionFailed { .. } => code::PRECONDITION_FAILED,
             Error::InvalidRequest(_) => "invalid_request",
         }
     }
@@ -358,10 +358,6 @@ impl Error {
         }
     }
 }
-
-/// The code of a 412 answer to a conditional write (docs/DESIGN.md §2.12).
-/// Defined here until kvproto names it.
-pub const PRECONDITION_FAILED: &str = "precondition_failed";
 
 /// 5xx codes whose request the node refused before logging anything
 /// (docs/DESIGN.md §2.7: "was it written? no"), so a retry cannot apply a

@@ -52,15 +52,16 @@ mod wire;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
-pub use error::{Error, KeyError, Result, PRECONDITION_FAILED};
+pub use error::{Error, KeyError, Result};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
-pub use kvproto::code::KEY_NOT_FOUND;
-pub use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
+pub use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
+pub use kvproto::header::{
+    CREATE_INDEX as CREATE_INDEX_HEADER, MOD_INDEX as MOD_INDEX_HEADER, PRIMARY as PRIMARY_HEADER,
+    RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER, VERSION as VERSION_HEADER,
+};
 pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
 pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
-pub use versioned::{
-    Precondition, Versioned, CREATE_INDEX_HEADER, MOD_INDEX_HEADER, VERSION_HEADER,
-};
+pub use versioned::{Precondition, Versioned};
 pub use wire::{
     BulkItem, BulkOutcome, BulkRequest, Current, DeleteOutcome, DeletePrefixOutcome, Item,
     OpResult, RangePage, SearchHit, SearchPage, SimilarTo, Status, TxnResponse, WireValue,

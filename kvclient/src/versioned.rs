@@ -11,6 +11,7 @@
 //! a 412 from this client always means "this write did not happen".
 
 use bytes::Bytes;
+use kvproto::header;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ETAG, IF_MATCH, IF_NONE_MATCH};
 use reqwest::Method;
 
@@ -18,14 +19,6 @@ use crate::client::{decode_success, Call, Client, RawResponse, Retry};
 use crate::error::{Error, Result};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{DeleteOutcome, DeletePrefixOutcome, IndexResponse};
-
-/// The header with a key's `mod_index` on `GET`/`HEAD /v1/kv/{key}`.
-/// Defined here until kvproto names it, as the two below.
-pub const MOD_INDEX_HEADER: &str = "x-kv-mod-index";
-/// The header with a key's `create_index`.
-pub const CREATE_INDEX_HEADER: &str = "x-kv-create-index";
-/// The header with a key's `version`.
-pub const VERSION_HEADER: &str = "x-kv-version";
 
 /// A value with its key's versions, from [`Client::get_versioned`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,9 +74,9 @@ pub(crate) fn versioned_from(resp: RawResponse) -> Result<Versioned> {
     let number = |name: &'static str| header_u64(&resp.headers, name);
     let versions = (|| {
         Ok::<_, String>((
-            number(CREATE_INDEX_HEADER)?,
-            number(MOD_INDEX_HEADER)?,
-            number(VERSION_HEADER)?,
+            number(header::CREATE_INDEX)?,
+            number(header::MOD_INDEX)?,
+            number(header::VERSION)?,
         ))
     })();
     let (create_index, mod_index, version) = versions.map_err(|reason| Error::Decode {

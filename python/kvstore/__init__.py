@@ -31,12 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVClient",
-    "SearchHit",
-    "BulkResult",
     "Item",
     "Versioned",
-    "Current",
+    "BulkResult",
+    "SearchHit",
     "Response",
+    "Current",
     "Value",
     "KVError",
     "ServerError",

@@ -488,6 +488,19 @@ class KVClient:
 
     def get_raw(self, key: str, *, consistent: bool = False) -> bytes | None:
         """The exact stored bytes of ``key``, or ``None`` when absent."""
+        resp = self._get_key(key, consistent)
+        return None if resp is None else resp.body
+
+    def get_versioned(self, key: str, *, consistent: bool = False) -> Versioned | None:
+        """The value of ``key`` with its versions (``create_index``,
+        ``mod_index``, ``version``, from the answer's headers), or ``None``
+        when absent. ``consistent=True`` as for :meth:`get`: the start of a
+        compare-and-swap that should not begin from a stale secondary."""
+        resp = self._get_key(key, consistent)
+        return None if resp is None else _versioned(resp)
+
+    def _get_key(self, key: str, consistent: bool) -> Response | None:
+        """The 200 answer to a GET of ``key``, or ``None`` when absent."""
         path = key_path(key)
         if consistent:
             path += "?consistent=true"
@@ -499,25 +512,7 @@ class KVClient:
             if err.code == KEY_NOT_FOUND:
                 return None
             raise err
-        resp.raise_for_status()
-        return resp.body
-
-    def get_versioned(self, key: str, *, consistent: bool = False) -> Versioned | None:
-        """The value of ``key`` with its versions (``create_index``,
-        ``mod_index``, ``version``, from the answer's headers), or ``None``
-        when absent. ``consistent=True`` as for :meth:`get`: the start of a
-        compare-and-swap that should not begin from a stale secondary."""
-        path = key_path(key)
-        if consistent:
-            path += "?consistent=true"
-        resp = self._execute("GET", path, None, None)
-        if resp.status == 404:
-            err = _server_error(resp)
-            if err.code == KEY_NOT_FOUND:
-                return None
-            raise err
-        resp.raise_for_status()
-        return _versioned(resp)
+        return resp.raise_for_status()
 
     def set(
         self,

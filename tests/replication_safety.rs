@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvd::model::KeyMeta;
 use kvd::replication::node::encode_append;
 use kvd::replication::rules::LogPos;
-use kvd::storage::snapshot::{self, SnapshotMeta};
+use kvd::storage::snapshot::{self, SnapshotMeta, Versions};
 use kvd::storage::{Op, RealFs, Record, State, Timestamp};
 use kvstore_testkit::node::{expect_json_error, http, key_url, status};
 use kvstore_testkit::{free_port, start_cluster, Kvd};
@@ -123,18 +124,22 @@ async fn append(
 /// A snapshot file (kvd's own writer) at `(epoch, index)` holding `items`.
 fn snapshot_bytes(dir: &Path, index: u64, epoch: u64, items: &[(&[u8], &[u8])]) -> Vec<u8> {
     let state = State::new();
+    // Every key last written at the snapshot's index, as a primary's
+    // snapshot may hold them (none past what its log will send).
+    let versions = KeyMeta {
+        create_index: index,
+        mod_index: index,
+        version: 1,
+    };
     for (k, v) in items {
-        state.apply(&Op::Put {
-            key: Bytes::copy_from_slice(k),
-            value: Bytes::copy_from_slice(v),
-        });
+        state.load(k, v, versions);
     }
     std::fs::create_dir_all(dir).unwrap();
     let meta = SnapshotMeta {
         last_index: index,
         last_epoch: epoch,
     };
-    let (path, _) = snapshot::write(&RealFs, dir, &state, None, meta).unwrap();
+    let (path, _) = snapshot::write(&RealFs, dir, &state, None, meta, Versions::Kept).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(path).unwrap();
     bytes

@@ -21,11 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use kvd::masterless::node::{decode_frames, decode_stream, encode_stream};
 use kvd::model::LogPos;
+use kvd::model::{KeyMeta, KeyRange, RangeRead, TxnOp};
 use kvd::replication::node::{decode_append, encode_append};
 use kvd::storage::fs::{Fs, WriteFile};
 use kvd::storage::lww::Lww;
 use kvd::storage::record::{self, Frame, Limits, Op, Record, Timestamp};
-use kvd::storage::snapshot::{self, SnapshotMeta, Source};
+use kvd::storage::snapshot::{self, SnapshotMeta, Source, Versions};
 use kvd::storage::wal::{Wal, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION};
 use kvd::storage::State;
 
@@ -209,8 +210,15 @@ fn open_wal(
 /// contents, same stamps.
 fn rewrite_snapshot(state: &State, lww: Option<&Lww>, meta: SnapshotMeta) {
     let fs = MemFs::default();
-    let (path, size) = snapshot::write(&fs, Path::new("/out/snap"), state, lww, meta)
-        .expect("a snapshot write to memory cannot fail");
+    let (path, size) = snapshot::write(
+        &fs,
+        Path::new("/out/snap"),
+        state,
+        lww,
+        meta,
+        Versions::Kept,
+    )
+    .expect("a snapshot write to memory cannot fail");
     assert_eq!(Some(size), fs.get(&path).map(|b| b.len() as u64));
     let (state2, lww2) = (State::new(), Lww::new());
     let meta2 = snapshot::load(&fs, &path, &state2, lww.map(|_| &lww2), Source::Own)
@@ -221,10 +229,22 @@ fn rewrite_snapshot(state: &State, lww: Option<&Lww>, meta: SnapshotMeta) {
         (state.len(), state.digest()),
         "a rewritten snapshot loads other contents"
     );
+    assert_eq!(
+        versions(&state2),
+        versions(state),
+        "a rewrite changed versions"
+    );
     if let Some(lww) = lww {
         assert_eq!(lww2.digests(), lww.digests(), "stamps changed in a rewrite");
         assert_eq!(lww2.tombstones(), lww.tombstones());
     }
+}
+
+/// Every key's versions, in order.
+fn versions(state: &State) -> Vec<(Vec<u8>, KeyMeta)> {
+    let mut out = Vec::new();
+    state.for_each(|k, _, m| out.push((k.to_vec(), m)));
+    out
 }
 
 // ---------------------------------------------------------------- memory Fs
@@ -396,6 +416,30 @@ fn sample_records() -> Vec<Record> {
             items: vec![(b(b"a"), b(b"1")), (b(b"b"), Bytes::new())],
         },
         Op::Delete { key: b(b"user:1") },
+        Op::Txn {
+            ops: vec![
+                TxnOp::Put {
+                    key: b(b"t/1"),
+                    value: b(b"\x00v"),
+                },
+                TxnOp::Get { key: b(b"t/1") },
+                TxnOp::DeletePrefix { prefix: b(b"t/") },
+                TxnOp::Delete { key: b(b"a") },
+                TxnOp::Range(RangeRead {
+                    range: KeyRange {
+                        start: b(b"a"),
+                        end: Some(b(b"u")),
+                    },
+                    limit: 100,
+                    keys_only: true,
+                }),
+                TxnOp::Range(RangeRead {
+                    range: KeyRange::prefix(b""),
+                    limit: 10_000,
+                    keys_only: false,
+                }),
+            ],
+        },
     ];
     ops.into_iter()
         .enumerate()
@@ -439,17 +483,17 @@ fn snapshot_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let written = |state: &State, lww: Option<&Lww>| {
         let fs = MemFs::default();
-        let (path, _) = snapshot::write(&fs, Path::new("/s"), state, lww, meta)
+        let (path, _) = snapshot::write(&fs, Path::new("/s"), state, lww, meta, Versions::Kept)
             .expect("a snapshot write to memory cannot fail");
         fs.get(&path).expect("the snapshot just written")
     };
     let (state, lww) = (State::new(), Lww::new());
     for r in sample_records() {
-        lww.apply(&state, r.ts, &r.op);
+        lww.apply(&state, r.index, r.ts, &r.op, false);
     }
     let plain = State::new();
     for r in sample_records() {
-        plain.apply(&r.op);
+        plain.apply(r.index, &r.op, false);
     }
     vec![
         ("empty", written(&State::new(), None)),

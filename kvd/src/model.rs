@@ -117,6 +117,9 @@ pub struct Page {
     pub index: u64,
 }
 
+/// Most keys one range read returns (a page, or a transaction's range).
+pub const MAX_RANGE_LIMIT: usize = 10_000;
+
 /// A page stops early once its values reach this many bytes (it always
 /// holds at least one item), so that an answer stays bounded whatever the
 /// values' sizes.
@@ -216,6 +219,25 @@ pub struct Txn {
     pub compare: Vec<Compare>,
     pub success: Vec<TxnOp>,
     pub failure: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// The branch that runs given each key's current `(meta, value)`
+    /// (`None`: absent): whether every compare held, and its ops.
+    pub fn into_branch<V: AsRef<[u8]>>(
+        self,
+        current: impl Fn(&[u8]) -> Option<(KeyMeta, V)>,
+    ) -> (bool, Vec<TxnOp>) {
+        let holds = self.compare.iter().all(|c| {
+            let cur = current(&c.key);
+            c.holds(cur.as_ref().map(|(m, v)| (m, v.as_ref())))
+        });
+        if holds {
+            (true, self.success)
+        } else {
+            (false, self.failure)
+        }
+    }
 }
 
 /// Most compares plus ops one transaction may hold.
@@ -334,6 +356,34 @@ mod tests {
                 "{c:?} of an absent value"
             );
         }
+    }
+
+    #[test]
+    fn a_transaction_runs_success_only_if_every_compare_holds() {
+        let put = |k: &'static str| TxnOp::Put {
+            key: Bytes::from_static(k.as_bytes()),
+            value: Bytes::new(),
+        };
+        let txn = |compare: Vec<Compare>| Txn {
+            compare,
+            success: vec![put("s")],
+            failure: vec![put("f")],
+        };
+        let m = meta(1, 5, 1);
+        let current = |k: &[u8]| (k == b"k").then_some((m, &b"v"[..]));
+        assert_eq!(txn(vec![]).into_branch(current), (true, vec![put("s")]));
+        let at5 = cmp(Target::ModIndex(5), Cmp::Eq);
+        let at6 = cmp(Target::ModIndex(6), Cmp::Eq);
+        assert!(txn(vec![at5.clone()]).into_branch(current).0);
+        assert_eq!(
+            txn(vec![at5, at6]).into_branch(current),
+            (false, vec![put("f")])
+        );
+        let absent = Compare {
+            key: Bytes::from_static(b"other"),
+            ..cmp(Target::Exists(false), Cmp::Eq)
+        };
+        assert!(txn(vec![absent]).into_branch(current).0);
     }
 
     #[test]

@@ -25,9 +25,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Runtime;
 
+use kvd::model::{KeyMeta, TxnOp};
 use kvd::replication::rules::{AppendOutcome, LogPos};
 use kvd::storage::fs::Fs;
-use kvd::storage::snapshot::{self, SnapshotMeta};
+use kvd::storage::snapshot::{self, SnapshotMeta, Versions};
 use kvd::storage::{
     CommitPolicy, Engine, EngineConfig, Error, Op, OpenReport, Rebase, Record, ReplicateRequest,
     State, Timestamp,
@@ -226,19 +227,30 @@ fn random_model(rng: &mut StdRng, seq: u64, n: u64) -> Model {
 /// primary would send it.
 fn snapshot_file(model: &Model, index: u64, epoch: u64) -> Vec<u8> {
     let state = State::new();
+    // Every key last written at the snapshot's index, as a primary's
+    // snapshot may hold them (none past what its log will send).
+    let versions = KeyMeta {
+        create_index: index,
+        mod_index: index,
+        version: 1,
+    };
     for (k, v) in model {
-        state.apply(&Op::Put {
-            key: k.clone(),
-            value: v.clone(),
-        });
+        state.load(k, v, versions);
     }
     let scratch = SimFs::default();
     let meta = SnapshotMeta {
         last_index: index,
         last_epoch: epoch,
     };
-    let (path, _) = snapshot::write(&scratch, Path::new("/primary/snap"), &state, None, meta)
-        .expect("writing a snapshot on a disk that does not crash");
+    let (path, _) = snapshot::write(
+        &scratch,
+        Path::new("/primary/snap"),
+        &state,
+        None,
+        meta,
+        Versions::Kept,
+    )
+    .expect("writing a snapshot on a disk that does not crash");
     scratch.read(&path).expect("reading it back")
 }
 
@@ -583,6 +595,19 @@ fn versions(op: &Op) -> Vec<(Bytes, Option<Bytes>)> {
             last.into_iter().map(|(k, v)| (k, Some(v))).collect()
         }
         Op::Noop => Vec::new(),
+        // The workload's transactions (none yet) would name their keys:
+        // the last write of each key is its version.
+        Op::Txn { ops } => {
+            let mut last = BTreeMap::new();
+            for op in ops {
+                match op {
+                    TxnOp::Put { key, value } => last.insert(key.clone(), Some(value.clone())),
+                    TxnOp::Delete { key } => last.insert(key.clone(), None),
+                    _ => None,
+                };
+            }
+            last.into_iter().collect()
+        }
     }
 }
 

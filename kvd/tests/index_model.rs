@@ -275,16 +275,22 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
         }
         match s {
             Step::Put(k, v) => {
-                state.apply(&Op::Put {
-                    key: b(key(k).as_bytes()),
-                    value: b(&v),
-                });
+                apply(
+                    &state,
+                    &Op::Put {
+                        key: b(key(k).as_bytes()),
+                        value: b(&v),
+                    },
+                );
                 model.insert(key(k), v);
             }
             Step::Delete(k) => {
-                state.apply(&Op::Delete {
-                    key: b(key(k).as_bytes()),
-                });
+                apply(
+                    &state,
+                    &Op::Delete {
+                        key: b(key(k).as_bytes()),
+                    },
+                );
                 model.remove(&key(k));
             }
             Step::Bulk(items) => {
@@ -295,15 +301,18 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
                         (b(key(k).as_bytes()), b(&v))
                     })
                     .collect();
-                state.apply(&Op::Bulk { items });
+                apply(&state, &Op::Bulk { items });
             }
             Step::Install => {
                 let fresh = state.empty_like();
                 for (k, v) in &model {
-                    fresh.apply(&Op::Put {
-                        key: b(k.as_bytes()),
-                        value: b(v),
-                    });
+                    apply(
+                        &fresh,
+                        &Op::Put {
+                            key: b(k.as_bytes()),
+                            value: b(v),
+                        },
+                    );
                 }
                 state.replace_with(fresh);
             }
@@ -360,6 +369,11 @@ proptest! {
     }
 }
 
+/// Applies `op` as the state's next record.
+fn apply(state: &State, op: &Op) {
+    state.apply(state.applied_index() + 1, op, false);
+}
+
 /// A larger corpus, where long posting lists see many deletes and moves.
 #[test]
 fn churn_on_a_larger_corpus() {
@@ -372,9 +386,12 @@ fn churn_on_a_larger_corpus() {
     for _ in 0..6000 {
         let k = format!("k{}", rng.gen_range(0..800));
         if rng.gen_bool(0.2) {
-            state.apply(&Op::Delete {
-                key: b(k.as_bytes()),
-            });
+            apply(
+                &state,
+                &Op::Delete {
+                    key: b(k.as_bytes()),
+                },
+            );
             model.remove(&k);
         } else {
             let n = rng.gen_range(1..40);
@@ -383,10 +400,13 @@ fn churn_on_a_larger_corpus() {
                 .map(|_| vocab[(rng.gen_range(0.0f64..1.0).powi(3) * 300.0) as usize].as_str())
                 .collect();
             let v = words.join(" ").into_bytes();
-            state.apply(&Op::Put {
-                key: b(k.as_bytes()),
-                value: b(&v),
-            });
+            apply(
+                &state,
+                &Op::Put {
+                    key: b(k.as_bytes()),
+                    value: b(&v),
+                },
+            );
             model.insert(k, v);
         }
     }

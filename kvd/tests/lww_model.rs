@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use kvd::model::TxnOp;
 use kvd::storage::lww::{bucket_of, Lww};
 use kvd::storage::{Op, State, Timestamp};
 use proptest::prelude::*;
@@ -32,6 +33,21 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             items: items
                 .into_iter()
                 .map(|(k, v)| (key(k), Bytes::from(vec![v])))
+                .collect(),
+        }),
+        // A masterless transaction as it is logged: puts, deletes and reads
+        // (its prefix deletes resolved into deletes), one stamp for all.
+        prop::collection::vec((0..KEYS.len(), any::<u8>(), 0..3u8), 0..5).prop_map(|ops| Op::Txn {
+            ops: ops
+                .into_iter()
+                .map(|(k, v, kind)| match kind {
+                    0 => TxnOp::Put {
+                        key: key(k),
+                        value: Bytes::from(vec![v]),
+                    },
+                    1 => TxnOp::Delete { key: key(k) },
+                    _ => TxnOp::Get { key: key(k) },
+                })
                 .collect(),
         }),
     ]
@@ -82,6 +98,20 @@ fn model(writes: &[(Timestamp, Op)]) -> BTreeMap<Bytes, Option<Bytes>> {
                 }
             }
             Op::Noop => {}
+            Op::Txn { ops } => {
+                // Within one transaction the last write of a key wins.
+                let mut last: BTreeMap<&Bytes, Option<Bytes>> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        TxnOp::Put { key, value } => last.insert(key, Some(value.clone())),
+                        TxnOp::Delete { key } => last.insert(key, None),
+                        _ => None,
+                    };
+                }
+                for (k, v) in last {
+                    offer(k, *ts, v);
+                }
+            }
         }
     }
     best.into_iter().map(|(k, (_, v))| (k, v)).collect()
@@ -102,7 +132,8 @@ impl Node {
 
     fn apply_all<'a>(&self, writes: impl IntoIterator<Item = &'a (Timestamp, Op)>) {
         for (ts, op) in writes {
-            self.lww.apply(&self.state, *ts, op);
+            let index = self.state.applied_index() + 1;
+            self.lww.apply(&self.state, index, *ts, op, false);
         }
     }
 

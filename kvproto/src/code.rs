@@ -46,6 +46,24 @@ pub const INVALID_OFFSET: &str = "invalid_offset";
 pub const EMPTY_QUERY: &str = "empty_query";
 /// A search query over 1024 bytes or 64 words.
 pub const QUERY_TOO_LONG: &str = "query_too_long";
+/// A query parameter the route does not take (the message names it).
+pub const UNKNOWN_PARAMETER: &str = "unknown_parameter";
+/// A range with `start` after `end`, or a bound over 1024 bytes.
+pub const INVALID_RANGE: &str = "invalid_range";
+/// A page token that does not decode, fails its checksum, or belongs to
+/// another range.
+pub const INVALID_PAGE_TOKEN: &str = "invalid_page_token";
+/// An `If-Match` / `If-None-Match` header that is not `"N"` or `*`.
+pub const INVALID_PRECONDITION: &str = "invalid_precondition";
+/// A conditional write whose condition does not hold: nothing written.
+pub const PRECONDITION_FAILED: &str = "precondition_failed";
+/// A transaction with a bad key, target, operator or operand.
+pub const INVALID_TXN: &str = "invalid_txn";
+/// A transaction over 128 compares and ops.
+pub const TOO_MANY_OPS: &str = "too_many_ops";
+/// A conditional write or a transaction with a compare on a masterless
+/// node, which has no single order of writes to check it against.
+pub const UNSUPPORTED_IN_MASTERLESS: &str = "unsupported_in_masterless";
 
 // --- The node's state refuses a write or read (4xx, 5xx) ---
 /// A write (or consistent read) sent to a secondary: 307 to the primary.

@@ -10,3 +10,13 @@ pub const EPOCH: &str = "x-kv-epoch";
 /// A retry hint in milliseconds, finer than `Retry-After` (kvclient reads
 /// it first).
 pub const RETRY_AFTER_MS: &str = "x-kv-retry-after-ms";
+
+/// On a read of a key: the log index of its last write (also its `ETag`,
+/// quoted, outside masterless mode).
+pub const MOD_INDEX: &str = "x-kv-mod-index";
+
+/// On a read of a key: the log index of the write that created it.
+pub const CREATE_INDEX: &str = "x-kv-create-index";
+
+/// On a read of a key: the writes since its creation (1 after the first).
+pub const VERSION: &str = "x-kv-version";

@@ -13,7 +13,8 @@ use kvproto::code;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{read_body, ApiError, Shared};
+use super::query::{NoParams, Params};
+use super::{blocking, read_body, ApiError, Shared};
 use crate::masterless::node::{self as ml, MlNode};
 
 fn not_masterless() -> ApiError {
@@ -36,7 +37,11 @@ fn parse<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
 }
 
 /// `POST /internal/ml/stream`: a peer's own writes.
-pub async fn ml_stream(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+pub async fn ml_stream(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let node = masterless(&st)?;
     let raw = read_body(&st, body, st.limits.max_peer_body_bytes(), "stream body").await?;
     let req =
@@ -49,7 +54,10 @@ pub async fn ml_stream(State(st): State<Shared>, body: Body) -> Result<Response,
 }
 
 /// `GET /internal/ml/digest`: bucket digests for anti-entropy.
-pub async fn ml_digest(State(st): State<Shared>) -> Result<Response, ApiError> {
+pub async fn ml_digest(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+) -> Result<Response, ApiError> {
     Ok(Json(masterless(&st)?.digest_answer()).into_response())
 }
 
@@ -60,35 +68,35 @@ pub struct BucketsRequest {
 }
 
 /// `POST /internal/ml/buckets`: the versions in some buckets.
-pub async fn ml_buckets(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+pub async fn ml_buckets(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let node = masterless(&st)?;
     let raw = read_body(&st, body, 1 << 20, "buckets request").await?;
     let req: BucketsRequest = parse(&raw)?;
-    let out = tokio::task::spawn_blocking(move || node.buckets_answer(&req.buckets))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                code::INTERNAL,
-                e.to_string(),
-            )
-        })?;
+    let out = blocking(move || node.buckets_answer(&req.buckets)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
 /// `POST /v1/admin/pause_writes`: new writes get 503 until resumed; returns
 /// once the writes in flight have finished.
-pub async fn pause_writes(State(st): State<Shared>) -> Response {
+pub async fn pause_writes(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     Json(st.node.pause_writes().await).into_response()
 }
 
 /// `POST /v1/admin/resume_writes`.
-pub async fn resume_writes(State(st): State<Shared>) -> Response {
+pub async fn resume_writes(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     Json(st.node.resume_writes()).into_response()
 }
 
 /// `POST /v1/admin/mode`: switch this node (writes must be paused).
-pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+pub async fn switch_mode(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let raw = read_body(&st, body, 64 << 10, "mode request").await?;
     let req: ModeRequest = parse(&raw)?;
     Ok(Json(st.node.switch_mode(&req).await?).into_response())
@@ -96,7 +104,11 @@ pub async fn switch_mode(State(st): State<Shared>, body: Body) -> Result<Respons
 
 /// `POST /v1/admin/debug/clock {"offset_ms": N}` (needs `--enable-debug`):
 /// sets this node's wall-clock offset, e.g. to jump it backwards.
-pub async fn debug_clock(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+pub async fn debug_clock(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     if !st.enable_debug {
         return Err(ApiError::bad_request(
             code::DEBUG_DISABLED,

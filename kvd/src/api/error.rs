@@ -22,6 +22,9 @@ pub struct ApiError {
     pub message: String,
     /// Extra headers: `Retry-After`, or `Location` and `X-KV-Primary`.
     pub headers: Vec<(HeaderName, String)>,
+    /// Fields of the body beside `error` (a refused conditional write's
+    /// `current`, docs/DESIGN.md §2.12).
+    pub fields: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -31,7 +34,14 @@ impl ApiError {
             code,
             message: message.into(),
             headers: Vec::new(),
+            fields: Vec::new(),
         }
+    }
+
+    /// Adds a field to the body, beside `error`.
+    pub fn with_field(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.fields.push((name, value));
+        self
     }
 
     /// Adds a header (a static, valid header name).
@@ -80,7 +90,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody::new(self.code, self.message);
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = if self.fields.is_empty() {
+            (self.status, Json(body)).into_response()
+        } else {
+            let mut body = serde_json::json!(body);
+            for (name, value) in self.fields {
+                body[name] = value;
+            }
+            (self.status, Json(body)).into_response()
+        };
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, v);
@@ -148,6 +166,13 @@ impl From<WriteError> for ApiError {
         let code = match e {
             WriteError::Paused => return paused_error(),
             WriteError::Storage(e) => return e.into(),
+            WriteError::UnsupportedInMasterless => {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    code::UNSUPPORTED_IN_MASTERLESS,
+                    e.to_string(),
+                )
+            }
             WriteError::CommitTimeout(_) => code::COMMIT_TIMEOUT,
             WriteError::QuorumTimeout { .. } => code::QUORUM_TIMEOUT,
         };

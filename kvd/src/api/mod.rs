@@ -10,22 +10,27 @@ pub mod body_budget;
 pub mod conn_io;
 pub mod error;
 pub mod listener;
+mod precondition;
+pub mod query;
+mod range;
 mod search;
 pub mod serve;
+mod token;
+mod txn;
 mod upload;
+mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderName, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -33,14 +38,18 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use kvproto::admin::{PromoteAnswer, TransferAnswer, TransferRequest};
-use kvproto::code;
 use kvproto::status::{IndexStatus, Memory, Peers, Status};
+use kvproto::{code, header as h};
 
 use crate::metrics::Metrics;
+use crate::model::{KeyMeta, OpResult, TxnOp};
 use crate::node::{Node, Runtime, WriteTarget, Written};
 use crate::replication::node::{self, AppendReply};
 use crate::replication::rules;
-use crate::storage::{self, Engine, Op};
+use crate::storage::{self, Engine, Op, Timestamp};
+use precondition::{Condition, Precondition};
+use query::{NoParams, Params};
+use wire::JsonValue;
 
 /// Request limits, from the command line.
 #[derive(Debug, Clone)]
@@ -131,9 +140,16 @@ pub fn router(state: Shared) -> Router {
             "/v1/kv/{*key}",
             get(get_key).put(put_key).delete(delete_key),
         )
-        .route("/v1/kv", any(empty_key))
+        .route(
+            "/v1/kv",
+            get(range::list)
+                .delete(range::delete_prefix)
+                .fallback(empty_key),
+        )
         .route("/v1/kv/", any(empty_key))
+        .route("/v1/txn", axum::routing::post(txn::txn))
         .route("/v1/bulk", axum::routing::post(bulk))
+        .route("/openapi.json", get(openapi))
         .route("/internal/append", axum::routing::post(internal_append))
         .route("/internal/vote", axum::routing::post(internal_vote))
         .route("/internal/snapshot", axum::routing::post(internal_snapshot))
@@ -265,14 +281,27 @@ fn budget_body(st: &AppState, req: Request) -> (Request, Option<body_budget::Hol
 }
 
 /// Values of the `op` label; `op_label` returns an index into this.
-const OPS: [&str; 11] = [
-    "get", "put", "delete", "bulk", "status", "health", "ready", "metrics", "other", "search",
+const OPS: [&str; 14] = [
+    "get",
+    "put",
+    "delete",
+    "bulk",
+    "status",
+    "health",
+    "ready",
+    "metrics",
+    "other",
+    "search",
     "similar",
+    "range",
+    "txn",
+    "delete_range",
 ];
 
 fn op_label(method: &Method, path: Option<&str>) -> usize {
     match (path, method) {
-        (Some("/v1/kv/{*key}"), &Method::GET) => 0,
+        // A HEAD is a GET without the body (axum runs the GET handler).
+        (Some("/v1/kv/{*key}"), &Method::GET | &Method::HEAD) => 0,
         (Some("/v1/kv/{*key}"), &Method::PUT) => 1,
         (Some("/v1/kv/{*key}"), &Method::DELETE) => 2,
         (Some("/v1/bulk"), _) => 3,
@@ -282,6 +311,9 @@ fn op_label(method: &Method, path: Option<&str>) -> usize {
         (Some("/metrics"), _) => 7,
         (Some("/v1/search"), _) => 9,
         (Some("/v1/similar"), _) => 10,
+        (Some("/v1/kv"), &Method::GET | &Method::HEAD) => 11,
+        (Some("/v1/txn"), _) => 12,
+        (Some("/v1/kv"), &Method::DELETE) => 13,
         _ => 8,
     }
 }
@@ -300,18 +332,14 @@ fn key_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, Ap
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WriteParams {
     debug_flaky: Option<f64>,
 }
 
 /// Decides whether this write is applied in memory (false only when
 /// `debug_flaky` is allowed, valid, and the coin says so).
-fn apply_decision(
-    st: &AppState,
-    params: Result<Query<WriteParams>, QueryRejection>,
-) -> Result<bool, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
+fn apply_decision(st: &AppState, params: &WriteParams) -> Result<bool, ApiError> {
     let Some(p) = params.debug_flaky else {
         return Ok(true);
     };
@@ -417,27 +445,37 @@ impl AppState {
     async fn write(&self, op: Op, apply: bool) -> Result<Written, ApiError> {
         Ok(self.node.write(op, apply).await?)
     }
-}
 
-#[derive(Debug, Deserialize)]
-struct ReadParams {
-    #[serde(default)]
-    consistent: bool,
-}
+    /// A conditional write (docs/DESIGN.md §2.12): `write` of `key` happens
+    /// only if `pre` holds, in one transaction. Its index and result, or
+    /// 412 with the key's current state.
+    async fn write_if(
+        &self,
+        key: Bytes,
+        pre: Precondition,
+        write: TxnOp,
+    ) -> Result<(u64, OpResult), ApiError> {
+        let txn = precondition::conditional_txn(key, pre, write);
+        let w = self.node.write_txn(txn).await?;
+        let r = txn::results(&w)?;
+        if !r.succeeded {
+            return Err(precondition::failed(r));
+        }
+        match r.results.first() {
+            Some(result) => Ok((w.index, result.clone())),
+            None => Err(txn::unexpected(None)),
+        }
+    }
 
-async fn get_key(
-    State(st): State<Shared>,
-    uri: Uri,
-    path: Result<Path<String>, PathRejection>,
-    params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let key = key_from_path(path)?;
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
-    // A single node's local read already sees every acknowledged write.
-    if let (true, Some(r)) = (params.consistent, st.node.replicator()) {
-        st.check_primary(&uri)?;
-        r.read_barrier(st.node.commit_timeout())
+    /// For `consistent=true` on a cluster: only the primary answers, once
+    /// it has confirmed its leadership with a majority (§4.7). A single
+    /// node's local read already sees every acknowledged write.
+    async fn read_barrier(&self, uri: &Uri, consistent: bool) -> Result<(), ApiError> {
+        let (true, Some(r)) = (consistent, self.node.replicator()) else {
+            return Ok(());
+        };
+        self.check_primary(uri)?;
+        r.read_barrier(self.node.commit_timeout())
             .await
             .map_err(|why| {
                 ApiError::new(
@@ -446,10 +484,100 @@ async fn get_key(
                     "could not confirm leadership with a majority for a consistent read; retry",
                 )
                 .retry_after(1)
-            })?;
+            })
     }
-    match st.engine.get(key.as_bytes()) {
-        Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
+}
+
+/// A masterless write's answer also says its last-write-wins stamp.
+fn with_stamp(mut body: serde_json::Value, stamp: Option<Timestamp>) -> serde_json::Value {
+    if let Some(ts) = stamp {
+        body["ts"] = json!(ts);
+    }
+    body
+}
+
+/// Runs `f` on a blocking thread (a long read must not hold a runtime
+/// worker).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            code::INTERNAL,
+            e.to_string(),
+        )
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    #[serde(default)]
+    consistent: bool,
+}
+
+/// How often a masterless read retries to see a value and a stamp of the
+/// same write before it answers with what it has.
+const STAMP_READ_TRIES: usize = 16;
+
+/// A key's value and versions, and in masterless mode its stamp. The WAL
+/// thread changes a key's value and stamp together under the stamps'
+/// lock, and a key's stamps only grow, so a value read between two equal
+/// stamps is that stamp's write.
+fn read_versioned(engine: &Engine, key: &[u8]) -> Option<(Bytes, KeyMeta, Option<Timestamp>)> {
+    if !engine.is_masterless() {
+        return engine.get_versioned(key).map(|(v, m)| (v, m, None));
+    }
+    let mut tries = 0;
+    loop {
+        let before = engine.lww().entry(key);
+        let read = engine.get_versioned(key);
+        tries += 1;
+        if tries == STAMP_READ_TRIES || engine.lww().entry(key) == before {
+            let ts = before.map(|e| e.ts).unwrap_or_default();
+            return read.map(|(v, m)| (v, m, Some(ts)));
+        }
+    }
+}
+
+/// The headers of a key's read (§2.10): `ETag` is the quoted mod_index,
+/// or in masterless mode the quoted stamp.
+fn version_headers(meta: &KeyMeta, stamp: Option<Timestamp>) -> [(HeaderName, String); 5] {
+    let etag = match stamp {
+        Some(ts) => format!("\"{}.{}.{}\"", ts.physical_ms, ts.logical, ts.node),
+        None => precondition::etag(meta.mod_index),
+    };
+    [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::ETAG, etag),
+        (
+            HeaderName::from_static(h::MOD_INDEX),
+            meta.mod_index.to_string(),
+        ),
+        (
+            HeaderName::from_static(h::CREATE_INDEX),
+            meta.create_index.to_string(),
+        ),
+        (
+            HeaderName::from_static(h::VERSION),
+            meta.version.to_string(),
+        ),
+    ]
+}
+
+/// `GET` and `HEAD /v1/kv/{key}` (axum answers a HEAD with the GET's
+/// headers and no body).
+async fn get_key(
+    State(st): State<Shared>,
+    uri: Uri,
+    path: Result<Path<String>, PathRejection>,
+    Params(params): Params<ReadParams>,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(path)?;
+    st.read_barrier(&uri, params.consistent).await?;
+    match read_versioned(&st.engine, key.as_bytes()) {
+        Some((value, meta, stamp)) => Ok((version_headers(&meta, stamp), value).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             code::KEY_NOT_FOUND,
@@ -458,30 +586,52 @@ async fn get_key(
     }
 }
 
+/// 400: `debug_flaky` skips applying a write, which a transaction's
+/// answer (the 412 of a conditional write) could not say.
+fn flaky_and_conditional() -> ApiError {
+    ApiError::bad_request(
+        code::INVALID_QUERY,
+        "debug_flaky does not combine with If-Match or If-None-Match",
+    )
+}
+
 async fn put_key(
     State(st): State<Shared>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
-    params: Result<Query<WriteParams>, QueryRejection>,
+    Params(params): Params<WriteParams>,
+    Condition(pre): Condition,
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
-    let apply = apply_decision(&st, params)?;
+    if pre.is_some() && params.debug_flaky.is_some() {
+        return Err(flaky_and_conditional());
+    }
+    let apply = apply_decision(&st, &params)?;
     st.check_primary(&uri)?;
     let value = read_body(&st, body, st.limits.max_value_bytes, "value").await?;
-    let op = Op::Put {
-        key: Bytes::from(key.into_bytes()),
-        value,
+    let key = Bytes::from(key.into_bytes());
+    let (index, stamp) = match pre {
+        None => {
+            let r = st.write(Op::Put { key, value }, apply).await?;
+            (r.index, r.stamp)
+        }
+        Some(pre) => {
+            let write = TxnOp::Put {
+                key: key.clone(),
+                value,
+            };
+            (st.write_if(key, pre, write).await?.0, None)
+        }
     };
-    let r = st.write(op, apply).await?;
     // The hottest response: formatted directly rather than via a JSON map.
     // Masterless writes also say their last-write-wins stamp.
-    let body = match r.stamp {
+    let body = match stamp {
         Some(ts) => format!(
             "{{\"index\":{},\"ts\":{{\"physical_ms\":{},\"logical\":{},\"node\":{}}}}}",
-            r.index, ts.physical_ms, ts.logical, ts.node
+            index, ts.physical_ms, ts.logical, ts.node
         ),
-        None => format!("{{\"index\":{}}}", r.index),
+        None => format!("{{\"index\":{index}}}"),
     };
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -490,44 +640,54 @@ async fn delete_key(
     State(st): State<Shared>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
+    _: Params<NoParams>,
+    Condition(pre): Condition,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     st.check_primary(&uri)?;
-    let op = Op::Delete {
-        key: Bytes::from(key.into_bytes()),
+    let key = Bytes::from(key.into_bytes());
+    let (deleted, index, stamp) = match pre {
+        None => {
+            let r = st.write(Op::Delete { key }, true).await?;
+            (r.outcome.deleted, r.index, r.stamp)
+        }
+        Some(pre) => {
+            let write = TxnOp::Delete { key: key.clone() };
+            let (index, result) = st.write_if(key, pre, write).await?;
+            let deleted = matches!(result, OpResult::Delete { deleted: true });
+            (deleted, index, None)
+        }
     };
-    let r = st.write(op, true).await?;
-    Ok(match r.stamp {
-        Some(ts) => Json(json!({"deleted": r.outcome.deleted, "index": r.index, "ts": ts})),
-        None => Json(json!({"deleted": r.outcome.deleted, "index": r.index})),
-    }
-    .into_response())
+    let body = json!({"deleted": deleted, "index": index});
+    Ok(Json(with_stamp(body, stamp)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BulkRequest {
-    items: Vec<BulkItem>,
+    items: Vec<wire::Obj<BulkItem>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BulkItem {
     key: String,
-    value: BulkValue,
+    value: JsonValue,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum BulkValue {
-    Text(String),
-    Binary(Base64Value),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Base64Value {
-    base64: String,
+/// 413 for a value over `--max-value-bytes`.
+fn check_value_size(path: &str, value: &[u8], limits: &Limits) -> Result<(), ApiError> {
+    if value.len() > limits.max_value_bytes {
+        return Err(ApiError::too_large(
+            code::VALUE_TOO_LARGE,
+            format!(
+                "{path}: the value is {} bytes; the limit is {}",
+                value.len(),
+                limits.max_value_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Turns a parsed bulk request into one log op, or says which item is bad.
@@ -549,31 +709,11 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
         ));
     }
     let mut items = Vec::with_capacity(req.items.len());
-    for (i, item) in req.items.into_iter().enumerate() {
-        validate_key(&item.key)
-            .map_err(|m| ApiError::bad_request(code::INVALID_ITEM, format!("items[{i}]: {m}")))?;
-        let value = match item.value {
-            BulkValue::Text(s) => Bytes::from(s.into_bytes()),
-            BulkValue::Binary(b) => base64::engine::general_purpose::STANDARD
-                .decode(b.base64.as_bytes())
-                .map(Bytes::from)
-                .map_err(|e| {
-                    ApiError::bad_request(
-                        code::INVALID_ITEM,
-                        format!("items[{i}]: value is not valid base64: {e}"),
-                    )
-                })?,
-        };
-        if value.len() > limits.max_value_bytes {
-            return Err(ApiError::too_large(
-                code::VALUE_TOO_LARGE,
-                format!(
-                    "items[{i}]: value is {} bytes; the limit is {}",
-                    value.len(),
-                    limits.max_value_bytes
-                ),
-            ));
-        }
+    for (i, wire::Obj(item)) in req.items.into_iter().enumerate() {
+        let bad = |m: String| ApiError::bad_request(code::INVALID_ITEM, format!("items[{i}]: {m}"));
+        validate_key(&item.key).map_err(bad)?;
+        let value = item.value.into_bytes().map_err(bad)?;
+        check_value_size(&format!("items[{i}]"), &value, limits)?;
         items.push((Bytes::from(item.key.into_bytes()), value));
     }
     Ok(Op::Bulk { items })
@@ -582,13 +722,13 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
 async fn bulk(
     State(st): State<Shared>,
     uri: Uri,
-    params: Result<Query<WriteParams>, QueryRejection>,
+    Params(params): Params<WriteParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let apply = apply_decision(&st, params)?;
+    let apply = apply_decision(&st, &params)?;
     st.check_primary(&uri)?;
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "bulk body").await?;
-    let req: BulkRequest = serde_json::from_slice(&raw).map_err(|e| {
+    let req: BulkRequest = wire::from_object(&raw).map_err(|e| {
         ApiError::bad_request(
             code::INVALID_JSON,
             format!("bulk body is not {{\"items\": [{{\"key\", \"value\"}}]}}: {e}"),
@@ -603,7 +743,14 @@ async fn bulk(
     Ok(Json(json!({"index": r.index, "count": count})).into_response())
 }
 
-async fn status(State(st): State<Shared>) -> Json<Status> {
+/// The OpenAPI 3.1 description of the public routes, as built.
+const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+async fn openapi(_: Params<NoParams>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn status(State(st): State<Shared>, _: Params<NoParams>) -> Json<Status> {
     let s = st.engine.status();
     st.metrics.keys.set(s.keys as i64);
     let node = &st.node;
@@ -673,7 +820,11 @@ fn replicator(st: &AppState, takes: &str) -> Result<Arc<node::Replicator>, ApiEr
 }
 
 /// Replication traffic from the primary (see `replication::node`).
-async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+async fn internal_append(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let r = replicator(&st, "replication traffic")?;
     let raw = read_body(&st, body, st.limits.max_peer_body_bytes(), "append body").await?;
     let append =
@@ -690,12 +841,10 @@ async fn internal_append(State(st): State<Shared>, body: Body) -> Result<Respons
 /// changes (see [`node::Replicator::receive_snapshot`]).
 async fn internal_snapshot(
     State(st): State<Shared>,
-    params: Result<Query<node::SnapshotOffer>, QueryRejection>,
+    Params(offer): Params<node::SnapshotOffer>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let r = replicator(&st, "replication traffic")?;
-    let Query(offer) =
-        params.map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
     let _slot = r.begin_snapshot(&offer)?;
     // Declared after the slot, so dropped (and removed) before it frees.
     let tmp = upload::TempFile::new(st.engine.fs(), st.engine.incoming_snapshot_path());
@@ -710,7 +859,11 @@ async fn internal_snapshot(
 }
 
 /// A candidate's vote request (see `replication::node`).
-async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response, ApiError> {
+async fn internal_vote(
+    State(st): State<Shared>,
+    _: Params<NoParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let r = replicator(&st, "votes")?;
     let raw = read_body(&st, body, 64 << 10, "vote request").await?;
     let req: rules::VoteRequest = serde_json::from_slice(&raw)
@@ -728,7 +881,7 @@ async fn internal_vote(State(st): State<Shared>, body: Body) -> Result<Response,
 }
 
 /// `POST /promote_to_primary`: run an election for this node.
-async fn promote(State(st): State<Shared>) -> Result<Response, ApiError> {
+async fn promote(State(st): State<Shared>, _: Params<NoParams>) -> Result<Response, ApiError> {
     let r = match st.node.runtime() {
         Runtime::PrimarySecondary(r) => r,
         Runtime::Masterless(_) => {
@@ -761,6 +914,7 @@ fn no_peers(for_what: &str) -> ApiError {
 /// [`node::Replicator::transfer`].
 async fn transfer(
     State(st): State<Shared>,
+    _: Params<NoParams>,
     body: Result<Json<TransferRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) =
@@ -779,21 +933,21 @@ async fn transfer(
     }
 }
 
-async fn health() -> Json<serde_json::Value> {
+async fn health(_: Params<NoParams>) -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// 200 while the engine takes writes; 503 with the storage reason once it
 /// refuses them (a full memory budget is not a reason: deletes still work,
 /// and every replica holds the same data set).
-async fn ready(State(st): State<Shared>) -> Response {
+async fn ready(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     match st.engine.storage_refusal() {
         Some(e) => ApiError::from(e).into_response(),
         None => Json(json!({"ready": true})).into_response(),
     }
 }
 
-async fn metrics(State(st): State<Shared>) -> Response {
+async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     let s = st.engine.status();
     let m = &st.metrics;
     m.keys.set(s.keys as i64);
@@ -883,6 +1037,22 @@ mod tests {
             assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED, "{bad:?}");
             assert_eq!(e.code, "unsupported_transfer_encoding");
         }
+    }
+
+    #[test]
+    fn op_labels_of_the_kv_routes() {
+        let label = |m: Method, p: &str| OPS[op_label(&m, Some(p))];
+        assert_eq!(label(Method::GET, "/v1/kv/{*key}"), "get");
+        assert_eq!(label(Method::HEAD, "/v1/kv/{*key}"), "get");
+        assert_eq!(label(Method::PUT, "/v1/kv/{*key}"), "put");
+        assert_eq!(label(Method::DELETE, "/v1/kv/{*key}"), "delete");
+        assert_eq!(label(Method::GET, "/v1/kv"), "range");
+        assert_eq!(label(Method::HEAD, "/v1/kv"), "range");
+        assert_eq!(label(Method::DELETE, "/v1/kv"), "delete_range");
+        assert_eq!(label(Method::PUT, "/v1/kv"), "other");
+        assert_eq!(label(Method::POST, "/v1/txn"), "txn");
+        assert_eq!(label(Method::GET, "/openapi.json"), "other");
+        assert_eq!(OPS[op_label(&Method::GET, None)], "other");
     }
 
     #[test]

@@ -23,20 +23,21 @@ use kvproto::code;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::query::Params;
 use super::{validate_key, ApiError, AppState};
 use crate::index::{self, Index, Page, QueryError};
 
 const DEFAULT_LIMIT: usize = 10;
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct SearchParams {
     q: Option<String>,
     limit: Option<usize>,
@@ -44,6 +45,7 @@ pub(super) struct SearchParams {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct SimilarParams {
     q: Option<String>,
     key: Option<String>,
@@ -107,18 +109,6 @@ fn answer(page: Page, offset: usize) -> Response {
     .into_response()
 }
 
-/// The index and the query's parameters, or why the query cannot run.
-fn index_and_params<T>(
-    st: &AppState,
-    p: Result<Query<T>, QueryRejection>,
-) -> Result<(Arc<Index>, T), ApiError> {
-    let ix = index_of(st)?;
-    let p = p
-        .map(|Query(p)| p)
-        .map_err(|e| ApiError::bad_request(code::INVALID_QUERY, e.body_text()))?;
-    Ok((ix, p))
-}
-
 /// Runs one query, timing it into the index's histogram (by `kind`) when
 /// it is answered.
 fn timed<T>(
@@ -138,9 +128,9 @@ fn timed<T>(
 
 pub(super) async fn search(
     State(st): State<Arc<AppState>>,
-    p: Result<Query<SearchParams>, QueryRejection>,
+    Params(p): Params<SearchParams>,
 ) -> Result<Response, ApiError> {
-    let (ix, p) = index_and_params(&st, p)?;
+    let ix = index_of(&st)?;
     let (limit, offset) = page_bounds(p.limit, p.offset)?;
     let q = p.q.unwrap_or_default();
     let page = timed(&st, "search", || {
@@ -151,9 +141,9 @@ pub(super) async fn search(
 
 pub(super) async fn similar(
     State(st): State<Arc<AppState>>,
-    p: Result<Query<SimilarParams>, QueryRejection>,
+    Params(p): Params<SimilarParams>,
 ) -> Result<Response, ApiError> {
-    let (ix, p) = index_and_params(&st, p)?;
+    let ix = index_of(&st)?;
     if p.top_k.is_some() && p.limit.is_some() {
         return Err(ApiError::bad_request(
             code::INVALID_QUERY,

@@ -10,6 +10,7 @@
 
 pub mod switch;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::masterless::hlc::WallClock;
 use crate::masterless::node::{self as ml, MlNode};
 use crate::replication::node::{self as ps, Replicator};
 use crate::replication::rules;
-use crate::storage::{self, ApplyOutcome, Engine, Meta, MetaStore, Op, Timestamp};
+use crate::storage::{self, ApplyOutcome, Engine, Meta, MetaStore, Op, Timestamp, Txn};
 
 /// What a node needs to build the runtime of either cluster mode.
 #[derive(Clone)]
@@ -162,8 +163,27 @@ pub enum WriteError {
          it will still reach the others, and retrying it is safe"
     )]
     QuorumTimeout { quorum: usize, timeout: Duration },
+    /// Masterless mode has no single order of writes for a compare to
+    /// hold in (docs/DESIGN.md §2.12): nothing was logged.
+    #[error(
+        "a masterless node takes no conditional write or transaction with a compare: \
+         its nodes order writes by stamp, not by one log, so the check could not hold"
+    )]
+    UnsupportedInMasterless,
     #[error(transparent)]
     Storage(#[from] storage::Error),
+}
+
+/// Whether a client write may be logged now: not while writes are paused
+/// or the node is between modes, and one with a compare not in masterless
+/// mode (`mode`: `None` while switching).
+pub fn admit(paused: bool, mode: Option<Mode>, compares: bool) -> Result<(), WriteError> {
+    match mode {
+        _ if paused => Err(WriteError::Paused),
+        None => Err(WriteError::Paused),
+        Some(Mode::Masterless) if compares => Err(WriteError::UnsupportedInMasterless),
+        Some(_) => Ok(()),
+    }
 }
 
 /// A running node.
@@ -313,21 +333,38 @@ impl Node {
     /// Logs a client write and waits for its commit (primary/secondary) or
     /// write quorum (masterless), within the commit timeout.
     pub async fn write(&self, op: Op, apply: bool) -> Result<Written, WriteError> {
+        self.logged(false, || self.engine.write(op, apply)).await
+    }
+
+    /// Logs a transaction as one record, under the same rules as
+    /// [`Node::write`]; a masterless node refuses one with a compare.
+    pub async fn write_txn(&self, txn: Txn) -> Result<Written, WriteError> {
+        let compares = !txn.compare.is_empty();
+        self.logged(compares, || self.engine.write_txn(txn)).await
+    }
+
+    /// The write path every client write takes: `log` hands the write to
+    /// the engine, and the runtime decides what else it waits for.
+    async fn logged<F>(
+        &self,
+        compares: bool,
+        log: impl FnOnce() -> F,
+    ) -> Result<Written, WriteError>
+    where
+        F: Future<Output = Result<storage::WriteResult, storage::Error>>,
+    {
         // Held while in flight, so that a pause can wait for this write.
         let _gate = self.write_gate.read().await;
-        if self.writes_paused() {
-            return Err(WriteError::Paused);
-        }
-        let r = match self.runtime() {
+        let runtime = self.runtime();
+        admit(self.writes_paused(), runtime.mode(), compares)?;
+        let r = match runtime {
             Runtime::Switching => return Err(WriteError::Paused),
-            Runtime::Masterless(n) => return self.masterless_write(&n, op, apply).await,
+            Runtime::Masterless(n) => return self.quorum(&n, log().await?).await,
             // A single node commits at its own fsync: nothing to time out on.
-            Runtime::Single => self.engine.write(op, apply).await?,
-            Runtime::PrimarySecondary(_) => {
-                tokio::time::timeout(self.commit_timeout, self.engine.write(op, apply))
-                    .await
-                    .map_err(|_| WriteError::CommitTimeout(self.commit_timeout))??
-            }
+            Runtime::Single => log().await?,
+            Runtime::PrimarySecondary(_) => tokio::time::timeout(self.commit_timeout, log())
+                .await
+                .map_err(|_| WriteError::CommitTimeout(self.commit_timeout))??,
         };
         Ok(Written {
             index: r.index,
@@ -336,15 +373,9 @@ impl Node {
         })
     }
 
-    /// Durable here, then (with `--write-quorum W`) durable on `W - 1`
-    /// peers, within the commit timeout.
-    async fn masterless_write(
-        &self,
-        node: &MlNode,
-        op: Op,
-        apply: bool,
-    ) -> Result<Written, WriteError> {
-        let r = self.engine.write(op, apply).await?;
+    /// A masterless write, durable here, once (with `--write-quorum W`) it
+    /// is durable on `W - 1` peers too, within the commit timeout.
+    async fn quorum(&self, node: &MlNode, r: storage::WriteResult) -> Result<Written, WriteError> {
         if !node.wait_quorum(r.index, self.commit_timeout).await {
             return Err(WriteError::QuorumTimeout {
                 quorum: node.write_quorum(),
@@ -393,5 +424,36 @@ impl Node {
     pub async fn stop(&self) {
         let rt = std::mem::replace(&mut *self.runtime.write(), Runtime::Switching);
         rt.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_writes_are_admitted() {
+        for compares in [false, true] {
+            for mode in [Mode::Single, Mode::PrimarySecondary, Mode::Masterless] {
+                let why = format!("{mode:?}, compares {compares}");
+                assert!(
+                    matches!(admit(true, Some(mode), compares), Err(WriteError::Paused)),
+                    "{why}"
+                );
+                let admitted = admit(false, Some(mode), compares);
+                if mode == Mode::Masterless && compares {
+                    assert!(
+                        matches!(admitted, Err(WriteError::UnsupportedInMasterless)),
+                        "{why}"
+                    );
+                } else {
+                    assert!(admitted.is_ok(), "{why}");
+                }
+            }
+            assert!(matches!(
+                admit(false, None, compares),
+                Err(WriteError::Paused)
+            ));
+        }
     }
 }

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::state::{ApplyOutcome, State};
-use crate::model::{Op, Timestamp};
+use crate::model::{KeyMeta, KeyRange, Op, Timestamp, TxnOp};
 
 /// Anti-entropy buckets (a power of two).
 pub const BUCKETS: usize = 1024;
@@ -48,6 +48,8 @@ pub struct Versioned {
     pub ts: Timestamp,
     /// `None` for a tombstone.
     pub value: Option<Bytes>,
+    /// This node's versions of the key (zero for a tombstone).
+    pub meta: KeyMeta,
 }
 
 impl Versioned {
@@ -140,6 +142,43 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The ops of a transaction stamped `ts` that change this node, with
+    /// their stamps set: a prefix delete becomes deletes of the keys this
+    /// node holds under it, each key is decided by its last write in the
+    /// record, the reads stay (they see the writes before them).
+    fn txn_winners(&mut self, state: &State, ts: Timestamp, ops: &[TxnOp]) -> Vec<TxnOp> {
+        let mut flat = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                TxnOp::DeletePrefix { prefix } => flat.extend(
+                    state
+                        .keys_in(&KeyRange::prefix(prefix))
+                        .into_iter()
+                        .map(|key| TxnOp::Delete { key }),
+                ),
+                other => flat.push(other.clone()),
+            }
+        }
+        let mut last: hashbrown::HashMap<Bytes, bool> = hashbrown::HashMap::new();
+        for op in &flat {
+            match op {
+                TxnOp::Put { key, .. } if self.wins(key, ts) => last.insert(key.clone(), false),
+                TxnOp::Delete { key } if self.wins(key, ts) => last.insert(key.clone(), true),
+                _ => None,
+            };
+        }
+        for (key, tombstone) in &last {
+            self.set(key, ts, *tombstone);
+        }
+        flat.retain(|op| match op {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => last.contains_key(key),
+            TxnOp::DeletePrefix { .. } | TxnOp::Get { .. } | TxnOp::Range(_) => true,
+        });
+        flat
+    }
+}
+
 impl Lww {
     pub fn new() -> Self {
         // One seed for every bucket: building 1024 random states would
@@ -164,7 +203,20 @@ impl Lww {
     pub fn winning(&self, ts: Timestamp, op: &Op) -> Option<Op> {
         let inner = self.inner.read();
         match op {
-            Op::Txn { .. } => todo!("transactions are not built yet"),
+            // Reads are of the node that answered; a prefix delete (which
+            // the node that took it resolves into deletes) is kept whole.
+            Op::Txn { ops } => {
+                let ops: Vec<TxnOp> = ops
+                    .iter()
+                    .filter(|op| match op {
+                        TxnOp::Put { key, .. } | TxnOp::Delete { key } => inner.wins(key, ts),
+                        TxnOp::DeletePrefix { .. } => true,
+                        TxnOp::Get { .. } | TxnOp::Range(_) => false,
+                    })
+                    .cloned()
+                    .collect();
+                (!ops.is_empty()).then_some(Op::Txn { ops })
+            }
             Op::Put { key, .. } | Op::Delete { key } => inner.wins(key, ts).then(|| op.clone()),
             Op::Bulk { items } => {
                 let items: Vec<_> = items
@@ -178,26 +230,26 @@ impl Lww {
         }
     }
 
-    /// The merge: applies the items of `op` (stamped `ts`) that are newer
-    /// than what each key holds, to `state` through [`State::apply`].
-    pub fn apply(&self, state: &State, ts: Timestamp, op: &Op) -> ApplyOutcome {
+    /// The merge: applies the items of `op` (record `index`, stamped `ts`)
+    /// that are newer than what each key holds, to `state` through
+    /// [`State::apply`] (which sees the record's index even when nothing of
+    /// it wins). `reads`: this node answers the record (see [`State::apply`]).
+    pub fn apply(
+        &self,
+        state: &State,
+        index: u64,
+        ts: Timestamp,
+        op: &Op,
+        reads: bool,
+    ) -> ApplyOutcome {
         let mut inner = self.inner.write();
-        match op {
-            Op::Txn { .. } => todo!("transactions are not built yet"),
-            Op::Put { key, .. } => {
-                if inner.wins(key, ts) {
-                    inner.set(key, ts, false);
-                    state.apply(op);
+        let winners = match op {
+            Op::Put { key, .. } | Op::Delete { key } => {
+                let wins = inner.wins(key, ts);
+                if wins {
+                    inner.set(key, ts, matches!(op, Op::Delete { .. }));
                 }
-                ApplyOutcome::default()
-            }
-            Op::Delete { key } => {
-                if inner.wins(key, ts) {
-                    inner.set(key, ts, true);
-                    state.apply(op)
-                } else {
-                    ApplyOutcome::default()
-                }
+                wins.then(|| op.clone())
             }
             Op::Bulk { items } => {
                 // Duplicate keys in one bulk: the last wins, as in State.
@@ -212,12 +264,33 @@ impl Lww {
                 for (k, _) in &winners {
                     inner.set(k, ts, false);
                 }
-                if !winners.is_empty() {
-                    state.apply(&Op::Bulk { items: winners });
-                }
+                (!winners.is_empty()).then_some(Op::Bulk { items: winners })
+            }
+            Op::Txn { ops } => Some(Op::Txn {
+                ops: inner.txn_winners(state, ts, ops),
+            }),
+            Op::Noop => None,
+        };
+        match winners {
+            Some(op) => state.apply(index, &op, reads),
+            None => {
+                state.skip_to(index);
                 ApplyOutcome::default()
             }
-            Op::Noop => ApplyOutcome::default(),
+        }
+    }
+
+    /// Snapshot load: `key` stamped `ts`, live with `value` and `meta` or a
+    /// tombstone, if it is newer than what the key holds.
+    pub fn load(&self, state: &State, key: &[u8], ts: Timestamp, live: Option<(&[u8], KeyMeta)>) {
+        let mut inner = self.inner.write();
+        if !inner.wins(key, ts) {
+            return;
+        }
+        inner.set(key, ts, live.is_none());
+        match live {
+            Some((value, meta)) => state.load(key, value, meta),
+            None => state.unload(key),
         }
     }
 
@@ -250,17 +323,21 @@ impl Lww {
         let mut out = Vec::new();
         if let Some(bucket) = inner.buckets.get(b) {
             for (k, e) in &bucket.map {
-                let value = if e.tombstone {
-                    None
-                } else {
-                    // The writer changes state and timestamps together under
-                    // the write lock, so a live key is always in `state`.
-                    Some(state.get(k).unwrap_or_default())
+                // The writer changes state and timestamps together under the
+                // write lock, so a live key is always in `state`.
+                let (value, meta) = match e.tombstone {
+                    true => (None, KeyMeta::default()),
+                    false => state
+                        .get_versioned(k)
+                        .map_or((Some(Bytes::new()), KeyMeta::default()), |(v, m)| {
+                            (Some(v), m)
+                        }),
                 };
                 out.push(Versioned {
                     key: Bytes::copy_from_slice(k),
                     ts: e.ts,
                     value,
+                    meta,
                 });
             }
         }
@@ -293,13 +370,7 @@ impl Lww {
             b.digest = 0;
         }
         inner.tombstones = 0;
-        for shard in 0..state.shard_count() {
-            let mut keys = Vec::new();
-            state.for_each_in_shard(shard, |k, _| keys.push(k.to_vec()));
-            for k in keys {
-                inner.set(&k, base, false);
-            }
-        }
+        state.for_each(|k, _, _| inner.set(k, base, false));
         inner.max_ts = inner.max_ts.max(base);
     }
 
@@ -351,19 +422,24 @@ mod tests {
         }
     }
 
+    fn del(k: &'static str) -> Op {
+        Op::Delete {
+            key: Bytes::from_static(k.as_bytes()),
+        }
+    }
+
     #[test]
     fn an_older_put_never_undoes_a_delete() {
         let (s, l) = (State::new(), Lww::new());
-        l.apply(&s, ts(5, 1), &put("a", "new"));
-        l.apply(
-            &s,
-            ts(6, 2),
-            &Op::Delete {
-                key: Bytes::from_static(b"a"),
-            },
-        );
-        l.apply(&s, ts(4, 3), &put("a", "old"));
+        l.apply(&s, 1, ts(5, 1), &put("a", "new"), false);
+        l.apply(&s, 2, ts(6, 2), &del("a"), false);
+        l.apply(&s, 3, ts(4, 3), &put("a", "old"), false);
         assert_eq!(s.get(b"a"), None);
+        assert_eq!(
+            s.applied_index(),
+            3,
+            "a record that loses still counts as applied"
+        );
         assert_eq!(l.tombstones(), 1);
         assert_eq!(l.purge(ts(7, 0)), 1);
         assert_eq!(l.tombstones(), 0);
@@ -373,19 +449,52 @@ mod tests {
     fn digest_counts_live_keys_only() {
         let (s1, l1) = (State::new(), Lww::new());
         let (s2, l2) = (State::new(), Lww::new());
-        l1.apply(&s1, ts(1, 1), &put("a", "x"));
-        l2.apply(&s2, ts(1, 1), &put("a", "x"));
-        l2.apply(
-            &s2,
-            ts(2, 1),
-            &Op::Delete {
-                key: Bytes::from_static(b"gone"),
-            },
-        );
+        l1.apply(&s1, 1, ts(1, 1), &put("a", "x"), false);
+        l2.apply(&s2, 1, ts(1, 1), &put("a", "x"), false);
+        l2.apply(&s2, 2, ts(2, 1), &del("gone"), false);
         assert_eq!(l1.digests(), l2.digests());
+        let b = &l1.bucket(&s1, bucket_of(b"a"))[0];
+        assert_eq!(b.value.as_deref(), Some(&b"x"[..]));
+        assert_eq!(b.meta.mod_index, 1);
+    }
+
+    #[test]
+    fn a_transaction_merges_key_by_key_by_its_last_write() {
+        let (s, l) = (State::new(), Lww::new());
+        let b = |k: &'static str| Bytes::from_static(k.as_bytes());
+        l.apply(&s, 1, ts(5, 1), &put("p/old", "x"), false);
+        l.apply(&s, 2, ts(9, 1), &put("p/newer", "y"), false);
+        let ops = vec![
+            TxnOp::Put {
+                key: b("k"),
+                value: b("1"),
+            },
+            TxnOp::Delete { key: b("k") },
+            TxnOp::DeletePrefix { prefix: b("p/") },
+            TxnOp::Put {
+                key: b("j"),
+                value: b("2"),
+            },
+            TxnOp::Get { key: b("j") },
+        ];
         assert_eq!(
-            l1.bucket(&s1, bucket_of(b"a"))[0].value.as_deref(),
-            Some(&b"x"[..])
+            l.winning(ts(7, 2), &Op::Txn { ops: ops.clone() })
+                .map(|op| match op {
+                    Op::Txn { ops } => ops.len(),
+                    _ => 0,
+                }),
+            Some(4),
+            "the read is not merged"
         );
+        let r = l
+            .apply(&s, 3, ts(7, 2), &Op::Txn { ops }, true)
+            .txn
+            .unwrap();
+        assert_eq!(s.get(b"k"), None);
+        assert_eq!(l.entry(b"k").map(|e| e.tombstone), Some(true));
+        assert_eq!(s.get(b"p/old"), None, "older than the prefix delete");
+        assert_eq!(s.get(b"p/newer").as_deref(), Some(&b"y"[..]), "newer: kept");
+        assert_eq!(s.get(b"j").as_deref(), Some(&b"2"[..]));
+        assert_eq!(r.results.len(), 5, "the prefix became one delete here");
     }
 }

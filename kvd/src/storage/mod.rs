@@ -35,10 +35,13 @@
 
 pub mod fs;
 mod health;
+pub mod keyspace;
 pub mod log_index;
 pub mod lww;
 pub mod meta;
+pub mod pending_view;
 pub mod record;
+mod resolve;
 pub mod snapshot;
 pub mod state;
 pub mod wal;
@@ -346,8 +349,29 @@ struct ReplicateReq {
     reply: oneshot::Sender<Result<AppendOutcome, Error>>,
 }
 
+/// What a client asks the WAL writer to log.
+enum Write {
+    Op(Op),
+    /// Resolved by the writer into the `Op::Txn` of the branch it chose.
+    Txn(Txn),
+}
+
+impl Write {
+    /// About the payload bytes it will log (for batch sizing).
+    fn len_hint(&self) -> usize {
+        match self {
+            Write::Op(op) => op.encoded_len(),
+            Write::Txn(t) => {
+                let branch =
+                    |ops: &[crate::model::TxnOp]| Op::Txn { ops: ops.to_vec() }.encoded_len();
+                branch(&t.success).max(branch(&t.failure))
+            }
+        }
+    }
+}
+
 struct WriteReq {
-    op: Op,
+    write: Write,
     /// False for `debug_flaky`: durable in the WAL but kept out of memory.
     apply: bool,
     reply: oneshot::Sender<Result<WriteResult, Error>>,
@@ -481,27 +505,46 @@ impl Engine {
 
     /// Queues a write; the receiver resolves once it is durable and applied.
     pub async fn submit(&self, op: Op, apply: bool) -> Result<Pending, Error> {
-        let (tx, req, rx) = self.prepare(op, apply)?;
+        let (tx, req, rx) = self.prepare(Write::Op(op), apply)?;
         tx.send(req).await.map_err(|_| Error::ShuttingDown)?;
         Ok(rx)
     }
 
     /// Blocking form of [`Engine::write`] for callers outside a runtime.
     pub fn write_blocking(&self, op: Op, apply: bool) -> Result<WriteResult, Error> {
-        let (tx, req, rx) = self.prepare(op, apply)?;
+        let (tx, req, rx) = self.prepare(Write::Op(op), apply)?;
+        tx.blocking_send(req).map_err(|_| Error::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Blocking form of [`Engine::write_txn`].
+    pub fn write_txn_blocking(&self, txn: Txn) -> Result<WriteResult, Error> {
+        let (tx, req, rx) = self.prepare(Write::Txn(txn), true)?;
         tx.blocking_send(req).map_err(|_| Error::ShuttingDown)?;
         rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
     }
 
     /// Refuses early when poisoned or shutting down; otherwise a request and
     /// the channel to send it on.
-    fn prepare(&self, op: Op, apply: bool) -> Result<(mpsc::Sender<Cmd>, Cmd, Pending), Error> {
+    fn prepare(
+        &self,
+        write: Write,
+        apply: bool,
+    ) -> Result<(mpsc::Sender<Cmd>, Cmd, Pending), Error> {
         if let Some(e) = self.shared.health.refusal() {
             return Err(e);
         }
         let tx = self.tx.lock().clone().ok_or(Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        Ok((tx, Cmd::Write(WriteReq { op, apply, reply }), rx))
+        Ok((
+            tx,
+            Cmd::Write(WriteReq {
+                write,
+                apply,
+                reply,
+            }),
+            rx,
+        ))
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Cmd>, Error> {
@@ -732,20 +775,21 @@ impl Engine {
 
     /// A key's value with its versions.
     pub fn get_versioned(&self, key: &[u8]) -> Option<(Bytes, KeyMeta)> {
-        let _ = key;
-        todo!("versions are not built yet")
+        self.state.get_versioned(key)
     }
 
-    /// One page of a range read, a consistent cut of the applied state.
+    /// One page of a range read, a consistent cut of the applied state:
+    /// at most `read.limit` keys from `read.range.start` (fewer once their
+    /// values reach [`crate::model::MAX_PAGE_VALUE_BYTES`], at least one),
+    /// `more` when the range holds keys after them, `index` the applied
+    /// index of the cut. In masterless mode tombstones are not keys.
     pub fn range(&self, read: &RangeRead) -> Page {
-        let _ = read;
-        todo!("ranges are not built yet")
+        self.state.range(read)
     }
 
     /// How many keys `range` holds, and the applied index of that count.
     pub fn count(&self, range: &KeyRange) -> (u64, u64) {
-        let _ = range;
-        todo!("ranges are not built yet")
+        self.state.count(range)
     }
 
     /// Logs a transaction as one record: the compares are evaluated by
@@ -753,9 +797,11 @@ impl Engine {
     /// only the chosen branch's ops are logged. Resolves once the record
     /// is durable and applied (committed, in a cluster), with
     /// `outcome.txn` saying which branch ran and what its ops returned.
+    /// A failed compare still logs one record (the failure branch).
     pub async fn write_txn(&self, txn: Txn) -> Result<WriteResult, Error> {
-        let _ = txn;
-        todo!("transactions are not built yet")
+        let (tx, req, rx) = self.prepare(Write::Txn(txn), true)?;
+        tx.send(req).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
     pub fn state(&self) -> &State {
@@ -878,11 +924,11 @@ fn replay_wal(
             log.push(rec.index, rec.epoch);
             match cfg.policy {
                 CommitPolicy::Local => {
-                    state.apply(&rec.op);
+                    state.apply(rec.index, &rec.op, false);
                 }
                 CommitPolicy::Merge => {
                     cache.push(rec.clone());
-                    lww.apply(state, rec.ts, &rec.op);
+                    lww.apply(state, rec.index, rec.ts, &rec.op, false);
                 }
                 CommitPolicy::Replicated => {
                     // Whether these were committed is for the primary to
@@ -894,6 +940,7 @@ fn replay_wal(
                         op: rec.op,
                         apply: true,
                         reply: None,
+                        txn: None,
                     });
                 }
             }
@@ -974,6 +1021,7 @@ fn start_threads(
         bytes_since_snapshot: shared.wal_bytes.load(Ordering::Relaxed),
         first_unapplied: None,
         pending: recovered.pending,
+        view: None,
         roll_refusals: 0,
         fs: fs.clone(),
         snap_dir: snap_dir.clone(),

@@ -3,7 +3,7 @@
 //! A record is one log entry. A bulk set is ONE record, which is what makes
 //! it atomic across a crash: the frame checksum covers every item at once.
 //!
-//! # Frame format (format version 1), all integers little-endian
+//! # Frame format (WAL format version 2; docs/DESIGN.md §3.3), all integers little-endian
 //!
 //! ```text
 //! +---------+---------+--------------------------------------+
@@ -22,7 +22,19 @@
 //!   2 Delete key_len u32, key
 //!   3 Bulk   count u32, then count x (key_len u32, key, value_len u32, value)
 //!   4 Noop   (empty; a new primary's first entry in its epoch)
+//!   5 Txn    count u32, then count x op: tag u8 and
+//!              1 put           key_len u32, key, value_len u32, value
+//!              2 delete        key_len u32, key
+//!              3 delete_prefix prefix_len u32, prefix
+//!              4 get           key_len u32, key
+//!              5 range         start_len u32, start, has_end u8, [end_len u32, end],
+//!                              limit u32, keys_only u8
 //! ```
+//!
+//! A Txn record is the branch a transaction chose, resolved by the node that
+//! took it (its compares are not logged); its reads are logged so that the
+//! node answering runs them at the record's place. Version 1 (the first
+//! release) has ops 1 to 4 only.
 //!
 //! The timestamp is a hybrid-logical-clock triple so that masterless mode can
 //! order writes last-write-wins without changing the format; a single node
@@ -31,6 +43,7 @@
 use bytes::Bytes;
 
 use super::Error;
+use crate::model::{KeyRange, RangeRead, TxnOp, MAX_RANGE_LIMIT, MAX_TXN_OPS};
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -45,11 +58,11 @@ pub use crate::model::{Op, Record, Timestamp};
 impl Op {
     fn code(&self) -> u8 {
         match self {
-            Op::Txn { .. } => todo!("transactions are not built yet"),
             Op::Put { .. } => 1,
             Op::Delete { .. } => 2,
             Op::Bulk { .. } => 3,
             Op::Noop => 4,
+            Op::Txn { .. } => 5,
         }
     }
 
@@ -57,7 +70,7 @@ impl Op {
     pub fn encoded_len(&self) -> usize {
         PAYLOAD_FIXED_BYTES
             + match self {
-                Op::Txn { .. } => todo!("transactions are not built yet"),
+                Op::Txn { ops } => 4 + ops.iter().map(txn_op_len).sum::<usize>(),
                 Op::Put { key, value } => 8 + key.len() + value.len(),
                 Op::Delete { key } => 4 + key.len(),
                 Op::Bulk { items } => {
@@ -68,6 +81,110 @@ impl Op {
                 }
                 Op::Noop => 0,
             }
+    }
+}
+
+/// Bytes one op of a Txn record takes.
+fn txn_op_len(op: &TxnOp) -> usize {
+    1 + match op {
+        TxnOp::Put { key, value } => 8 + key.len() + value.len(),
+        TxnOp::Delete { key } | TxnOp::Get { key } => 4 + key.len(),
+        TxnOp::DeletePrefix { prefix } => 4 + prefix.len(),
+        TxnOp::Range(r) => {
+            4 + r.range.start.len() + 1 + r.range.end.as_ref().map_or(0, |e| 4 + e.len()) + 4 + 1
+        }
+    }
+}
+
+/// The smallest op of a Txn record (a tag and an empty length): what
+/// bounds a count by the payload.
+const MIN_TXN_OP_BYTES: usize = 5;
+
+fn put_txn_op(out: &mut Vec<u8>, op: &TxnOp) {
+    match op {
+        TxnOp::Put { key, value } => {
+            out.push(1);
+            put_bytes(out, key);
+            put_bytes(out, value);
+        }
+        TxnOp::Delete { key } => {
+            out.push(2);
+            put_bytes(out, key);
+        }
+        TxnOp::DeletePrefix { prefix } => {
+            out.push(3);
+            put_bytes(out, prefix);
+        }
+        TxnOp::Get { key } => {
+            out.push(4);
+            put_bytes(out, key);
+        }
+        TxnOp::Range(r) => {
+            out.push(5);
+            put_bytes(out, &r.range.start);
+            out.push(u8::from(r.range.end.is_some()));
+            if let Some(end) = &r.range.end {
+                put_bytes(out, end);
+            }
+            out.extend_from_slice(&len_u32(r.limit).to_le_bytes());
+            out.push(u8::from(r.keys_only));
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// A flag byte: 0 or 1, nothing else (one encoding per record).
+    fn flag(&mut self) -> Result<bool, Error> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(Error::Decode(format!(
+                "flag byte {other} is neither 0 nor 1"
+            ))),
+        }
+    }
+
+    fn txn_op(&mut self) -> Result<TxnOp, Error> {
+        Ok(match self.u8()? {
+            1 => TxnOp::Put {
+                key: self.bytes()?,
+                value: self.bytes()?,
+            },
+            2 => TxnOp::Delete { key: self.bytes()? },
+            3 => TxnOp::DeletePrefix {
+                prefix: self.bytes()?,
+            },
+            4 => TxnOp::Get { key: self.bytes()? },
+            5 => {
+                let start = self.bytes()?;
+                let end = if self.flag()? {
+                    Some(self.bytes()?)
+                } else {
+                    None
+                };
+                let limit = self.u32()? as usize;
+                if !(1..=MAX_RANGE_LIMIT).contains(&limit) {
+                    return Err(Error::Decode(format!(
+                        "range limit {limit} is not 1..={MAX_RANGE_LIMIT}"
+                    )));
+                }
+                TxnOp::Range(RangeRead {
+                    range: KeyRange { start, end },
+                    limit,
+                    keys_only: self.flag()?,
+                })
+            }
+            other => return Err(Error::Decode(format!("unknown transaction op {other}"))),
+        })
+    }
+
+    fn txn(&mut self) -> Result<Op, Error> {
+        let n = self.u32()? as usize;
+        if n > (self.buf.len() - self.pos) / MIN_TXN_OP_BYTES {
+            return Err(Error::Decode("transaction op count exceeds payload".into()));
+        }
+        let ops = (0..n).map(|_| self.txn_op()).collect::<Result<_, _>>()?;
+        Ok(Op::Txn { ops })
     }
 }
 
@@ -108,6 +225,7 @@ impl Record {
                 Op::Bulk { items }
             }
             4 => Op::Noop,
+            5 => r.txn()?,
             other => return Err(Error::Decode(format!("unknown op code {other}"))),
         };
         if r.pos != p.len() {
@@ -184,7 +302,12 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
     out.extend_from_slice(&ts.logical.to_le_bytes());
     out.extend_from_slice(&ts.node.to_le_bytes());
     match op {
-        Op::Txn { .. } => todo!("transactions are not built yet"),
+        Op::Txn { ops } => {
+            out.extend_from_slice(&len_u32(ops.len()).to_le_bytes());
+            for op in ops {
+                put_txn_op(out, op);
+            }
+        }
         Op::Put { key, value } => {
             put_bytes(out, key);
             put_bytes(out, value);
@@ -253,7 +376,7 @@ pub fn validate_value(value: &[u8], limits: &Limits) -> Result<(), String> {
 /// needs 1..=`max_bulk_items` items; the client API refuses an empty one).
 pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
     match op {
-        Op::Txn { .. } => todo!("transactions are not built yet"),
+        Op::Txn { ops } => validate_txn(ops, limits),
         Op::Put { key, value } => validate_key(key).and_then(|_| validate_value(value, limits)),
         Op::Delete { key } => validate_key(key),
         Op::Bulk { items } => {
@@ -272,6 +395,59 @@ pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
         }
         Op::Noop => Ok(()),
     }
+}
+
+/// A Txn record's ops as a client's transaction could give them: at most
+/// [`MAX_TXN_OPS`] (masterless mode resolves a prefix delete into deletes
+/// of the keys under it: those may add up to `max_bulk_items` more), valid
+/// keys, prefixes that are not empty, ranges of 1 to [`MAX_RANGE_LIMIT`]
+/// keys whose bounds could be keys, values within the limit.
+fn validate_txn(ops: &[TxnOp], limits: &Limits) -> Result<(), String> {
+    let deletes = ops
+        .iter()
+        .filter(|op| matches!(op, TxnOp::Delete { .. }))
+        .count();
+    if ops.len() - deletes > MAX_TXN_OPS || ops.len() > MAX_TXN_OPS + limits.max_bulk_items {
+        return Err(format!(
+            "transaction has {} ops; the limit is {MAX_TXN_OPS}",
+            ops.len()
+        ));
+    }
+    let bound = |b: &[u8]| {
+        if b.is_empty() {
+            Ok(())
+        } else {
+            validate_key(b)
+        }
+    };
+    ops.iter().enumerate().try_for_each(|(i, op)| {
+        match op {
+            TxnOp::Put { key, value } => {
+                validate_key(key).and_then(|_| validate_value(value, limits))
+            }
+            TxnOp::Delete { key } | TxnOp::Get { key } => validate_key(key),
+            TxnOp::DeletePrefix { prefix } => {
+                validate_key(prefix).map_err(|e| format!("prefix: {e}"))
+            }
+            TxnOp::Range(r) => {
+                if !(1..=MAX_RANGE_LIMIT).contains(&r.limit) {
+                    return Err(format!(
+                        "range limit {} is not 1..={MAX_RANGE_LIMIT}",
+                        r.limit
+                    ));
+                }
+                bound(&r.range.start)?;
+                match &r.range.end {
+                    Some(end) if end[..] < r.range.start[..] => {
+                        Err("range ends before it starts".into())
+                    }
+                    Some(end) => validate_key(end),
+                    None => Ok(()),
+                }
+            }
+        }
+        .map_err(|e| format!("ops[{i}]: {e}"))
+    })
 }
 
 /// Decodes contiguous frames from `off` to the end of `buf` (a body from
@@ -348,7 +524,7 @@ pub fn valid_record_at(buf: &[u8], off: usize, min_index: u64) -> bool {
         return false;
     }
     let op = rest[FRAME_HEADER_BYTES];
-    if !(1..=4).contains(&op) {
+    if !(1..=5).contains(&op) {
         return false;
     }
     let mut idx = [0u8; 8];
@@ -441,6 +617,7 @@ mod tests {
             },
             sample().op,
             Op::Noop,
+            txn_sample(),
         ];
         for op in ops {
             let rec = Record { op, ..sample() };
@@ -453,6 +630,133 @@ mod tests {
                     assert_eq!(Record::decode_payload(payload).unwrap(), rec);
                 }
                 other => panic!("expected valid frame, got {other:?}"),
+            }
+        }
+    }
+
+    fn txn_sample() -> Op {
+        let b = Bytes::from_static;
+        Op::Txn {
+            ops: vec![
+                TxnOp::Put {
+                    key: b(b"k"),
+                    value: b(b"\x00\xff"),
+                },
+                TxnOp::Delete { key: b(b"d") },
+                TxnOp::DeletePrefix { prefix: b(b"p/") },
+                TxnOp::Get { key: b(b"k") },
+                TxnOp::Range(RangeRead {
+                    range: KeyRange {
+                        start: b(b"a"),
+                        end: Some(b(b"b")),
+                    },
+                    limit: 7,
+                    keys_only: true,
+                }),
+                TxnOp::Range(RangeRead {
+                    range: KeyRange::prefix(b""),
+                    limit: MAX_RANGE_LIMIT,
+                    keys_only: false,
+                }),
+            ],
+        }
+    }
+
+    fn payload(op: Op) -> Vec<u8> {
+        let mut buf = Vec::new();
+        Record { op, ..sample() }.encode_into(&mut buf);
+        buf.split_off(FRAME_HEADER_BYTES)
+    }
+
+    #[test]
+    fn transactions_round_trip_and_their_flags_and_limits_have_one_encoding() {
+        for op in [txn_sample(), Op::Txn { ops: vec![] }] {
+            let p = payload(op.clone());
+            assert_eq!(p.len(), op.encoded_len());
+            assert_eq!(Record::decode_payload(&p).unwrap().op, op);
+        }
+        let one = |r: RangeRead| {
+            payload(Op::Txn {
+                ops: vec![TxnOp::Range(r)],
+            })
+        };
+        let read = RangeRead {
+            range: KeyRange::prefix(b"a"),
+            limit: 1,
+            keys_only: false,
+        };
+        let good = one(read.clone());
+        // The op's bytes: count, tag, start (len + 1), has_end, end (len + 1),
+        // limit, keys_only.
+        let at = PAYLOAD_FIXED_BYTES + 4 + 1 + 5;
+        let mut bad_flag = good.clone();
+        bad_flag[at] = 2;
+        let mut bad_keys_only = good.clone();
+        *bad_keys_only.last_mut().unwrap() = 7;
+        let zero = one(RangeRead {
+            limit: 0,
+            ..read.clone()
+        });
+        let over = one(RangeRead {
+            limit: MAX_RANGE_LIMIT + 1,
+            ..read
+        });
+        let mut count = good.clone();
+        count[PAYLOAD_FIXED_BYTES..PAYLOAD_FIXED_BYTES + 4]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        for (what, p) in [
+            ("has_end 2", bad_flag),
+            ("keys_only 7", bad_keys_only),
+            ("limit 0", zero),
+            ("limit over", over),
+            ("count", count),
+        ] {
+            assert!(Record::decode_payload(&p).is_err(), "{what} decoded");
+        }
+    }
+
+    #[test]
+    fn peer_transactions_meet_the_client_rules() {
+        let limits = Limits {
+            max_value_bytes: 4,
+            max_bulk_items: 10,
+        };
+        let b = |s: &'static [u8]| Bytes::from_static(s);
+        let txn = |ops: Vec<TxnOp>| Op::Txn { ops };
+        let range = |start: &'static [u8], end: Option<&'static [u8]>, limit| {
+            TxnOp::Range(RangeRead {
+                range: KeyRange {
+                    start: b(start),
+                    end: end.map(b),
+                },
+                limit,
+                keys_only: false,
+            })
+        };
+        let get = TxnOp::Get { key: b(b"k") };
+        let del = TxnOp::Delete { key: b(b"k") };
+        #[rustfmt::skip]
+        let cases: Vec<(Op, Option<&str>)> = vec![
+            (txn_sample(), None),
+            (txn(vec![]), None),
+            (txn(vec![range(b"", None, 1)]), None),
+            (txn(vec![get.clone(); MAX_TXN_OPS]), None),
+            (txn(vec![get.clone(); MAX_TXN_OPS + 1]), Some("129 ops")),
+            (txn([vec![get; MAX_TXN_OPS], vec![del.clone(); 10]].concat()), None),
+            (txn(vec![del; MAX_TXN_OPS + 11]), Some("139 ops")),
+            (txn(vec![TxnOp::DeletePrefix { prefix: b(b"") }]), Some("ops[0]: prefix: key is empty")),
+            (txn(vec![TxnOp::Put { key: b(b"k"), value: b(b"12345") }]), Some("ops[0]: value is 5 bytes")),
+            (txn(vec![TxnOp::Get { key: b(b"a\0") }]), Some("NUL")),
+            (txn(vec![range(b"", None, 0)]), Some("range limit 0")),
+            (txn(vec![range(b"", None, MAX_RANGE_LIMIT + 1)]), Some("range limit 10001")),
+            (txn(vec![range(b"b", Some(b"a"), 1)]), Some("ends before it starts")),
+            (txn(vec![range(b"\xff", None, 1)]), Some("not UTF-8")),
+        ];
+        for (op, want) in cases {
+            match (validate_op(&op, &limits), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{e}"),
+                (got, want) => panic!("got {got:?}, want {want:?}"),
             }
         }
     }

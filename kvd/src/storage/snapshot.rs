@@ -1,28 +1,33 @@
 //! Snapshots: the key space as of some log index, so the WAL before it can go.
 //!
-//! # File format (version 1), integers little-endian
+//! # File format (version 3; docs/DESIGN.md §3.4), integers little-endian
 //!
 //! `snap/{last_index:020}.snap`:
 //!
 //! ```text
-//! header  magic b"KVSTSNAP" | version u32 = 1 | reserved u32 = 0
+//! header  magic b"KVSTSNAP" | version u32 = 3 | reserved u32 = 0
 //!         | last_index u64 | last_epoch u64                      (32 bytes)
-//! entries key_len u32 | key | value_len u32 | value               (repeated)
+//! entries key_len u32 | key | value_len u32 | value
+//!         | create_index u64 | mod_index u64 | version u64      (version 3)
+//!         | ts_ms u64 | logical u32 | node u32 | flags u8       (versions 2, 3)
 //! trailer b"SNAPEND\0" | entry_count u64 | crc u32                (20 bytes)
-//! crc = CRC32C of every byte before it.
+//! crc = CRC32C of every byte before it; flags bit 0: a tombstone (empty value).
 //! ```
 //!
-//! Version 2 (masterless mode) is the same with a version of 2 and, after
-//! each entry's value, its last-write-wins stamp and a flag:
-//! `ts_ms u64 | logical u32 | node u32 | flags u8` (flags bit 0: a
-//! tombstone, whose value is empty). Both versions load in either mode: a
-//! version 1 snapshot in masterless mode stamps every key with the zero
-//! timestamp; a version 2 one in primary/secondary mode drops tombstones.
+//! kvd writes version 3 in every mode: in key order from the state outside
+//! masterless mode (zero stamps, no tombstones), by anti-entropy bucket with
+//! stamps and tombstones in it. Versions 1 (no stamps) and 2 (masterless,
+//! no versions) are the first release's and still load: their keys get
+//! `create_index = mod_index = 0`, `version = 1`. Every version loads in
+//! either mode: without stamps in masterless mode every key gets the zero
+//! stamp; outside masterless mode tombstones are dropped.
 //!
-//! Snapshots are *fuzzy*: written one shard at a time while writes go on, so
-//! a shard may already hold effects of records after `last_index`. That is
-//! sound because every record overwrites whole keys: replaying the WAL from
-//! `last_index + 1` over such a state ends in exactly the state of the log.
+//! Snapshots are *fuzzy*: written one chunk of keys at a time while writes
+//! go on, so an entry may already hold the effect of a record after
+//! `last_index`. That is sound because every record sets or removes whole
+//! keys and the replay rule (`state.rs`) skips a record for a key whose
+//! `mod_index` is at or past it: replaying the WAL from `last_index + 1`
+//! over such a state ends in exactly the state of the log, versions too.
 //!
 //! A snapshot is written to a `.tmp` file, fsync'd, renamed into place and
 //! the directory fsync'd; only then may WAL segments it covers be deleted.
@@ -32,17 +37,28 @@ use std::path::{Path, PathBuf};
 
 use super::fs::Fs;
 use super::lww::{Lww, BUCKETS};
-use super::record::{validate_key, Limits, Op, Timestamp, MAX_PAYLOAD_BYTES};
+use super::record::{validate_key, Limits, Timestamp, MAX_PAYLOAD_BYTES};
 use super::state::State;
 use super::{Error, MAX_KEY_BYTES};
-use bytes::Bytes;
+use crate::model::KeyMeta;
 
 const MAGIC: &[u8; 8] = b"KVSTSNAP";
 const END_MAGIC: &[u8; 8] = b"SNAPEND\0";
-const VERSION: u32 = 1;
-/// Masterless snapshots: entries carry their timestamp and tombstones.
+/// The first release: keys and values only.
+const VERSION_PLAIN: u32 = 1;
+/// The first release's masterless snapshots: entries carry their stamp and
+/// tombstone flag.
 const VERSION_LWW: u32 = 2;
+/// This release, in every mode: versions, stamps and tombstones.
+pub const VERSION: u32 = 3;
 const HEADER_BYTES: usize = 32;
+
+/// The versions snapshot keys from before versions existed get.
+const UNVERSIONED: KeyMeta = KeyMeta {
+    create_index: 0,
+    mod_index: 0,
+    version: 1,
+};
 
 pub fn snapshot_name(last_index: u64) -> String {
     format!("{last_index:020}.snap")
@@ -144,8 +160,10 @@ pub fn load(
         },
         version: 0,
         key: Vec::new(),
+        value: Vec::new(),
     };
     let meta = l.header()?;
+    state.skip_to(meta.last_index);
     let mut count = 0u64;
     loop {
         let at = l.r.pos;
@@ -157,18 +175,22 @@ pub fn load(
             l.trailer(at, count)?;
             return Ok(meta);
         }
-        let (ts, op) = l.entry(at, u32::from_le_bytes(tag) as usize)?;
-        match lww {
-            Some(lww) => {
-                lww.apply(state, ts, &op);
-            }
-            None if matches!(op, Op::Delete { .. }) => {}
-            None => {
-                state.apply(&op);
-            }
+        let e = l.entry(at, u32::from_le_bytes(tag) as usize)?;
+        let live = (!e.tombstone).then_some((&l.value[..], e.meta));
+        match (lww, live) {
+            (Some(lww), live) => lww.load(state, &l.key, e.ts, live),
+            (None, Some((value, meta))) => state.load(&l.key, value, meta),
+            (None, None) => {}
         }
         count += 1;
     }
+}
+
+/// What an entry holds besides its key and value.
+struct Loaded {
+    meta: KeyMeta,
+    ts: Timestamp,
+    tombstone: bool,
 }
 
 /// A snapshot being read by [`load`].
@@ -179,8 +201,9 @@ struct Loader<'a, R> {
     max_value_bytes: usize,
     /// The header's format version.
     version: u32,
-    /// The current entry's key (its buffer is reused).
+    /// The current entry's key and value (their buffers are reused).
     key: Vec<u8>,
+    value: Vec<u8>,
 }
 
 impl<R: Read> Loader<'_, R> {
@@ -204,7 +227,7 @@ impl<R: Read> Loader<'_, R> {
             return Err(self.corrupt(0, "bad snapshot magic".into()));
         }
         let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        if version != VERSION && version != VERSION_LWW {
+        if !(VERSION_PLAIN..=VERSION).contains(&version) {
             return Err(self.corrupt(8, format!("unsupported snapshot version {version}")));
         }
         self.version = version;
@@ -255,17 +278,18 @@ impl<R: Read> Loader<'_, R> {
     }
 
     /// The entry at `at` whose key is `klen` bytes (the length already
-    /// read): its stamp and what it does (a tombstone is a delete).
-    fn entry(&mut self, at: u64, klen: usize) -> Result<(Timestamp, Op), Error> {
+    /// read), into `self.key` and `self.value`; its versions and stamp.
+    fn entry(&mut self, at: u64, klen: usize) -> Result<Loaded, Error> {
         if klen == 0 || klen > MAX_KEY_BYTES {
             return Err(self.corrupt(at, format!("implausible key length {klen}")));
         }
+        self.key.resize(klen, 0);
         let mut key = std::mem::take(&mut self.key);
-        key.clear();
-        key.resize(klen, 0);
-        self.r.exact(&mut key).map_err(|e| self.short(at, e))?;
+        let read = self.r.exact(&mut key);
+        self.key = key;
+        read.map_err(|e| self.short(at, e))?;
         if let Source::Peer(_) = self.source {
-            validate_key(&key).map_err(|why| self.corrupt(at, why))?;
+            validate_key(&self.key).map_err(|why| self.corrupt(at, why))?;
         }
         let vlen = self.r.u32().map_err(|e| self.short(at, e))? as usize;
         if vlen > self.max_value_bytes {
@@ -275,27 +299,41 @@ impl<R: Read> Loader<'_, R> {
                 format!("value length {vlen} is over the limit of {max}"),
             ));
         }
-        let mut value = vec![0u8; vlen];
-        self.r.exact(&mut value).map_err(|e| self.short(at, e))?;
-        let (ts, tombstone) = if self.version == VERSION_LWW {
+        self.value.resize(vlen, 0);
+        let mut value = std::mem::take(&mut self.value);
+        let read = self.r.exact(&mut value);
+        self.value = value;
+        read.map_err(|e| self.short(at, e))?;
+        let meta = match self.version {
+            VERSION => self.versions(at)?,
+            _ => UNVERSIONED,
+        };
+        let (ts, tombstone) = if self.version >= VERSION_LWW {
             self.stamp(at)?
         } else {
             (Timestamp::default(), false)
         };
-        let k = Bytes::copy_from_slice(&key);
-        self.key = key;
-        let op = if tombstone {
-            Op::Delete { key: k }
-        } else {
-            Op::Put {
-                key: k,
-                value: Bytes::from(value),
-            }
-        };
-        Ok((ts, op))
+        if !tombstone && (meta.version == 0 || meta.create_index > meta.mod_index) {
+            return Err(self.corrupt(at, format!("implausible versions {meta:?}")));
+        }
+        Ok(Loaded {
+            meta,
+            ts,
+            tombstone,
+        })
     }
 
-    /// A version-2 entry's stamp and flags (bit 0: tombstone).
+    /// A version-3 entry's versions.
+    fn versions(&mut self, at: u64) -> Result<KeyMeta, Error> {
+        let mut word = || self.r.u64().map_err(|e| self.short(at, e));
+        Ok(KeyMeta {
+            create_index: word()?,
+            mod_index: word()?,
+            version: word()?,
+        })
+    }
+
+    /// A version-2 or -3 entry's stamp and flags (bit 0: tombstone).
     fn stamp(&mut self, at: u64) -> Result<(Timestamp, bool), Error> {
         let physical_ms = self.r.u64().map_err(|e| self.short(at, e))?;
         let logical = self.r.u32().map_err(|e| self.short(at, e))?;
@@ -311,89 +349,171 @@ impl<R: Read> Loader<'_, R> {
     }
 }
 
+/// Which versions a snapshot's keys are written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// Each key's own.
+    Kept,
+    /// Every key `create_index = mod_index = last_index`, `version = 1`:
+    /// the mode switch's rebase (docs/DESIGN.md §6.1).
+    Rebased,
+}
+
+/// Appends one version-3 entry.
+fn put_entry(
+    buf: &mut Vec<u8>,
+    key: &[u8],
+    value: &[u8],
+    meta: KeyMeta,
+    ts: Timestamp,
+    tombstone: bool,
+) {
+    let len = |n: usize| u32::try_from(n).expect("keys and values are far below 4 GiB");
+    buf.extend_from_slice(&len(key.len()).to_le_bytes());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&len(value.len()).to_le_bytes());
+    buf.extend_from_slice(value);
+    for n in [
+        meta.create_index,
+        meta.mod_index,
+        meta.version,
+        ts.physical_ms,
+    ] {
+        buf.extend_from_slice(&n.to_le_bytes());
+    }
+    buf.extend_from_slice(&ts.logical.to_le_bytes());
+    buf.extend_from_slice(&ts.node.to_le_bytes());
+    buf.push(u8::from(tombstone));
+}
+
+/// The snapshot file being written: its bytes go through `buf`, and every
+/// byte is counted into the checksum on its way out.
+struct Out {
+    f: Box<dyn super::fs::WriteFile>,
+    buf: Vec<u8>,
+    crc: u32,
+    size: u64,
+    count: u64,
+}
+
+impl Out {
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.crc = crc32c::crc32c_append(self.crc, &self.buf);
+        self.size += self.buf.len() as u64;
+        let r = self.f.write_all(&self.buf);
+        self.buf.clear();
+        r
+    }
+
+    fn flush_if_full(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the entries of a snapshot: with `lww` (masterless mode) bucket by
+/// bucket, stamps and tombstones included, each bucket read consistently
+/// with its values; else in key order, one chunk of the state per read
+/// lock, and the file written with no lock held.
+fn write_entries(
+    out: &mut Out,
+    state: &State,
+    lww: Option<&Lww>,
+    versions: impl Fn(KeyMeta) -> KeyMeta,
+) -> std::io::Result<()> {
+    if let Some(lww) = lww {
+        for b in 0..BUCKETS {
+            for v in lww.bucket(state, b) {
+                let value = v.value.as_deref().unwrap_or_default();
+                let meta = if v.value.is_some() {
+                    versions(v.meta)
+                } else {
+                    KeyMeta::default()
+                };
+                put_entry(&mut out.buf, &v.key, value, meta, v.ts, v.value.is_none());
+                out.count += 1;
+            }
+            out.flush_if_full()?;
+        }
+        return Ok(());
+    }
+    let mut cursor = None;
+    loop {
+        let next = state.chunk(cursor.as_deref(), 1 << 20, |k, v, m| {
+            put_entry(&mut out.buf, k, v, versions(m), Timestamp::default(), false);
+            out.count += 1;
+        });
+        out.flush_if_full()?;
+        match next {
+            Some(after) => cursor = Some(after),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// Writes a snapshot of `state` covering the log through `meta.last_index`
-/// and makes it durable; with `lww` (masterless mode) in version 2, with
-/// stamps and tombstones. Returns its path and size in bytes.
+/// and makes it durable (version 3; with `lww`, masterless mode, with
+/// stamps and tombstones). Returns its path and size in bytes.
 pub fn write(
     fs: &dyn Fs,
     dir: &Path,
     state: &State,
     lww: Option<&Lww>,
     meta: SnapshotMeta,
+    versions: Versions,
 ) -> Result<(PathBuf, u64), Error> {
     let final_path = dir.join(snapshot_name(meta.last_index));
     let tmp_path = dir.join(format!("{}.tmp", snapshot_name(meta.last_index)));
     let io = |what: &str, e| Error::io(format!("{what} {}", tmp_path.display()), e);
-    let mut f = fs.create(&tmp_path).map_err(|e| io("creating", e))?;
-
-    let mut crc = 0u32;
-    let mut size = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    buf.extend_from_slice(MAGIC);
-    let version = if lww.is_some() { VERSION_LWW } else { VERSION };
-    buf.extend_from_slice(&version.to_le_bytes());
-    buf.extend_from_slice(&0u32.to_le_bytes());
-    buf.extend_from_slice(&meta.last_index.to_le_bytes());
-    buf.extend_from_slice(&meta.last_epoch.to_le_bytes());
-    let mut count = 0u64;
-    let mut flush = |buf: &mut Vec<u8>, f: &mut Box<dyn super::fs::WriteFile>| {
-        crc = crc32c::crc32c_append(crc, buf);
-        size += buf.len() as u64;
-        let r = f.write_all(buf);
-        buf.clear();
-        r
+    let f = fs.create(&tmp_path).map_err(|e| io("creating", e))?;
+    let mut out = Out {
+        f,
+        buf: Vec::with_capacity(2 << 20),
+        crc: 0,
+        size: 0,
+        count: 0,
     };
-    if let Some(lww) = lww {
-        for b in 0..BUCKETS {
-            for v in lww.bucket(state, b) {
-                let value = v.value.as_deref().unwrap_or_default();
-                buf.extend_from_slice(&(v.key.len() as u32).to_le_bytes());
-                buf.extend_from_slice(&v.key);
-                buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                buf.extend_from_slice(value);
-                buf.extend_from_slice(&v.ts.physical_ms.to_le_bytes());
-                buf.extend_from_slice(&v.ts.logical.to_le_bytes());
-                buf.extend_from_slice(&v.ts.node.to_le_bytes());
-                buf.push(u8::from(v.value.is_none()));
-                count += 1;
-            }
-            if buf.len() >= 1 << 20 {
-                flush(&mut buf, &mut f).map_err(|e| io("writing", e))?;
-            }
-        }
-    }
-    for shard in (0..state.shard_count()).filter(|_| lww.is_none()) {
-        // Copy the shard out under its read lock, write it with no lock held.
-        state.for_each_in_shard(shard, |k, v| {
-            buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            buf.extend_from_slice(k);
-            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            buf.extend_from_slice(v);
-            count += 1;
-        });
-        if buf.len() >= 1 << 20 {
-            flush(&mut buf, &mut f).map_err(|e| io("writing", e))?;
-        }
-    }
-    buf.extend_from_slice(END_MAGIC);
-    buf.extend_from_slice(&count.to_le_bytes());
-    flush(&mut buf, &mut f).map_err(|e| io("writing", e))?;
+    out.buf.extend_from_slice(MAGIC);
+    out.buf.extend_from_slice(&VERSION.to_le_bytes());
+    out.buf.extend_from_slice(&0u32.to_le_bytes());
+    out.buf.extend_from_slice(&meta.last_index.to_le_bytes());
+    out.buf.extend_from_slice(&meta.last_epoch.to_le_bytes());
+    let base = meta.last_index;
+    let versions = |m: KeyMeta| match versions {
+        Versions::Kept => m,
+        Versions::Rebased => KeyMeta {
+            create_index: base,
+            mod_index: base,
+            version: 1,
+        },
+    };
+    write_entries(&mut out, state, lww, versions).map_err(|e| io("writing", e))?;
+    out.buf.extend_from_slice(END_MAGIC);
+    let count = out.count;
+    out.buf.extend_from_slice(&count.to_le_bytes());
+    out.flush().map_err(|e| io("writing", e))?;
+    let Out {
+        mut f, crc, size, ..
+    } = out;
     f.write_all(&crc.to_le_bytes())
         .and_then(|_| f.sync_data())
         .map_err(|e| io("finishing", e))?;
-    size += 4;
     drop(f);
     fs.rename(&tmp_path, &final_path)
         .map_err(|e| io("renaming", e))?;
     fs.sync_dir(dir)
         .map_err(|e| Error::io(format!("fsync of {}", dir.display()), e))?;
-    Ok((final_path, size))
+    Ok((final_path, size + 4))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Op;
     use crate::storage::fs::RealFs;
+    use bytes::Bytes;
 
     fn ts(ms: u64) -> Timestamp {
         Timestamp {
@@ -403,37 +523,44 @@ mod tests {
         }
     }
 
+    fn put(k: &'static str, v: &'static str) -> Op {
+        Op::Put {
+            key: Bytes::from_static(k.as_bytes()),
+            value: Bytes::from_static(v.as_bytes()),
+        }
+    }
+
+    const META: SnapshotMeta = SnapshotMeta {
+        last_index: 9,
+        last_epoch: 2,
+    };
+
     #[test]
     fn a_masterless_snapshot_keeps_stamps_and_tombstones() {
         let dir = tempfile::tempdir().unwrap();
         let (state, lww) = (State::new(), Lww::new());
-        lww.apply(
-            &state,
-            ts(5),
-            &Op::Put {
-                key: Bytes::from_static(b"live"),
-                value: Bytes::from_static(b"v"),
-            },
-        );
-        lww.apply(
-            &state,
-            ts(6),
-            &Op::Delete {
-                key: Bytes::from_static(b"gone"),
-            },
-        );
-        let meta = SnapshotMeta {
-            last_index: 9,
-            last_epoch: 2,
+        lww.apply(&state, 1, ts(5), &put("live", "v"), false);
+        let gone = Op::Delete {
+            key: Bytes::from_static(b"gone"),
         };
-        let (path, _) = write(&RealFs, dir.path(), &state, Some(&lww), meta).unwrap();
+        lww.apply(&state, 2, ts(6), &gone, false);
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            Some(&lww),
+            META,
+            Versions::Kept,
+        )
+        .unwrap();
 
         let (s2, l2) = (State::new(), Lww::new());
         assert_eq!(
             load(&RealFs, &path, &s2, Some(&l2), Source::Own).unwrap(),
-            meta
+            META
         );
-        assert_eq!(s2.get(b"live").as_deref(), Some(&b"v"[..]));
+        assert_eq!(s2.get_versioned(b"live"), state.get_versioned(b"live"));
+        assert_eq!(s2.applied_index(), 9);
         assert_eq!(
             l2.entry(b"live").map(|e| (e.ts, e.tombstone)),
             Some((ts(5), false))
@@ -444,14 +571,7 @@ mod tests {
         );
         assert_eq!(l2.digests(), lww.digests());
         // An older put of the deleted key still loses after the reload.
-        l2.apply(
-            &s2,
-            ts(4),
-            &Op::Put {
-                key: Bytes::from_static(b"gone"),
-                value: Bytes::from_static(b"old"),
-            },
-        );
+        l2.apply(&s2, 10, ts(4), &put("gone", "old"), false);
         assert_eq!(s2.get(b"gone"), None);
 
         // Loaded without stamps (primary/secondary), tombstones are dropped.
@@ -459,5 +579,75 @@ mod tests {
         load(&RealFs, &path, &s3, None, Source::Own).unwrap();
         assert_eq!(s3.len(), 1);
         assert_eq!(s3.digest(), state.digest());
+    }
+
+    #[test]
+    fn versions_survive_a_snapshot_and_a_rebase_resets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        for (i, op) in [put("a", "1"), put("b", "2"), put("a", "3")]
+            .iter()
+            .enumerate()
+        {
+            state.apply(i as u64 + 1, op, false);
+        }
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let s2 = State::new();
+        load(&RealFs, &path, &s2, None, Source::Own).unwrap();
+        for k in [b"a", b"b"] {
+            assert_eq!(s2.get_versioned(k), state.get_versioned(k));
+        }
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased).unwrap();
+        let s3 = State::new();
+        load(&RealFs, &path, &s3, None, Source::Own).unwrap();
+        let base = KeyMeta {
+            create_index: 9,
+            mod_index: 9,
+            version: 1,
+        };
+        assert_eq!(
+            s3.get_versioned(b"a"),
+            Some((Bytes::from_static(b"3"), base))
+        );
+    }
+
+    /// A snapshot of the first release: version 1, or 2 with stamps.
+    fn first_release(version: u32, entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&META.last_index.to_le_bytes());
+        out.extend_from_slice(&META.last_epoch.to_le_bytes());
+        for (k, v) in entries {
+            for part in [k, v] {
+                out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                out.extend_from_slice(part);
+            }
+            if version == VERSION_LWW {
+                out.extend_from_slice(&[0; 16]);
+                out.push(0);
+            }
+        }
+        out.extend_from_slice(END_MAGIC);
+        out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn first_release_snapshots_load_with_versions_0_0_1() {
+        let dir = tempfile::tempdir().unwrap();
+        for version in [VERSION_PLAIN, VERSION_LWW] {
+            let path = dir.path().join(snapshot_name(version.into()));
+            std::fs::write(&path, first_release(version, &[(b"k", b"v"), (b"j", b"")])).unwrap();
+            let s = State::new();
+            assert_eq!(load(&RealFs, &path, &s, None, Source::Own).unwrap(), META);
+            assert_eq!(
+                s.get_versioned(b"k"),
+                Some((Bytes::from_static(b"v"), UNVERSIONED))
+            );
+            assert_eq!(s.len(), 2);
+        }
     }
 }

@@ -3,8 +3,11 @@
 //! # Files
 //!
 //! `wal/{first_index:020}.wal`, each starting with a 16-byte header
-//! (`b"KVSTWAL\0"`, format version u32 LE = 1, reserved u32 = 0) followed by
-//! frames as described in [`super::record`].
+//! (`b"KVSTWAL\0"`, format version u32 LE = 2, reserved u32 = 0) followed by
+//! frames as described in [`super::record`]. Version 1 segments (the first
+//! release: no transaction records) are still read; a log whose last
+//! segment is version 1 starts a new segment before its first append, so
+//! that no segment mixes versions.
 //!
 //! `wal/next-segment.tmp` is the next segment made in advance: a header and
 //! no records, renamed into place when the active segment fills up, so that
@@ -37,11 +40,14 @@ use std::sync::Arc;
 
 use super::fs::{Anchors, DirHandle, Fs, WriteFile};
 use super::health::Health;
-use super::record::{self, Frame, Record};
+use super::record::{self, Frame, Op, Record};
 use super::{Error, StorageState};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KVSTWAL\0";
-pub const SEGMENT_VERSION: u32 = 1;
+/// The version new segments get.
+pub const SEGMENT_VERSION: u32 = 2;
+/// The first release's segments: ops 1 to 4 only.
+const FIRST_RELEASE_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 16;
 
 fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
@@ -51,13 +57,17 @@ fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
     h
 }
 
-/// What is wrong with a segment header, if anything: offset and reason.
-fn header_problem(header: &[u8]) -> Option<(usize, String)> {
+/// A segment header's format version, or what is wrong with it: offset
+/// and reason.
+fn header_version(header: &[u8]) -> Result<u32, (usize, String)> {
     if &header[..8] != SEGMENT_MAGIC {
-        return Some((0, "bad segment magic".into()));
+        return Err((0, "bad segment magic".into()));
     }
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    (version != SEGMENT_VERSION).then(|| (8, format!("unsupported WAL format version {version}")))
+    if !(FIRST_RELEASE_VERSION..=SEGMENT_VERSION).contains(&version) {
+        return Err((8, format!("unsupported WAL format version {version}")));
+    }
+    Ok(version)
 }
 
 /// Name of the segment made in advance (see the module docs).
@@ -81,6 +91,8 @@ struct Segment {
     path: PathBuf,
     /// Size on disk; kept current for the active segment too.
     bytes: u64,
+    /// Format version of its header (known once recovery read it).
+    version: u32,
 }
 
 /// The log, open for appending.
@@ -141,7 +153,9 @@ impl Wal {
         let n = segments.len();
         for i in 0..n {
             match replay.segment(fs.as_ref(), &segments[i], i + 1 == n, &mut apply)? {
-                Some(bytes) => segments[i].bytes = bytes,
+                Some((bytes, version)) => {
+                    (segments[i].bytes, segments[i].version) = (bytes, version)
+                }
                 None => {
                     // Only the last segment ends this way: it held nothing.
                     let seg = segments
@@ -323,7 +337,9 @@ impl Wal {
             first, self.next_index,
             "WAL invariant: appended records must continue the log contiguously"
         );
-        if self.active_mut().bytes >= self.segment_max_bytes {
+        let max = self.segment_max_bytes;
+        let active = self.active_mut();
+        if active.bytes >= max || active.version < SEGMENT_VERSION {
             self.roll()?;
         }
         if let Err(e) = self.active.write_all(framed) {
@@ -396,10 +412,16 @@ impl Wal {
             .spare
             .take()
             .expect("prepare_spare succeeded, so there is a spare");
+        if self.active_mut().first_index == self.next_index {
+            // An older segment with no records (a first-release one rolled
+            // away before its first append): the rename replaced it.
+            self.segments.pop();
+        }
         self.segments.push(Segment {
             first_index: self.next_index,
             path,
             bytes: SEGMENT_HEADER_BYTES as u64,
+            version: SEGMENT_VERSION,
         });
         self.active = active;
         Ok(())
@@ -585,6 +607,7 @@ fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<Segment>, Error> {
                 first_index,
                 path: dir.join(name),
                 bytes: 0,
+                version: 0,
             })
         })
         .collect();
@@ -643,20 +666,21 @@ struct Replay {
 }
 
 impl Replay {
-    /// Replays one segment: its valid length, or `None` for a last segment
-    /// whose header never became durable (it held nothing).
+    /// Replays one segment: its valid length and format version, or `None`
+    /// for a last segment whose header never became durable (it held
+    /// nothing).
     fn segment(
         &mut self,
         fs: &dyn Fs,
         seg: &Segment,
         is_last: bool,
         apply: &mut impl FnMut(Record),
-    ) -> Result<Option<u64>, Error> {
+    ) -> Result<Option<(u64, u32)>, Error> {
         let file = fs.open_read(&seg.path).map_err(read_error(seg))?;
         let mut w = Window::new(file);
-        if !self.header(&mut w, seg, is_last)? {
+        let Some(version) = self.header(&mut w, seg, is_last)? else {
             return Ok(None);
-        }
+        };
         match self.expected {
             Some(e) if e != seg.first_index => {
                 return Err(corrupt(
@@ -670,22 +694,29 @@ impl Replay {
             }
             _ => self.expected = Some(seg.first_index),
         }
-        self.frames(fs, &mut w, seg, is_last, apply).map(Some)
+        let bytes = self.frames(fs, &mut w, seg, version, is_last, apply)?;
+        Ok(Some((bytes, version)))
     }
 
-    /// Checks a segment's header; false for a last segment whose header
-    /// never became durable (its bytes count as cut).
-    fn header(&mut self, w: &mut Window, seg: &Segment, is_last: bool) -> Result<bool, Error> {
+    /// Checks a segment's header: its version, or `None` for a last
+    /// segment whose header never became durable (its bytes count as cut).
+    fn header(
+        &mut self,
+        w: &mut Window,
+        seg: &Segment,
+        is_last: bool,
+    ) -> Result<Option<u32>, Error> {
         if !w.fill_to(SEGMENT_HEADER_BYTES).map_err(read_error(seg))? {
             if is_last {
                 // Created but its header never became durable.
                 self.report.truncated_bytes += w.end() as u64;
-                return Ok(false);
+                return Ok(None);
             }
             return Err(corrupt(seg, 0, "segment shorter than its header".into()));
         }
-        let Some((offset, reason)) = header_problem(&w.buf[..SEGMENT_HEADER_BYTES]) else {
-            return Ok(true);
+        let (offset, reason) = match header_version(&w.buf[..SEGMENT_HEADER_BYTES]) {
+            Ok(version) => return Ok(Some(version)),
+            Err(problem) => problem,
         };
         // A header is written alone and fsync'd before any record goes in,
         // so a last segment that is nothing but a bad header is one whose
@@ -697,7 +728,7 @@ impl Replay {
                 .map_err(read_error(seg))?
         {
             self.report.truncated_bytes += w.end() as u64;
-            return Ok(false);
+            return Ok(None);
         }
         Err(corrupt(seg, offset, reason))
     }
@@ -709,6 +740,7 @@ impl Replay {
         fs: &dyn Fs,
         w: &mut Window,
         seg: &Segment,
+        version: u32,
         is_last: bool,
         apply: &mut impl FnMut(Record),
     ) -> Result<u64, Error> {
@@ -730,6 +762,13 @@ impl Replay {
                             seg,
                             off,
                             format!("record has index {} where {want} was expected", rec.index),
+                        ));
+                    }
+                    if version == FIRST_RELEASE_VERSION && matches!(rec.op, Op::Txn { .. }) {
+                        return Err(corrupt(
+                            seg,
+                            off,
+                            "a transaction record in a version 1 segment".into(),
                         ));
                     }
                     self.last_epoch = rec.epoch;
@@ -876,6 +915,7 @@ fn create_segment(
         first_index,
         path,
         bytes: SEGMENT_HEADER_BYTES as u64,
+        version: SEGMENT_VERSION,
     };
     Ok((seg, f))
 }
@@ -1087,6 +1127,65 @@ mod tests {
             try_append(&mut wal, &put(next, 1)),
             Err(Error::DataDirLost(_))
         ));
+    }
+
+    /// A segment in the first release's format holding `recs`.
+    fn first_release_segment(dir: &Path, recs: &[Record]) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut bytes = segment_header().to_vec();
+        bytes[8..12].copy_from_slice(&FIRST_RELEASE_VERSION.to_le_bytes());
+        for r in recs {
+            r.encode_into(&mut bytes);
+        }
+        let path = dir.join(segment_name(recs.first().map_or(1, |r| r.index)));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn version_of(path: &Path) -> u32 {
+        let b = std::fs::read(path).unwrap();
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+    }
+
+    #[test]
+    fn a_first_release_segment_is_read_and_the_next_append_starts_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let old = first_release_segment(&dir, &[put(1, 1), put(2, 1)]);
+        let (mut wal, seen) = open(&dir);
+        assert_eq!(seen, vec![put(1, 1), put(2, 1)]);
+        append(&mut wal, &[put(3, 1)]);
+        assert_eq!(wal.segment_count(), 2, "the version 1 segment was sealed");
+        assert_eq!(version_of(&old), FIRST_RELEASE_VERSION);
+        assert_eq!(version_of(&dir.join(segment_name(3))), SEGMENT_VERSION);
+        drop(wal);
+        assert_eq!(open(&dir).1.len(), 3);
+
+        // One with no records is replaced by the new one, under its name.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let empty = first_release_segment(&dir, &[]);
+        let (mut wal, _) = open(&dir);
+        append(&mut wal, &[put(1, 1)]);
+        assert_eq!(wal.segment_count(), 1);
+        assert_eq!(version_of(&empty), SEGMENT_VERSION);
+        drop(wal);
+        assert_eq!(open(&dir).1, vec![put(1, 1)]);
+    }
+
+    #[test]
+    fn a_transaction_in_a_first_release_segment_is_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let txn = Record {
+            op: Op::Txn { ops: vec![] },
+            ..put(2, 1)
+        };
+        first_release_segment(&dir, &[put(1, 1), txn, put(3, 1)]);
+        let err = Wal::open(Arc::new(RealFs), &dir, 0, 512, |_| {})
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("version 1 segment"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,16 @@
 //! - the applied index never decreases;
 //! - pending entries (durable, waiting for their commit) are in strictly
 //!   ascending index order, all after the commit index.
+//!
+//! # Compare-and-write
+//!
+//! A transaction goes through the same queue and batch as every write.
+//! When the writer forms a batch it resolves each transaction, in batch
+//! order, against the [`PendingView`] (the applied state with every entry
+//! logged but not applied laid over it, the batch's earlier requests
+//! included) and logs the branch it chose as one `Op::Txn` record; nothing
+//! can come between the check and the write. The reads of that record are
+//! computed when it is applied, on the node that answers it.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -29,8 +39,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::fs::Fs;
 use super::log_index::EpochRuns;
 use super::lww::Lww;
+use super::pending_view::PendingView;
 use super::record::{self, Record};
-use super::state::{self, ApplyOutcome, State};
+use super::resolve::{Resolved, Resolver, TxnAnswer};
+use super::state::{ApplyOutcome, State};
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
     ReplicateRequest, Shared, WriteReq, WriteResult,
@@ -47,6 +59,8 @@ pub(super) struct PendingEntry {
     pub op: Op,
     pub apply: bool,
     pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
+    /// A transaction this node answers.
+    pub txn: Option<TxnAnswer>,
 }
 
 /// One entry on its way into the log: its epoch, stamp and op.
@@ -74,6 +88,9 @@ pub(super) struct Writer {
     pub first_unapplied: Option<u64>,
     /// Replicated mode: durable entries not yet known to be committed.
     pub pending: VecDeque<PendingEntry>,
+    /// What transactions are checked against, while a batch or the pending
+    /// entries need it (see [`PendingView`]).
+    pub view: Option<PendingView>,
     /// Batches refused in a row because no new segment could be started
     /// (logged when it starts and when it ends, not once per batch).
     pub roll_refusals: u64,
@@ -125,7 +142,7 @@ impl Writer {
         while let Some(cmd) = next.take() {
             match cmd {
                 Cmd::Write(req) => {
-                    bytes += req.op.encoded_len();
+                    bytes += req.write.len_hint();
                     batch.push(req);
                 }
                 cmd => other.push(cmd),
@@ -308,7 +325,10 @@ impl Writer {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let outcome = self.apply_entry(p.index, p.ts, &p.op, p.apply);
+            let outcome = self.apply_entry(p.index, p.ts, &p.op, p.apply, p.txn.as_ref());
+            if let Some(view) = self.view.as_mut() {
+                view.applied(p.index, &p.op);
+            }
             if let Some(reply) = p.reply {
                 let _ = reply.send(Ok(WriteResult {
                     index: p.index,
@@ -317,18 +337,35 @@ impl Writer {
                 }));
             }
         }
+        if self.pending.is_empty() {
+            self.view = None;
+        }
         self.maybe_snapshot();
     }
 
-    fn apply_entry(&mut self, index: u64, ts: Timestamp, op: &Op, apply: bool) -> ApplyOutcome {
-        let outcome = match (apply, self.policy()) {
-            (true, CommitPolicy::Merge) => self.shared.lww.apply(&self.state, ts, op),
-            (true, _) => self.state.apply(op),
+    /// Applies one durable entry; `answer`: a transaction this node
+    /// answers, whose reads run now.
+    fn apply_entry(
+        &mut self,
+        index: u64,
+        ts: Timestamp,
+        op: &Op,
+        apply: bool,
+        answer: Option<&TxnAnswer>,
+    ) -> ApplyOutcome {
+        let reads = answer.is_some();
+        let mut outcome = match (apply, self.policy()) {
+            (true, CommitPolicy::Merge) => self.shared.lww.apply(&self.state, index, ts, op, reads),
+            (true, _) => self.state.apply(index, op, reads),
             (false, _) => {
                 self.first_unapplied.get_or_insert(index);
+                self.state.skip_to(index);
                 ApplyOutcome::default()
             }
         };
+        if let Some(a) = answer {
+            outcome.txn = outcome.txn.map(|r| a.answer(r));
+        }
         let before = self.shared.applied_index.swap(index, Ordering::AcqRel);
         debug_assert!(
             index > before,
@@ -337,56 +374,78 @@ impl Writer {
         outcome
     }
 
-    /// Client writes: logged in one durable append, then applied and
+    /// Client writes: resolved (transactions) and checked against the
+    /// memory budget, logged in one durable append, then applied and
     /// acknowledged now (at their own fsync) or once committed (replicated).
     fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
-        self.refuse_over_memory(batch);
-        if batch.is_empty() {
+        let resolved = self.resolve(batch);
+        if resolved.is_empty() {
             return;
         }
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let wall = self.wall.now_ms();
-        let stamps: Vec<Timestamp> = batch.iter().map(|_| self.clock.now(wall)).collect();
-        let entries = batch
+        let stamps: Vec<Timestamp> = resolved.iter().map(|_| self.clock.now(wall)).collect();
+        let entries = resolved
             .iter()
             .zip(&stamps)
-            .map(|(req, ts)| (epoch, *ts, &req.op));
+            .map(|(r, ts)| (epoch, *ts, &r.op));
         let first = self.wal.next_index();
         // Once the batch is durable, so is every stamp this node has issued.
         let issued = self.clock.last();
         let appended = match self.append_durably(entries, Some(issued), buf) {
             Ok(a) => a,
-            Err(e) => return self.refuse_batch(batch, &e),
+            Err(e) => {
+                // The view holds the batch as if logged.
+                self.view = None;
+                return self.refuse_batch(resolved, &e);
+            }
         };
         self.roll_taken_again();
         if let Some(m) = &self.metrics {
             m.wal_fsync_seconds.observe(appended.fsync.as_secs_f64());
-            m.wal_batch_records.observe(batch.len() as f64);
+            m.wal_batch_records.observe(resolved.len() as f64);
         }
         *self.shared.hlc.lock() = issued;
-        let requests = batch.drain(..).zip(stamps).enumerate();
+        let requests = resolved.into_iter().zip(stamps).enumerate();
         if self.policy() == CommitPolicy::Replicated {
             // Durable here; applied and acknowledged once committed.
-            for (i, (req, ts)) in requests {
+            for (i, (r, ts)) in requests {
                 self.push_pending(PendingEntry {
                     index: first + i as u64,
                     ts,
-                    op: req.op,
-                    apply: req.apply,
-                    reply: Some(req.reply),
+                    op: r.op,
+                    apply: r.apply,
+                    reply: Some(r.reply),
+                    txn: r.txn,
                 });
             }
         } else {
             self.shared
                 .commit_index
                 .store(appended.last, Ordering::Release);
-            for (i, (req, ts)) in requests {
+            for (i, (r, ts)) in requests {
                 let index = first + i as u64;
-                let outcome = self.apply_entry(index, ts, &req.op, req.apply);
-                let _ = req.reply.send(Ok(WriteResult { index, outcome, ts }));
+                let outcome = self.apply_entry(index, ts, &r.op, r.apply, r.txn.as_ref());
+                let _ = r.reply.send(Ok(WriteResult { index, outcome, ts }));
             }
+            // Nothing is pending once the batch is applied.
+            self.view = None;
         }
         self.maybe_snapshot();
+    }
+
+    /// Turns the batch's requests into the ops they log (see [`Resolver`]).
+    fn resolve(&mut self, batch: &mut Vec<WriteReq>) -> Vec<Resolved> {
+        Resolver {
+            state: &self.state,
+            view: &mut self.view,
+            pending: &self.pending,
+            merges: self.shared.policy() == CommitPolicy::Merge,
+            max_bulk_items: self.cfg.limits.max_bulk_items,
+            max_data_bytes: self.cfg.max_data_bytes,
+            first_index: self.wal.next_index(),
+        }
+        .resolve(batch)
     }
 
     /// Logs, once, that a new segment could be started after refusals.
@@ -404,7 +463,7 @@ impl Writer {
     /// Answers every write of a batch that could not be logged. Only a
     /// failed roll leaves the WAL usable; anything else refuses all later
     /// writes too (the WAL has marked the storage state).
-    fn refuse_batch(&mut self, batch: &mut Vec<WriteReq>, e: &Error) {
+    fn refuse_batch(&mut self, batch: Vec<Resolved>, e: &Error) {
         if let Error::SegmentUnavailable(_) = e {
             if self.roll_refusals == 0 {
                 tracing::warn!(error = %e, "refusing writes until a new WAL segment can be started");
@@ -420,35 +479,9 @@ impl Writer {
             Error::Poisoned => Error::Poisoned,
             other => Error::NotDurable(other.to_string()),
         };
-        for req in batch.drain(..) {
+        for req in batch {
             let _ = req.reply.send(Err(each(e)));
         }
-    }
-
-    /// `--max-memory-mib`: answers [`Error::MemoryFull`] to the writes of
-    /// `batch` that would grow the data set past the budget, in order, and
-    /// keeps the rest. Shrinking writes free nothing for the rest of the
-    /// batch (they are not applied yet), which keeps the check on the safe
-    /// side. On a primary, writes logged but not yet committed are not in
-    /// the state yet: concurrent writes can overshoot by what is in flight.
-    fn refuse_over_memory(&self, batch: &mut Vec<WriteReq>) {
-        let Some(limit) = self.cfg.max_data_bytes else {
-            return;
-        };
-        let mut used = self.state.data_bytes();
-        let mut kept = Vec::with_capacity(batch.len());
-        for req in batch.drain(..) {
-            match state::admit(used, self.state.growth_bytes(&req.op), limit) {
-                Ok(now) => {
-                    used = now;
-                    kept.push(req);
-                }
-                Err(would_be) => {
-                    let _ = req.reply.send(Err(Error::MemoryFull { would_be, limit }));
-                }
-            }
-        }
-        *batch = kept;
     }
 
     /// Secondary side of log shipping (see [`super::Engine::replicate`]):
@@ -489,6 +522,9 @@ impl Writer {
             );
             let entries = new.iter().map(|r| (r.epoch, r.ts, &r.op));
             self.append_durably(entries, None, buf)?;
+            // A secondary checks no transactions; if it leads again, the
+            // view is built afresh from its pending entries.
+            self.view = None;
             for r in new {
                 self.push_pending(PendingEntry {
                     index: r.index,
@@ -496,6 +532,7 @@ impl Writer {
                     op: r.op.clone(),
                     apply: true,
                     reply: None,
+                    txn: None,
                 });
             }
         }
@@ -529,6 +566,7 @@ impl Writer {
     /// and the log view.
     fn truncate_suffix(&mut self, from: u64) -> Result<(), Error> {
         self.wal.truncate_from(from)?;
+        self.view = None;
         self.shared.log.lock().truncate_from(from);
         self.shared.cache.lock().truncate_from(from);
         // Our own writes in the cut suffix were never committed: their
@@ -581,7 +619,7 @@ impl Writer {
             .commit_index
             .store(appended.last, Ordering::Release);
         for (i, (ts, op)) in winners.iter().enumerate() {
-            self.apply_entry(first + i as u64, *ts, op, true);
+            self.apply_entry(first + i as u64, *ts, op, true, None);
         }
         self.maybe_snapshot();
         Ok(appended.last)
@@ -615,6 +653,7 @@ impl Writer {
             .map_err(|e| Error::io(format!("installing {}", final_path.display()), e))?;
         self.remove_snapshots_but(&final_path)?;
         self.wal.reset(next, meta.last_epoch)?;
+        self.view = None;
         for p in self.pending.drain(..) {
             if let Some(reply) = p.reply {
                 let _ = reply.send(Err(Error::Superseded));
@@ -683,8 +722,12 @@ impl Writer {
             &self.state,
             merges.then_some(&stamps),
             base,
+            snapshot::Versions::Rebased,
         )?;
         self.shared.lww.replace_with(stamps);
+        // As in the snapshot, identical on every node (docs/DESIGN.md §6.1).
+        self.state.rebase_versions(req.base_index);
+        self.view = None;
         self.remove_snapshots_but(&path)?;
         // Durable snapshot first, then the log restarts after it (a crash in
         // between leaves a snapshot ahead of the log, which recovery handles).
@@ -837,8 +880,14 @@ impl Snapshotter {
     fn take(&self, meta: snapshot::SnapshotMeta) -> Result<(), Error> {
         let merges = self.shared.policy() == CommitPolicy::Merge;
         let stamps = merges.then_some(&*self.shared.lww);
-        let (path, _size) =
-            snapshot::write(self.fs.as_ref(), &self.dir, &self.state, stamps, meta)?;
+        let (path, _size) = snapshot::write(
+            self.fs.as_ref(),
+            &self.dir,
+            &self.state,
+            stamps,
+            meta,
+            snapshot::Versions::Kept,
+        )?;
         // Older snapshots are now redundant; the WAL they needed goes too.
         for (_, old) in snapshot::list(self.fs.as_ref(), &self.dir)? {
             if old != path {

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use kvd::model::TxnOp;
 use kvd::storage::{Engine, Op};
 
 /// Keys per prefix: few, so that writes overwrite and delete each other.
@@ -32,6 +33,20 @@ pub fn apply_model(m: &mut Model, op: &Op) {
             }
         }
         Op::Noop => {}
+        Op::Txn { ops } => {
+            for op in ops {
+                match op {
+                    TxnOp::Put { key, value } => {
+                        m.insert(key.clone(), value.clone());
+                    }
+                    TxnOp::Delete { key } => {
+                        m.remove(key);
+                    }
+                    TxnOp::DeletePrefix { prefix } => m.retain(|k, _| !k.starts_with(prefix)),
+                    TxnOp::Get { .. } | TxnOp::Range(_) => {}
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,240 @@
+//! The pending view: the key space as it will be once every entry logged
+//! but not yet applied is applied. A transaction's compares are evaluated
+//! against it (docs/DESIGN.md §2.12, §2.13), so that nothing logged before
+//! a transaction, committed or not, can come between its check and its
+//! write: on a primary the entries waiting for their commit (earlier
+//! epochs' too), and the earlier requests of the same batch everywhere.
+//!
+//! It is the applied state overlaid with the newest pending write of each
+//! key (its position and what it leaves: versions and value, or nothing)
+//! and the pending prefix deletes, so a lookup costs one map probe, a scan
+//! of the (few) pending prefix deletes and at most one read of the state.
+//! The WAL writer keeps it while it has a use for it: built from the
+//! pending entries when a batch holds a transaction, told every entry it
+//! logs after that and every entry it applies, and dropped once nothing is
+//! pending (or when the log is cut, replaced or refused a batch).
+//!
+//! Its versions follow the state's rule exactly (`state::put_meta`): a
+//! record writes each key once, however often it names it.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::state::{put_meta, State};
+use crate::model::{KeyMeta, KeyRange, Op, TxnOp};
+
+/// Where a write is in the log: its record's index, then its place in the
+/// record (a bulk's item, a transaction's op), so that two writes of one
+/// record are ordered too.
+type At = (u64, u32);
+
+/// What a key will hold: its versions and value, or nothing.
+type Held = Option<(KeyMeta, Bytes)>;
+
+/// See the module docs.
+#[derive(Default)]
+pub struct PendingView {
+    keys: HashMap<Bytes, (At, Held), foldhash::fast::RandomState>,
+    /// Pending prefix deletes, in log order.
+    prefixes: Vec<(At, Bytes)>,
+}
+
+impl PendingView {
+    /// The view of `state` with `entries` (index, op; ascending) pending.
+    pub fn of<'a>(state: &State, entries: impl Iterator<Item = (u64, &'a Op)>) -> PendingView {
+        let mut view = PendingView::default();
+        for (index, op) in entries {
+            view.push(state, index, op);
+        }
+        view
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// The newest pending prefix delete that covers `key`.
+    fn cut(&self, key: &[u8]) -> Option<At> {
+        self.prefixes
+            .iter()
+            .filter(|(_, p)| key.starts_with(p))
+            .map(|(at, _)| *at)
+            .max()
+    }
+
+    /// What `key` holds once everything pending is applied.
+    pub fn get(&self, state: &State, key: &[u8]) -> Held {
+        match (self.keys.get(key), self.cut(key)) {
+            (Some((at, _)), Some(cut)) if cut > *at => None,
+            (Some((_, held)), _) => held.clone(),
+            (None, Some(_)) => None,
+            (None, None) => state.get_versioned(key).map(|(v, m)| (m, v)),
+        }
+    }
+
+    /// The keys under `prefix` once everything pending is applied, in order.
+    pub fn keys_under(&self, state: &State, prefix: &[u8]) -> Vec<Bytes> {
+        let mut keys = state.keys_in(&KeyRange::prefix(prefix));
+        keys.extend(self.keys.keys().filter(|k| k.starts_with(prefix)).cloned());
+        keys.sort();
+        keys.dedup();
+        keys.retain(|k| self.get(state, k).is_some());
+        keys
+    }
+
+    fn put(&mut self, state: &State, at: At, key: &Bytes, value: &Bytes) {
+        let current = self.get(state, key);
+        // The same record wrote it before: one write, as the state counts.
+        let rewrite = current.is_some() && self.keys.get(key).is_some_and(|(a, _)| a.0 == at.0);
+        if let Some(meta) = put_meta(current.map(|(m, _)| m), at.0, rewrite) {
+            self.keys
+                .insert(key.clone(), (at, Some((meta, value.clone()))));
+        }
+    }
+
+    fn delete(&mut self, at: At, key: &Bytes) {
+        self.keys.insert(key.clone(), (at, None));
+    }
+
+    /// Record `index` (`op`) was logged and is not applied yet.
+    pub fn push(&mut self, state: &State, index: u64, op: &Op) {
+        match op {
+            Op::Put { key, value } => self.put(state, (index, 0), key, value),
+            Op::Delete { key } => self.delete((index, 0), key),
+            Op::Bulk { items } => {
+                for (i, (k, v)) in items.iter().enumerate() {
+                    self.put(state, (index, place(i)), k, v);
+                }
+            }
+            Op::Txn { ops } => {
+                for (i, op) in ops.iter().enumerate() {
+                    let at = (index, place(i));
+                    match op {
+                        TxnOp::Put { key, value } => self.put(state, at, key, value),
+                        TxnOp::Delete { key } => self.delete(at, key),
+                        TxnOp::DeletePrefix { prefix } => self.prefixes.push((at, prefix.clone())),
+                        TxnOp::Get { .. } | TxnOp::Range(_) => {}
+                    }
+                }
+            }
+            Op::Noop => {}
+        }
+    }
+
+    /// Record `index` (`op`) is now applied to the state: what the view
+    /// held for it only, it forgets (a later pending write of a key stays).
+    pub fn applied(&mut self, index: u64, op: &Op) {
+        let mut forget = |key: &Bytes| {
+            if self.keys.get(key).is_some_and(|(at, _)| at.0 == index) {
+                self.keys.remove(key);
+            }
+        };
+        match op {
+            Op::Put { key, .. } | Op::Delete { key } => forget(key),
+            Op::Bulk { items } => items.iter().for_each(|(k, _)| forget(k)),
+            Op::Txn { ops } => {
+                for op in ops {
+                    if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
+                        forget(key);
+                    }
+                }
+            }
+            Op::Noop => {}
+        }
+        self.prefixes.retain(|(at, _)| at.0 != index);
+    }
+}
+
+fn place(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    const KEYS: [&str; 6] = ["a/1", "a/2", "a/3", "b/1", "b/2", "c"];
+
+    fn random_op(rng: &mut StdRng) -> Op {
+        let k = |rng: &mut StdRng| b(KEYS[rng.gen_range(0..KEYS.len())]);
+        let v = |rng: &mut StdRng| b(&rng.gen_range(0..1000).to_string());
+        match rng.gen_range(0..5) {
+            0 => Op::Put {
+                key: k(rng),
+                value: v(rng),
+            },
+            1 => Op::Delete { key: k(rng) },
+            2 => Op::Bulk {
+                items: (0..rng.gen_range(1..4)).map(|_| (k(rng), v(rng))).collect(),
+            },
+            3 => Op::Noop,
+            _ => Op::Txn {
+                ops: (0..rng.gen_range(0..5))
+                    .map(|_| match rng.gen_range(0..4) {
+                        0 => TxnOp::Put {
+                            key: k(rng),
+                            value: v(rng),
+                        },
+                        1 => TxnOp::Delete { key: k(rng) },
+                        2 => TxnOp::DeletePrefix {
+                            prefix: b(["a/", "b/", "c"][rng.gen_range(0..3)]),
+                        },
+                        _ => TxnOp::Get { key: k(rng) },
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    fn assert_same(view: &PendingView, base: &State, want: &State, what: &str) {
+        for k in KEYS {
+            let got = view.get(base, k.as_bytes());
+            let expect = want.get_versioned(k.as_bytes()).map(|(v, m)| (m, v));
+            assert_eq!(got, expect, "{k} {what}");
+        }
+        let under: Vec<Bytes> = view.keys_under(base, b"a/");
+        assert_eq!(under, want.keys_in(&KeyRange::prefix(b"a/")), "{what}");
+    }
+
+    /// The view of a state with entries pending is the state those entries
+    /// make when applied, versions included, at every step of applying them.
+    #[test]
+    fn the_view_is_what_applying_the_pending_entries_gives() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for case in 0..300 {
+            let (base, want) = (State::new(), State::new());
+            let mut index = 0;
+            for _ in 0..rng.gen_range(0..8) {
+                index += 1;
+                let op = random_op(&mut rng);
+                base.apply(index, &op, false);
+                want.apply(index, &op, false);
+            }
+            let pending: Vec<(u64, Op)> = (0..rng.gen_range(1..10))
+                .map(|i| (index + 1 + i, random_op(&mut rng)))
+                .collect();
+            let mut view = PendingView::of(&base, pending.iter().map(|(i, op)| (*i, op)));
+            for (i, op) in &pending {
+                want.apply(*i, op, false);
+            }
+            assert_same(&view, &base, &want, &format!("case {case}, all pending"));
+            for (i, op) in &pending {
+                base.apply(*i, op, false);
+                view.applied(*i, op);
+                assert_same(&view, &base, &want, &format!("case {case}, through {i}"));
+            }
+            assert!(
+                view.is_empty(),
+                "case {case}: nothing pending, nothing held"
+            );
+        }
+    }
+}

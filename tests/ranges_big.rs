@@ -21,6 +21,8 @@ use tempfile::TempDir;
 const WRITERS: usize = 16;
 const PAGE: usize = 1000;
 const BULK: u64 = 10_000;
+/// Keys each writer keeps at once.
+const LIVE_PER_WRITER: usize = 64;
 
 fn loaded_keys() -> u64 {
     std::env::var("KVSTORE_RANGE_KEYS")
@@ -57,20 +59,27 @@ async fn load(http: &reqwest::Client, url: &str, n: u64) {
     }
 }
 
-/// Puts and deletes keys between the loaded ones until `stop`; counts
-/// its writes in `writes`.
+/// Puts keys between the loaded ones until `stop`, deleting its oldest
+/// once it holds [`LIVE_PER_WRITER`]: the pages keep meeting keys that
+/// come and go. Counts its writes in `writes`.
 async fn writer(w: usize, url: String, n: u64, stop: Arc<AtomicBool>, writes: Arc<AtomicU64>) {
     let http = api::client(node::REQUEST_TIMEOUT);
     let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
+    let mut live = std::collections::VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         let k = format!("{}/w{w}", key(rng.gen_range(0..n)));
         api::put_if(&http, &url, &k, b"w", Precondition::None)
             .await
             .done("writer put");
-        api::delete_if(&http, &url, &k, Precondition::None)
-            .await
-            .done("writer delete");
-        writes.fetch_add(2, Ordering::Relaxed);
+        live.push_back(k);
+        if live.len() > LIVE_PER_WRITER {
+            let old = live.pop_front().unwrap_or_default();
+            api::delete_if(&http, &url, &old, Precondition::None)
+                .await
+                .done("writer delete");
+            writes.fetch_add(1, Ordering::Relaxed);
+        }
+        writes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -93,7 +102,7 @@ async fn a_range_over_a_million_keys_sees_each_once_in_order_while_others_change
         .collect();
     // The writers are under way before the first page.
     let started = Instant::now();
-    while writes.load(Ordering::Relaxed) < 100 {
+    while writes.load(Ordering::Relaxed) < (WRITERS * LIVE_PER_WRITER) as u64 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the writers do not write"

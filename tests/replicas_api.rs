@@ -133,9 +133,10 @@ async fn assert_replicas_agree(http: &reqwest::Client, nodes: &[Kvd], when: &str
         ranges.push(full_range(http, n).await);
     }
     for (i, r) in ranges.iter().enumerate().skip(1) {
+        let first = r.iter().zip(&ranges[0]).find(|(a, b)| a != b);
         assert!(
             r == &ranges[0],
-            "{when}: n{i}'s range differs from n0's ({} vs {} items)",
+            "{when}: n{i}'s range differs from n0's ({} vs {} items; first: {first:?})",
             r.len(),
             ranges[0].len()
         );
@@ -190,6 +191,18 @@ async fn replicas_agree_on_ranges_versions_and_txn_reads_also_after_a_snapshot_i
     .unwrap();
     let urls: Vec<String> = nodes.iter().map(Kvd::url).collect();
     let http = api::client(node::REQUEST_TIMEOUT);
+    // Until a secondary hears from the primary it answers 503 no_primary.
+    for n in &nodes {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !node::status(&http, n).await["primary"].is_string() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} knows no primary",
+                n.url()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(mixed_writes(urls.clone(), w)))

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use kvstore_testkit::api::{self, Outcome, Precondition};
 use kvstore_testkit::linearizability::{check, Kind, Operation};
-use kvstore_testkit::sup::Supervised;
-use kvstore_testkit::wait_until;
+use kvstore_testkit::sup::{kvd_args_spec, Supervised};
+use kvstore_testkit::{env_u64, wait_until};
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
 
@@ -45,23 +45,6 @@ const INCREMENTS_AFTER_EACH_KILL: u64 = 5;
 const MIN_ACKED: u64 = 200;
 const MIN_REFUSED: u64 = 100;
 const MIN_KILLS: u64 = 2;
-
-fn env_secs() -> u64 {
-    std::env::var("KVSTORE_CAS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
-}
-
-fn extra_spec() -> String {
-    match std::env::var("KVSTORE_CAS_KVD_ARGS") {
-        Ok(a) if !a.is_empty() => {
-            let quoted: Vec<String> = a.split(',').map(|x| format!("{x:?}")).collect();
-            format!("  kvdArgs: [{}]\n", quoted.join(", "))
-        }
-        _ => String::new(),
-    }
-}
 
 /// A counter value: the count, and the write's id for the checker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,19 +231,17 @@ async fn final_read(urls: &[String], start: Instant, history: &mut Vec<Operation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compare_and_set_increments_under_primary_kills_are_neither_lost_nor_doubled() {
-    let secs = env_secs();
+    let secs = env_u64("KVSTORE_CAS_SECS", 120);
     let tmp = TempDir::new().unwrap();
-    let c = Arc::new(Supervised::apply(tmp.path(), 3, &extra_spec()).unwrap());
-    let urls = c.urls();
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(Progress::default());
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let w = client(i, urls.clone(), start, stop.clone(), progress.clone());
-            tokio::spawn(w)
-        })
-        .collect();
+    let c =
+        Arc::new(Supervised::apply(tmp.path(), 3, &kvd_args_spec("KVSTORE_CAS_KVD_ARGS")).unwrap());
+    let (urls, start) = (c.urls(), Instant::now());
+    let (stop, progress) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Progress::default()),
+    );
+    let run = |i| client(i, urls.clone(), start, stop.clone(), progress.clone());
+    let clients: Vec<_> = (0..CLIENTS).map(|i| tokio::spawn(run(i))).collect();
     let (c2, p2) = (c.clone(), progress.clone());
     let kills = tokio::task::spawn_blocking(move || monkey(&c2, secs, start, &p2))
         .await

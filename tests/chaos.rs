@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use kvclient::Bytes;
 use kvstore_testkit::api::{self, Outcome, Precondition};
 use kvstore_testkit::linearizability::{check, Kind, Operation};
-use kvstore_testkit::sup::{single_attempt_client, Supervised};
-use kvstore_testkit::{http_get, http_post_json, is_stopped, wait_until};
+use kvstore_testkit::sup::{kvd_args_spec, single_attempt_client, Supervised};
+use kvstore_testkit::{env_u64, http_get, http_post_json, is_stopped, wait_until};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -51,23 +51,6 @@ const MIN_DELETES: u64 = 50;
 const MIN_BULKS: u64 = 50;
 const MIN_CAS: u64 = 50;
 const MIN_UNKNOWN: u64 = 5;
-
-fn env_secs() -> u64 {
-    std::env::var("KVSTORE_CHAOS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
-}
-
-fn extra_spec() -> String {
-    match std::env::var("KVSTORE_CHAOS_KVD_ARGS") {
-        Ok(a) if !a.is_empty() => {
-            let quoted: Vec<String> = a.split(',').map(|x| format!("{x:?}")).collect();
-            format!("  kvdArgs: [{}]\n", quoted.join(", "))
-        }
-        _ => String::new(),
-    }
-}
 
 fn client(urls: &[String], first: usize) -> kvclient::Client {
     single_attempt_client(urls, first, Duration::from_secs(1))
@@ -632,9 +615,11 @@ fn lost_writes(history: &[Operation], finals: &HashMap<String, Option<u64>>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_linearizable() {
-    let secs = env_secs();
+    let secs = env_u64("KVSTORE_CHAOS_SECS", 120);
     let tmp = TempDir::new().unwrap();
-    let c = Arc::new(Supervised::apply(tmp.path(), 3, &extra_spec()).unwrap());
+    let c = Arc::new(
+        Supervised::apply(tmp.path(), 3, &kvd_args_spec("KVSTORE_CHAOS_KVD_ARGS")).unwrap(),
+    );
     let urls = c.urls();
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

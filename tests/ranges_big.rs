@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstore_testkit::api::{self, Precondition, RangeQuery};
-use kvstore_testkit::node;
+use kvstore_testkit::{env_u64, node};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tempfile::TempDir;
@@ -23,13 +23,6 @@ const PAGE: usize = 1000;
 const BULK: u64 = 10_000;
 /// Keys each writer keeps at once.
 const LIVE_PER_WRITER: usize = 64;
-
-fn loaded_keys() -> u64 {
-    std::env::var("KVSTORE_RANGE_KEYS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000)
-}
 
 fn key(i: u64) -> String {
     format!("k/{i:07}")
@@ -85,7 +78,7 @@ async fn writer(w: usize, url: String, n: u64, stop: Arc<AtomicBool>, writes: Ar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_over_a_million_keys_sees_each_once_in_order_while_others_change() {
-    let n = loaded_keys();
+    let n = env_u64("KVSTORE_RANGE_KEYS", 1_000_000);
     let tmp = TempDir::new().unwrap();
     let kvd = node::start(&tmp, &[]);
     let url = kvd.url();

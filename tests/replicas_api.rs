@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use kvstore_testkit::api::{self, Item, Meta, Outcome, Precondition, RangeQuery};
-use kvstore_testkit::{node, start_cluster, wait_until, Kvd};
+use kvstore_testkit::{node, start_cluster, wal, Kvd};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -240,12 +240,8 @@ async fn replicas_agree_on_ranges_versions_and_txn_reads_also_after_a_snapshot_i
             .await
             .done("prefix delete");
     }
-    let first_segment = nodes[0]
-        .data_dir
-        .join("wal")
-        .join("00000000000000000001.wal");
     assert!(
-        wait_until(Duration::from_secs(30), || !first_segment.exists()),
+        wal::wait_first_segment_gone(&nodes[0].data_dir, Duration::from_secs(30)),
         "the primary never compacted its WAL"
     );
     nodes[2].restart().unwrap();

@@ -96,6 +96,15 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     ports.into_iter().collect()
 }
 
+/// A number from the environment variable `name` (a test's length, its
+/// size), or `default` when it is unset or not a number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

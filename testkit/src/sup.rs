@@ -45,6 +45,18 @@ pub fn manifest_text(
     s
 }
 
+/// The manifest's `kvdArgs` line (for `extra_spec`) from the environment
+/// variable `var`, comma-separated kvd flags; empty when it is unset.
+pub fn kvd_args_spec(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(a) if !a.is_empty() => {
+            let quoted: Vec<String> = a.split(',').map(|x| format!("{x:?}")).collect();
+            format!("  kvdArgs: [{}]\n", quoted.join(", "))
+        }
+        _ => String::new(),
+    }
+}
+
 impl Supervised {
     /// Writes a manifest of `n` nodes into `dir`, applies it, and waits
     /// until the cluster is Ready.

@@ -39,7 +39,10 @@ fi
 
 echo "== Python client (python/): pip install, mypy --strict, pytest against target/debug"
 # A venv under target/ (ignored by git), reused between runs. Debian's
-# python3 lacks ensurepip until python3-venv is installed.
+# python3 lacks ensurepip until python3-venv is installed. The pytest run
+# includes schemathesis against a real kvd (python/tests/test_openapi.py);
+# it and every tool come from PyPI at the exact versions of
+# python/requirements-dev.txt, their dependencies pinned too.
 PYENV="$PWD/target/pyenv"
 if [ ! -x "$PYENV/bin/pip" ]; then
     rm -rf "$PYENV"
@@ -53,7 +56,7 @@ if [ ! -x "$PYENV/bin/pip" ]; then
         python3 -m venv "$PYENV" || { rm -rf "$PYENV"; /usr/bin/python3 -m venv "$PYENV"; }
     fi
 fi
-"$PYENV/bin/python" -m pip install --quiet -r python/requirements-dev.txt
+"$PYENV/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-dev.txt
 "$PYENV/bin/python" -m pip install --quiet --no-deps --force-reinstall ./python
 # pytest (not `python -m pytest`) so the tests import the installed package.
 export KVSTORE_BIN_DIR="${KVSTORE_BIN_DIR:-$PWD/target/debug}"

@@ -17,7 +17,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvclient::{Backoff, Client, ClientBuilder, Error, KeyError};
+use kvclient::{Backoff, Client, ClientBuilder, Error, KeyError, Precondition};
 use kvstore_testkit::{free_port, http_get, wait_until, Kvd, Sig};
 use serde_json::json;
 use tempfile::TempDir;
@@ -650,6 +650,56 @@ async fn a_stopped_node_is_skipped_after_its_timeout() {
 
     assert_eq!(got.unwrap().as_deref(), Some(&b"live"[..]));
     assert_eq!(current, live.url());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_write_is_not_retried_after_an_unknown_outcome() {
+    let tmp = TempDir::new().unwrap();
+    let stuck = start(&tmp, "stuck", &[]);
+    let live = start(&tmp, "live", &[]);
+    let c = builder(&[stuck.url(), live.url()])
+        .request_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+
+    // The request reaches the stopped node's socket and may be served once
+    // it runs again (or not: that depends on when it sees the client hang
+    // up): the outcome is unknown, so the client must not try the next
+    // node, where a retry could be refused by the first attempt's success.
+    let stopped = Stopped::new(&stuck);
+    let err = c
+        .put_if("k", "once", Precondition::Absent)
+        .await
+        .unwrap_err();
+    stopped.resume();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(err.outcome_unknown() && err.is_retryable());
+    assert_eq!(
+        answered(&live, "put", 200),
+        0,
+        "not retried on the live node"
+    );
+    // A plain write after the same failure is retried on the next node.
+    let stopped = Stopped::new(&stuck);
+    let index = c.set("k", "plain").await;
+    stopped.resume();
+    index.unwrap();
+    assert_eq!(answered(&live, "put", 200), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_write_is_retried_when_nothing_was_sent() {
+    let tmp = TempDir::new().unwrap();
+    let live = start(&tmp, "live", &[]);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let c = client(&[dead, live.url()]);
+    let index = c.put_if("k", "v", Precondition::Absent).await.unwrap();
+    assert_eq!(c.current_endpoint(), live.url());
+    let err = c.put_if("k", "w", Precondition::Absent).await.unwrap_err();
+    match err {
+        Error::PreconditionFailed { current, .. } => assert_eq!(current.mod_index, index),
+        other => panic!("expected PreconditionFailed, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,8 @@ async fn every_write_moves_the_versions_and_head_answers_the_headers() {
     // A restart derives the same numbers from the log.
     let mut kvd = kvd;
     kvstore_testkit::node::crash_restart(&mut kvd);
+    // A new client: the old one's pooled connection died with the process.
+    let h = http();
     assert_eq!(
         read_versions(&h, &kvd, "v").await,
         (again, again, 1, format!("\"{again}\""))

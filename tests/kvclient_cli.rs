@@ -1,7 +1,9 @@
 //! The `kvclient` binary against a real kvd: output of get/set/del/bulk/
 //! status, human and `--json`; exit 1 for a missing key; server errors as
 //! one stderr line with exit 2; values from stdin and files, binary ones
-//! included.
+//! included; `get --show-version`, conditional `set`/`del` (exit 3 on a
+//! failed precondition), `ls` paged and escaped, `del --prefix`, and `txn`
+//! from stdin or a file.
 //!
 //! Argument errors, help and unreachable endpoints need no node and are
 //! tested in kvclient/tests/cli.rs. Not covered: redirects to the primary
@@ -324,4 +326,204 @@ fn a_dead_first_endpoint_is_skipped() {
         .expect("running kvclient");
     success(&out);
     assert_eq!(out.stdout, b"live");
+}
+
+/// `get --show-version` of `key`, as JSON.
+fn show_version(kvd: &Kvd, key: &str) -> Value {
+    success_json(&run(kvd, &["get", key, "--show-version"], b""))
+}
+
+#[test]
+fn get_show_version_prints_the_versions_as_json() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    let first = index_in(
+        &success(&run(&kvd, &["set", "k", "one"], b"")),
+        "OK (index ",
+    );
+    let second = index_in(
+        &success(&run(&kvd, &["set", "k", "-"], b"\xff")),
+        "OK (index ",
+    );
+    let expected = json!({
+        "key": "k", "value": {"base64": "/w=="},
+        "create_index": first, "mod_index": second, "version": 2,
+        "etag": format!("\"{second}\""),
+    });
+    assert_eq!(show_version(&kvd, "k"), expected);
+    // --json changes nothing; --consistent reads the same.
+    let out = run(
+        &kvd,
+        &["--json", "get", "k", "--show-version", "--consistent"],
+        b"",
+    );
+    assert_eq!(success_json(&out), expected);
+    let out = run(&kvd, &["get", "nope", "--show-version"], b"");
+    assert_one_line_failure(&out, 1);
+}
+
+#[test]
+fn set_if_absent_twice_creates_once_and_exits_3_the_second_time() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    let created = index_in(
+        &success(&run(&kvd, &["set", "lock", "me", "--if-absent"], b"")),
+        "OK (index ",
+    );
+    let out = run(&kvd, &["set", "lock", "you", "--if-absent"], b"");
+    let stderr = assert_one_line_failure(&out, 3);
+    for needle in [
+        "412",
+        "precondition_failed",
+        &format!("mod_index {created}"),
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?}: {stderr}");
+    }
+    assert_eq!(run(&kvd, &["get", "lock"], b"").stdout, b"me");
+
+    // --if-version: over the version it names only.
+    let out = run(
+        &kvd,
+        &["set", "lock", "mine", "--if-version", &created.to_string()],
+        b"",
+    );
+    let moved = index_in(&success(&out), "OK (index ");
+    let out = run(
+        &kvd,
+        &[
+            "set",
+            "lock",
+            "x",
+            "--if-version",
+            &created.to_string(),
+            "--json",
+        ],
+        b"",
+    );
+    assert_one_line_failure(&out, 3);
+    let out = run(
+        &kvd,
+        &["del", "lock", "--if-version", &created.to_string()],
+        b"",
+    );
+    assert_one_line_failure(&out, 3);
+    assert_eq!(run(&kvd, &["get", "lock"], b"").stdout, b"mine");
+    let out = run(
+        &kvd,
+        &["del", "lock", "--if-version", &moved.to_string()],
+        b"",
+    );
+    index_in(&success(&out), "deleted (index ");
+    assert_one_line_failure(&run(&kvd, &["get", "lock"], b""), 1);
+}
+
+#[test]
+fn ls_pages_through_every_key_and_escapes_each_line() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    let lines: String = (0..25).map(|i| format!("p/{i:02}=v{i}\n")).collect();
+    success(&run(
+        &kvd,
+        &["bulk", "--kv"],
+        format!("{lines}q=outside\n").as_bytes(),
+    ));
+    let doc = br#"{"items":[{"key":"p/tab\tkey","value":"line\nbreak"},{"key":"p/zbin","value":{"base64":"AP8="}}]}"#;
+    success(&run(&kvd, &["bulk"], doc));
+
+    // Pages of 4: seven requests for 27 keys, one line per key in order.
+    let out = success(&run(&kvd, &["ls", "p/", "--page-size", "4"], b""));
+    let mut expected: Vec<String> = (0..25).map(|i| format!("p/{i:02}\tv{i}")).collect();
+    expected.push("p/tab\\tkey\tline\\nbreak".into());
+    expected.push("p/zbin\t\\x00\\xff".into());
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected);
+
+    let keys = success(&run(
+        &kvd,
+        &[
+            "ls",
+            "p/",
+            "--keys-only",
+            "--limit",
+            "6",
+            "--page-size",
+            "4",
+        ],
+        b"",
+    ));
+    assert_eq!(
+        keys, "p/00\np/01\np/02\np/03\np/04\np/05\n",
+        "--limit counts keys, not pages"
+    );
+    let all = success(&run(&kvd, &["ls", "--keys-only"], b""));
+    assert_eq!(all.lines().count(), 28, "no prefix: every key");
+    assert_eq!(all.lines().last(), Some("q"));
+    assert_eq!(success(&run(&kvd, &["ls", "p/", "--count"], b"")), "27\n");
+    assert_eq!(
+        success_json(&run(&kvd, &["ls", "p/", "--count", "--json"], b"")),
+        json!({"count": 27})
+    );
+    assert_eq!(success(&run(&kvd, &["ls", "none/"], b"")), "");
+
+    // --json: one object per line, the value as a string or base64.
+    let out = success(&run(&kvd, &["ls", "p/t", "--json"], b""));
+    let docs: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 1, "{out}");
+    assert_eq!(docs[0]["key"], json!("p/tab\tkey"));
+    assert_eq!(docs[0]["value"], json!("line\nbreak"));
+    assert_eq!(docs[0]["version"], json!(1));
+    let out = success(&run(&kvd, &["ls", "p/z", "--json", "--keys-only"], b""));
+    let doc: Value = serde_json::from_str(out.trim_end()).unwrap();
+    assert_eq!(doc.get("value"), None, "{doc}");
+}
+
+#[test]
+fn del_prefix_deletes_every_key_under_it() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    success(&run(
+        &kvd,
+        &["bulk", "--kv"],
+        b"a/1=1\na/2=2\na=root\nb/1=1\n",
+    ));
+    let out = success(&run(&kvd, &["del", "--prefix", "a/"], b""));
+    index_in(&out, "deleted 2 keys (index ");
+    assert_eq!(success(&run(&kvd, &["ls", "--keys-only"], b"")), "a\nb/1\n");
+    let doc = success_json(&run(&kvd, &["del", "--prefix", "a/", "--json"], b""));
+    assert_eq!(doc["deleted"], json!(0), "{doc}");
+}
+
+#[test]
+fn txn_reads_its_json_from_stdin_and_prints_the_answer() {
+    let tmp = TempDir::new().unwrap();
+    let kvd = start(&tmp, &[]);
+    let created = index_in(
+        &success(&run(&kvd, &["set", "a", "old"], b"")),
+        "OK (index ",
+    );
+    let body = json!({
+        "compare": [{"key": "a", "target": "mod_index", "op": "==", "value": created}],
+        "success": [{"put": {"key": "a", "value": "new"}}, {"get": {"key": "a"}}],
+        "failure": [{"get": {"key": "a"}}],
+    })
+    .to_string();
+    let answer = success_json(&run(&kvd, &["txn"], body.as_bytes()));
+    assert_eq!(answer["succeeded"], json!(true), "{answer}");
+    let index = answer["index"].as_u64().unwrap();
+    assert_eq!(answer["results"][0], json!({"put": {"mod_index": index}}));
+    assert_eq!(answer["results"][1]["get"]["value"], json!("new"));
+
+    // The same again: the failure branch ran, exit 0 all the same.
+    let file = tmp.path().join("txn.json");
+    std::fs::write(&file, &body).unwrap();
+    let answer = success_json(&run(&kvd, &["txn", file.to_str().unwrap()], b""));
+    assert_eq!(answer["succeeded"], json!(false), "{answer}");
+    assert_eq!(answer["results"][0]["get"]["mod_index"], json!(index));
+
+    // The node's refusal is one line, exit 2.
+    let bad = br#"{"compare": [{"key": "a", "target": "colour", "op": "==", "value": 1}]}"#;
+    let stderr = assert_one_line_failure(&run(&kvd, &["txn"], bad), 2);
+    assert!(stderr.contains("invalid_txn"), "{stderr}");
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use kvclient::{BulkRequest, Client, WireValue, DEFAULT_ENDPOINT};
+use kvclient::{BulkRequest, Client, Precondition, WireValue, DEFAULT_ENDPOINT};
 use serde_json::{json, Value};
 
 /// Hard-wrapped by hand: the workspace builds clap without `wrap_help`.
@@ -32,13 +32,36 @@ Exit status:
   0  success
   1  `get`: the key does not exist
   2  any other failure: bad arguments, unreachable cluster, server error
+  3  a precondition failed (`set --if-version`/`--if-absent`,
+     `del --if-version`): nothing was written
 A failure prints one line on stderr, starting with \"kvclient: \".";
 
 const GET_ABOUT: &str = "\
 Print the value stored under KEY as raw bytes, without a trailing newline.
 With --json, print {\"key\": KEY, \"value\": V} where V is a string for UTF-8
-values and {\"base64\": \"...\"} otherwise.
+values and {\"base64\": \"...\"} otherwise. With --show-version, print that
+JSON with the key's versions added (create_index, mod_index, version, etag),
+--json or not; mod_index is what `set --if-version` takes.
 Exits 1 if the key does not exist.";
+
+const LS_ABOUT: &str = "\
+List the keys that start with PREFIX (all keys without one), in byte order,
+reading page after page until the end or --limit.
+
+One line per key: KEY<TAB>VALUE, or KEY with --keys-only. In both, a
+backslash, tab, line feed and carriage return are written as \\\\, \\t, \\n,
+\\r, and any other control byte or byte that is not UTF-8 as \\xNN, so every
+line is one key. With --json, one JSON object per line: {\"key\", \"value\",
+\"create_index\", \"mod_index\", \"version\"}, the value as a string or
+{\"base64\": \"...\"}.";
+
+const TXN_ABOUT: &str = "\
+Run a transaction: read its JSON body from FILE or standard input,
+  {\"compare\": [{\"key\", \"target\", \"op\", \"value\"}, ...],
+   \"success\": [{\"put\": {\"key\", \"value\"}}, ...], \"failure\": [...]}
+(docs/DESIGN.md section 2.13), send it as it is, and print the answer JSON
+{\"succeeded\", \"index\", \"results\"}. Which branch ran is the answer's
+\"succeeded\" (the exit status is 0 either way).";
 
 const BULK_ABOUT: &str = "\
 Write many keys in one atomic batch: after success, or after a crash,
@@ -109,15 +132,29 @@ enum Command {
         /// still primary before answering
         #[arg(long)]
         consistent: bool,
+        /// Print JSON with the key's versions (create_index, mod_index,
+        /// version, etag)
+        #[arg(long)]
+        show_version: bool,
     },
 
     /// Store a value under KEY
     Set(SetArgs),
 
-    /// Delete KEY (succeeds whether or not it existed)
-    Del {
-        /// The key to delete
-        key: String,
+    /// Delete KEY (succeeds whether or not it existed), or every key
+    /// under --prefix
+    Del(DelArgs),
+
+    /// List keys in order, with their values
+    #[command(long_about = LS_ABOUT)]
+    Ls(LsArgs),
+
+    /// Run a transaction from its JSON (compares, success and failure ops)
+    #[command(long_about = TXN_ABOUT)]
+    Txn {
+        /// File to read the JSON from; '-' (the default) reads standard input
+        #[arg(value_name = "FILE|-", default_value = "-")]
+        file: String,
     },
 
     /// Write many keys in one atomic batch
@@ -178,12 +215,58 @@ struct SetArgs {
     /// Read the value from this file instead (binary-safe)
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
+    /// Write only if the key's mod_index is N (as `get --show-version`
+    /// prints it); else exit 3
+    #[arg(long, value_name = "N", conflicts_with = "if_absent")]
+    if_version: Option<u64>,
+    /// Write only if the key does not exist yet; else exit 3
+    #[arg(long)]
+    if_absent: bool,
+}
+
+#[derive(Debug, Args)]
+struct DelArgs {
+    /// The key to delete
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+    key: Option<String>,
+    /// Delete every key that starts with PREFIX instead, atomically
+    #[arg(long, value_name = "PREFIX", conflicts_with = "if_version")]
+    prefix: Option<String>,
+    /// Delete only if the key's mod_index is N; else exit 3
+    #[arg(long, value_name = "N")]
+    if_version: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct LsArgs {
+    /// List the keys that start with this (default: every key)
+    #[arg(default_value = "")]
+    prefix: String,
+    /// Print keys without values
+    #[arg(long)]
+    keys_only: bool,
+    /// Print at most N keys
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Keys per request (1 to 10000)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(kvclient::MAX_PAGE_SIZE))
+    )]
+    page_size: u32,
+    /// Print only how many keys there are
+    #[arg(long, conflicts_with_all = ["keys_only", "limit"])]
+    count: bool,
 }
 
 /// How a command failed; decides the exit status and how the error prints.
 enum Failure {
     /// `get` of an absent key: exit 1.
     NotFound(String),
+    /// A conditional write whose precondition failed: exit 3.
+    Precondition(kvclient::Error),
     /// A client error: its Display is already one complete line (printing
     /// its source chain as well would repeat the root cause).
     Client(kvclient::Error),
@@ -193,7 +276,10 @@ enum Failure {
 
 impl From<kvclient::Error> for Failure {
     fn from(err: kvclient::Error) -> Self {
-        Failure::Client(err)
+        match err {
+            kvclient::Error::PreconditionFailed { .. } => Failure::Precondition(err),
+            err => Failure::Client(err),
+        }
     }
 }
 
@@ -220,6 +306,10 @@ pub fn main() -> ExitCode {
         Err(Failure::NotFound(key)) => {
             report(&format!("key not found: {key:?}"));
             ExitCode::from(1)
+        }
+        Err(Failure::Precondition(err)) => {
+            report(&err.to_string());
+            ExitCode::from(3)
         }
         Err(Failure::Client(err)) => {
             report(&err.to_string());
@@ -273,65 +363,21 @@ fn build_client(cli: &Cli) -> Result<Client, Failure> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let client = build_client(&cli)?;
+    let json = cli.json;
     match &cli.command {
-        Command::Get { key, consistent } => {
-            let value = if *consistent {
-                client.get_consistent(key).await?
-            } else {
-                client.get(key).await?
-            };
-            let Some(value) = value else {
-                return Err(Failure::NotFound(key.clone()));
-            };
-            if cli.json {
-                print_json(&json!({"key": key, "value": WireValue::from_bytes(&value)}))
-            } else {
-                write_stdout(&value)
-            }
-        }
-        Command::Set(args) => {
-            let value = read_value(args)?;
-            let index = client.set(&args.key, value).await?;
-            if cli.json {
-                print_json(&json!({"index": index}))
-            } else {
-                print_line(&format!("OK (index {index})"))
-            }
-        }
-        Command::Del { key } => {
-            let outcome = client.delete(key).await?;
-            if cli.json {
-                print_json(&json!(outcome))
-            } else if outcome.deleted {
-                print_line(&format!("deleted (index {})", outcome.index))
-            } else {
-                print_line(&format!("not found (index {})", outcome.index))
-            }
-        }
-        Command::Bulk { file, kv } => {
-            let input = read_input(file)?;
-            let items = if *kv {
-                parse_kv_lines(&input)?
-            } else {
-                parse_bulk_json(&input)?
-            };
-            if items.is_empty() {
-                // Almost always an empty file or a forgotten pipe, not intent.
-                return Err(anyhow::anyhow!("bulk input has no items").into());
-            }
-            let outcome = client.bulk_set(&items).await?;
-            if cli.json {
-                print_json(&json!(outcome))
-            } else {
-                print_line(&format!(
-                    "OK: {} keys (index {})",
-                    outcome.count, outcome.index
-                ))
-            }
-        }
+        Command::Get {
+            key,
+            consistent,
+            show_version,
+        } => get(&client, json, key, *consistent, *show_version).await,
+        Command::Set(args) => set(&client, json, args).await,
+        Command::Del(args) => del(&client, json, args).await,
+        Command::Ls(args) => ls(&client, json, args).await,
+        Command::Txn { file } => txn(&client, file).await,
+        Command::Bulk { file, kv } => bulk(&client, json, file, *kv).await,
         Command::Status => {
             let status = client.status().await?;
-            if cli.json {
+            if json {
                 print_json(status.as_json())
             } else {
                 write_stdout(render_status(status.as_json()).as_bytes())
@@ -343,7 +389,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             offset,
         } => {
             let page = client.search_page(query, *limit, *offset).await?;
-            print_hits(cli.json, &page)
+            print_hits(json, &page)
         }
         Command::Similar {
             query,
@@ -357,8 +403,207 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 None => kvclient::SimilarTo::Text(query.as_deref().unwrap_or_default()),
             };
             let page = client.similar_page(to, *top_k, *offset).await?;
-            print_hits(cli.json, &page)
+            print_hits(json, &page)
         }
+    }
+}
+
+async fn get(
+    client: &Client,
+    json: bool,
+    key: &str,
+    consistent: bool,
+    show_version: bool,
+) -> Result<(), Failure> {
+    if show_version {
+        let versioned = if consistent {
+            client.get_versioned_consistent(key).await?
+        } else {
+            client.get_versioned(key).await?
+        };
+        let v = versioned.ok_or_else(|| Failure::NotFound(key.to_owned()))?;
+        return print_json(&json!({
+            "key": key,
+            "value": WireValue::from_bytes(&v.value),
+            "create_index": v.create_index,
+            "mod_index": v.mod_index,
+            "version": v.version,
+            "etag": v.etag,
+        }));
+    }
+    let value = if consistent {
+        client.get_consistent(key).await?
+    } else {
+        client.get(key).await?
+    };
+    let value = value.ok_or_else(|| Failure::NotFound(key.to_owned()))?;
+    if json {
+        print_json(&json!({"key": key, "value": WireValue::from_bytes(&value)}))
+    } else {
+        write_stdout(&value)
+    }
+}
+
+async fn set(client: &Client, json: bool, args: &SetArgs) -> Result<(), Failure> {
+    let value = read_value(args)?;
+    let precondition = match (args.if_version, args.if_absent) {
+        (Some(n), _) => Some(Precondition::ModIndex(n)),
+        (None, true) => Some(Precondition::Absent),
+        (None, false) => None,
+    };
+    let index = match precondition {
+        Some(pre) => client.put_if(&args.key, value, pre).await?,
+        None => client.set(&args.key, value).await?,
+    };
+    if json {
+        print_json(&json!({"index": index}))
+    } else {
+        print_line(&format!("OK (index {index})"))
+    }
+}
+
+async fn del(client: &Client, json: bool, args: &DelArgs) -> Result<(), Failure> {
+    if let Some(prefix) = &args.prefix {
+        let outcome = client.delete_prefix(prefix).await?;
+        return if json {
+            print_json(&json!(outcome))
+        } else {
+            let keys = if outcome.deleted == 1 { "key" } else { "keys" };
+            print_line(&format!(
+                "deleted {} {keys} (index {})",
+                outcome.deleted, outcome.index
+            ))
+        };
+    }
+    // clap insists on a key without --prefix.
+    let key = args.key.as_deref().unwrap_or_default();
+    let outcome = match args.if_version {
+        Some(n) => client.delete_if(key, Precondition::ModIndex(n)).await?,
+        None => client.delete(key).await?,
+    };
+    if json {
+        print_json(&json!(outcome))
+    } else if outcome.deleted {
+        print_line(&format!("deleted (index {})", outcome.index))
+    } else {
+        print_line(&format!("not found (index {})", outcome.index))
+    }
+}
+
+/// Prints the range page by page, so memory stays one page whatever the
+/// range's size, and stops early once --limit keys are out or the reader
+/// went away (`kvclient ls | head`).
+async fn ls(client: &Client, json: bool, args: &LsArgs) -> Result<(), Failure> {
+    let request = client.list(args.prefix.as_str()).keys_only(args.keys_only);
+    if args.count {
+        let count = request.count().await?;
+        return if json {
+            print_json(&json!({"count": count}))
+        } else {
+            print_line(&count.to_string())
+        };
+    }
+    let mut left = args.limit.unwrap_or(u64::MAX);
+    // A small --limit needs no more keys from the node than it prints.
+    let page_size = u32::try_from(left).map_or(args.page_size, |l| l.clamp(1, args.page_size));
+    let mut pager = request.page_size(page_size).pager();
+    while left > 0 {
+        let Some(page) = pager.next_page().await? else {
+            break;
+        };
+        let take = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(page.items.len());
+        let mut out = Vec::new();
+        for item in &page.items[..take] {
+            ls_line(&mut out, item, json, args.keys_only);
+        }
+        left -= take as u64;
+        if !write_out(&out)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One `ls` line for `item`.
+fn ls_line(out: &mut Vec<u8>, item: &kvclient::Item, json: bool, keys_only: bool) {
+    if json {
+        out.extend_from_slice(json!(item).to_string().as_bytes());
+    } else {
+        out.extend_from_slice(escape_field(item.key.as_bytes()).as_bytes());
+        if let (false, Some(value)) = (keys_only, &item.value) {
+            out.push(b'\t');
+            out.extend_from_slice(escape_field(value).as_bytes());
+        }
+    }
+    out.push(b'\n');
+}
+
+/// The bytes as one field of a line: printable UTF-8 as it is; a
+/// backslash, tab, line feed, carriage return as `\\`, `\t`, `\n`, `\r`;
+/// other control bytes and bytes that are not UTF-8 as `\xNN`. Lossless,
+/// and the result holds no tab or newline.
+fn escape_field(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() && c.is_ascii() => {
+                    out.push_str(&format!("\\x{:02x}", u32::from(c)));
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+async fn txn(client: &Client, file: &str) -> Result<(), Failure> {
+    let input = read_input(file)?;
+    let body: Value = serde_json::from_slice(&input)
+        .context("parsing the transaction JSON (docs/DESIGN.md section 2.13)")?;
+    let answer = client.txn_json(&body, may_compare(&body)).await?;
+    print_json(&json!(answer))
+}
+
+/// Whether a transaction body may hold compares, which makes its retries
+/// those of a conditional write: anything but a missing or empty
+/// `compare` (the safe side when unsure).
+fn may_compare(body: &Value) -> bool {
+    match body.get("compare") {
+        None => false,
+        Some(Value::Array(list)) => !list.is_empty(),
+        Some(_) => true,
+    }
+}
+
+async fn bulk(client: &Client, json: bool, file: &str, kv: bool) -> Result<(), Failure> {
+    let input = read_input(file)?;
+    let items = if kv {
+        parse_kv_lines(&input)?
+    } else {
+        parse_bulk_json(&input)?
+    };
+    if items.is_empty() {
+        // Almost always an empty file or a forgotten pipe, not intent.
+        return Err(anyhow::anyhow!("bulk input has no items").into());
+    }
+    let outcome = client.bulk_set(&items).await?;
+    if json {
+        print_json(&json!(outcome))
+    } else {
+        print_line(&format!(
+            "OK: {} keys (index {})",
+            outcome.count, outcome.index
+        ))
     }
 }
 
@@ -516,12 +761,17 @@ fn print_line(line: &str) -> Result<(), Failure> {
 }
 
 fn write_stdout(data: &[u8]) -> Result<(), Failure> {
+    write_out(data).map(|_| ())
+}
+
+/// Writes to stdout; `false` once the reader went away (`kvclient get k |
+/// head -c 10`): the command itself succeeded, so that is no failure, but
+/// there is no point in producing more.
+fn write_out(data: &[u8]) -> Result<bool, Failure> {
     let mut out = io::stdout().lock();
     match out.write_all(data).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        // The reader went away (`kvclient get k | head -c 10`): the command
-        // itself succeeded, so this is not worth a failure exit.
-        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(false),
         Err(err) => Err(anyhow::Error::new(err).context("writing to stdout").into()),
     }
 }
@@ -584,6 +834,101 @@ mod tests {
                 "zeta     true",
             ]
         );
+    }
+
+    #[test]
+    fn ls_fields_escape_what_would_break_a_line() {
+        assert_eq!(escape_field(b"plain text/\xc3\xa9"), "plain text/\u{e9}");
+        assert_eq!(escape_field(b"a\tb\nc\rd\\e"), "a\\tb\\nc\\rd\\\\e");
+        assert_eq!(escape_field(b"\x00\x1f\x7f"), "\\x00\\x1f\\x7f");
+        assert_eq!(escape_field(&[0xff, b'a', 0xc3]), "\\xffa\\xc3");
+        assert_eq!(escape_field(b""), "");
+        let key = kvclient::Item {
+            key: "k\t1".into(),
+            value: Some(Bytes::from_static(b"line\nbreak")),
+            create_index: 1,
+            mod_index: 2,
+            version: 2,
+        };
+        let mut out = Vec::new();
+        ls_line(&mut out, &key, false, false);
+        ls_line(&mut out, &key, false, true);
+        ls_line(&mut out, &key, true, false);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..2], ["k\\t1\tline\\nbreak", "k\\t1"]);
+        assert_eq!(
+            serde_json::from_str::<Value>(lines[2]).unwrap(),
+            json!({"key": "k\t1", "value": "line\nbreak", "create_index": 1, "mod_index": 2, "version": 2})
+        );
+    }
+
+    #[test]
+    fn a_transaction_without_compares_is_retried_as_any_write() {
+        assert!(!may_compare(
+            &json!({"success": [{"put": {"key": "a", "value": "v"}}]})
+        ));
+        assert!(!may_compare(&json!({"compare": []})));
+        assert!(may_compare(&json!({"compare": [{"key": "a"}]})));
+        assert!(
+            may_compare(&json!({"compare": "odd"})),
+            "unsure: the safe side"
+        );
+    }
+
+    #[test]
+    fn conditional_and_prefix_flags_exclude_what_makes_no_sense() {
+        let parses = |args: &[&str]| Cli::try_parse_from(args).is_ok();
+        assert!(parses(&["kvclient", "set", "k", "v", "--if-version", "3"]));
+        assert!(parses(&["kvclient", "set", "k", "v", "--if-absent"]));
+        assert!(!parses(&[
+            "kvclient",
+            "set",
+            "k",
+            "v",
+            "--if-absent",
+            "--if-version",
+            "3"
+        ]));
+        assert!(!parses(&[
+            "kvclient",
+            "set",
+            "k",
+            "v",
+            "--if-version",
+            "-1"
+        ]));
+        assert!(parses(&["kvclient", "del", "k", "--if-version", "3"]));
+        assert!(parses(&["kvclient", "del", "--prefix", "p/"]));
+        assert!(!parses(&["kvclient", "del"]));
+        assert!(!parses(&["kvclient", "del", "k", "--prefix", "p/"]));
+        assert!(!parses(&[
+            "kvclient",
+            "del",
+            "--prefix",
+            "p/",
+            "--if-version",
+            "3"
+        ]));
+        assert!(parses(&["kvclient", "ls"]));
+        assert!(parses(&[
+            "kvclient",
+            "ls",
+            "p/",
+            "--keys-only",
+            "--limit",
+            "5"
+        ]));
+        assert!(!parses(&["kvclient", "ls", "--page-size", "0"]));
+        assert!(!parses(&["kvclient", "ls", "--page-size", "10001"]));
+        assert!(!parses(&["kvclient", "ls", "--count", "--limit", "5"]));
+        assert!(parses(&[
+            "kvclient",
+            "get",
+            "k",
+            "--show-version",
+            "--consistent"
+        ]));
     }
 
     #[test]

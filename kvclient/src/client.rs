@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -28,10 +28,10 @@ use crate::backoff::Backoff;
 use crate::error::{is_retryable_status, Error, Result};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{
-    BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, SearchHit, SearchPage,
-    SimilarTo, Status,
+    BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, PreconditionBody, SearchHit,
+    SearchPage, SimilarTo, Status,
 };
-use kvproto::code::KEY_NOT_FOUND;
+use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
 use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
 
 /// Shortest time worth starting another attempt with.
@@ -234,6 +234,40 @@ impl RawResponse {
     }
 }
 
+/// One request as the retry loop sends it.
+pub(crate) struct Call<'a> {
+    pub(crate) method: Method,
+    /// Path and query, starting with `/`.
+    pub(crate) path: &'a str,
+    /// The body and its content type.
+    pub(crate) body: Option<(Bytes, &'static str)>,
+    /// Headers beside the content type (`If-Match`, ...).
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) retry: Retry,
+}
+
+/// Which failures a call may be retried after (docs/DESIGN.md §9.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Any retryable failure: repeating the request leaves the same state
+    /// (reads, plain puts and deletes, bulk writes, transactions without
+    /// compares).
+    Idempotent,
+    /// Only a failure that wrote nothing. A conditional write retried after
+    /// an unknown outcome could be refused because its first attempt
+    /// succeeded, which would tell the caller the opposite of what
+    /// happened; that failure is returned instead
+    /// ([`Error::outcome_unknown`]).
+    UnlessMaybeWritten,
+}
+
+impl Retry {
+    /// Whether the loop may try again after `err`.
+    pub(crate) fn allows(self, err: &Error) -> bool {
+        err.is_retryable() && !(self == Retry::UnlessMaybeWritten && err.outcome_unknown())
+    }
+}
+
 impl Client {
     /// Starts a builder.
     pub fn builder() -> ClientBuilder {
@@ -277,7 +311,12 @@ impl Client {
     }
 
     async fn get_inner(&self, path: String) -> Result<Option<Bytes>> {
-        let resp = self.execute(Method::GET, &path, None).await?;
+        Ok(self.get_answer(&path).await?.map(|resp| resp.body))
+    }
+
+    /// The 200 answer to a GET of a key, or `None` for 404 `key_not_found`.
+    pub(crate) async fn get_answer(&self, path: &str) -> Result<Option<RawResponse>> {
+        let resp = self.execute(Method::GET, path, None).await?;
         match resp.status {
             // Only the server's own "no such key" means absent; any other 404
             // (say, a wrong base URL) is an error, not an empty answer.
@@ -285,7 +324,7 @@ impl Client {
                 Error::Server { code, .. } if code == KEY_NOT_FOUND => Ok(None),
                 other => Err(other),
             },
-            status if status.is_success() => Ok(Some(resp.body)),
+            status if status.is_success() => Ok(Some(resp)),
             _ => Err(server_error(&resp)),
         }
     }
@@ -407,14 +446,27 @@ impl Client {
         self.execute(method, &path, body).await
     }
 
-    /// The retry/redirect loop shared by every call. Returns the first answer
-    /// that is neither a redirect nor a retryable status.
-    async fn execute(
+    /// The retry/redirect loop for an idempotent request without extra
+    /// headers (every call but the conditional ones).
+    pub(crate) async fn execute(
         &self,
         method: Method,
         path: &str,
         body: Option<(Bytes, &'static str)>,
     ) -> Result<RawResponse> {
+        self.send(Call {
+            method,
+            path,
+            body,
+            headers: Vec::new(),
+            retry: Retry::Idempotent,
+        })
+        .await
+    }
+
+    /// The retry/redirect loop shared by every call. Returns the first answer
+    /// that is neither a redirect nor a retryable status.
+    pub(crate) async fn send(&self, call: Call<'_>) -> Result<RawResponse> {
         let inner = &*self.inner;
         let deadline = Instant::now() + inner.limits.retry_deadline;
         let mut target = inner.endpoints.current();
@@ -434,13 +486,11 @@ impl Client {
                 .request_timeout
                 .min(remaining)
                 .max(Duration::from_millis(1));
-            let outcome = self
-                .attempt(&target, &method, path, body.as_ref(), timeout)
-                .await;
+            let outcome = self.attempt(&target, &call, timeout).await;
             let (err, hint) = match outcome {
                 Ok(resp) if is_redirect(resp.status) => {
                     hops += 1;
-                    match redirect_target(&resp.headers, path) {
+                    match redirect_target(&resp.headers, call.path) {
                         Some(next) if hops > inner.limits.max_redirects => {
                             return Err(Error::RedirectLoop { hops, last: next });
                         }
@@ -463,35 +513,20 @@ impl Client {
                     (server_error(&resp), hint)
                 }
                 Ok(resp) => return Ok(resp),
-                // An attempt cut short by the call's deadline that times
-                // out says less than the failure before it (a refused
-                // connection, the server's 503): report that one.
-                Err(err @ Error::Timeout { .. }) if timeout < inner.limits.request_timeout => {
-                    return Err(last_err.unwrap_or(err));
-                }
-                Err(err) if err.is_retryable() => (err, None),
-                Err(err) => return Err(err),
+                Err(err) => (err, None),
             };
-            // A server that refused the request outright and said when to
-            // come back (writes paused for a mode switch or a handover, no
-            // primary yet) is retried until the deadline: nothing was
-            // written, so this cannot apply a write twice. Everything else,
-            // including a commit timeout (the write may still commit),
-            // counts against `max_retries`, and `max_retries(0)` means no
-            // retry at all.
-            let paused = err.retry_after().is_some() && err.was_not_applied();
-            if retries >= inner.limits.max_retries && !(paused && inner.limits.max_retries > 0) {
+            if !call.retry.allows(&err) {
                 return Err(err);
             }
-            let delay = match err.retry_after() {
-                Some(asked) => asked.min(inner.limits.max_retry_after),
-                None => inner.limits.backoff.delay(retries),
-            };
-            // An attempt with almost no time left can only time out, and its
-            // Timeout would hide the real reason (say, the server's 503).
-            if Instant::now() + delay + MIN_USEFUL_ATTEMPT >= deadline {
-                return Err(err);
+            // An attempt cut short by the call's deadline that times out
+            // says less than the failure before it (a refused connection,
+            // the server's 503): report that one.
+            if matches!(err, Error::Timeout { .. }) && timeout < inner.limits.request_timeout {
+                return Err(last_err.unwrap_or(err));
             }
+            let Some(delay) = self.retry_delay(&err, retries, deadline) else {
+                return Err(err);
+            };
             retries += 1;
             hops = 0;
             target = inner.endpoints.failed(&target, hint);
@@ -500,23 +535,50 @@ impl Client {
         }
     }
 
+    /// How long to wait before retrying after `err`, or `None` when the
+    /// budget does not allow another attempt.
+    fn retry_delay(&self, err: &Error, retries: u32, deadline: Instant) -> Option<Duration> {
+        let limits = &self.inner.limits;
+        // A server that refused the request outright and said when to come
+        // back (writes paused for a mode switch or a handover, no primary
+        // yet) is retried until the deadline: nothing was written, so this
+        // cannot apply a write twice. Everything else, including a commit
+        // timeout (the write may still commit), counts against
+        // `max_retries`, and `max_retries(0)` means no retry at all.
+        let paused = err.retry_after().is_some() && err.was_not_applied();
+        if retries >= limits.max_retries && !(paused && limits.max_retries > 0) {
+            return None;
+        }
+        let delay = match err.retry_after() {
+            Some(asked) => asked.min(limits.max_retry_after),
+            None => limits.backoff.delay(retries),
+        };
+        // An attempt with almost no time left can only time out, and its
+        // Timeout would hide the real reason (say, the server's 503).
+        if Instant::now() + delay + MIN_USEFUL_ATTEMPT >= deadline {
+            return None;
+        }
+        Some(delay)
+    }
+
     /// One HTTP exchange with one node, body included, within `timeout`.
     async fn attempt(
         &self,
         endpoint: &str,
-        method: &Method,
-        path: &str,
-        body: Option<&(Bytes, &'static str)>,
+        call: &Call<'_>,
         timeout: Duration,
     ) -> Result<RawResponse> {
-        let url = format!("{endpoint}{path}");
+        let url = format!("{endpoint}{}", call.path);
         let mut req = self
             .inner
             .http
-            .request(method.clone(), url)
+            .request(call.method.clone(), url)
             .timeout(timeout);
-        if let Some((bytes, content_type)) = body {
+        if let Some((bytes, content_type)) = &call.body {
             req = req.header(CONTENT_TYPE, *content_type).body(bytes.clone());
+        }
+        for (name, value) in &call.headers {
+            req = req.header(name, value);
         }
         let mut resp = req
             .send()
@@ -703,7 +765,7 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// Builds the error for a non-success answer from its JSON error body, or
 /// from the status and a body prefix when the body is not one.
-fn server_error(resp: &RawResponse) -> Error {
+pub(crate) fn server_error(resp: &RawResponse) -> Error {
     let status = resp.status.as_u16();
     let fallback_message = || {
         let text = String::from_utf8_lossy(&resp.body);
@@ -734,6 +796,18 @@ fn server_error(resp: &RawResponse) -> Error {
         }
         Err(_) => (format!("http_{status}"), fallback_message()),
     };
+    if status == 412 && code == PRECONDITION_FAILED {
+        // The key's state rides beside the error (docs/DESIGN.md §2.12);
+        // a 412 without it is still a failed precondition, of a key whose
+        // state the node did not say, so it is the plain server error.
+        if let Ok(body) = serde_json::from_slice::<PreconditionBody>(&resp.body) {
+            return Error::PreconditionFailed {
+                endpoint: resp.endpoint.clone(),
+                message,
+                current: body.current,
+            };
+        }
+    }
     Error::Server {
         endpoint: resp.endpoint.clone(),
         status,
@@ -761,7 +835,10 @@ fn one_line(text: &str) -> String {
 }
 
 /// Decodes a 2xx JSON body, or turns an error status into an error.
-fn decode_success<T: DeserializeOwned>(resp: RawResponse, what: &'static str) -> Result<T> {
+pub(crate) fn decode_success<T: DeserializeOwned>(
+    resp: RawResponse,
+    what: &'static str,
+) -> Result<T> {
     let resp = resp.error_for_status()?;
     serde_json::from_slice(&resp.body).map_err(|err| Error::Decode {
         endpoint: resp.endpoint,
@@ -879,6 +956,71 @@ mod tests {
         assert!(err.to_string().contains("Bad Gateway"), "{err}");
         let long = server_error(&raw(500, &"x".repeat(5000)));
         assert!(long.to_string().len() < 400);
+    }
+
+    #[test]
+    fn a_412_with_the_keys_state_is_a_failed_precondition() {
+        let err = server_error(&raw(
+            412,
+            r#"{"error":{"code":"precondition_failed","message":"mod_index is 9"},
+               "current":{"exists":true,"create_index":3,"mod_index":9,"version":2}}"#,
+        ));
+        match &err {
+            Error::PreconditionFailed {
+                endpoint,
+                message,
+                current,
+            } => {
+                assert_eq!(
+                    (endpoint.as_str(), message.as_str()),
+                    ("http://n0", "mod_index is 9")
+                );
+                assert_eq!(
+                    (current.exists, current.mod_index, current.version),
+                    (true, 9, 2)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let absent = server_error(&raw(
+            412,
+            r#"{"error":{"code":"precondition_failed","message":"exists"},"current":{"exists":false}}"#,
+        ));
+        assert!(
+            matches!(absent, Error::PreconditionFailed { current, .. } if !current.exists),
+            "{absent:?}"
+        );
+        // Without the state it is the plain server error, code and all.
+        let bare = server_error(&raw(
+            412,
+            r#"{"error":{"code":"precondition_failed","message":"m"}}"#,
+        ));
+        assert!(
+            matches!(bare, Error::Server { status: 412, .. }),
+            "{bare:?}"
+        );
+        assert_eq!(bare.code(), "precondition_failed");
+    }
+
+    #[test]
+    fn a_conditional_call_is_not_retried_after_an_unknown_outcome() {
+        let unknown = server_error(&raw(
+            503,
+            r#"{"error":{"code":"commit_timeout","message":"m"}}"#,
+        ));
+        let unwritten = server_error(&raw(
+            503,
+            r#"{"error":{"code":"writes_paused","message":"m"}}"#,
+        ));
+        assert!(Retry::Idempotent.allows(&unknown));
+        assert!(!Retry::UnlessMaybeWritten.allows(&unknown));
+        assert!(Retry::Idempotent.allows(&unwritten));
+        assert!(Retry::UnlessMaybeWritten.allows(&unwritten));
+        let refused = server_error(&raw(
+            400,
+            r#"{"error":{"code":"invalid_txn","message":"m"}}"#,
+        ));
+        assert!(!Retry::Idempotent.allows(&refused));
     }
 
     fn endpoints(n: usize) -> Endpoints {

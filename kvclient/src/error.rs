@@ -8,6 +8,10 @@
 
 use std::time::Duration;
 
+use kvproto::code;
+
+use crate::wire::Current;
+
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -175,6 +179,27 @@ pub enum Error {
         /// The redirect status.
         status: u16,
     },
+
+    /// A conditional write's precondition did not hold (412
+    /// `precondition_failed`): nothing was written. `current` is the key's
+    /// state when the node checked, so a compare-and-swap loop can retry
+    /// from it without another read.
+    #[error("{endpoint} answered 412: {message} (precondition_failed; {current})")]
+    PreconditionFailed {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The server's message.
+        message: String,
+        /// The key as the check saw it.
+        current: Current,
+    },
+
+    /// A request the client refuses to send, whatever the key (an empty
+    /// prefix to delete, `If-None-Match` on a delete, a transaction over
+    /// the op limit or with a compare whose operand does not fit its
+    /// target); nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl Error {
@@ -199,7 +224,27 @@ impl Error {
             | Error::InvalidValue { .. }
             | Error::Decode { .. }
             | Error::ResponseTooLarge { .. }
-            | Error::RedirectLoop { .. } => false,
+            | Error::RedirectLoop { .. }
+            | Error::PreconditionFailed { .. }
+            | Error::InvalidRequest(_) => false,
+        }
+    }
+
+    /// Whether a write that failed this way may have been applied all the
+    /// same: the answer was lost (a timeout, a connection broken after the
+    /// request went out), or the node logged the write and could not say
+    /// whether it committed (503 `commit_timeout`, `quorum_timeout`, or a
+    /// 5xx the node does not promise wrote nothing, docs/DESIGN.md §2.7).
+    ///
+    /// The client does not retry a conditional write or a transaction with
+    /// compares after such a failure (a retry could be refused by the
+    /// first attempt's own success), so the caller sees it and decides,
+    /// typically by reading the key back.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Transport { .. } => true,
+            Error::Server { status, code, .. } => *status >= 500 && !NOT_WRITTEN.contains(&&**code),
+            _ => false,
         }
     }
 
@@ -207,7 +252,7 @@ impl Error {
     /// retrying a write cannot apply it twice): paused writes, a primary
     /// handing over, no primary known yet, or overload.
     pub fn was_not_applied(&self) -> bool {
-        kvproto::code::NOT_APPLIED.contains(&self.code())
+        code::NOT_APPLIED.contains(&self.code())
     }
 
     /// A stable snake_case code for scripts and metrics: the server's own code
@@ -226,7 +271,9 @@ impl Error {
             Error::Decode { .. } => "decode",
             Error::ResponseTooLarge { .. } => "response_too_large",
             Error::RedirectLoop { .. } => "redirect_loop",
-            Error::NoPrimary { .. } => kvproto::code::NO_PRIMARY,
+            Error::NoPrimary { .. } => code::NO_PRIMARY,
+            Error::PreconditionFailed { .. } => code::PRECONDITION_FAILED,
+            Error::InvalidRequest(_) => "invalid_request",
         }
     }
 
@@ -234,6 +281,7 @@ impl Error {
     pub fn status(&self) -> Option<u16> {
         match self {
             Error::Server { status, .. } | Error::NoPrimary { status, .. } => Some(*status),
+            Error::PreconditionFailed { .. } => Some(412),
             _ => None,
         }
     }
@@ -255,13 +303,15 @@ impl Error {
             | Error::Transport { endpoint, .. }
             | Error::Decode { endpoint, .. }
             | Error::ResponseTooLarge { endpoint, .. }
-            | Error::NoPrimary { endpoint, .. } => Some(endpoint),
+            | Error::NoPrimary { endpoint, .. }
+            | Error::PreconditionFailed { endpoint, .. } => Some(endpoint),
             Error::RedirectLoop { last, .. } => Some(last),
             Error::InvalidKey { .. }
             | Error::InvalidEndpoint { .. }
             | Error::NoEndpoints
             | Error::InvalidConfig(_)
-            | Error::InvalidValue { .. } => None,
+            | Error::InvalidValue { .. }
+            | Error::InvalidRequest(_) => None,
         }
     }
 
@@ -309,6 +359,21 @@ impl Error {
     }
 }
 
+/// 5xx codes whose request the node refused before logging anything
+/// (docs/DESIGN.md §2.7: "was it written? no"), so a retry cannot apply a
+/// write twice. Any other 5xx may hide a logged write.
+const NOT_WRITTEN: [&str; 9] = [
+    code::NO_PRIMARY,
+    code::TRANSFER_IN_PROGRESS,
+    code::WRITES_PAUSED,
+    code::OVERLOADED,
+    code::MEMORY_FULL,
+    code::STORAGE_UNAVAILABLE,
+    code::DATA_DIR_LOST,
+    code::WAL_UNAVAILABLE,
+    code::WRITE_SUPERSEDED,
+];
+
 /// Statuses that mean "not now" rather than "not like this".
 pub(crate) fn is_retryable_status(status: u16) -> bool {
     matches!(status, 429 | 502 | 503 | 504)
@@ -346,6 +411,80 @@ mod tests {
         for status in [400, 404, 409, 413, 500] {
             assert!(!server(status).is_retryable(), "{status}");
         }
+    }
+
+    fn coded(status: u16, code: &str) -> Error {
+        Error::Server {
+            endpoint: "http://n0".into(),
+            status,
+            code: code.into(),
+            message: "m".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_a_lost_answer_or_a_5xx_that_may_hide_a_write() {
+        for code in [
+            "commit_timeout",
+            "quorum_timeout",
+            "shutting_down",
+            "storage_error",
+            "http_502",
+        ] {
+            assert!(coded(503, code).outcome_unknown(), "{code}");
+        }
+        for code in NOT_WRITTEN {
+            assert!(!coded(503, code).outcome_unknown(), "{code}");
+        }
+        // A 4xx is a refusal, whatever its code.
+        for (status, code) in [
+            (412, "precondition_failed"),
+            (400, "invalid_txn"),
+            (429, "x"),
+        ] {
+            assert!(!coded(status, code).outcome_unknown(), "{status} {code}");
+        }
+        let nothing_sent = [
+            Error::NoEndpoints,
+            Error::InvalidRequest("r".into()),
+            Error::NoPrimary {
+                endpoint: "http://n0".into(),
+                status: 307,
+            },
+            Error::PreconditionFailed {
+                endpoint: "http://n0".into(),
+                message: "m".into(),
+                current: Current::default(),
+            },
+        ];
+        for err in nothing_sent {
+            assert!(!err.outcome_unknown(), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_failed_precondition_reports_the_keys_state() {
+        let err = Error::PreconditionFailed {
+            endpoint: "http://n0".into(),
+            message: "mod_index is 9, not 7".into(),
+            current: Current {
+                exists: true,
+                create_index: 3,
+                mod_index: 9,
+                version: 2,
+            },
+        };
+        assert_eq!(
+            (err.code(), err.status(), err.is_retryable()),
+            ("precondition_failed", Some(412), false)
+        );
+        assert_eq!(
+            err.to_string(),
+            "http://n0 answered 412: mod_index is 9, not 7 (precondition_failed; \
+             the key has mod_index 9, version 2)"
+        );
+        assert_eq!(Current::default().to_string(), "the key does not exist");
     }
 
     #[test]

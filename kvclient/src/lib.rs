@@ -21,13 +21,22 @@
 //! # }
 //! ```
 //!
+//! Beyond get/set/delete: [`Client::get_versioned`] reads a key's versions,
+//! [`Client::put_if`] / [`Client::delete_if`] write only if a
+//! [`Precondition`] holds (compare-and-swap), [`Client::list`] /
+//! [`Client::range`] page through keys in order, and a [`Txn`] changes
+//! several keys under conditions in one log record (docs/DESIGN.md
+//! §2.10-§2.13).
+//!
 //! [`admin::switch_mode`] switches a live cluster between primary/secondary
 //! and masterless (docs/DESIGN.md §6).
 //!
 //! Code map: `admin` (mode switch orchestration), `client` (endpoints,
-//! redirects, retries), `error` (the error type and its classifiers), `key`
-//! (key rules and URL encoding), `wire` (the API's JSON shapes), `backoff`
-//! (retry delays). What must match kvd comes from `kvproto`, the wire types
+//! redirects, retries), `versioned` (versions, conditional writes, prefix
+//! deletes), `range` (ranges and their pager), `txn` (the transaction
+//! builder), `error` (the error type and its classifiers), `key` (key rules
+//! and URL encoding), `wire` (the API's JSON shapes), `backoff` (retry
+//! delays). What must match kvd comes from `kvproto`, the wire types
 //! kvd itself uses: header names, error codes, the key rule, the mode and
 //! the status body.
 
@@ -36,17 +45,26 @@ mod backoff;
 mod client;
 mod error;
 mod key;
+mod range;
+mod txn;
+mod versioned;
 mod wire;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
 pub use error::{Error, KeyError, Result};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
-pub use kvproto::code::KEY_NOT_FOUND;
-pub use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
+pub use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
+pub use kvproto::header::{
+    CREATE_INDEX as CREATE_INDEX_HEADER, MOD_INDEX as MOD_INDEX_HEADER, PRIMARY as PRIMARY_HEADER,
+    RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER, VERSION as VERSION_HEADER,
+};
+pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
+pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
+pub use versioned::{Precondition, Versioned};
 pub use wire::{
-    BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, SearchHit, SearchPage, SimilarTo, Status,
-    WireValue,
+    BulkItem, BulkOutcome, BulkRequest, Current, DeleteOutcome, DeletePrefixOutcome, Item,
+    OpResult, RangePage, SearchHit, SearchPage, SimilarTo, Status, TxnResponse, WireValue,
 };
 
 /// Re-exported so callers need no direct `bytes`/`reqwest` dependency for

@@ -225,6 +225,223 @@ impl Status {
     }
 }
 
+/// A key's state as a failed precondition reports it (docs/DESIGN.md
+/// §2.12): whether it exists and, if it does, its versions (§2.10; all 0
+/// when it does not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Current {
+    /// Whether the key exists.
+    pub exists: bool,
+    /// Log index of the write that created it.
+    #[serde(default)]
+    pub create_index: u64,
+    /// Log index of its last write: what `Precondition::ModIndex` names.
+    #[serde(default)]
+    pub mod_index: u64,
+    /// Writes since its creation (1 after the first).
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl std::fmt::Display for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exists {
+            write!(
+                f,
+                "the key has mod_index {}, version {}",
+                self.mod_index, self.version
+            )
+        } else {
+            f.write_str("the key does not exist")
+        }
+    }
+}
+
+/// The part of a 412 answer beside its error: `{"current": {...}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub(crate) struct PreconditionBody {
+    pub(crate) current: Current,
+}
+
+/// One key as a range or a transaction's read returns it, with its
+/// versions (docs/DESIGN.md §2.10, §2.11). `value` is `None` in a
+/// keys-only read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ItemWire", into = "ItemWire")]
+pub struct Item {
+    /// The key.
+    pub key: String,
+    /// Its value, unless the read was keys-only.
+    pub value: Option<Bytes>,
+    /// Log index of the write that created the key.
+    pub create_index: u64,
+    /// Log index of its last write.
+    pub mod_index: u64,
+    /// Writes since its creation.
+    pub version: u64,
+}
+
+/// [`Item`] as JSON: the value as a string or `{"base64"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ItemWire {
+    key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<WireValue>,
+    #[serde(default)]
+    create_index: u64,
+    #[serde(default)]
+    mod_index: u64,
+    #[serde(default)]
+    version: u64,
+}
+
+impl TryFrom<ItemWire> for Item {
+    type Error = String;
+
+    fn try_from(wire: ItemWire) -> Result<Self, String> {
+        let value = match &wire.value {
+            Some(v) => Some(v.to_bytes(&wire.key).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(Item {
+            key: wire.key,
+            value,
+            create_index: wire.create_index,
+            mod_index: wire.mod_index,
+            version: wire.version,
+        })
+    }
+}
+
+impl From<Item> for ItemWire {
+    fn from(item: Item) -> Self {
+        ItemWire {
+            value: item.value.as_deref().map(WireValue::from_bytes),
+            key: item.key,
+            create_index: item.create_index,
+            mod_index: item.mod_index,
+            version: item.version,
+        }
+    }
+}
+
+/// One page of `GET /v1/kv` (docs/DESIGN.md §2.11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangePage {
+    /// The keys of the page, in byte order.
+    pub items: Vec<Item>,
+    /// The applied index the page was read at: the page is the state at
+    /// that index.
+    pub index: u64,
+    /// Where the next page starts; `None` at the end of the range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// Answer to `GET /v1/kv?count_only=true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub(crate) struct CountAnswer {
+    pub(crate) count: u64,
+}
+
+/// Answer to `DELETE /v1/kv?prefix=P`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePrefixOutcome {
+    /// Keys deleted (0 when none was under the prefix).
+    pub deleted: u64,
+    /// Log index of the one record that deleted them.
+    pub index: u64,
+}
+
+/// Body of `POST /v1/txn` (docs/DESIGN.md §2.13).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct TxnRequestWire {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) compare: Vec<CompareWire>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) success: Vec<OpWire>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) failure: Vec<OpWire>,
+}
+
+/// One compare: `{"key", "target", "op", "value"}`; `value` is an integer,
+/// a string or `{"base64"}`, or a boolean, as the target wants.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct CompareWire {
+    pub(crate) key: String,
+    pub(crate) target: &'static str,
+    pub(crate) op: &'static str,
+    pub(crate) value: serde_json::Value,
+}
+
+/// One op, externally tagged: `{"put": {"key", "value"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OpWire {
+    Put { key: String, value: WireValue },
+    Delete { key: String },
+    DeletePrefix { prefix: String },
+    Get { key: String },
+    Range(RangeOpWire),
+}
+
+/// A transaction's range read: §2.11's selection, one page, no token.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct RangeOpWire {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) end: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) limit: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) keys_only: bool,
+}
+
+/// What one op of the branch that ran returned, in the branch's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpResult {
+    /// A put: the key's new `mod_index` (the transaction's index).
+    Put {
+        /// The record's log index.
+        mod_index: u64,
+    },
+    /// A delete: whether the key existed.
+    Delete {
+        /// Whether there was a key to delete.
+        deleted: bool,
+    },
+    /// A prefix delete: how many keys it removed.
+    DeletePrefix {
+        /// Keys removed.
+        deleted: u64,
+    },
+    /// A get: the key, or `None` when it does not exist.
+    Get(Option<Item>),
+    /// A range read: one page, without a token.
+    Range {
+        /// The keys, in byte order.
+        items: Vec<Item>,
+        /// Whether the range holds keys after these.
+        more: bool,
+    },
+}
+
+/// Answer to `POST /v1/txn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResponse {
+    /// Whether every compare held, so the `success` branch ran (else the
+    /// `failure` branch did).
+    pub succeeded: bool,
+    /// The log index of the transaction's one record.
+    pub index: u64,
+    /// One result per op of the branch that ran.
+    pub results: Vec<OpResult>,
+}
+
 /// Every error body: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub(crate) struct ErrorBody {
@@ -304,6 +521,39 @@ mod tests {
         let sparse = Status::from_json(json!({"node_id": "n0"}));
         assert_eq!(sparse.node_id().as_deref(), Some("n0"));
         assert_eq!(sparse.epoch(), None);
+    }
+
+    #[test]
+    fn a_range_page_decodes_text_binary_and_keys_only_items() {
+        let page: RangePage = serde_json::from_value(json!({
+            "items": [
+                {"key": "a/1", "value": "x", "create_index": 3, "mod_index": 9, "version": 2},
+                {"key": "a/2", "value": {"base64": "/wA="}, "create_index": 4, "mod_index": 4, "version": 1},
+                {"key": "a/3", "create_index": 5, "mod_index": 5, "version": 1},
+            ],
+            "count": 3, "index": 42, "next_page_token": "AQ",
+        }))
+        .unwrap();
+        assert_eq!(page.index, 42);
+        assert_eq!(page.next_page_token.as_deref(), Some("AQ"));
+        let values: Vec<Option<&[u8]>> = page.items.iter().map(|i| i.value.as_deref()).collect();
+        assert_eq!(values, [Some(&b"x"[..]), Some(&[0xff, 0][..]), None]);
+        assert_eq!(
+            (
+                page.items[0].create_index,
+                page.items[0].mod_index,
+                page.items[0].version
+            ),
+            (3, 9, 2)
+        );
+        let last: RangePage =
+            serde_json::from_value(json!({"items": [], "count": 0, "index": 7})).unwrap();
+        assert_eq!(last.next_page_token, None);
+        // An item prints in the same shape: the CLI's --json lines.
+        assert_eq!(
+            serde_json::to_value(&page.items[1]).unwrap(),
+            json!({"key": "a/2", "value": {"base64": "/wA="}, "create_index": 4, "mod_index": 4, "version": 1})
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ fn assert_one_line_failure(output: &std::process::Output, code: i32) -> String {
     stderr
 }
 
-const SUBCOMMANDS: [&str; 7] = ["get", "set", "del", "bulk", "status", "search", "similar"];
+const SUBCOMMANDS: [&str; 9] = [
+    "get", "set", "del", "ls", "txn", "bulk", "status", "search", "similar",
+];
 
 #[test]
 fn help_describes_every_subcommand_and_the_exit_codes() {
@@ -73,6 +75,7 @@ fn help_describes_every_subcommand_and_the_exit_codes() {
         "Exit status",
         "1  `get`: the key does not exist",
         "2  any other failure",
+        "3  a precondition failed",
     ] {
         assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
     }
@@ -111,6 +114,14 @@ fn bad_arguments_exit_2_with_one_line() {
         (vec!["--timeout-ms", "soon", "status"], "soon"),
         (vec!["search"], "<QUERY>"),
         (vec!["del", "k", "extra"], "extra"),
+        (vec!["del"], "<KEY>"),
+        (vec!["set", "k", "v", "--if-version", "x"], "--if-version"),
+        (
+            vec!["set", "k", "v", "--if-version", "1", "--if-absent"],
+            "--if-absent",
+        ),
+        (vec!["del", "--prefix", "p", "k"], "--prefix"),
+        (vec!["ls", "--page-size", "0"], "--page-size"),
     ] {
         let output = kvclient().args(&args).output().unwrap();
         let stderr = assert_one_line_failure(&output, 2);
@@ -154,8 +165,10 @@ fn endpoints_come_from_the_environment() {
 #[test]
 fn local_errors_are_reported_before_any_request() {
     let endpoint = format!("http://127.0.0.1:{}", unused_port());
-    let cases: [(&[&str], &str, &str); 5] = [
+    let cases: [(&[&str], &str, &str); 7] = [
         (&["get", ""], "", "invalid key"),
+        (&["del", "--prefix", ""], "", "prefix to delete is empty"),
+        (&["txn"], "{not json", "parsing the transaction JSON"),
         (
             &["--endpoints", "https://x:1", "status"],
             "",

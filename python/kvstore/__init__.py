@@ -11,14 +11,17 @@ exceptions; ``kvstore.codec`` the value encoding rule; ``kvstore.cluster``
 helpers that start real kvd/kvsup processes.
 """
 
-from .client import BulkResult, KVClient, Response, SearchHit
+from .client import BulkResult, Item, KVClient, Response, SearchHit, Versioned
 from .codec import Value
 from .errors import (
     ConnectError,
+    Current,
     InvalidKeyError,
+    InvalidRequestError,
     InvalidValueError,
     KVError,
     KVTimeoutError,
+    PreconditionFailedError,
     ServerError,
     TransportError,
     UnavailableError,
@@ -28,9 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVClient",
-    "SearchHit",
+    "Item",
+    "Versioned",
     "BulkResult",
+    "SearchHit",
     "Response",
+    "Current",
     "Value",
     "KVError",
     "ServerError",
@@ -40,5 +46,7 @@ __all__ = [
     "KVTimeoutError",
     "InvalidKeyError",
     "InvalidValueError",
+    "InvalidRequestError",
+    "PreconditionFailedError",
     "__version__",
 ]

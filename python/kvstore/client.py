@@ -19,8 +19,14 @@ client (``kvclient/src/client.rs``):
 - when the budget runs out the last error is raised, so its ``retryable``
   still tells what kind of failure it was.
 
-Retrying writes is sound because every call is idempotent: a PUT, DELETE or
-bulk write repeated with the same content leaves the same state.
+Retrying writes is sound because every plain write is idempotent: a PUT,
+DELETE or bulk write repeated with the same content leaves the same state. A
+conditional write (``if_version=``, ``if_absent=``) or a transaction with
+compares is retried only after failures that wrote nothing: after one whose
+outcome is unknown (a timeout, 503 ``commit_timeout``) the first attempt may
+have won, and a retry would then be refused by its own success. That error is
+raised instead (its ``outcome_unknown`` is true), so a 412 from this client
+always means "this write did not happen".
 
 Values: ``bytes`` are stored raw, every other value as JSON text; ``get``
 returns the decoded JSON value, or ``bytes`` for values that are not JSON.
@@ -33,6 +39,7 @@ of the primary.
 from __future__ import annotations
 
 import base64
+import builtins
 import http.client
 import json
 import os
@@ -40,7 +47,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -51,12 +58,15 @@ from .errors import (
     RETRYABLE_STATUSES,
     ConfigError,
     ConnectError,
+    Current,
     DecodeError,
     InvalidEndpointError,
     InvalidKeyError,
+    InvalidRequestError,
     KVError,
     KVTimeoutError,
     NoPrimaryError,
+    PreconditionFailedError,
     RedirectLoopError,
     ResponseTooLargeError,
     ServerError,
@@ -68,6 +78,9 @@ __all__ = [
     "KVClient",
     "SearchHit",
     "BulkResult",
+    "Item",
+    "Versioned",
+    "Current",
     "Response",
     "DEFAULT_ENDPOINT",
     "MAX_KEY_BYTES",
@@ -91,6 +104,14 @@ RETRY_AFTER_MS_HEADER = "X-KV-Retry-After-Ms"
 #: Error code of the server's 404 for an absent key (an unknown route gets
 #: ``not_found``, which is an error, not "absent").
 KEY_NOT_FOUND = "key_not_found"
+
+#: Headers with a key's versions on ``GET /v1/kv/{key}`` (docs/DESIGN.md §2.10).
+MOD_INDEX_HEADER = "X-KV-Mod-Index"
+CREATE_INDEX_HEADER = "X-KV-Create-Index"
+VERSION_HEADER = "X-KV-Version"
+
+#: Most keys one range page may ask for.
+MAX_PAGE_SIZE = 10_000
 
 #: Shortest time worth starting another attempt with.
 _MIN_USEFUL_ATTEMPT = 0.02
@@ -120,6 +141,46 @@ class BulkResult:
     index: int
     #: Number of items written.
     count: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One key of a range, with its versions (docs/DESIGN.md §2.11)."""
+
+    key: str
+    #: The exact stored bytes; ``None`` in a keys-only listing.
+    raw: bytes | None
+    #: Log index of the write that created the key.
+    create_index: int
+    #: Log index of its last write: what ``if_version=`` takes.
+    mod_index: int
+    #: Writes since its creation (1 after the first).
+    version: int
+
+    @property
+    def value(self) -> Any:
+        """The value decoded by the codec rule (JSON value, else ``bytes``);
+        ``None`` in a keys-only listing."""
+        return None if self.raw is None else decode_value(self.raw)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A value with its key's versions, from :meth:`KVClient.get_versioned`."""
+
+    #: The exact stored bytes.
+    raw: bytes
+    create_index: int
+    #: Log index of the key's last write: what ``if_version=`` takes.
+    mod_index: int
+    version: int
+    #: The ``ETag`` as sent (``"<mod_index>"``; masterless: the key's stamp).
+    etag: str | None
+
+    @property
+    def value(self) -> Any:
+        """The value decoded by the codec rule (JSON value, else ``bytes``)."""
+        return decode_value(self.raw)
 
 
 @dataclass(frozen=True)
@@ -399,7 +460,7 @@ class KVClient:
         return f"KVClient({self.endpoints!r})"
 
     @property
-    def endpoints(self) -> list[str]:
+    def endpoints(self) -> builtins.list[str]:
         """The configured endpoints, normalised."""
         return list(self._endpoints.configured)
 
@@ -427,6 +488,19 @@ class KVClient:
 
     def get_raw(self, key: str, *, consistent: bool = False) -> bytes | None:
         """The exact stored bytes of ``key``, or ``None`` when absent."""
+        resp = self._get_key(key, consistent)
+        return None if resp is None else resp.body
+
+    def get_versioned(self, key: str, *, consistent: bool = False) -> Versioned | None:
+        """The value of ``key`` with its versions (``create_index``,
+        ``mod_index``, ``version``, from the answer's headers), or ``None``
+        when absent. ``consistent=True`` as for :meth:`get`: the start of a
+        compare-and-swap that should not begin from a stale secondary."""
+        resp = self._get_key(key, consistent)
+        return None if resp is None else _versioned(resp)
+
+    def _get_key(self, key: str, consistent: bool) -> Response | None:
+        """The 200 answer to a GET of ``key``, or ``None`` when absent."""
         path = key_path(key)
         if consistent:
             path += "?consistent=true"
@@ -438,33 +512,150 @@ class KVClient:
             if err.code == KEY_NOT_FOUND:
                 return None
             raise err
-        resp.raise_for_status()
-        return resp.body
+        return resp.raise_for_status()
 
-    def set(self, key: str, value: Value) -> int:
+    def set(
+        self,
+        key: str,
+        value: Value,
+        *,
+        if_version: int | None = None,
+        if_absent: bool = False,
+        debug_flaky: float | None = None,
+    ) -> int:
         """Stores ``value`` under ``key`` (bytes raw, anything else as JSON)
-        and returns the write's log index once the server reports it durable
-        (and committed, in a cluster)."""
-        path = key_path(key)
+        and returns the write's log index (the key's new ``mod_index``) once
+        the server reports it durable (and committed, in a cluster).
+
+        ``if_version=N`` writes only if the key exists with ``mod_index`` N,
+        ``if_absent=True`` only if it does not exist; otherwise
+        :class:`~kvstore.errors.PreconditionFailedError` (nothing written,
+        ``current`` says what the key is now). Such a write is not retried
+        after a failure whose outcome is unknown: that error is raised, its
+        ``outcome_unknown`` true; read the key back to learn what happened
+        (a value that names its writer makes that read decisive).
+        ``debug_flaky=P`` (nodes with ``--enable-debug``) logs the write but
+        skips applying it with probability P (docs/DESIGN.md §2.9)."""
+        headers = _precondition(if_version, if_absent)
+        if headers and debug_flaky is not None:
+            # The node refuses it too (400): a conditional write is a
+            # transaction, which debug_flaky does not apply to.
+            raise InvalidRequestError("debug_flaky does not go with if_version or if_absent")
+        path = key_path(key) + _flaky_query(debug_flaky)
         body = encode_value(value)
-        resp = self._execute("PUT", path, body, "application/octet-stream")
+        resp = self._execute(
+            "PUT", path, body, "application/octet-stream", headers, conditional=bool(headers)
+        )
         return int(_decode_field(resp, "set response", "index", int))
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, *, if_version: int | None = None) -> bool:
         """Deletes ``key``; returns whether it existed. Deleting an absent key
-        is not an error (so retries are safe)."""
+        is not an error (so retries are safe). ``if_version=N`` deletes only
+        if the key exists with ``mod_index`` N, as for :meth:`set`."""
         path = key_path(key)
-        resp = self._execute("DELETE", path, None, None)
+        headers = _precondition(if_version, False)
+        resp = self._execute("DELETE", path, None, None, headers, conditional=bool(headers))
         return bool(_decode_field(resp, "delete response", "deleted", bool))
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every key that starts with ``prefix`` in one log record
+        (atomically); returns how many there were. An empty prefix is refused
+        before sending: it would delete every key."""
+        if prefix == "":
+            raise InvalidRequestError("the prefix to delete is empty (that would delete every key)")
+        validate_key(prefix)  # a prefix of a valid key is a valid key
+        resp = self._execute("DELETE", "/v1/kv?prefix=" + quote(prefix, safe=""), None, None)
+        return int(_decode_field(resp, "delete prefix response", "deleted", int))
+
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        keys_only: bool = False,
+        page_size: int | None = None,
+        consistent: bool = False,
+    ) -> Iterator[Item]:
+        """The keys that start with ``prefix`` (all keys for ``""``), in byte
+        order, as :class:`Item` s; a generator that reads the next page (of
+        ``page_size`` keys, the node's default 100) when it needs it. A key
+        present throughout the listing is seen exactly once; one written or
+        deleted meanwhile may or may not be."""
+        return self._items(_bounds({"prefix": prefix}), keys_only, page_size, consistent)
+
+    def range(
+        self,
+        start: str | None = None,
+        end: str | None = None,
+        *,
+        keys_only: bool = False,
+        page_size: int | None = None,
+        consistent: bool = False,
+    ) -> Iterator[Item]:
+        """The keys ``k`` with ``start <= k < end`` (either end open when
+        ``None``), in byte order; paged as :meth:`list`."""
+        return self._items(_span(start, end), keys_only, page_size, consistent)
+
+    def count(
+        self,
+        prefix: str | None = None,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        consistent: bool = False,
+    ) -> int:
+        """How many keys start with ``prefix``, or lie in ``[start, end)``
+        (every key without either), in one request."""
+        if prefix is not None and (start is not None or end is not None):
+            raise InvalidRequestError("count takes a prefix or start/end, not both")
+        params = _bounds({"prefix": prefix}) if prefix is not None else _span(start, end)
+        params["count_only"] = "true"
+        if consistent:
+            params["consistent"] = "true"
+        resp = self._execute("GET", _range_path(params), None, None)
+        return int(_decode_field(resp, "range count", "count", int))
+
+    def txn(
+        self,
+        compare: Sequence[Mapping[str, Any]] | None = None,
+        success: Sequence[Mapping[str, Any]] | None = None,
+        failure: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Runs a transaction (docs/DESIGN.md §2.13) as one log record: if
+        every compare holds the ``success`` ops run, else the ``failure``
+        ops. The lists hold the API's plain dicts, values as JSON strings or
+        ``{"base64": ...}``::
+
+            kv.txn(compare=[{"key": "a", "target": "mod_index", "op": "==", "value": 9}],
+                   success=[{"put": {"key": "a", "value": "new"}}],
+                   failure=[{"get": {"key": "a"}}])
+
+        Returns the decoded answer ``{"succeeded", "index", "results"}``.
+        The node checks the body (400 ``invalid_txn`` naming the part at
+        fault). With compares it is retried as a conditional write is."""
+        body: dict[str, Any] = {}
+        for name, ops in (("compare", compare), ("success", success), ("failure", failure)):
+            if ops is not None:
+                body[name] = [dict(op) for op in ops]
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        resp = self._execute("POST", "/v1/txn", data, "application/json", conditional=bool(compare))
+        doc = _decode_json(resp, "transaction answer")
+        if not isinstance(doc, dict) or not isinstance(doc.get("succeeded"), bool):
+            raise DecodeError(
+                f"cannot decode transaction answer from {resp.endpoint}", endpoint=resp.endpoint
+            )
+        return doc
+
     def bulk_set(
-        self, items: Iterable[tuple[str, Value]] | Mapping[str, Value]
+        self,
+        items: Iterable[tuple[str, Value]] | Mapping[str, Value],
+        *,
+        debug_flaky: float | None = None,
     ) -> BulkResult:
         """Writes every ``(key, value)`` pair atomically: after the call, and
         after a crash, either all of them are visible or none is. Values are
         encoded like :meth:`set`'s; bytes travel as ``{"base64": ...}``.
         Duplicate keys: the last wins. Every key and value is checked before
-        anything is sent."""
+        anything is sent. ``debug_flaky`` as for :meth:`set`."""
         pairs = items.items() if isinstance(items, Mapping) else items
         wire: list[dict[str, Any]] = []
         for key, value in pairs:
@@ -477,7 +668,8 @@ class KVClient:
                 wire_value = encoded.decode("utf-8")
             wire.append({"key": key, "value": wire_value})
         body = json.dumps({"items": wire}, separators=(",", ":")).encode("utf-8")
-        resp = self._execute("POST", "/v1/bulk", body, "application/json")
+        path = "/v1/bulk" + _flaky_query(debug_flaky)
+        resp = self._execute("POST", path, body, "application/json")
         doc = _decode_json(resp, "bulk response")
         try:
             return BulkResult(index=int(doc["index"]), count=int(doc["count"]))
@@ -487,13 +679,45 @@ class KVClient:
                 endpoint=resp.endpoint,
             ) from err
 
-    def search(self, q: str, limit: int = 10) -> list[SearchHit]:
+    def _items(
+        self, params: dict[str, str], keys_only: bool, page_size: int | None, consistent: bool
+    ) -> Iterator[Item]:
+        """Checks the arguments now, then pages lazily."""
+        params = dict(params)
+        if page_size is not None:
+            if not 1 <= page_size <= MAX_PAGE_SIZE:
+                raise InvalidRequestError(f"page_size {page_size} is not within 1..={MAX_PAGE_SIZE}")
+            params["limit"] = str(int(page_size))
+        for name, on in (("keys_only", keys_only), ("consistent", consistent)):
+            if on:
+                params[name] = "true"
+        return self._pages(params)
+
+    def _pages(self, params: dict[str, str]) -> Iterator[Item]:
+        token: str | None = None
+        while True:
+            query = params if token is None else {**params, "page_token": token}
+            resp = self._execute("GET", _range_path(query), None, None)
+            doc = _decode_json(resp, "range page")
+            items, token = _page(doc, resp.endpoint)
+            yield from items
+            if token is None:
+                return
+            if not items:
+                # A node naming a next page after an empty one would have
+                # this generator ask forever.
+                raise DecodeError(
+                    f"range page from {resp.endpoint} is empty but names a next page",
+                    endpoint=resp.endpoint,
+                )
+
+    def search(self, q: str, limit: int = 10) -> builtins.list[SearchHit]:
         """Full-text search (BM25; nodes started with ``--index``), best hit
         first."""
         query = f"/v1/search?q={quote(q, safe='')}&limit={int(limit)}"
         return self._hits(self._execute("GET", query, None, None), "search response")
 
-    def search_similar(self, q: str, top_k: int = 5) -> list[SearchHit]:
+    def search_similar(self, q: str, top_k: int = 5) -> builtins.list[SearchHit]:
         """TF-IDF cosine similarity to ``q`` (``--index``), best first."""
         query = f"/v1/similar?q={quote(q, safe='')}&top_k={int(top_k)}"
         return self._hits(self._execute("GET", query, None, None), "similar response")
@@ -534,10 +758,19 @@ class KVClient:
     # -- the retry/redirect loop ----------------------------------------
 
     def _execute(
-        self, method: str, path: str, body: bytes | None, content_type: str | None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str | None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        conditional: bool = False,
     ) -> Response:
         """Returns the first answer that is neither a redirect nor a retryable
-        status; raises the last error when the budget runs out."""
+        status; raises the last error when the budget runs out. A
+        ``conditional`` request is not retried after a failure whose outcome
+        is unknown (see the module docstring)."""
         deadline = time.monotonic() + self.retry_deadline
         target = self._endpoints.current()
         retries = 0
@@ -550,9 +783,11 @@ class KVClient:
             attempt_timeout = max(min(self.timeout, remaining), 0.001)
             hint: str | None = None
             try:
-                resp = self._attempt(target, method, path, body, content_type, attempt_timeout)
+                resp = self._attempt(
+                    target, method, path, body, content_type, headers, attempt_timeout
+                )
             except KVError as err:
-                if not err.retryable:
+                if not err.retryable or (conditional and err.outcome_unknown):
                     raise
                 error: KVError = err
             else:
@@ -576,6 +811,8 @@ class KVClient:
                 elif resp.status in RETRYABLE_STATUSES:
                     hint = _primary_hint(resp.headers)
                     error = _server_error(resp)
+                    if conditional and error.outcome_unknown:
+                        raise error
                 else:
                     return resp
             asked = getattr(error, "retry_after", None)
@@ -611,13 +848,14 @@ class KVClient:
         path: str,
         body: bytes | None,
         content_type: str | None,
+        extra_headers: Mapping[str, str] | None,
         timeout: float,
     ) -> Response:
         """One HTTP exchange with one node, body included. A reused keep-alive
         connection that the server closed meanwhile is replaced once, at no
         cost to the retry budget."""
         prefix = urlsplit(endpoint).path
-        headers = {"User-Agent": _USER_AGENT, "Accept": "*/*"}
+        headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", **(extra_headers or {})}
         if content_type is not None:
             headers["Content-Type"] = content_type
         while True:
@@ -691,7 +929,7 @@ class KVClient:
         return data
 
     @staticmethod
-    def _hits(resp: Response, what: str) -> list[SearchHit]:
+    def _hits(resp: Response, what: str) -> builtins.list[SearchHit]:
         doc = _decode_json(resp, what)
         try:
             return [SearchHit(key=str(h["key"]), score=float(h["score"])) for h in doc["hits"]]
@@ -720,6 +958,115 @@ def _decode_field(resp: Response, what: str, field: str, kind: type) -> Any:
             endpoint=resp.endpoint,
         )
     return value
+
+
+def _versioned(resp: Response) -> Versioned:
+    """The versions of a ``GET /v1/kv/{key}`` answer, from its headers."""
+
+    def number(name: str) -> int:
+        value = resp.headers.get(name.lower(), "").strip()
+        if not value.isdigit():
+            raise DecodeError(
+                f"cannot decode versioned read from {resp.endpoint}: {name} is {value!r}",
+                endpoint=resp.endpoint,
+            )
+        return int(value)
+
+    return Versioned(
+        raw=resp.body,
+        create_index=number(CREATE_INDEX_HEADER),
+        mod_index=number(MOD_INDEX_HEADER),
+        version=number(VERSION_HEADER),
+        etag=resp.headers.get("etag"),
+    )
+
+
+def _precondition(if_version: int | None, if_absent: bool) -> dict[str, str]:
+    """The ``If-Match`` / ``If-None-Match`` header of a conditional write
+    (docs/DESIGN.md §2.12); none for a plain one."""
+    if if_version is not None and if_absent:
+        raise InvalidRequestError("if_version and if_absent exclude each other")
+    if if_version is not None:
+        if isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0:
+            raise InvalidRequestError(
+                f"if_version must be a mod_index (an int >= 0), not {if_version!r}"
+            )
+        return {"If-Match": f'"{if_version}"'}
+    if if_absent:
+        return {"If-None-Match": "*"}
+    return {}
+
+
+def _flaky_query(debug_flaky: float | None) -> str:
+    """``?debug_flaky=P`` for a write (docs/DESIGN.md §2.9), or nothing."""
+    if debug_flaky is None:
+        return ""
+    if not 0.0 <= debug_flaky <= 1.0:  # NaN too
+        raise InvalidRequestError(f"debug_flaky must be within 0.0..=1.0, not {debug_flaky!r}")
+    return f"?debug_flaky={float(debug_flaky)!r}"
+
+
+def _span(start: str | None, end: str | None) -> dict[str, str]:
+    """The parameters of ``[start, end)``; refuses a start after the end, as
+    the node would. Python orders str by code point, which is UTF-8's byte
+    order."""
+    if start is not None and end is not None and start > end:
+        raise InvalidRequestError(f"range start {start!r} is after its end {end!r}")
+    params = {}
+    if start is not None:
+        params["start"] = start
+    if end is not None:
+        params["end"] = end
+    return _bounds(params)
+
+
+def _bounds(params: dict[str, str]) -> dict[str, str]:
+    """``params``, unless a bound or prefix is longer than a key can be (the
+    node's 400 ``invalid_range``)."""
+    for name, bound in params.items():
+        size = len(bound.encode("utf-8", errors="surrogatepass"))
+        if size > MAX_KEY_BYTES:
+            raise InvalidRequestError(f"range {name} is {size} bytes, the limit is {MAX_KEY_BYTES}")
+    return params
+
+
+def _range_path(params: Mapping[str, str]) -> str:
+    return "/v1/kv?" + "&".join(f"{name}={quote(v, safe='')}" for name, v in params.items())
+
+
+def _page(doc: Any, endpoint: str) -> tuple[list[Item], str | None]:
+    """A range page's items and its ``next_page_token``."""
+    try:
+        items = [_item(raw) for raw in doc["items"]]
+        token = doc.get("next_page_token")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"next_page_token is {token!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DecodeError(
+            f"cannot decode range page from {endpoint}: {err!r}", endpoint=endpoint
+        ) from err
+    return items, token
+
+
+def _item(raw: Mapping[str, Any]) -> Item:
+    value = raw.get("value")
+    return Item(
+        key=str(raw["key"]),
+        raw=None if value is None else _wire_bytes(value),
+        create_index=int(raw["create_index"]),
+        mod_index=int(raw["mod_index"]),
+        version=int(raw["version"]),
+    )
+
+
+def _wire_bytes(value: Any) -> bytes:
+    """The bytes of a value as the API's JSON carries it: a string (its
+    UTF-8) or ``{"base64": "..."}``; ``ValueError`` for anything else."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, dict) and set(value) == {"base64"} and isinstance(value["base64"], str):
+        return base64.b64decode(value["base64"], validate=True)
+    raise ValueError(f"not a string or {{'base64': ...}}: {value!r}")
 
 
 def _primary_hint(headers: Mapping[str, str]) -> str | None:
@@ -789,6 +1136,12 @@ def _server_error(resp: Response) -> ServerError:
             message = _one_line(detail["message"])
     except (ValueError, TypeError, KeyError, AttributeError):
         pass
+    if status == 412 and code == "precondition_failed":
+        current = _current(resp.body)
+        if current is not None:
+            return PreconditionFailedError(
+                message or fallback(), endpoint=resp.endpoint, current=current
+            )
     cls = UnavailableError if status in RETRYABLE_STATUSES else ServerError
     return cls(
         message or fallback(),
@@ -797,6 +1150,21 @@ def _server_error(resp: Response) -> ServerError:
         code=code,
         retry_after=_parse_retry_after(resp.headers),
     )
+
+
+def _current(body: bytes) -> Current | None:
+    """The key's state beside a 412's error (docs/DESIGN.md §2.12), if the
+    body has it."""
+    try:
+        raw = json.loads(body)["current"]
+        return Current(
+            exists=bool(raw["exists"]),
+            create_index=int(raw.get("create_index", 0)),
+            mod_index=int(raw.get("mod_index", 0)),
+            version=int(raw.get("version", 0)),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _one_line(text: str) -> str:

@@ -17,6 +17,8 @@ program and the ``kvclient`` CLI report the same failure the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
     "KVError",
     "InvalidKeyError",
@@ -32,13 +34,24 @@ __all__ = [
     "ResponseTooLargeError",
     "RedirectLoopError",
     "NoPrimaryError",
+    "InvalidRequestError",
+    "PreconditionFailedError",
+    "Current",
     "RETRYABLE_STATUSES",
     "NOT_APPLIED_CODES",
+    "NOT_WRITTEN_CODES",
 ]
 
 #: Server codes of refusals that wrote nothing (the same set as the Rust
 #: client's ``Error::was_not_applied``).
 NOT_APPLIED_CODES = frozenset({"writes_paused", "transfer_in_progress", "no_primary", "overloaded"})
+
+#: 5xx codes of refusals before anything was logged (docs/DESIGN.md §2.7,
+#: "was it written? no"); any other 5xx may hide a logged write. The same
+#: set as the Rust client's.
+NOT_WRITTEN_CODES = NOT_APPLIED_CODES | frozenset(
+    {"memory_full", "storage_unavailable", "data_dir_lost", "wal_unavailable", "write_superseded"}
+)
 
 #: Statuses that mean "not now" rather than "not like this": overloaded,
 #: paused for a mode switch, commit timed out, proxy trouble.
@@ -72,6 +85,17 @@ class KVError(Exception):
         that retrying a write cannot apply it twice: writes paused (mode
         switch), a primary handing over, no primary yet, or overload."""
         return self.code in NOT_APPLIED_CODES
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Whether a write that failed this way may have been applied all
+        the same: the answer was lost (a timeout, a connection broken after
+        the request went out), or the node logged the write and could not
+        say whether it committed (503 ``commit_timeout``, ``quorum_timeout``,
+        or any 5xx outside :data:`NOT_WRITTEN_CODES`). The client does not
+        retry a conditional write after such a failure; read the key back to
+        learn what happened."""
+        return False
 
 
 class InvalidKeyError(KVError, ValueError):
@@ -123,6 +147,41 @@ class ServerError(KVError):
     def __str__(self) -> str:
         return f"{self.endpoint} answered {self.status}: {self.message} ({self.code})"
 
+    @property
+    def outcome_unknown(self) -> bool:
+        return (self.status or 0) >= 500 and self.code not in NOT_WRITTEN_CODES
+
+
+@dataclass(frozen=True)
+class Current:
+    """A key's state as a failed precondition reports it: whether it exists
+    and its versions (all 0 when it does not)."""
+
+    exists: bool
+    create_index: int = 0
+    #: Log index of its last write: what ``if_version`` names.
+    mod_index: int = 0
+    #: Writes since its creation (1 after the first).
+    version: int = 0
+
+    def __str__(self) -> str:
+        if not self.exists:
+            return "the key does not exist"
+        return f"the key has mod_index {self.mod_index}, version {self.version}"
+
+
+class PreconditionFailedError(ServerError):
+    """412 ``precondition_failed``: a conditional write's precondition did
+    not hold, and nothing was written. ``current`` is the key's state when
+    the node checked, so a compare-and-swap loop can retry from it."""
+
+    def __init__(self, message: str, *, endpoint: str, current: Current) -> None:
+        super().__init__(message, endpoint=endpoint, status=412, code="precondition_failed")
+        self.current = current
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} answered 412: {self.message} ({self.code}; {self.current})"
+
 
 class UnavailableError(ServerError):
     """A retryable error status (429, 502, 503, 504): overloaded, paused, or a
@@ -136,12 +195,21 @@ class TransportError(KVError):
     code = "transport"
     retryable = True
 
+    @property
+    def outcome_unknown(self) -> bool:
+        # The request may have reached the node before the exchange broke.
+        return True
+
 
 class ConnectError(TransportError):
     """No TCP connection could be made (refused, unreachable, connect
     timeout): usually the node is down."""
 
     code = "connect"
+
+    @property
+    def outcome_unknown(self) -> bool:
+        return False  # nothing was sent
 
 
 class KVTimeoutError(TransportError, TimeoutError):
@@ -168,6 +236,14 @@ class RedirectLoopError(KVError):
     that each believe the other is primary)."""
 
     code = "redirect_loop"
+
+
+class InvalidRequestError(KVError, ValueError):
+    """A request the client refuses to send whatever the key (an empty prefix
+    to delete, both ``if_version`` and ``if_absent``, a page size out of
+    range, a range that starts after its end); nothing was sent."""
+
+    code = "invalid_request"
 
 
 class NoPrimaryError(KVError):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from kvstore.client import KVClient
 from kvstore.cluster import Node, start_node, wait_until
-from kvstore.errors import KVError
+from kvstore.errors import KVError, ServerError
 
 
 def test_set_graceful_exit_get(node: Node, kv: KVClient) -> None:
@@ -63,30 +65,28 @@ def test_bulk_set_then_sigkill_is_all_or_nothing(node: Node) -> None:
 def test_debug_flaky_write_is_recovered_by_a_restart(node: Node, kv: KVClient) -> None:
     # With P = 1.0 the write is made durable but not applied in memory, as if
     # the node crashed between log and apply; the restart's replay applies it.
-    resp = kv.request("PUT", "/v1/kv/flaky?debug_flaky=1.0", b'"durable"').raise_for_status()
-    assert resp.json()["index"] >= 1
-    resp = kv.request(
-        "POST",
-        "/v1/bulk?debug_flaky=1.0",
-        b'{"items":[{"key":"fb1","value":"1"},{"key":"fb2","value":{"base64":"AAE="}}]}',
-        "application/json",
-    ).raise_for_status()
+    assert kv.set("flaky", "durable", debug_flaky=1.0) >= 1
+    assert kv.bulk_set([("fb1", 1), ("fb2", b"\x00\x01")], debug_flaky=1.0).count == 2
     assert kv.get("flaky") is None and kv.get("fb1") is None, "not applied before the restart"
     node.kill()
     node.restart()
     assert kv.get("flaky") == "durable"
     assert (kv.get("fb1"), kv.get("fb2")) == (1, b"\x00\x01")
+    # P = 0.0 applies as usual.
+    kv.set("steady", 1, debug_flaky=0.0)
+    kv.bulk_set({"steady2": 2}, debug_flaky=0.0)
+    assert (kv.get("steady"), kv.get("steady2")) == (1, 2)
 
 
 def test_debug_flaky_is_refused_without_enable_debug(tmp_path: Path) -> None:
     with start_node(tmp_path / "plain") as n:
         kv = n.client()
-        resp = kv.request("PUT", "/v1/kv/k?debug_flaky=1.0", b"v")
-        assert resp.status == 400
-        resp = kv.request(
-            "POST", "/v1/bulk?debug_flaky=1.0", b'{"items":[{"key":"b","value":"1"}]}', "application/json"
-        )
-        assert resp.status == 400
+        with pytest.raises(ServerError) as err:
+            kv.set("k", b"v", debug_flaky=1.0)
+        assert (err.value.status, err.value.code) == (400, "debug_disabled")
+        with pytest.raises(ServerError) as err:
+            kv.bulk_set([("b", "1")], debug_flaky=1.0)
+        assert (err.value.status, err.value.code) == (400, "debug_disabled")
         # Refused means nothing written: not in memory, not in the log (a
         # restart would replay it).
         assert kv.get_raw("k") is None and kv.get_raw("b") is None

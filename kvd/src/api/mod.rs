@@ -441,6 +441,10 @@ impl AppState {
         }
     }
 
+    fn is_masterless(&self) -> bool {
+        self.node.mode() == Some(kvproto::Mode::Masterless)
+    }
+
     /// Logs a write and waits for its commit, within the commit timeout.
     async fn write(&self, op: Op, apply: bool) -> Result<Written, ApiError> {
         Ok(self.node.write(op, apply).await?)
@@ -600,10 +604,11 @@ async fn put_key(
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     Params(params): Params<WriteParams>,
-    Condition(pre): Condition,
+    condition: Condition,
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    let pre = condition.check(st.is_masterless())?;
     if pre.is_some() && params.debug_flaky.is_some() {
         return Err(flaky_and_conditional());
     }
@@ -641,9 +646,10 @@ async fn delete_key(
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
-    Condition(pre): Condition,
+    condition: Condition,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    let pre = condition.check(st.is_masterless())?;
     st.check_primary(&uri)?;
     let key = Bytes::from(key.into_bytes());
     let (deleted, index, stamp) = match pre {

@@ -13,6 +13,7 @@ use kvproto::code;
 use super::wire::Current;
 use super::ApiError;
 use crate::model::{Cmp, Compare, OpResult, Target, Txn, TxnOp, TxnResult};
+use crate::node::WriteError;
 
 /// What a conditional write asks of its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,18 +26,41 @@ pub enum Precondition {
     Absent,
 }
 
-/// The request's precondition, if it has one: an extractor, so that the
+/// The request's precondition headers, parsed: an extractor, so that the
 /// headers are read in place (the hot unconditional PUT copies nothing).
+/// It refuses nothing itself: a masterless node refuses any precondition,
+/// whatever its form (its own ETags are stamps), before it looks at one
+/// ([`Condition::check`]).
 #[derive(Debug)]
-pub struct Condition(pub Option<Precondition>);
+pub struct Condition {
+    /// The request has an `If-Match` or `If-None-Match` header.
+    present: bool,
+    parsed: Result<Option<Precondition>, String>,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Condition {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let delete = parts.method == Method::DELETE;
-        precondition(&parts.headers, delete)
-            .map(Condition)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Self, std::convert::Infallible> {
+        let h = &parts.headers;
+        Ok(Condition {
+            present: h.contains_key(header::IF_MATCH) || h.contains_key(header::IF_NONE_MATCH),
+            parsed: precondition(h, parts.method == Method::DELETE),
+        })
+    }
+}
+
+impl Condition {
+    /// The precondition to write under; `masterless`: the node is in
+    /// masterless mode, where none can hold (409).
+    pub fn check(self, masterless: bool) -> Result<Option<Precondition>, ApiError> {
+        if self.present && masterless {
+            return Err(WriteError::UnsupportedInMasterless.into());
+        }
+        self.parsed
             .map_err(|m| ApiError::bad_request(code::INVALID_PRECONDITION, m))
     }
 }
@@ -267,6 +291,34 @@ mod tests {
         assert!(!holds(Precondition::Absent, Some(&present)));
         let txn = conditional_txn(key.clone(), Precondition::Absent, TxnOp::Delete { key });
         assert!(matches!(txn.failure[..], [TxnOp::Get { .. }]));
+    }
+
+    #[test]
+    fn a_masterless_node_refuses_any_precondition_first() {
+        let c = |present, parsed| Condition { present, parsed };
+        let refused = c(true, Err("a stamp tag".to_string()))
+            .check(true)
+            .unwrap_err();
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (409, "unsupported_in_masterless")
+        );
+        let refused = c(true, Ok(Some(Precondition::Exists)))
+            .check(true)
+            .unwrap_err();
+        assert_eq!(refused.code, "unsupported_in_masterless");
+        assert_eq!(c(false, Ok(None)).check(true).unwrap(), None);
+        let malformed = c(true, Err("W/".to_string())).check(false).unwrap_err();
+        assert_eq!(
+            (malformed.status.as_u16(), malformed.code),
+            (400, "invalid_precondition")
+        );
+        assert_eq!(
+            c(true, Ok(Some(Precondition::Absent)))
+                .check(false)
+                .unwrap(),
+            Some(Precondition::Absent)
+        );
     }
 
     #[test]

@@ -17,10 +17,9 @@
 //!
 //! `cargo build --release && cargo bench --bench recovery` (`-- --help`).
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -355,22 +354,6 @@ fn run() -> Result<ExitCode> {
     })
 }
 
-/// VmRSS (and the peak) once two readings 300 ms apart agree within 1%, or
-/// after 10 s: a background snapshot or a rehash can briefly move it.
-fn settled_rss(pid: u32) -> Result<(u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = rss_kib(pid)?;
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = rss_kib(pid)?;
-        let diff = now.0.abs_diff(last.0) as f64;
-        if diff <= last.0 as f64 * 0.01 || Instant::now() > deadline {
-            return Ok(now);
-        }
-        last = now;
-    }
-}
-
 /// The kvd log line that reports what recovery did and how long it took.
 fn last_recovery_line(log: &str) -> Option<String> {
     log.lines()
@@ -415,43 +398,9 @@ fn redis_phases(dir: &Path, keys: u64, value_bytes: usize) -> Result<Vec<Phase>>
         "redis load {bar:40} {human_pos}/{human_len} keys {per_sec}",
     );
     let t0 = Instant::now();
-    let mut child = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "--pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running redis-cli --pipe (run benches/setup.sh to install it)")?;
-    {
-        let mut stdin = std::io::BufWriter::with_capacity(
-            1 << 20,
-            child.stdin.take().context("redis-cli stdin")?,
-        );
-        for i in 0..keys {
-            let key = preload_key(i);
-            let value = value_of(i, value_bytes);
-            write!(
-                stdin,
-                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
-                key.len(),
-                value.len()
-            )?;
-            if i % 10_000 == 0 {
-                pb.set_position(i);
-            }
-        }
-        stdin.flush()?;
-    }
-    let output = child.wait_with_output()?;
+    let pipe_report = redis_load(redis.port, keys, value_bytes, &pb)?;
     let load_secs = t0.elapsed().as_secs_f64();
     pb.finish();
-    let pipe_report = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    if !output.status.success() || !pipe_report.contains("errors: 0") {
-        bail!(
-            "redis-cli --pipe failed: {pipe_report}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
     let dbsize = redis_dbsize(redis.port)?;
     if dbsize != keys {
         bail!("redis holds {dbsize} keys after loading {keys}");
@@ -494,24 +443,4 @@ fn redis_phases(dir: &Path, keys: u64, value_bytes: usize) -> Result<Vec<Phase>>
         extra: json!({ "info_memory": redis_info(port, "memory") }),
     });
     Ok(out)
-}
-
-fn redis_dbsize(port: u16) -> Result<u64> {
-    let r = redis_cmd(port, "DBSIZE").map_err(anyhow::Error::msg)?;
-    r.trim()
-        .trim_start_matches(':')
-        .parse()
-        .with_context(|| format!("DBSIZE answered {r:?}"))
-}
-
-/// `INFO <section>` as a JSON object of its `field:value` lines.
-fn redis_info(port: u16, section: &str) -> Value {
-    let raw = redis_cmd(port, &format!("INFO {section}")).unwrap_or_default();
-    let mut m = serde_json::Map::new();
-    for line in raw.lines() {
-        if let Some((k, v)) = line.trim().split_once(':') {
-            m.insert(k.to_string(), json!(v));
-        }
-    }
-    Value::Object(m)
 }

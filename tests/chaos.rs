@@ -1,5 +1,7 @@
 //! Chaos: a kvsup-run 3-node cluster takes 16 concurrent clients (puts,
-//! deletes, bulks and linearizable reads through kvclient) while a chaos
+//! deletes, bulks and linearizable reads through kvclient; compare-and-sets,
+//! a linearizable read then a PUT with `If-Match` on its ETag, over plain
+//! HTTP) while a chaos
 //! monkey injects a fault every 5-10 s: SIGKILL, or SIGSTOP then SIGCONT
 //! (both through `kvsup kill`), or a forced step-down (a real vote request
 //! for the node's epoch + 1 from a candidate that cannot win, which the
@@ -22,9 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvclient::Bytes;
+use kvstore_testkit::api::{self, Outcome, Precondition};
 use kvstore_testkit::linearizability::{check, Kind, Operation};
-use kvstore_testkit::sup::{single_attempt_client, Supervised};
-use kvstore_testkit::{http_get, http_post_json, is_stopped, wait_until};
+use kvstore_testkit::sup::{kvd_args_spec, single_attempt_client, Supervised};
+use kvstore_testkit::{env_u64, http_get, http_post_json, is_stopped, wait_until};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -46,24 +49,8 @@ const MIN_WRITES: u64 = 500;
 const MIN_READS: u64 = 500;
 const MIN_DELETES: u64 = 50;
 const MIN_BULKS: u64 = 50;
+const MIN_CAS: u64 = 50;
 const MIN_UNKNOWN: u64 = 5;
-
-fn env_secs() -> u64 {
-    std::env::var("KVSTORE_CHAOS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
-}
-
-fn extra_spec() -> String {
-    match std::env::var("KVSTORE_CHAOS_KVD_ARGS") {
-        Ok(a) if !a.is_empty() => {
-            let quoted: Vec<String> = a.split(',').map(|x| format!("{x:?}")).collect();
-            format!("  kvdArgs: [{}]\n", quoted.join(", "))
-        }
-        _ => String::new(),
-    }
-}
 
 fn client(urls: &[String], first: usize) -> kvclient::Client {
     single_attempt_client(urls, first, Duration::from_secs(1))
@@ -84,6 +71,8 @@ struct Progress {
     puts: AtomicU64,
     deletes: AtomicU64,
     bulks: AtomicU64,
+    /// Compare-and-sets that wrote (the 412s are in `failures`).
+    cas: AtomicU64,
     reads: AtomicU64,
     /// Writes (of any kind) whose outcome is unknown.
     unknown: AtomicU64,
@@ -107,13 +96,19 @@ struct SinceFault {
 impl Progress {
     /// Records a failed write; says whether its outcome is unknown.
     fn failed(&self, e: &kvclient::Error) -> bool {
+        let wrote_nothing = e.was_not_applied() || matches!(e, kvclient::Error::Connect { .. });
+        self.count_failure(e.code(), wrote_nothing)
+    }
+
+    /// Records a failed write by its code; says whether its outcome is
+    /// unknown.
+    fn count_failure(&self, code: &str, wrote_nothing: bool) -> bool {
         *self
             .failures
             .lock()
             .unwrap()
-            .entry(e.code().to_string())
+            .entry(code.to_string())
             .or_default() += 1;
-        let wrote_nothing = e.was_not_applied() || matches!(e, kvclient::Error::Connect { .. });
         let counter = if wrote_nothing {
             &self.refused
         } else {
@@ -151,14 +146,18 @@ enum Planned {
     /// Distinct keys, all set to the same (per key unique) value.
     Bulk(Vec<String>),
     Read(String),
+    /// A linearizable read, then a write conditional on its ETag.
+    Cas(String),
 }
 
 impl Planned {
-    /// 40% puts, 10% deletes, 10% bulks of 2-4 keys, 40% reads.
+    /// 30% puts, 10% compare-and-sets, 10% deletes, 10% bulks of 2-4
+    /// keys, 40% reads.
     fn random(rng: &mut rand::rngs::StdRng) -> Planned {
         let key = |rng: &mut rand::rngs::StdRng| format!("k{}", rng.gen_range(0..KEYS));
         match rng.gen_range(0..10) {
-            0..=3 => Planned::Put(key(rng)),
+            0..=2 => Planned::Put(key(rng)),
+            3 => Planned::Cas(key(rng)),
             4 => Planned::Delete(key(rng)),
             5 => {
                 let n = rng.gen_range(2..=4);
@@ -239,12 +238,81 @@ async fn attempt(
             }
             Err(_) => return (false, Vec::new()),
         },
+        Planned::Cas(_) => unreachable!("compare-and-sets go through attempt_cas"),
     };
     if ok {
         counter.fetch_add(1, Ordering::Relaxed);
         progress.succeeded(call, matches!(ops[0].kind, Kind::Read(_)));
     }
     (ok, ops)
+}
+
+/// A compare-and-set of `key` to `value` on the node at `url` (one
+/// attempt, following a redirect to the primary): a linearizable read of
+/// the value and its ETag, then a PUT with `If-Match` on it (with
+/// `If-None-Match: *` if the key was absent). Returns what [`attempt`]
+/// does: the read, and the write unless it cannot have happened.
+async fn attempt_cas(
+    url: &str,
+    key: String,
+    value: u64,
+    client: usize,
+    start: Instant,
+    progress: &Progress,
+) -> (bool, Vec<Operation>) {
+    let http = api::client(Duration::from_secs(1));
+    let ns = || start.elapsed().as_nanos() as u64;
+    let op = |kind: Kind, call: u64, ret: Option<u64>| Operation {
+        key: key.clone(),
+        kind,
+        call,
+        ret,
+        client,
+    };
+    let call = ns();
+    let Ok(read) = api::get_versioned(&http, url, &key, true).await else {
+        return (false, Vec::new());
+    };
+    let seen = read.as_ref().map(|r| parse_id(&r.value));
+    let mut ops = vec![op(Kind::Read(seen), call, Some(ns()))];
+    progress.reads.fetch_add(1, Ordering::Relaxed);
+    progress.succeeded(call, true);
+    let pre = read.map_or(Precondition::IfAbsent, |r| {
+        Precondition::IfMatch(r.meta.mod_index)
+    });
+    let call = ns();
+    let ok = match api::put_if(&http, url, &key, value.to_string().as_bytes(), pre).await {
+        Outcome::Done(_) => Some(true),
+        Outcome::PreconditionFailed(_) => Some(false),
+        Outcome::NotWritten(code) => {
+            progress.count_failure(short(&code), true);
+            return (false, ops);
+        }
+        Outcome::Unknown(why) => {
+            progress.count_failure(short(&why), false);
+            None
+        }
+    };
+    let ret = ok.map(|_| ns());
+    if ok == Some(true) {
+        progress.cas.fetch_add(1, Ordering::Relaxed);
+        progress.succeeded(call, false);
+    } else if ok == Some(false) {
+        progress.count_failure("precondition_failed", true);
+    }
+    let kind = Kind::Cas {
+        expected: seen,
+        new: value,
+        ok,
+    };
+    ops.push(op(kind, call, ret));
+    (ok.is_some(), ops)
+}
+
+/// A failure's description without the parts that differ between
+/// attempts (URLs), to count failures by kind.
+fn short(why: &str) -> &str {
+    why.split(" (").next().unwrap_or(why)
 }
 
 async fn worker(
@@ -261,8 +329,14 @@ async fn worker(
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
-        let planned = Planned::random(&mut rng);
-        let (ok, ops) = attempt(&kv, planned, value_id(id, seq), id, start, &progress).await;
+        let value = value_id(id, seq);
+        let (ok, ops) = match Planned::random(&mut rng) {
+            Planned::Cas(key) => {
+                let url = &urls[endpoint % urls.len()];
+                attempt_cas(url, key, value, id, start, &progress).await
+            }
+            planned => attempt(&kv, planned, value, id, start, &progress).await,
+        };
         history.extend(ops);
         if !ok {
             // Move on to the next node, after a short backoff.
@@ -382,11 +456,7 @@ impl Monkey {
     }
 
     fn restarts(&self, node: &str) -> u64 {
-        self.c
-            .node_status(node)
-            .ok()
-            .and_then(|s| s["restarts"].as_u64())
-            .unwrap_or(0)
+        self.c.restarts(node)
     }
 
     fn pid(&self, node: &str) -> anyhow::Result<u32> {
@@ -398,12 +468,7 @@ impl Monkey {
     }
 
     fn kvsup_kill(&self, node: &str, signal: &str) -> anyhow::Result<()> {
-        let (st, out) = self.c.kvsup(&["kill", node, "--signal", signal])?;
-        anyhow::ensure!(
-            st.success(),
-            "kvsup kill --signal {signal} {node}: {st}: {out}"
-        );
-        Ok(())
+        self.c.signal(node, signal)
     }
 
     fn kill(&mut self, node: &str, was_primary: bool) -> anyhow::Result<()> {
@@ -508,20 +573,23 @@ async fn final_reads(
     finals
 }
 
-fn status_of(port: u16) -> Option<Value> {
-    let (code, body) = http_get(port, "/v1/status", Duration::from_secs(2)).ok()?;
-    (code == 200).then(|| serde_json::from_slice(&body).ok())?
-}
-
 /// Acknowledged writes and deletes whose effect the final state cannot
 /// show: the key's final value (or absence) comes only from operations
 /// that ended before this one began, so none of them can be ordered after
 /// it.
 fn lost_writes(history: &[Operation], finals: &HashMap<String, Option<u64>>) -> Vec<String> {
     let effect = |k: Kind| match k {
-        Kind::Write(v) => Some(Some(v)),
+        Kind::Write(v)
+        | Kind::Cas {
+            new: v,
+            ok: Some(true) | None,
+            ..
+        } => Some(Some(v)),
         Kind::Delete { .. } => Some(None),
-        Kind::Read(_) => None,
+        Kind::Read(_)
+        | Kind::Cas {
+            ok: Some(false), ..
+        } => None,
     };
     // For each (key, state), the latest return of an operation leaving the
     // key in that state (an unknown outcome has no bound).
@@ -547,9 +615,11 @@ fn lost_writes(history: &[Operation], finals: &HashMap<String, Option<u64>>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_linearizable() {
-    let secs = env_secs();
+    let secs = env_u64("KVSTORE_CHAOS_SECS", 120);
     let tmp = TempDir::new().unwrap();
-    let c = Arc::new(Supervised::apply(tmp.path(), 3, &extra_spec()).unwrap());
+    let c = Arc::new(
+        Supervised::apply(tmp.path(), 3, &kvd_args_spec("KVSTORE_CHAOS_KVD_ARGS")).unwrap(),
+    );
     let urls = c.urls();
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -605,6 +675,7 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
         count(&progress.bulks),
     );
     let (reads, unknown) = (count(&progress.reads), count(&progress.unknown));
+    let cas = count(&progress.cas);
     let refused = count(&progress.refused);
     let failures = progress.failures.lock().unwrap().clone();
     let failovers = c.metric("kvsup_failovers_total").unwrap();
@@ -621,7 +692,7 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
         .collect();
     eprintln!(
         "chaos: {:?}, {} faults ({} step-downs, {} kills of the primary); acknowledged: \
-         {puts} puts, {deletes} deletes, {bulks} bulks; {unknown} writes of unknown outcome, \
+         {puts} puts, {deletes} deletes, {bulks} bulks, {cas} compare-and-sets; {unknown} writes of unknown outcome, \
          {refused} refused having written nothing (failed writes by code: {failures:?}); \
          {reads} linearizable reads; {} keys; lost: {}; violations: {}; undecided: {}; \
          failovers {failovers}; restarts {restarts:?}; kills {:?}; problems: {}",
@@ -663,9 +734,14 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
     }
     // And enough of every operation took part to judge anything.
     for (what, n, min) in [
-        ("acknowledged writes", puts + deletes + bulks, MIN_WRITES),
+        (
+            "acknowledged writes",
+            puts + deletes + bulks + cas,
+            MIN_WRITES,
+        ),
         ("acknowledged deletes", deletes, MIN_DELETES),
         ("acknowledged bulks", bulks, MIN_BULKS),
+        ("acknowledged compare-and-sets", cas, MIN_CAS),
         ("linearizable reads", reads, MIN_READS),
         ("writes of unknown outcome", unknown, MIN_UNKNOWN),
     ] {
@@ -673,14 +749,5 @@ async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_li
     }
 
     // All nodes converge to the same contents.
-    let ports: Vec<u16> = c.nodes.iter().map(|n| n.1).collect();
-    let mut last = Vec::new();
-    let same = wait_until(Duration::from_secs(30), || {
-        last = ports
-            .iter()
-            .map(|p| status_of(*p).map(|s| (s["digest"].clone(), s["commit_index"].clone())))
-            .collect();
-        last.iter().all(Option::is_some) && last.windows(2).all(|w| w[0] == w[1])
-    });
-    assert!(same, "digests differ: {last:?}");
+    c.wait_converged(Duration::from_secs(30)).unwrap();
 }

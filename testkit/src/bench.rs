@@ -366,6 +366,22 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     ))
 }
 
+/// VmRSS (and the peak) once two readings 300 ms apart agree within 1%, or
+/// after 10 s: a background snapshot or a rehash can briefly move it.
+pub fn settled_rss(pid: u32) -> Result<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = rss_kib(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = rss_kib(pid)?;
+        let diff = now.0.abs_diff(last.0) as f64;
+        if diff <= last.0 as f64 * 0.01 || Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 /// CPU time (user + system) a process has used so far. For `"self"` this
 /// includes the children it has reaped (e.g. a finished redis-benchmark).
 pub fn cpu_time(pid: &str) -> Duration {
@@ -660,6 +676,68 @@ pub fn redis_cmd(port: u16, cmd: &str) -> std::result::Result<String, String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// Loads the Redis on `port` with keys `0..keys` ([`preload_key`]) and
+/// [`value_of`] values through `redis-cli --pipe`; its report.
+pub fn redis_load(port: u16, keys: u64, value_bytes: usize, pb: &ProgressBar) -> Result<String> {
+    let mut child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running redis-cli --pipe (run benches/setup.sh to install it)")?;
+    {
+        let mut stdin = std::io::BufWriter::with_capacity(
+            1 << 20,
+            child.stdin.take().context("redis-cli stdin")?,
+        );
+        for i in 0..keys {
+            let key = preload_key(i);
+            let value = value_of(i, value_bytes);
+            write!(
+                stdin,
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                key.len(),
+                value.len()
+            )?;
+            if i % 10_000 == 0 {
+                pb.set_position(i);
+            }
+        }
+        stdin.flush()?;
+    }
+    let output = child.wait_with_output()?;
+    let pipe_report = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if !output.status.success() || !pipe_report.contains("errors: 0") {
+        bail!(
+            "redis-cli --pipe failed: {pipe_report}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(pipe_report)
+}
+
+/// The number of keys the Redis on `port` holds.
+pub fn redis_dbsize(port: u16) -> Result<u64> {
+    let r = redis_cmd(port, "DBSIZE").map_err(anyhow::Error::msg)?;
+    r.trim()
+        .trim_start_matches(':')
+        .parse()
+        .with_context(|| format!("DBSIZE answered {r:?}"))
+}
+
+/// `INFO <section>` as a JSON object of its `field:value` lines.
+pub fn redis_info(port: u16, section: &str) -> Value {
+    let raw = redis_cmd(port, &format!("INFO {section}")).unwrap_or_default();
+    let mut m = serde_json::Map::new();
+    for line in raw.lines() {
+        if let Some((k, v)) = line.trim().split_once(':') {
+            m.insert(k.to_string(), json!(v));
+        }
+    }
+    Value::Object(m)
+}
+
 // ---------------------------------------------------------------------------
 // HTTP client
 
@@ -705,11 +783,8 @@ impl Conn {
     /// Sends one request and reads the whole response.
     pub async fn send(&mut self, req: Request<Body>) -> Result<(StatusCode, Bytes)> {
         match self {
-            Conn::H1(s) => {
-                s.ready().await?;
-                let resp = s.send_request(req).await?;
-                let status = resp.status();
-                let body = resp.into_body().collect().await?.to_bytes();
+            Conn::H1(_) => {
+                let (status, _, body) = self.send_parts(req).await?;
                 Ok((status, body))
             }
             #[cfg(feature = "etcd-grpc")]
@@ -735,6 +810,24 @@ impl Conn {
                     None => bail!("no grpc-status in the response"),
                 }
             }
+        }
+    }
+
+    /// [`Conn::send`] over HTTP/1.1 that keeps the answer's headers.
+    pub async fn send_parts(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes)> {
+        match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                let resp = s.send_request(req).await?;
+                let (parts, body) = resp.into_parts();
+                let body = body.collect().await?.to_bytes();
+                Ok((parts.status, parts.headers, body))
+            }
+            #[cfg(feature = "etcd-grpc")]
+            Conn::H2(_) => bail!("send_parts speaks HTTP/1.1 only"),
         }
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! This file holds the processes and the plain HTTP of the kit; the modules
 //! add, each for its own kind of test:
+//! - [`api`]: versions, ranges, conditional writes and transactions over
+//!   plain HTTP (a write that follows 307s, a range pager, a txn call);
 //! - [`node`]: one node in a temp dir, its HTTP API through `reqwest` and
 //!   `kvclient`, error bodies, pipelined GETs;
 //! - [`cluster`]: three nodes, linked directly or through cuttable proxies;
@@ -32,6 +34,7 @@ use nix::unistd::Pid;
 
 pub use nix::sys::signal::Signal as Sig;
 
+pub mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod cluster;
@@ -91,6 +94,15 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         ports.insert(free_port());
     }
     ports.into_iter().collect()
+}
+
+/// A number from the environment variable `name` (a test's length, its
+/// size), or `default` when it is unset or not a number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.
@@ -212,6 +224,8 @@ pub struct Kvd {
     pub port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// The kvd binary this node runs.
+    program: PathBuf,
     args: Vec<String>,
 }
 
@@ -219,16 +233,15 @@ impl Kvd {
     /// Starts kvd on a free port with `data_dir` and `extra` flags, and waits
     /// until it answers `/health`.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
+        Kvd::start_program(&bin("kvd"), data_dir, extra)
+    }
+
+    /// [`Kvd::start`] of another kvd binary (a benchmark's baseline build).
+    pub fn start_program(program: &Path, data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
         let mut last_err = None;
         // A port found free can be taken before kvd binds it; try a few.
         for _ in 0..5 {
-            let mut node = Kvd {
-                child: None,
-                port: free_port(),
-                data_dir: data_dir.to_path_buf(),
-                log_path: PathBuf::new(),
-                args: extra.iter().map(|s| s.to_string()).collect(),
-            };
+            let mut node = Kvd::new(program, free_port(), data_dir, extra);
             match node.spawn_and_wait() {
                 Ok(()) => return Ok(node),
                 Err(e) => {
@@ -242,16 +255,21 @@ impl Kvd {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("kvd did not start")))
     }
 
-    /// Starts kvd on a given `port` (for clusters, whose nodes must know
-    /// each other's URLs before they start) and waits for `/health`.
-    pub fn start_on(port: u16, data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
-        let mut node = Kvd {
+    fn new(program: &Path, port: u16, data_dir: &Path, extra: &[&str]) -> Kvd {
+        Kvd {
             child: None,
             port,
             data_dir: data_dir.to_path_buf(),
             log_path: PathBuf::new(),
+            program: program.to_path_buf(),
             args: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        }
+    }
+
+    /// Starts kvd on a given `port` (for clusters, whose nodes must know
+    /// each other's URLs before they start) and waits for `/health`.
+    pub fn start_on(port: u16, data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
+        let mut node = Kvd::new(&bin("kvd"), port, data_dir, extra);
         node.spawn_and_wait()?;
         Ok(node)
     }
@@ -264,7 +282,7 @@ impl Kvd {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
-        let child = Command::new(bin("kvd"))
+        let child = Command::new(&self.program)
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--data-dir")

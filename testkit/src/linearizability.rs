@@ -15,7 +15,10 @@
 //! Written values must be unique, so a read names the write it saw. A bulk
 //! write is one write per key it touches (same call and return times); a
 //! delete empties the register, and its answer ("was the key there?") is
-//! checked too.
+//! checked too. A compare-and-set writes only if the register holds the
+//! value its client read (a conditional write with `If-Match` on the
+//! `mod_index` it read: with unique values, the same condition); one
+//! refused with 412 says the register held something else.
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,6 +32,15 @@ pub enum Kind {
     Delete { existed: Option<bool> },
     /// Read: `None` for "absent", else the value id seen.
     Read(Option<u64>),
+    /// Compare-and-set: write `new` if the register holds `expected`
+    /// (`None`: absent, `If-None-Match: *`). `ok` is the answer: done,
+    /// refused because the register held something else (412), or
+    /// `None` when no answer came.
+    Cas {
+        expected: Option<u64>,
+        new: u64,
+        ok: Option<bool>,
+    },
 }
 
 impl Kind {
@@ -42,6 +54,78 @@ impl Kind {
                 existed.is_none_or(|e| e == state.is_some()).then_some(None)
             }
             Kind::Read(seen) => (seen == state).then_some(state),
+            // An unanswered one that did not write is the same as one that
+            // never happened, which the search allows (`only_unknown_left`),
+            // so it is placed only where it writes: fewer choices.
+            Kind::Cas { expected, new, ok } => match (ok, state == expected) {
+                (Some(true) | None, true) => Some(Some(new)),
+                (Some(false), false) => Some(state),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether the operation leaves the register as it was wherever it can
+    /// take effect (a read, a refused compare-and-set, a delete that found
+    /// nothing). Such an operation, once it can be placed, may be placed
+    /// at once: any order that places it later stays valid with it moved
+    /// there (it changes no state, and everything that returned before
+    /// its call is placed already). Without this, a history with many
+    /// concurrent refusals makes the search try every subset of them.
+    fn read_only(self) -> bool {
+        matches!(
+            self,
+            Kind::Read(_)
+                | Kind::Cas {
+                    ok: Some(false),
+                    ..
+                }
+                | Kind::Delete {
+                    existed: Some(false)
+                }
+        )
+    }
+
+    /// The value this operation shows the register held before it (a read
+    /// of a value, a compare-and-set's expected value).
+    fn observed(self) -> Option<u64> {
+        match self {
+            Kind::Read(seen) => seen,
+            Kind::Cas { expected, .. } => expected,
+            Kind::Write(_) | Kind::Delete { .. } => None,
+        }
+    }
+
+    /// Whether the answer shows the register holding a particular state
+    /// (a read, a compare-and-set that wrote).
+    fn sees_a_state(self) -> bool {
+        matches!(self, Kind::Read(_) | Kind::Cas { ok: Some(true), .. })
+    }
+
+    /// The value this operation writes, if it writes one.
+    fn written(self) -> Option<u64> {
+        match self {
+            Kind::Write(v) | Kind::Cas { new: v, .. } => Some(v),
+            Kind::Delete { .. } | Kind::Read(_) => None,
+        }
+    }
+
+    /// Whether this answer needs the register present (`true`) or absent
+    /// (`false`) at some moment an operation of unknown outcome could
+    /// explain: a delete that found the key or found nothing, a read of
+    /// nothing, a compare-and-set refused (the register held another
+    /// value: any write explains that, and a delete does when it expected
+    /// a value) or done on an absent key.
+    fn needs(self, present: bool) -> bool {
+        match self {
+            Kind::Read(seen) => !present && seen.is_none(),
+            Kind::Delete { existed } => existed == Some(present),
+            Kind::Write(_) => false,
+            Kind::Cas { expected, ok, .. } => match ok {
+                Some(false) => present || expected.is_some(),
+                Some(true) => !present && expected.is_none(),
+                None => false,
+            },
         }
     }
 }
@@ -79,6 +163,10 @@ impl Report {
 /// Search steps allowed per key before giving up (under a second, even in a
 /// debug build).
 const STEP_LIMIT: u64 = 5_000_000;
+/// A long history of one key (a hot counter) gets this many steps per
+/// operation if that is more: a history the search walks through without
+/// backtracking takes a few steps per operation.
+const STEPS_PER_OPERATION: u64 = 64;
 
 /// A pseudo-random 128-bit tag for operation `i` (splitmix64, twice).
 fn tag(i: u64) -> u128 {
@@ -92,7 +180,8 @@ fn tag(i: u64) -> u128 {
 }
 
 /// Checks every key's history on its own; a key whose search needs more
-/// than [`STEP_LIMIT`] steps is reported undecided, which fails the report.
+/// than [`STEP_LIMIT`] steps (or [`STEPS_PER_OPERATION`] per operation) is
+/// reported undecided, which fails the report.
 pub fn check(history: &[Operation]) -> Report {
     let mut by_key: HashMap<&str, Vec<&Operation>> = HashMap::new();
     for op in history {
@@ -119,39 +208,93 @@ pub fn check(history: &[Operation]) -> Report {
 /// nothing: they may not have happened, so leaving them out is one of the
 /// orders the search would try anyway, and keeping them makes it try every
 /// subset of them, which is what makes it explode. A write explains only a
-/// later read of its value (values are unique) or a later delete that found
-/// the key; a delete explains only a later "absent" (a read of nothing, or
-/// a delete that found nothing). One after whose call no such answer came
-/// explains nothing.
+/// later read of its value (values are unique), a later compare-and-set
+/// that expected it, or a later answer that needs the key present (a
+/// delete that found it, a refused compare-and-set); a delete explains
+/// only a later "absent" (a read of nothing, a delete that found nothing,
+/// a refused compare-and-set that expected a value). One after whose call
+/// no such answer came explains nothing.
+///
+/// Where nothing overwrites the key after a write's call (no other write
+/// or delete), a write whose value nobody saw can only have taken effect
+/// at a point after which every answer is a refused compare-and-set:
+/// any read, or any compare-and-set that wrote, would have seen its value.
+/// It explains a refusal then only if no such answer was called after
+/// the refusal returned (that answer would come after the write too).
 fn prune_unknown<'a>(ops: &[&'a Operation]) -> Vec<&'a Operation> {
-    let observed: HashSet<u64> = ops
-        .iter()
-        .filter_map(|o| match o.kind {
-            Kind::Read(Some(v)) => Some(v),
-            _ => None,
-        })
-        .collect();
+    let observed: HashSet<u64> = ops.iter().filter_map(|o| o.kind.observed()).collect();
     // The last return of an answer that needs the key present, or absent.
-    let last_return = |needs_present: bool| {
+    let last_return = |present: bool| {
         ops.iter()
-            .filter(|o| match o.kind {
-                Kind::Read(seen) => !needs_present && seen.is_none(),
-                Kind::Delete { existed } => existed == Some(needs_present),
-                Kind::Write(_) => false,
-            })
+            .filter(|o| o.kind.needs(present))
             .filter_map(|o| o.ret)
             .max()
     };
     let (last_present, last_absent) = (last_return(true), last_return(false));
     let explains = |last: Option<u64>, o: &Operation| last.is_some_and(|r| r >= o.call);
+    let overwrites = Overwrites::of(ops);
+    // The last call of an answer that saw the register hold a value.
+    let last_seen = ops
+        .iter()
+        .filter(|o| o.ret.is_some() && o.kind.sees_a_state())
+        .map(|o| o.call)
+        .max()
+        .unwrap_or(0);
+    let last_late_refusal = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.kind,
+                Kind::Cas {
+                    ok: Some(false),
+                    ..
+                }
+            )
+        })
+        .filter_map(|o| o.ret)
+        .filter(|&r| r >= last_seen)
+        .max();
     ops.iter()
         .copied()
         .filter(|o| match (o.kind, o.ret) {
-            (Kind::Write(v), None) => observed.contains(&v) || explains(last_present, o),
+            (Kind::Write(v) | Kind::Cas { new: v, .. }, None) => {
+                observed.contains(&v)
+                    || if overwrites.after(o) {
+                        explains(last_present, o)
+                    } else {
+                        explains(last_late_refusal, o)
+                    }
+            }
             (Kind::Delete { .. }, None) => explains(last_absent, o),
             _ => true,
         })
         .collect()
+}
+
+/// The writes and deletes of a key's history: the last return of one with
+/// an answer, and how many have none.
+struct Overwrites {
+    last_return: Option<u64>,
+    unknown: usize,
+}
+
+impl Overwrites {
+    fn of(ops: &[&Operation]) -> Overwrites {
+        let all = || {
+            ops.iter()
+                .filter(|o| matches!(o.kind, Kind::Write(_) | Kind::Delete { .. }))
+        };
+        Overwrites {
+            last_return: all().filter_map(|o| o.ret).max(),
+            unknown: all().filter(|o| o.ret.is_none()).count(),
+        }
+    }
+
+    /// Whether a write or delete other than `o` may come after `o`'s call.
+    fn after(&self, o: &Operation) -> bool {
+        let own = usize::from(o.ret.is_none() && matches!(o.kind, Kind::Write(_)));
+        self.unknown > own || self.last_return.is_some_and(|r| r >= o.call)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -179,21 +322,16 @@ fn check_register(ops: &[&Operation]) -> Verdict {
     search(ops, event_list(ops))
 }
 
-/// A read of a value nobody wrote can never be explained.
+/// A read of a value nobody wrote can never be explained (nor a
+/// compare-and-set that expected one).
 fn read_of_an_unwritten_value(ops: &[&Operation]) -> Option<Verdict> {
-    let written: HashSet<u64> = ops
-        .iter()
-        .filter_map(|o| match o.kind {
-            Kind::Write(v) => Some(v),
-            Kind::Delete { .. } | Kind::Read(_) => None,
-        })
-        .collect();
+    let written: HashSet<u64> = ops.iter().filter_map(|o| o.kind.written()).collect();
     for o in ops {
-        if let Kind::Read(Some(v)) = o.kind {
+        if let Some(v) = o.kind.observed() {
             if !written.contains(&v) {
                 return Some(Verdict::Violation(format!(
-                    "client {} read value {v}, which no operation wrote",
-                    o.client
+                    "client {}'s {:?} saw value {v}, which no operation wrote",
+                    o.client, o.kind
                 )));
             }
         }
@@ -257,14 +395,19 @@ fn search(ops: &[&Operation], mut ev: Vec<Event>) -> Verdict {
     let mut stack: Vec<(usize, Option<u64>)> = Vec::new();
     let mut entry = ev[0].next;
     let mut steps = 0u64;
+    let step_limit = STEP_LIMIT.max(STEPS_PER_OPERATION * ops.len() as u64);
     let mut deepest = 0usize;
     // The return event at which the deepest explainable prefix got stuck:
     // where the history stops making sense.
     let mut stuck_at = NIL;
 
-    while ev[0].next != NIL {
+    // Operations with an answer still to place: once none is left, the
+    // rest (of unknown outcome) may simply not have happened.
+    let mut answered_left = ops.iter().filter(|o| o.ret.is_some()).count();
+
+    while answered_left > 0 {
         steps += 1;
-        if steps > STEP_LIMIT {
+        if steps > step_limit {
             return Verdict::Undecided;
         }
         if entry == NIL {
@@ -280,6 +423,7 @@ fn search(ops: &[&Operation], mut ev: Vec<Event>) -> Verdict {
                     deepest = deepest.max(stack.len());
                     state = ns;
                     linearized = bits;
+                    answered_left -= usize::from(ops[e.op].ret.is_some());
                     let partner = e.partner;
                     unlink(&mut ev, entry);
                     unlink(&mut ev, partner);
@@ -290,36 +434,50 @@ fn search(ops: &[&Operation], mut ev: Vec<Event>) -> Verdict {
             entry = ev[entry].next;
         } else {
             // An operation returned before we could place it: undo the
-            // latest choice and try the next candidate after it.
+            // latest choice and try the next candidate after it. A
+            // read-only operation was placed as soon as it could be, which
+            // is never worse than later ([`Kind::read_only`]): its place
+            // has no alternative, so the choice before it is undone too.
             if stack.len() >= deepest {
                 stuck_at = ev[entry].op;
             }
-            let Some((call, prev_state)) = stack.pop() else {
-                let op = ops[if stuck_at == NIL {
-                    ev[entry].op
-                } else {
-                    stuck_at
-                }];
-                return Verdict::Violation(format!(
-                    "after the longest explainable prefix ({deepest} operations), no order \
-                     explains client {}'s {:?} (called at {} ns, returned at {:?}); \
-                     around it: {}",
-                    op.client,
-                    op.kind,
-                    op.call,
-                    op.ret,
-                    neighbourhood(ops, op)
-                ));
-            };
-            state = prev_state;
-            linearized ^= tags[ev[call].op];
-            let partner = ev[call].partner;
-            relink(&mut ev, partner);
-            relink(&mut ev, call);
-            entry = ev[call].next;
+            loop {
+                let Some((call, prev_state)) = stack.pop() else {
+                    let stuck = if stuck_at == NIL {
+                        ev[entry].op
+                    } else {
+                        stuck_at
+                    };
+                    return violation(ops, ops[stuck], deepest);
+                };
+                state = prev_state;
+                let op = ev[call].op;
+                linearized ^= tags[op];
+                answered_left += usize::from(ops[op].ret.is_some());
+                let partner = ev[call].partner;
+                relink(&mut ev, partner);
+                relink(&mut ev, call);
+                entry = ev[call].next;
+                if !ops[op].kind.read_only() {
+                    break;
+                }
+            }
         }
     }
     Verdict::Linearizable
+}
+
+fn violation(ops: &[&Operation], op: &Operation, deepest: usize) -> Verdict {
+    Verdict::Violation(format!(
+        "after the longest explainable prefix ({deepest} operations), no order \
+         explains client {}'s {:?} (called at {} ns, returned at {:?}); \
+         around it: {}",
+        op.client,
+        op.kind,
+        op.call,
+        op.ret,
+        neighbourhood(ops, op)
+    ))
 }
 
 fn unlink(ev: &mut [Event], i: usize) {
@@ -350,12 +508,22 @@ fn neighbourhood(ops: &[&Operation], op: &Operation) -> String {
             .filter(|o| ends(o) >= op.call && o.call <= ends(op)),
     );
     shown.sort_by_key(|o| o.call);
+    // One of unknown outcome overlaps everything after its call.
+    let more = shown.len().saturating_sub(NEIGHBOURS_SHOWN);
+    shown.truncate(NEIGHBOURS_SHOWN);
     let line = |o: &&Operation| {
         let ret = o.ret.map_or("unknown".to_string(), |r| r.to_string());
         format!("[client {} {:?} {}..{ret}]", o.client, o.kind, o.call)
     };
-    shown.iter().map(line).collect::<Vec<_>>().join(" ")
+    let mut text = shown.iter().map(line).collect::<Vec<_>>().join(" ");
+    if more > 0 {
+        text.push_str(&format!(" ... and {more} more"));
+    }
+    text
 }
+
+/// How many operations a violation's message shows around it.
+const NEIGHBOURS_SHOWN: usize = 40;
 
 #[cfg(test)]
 mod tests {
@@ -597,5 +765,155 @@ mod tests {
         }
         let r = check(&h);
         assert!(r.ok(), "{r:?}");
+    }
+    fn cas(expected: Option<u64>, new: u64, ok: Option<bool>) -> Kind {
+        Kind::Cas { expected, new, ok }
+    }
+
+    #[test]
+    fn compare_and_set_increments_in_turn_are_linearizable() {
+        let h = vec![
+            op(0, cas(None, 1, Some(true)), 0, Some(1)),
+            op(1, Kind::Read(Some(1)), 2, Some(3)),
+            op(1, cas(Some(1), 2, Some(true)), 4, Some(5)),
+            // Refused: the register held 2, not 1.
+            op(0, cas(Some(1), 3, Some(false)), 6, Some(7)),
+            op(0, cas(Some(2), 4, Some(true)), 8, Some(9)),
+            op(1, Kind::Read(Some(4)), 10, Some(11)),
+        ];
+        let r = check(&h);
+        assert!(r.ok(), "{r:?}");
+        // Two racing from the same value: one wins, the other is refused.
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(1, cas(Some(1), 2, Some(true)), 2, Some(10)),
+            op(2, cas(Some(1), 3, Some(false)), 3, Some(9)),
+            op(0, Kind::Read(Some(2)), 11, Some(12)),
+        ];
+        assert!(check(&h).ok());
+    }
+
+    #[test]
+    fn two_compare_and_sets_from_one_value_cannot_both_win() {
+        // A lost update: both read 1 and both were told they wrote.
+        for (call_b, ret_b) in [(4, 5), (1, 3)] {
+            let h = vec![
+                op(0, Kind::Write(1), 0, Some(1)),
+                op(1, cas(Some(1), 2, Some(true)), 2, Some(3)),
+                op(2, cas(Some(1), 3, Some(true)), call_b, Some(ret_b)),
+            ];
+            let r = check(&h);
+            assert_eq!(r.violations.len(), 1, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_while_the_register_held_the_expected_value_is_a_violation() {
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(1, cas(Some(1), 2, Some(false)), 2, Some(3)),
+            op(0, Kind::Read(Some(1)), 4, Some(5)),
+        ];
+        assert!(!check(&h).ok());
+        // If-None-Match: * refused on a key nobody wrote.
+        let h = vec![op(1, cas(None, 2, Some(false)), 0, Some(1))];
+        assert!(!check(&h).ok());
+        // An unanswered write that explains the refusal makes it fine.
+        let h = vec![
+            op(0, Kind::Write(1), 0, Some(1)),
+            op(2, Kind::Write(7), 2, None),
+            op(1, cas(Some(1), 2, Some(false)), 3, Some(4)),
+        ];
+        assert!(check(&h).ok());
+    }
+
+    #[test]
+    fn compare_and_sets_of_unknown_outcome_may_or_may_not_happen() {
+        let start = op(0, Kind::Write(1), 0, Some(1));
+        let lost = op(1, cas(Some(1), 2, None), 2, None);
+        // Not happened: the next one still finds 1.
+        let h = vec![
+            start.clone(),
+            lost.clone(),
+            op(2, cas(Some(1), 3, Some(true)), 50, Some(60)),
+        ];
+        assert!(check(&h).ok());
+        // Happened: the next one expected its value.
+        let h = vec![
+            start.clone(),
+            lost.clone(),
+            op(2, cas(Some(2), 3, Some(true)), 50, Some(60)),
+        ];
+        assert!(check(&h).ok());
+        // Happened and not: its value, then the value before it again.
+        let h = vec![
+            start,
+            lost,
+            op(2, Kind::Read(Some(2)), 50, Some(60)),
+            op(2, Kind::Read(Some(1)), 70, Some(80)),
+        ];
+        assert!(!check(&h).ok());
+    }
+
+    #[test]
+    fn a_contended_counter_with_unknown_outcomes_stays_fast() {
+        // 16 clients increment one counter: each round every client tries
+        // from the value of the round before; one wins, one's answer is
+        // lost (and it did not happen), the rest are refused.
+        let mut h = Vec::new();
+        let mut value = None;
+        let mut id = 0;
+        for round in 0..1500u64 {
+            let t = round * 100;
+            id += 100;
+            let winner = (round % 16) as usize;
+            for c in 0..16usize {
+                let ok = match c {
+                    c if c == winner => Some(true),
+                    c if c == (winner + 1) % 16 => None,
+                    _ => Some(false),
+                };
+                let ret = ok.map(|_| t + 50 + c as u64);
+                h.push(op(c, cas(value, id + c as u64, ok), t + c as u64, ret));
+            }
+            value = Some(id + winner as u64);
+            h.push(op(0, Kind::Read(value), t + 80, Some(t + 90)));
+        }
+        let r = check(&h);
+        assert!(r.ok(), "{r:?}");
+        // A second winner in one round (a doubled increment) is found.
+        let i = h
+            .iter()
+            .position(|o| {
+                o.call >= 15_000
+                    && matches!(
+                        o.kind,
+                        Kind::Cas {
+                            ok: Some(false),
+                            ..
+                        }
+                    )
+            })
+            .unwrap();
+        if let Kind::Cas { ok, .. } = &mut h[i].kind {
+            *ok = Some(true);
+        }
+        let r = check(&h);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.undecided);
+    }
+
+    #[test]
+    fn an_unseen_compare_and_set_of_unknown_outcome_still_explains_a_last_refusal() {
+        let h = vec![
+            op(0, cas(None, 1, Some(true)), 0, Some(1)),
+            op(1, cas(Some(1), 2, None), 2, None),
+            op(2, cas(Some(1), 3, Some(false)), 3, Some(4)),
+        ];
+        let r = check(&h);
+        assert!(r.ok(), "{r:?}");
+        // But not when a later read still sees the value it replaced.
+        let mut h = h;
+        h.push(op(0, Kind::Read(Some(1)), 5, Some(6)));
+        assert!(!check(&h).ok());
     }
 }

@@ -45,6 +45,18 @@ pub fn manifest_text(
     s
 }
 
+/// The manifest's `kvdArgs` line (for `extra_spec`) from the environment
+/// variable `var`, comma-separated kvd flags; empty when it is unset.
+pub fn kvd_args_spec(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(a) if !a.is_empty() => {
+            let quoted: Vec<String> = a.split(',').map(|x| format!("{x:?}")).collect();
+            format!("  kvdArgs: [{}]\n", quoted.join(", "))
+        }
+        _ => String::new(),
+    }
+}
+
 impl Supervised {
     /// Writes a manifest of `n` nodes into `dir`, applies it, and waits
     /// until the cluster is Ready.
@@ -168,6 +180,46 @@ impl Supervised {
             .as_array()
             .and_then(|ns| ns.iter().find(|n| n["name"] == node).cloned())
             .with_context(|| format!("{node} not in status"))
+    }
+
+    /// `kvsup kill NODE --signal SIGNAL` (`KILL`, `STOP`, `CONT`): the
+    /// supervisor signals the node's process.
+    pub fn signal(&self, node: &str, signal: &str) -> Result<()> {
+        let (st, out) = self.kvsup(&["kill", node, "--signal", signal])?;
+        if !st.success() {
+            bail!("kvsup kill --signal {signal} {node}: {st}: {out}");
+        }
+        Ok(())
+    }
+
+    /// How often the supervisor has restarted `node` (0 if unknown).
+    pub fn restarts(&self, node: &str) -> u64 {
+        self.node_status(node)
+            .ok()
+            .and_then(|s| s["restarts"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until every node reports the same digest and commit index:
+    /// once writes stop, the replicas converge.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        let mut last = Vec::new();
+        let same = wait_until(timeout, || {
+            last = self
+                .nodes
+                .iter()
+                .map(|(_, p)| {
+                    let (code, body) = http_get(*p, "/v1/status", Duration::from_secs(2)).ok()?;
+                    let s: Value = (code == 200).then(|| serde_json::from_slice(&body).ok())??;
+                    Some((s["digest"].clone(), s["commit_index"].clone()))
+                })
+                .collect();
+            last.iter().all(Option::is_some) && last.windows(2).all(|w| w[0] == w[1])
+        });
+        if !same {
+            bail!("the nodes did not converge within {timeout:?}: {last:?}");
+        }
+        Ok(())
     }
 
     /// `kvsup down`: output; the cluster is then gone.

@@ -26,6 +26,14 @@ pub fn wal_segments(data_dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
+/// Waits until the node whose data dir is `data_dir` has deleted its first
+/// WAL segment (a snapshot covered it): a peer that needs those entries
+/// must then take a snapshot.
+pub fn wait_first_segment_gone(data_dir: &Path, timeout: std::time::Duration) -> bool {
+    let first = segment_path(data_dir, 1);
+    crate::wait_until(timeout, || !first.exists())
+}
+
 /// Path of the segment whose first record has index `first`.
 pub fn segment_path(data_dir: &Path, first: u64) -> PathBuf {
     data_dir.join("wal").join(format!("{first:020}.wal"))

@@ -5,7 +5,10 @@
 //!   values, new unique 16-byte keys) of this build's kvd beside a
 //!   baseline build's (`--baseline-bin-dir DIR`, e.g. the previous
 //!   commit's `target/release`), in interleaved rounds on fresh data dirs
-//!   (the order alternating), medians compared (target >= 0.95x);
+//!   (the order alternating), medians compared (target >= 0.95x); a cell
+//!   during which other processes took more than a quarter of a core is
+//!   run again (twice at most) and the quietest run kept, as in
+//!   `throughput`;
 //! - **range scan**: 1M keys (16-byte keys, 100-byte values) paged by 1000
 //!   over one keep-alive connection, with values and keys only: keys/s
 //!   (the client's JSON parsing included) and each page's latency p50/p99;
@@ -107,6 +110,17 @@ struct Cli {
     /// skip the Redis memory comparison
     #[arg(long)]
     no_redis: bool,
+    /// re-run a PUT cell if other processes used more CPU than this (default 25)
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 25.0,
+        hide_default_value = true
+    )]
+    max_other_cpu: f64,
+    /// re-runs of a noisy PUT cell; the quietest run is kept (default 2)
+    #[arg(long, value_name = "N", default_value_t = 2, hide_default_value = true)]
+    retries: usize,
     /// exit non-zero when a target is missed
     #[arg(long)]
     strict: bool,
@@ -143,6 +157,7 @@ struct Config {
     client_threads: usize,
     kvd_args: Vec<String>,
     redis: bool,
+    quiet: Quiet,
 }
 
 impl Config {
@@ -172,6 +187,10 @@ impl Config {
             client_threads: cli.client_threads,
             kvd_args: split_flags(cli.kvd_args.as_deref().unwrap_or("")),
             redis: !cli.no_redis,
+            quiet: Quiet {
+                max_other_cpu: cli.max_other_cpu,
+                retries: cli.retries,
+            },
         })
     }
 
@@ -191,6 +210,8 @@ impl Config {
             "cas_secs": self.cas_time.as_secs_f64(),
             "client_threads": self.client_threads,
             "kvd_args": self.kvd_args,
+            "max_other_cpu_pct": self.quiet.max_other_cpu,
+            "retries": self.quiet.retries,
         })
     }
 
@@ -225,11 +246,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 // ---------------------------------------------------------------------------
 // PUT/s against the baseline
 
-/// One PUT cell.
+/// One PUT cell: the quietest of its runs (see [`Quiet`]).
 struct PutCell {
     system: &'static str,
     round: usize,
     result: LoadResult,
+    cpu: CpuShare,
+    runs: usize,
 }
 
 impl PutCell {
@@ -241,6 +264,9 @@ impl PutCell {
             fmt_ms(self.result.p50_us()),
             fmt_ms(self.result.p99_us()),
             self.result.errors.to_string(),
+            format!("{:.0}%", self.cpu.server),
+            format!("{:.0}%", self.cpu.other),
+            self.runs.to_string(),
         ]
     }
 }
@@ -249,33 +275,38 @@ const THIS: &str = "this build";
 const BASELINE: &str = "baseline";
 
 impl Ctx<'_> {
-    /// A PUT cell of the kvd at `program` on a fresh data dir.
+    /// A PUT cell of the kvd at `program`, each run on a fresh data dir.
     fn put_cell(&self, program: &Path, system: &'static str, round: usize) -> Result<PutCell> {
         self.ticker.set(format!(
             "{system} PUT c={} round {}",
             self.cfg.conns,
             round + 1
         ));
-        let dir = tempfile::Builder::new()
-            .prefix("put-")
-            .tempdir_in(self.tmp)?;
-        let kvd = Kvd::start_program(program, &dir.path().join("data"), &self.cfg.args())?;
-        let spec = LoadSpec {
-            addr: addr(kvd.port),
-            proto: Proto::Http1,
-            conns: self.cfg.conns,
-            warmup: self.cfg.warmup,
-            duration: self.cfg.duration,
-        };
         let make = kvd_put_make(Bytes::from(value_of(42, self.cfg.value_bytes)));
-        let result = self
-            .rt
-            .block_on(run_load(&spec, make, self.ticker.live.clone()))?;
-        drop(kvd);
+        let (result, cpu, runs) = quietest(&self.cfg.quiet, || {
+            let dir = tempfile::Builder::new()
+                .prefix("put-")
+                .tempdir_in(self.tmp)?;
+            let kvd = Kvd::start_program(program, &dir.path().join("data"), &self.cfg.args())?;
+            let spec = LoadSpec {
+                addr: addr(kvd.port),
+                proto: Proto::Http1,
+                conns: self.cfg.conns,
+                warmup: self.cfg.warmup,
+                duration: self.cfg.duration,
+            };
+            let pid = kvd.pid().context("kvd has a pid")?.to_string();
+            with_cpu(&pid, || {
+                let live = self.ticker.live.clone();
+                self.rt.block_on(run_load(&spec, make.clone(), live))
+            })
+        })?;
         Ok(PutCell {
             system,
             round,
             result,
+            cpu,
+            runs,
         })
     }
 
@@ -324,6 +355,9 @@ fn put_summary(cells: &[PutCell]) -> Value {
             "system": c.system,
             "round": c.round + 1,
             "result": c.result.to_json(),
+            "server_cpu_pct": c.cpu.server,
+            "other_cpu_pct": c.cpu.other,
+            "runs": c.runs,
         })).collect::<Vec<_>>(),
     })
 }
@@ -665,7 +699,17 @@ fn print_report(
     cas: &Value,
     mem: &Value,
 ) {
-    let mut t = Table::new(&["kvd", "round", "PUT/s", "p50 ms", "p99 ms", "errors"]);
+    let mut t = Table::new(&[
+        "kvd",
+        "round",
+        "PUT/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "kvd CPU",
+        "other CPU",
+        "runs",
+    ]);
     for c in puts {
         t.row(c.row());
     }

@@ -428,6 +428,77 @@ fn machine_time(fields: &[usize]) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// CPU used over a cell, each as a share of one core (%).
+#[derive(Clone, Copy)]
+pub struct CpuShare {
+    pub server: f64,
+    pub client: f64,
+    pub other: f64,
+    /// Idle share of all cores (200% = both idle): near 0 means the cell
+    /// was CPU-bound.
+    pub idle: f64,
+}
+
+/// Measures CPU time over `f`: the server's, this process's, and the rest
+/// of the machine's.
+pub fn with_cpu<T>(server_pid: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, CpuShare)> {
+    let (srv0, me0, all0, idle0) = (
+        cpu_time(server_pid),
+        cpu_time("self"),
+        machine_busy(),
+        machine_idle(),
+    );
+    let t0 = Instant::now();
+    let out = f()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let srv = cpu_time(server_pid).saturating_sub(srv0).as_secs_f64();
+    let me = cpu_time("self").saturating_sub(me0).as_secs_f64();
+    let all = machine_busy().saturating_sub(all0).as_secs_f64();
+    let idle = machine_idle().saturating_sub(idle0).as_secs_f64();
+    let pct = |s: f64| s / wall * 100.0;
+    Ok((
+        out,
+        CpuShare {
+            server: pct(srv),
+            client: pct(me),
+            other: pct((all - srv - me).max(0.0)),
+            idle: pct(idle),
+        },
+    ))
+}
+
+/// On this shared 2-core machine other work (builds, tests) can take a
+/// core in the middle of a cell. A cell during which other processes used
+/// more than `max_other_cpu` % of a core is run again, up to `retries`
+/// times, and the quietest run is kept; every cell reports its figure.
+pub struct Quiet {
+    pub max_other_cpu: f64,
+    pub retries: usize,
+}
+
+/// Runs `attempt` until it was quiet enough (see [`Quiet`]); returns the
+/// quietest run and how many runs were made.
+pub fn quietest<T>(
+    quiet: &Quiet,
+    mut attempt: impl FnMut() -> Result<(T, CpuShare)>,
+) -> Result<(T, CpuShare, usize)> {
+    let mut best: Option<(T, CpuShare)> = None;
+    let mut runs = 0;
+    while runs <= quiet.retries {
+        runs += 1;
+        let (out, cpu) = attempt()?;
+        let better = best.as_ref().is_none_or(|(_, b)| cpu.other < b.other);
+        if better {
+            best = Some((out, cpu));
+        }
+        if cpu.other <= quiet.max_other_cpu {
+            break;
+        }
+    }
+    let (out, cpu) = best.context("at least one run is made")?;
+    Ok((out, cpu, runs))
+}
+
 /// Total size of the files under `dir`, in bytes.
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;

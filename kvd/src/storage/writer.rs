@@ -34,14 +34,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::fs::Fs;
 use super::log_index::EpochRuns;
 use super::lww::Lww;
 use super::pending_view::PendingView;
 use super::record::{self, Record};
-use super::resolve::{Resolved, Resolver, TxnAnswer};
+use super::resolve::{PendingEntry, Resolved, Resolver, TxnAnswer};
 use super::state::{ApplyOutcome, State};
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
@@ -51,17 +51,6 @@ use crate::masterless::hlc::{Hlc, WallClock};
 use crate::metrics::Metrics;
 use crate::model::{Op, Timestamp};
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
-
-/// A durable entry waiting for its commit (replicated mode).
-pub(super) struct PendingEntry {
-    pub index: u64,
-    pub ts: Timestamp,
-    pub op: Op,
-    pub apply: bool,
-    pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
-    /// A transaction this node answers.
-    pub txn: Option<TxnAnswer>,
-}
 
 /// One entry on its way into the log: its epoch, stamp and op.
 type Entry<'a> = (u64, Timestamp, &'a Op);

@@ -364,11 +364,15 @@ fn apply_decision(st: &AppState, params: &WriteParams) -> Result<bool, ApiError>
 async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
     use axum::body::HttpBody;
     let timeout = st.limits.body_timeout;
+    // The rest of the body is never read, so the connection cannot carry
+    // another request: say so, or a client may reuse it and lose its next
+    // request to the close.
     let too_large = || {
         ApiError::too_large(
             code::VALUE_TOO_LARGE,
             format!("{what} exceeds the limit of {limit} bytes"),
         )
+        .with_header("connection", "close".to_string())
     };
     // Refused on its Content-Length before any of it is read, so that a
     // client waiting for `100 Continue` gets the 413 instead.

@@ -79,7 +79,7 @@ struct Cli {
     /// kvd flags (default "--snapshot-every-mib 1 --wal-segment-mib 1"; "" for kvd's defaults)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     kvd_args: Option<String>,
-    /// 10 cycles instead of 50 (not enough for the bar)
+    /// 10 cycles instead of 50 (too few for the durability bar)
     #[arg(long)]
     quick: bool,
     /// where the data dir goes (must be a real disk, not tmpfs)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kvproto::code;
 
-use crate::wire::Current;
+use serde::{Deserialize, Serialize};
 
 /// Shorthand used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -387,6 +387,38 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// A key's state as a failed precondition reports it (docs/DESIGN.md
+/// §2.12): whether it exists and, if it does, its versions (§2.10; all 0
+/// when it does not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Current {
+    /// Whether the key exists.
+    pub exists: bool,
+    /// Log index of the write that created it.
+    #[serde(default)]
+    pub create_index: u64,
+    /// Log index of its last write: what `Precondition::ModIndex` names.
+    #[serde(default)]
+    pub mod_index: u64,
+    /// Writes since its creation (1 after the first).
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl std::fmt::Display for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exists {
+            write!(
+                f,
+                "the key has mod_index {}, version {}",
+                self.mod_index, self.version
+            )
+        } else {
+            f.write_str("the key does not exist")
+        }
+    }
 }
 
 #[cfg(test)]

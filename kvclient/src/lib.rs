@@ -52,7 +52,7 @@ mod wire;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
-pub use error::{Error, KeyError, Result};
+pub use error::{Current, Error, KeyError, Result};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
 pub use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
 pub use kvproto::header::{
@@ -63,8 +63,8 @@ pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
 pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
 pub use versioned::{Precondition, Versioned};
 pub use wire::{
-    BulkItem, BulkOutcome, BulkRequest, Current, DeleteOutcome, DeletePrefixOutcome, Item,
-    OpResult, RangePage, SearchHit, SearchPage, SimilarTo, Status, TxnResponse, WireValue,
+    BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, DeletePrefixOutcome, Item, OpResult,
+    RangePage, SearchHit, SearchPage, SimilarTo, Status, TxnResponse, WireValue,
 };
 
 /// Re-exported so callers need no direct `bytes`/`reqwest` dependency for

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::error::{Current, Error};
 
 /// A value as it appears in JSON: a UTF-8 string or `{"base64": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,38 +222,6 @@ impl Status {
 
     fn u64_field(&self, name: &str) -> Option<u64> {
         self.0.get(name)?.as_u64()
-    }
-}
-
-/// A key's state as a failed precondition reports it (docs/DESIGN.md
-/// §2.12): whether it exists and, if it does, its versions (§2.10; all 0
-/// when it does not).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Current {
-    /// Whether the key exists.
-    pub exists: bool,
-    /// Log index of the write that created it.
-    #[serde(default)]
-    pub create_index: u64,
-    /// Log index of its last write: what `Precondition::ModIndex` names.
-    #[serde(default)]
-    pub mod_index: u64,
-    /// Writes since its creation (1 after the first).
-    #[serde(default)]
-    pub version: u64,
-}
-
-impl std::fmt::Display for Current {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.exists {
-            write!(
-                f,
-                "the key has mod_index {}, version {}",
-                self.mod_index, self.version
-            )
-        } else {
-            f.write_str("the key does not exist")
-        }
     }
 }
 

@@ -134,11 +134,12 @@ pub struct Config {
     #[arg(long, default_value_t = 30_000)]
     pub body_timeout_ms: u64,
     // --- end of HTTP connections ---
-    /// Memory budget of the data set, in MiB (0: none). A PUT or bulk that
-    /// would grow it past this gets 507 "memory_full" and writes nothing;
-    /// deletes and writes that do not grow it are always taken (like
-    /// Redis's maxmemory with noeviction). The data set is every key and
-    /// value plus 48 bytes per key (table slot and allocator overhead),
+    /// Memory budget of the data set, in MiB (0: none). A PUT, bulk or
+    /// transaction that would grow it past this gets 507 "memory_full" and
+    /// writes nothing; deletes and writes that do not grow it are always
+    /// taken (like Redis's maxmemory with noeviction). The data set is
+    /// every key and value plus 32 bytes per key (versions, the ordered
+    /// index and allocator overhead),
     /// counted as it changes; the search index, masterless stamps and
     /// buffers are not in it, so leave headroom above it.
     #[arg(long, default_value_t = 0)]

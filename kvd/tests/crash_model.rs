@@ -21,8 +21,9 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use kvd::storage::{Engine, EngineConfig, Op};
-use sim::model::{apply_model, contents, random_op, Model};
+use kvd::model::{KeyMeta, KeyRange, RangeRead};
+use kvd::storage::{Engine, EngineConfig, Op, Txn};
+use sim::model::{apply_model, contents, random_op, random_txn, Model};
 use sim::{SimFs, TailTally};
 
 fn config() -> EngineConfig {
@@ -47,9 +48,34 @@ struct Writer {
     in_flight: Option<Op>,
 }
 
+/// Writes `op` (a transaction's branch as a transaction with no compares).
+fn write(engine: &Engine, op: Op) -> Result<(), kvd::storage::Error> {
+    match op {
+        Op::Txn { ops } => engine.write_txn_blocking(Txn {
+            success: ops,
+            ..Txn::default()
+        }),
+        op => engine.write_blocking(op, true),
+    }
+    .map(|_| ())
+}
+
+/// Every key's versions.
+fn versions(engine: &Engine) -> Vec<(Bytes, KeyMeta)> {
+    let read = RangeRead {
+        range: KeyRange::prefix(b""),
+        limit: 10_000,
+        keys_only: true,
+    };
+    let page = engine.range(&read);
+    assert!(!page.more);
+    page.items.into_iter().map(|i| (i.key, i.meta)).collect()
+}
+
 /// Runs `writers` concurrent writers until the disk dies, reboots, recovers.
+/// With `txns`, a third of the writes are transactions of several ops.
 /// Returns the torn tails the reboot left.
-fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
+fn crash_once(seed: u64, writers: usize, txns: bool) -> Vec<sim::TornTail> {
     let mut rng = StdRng::seed_from_u64(seed);
     let fs = SimFs::default();
     // A few hundred operations cover start-up, rolls, snapshots, compaction.
@@ -72,8 +98,12 @@ fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
                             in_flight: None,
                         };
                         for seq in 0..MAX_WRITES_PER_WRITER {
-                            let op = random_op(&mut rng, &me.prefix, seq);
-                            match engine.write_blocking(op.clone(), true) {
+                            let op = if txns && rng.gen_bool(0.3) {
+                                random_txn(&mut rng, &me.prefix, seq)
+                            } else {
+                                random_op(&mut rng, &me.prefix, seq)
+                            };
+                            match write(&engine, op.clone()) {
                                 Ok(_) => apply_model(&mut me.acked, &op),
                                 Err(_) => {
                                     me.in_flight = Some(op);
@@ -118,7 +148,9 @@ fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
             w.in_flight
         );
     }
-    // The recovered engine takes writes and recovers them again.
+    // The recovered engine takes writes and recovers them again, with the
+    // same versions.
+    let recovered = versions(&engine);
     engine
         .write_blocking(
             Op::Put {
@@ -137,6 +169,12 @@ fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
         Some(Bytes::from_static(b"crash")),
         "seed {seed}"
     );
+    let mut again = versions(&again);
+    again.retain(|(k, _)| k != "after");
+    assert_eq!(
+        again, recovered,
+        "seed {seed}: versions changed on a restart"
+    );
     tails
 }
 
@@ -144,7 +182,7 @@ fn crash_once(seed: u64, writers: usize) -> Vec<sim::TornTail> {
 fn a_single_writer_survives_1000_crash_points() {
     let mut tally = TailTally::default();
     for seed in 0..1000 {
-        tally.add(&crash_once(seed, 1));
+        tally.add(&crash_once(seed, 1, false));
     }
     tally.assert_each_at_least(100);
 }
@@ -153,7 +191,17 @@ fn a_single_writer_survives_1000_crash_points() {
 fn concurrent_writers_with_group_commit_survive_300_crash_points() {
     let mut tally = TailTally::default();
     for seed in 10_000..10_300 {
-        tally.add(&crash_once(seed, 4));
+        tally.add(&crash_once(seed, 4, false));
+    }
+    tally.assert_each_at_least(10);
+}
+
+/// A transaction is one record: all of its writes survive a crash, or none.
+#[test]
+fn transactions_survive_300_crash_points_whole() {
+    let mut tally = TailTally::default();
+    for seed in 20_000..20_300 {
+        tally.add(&crash_once(seed, 2, true));
     }
     tally.assert_each_at_least(10);
 }

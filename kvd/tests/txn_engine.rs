@@ -224,3 +224,91 @@ async fn masterless_a_prefix_delete_is_logged_as_deletes_and_answered_as_one() {
         "tombstoned"
     );
 }
+
+/// A snapshot is asked for at the same size as a segment, so the segment
+/// it covers is still the active one when it is done; the covered segment
+/// goes once the next one starts, however many rounds the writer ran in
+/// between (a purge of tombstones is one).
+#[tokio::test]
+async fn a_covered_segment_goes_once_the_next_one_starts() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = EngineConfig::new(dir.path());
+    cfg.segment_max_bytes = 4096;
+    cfg.snapshot_every_bytes = 4096;
+    let (e, _) = Engine::open(Arc::new(RealFs), cfg, None).unwrap();
+    let value = "v".repeat(500);
+    while e.status().wal_bytes < 4096 {
+        e.write(put("k", &value), true).await.unwrap();
+    }
+    for _ in 0..500 {
+        if e.status().snapshot_index > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let covered = e.status().snapshot_index;
+    assert!(covered > 0, "a snapshot was taken");
+    for _ in 0..3 {
+        e.purge_tombstones(kvd::storage::Timestamp::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(e.status().wal_segments, 1, "nothing to remove yet");
+    e.write(put("k", "x"), true).await.unwrap();
+    e.purge_tombstones(kvd::storage::Timestamp::default())
+        .await
+        .unwrap();
+    assert_eq!(e.first_log_index(), covered + 1, "the covered segment went");
+    assert_eq!(e.status().wal_segments, 1);
+}
+
+/// docs/DESIGN.md §6.1: a mode switch's rebase gives every key
+/// `create_index = mod_index = base_index`, `version = 1`, the same on
+/// every node whatever their own numbers were, and a restart keeps them.
+#[tokio::test]
+async fn a_rebase_sets_every_keys_versions_to_the_base() {
+    let dir = TempDir::new().unwrap();
+    let e = open(&dir, CommitPolicy::Local);
+    for op in [put("a", "1"), put("a", "2"), put("b", "1")] {
+        e.write(op, true).await.unwrap();
+    }
+    let base_ts = kvd::storage::Timestamp {
+        physical_ms: 1_700_000_000_000,
+        logical: 0,
+        node: 0,
+    };
+    let rebase = kvd::storage::Rebase {
+        policy: CommitPolicy::Merge,
+        base_index: 10,
+        epoch: 2,
+        base_ts,
+    };
+    e.rebase(rebase).await.unwrap();
+    let base = meta(10, 10, 1);
+    let read = RangeRead {
+        range: KeyRange::prefix(b""),
+        limit: 10,
+        keys_only: true,
+    };
+    let keys = |e: &Engine| {
+        let page = e.range(&read);
+        (
+            page.index,
+            page.items
+                .iter()
+                .map(|i| (i.key.clone(), i.meta))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(keys(&e), (10, vec![(b("a"), base), (b("b"), base)]));
+    let r = e.write(put("a", "3"), true).await.unwrap();
+    assert_eq!(r.index, 11);
+    assert_eq!(e.get_versioned(b"a"), Some((b("3"), meta(10, 11, 2))));
+    e.shutdown();
+    drop(e);
+    let e = open(&dir, CommitPolicy::Merge);
+    assert_eq!(
+        keys(&e),
+        (11, vec![(b("a"), meta(10, 11, 2)), (b("b"), base)])
+    );
+}

@@ -1,7 +1,6 @@
 """Full-text and similarity search through KVClient (kvd --index, docs/DESIGN.md §7).
 
-Needs a kvd built with search (issue: indexes). Until that lands on main,
-these tests fail at start-up: kvd does not know --index.
+Each test starts its own kvd with --index.
 """
 
 from __future__ import annotations

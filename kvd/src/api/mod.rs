@@ -143,7 +143,7 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/v1/kv",
             get(range::list)
-                .delete(range::delete_prefix)
+                .delete(txn::delete_prefix)
                 .fallback(empty_key),
         )
         .route("/v1/kv/", any(empty_key))

@@ -16,13 +16,14 @@ use serde_json::json;
 use super::query::Params;
 use super::token::{self, TokenError};
 use super::wire::JsonItem;
-use super::{blocking, with_stamp, ApiError, Shared};
-use crate::model::{prefix_end, KeyRange, OpResult, Page, RangeRead, Txn, TxnOp};
+use super::{blocking, ApiError, Shared};
+use crate::model::{prefix_end, KeyRange, Page, RangeRead};
 
 /// Keys per page when the request says none.
 pub const DEFAULT_LIMIT: usize = 100;
-/// Most keys per page (and per transaction `range`).
-pub const MAX_LIMIT: usize = 10_000;
+/// Most keys per page (and per transaction `range`): the model's limit,
+/// which the WAL decoder holds logged range reads to as well.
+pub use crate::model::MAX_RANGE_LIMIT as MAX_LIMIT;
 
 /// Why a range's bounds were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,7 +78,7 @@ pub fn limit(limit: Option<usize>) -> Result<usize, String> {
     }
 }
 
-fn bounds_error(e: BoundsError) -> ApiError {
+pub fn bounds_error(e: BoundsError) -> ApiError {
     let code = match e {
         BoundsError::PrefixAndBounds => code::INVALID_QUERY,
         BoundsError::StartAfterEnd { .. } | BoundsError::TooLong(_) => code::INVALID_RANGE,
@@ -156,43 +157,6 @@ pub async fn list(
     };
     let page = blocking(move || engine.range(&read)).await?;
     Ok(Json(page_answer(&range, &page)).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrefixParams {
-    prefix: Option<String>,
-}
-
-/// `DELETE /v1/kv?prefix=P`: every key under `P`, in one record.
-pub async fn delete_prefix(
-    State(st): State<Shared>,
-    uri: Uri,
-    Params(p): Params<PrefixParams>,
-) -> Result<Response, ApiError> {
-    let prefix = p.prefix.filter(|p| !p.is_empty()).ok_or_else(|| {
-        ApiError::bad_request(
-            code::INVALID_QUERY,
-            "DELETE /v1/kv deletes a prefix: it needs ?prefix=P, not empty",
-        )
-    })?;
-    if prefix.len() > MAX_KEY_BYTES {
-        return Err(bounds_error(BoundsError::TooLong("prefix")));
-    }
-    st.check_primary(&uri)?;
-    let txn = Txn {
-        success: vec![TxnOp::DeletePrefix {
-            prefix: Bytes::from(prefix.into_bytes()),
-        }],
-        ..Txn::default()
-    };
-    let w = st.node.write_txn(txn).await?;
-    let deleted = match super::txn::results(&w)?.results.first() {
-        Some(OpResult::DeletePrefix { deleted }) => *deleted,
-        other => return Err(super::txn::unexpected(other)),
-    };
-    let body = json!({"deleted": deleted, "index": w.index});
-    Ok(Json(with_stamp(body, w.stamp)).into_response())
 }
 
 #[cfg(test)]

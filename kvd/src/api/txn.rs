@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::query::{NoParams, Params};
-use super::range::{key_range, limit};
+use super::range::{bounds_error, key_range, limit, BoundsError};
 use super::wire::{from_object, JsonItem, JsonValue, Obj};
-use super::{check_value_size, read_body, validate_key, ApiError, Limits, Shared};
+use super::{check_value_size, read_body, validate_key, with_stamp, ApiError, Limits, Shared};
 use crate::model::{Cmp, Compare, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS};
 use crate::node::Written;
 
@@ -297,6 +297,43 @@ pub async fn txn(
     let txn = parse(&raw, &st.limits)?;
     let w = st.node.write_txn(txn).await?;
     Ok(Json(answer(&w)?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixParams {
+    prefix: Option<String>,
+}
+
+/// `DELETE /v1/kv?prefix=P`: every key under `P`, in one record.
+pub async fn delete_prefix(
+    State(st): State<Shared>,
+    uri: Uri,
+    Params(p): Params<PrefixParams>,
+) -> Result<Response, ApiError> {
+    let prefix = p.prefix.filter(|p| !p.is_empty()).ok_or_else(|| {
+        ApiError::bad_request(
+            code::INVALID_QUERY,
+            "DELETE /v1/kv deletes a prefix: it needs ?prefix=P, not empty",
+        )
+    })?;
+    if prefix.len() > MAX_KEY_BYTES {
+        return Err(bounds_error(BoundsError::TooLong("prefix")));
+    }
+    st.check_primary(&uri)?;
+    let txn = Txn {
+        success: vec![TxnOp::DeletePrefix {
+            prefix: Bytes::from(prefix.into_bytes()),
+        }],
+        ..Txn::default()
+    };
+    let w = st.node.write_txn(txn).await?;
+    let deleted = match results(&w)?.results.first() {
+        Some(OpResult::DeletePrefix { deleted }) => *deleted,
+        other => return Err(unexpected(other)),
+    };
+    let body = json!({"deleted": deleted, "index": w.index});
+    Ok(Json(with_stamp(body, w.stamp)).into_response())
 }
 
 #[cfg(test)]

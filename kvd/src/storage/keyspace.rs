@@ -410,6 +410,8 @@ impl KeySpace {
             // Past the last entry of a full leaf: a new leaf, so that an
             // ascending load leaves full leaves behind it.
             Err(i) if i == leaf.len() && i > 0 && leaf.full(bytes.len()) => {
+                // Likely left alone from now on: no spare capacity.
+                leaf.buf.shrink_to_fit();
                 let mut fresh = Leaf::default();
                 fresh.insert(0, &bytes);
                 (Upsert::Inserted { new }, vec![fresh])

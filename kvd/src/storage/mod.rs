@@ -72,7 +72,8 @@ use crate::metrics::Metrics;
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 use log_index::{EpochRuns, LogCache};
 use lww::Lww;
-use writer::{PendingEntry, Snapshotter, Writer};
+use resolve::PendingEntry;
+use writer::{Snapshotter, Writer};
 
 /// Longest key, in bytes (docs/DESIGN.md §2).
 pub use kvproto::MAX_KEY_BYTES;
@@ -1027,6 +1028,7 @@ fn start_threads(
         snap_dir: snap_dir.clone(),
         snap_tx,
         compact_rx,
+        covered: 0,
     };
     let snapshotter = Snapshotter {
         fs: fs.clone(),

@@ -18,10 +18,19 @@ use tokio::sync::oneshot;
 
 use super::pending_view::PendingView;
 use super::state::{self, State};
-use super::writer::PendingEntry;
 use super::{Error, Write, WriteReq, WriteResult};
-use crate::model::{Op, OpResult, Txn, TxnOp, TxnResult};
+use crate::model::{Op, OpResult, Timestamp, Txn, TxnOp, TxnResult};
 
+/// A durable entry waiting for its commit (replicated mode).
+pub(super) struct PendingEntry {
+    pub index: u64,
+    pub ts: Timestamp,
+    pub op: Op,
+    pub apply: bool,
+    pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
+    /// A transaction this node answers.
+    pub txn: Option<TxnAnswer>,
+}
 /// What answering a transaction needs beyond its record: which branch ran,
 /// and (masterless mode, where a prefix delete is logged as the deletes it
 /// resolved into) how many logged ops each of the branch's ops became.

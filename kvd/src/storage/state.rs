@@ -43,11 +43,12 @@ use crate::model::{
 };
 
 /// Memory an entry costs beyond its `2 + key + value` bytes: its versions
-/// (three varints and their length, about 8 bytes once indexes pass 2^14),
-/// its end offset in the leaf (4), its share of the leaf's spare capacity
-/// (up to 1/8 of the leaf; 16 bytes for the 126-byte entries of the memory
-/// goal) and of the leaf's own cost (its map slot, separator and
-/// allocations, about 160 bytes per 32 to 64 entries).
+/// (three varints and their length, 8 bytes once indexes pass 2^14), its
+/// end offset in the leaf (4), and its share of the leaf's spare capacity
+/// and of the allocator's holes and the leaf's own cost. Measured for a
+/// million 16-byte keys with 100-byte values (118 content bytes each), the
+/// state grows the process by 134 bytes a key loaded in key order and 160 in
+/// random order: 16 and 42 bytes over the content; this is between.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 32;
 
 /// What an entry whose content is `content_len` bytes counts in the data set.

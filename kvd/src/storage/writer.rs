@@ -34,14 +34,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::fs::Fs;
 use super::log_index::EpochRuns;
 use super::lww::Lww;
 use super::pending_view::PendingView;
 use super::record::{self, Record};
-use super::resolve::{Resolved, Resolver, TxnAnswer};
+use super::resolve::{PendingEntry, Resolved, Resolver, TxnAnswer};
 use super::state::{ApplyOutcome, State};
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
@@ -51,17 +51,6 @@ use crate::masterless::hlc::{Hlc, WallClock};
 use crate::metrics::Metrics;
 use crate::model::{Op, Timestamp};
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
-
-/// A durable entry waiting for its commit (replicated mode).
-pub(super) struct PendingEntry {
-    pub index: u64,
-    pub ts: Timestamp,
-    pub op: Op,
-    pub apply: bool,
-    pub reply: Option<oneshot::Sender<Result<WriteResult, Error>>>,
-    /// A transaction this node answers.
-    pub txn: Option<TxnAnswer>,
-}
 
 /// One entry on its way into the log: its epoch, stamp and op.
 type Entry<'a> = (u64, Timestamp, &'a Op);
@@ -98,6 +87,8 @@ pub(super) struct Writer {
     pub snap_dir: PathBuf,
     pub snap_tx: std_mpsc::SyncSender<snapshot::SnapshotMeta>,
     pub compact_rx: std_mpsc::Receiver<u64>,
+    /// The last index of the newest durable snapshot (see [`Writer::compact`]).
+    pub covered: u64,
 }
 
 impl Writer {
@@ -689,6 +680,7 @@ impl Writer {
         self.shared.cache.lock().clear();
         self.first_unapplied = None;
         self.bytes_since_snapshot = 0;
+        self.covered = base.last_index;
         for idx in [
             &self.shared.last_index,
             &self.shared.commit_index,
@@ -828,19 +820,30 @@ impl Writer {
         }
     }
 
+    /// Removes the segments the newest durable snapshot covers. A segment
+    /// is removable only once the next one exists: the one a snapshot
+    /// covers may still be the active segment (a snapshot is taken at the
+    /// segment size, the roll comes at the next append), so the covered
+    /// index is kept and tried again every round until it is.
     fn compact(&mut self) {
         while let Ok(upto) = self.compact_rx.try_recv() {
-            match self.wal.remove_covered(upto) {
-                Ok(_) => {
-                    // Entries gone from the WAL can only reach a peer by
-                    // snapshot: say so to the catch-up rules.
-                    let first = self.wal.first_index();
-                    self.shared.log.lock().compact_to(first.saturating_sub(1));
-                    self.publish_wal_stats();
-                }
-                Err(e) => {
-                    tracing::warn!(upto, error = %e, "WAL compaction failed (will retry later)")
-                }
+            self.covered = self.covered.max(upto);
+        }
+        if self.covered == 0 || self.wal.segment_count() < 2 {
+            return;
+        }
+        match self.wal.remove_covered(self.covered) {
+            Ok(0) => {}
+            Ok(_) => {
+                // Entries gone from the WAL can only reach a peer by
+                // snapshot: say so to the catch-up rules.
+                let first = self.wal.first_index();
+                self.shared.log.lock().compact_to(first.saturating_sub(1));
+                self.publish_wal_stats();
+            }
+            Err(e) => {
+                let upto = self.covered;
+                tracing::warn!(upto, error = %e, "WAL compaction failed (will retry later)")
             }
         }
     }

@@ -73,6 +73,26 @@ pub fn random_op(rng: &mut StdRng, prefix: &str, seq: u64) -> Op {
     }
 }
 
+/// A transaction's branch of 1 to 4 ops under `prefix`: puts, deletes,
+/// a prefix delete (of `k1`, `k10` and `k11`) and reads, as one record.
+pub fn random_txn(rng: &mut StdRng, prefix: &str, seq: u64) -> Op {
+    let k = |rng: &mut StdRng| key(prefix, rng.gen_range(0..KEYS));
+    let ops = (0..rng.gen_range(1..5))
+        .map(|i| match rng.gen_range(0..10) {
+            0..=4 => TxnOp::Put {
+                key: k(rng),
+                value: Bytes::from(format!("{prefix}{seq}.{i}:txn")),
+            },
+            5..=6 => TxnOp::Delete { key: k(rng) },
+            7 => TxnOp::DeletePrefix {
+                prefix: Bytes::from(format!("{prefix}k1")),
+            },
+            _ => TxnOp::Get { key: k(rng) },
+        })
+        .collect();
+    Op::Txn { ops }
+}
+
 /// The engine's contents under `prefix`.
 pub fn contents(engine: &Engine, prefix: &str) -> Model {
     (0..KEYS)

@@ -253,6 +253,8 @@ struct PutCell {
     result: LoadResult,
     cpu: CpuShare,
     runs: usize,
+    /// Share of the cell's wall time some task waited for I/O (%).
+    io_stall: Option<f64>,
 }
 
 impl PutCell {
@@ -266,6 +268,7 @@ impl PutCell {
             self.result.errors.to_string(),
             format!("{:.0}%", self.cpu.server),
             format!("{:.0}%", self.cpu.other),
+            self.io_stall.map_or("-".into(), |p| format!("{p:.0}%")),
             self.runs.to_string(),
         ]
     }
@@ -283,7 +286,7 @@ impl Ctx<'_> {
             round + 1
         ));
         let make = kvd_put_make(Bytes::from(value_of(42, self.cfg.value_bytes)));
-        let (result, cpu, runs) = quietest(&self.cfg.quiet, || {
+        let ((result, io_stall), cpu, runs) = quietest(&self.cfg.quiet, || {
             let dir = tempfile::Builder::new()
                 .prefix("put-")
                 .tempdir_in(self.tmp)?;
@@ -296,10 +299,16 @@ impl Ctx<'_> {
                 duration: self.cfg.duration,
             };
             let pid = kvd.pid().context("kvd has a pid")?.to_string();
-            with_cpu(&pid, || {
+            let (t0, io0) = (Instant::now(), io_stall_us());
+            let (result, cpu) = with_cpu(&pid, || {
                 let live = self.ticker.live.clone();
                 self.rt.block_on(run_load(&spec, make.clone(), live))
-            })
+            })?;
+            let wall_us = t0.elapsed().as_micros() as f64;
+            let stall = io0
+                .zip(io_stall_us())
+                .map(|(a, b)| b.saturating_sub(a) as f64 / wall_us * 100.0);
+            Ok(((result, stall), cpu))
         })?;
         Ok(PutCell {
             system,
@@ -307,6 +316,7 @@ impl Ctx<'_> {
             result,
             cpu,
             runs,
+            io_stall,
         })
     }
 
@@ -358,6 +368,7 @@ fn put_summary(cells: &[PutCell]) -> Value {
             "server_cpu_pct": c.cpu.server,
             "other_cpu_pct": c.cpu.other,
             "runs": c.runs,
+            "io_stall_pct": c.io_stall,
         })).collect::<Vec<_>>(),
     })
 }
@@ -708,6 +719,7 @@ fn print_report(
         "errors",
         "kvd CPU",
         "other CPU",
+        "IO stall",
         "runs",
     ]);
     for c in puts {

@@ -499,6 +499,19 @@ pub fn quietest<T>(
     Ok((out, cpu, runs))
 }
 
+/// Microseconds in which some task of the machine waited for I/O so far
+/// (`/proc/pressure/io`, "some"), if the kernel reports it. Over a cell it
+/// shows disk contention that CPU shares miss: an fsync-bound server waits
+/// on its own fsyncs too, so compare cells with each other, not with 0.
+pub fn io_stall_us() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/pressure/io").ok()?;
+    let some = text.lines().find(|l| l.starts_with("some"))?;
+    some.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
 /// Total size of the files under `dir`, in bytes.
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;

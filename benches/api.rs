@@ -110,17 +110,8 @@ struct Cli {
     /// skip the Redis memory comparison
     #[arg(long)]
     no_redis: bool,
-    /// re-run a PUT cell if other processes used more CPU than this (default 25)
-    #[arg(
-        long,
-        value_name = "PCT",
-        default_value_t = 25.0,
-        hide_default_value = true
-    )]
-    max_other_cpu: f64,
-    /// re-runs of a noisy PUT cell; the quietest run is kept (default 2)
-    #[arg(long, value_name = "N", default_value_t = 2, hide_default_value = true)]
-    retries: usize,
+    #[command(flatten)]
+    quiet: Quiet,
     /// exit non-zero when a target is missed
     #[arg(long)]
     strict: bool,
@@ -187,10 +178,7 @@ impl Config {
             client_threads: cli.client_threads,
             kvd_args: split_flags(cli.kvd_args.as_deref().unwrap_or("")),
             redis: !cli.no_redis,
-            quiet: Quiet {
-                max_other_cpu: cli.max_other_cpu,
-                retries: cli.retries,
-            },
+            quiet: cli.quiet.clone(),
         })
     }
 

@@ -111,17 +111,8 @@ struct Cli {
     /// interleaved comparison rounds (kvd, etcd, Redis); medians compared (default 3, quick 1)
     #[arg(long, value_name = "N")]
     rounds: Option<usize>,
-    /// re-run a cell if other processes used more CPU than this (default 25)
-    #[arg(
-        long,
-        value_name = "PCT",
-        default_value_t = 25.0,
-        hide_default_value = true
-    )]
-    max_other_cpu: f64,
-    /// re-runs of a noisy cell; the quietest run is kept (default 2)
-    #[arg(long, value_name = "N", default_value_t = 2, hide_default_value = true)]
-    retries: usize,
+    #[command(flatten)]
+    quiet: Quiet,
     /// exit non-zero when a target is missed
     #[arg(long)]
     strict: bool,
@@ -202,10 +193,7 @@ impl Config {
                 .redis_requests
                 .unwrap_or(if quick { 50_000 } else { 200_000 }),
             rounds: cli.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
-            quiet: Quiet {
-                max_other_cpu: cli.max_other_cpu,
-                retries: cli.retries,
-            },
+            quiet: cli.quiet.clone(),
         }
     }
 

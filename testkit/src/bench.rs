@@ -471,8 +471,19 @@ pub fn with_cpu<T>(server_pid: &str, f: impl FnOnce() -> Result<T>) -> Result<(T
 /// core in the middle of a cell. A cell during which other processes used
 /// more than `max_other_cpu` % of a core is run again, up to `retries`
 /// times, and the quietest run is kept; every cell reports its figure.
+/// Also the benchmarks' command-line options for it (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Quiet {
+    /// re-run a cell if other processes used more CPU than this (default 25)
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 25.0,
+        hide_default_value = true
+    )]
     pub max_other_cpu: f64,
+    /// re-runs of a noisy cell; the quietest run is kept (default 2)
+    #[arg(long, value_name = "N", default_value_t = 2, hide_default_value = true)]
     pub retries: usize,
 }
 

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use kvd::masterless::hlc::node_tag;
 use kvd::masterless::node::encode_stream;
+use kvd::model::Expiry;
 use kvd::storage::{Op, Record, Timestamp};
 use kvstore_testkit::node::{self, expect_json_error};
 use kvstore_testkit::{free_port, Kvd};
@@ -57,6 +58,7 @@ fn put(key: &[u8], value: &[u8]) -> Op {
     Op::Put {
         key: Bytes::copy_from_slice(key),
         value: Bytes::copy_from_slice(value),
+        expiry: Expiry::Never,
     }
 }
 
@@ -171,8 +173,16 @@ async fn streamed_records_are_validated_like_client_writes() {
             "a bulk item with a NUL key",
             Op::Bulk {
                 items: vec![
-                    (Bytes::from_static(b"ok"), Bytes::from_static(b"v")),
-                    (Bytes::from_static(b"x\0"), Bytes::from_static(b"v")),
+                    (
+                        Bytes::from_static(b"ok"),
+                        Bytes::from_static(b"v"),
+                        Expiry::Never,
+                    ),
+                    (
+                        Bytes::from_static(b"x\0"),
+                        Bytes::from_static(b"v"),
+                        Expiry::Never,
+                    ),
                 ],
             },
         ),

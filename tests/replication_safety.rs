@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvd::model::KeyMeta;
+use kvd::model::{Expiry, KeyMeta};
 use kvd::replication::node::encode_append;
 use kvd::replication::rules::LogPos;
 use kvd::storage::snapshot::{self, SnapshotMeta, Versions};
@@ -101,6 +101,7 @@ fn put_rec(index: u64, epoch: u64, key: &[u8], value: &[u8]) -> Record {
         op: Op::Put {
             key: Bytes::copy_from_slice(key),
             value: Bytes::copy_from_slice(value),
+            expiry: Expiry::Never,
         },
     }
 }
@@ -298,8 +299,16 @@ async fn replicated_entries_are_validated_like_client_writes() {
     let big_value = vec![b'v'; 1025];
     let bad_bulk = Op::Bulk {
         items: vec![
-            (Bytes::from_static(b"bulk-ok"), Bytes::from_static(b"v")),
-            (Bytes::from_static(b"bulk\0bad"), Bytes::from_static(b"v")),
+            (
+                Bytes::from_static(b"bulk-ok"),
+                Bytes::from_static(b"v"),
+                Expiry::Never,
+            ),
+            (
+                Bytes::from_static(b"bulk\0bad"),
+                Bytes::from_static(b"v"),
+                Expiry::Never,
+            ),
         ],
     };
     let cases: Vec<(&str, Op)> = vec![

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use kvd::masterless::node::{decode_frames, decode_stream, encode_stream};
 use kvd::model::LogPos;
-use kvd::model::{KeyMeta, KeyRange, RangeRead, TxnOp};
+use kvd::model::{Expiry, KeyMeta, KeyRange, RangeRead, TxnOp};
 use kvd::replication::node::{decode_append, encode_append};
 use kvd::storage::fs::{Fs, WriteFile};
 use kvd::storage::lww::Lww;
@@ -411,9 +411,13 @@ fn sample_records() -> Vec<Record> {
         Op::Put {
             key: b(b"user:1"),
             value: b(b"{\"name\": \"ada\"}\0\xff"),
+            expiry: Expiry::Never,
         },
         Op::Bulk {
-            items: vec![(b(b"a"), b(b"1")), (b(b"b"), Bytes::new())],
+            items: vec![
+                (b(b"a"), b(b"1"), Expiry::Never),
+                (b(b"b"), Bytes::new(), Expiry::Never),
+            ],
         },
         Op::Delete { key: b(b"user:1") },
         Op::Txn {
@@ -421,6 +425,7 @@ fn sample_records() -> Vec<Record> {
                 TxnOp::Put {
                     key: b(b"t/1"),
                     value: b(b"\x00v"),
+                    expiry: Expiry::Never,
                 },
                 TxnOp::Get { key: b(b"t/1") },
                 TxnOp::DeletePrefix { prefix: b(b"t/") },

@@ -31,6 +31,59 @@ pub struct Metrics {
     pub replication_lag_entries: IntGaugeVec,
     pub index: IndexMetrics,
     pub connections: ConnectionMetrics,
+    pub expiry: ExpiryMetrics,
+    pub watch: WatchMetrics,
+}
+
+/// Keys with a deadline and leases (gauges and the expiry count, set from
+/// the engine when `/metrics` is read).
+pub struct ExpiryMetrics {
+    pub keys_with_ttl: IntGauge,
+    pub expired_keys_total: IntCounter,
+    pub leases: IntGauge,
+}
+
+impl ExpiryMetrics {
+    fn new(r: &Registrar) -> Result<ExpiryMetrics, prometheus::Error> {
+        Ok(ExpiryMetrics {
+            keys_with_ttl: r.gauge(
+                "kvd_keys_with_ttl",
+                "Live keys with a deadline: a TTL or a lease",
+            )?,
+            expired_keys_total: r.counter(
+                "kvd_expired_keys_total",
+                "Keys removed because their deadline passed or their lease expired",
+            )?,
+            leases: r.gauge("kvd_leases", "Live leases")?,
+        })
+    }
+}
+
+/// Open watches and what they were sent, counted as the API serves them.
+#[derive(Clone)]
+pub struct WatchMetrics {
+    pub watchers: IntGauge,
+    pub events_sent_total: IntCounter,
+    pub watchers_cut_total: IntCounterVec,
+}
+
+impl WatchMetrics {
+    fn new(r: &Registrar) -> Result<WatchMetrics, prometheus::Error> {
+        Ok(WatchMetrics {
+            watchers: r.gauge("kvd_watchers", "Open watch streams")?,
+            events_sent_total: r.counter(
+                "kvd_watch_events_sent_total",
+                "Events (put, delete, expire) written to watch streams",
+            )?,
+            watchers_cut_total: r.labelled(
+                IntCounterVec::new,
+                "kvd_watchers_cut_total",
+                "Watch streams the node ended with an error event, by reason \
+                 (watcher_too_slow, compacted)",
+                &["reason"],
+            )?,
+        })
+    }
 }
 
 /// `--index` figures (set from the index when `/metrics` is read; the
@@ -249,6 +302,8 @@ impl Metrics {
             )?,
             index: IndexMetrics::new(&r)?,
             connections: ConnectionMetrics::new(&r)?,
+            expiry: ExpiryMetrics::new(&r)?,
+            watch: WatchMetrics::new(&r)?,
             registry,
         })
     }

@@ -27,12 +27,14 @@ pub enum Op {
     Put {
         key: Bytes,
         value: Bytes,
+        expiry: Expiry,
     },
     Delete {
         key: Bytes,
     },
+    /// Each item is `(key, value, expiry)`.
     Bulk {
-        items: Vec<(Bytes, Bytes)>,
+        items: Vec<(Bytes, Bytes, Expiry)>,
     },
     Noop,
     /// The branch a transaction chose, resolved by the node that took it:
@@ -42,6 +44,97 @@ pub enum Op {
     Txn {
         ops: Vec<TxnOp>,
     },
+    /// Removes each key whose `mod_index` is still the one named and whose
+    /// deadline ([`Expiry::At`]) is at or before the record's stamp: the
+    /// expiries a primary (or a masterless node, for itself) decided.
+    Expire {
+        keys: Vec<(Bytes, u64)>,
+    },
+    /// Grants a lease of `ttl_ms`; its id is the record's index, its
+    /// deadline the record's stamp plus `ttl_ms`.
+    LeaseGrant {
+        ttl_ms: u64,
+    },
+    /// Moves lease `id`'s deadline to the record's stamp plus its TTL, if
+    /// the lease is alive at that stamp.
+    LeaseKeepAlive {
+        id: u64,
+    },
+    /// Ends lease `id` and deletes every key attached to it. `expired`:
+    /// the primary's expiry, which applies only if the lease's deadline is
+    /// at or before the record's stamp (its keys' events are `expire`).
+    LeaseRevoke {
+        id: u64,
+        expired: bool,
+    },
+}
+
+/// When a key stops being readable. Deadlines are Unix times in
+/// milliseconds, of the clock of the node that took the write, as Redis
+/// keeps them (`PEXPIREAT`), so they mean the same on every replica and
+/// after a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Expiry {
+    /// No deadline: a plain write clears any TTL or lease the key had.
+    #[default]
+    Never,
+    /// Unreadable from this deadline on.
+    At(u64),
+    /// Lives as long as the lease with this id.
+    Lease(u64),
+    /// A write that keeps what the key had (`keep_ttl`); resolved when the
+    /// record is applied, never stored.
+    Keep,
+}
+
+/// Longest `ttl_ms` of a key or a lease: ten years.
+pub const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// Most keys one [`Op::Expire`] record removes, so that expiring many keys
+/// at once is spread over many batches and never holds writes up.
+pub const MAX_EXPIRE_KEYS: usize = 1000;
+
+/// A lease as reads show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: u64,
+    pub ttl_ms: u64,
+    /// Unix ms.
+    pub deadline_ms: u64,
+    /// The keys attached to it, in byte order.
+    pub keys: Vec<Bytes>,
+}
+
+/// What happened to one key in one record, as a watch streams it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Put,
+    Delete,
+    /// Removed because its deadline passed or its lease ended by expiry.
+    Expire,
+}
+
+/// One key's change. `meta` is the key's new versions for a put, zeros
+/// otherwise; `value` the new value (a put); `prev` the value it had
+/// (when it had one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub key: Bytes,
+    pub value: Option<Bytes>,
+    pub prev: Option<Bytes>,
+    pub meta: KeyMeta,
+}
+
+/// Every change one applied record made, in the order it made them (the
+/// same on every replica), with the record's index and stamp. A record
+/// that changed nothing (a noop, a read) has no events but still moves the
+/// watch position.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordEvents {
+    pub index: u64,
+    pub ts: Timestamp,
+    pub events: Vec<Event>,
 }
 
 /// A key's versions, as etcd keeps them: the log index that created the
@@ -56,11 +149,13 @@ pub struct KeyMeta {
 }
 
 /// One key as a read returns it; `value` is `None` for a keys-only read.
+/// `expiry` is what the key holds: never [`Expiry::Keep`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item {
     pub key: Bytes,
     pub value: Option<Bytes>,
     pub meta: KeyMeta,
+    pub expiry: Expiry,
 }
 
 /// The half-open key range `[start, end)` in byte order; `end: None` runs
@@ -131,6 +226,7 @@ pub enum TxnOp {
     Put {
         key: Bytes,
         value: Bytes,
+        expiry: Expiry,
     },
     Delete {
         key: Bytes,
@@ -363,6 +459,7 @@ mod tests {
         let put = |k: &'static str| TxnOp::Put {
             key: Bytes::from_static(k.as_bytes()),
             value: Bytes::new(),
+            expiry: Expiry::Never,
         };
         let txn = |compare: Vec<Compare>| Txn {
             compare,

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use kvd::model::{KeyMeta, KeyRange, RangeRead};
+use kvd::model::{Expiry, KeyMeta, KeyRange, RangeRead};
 use kvd::storage::{Engine, EngineConfig, Op, Txn};
 use sim::model::{apply_model, contents, random_op, random_txn, Model};
 use sim::{SimFs, TailTally};
@@ -156,6 +156,7 @@ fn crash_once(seed: u64, writers: usize, txns: bool) -> Vec<sim::TornTail> {
             Op::Put {
                 key: Bytes::from_static(b"after"),
                 value: Bytes::from_static(b"crash"),
+                expiry: Expiry::Never,
             },
             true,
         )
@@ -213,6 +214,7 @@ fn a_failed_fsync_poisons_the_wal_until_restart() {
     let put = |v: &'static [u8]| Op::Put {
         key: Bytes::from_static(b"k"),
         value: Bytes::from_static(v),
+        expiry: Expiry::Never,
     };
     engine.write_blocking(put(b"1"), true).unwrap();
     fs.fail_next_sync();
@@ -246,6 +248,7 @@ fn truncating_a_suffix_survives_a_crash_at_every_step() {
         op: Op::Put {
             key: Bytes::from(format!("k{index}")),
             value: Bytes::from(vec![b'v'; 60]),
+            expiry: Expiry::Never,
         },
     };
     for crash_at in 0..40 {

@@ -25,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Runtime;
 
-use kvd::model::{KeyMeta, TxnOp};
+use kvd::model::{Expiry, KeyMeta, TxnOp};
 use kvd::replication::rules::{AppendOutcome, LogPos};
 use kvd::storage::fs::Fs;
 use kvd::storage::snapshot::{self, SnapshotMeta, Versions};
@@ -177,6 +177,7 @@ fn after_op() -> Op {
     Op::Put {
         key: Bytes::from_static(b"after"),
         value: Bytes::from_static(b"crash"),
+        expiry: Expiry::Never,
     }
 }
 
@@ -588,20 +589,27 @@ type Version = (Timestamp, Option<Bytes>);
 /// The versions `op` writes, one per key (in a bulk the last item wins).
 fn versions(op: &Op) -> Vec<(Bytes, Option<Bytes>)> {
     match op {
-        Op::Put { key, value } => vec![(key.clone(), Some(value.clone()))],
+        Op::Put { key, value, .. } => vec![(key.clone(), Some(value.clone()))],
         Op::Delete { key } => vec![(key.clone(), None)],
         Op::Bulk { items } => {
-            let last: BTreeMap<_, _> = items.iter().cloned().collect();
+            let last: BTreeMap<_, _> = items
+                .iter()
+                .map(|(k, v, _)| (k.clone(), v.clone()))
+                .collect();
             last.into_iter().map(|(k, v)| (k, Some(v))).collect()
         }
         Op::Noop => Vec::new(),
+        Op::Expire { .. }
+        | Op::LeaseGrant { .. }
+        | Op::LeaseKeepAlive { .. }
+        | Op::LeaseRevoke { .. } => unreachable!("the workload writes no expiries or leases"),
         // The workload's transactions (none yet) would name their keys:
         // the last write of each key is its version.
         Op::Txn { ops } => {
             let mut last = BTreeMap::new();
             for op in ops {
                 match op {
-                    TxnOp::Put { key, value } => last.insert(key.clone(), Some(value.clone())),
+                    TxnOp::Put { key, value, .. } => last.insert(key.clone(), Some(value.clone())),
                     TxnOp::Delete { key } => last.insert(key.clone(), None),
                     _ => None,
                 };

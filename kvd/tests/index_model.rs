@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kvd::index::text::Analyzer;
 use kvd::index::{Hit, Index, Page};
+use kvd::model::Expiry;
 use kvd::storage::{Op, State};
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -280,6 +281,7 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
                     &Op::Put {
                         key: b(key(k).as_bytes()),
                         value: b(&v),
+                        expiry: Expiry::Never,
                     },
                 );
                 model.insert(key(k), v);
@@ -298,7 +300,7 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
                     .into_iter()
                     .map(|(k, v)| {
                         model.insert(key(k), v.clone());
-                        (b(key(k).as_bytes()), b(&v))
+                        (b(key(k).as_bytes()), b(&v), Expiry::Never)
                     })
                     .collect();
                 apply(&state, &Op::Bulk { items });
@@ -311,6 +313,7 @@ fn run(steps: Vec<Step>, queries: Vec<String>, stem: bool) -> Result<(), TestCas
                         &Op::Put {
                             key: b(k.as_bytes()),
                             value: b(v),
+                            expiry: Expiry::Never,
                         },
                     );
                 }
@@ -405,6 +408,7 @@ fn churn_on_a_larger_corpus() {
                 &Op::Put {
                     key: b(k.as_bytes()),
                     value: b(&v),
+                    expiry: Expiry::Never,
                 },
             );
             model.insert(k, v);

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use kvd::model::TxnOp;
+use kvd::model::{Expiry, TxnOp};
 use kvd::storage::lww::{bucket_of, Lww};
 use kvd::storage::{Op, State, Timestamp};
 use proptest::prelude::*;
@@ -27,12 +27,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         (0..KEYS.len(), any::<u8>()).prop_map(|(k, v)| Op::Put {
             key: key(k),
             value: Bytes::from(vec![v]),
+            expiry: Expiry::Never,
         }),
         (0..KEYS.len()).prop_map(|k| Op::Delete { key: key(k) }),
         prop::collection::vec((0..KEYS.len(), any::<u8>()), 1..4).prop_map(|items| Op::Bulk {
             items: items
                 .into_iter()
-                .map(|(k, v)| (key(k), Bytes::from(vec![v])))
+                .map(|(k, v)| (key(k), Bytes::from(vec![v]), Expiry::Never))
                 .collect(),
         }),
         // A masterless transaction as it is logged: puts, deletes and reads
@@ -44,6 +45,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
                     0 => TxnOp::Put {
                         key: key(k),
                         value: Bytes::from(vec![v]),
+                        expiry: Expiry::Never,
                     },
                     1 => TxnOp::Delete { key: key(k) },
                     _ => TxnOp::Get { key: key(k) },
@@ -85,25 +87,29 @@ fn model(writes: &[(Timestamp, Op)]) -> BTreeMap<Bytes, Option<Bytes>> {
     };
     for (ts, op) in writes {
         match op {
-            Op::Put { key, value } => offer(key, *ts, Some(value.clone())),
+            Op::Put { key, value, .. } => offer(key, *ts, Some(value.clone())),
             Op::Delete { key } => offer(key, *ts, None),
             Op::Bulk { items } => {
                 // Within one bulk the last item for a key wins.
                 let mut last: BTreeMap<&Bytes, &Bytes> = BTreeMap::new();
-                for (k, v) in items {
+                for (k, v, _) in items {
                     last.insert(k, v);
                 }
                 for (k, v) in last {
                     offer(k, *ts, Some(v.clone()));
                 }
             }
-            Op::Noop => {}
+            Op::Noop
+            | Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => {}
             Op::Txn { ops } => {
                 // Within one transaction the last write of a key wins.
                 let mut last: BTreeMap<&Bytes, Option<Bytes>> = BTreeMap::new();
                 for op in ops {
                     match op {
-                        TxnOp::Put { key, value } => last.insert(key, Some(value.clone())),
+                        TxnOp::Put { key, value, .. } => last.insert(key, Some(value.clone())),
                         TxnOp::Delete { key } => last.insert(key, None),
                         _ => None,
                     };

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kvd::model::Expiry;
 use kvd::storage::{CommitPolicy, Engine, EngineConfig, Op, RealFs, Record, Timestamp};
 use tempfile::TempDir;
 
@@ -37,6 +38,7 @@ fn put(ms: u64, key: &[u8]) -> Record {
         op: Op::Put {
             key: Bytes::copy_from_slice(key),
             value: Bytes::from_static(b"v"),
+            expiry: Expiry::Never,
         },
     }
 }

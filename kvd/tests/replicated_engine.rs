@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvd::model::Expiry;
 use kvd::replication::rules::{AppendOutcome, LogPos};
 use kvd::storage::{
     CommitPolicy, Engine, EngineConfig, Error, Op, RealFs, Record, ReplicateRequest, Timestamp,
@@ -32,6 +33,7 @@ fn put(key: &str, value: &str) -> Op {
     Op::Put {
         key: Bytes::copy_from_slice(key.as_bytes()),
         value: Bytes::copy_from_slice(value.as_bytes()),
+        expiry: Expiry::Never,
     }
 }
 

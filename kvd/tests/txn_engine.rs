@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvd::model::{Cmp, Compare, Item, KeyMeta, KeyRange, OpResult, RangeRead, Target, TxnOp};
+use kvd::model::{
+    Cmp, Compare, Expiry, Item, KeyMeta, KeyRange, OpResult, RangeRead, Target, TxnOp,
+};
 use kvd::storage::{CommitPolicy, Engine, EngineConfig, Op, RealFs, Txn};
 use tempfile::TempDir;
 
@@ -29,6 +31,7 @@ fn put(k: &str, v: &str) -> Op {
     Op::Put {
         key: b(k),
         value: b(v),
+        expiry: Expiry::Never,
     }
 }
 
@@ -51,6 +54,7 @@ fn cas(key: &str, mod_index: u64, value: &str) -> Txn {
         success: vec![TxnOp::Put {
             key: b(key),
             value: b(value),
+            expiry: Expiry::Never,
         }],
         failure: vec![TxnOp::Get { key: b(key) }],
     }
@@ -105,6 +109,7 @@ async fn on_a_primary_a_compare_sees_uncommitted_entries_and_a_failed_one_waits_
         key: b("k"),
         value: Some(b("v2")),
         meta: meta(1, 2, 2),
+        expiry: Expiry::Never,
     };
     assert_eq!(
         r.results,
@@ -133,6 +138,7 @@ async fn versions_and_ranges_come_back_the_same_after_a_restart_and_a_snapshot()
             TxnOp::Put {
                 key: b("a/3"),
                 value: b("new"),
+                expiry: Expiry::Never,
             },
         ],
         ..Txn::default()

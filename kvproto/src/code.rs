@@ -64,6 +64,26 @@ pub const TOO_MANY_OPS: &str = "too_many_ops";
 /// A conditional write or a transaction with a compare on a masterless
 /// node, which has no single order of writes to check it against.
 pub const UNSUPPORTED_IN_MASTERLESS: &str = "unsupported_in_masterless";
+/// A `ttl_ms` that is not an integer in 1 ..= ten years, or given with
+/// `lease` or `keep_ttl`.
+pub const INVALID_TTL: &str = "invalid_ttl";
+/// A lease id that no live lease has (never granted, revoked or expired).
+pub const LEASE_NOT_FOUND: &str = "lease_not_found";
+/// A grant past `--max-leases` live leases.
+pub const TOO_MANY_LEASES: &str = "too_many_leases";
+/// Watch parameters that do not name one range, or a bad `from_index` or
+/// `progress_ms`.
+pub const INVALID_WATCH: &str = "invalid_watch";
+/// A watch `from_index` past the last index this node holds in its log.
+pub const FUTURE_INDEX: &str = "future_index";
+/// A watch from an index older than the oldest event the node still holds
+/// (410; the body names `oldest_index`).
+pub const COMPACTED: &str = "compacted";
+/// A watch past `--max-watchers` open watches.
+pub const TOO_MANY_WATCHERS: &str = "too_many_watchers";
+/// In a watch's error event: the watcher fell behind what the node keeps
+/// and was cut off; it resumes from the event's `resume_index`.
+pub const WATCHER_TOO_SLOW: &str = "watcher_too_slow";
 
 // --- The node's state refuses a write or read (4xx, 5xx) ---
 /// A write (or consistent read) sent to a secondary: 307 to the primary.

@@ -138,6 +138,9 @@ impl From<storage::Error> for ApiError {
             // A peer sent what no client could: its request, not our fault.
             E::InvalidEntry(_) => (StatusCode::BAD_REQUEST, code::INVALID_ENTRY),
             E::StampOutOfRange(_) => (StatusCode::BAD_REQUEST, code::STAMP_OUT_OF_RANGE),
+            E::LeaseNotFound(_) => (StatusCode::NOT_FOUND, code::LEASE_NOT_FOUND),
+            // Like the memory budget: only revokes (or a higher limit) help.
+            E::TooManyLeases { .. } => (StatusCode::INSUFFICIENT_STORAGE, code::TOO_MANY_LEASES),
             E::NotDurable(_) | E::Io { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, code::STORAGE_ERROR)
             }

@@ -42,7 +42,7 @@ use kvproto::status::{IndexStatus, Memory, Peers, Status};
 use kvproto::{code, header as h};
 
 use crate::metrics::Metrics;
-use crate::model::{KeyMeta, OpResult, TxnOp};
+use crate::model::{Expiry, KeyMeta, OpResult, TxnOp};
 use crate::node::{Node, Runtime, WriteTarget, Written};
 use crate::replication::node::{self, AppendReply};
 use crate::replication::rules;
@@ -622,13 +622,23 @@ async fn put_key(
     let key = Bytes::from(key.into_bytes());
     let (index, stamp) = match pre {
         None => {
-            let r = st.write(Op::Put { key, value }, apply).await?;
+            let r = st
+                .write(
+                    Op::Put {
+                        key,
+                        value,
+                        expiry: Expiry::Never,
+                    },
+                    apply,
+                )
+                .await?;
             (r.index, r.stamp)
         }
         Some(pre) => {
             let write = TxnOp::Put {
                 key: key.clone(),
                 value,
+                expiry: Expiry::Never,
             };
             (st.write_if(key, pre, write).await?.0, None)
         }
@@ -724,7 +734,7 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
         validate_key(&item.key).map_err(bad)?;
         let value = item.value.into_bytes().map_err(bad)?;
         check_value_size(&format!("items[{i}]"), &value, limits)?;
-        items.push((Bytes::from(item.key.into_bytes()), value));
+        items.push((Bytes::from(item.key.into_bytes()), value, Expiry::Never));
     }
     Ok(Op::Bulk { items })
 }

@@ -199,6 +199,7 @@ pub fn etag(mod_index: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use crate::model::{Item, KeyMeta};
 
     fn put(if_match: &[&str], if_none_match: &[&str]) -> Result<Option<Precondition>, String> {
@@ -264,6 +265,7 @@ mod tests {
             key: Bytes::from_static(b"k"),
             value: Some(Bytes::from_static(b"v")),
             meta,
+            expiry: Expiry::Never,
         }
     }
 

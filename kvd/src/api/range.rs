@@ -162,6 +162,7 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use crate::model::{Item, KeyMeta};
 
     fn b(s: &str) -> Bytes {
@@ -234,6 +235,7 @@ mod tests {
                     key: b(k),
                     value: Some(Bytes::from_static(b"\xff")),
                     meta: KeyMeta::default(),
+                    expiry: Expiry::Never,
                 })
                 .collect(),
             more,

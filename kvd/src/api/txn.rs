@@ -20,7 +20,9 @@ use super::query::{NoParams, Params};
 use super::range::{bounds_error, key_range, limit, BoundsError};
 use super::wire::{from_object, JsonItem, JsonValue, Obj};
 use super::{check_value_size, read_body, validate_key, with_stamp, ApiError, Limits, Shared};
-use crate::model::{Cmp, Compare, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS};
+use crate::model::{
+    Cmp, Compare, Expiry, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS,
+};
 use crate::node::Written;
 
 /// The body of `POST /v1/txn`.
@@ -207,6 +209,7 @@ fn op_of(path: &str, op: OpJson, limits: &Limits) -> Result<TxnOp, ApiError> {
         OpJson::Put(Obj(p)) => TxnOp::Put {
             key: key_of(&format!("{path}.put.key"), p.key)?,
             value: value_of(&format!("{path}.put.value"), p.value, limits)?,
+            expiry: Expiry::Never,
         },
         OpJson::Delete(Obj(d)) => TxnOp::Delete {
             key: key_of(&format!("{path}.delete.key"), d.key)?,
@@ -397,7 +400,8 @@ mod tests {
             t.success[0],
             TxnOp::Put {
                 key: b("a"),
-                value: b("new")
+                value: b("new"),
+                expiry: Expiry::Never,
             }
         );
         assert_eq!(
@@ -545,6 +549,7 @@ mod tests {
                 mod_index: 2,
                 version: 2,
             },
+            expiry: Expiry::Never,
         };
         let w = Written {
             index: 5,

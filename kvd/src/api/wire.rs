@@ -124,6 +124,7 @@ impl Current {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
 
     #[test]
     fn values_round_trip_in_the_shorter_faithful_form() {
@@ -183,6 +184,7 @@ mod tests {
             key: Bytes::from_static(b"a/1"),
             value: None,
             meta,
+            expiry: Expiry::Never,
         };
         assert_eq!(
             serde_json::to_value(JsonItem::from(&item)).unwrap(),

@@ -721,6 +721,7 @@ pub fn decode_frames(buf: &[u8], off: usize) -> Result<Vec<Record>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use bytes::Bytes;
 
     #[test]
@@ -736,6 +737,7 @@ mod tests {
             op: Op::Put {
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from_static(b"v"),
+                expiry: Expiry::Never,
             },
         };
         let hlc = Timestamp {

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::state::{ApplyOutcome, State};
-use crate::model::{KeyMeta, KeyRange, Op, Timestamp, TxnOp};
+use crate::model::{Expiry, KeyMeta, KeyRange, Op, Timestamp, TxnOp};
 
 /// Anti-entropy buckets (a power of two).
 pub const BUCKETS: usize = 1024;
@@ -59,6 +59,7 @@ impl Versioned {
             Some(v) => Op::Put {
                 key: self.key.clone(),
                 value: v.clone(),
+                expiry: Expiry::Never,
             },
             None => Op::Delete {
                 key: self.key.clone(),
@@ -221,12 +222,16 @@ impl Lww {
             Op::Bulk { items } => {
                 let items: Vec<_> = items
                     .iter()
-                    .filter(|(k, _)| inner.wins(k, ts))
+                    .filter(|(k, _, _)| inner.wins(k, ts))
                     .cloned()
                     .collect();
                 (!items.is_empty()).then_some(Op::Bulk { items })
             }
             Op::Noop => None,
+            Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => None,
         }
     }
 
@@ -254,14 +259,14 @@ impl Lww {
             Op::Bulk { items } => {
                 // Duplicate keys in one bulk: the last wins, as in State.
                 let mut seen = hashbrown::HashSet::with_capacity(items.len());
-                let mut winners: Vec<(Bytes, Bytes)> = items
+                let mut winners: Vec<(Bytes, Bytes, Expiry)> = items
                     .iter()
                     .rev()
-                    .filter(|(k, _)| seen.insert(k.clone()) && inner.wins(k, ts))
+                    .filter(|(k, _, _)| seen.insert(k.clone()) && inner.wins(k, ts))
                     .cloned()
                     .collect();
                 winners.reverse();
-                for (k, _) in &winners {
+                for (k, _, _) in &winners {
                     inner.set(k, ts, false);
                 }
                 (!winners.is_empty()).then_some(Op::Bulk { items: winners })
@@ -269,7 +274,11 @@ impl Lww {
             Op::Txn { ops } => Some(Op::Txn {
                 ops: inner.txn_winners(state, ts, ops),
             }),
-            Op::Noop => None,
+            Op::Noop
+            | Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => None,
         };
         match winners {
             Some(op) => state.apply(index, &op, reads),
@@ -419,6 +428,7 @@ mod tests {
         Op::Put {
             key: Bytes::copy_from_slice(k.as_bytes()),
             value: Bytes::copy_from_slice(v.as_bytes()),
+            expiry: Expiry::Never,
         }
     }
 
@@ -468,12 +478,14 @@ mod tests {
             TxnOp::Put {
                 key: b("k"),
                 value: b("1"),
+                expiry: Expiry::Never,
             },
             TxnOp::Delete { key: b("k") },
             TxnOp::DeletePrefix { prefix: b("p/") },
             TxnOp::Put {
                 key: b("j"),
                 value: b("2"),
+                expiry: Expiry::Never,
             },
             TxnOp::Get { key: b("j") },
         ];

@@ -45,6 +45,7 @@ mod resolve;
 pub mod snapshot;
 pub mod state;
 pub mod wal;
+pub mod watch;
 mod writer;
 
 use std::collections::VecDeque;
@@ -127,6 +128,13 @@ pub enum Error {
     /// (see [`EngineConfig::max_clock_offset_ms`]); nothing was logged.
     #[error("{0}")]
     StampOutOfRange(String),
+    /// A write naming a lease that is not alive at its record's index
+    /// (never granted, revoked or expired): the record changed nothing.
+    #[error("lease {0} not found (never granted, revoked or expired)")]
+    LeaseNotFound(u64),
+    /// A grant past `--max-leases` live leases.
+    #[error("{live} leases are alive, the --max-leases limit; revoke some or raise it")]
+    TooManyLeases { live: u64 },
 }
 
 impl Error {
@@ -803,6 +811,11 @@ impl Engine {
         let (tx, req, rx) = self.prepare(Write::Txn(txn), true)?;
         tx.send(req).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The events of the records applied here, for watches.
+    pub fn watch(&self) -> &Arc<watch::WatchHub> {
+        self.state().watch()
     }
 
     pub fn state(&self) -> &State {

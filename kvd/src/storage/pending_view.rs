@@ -101,10 +101,10 @@ impl PendingView {
     /// Record `index` (`op`) was logged and is not applied yet.
     pub fn push(&mut self, state: &State, index: u64, op: &Op) {
         match op {
-            Op::Put { key, value } => self.put(state, (index, 0), key, value),
+            Op::Put { key, value, .. } => self.put(state, (index, 0), key, value),
             Op::Delete { key } => self.delete((index, 0), key),
             Op::Bulk { items } => {
-                for (i, (k, v)) in items.iter().enumerate() {
+                for (i, (k, v, _)) in items.iter().enumerate() {
                     self.put(state, (index, place(i)), k, v);
                 }
             }
@@ -112,7 +112,7 @@ impl PendingView {
                 for (i, op) in ops.iter().enumerate() {
                     let at = (index, place(i));
                     match op {
-                        TxnOp::Put { key, value } => self.put(state, at, key, value),
+                        TxnOp::Put { key, value, .. } => self.put(state, at, key, value),
                         TxnOp::Delete { key } => self.delete(at, key),
                         TxnOp::DeletePrefix { prefix } => self.prefixes.push((at, prefix.clone())),
                         TxnOp::Get { .. } | TxnOp::Range(_) => {}
@@ -120,6 +120,10 @@ impl PendingView {
                 }
             }
             Op::Noop => {}
+            Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => {}
         }
     }
 
@@ -133,7 +137,7 @@ impl PendingView {
         };
         match op {
             Op::Put { key, .. } | Op::Delete { key } => forget(key),
-            Op::Bulk { items } => items.iter().for_each(|(k, _)| forget(k)),
+            Op::Bulk { items } => items.iter().for_each(|(k, _, _)| forget(k)),
             Op::Txn { ops } => {
                 for op in ops {
                     if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
@@ -141,7 +145,11 @@ impl PendingView {
                     }
                 }
             }
-            Op::Noop => {}
+            Op::Noop
+            | Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => {}
         }
         self.prefixes.retain(|(at, _)| at.0 != index);
     }
@@ -154,6 +162,7 @@ fn place(i: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -170,10 +179,13 @@ mod tests {
             0 => Op::Put {
                 key: k(rng),
                 value: v(rng),
+                expiry: Expiry::Never,
             },
             1 => Op::Delete { key: k(rng) },
             2 => Op::Bulk {
-                items: (0..rng.gen_range(1..4)).map(|_| (k(rng), v(rng))).collect(),
+                items: (0..rng.gen_range(1..4))
+                    .map(|_| (k(rng), v(rng), Expiry::Never))
+                    .collect(),
             },
             3 => Op::Noop,
             _ => Op::Txn {
@@ -182,6 +194,7 @@ mod tests {
                         0 => TxnOp::Put {
                             key: k(rng),
                             value: v(rng),
+                            expiry: Expiry::Never,
                         },
                         1 => TxnOp::Delete { key: k(rng) },
                         2 => TxnOp::DeletePrefix {

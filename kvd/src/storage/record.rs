@@ -43,7 +43,7 @@
 use bytes::Bytes;
 
 use super::Error;
-use crate::model::{KeyRange, RangeRead, TxnOp, MAX_RANGE_LIMIT, MAX_TXN_OPS};
+use crate::model::{Expiry, KeyRange, RangeRead, TxnOp, MAX_RANGE_LIMIT, MAX_TXN_OPS};
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -63,6 +63,10 @@ impl Op {
             Op::Bulk { .. } => 3,
             Op::Noop => 4,
             Op::Txn { .. } => 5,
+            Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => unimplemented!("the encoding of expiry and lease records"),
         }
     }
 
@@ -71,15 +75,19 @@ impl Op {
         PAYLOAD_FIXED_BYTES
             + match self {
                 Op::Txn { ops } => 4 + ops.iter().map(txn_op_len).sum::<usize>(),
-                Op::Put { key, value } => 8 + key.len() + value.len(),
+                Op::Put { key, value, .. } => 8 + key.len() + value.len(),
                 Op::Delete { key } => 4 + key.len(),
                 Op::Bulk { items } => {
                     4 + items
                         .iter()
-                        .map(|(k, v)| 8 + k.len() + v.len())
+                        .map(|(k, v, _)| 8 + k.len() + v.len())
                         .sum::<usize>()
                 }
                 Op::Noop => 0,
+                Op::Expire { .. }
+                | Op::LeaseGrant { .. }
+                | Op::LeaseKeepAlive { .. }
+                | Op::LeaseRevoke { .. } => 0,
             }
     }
 }
@@ -87,7 +95,7 @@ impl Op {
 /// Bytes one op of a Txn record takes.
 fn txn_op_len(op: &TxnOp) -> usize {
     1 + match op {
-        TxnOp::Put { key, value } => 8 + key.len() + value.len(),
+        TxnOp::Put { key, value, .. } => 8 + key.len() + value.len(),
         TxnOp::Delete { key } | TxnOp::Get { key } => 4 + key.len(),
         TxnOp::DeletePrefix { prefix } => 4 + prefix.len(),
         TxnOp::Range(r) => {
@@ -102,7 +110,7 @@ const MIN_TXN_OP_BYTES: usize = 5;
 
 fn put_txn_op(out: &mut Vec<u8>, op: &TxnOp) {
     match op {
-        TxnOp::Put { key, value } => {
+        TxnOp::Put { key, value, .. } => {
             out.push(1);
             put_bytes(out, key);
             put_bytes(out, value);
@@ -149,6 +157,7 @@ impl Reader<'_> {
             1 => TxnOp::Put {
                 key: self.bytes()?,
                 value: self.bytes()?,
+                expiry: Expiry::Never,
             },
             2 => TxnOp::Delete { key: self.bytes()? },
             3 => TxnOp::DeletePrefix {
@@ -209,6 +218,7 @@ impl Record {
             1 => Op::Put {
                 key: r.bytes()?,
                 value: r.bytes()?,
+                expiry: Expiry::Never,
             },
             2 => Op::Delete { key: r.bytes()? },
             3 => {
@@ -220,7 +230,7 @@ impl Record {
                 }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push((r.bytes()?, r.bytes()?));
+                    items.push((r.bytes()?, r.bytes()?, Expiry::Never));
                 }
                 Op::Bulk { items }
             }
@@ -308,19 +318,23 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
                 put_txn_op(out, op);
             }
         }
-        Op::Put { key, value } => {
+        Op::Put { key, value, .. } => {
             put_bytes(out, key);
             put_bytes(out, value);
         }
         Op::Delete { key } => put_bytes(out, key),
         Op::Bulk { items } => {
             out.extend_from_slice(&len_u32(items.len()).to_le_bytes());
-            for (k, v) in items {
+            for (k, v, _) in items {
                 put_bytes(out, k);
                 put_bytes(out, v);
             }
         }
         Op::Noop => {}
+        Op::Expire { .. }
+        | Op::LeaseGrant { .. }
+        | Op::LeaseKeepAlive { .. }
+        | Op::LeaseRevoke { .. } => unimplemented!("the encoding of expiry and lease records"),
     }
     let payload_len = out.len() - start - FRAME_HEADER_BYTES;
     assert!(
@@ -377,7 +391,7 @@ pub fn validate_value(value: &[u8], limits: &Limits) -> Result<(), String> {
 pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
     match op {
         Op::Txn { ops } => validate_txn(ops, limits),
-        Op::Put { key, value } => validate_key(key).and_then(|_| validate_value(value, limits)),
+        Op::Put { key, value, .. } => validate_key(key).and_then(|_| validate_value(value, limits)),
         Op::Delete { key } => validate_key(key),
         Op::Bulk { items } => {
             if items.is_empty() || items.len() > limits.max_bulk_items {
@@ -387,13 +401,17 @@ pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
                     limits.max_bulk_items
                 ));
             }
-            items.iter().enumerate().try_for_each(|(i, (k, v))| {
+            items.iter().enumerate().try_for_each(|(i, (k, v, _))| {
                 validate_key(k)
                     .and_then(|_| validate_value(v, limits))
                     .map_err(|e| format!("items[{i}]: {e}"))
             })
         }
         Op::Noop => Ok(()),
+        Op::Expire { .. }
+        | Op::LeaseGrant { .. }
+        | Op::LeaseKeepAlive { .. }
+        | Op::LeaseRevoke { .. } => Ok(()),
     }
 }
 
@@ -422,7 +440,7 @@ fn validate_txn(ops: &[TxnOp], limits: &Limits) -> Result<(), String> {
     };
     ops.iter().enumerate().try_for_each(|(i, op)| {
         match op {
-            TxnOp::Put { key, value } => {
+            TxnOp::Put { key, value, .. } => {
                 validate_key(key).and_then(|_| validate_value(value, limits))
             }
             TxnOp::Delete { key } | TxnOp::Get { key } => validate_key(key),
@@ -598,8 +616,12 @@ mod tests {
             },
             op: Op::Bulk {
                 items: vec![
-                    (Bytes::from_static(b"a"), Bytes::from_static(b"1")),
-                    (Bytes::from_static(b"b"), Bytes::new()),
+                    (
+                        Bytes::from_static(b"a"),
+                        Bytes::from_static(b"1"),
+                        Expiry::Never,
+                    ),
+                    (Bytes::from_static(b"b"), Bytes::new(), Expiry::Never),
                 ],
             },
         }
@@ -611,6 +633,7 @@ mod tests {
             Op::Put {
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from_static(b"\x00\xffv"),
+                expiry: Expiry::Never,
             },
             Op::Delete {
                 key: Bytes::from_static(b"k"),
@@ -641,6 +664,7 @@ mod tests {
                 TxnOp::Put {
                     key: b(b"k"),
                     value: b(b"\x00\xff"),
+                    expiry: Expiry::Never,
                 },
                 TxnOp::Delete { key: b(b"d") },
                 TxnOp::DeletePrefix { prefix: b(b"p/") },
@@ -745,7 +769,7 @@ mod tests {
             (txn([vec![get; MAX_TXN_OPS], vec![del.clone(); 10]].concat()), None),
             (txn(vec![del; MAX_TXN_OPS + 11]), Some("139 ops")),
             (txn(vec![TxnOp::DeletePrefix { prefix: b(b"") }]), Some("ops[0]: prefix: key is empty")),
-            (txn(vec![TxnOp::Put { key: b(b"k"), value: b(b"12345") }]), Some("ops[0]: value is 5 bytes")),
+            (txn(vec![TxnOp::Put { key: b(b"k"), value: b(b"12345"), expiry: Expiry::Never }]), Some("ops[0]: value is 5 bytes")),
             (txn(vec![TxnOp::Get { key: b(b"a\0") }]), Some("NUL")),
             (txn(vec![range(b"", None, 0)]), Some("range limit 0")),
             (txn(vec![range(b"", None, MAX_RANGE_LIMIT + 1)]), Some("range limit 10001")),
@@ -784,11 +808,12 @@ mod tests {
         let put = |k: &[u8], v: &[u8]| Op::Put {
             key: Bytes::copy_from_slice(k),
             value: Bytes::copy_from_slice(v),
+            expiry: Expiry::Never,
         };
         let bulk = |items: &[(&'static [u8], &'static [u8])]| Op::Bulk {
             items: items
                 .iter()
-                .map(|(k, v)| (Bytes::from_static(k), Bytes::from_static(v)))
+                .map(|(k, v)| (Bytes::from_static(k), Bytes::from_static(v), Expiry::Never))
                 .collect(),
         };
         let long = vec![b'k'; kvproto::MAX_KEY_BYTES + 1];

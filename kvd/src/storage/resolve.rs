@@ -215,6 +215,7 @@ impl Resolver<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use crate::model::{Cmp, Compare, KeyRange, Target};
     use crate::storage::record::Timestamp;
     use tokio::sync::oneshot::Receiver;
@@ -227,6 +228,7 @@ mod tests {
         TxnOp::Put {
             key: b(k),
             value: b(v),
+            expiry: Expiry::Never,
         }
     }
 
@@ -273,6 +275,7 @@ mod tests {
                 &Op::Put {
                     key: b("k"),
                     value: b("v"),
+                    expiry: Expiry::Never,
                 },
                 false,
             );
@@ -343,6 +346,7 @@ mod tests {
             op: Op::Put {
                 key: b("k"),
                 value: b("pending"),
+                expiry: Expiry::Never,
             },
             apply: true,
             reply: None,
@@ -402,6 +406,7 @@ mod tests {
             &Op::Put {
                 key: b("p/1"),
                 value: b(""),
+                expiry: Expiry::Never,
             },
             false,
         );
@@ -453,6 +458,7 @@ mod tests {
                 &Op::Put {
                     key: b(&format!("p/{i}")),
                     value: b(""),
+                    expiry: Expiry::Never,
                 },
                 false,
             );

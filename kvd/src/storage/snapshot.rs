@@ -511,6 +511,7 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use crate::model::Op;
     use crate::storage::fs::RealFs;
     use bytes::Bytes;
@@ -527,6 +528,7 @@ mod tests {
         Op::Put {
             key: Bytes::from_static(k.as_bytes()),
             value: Bytes::from_static(v.as_bytes()),
+            expiry: Expiry::Never,
         }
     }
 

@@ -37,9 +37,11 @@ use parking_lot::RwLock;
 
 use super::keyspace::{Entry, EntryRef, KeySpace, Upsert};
 use super::record::Op;
+use super::watch::WatchHub;
 use crate::index::Index;
 use crate::model::{
-    Item, KeyMeta, KeyRange, OpResult, Page, RangeRead, TxnOp, TxnResult, MAX_PAGE_VALUE_BYTES,
+    Expiry, Item, KeyMeta, KeyRange, OpResult, Page, RangeRead, TxnOp, TxnResult,
+    MAX_PAGE_VALUE_BYTES,
 };
 
 /// Memory an entry costs beyond its `2 + key + value` bytes: its versions
@@ -139,6 +141,8 @@ pub struct State {
     /// state's lock is released, in one index batch per record) and
     /// rebuilt by [`State::replace_with`].
     index: Option<Arc<Index>>,
+    /// Told every record [`State::apply`] applies, with what it changed.
+    watch: Arc<WatchHub>,
 }
 
 impl Default for State {
@@ -152,6 +156,7 @@ fn item(e: EntryRef<'_>, keys_only: bool) -> Item {
         key: Bytes::copy_from_slice(e.key()),
         value: (!keys_only).then(|| Bytes::copy_from_slice(e.value())),
         meta: e.meta(),
+        expiry: Expiry::Never,
     }
 }
 
@@ -191,7 +196,13 @@ impl State {
             bytes: AtomicU64::new(0),
             digest: AtomicU64::new(0),
             index,
+            watch: Arc::new(WatchHub::new()),
         }
+    }
+
+    /// The events of the records applied here, for watches.
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
     }
 
     /// The search index, with `kvd --index`.
@@ -312,11 +323,15 @@ impl State {
         };
         let mut last: HashMap<&[u8], u64> = HashMap::new();
         match op {
-            Op::Put { key, value } => return diff(charge_of(key, value), charged(key)),
+            Op::Put { key, value, .. } => return diff(charge_of(key, value), charged(key)),
             Op::Delete { key } => return diff(0, charged(key)),
             Op::Noop => return 0,
+            Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => return 0,
             Op::Bulk { items } => {
-                for (k, v) in items {
+                for (k, v, _) in items {
                     last.insert(k, charge_of(k, v));
                 }
             }
@@ -324,7 +339,7 @@ impl State {
             Op::Txn { ops } => {
                 for op in ops {
                     match op {
-                        TxnOp::Put { key, value } => last.insert(key, charge_of(key, value)),
+                        TxnOp::Put { key, value, .. } => last.insert(key, charge_of(key, value)),
                         TxnOp::Delete { key } => last.insert(key, 0),
                         _ => None,
                     };
@@ -497,7 +512,7 @@ struct Apply<'a> {
 impl Apply<'_> {
     fn op(&mut self, op: &Op, reads: bool) -> ApplyOutcome {
         match op {
-            Op::Put { key, value } => self.put(key, value),
+            Op::Put { key, value, .. } => self.put(key, value),
             Op::Delete { key } => {
                 return ApplyOutcome {
                     deleted: self.delete(key),
@@ -506,6 +521,10 @@ impl Apply<'_> {
             }
             Op::Bulk { items } => self.bulk(items),
             Op::Noop => {}
+            Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. } => {}
             Op::Txn { ops } => {
                 return ApplyOutcome {
                     deleted: false,
@@ -555,7 +574,7 @@ impl Apply<'_> {
     }
 
     /// A bulk: the last item of each key, in key order.
-    fn bulk(&mut self, items: &[(Bytes, Bytes)]) {
+    fn bulk(&mut self, items: &[(Bytes, Bytes, Expiry)]) {
         let mut order: Vec<usize> = (0..items.len()).collect();
         order.sort_by(|&a, &b| items[a].0.cmp(&items[b].0).then(b.cmp(&a)));
         order.dedup_by(|a, b| items[*a].0 == items[*b].0);
@@ -594,7 +613,7 @@ impl Apply<'_> {
         let mut results = Vec::with_capacity(if reads { ops.len() } else { 0 });
         for op in ops {
             let result = match op {
-                TxnOp::Put { key, value } => {
+                TxnOp::Put { key, value, .. } => {
                     self.put(key, value);
                     OpResult::Put {
                         mod_index: self.index,
@@ -640,6 +659,7 @@ mod tests {
         Op::Put {
             key: b(k),
             value: b(v),
+            expiry: Expiry::Never,
         }
     }
 
@@ -687,7 +707,11 @@ mod tests {
         run(&s, &[del("a"), put("a", "again")]);
         assert_eq!(s.get_versioned(b"a"), Some((b("again"), meta(6, 6, 1))));
         let bulk = Op::Bulk {
-            items: vec![(b("b"), b("x")), (b("c"), b("y")), (b("b"), b("z"))],
+            items: vec![
+                (b("b"), b("x"), Expiry::Never),
+                (b("c"), b("y"), Expiry::Never),
+                (b("b"), b("z"), Expiry::Never),
+            ],
         };
         run(&s, &[bulk]);
         assert_eq!(
@@ -718,10 +742,12 @@ mod tests {
             TxnOp::Put {
                 key: b("p/1"),
                 value: b("a"),
+                expiry: Expiry::Never,
             },
             TxnOp::Put {
                 key: b("p/1"),
                 value: b("b"),
+                expiry: Expiry::Never,
             },
             TxnOp::Get { key: b("p/1") },
             TxnOp::DeletePrefix { prefix: b("p/") },
@@ -729,6 +755,7 @@ mod tests {
             TxnOp::Put {
                 key: b("p/3"),
                 value: b("c"),
+                expiry: Expiry::Never,
             },
             TxnOp::Range(RangeRead {
                 range: KeyRange::prefix(b""),
@@ -742,6 +769,7 @@ mod tests {
             key: b(k),
             value: None,
             meta: m,
+            expiry: Expiry::Never,
         };
         assert_eq!(
             r.results,
@@ -751,7 +779,8 @@ mod tests {
                 OpResult::Get(Some(Item {
                     key: b("p/1"),
                     value: Some(b("b")),
-                    meta: meta(1, 4, 2)
+                    meta: meta(1, 4, 2),
+                    expiry: Expiry::Never,
                 })),
                 OpResult::DeletePrefix { deleted: 2 },
                 OpResult::Get(None),
@@ -781,7 +810,9 @@ mod tests {
     #[test]
     fn pages_stop_at_their_limit_and_say_whether_more_follow() {
         let s = State::new();
-        let items = (0..10).map(|i| (b(&format!("k{i}")), b("v"))).collect();
+        let items = (0..10)
+            .map(|i| (b(&format!("k{i}")), b("v"), Expiry::Never))
+            .collect();
         run(&s, &[Op::Bulk { items }, put("l", "")]);
         let read = |start: &str, end: Option<&str>, limit| RangeRead {
             range: KeyRange {
@@ -806,7 +837,7 @@ mod tests {
     fn bulk_and_digest() {
         let s = State::new();
         let items: Vec<_> = (0..1000)
-            .map(|i| (b(&format!("k{i}")), b(&format!("v{i}"))))
+            .map(|i| (b(&format!("k{i}")), b(&format!("v{i}")), Expiry::Never))
             .collect();
         s.apply(
             1,
@@ -817,8 +848,16 @@ mod tests {
         );
         assert_eq!(s.len(), 1000);
         let t = State::new();
-        for (i, (k, v)) in items.into_iter().rev().enumerate() {
-            t.apply(i as u64 + 1, &Op::Put { key: k, value: v }, false);
+        for (i, (k, v, _)) in items.into_iter().rev().enumerate() {
+            t.apply(
+                i as u64 + 1,
+                &Op::Put {
+                    key: k,
+                    value: v,
+                    expiry: Expiry::Never,
+                },
+                false,
+            );
         }
         assert_eq!(s.digest(), t.digest());
     }
@@ -838,15 +877,18 @@ mod tests {
                 TxnOp::Put {
                     key: b("t"),
                     value: b("12345"),
+                    expiry: Expiry::Never,
                 },
                 TxnOp::Delete { key: b("c") },
                 TxnOp::Put {
                     key: b("t"),
                     value: b("1"),
+                    expiry: Expiry::Never,
                 },
                 TxnOp::Put {
                     key: b("c"),
                     value: b("cc"),
+                    expiry: Expiry::Never,
                 },
             ],
         };
@@ -855,7 +897,11 @@ mod tests {
             put("a", "12"),
             put("b", &"x".repeat(1000)),
             Op::Bulk {
-                items: vec![(b("a"), b("long value")), (b("c"), b("")), (b("a"), b("z"))],
+                items: vec![
+                    (b("a"), b("long value"), Expiry::Never),
+                    (b("c"), b(""), Expiry::Never),
+                    (b("a"), b("z"), Expiry::Never),
+                ],
             },
             del("b"),
             del("missing"),
@@ -885,7 +931,7 @@ mod tests {
     fn chunks_visit_every_key_once_in_order() {
         let s = State::new();
         let items = (0..5000)
-            .map(|i| (b(&format!("k{i:05}")), b("value")))
+            .map(|i| (b(&format!("k{i:05}")), b("value"), Expiry::Never))
             .collect();
         s.apply(1, &Op::Bulk { items }, false);
         let (mut seen, mut chunks) = (Vec::new(), 0);
@@ -909,10 +955,13 @@ mod tests {
             0..=3 => Op::Put {
                 key: k(rng),
                 value: v(rng),
+                expiry: Expiry::Never,
             },
             4..=5 => Op::Delete { key: k(rng) },
             6 => Op::Bulk {
-                items: (0..rng.gen_range(1..4)).map(|_| (k(rng), v(rng))).collect(),
+                items: (0..rng.gen_range(1..4))
+                    .map(|_| (k(rng), v(rng), Expiry::Never))
+                    .collect(),
             },
             _ => Op::Txn {
                 ops: (0..rng.gen_range(0..5))
@@ -920,6 +969,7 @@ mod tests {
                         0 | 1 => TxnOp::Put {
                             key: k(rng),
                             value: v(rng),
+                            expiry: Expiry::Never,
                         },
                         2 => TxnOp::Delete { key: k(rng) },
                         _ => TxnOp::DeletePrefix {

@@ -923,6 +923,7 @@ fn create_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Expiry;
     use crate::storage::fs::RealFs;
     use crate::storage::record::{Op, Timestamp};
     use bytes::Bytes;
@@ -935,6 +936,7 @@ mod tests {
             op: Op::Put {
                 key: Bytes::from(format!("k{index}")),
                 value: Bytes::from(vec![b'v'; 40]),
+                expiry: Expiry::Never,
             },
         }
     }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use kvd::model::TxnOp;
+use kvd::model::{Expiry, TxnOp};
 use kvd::storage::{Engine, Op};
 
 /// Keys per prefix: few, so that writes overwrite and delete each other.
@@ -21,22 +21,28 @@ pub fn key(prefix: &str, i: usize) -> Bytes {
 
 pub fn apply_model(m: &mut Model, op: &Op) {
     match op {
-        Op::Put { key, value } => {
+        Op::Put { key, value, .. } => {
             m.insert(key.clone(), value.clone());
         }
         Op::Delete { key } => {
             m.remove(key);
         }
         Op::Bulk { items } => {
-            for (k, v) in items {
+            for (k, v, _) in items {
                 m.insert(k.clone(), v.clone());
             }
         }
         Op::Noop => {}
+        Op::Expire { .. }
+        | Op::LeaseGrant { .. }
+        | Op::LeaseKeepAlive { .. }
+        | Op::LeaseRevoke { .. } => {
+            unreachable!("the simulated workload writes no expiries or leases")
+        }
         Op::Txn { ops } => {
             for op in ops {
                 match op {
-                    TxnOp::Put { key, value } => {
+                    TxnOp::Put { key, value, .. } => {
                         m.insert(key.clone(), value.clone());
                     }
                     TxnOp::Delete { key } => {
@@ -63,11 +69,12 @@ pub fn random_op(rng: &mut StdRng, prefix: &str, seq: u64) -> Op {
         0..=5 => Op::Put {
             key: k(rng),
             value: value(rng),
+            expiry: Expiry::Never,
         },
         6..=7 => Op::Delete { key: k(rng) },
         _ => Op::Bulk {
             items: (0..rng.gen_range(1..6))
-                .map(|_| (k(rng), value(rng)))
+                .map(|_| (k(rng), value(rng), Expiry::Never))
                 .collect(),
         },
     }
@@ -82,6 +89,7 @@ pub fn random_txn(rng: &mut StdRng, prefix: &str, seq: u64) -> Op {
             0..=4 => TxnOp::Put {
                 key: k(rng),
                 value: Bytes::from(format!("{prefix}{seq}.{i}:txn")),
+                expiry: Expiry::Never,
             },
             5..=6 => TxnOp::Delete { key: k(rng) },
             7 => TxnOp::DeletePrefix {

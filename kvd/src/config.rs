@@ -200,6 +200,22 @@ pub struct Config {
     #[arg(long, requires = "index")]
     pub index_stem: bool,
 
+    /// Most live leases (POST /v1/leases); a grant past it is refused
+    /// (507 too_many_leases) until some are revoked or expire.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_leases: u64,
+
+    /// Memory for the recent changes that watches stream (GET /v1/watch),
+    /// in MiB: a watch can start from any index still held; older ones
+    /// answer 410 compacted.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub watch_cache_mib: u64,
+
+    /// Most watches open at once; one more is refused (503
+    /// too_many_watchers).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_watchers: u64,
+
     /// How the node writes its log to stderr: text, or JSON lines (one
     /// object per event). The filter is the KVD_LOG environment variable
     /// (e.g. `debug`, `kvd=debug,hyper=warn`; default `info`).

@@ -250,6 +250,8 @@ fn engine_config(cfg: &Config, meta: &Meta, wall: &WallClock) -> EngineConfig {
     ecfg.max_clock_offset_ms = cfg.max_clock_offset_ms;
     ecfg.max_data_bytes =
         (cfg.max_memory_mib > 0).then(|| cfg.max_memory_mib.saturating_mul(1 << 20));
+    ecfg.max_leases = cfg.max_leases;
+    ecfg.watch_cache_bytes = usize::try_from(cfg.watch_cache_mib << 20).unwrap_or(usize::MAX);
     ecfg
 }
 
@@ -330,6 +332,7 @@ fn limits(cfg: &Config) -> Limits {
         body_timeout: Duration::from_millis(cfg.body_timeout_ms),
         max_snapshot_bytes: cfg.max_snapshot_mib.saturating_mul(1 << 20),
         max_inflight_body_bytes: cfg.max_inflight_body_bytes,
+        max_watchers: usize::try_from(cfg.max_watchers).unwrap_or(usize::MAX),
     }
 }
 

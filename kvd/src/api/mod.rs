@@ -63,6 +63,8 @@ pub struct Limits {
     pub max_snapshot_bytes: u64,
     /// Bytes of request bodies held in memory at once (`body_budget`).
     pub max_inflight_body_bytes: u32,
+    /// `--max-watchers`: open watches at once.
+    pub max_watchers: usize,
 }
 
 impl Limits {

@@ -354,6 +354,7 @@ mod tests {
             body_timeout: std::time::Duration::from_secs(1),
             max_snapshot_bytes: 1 << 20,
             max_inflight_body_bytes: 1 << 20,
+            max_watchers: 10,
         }
     }
 

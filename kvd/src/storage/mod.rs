@@ -59,7 +59,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-pub use crate::model::{KeyMeta, KeyRange, Page, RangeRead, Txn};
+pub use crate::model::{Item, KeyMeta, KeyRange, LeaseInfo, Page, RangeRead, Txn};
 pub use fs::{Fs, RealFs};
 pub use meta::{Meta, MetaStore};
 pub use record::{Op, Record, Timestamp};
@@ -185,6 +185,10 @@ pub struct EngineConfig {
     /// `--max-memory-mib`: local writes that would grow the data set
     /// ([`State::data_bytes`]) past this many bytes are refused.
     pub max_data_bytes: Option<u64>,
+    /// `--max-leases`: a grant past this many live leases is refused.
+    pub max_leases: u64,
+    /// `--watch-cache-mib` in bytes: the events kept for watches.
+    pub watch_cache_bytes: usize,
 }
 
 impl EngineConfig {
@@ -205,6 +209,8 @@ impl EngineConfig {
             limits: record::Limits::default(),
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             max_data_bytes: None,
+            max_leases: 100_000,
+            watch_cache_bytes: 32 << 20,
         }
     }
 }
@@ -280,6 +286,12 @@ pub struct EngineStatus {
     /// The data set as `--max-memory-mib` counts it.
     pub data_set_bytes: u64,
     pub max_data_bytes: Option<u64>,
+    /// Live keys with a deadline or a lease.
+    pub keys_with_ttl: u64,
+    /// Keys removed by expiry since the node started.
+    pub expired_keys: u64,
+    /// Live leases.
+    pub leases: u64,
 }
 
 /// Whether the engine takes writes, and if not, why (the wire type of
@@ -787,6 +799,32 @@ impl Engine {
         self.state.get_versioned(key)
     }
 
+    /// A key as a read returns it (value, versions and expiry), or `None`
+    /// when it is absent or past its deadline by this node's clock
+    /// (docs/DESIGN.md §2.15). (Skeleton: expiry is not kept yet.)
+    pub fn get_item(&self, key: &[u8]) -> Option<Item> {
+        self.state.get_versioned(key).map(|(value, meta)| Item {
+            key: Bytes::copy_from_slice(key),
+            value: Some(value),
+            meta,
+            expiry: crate::model::Expiry::Never,
+        })
+    }
+
+    /// A live lease with its keys (at most `max_keys` of them, and whether
+    /// there are more), or `None` once it is revoked or past its deadline
+    /// by this node's clock. (Skeleton: no leases are kept yet.)
+    pub fn lease(&self, id: u64, max_keys: usize) -> Option<(LeaseInfo, bool)> {
+        let _ = (id, max_keys);
+        None
+    }
+
+    /// This node's wall clock in Unix ms (with the test offset of
+    /// `--clock-offset-ms`): what deadlines are compared with.
+    pub fn wall_ms(&self) -> u64 {
+        self.wall.now_ms()
+    }
+
     /// One page of a range read, a consistent cut of the applied state:
     /// at most `read.limit` keys from `read.range.start` (fewer once their
     /// values reach [`crate::model::MAX_PAGE_VALUE_BYTES`], at least one),
@@ -857,6 +895,10 @@ impl Engine {
             storage_detail: s.health.detail(),
             data_set_bytes: self.state.data_bytes(),
             max_data_bytes: self.max_data_bytes,
+            // Skeleton: kept by the state once expiry is implemented.
+            keys_with_ttl: 0,
+            expired_keys: 0,
+            leases: 0,
         }
     }
 

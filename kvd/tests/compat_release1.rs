@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use kvd::storage::wal::SEGMENT_VERSION;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -208,7 +209,7 @@ fn opens_and_keeps_every_key_and_version(fixture: &str, args: &[&str]) {
         segment_versions(&data),
         vec![
             ("00000000000000000023.wal".to_string(), 1),
-            ("00000000000000000030.wal".to_string(), 2)
+            ("00000000000000000030.wal".to_string(), SEGMENT_VERSION)
         ],
         "{fixture}: the write started a segment of this release's format"
     );

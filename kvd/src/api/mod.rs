@@ -760,7 +760,9 @@ struct BulkRequest {
 struct BulkItem {
     key: String,
     value: JsonValue,
+    #[serde(default, deserialize_with = "ttl::present")]
     ttl_ms: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "ttl::present")]
     lease: Option<serde_json::Value>,
     #[serde(default)]
     keep_ttl: bool,

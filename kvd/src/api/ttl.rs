@@ -141,6 +141,14 @@ pub fn from_json(
     )
 }
 
+/// Deserializes an optional field so that `null` is a value (which the
+/// rules then refuse) rather than absence: `"lease": null` is not a lease.
+pub fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    <serde_json::Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// A lease grant's `ttl_ms` field (`path` names it).
 pub fn ttl_field(path: &str, v: &serde_json::Value) -> Result<u64, ApiError> {
     json_number(v, ttl_ms).map_err(|m| invalid(path, m))

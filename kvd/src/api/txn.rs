@@ -64,7 +64,9 @@ enum OpJson {
 struct PutJson {
     key: String,
     value: JsonValue,
+    #[serde(default, deserialize_with = "ttl::present")]
     ttl_ms: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "ttl::present")]
     lease: Option<serde_json::Value>,
     #[serde(default)]
     keep_ttl: bool,

@@ -88,14 +88,14 @@ pub struct AppState {
     pub enable_debug: bool,
     pub data_dir: String,
     pub started: Instant,
+    /// The engine's expired-keys count when `/metrics` last read it: the
+    /// counter advances by the difference (a counter cannot be set).
+    expired_seen: std::sync::atomic::AtomicU64,
     inflight: Semaphore,
     body_budget: body_budget::BodyBudget,
     /// Metric handles per operation, resolved once: looking labels up on
     /// every request costs more than the rest of a GET's bookkeeping.
     op_metrics: Vec<OpMetrics>,
-    /// The engine's expired-keys count when `/metrics` last read it: the
-    /// counter advances by the difference (a counter cannot be set).
-    expired_seen: std::sync::atomic::AtomicU64,
 }
 
 struct OpMetrics {
@@ -122,7 +122,6 @@ impl AppState {
             .collect();
         AppState {
             op_metrics,
-            expired_seen: std::sync::atomic::AtomicU64::new(0),
             inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
             body_budget: body_budget::BodyBudget::new(
                 limits.max_inflight_body_bytes,
@@ -135,6 +134,7 @@ impl AppState {
             enable_debug,
             data_dir,
             started: Instant::now(),
+            expired_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -157,12 +157,6 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/kv/", any(empty_key))
         .route("/v1/txn", axum::routing::post(txn::txn))
         .route("/v1/bulk", axum::routing::post(bulk))
-        .route("/v1/leases", axum::routing::post(lease::grant))
-        .route("/v1/leases/{id}", get(lease::show).delete(lease::revoke))
-        .route(
-            "/v1/leases/{id}/keepalive",
-            axum::routing::post(lease::keepalive),
-        )
         .route("/openapi.json", get(openapi))
         .route("/internal/append", axum::routing::post(internal_append))
         .route("/internal/vote", axum::routing::post(internal_vote))
@@ -172,6 +166,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/admin/transfer", axum::routing::post(transfer))
         .route("/v1/search", get(search::search))
         .route("/v1/similar", get(search::similar))
+        .route("/v1/leases", axum::routing::post(lease::grant))
+        .route("/v1/leases/{id}", get(lease::show).delete(lease::revoke))
+        .route(
+            "/v1/leases/{id}/keepalive",
+            axum::routing::post(lease::keepalive),
+        )
         .route("/v1/status", get(status))
         .route(
             "/v1/admin/pause_writes",

@@ -593,6 +593,10 @@ fn lease_deadline(engine: &Engine) -> impl Fn(u64) -> Option<u64> + '_ {
 /// `None` when its lease is gone since the read (the key with it).
 fn ttl_headers(engine: &Engine, item: &Item) -> Option<axum::http::HeaderMap> {
     let mut headers = axum::http::HeaderMap::new();
+    // Most keys have no deadline: no clock read for them.
+    if matches!(item.expiry, crate::model::Expiry::Never) {
+        return Some(headers);
+    }
     let leases = lease_deadline(engine);
     let clock = wire::Clock {
         now_ms: engine.wall_ms(),

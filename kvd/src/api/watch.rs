@@ -48,8 +48,9 @@ pub const DEFAULT_PROGRESS_MS: u64 = 1000;
 pub const PROGRESS_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 /// Largest `from_index`.
 pub const MAX_FROM_INDEX: u64 = 1 << 63;
-/// Chunks waiting for the client, per watch.
+/// Pieces of chunks waiting for the client, per watch, and their size.
 const CHANNEL_CHUNKS: usize = 16;
+const PIECE_BYTES: usize = 64 << 10;
 /// A chunk is sent once it holds this many bytes (or the stream has caught
 /// up with the hub).
 const CHUNK_BYTES: usize = 16 << 10;
@@ -387,6 +388,7 @@ pub async fn watch(
         metrics: st.metrics.watch.clone(),
         buf: Vec::new(),
         buf_events: 0,
+        rest: Bytes::new(),
     };
     let body = WatchBody {
         rx,
@@ -469,6 +471,8 @@ struct Stream {
     /// Encoded events not sent yet, and how many.
     buf: Vec<u8>,
     buf_events: u64,
+    /// What [`Stream::send`] has not sent yet of its chunk.
+    rest: Bytes,
 }
 
 impl Stream {
@@ -485,7 +489,8 @@ impl Stream {
                 .inc();
         }
         if let Some((code, message, resume_index)) = last_event(end, self.unsent) {
-            let mut out = Vec::new();
+            // The events it was sending, whole, then the error event.
+            let mut out = self.rest.to_vec();
             let event = ErrorEvent {
                 kind: "error",
                 code,
@@ -532,11 +537,15 @@ impl Stream {
     async fn catch_up(&mut self) -> Result<bool, End> {
         let mut sent = false;
         loop {
-            self.check_lag()?;
+            let generation = self.cursor.generation();
             let records = self
                 .hub
                 .read(&mut self.cursor, READ_RECORDS, READ_BYTES)
-                .map_err(|c| End::Compacted(c.oldest))?;
+                .map_err(|c| match self.head.borrow().generation == generation {
+                    // Its records were evicted before it read them.
+                    true => End::TooSlow,
+                    false => End::Compacted(c.oldest),
+                })?;
             if records.is_empty() {
                 break;
             }
@@ -584,24 +593,40 @@ impl Stream {
     async fn flush(&mut self, unsent: u64) -> Result<(), End> {
         if !self.buf.is_empty() {
             let chunk = Bytes::from(std::mem::take(&mut self.buf));
-            self.send(chunk).await?;
+            // Counted as handed over: once begun, a chunk goes out whole
+            // (what is left of it precedes the last event).
             self.metrics.events_sent_total.inc_by(self.buf_events);
             self.buf_events = 0;
+            self.send(chunk).await?;
         }
         self.unsent = self.unsent.max(unsent);
         Ok(())
     }
 
+    /// Sends `chunk` in pieces of at most [`PIECE_BYTES`]: the channel then
+    /// holds about one chunk's memory, however large its events. What is
+    /// left of it when the stream ends stays in `rest`, to go out before
+    /// the last event.
+    async fn send(&mut self, chunk: Bytes) -> Result<(), End> {
+        self.rest = chunk;
+        while !self.rest.is_empty() {
+            let piece = self.rest.slice(..self.rest.len().min(PIECE_BYTES));
+            self.send_piece(piece.clone()).await?;
+            let _ = self.rest.split_to(piece.len());
+        }
+        Ok(())
+    }
+
     /// Waits for room in the channel, and while it waits, for the hub to
     /// leave this stream too far behind.
-    async fn send(&mut self, chunk: Bytes) -> Result<(), End> {
+    async fn send_piece(&mut self, piece: Bytes) -> Result<(), End> {
         loop {
             let stop = stopped(self.serving.as_ref());
             tokio::select! {
                 biased;
                 _ = stop => return Err(End::ShuttingDown),
                 permit = self.tx.reserve() => {
-                    permit.map_err(|_| End::Gone)?.send(chunk);
+                    permit.map_err(|_| End::Gone)?.send(piece);
                     return Ok(());
                 }
                 changed = self.head.changed() => {
@@ -614,6 +639,8 @@ impl Stream {
 
     /// Cut off once the records not sent reach half the budget (more than
     /// the one being sent: a record larger than that alone is streamed).
+    /// Checked only while the stream waits for its client: one that keeps
+    /// up reads any history the hub holds, however long.
     fn check_lag(&self) -> Result<(), End> {
         match self.hub.lag(self.unsent) {
             Err(_) => Err(End::TooSlow),

@@ -74,6 +74,11 @@ impl Cursor {
     pub fn next(&self) -> u64 {
         self.next
     }
+
+    /// The hub's generation when it was made: a reset since ends it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 /// What a reader has not read yet: the bytes (by [`cost`]) and the records

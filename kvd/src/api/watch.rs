@@ -370,33 +370,18 @@ pub async fn watch(
     };
     let admitted = st.watchers.admit()?;
     let format = Format::of(req.headers());
-    let serving = req.extensions().get::<Serving>().cloned();
-    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-    let last = Arc::new(Mutex::new(None));
-    let stream = Stream {
-        head: hub.subscribe(),
-        half_budget: (hub.budget() / 2) as u64,
-        unsent: cursor.next(),
-        hub,
-        cursor,
-        spec,
-        format,
-        stamps: st.engine.is_masterless(),
-        tx,
-        last: last.clone(),
-        serving: serving.clone(),
-        metrics: st.metrics.watch.clone(),
-        buf: Vec::new(),
-        buf_events: 0,
-        rest: Bytes::new(),
-    };
-    let body = WatchBody {
-        rx,
-        last,
-        task: tokio::spawn(stream.run()),
-        _mark: serving.map(|s| s.stream()),
-        _admitted: admitted,
-    };
+    let body = open(
+        Setup {
+            hub,
+            cursor,
+            spec,
+            format,
+            stamps: st.engine.is_masterless(),
+            serving: req.extensions().get::<Serving>().cloned(),
+            metrics: st.metrics.watch.clone(),
+        },
+        admitted,
+    );
     let mut resp = Body::new(body).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -406,6 +391,48 @@ pub async fn watch(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(WATCH_INDEX, HeaderValue::from(applied));
     Ok(resp)
+}
+
+/// What a stream needs to start.
+struct Setup {
+    hub: Arc<WatchHub>,
+    cursor: Cursor,
+    spec: Spec,
+    format: Format,
+    /// Masterless: events carry their record's stamp.
+    stamps: bool,
+    serving: Option<Serving>,
+    metrics: WatchMetrics,
+}
+
+/// Starts a stream's task; the body owns it.
+fn open(s: Setup, admitted: Admitted) -> WatchBody {
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let last = Arc::new(Mutex::new(None));
+    let stream = Stream {
+        head: s.hub.subscribe(),
+        half_budget: (s.hub.budget() / 2) as u64,
+        unsent: s.cursor.next(),
+        hub: s.hub,
+        cursor: s.cursor,
+        spec: s.spec,
+        format: s.format,
+        stamps: s.stamps,
+        tx,
+        last: last.clone(),
+        serving: s.serving.clone(),
+        metrics: s.metrics,
+        buf: Vec::new(),
+        buf_events: 0,
+        rest: Bytes::new(),
+    };
+    WatchBody {
+        rx,
+        last,
+        task: tokio::spawn(stream.run()),
+        _mark: s.serving.map(|s| s.stream()),
+        _admitted: admitted,
+    }
 }
 
 /// 410 `compacted` with `oldest_index` beside the error.
@@ -815,6 +842,109 @@ mod tests {
             out,
             b"event: progress\ndata: {\"type\":\"progress\",\"index\":25}\n\n"
         );
+    }
+
+    /// The body's next line of NDJSON, or `None` at its end.
+    async fn next_line(body: &mut WatchBody, pending: &mut Vec<u8>) -> Option<serde_json::Value> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(at) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                return Some(serde_json::from_slice(&line).unwrap());
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(30), body.frame())
+                .await
+                .expect("a frame in time")?;
+            pending.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+    }
+
+    fn record(index: u64, keys: &[&'static str]) -> RecordEvents {
+        RecordEvents {
+            index,
+            ts: Timestamp::default(),
+            events: keys
+                .iter()
+                .map(|k| Event {
+                    key: Bytes::from_static(k.as_bytes()),
+                    ..event(EventKind::Put, Some(b"v"), None)
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_sends_its_range_then_ends_at_a_reset_and_with_its_body() {
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let watchers = Watchers::new(2, &metrics.watch);
+        let hub = Arc::new(WatchHub::new());
+        hub.publish(record(1, &["a/1", "b/1"]));
+        hub.publish(record(2, &[]));
+        hub.publish(record(3, &["a/2"]));
+        let setup = |from, progress_ms| Setup {
+            hub: hub.clone(),
+            cursor: hub.cursor(from).unwrap(),
+            spec: spec(&format!("prefix=a/&progress_ms={progress_ms}")).unwrap(),
+            format: Format::Ndjson,
+            stamps: false,
+            serving: None,
+            metrics: metrics.watch.clone(),
+        };
+        let mut body = open(setup(1, 100), watchers.admit().unwrap());
+        assert_eq!(metrics.watch.watchers.get(), 1);
+        let mut pending = Vec::new();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let e = next_line(&mut body, &mut pending).await.unwrap();
+            seen.push((
+                e["type"].as_str().unwrap().to_string(),
+                e["index"].as_u64().unwrap(),
+            ));
+        }
+        let want = [("put", 1), ("put", 3), ("progress", 3)];
+        assert_eq!(seen, want.map(|(t, i)| (t.to_string(), i)));
+        hub.publish(record(4, &["a/3"]));
+        assert_eq!(
+            next_line(&mut body, &mut pending).await.unwrap()["index"],
+            4
+        );
+        hub.reset(40);
+        let e = next_line(&mut body, &mut pending).await.unwrap();
+        assert_eq!(
+            (&e["type"], &e["code"], &e["resume_index"]),
+            (&"error".into(), &"compacted".into(), &40.into())
+        );
+        assert!(
+            next_line(&mut body, &mut pending).await.is_none(),
+            "it ends there"
+        );
+        let cut = metrics
+            .watch
+            .watchers_cut_total
+            .with_label_values(&["compacted"]);
+        assert_eq!(cut.get(), 1);
+        drop(body);
+        assert_eq!(metrics.watch.watchers.get(), 0);
+        assert_eq!(metrics.watch.events_sent_total.get(), 3);
+
+        // A body dropped while its task waits (here for a minute) takes
+        // the task with it.
+        hub.publish(record(40, &[]));
+        let mut body = open(setup(40, 60_000), watchers.admit().unwrap());
+        assert_eq!(
+            next_line(&mut body, &mut pending).await.unwrap()["type"],
+            "progress"
+        );
+        let other = watchers.admit().unwrap();
+        assert!(watchers.admit().is_err(), "both slots taken");
+        drop(other);
+        drop(body);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&hub) > 1 {
+            assert!(Instant::now() < deadline, "the task outlived its body");
+            tokio::task::yield_now().await;
+        }
+        assert!(watchers.admit().is_ok());
     }
 
     #[test]

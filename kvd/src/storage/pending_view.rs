@@ -17,20 +17,20 @@
 //! Its versions follow the state's rule exactly (`state::put_meta`): a
 //! record writes each key once, however often it names it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
-use super::state::{put_meta, State};
-use crate::model::{KeyMeta, KeyRange, Op, TxnOp};
+use super::state::{put_meta, resolve_keep, State};
+use crate::model::{Expiry, KeyMeta, KeyRange, Op, Timestamp, TxnOp};
 
 /// Where a write is in the log: its record's index, then its place in the
 /// record (a bulk's item, a transaction's op), so that two writes of one
 /// record are ordered too.
 type At = (u64, u32);
 
-/// What a key will hold: its versions and value, or nothing.
-type Held = Option<(KeyMeta, Bytes)>;
+/// What a key will hold: its versions, value and expiry, or nothing.
+type Held = Option<(KeyMeta, Bytes, Expiry)>;
 
 /// See the module docs.
 #[derive(Default)]
@@ -38,21 +38,31 @@ pub struct PendingView {
     keys: HashMap<Bytes, (At, Held), foldhash::fast::RandomState>,
     /// Pending prefix deletes, in log order.
     prefixes: Vec<(At, Bytes)>,
+    /// Leases granted by pending records, and those they revoke (by index).
+    granted: HashMap<u64, u64>,
+    revoked: HashSet<(u64, u64)>,
 }
 
 impl PendingView {
-    /// The view of `state` with `entries` (index, op; ascending) pending.
-    pub fn of<'a>(state: &State, entries: impl Iterator<Item = (u64, &'a Op)>) -> PendingView {
+    /// The view of `state` with `entries` (index, stamp, op; ascending)
+    /// pending.
+    pub fn of<'a>(
+        state: &State,
+        entries: impl Iterator<Item = (u64, Timestamp, &'a Op)>,
+    ) -> PendingView {
         let mut view = PendingView::default();
-        for (index, op) in entries {
-            view.push(state, index, op);
+        for (index, ts, op) in entries {
+            view.push(state, index, ts, op);
         }
         view
     }
 
     /// Whether nothing is pending.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.prefixes.is_empty()
+        self.keys.is_empty()
+            && self.prefixes.is_empty()
+            && self.granted.is_empty()
+            && self.revoked.is_empty()
     }
 
     /// The newest pending prefix delete that covers `key`.
@@ -64,33 +74,65 @@ impl PendingView {
             .max()
     }
 
-    /// What `key` holds once everything pending is applied.
-    pub fn get(&self, state: &State, key: &[u8]) -> Held {
-        match (self.keys.get(key), self.cut(key)) {
-            (Some((at, _)), Some(cut)) if cut > *at => None,
-            (Some((_, held)), _) => held.clone(),
-            (None, Some(_)) => None,
-            (None, None) => state.get_versioned(key).map(|(v, m)| (m, v)),
+    /// Whether a key holding `expiry` is expired at a record stamped
+    /// `at_ms` that follows everything pending (the state's rule, with the
+    /// pending grants and revokes of leases laid over its lease table).
+    fn expired(&self, state: &State, expiry: Expiry, at_ms: u64) -> bool {
+        match expiry {
+            Expiry::At(d) => d <= at_ms,
+            Expiry::Lease(id) => {
+                let revoked = self.revoked.iter().any(|(l, _)| *l == id);
+                let alive = match self.granted.get(&id) {
+                    Some(deadline) => *deadline > at_ms,
+                    None => state.lease_alive(id, at_ms),
+                };
+                revoked || !alive
+            }
+            Expiry::Never | Expiry::Keep => false,
         }
     }
 
-    /// The keys under `prefix` once everything pending is applied, in order.
-    pub fn keys_under(&self, state: &State, prefix: &[u8]) -> Vec<Bytes> {
-        let mut keys = state.keys_in(&KeyRange::prefix(prefix));
+    /// What `key` holds, to a record stamped `at_ms`, once everything
+    /// pending is applied.
+    pub fn held(&self, state: &State, key: &[u8], at_ms: u64) -> Held {
+        let held = match (self.keys.get(key), self.cut(key)) {
+            (Some((at, _)), Some(cut)) if cut > *at => None,
+            (Some((_, held)), _) => held.clone(),
+            (None, Some(_)) => None,
+            (None, None) => state
+                .get_raw(key)
+                .and_then(|i| Some((i.meta, i.value?, i.expiry))),
+        };
+        held.filter(|(_, _, x)| !self.expired(state, *x, at_ms))
+    }
+
+    /// [`PendingView::held`] as a compare reads it: versions and value.
+    pub fn get(&self, state: &State, key: &[u8], at_ms: u64) -> Option<(KeyMeta, Bytes)> {
+        self.held(state, key, at_ms).map(|(m, v, _)| (m, v))
+    }
+
+    /// The keys under `prefix` once everything pending is applied, in
+    /// order, as a record stamped `at_ms` finds them.
+    pub fn keys_under(&self, state: &State, prefix: &[u8], at_ms: u64) -> Vec<Bytes> {
+        let mut keys = state.keys_in(&KeyRange::prefix(prefix), at_ms);
         keys.extend(self.keys.keys().filter(|k| k.starts_with(prefix)).cloned());
         keys.sort();
         keys.dedup();
-        keys.retain(|k| self.get(state, k).is_some());
+        keys.retain(|k| self.held(state, k, at_ms).is_some());
         keys
     }
 
-    fn put(&mut self, state: &State, at: At, key: &Bytes, value: &Bytes) {
-        let current = self.get(state, key);
+    fn put(&mut self, state: &State, at: At, at_ms: u64, key: &Bytes, value: &Bytes, x: Expiry) {
+        // The state's rule: the replay rule cannot apply to a record logged
+        // after everything the view holds, and a key expired at the record
+        // is absent to it.
+        let current = self.held(state, key, at_ms);
         // The same record wrote it before: one write, as the state counts.
         let rewrite = current.is_some() && self.keys.get(key).is_some_and(|(a, _)| a.0 == at.0);
-        if let Some(meta) = put_meta(current.map(|(m, _)| m), at.0, rewrite) {
+        let expiry = resolve_keep(x, current.as_ref().map(|(_, _, x)| *x));
+        if let Some(meta) = put_meta(current.map(|(m, _, _)| m), at.0, rewrite) {
             self.keys
-                .insert(key.clone(), (at, Some((meta, value.clone()))));
+                .insert(key.clone(), (at, Some((meta, value.clone(), expiry))));
         }
     }
 
@@ -98,32 +140,60 @@ impl PendingView {
         self.keys.insert(key.clone(), (at, None));
     }
 
-    /// Record `index` (`op`) was logged and is not applied yet.
-    pub fn push(&mut self, state: &State, index: u64, op: &Op) {
+    /// Record `index` (`op`, stamped `ts`) was logged and is not applied
+    /// yet.
+    pub fn push(&mut self, state: &State, index: u64, ts: Timestamp, op: &Op) {
+        let at_ms = ts.physical_ms;
+        if self.names_dead_lease(state, op, at_ms) {
+            return; // it will change nothing
+        }
         match op {
-            Op::Put { key, value, .. } => self.put(state, (index, 0), key, value),
+            Op::Put { key, value, expiry } => {
+                self.put(state, (index, 0), at_ms, key, value, *expiry)
+            }
             Op::Delete { key } => self.delete((index, 0), key),
             Op::Bulk { items } => {
-                for (i, (k, v, _)) in items.iter().enumerate() {
-                    self.put(state, (index, place(i)), k, v);
+                for (i, (k, v, x)) in items.iter().enumerate() {
+                    self.put(state, (index, place(i)), at_ms, k, v, *x);
                 }
             }
             Op::Txn { ops } => {
                 for (i, op) in ops.iter().enumerate() {
                     let at = (index, place(i));
                     match op {
-                        TxnOp::Put { key, value, .. } => self.put(state, at, key, value),
+                        TxnOp::Put { key, value, expiry } => {
+                            self.put(state, at, at_ms, key, value, *expiry)
+                        }
                         TxnOp::Delete { key } => self.delete(at, key),
                         TxnOp::DeletePrefix { prefix } => self.prefixes.push((at, prefix.clone())),
                         TxnOp::Get { .. } | TxnOp::Range(_) => {}
                     }
                 }
             }
-            Op::Noop => {}
-            Op::Expire { .. }
-            | Op::LeaseGrant { .. }
-            | Op::LeaseKeepAlive { .. }
-            | Op::LeaseRevoke { .. } => {}
+            Op::LeaseGrant { ttl_ms } => {
+                self.granted.insert(index, at_ms.saturating_add(*ttl_ms));
+            }
+            Op::LeaseRevoke { id, .. } => {
+                self.revoked.insert((*id, index));
+            }
+            // An expiry needs nothing here: every later record's stamp is at
+            // or past it, so the keys it names are expired to those already.
+            Op::Noop | Op::Expire { .. } | Op::LeaseKeepAlive { .. } => {}
+        }
+    }
+
+    /// Whether `op` names a lease that is dead at its stamp (the state will
+    /// refuse it whole).
+    fn names_dead_lease(&self, state: &State, op: &Op, at_ms: u64) -> bool {
+        let dead = |x: &Expiry| matches!(x, Expiry::Lease(_)) && self.expired(state, *x, at_ms);
+        match op {
+            Op::Put { expiry, .. } => dead(expiry),
+            Op::Bulk { items } => items.iter().any(|(_, _, x)| dead(x)),
+            Op::Txn { ops } => ops.iter().any(|op| match op {
+                TxnOp::Put { expiry, .. } => dead(expiry),
+                _ => false,
+            }),
+            _ => false,
         }
     }
 
@@ -145,11 +215,13 @@ impl PendingView {
                     }
                 }
             }
-            Op::Noop
-            | Op::Expire { .. }
-            | Op::LeaseGrant { .. }
-            | Op::LeaseKeepAlive { .. }
-            | Op::LeaseRevoke { .. } => {}
+            Op::LeaseGrant { .. } => {
+                self.granted.remove(&index);
+            }
+            Op::LeaseRevoke { id, .. } => {
+                self.revoked.remove(&(*id, index));
+            }
+            Op::Noop | Op::Expire { .. } | Op::LeaseKeepAlive { .. } => {}
         }
         self.prefixes.retain(|(at, _)| at.0 != index);
     }
@@ -209,12 +281,12 @@ mod tests {
 
     fn assert_same(view: &PendingView, base: &State, want: &State, what: &str) {
         for k in KEYS {
-            let got = view.get(base, k.as_bytes());
-            let expect = want.get_versioned(k.as_bytes()).map(|(v, m)| (m, v));
+            let got = view.get(base, k.as_bytes(), 0);
+            let expect = want.get_versioned(k.as_bytes(), 0).map(|(v, m)| (m, v));
             assert_eq!(got, expect, "{k} {what}");
         }
-        let under: Vec<Bytes> = view.keys_under(base, b"a/");
-        assert_eq!(under, want.keys_in(&KeyRange::prefix(b"a/")), "{what}");
+        let under: Vec<Bytes> = view.keys_under(base, b"a/", 0);
+        assert_eq!(under, want.keys_in(&KeyRange::prefix(b"a/"), 0), "{what}");
     }
 
     /// The view of a state with entries pending is the state those entries
@@ -228,19 +300,22 @@ mod tests {
             for _ in 0..rng.gen_range(0..8) {
                 index += 1;
                 let op = random_op(&mut rng);
-                base.apply(index, &op, false);
-                want.apply(index, &op, false);
+                base.apply(index, Timestamp::default(), &op, false);
+                want.apply(index, Timestamp::default(), &op, false);
             }
             let pending: Vec<(u64, Op)> = (0..rng.gen_range(1..10))
                 .map(|i| (index + 1 + i, random_op(&mut rng)))
                 .collect();
-            let mut view = PendingView::of(&base, pending.iter().map(|(i, op)| (*i, op)));
+            let mut view = PendingView::of(
+                &base,
+                pending.iter().map(|(i, op)| (*i, Timestamp::default(), op)),
+            );
             for (i, op) in &pending {
-                want.apply(*i, op, false);
+                want.apply(*i, Timestamp::default(), op, false);
             }
             assert_same(&view, &base, &want, &format!("case {case}, all pending"));
             for (i, op) in &pending {
-                base.apply(*i, op, false);
+                base.apply(*i, Timestamp::default(), op, false);
                 view.applied(*i, op);
                 assert_same(&view, &base, &want, &format!("case {case}, through {i}"));
             }

@@ -104,3 +104,4 @@ fn write_seed_corpus() {
         replay::write_seeds(&fuzz_dir(), target, harness::seeds(target));
     }
 }
+

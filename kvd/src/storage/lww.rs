@@ -254,6 +254,11 @@ impl Lww {
         reads: bool,
     ) -> ApplyOutcome {
         let mut inner = self.inner.write();
+        if state.refuses(op, ts.physical_ms) {
+            // A lease is named (never taken in masterless mode): the state
+            // changes nothing, and neither may the stamps.
+            return state.apply(index, ts, op, reads);
+        }
         let winners = match op {
             Op::Put { key, .. } | Op::Delete { key } => {
                 let wins = inner.wins(key, ts);

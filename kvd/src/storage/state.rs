@@ -708,6 +708,16 @@ impl State {
         outcome
     }
 
+    /// Whether applying `op` at a record stamped `at_ms` would change
+    /// nothing because it names a lease not alive then (the merge must not
+    /// take the stamps of a record the state refuses).
+    pub fn refuses(&self, op: &Op, at_ms: u64) -> bool {
+        let inner = self.inner.read();
+        leases_named(op)
+            .into_iter()
+            .any(|id| !expiry::lease_alive(inner.ttl.lease(id), at_ms))
+    }
+
     /// Order-independent digest of the contents, for comparing replicas.
     pub fn digest(&self) -> u64 {
         self.digest.load(Ordering::Relaxed)

@@ -104,4 +104,3 @@ fn write_seed_corpus() {
         replay::write_seeds(&fuzz_dir(), target, harness::seeds(target));
     }
 }
-

@@ -26,11 +26,20 @@ pub fn lease_alive(lease: Option<&Lease>, at_ms: u64) -> bool {
     lease.is_some_and(|l| l.deadline_ms > at_ms)
 }
 
-/// Whether an `Expire` naming a key at `named_mod_index` removes the key
-/// whose versions are `meta` and expiry `expiry`, at a record stamped
-/// `at_ms`: only if it was not written since and its deadline has passed.
-pub fn expire_applies(meta: KeyMeta, expiry: Expiry, named_mod_index: u64, at_ms: u64) -> bool {
-    meta.mod_index == named_mod_index && matches!(expiry, Expiry::At(d) if d <= at_ms)
+/// Whether an `Expire` (record `index`, stamped `at_ms`) naming a key at
+/// `named_mod_index` removes the key whose versions are `meta` and expiry
+/// `expiry`: only if it was not written since and its deadline has passed
+/// (and, the replay rule, the key's write is before the record: it always
+/// is unless a fuzzy snapshot holds a later one).
+pub fn expire_applies(
+    meta: KeyMeta,
+    expiry: Expiry,
+    named_mod_index: u64,
+    (index, at_ms): (u64, u64),
+) -> bool {
+    meta.mod_index == named_mod_index
+        && meta.mod_index < index
+        && matches!(expiry, Expiry::At(d) if d <= at_ms)
 }
 
 /// The deadline order of keys with [`Expiry::At`], the lease table, the
@@ -297,10 +306,23 @@ mod tests {
             mod_index: 7,
             version: 2,
         };
-        assert!(expire_applies(m, Expiry::At(50), 7, 50));
-        assert!(!expire_applies(m, Expiry::At(50), 7, 49), "not due");
-        assert!(!expire_applies(m, Expiry::At(50), 6, 60), "written since");
-        assert!(!expire_applies(m, Expiry::Never, 7, 60), "made permanent");
-        assert!(!expire_applies(m, Expiry::Lease(1), 7, 60), "leases revoke");
+        assert!(expire_applies(m, Expiry::At(50), 7, (8, 50)));
+        assert!(!expire_applies(m, Expiry::At(50), 7, (8, 49)), "not due");
+        assert!(
+            !expire_applies(m, Expiry::At(50), 6, (8, 60)),
+            "written since"
+        );
+        assert!(
+            !expire_applies(m, Expiry::Never, 7, (8, 60)),
+            "made permanent"
+        );
+        assert!(
+            !expire_applies(m, Expiry::Lease(1), 7, (8, 60)),
+            "leases revoke"
+        );
+        assert!(
+            !expire_applies(m, Expiry::At(50), 7, (7, 60)),
+            "the replay rule: a write at or past the record"
+        );
     }
 }

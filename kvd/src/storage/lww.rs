@@ -296,7 +296,7 @@ impl Lww {
                     };
                     let goes = !e.tombstone
                         && state.get_raw(key).is_some_and(|i| {
-                            expire_applies(i.meta, i.expiry, *named, ts.physical_ms)
+                            expire_applies(i.meta, i.expiry, *named, (index, ts.physical_ms))
                         });
                     if goes {
                         inner.set(key, e.ts, true);

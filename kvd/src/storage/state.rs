@@ -182,6 +182,9 @@ pub struct State {
     index: Option<Arc<Index>>,
     /// Told every record [`State::apply`] applies, with what it changed.
     watch: Arc<WatchHub>,
+    /// Tests: every record's events, as published.
+    #[cfg(test)]
+    published: Mutex<Vec<RecordEvents>>,
 }
 
 impl Default for State {
@@ -247,7 +250,17 @@ impl State {
             frozen_leases: Mutex::new(None),
             index,
             watch: Arc::new(WatchHub::new()),
+            #[cfg(test)]
+            published: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Hands a record's events to the watch hub (in log order: only the
+    /// writer thread applies).
+    fn publish(&self, events: RecordEvents) {
+        #[cfg(test)]
+        self.published.lock().push(events.clone());
+        self.watch.publish(events);
     }
 
     /// The events of the records applied here, for watches.
@@ -642,7 +655,7 @@ impl State {
     /// It is applied all the same: watches move past it.
     pub fn skip_record(&self, index: u64, ts: Timestamp) {
         self.skip_to(index);
-        self.watch.publish(RecordEvents {
+        self.publish(RecordEvents {
             index,
             ts,
             events: Vec::new(),
@@ -704,7 +717,7 @@ impl State {
                 }
             }
         }
-        self.watch.publish(RecordEvents { index, ts, events });
+        self.publish(RecordEvents { index, ts, events });
         outcome
     }
 
@@ -914,10 +927,10 @@ impl Apply<'_> {
     /// it still holds the `mod_index` named and its deadline is passed at
     /// the record.
     fn expire(&mut self, keys: &[(Bytes, u64)]) {
-        let at_ms = self.at_ms;
+        let now = (self.index, self.at_ms);
         for (key, named) in keys {
             self.remove(key, false, |e| {
-                expiry::expire_applies(e.meta(), e.expiry(), *named, at_ms)
+                expiry::expire_applies(e.meta(), e.expiry(), *named, now)
             });
         }
     }
@@ -1097,7 +1110,21 @@ mod tests {
     fn run(s: &State, ops: &[Op]) {
         let first = s.applied_index() + 1;
         for (i, op) in ops.iter().enumerate() {
-            s.apply(first + i as u64, Timestamp::default(), op, false);
+            let index = first + i as u64;
+            s.apply(index, stamp(index), op, false);
+        }
+    }
+
+    /// The stamp the tests give record `index`: 10 ms a record.
+    fn stamp(index: u64) -> Timestamp {
+        at(index * 10)
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp {
+            physical_ms: ms,
+            logical: 0,
+            node: 0,
         }
     }
 
@@ -1372,28 +1399,62 @@ mod tests {
         assert_eq!(seen, want);
     }
 
-    fn random_op(rng: &mut StdRng) -> Op {
+    /// Expiries that make keys come and go within a run of 40 records
+    /// (stamps 10 ms apart), leases that may or may not be granted.
+    fn random_expiry(rng: &mut StdRng, grants: &[u64]) -> Expiry {
+        match rng.gen_range(0..8) {
+            0..=3 => Expiry::Never,
+            4 | 5 => Expiry::At(rng.gen_range(0..450)),
+            6 => Expiry::Lease(lease_id(rng, grants)),
+            _ => Expiry::Keep,
+        }
+    }
+
+    /// Mostly a lease granted earlier in the run (`grants`: their indexes).
+    fn lease_id(rng: &mut StdRng, grants: &[u64]) -> u64 {
+        match grants {
+            [] => rng.gen_range(1..40),
+            _ if rng.gen_bool(0.1) => rng.gen_range(1..40),
+            _ => grants[rng.gen_range(0..grants.len())],
+        }
+    }
+
+    /// Ops as records 1, 2, ... (a run from an empty state).
+    fn random_ops(rng: &mut StdRng, n: usize) -> Vec<Op> {
+        let mut grants = Vec::new();
+        (1..=n as u64)
+            .map(|index| {
+                let op = random_op(rng, &grants);
+                if let Op::LeaseGrant { .. } = op {
+                    grants.push(index);
+                }
+                op
+            })
+            .collect()
+    }
+
+    fn random_op(rng: &mut StdRng, grants: &[u64]) -> Op {
         let k = |rng: &mut StdRng| b(["a/1", "a/2", "b/1", "b/2", "c"][rng.gen_range(0..5)]);
         let v = |rng: &mut StdRng| b(&rng.gen_range(0..100).to_string());
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..14) {
             0..=3 => Op::Put {
                 key: k(rng),
                 value: v(rng),
-                expiry: Expiry::Never,
+                expiry: random_expiry(rng, grants),
             },
             4..=5 => Op::Delete { key: k(rng) },
             6 => Op::Bulk {
                 items: (0..rng.gen_range(1..4))
-                    .map(|_| (k(rng), v(rng), Expiry::Never))
+                    .map(|_| (k(rng), v(rng), random_expiry(rng, grants)))
                     .collect(),
             },
-            _ => Op::Txn {
+            7 | 8 => Op::Txn {
                 ops: (0..rng.gen_range(0..5))
                     .map(|_| match rng.gen_range(0..4) {
                         0 | 1 => TxnOp::Put {
                             key: k(rng),
                             value: v(rng),
-                            expiry: Expiry::Never,
+                            expiry: random_expiry(rng, grants),
                         },
                         2 => TxnOp::Delete { key: k(rng) },
                         _ => TxnOp::DeletePrefix {
@@ -1402,35 +1463,65 @@ mod tests {
                     })
                     .collect(),
             },
+            9 => Op::Expire {
+                keys: (0..rng.gen_range(1..3))
+                    .map(|_| (k(rng), rng.gen_range(0..40)))
+                    .collect(),
+            },
+            10 => Op::LeaseGrant {
+                ttl_ms: rng.gen_range(1..150),
+            },
+            11 => Op::LeaseKeepAlive {
+                id: lease_id(rng, grants),
+            },
+            12 => Op::LeaseRevoke {
+                id: lease_id(rng, grants),
+                expired: rng.gen_bool(0.5),
+            },
+            _ => Op::Noop,
         }
     }
 
-    fn everything(s: &State) -> Vec<(Vec<u8>, Vec<u8>, KeyMeta)> {
+    type Everything = (Vec<(Vec<u8>, Vec<u8>, KeyMeta, Expiry)>, Vec<LeaseRow>);
+
+    /// The contents with their expiries, and the lease table.
+    fn everything(s: &State) -> Everything {
         let mut out = Vec::new();
-        s.for_each(|k, v, m| out.push((k.to_vec(), v.to_vec(), m)));
-        out
+        let mut cursor = None::<Vec<u8>>;
+        loop {
+            cursor = s.chunk(cursor.as_deref(), 1 << 20, |k, v, m, x| {
+                out.push((k.to_vec(), v.to_vec(), m, x))
+            });
+            if cursor.is_none() {
+                break;
+            }
+        }
+        (out, s.inner.read().ttl.lease_rows())
     }
 
     /// docs/DESIGN.md §3.4: a snapshot taken while writes go on, one small
     /// chunk of keys at a time with records applied between chunks, then
     /// the log replayed after its last index, ends in exactly the contents
-    /// and versions of a straight run.
+    /// and versions of a straight run; with deadlines, leases and expiries
+    /// too (the lease section frozen at the last index).
     #[test]
     fn a_fuzzy_snapshot_and_its_replay_give_the_versions_of_a_straight_run() {
         let mut rng = StdRng::seed_from_u64(34);
-        for case in 0..500 {
-            let ops: Vec<Op> = (0..rng.gen_range(1..40))
-                .map(|_| random_op(&mut rng))
-                .collect();
+        for case in 0..20000 {
+            let n = rng.gen_range(1..40);
+            let ops = random_ops(&mut rng, n);
             let straight = State::new();
             run(&straight, &ops);
             let live = State::new();
             let last = rng.gen_range(0..=ops.len());
             run(&live, &ops[..last]);
+            live.freeze_leases(last as u64);
             let (snap, mut applied) = (State::new(), last);
             let mut cursor = None::<Vec<u8>>;
             loop {
-                cursor = live.chunk(cursor.as_deref(), 1, |k, v, m, _| snap.load(k, v, m));
+                cursor = live.chunk(cursor.as_deref(), 1, |k, v, m, x| {
+                    snap.load_expiring(k, v, m, x)
+                });
                 let more = rng.gen_range(0..3).min(ops.len() - applied);
                 run(&live, &ops[applied..applied + more]);
                 applied += more;
@@ -1438,11 +1529,275 @@ mod tests {
                     break;
                 }
             }
+            live.lease_rows(last as u64)
+                .into_iter()
+                .for_each(|row| snap.load_lease(row));
             snap.skip_to(last as u64);
             run(&snap, &ops[last..]);
             assert_eq!(everything(&snap), everything(&straight), "case {case}");
             assert_eq!(snap.digest(), straight.digest(), "case {case}");
+            let counters = |s: &State| (s.len(), s.keys_with_ttl(), s.data_bytes());
+            assert_eq!(counters(&snap), counters(&straight), "case {case}");
         }
+    }
+
+    fn put_x(k: &str, v: &str, expiry: Expiry) -> Op {
+        Op::Put {
+            key: b(k),
+            value: b(v),
+            expiry,
+        }
+    }
+
+    /// Applies `op` as the next record, stamped `ms`.
+    fn apply_at(s: &State, ms: u64, op: &Op) -> ApplyOutcome {
+        s.apply(s.applied_index() + 1, at(ms), op, true)
+    }
+
+    fn kinds(s: &State, index: u64) -> Vec<(EventKind, String, Option<Bytes>)> {
+        let published = s.published.lock();
+        let r = published.iter().find(|r| r.index == index).unwrap();
+        r.events
+            .iter()
+            .map(|e| {
+                let k = String::from_utf8(e.key.to_vec()).unwrap();
+                (e.kind, k, e.prev.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_hide_a_key_from_its_deadline_on_removed_or_not() {
+        let s = State::new();
+        apply_at(&s, 10, &put_x("a", "1", Expiry::At(100)));
+        apply_at(&s, 11, &put("b", "2"));
+        assert_eq!(s.get(b"a", 99), Some(b("1")));
+        assert_eq!(s.get(b"a", 100), None);
+        assert_eq!(s.get_item(b"a", 99).unwrap().expiry, Expiry::At(100));
+        assert!(s.get_raw(b"a").is_some(), "still held");
+        let all = RangeRead {
+            range: KeyRange::prefix(b""),
+            limit: 10,
+            keys_only: true,
+        };
+        assert_eq!(s.range(&all, 99).items.len(), 2);
+        assert_eq!(s.range(&all, 100).items.len(), 1);
+        assert_eq!(s.count(&KeyRange::prefix(b""), 99).0, 2);
+        assert_eq!(s.count(&KeyRange::prefix(b""), 100).0, 1);
+        assert_eq!(s.keys_in(&KeyRange::prefix(b""), 100), vec![b("b")]);
+        assert_eq!(s.keys_with_ttl(), 1);
+    }
+
+    #[test]
+    fn a_record_at_or_past_a_deadline_finds_the_key_absent() {
+        let s = State::new();
+        apply_at(&s, 10, &put_x("a", "1", Expiry::At(100)));
+        apply_at(&s, 10, &put_x("d", "1", Expiry::At(100)));
+        // A put creates it afresh (a new create_index, version 1).
+        apply_at(&s, 100, &put("a", "2"));
+        assert_eq!(s.get_versioned(b"a", 0), Some((b("2"), meta(3, 3, 1))));
+        assert_eq!(s.get_item(b"a", 0).unwrap().expiry, Expiry::Never);
+        assert_eq!(kinds(&s, 3), [(EventKind::Put, "a".into(), None)]);
+        // A delete answers deleted: false, and the removal is an expiry.
+        assert!(!apply_at(&s, 100, &del("d")).deleted);
+        assert_eq!(
+            kinds(&s, 4),
+            [(EventKind::Expire, "d".into(), Some(b("1")))]
+        );
+        assert_eq!((s.len(), s.expired_keys(), s.keys_with_ttl()), (1, 1, 0));
+        // A transaction's reads too.
+        apply_at(&s, 100, &put_x("t", "1", Expiry::At(200)));
+        let read = Op::Txn {
+            ops: vec![TxnOp::Get { key: b("t") }],
+        };
+        let got = |ms| match &apply_at(&s, ms, &read).txn.unwrap().results[0] {
+            OpResult::Get(item) => item.is_some(),
+            other => panic!("{other:?}"),
+        };
+        assert!(got(199));
+        assert!(!got(200));
+    }
+
+    #[test]
+    fn keep_ttl_keeps_the_deadline_or_lease_a_live_key_has() {
+        let s = State::new();
+        apply_at(&s, 10, &put_x("a", "1", Expiry::At(100)));
+        apply_at(&s, 20, &put_x("a", "2", Expiry::Keep));
+        assert_eq!(s.get_item(b"a", 0).unwrap().expiry, Expiry::At(100));
+        apply_at(&s, 30, &put_x("n", "1", Expiry::Keep));
+        assert_eq!(s.get_item(b"n", 0).unwrap().expiry, Expiry::Never);
+        apply_at(&s, 100, &put_x("a", "3", Expiry::Keep));
+        assert_eq!(
+            s.get_item(b"a", 0).unwrap().expiry,
+            Expiry::Never,
+            "expired at the record: nothing to keep"
+        );
+        apply_at(&s, 110, &put_x("a", "4", Expiry::At(500)));
+        apply_at(&s, 120, &put("a", "5"));
+        assert_eq!(s.get_item(b"a", 0).unwrap().expiry, Expiry::Never);
+        assert_eq!(s.keys_with_ttl(), 0, "a plain put clears it");
+    }
+
+    #[test]
+    fn an_expire_removes_a_key_only_at_the_mod_index_it_names_once_due() {
+        let s = State::new();
+        apply_at(&s, 10, &put_x("a", "1", Expiry::At(100))); // 1
+        apply_at(&s, 10, &put_x("b", "1", Expiry::At(100))); // 2
+        apply_at(&s, 50, &put_x("b", "2", Expiry::At(100))); // 3: written again
+        let expire = Op::Expire {
+            keys: vec![(b("a"), 1), (b("b"), 2)],
+        };
+        apply_at(&s, 99, &expire); // 4: not due yet
+        assert_eq!(s.len(), 2);
+        apply_at(&s, 100, &expire); // 5
+        assert_eq!(s.get_raw(b"a"), None);
+        assert!(
+            s.get_raw(b"b").is_some(),
+            "b was written after the named index"
+        );
+        assert_eq!(
+            kinds(&s, 5),
+            [(EventKind::Expire, "a".into(), Some(b("1")))]
+        );
+        assert_eq!(s.expired_keys(), 1);
+        let (due, _) = s.due(100, 10, &Default::default(), &Default::default());
+        assert_eq!(due, vec![(b("b"), 3)]);
+    }
+
+    #[test]
+    fn a_lease_lives_from_its_grant_by_keep_alives_and_takes_its_keys_along() {
+        let s = State::new();
+        let g = apply_at(&s, 1000, &Op::LeaseGrant { ttl_ms: 100 }); // 1
+        let lease = g.lease.unwrap();
+        assert_eq!((lease.id, lease.deadline_ms), (1, 1100));
+        apply_at(&s, 1010, &put_x("k/1", "a", Expiry::Lease(1))); // 2
+        apply_at(&s, 1010, &put_x("k/2", "b", Expiry::Lease(1))); // 3
+        apply_at(&s, 1010, &put_x("k/3", "c", Expiry::Lease(1))); // 4
+        apply_at(&s, 1020, &put("k/3", "plain")); // 5: leaves the lease
+        let ka = apply_at(&s, 1050, &Op::LeaseKeepAlive { id: 1 }); // 6
+        assert_eq!(ka.lease.unwrap().deadline_ms, 1150);
+        let (info, more) = s.lease(1, 1, 1149).unwrap();
+        assert_eq!((info.keys, more), (vec![b("k/1")], true));
+        assert!(
+            s.lease(1, 10, 1150).is_none(),
+            "dead here from its deadline"
+        );
+        assert_eq!(s.get(b"k/1", 1149), Some(b("a")));
+        assert_eq!(s.get(b"k/1", 1150), None);
+        // The primary's expiry loses to the keep-alive logged before it.
+        let early = Op::LeaseRevoke {
+            id: 1,
+            expired: true,
+        };
+        assert_eq!(apply_at(&s, 1100, &early).removed, 0); // 7
+        assert_eq!(s.len(), 3);
+        assert_eq!(apply_at(&s, 1150, &early).removed, 2); // 8
+        assert_eq!(
+            kinds(&s, 8),
+            [
+                (EventKind::Expire, "k/1".into(), Some(b("a"))),
+                (EventKind::Expire, "k/2".into(), Some(b("b")))
+            ]
+        );
+        assert_eq!((s.len(), s.lease_count(), s.keys_with_ttl()), (1, 0, 0));
+        // Once passed, final: no keep-alive brings it back.
+        let again = apply_at(&s, 1160, &Op::LeaseKeepAlive { id: 1 });
+        assert_eq!(again.refused, Some(Refusal::LeaseNotFound(1)));
+    }
+
+    #[test]
+    fn a_revoke_deletes_the_keys_of_a_live_lease_and_refuses_a_dead_one() {
+        let s = State::new();
+        apply_at(&s, 1000, &Op::LeaseGrant { ttl_ms: 100 }); // 1
+        apply_at(&s, 1000, &put_x("k", "v", Expiry::Lease(1))); // 2
+        let revoke = Op::LeaseRevoke {
+            id: 1,
+            expired: false,
+        };
+        let r = apply_at(&s, 1050, &revoke); // 3
+        assert_eq!((r.removed, r.refused), (1, None));
+        assert_eq!(
+            kinds(&s, 3),
+            [(EventKind::Delete, "k".into(), Some(b("v")))]
+        );
+        assert_eq!(
+            apply_at(&s, 1060, &revoke).refused,
+            Some(Refusal::LeaseNotFound(1))
+        );
+        apply_at(&s, 2000, &Op::LeaseGrant { ttl_ms: 100 }); // 5
+        assert_eq!(
+            apply_at(
+                &s,
+                2100,
+                &Op::LeaseRevoke {
+                    id: 5,
+                    expired: false
+                }
+            )
+            .refused,
+            Some(Refusal::LeaseNotFound(5)),
+            "dead at the record: the client's revoke is refused, the expirer's is not"
+        );
+    }
+
+    #[test]
+    fn a_record_naming_a_dead_lease_changes_nothing() {
+        let s = State::new();
+        apply_at(&s, 1000, &Op::LeaseGrant { ttl_ms: 100 }); // 1
+        apply_at(&s, 1000, &put("a", "old")); // 2
+        let bulk = Op::Bulk {
+            items: vec![
+                (b("a"), b("new"), Expiry::Never),
+                (b("b"), b("x"), Expiry::Lease(1)),
+            ],
+        };
+        let r = apply_at(&s, 1100, &bulk); // 3
+        assert_eq!(r.refused, Some(Refusal::LeaseNotFound(1)));
+        assert_eq!(s.get(b"a", 0), Some(b("old")), "nothing of it applied");
+        assert_eq!(s.get(b"b", 0), None);
+        assert_eq!(kinds(&s, 3), [], "its events: none, but it is published");
+        assert_eq!(apply_at(&s, 1099, &bulk).refused, None); // 4
+        assert_eq!(s.get(b"a", 0), Some(b("new")));
+        let unknown = put_x("c", "1", Expiry::Lease(77));
+        assert_eq!(
+            apply_at(&s, 1099, &unknown).refused,
+            Some(Refusal::LeaseNotFound(77))
+        );
+    }
+
+    #[test]
+    fn every_record_is_published_in_order_with_its_events_and_previous_values() {
+        let s = State::new();
+        run(&s, &[put("a", "1"), put("b", "1")]);
+        let txn = Op::Txn {
+            ops: vec![
+                TxnOp::Put {
+                    key: b("a"),
+                    value: b("2"),
+                    expiry: Expiry::Never,
+                },
+                TxnOp::Get { key: b("a") },
+                TxnOp::DeletePrefix { prefix: b("") },
+            ],
+        };
+        run(&s, &[txn, Op::Noop]);
+        s.skip_record(5, stamp(5));
+        let published = s.published.lock();
+        let indexes: Vec<u64> = published.iter().map(|r| r.index).collect();
+        assert_eq!(indexes, [1, 2, 3, 4, 5]);
+        assert_eq!(published[2].ts, stamp(3));
+        let e = &published[2].events;
+        assert_eq!(e.len(), 3);
+        assert_eq!(
+            (e[0].kind, e[0].prev.as_deref()),
+            (EventKind::Put, Some(&b"1"[..]))
+        );
+        assert_eq!(e[0].meta, meta(1, 3, 2));
+        assert_eq!(e[0].value, Some(b("2")));
+        assert_eq!((e[1].kind, &e[1].key[..]), (EventKind::Delete, &b"a"[..]));
+        assert_eq!(e[1].prev, Some(b("2")), "the value the record gave it");
+        assert_eq!((e[2].kind, &e[2].key[..]), (EventKind::Delete, &b"b"[..]));
+        assert!(published[3].events.is_empty() && published[4].events.is_empty());
     }
 
     #[test]

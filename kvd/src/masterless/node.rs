@@ -739,6 +739,20 @@ mod tests {
     use bytes::Bytes;
 
     #[test]
+    fn expiries_and_leases_are_never_streamed() {
+        let key = Bytes::from_static(b"k");
+        assert!(!streams(&Op::Expire {
+            keys: vec![(key.clone(), 1)]
+        }));
+        assert!(!streams(&Op::LeaseGrant { ttl_ms: 5 }));
+        assert!(!streams(&Op::LeaseRevoke {
+            id: 1,
+            expired: true
+        }));
+        assert!(streams(&Op::Delete { key }));
+    }
+
+    #[test]
     fn stream_body_round_trips() {
         let rec = Record {
             index: 7,

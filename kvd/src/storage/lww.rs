@@ -548,4 +548,39 @@ mod tests {
         assert_eq!(s.get(b"j", 0).as_deref(), Some(&b"2"[..]));
         assert_eq!(r.results.len(), 5, "the prefix became one delete here");
     }
+
+    #[test]
+    fn a_local_expiry_leaves_a_tombstone_with_the_versions_own_stamp() {
+        let (s, l) = (State::new(), Lww::new());
+        let k = Bytes::from_static(b"k");
+        let with = |v: &str, x| Op::Put {
+            key: k.clone(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            expiry: x,
+        };
+        l.apply(&s, 1, ts(10, 2), &with("v", Expiry::At(50)), false);
+        assert_eq!(s.get(b"k", 49).as_deref(), Some(&b"v"[..]));
+        assert_eq!(s.get(b"k", 50), None, "hidden from its deadline on");
+        let expire = Op::Expire {
+            keys: vec![(k.clone(), 1)],
+        };
+        assert_eq!(l.winning(ts(60, 1), &expire), None, "a peer's is ignored");
+        l.apply(&s, 2, ts(60, 1), &expire, false);
+        assert_eq!(s.get_raw(b"k"), None);
+        let e = l.entry(b"k").unwrap();
+        assert_eq!((e.ts, e.tombstone), (ts(10, 2), true));
+        assert_eq!(l.digest(), 0, "tombstones are not in the digest");
+        // The same version again (a peer's copy) ties and changes nothing.
+        assert_eq!(l.winning(ts(10, 2), &with("v", Expiry::At(50))), None);
+        // A write stamped after the version wins, as it would have.
+        l.apply(&s, 3, ts(20, 3), &with("w", Expiry::Never), false);
+        assert_eq!(s.get(b"k", u64::MAX).as_deref(), Some(&b"w"[..]));
+        // A version's deadline travels with it to anti-entropy.
+        l.apply(&s, 4, ts(30, 3), &with("x", Expiry::At(90)), false);
+        let v = l.bucket(&s, bucket_of(b"k")).pop().unwrap();
+        assert_eq!(
+            (v.expiry, v.to_op()),
+            (Expiry::At(90), with("x", Expiry::At(90)))
+        );
+    }
 }

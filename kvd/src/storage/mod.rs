@@ -420,6 +420,9 @@ struct Shared {
     /// The storage state; the WAL sets it where a failure happens.
     health: Arc<Health>,
     snapshot_running: AtomicBool,
+    /// The expirer's last round found work (there may be more): the idle
+    /// wake-ups come quickly until one finds none.
+    expiry_backlog: AtomicBool,
     /// The [`CommitPolicy`] (as `u8`): set by the WAL thread, and changed
     /// only by a mode switch.
     policy: AtomicU8,
@@ -1042,6 +1045,7 @@ impl Shared {
             wal_segments: AtomicU64::new(wal.segment_count() as u64),
             health: wal.health(),
             snapshot_running: AtomicBool::new(false),
+            expiry_backlog: AtomicBool::new(false),
             policy: AtomicU8::new(cfg.policy as u8),
             durable_hlc: parking_lot::Mutex::new(lww.max_ts()),
             lww,
@@ -1089,6 +1093,7 @@ fn start_threads(
         in_flight: writer::InFlight::default(),
         led: None,
     };
+    let ticker = shared.clone();
     let snapshotter = Snapshotter {
         fs: fs.clone(),
         dir: snap_dir,
@@ -1106,20 +1111,28 @@ fn start_threads(
     Ok(vec![
         spawn("wal", Box::new(move || writer.run(rx)))?,
         spawn("snapshot", Box::new(move || snapshotter.run(snap_rx)))?,
-        spawn("expiry", Box::new(move || expiry_ticks(ticks)))?,
+        spawn("expiry", Box::new(move || expiry_ticks(ticks, &ticker)))?,
     ])
 }
 
 /// How often an idle writer looks for keys and leases past their deadline.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// ... and while its last look found some (a backlog of expiries, a
+/// record of at most 1000 keys and one lease each time).
+const EXPIRY_BACKLOG_TICK: Duration = Duration::from_millis(5);
 
-/// Wakes the WAL writer every [`EXPIRY_TICK`] until the engine shuts down.
-/// It holds the channel only weakly (so shutdown still closes it), and
-/// never waits for room in it: a busy writer forms batches anyway, and
-/// each batch carries the expiries due.
-fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>) {
+/// Wakes the WAL writer every [`EXPIRY_TICK`] (or [`EXPIRY_BACKLOG_TICK`])
+/// until the engine shuts down. It holds the channel only weakly (so
+/// shutdown still closes it), and never waits for room in it: a busy
+/// writer forms batches anyway, and each batch carries the expiries due.
+fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared) {
     loop {
-        std::thread::sleep(EXPIRY_TICK);
+        let backlog = shared.expiry_backlog.load(Ordering::Relaxed);
+        std::thread::sleep(if backlog {
+            EXPIRY_BACKLOG_TICK
+        } else {
+            EXPIRY_TICK
+        });
         let Some(tx) = ticks.upgrade() else {
             return;
         };

@@ -205,19 +205,17 @@ impl Resolver<'_> {
                 let expiry = kept(&key, expiry);
                 Op::Put { key, value, expiry }
             }
-            Op::Bulk { items } => {
-                let mut keys_seen: BTreeMap<Bytes, Expiry> = BTreeMap::new();
-                let items = items
+            // Each item against the view before the bulk: the state applies
+            // the last item of each key, as one write.
+            Op::Bulk { items } => Op::Bulk {
+                items: items
                     .into_iter()
                     .map(|(k, v, x)| {
-                        // A key repeated in the bulk keeps what the view
-                        // holds for it before the bulk.
-                        let x = *keys_seen.entry(k.clone()).or_insert_with(|| kept(&k, x));
+                        let x = kept(&k, x);
                         (k, v, x)
                     })
-                    .collect();
-                Op::Bulk { items }
-            }
+                    .collect(),
+            },
             other => other,
         }
     }
@@ -359,6 +357,8 @@ mod tests {
         pending: VecDeque<PendingEntry>,
         merges: bool,
         max_data_bytes: Option<u64>,
+        /// The stamp (ms) every request of the batch gets.
+        at_ms: u64,
     }
 
     impl Setup {
@@ -382,13 +382,18 @@ mod tests {
                 pending: VecDeque::new(),
                 merges: false,
                 max_data_bytes: None,
+                at_ms: 0,
             }
         }
 
         fn resolve(&mut self, writes: Vec<Write>) -> (Vec<Resolved>, Vec<Answer>) {
             let first_index = self.pending.back().map_or(6, |p| p.index + 1);
             let (mut batch, answers): (Vec<_>, Vec<_>) = writes.into_iter().map(request).unzip();
-            let stamps = vec![Timestamp::default(); batch.len()];
+            let ts = Timestamp {
+                physical_ms: self.at_ms,
+                ..Timestamp::default()
+            };
+            let stamps = vec![ts; batch.len()];
             let out = Resolver {
                 state: &self.state,
                 view: &mut self.view,
@@ -570,6 +575,104 @@ mod tests {
         assert!(matches!(
             answers[0].try_recv(),
             Ok(Err(Error::InvalidEntry(_)))
+        ));
+    }
+
+    /// If `key` does not exist, put `value`.
+    fn create(key: &str, value: &str) -> Txn {
+        Txn {
+            compare: vec![Compare {
+                key: b(key),
+                target: Target::Exists(false),
+                cmp: Cmp::Eq,
+            }],
+            success: vec![put(key, value)],
+            failure: vec![],
+        }
+    }
+
+    #[test]
+    fn a_compare_finds_a_key_expired_at_its_records_stamp_absent() {
+        let mut s = Setup::new();
+        s.state.apply(
+            6,
+            Timestamp::default(),
+            &Op::Put {
+                key: b("t"),
+                value: b("v"),
+                expiry: Expiry::At(100),
+            },
+            false,
+        );
+        s.at_ms = 99;
+        let (out, _) = s.resolve(vec![Write::Txn(create("t", "new"))]);
+        assert_eq!(succeeded(&out[0]), Some(false), "alive at 99");
+        s.view = None;
+        s.at_ms = 100;
+        let (out, _) = s.resolve(vec![Write::Txn(create("t", "new"))]);
+        assert_eq!(succeeded(&out[0]), Some(true), "expired at 100");
+        assert_eq!(out[0].ts.physical_ms, 100, "resolved at the stamp it logs");
+    }
+
+    #[test]
+    fn masterless_keep_ttl_is_logged_as_the_expiry_the_key_has() {
+        let mut s = Setup::new();
+        s.merges = true;
+        s.state.apply(
+            6,
+            Timestamp::default(),
+            &Op::Put {
+                key: b("t"),
+                value: b("v"),
+                expiry: Expiry::At(500),
+            },
+            false,
+        );
+        let keep = |k: &str| Op::Put {
+            key: b(k),
+            value: b("w"),
+            expiry: Expiry::Keep,
+        };
+        let (out, _) = s.resolve(vec![Write::Op(keep("t")), Write::Op(keep("k"))]);
+        let expiries: Vec<Expiry> = out
+            .iter()
+            .map(|r| match &r.op {
+                Op::Put { expiry, .. } => *expiry,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(expiries, [Expiry::At(500), Expiry::Never]);
+        // Outside masterless mode it is resolved when applied.
+        s.merges = false;
+        s.view = None;
+        let (out, _) = s.resolve(vec![Write::Op(keep("t"))]);
+        assert!(matches!(
+            &out[0].op,
+            Op::Put {
+                expiry: Expiry::Keep,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_grant_past_max_leases_counts_the_pending_ones_and_the_batch() {
+        let mut s = Setup::new();
+        s.pending.push_back(PendingEntry {
+            index: 6,
+            ts: Timestamp::default(),
+            op: Op::LeaseGrant { ttl_ms: 10 },
+            apply: true,
+            reply: None,
+            txn: None,
+        });
+        let grant = || Write::Op(Op::LeaseGrant { ttl_ms: 10 });
+        let (out, mut answers) = s.resolve(vec![grant(), grant()]);
+        assert_eq!(out.len(), 1, "--max-leases 2 here");
+        assert!(answers[0].try_recv().is_err(), "the first is taken");
+        assert!(matches!(
+            answers[1].try_recv(),
+            Ok(Err(Error::TooManyLeases { live: 2 }))
         ));
     }
 }

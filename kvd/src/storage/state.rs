@@ -382,8 +382,13 @@ impl State {
         Some((info, more))
     }
 
-    /// Whether lease `id` is alive at `at_ms` (the writer's check of a
-    /// grant's limit and of a pending view).
+    /// Lease `id`'s row, alive or not (a pending view lays pending lease
+    /// records over it).
+    pub fn lease_row(&self, id: u64) -> Option<Lease> {
+        self.inner.read().ttl.lease(id).copied()
+    }
+
+    /// Whether lease `id` is alive at `at_ms`.
     pub fn lease_alive(&self, id: u64, at_ms: u64) -> bool {
         expiry::lease_alive(self.inner.read().ttl.lease(id), at_ms)
     }

@@ -440,7 +440,11 @@ impl Writer {
         if !self.decides_expiries() {
             return;
         }
-        for op in expiry_ops(&self.state, wall, &self.in_flight) {
+        let ops = expiry_ops(&self.state, wall, &self.in_flight);
+        self.shared
+            .expiry_backlog
+            .store(!ops.is_empty(), Ordering::Relaxed);
+        for op in ops {
             let (reply, _) = tokio::sync::oneshot::channel();
             let ts = self.clock.now(wall);
             resolved.push(Resolved {

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::pending_view::PendingView;
 use super::state::{self, State};
 use super::{Error, Write, WriteReq, WriteResult};
-use crate::model::{Expiry, Op, OpResult, Timestamp, Txn, TxnOp, TxnResult};
+use crate::model::{Expiry, Op, OpResult, Timestamp, Txn, TxnOp, TxnResult, MAX_TTL_MS};
 
 /// A durable entry waiting for its commit (replicated mode).
 pub(super) struct PendingEntry {
@@ -146,7 +146,14 @@ impl Resolver<'_> {
                     }
                 },
             };
-            if let Op::LeaseGrant { .. } = op {
+            if let Op::LeaseGrant { ttl_ms } = op {
+                // The WAL could not be read back with one (the API refuses
+                // it first).
+                if !(1..=MAX_TTL_MS).contains(&ttl_ms) {
+                    let why = format!("lease TTL {ttl_ms} ms is not 1..={MAX_TTL_MS}");
+                    let _ = req.reply.send(Err(Error::InvalidEntry(why)));
+                    continue;
+                }
                 if leases >= self.max_leases {
                     let _ = req.reply.send(Err(Error::TooManyLeases { live: leases }));
                     continue;

@@ -729,4 +729,73 @@ mod tests {
             assert_eq!(s.len(), 2);
         }
     }
+
+    #[test]
+    fn expiries_and_the_frozen_lease_table_survive_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let with = |k: &'static str, x| Op::Put {
+            key: Bytes::from_static(k.as_bytes()),
+            value: Bytes::from_static(b"v"),
+            expiry: x,
+        };
+        state.apply(1, ts(1000), &Op::LeaseGrant { ttl_ms: 500 }, false);
+        state.apply(2, ts(1000), &with("l", Expiry::Lease(1)), false);
+        state.apply(3, ts(1000), &with("t", Expiry::At(9000)), false);
+        state.apply(4, ts(1000), &with("n", Expiry::Never), false);
+        state.freeze_leases(4);
+        // After the freeze: not in this snapshot's lease section.
+        state.apply(5, ts(1000), &Op::LeaseGrant { ttl_ms: 700 }, false);
+        let meta = SnapshotMeta {
+            last_index: 4,
+            last_epoch: 1,
+        };
+        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept).unwrap();
+        let s2 = State::new();
+        load(&RealFs, &path, &s2, None, Source::Own).unwrap();
+        for k in [&b"l"[..], b"t", b"n"] {
+            assert_eq!(s2.get_raw(k), state.get_raw(k));
+        }
+        assert_eq!(s2.keys_with_ttl(), 2);
+        assert_eq!(
+            s2.lease(1, 10, 1000).map(|(l, _)| (l.deadline_ms, l.keys)),
+            Some((1500, vec![Bytes::from_static(b"l")]))
+        );
+        assert_eq!(s2.lease_count(), 1, "the table as frozen at 4");
+    }
+
+    #[test]
+    fn a_version_4_snapshot_without_its_lease_section_or_with_a_bad_expiry_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let op = Op::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::new(),
+            expiry: Expiry::At(5),
+        };
+        state.apply(1, ts(1), &op, false);
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let rewrite = |bytes: &[u8]| {
+            // A valid checksum over the changed bytes: only the layout is wrong.
+            let body = &bytes[..bytes.len() - 4];
+            let mut out = body.to_vec();
+            out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            std::fs::write(&path, out).unwrap();
+            load(&RealFs, &path, &State::new(), None, Source::Own)
+        };
+        assert!(rewrite(&good).is_ok());
+        // The expiry kind of the one entry (after key, value and versions).
+        let kind_at = HEADER_BYTES + 4 + 1 + 4 + 24;
+        assert_eq!(good[kind_at], 1);
+        let mut bad = good.clone();
+        bad[kind_at] = 3;
+        assert!(matches!(rewrite(&bad), Err(Error::Corruption { .. })));
+        // Without the lease section (16 bytes: marker and a zero count).
+        let at = good.len() - 20 - 16;
+        assert_eq!(&good[at..at + 8], LEASES_MAGIC);
+        let mut cut = good[..at].to_vec();
+        cut.extend_from_slice(&good[at + 16..]);
+        assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
+    }
 }

@@ -328,7 +328,7 @@ fn ttl_writer(engine: &Engine, seed: u64, prefix: &str) -> (TtlModel, Option<Op>
     for seq in 0..MAX_WRITES_PER_WRITER {
         let k = |rng: &mut StdRng| Bytes::from(format!("{prefix}k{}", rng.gen_range(0..8)));
         let v = Bytes::from(format!("{prefix}{seq}"));
-        let mut x = |rng: &mut StdRng| match rng.gen_range(0..5) {
+        let x = |rng: &mut StdRng| match rng.gen_range(0..5) {
             0 => Expiry::Never,
             1 | 2 => Expiry::At(far + seq),
             3 => Expiry::Keep,

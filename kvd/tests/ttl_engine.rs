@@ -319,3 +319,22 @@ fn a_primary_decides_expiries_only_once_its_epochs_first_entry_is_applied() {
     rt.block_on(n.engine.commit_to(3, 1)).unwrap();
     n.until("applied", |e| e.status().keys == 1);
 }
+
+#[test]
+fn paused_expiries_log_nothing_until_resumed() {
+    let dir = TempDir::new().unwrap();
+    let n = open(&dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    n.put("t", "v", Expiry::At(n.engine.wall_ms() + MINUTE));
+    rt.block_on(n.engine.pause_expiries(true)).unwrap();
+    n.advance(MINUTE);
+    // A batch formed now would carry the expiry: it carries none.
+    let index = n.put("x", "v", Expiry::Never);
+    assert_eq!(n.engine.last_log_pos().index, index, "no expiry logged");
+    assert_eq!(n.engine.get(b"t"), None, "hidden all the same");
+    rt.block_on(n.engine.pause_expiries(false)).unwrap();
+    n.until("removed once resumed", |e| e.status().expired_keys == 1);
+}

@@ -304,6 +304,20 @@ impl Lww {
                 }
                 Some(op.clone())
             }
+            // The expiry of a lease a mode switch brought along (masterless
+            // mode takes no lease writes): its keys go as an Expire's do.
+            Op::LeaseRevoke { id, expired: true } => {
+                if !state.lease_alive(*id, ts.physical_ms) {
+                    for key in state.lease_keys(*id) {
+                        if let Some(e) = inner.buckets[bucket_of(&key)].map.get(&key[..]).copied() {
+                            if !e.tombstone {
+                                inner.set(&key, e.ts, true);
+                            }
+                        }
+                    }
+                }
+                Some(op.clone())
+            }
             Op::Noop
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
@@ -582,5 +596,28 @@ mod tests {
             (v.expiry, v.to_op()),
             (Expiry::At(90), with("x", Expiry::At(90)))
         );
+    }
+
+    #[test]
+    fn a_lease_brought_along_by_a_mode_switch_expires_as_keys_do() {
+        let (s, l) = (State::new(), Lww::new());
+        // As a rebase leaves it: the lease and its key in the state.
+        s.apply(1, ts(0, 1), &Op::LeaseGrant { ttl_ms: 100 }, false);
+        let key = Bytes::from_static(b"k");
+        let put = Op::Put {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            expiry: Expiry::Lease(1),
+        };
+        l.apply(&s, 2, ts(10, 1), &put, false);
+        let revoke = Op::LeaseRevoke {
+            id: 1,
+            expired: true,
+        };
+        l.apply(&s, 3, ts(100, 1), &revoke, false);
+        assert_eq!(s.get_raw(b"k"), None);
+        assert_eq!(s.lease_count(), 0);
+        let e = l.entry(b"k").unwrap();
+        assert_eq!((e.ts, e.tombstone), (ts(10, 1), true));
     }
 }

@@ -336,6 +336,11 @@ enum Cmd {
     /// The expirer's wake-up when no write comes (every 100 ms): log what
     /// is due, if this node decides expiries.
     ExpiryTick,
+    /// See [`Engine::pause_expiries`].
+    PauseExpiries {
+        paused: bool,
+        reply: oneshot::Sender<()>,
+    },
     /// Masterless: forget tombstones older than the global stable time.
     Purge {
         before: Timestamp,
@@ -695,6 +700,15 @@ impl Engine {
     /// never misses a tombstone that the WAL after it still needs.
     pub async fn purge_tombstones(&self, before: Timestamp) -> Result<u64, Error> {
         self.ask(|reply| Cmd::Purge { before, reply }).await
+    }
+
+    /// Stops (or restarts) the expirer: while writes are paused for a mode
+    /// switch, this node logs no `Expire` or expired `LeaseRevoke` either,
+    /// so that its last index stays where the switch read it. Returns once
+    /// the WAL writer took it: every expiry logged before is durable, none
+    /// follows until it is resumed.
+    pub async fn pause_expiries(&self, paused: bool) -> Result<(), Error> {
+        self.ask(|reply| Cmd::PauseExpiries { paused, reply }).await
     }
 
     /// Masterless: advances the clock to the wall clock when idle.
@@ -1092,8 +1106,9 @@ fn start_threads(
         covered: 0,
         in_flight: writer::InFlight::default(),
         led: None,
+        expiries_paused: false,
     };
-    let ticker = shared.clone();
+    let (ticker, ticker_state, ticker_wall) = (shared.clone(), state.clone(), cfg.wall.clone());
     let snapshotter = Snapshotter {
         fs: fs.clone(),
         dir: snap_dir,
@@ -1111,7 +1126,10 @@ fn start_threads(
     Ok(vec![
         spawn("wal", Box::new(move || writer.run(rx)))?,
         spawn("snapshot", Box::new(move || snapshotter.run(snap_rx)))?,
-        spawn("expiry", Box::new(move || expiry_ticks(ticks, &ticker)))?,
+        spawn(
+            "expiry",
+            Box::new(move || expiry_ticks(ticks, &ticker, &ticker_state, &ticker_wall)),
+        )?,
     ])
 }
 
@@ -1122,10 +1140,11 @@ const EXPIRY_TICK: Duration = Duration::from_millis(100);
 const EXPIRY_BACKLOG_TICK: Duration = Duration::from_millis(5);
 
 /// Wakes the WAL writer every [`EXPIRY_TICK`] (or [`EXPIRY_BACKLOG_TICK`])
-/// until the engine shuts down. It holds the channel only weakly (so
+/// while a deadline has passed, until the engine shuts down (a state with
+/// no deadline due never wakes it). It holds the channel only weakly (so
 /// shutdown still closes it), and never waits for room in it: a busy
 /// writer forms batches anyway, and each batch carries the expiries due.
-fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared) {
+fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared, state: &State, wall: &WallClock) {
     loop {
         let backlog = shared.expiry_backlog.load(Ordering::Relaxed);
         std::thread::sleep(if backlog {
@@ -1136,6 +1155,10 @@ fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared) {
         let Some(tx) = ticks.upgrade() else {
             return;
         };
+        if state.next_deadline().is_none_or(|d| d > wall.now_ms()) {
+            shared.expiry_backlog.store(false, Ordering::Relaxed);
+            continue;
+        }
         if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Cmd::ExpiryTick) {
             return;
         }

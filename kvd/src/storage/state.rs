@@ -382,6 +382,12 @@ impl State {
         Some((info, more))
     }
 
+    /// The keys attached to lease `id`, in byte order, alive or not.
+    pub fn lease_keys(&self, id: u64) -> Vec<Bytes> {
+        let inner = self.inner.read();
+        inner.ttl.keys_of(id).map(Bytes::copy_from_slice).collect()
+    }
+
     /// Lease `id`'s row, alive or not (a pending view lays pending lease
     /// records over it).
     pub fn lease_row(&self, id: u64) -> Option<Lease> {
@@ -432,6 +438,12 @@ impl State {
             })
             .collect();
         (keys, inner.ttl.due_lease(now, skip_leases))
+    }
+
+    /// The earliest deadline of a key or a lease (the expirer sleeps until
+    /// then).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.inner.read().ttl.next_deadline()
     }
 
     /// The lease table as a snapshot's lease section holds it: the one

@@ -94,6 +94,8 @@ pub(super) struct Writer {
     /// Replicated mode: the epoch in which this node logged its own entries
     /// as primary, and the first of them (its epoch's no-op).
     pub led: Option<(u64, u64)>,
+    /// Writes are paused for a mode switch: no expiries either.
+    pub expiries_paused: bool,
 }
 
 /// The keys named by `Expire` records and the leases by expired
@@ -233,6 +235,10 @@ impl Writer {
             }
             Cmd::Tick => self.tick(),
             Cmd::ExpiryTick => self.expire_idle(buf),
+            Cmd::PauseExpiries { paused, reply } => {
+                self.expiries_paused = paused;
+                let _ = reply.send(());
+            }
             Cmd::Purge { before, reply } => {
                 let n = if self.shared.snapshot_running.load(Ordering::Acquire) {
                     0
@@ -462,6 +468,9 @@ impl Writer {
     /// primary of the current epoch once its epoch's first entry is applied
     /// (it then holds everything committed before it).
     fn decides_expiries(&self) -> bool {
+        if self.expiries_paused {
+            return false;
+        }
         match self.policy() {
             CommitPolicy::Local | CommitPolicy::Merge => true,
             CommitPolicy::Replicated => self.led.is_some_and(|(epoch, first)| {

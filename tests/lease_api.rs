@@ -301,7 +301,6 @@ async fn metric(h: &reqwest::Client, kvd: &Kvd, name: &str) -> f64 {
 }
 
 #[tokio::test]
-#[ignore = "needs the engine's expiry and leases (the store work): run once it is merged"]
 async fn a_key_with_a_ttl_shows_its_time_left_and_goes_at_its_deadline() {
     let tmp = TempDir::new().unwrap();
     let kvd = start(&tmp, &[]);
@@ -362,7 +361,6 @@ async fn a_key_with_a_ttl_shows_its_time_left_and_goes_at_its_deadline() {
 }
 
 #[tokio::test]
-#[ignore = "needs the engine's expiry and leases (the store work): run once it is merged"]
 async fn a_lease_is_granted_attached_kept_alive_shown_and_revoked_with_its_keys() {
     let tmp = TempDir::new().unwrap();
     let kvd = start(&tmp, &[]);

@@ -525,7 +525,7 @@ fn snapshot_seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     let plain = State::new();
     for r in sample_records() {
-        plain.apply(r.index, &r.op, false);
+        plain.apply(r.index, r.ts, &r.op, false);
     }
     vec![
         ("empty", written(&State::new(), None)),

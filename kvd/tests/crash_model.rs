@@ -283,3 +283,148 @@ fn truncating_a_suffix_survives_a_crash_at_every_step() {
         assert_eq!(wal.next_index(), seen.len() as u64 + 1);
     }
 }
+
+/// What a writer of deadlines and leases expects a key to hold.
+type TtlModel = std::collections::BTreeMap<Bytes, (Bytes, Expiry)>;
+
+/// The state's rules over the model: `Keep` keeps what the key had; a
+/// revoke takes the lease's keys along. Deadlines lie a day ahead, so none
+/// passes during the run.
+fn apply_ttl_model(m: &mut TtlModel, op: &Op) {
+    let mut put = |k: &Bytes, v: &Bytes, x: Expiry| {
+        let x = match x {
+            Expiry::Keep => m.get(k).map_or(Expiry::Never, |(_, had)| *had),
+            x => x,
+        };
+        m.insert(k.clone(), (v.clone(), x));
+    };
+    match op {
+        Op::Put { key, value, expiry } => put(key, value, *expiry),
+        // The last item of each key; every Keep against the key before.
+        Op::Bulk { items } => {
+            let before = m.clone();
+            for (k, v, x) in items {
+                let x = match x {
+                    Expiry::Keep => before.get(k).map_or(Expiry::Never, |(_, had)| *had),
+                    x => *x,
+                };
+                m.insert(k.clone(), (v.clone(), x));
+            }
+        }
+        Op::Delete { key } => {
+            m.remove(key);
+        }
+        Op::LeaseRevoke { id, .. } => m.retain(|_, (_, x)| *x != Expiry::Lease(*id)),
+        _ => {}
+    }
+}
+
+/// Keeps writing puts with deadlines, `keep_ttl` and leases, bulks,
+/// deletes, grants and revokes under `prefix` until the disk dies.
+fn ttl_writer(engine: &Engine, seed: u64, prefix: &str) -> (TtlModel, Option<Op>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut acked, mut lease) = (TtlModel::new(), None::<u64>);
+    let far = engine.wall_ms() + 24 * 3600 * 1000;
+    for seq in 0..MAX_WRITES_PER_WRITER {
+        let k = |rng: &mut StdRng| Bytes::from(format!("{prefix}k{}", rng.gen_range(0..8)));
+        let v = Bytes::from(format!("{prefix}{seq}"));
+        let x = |rng: &mut StdRng| match rng.gen_range(0..5) {
+            0 => Expiry::Never,
+            1 | 2 => Expiry::At(far + seq),
+            3 => Expiry::Keep,
+            _ => lease.map_or(Expiry::Never, Expiry::Lease),
+        };
+        let op = match (rng.gen_range(0..10), lease) {
+            (0, _) | (_, None) => Op::LeaseGrant {
+                ttl_ms: kvd::model::MAX_TTL_MS,
+            },
+            (1, Some(id)) => Op::LeaseRevoke { id, expired: false },
+            (2, _) => Op::Delete { key: k(&mut rng) },
+            (3, _) => Op::Bulk {
+                items: (0..3)
+                    .map(|_| (k(&mut rng), v.clone(), x(&mut rng)))
+                    .collect(),
+            },
+            _ => Op::Put {
+                key: k(&mut rng),
+                value: v.clone(),
+                expiry: x(&mut rng),
+            },
+        };
+        match engine.write_blocking(op.clone(), true) {
+            Ok(r) => {
+                apply_ttl_model(&mut acked, &op);
+                match op {
+                    Op::LeaseGrant { .. } => lease = Some(r.index),
+                    Op::LeaseRevoke { .. } => lease = None,
+                    _ => {}
+                }
+            }
+            Err(_) => return (acked, Some(op)),
+        }
+    }
+    (acked, None)
+}
+
+/// Deadlines and leases survive a crash exactly: every acknowledged key
+/// comes back with the value and the deadline or lease it was given, its
+/// lease alive, through fuzzy snapshots (of a frozen lease table) and
+/// replay; the write in flight is there whole or not at all.
+#[test]
+fn deadlines_and_leases_survive_300_crash_points() {
+    let mut tally = TailTally::default();
+    for seed in 30_000..30_300u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let fs = SimFs::default();
+        fs.crash_after(rng.gen_range(0..600));
+        let results: Vec<(String, TtlModel, Option<Op>)> =
+            match Engine::open(Arc::new(fs.clone()), config(), None) {
+                Err(_) => Vec::new(),
+                Ok((engine, _)) => {
+                    let engine = Arc::new(engine);
+                    let handles: Vec<_> = (0..2)
+                        .map(|w| {
+                            let engine = engine.clone();
+                            std::thread::spawn(move || {
+                                let prefix = format!("w{w}-");
+                                let (acked, in_flight) = ttl_writer(&engine, seed * 7 + w, &prefix);
+                                (prefix, acked, in_flight)
+                            })
+                        })
+                        .collect();
+                    let out = handles.into_iter().map(|h| h.join().unwrap()).collect();
+                    engine.shutdown();
+                    out
+                }
+            };
+        assert!(fs.crashed(), "seed {seed}: no crash");
+        let (rebooted, tails) = fs.reboot(&mut rng);
+        tally.add(&tails);
+        let (engine, _) = Engine::open(Arc::new(rebooted), config(), None)
+            .unwrap_or_else(|e| panic!("seed {seed}: recovery failed: {e}"));
+        for (prefix, acked, in_flight) in results {
+            let got: TtlModel = (0..8)
+                .filter_map(|i| {
+                    let k = Bytes::from(format!("{prefix}k{i}"));
+                    let item = engine.get_item(&k)?;
+                    Some((k, (item.value?, item.expiry)))
+                })
+                .collect();
+            let mut with_in_flight = acked.clone();
+            if let Some(op) = &in_flight {
+                apply_ttl_model(&mut with_in_flight, op);
+            }
+            assert!(
+                got == acked || got == with_in_flight,
+                "seed {seed}: writer {prefix}\nrecovered: {got:?}\nacknowledged: {acked:?}\n\
+                 in flight: {in_flight:?}"
+            );
+            for (_, x) in got.values() {
+                if let Expiry::Lease(id) = x {
+                    assert!(engine.lease(*id, 1).is_some(), "seed {seed}: lease {id}");
+                }
+            }
+        }
+    }
+    tally.assert_each_at_least(10);
+}

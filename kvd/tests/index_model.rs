@@ -374,7 +374,7 @@ proptest! {
 
 /// Applies `op` as the state's next record.
 fn apply(state: &State, op: &Op) {
-    state.apply(state.applied_index() + 1, op, false);
+    state.apply(state.applied_index() + 1, Default::default(), op, false);
 }
 
 /// A larger corpus, where long posting lists see many deletes and moves.

@@ -144,7 +144,9 @@ impl Node {
     }
 
     fn contents(&self) -> Vec<Option<Bytes>> {
-        (0..KEYS.len()).map(|k| self.state.get(&key(k))).collect()
+        (0..KEYS.len())
+            .map(|k| self.state.get(&key(k), 0))
+            .collect()
     }
 
     /// Every version this node holds, as anti-entropy ships them (from
@@ -209,5 +211,126 @@ proptest! {
         prop_assert_eq!(x.lww.digest(), a.lww.digest());
         prop_assert_eq!(y.lww.digest(), a.lww.digest());
         prop_assert_eq!(x.state.digest(), a.state.digest());
+    }
+}
+
+fn expiry_strategy() -> impl Strategy<Value = Expiry> {
+    prop_oneof![Just(Expiry::Never), (0u64..12).prop_map(Expiry::At)]
+}
+
+/// Puts with deadlines around the stamps (0..8 ms), and deletes.
+fn ttl_op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..KEYS.len(), any::<u8>(), expiry_strategy()).prop_map(|(k, v, expiry)| Op::Put {
+            key: key(k),
+            value: Bytes::from(vec![v]),
+            expiry,
+        }),
+        (0..KEYS.len()).prop_map(|k| Op::Delete { key: key(k) }),
+        prop::collection::vec((0..KEYS.len(), any::<u8>(), expiry_strategy()), 1..4).prop_map(
+            |items| Op::Bulk {
+                items: items
+                    .into_iter()
+                    .map(|(k, v, x)| (key(k), Bytes::from(vec![v]), x))
+                    .collect(),
+            }
+        ),
+    ]
+}
+
+fn ttl_writes_strategy() -> impl Strategy<Value = Vec<(Timestamp, Op)>> {
+    prop::collection::vec(((0u64..8, 0u32..3, 1u32..4), ttl_op_strategy()), 1..24).prop_map(|ws| {
+        let mut seen = std::collections::HashSet::new();
+        ws.into_iter()
+            .filter(|((p, l, n), _)| seen.insert((*p, *l, *n)))
+            .map(|((physical_ms, logical, node), op)| {
+                let ts = Timestamp {
+                    physical_ms,
+                    logical,
+                    node,
+                };
+                (ts, op)
+            })
+            .collect()
+    })
+}
+
+impl Node {
+    /// This node's own expiry at `now` (docs/DESIGN.md §5.7): one `Expire`
+    /// of every key due, as its writer logs it.
+    fn expire(&self, now: u64, node: u32) {
+        let none = Default::default();
+        let (keys, _) = self.state.due(now, 1000, &none, &Default::default());
+        if keys.is_empty() {
+            return;
+        }
+        let ts = Timestamp {
+            physical_ms: now,
+            logical: 0,
+            node,
+        };
+        let index = self.state.applied_index() + 1;
+        self.lww
+            .apply(&self.state, index, ts, &Op::Expire { keys }, false);
+    }
+
+    /// Each key's winner: its stamp and whether it is a tombstone.
+    fn winners(&self) -> Vec<Option<(Timestamp, bool)>> {
+        (0..KEYS.len())
+            .map(|k| self.lww.entry(&key(k)).map(|e| (e.ts, e.tombstone)))
+            .collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3_000, .. ProptestConfig::default() })]
+
+    /// Masterless expiry: nodes that take the same writes in different
+    /// orders and expire keys by their own clocks at different moments
+    /// (each with its own `Expire`, never streamed) end with the same
+    /// winners, tombstones included, once their clocks pass every
+    /// deadline and anti-entropy has run both ways: a tombstone carries
+    /// the expired version's stamp, so it ties with the version and loses
+    /// to every later write, as the version would.
+    #[test]
+    fn nodes_expiring_by_their_own_clocks_converge(
+        writes in ttl_writes_strategy(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nodes = [Node::new(), Node::new()];
+        for (n, node) in nodes.iter().enumerate() {
+            let mut now = 0;
+            for w in shuffled_with_duplicates(&writes, &mut rng) {
+                node.apply_all([&w]);
+                if rng.gen_bool(0.3) {
+                    now += rng.gen_range(0..4);
+                    node.expire(now, 10 + n as u32);
+                }
+            }
+        }
+        for (n, node) in nodes.iter().enumerate() {
+            node.expire(100, 10 + n as u32);
+        }
+        let versions: Vec<_> = nodes.iter().map(Node::versions).collect();
+        nodes[0].apply_all(&versions[1]);
+        nodes[1].apply_all(&versions[0]);
+        for (n, node) in nodes.iter().enumerate() {
+            node.expire(100, 10 + n as u32);
+        }
+        prop_assert_eq!(nodes[0].winners(), nodes[1].winners());
+        prop_assert_eq!(nodes[0].lww.digest(), nodes[1].lww.digest());
+        let read = |node: &Node| -> Vec<Option<Bytes>> {
+            (0..KEYS.len()).map(|k| node.state.get(&key(k), 100)).collect()
+        };
+        prop_assert_eq!(read(&nodes[0]), read(&nodes[1]));
+        // What is left is what the model's winner leaves by then.
+        let want: Vec<Option<Bytes>> = {
+            let m = model(&writes);
+            (0..KEYS.len()).map(|k| m.get(&key(k)).cloned().flatten()).collect()
+        };
+        for (k, got) in read(&nodes[0]).into_iter().enumerate() {
+            prop_assert!(got.is_none() || got == want[k], "key {}", k);
+        }
     }
 }

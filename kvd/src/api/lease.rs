@@ -92,9 +92,8 @@ pub async fn keepalive(
     let id = path_id(path)?;
     st.check_primary(&uri)?;
     let w = st.write(Op::LeaseKeepAlive { id }, true).await?;
-    // A keep-alive leaves the TTL as granted; a revoke right after this
-    // one leaves nothing to say it of, and the lease is gone: 404.
-    let (lease, _) = live(&st.engine, id, 0)?;
+    // The apply outcome carries the lease as the keep-alive left it.
+    let lease = w.outcome.lease.ok_or_else(|| not_found(id))?;
     Ok(Json(json!({"id": id, "ttl_ms": lease.ttl_ms, "index": w.index})).into_response())
 }
 
@@ -109,17 +108,11 @@ pub async fn revoke(
     st.refuse_lease_if_masterless()?;
     let id = path_id(path)?;
     st.check_primary(&uri)?;
-    // The apply outcome does not carry the count of the keys a revoke
-    // deleted yet: until it does, it is the lease's keys read just before
-    // the revoke is logged (a write to the lease in between is not in it).
-    let deleted = st
-        .engine
-        .lease(id, usize::MAX)
-        .map_or(0, |(l, _)| l.keys.len());
     let w = st
         .write(Op::LeaseRevoke { id, expired: false }, true)
         .await?;
-    Ok(Json(json!({"id": id, "deleted": deleted, "index": w.index})).into_response())
+    // The apply outcome counts the keys the revoke deleted.
+    Ok(Json(json!({"id": id, "deleted": w.outcome.removed, "index": w.index})).into_response())
 }
 
 /// `GET /v1/leases/{id}`: `{"id", "ttl_ms", "remaining_ms", "keys",

@@ -647,6 +647,7 @@ mod tests {
                         },
                     ],
                 }),
+                ..ApplyOutcome::default()
             },
             stamp: None,
         };

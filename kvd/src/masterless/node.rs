@@ -314,9 +314,11 @@ impl MlNode {
             };
             let upto = records.last().map_or(from - 1, |r| r.index);
             let complete = upto >= last;
+            // Expiries are each node's own (docs/DESIGN.md §5.7): never
+            // streamed (a peer would ignore them anyway).
             let own: Vec<Record> = records
                 .into_iter()
-                .filter(|r| r.ts.node == self.tag)
+                .filter(|r| r.ts.node == self.tag && streams(&r.op))
                 .collect();
             let body = encode_stream(from, upto, hlc, complete, gap, &self.settings.node_id, &own);
             let reply =
@@ -709,6 +711,18 @@ pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
     })
 }
 
+/// Whether a record of this node's own goes to its peers: its writes, not
+/// its expiries (nor leases, which masterless mode does not take).
+fn streams(op: &Op) -> bool {
+    !matches!(
+        op,
+        Op::Expire { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseKeepAlive { .. }
+            | Op::LeaseRevoke { .. }
+    )
+}
+
 /// Decodes contiguous WAL frames of writes (no no-ops) from `off` to the
 /// end of `buf`.
 pub fn decode_frames(buf: &[u8], off: usize) -> Result<Vec<Record>, String> {
@@ -723,6 +737,20 @@ mod tests {
     use super::*;
     use crate::model::Expiry;
     use bytes::Bytes;
+
+    #[test]
+    fn expiries_and_leases_are_never_streamed() {
+        let key = Bytes::from_static(b"k");
+        assert!(!streams(&Op::Expire {
+            keys: vec![(key.clone(), 1)]
+        }));
+        assert!(!streams(&Op::LeaseGrant { ttl_ms: 5 }));
+        assert!(!streams(&Op::LeaseRevoke {
+            id: 1,
+            expired: true
+        }));
+        assert!(streams(&Op::Delete { key }));
+    }
 
     #[test]
     fn stream_body_round_trips() {

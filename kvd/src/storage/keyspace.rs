@@ -18,15 +18,16 @@
 //! share of the leaf's spare capacity, which growth keeps near 1/8.
 //!
 //! An entry is `[key_len u16][key][value][create_index, mod_index, version
-//! as LEB128 varints][meta_len u8]`. Its first three parts are the layout
-//! of the first release's entries, so the content digest (a hash of exactly
-//! those bytes) is what it was.
+//! as LEB128 varints][expiry kind, value as varints, only if it has one]
+//! [meta_len u8]`. Its first three parts are the layout of the first
+//! release's entries, so the content digest (a hash of exactly those bytes)
+//! is what it was; a key without a deadline or lease pays nothing for them.
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::ops::Bound;
 
-use crate::model::{KeyMeta, KeyRange};
+use crate::model::{Expiry, KeyMeta, KeyRange};
 
 /// Most entries in one leaf.
 pub const MAX_LEAF_ENTRIES: usize = 64;
@@ -73,6 +74,23 @@ impl<'a> EntryRef<'a> {
         }
     }
 
+    /// The key's deadline or lease ([`Expiry::Never`] when it has none;
+    /// never [`Expiry::Keep`]).
+    pub fn expiry(self) -> Expiry {
+        let mut r = &self.0[self.meta_start()..self.0.len() - 1];
+        for _ in 0..3 {
+            varint(&mut r);
+        }
+        if r.is_empty() {
+            return Expiry::Never;
+        }
+        match (varint(&mut r), varint(&mut r)) {
+            (EXPIRY_AT, d) => Expiry::At(d),
+            (EXPIRY_LEASE, id) => Expiry::Lease(id),
+            _ => Expiry::Never,
+        }
+    }
+
     /// `[key_len u16][key][value]`: what the digest hashes.
     fn content(self) -> &'a [u8] {
         &self.0[..self.meta_start()]
@@ -111,6 +129,10 @@ pub enum Upsert {
     Skipped,
 }
 
+/// The kinds of an entry's optional expiry.
+const EXPIRY_AT: u64 = 1;
+const EXPIRY_LEASE: u64 = 2;
+
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n & 0x7f) as u8 | 0x80);
@@ -134,8 +156,8 @@ fn varint(r: &mut &[u8]) -> u64 {
     n
 }
 
-/// Appends the entry of `(key, value, meta)` to `out`.
-fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], meta: KeyMeta) {
+/// Appends the entry of `(key, value, meta, expiry)` to `out`.
+fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], meta: KeyMeta, expiry: Expiry) {
     let klen = u16::try_from(key.len()).expect("keys are at most 1024 bytes (validated)");
     out.extend_from_slice(&klen.to_le_bytes());
     out.extend_from_slice(key);
@@ -144,13 +166,24 @@ fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], meta: KeyMeta) {
     put_varint(out, meta.create_index);
     put_varint(out, meta.mod_index);
     put_varint(out, meta.version);
-    let meta_len = u8::try_from(out.len() - at).expect("three varints take at most 30 bytes");
+    match expiry {
+        Expiry::At(d) => {
+            put_varint(out, EXPIRY_AT);
+            put_varint(out, d);
+        }
+        Expiry::Lease(id) => {
+            put_varint(out, EXPIRY_LEASE);
+            put_varint(out, id);
+        }
+        Expiry::Never | Expiry::Keep => {}
+    }
+    let meta_len = u8::try_from(out.len() - at).expect("five varints take at most 50 bytes");
     out.push(meta_len);
 }
 
-fn entry_bytes(key: &[u8], value: &[u8], meta: KeyMeta) -> Vec<u8> {
+fn entry_bytes(key: &[u8], value: &[u8], meta: KeyMeta, expiry: Expiry) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + value.len() + 16);
-    encode_entry(&mut out, key, value, meta);
+    encode_entry(&mut out, key, value, meta, expiry);
     out
 }
 
@@ -302,7 +335,8 @@ impl Leaf {
     }
 
     /// Rebuilds the leaf from what `f` makes of each entry: `None` drops
-    /// it, `Some(meta)` keeps it with that meta. Returns how many it dropped.
+    /// it, `Some(meta)` keeps it with that meta (and its expiry). Returns
+    /// how many it dropped.
     fn rebuild(&mut self, mut f: impl FnMut(EntryRef<'_>) -> Option<KeyMeta>) -> usize {
         let mut buf = Vec::with_capacity(self.buf.len() + self.buf.len() / 8);
         let mut ends = Vec::with_capacity(self.len());
@@ -312,7 +346,7 @@ impl Leaf {
                 if meta == e.meta() {
                     buf.extend_from_slice(e.0);
                 } else {
-                    encode_entry(&mut buf, e.key(), e.value(), meta);
+                    encode_entry(&mut buf, e.key(), e.value(), meta, e.expiry());
                 }
                 ends.push(offset(buf.len()));
             }
@@ -384,22 +418,22 @@ impl KeySpace {
         leaf.find(key).ok().map(|i| leaf.entry(i))
     }
 
-    /// Sets `key` to `value` with the meta `rule` gives from the key's
-    /// current entry (`None`: absent), or leaves the key alone if `rule`
-    /// says `None`. One descent of the index either way.
+    /// Sets `key` to `value` with the meta and expiry `rule` gives from the
+    /// key's current entry (`None`: absent), or leaves the key alone if
+    /// `rule` says `None`. One descent of the index either way.
     pub fn upsert(
         &mut self,
         key: &[u8],
         value: &[u8],
-        rule: impl FnOnce(Option<EntryRef<'_>>) -> Option<KeyMeta>,
+        rule: impl FnOnce(Option<EntryRef<'_>>) -> Option<(KeyMeta, Expiry)>,
     ) -> Upsert {
         let (_, leaf) = self.leaf_for_mut(key);
         let found = leaf.find(key);
         let current = found.ok().map(|i| leaf.entry(i));
-        let Some(meta) = rule(current) else {
+        let Some((meta, expiry)) = rule(current) else {
             return Upsert::Skipped;
         };
-        let bytes = entry_bytes(key, value, meta);
+        let bytes = entry_bytes(key, value, meta, expiry);
         let new = EntryRef(&bytes).summary();
         let (outcome, parts) = match found {
             Ok(i) => {
@@ -607,13 +641,22 @@ mod tests {
     }
 
     fn put(s: &mut KeySpace, k: &[u8], v: &[u8], m: KeyMeta) -> Upsert {
-        s.upsert(k, v, |_| Some(m))
+        s.upsert(k, v, |_| Some((m, expiry_of(&m))))
     }
 
-    fn contents(s: &KeySpace) -> Vec<(Vec<u8>, Vec<u8>, KeyMeta)> {
+    /// Some keys carry a deadline or a lease, as the state gives them.
+    fn expiry_of(m: &KeyMeta) -> Expiry {
+        match m.create_index % 3 {
+            0 => Expiry::Never,
+            1 => Expiry::At(m.mod_index + (1 << 40)),
+            _ => Expiry::Lease(m.create_index),
+        }
+    }
+
+    fn contents(s: &KeySpace) -> Vec<(Vec<u8>, Vec<u8>, KeyMeta, Expiry)> {
         let mut out = Vec::new();
         s.scan(Bound::Unbounded, |e| {
-            out.push((e.key().to_vec(), e.value().to_vec(), e.meta()));
+            out.push((e.key().to_vec(), e.value().to_vec(), e.meta(), e.expiry()));
             true
         });
         out
@@ -626,12 +669,19 @@ mod tests {
             mod_index: u64::MAX,
             version: 0,
         };
-        let bytes = entry_bytes(b"key", b"\x00value\xff", m);
+        let bytes = entry_bytes(b"key", b"\x00value\xff", m, Expiry::Never);
         let e = EntryRef(&bytes);
         assert_eq!(
-            (e.key(), e.value(), e.meta()),
-            (&b"key"[..], &b"\x00value\xff"[..], m)
+            (e.key(), e.value(), e.meta(), e.expiry()),
+            (&b"key"[..], &b"\x00value\xff"[..], m, Expiry::Never)
         );
+        for expiry in [Expiry::At(u64::MAX), Expiry::Lease(7)] {
+            let with = entry_bytes(b"key", b"\x00value\xff", m, expiry);
+            let w = EntryRef(&with);
+            assert_eq!((w.key(), w.value(), w.meta()), (e.key(), e.value(), m));
+            assert_eq!(w.expiry(), expiry);
+            assert_eq!(w.summary(), e.summary(), "the digest ignores the expiry");
+        }
         // The first release hashed `[key_len u16][key][value]` as a slice.
         let mut old = vec![3, 0];
         old.extend_from_slice(b"key\x00value\xff");
@@ -698,14 +748,14 @@ mod tests {
         }
     }
 
-    type M = Model<Vec<u8>, (Vec<u8>, KeyMeta)>;
+    type M = Model<Vec<u8>, (Vec<u8>, KeyMeta, Expiry)>;
 
     fn run(s: &mut KeySpace, m: &mut M, step: Step) {
         match step {
             Step::Put(k, n, x) => {
                 let v = vec![(x % 251) as u8; n];
                 let got = put(s, &key(k), &v, meta(x % 5000));
-                let was = m.insert(key(k), (v, meta(x % 5000)));
+                let was = m.insert(key(k), (v, meta(x % 5000), expiry_of(&meta(x % 5000))));
                 assert_eq!(matches!(got, Upsert::Replaced { .. }), was.is_some());
             }
             Step::Remove(k) => {
@@ -719,7 +769,7 @@ mod tests {
                 let gone = |meta: &KeyMeta| (meta.version % 2 == 1) == odd;
                 let n = s.remove_range_if(&r, |e| gone(&e.meta()));
                 let before = m.len();
-                m.retain(|k, (_, meta)| !(r.contains(k) && gone(meta)));
+                m.retain(|k, (_, meta, _)| !(r.contains(k) && gone(meta)));
                 assert_eq!(n, before - m.len());
             }
             Step::Scan(a, inclusive) => {
@@ -755,7 +805,7 @@ mod tests {
                     version: x.version,
                 };
                 s.map_meta(f);
-                m.values_mut().for_each(|(_, meta)| *meta = f(*meta));
+                m.values_mut().for_each(|(_, meta, _)| *meta = f(*meta));
             }
         }
     }
@@ -773,7 +823,7 @@ mod tests {
                 s.check();
                 prop_assert_eq!(s.len(), m.len());
             }
-            let want: Vec<_> = m.into_iter().map(|(k, (v, meta))| (k, v, meta)).collect();
+            let want: Vec<_> = m.into_iter().map(|(k, (v, meta, x))| (k, v, meta, x)).collect();
             prop_assert_eq!(contents(&s), want);
         }
     }

@@ -28,6 +28,7 @@ use std::hash::{BuildHasher, Hasher};
 use bytes::Bytes;
 use parking_lot::RwLock;
 
+use super::expiry::expire_applies;
 use super::state::{ApplyOutcome, State};
 use crate::model::{Expiry, KeyMeta, KeyRange, Op, Timestamp, TxnOp};
 
@@ -50,6 +51,9 @@ pub struct Versioned {
     pub value: Option<Bytes>,
     /// This node's versions of the key (zero for a tombstone).
     pub meta: KeyMeta,
+    /// The deadline it was written with (docs/DESIGN.md §5.7): it travels
+    /// with the version.
+    pub expiry: Expiry,
 }
 
 impl Versioned {
@@ -59,7 +63,7 @@ impl Versioned {
             Some(v) => Op::Put {
                 key: self.key.clone(),
                 value: v.clone(),
-                expiry: Expiry::Never,
+                expiry: self.expiry,
             },
             None => Op::Delete {
                 key: self.key.clone(),
@@ -154,7 +158,7 @@ impl Inner {
             match op {
                 TxnOp::DeletePrefix { prefix } => flat.extend(
                     state
-                        .keys_in(&KeyRange::prefix(prefix))
+                        .keys_in(&KeyRange::prefix(prefix), ts.physical_ms)
                         .into_iter()
                         .map(|key| TxnOp::Delete { key }),
                 ),
@@ -227,8 +231,10 @@ impl Lww {
                     .collect();
                 (!items.is_empty()).then_some(Op::Bulk { items })
             }
-            Op::Noop => None,
-            Op::Expire { .. }
+            // Expiries are each node's own (docs/DESIGN.md §5.7) and
+            // leases are not taken in masterless mode: a peer's are ignored.
+            Op::Noop
+            | Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,
@@ -248,6 +254,11 @@ impl Lww {
         reads: bool,
     ) -> ApplyOutcome {
         let mut inner = self.inner.write();
+        if state.refuses(op, ts.physical_ms) {
+            // A lease is named (never taken in masterless mode): the state
+            // changes nothing, and neither may the stamps.
+            return state.apply(index, ts, op, reads);
+        }
         let winners = match op {
             Op::Put { key, .. } | Op::Delete { key } => {
                 let wins = inner.wins(key, ts);
@@ -274,31 +285,69 @@ impl Lww {
             Op::Txn { ops } => Some(Op::Txn {
                 ops: inner.txn_winners(state, ts, ops),
             }),
+            // This node's own expiry: each key that goes becomes a
+            // tombstone with its version's own stamp, so a write stamped
+            // after the version still wins, and a peer's copy of the
+            // version (an equal stamp) changes nothing.
+            Op::Expire { keys } => {
+                for (key, named) in keys {
+                    let Some(e) = inner.buckets[bucket_of(key)].map.get(&key[..]).copied() else {
+                        continue;
+                    };
+                    let goes = !e.tombstone
+                        && state.get_raw(key).is_some_and(|i| {
+                            expire_applies(i.meta, i.expiry, *named, (index, ts.physical_ms))
+                        });
+                    if goes {
+                        inner.set(key, e.ts, true);
+                    }
+                }
+                Some(op.clone())
+            }
+            // The expiry of a lease a mode switch brought along (masterless
+            // mode takes no lease writes): its keys go as an Expire's do.
+            Op::LeaseRevoke { id, expired: true } => {
+                if !state.lease_alive(*id, ts.physical_ms) {
+                    for key in state.lease_keys(*id) {
+                        if let Some(e) = inner.buckets[bucket_of(&key)].map.get(&key[..]).copied() {
+                            if !e.tombstone {
+                                inner.set(&key, e.ts, true);
+                            }
+                        }
+                    }
+                }
+                Some(op.clone())
+            }
             Op::Noop
-            | Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,
         };
         match winners {
-            Some(op) => state.apply(index, &op, reads),
+            Some(op) => state.apply(index, ts, &op, reads),
             None => {
-                state.skip_to(index);
+                state.skip_record(index, ts);
                 ApplyOutcome::default()
             }
         }
     }
 
-    /// Snapshot load: `key` stamped `ts`, live with `value` and `meta` or a
-    /// tombstone, if it is newer than what the key holds.
-    pub fn load(&self, state: &State, key: &[u8], ts: Timestamp, live: Option<(&[u8], KeyMeta)>) {
+    /// Snapshot load: `key` stamped `ts`, live with `value`, `meta` and
+    /// `expiry` or a tombstone, if it is newer than what the key holds.
+    pub fn load(
+        &self,
+        state: &State,
+        key: &[u8],
+        ts: Timestamp,
+        live: Option<(&[u8], KeyMeta, Expiry)>,
+    ) {
         let mut inner = self.inner.write();
         if !inner.wins(key, ts) {
             return;
         }
         inner.set(key, ts, live.is_none());
         match live {
-            Some((value, meta)) => state.load(key, value, meta),
+            Some((value, meta, expiry)) => state.load_expiring(key, value, meta, expiry),
             None => state.unload(key),
         }
     }
@@ -334,19 +383,19 @@ impl Lww {
             for (k, e) in &bucket.map {
                 // The writer changes state and timestamps together under the
                 // write lock, so a live key is always in `state`.
-                let (value, meta) = match e.tombstone {
-                    true => (None, KeyMeta::default()),
-                    false => state
-                        .get_versioned(k)
-                        .map_or((Some(Bytes::new()), KeyMeta::default()), |(v, m)| {
-                            (Some(v), m)
-                        }),
+                let (value, meta, expiry) = match e.tombstone {
+                    true => (None, KeyMeta::default(), Expiry::Never),
+                    false => state.get_raw(k).map_or(
+                        (Some(Bytes::new()), KeyMeta::default(), Expiry::Never),
+                        |i| (i.value, i.meta, i.expiry),
+                    ),
                 };
                 out.push(Versioned {
                     key: Bytes::copy_from_slice(k),
                     ts: e.ts,
                     value,
                     meta,
+                    expiry,
                 });
             }
         }
@@ -444,7 +493,7 @@ mod tests {
         l.apply(&s, 1, ts(5, 1), &put("a", "new"), false);
         l.apply(&s, 2, ts(6, 2), &del("a"), false);
         l.apply(&s, 3, ts(4, 3), &put("a", "old"), false);
-        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"a", 0), None);
         assert_eq!(
             s.applied_index(),
             3,
@@ -502,11 +551,73 @@ mod tests {
             .apply(&s, 3, ts(7, 2), &Op::Txn { ops }, true)
             .txn
             .unwrap();
-        assert_eq!(s.get(b"k"), None);
+        assert_eq!(s.get(b"k", 0), None);
         assert_eq!(l.entry(b"k").map(|e| e.tombstone), Some(true));
-        assert_eq!(s.get(b"p/old"), None, "older than the prefix delete");
-        assert_eq!(s.get(b"p/newer").as_deref(), Some(&b"y"[..]), "newer: kept");
-        assert_eq!(s.get(b"j").as_deref(), Some(&b"2"[..]));
+        assert_eq!(s.get(b"p/old", 0), None, "older than the prefix delete");
+        assert_eq!(
+            s.get(b"p/newer", 0).as_deref(),
+            Some(&b"y"[..]),
+            "newer: kept"
+        );
+        assert_eq!(s.get(b"j", 0).as_deref(), Some(&b"2"[..]));
         assert_eq!(r.results.len(), 5, "the prefix became one delete here");
+    }
+
+    #[test]
+    fn a_local_expiry_leaves_a_tombstone_with_the_versions_own_stamp() {
+        let (s, l) = (State::new(), Lww::new());
+        let k = Bytes::from_static(b"k");
+        let with = |v: &str, x| Op::Put {
+            key: k.clone(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            expiry: x,
+        };
+        l.apply(&s, 1, ts(10, 2), &with("v", Expiry::At(50)), false);
+        assert_eq!(s.get(b"k", 49).as_deref(), Some(&b"v"[..]));
+        assert_eq!(s.get(b"k", 50), None, "hidden from its deadline on");
+        let expire = Op::Expire {
+            keys: vec![(k.clone(), 1)],
+        };
+        assert_eq!(l.winning(ts(60, 1), &expire), None, "a peer's is ignored");
+        l.apply(&s, 2, ts(60, 1), &expire, false);
+        assert_eq!(s.get_raw(b"k"), None);
+        let e = l.entry(b"k").unwrap();
+        assert_eq!((e.ts, e.tombstone), (ts(10, 2), true));
+        assert_eq!(l.digest(), 0, "tombstones are not in the digest");
+        // The same version again (a peer's copy) ties and changes nothing.
+        assert_eq!(l.winning(ts(10, 2), &with("v", Expiry::At(50))), None);
+        // A write stamped after the version wins, as it would have.
+        l.apply(&s, 3, ts(20, 3), &with("w", Expiry::Never), false);
+        assert_eq!(s.get(b"k", u64::MAX).as_deref(), Some(&b"w"[..]));
+        // A version's deadline travels with it to anti-entropy.
+        l.apply(&s, 4, ts(30, 3), &with("x", Expiry::At(90)), false);
+        let v = l.bucket(&s, bucket_of(b"k")).pop().unwrap();
+        assert_eq!(
+            (v.expiry, v.to_op()),
+            (Expiry::At(90), with("x", Expiry::At(90)))
+        );
+    }
+
+    #[test]
+    fn a_lease_brought_along_by_a_mode_switch_expires_as_keys_do() {
+        let (s, l) = (State::new(), Lww::new());
+        // As a rebase leaves it: the lease and its key in the state.
+        s.apply(1, ts(0, 1), &Op::LeaseGrant { ttl_ms: 100 }, false);
+        let key = Bytes::from_static(b"k");
+        let put = Op::Put {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            expiry: Expiry::Lease(1),
+        };
+        l.apply(&s, 2, ts(10, 1), &put, false);
+        let revoke = Op::LeaseRevoke {
+            id: 1,
+            expired: true,
+        };
+        l.apply(&s, 3, ts(100, 1), &revoke, false);
+        assert_eq!(s.get_raw(b"k"), None);
+        assert_eq!(s.lease_count(), 0);
+        let e = l.entry(b"k").unwrap();
+        assert_eq!((e.ts, e.tombstone), (ts(10, 1), true));
     }
 }

@@ -33,6 +33,7 @@
 //! One [`Health`] flag says whether the engine takes writes: the WAL sets
 //! it where a failure happens, everyone else reads it.
 
+pub mod expiry;
 pub mod fs;
 mod health;
 pub mod keyspace;
@@ -316,7 +317,7 @@ enum Cmd {
         reply: oneshot::Sender<Result<Vec<Record>, Error>>,
     },
     InstallSnapshot {
-        snapshot: IncomingSnapshot,
+        snapshot: Box<IncomingSnapshot>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Masterless: a peer's writes (or anti-entropy repairs), merged.
@@ -332,6 +333,14 @@ enum Cmd {
     /// Masterless: move the clock to the wall clock's time, so an idle
     /// node's durable clock (and the global stable time) still advances.
     Tick,
+    /// The expirer's wake-up when no write comes (every 100 ms): log what
+    /// is due, if this node decides expiries.
+    ExpiryTick,
+    /// See [`Engine::pause_expiries`].
+    PauseExpiries {
+        paused: bool,
+        reply: oneshot::Sender<()>,
+    },
     /// Masterless: forget tombstones older than the global stable time.
     Purge {
         before: Timestamp,
@@ -416,6 +425,9 @@ struct Shared {
     /// The storage state; the WAL sets it where a failure happens.
     health: Arc<Health>,
     snapshot_running: AtomicBool,
+    /// The expirer's last round found work (there may be more): the idle
+    /// wake-ups come quickly until one finds none.
+    expiry_backlog: AtomicBool,
     /// The [`CommitPolicy`] (as `u8`): set by the WAL thread, and changed
     /// only by a mode switch.
     policy: AtomicU8,
@@ -502,7 +514,8 @@ impl Engine {
         };
         let shared = Arc::new(Shared::recovered(&cfg, &log.wal, view, cache, snap, lww));
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let threads = start_threads(&fs, &cfg, metrics, &state, &shared, log, rx)?;
+        let ticks = tx.downgrade();
+        let threads = start_threads(&fs, &cfg, metrics, &state, &shared, log, (rx, ticks))?;
         Ok((
             Engine {
                 fs,
@@ -659,6 +672,7 @@ impl Engine {
     /// (unless this node has already committed past it). Returns the last
     /// index this node then holds.
     pub async fn install_snapshot(&self, snapshot: IncomingSnapshot) -> Result<u64, Error> {
+        let snapshot = Box::new(snapshot);
         self.ask(|reply| Cmd::InstallSnapshot { snapshot, reply })
             .await?
     }
@@ -689,6 +703,15 @@ impl Engine {
     /// never misses a tombstone that the WAL after it still needs.
     pub async fn purge_tombstones(&self, before: Timestamp) -> Result<u64, Error> {
         self.ask(|reply| Cmd::Purge { before, reply }).await
+    }
+
+    /// Stops (or restarts) the expirer: while writes are paused for a mode
+    /// switch, this node logs no `Expire` or expired `LeaseRevoke` either,
+    /// so that its last index stays where the switch read it. Returns once
+    /// the WAL writer took it: every expiry logged before is durable, none
+    /// follows until it is resumed.
+    pub async fn pause_expiries(&self, paused: bool) -> Result<(), Error> {
+        self.ask(|reply| Cmd::PauseExpiries { paused, reply }).await
     }
 
     /// Masterless: advances the clock to the wall clock when idle.
@@ -793,33 +816,29 @@ impl Engine {
         &self.shared.durable_changed
     }
 
+    /// A key's value, unless it is absent or past its deadline by this
+    /// node's clock (docs/DESIGN.md §2.15).
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.state.get(key)
+        self.state.get(key, self.wall_ms())
     }
 
-    /// A key's value with its versions.
+    /// A key's value with its versions (as [`Engine::get`]).
     pub fn get_versioned(&self, key: &[u8]) -> Option<(Bytes, KeyMeta)> {
-        self.state.get_versioned(key)
+        self.state.get_versioned(key, self.wall_ms())
     }
 
     /// A key as a read returns it (value, versions and expiry), or `None`
     /// when it is absent or past its deadline by this node's clock
-    /// (docs/DESIGN.md §2.15). (Skeleton: expiry is not kept yet.)
+    /// (docs/DESIGN.md §2.15).
     pub fn get_item(&self, key: &[u8]) -> Option<Item> {
-        self.state.get_versioned(key).map(|(value, meta)| Item {
-            key: Bytes::copy_from_slice(key),
-            value: Some(value),
-            meta,
-            expiry: crate::model::Expiry::Never,
-        })
+        self.state.get_item(key, self.wall_ms())
     }
 
     /// A live lease with its keys (at most `max_keys` of them, and whether
     /// there are more), or `None` once it is revoked or past its deadline
-    /// by this node's clock. (Skeleton: no leases are kept yet.)
+    /// by this node's clock.
     pub fn lease(&self, id: u64, max_keys: usize) -> Option<(LeaseInfo, bool)> {
-        let _ = (id, max_keys);
-        None
+        self.state.lease(id, max_keys, self.wall_ms())
     }
 
     /// This node's wall clock in Unix ms (with the test offset of
@@ -834,12 +853,13 @@ impl Engine {
     /// `more` when the range holds keys after them, `index` the applied
     /// index of the cut. In masterless mode tombstones are not keys.
     pub fn range(&self, read: &RangeRead) -> Page {
-        self.state.range(read)
+        self.state.range(read, self.wall_ms())
     }
 
-    /// How many keys `range` holds, and the applied index of that count.
+    /// How many keys `range` holds (readable by this node's clock), and the
+    /// applied index of that count.
     pub fn count(&self, range: &KeyRange) -> (u64, u64) {
-        self.state.count(range)
+        self.state.count(range, self.wall_ms())
     }
 
     /// Logs a transaction as one record: the compares are evaluated by
@@ -898,10 +918,9 @@ impl Engine {
             storage_detail: s.health.detail(),
             data_set_bytes: self.state.data_bytes(),
             max_data_bytes: self.max_data_bytes,
-            // Skeleton: kept by the state once expiry is implemented.
-            keys_with_ttl: 0,
-            expired_keys: 0,
-            leases: 0,
+            keys_with_ttl: self.state.keys_with_ttl(),
+            expired_keys: self.state.expired_keys(),
+            leases: self.state.lease_count(),
         }
     }
 
@@ -983,7 +1002,7 @@ fn replay_wal(
             log.push(rec.index, rec.epoch);
             match cfg.policy {
                 CommitPolicy::Local => {
-                    state.apply(rec.index, &rec.op, false);
+                    state.apply(rec.index, rec.ts, &rec.op, false);
                 }
                 CommitPolicy::Merge => {
                     cache.push(rec.clone());
@@ -1043,6 +1062,7 @@ impl Shared {
             wal_segments: AtomicU64::new(wal.segment_count() as u64),
             health: wal.health(),
             snapshot_running: AtomicBool::new(false),
+            expiry_backlog: AtomicBool::new(false),
             policy: AtomicU8::new(cfg.policy as u8),
             durable_hlc: parking_lot::Mutex::new(lww.max_ts()),
             lww,
@@ -1060,7 +1080,7 @@ fn start_threads(
     state: &Arc<State>,
     shared: &Arc<Shared>,
     recovered: RecoveredLog,
-    rx: mpsc::Receiver<Cmd>,
+    (rx, ticks): (mpsc::Receiver<Cmd>, mpsc::WeakSender<Cmd>),
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     let snap_dir = cfg.data_dir.join("snap");
     let (snap_tx, snap_rx) = std_mpsc::sync_channel::<snapshot::SnapshotMeta>(1);
@@ -1087,7 +1107,11 @@ fn start_threads(
         snap_tx,
         compact_rx,
         covered: 0,
+        in_flight: writer::InFlight::default(),
+        led: None,
+        expiries_paused: false,
     };
+    let (ticker, ticker_state, ticker_wall) = (shared.clone(), state.clone(), cfg.wall.clone());
     let snapshotter = Snapshotter {
         fs: fs.clone(),
         dir: snap_dir,
@@ -1105,7 +1129,43 @@ fn start_threads(
     Ok(vec![
         spawn("wal", Box::new(move || writer.run(rx)))?,
         spawn("snapshot", Box::new(move || snapshotter.run(snap_rx)))?,
+        spawn(
+            "expiry",
+            Box::new(move || expiry_ticks(ticks, &ticker, &ticker_state, &ticker_wall)),
+        )?,
     ])
+}
+
+/// How often an idle writer looks for keys and leases past their deadline.
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// ... and while its last look found some (a backlog of expiries, a
+/// record of at most 1000 keys and one lease each time).
+const EXPIRY_BACKLOG_TICK: Duration = Duration::from_millis(5);
+
+/// Wakes the WAL writer every [`EXPIRY_TICK`] (or [`EXPIRY_BACKLOG_TICK`])
+/// while a deadline has passed, until the engine shuts down (a state with
+/// no deadline due never wakes it). It holds the channel only weakly (so
+/// shutdown still closes it), and never waits for room in it: a busy
+/// writer forms batches anyway, and each batch carries the expiries due.
+fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared, state: &State, wall: &WallClock) {
+    loop {
+        let backlog = shared.expiry_backlog.load(Ordering::Relaxed);
+        std::thread::sleep(if backlog {
+            EXPIRY_BACKLOG_TICK
+        } else {
+            EXPIRY_TICK
+        });
+        let Some(tx) = ticks.upgrade() else {
+            return;
+        };
+        if state.next_deadline().is_none_or(|d| d > wall.now_ms()) {
+            shared.expiry_backlog.store(false, Ordering::Relaxed);
+            continue;
+        }
+        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Cmd::ExpiryTick) {
+            return;
+        }
+    }
 }
 
 /// Path of the WAL directory under a data dir.

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::pending_view::PendingView;
 use super::state::{self, State};
 use super::{Error, Write, WriteReq, WriteResult};
-use crate::model::{Op, OpResult, Timestamp, Txn, TxnOp, TxnResult};
+use crate::model::{Expiry, Op, OpResult, Timestamp, Txn, TxnOp, TxnResult, MAX_TTL_MS};
 
 /// A durable entry waiting for its commit (replicated mode).
 pub(super) struct PendingEntry {
@@ -69,9 +69,11 @@ impl TxnAnswer {
     }
 }
 
-/// A write request resolved to the op it logs.
+/// A write request resolved to the op it logs, with the stamp it was
+/// resolved at (the record's).
 pub(super) struct Resolved {
     pub op: Op,
+    pub ts: Timestamp,
     pub apply: bool,
     pub reply: oneshot::Sender<Result<WriteResult, Error>>,
     pub txn: Option<TxnAnswer>,
@@ -80,41 +82,63 @@ pub(super) struct Resolved {
 /// One batch's resolution, over the writer's state (see the module docs).
 pub(super) struct Resolver<'a> {
     pub state: &'a State,
-    /// Built here from `pending` when the batch holds a transaction and
-    /// there is none; kept up to date with every request taken.
+    /// Built here from `pending` when the batch holds a transaction (or, in
+    /// masterless mode, a `keep_ttl` write) and there is none; kept up to
+    /// date with every request taken.
     pub view: &'a mut Option<PendingView>,
     pub pending: &'a VecDeque<PendingEntry>,
-    /// Masterless mode: prefix deletes are logged as deletes.
+    /// Masterless mode: prefix deletes are logged as deletes, and
+    /// `keep_ttl` as the expiry the key has.
     pub merges: bool,
     pub max_bulk_items: usize,
     pub max_data_bytes: Option<u64>,
+    /// `--max-leases`: a grant past this many leases is refused.
+    pub max_leases: u64,
     /// The index the batch's first record will get.
     pub first_index: u64,
+    /// The stamp of each request of the batch, in order (issued before
+    /// resolving, so that "expired at a record" is decided with the stamp
+    /// the record gets; a refused request's stamp is just not used).
+    pub stamps: &'a [Timestamp],
+}
+
+/// Whether `op` has a put that keeps its key's expiry.
+fn keeps(op: &Op) -> bool {
+    match op {
+        Op::Put { expiry, .. } => *expiry == Expiry::Keep,
+        Op::Bulk { items } => items.iter().any(|(_, _, x)| *x == Expiry::Keep),
+        _ => false,
+    }
 }
 
 impl Resolver<'_> {
     /// Turns the batch's requests into the ops they log, in order, and
     /// answers those refused ([`Error::MemoryFull`]; a masterless prefix
-    /// delete too large for one record). Shrinking writes free nothing for
-    /// the rest of the batch (they are not applied yet), which keeps the
-    /// memory check on the safe side. On a primary, writes logged but not
-    /// yet committed are not in the state yet: concurrent writes can
-    /// overshoot the budget by what is in flight.
+    /// delete too large for one record; a lease grant past
+    /// `--max-leases`). Shrinking writes free nothing for the rest of the
+    /// batch (they are not applied yet), which keeps the memory check on
+    /// the safe side. On a primary, writes logged but not yet committed are
+    /// not in the state yet: concurrent writes can overshoot the budget by
+    /// what is in flight.
     pub fn resolve(self, batch: &mut Vec<WriteReq>) -> Vec<Resolved> {
-        let has_txn = batch.iter().any(|r| matches!(r.write, Write::Txn(_)));
-        if has_txn && self.view.is_none() {
+        let needs_view = batch.iter().any(|r| match &r.write {
+            Write::Txn(_) => true,
+            Write::Op(op) => self.merges && keeps(op),
+        });
+        if needs_view && self.view.is_none() {
             let pending = self.pending.iter().filter(|p| p.apply);
             *self.view = Some(PendingView::of(
                 self.state,
-                pending.map(|p| (p.index, &p.op)),
+                pending.map(|p| (p.index, p.ts, &p.op)),
             ));
         }
         let mut used = self.state.data_bytes();
+        let mut leases = self.leases_counted();
         let mut out = Vec::with_capacity(batch.len());
-        for req in batch.drain(..) {
+        for (req, ts) in batch.drain(..).zip(self.stamps.iter().copied()) {
             let (op, txn) = match req.write {
-                Write::Op(op) => (op, None),
-                Write::Txn(t) => match self.txn(t) {
+                Write::Op(op) => (self.keep_resolved(op, ts.physical_ms), None),
+                Write::Txn(t) => match self.txn(t, ts.physical_ms) {
                     Ok((op, answer)) => (op, Some(answer)),
                     Err(e) => {
                         let _ = req.reply.send(Err(e));
@@ -122,6 +146,20 @@ impl Resolver<'_> {
                     }
                 },
             };
+            if let Op::LeaseGrant { ttl_ms } = op {
+                // The WAL could not be read back with one (the API refuses
+                // it first).
+                if !(1..=MAX_TTL_MS).contains(&ttl_ms) {
+                    let why = format!("lease TTL {ttl_ms} ms is not 1..={MAX_TTL_MS}");
+                    let _ = req.reply.send(Err(Error::InvalidEntry(why)));
+                    continue;
+                }
+                if leases >= self.max_leases {
+                    let _ = req.reply.send(Err(Error::TooManyLeases { live: leases }));
+                    continue;
+                }
+                leases += 1;
+            }
             if let Some(limit) = self.max_data_bytes {
                 match state::admit(used, self.state.growth_bytes(&op), limit) {
                     Ok(now) => used = now,
@@ -133,10 +171,11 @@ impl Resolver<'_> {
             }
             // A `debug_flaky` write never reaches the state.
             if let Some(view) = self.view.as_mut().filter(|_| req.apply) {
-                view.push(self.state, self.first_index + out.len() as u64, &op);
+                view.push(self.state, self.first_index + out.len() as u64, ts, &op);
             }
             out.push(Resolved {
                 op,
+                ts,
                 apply: req.apply,
                 reply: req.reply,
                 txn,
@@ -145,16 +184,60 @@ impl Resolver<'_> {
         out
     }
 
+    /// The leases a grant is counted against: those of the state and those
+    /// granted by entries not applied yet. Decided here rather than when
+    /// applied, so that every replica (whatever its own `--max-leases`)
+    /// applies the same grants.
+    fn leases_counted(&self) -> u64 {
+        let pending = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p.op, Op::LeaseGrant { .. }))
+            .count() as u64;
+        self.state.lease_count() + pending
+    }
+
+    /// Masterless mode: a `keep_ttl` put is logged with the expiry its key
+    /// has here (the view's, at the record's stamp), so that every node
+    /// merges the same deadline.
+    fn keep_resolved(&self, op: Op, at_ms: u64) -> Op {
+        let Some(view) = self.view.as_ref().filter(|_| self.merges && keeps(&op)) else {
+            return op;
+        };
+        let kept = |key: &[u8], x: Expiry| {
+            state::resolve_keep(x, view.held(self.state, key, at_ms).map(|(_, _, x)| x))
+        };
+        match op {
+            Op::Put { key, value, expiry } => {
+                let expiry = kept(&key, expiry);
+                Op::Put { key, value, expiry }
+            }
+            // Each item against the view before the bulk: the state applies
+            // the last item of each key, as one write.
+            Op::Bulk { items } => Op::Bulk {
+                items: items
+                    .into_iter()
+                    .map(|(k, v, x)| {
+                        let x = kept(&k, x);
+                        (k, v, x)
+                    })
+                    .collect(),
+            },
+            other => other,
+        }
+    }
+
     /// The record a transaction logs: the branch its compares choose in
-    /// the pending view. Masterless mode (where the API takes no compares)
-    /// resolves each prefix delete into deletes of the keys this node
-    /// holds, so that other nodes merge it key by key.
-    fn txn(&self, txn: Txn) -> Result<(Op, TxnAnswer), Error> {
+    /// the pending view, at the stamp its record gets. Masterless mode
+    /// (where the API takes no compares) resolves each prefix delete into
+    /// deletes of the keys this node holds, so that other nodes merge it
+    /// key by key, and each `keep_ttl` put into the expiry its key has.
+    fn txn(&self, txn: Txn, at_ms: u64) -> Result<(Op, TxnAnswer), Error> {
         let view = self
             .view
             .as_ref()
             .expect("the view is built for a batch holding a transaction");
-        let (succeeded, ops) = txn.into_branch(|k| view.get(self.state, k));
+        let (succeeded, ops) = txn.into_branch(|k| view.get(self.state, k, at_ms));
         let mut answer = TxnAnswer {
             succeeded,
             expanded: None,
@@ -162,35 +245,53 @@ impl Resolver<'_> {
         let prefixes = ops
             .iter()
             .any(|op| matches!(op, TxnOp::DeletePrefix { .. }));
-        if !self.merges || !prefixes {
+        let keeps = ops.iter().any(|op| {
+            matches!(
+                op,
+                TxnOp::Put {
+                    expiry: Expiry::Keep,
+                    ..
+                }
+            )
+        });
+        if !self.merges || !(prefixes || keeps) {
             return Ok((Op::Txn { ops }, answer));
         }
         let (mut flat, mut expanded) = (Vec::with_capacity(ops.len()), Vec::new());
-        // What the branch's earlier ops did to a key: present or not.
-        let mut own: BTreeMap<Bytes, bool> = BTreeMap::new();
+        // What the branch's earlier ops did to a key: present (with its
+        // expiry) or not.
+        let mut own: BTreeMap<Bytes, Option<Expiry>> = BTreeMap::new();
         for op in ops {
             match op {
                 TxnOp::DeletePrefix { prefix } => {
-                    let mut keys = view.keys_under(self.state, &prefix);
-                    keys.retain(|k| own.get(k) != Some(&false));
+                    let mut keys = view.keys_under(self.state, &prefix, at_ms);
+                    keys.retain(|k| !matches!(own.get(k), Some(None)));
                     let put_here = own
                         .iter()
-                        .filter(|(k, there)| **there && k.starts_with(&prefix));
+                        .filter(|(k, there)| there.is_some() && k.starts_with(&prefix));
                     keys.extend(put_here.map(|(k, _)| k.clone()));
                     keys.sort();
                     keys.dedup();
                     expanded.push(Some(keys.len()));
                     for key in keys {
-                        own.insert(key.clone(), false);
+                        own.insert(key.clone(), None);
                         flat.push(TxnOp::Delete { key });
                     }
                 }
-                op => {
-                    match &op {
-                        TxnOp::Put { key, .. } => own.insert(key.clone(), true),
-                        TxnOp::Delete { key } => own.insert(key.clone(), false),
-                        _ => None,
+                TxnOp::Put { key, value, expiry } => {
+                    let had = match own.get(&key) {
+                        Some(x) => *x,
+                        None => view.held(self.state, &key, at_ms).map(|(_, _, x)| x),
                     };
+                    let expiry = state::resolve_keep(expiry, had);
+                    own.insert(key.clone(), Some(expiry));
+                    expanded.push(None);
+                    flat.push(TxnOp::Put { key, value, expiry });
+                }
+                op => {
+                    if let TxnOp::Delete { key } = &op {
+                        own.insert(key.clone(), None);
+                    }
                     expanded.push(None);
                     flat.push(op);
                 }
@@ -263,6 +364,8 @@ mod tests {
         pending: VecDeque<PendingEntry>,
         merges: bool,
         max_data_bytes: Option<u64>,
+        /// The stamp (ms) every request of the batch gets.
+        at_ms: u64,
     }
 
     impl Setup {
@@ -272,6 +375,7 @@ mod tests {
             state.skip_to(4);
             state.apply(
                 5,
+                Timestamp::default(),
                 &Op::Put {
                     key: b("k"),
                     value: b("v"),
@@ -285,12 +389,18 @@ mod tests {
                 pending: VecDeque::new(),
                 merges: false,
                 max_data_bytes: None,
+                at_ms: 0,
             }
         }
 
         fn resolve(&mut self, writes: Vec<Write>) -> (Vec<Resolved>, Vec<Answer>) {
             let first_index = self.pending.back().map_or(6, |p| p.index + 1);
             let (mut batch, answers): (Vec<_>, Vec<_>) = writes.into_iter().map(request).unzip();
+            let ts = Timestamp {
+                physical_ms: self.at_ms,
+                ..Timestamp::default()
+            };
+            let stamps = vec![ts; batch.len()];
             let out = Resolver {
                 state: &self.state,
                 view: &mut self.view,
@@ -298,7 +408,9 @@ mod tests {
                 merges: self.merges,
                 max_bulk_items: 3,
                 max_data_bytes: self.max_data_bytes,
+                max_leases: 2,
                 first_index,
+                stamps: &stamps,
             }
             .resolve(&mut batch);
             (out, answers)
@@ -361,7 +473,7 @@ mod tests {
             [Some(false), Some(true)]
         );
         let view = s.view.as_ref().unwrap();
-        let (meta, value) = view.get(&s.state, b"k").unwrap();
+        let (meta, value) = view.get(&s.state, b"k", 0).unwrap();
         assert_eq!(
             (meta.mod_index, meta.version, &value[..]),
             (8, 3, &b"y"[..])
@@ -403,6 +515,7 @@ mod tests {
         s.merges = true;
         s.state.apply(
             6,
+            Timestamp::default(),
             &Op::Put {
                 key: b("p/1"),
                 value: b(""),
@@ -455,6 +568,7 @@ mod tests {
         for i in 3..6 {
             s.state.apply(
                 i + 4,
+                Timestamp::default(),
                 &Op::Put {
                     key: b(&format!("p/{i}")),
                     value: b(""),
@@ -468,6 +582,104 @@ mod tests {
         assert!(matches!(
             answers[0].try_recv(),
             Ok(Err(Error::InvalidEntry(_)))
+        ));
+    }
+
+    /// If `key` does not exist, put `value`.
+    fn create(key: &str, value: &str) -> Txn {
+        Txn {
+            compare: vec![Compare {
+                key: b(key),
+                target: Target::Exists(false),
+                cmp: Cmp::Eq,
+            }],
+            success: vec![put(key, value)],
+            failure: vec![],
+        }
+    }
+
+    #[test]
+    fn a_compare_finds_a_key_expired_at_its_records_stamp_absent() {
+        let mut s = Setup::new();
+        s.state.apply(
+            6,
+            Timestamp::default(),
+            &Op::Put {
+                key: b("t"),
+                value: b("v"),
+                expiry: Expiry::At(100),
+            },
+            false,
+        );
+        s.at_ms = 99;
+        let (out, _) = s.resolve(vec![Write::Txn(create("t", "new"))]);
+        assert_eq!(succeeded(&out[0]), Some(false), "alive at 99");
+        s.view = None;
+        s.at_ms = 100;
+        let (out, _) = s.resolve(vec![Write::Txn(create("t", "new"))]);
+        assert_eq!(succeeded(&out[0]), Some(true), "expired at 100");
+        assert_eq!(out[0].ts.physical_ms, 100, "resolved at the stamp it logs");
+    }
+
+    #[test]
+    fn masterless_keep_ttl_is_logged_as_the_expiry_the_key_has() {
+        let mut s = Setup::new();
+        s.merges = true;
+        s.state.apply(
+            6,
+            Timestamp::default(),
+            &Op::Put {
+                key: b("t"),
+                value: b("v"),
+                expiry: Expiry::At(500),
+            },
+            false,
+        );
+        let keep = |k: &str| Op::Put {
+            key: b(k),
+            value: b("w"),
+            expiry: Expiry::Keep,
+        };
+        let (out, _) = s.resolve(vec![Write::Op(keep("t")), Write::Op(keep("k"))]);
+        let expiries: Vec<Expiry> = out
+            .iter()
+            .map(|r| match &r.op {
+                Op::Put { expiry, .. } => *expiry,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(expiries, [Expiry::At(500), Expiry::Never]);
+        // Outside masterless mode it is resolved when applied.
+        s.merges = false;
+        s.view = None;
+        let (out, _) = s.resolve(vec![Write::Op(keep("t"))]);
+        assert!(matches!(
+            &out[0].op,
+            Op::Put {
+                expiry: Expiry::Keep,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_grant_past_max_leases_counts_the_pending_ones_and_the_batch() {
+        let mut s = Setup::new();
+        s.pending.push_back(PendingEntry {
+            index: 6,
+            ts: Timestamp::default(),
+            op: Op::LeaseGrant { ttl_ms: 10 },
+            apply: true,
+            reply: None,
+            txn: None,
+        });
+        let grant = || Write::Op(Op::LeaseGrant { ttl_ms: 10 });
+        let (out, mut answers) = s.resolve(vec![grant(), grant()]);
+        assert_eq!(out.len(), 1, "--max-leases 2 here");
+        assert!(answers[0].try_recv().is_err(), "the first is taken");
+        assert!(matches!(
+            answers[1].try_recv(),
+            Ok(Err(Error::TooManyLeases { live: 2 }))
         ));
     }
 }

@@ -1,20 +1,28 @@
 //! Snapshots: the key space as of some log index, so the WAL before it can go.
 //!
-//! # File format (version 3; docs/DESIGN.md §3.4), integers little-endian
+//! # File format (version 4; docs/DESIGN.md §3.4), integers little-endian
 //!
 //! `snap/{last_index:020}.snap`:
 //!
 //! ```text
-//! header  magic b"KVSTSNAP" | version u32 = 3 | reserved u32 = 0
+//! header  magic b"KVSTSNAP" | version u32 = 4 | reserved u32 = 0
 //!         | last_index u64 | last_epoch u64                      (32 bytes)
 //! entries key_len u32 | key | value_len u32 | value
-//!         | create_index u64 | mod_index u64 | version u64      (version 3)
-//!         | ts_ms u64 | logical u32 | node u32 | flags u8       (versions 2, 3)
+//!         | create_index u64 | mod_index u64 | version u64      (versions 3, 4)
+//!         | expiry kind u8 | u64                                (version 4)
+//!         | ts_ms u64 | logical u32 | node u32 | flags u8       (versions 2 to 4)
+//! leases  b"SNAPLEAS" | count u64 | count x (id, ttl_ms, deadline_ms u64)
+//!                                                               (version 4)
 //! trailer b"SNAPEND\0" | entry_count u64 | crc u32                (20 bytes)
 //! crc = CRC32C of every byte before it; flags bit 0: a tombstone (empty value).
 //! ```
 //!
-//! kvd writes version 3 in every mode: in key order from the state outside
+//! The lease section is the table as it was at `last_index` (the writer
+//! freezes it when it asks for the snapshot), not fuzzy like the entries:
+//! lease records replayed after it then decide as they did the first time.
+//! An entry's lease need not be in it (granted after `last_index`).
+//!
+//! kvd writes version 4 in every mode: in key order from the state outside
 //! masterless mode (zero stamps, no tombstones), by anti-entropy bucket with
 //! stamps and tombstones in it. Versions 1 (no stamps) and 2 (masterless,
 //! no versions) are the first release's and still load: their keys get
@@ -35,12 +43,13 @@
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::expiry::LeaseRow;
 use super::fs::Fs;
 use super::lww::{Lww, BUCKETS};
 use super::record::{validate_key, Limits, Timestamp, MAX_PAYLOAD_BYTES};
 use super::state::State;
 use super::{Error, MAX_KEY_BYTES};
-use crate::model::KeyMeta;
+use crate::model::{Expiry, KeyMeta};
 
 const MAGIC: &[u8; 8] = b"KVSTSNAP";
 const END_MAGIC: &[u8; 8] = b"SNAPEND\0";
@@ -49,8 +58,11 @@ const VERSION_PLAIN: u32 = 1;
 /// The first release's masterless snapshots: entries carry their stamp and
 /// tombstone flag.
 const VERSION_LWW: u32 = 2;
-/// This release, in every mode: versions, stamps and tombstones.
-pub const VERSION: u32 = 3;
+/// The second release: versions, stamps and tombstones.
+const VERSION_VERSIONED: u32 = 3;
+/// This release, in every mode: expiries and the lease section too.
+pub const VERSION: u32 = 4;
+const LEASES_MAGIC: &[u8; 8] = b"SNAPLEAS";
 const HEADER_BYTES: usize = 32;
 
 /// The versions snapshot keys from before versions existed get.
@@ -165,21 +177,34 @@ pub fn load(
     let meta = l.header()?;
     state.skip_to(meta.last_index);
     let mut count = 0u64;
+    let mut leases_read = false;
     loop {
         let at = l.r.pos;
         let mut tag = [0u8; 4];
         l.r.exact(&mut tag).map_err(|e| l.short(at, e))?;
         if &tag == b"SNAP" {
             // Keys are at most MAX_KEY_BYTES long, so a key length can never
-            // spell "SNAP" (0x50414e53): this is the trailer.
-            l.trailer(at, count)?;
+            // spell "SNAP" (0x50414e53): the lease section or the trailer.
+            let mut rest = [0u8; 4];
+            l.r.exact(&mut rest).map_err(|e| l.short(at, e))?;
+            if &rest == b"LEAS" && l.version >= VERSION && !leases_read {
+                for row in l.leases(at)? {
+                    state.load_lease(row);
+                }
+                leases_read = true;
+                continue;
+            }
+            if l.version >= VERSION && !leases_read {
+                return Err(l.corrupt(at, "no lease section before the trailer".into()));
+            }
+            l.trailer(at, &rest, count)?;
             return Ok(meta);
         }
         let e = l.entry(at, u32::from_le_bytes(tag) as usize)?;
-        let live = (!e.tombstone).then_some((&l.value[..], e.meta));
+        let live = (!e.tombstone).then_some((&l.value[..], e.meta, e.expiry));
         match (lww, live) {
             (Some(lww), live) => lww.load(state, &l.key, e.ts, live),
-            (None, Some((value, meta))) => state.load(&l.key, value, meta),
+            (None, Some((value, meta, expiry))) => state.load_expiring(&l.key, value, meta, expiry),
             (None, None) => {}
         }
         count += 1;
@@ -189,6 +214,7 @@ pub fn load(
 /// What an entry holds besides its key and value.
 struct Loaded {
     meta: KeyMeta,
+    expiry: Expiry,
     ts: Timestamp,
     tombstone: bool,
 }
@@ -242,13 +268,28 @@ impl<R: Read> Loader<'_, R> {
         })
     }
 
-    /// The trailer at `at` ("SNAP" already read): the rest of its marker,
-    /// the entry count, the checksum of everything before it, and then the
-    /// end of the file.
-    fn trailer(&mut self, at: u64, count: u64) -> Result<(), Error> {
-        let mut rest = [0u8; 4];
-        self.r.exact(&mut rest).map_err(|e| self.short(at, e))?;
-        if &rest != b"END\0" {
+    /// The lease section at `at` (its marker already read): the count, then
+    /// the rows, each lease at most once.
+    fn leases(&mut self, at: u64) -> Result<Vec<LeaseRow>, Error> {
+        let n = self.r.u64().map_err(|e| self.short(at, e))?;
+        let mut rows = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..n {
+            let mut word = || self.r.u64().map_err(|e| self.short(at, e));
+            let row = (word()?, word()?, word()?);
+            if !ids.insert(row.0) {
+                return Err(self.corrupt(at, format!("lease {} appears twice", row.0)));
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    /// The trailer at `at` ("SNAP" and `rest` already read): the rest of
+    /// its marker, the entry count, the checksum of everything before it,
+    /// and then the end of the file.
+    fn trailer(&mut self, at: u64, rest: &[u8; 4], count: u64) -> Result<(), Error> {
+        if rest != b"END\0" {
             return Err(self.corrupt(at, "bad snapshot trailer marker".into()));
         }
         let n = self.r.u64().map_err(|e| self.short(at, e))?;
@@ -305,8 +346,12 @@ impl<R: Read> Loader<'_, R> {
         self.value = value;
         read.map_err(|e| self.short(at, e))?;
         let meta = match self.version {
-            VERSION => self.versions(at)?,
+            VERSION_VERSIONED.. => self.versions(at)?,
             _ => UNVERSIONED,
+        };
+        let expiry = match self.version {
+            VERSION.. => self.expiry(at)?,
+            _ => Expiry::Never,
         };
         let (ts, tombstone) = if self.version >= VERSION_LWW {
             self.stamp(at)?
@@ -318,12 +363,27 @@ impl<R: Read> Loader<'_, R> {
         }
         Ok(Loaded {
             meta,
+            expiry,
             ts,
             tombstone,
         })
     }
 
-    /// A version-3 entry's versions.
+    /// A version-4 entry's expiry: kind 0 (never, u64 = 0), 1 (a deadline)
+    /// or 2 (a lease).
+    fn expiry(&mut self, at: u64) -> Result<Expiry, Error> {
+        let mut kind = [0u8; 1];
+        self.r.exact(&mut kind).map_err(|e| self.short(at, e))?;
+        let n = self.r.u64().map_err(|e| self.short(at, e))?;
+        match (kind[0], n) {
+            (0, 0) => Ok(Expiry::Never),
+            (1, d) => Ok(Expiry::At(d)),
+            (2, id) => Ok(Expiry::Lease(id)),
+            (k, n) => Err(self.corrupt(at, format!("bad expiry (kind {k}, {n})"))),
+        }
+    }
+
+    /// A version-3 or -4 entry's versions.
     fn versions(&mut self, at: u64) -> Result<KeyMeta, Error> {
         let mut word = || self.r.u64().map_err(|e| self.short(at, e));
         Ok(KeyMeta {
@@ -333,7 +393,7 @@ impl<R: Read> Loader<'_, R> {
         })
     }
 
-    /// A version-2 or -3 entry's stamp and flags (bit 0: tombstone).
+    /// A version-2 to -4 entry's stamp and flags (bit 0: tombstone).
     fn stamp(&mut self, at: u64) -> Result<(Timestamp, bool), Error> {
         let physical_ms = self.r.u64().map_err(|e| self.short(at, e))?;
         let logical = self.r.u32().map_err(|e| self.short(at, e))?;
@@ -359,12 +419,12 @@ pub enum Versions {
     Rebased,
 }
 
-/// Appends one version-3 entry.
+/// Appends one version-4 entry.
 fn put_entry(
     buf: &mut Vec<u8>,
     key: &[u8],
     value: &[u8],
-    meta: KeyMeta,
+    (meta, expiry): (KeyMeta, Expiry),
     ts: Timestamp,
     tombstone: bool,
 ) {
@@ -373,14 +433,17 @@ fn put_entry(
     buf.extend_from_slice(key);
     buf.extend_from_slice(&len(value.len()).to_le_bytes());
     buf.extend_from_slice(value);
-    for n in [
-        meta.create_index,
-        meta.mod_index,
-        meta.version,
-        ts.physical_ms,
-    ] {
+    for n in [meta.create_index, meta.mod_index, meta.version] {
         buf.extend_from_slice(&n.to_le_bytes());
     }
+    let (kind, n) = match expiry {
+        Expiry::Never | Expiry::Keep => (0u8, 0u64),
+        Expiry::At(d) => (1, d),
+        Expiry::Lease(id) => (2, id),
+    };
+    buf.push(kind);
+    buf.extend_from_slice(&n.to_le_bytes());
+    buf.extend_from_slice(&ts.physical_ms.to_le_bytes());
     buf.extend_from_slice(&ts.logical.to_le_bytes());
     buf.extend_from_slice(&ts.node.to_le_bytes());
     buf.push(u8::from(tombstone));
@@ -428,9 +491,9 @@ fn write_entries(
             for v in lww.bucket(state, b) {
                 let value = v.value.as_deref().unwrap_or_default();
                 let meta = if v.value.is_some() {
-                    versions(v.meta)
+                    (versions(v.meta), v.expiry)
                 } else {
-                    KeyMeta::default()
+                    (KeyMeta::default(), Expiry::Never)
                 };
                 put_entry(&mut out.buf, &v.key, value, meta, v.ts, v.value.is_none());
                 out.count += 1;
@@ -441,8 +504,9 @@ fn write_entries(
     }
     let mut cursor = None;
     loop {
-        let next = state.chunk(cursor.as_deref(), 1 << 20, |k, v, m| {
-            put_entry(&mut out.buf, k, v, versions(m), Timestamp::default(), false);
+        let next = state.chunk(cursor.as_deref(), 1 << 20, |k, v, m, x| {
+            let meta = (versions(m), x);
+            put_entry(&mut out.buf, k, v, meta, Timestamp::default(), false);
             out.count += 1;
         });
         out.flush_if_full()?;
@@ -454,8 +518,9 @@ fn write_entries(
 }
 
 /// Writes a snapshot of `state` covering the log through `meta.last_index`
-/// and makes it durable (version 3; with `lww`, masterless mode, with
-/// stamps and tombstones). Returns its path and size in bytes.
+/// and makes it durable (version 4; with `lww`, masterless mode, with
+/// stamps and tombstones; the leases of [`State::lease_rows`]). Returns its
+/// path and size in bytes.
 pub fn write(
     fs: &dyn Fs,
     dir: &Path,
@@ -490,6 +555,15 @@ pub fn write(
         },
     };
     write_entries(&mut out, state, lww, versions).map_err(|e| io("writing", e))?;
+    let leases = state.lease_rows(meta.last_index);
+    out.buf.extend_from_slice(LEASES_MAGIC);
+    out.buf
+        .extend_from_slice(&(leases.len() as u64).to_le_bytes());
+    for (id, ttl_ms, deadline_ms) in leases {
+        for n in [id, ttl_ms, deadline_ms] {
+            out.buf.extend_from_slice(&n.to_le_bytes());
+        }
+    }
     out.buf.extend_from_slice(END_MAGIC);
     let count = out.count;
     out.buf.extend_from_slice(&count.to_le_bytes());
@@ -561,7 +635,10 @@ mod tests {
             load(&RealFs, &path, &s2, Some(&l2), Source::Own).unwrap(),
             META
         );
-        assert_eq!(s2.get_versioned(b"live"), state.get_versioned(b"live"));
+        assert_eq!(
+            s2.get_versioned(b"live", 0),
+            state.get_versioned(b"live", 0)
+        );
         assert_eq!(s2.applied_index(), 9);
         assert_eq!(
             l2.entry(b"live").map(|e| (e.ts, e.tombstone)),
@@ -574,7 +651,7 @@ mod tests {
         assert_eq!(l2.digests(), lww.digests());
         // An older put of the deleted key still loses after the reload.
         l2.apply(&s2, 10, ts(4), &put("gone", "old"), false);
-        assert_eq!(s2.get(b"gone"), None);
+        assert_eq!(s2.get(b"gone", 0), None);
 
         // Loaded without stamps (primary/secondary), tombstones are dropped.
         let s3 = State::new();
@@ -591,13 +668,13 @@ mod tests {
             .iter()
             .enumerate()
         {
-            state.apply(i as u64 + 1, op, false);
+            state.apply(i as u64 + 1, Timestamp::default(), op, false);
         }
         let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [b"a", b"b"] {
-            assert_eq!(s2.get_versioned(k), state.get_versioned(k));
+            assert_eq!(s2.get_versioned(k, 0), state.get_versioned(k, 0));
         }
         let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased).unwrap();
         let s3 = State::new();
@@ -608,7 +685,7 @@ mod tests {
             version: 1,
         };
         assert_eq!(
-            s3.get_versioned(b"a"),
+            s3.get_versioned(b"a", 0),
             Some((Bytes::from_static(b"3"), base))
         );
     }
@@ -646,10 +723,79 @@ mod tests {
             let s = State::new();
             assert_eq!(load(&RealFs, &path, &s, None, Source::Own).unwrap(), META);
             assert_eq!(
-                s.get_versioned(b"k"),
+                s.get_versioned(b"k", 0),
                 Some((Bytes::from_static(b"v"), UNVERSIONED))
             );
             assert_eq!(s.len(), 2);
         }
+    }
+
+    #[test]
+    fn expiries_and_the_frozen_lease_table_survive_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let with = |k: &'static str, x| Op::Put {
+            key: Bytes::from_static(k.as_bytes()),
+            value: Bytes::from_static(b"v"),
+            expiry: x,
+        };
+        state.apply(1, ts(1000), &Op::LeaseGrant { ttl_ms: 500 }, false);
+        state.apply(2, ts(1000), &with("l", Expiry::Lease(1)), false);
+        state.apply(3, ts(1000), &with("t", Expiry::At(9000)), false);
+        state.apply(4, ts(1000), &with("n", Expiry::Never), false);
+        state.freeze_leases(4);
+        // After the freeze: not in this snapshot's lease section.
+        state.apply(5, ts(1000), &Op::LeaseGrant { ttl_ms: 700 }, false);
+        let meta = SnapshotMeta {
+            last_index: 4,
+            last_epoch: 1,
+        };
+        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept).unwrap();
+        let s2 = State::new();
+        load(&RealFs, &path, &s2, None, Source::Own).unwrap();
+        for k in [&b"l"[..], b"t", b"n"] {
+            assert_eq!(s2.get_raw(k), state.get_raw(k));
+        }
+        assert_eq!(s2.keys_with_ttl(), 2);
+        assert_eq!(
+            s2.lease(1, 10, 1000).map(|(l, _)| (l.deadline_ms, l.keys)),
+            Some((1500, vec![Bytes::from_static(b"l")]))
+        );
+        assert_eq!(s2.lease_count(), 1, "the table as frozen at 4");
+    }
+
+    #[test]
+    fn a_version_4_snapshot_without_its_lease_section_or_with_a_bad_expiry_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let op = Op::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::new(),
+            expiry: Expiry::At(5),
+        };
+        state.apply(1, ts(1), &op, false);
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let rewrite = |bytes: &[u8]| {
+            // A valid checksum over the changed bytes: only the layout is wrong.
+            let body = &bytes[..bytes.len() - 4];
+            let mut out = body.to_vec();
+            out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            std::fs::write(&path, out).unwrap();
+            load(&RealFs, &path, &State::new(), None, Source::Own)
+        };
+        assert!(rewrite(&good).is_ok());
+        // The expiry kind of the one entry (after key, value and versions).
+        let kind_at = HEADER_BYTES + 4 + 1 + 4 + 24;
+        assert_eq!(good[kind_at], 1);
+        let mut bad = good.clone();
+        bad[kind_at] = 3;
+        assert!(matches!(rewrite(&bad), Err(Error::Corruption { .. })));
+        // Without the lease section (16 bytes: marker and a zero count).
+        let at = good.len() - 20 - 16;
+        assert_eq!(&good[at..at + 8], LEASES_MAGIC);
+        let mut cut = good[..at].to_vec();
+        cut.extend_from_slice(&good[at + 16..]);
+        assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
     }
 }

@@ -28,7 +28,7 @@
 //! can come between the check and the write. The reads of that record are
 //! computed when it is applied, on the node that answers it.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -42,14 +42,14 @@ use super::lww::Lww;
 use super::pending_view::PendingView;
 use super::record::{self, Record};
 use super::resolve::{PendingEntry, Resolved, Resolver, TxnAnswer};
-use super::state::{ApplyOutcome, State};
+use super::state::{ApplyOutcome, Refusal, State};
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
     ReplicateRequest, Shared, WriteReq, WriteResult,
 };
 use crate::masterless::hlc::{Hlc, WallClock};
 use crate::metrics::Metrics;
-use crate::model::{Op, Timestamp};
+use crate::model::{Op, Timestamp, MAX_EXPIRE_KEYS};
 use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 
 /// One entry on its way into the log: its epoch, stamp and op.
@@ -89,6 +89,63 @@ pub(super) struct Writer {
     pub compact_rx: std_mpsc::Receiver<u64>,
     /// The last index of the newest durable snapshot (see [`Writer::compact`]).
     pub covered: u64,
+    /// The expiries logged and not applied yet (see [`Writer::expiries`]).
+    pub in_flight: InFlight,
+    /// Replicated mode: the epoch in which this node logged its own entries
+    /// as primary, and the first of them (its epoch's no-op).
+    pub led: Option<(u64, u64)>,
+    /// Writes are paused for a mode switch: no expiries either.
+    pub expiries_paused: bool,
+}
+
+/// The keys named by `Expire` records and the leases by expired
+/// `LeaseRevoke` records that are logged but not applied yet: the expirer
+/// names none of them again.
+#[derive(Default)]
+pub(super) struct InFlight {
+    keys: HashSet<Box<[u8]>>,
+    leases: HashSet<u64>,
+}
+
+impl InFlight {
+    fn logged(&mut self, op: &Op) {
+        match op {
+            Op::Expire { keys } => self
+                .keys
+                .extend(keys.iter().map(|(k, _)| k.to_vec().into())),
+            Op::LeaseRevoke { id, expired: true } => {
+                self.leases.insert(*id);
+            }
+            _ => {}
+        }
+    }
+
+    fn applied(&mut self, op: &Op) {
+        match op {
+            Op::Expire { keys } => keys.iter().for_each(|(k, _)| {
+                self.keys.remove(&k[..]);
+            }),
+            Op::LeaseRevoke { id, expired: true } => {
+                self.leases.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.leases.clear();
+    }
+}
+
+/// The expirer's records for one batch (docs/DESIGN.md §2.15, §2.16): at
+/// most one `Expire` of up to [`MAX_EXPIRE_KEYS`] keys past their deadline
+/// at `now` and one expired `LeaseRevoke`, none of what is in flight.
+fn expiry_ops(state: &State, now: u64, in_flight: &InFlight) -> Vec<Op> {
+    let (keys, lease) = state.due(now, MAX_EXPIRE_KEYS, &in_flight.keys, &in_flight.leases);
+    let expire = (!keys.is_empty()).then_some(Op::Expire { keys });
+    let revoke = lease.map(|id| Op::LeaseRevoke { id, expired: true });
+    expire.into_iter().chain(revoke).collect()
 }
 
 impl Writer {
@@ -168,7 +225,7 @@ impl Writer {
                 let _ = reply.send(self.wal.read_from(from, max_bytes));
             }
             Cmd::InstallSnapshot { snapshot, reply } => {
-                let _ = reply.send(self.install_snapshot(snapshot));
+                let _ = reply.send(self.install_snapshot(*snapshot));
             }
             Cmd::Ingest { records, reply } => {
                 let _ = reply.send(self.ingest(records, buf));
@@ -177,6 +234,11 @@ impl Writer {
                 let _ = reply.send(self.rebase(req));
             }
             Cmd::Tick => self.tick(),
+            Cmd::ExpiryTick => self.expire_idle(buf),
+            Cmd::PauseExpiries { paused, reply } => {
+                self.expiries_paused = paused;
+                let _ = reply.send(());
+            }
             Cmd::Purge { before, reply } => {
                 let n = if self.shared.snapshot_running.load(Ordering::Acquire) {
                     0
@@ -321,11 +383,7 @@ impl Writer {
                 view.applied(p.index, &p.op);
             }
             if let Some(reply) = p.reply {
-                let _ = reply.send(Ok(WriteResult {
-                    index: p.index,
-                    outcome,
-                    ts: p.ts,
-                }));
+                let _ = reply.send(answer(p.index, outcome, p.ts));
             }
         }
         if self.pending.is_empty() {
@@ -347,13 +405,14 @@ impl Writer {
         let reads = answer.is_some();
         let mut outcome = match (apply, self.policy()) {
             (true, CommitPolicy::Merge) => self.shared.lww.apply(&self.state, index, ts, op, reads),
-            (true, _) => self.state.apply(index, op, reads),
+            (true, _) => self.state.apply(index, ts, op, reads),
             (false, _) => {
                 self.first_unapplied.get_or_insert(index);
-                self.state.skip_to(index);
+                self.state.skip_record(index, ts);
                 ApplyOutcome::default()
             }
         };
+        self.in_flight.applied(op);
         if let Some(a) = answer {
             outcome.txn = outcome.txn.map(|r| a.answer(r));
         }
@@ -369,17 +428,76 @@ impl Writer {
     /// memory budget, logged in one durable append, then applied and
     /// acknowledged now (at their own fsync) or once committed (replicated).
     fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
-        let resolved = self.resolve(batch);
+        let wall = self.wall.now_ms();
+        // Stamped before they are resolved: a record decides expiry by its
+        // own stamp, and so must its transaction's compares.
+        let stamps: Vec<Timestamp> = batch.iter().map(|_| self.clock.now(wall)).collect();
+        let mut resolved = self.resolve(batch, &stamps);
         if resolved.is_empty() {
             return;
         }
+        self.add_expiries(&mut resolved, wall);
+        self.log_and_apply(resolved, buf);
+    }
+
+    /// Adds the expirer's records to a batch about to be logged, if this
+    /// node decides expiries now (no client waits for them).
+    fn add_expiries(&mut self, resolved: &mut Vec<Resolved>, wall: u64) {
+        if !self.decides_expiries() {
+            return;
+        }
+        let ops = expiry_ops(&self.state, wall, &self.in_flight);
+        self.shared
+            .expiry_backlog
+            .store(!ops.is_empty(), Ordering::Relaxed);
+        for op in ops {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let ts = self.clock.now(wall);
+            resolved.push(Resolved {
+                op,
+                ts,
+                apply: true,
+                reply,
+                txn: None,
+            });
+        }
+    }
+
+    /// Whether this node removes expired keys and leases now: a single
+    /// node and a masterless one (for itself) always; in a cluster the
+    /// primary of the current epoch once its epoch's first entry is applied
+    /// (it then holds everything committed before it).
+    fn decides_expiries(&self) -> bool {
+        if self.expiries_paused {
+            return false;
+        }
+        match self.policy() {
+            CommitPolicy::Local | CommitPolicy::Merge => true,
+            CommitPolicy::Replicated => self.led.is_some_and(|(epoch, first)| {
+                epoch == self.shared.epoch.load(Ordering::Acquire)
+                    && self.shared.applied_index.load(Ordering::Acquire) >= first
+            }),
+        }
+    }
+
+    /// An idle round of the expirer: logs what is due, if anything.
+    fn expire_idle(&mut self, buf: &mut Vec<u8>) {
+        if self.wal.is_poisoned() || !self.decides_expiries() {
+            return;
+        }
+        let mut resolved = Vec::new();
+        self.add_expiries(&mut resolved, self.wall.now_ms());
+        if !resolved.is_empty() {
+            self.log_and_apply(resolved, buf);
+        }
+    }
+
+    /// Logs resolved records in one durable append, then applies and
+    /// acknowledges them now (at their own fsync) or once committed
+    /// (replicated).
+    fn log_and_apply(&mut self, resolved: Vec<Resolved>, buf: &mut Vec<u8>) {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
-        let wall = self.wall.now_ms();
-        let stamps: Vec<Timestamp> = resolved.iter().map(|_| self.clock.now(wall)).collect();
-        let entries = resolved
-            .iter()
-            .zip(&stamps)
-            .map(|(r, ts)| (epoch, *ts, &r.op));
+        let entries = resolved.iter().map(|r| (epoch, r.ts, &r.op));
         let first = self.wal.next_index();
         // Once the batch is durable, so is every stamp this node has issued.
         let issued = self.clock.last();
@@ -397,13 +515,19 @@ impl Writer {
             m.wal_batch_records.observe(resolved.len() as f64);
         }
         *self.shared.hlc.lock() = issued;
-        let requests = resolved.into_iter().zip(stamps).enumerate();
+        for r in &resolved {
+            self.in_flight.logged(&r.op);
+        }
+        let requests = resolved.into_iter().enumerate();
         if self.policy() == CommitPolicy::Replicated {
+            if self.led.is_none_or(|(e, _)| e != epoch) {
+                self.led = Some((epoch, first));
+            }
             // Durable here; applied and acknowledged once committed.
-            for (i, (r, ts)) in requests {
+            for (i, r) in requests {
                 self.push_pending(PendingEntry {
                     index: first + i as u64,
-                    ts,
+                    ts: r.ts,
                     op: r.op,
                     apply: r.apply,
                     reply: Some(r.reply),
@@ -414,10 +538,10 @@ impl Writer {
             self.shared
                 .commit_index
                 .store(appended.last, Ordering::Release);
-            for (i, (r, ts)) in requests {
+            for (i, r) in requests {
                 let index = first + i as u64;
-                let outcome = self.apply_entry(index, ts, &r.op, r.apply, r.txn.as_ref());
-                let _ = r.reply.send(Ok(WriteResult { index, outcome, ts }));
+                let outcome = self.apply_entry(index, r.ts, &r.op, r.apply, r.txn.as_ref());
+                let _ = r.reply.send(answer(index, outcome, r.ts));
             }
             // Nothing is pending once the batch is applied.
             self.view = None;
@@ -426,7 +550,7 @@ impl Writer {
     }
 
     /// Turns the batch's requests into the ops they log (see [`Resolver`]).
-    fn resolve(&mut self, batch: &mut Vec<WriteReq>) -> Vec<Resolved> {
+    fn resolve(&mut self, batch: &mut Vec<WriteReq>, stamps: &[Timestamp]) -> Vec<Resolved> {
         Resolver {
             state: &self.state,
             view: &mut self.view,
@@ -434,7 +558,9 @@ impl Writer {
             merges: self.shared.policy() == CommitPolicy::Merge,
             max_bulk_items: self.cfg.limits.max_bulk_items,
             max_data_bytes: self.cfg.max_data_bytes,
+            max_leases: self.cfg.max_leases,
             first_index: self.wal.next_index(),
+            stamps,
         }
         .resolve(batch)
     }
@@ -558,6 +684,8 @@ impl Writer {
     fn truncate_suffix(&mut self, from: u64) -> Result<(), Error> {
         self.wal.truncate_from(from)?;
         self.view = None;
+        // What was cut is decided again once it is due.
+        self.in_flight.clear();
         self.shared.log.lock().truncate_from(from);
         self.shared.cache.lock().truncate_from(from);
         // Our own writes in the cut suffix were never committed: their
@@ -645,6 +773,7 @@ impl Writer {
         self.remove_snapshots_but(&final_path)?;
         self.wal.reset(next, meta.last_epoch)?;
         self.view = None;
+        self.in_flight.clear();
         for p in self.pending.drain(..) {
             if let Some(reply) = p.reply {
                 let _ = reply.send(Err(Error::Superseded));
@@ -720,6 +849,7 @@ impl Writer {
         // As in the snapshot, identical on every node (docs/DESIGN.md §6.1).
         self.state.rebase_versions(req.base_index);
         self.view = None;
+        self.in_flight.clear();
         self.remove_snapshots_but(&path)?;
         // Durable snapshot first, then the log restarts after it (a crash in
         // between leaves a snapshot ahead of the log, which recovery handles).
@@ -802,6 +932,8 @@ impl Writer {
             return;
         }
         self.shared.snapshot_running.store(true, Ordering::Release);
+        // The lease section holds the leases of the snapshot's last index.
+        self.state.freeze_leases(upto);
         let meta = snapshot::SnapshotMeta {
             last_index: upto,
             // The epoch of the snapshot's own last entry: a secondary
@@ -846,6 +978,15 @@ impl Writer {
                 tracing::warn!(upto, error = %e, "WAL compaction failed (will retry later)")
             }
         }
+    }
+}
+
+/// A write's answer: its result, or the error of a record the state
+/// refused (it changed nothing).
+fn answer(index: u64, outcome: ApplyOutcome, ts: Timestamp) -> Result<WriteResult, Error> {
+    match outcome.refused {
+        Some(Refusal::LeaseNotFound(id)) => Err(Error::LeaseNotFound(id)),
+        None => Ok(WriteResult { index, outcome, ts }),
     }
 }
 

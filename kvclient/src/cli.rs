@@ -849,6 +849,8 @@ mod tests {
             create_index: 1,
             mod_index: 2,
             version: 2,
+            ttl_ms: None,
+            lease: None,
         };
         let mut out = Vec::new();
         ls_line(&mut out, &key, false, false);

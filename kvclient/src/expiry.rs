@@ -1,14 +1,12 @@
 //! Keys that expire (docs/DESIGN.md §2.15): the [`Expiry`] a put may
 //! carry, as a query parameter of `PUT /v1/kv/{key}` or as fields of a
-//! bulk item or a transaction put, and [`PutOptions`], the one way to
-//! ask for a put with a deadline, a lease or a condition.
+//! bulk item or a transaction put.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::versioned::Precondition;
 
 /// A lease's id: the log index of the record that granted it (§2.16).
 pub type LeaseId = u64;
@@ -107,62 +105,6 @@ pub struct ExpiryFields {
     /// `"keep_ttl"`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_ttl: bool,
-}
-
-/// How a put writes: a deadline ([`Expiry`]) and a condition
-/// ([`Precondition`]), both optional; see [`crate::Client::put`].
-///
-/// ```
-/// use std::time::Duration;
-/// use kvclient::{PutOptions, Precondition};
-/// let create_for_a_minute = PutOptions::new()
-///     .ttl(Duration::from_secs(60))
-///     .precondition(Precondition::Absent);
-/// assert!(create_for_a_minute.expiry.is_some());
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PutOptions {
-    /// The key's deadline; `None`: the key is permanent.
-    pub expiry: Option<Expiry>,
-    /// Write only if this holds (a conditional write, §2.12).
-    pub precondition: Option<Precondition>,
-}
-
-impl PutOptions {
-    /// A plain put: permanent, unconditional.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Expires `ttl` after the node takes the write.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.expiry = Some(Expiry::Ttl(ttl));
-        self
-    }
-
-    /// Lives as long as lease `id`.
-    pub fn lease(mut self, id: LeaseId) -> Self {
-        self.expiry = Some(Expiry::Lease(id));
-        self
-    }
-
-    /// Keeps the key's deadline or lease.
-    pub fn keep_ttl(mut self) -> Self {
-        self.expiry = Some(Expiry::KeepTtl);
-        self
-    }
-
-    /// Any [`Expiry`], or none.
-    pub fn expiry(mut self, expiry: Option<Expiry>) -> Self {
-        self.expiry = expiry;
-        self
-    }
-
-    /// Writes only if `precondition` holds.
-    pub fn precondition(mut self, precondition: Precondition) -> Self {
-        self.precondition = Some(precondition);
-        self
-    }
 }
 
 #[cfg(test)]

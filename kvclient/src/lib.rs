@@ -62,9 +62,7 @@ mod wire;
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
 pub use error::{Current, Error, KeyError, Result};
-pub use expiry::{
-    Expiry, ExpiryFields, LeaseId, PutOptions, LEASE_HEADER, MAX_TTL_MS, TTL_MS_HEADER,
-};
+pub use expiry::{Expiry, ExpiryFields, LeaseId, LEASE_HEADER, MAX_TTL_MS, TTL_MS_HEADER};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
 pub use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
 pub use kvproto::header::{
@@ -74,7 +72,7 @@ pub use kvproto::header::{
 pub use lease::{LeaseAnswer, LeaseInfo, RevokeAnswer};
 pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
 pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
-pub use versioned::{Precondition, Versioned};
+pub use versioned::{Precondition, PutOptions, Versioned};
 pub use watch::{
     EventKind, Watch, WatchEvent, WatchRequest, WatchTarget, DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_PROGRESS, WATCH_INDEX_HEADER,

@@ -32,8 +32,8 @@ use tokio::task::JoinHandle;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::expiry::{LeaseId, PutOptions};
-use crate::versioned::Precondition;
+use crate::expiry::LeaseId;
+use crate::versioned::{Precondition, PutOptions};
 
 /// How often a contender looks at a held lock's key, at most.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);

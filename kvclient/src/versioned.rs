@@ -17,9 +17,10 @@ use reqwest::Method;
 
 use crate::client::{decode_success, Call, Client, RawResponse, Retry};
 use crate::error::{Error, Result};
-use crate::expiry::{LeaseId, PutOptions, LEASE_HEADER, TTL_MS_HEADER};
+use crate::expiry::{Expiry, LeaseId, LEASE_HEADER, TTL_MS_HEADER};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{DeleteOutcome, DeletePrefixOutcome, IndexResponse};
+use std::time::Duration;
 
 /// A value with its key's versions, from [`Client::get_versioned`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +66,62 @@ impl Precondition {
             Precondition::Exists => (IF_MATCH, HeaderValue::from_static("*")),
             Precondition::Absent => (IF_NONE_MATCH, HeaderValue::from_static("*")),
         }
+    }
+}
+
+/// How a put writes: a deadline ([`Expiry`]) and a condition
+/// ([`Precondition`]), both optional; see [`crate::Client::put`].
+///
+/// ```
+/// use std::time::Duration;
+/// use kvclient::{PutOptions, Precondition};
+/// let create_for_a_minute = PutOptions::new()
+///     .ttl(Duration::from_secs(60))
+///     .precondition(Precondition::Absent);
+/// assert!(create_for_a_minute.expiry.is_some());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// The key's deadline; `None`: the key is permanent.
+    pub expiry: Option<Expiry>,
+    /// Write only if this holds (a conditional write, §2.12).
+    pub precondition: Option<Precondition>,
+}
+
+impl PutOptions {
+    /// A plain put: permanent, unconditional.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Expires `ttl` after the node takes the write.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.expiry = Some(Expiry::Ttl(ttl));
+        self
+    }
+
+    /// Lives as long as lease `id`.
+    pub fn lease(mut self, id: LeaseId) -> Self {
+        self.expiry = Some(Expiry::Lease(id));
+        self
+    }
+
+    /// Keeps the key's deadline or lease.
+    pub fn keep_ttl(mut self) -> Self {
+        self.expiry = Some(Expiry::KeepTtl);
+        self
+    }
+
+    /// Any [`Expiry`], or none.
+    pub fn expiry(mut self, expiry: Option<Expiry>) -> Self {
+        self.expiry = expiry;
+        self
+    }
+
+    /// Writes only if `precondition` holds.
+    pub fn precondition(mut self, precondition: Precondition) -> Self {
+        self.precondition = Some(precondition);
+        self
     }
 }
 

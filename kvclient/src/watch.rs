@@ -76,6 +76,9 @@ pub struct WatchRequest {
     pub progress: Duration,
     /// Longest event line accepted.
     pub max_event_bytes: usize,
+    /// How long failures in a row may last before the watch gives up;
+    /// `None`: the client's retry deadline.
+    pub reconnect_budget: Option<Duration>,
 }
 
 impl WatchRequest {
@@ -86,6 +89,7 @@ impl WatchRequest {
             prev_value: false,
             progress: DEFAULT_PROGRESS,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            reconnect_budget: None,
         }
     }
 
@@ -130,6 +134,14 @@ impl WatchRequest {
     /// Longest event line accepted (default [`DEFAULT_MAX_EVENT_BYTES`]).
     pub fn max_event_bytes(mut self, bytes: usize) -> Self {
         self.max_event_bytes = bytes;
+        self
+    }
+
+    /// How long failures in a row (no node answering, each reconnect
+    /// failing) may last before [`Watch::next`] returns the last of them
+    /// (default: the client's retry deadline).
+    pub fn reconnect_budget(mut self, budget: Duration) -> Self {
+        self.reconnect_budget = Some(budget);
         self
     }
 
@@ -263,9 +275,23 @@ pub(crate) enum Line {
     },
 }
 
+impl WatchEvent {
+    /// An event from its JSON (§2.17); `Err` says what is wrong with it.
+    /// An error event is not an event: the watch handles those.
+    pub fn from_json(json: Value) -> std::result::Result<WatchEvent, String> {
+        match parse_json(json)? {
+            Line::Event(event) => Ok(event),
+            Line::Error { code, .. } => Err(format!("an error event ({code})")),
+        }
+    }
+}
+
 /// Decodes one NDJSON line (without its newline).
 pub(crate) fn parse_line(line: &[u8]) -> std::result::Result<Line, String> {
-    let json: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    parse_json(serde_json::from_slice(line).map_err(|e| e.to_string())?)
+}
+
+fn parse_json(json: Value) -> std::result::Result<Line, String> {
     let wire = EventWire::deserialize(&json).map_err(|e| e.to_string())?;
     if wire.kind == "error" {
         return Ok(Line::Error {
@@ -522,7 +548,8 @@ impl Watch {
         if !resumable(&err) {
             return Err(err);
         }
-        let (backoff, budget) = self.client.reconnect_policy();
+        let (backoff, deadline) = self.client.reconnect_policy();
+        let budget = self.request.reconnect_budget.unwrap_or(deadline);
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= budget {
             return Err(err);

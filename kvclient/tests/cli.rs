@@ -47,8 +47,9 @@ fn assert_one_line_failure(output: &std::process::Output, code: i32) -> String {
     stderr
 }
 
-const SUBCOMMANDS: [&str; 9] = [
-    "get", "set", "del", "ls", "txn", "bulk", "status", "search", "similar",
+const SUBCOMMANDS: [&str; 12] = [
+    "get", "set", "del", "ls", "txn", "bulk", "status", "search", "similar", "lease", "lock",
+    "watch",
 ];
 
 #[test]
@@ -76,6 +77,8 @@ fn help_describes_every_subcommand_and_the_exit_codes() {
         "1  `get`: the key does not exist",
         "2  any other failure",
         "3  a precondition failed",
+        "4  `lock`: the lock was lost",
+        "5  `lock`: the lock was not taken",
     ] {
         assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
     }

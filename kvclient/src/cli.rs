@@ -636,6 +636,10 @@ async fn run_locked(client: &Client, args: &LockArgs) -> Result<(), Failure> {
     match lock::run(client, &args.name, options, &args.cmd).await {
         Ok(lock::Outcome::Exited(0)) => Ok(()),
         Ok(lock::Outcome::Exited(code)) => Err(Failure::Status(code)),
+        Ok(lock::Outcome::Interrupted(code)) => Err(Failure::Lock(
+            code,
+            format!("interrupted before the lock {:?} was taken", args.name),
+        )),
         Ok(lock::Outcome::Lost) => Err(Failure::Lock(
             4,
             format!(

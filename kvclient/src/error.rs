@@ -234,6 +234,14 @@ pub enum Error {
         silence: Duration,
     },
 
+    /// A stream (a watch) the node ended without an error event: resumed
+    /// elsewhere.
+    #[error("{endpoint} ended the stream (stream_ended)")]
+    StreamEnded {
+        /// Base URL of the node.
+        endpoint: String,
+    },
+
     /// A lock was not taken within its wait ([`crate::lock::LockOptions`]).
     #[error("lock {name:?} was not taken within {waited:?} (lock_timeout)")]
     LockTimeout {
@@ -258,7 +266,8 @@ impl Error {
             | Error::Connect { .. }
             | Error::Transport { .. }
             | Error::NoPrimary { .. }
-            | Error::Stalled { .. } => true,
+            | Error::Stalled { .. }
+            | Error::StreamEnded { .. } => true,
             Error::Server { status, .. } => is_retryable_status(*status),
             Error::InvalidKey { .. }
             | Error::InvalidEndpoint { .. }
@@ -324,6 +333,7 @@ impl Error {
             Error::Compacted { .. } => code::COMPACTED,
             Error::LockTimeout { .. } => "lock_timeout",
             Error::Stalled { .. } => "stalled",
+            Error::StreamEnded { .. } => "stream_ended",
         }
     }
 
@@ -358,7 +368,8 @@ impl Error {
             | Error::PreconditionFailed { endpoint, .. }
             | Error::LeaseNotFound { endpoint, .. }
             | Error::Compacted { endpoint, .. }
-            | Error::Stalled { endpoint, .. } => Some(endpoint),
+            | Error::Stalled { endpoint, .. }
+            | Error::StreamEnded { endpoint } => Some(endpoint),
             Error::RedirectLoop { last, .. } => Some(last),
             Error::InvalidKey { .. }
             | Error::InvalidEndpoint { .. }

@@ -74,6 +74,12 @@ impl Lock {
         let deadline = options.wait.map(|w| started + w);
         let mut keeper = Keeper::start(client, options.ttl).await?;
         loop {
+            // A lease whose keep-alives failed for a whole TTL may be gone:
+            // a lock taken with it would be lost at once.
+            if *keeper.lost.borrow() {
+                keeper.revoke(client).await;
+                keeper = Keeper::start(client, options.ttl).await?;
+            }
             match try_create(client, name, keeper.lease).await {
                 Ok(Some(token)) => {
                     return Ok(LockGuard {

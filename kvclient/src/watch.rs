@@ -490,15 +490,21 @@ impl Watch {
                 }
             }
             match self.read_line().await {
-                Ok(Some(line)) => {
-                    if let Some(event) = self.take(&line)? {
+                Ok(Some(line)) => match self.take(&line)? {
+                    Step::Deliver(event) => {
                         self.failures = 0;
                         self.failing_since = None;
                         return Ok(event);
                     }
+                    Step::Skip => {}
+                    Step::Resume(err) => self.failed(err).await?,
+                },
+                // The node ended the stream: resume, as after any failure
+                // (a node that keeps ending it must not be hammered).
+                Ok(None) => {
+                    let endpoint = self.endpoint.clone();
+                    self.failed(Error::StreamEnded { endpoint }).await?;
                 }
-                // The node ended the stream; resume.
-                Ok(None) => self.conn = None,
                 Err(err) => self.failed(err).await?,
             }
         }
@@ -607,9 +613,9 @@ impl Watch {
         }
     }
 
-    /// Handles one line: the event to pass on, `None` for one already
-    /// delivered (or an error event that ends this connection to resume).
-    fn take(&mut self, line: &[u8]) -> Result<Option<WatchEvent>> {
+    /// Handles one line: the event to pass on, one to skip (already
+    /// delivered), or an error event after which the watch resumes.
+    fn take(&mut self, line: &[u8]) -> Result<Step> {
         let endpoint = self.endpoint.clone();
         let parsed = parse_line(line).map_err(|reason| Error::Decode {
             endpoint: endpoint.clone(),
@@ -617,7 +623,7 @@ impl Watch {
             reason,
         })?;
         let Some(position) = self.position else {
-            return Ok(None);
+            return Ok(Step::Skip);
         };
         let event = match parsed {
             Line::Error { code, index, .. } if code == code::COMPACTED => {
@@ -626,14 +632,22 @@ impl Watch {
                     oldest_index: index.unwrap_or(0),
                 });
             }
-            Line::Error { code, message, .. }
-                if code == code::WATCHER_TOO_SLOW || code == code::SHUTTING_DOWN =>
-            {
-                // Resume from our own position: it is exact, whatever the
-                // node's resume_index says.
-                let _ = message;
+            // Resume from our own position: it is exact, whatever the
+            // node's resume_index says. At once: the node is well, the
+            // reader was slow.
+            Line::Error { code, .. } if code == code::WATCHER_TOO_SLOW => {
                 self.conn = None;
-                return Ok(None);
+                return Ok(Step::Skip);
+            }
+            // The node is going: elsewhere, after the backoff.
+            Line::Error { code, message, .. } if code == code::SHUTTING_DOWN => {
+                return Ok(Step::Resume(Error::Server {
+                    endpoint,
+                    status: 503,
+                    code,
+                    message,
+                    retry_after: None,
+                }));
             }
             Line::Error { code, message, .. } => {
                 return Err(Error::Server {
@@ -647,21 +661,31 @@ impl Watch {
             Line::Event(event) => event,
         };
         if event.kind == EventKind::Progress {
-            return Ok(position.after_progress(event.index).map(|next| {
-                self.position = Some(next);
-                event
-            }));
+            return Ok(match position.after_progress(event.index) {
+                Some(next) => {
+                    self.position = Some(next);
+                    Step::Deliver(event)
+                }
+                None => Step::Skip,
+            });
         }
         let admitted = self
             .conn
             .as_mut()
             .is_some_and(|conn| conn.skipper.admit(event.index));
         if !admitted {
-            return Ok(None);
+            return Ok(Step::Skip);
         }
         self.position = Some(position.after_event(event.index));
-        Ok(Some(event))
+        Ok(Step::Deliver(event))
     }
+}
+
+/// What one line means for the caller.
+enum Step {
+    Deliver(WatchEvent),
+    Skip,
+    Resume(Error),
 }
 
 /// Whether a watch goes on after `err` (on another node, later): what a

@@ -123,6 +123,11 @@ class Lock:
         keeper = _Keeper(self._client, self.ttl_ms)
         try:
             while True:
+                if keeper.lost.is_set():
+                    # Keep-alives failed for a whole TTL: the lease may be
+                    # gone, and a lock taken with it lost at once.
+                    keeper.stop()
+                    keeper = _Keeper(self._client, self.ttl_ms)
                 try:
                     token = self._try_create(keeper.lease)
                 except LeaseNotFoundError:

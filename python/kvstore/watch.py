@@ -152,9 +152,20 @@ class Watch:
                 self._failed(err)
                 continue
             if line is None:
-                self._drop()
+                # The node ended the stream: resume as after any failure (a
+                # node that keeps ending it must not be hammered).
+                try:
+                    self._failed(TransportError(f"{self._endpoint} ended the watch", endpoint=self._endpoint))
+                except KVError:
+                    if self._closed:
+                        raise StopIteration from None
+                    raise
                 continue
-            event = self._take(line)
+            try:
+                event = self._take(line)
+            except _Resume as resume:
+                self._failed(resume.error)
+                continue
             if event is not None:
                 self._failures = 0
                 self._failing_since = None
@@ -306,10 +317,14 @@ class Watch:
                 self._closed = True
                 oldest = event.get("oldest_index", event.get("resume_index", 0))
                 raise CompactedError(message or "compacted", endpoint=endpoint, oldest_index=int(oldest or 0))
-            if code in ("watcher_too_slow", "shutting_down"):
-                # Resume from our own position: it is exact.
+            if code == "watcher_too_slow":
+                # Resume from our own position (it is exact), at once: the
+                # node is well, the reader was slow.
                 self._drop()
                 return None
+            if code == "shutting_down":
+                # The node is going: elsewhere, after the backoff.
+                raise _Resume(ServerError(message or code, endpoint=endpoint, status=503, code=code))
             self._closed = True
             raise ServerError(message or code, endpoint=endpoint, status=200, code=code)
         index = event.get("index")
@@ -326,6 +341,14 @@ class Watch:
             return None
         self._pos = after_event(self._pos, index)
         return dict(event)
+
+
+class _Resume(Exception):
+    """An error event after which the watch resumes elsewhere."""
+
+    def __init__(self, error: KVError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _target_params(

@@ -29,6 +29,9 @@ pub enum Outcome {
     Exited(u8),
     /// The lock was lost while CMD ran; CMD was stopped.
     Lost,
+    /// SIGTERM or SIGINT came before the lock was taken; CMD never ran.
+    /// The status a shell reports for that signal.
+    Interrupted(u8),
 }
 
 /// What [`run`] may fail with before CMD runs.
@@ -60,9 +63,13 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt())
         .context("catching SIGINT")
         .map_err(Error::Local)?;
-    let guard = Lock::acquire(client, name, options)
-        .await
-        .map_err(Error::Client)?;
+    // A signal while waiting ends the wait (a lease already granted
+    // expires within its TTL).
+    let guard = tokio::select! {
+        taken = Lock::acquire(client, name, options) => taken.map_err(Error::Client)?,
+        _ = term.recv() => return Ok(Outcome::Interrupted(128 + 15)),
+        _ = int.recv() => return Ok(Outcome::Interrupted(128 + 2)),
+    };
     let child = Command::new(program)
         .args(args)
         .env("KV_LOCK_KEY", name)

@@ -21,6 +21,9 @@ use tokio::signal::unix::{signal, SignalKind};
 /// How long CMD has between SIGTERM and SIGKILL once the lock is lost.
 pub const KILL_AFTER: Duration = Duration::from_secs(5);
 
+/// A timer that is not armed (a year: far, and no Instant overflow).
+const NEVER: Duration = Duration::from_secs(365 * 86_400);
+
 /// How the locked command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -87,7 +90,7 @@ pub async fn run(
     let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let mut exited = tokio::task::spawn_blocking(move || child.wait());
     let mut lost = false;
-    let kill_timer = tokio::time::sleep(Duration::MAX / 4);
+    let kill_timer = tokio::time::sleep(NEVER);
     tokio::pin!(kill_timer);
     let status = loop {
         tokio::select! {
@@ -99,7 +102,7 @@ pub async fn run(
             }
             () = &mut kill_timer, if lost => {
                 let _ = kill(pid, Signal::SIGKILL);
-                kill_timer.as_mut().reset(tokio::time::Instant::now() + Duration::MAX / 4);
+                kill_timer.as_mut().reset(tokio::time::Instant::now() + NEVER);
             }
             _ = term.recv() => { let _ = kill(pid, Signal::SIGTERM); }
             _ = int.recv() => { let _ = kill(pid, Signal::SIGINT); }

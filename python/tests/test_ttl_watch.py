@@ -197,8 +197,12 @@ def test_lost_fires_when_the_lease_is_revoked_behind_the_holders_back(kv: KVClie
 
 
 def collect(watch: Any, n: int, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The next ``n`` events ``keep`` takes, within 30 s in all (progress
+    events keep coming, so the bound is on the whole wait)."""
+    deadline = time.monotonic() + 30
     out: list[dict[str, Any]] = []
     for event in watch:
+        assert time.monotonic() < deadline, f"{len(out)} of {n} events in time: {out}"
         if keep(event):
             out.append(event)
             if len(out) == n:

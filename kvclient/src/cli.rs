@@ -14,8 +14,15 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use kvclient::{BulkRequest, Client, Precondition, WireValue, DEFAULT_ENDPOINT};
+use kvclient::lock::LockOptions;
+use kvclient::{
+    BulkRequest, Client, Expiry, Precondition, PutOptions, WatchRequest, WireValue,
+    DEFAULT_ENDPOINT,
+};
 use serde_json::{json, Value};
+
+mod lock;
+mod watch;
 
 /// Hard-wrapped by hand: the workspace builds clap without `wrap_help`.
 const LONG_ABOUT: &str = "\
@@ -34,6 +41,11 @@ Exit status:
   2  any other failure: bad arguments, unreachable cluster, server error
   3  a precondition failed (`set --if-version`/`--if-absent`,
      `del --if-version`): nothing was written
+  4  `lock`: the lock was lost while the command ran (it was stopped)
+  5  `lock`: the lock was not taken within --wait-ms
+`lease` exits 1 for a lease that is not alive; `watch` exits 2 once the
+node no longer holds the index it would resume from; otherwise `lock` exits
+with the command's own exit status.
 A failure prints one line on stderr, starting with \"kvclient: \".";
 
 const GET_ABOUT: &str = "\
@@ -55,6 +67,26 @@ line is one key. With --json, one JSON object per line: {\"key\", \"value\",
 \"create_index\", \"mod_index\", \"version\"}, the value as a string or
 {\"base64\": \"...\"}.";
 
+const LOCK_ABOUT: &str = "\
+Take the lock NAME (a key attached to a lease), run CMD while keeping the
+lease alive, and release the lock when CMD exits; exit with CMD's status.
+CMD gets KV_LOCK_KEY (NAME), KV_LOCK_TOKEN (the fencing token: the key's
+mod_index, larger for every holder) and KV_LOCK_LEASE in its environment.
+If the lock is lost meanwhile, CMD gets SIGTERM (SIGKILL 5 s later) and
+kvclient exits 4. Not taken within --wait-ms: exit 5. SIGTERM or SIGINT to
+kvclient is passed on to CMD; the lock is released once CMD exits.";
+
+const WATCH_ABOUT: &str = "\
+Print the changes to the keys under PREFIX (every key without one), or to
+--key K, one line per event as it happens, until interrupted:
+  TYPE INDEX KEY[ VALUE]
+(TYPE put, delete or expire; the value of a put; fields escaped as `ls`
+does). With --json, each event's JSON on one line, progress events too.
+Broken connections are resumed on the next endpoint from the last event,
+for up to a minute (or --timeout-ms if longer) of failures in a row. When
+the node no longer holds the index to resume from, exit 2 naming the
+oldest index it holds.";
+
 const TXN_ABOUT: &str = "\
 Run a transaction: read its JSON body from FILE or standard input,
   {\"compare\": [{\"key\", \"target\", \"op\", \"value\"}, ...],
@@ -69,7 +101,8 @@ either all items exist or none do.
 
 The input is the API's JSON document
   {\"items\": [{\"key\": K, \"value\": V}, ...]}
-where V is a UTF-8 string or {\"base64\": \"...\"}. With --kv it is lines of
+where V is a UTF-8 string or {\"base64\": \"...\"}; an item may add \"ttl_ms\",
+\"lease\" or \"keep_ttl\" (docs/DESIGN.md section 2.15). With --kv it is lines of
 KEY=VALUE instead: split at the first '=', nothing trimmed, blank lines
 skipped.";
 
@@ -173,6 +206,18 @@ enum Command {
     /// Show the answering node's status (id, mode, role, epoch, indexes, peers)
     Status,
 
+    /// Grant, keep alive, revoke or show a lease
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+
+    /// Run a command while holding a lock (exit 4 if lost, 5 if not taken)
+    #[command(long_about = LOCK_ABOUT)]
+    Lock(LockArgs),
+
+    /// Print changes to keys as they happen, resuming by itself
+    #[command(long_about = WATCH_ABOUT)]
+    Watch(WatchArgs),
+
     /// Full-text search over values, best match first (needs kvd --index)
     Search {
         /// Words to search for
@@ -222,6 +267,72 @@ struct SetArgs {
     /// Write only if the key does not exist yet; else exit 3
     #[arg(long)]
     if_absent: bool,
+    /// The key expires N ms after the node takes the write
+    #[arg(long, value_name = "N", group = "expiry")]
+    ttl_ms: Option<u64>,
+    /// The key lives as long as lease ID (`lease grant`)
+    #[arg(long, value_name = "ID", group = "expiry")]
+    lease: Option<u64>,
+    /// The key keeps the deadline or lease it had
+    #[arg(long, group = "expiry")]
+    keep_ttl: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of TTL_MS milliseconds; print its id
+    Grant {
+        /// Its TTL in milliseconds
+        #[arg(value_name = "TTL_MS")]
+        ttl_ms: u64,
+    },
+    /// Move a lease's deadline to now + its TTL; print the answer JSON
+    Keepalive {
+        /// The lease
+        id: u64,
+    },
+    /// End a lease and delete its keys; print the answer JSON
+    Revoke {
+        /// The lease
+        id: u64,
+    },
+    /// Print a lease's TTL, time left and keys as JSON
+    Show {
+        /// The lease
+        id: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct LockArgs {
+    /// The lock's key
+    name: String,
+    /// The lease's TTL: how long the lock outlives a kvclient that died
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(3..=kvclient::MAX_TTL_MS))]
+    ttl_ms: u64,
+    /// Give up (exit 5) if the lock is not taken within N ms; default: wait
+    #[arg(long, value_name = "N")]
+    wait_ms: Option<u64>,
+    /// The command and its arguments, after --
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Watch the keys that start with this (default: every key)
+    #[arg(default_value = "", conflicts_with = "key")]
+    prefix: String,
+    /// Watch this one key instead
+    #[arg(long, value_name = "K")]
+    key: Option<String>,
+    /// Start at this log index (default: the changes after the watch starts)
+    #[arg(long, value_name = "N")]
+    from_index: Option<u64>,
+    /// Put, delete and expire events carry the previous value
+    #[arg(long)]
+    prev_value: bool,
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +378,12 @@ enum Failure {
     NotFound(String),
     /// A conditional write whose precondition failed: exit 3.
     Precondition(kvclient::Error),
+    /// A lease that is not alive: exit 1.
+    NoLease(String),
+    /// `lock`: lost while the command ran (4), not taken in time (5).
+    Lock(u8, String),
+    /// `lock`: the command's own failing status, nothing more to say.
+    Status(u8),
     /// A client error: its Display is already one complete line (printing
     /// its source chain as well would repeat the root cause).
     Client(kvclient::Error),
@@ -278,6 +395,8 @@ impl From<kvclient::Error> for Failure {
     fn from(err: kvclient::Error) -> Self {
         match err {
             kvclient::Error::PreconditionFailed { .. } => Failure::Precondition(err),
+            kvclient::Error::LeaseNotFound { .. } => Failure::NoLease(err.to_string()),
+            kvclient::Error::LockTimeout { .. } => Failure::Lock(5, err.to_string()),
             err => Failure::Client(err),
         }
     }
@@ -311,6 +430,15 @@ pub fn main() -> ExitCode {
             report(&err.to_string());
             ExitCode::from(3)
         }
+        Err(Failure::NoLease(message)) => {
+            report(&message);
+            ExitCode::from(1)
+        }
+        Err(Failure::Lock(code, message)) => {
+            report(&message);
+            ExitCode::from(code)
+        }
+        Err(Failure::Status(code)) => ExitCode::from(code),
         Err(Failure::Client(err)) => {
             report(&err.to_string());
             ExitCode::from(2)
@@ -383,6 +511,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 write_stdout(render_status(status.as_json()).as_bytes())
             }
         }
+        Command::Lease(command) => lease(&client, json, command).await,
+        Command::Lock(args) => run_locked(&client, args).await,
+        Command::Watch(args) => watch_keys(&client, json, &cli, args).await,
         Command::Search {
             query,
             limit,
@@ -422,14 +553,21 @@ async fn get(
             client.get_versioned(key).await?
         };
         let v = versioned.ok_or_else(|| Failure::NotFound(key.to_owned()))?;
-        return print_json(&json!({
+        let mut doc = json!({
             "key": key,
             "value": WireValue::from_bytes(&v.value),
             "create_index": v.create_index,
             "mod_index": v.mod_index,
             "version": v.version,
             "etag": v.etag,
-        }));
+        });
+        if let Some(ttl_ms) = v.ttl_ms {
+            doc["ttl_ms"] = json!(ttl_ms);
+        }
+        if let Some(lease) = v.lease {
+            doc["lease"] = json!(lease);
+        }
+        return print_json(&doc);
     }
     let value = if consistent {
         client.get_consistent(key).await?
@@ -451,14 +589,98 @@ async fn set(client: &Client, json: bool, args: &SetArgs) -> Result<(), Failure>
         (None, true) => Some(Precondition::Absent),
         (None, false) => None,
     };
-    let index = match precondition {
-        Some(pre) => client.put_if(&args.key, value, pre).await?,
-        None => client.set(&args.key, value).await?,
+    let expiry = match (args.ttl_ms, args.lease, args.keep_ttl) {
+        (Some(ms), _, _) => Some(Expiry::ttl_ms(ms)),
+        (None, Some(id), _) => Some(Expiry::Lease(id)),
+        (None, None, true) => Some(Expiry::KeepTtl),
+        (None, None, false) => None,
     };
+    let mut options = PutOptions::new().expiry(expiry);
+    if let Some(pre) = precondition {
+        options = options.precondition(pre);
+    }
+    let index = client.put(&args.key, value, options).await?;
     if json {
         print_json(&json!({"index": index}))
     } else {
         print_line(&format!("OK (index {index})"))
+    }
+}
+
+async fn lease(client: &Client, json: bool, command: &LeaseCommand) -> Result<(), Failure> {
+    match command {
+        LeaseCommand::Grant { ttl_ms } => {
+            let answer = client
+                .lease_grant_answer(Duration::from_millis(*ttl_ms))
+                .await?;
+            if json {
+                print_json(&json!(answer))
+            } else {
+                print_line(&answer.id.to_string())
+            }
+        }
+        LeaseCommand::Keepalive { id } => print_json(&json!(client.lease_keepalive(*id).await?)),
+        LeaseCommand::Revoke { id } => print_json(&json!(client.lease_revoke_answer(*id).await?)),
+        LeaseCommand::Show { id } => match client.lease_info(*id).await? {
+            Some(info) => print_json(&json!(info)),
+            None => Err(Failure::NoLease(format!("lease {id} is not alive"))),
+        },
+    }
+}
+
+async fn run_locked(client: &Client, args: &LockArgs) -> Result<(), Failure> {
+    let options = LockOptions {
+        ttl: Duration::from_millis(args.ttl_ms),
+        wait: args.wait_ms.map(Duration::from_millis),
+    };
+    match lock::run(client, &args.name, options, &args.cmd).await {
+        Ok(lock::Outcome::Exited(0)) => Ok(()),
+        Ok(lock::Outcome::Exited(code)) => Err(Failure::Status(code)),
+        Ok(lock::Outcome::Interrupted(code)) => Err(Failure::Lock(
+            code,
+            format!("interrupted before the lock {:?} was taken", args.name),
+        )),
+        Ok(lock::Outcome::Lost) => Err(Failure::Lock(
+            4,
+            format!(
+                "lost the lock {:?} while the command ran; it was stopped",
+                args.name
+            ),
+        )),
+        Err(lock::Error::Client(err)) => Err(err.into()),
+        Err(lock::Error::Local(err)) => Err(err.into()),
+    }
+}
+
+/// How long `watch` rides out failures in a row: a node restart, a
+/// failover.
+const WATCH_RECONNECT: Duration = Duration::from_secs(60);
+
+async fn watch_keys(
+    client: &Client,
+    json: bool,
+    cli: &Cli,
+    args: &WatchArgs,
+) -> Result<(), Failure> {
+    let mut request = match &args.key {
+        Some(key) => WatchRequest::key(key.as_str()),
+        None => WatchRequest::prefix(args.prefix.as_str()),
+    }
+    .prev_value(args.prev_value)
+    .reconnect_budget(WATCH_RECONNECT.max(Duration::from_millis(cli.timeout_ms)));
+    if let Some(n) = args.from_index {
+        request = request.from_index(n);
+    }
+    let mut events = client.watch(request);
+    loop {
+        let event = events.next().await?;
+        let Some(line) = watch::line(&event, json, escape_field) else {
+            continue;
+        };
+        // Flushed per event: the reader sees each as it happens.
+        if !write_out(format!("{line}\n").as_bytes())? {
+            return Ok(());
+        }
     }
 }
 
@@ -587,16 +809,17 @@ fn may_compare(body: &Value) -> bool {
 
 async fn bulk(client: &Client, json: bool, file: &str, kv: bool) -> Result<(), Failure> {
     let input = read_input(file)?;
-    let items = if kv {
-        parse_kv_lines(&input)?
+    let request = if kv {
+        BulkRequest::from_pairs(&parse_kv_lines(&input)?)
     } else {
         parse_bulk_json(&input)?
     };
-    if items.is_empty() {
+    if request.items.is_empty() {
         // Almost always an empty file or a forgotten pipe, not intent.
         return Err(anyhow::anyhow!("bulk input has no items").into());
     }
-    let outcome = client.bulk_set(&items).await?;
+    // Sent as read: items keep their ttl_ms, lease or keep_ttl.
+    let outcome = client.bulk(&request).await?;
     if json {
         print_json(&json!(outcome))
     } else {
@@ -636,12 +859,14 @@ fn read_input(file: &str) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Parses the API's bulk document, so a file can be replayed with curl too.
-fn parse_bulk_json(input: &[u8]) -> Result<Vec<(String, Bytes)>, Failure> {
+/// Parses the API's bulk document, so a file can be replayed with curl
+/// too; every value is checked to decode.
+fn parse_bulk_json(input: &[u8]) -> Result<BulkRequest, Failure> {
     let doc: BulkRequest = serde_json::from_slice(input).context(
         "parsing bulk JSON (expected {\"items\": [{\"key\": ..., \"value\": ...}]}, or use --kv)",
     )?;
-    Ok(doc.to_pairs()?)
+    doc.to_pairs()?;
+    Ok(doc)
 }
 
 /// Parses `KEY=VALUE` lines: split at the first `=` (so values may contain
@@ -807,6 +1032,8 @@ mod tests {
             br#"{"items":[{"key":"a","value":"x"},{"key":"b","value":{"base64":"AAE="}}]}"#,
         )
         .ok()
+        .unwrap()
+        .to_pairs()
         .unwrap();
         assert_eq!(items[1].1, Bytes::from_static(&[0, 1]));
         assert!(parse_bulk_json(b"a=1").is_err());
@@ -849,6 +1076,8 @@ mod tests {
             create_index: 1,
             mod_index: 2,
             version: 2,
+            ttl_ms: None,
+            lease: None,
         };
         let mut out = Vec::new();
         ls_line(&mut out, &key, false, false);
@@ -929,6 +1158,98 @@ mod tests {
             "--show-version",
             "--consistent"
         ]));
+    }
+
+    #[test]
+    fn ttl_lease_lock_and_watch_flags_parse_as_documented() {
+        let parses = |args: &[&str]| Cli::try_parse_from(args).is_ok();
+        assert!(parses(&["kvclient", "set", "k", "v", "--ttl-ms", "500"]));
+        assert!(parses(&[
+            "kvclient",
+            "set",
+            "k",
+            "v",
+            "--lease",
+            "7",
+            "--if-absent"
+        ]));
+        assert!(parses(&["kvclient", "set", "k", "v", "--keep-ttl"]));
+        assert!(!parses(&[
+            "kvclient",
+            "set",
+            "k",
+            "v",
+            "--ttl-ms",
+            "5",
+            "--keep-ttl"
+        ]));
+        assert!(!parses(&[
+            "kvclient", "set", "k", "v", "--ttl-ms", "5", "--lease", "1"
+        ]));
+        for sub in [
+            &["grant", "1000"][..],
+            &["keepalive", "3"],
+            &["revoke", "3"],
+            &["show", "3"],
+        ] {
+            let mut args = vec!["kvclient", "lease"];
+            args.extend_from_slice(sub);
+            assert!(parses(&args), "{args:?}");
+        }
+        assert!(!parses(&["kvclient", "lease", "grant"]));
+        assert!(parses(&[
+            "kvclient",
+            "lock",
+            "l",
+            "--ttl-ms",
+            "3000",
+            "--wait-ms",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "exit 3"
+        ]));
+        assert!(!parses(&["kvclient", "lock", "l"]), "no command");
+        assert!(!parses(&[
+            "kvclient", "lock", "l", "--ttl-ms", "2", "--", "true"
+        ]));
+        assert!(parses(&["kvclient", "watch"]));
+        assert!(parses(&[
+            "kvclient",
+            "watch",
+            "p/",
+            "--from-index",
+            "9",
+            "--prev-value",
+            "--json"
+        ]));
+        assert!(parses(&["kvclient", "watch", "--key", "k"]));
+        assert!(!parses(&["kvclient", "watch", "p/", "--key", "k"]));
+    }
+
+    #[test]
+    fn watch_lines_are_type_index_key_and_a_puts_value() {
+        let event = |json: Value| kvclient::WatchEvent::from_json(json).unwrap();
+        let put = event(
+            json!({"type": "put", "index": 12, "key": "a\t1", "value": "x y", "create_index": 3, "mod_index": 12, "version": 2}),
+        );
+        assert_eq!(
+            watch::line(&put, false, escape_field).unwrap(),
+            "put 12 a\\t1 x y"
+        );
+        let gone = event(json!({"type": "expire", "index": 20, "key": "a/2", "prev_value": "y"}));
+        assert_eq!(
+            watch::line(&gone, false, escape_field).unwrap(),
+            "expire 20 a/2"
+        );
+        let progress = event(json!({"type": "progress", "index": 25}));
+        assert_eq!(watch::line(&progress, false, escape_field), None);
+        assert_eq!(
+            serde_json::from_str::<Value>(&watch::line(&progress, true, escape_field).unwrap())
+                .unwrap(),
+            json!({"type": "progress", "index": 25})
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::wire::{
     BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, PreconditionBody, SearchHit,
     SearchPage, SimilarTo, Status,
 };
-use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
+use kvproto::code::{COMPACTED, KEY_NOT_FOUND, LEASE_NOT_FOUND, PRECONDITION_FAILED};
 use kvproto::header::{PRIMARY as PRIMARY_HEADER, RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER};
 
 /// Shortest time worth starting another attempt with.
@@ -351,14 +351,35 @@ impl Client {
     /// every item is visible or none is. UTF-8 values travel as JSON strings,
     /// others as base64. Every key is validated before anything is sent.
     pub async fn bulk_set(&self, items: &[(String, Bytes)]) -> Result<BulkOutcome> {
-        for (key, _) in items {
-            validate_key(key).map_err(|reason| Error::invalid_key(key, reason))?;
+        self.bulk(&BulkRequest::from_pairs(items)).await
+    }
+
+    /// Writes a bulk document as it is, items with a TTL, a lease or
+    /// keep-TTL too ([`crate::BulkItem::with_expiry`], docs/DESIGN.md
+    /// §2.15), atomically as [`Client::bulk_set`]. A lease that is not
+    /// alive is [`Error::LeaseNotFound`] and nothing is written.
+    pub async fn bulk(&self, request: &BulkRequest) -> Result<BulkOutcome> {
+        for item in &request.items {
+            validate_key(&item.key).map_err(|reason| Error::invalid_key(&item.key, reason))?;
+            let set = [
+                item.expiry.ttl_ms.is_some(),
+                item.expiry.lease.is_some(),
+                item.expiry.keep_ttl,
+            ];
+            if set.iter().filter(|s| **s).count() > 1 {
+                return Err(Error::InvalidRequest(format!(
+                    "bulk item {:?} has more than one of ttl_ms, lease and keep_ttl",
+                    item.key
+                )));
+            }
+            if let Some(ms) = item.expiry.ttl_ms {
+                crate::expiry::ttl_millis(Duration::from_millis(ms))?;
+            }
         }
         // Invariant: serialising strings and a Vec into memory cannot fail
         // (serde_json fails only on I/O errors and non-string map keys).
         #[allow(clippy::expect_used)]
-        let json =
-            serde_json::to_vec(&BulkRequest::from_pairs(items)).expect("bulk request serialises");
+        let json = serde_json::to_vec(request).expect("bulk request serialises");
         let body = (Bytes::from(json), "application/json");
         let resp = self.execute(Method::POST, "/v1/bulk", Some(body)).await?;
         decode_success(resp, "bulk response")
@@ -533,6 +554,72 @@ impl Client {
             last_err = Some(err);
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Opens a streaming GET (a watch) on `endpoint`: the answer's head
+    /// within the request timeout, the body left to the caller, who bounds
+    /// its reads. An error status is read (bounded) into its error.
+    pub(crate) async fn open_stream(
+        &self,
+        endpoint: &str,
+        path: &str,
+        accept: &'static str,
+    ) -> Result<reqwest::Response> {
+        let limits = &self.inner.limits;
+        let url = format!("{endpoint}{path}");
+        let send = self
+            .inner
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, accept)
+            .send();
+        let resp = match tokio::time::timeout(limits.request_timeout, send).await {
+            Err(_) => {
+                return Err(Error::Stalled {
+                    endpoint: endpoint.to_owned(),
+                    silence: limits.request_timeout,
+                })
+            }
+            Ok(sent) => {
+                sent.map_err(|err| Error::from_reqwest(endpoint, limits.request_timeout, err))?
+            }
+        };
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        // An error body is one small JSON object; a few KiB tell it all.
+        let mut body = BytesMut::new();
+        let mut resp = resp;
+        while body.len() < 64 << 10 {
+            match tokio::time::timeout(limits.request_timeout, resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        Err(server_error(&RawResponse {
+            endpoint: endpoint.to_owned(),
+            status,
+            headers,
+            body: body.freeze(),
+        }))
+    }
+
+    /// The endpoint to open a stream on first.
+    pub(crate) fn stream_endpoint(&self) -> String {
+        self.inner.endpoints.current()
+    }
+
+    /// Records that a stream on `endpoint` failed; the next to try.
+    pub(crate) fn stream_failed(&self, endpoint: &str) -> String {
+        self.inner.endpoints.failed(endpoint, None)
+    }
+
+    /// The backoff delay before reconnect `retry` and the budget for
+    /// failures in a row (the retry deadline).
+    pub(crate) fn reconnect_policy(&self) -> (Backoff, Duration) {
+        (self.inner.limits.backoff, self.inner.limits.retry_deadline)
     }
 
     /// How long to wait before retrying after `err`, or `None` when the
@@ -796,6 +883,23 @@ pub(crate) fn server_error(resp: &RawResponse) -> Error {
         }
         Err(_) => (format!("http_{status}"), fallback_message()),
     };
+    if status == 404 && code == LEASE_NOT_FOUND {
+        return Error::LeaseNotFound {
+            endpoint: resp.endpoint.clone(),
+            message,
+        };
+    }
+    if status == 410 && code == COMPACTED {
+        // The oldest index held rides beside the error (§2.17).
+        let oldest_index = serde_json::from_slice::<serde_json::Value>(&resp.body)
+            .ok()
+            .and_then(|v| v.get("oldest_index").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        return Error::Compacted {
+            endpoint: resp.endpoint.clone(),
+            oldest_index,
+        };
+    }
     if status == 412 && code == PRECONDITION_FAILED {
         // The key's state rides beside the error (docs/DESIGN.md §2.12);
         // a 412 without it is still a failed precondition, of a key whose
@@ -1000,6 +1104,37 @@ mod tests {
             "{bare:?}"
         );
         assert_eq!(bare.code(), "precondition_failed");
+    }
+
+    #[test]
+    fn a_dead_lease_and_a_compacted_watch_are_typed_errors() {
+        let err = server_error(&raw(
+            404,
+            r#"{"error":{"code":"lease_not_found","message":"lease 7 is not alive"}}"#,
+        ));
+        assert!(
+            matches!(&err, Error::LeaseNotFound { message, .. } if message == "lease 7 is not alive"),
+            "{err:?}"
+        );
+        assert_eq!((err.code(), err.status()), ("lease_not_found", Some(404)));
+        assert!(!err.is_retryable() && !err.outcome_unknown());
+        let err = server_error(&raw(
+            410,
+            r#"{"error":{"code":"compacted","message":"m"},"oldest_index":40}"#,
+        ));
+        assert!(
+            matches!(
+                err,
+                Error::Compacted {
+                    oldest_index: 40,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Any other 404 stays what it was.
+        let err = server_error(&raw(404, r#"{"error":{"code":"not_found","message":"m"}}"#));
+        assert!(matches!(err, Error::Server { status: 404, .. }), "{err:?}");
     }
 
     #[test]

@@ -200,6 +200,56 @@ pub enum Error {
     /// target); nothing was sent.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+
+    /// The lease named is not alive (404 `lease_not_found`, docs/DESIGN.md
+    /// §2.16): gone, expired or never granted; nothing was written.
+    #[error("{endpoint} answered 404: {message} (lease_not_found)")]
+    LeaseNotFound {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The server's message.
+        message: String,
+    },
+
+    /// A watch asked for records the node no longer holds (410
+    /// `compacted`, or an error event `compacted`, §2.17): re-read the
+    /// range and watch from the page's `index` + 1.
+    #[error(
+        "{endpoint}: the watch is compacted, the oldest index held is {oldest_index} (compacted)"
+    )]
+    Compacted {
+        /// Base URL of the node.
+        endpoint: String,
+        /// The first index the node can stream from.
+        oldest_index: u64,
+    },
+
+    /// A stream (a watch) that sent nothing for this long, its head or its
+    /// events: taken for a dead connection, and resumed elsewhere.
+    #[error("{endpoint} sent nothing on the stream for {silence:?} (stalled)")]
+    Stalled {
+        /// Base URL of the node.
+        endpoint: String,
+        /// How long it was silent.
+        silence: Duration,
+    },
+
+    /// A stream (a watch) the node ended without an error event: resumed
+    /// elsewhere.
+    #[error("{endpoint} ended the stream (stream_ended)")]
+    StreamEnded {
+        /// Base URL of the node.
+        endpoint: String,
+    },
+
+    /// A lock was not taken within its wait ([`crate::lock::LockOptions`]).
+    #[error("lock {name:?} was not taken within {waited:?} (lock_timeout)")]
+    LockTimeout {
+        /// The lock's key.
+        name: String,
+        /// How long the contender waited.
+        waited: Duration,
+    },
 }
 
 impl Error {
@@ -215,7 +265,9 @@ impl Error {
             Error::Timeout { .. }
             | Error::Connect { .. }
             | Error::Transport { .. }
-            | Error::NoPrimary { .. } => true,
+            | Error::NoPrimary { .. }
+            | Error::Stalled { .. }
+            | Error::StreamEnded { .. } => true,
             Error::Server { status, .. } => is_retryable_status(*status),
             Error::InvalidKey { .. }
             | Error::InvalidEndpoint { .. }
@@ -226,7 +278,10 @@ impl Error {
             | Error::ResponseTooLarge { .. }
             | Error::RedirectLoop { .. }
             | Error::PreconditionFailed { .. }
-            | Error::InvalidRequest(_) => false,
+            | Error::InvalidRequest(_)
+            | Error::LeaseNotFound { .. }
+            | Error::Compacted { .. }
+            | Error::LockTimeout { .. } => false,
         }
     }
 
@@ -274,6 +329,11 @@ impl Error {
             Error::NoPrimary { .. } => code::NO_PRIMARY,
             Error::PreconditionFailed { .. } => code::PRECONDITION_FAILED,
             Error::InvalidRequest(_) => "invalid_request",
+            Error::LeaseNotFound { .. } => code::LEASE_NOT_FOUND,
+            Error::Compacted { .. } => code::COMPACTED,
+            Error::LockTimeout { .. } => "lock_timeout",
+            Error::Stalled { .. } => "stalled",
+            Error::StreamEnded { .. } => "stream_ended",
         }
     }
 
@@ -282,6 +342,7 @@ impl Error {
         match self {
             Error::Server { status, .. } | Error::NoPrimary { status, .. } => Some(*status),
             Error::PreconditionFailed { .. } => Some(412),
+            Error::LeaseNotFound { .. } => Some(404),
             _ => None,
         }
     }
@@ -304,14 +365,19 @@ impl Error {
             | Error::Decode { endpoint, .. }
             | Error::ResponseTooLarge { endpoint, .. }
             | Error::NoPrimary { endpoint, .. }
-            | Error::PreconditionFailed { endpoint, .. } => Some(endpoint),
+            | Error::PreconditionFailed { endpoint, .. }
+            | Error::LeaseNotFound { endpoint, .. }
+            | Error::Compacted { endpoint, .. }
+            | Error::Stalled { endpoint, .. }
+            | Error::StreamEnded { endpoint } => Some(endpoint),
             Error::RedirectLoop { last, .. } => Some(last),
             Error::InvalidKey { .. }
             | Error::InvalidEndpoint { .. }
             | Error::NoEndpoints
             | Error::InvalidConfig(_)
             | Error::InvalidValue { .. }
-            | Error::InvalidRequest(_) => None,
+            | Error::InvalidRequest(_)
+            | Error::LockTimeout { .. } => None,
         }
     }
 

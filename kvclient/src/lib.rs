@@ -28,6 +28,11 @@
 //! several keys under conditions in one log record (docs/DESIGN.md
 //! §2.10-§2.13).
 //!
+//! Keys may expire: [`Client::put`] with [`PutOptions`] (a TTL, a
+//! lease, keep-TTL), leases ([`Client::lease_grant`] and the rest), locks
+//! with fencing tokens ([`lock::Lock`]) and [`Client::watch`], a stream of
+//! changes that resumes by itself (docs/DESIGN.md §2.15-§2.17, §9.1).
+//!
 //! [`admin::switch_mode`] switches a live cluster between primary/secondary
 //! and masterless (docs/DESIGN.md §6).
 //!
@@ -44,24 +49,34 @@ pub mod admin;
 mod backoff;
 mod client;
 mod error;
+mod expiry;
 mod key;
+mod lease;
+pub mod lock;
 mod range;
 mod txn;
 mod versioned;
+mod watch;
 mod wire;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RawResponse, DEFAULT_ENDPOINT};
 pub use error::{Current, Error, KeyError, Result};
+pub use expiry::{Expiry, ExpiryFields, LeaseId, LEASE_HEADER, MAX_TTL_MS, TTL_MS_HEADER};
 pub use key::{encode_key, validate_key, MAX_KEY_BYTES};
 pub use kvproto::code::{KEY_NOT_FOUND, PRECONDITION_FAILED};
 pub use kvproto::header::{
     CREATE_INDEX as CREATE_INDEX_HEADER, MOD_INDEX as MOD_INDEX_HEADER, PRIMARY as PRIMARY_HEADER,
     RETRY_AFTER_MS as RETRY_AFTER_MS_HEADER, VERSION as VERSION_HEADER,
 };
+pub use lease::{LeaseAnswer, LeaseInfo, RevokeAnswer};
 pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
 pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
-pub use versioned::{Precondition, Versioned};
+pub use versioned::{Precondition, PutOptions, Versioned};
+pub use watch::{
+    EventKind, Watch, WatchEvent, WatchRequest, WatchTarget, DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_PROGRESS, WATCH_INDEX_HEADER,
+};
 pub use wire::{
     BulkItem, BulkOutcome, BulkRequest, DeleteOutcome, DeletePrefixOutcome, Item, OpResult,
     RangePage, SearchHit, SearchPage, SimilarTo, Status, TxnResponse, WireValue,

@@ -26,6 +26,7 @@ use reqwest::Method;
 
 use crate::client::{decode_success, Call, Client, Retry};
 use crate::error::{Error, Result};
+use crate::expiry::Expiry;
 use crate::key::validate_key;
 use crate::range::{KeyRange, MAX_PAGE_SIZE};
 use crate::wire::{CompareWire, OpWire, RangeOpWire, TxnRequestWire, TxnResponse, WireValue};
@@ -155,6 +156,8 @@ pub enum TxnOp {
         key: String,
         /// Its new value.
         value: Bytes,
+        /// Its deadline or lease; `None` makes it permanent (§2.15).
+        expiry: Option<Expiry>,
     },
     /// Remove a key.
     Delete {
@@ -183,11 +186,21 @@ pub enum TxnOp {
 }
 
 impl TxnOp {
-    /// A put.
+    /// A put that makes the key permanent.
     pub fn put(key: impl Into<String>, value: impl Into<Bytes>) -> Self {
         TxnOp::Put {
             key: key.into(),
             value: value.into(),
+            expiry: None,
+        }
+    }
+
+    /// A put with a TTL, a lease or keep-TTL (docs/DESIGN.md §2.15).
+    pub fn put_with(key: impl Into<String>, value: impl Into<Bytes>, expiry: Expiry) -> Self {
+        TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+            expiry: Some(expiry),
         }
     }
 
@@ -228,9 +241,11 @@ impl TxnOp {
     fn to_wire(&self, at: &str) -> Result<OpWire> {
         let key_at = |key: &str, field: &str| checked_key(key, &format!("{at}.{field}"));
         Ok(match self {
-            TxnOp::Put { key, value } => OpWire::Put {
+            TxnOp::Put { key, value, expiry } => OpWire::Put {
                 key: key_at(key, "put.key")?,
                 value: WireValue::from_bytes(value),
+                expiry: Expiry::fields(*expiry)
+                    .map_err(|err| invalid(at, &format!("put: {err}")))?,
             },
             TxnOp::Delete { key } => OpWire::Delete {
                 key: key_at(key, "delete.key")?,
@@ -500,6 +515,27 @@ mod tests {
     }
 
     #[test]
+    fn puts_carry_their_expiry() {
+        let txn = Txn::new()
+            .success(TxnOp::put_with("a", "1", Expiry::ttl_ms(250)))
+            .success(TxnOp::put_with("b", "2", Expiry::Lease(12)))
+            .success(TxnOp::put_with("c", "3", Expiry::KeepTtl));
+        assert_eq!(
+            txn.to_json().unwrap(),
+            json!({"success": [
+                {"put": {"key": "a", "value": "1", "ttl_ms": 250}},
+                {"put": {"key": "b", "value": "2", "lease": 12}},
+                {"put": {"key": "c", "value": "3", "keep_ttl": true}},
+            ]})
+        );
+        let err = Txn::new()
+            .success(TxnOp::put_with("a", "1", Expiry::ttl_ms(0)))
+            .to_json()
+            .unwrap_err();
+        assert!(err.to_string().contains("success[0]"), "{err}");
+    }
+
+    #[test]
     fn an_empty_transaction_is_an_empty_object() {
         assert_eq!(Txn::new().to_json().unwrap(), json!({}));
         let reads = Txn::new()
@@ -595,6 +631,8 @@ mod tests {
             create_index: c,
             mod_index: m,
             version: v,
+            ttl_ms: None,
+            lease: None,
         };
         assert_eq!(
             answer,

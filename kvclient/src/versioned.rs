@@ -17,8 +17,10 @@ use reqwest::Method;
 
 use crate::client::{decode_success, Call, Client, RawResponse, Retry};
 use crate::error::{Error, Result};
+use crate::expiry::{Expiry, LeaseId, LEASE_HEADER, TTL_MS_HEADER};
 use crate::key::{encode_query_value, path_for_key, validate_key};
 use crate::wire::{DeleteOutcome, DeletePrefixOutcome, IndexResponse};
+use std::time::Duration;
 
 /// A value with its key's versions, from [`Client::get_versioned`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,11 @@ pub struct Versioned {
     /// The `ETag` as sent: `"<mod_index>"`, or in masterless mode the
     /// key's last-write-wins stamp.
     pub etag: Option<String>,
+    /// The milliseconds the key had left when read (`X-KV-TTL-Ms`, at
+    /// least 1), `None` for a permanent key (docs/DESIGN.md §2.15).
+    pub ttl_ms: Option<u64>,
+    /// The lease the key lives by (`X-KV-Lease`), if any (§2.16).
+    pub lease: Option<LeaseId>,
 }
 
 /// What must hold of a key for [`Client::put_if`] / [`Client::delete_if`]
@@ -59,6 +66,62 @@ impl Precondition {
             Precondition::Exists => (IF_MATCH, HeaderValue::from_static("*")),
             Precondition::Absent => (IF_NONE_MATCH, HeaderValue::from_static("*")),
         }
+    }
+}
+
+/// How a put writes: a deadline ([`Expiry`]) and a condition
+/// ([`Precondition`]), both optional; see [`crate::Client::put`].
+///
+/// ```
+/// use std::time::Duration;
+/// use kvclient::{PutOptions, Precondition};
+/// let create_for_a_minute = PutOptions::new()
+///     .ttl(Duration::from_secs(60))
+///     .precondition(Precondition::Absent);
+/// assert!(create_for_a_minute.expiry.is_some());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// The key's deadline; `None`: the key is permanent.
+    pub expiry: Option<Expiry>,
+    /// Write only if this holds (a conditional write, §2.12).
+    pub precondition: Option<Precondition>,
+}
+
+impl PutOptions {
+    /// A plain put: permanent, unconditional.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Expires `ttl` after the node takes the write.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.expiry = Some(Expiry::Ttl(ttl));
+        self
+    }
+
+    /// Lives as long as lease `id`.
+    pub fn lease(mut self, id: LeaseId) -> Self {
+        self.expiry = Some(Expiry::Lease(id));
+        self
+    }
+
+    /// Keeps the key's deadline or lease.
+    pub fn keep_ttl(mut self) -> Self {
+        self.expiry = Some(Expiry::KeepTtl);
+        self
+    }
+
+    /// Any [`Expiry`], or none.
+    pub fn expiry(mut self, expiry: Option<Expiry>) -> Self {
+        self.expiry = expiry;
+        self
+    }
+
+    /// Writes only if `precondition` holds.
+    pub fn precondition(mut self, precondition: Precondition) -> Self {
+        self.precondition = Some(precondition);
+        self
     }
 }
 
@@ -89,12 +152,28 @@ pub(crate) fn versioned_from(resp: RawResponse) -> Result<Versioned> {
         .get(ETAG)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let optional = |name: &'static str| {
+        resp.headers
+            .contains_key(name)
+            .then(|| number(name))
+            .transpose()
+    };
+    let (ttl_ms, lease) =
+        (|| Ok::<_, String>((optional(TTL_MS_HEADER)?, optional(LEASE_HEADER)?)))().map_err(
+            |reason| Error::Decode {
+                endpoint: resp.endpoint.clone(),
+                what: "versioned read",
+                reason,
+            },
+        )?;
     Ok(Versioned {
         value: resp.body,
         create_index,
         mod_index,
         version,
         etag,
+        ttl_ms,
+        lease,
     })
 }
 
@@ -173,14 +252,48 @@ impl Client {
         value: impl Into<Bytes>,
         precondition: Precondition,
     ) -> Result<u64> {
-        let path = path_for_key(key)?;
+        self.put(key, value, PutOptions::new().precondition(precondition))
+            .await
+    }
+
+    /// Stores `value` under `key` as `options` say: with a TTL, a lease or
+    /// keep-TTL (docs/DESIGN.md §2.15; none makes the key permanent), and
+    /// only if a [`Precondition`] holds. Returns the write's log index.
+    /// A lease that is not alive is [`Error::LeaseNotFound`], nothing
+    /// written; a conditional put fails and retries as [`Client::put_if`],
+    /// a plain one as [`Client::set`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: &kvclient::Client) -> kvclient::Result<()> {
+    /// use std::time::Duration;
+    /// use kvclient::PutOptions;
+    /// client
+    ///     .put("sessions/9", "ada", PutOptions::new().ttl(Duration::from_secs(30)))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn put(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        options: PutOptions,
+    ) -> Result<u64> {
+        let mut path = path_for_key(key)?;
+        if let Some(expiry) = options.expiry {
+            path = format!("{path}?{}", expiry.query()?);
+        }
+        let (headers, retry) = match options.precondition {
+            Some(pre) => (vec![pre.header()], Retry::UnlessMaybeWritten),
+            None => (Vec::new(), Retry::Idempotent),
+        };
         let resp = self
             .send(Call {
                 method: Method::PUT,
                 path: &path,
                 body: Some((value.into(), "application/octet-stream")),
-                headers: vec![precondition.header()],
-                retry: Retry::UnlessMaybeWritten,
+                headers,
+                retry,
             })
             .await?;
         let index: IndexResponse = decode_success(resp, "set response")?;
@@ -274,8 +387,30 @@ mod tests {
                 mod_index: 9,
                 version: 2,
                 etag: Some("\"9\"".into()),
+                ttl_ms: None,
+                lease: None,
             }
         );
+    }
+
+    #[test]
+    fn the_time_left_and_the_lease_come_from_their_headers() {
+        let versions = [
+            ("x-kv-mod-index", "9"),
+            ("x-kv-create-index", "3"),
+            ("x-kv-version", "2"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = versions.to_vec();
+            all.extend_from_slice(extra);
+            versioned_from(answer(&all))
+        };
+        let v = with(&[("x-kv-ttl-ms", "1500"), ("x-kv-lease", "77")]).unwrap();
+        assert_eq!((v.ttl_ms, v.lease), (Some(1500), Some(77)));
+        let v = with(&[("x-kv-ttl-ms", "1")]).unwrap();
+        assert_eq!((v.ttl_ms, v.lease), (Some(1), None));
+        let err = with(&[("x-kv-lease", "soon")]).unwrap_err();
+        assert!(err.to_string().contains("x-kv-lease"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Current, Error};
+use crate::expiry::{Expiry, ExpiryFields, LeaseId};
 
 /// A value as it appears in JSON: a UTF-8 string or `{"base64": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,28 @@ pub struct BulkItem {
     pub key: String,
     /// The value.
     pub value: WireValue,
+    /// Its deadline or lease, if any (docs/DESIGN.md §2.15).
+    #[serde(flatten)]
+    pub expiry: ExpiryFields,
+}
+
+impl BulkItem {
+    /// An item that makes the key permanent; UTF-8 values as strings,
+    /// others as base64.
+    pub fn new(key: impl Into<String>, value: &[u8]) -> Self {
+        BulkItem {
+            key: key.into(),
+            value: WireValue::from_bytes(value),
+            expiry: ExpiryFields::default(),
+        }
+    }
+
+    /// The same item with a TTL, a lease or keep-TTL; fails on a TTL the
+    /// node would refuse.
+    pub fn with_expiry(mut self, expiry: Expiry) -> Result<Self, Error> {
+        self.expiry = Expiry::fields(Some(expiry))?;
+        Ok(self)
+    }
 }
 
 /// Body of `POST /v1/bulk`: `{"items": [...]}`.
@@ -77,10 +100,7 @@ impl BulkRequest {
         BulkRequest {
             items: items
                 .iter()
-                .map(|(key, value)| BulkItem {
-                    key: key.clone(),
-                    value: WireValue::from_bytes(value),
-                })
+                .map(|(key, value)| BulkItem::new(key.clone(), value))
                 .collect(),
         }
     }
@@ -247,6 +267,11 @@ pub struct Item {
     pub mod_index: u64,
     /// Writes since its creation.
     pub version: u64,
+    /// The milliseconds it had left when read, `None` when permanent
+    /// (docs/DESIGN.md §2.15).
+    pub ttl_ms: Option<u64>,
+    /// The lease it lives by, if any.
+    pub lease: Option<LeaseId>,
 }
 
 /// [`Item`] as JSON: the value as a string or `{"base64"}`.
@@ -261,6 +286,10 @@ struct ItemWire {
     mod_index: u64,
     #[serde(default)]
     version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseId>,
 }
 
 impl TryFrom<ItemWire> for Item {
@@ -277,6 +306,8 @@ impl TryFrom<ItemWire> for Item {
             create_index: wire.create_index,
             mod_index: wire.mod_index,
             version: wire.version,
+            ttl_ms: wire.ttl_ms,
+            lease: wire.lease,
         })
     }
 }
@@ -289,6 +320,8 @@ impl From<Item> for ItemWire {
             create_index: item.create_index,
             mod_index: item.mod_index,
             version: item.version,
+            ttl_ms: item.ttl_ms,
+            lease: item.lease,
         }
     }
 }
@@ -346,10 +379,21 @@ pub(crate) struct CompareWire {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum OpWire {
-    Put { key: String, value: WireValue },
-    Delete { key: String },
-    DeletePrefix { prefix: String },
-    Get { key: String },
+    Put {
+        key: String,
+        value: WireValue,
+        #[serde(flatten)]
+        expiry: ExpiryFields,
+    },
+    Delete {
+        key: String,
+    },
+    DeletePrefix {
+        prefix: String,
+    },
+    Get {
+        key: String,
+    },
     Range(RangeOpWire),
 }
 
@@ -461,6 +505,57 @@ mod tests {
         let text = serde_json::to_string(&BulkRequest::from_pairs(&items)).unwrap();
         let back: BulkRequest = serde_json::from_str(&text).unwrap();
         assert_eq!(back.to_pairs().unwrap(), items);
+    }
+
+    #[test]
+    fn bulk_items_carry_their_expiry_fields() {
+        let body = BulkRequest {
+            items: vec![
+                BulkItem::new("a", b"1")
+                    .with_expiry(Expiry::ttl_ms(500))
+                    .unwrap(),
+                BulkItem::new("b", b"2")
+                    .with_expiry(Expiry::Lease(9))
+                    .unwrap(),
+                BulkItem::new("c", b"3")
+                    .with_expiry(Expiry::KeepTtl)
+                    .unwrap(),
+                BulkItem::new("d", b"4"),
+            ],
+        };
+        assert_eq!(
+            serde_json::to_value(&body).unwrap(),
+            json!({"items": [
+                {"key": "a", "value": "1", "ttl_ms": 500},
+                {"key": "b", "value": "2", "lease": 9},
+                {"key": "c", "value": "3", "keep_ttl": true},
+                {"key": "d", "value": "4"},
+            ]})
+        );
+        let back: BulkRequest =
+            serde_json::from_value(serde_json::to_value(&body).unwrap()).unwrap();
+        assert_eq!(back, body);
+        assert!(BulkItem::new("e", b"")
+            .with_expiry(Expiry::ttl_ms(0))
+            .is_err());
+    }
+
+    #[test]
+    fn range_items_report_their_deadline_and_lease() {
+        let item: Item = serde_json::from_value(json!(
+            {"key": "k", "value": "v", "create_index": 1, "mod_index": 2, "version": 2, "ttl_ms": 900, "lease": 5}
+        ))
+        .unwrap();
+        assert_eq!((item.ttl_ms, item.lease), (Some(900), Some(5)));
+        let permanent: Item = serde_json::from_value(
+            json!({"key": "k", "create_index": 1, "mod_index": 1, "version": 1}),
+        )
+        .unwrap();
+        assert_eq!((permanent.ttl_ms, permanent.lease), (None, None));
+        assert_eq!(
+            serde_json::to_value(&item).unwrap(),
+            json!({"key": "k", "value": "v", "create_index": 1, "mod_index": 2, "version": 2, "ttl_ms": 900, "lease": 5})
+        );
     }
 
     #[test]

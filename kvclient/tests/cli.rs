@@ -47,8 +47,9 @@ fn assert_one_line_failure(output: &std::process::Output, code: i32) -> String {
     stderr
 }
 
-const SUBCOMMANDS: [&str; 9] = [
-    "get", "set", "del", "ls", "txn", "bulk", "status", "search", "similar",
+const SUBCOMMANDS: [&str; 12] = [
+    "get", "set", "del", "ls", "txn", "bulk", "status", "search", "similar", "lease", "lock",
+    "watch",
 ];
 
 #[test]
@@ -76,6 +77,8 @@ fn help_describes_every_subcommand_and_the_exit_codes() {
         "1  `get`: the key does not exist",
         "2  any other failure",
         "3  a precondition failed",
+        "4  `lock`: the lock was lost",
+        "5  `lock`: the lock was not taken",
     ] {
         assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
     }
@@ -122,6 +125,16 @@ fn bad_arguments_exit_2_with_one_line() {
         ),
         (vec!["del", "--prefix", "p", "k"], "--prefix"),
         (vec!["ls", "--page-size", "0"], "--page-size"),
+        (
+            vec!["set", "k", "v", "--ttl-ms", "5", "--keep-ttl"],
+            "--keep-ttl",
+        ),
+        (vec!["lease", "grant"], "<TTL_MS>"),
+        (vec!["lease", "show", "x"], "x"),
+        (vec!["lock", "l"], "<CMD>"),
+        (vec!["lock", "l", "--ttl-ms", "1", "--", "true"], "--ttl-ms"),
+        (vec!["watch", "p/", "--key", "k"], "--key"),
+        (vec!["watch", "--from-index", "soon"], "soon"),
     ] {
         let output = kvclient().args(&args).output().unwrap();
         let stderr = assert_one_line_failure(&output, 2);
@@ -165,8 +178,11 @@ fn endpoints_come_from_the_environment() {
 #[test]
 fn local_errors_are_reported_before_any_request() {
     let endpoint = format!("http://127.0.0.1:{}", unused_port());
-    let cases: [(&[&str], &str, &str); 7] = [
+    let cases: [(&[&str], &str, &str); 10] = [
         (&["get", ""], "", "invalid key"),
+        (&["set", "k", "v", "--ttl-ms", "0"], "", "TTL"),
+        (&["lease", "grant", "0"], "", "TTL"),
+        (&["watch", "--key", ""], "", "invalid key"),
         (&["del", "--prefix", ""], "", "prefix to delete is empty"),
         (&["txn"], "{not json", "parsing the transaction JSON"),
         (

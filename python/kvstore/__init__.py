@@ -14,6 +14,7 @@ helpers that start real kvd/kvsup processes.
 from .client import BulkResult, Item, KVClient, Response, SearchHit, Versioned
 from .codec import Value
 from .errors import (
+    CompactedError,
     ConnectError,
     Current,
     InvalidKeyError,
@@ -21,6 +22,8 @@ from .errors import (
     InvalidValueError,
     KVError,
     KVTimeoutError,
+    LeaseNotFoundError,
+    LockTimeoutError,
     PreconditionFailedError,
     ServerError,
     TransportError,
@@ -48,5 +51,8 @@ __all__ = [
     "InvalidValueError",
     "InvalidRequestError",
     "PreconditionFailedError",
+    "LeaseNotFoundError",
+    "LockTimeoutError",
+    "CompactedError",
     "__version__",
 ]

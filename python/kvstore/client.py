@@ -50,12 +50,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from .codec import Value, decode_value, encode_value
 from .errors import (
     RETRYABLE_STATUSES,
+    CompactedError,
     ConfigError,
     ConnectError,
     Current,
@@ -65,6 +66,7 @@ from .errors import (
     InvalidRequestError,
     KVError,
     KVTimeoutError,
+    LeaseNotFoundError,
     NoPrimaryError,
     PreconditionFailedError,
     RedirectLoopError,
@@ -73,6 +75,10 @@ from .errors import (
     TransportError,
     UnavailableError,
 )
+
+if TYPE_CHECKING:
+    from .lock import Lock
+    from .watch import Watch
 
 __all__ = [
     "KVClient",
@@ -109,6 +115,14 @@ KEY_NOT_FOUND = "key_not_found"
 MOD_INDEX_HEADER = "X-KV-Mod-Index"
 CREATE_INDEX_HEADER = "X-KV-Create-Index"
 VERSION_HEADER = "X-KV-Version"
+
+#: Headers of a key with a deadline (docs/DESIGN.md §2.15): the milliseconds
+#: it has left, and its lease.
+TTL_MS_HEADER = "X-KV-TTL-Ms"
+LEASE_HEADER = "X-KV-Lease"
+
+#: The longest TTL the node takes: ten years, in milliseconds.
+MAX_TTL_MS = 315_360_000_000
 
 #: Most keys one range page may ask for.
 MAX_PAGE_SIZE = 10_000
@@ -156,6 +170,10 @@ class Item:
     mod_index: int
     #: Writes since its creation (1 after the first).
     version: int
+    #: The milliseconds it had left when read; ``None`` when permanent.
+    ttl_ms: int | None = None
+    #: The lease it lives by, if any.
+    lease: int | None = None
 
     @property
     def value(self) -> Any:
@@ -176,6 +194,11 @@ class Versioned:
     version: int
     #: The ``ETag`` as sent (``"<mod_index>"``; masterless: the key's stamp).
     etag: str | None
+    #: The milliseconds the key had left (``X-KV-TTL-Ms``); ``None`` when
+    #: it is permanent (docs/DESIGN.md §2.15).
+    ttl_ms: int | None = None
+    #: The lease it lives by (``X-KV-Lease``), if any (§2.16).
+    lease: int | None = None
 
     @property
     def value(self) -> Any:
@@ -522,6 +545,9 @@ class KVClient:
         if_version: int | None = None,
         if_absent: bool = False,
         debug_flaky: float | None = None,
+        ttl_ms: int | None = None,
+        lease: int | None = None,
+        keep_ttl: bool = False,
     ) -> int:
         """Stores ``value`` under ``key`` (bytes raw, anything else as JSON)
         and returns the write's log index (the key's new ``mod_index``) once
@@ -535,13 +561,24 @@ class KVClient:
         ``outcome_unknown`` true; read the key back to learn what happened
         (a value that names its writer makes that read decisive).
         ``debug_flaky=P`` (nodes with ``--enable-debug``) logs the write but
-        skips applying it with probability P (docs/DESIGN.md §2.9)."""
+        skips applying it with probability P (docs/DESIGN.md §2.9).
+
+        At most one of ``ttl_ms=N`` (the key expires N ms after the node
+        takes the write), ``lease=ID`` (it lives as long as the lease; a
+        lease that is not alive raises
+        :class:`~kvstore.errors.LeaseNotFoundError`, nothing written) and
+        ``keep_ttl=True`` (it keeps the deadline or lease it had); without
+        any the key is permanent (docs/DESIGN.md §2.15)."""
         headers = _precondition(if_version, if_absent)
+        expiry = _expiry_params(ttl_ms, lease, keep_ttl)
         if headers and debug_flaky is not None:
             # The node refuses it too (400): a conditional write is a
             # transaction, which debug_flaky does not apply to.
             raise InvalidRequestError("debug_flaky does not go with if_version or if_absent")
         path = key_path(key) + _flaky_query(debug_flaky)
+        if expiry:
+            query = "&".join(f"{k}={v}" for k, v in expiry.items())
+            path += ("&" if "?" in path else "?") + query
         body = encode_value(value)
         resp = self._execute(
             "PUT", path, body, "application/octet-stream", headers, conditional=bool(headers)
@@ -678,6 +715,96 @@ class KVClient:
                 f"cannot decode bulk response from {resp.endpoint}: {err!r}",
                 endpoint=resp.endpoint,
             ) from err
+
+    # -- leases, locks, watch (docs/DESIGN.md §2.16, §2.17, §9.1) -------
+
+    def lease_grant(self, ttl_ms: int) -> int:
+        """Grants a lease of ``ttl_ms`` (1 ms ..= ten years); returns its id.
+        Retried as a plain write: a repeated grant only makes a lease nobody
+        holds, which expires."""
+        body = json.dumps({"ttl_ms": _ttl_ms(ttl_ms)}).encode("utf-8")
+        resp = self._execute("POST", "/v1/leases", body, "application/json")
+        return int(_decode_field(resp, "lease grant answer", "id", int))
+
+    def lease_keepalive(self, lease: int) -> dict[str, Any]:
+        """Moves the lease's deadline to now + its TTL; returns the answer
+        ``{"id", "ttl_ms", "index"}``. :class:`~kvstore.errors.LeaseNotFoundError`
+        once it is not alive (its deadline passed, for good)."""
+        path = f"/v1/leases/{_lease_id(lease)}/keepalive"
+        doc = _decode_json(self._execute("POST", path, None, None), "lease keepalive answer")
+        if not isinstance(doc, dict):
+            raise DecodeError("lease keepalive answer is not a JSON object")
+        return doc
+
+    def lease_revoke(self, lease: int) -> int:
+        """Ends the lease and deletes its keys, in one record; returns how
+        many keys went. Retried only after failures that wrote nothing (a
+        retry after its own success would be refused, 404)."""
+        path = f"/v1/leases/{_lease_id(lease)}"
+        resp = self._execute("DELETE", path, None, None, conditional=True)
+        return int(_decode_field(resp, "lease revoke answer", "deleted", int))
+
+    def lease_info(self, lease: int) -> dict[str, Any] | None:
+        """``{"id", "ttl_ms", "remaining_ms", "keys", "more"}``, or ``None``
+        once the lease is not alive on the answering node."""
+        resp = self._execute("GET", f"/v1/leases/{_lease_id(lease)}", None, None)
+        try:
+            doc = _decode_json(resp, "lease info")
+        except LeaseNotFoundError:
+            return None
+        if not isinstance(doc, dict):
+            raise DecodeError("lease info is not a JSON object")
+        return doc
+
+    def lock(self, name: str, ttl_ms: int = 10_000, wait_s: float | None = None) -> Lock:
+        """A lock over a lease, as a context manager::
+
+            with kv.lock("locks/report", ttl_ms=5000, wait_s=10) as held:
+                write_report(fencing_token=held.token)
+                if held.lost():
+                    ...  # stop using the token
+
+        Entering takes it (:class:`~kvstore.errors.LockTimeoutError` when not
+        taken within ``wait_s``; ``None``: wait as long as it takes); a
+        thread keeps the lease alive every ``ttl_ms / 3``; leaving releases
+        it. See :mod:`kvstore.lock`."""
+        from .lock import Lock
+
+        return Lock(self, name, ttl_ms=ttl_ms, wait_s=wait_s)
+
+    def watch(
+        self,
+        prefix: str | None = None,
+        *,
+        key: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        from_index: int | None = None,
+        prev_value: bool = False,
+        progress_ms: int = 1000,
+        reconnect_s: float | None = None,
+    ) -> Watch:
+        """The changes to ``key``, the keys under ``prefix`` or in ``[start,
+        end)`` (every key without any), as an iterator of event dicts
+        (docs/DESIGN.md §2.17) that resumes by itself on another node after a
+        broken connection or ``watcher_too_slow``, so each event comes once,
+        in order; progress events too. :class:`~kvstore.errors.CompactedError`
+        when the node no longer holds the index to resume from. ``close()``
+        ends it. Failures in a row last at most ``reconnect_s`` (default:
+        the client's ``retry_deadline``). See :mod:`kvstore.watch`."""
+        from .watch import Watch
+
+        return Watch(
+            self,
+            prefix=prefix,
+            key=key,
+            start=start,
+            end=end,
+            from_index=from_index,
+            prev_value=prev_value,
+            progress_ms=progress_ms,
+            reconnect_s=self.retry_deadline if reconnect_s is None else reconnect_s,
+        )
 
     def _items(
         self, params: dict[str, str], keys_only: bool, page_size: int | None, consistent: bool
@@ -972,13 +1099,49 @@ def _versioned(resp: Response) -> Versioned:
             )
         return int(value)
 
+    def optional(name: str) -> int | None:
+        return number(name) if name.lower() in resp.headers else None
+
     return Versioned(
         raw=resp.body,
         create_index=number(CREATE_INDEX_HEADER),
         mod_index=number(MOD_INDEX_HEADER),
         version=number(VERSION_HEADER),
         etag=resp.headers.get("etag"),
+        ttl_ms=optional(TTL_MS_HEADER),
+        lease=optional(LEASE_HEADER),
     )
+
+
+def _expiry_params(ttl_ms: int | None, lease: int | None, keep_ttl: bool) -> dict[str, str]:
+    """The query parameter of a put's deadline (docs/DESIGN.md §2.15), after
+    the checks the node makes (400 ``invalid_ttl``)."""
+    flags = (("ttl_ms", ttl_ms is not None), ("lease", lease is not None), ("keep_ttl", keep_ttl))
+    given = [name for name, on in flags if on]
+    if len(given) > 1:
+        raise InvalidRequestError(f"{' and '.join(given)} exclude each other")
+    if ttl_ms is not None:
+        return {"ttl_ms": str(_ttl_ms(ttl_ms))}
+    if lease is not None:
+        return {"lease": str(_lease_id(lease))}
+    if keep_ttl:
+        return {"keep_ttl": "true"}
+    return {}
+
+
+def _ttl_ms(ttl_ms: int) -> int:
+    """A TTL the node takes: an int of 1 ..= ten years in milliseconds."""
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 1 <= ttl_ms <= MAX_TTL_MS:
+        raise InvalidRequestError(
+            f"ttl_ms must be an int within 1 ..= {MAX_TTL_MS} (ten years), not {ttl_ms!r}"
+        )
+    return ttl_ms
+
+
+def _lease_id(lease: int) -> int:
+    if isinstance(lease, bool) or not isinstance(lease, int) or lease < 0:
+        raise InvalidRequestError(f"a lease id is an int >= 0, not {lease!r}")
+    return lease
 
 
 def _precondition(if_version: int | None, if_absent: bool) -> dict[str, str]:
@@ -1056,6 +1219,8 @@ def _item(raw: Mapping[str, Any]) -> Item:
         create_index=int(raw["create_index"]),
         mod_index=int(raw["mod_index"]),
         version=int(raw["version"]),
+        ttl_ms=None if raw.get("ttl_ms") is None else int(raw["ttl_ms"]),
+        lease=None if raw.get("lease") is None else int(raw["lease"]),
     )
 
 
@@ -1136,6 +1301,17 @@ def _server_error(resp: Response) -> ServerError:
             message = _one_line(detail["message"])
     except (ValueError, TypeError, KeyError, AttributeError):
         pass
+    if status == 404 and code == "lease_not_found":
+        return LeaseNotFoundError(
+            message or fallback(), endpoint=resp.endpoint, status=404, code=code
+        )
+    if status == 410 and code == "compacted":
+        oldest = 0
+        try:
+            oldest = int(json.loads(resp.body).get("oldest_index", 0))
+        except (ValueError, TypeError, AttributeError):
+            pass
+        return CompactedError(message or fallback(), endpoint=resp.endpoint, oldest_index=oldest)
     if status == 412 and code == "precondition_failed":
         current = _current(resp.body)
         if current is not None:

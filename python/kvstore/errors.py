@@ -36,6 +36,9 @@ __all__ = [
     "NoPrimaryError",
     "InvalidRequestError",
     "PreconditionFailedError",
+    "LeaseNotFoundError",
+    "CompactedError",
+    "LockTimeoutError",
     "Current",
     "RETRYABLE_STATUSES",
     "NOT_APPLIED_CODES",
@@ -183,6 +186,22 @@ class PreconditionFailedError(ServerError):
         return f"{self.endpoint} answered 412: {self.message} ({self.code}; {self.current})"
 
 
+class LeaseNotFoundError(ServerError):
+    """404 ``lease_not_found``: the lease named is not alive (expired,
+    revoked or never granted); nothing was written (docs/DESIGN.md §2.16)."""
+
+
+class CompactedError(ServerError):
+    """A watch asked for records the node no longer holds (410
+    ``compacted``, or an error event ``compacted``). ``oldest_index`` is the
+    first index it can stream from: re-read the range and watch from the
+    page's ``index`` + 1."""
+
+    def __init__(self, message: str, *, endpoint: str, oldest_index: int) -> None:
+        super().__init__(message, endpoint=endpoint, status=410, code="compacted")
+        self.oldest_index = oldest_index
+
+
 class UnavailableError(ServerError):
     """A retryable error status (429, 502, 503, 504): overloaded, paused, or a
     write that did not commit in time (it may still commit; retrying a write
@@ -244,6 +263,12 @@ class InvalidRequestError(KVError, ValueError):
     range, a range that starts after its end); nothing was sent."""
 
     code = "invalid_request"
+
+
+class LockTimeoutError(KVError, TimeoutError):
+    """A lock was not taken within its ``wait_s``."""
+
+    code = "lock_timeout"
 
 
 class NoPrimaryError(KVError):

@@ -445,6 +445,33 @@ fn sample_records() -> Vec<Record> {
                 }),
             ],
         },
+        Op::LeaseGrant { ttl_ms: 5_000 },
+        Op::Put {
+            key: b(b"session/1"),
+            value: b(b"alive"),
+            expiry: Expiry::Lease(9),
+        },
+        Op::Bulk {
+            items: vec![
+                (b(b"c/1"), b(b"x"), Expiry::At(1_700_000_060_000)),
+                (b(b"c/2"), b(b"y"), Expiry::Never),
+            ],
+        },
+        Op::Txn {
+            ops: vec![TxnOp::Put {
+                key: b(b"c/1"),
+                value: b(b"z"),
+                expiry: Expiry::Keep,
+            }],
+        },
+        Op::LeaseKeepAlive { id: 9 },
+        Op::Expire {
+            keys: vec![(b(b"c/1"), 12)],
+        },
+        Op::LeaseRevoke {
+            id: 9,
+            expired: true,
+        },
     ];
     ops.into_iter()
         .enumerate()

@@ -3,7 +3,7 @@
 //! A record is one log entry. A bulk set is ONE record, which is what makes
 //! it atomic across a crash: the frame checksum covers every item at once.
 //!
-//! # Frame format (WAL format version 2; docs/DESIGN.md §3.3), all integers little-endian
+//! # Frame format (WAL format version 3; docs/DESIGN.md §3.3), all integers little-endian
 //!
 //! ```text
 //! +---------+---------+--------------------------------------+
@@ -29,12 +29,22 @@
 //!              4 get           key_len u32, key
 //!              5 range         start_len u32, start, has_end u8, [end_len u32, end],
 //!                              limit u32, keys_only u8
+//!              6 put_expiring  as put, then expiry
+//!   6 PutExpiring    as Put, then expiry
+//!   7 BulkExpiring   as Bulk, each item followed by its expiry (kind 0 allowed)
+//!   8 Expire         count u32 (1..=1000), then count x (key_len u32, key, mod_index u64)
+//!   9 LeaseGrant     ttl_ms u64
+//!  10 LeaseKeepAlive id u64
+//!  11 LeaseRevoke    id u64, expired u8
+//! expiry: kind u8 (0 never, 1 deadline, 2 lease, 3 keep), u64
 //! ```
 //!
+//! A write without an expiry keeps the format 2 encoding (ops 1, 3, tag 1),
+//! so it costs nothing more; the expiring ops are its one encoding otherwise.
 //! A Txn record is the branch a transaction chose, resolved by the node that
 //! took it (its compares are not logged); its reads are logged so that the
 //! node answering runs them at the record's place. Version 1 (the first
-//! release) has ops 1 to 4 only.
+//! release) has ops 1 to 4 only, version 2 ops 1 to 5.
 //!
 //! The timestamp is a hybrid-logical-clock triple so that masterless mode can
 //! order writes last-write-wins without changing the format; a single node
@@ -43,7 +53,9 @@
 use bytes::Bytes;
 
 use super::Error;
-use crate::model::{Expiry, KeyRange, RangeRead, TxnOp, MAX_RANGE_LIMIT, MAX_TXN_OPS};
+use crate::model::{
+    Expiry, KeyRange, RangeRead, TxnOp, MAX_EXPIRE_KEYS, MAX_RANGE_LIMIT, MAX_TTL_MS, MAX_TXN_OPS,
+};
 
 /// Bytes before the payload: length and checksum.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -55,18 +67,51 @@ pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
 pub use crate::model::{Op, Record, Timestamp};
 
+/// The highest op code (LeaseRevoke).
+const MAX_OP_CODE: u8 = 11;
+
+/// Bytes an encoded [`Expiry`] takes: its kind and a u64.
+const EXPIRY_BYTES: usize = 9;
+
+/// Whether a bulk needs the format 3 op (an item with an expiry).
+fn bulk_expires(items: &[(Bytes, Bytes, Expiry)]) -> bool {
+    items.iter().any(|(_, _, e)| *e != Expiry::Never)
+}
+
 impl Op {
     fn code(&self) -> u8 {
         match self {
+            Op::Put { expiry, .. } if *expiry != Expiry::Never => 6,
             Op::Put { .. } => 1,
             Op::Delete { .. } => 2,
+            Op::Bulk { items } if bulk_expires(items) => 7,
             Op::Bulk { .. } => 3,
             Op::Noop => 4,
             Op::Txn { .. } => 5,
-            Op::Expire { .. }
-            | Op::LeaseGrant { .. }
-            | Op::LeaseKeepAlive { .. }
-            | Op::LeaseRevoke { .. } => unimplemented!("the encoding of expiry and lease records"),
+            Op::Expire { .. } => 8,
+            Op::LeaseGrant { .. } => 9,
+            Op::LeaseKeepAlive { .. } => 10,
+            Op::LeaseRevoke { .. } => 11,
+        }
+    }
+
+    /// The oldest WAL segment version that may hold this op: a segment of
+    /// an older format holding it is damage (docs/DESIGN.md §3.3).
+    pub fn min_segment_version(&self) -> u32 {
+        match self.code() {
+            1..=4 => 1,
+            5 => {
+                let Op::Txn { ops } = self else { return 2 };
+                let expires = ops
+                    .iter()
+                    .any(|op| matches!(op, TxnOp::Put { expiry, .. } if *expiry != Expiry::Never));
+                if expires {
+                    3
+                } else {
+                    2
+                }
+            }
+            _ => 3,
         }
     }
 
@@ -75,19 +120,26 @@ impl Op {
         PAYLOAD_FIXED_BYTES
             + match self {
                 Op::Txn { ops } => 4 + ops.iter().map(txn_op_len).sum::<usize>(),
-                Op::Put { key, value, .. } => 8 + key.len() + value.len(),
+                Op::Put { key, value, expiry } => {
+                    let e = if *expiry == Expiry::Never {
+                        0
+                    } else {
+                        EXPIRY_BYTES
+                    };
+                    8 + key.len() + value.len() + e
+                }
                 Op::Delete { key } => 4 + key.len(),
                 Op::Bulk { items } => {
+                    let e = if bulk_expires(items) { EXPIRY_BYTES } else { 0 };
                     4 + items
                         .iter()
-                        .map(|(k, v, _)| 8 + k.len() + v.len())
+                        .map(|(k, v, _)| 8 + k.len() + v.len() + e)
                         .sum::<usize>()
                 }
                 Op::Noop => 0,
-                Op::Expire { .. }
-                | Op::LeaseGrant { .. }
-                | Op::LeaseKeepAlive { .. }
-                | Op::LeaseRevoke { .. } => 0,
+                Op::Expire { keys } => 4 + keys.iter().map(|(k, _)| 12 + k.len()).sum::<usize>(),
+                Op::LeaseGrant { .. } | Op::LeaseKeepAlive { .. } => 8,
+                Op::LeaseRevoke { .. } => 9,
             }
     }
 }
@@ -95,7 +147,14 @@ impl Op {
 /// Bytes one op of a Txn record takes.
 fn txn_op_len(op: &TxnOp) -> usize {
     1 + match op {
-        TxnOp::Put { key, value, .. } => 8 + key.len() + value.len(),
+        TxnOp::Put { key, value, expiry } => {
+            let e = if *expiry == Expiry::Never {
+                0
+            } else {
+                EXPIRY_BYTES
+            };
+            8 + key.len() + value.len() + e
+        }
         TxnOp::Delete { key } | TxnOp::Get { key } => 4 + key.len(),
         TxnOp::DeletePrefix { prefix } => 4 + prefix.len(),
         TxnOp::Range(r) => {
@@ -108,12 +167,28 @@ fn txn_op_len(op: &TxnOp) -> usize {
 /// bounds a count by the payload.
 const MIN_TXN_OP_BYTES: usize = 5;
 
+/// `kind u8, u64`: 0 never, 1 a deadline, 2 a lease, 3 keep.
+fn put_expiry(out: &mut Vec<u8>, expiry: Expiry) {
+    let (kind, n) = match expiry {
+        Expiry::Never => (0u8, 0u64),
+        Expiry::At(deadline) => (1, deadline),
+        Expiry::Lease(id) => (2, id),
+        Expiry::Keep => (3, 0),
+    };
+    out.push(kind);
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
 fn put_txn_op(out: &mut Vec<u8>, op: &TxnOp) {
     match op {
-        TxnOp::Put { key, value, .. } => {
-            out.push(1);
+        TxnOp::Put { key, value, expiry } => {
+            let expires = *expiry != Expiry::Never;
+            out.push(if expires { 6 } else { 1 });
             put_bytes(out, key);
             put_bytes(out, value);
+            if expires {
+                put_expiry(out, *expiry);
+            }
         }
         TxnOp::Delete { key } => {
             out.push(2);
@@ -152,12 +227,76 @@ impl Reader<'_> {
         }
     }
 
+    /// An expiry as [`put_expiry`] wrote it; `never`: whether kind 0 may
+    /// appear here (only in a BulkExpiring item: elsewhere the op without
+    /// an expiry is the one encoding).
+    fn expiry(&mut self, never: bool) -> Result<Expiry, Error> {
+        let (kind, n) = (self.u8()?, self.u64()?);
+        match (kind, n) {
+            (0, 0) if never => Ok(Expiry::Never),
+            (1, deadline) => Ok(Expiry::At(deadline)),
+            (2, id) if id > 0 => Ok(Expiry::Lease(id)),
+            (3, 0) => Ok(Expiry::Keep),
+            _ => Err(Error::Decode(format!(
+                "invalid expiry (kind {kind}, value {n})"
+            ))),
+        }
+    }
+
+    fn items(&mut self, expiring: bool) -> Result<Vec<(Bytes, Bytes, Expiry)>, Error> {
+        let n = self.u32()? as usize;
+        // Each item takes at least 8 bytes, which bounds `n` by the
+        // payload so a corrupt count cannot make us over-allocate.
+        if n > (self.buf.len() - self.pos) / 8 {
+            return Err(Error::Decode("bulk item count exceeds payload".into()));
+        }
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (key, value) = (self.bytes()?, self.bytes()?);
+            let expiry = if expiring {
+                self.expiry(true)?
+            } else {
+                Expiry::Never
+            };
+            items.push((key, value, expiry));
+        }
+        if expiring && !bulk_expires(&items) {
+            return Err(Error::Decode("an expiring bulk with no expiry".into()));
+        }
+        Ok(items)
+    }
+
+    fn expire(&mut self) -> Result<Op, Error> {
+        let n = self.u32()? as usize;
+        if n == 0 || n > MAX_EXPIRE_KEYS || n > (self.buf.len() - self.pos) / 12 {
+            return Err(Error::Decode(format!(
+                "expire record names {n} keys; it must name 1 to {MAX_EXPIRE_KEYS}"
+            )));
+        }
+        let keys = (0..n)
+            .map(|_| Ok((self.bytes()?, self.u64()?)))
+            .collect::<Result<_, Error>>()?;
+        Ok(Op::Expire { keys })
+    }
+
+    fn lease_id(&mut self) -> Result<u64, Error> {
+        match self.u64()? {
+            0 => Err(Error::Decode("lease id 0".into())),
+            id => Ok(id),
+        }
+    }
+
     fn txn_op(&mut self) -> Result<TxnOp, Error> {
         Ok(match self.u8()? {
             1 => TxnOp::Put {
                 key: self.bytes()?,
                 value: self.bytes()?,
                 expiry: Expiry::Never,
+            },
+            6 => TxnOp::Put {
+                key: self.bytes()?,
+                value: self.bytes()?,
+                expiry: self.expiry(false)?,
             },
             2 => TxnOp::Delete { key: self.bytes()? },
             3 => TxnOp::DeletePrefix {
@@ -221,21 +360,29 @@ impl Record {
                 expiry: Expiry::Never,
             },
             2 => Op::Delete { key: r.bytes()? },
-            3 => {
-                let n = r.u32()? as usize;
-                // Each item takes at least 8 bytes, which bounds `n` by the
-                // payload so a corrupt count cannot make us over-allocate.
-                if n > (p.len() - r.pos) / 8 {
-                    return Err(Error::Decode("bulk item count exceeds payload".into()));
-                }
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push((r.bytes()?, r.bytes()?, Expiry::Never));
-                }
-                Op::Bulk { items }
-            }
+            3 => Op::Bulk {
+                items: r.items(false)?,
+            },
             4 => Op::Noop,
             5 => r.txn()?,
+            6 => Op::Put {
+                key: r.bytes()?,
+                value: r.bytes()?,
+                expiry: r.expiry(false)?,
+            },
+            7 => Op::Bulk {
+                items: r.items(true)?,
+            },
+            8 => r.expire()?,
+            9 => match r.u64()? {
+                ttl_ms @ 1..=MAX_TTL_MS => Op::LeaseGrant { ttl_ms },
+                ttl_ms => return Err(Error::Decode(format!("lease TTL {ttl_ms} ms"))),
+            },
+            10 => Op::LeaseKeepAlive { id: r.lease_id()? },
+            11 => Op::LeaseRevoke {
+                id: r.lease_id()?,
+                expired: r.flag()?,
+            },
             other => return Err(Error::Decode(format!("unknown op code {other}"))),
         };
         if r.pos != p.len() {
@@ -318,23 +465,39 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
                 put_txn_op(out, op);
             }
         }
-        Op::Put { key, value, .. } => {
+        Op::Put { key, value, expiry } => {
             put_bytes(out, key);
             put_bytes(out, value);
+            if *expiry != Expiry::Never {
+                put_expiry(out, *expiry);
+            }
         }
         Op::Delete { key } => put_bytes(out, key),
         Op::Bulk { items } => {
+            let expiring = bulk_expires(items);
             out.extend_from_slice(&len_u32(items.len()).to_le_bytes());
-            for (k, v, _) in items {
+            for (k, v, e) in items {
                 put_bytes(out, k);
                 put_bytes(out, v);
+                if expiring {
+                    put_expiry(out, *e);
+                }
             }
         }
         Op::Noop => {}
-        Op::Expire { .. }
-        | Op::LeaseGrant { .. }
-        | Op::LeaseKeepAlive { .. }
-        | Op::LeaseRevoke { .. } => unimplemented!("the encoding of expiry and lease records"),
+        Op::Expire { keys } => {
+            out.extend_from_slice(&len_u32(keys.len()).to_le_bytes());
+            for (k, mod_index) in keys {
+                put_bytes(out, k);
+                out.extend_from_slice(&mod_index.to_le_bytes());
+            }
+        }
+        Op::LeaseGrant { ttl_ms } => out.extend_from_slice(&ttl_ms.to_le_bytes()),
+        Op::LeaseKeepAlive { id } => out.extend_from_slice(&id.to_le_bytes()),
+        Op::LeaseRevoke { id, expired } => {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(u8::from(*expired));
+        }
     }
     let payload_len = out.len() - start - FRAME_HEADER_BYTES;
     assert!(
@@ -407,11 +570,23 @@ pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
                     .map_err(|e| format!("items[{i}]: {e}"))
             })
         }
-        Op::Noop => Ok(()),
-        Op::Expire { .. }
-        | Op::LeaseGrant { .. }
-        | Op::LeaseKeepAlive { .. }
-        | Op::LeaseRevoke { .. } => Ok(()),
+        Op::Noop | Op::LeaseKeepAlive { .. } | Op::LeaseRevoke { .. } => Ok(()),
+        Op::Expire { keys } => {
+            if keys.is_empty() || keys.len() > MAX_EXPIRE_KEYS {
+                return Err(format!(
+                    "expire record names {} keys; it must name 1 to {MAX_EXPIRE_KEYS}",
+                    keys.len()
+                ));
+            }
+            keys.iter().try_for_each(|(k, _)| validate_key(k))
+        }
+        Op::LeaseGrant { ttl_ms } => {
+            if (1..=MAX_TTL_MS).contains(ttl_ms) {
+                Ok(())
+            } else {
+                Err(format!("lease TTL {ttl_ms} ms is not 1..={MAX_TTL_MS}"))
+            }
+        }
     }
 }
 
@@ -542,7 +717,7 @@ pub fn valid_record_at(buf: &[u8], off: usize, min_index: u64) -> bool {
         return false;
     }
     let op = rest[FRAME_HEADER_BYTES];
-    if !(1..=5).contains(&op) {
+    if !(1..=MAX_OP_CODE).contains(&op) {
         return false;
     }
     let mut idx = [0u8; 8];
@@ -642,7 +817,7 @@ mod tests {
             Op::Noop,
             txn_sample(),
         ];
-        for op in ops {
+        for op in ops.into_iter().chain(expiring_samples()) {
             let rec = Record { op, ..sample() };
             let mut buf = Vec::new();
             rec.encode_into(&mut buf);
@@ -655,6 +830,134 @@ mod tests {
                 other => panic!("expected valid frame, got {other:?}"),
             }
         }
+    }
+
+    /// One of each op and field of WAL format 3.
+    fn expiring_samples() -> Vec<Op> {
+        let b = Bytes::from_static;
+        let put = |expiry| Op::Put {
+            key: b(b"k"),
+            value: b(b"v"),
+            expiry,
+        };
+        vec![
+            put(Expiry::At(1_700_000_000_500)),
+            put(Expiry::Lease(9)),
+            put(Expiry::Keep),
+            Op::Bulk {
+                items: vec![
+                    (b(b"a"), b(b"1"), Expiry::Never),
+                    (b(b"b"), b(b""), Expiry::At(5)),
+                    (b(b"c"), b(b"3"), Expiry::Lease(u64::MAX)),
+                ],
+            },
+            Op::Txn {
+                ops: vec![
+                    TxnOp::Put {
+                        key: b(b"k"),
+                        value: b(b"x"),
+                        expiry: Expiry::Keep,
+                    },
+                    TxnOp::Put {
+                        key: b(b"j"),
+                        value: b(b""),
+                        expiry: Expiry::Never,
+                    },
+                ],
+            },
+            Op::Expire {
+                keys: vec![(b(b"a"), 3), (b(b"b"), u64::MAX)],
+            },
+            Op::LeaseGrant { ttl_ms: MAX_TTL_MS },
+            Op::LeaseKeepAlive { id: 1 },
+            Op::LeaseRevoke {
+                id: 2,
+                expired: true,
+            },
+            Op::LeaseRevoke {
+                id: 2,
+                expired: false,
+            },
+        ]
+    }
+
+    #[test]
+    fn format_3_fields_have_one_encoding() {
+        let b = Bytes::from_static;
+        let at = |kind: u8, n: u64, p: &mut Vec<u8>| {
+            let end = p.len();
+            p[end - 9] = kind;
+            p[end - 8..].copy_from_slice(&n.to_le_bytes());
+        };
+        let put = payload(Op::Put {
+            key: b(b"k"),
+            value: b(b"v"),
+            expiry: Expiry::At(5),
+        });
+        for (kind, n) in [(0, 0), (2, 0), (3, 1), (4, 0)] {
+            let mut p = put.clone();
+            at(kind, n, &mut p);
+            assert!(Record::decode_payload(&p).is_err(), "kind {kind}, {n}");
+        }
+        // A bulk of the expiring op with no expiry at all.
+        let mut bulk = payload(Op::Bulk {
+            items: vec![(b(b"a"), b(b"1"), Expiry::At(1))],
+        });
+        at(0, 0, &mut bulk);
+        assert!(Record::decode_payload(&bulk).is_err());
+        let bad = [
+            payload(Op::LeaseGrant { ttl_ms: 0 }),
+            payload(Op::LeaseGrant {
+                ttl_ms: MAX_TTL_MS + 1,
+            }),
+            payload(Op::LeaseKeepAlive { id: 0 }),
+            payload(Op::Expire { keys: vec![] }),
+            payload(Op::Expire {
+                keys: vec![(b(b"k"), 1); MAX_EXPIRE_KEYS + 1],
+            }),
+        ];
+        for p in bad {
+            assert!(Record::decode_payload(&p).is_err(), "op {} decoded", p[0]);
+        }
+        let mut revoke = payload(Op::LeaseRevoke {
+            id: 1,
+            expired: false,
+        });
+        *revoke.last_mut().unwrap() = 2;
+        assert!(Record::decode_payload(&revoke).is_err());
+    }
+
+    #[test]
+    fn ops_know_the_oldest_segment_format_that_may_hold_them() {
+        let plain = [sample().op, Op::Noop];
+        assert!(plain.iter().all(|op| op.min_segment_version() == 1));
+        assert_eq!(txn_sample().min_segment_version(), 2);
+        for op in expiring_samples() {
+            assert_eq!(op.min_segment_version(), 3, "{op:?}");
+        }
+    }
+
+    #[test]
+    fn peer_expiry_records_meet_the_rules() {
+        let limits = Limits::default();
+        let b = Bytes::from_static;
+        assert!(validate_op(&Op::Expire { keys: vec![] }, &limits).is_err());
+        assert!(validate_op(
+            &Op::Expire {
+                keys: vec![(b(b"a\0"), 1)]
+            },
+            &limits
+        )
+        .is_err());
+        assert!(validate_op(
+            &Op::Expire {
+                keys: vec![(b(b"a"), 1)]
+            },
+            &limits
+        )
+        .is_ok());
+        assert!(validate_op(&Op::LeaseGrant { ttl_ms: 0 }, &limits).is_err());
+        assert!(validate_op(&Op::LeaseGrant { ttl_ms: 1 }, &limits).is_ok());
     }
 
     fn txn_sample() -> Op {

@@ -3,11 +3,12 @@
 //! # Files
 //!
 //! `wal/{first_index:020}.wal`, each starting with a 16-byte header
-//! (`b"KVSTWAL\0"`, format version u32 LE = 2, reserved u32 = 0) followed by
-//! frames as described in [`super::record`]. Version 1 segments (the first
-//! release: no transaction records) are still read; a log whose last
-//! segment is version 1 starts a new segment before its first append, so
-//! that no segment mixes versions.
+//! (`b"KVSTWAL\0"`, format version u32 LE = 3, reserved u32 = 0) followed by
+//! frames as described in [`super::record`]. Segments of earlier releases
+//! (version 1: no transactions; version 2: no expiries or leases) are still
+//! read, and a record newer than its segment's version is damage; a log
+//! whose last segment is older starts a new segment before its first
+//! append, so that no segment mixes versions.
 //!
 //! `wal/next-segment.tmp` is the next segment made in advance: a header and
 //! no records, renamed into place when the active segment fills up, so that
@@ -40,12 +41,12 @@ use std::sync::Arc;
 
 use super::fs::{Anchors, DirHandle, Fs, WriteFile};
 use super::health::Health;
-use super::record::{self, Frame, Op, Record};
+use super::record::{self, Frame, Record};
 use super::{Error, StorageState};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KVSTWAL\0";
 /// The version new segments get.
-pub const SEGMENT_VERSION: u32 = 2;
+pub const SEGMENT_VERSION: u32 = 3;
 /// The first release's segments: ops 1 to 4 only.
 const FIRST_RELEASE_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 16;
@@ -764,11 +765,14 @@ impl Replay {
                             format!("record has index {} where {want} was expected", rec.index),
                         ));
                     }
-                    if version == FIRST_RELEASE_VERSION && matches!(rec.op, Op::Txn { .. }) {
+                    if rec.op.min_segment_version() > version {
                         return Err(corrupt(
                             seg,
                             off,
-                            "a transaction record in a version 1 segment".into(),
+                            format!(
+                                "a record of WAL format {} in a version {version} segment",
+                                rec.op.min_segment_version()
+                            ),
                         ));
                     }
                     self.last_epoch = rec.epoch;
@@ -1133,9 +1137,14 @@ mod tests {
 
     /// A segment in the first release's format holding `recs`.
     fn first_release_segment(dir: &Path, recs: &[Record]) -> PathBuf {
+        old_segment(dir, FIRST_RELEASE_VERSION, recs)
+    }
+
+    /// A segment of format `version` holding `recs`.
+    fn old_segment(dir: &Path, version: u32, recs: &[Record]) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
         let mut bytes = segment_header().to_vec();
-        bytes[8..12].copy_from_slice(&FIRST_RELEASE_VERSION.to_le_bytes());
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
         for r in recs {
             r.encode_into(&mut bytes);
         }
@@ -1188,6 +1197,48 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("version 1 segment"), "{err}");
+    }
+
+    #[test]
+    fn a_version_2_segment_is_read_rolled_and_may_not_hold_expiries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal");
+        let txn = Record {
+            op: Op::Txn { ops: vec![] },
+            ..put(2, 1)
+        };
+        let old = old_segment(&dir, 2, &[put(1, 1), txn.clone()]);
+        let (mut wal, seen) = open(&dir);
+        assert_eq!(seen, vec![put(1, 1), txn]);
+        let lease = Record {
+            op: Op::LeaseGrant { ttl_ms: 500 },
+            ..put(3, 1)
+        };
+        append(&mut wal, std::slice::from_ref(&lease));
+        assert_eq!(wal.segment_count(), 2, "the version 2 segment was sealed");
+        assert_eq!(version_of(&old), 2);
+        drop(wal);
+        assert_eq!(open(&dir).1.last(), Some(&lease));
+
+        for op in [
+            Op::LeaseGrant { ttl_ms: 500 },
+            Op::Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::new(),
+                expiry: Expiry::At(7),
+            },
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("wal");
+            old_segment(&dir, 2, &[put(1, 1), Record { op, ..put(2, 1) }]);
+            let err = Wal::open(Arc::new(RealFs), &dir, 0, 512, |_| {})
+                .err()
+                .unwrap();
+            assert!(
+                err.to_string().contains("format 3 in a version 2 segment"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -432,3 +432,104 @@ async fn a_stalled_watcher_is_cut_off_and_the_node_memory_stays_bounded() {
         .await
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_whose_node_dies_in_the_middle_of_a_record_resumes_without_gap_or_duplicate() {
+    // One record far larger than the sockets' buffers, so that the node
+    // dies with most of its events unsent; the cache holds it whole.
+    const KEYS: usize = 40_000;
+    const VALUE: usize = 500;
+    let tmp = TempDir::new().unwrap();
+    let mut nodes =
+        kvstore_testkit::start_cluster(tmp.path(), &["--watch-cache-mib", "256"]).unwrap();
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let http = api::client(Duration::from_secs(60));
+    let first = api::put_if(&http, &urls[0], "m/0start", b"s", Precondition::None)
+        .await
+        .index("first write");
+    // The watcher starts on a secondary, n1.
+    let order = vec![urls[1].clone(), urls[0].clone(), urls[2].clone()];
+    let from = first.to_string();
+    let mut watcher = CliWatch::spawn(
+        &order,
+        &["m/", "--from-index", &from],
+        &tmp.path().join("w.err"),
+    )
+    .unwrap();
+    assert!(watcher.wait_for(T, |ev| ev.iter().any(|e| kind(e) == "put")));
+
+    let value = "v".repeat(VALUE);
+    let items: Vec<(String, Vec<u8>, Expiry)> = (0..KEYS)
+        .map(|i| {
+            (
+                format!("m/{i:06}"),
+                value.clone().into_bytes(),
+                Expiry::Never,
+            )
+        })
+        .collect();
+    let big = ttl::bulk(&http, &urls[0], &items)
+        .await
+        .index("the big bulk");
+    let of_record = |ev: &[Value]| ev.iter().filter(|e| index_of(e) == big).count();
+    let started = watcher.wait_for(Duration::from_secs(60), |ev| of_record(ev) >= 100);
+    assert!(
+        started,
+        "the record's events did not come: {}",
+        watcher.stderr()
+    );
+    let seen_at_kill = of_record(&watcher.events);
+    nodes[1].kill9().unwrap();
+    let done = watcher.wait_for(Duration::from_secs(120), |ev| {
+        ev.iter().any(|e| kind(e) == "progress" && index(e) >= big)
+    });
+    eprintln!("n1 killed after {seen_at_kill} of {KEYS} events of record {big}");
+    assert!(
+        done,
+        "the watcher did not get past the record: {}",
+        watcher.stderr()
+    );
+    let got: Vec<&str> = watcher
+        .events
+        .iter()
+        .filter(|e| index_of(e) == big)
+        .map(|e| e["key"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        got.len(),
+        KEYS,
+        "events of the record: {} (want {KEYS})",
+        got.len()
+    );
+    let want: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert!(
+        got == want,
+        "the record's events are not its keys once each, in order"
+    );
+    check_events(
+        &watcher.events,
+        &Record {
+            acked: vec![
+                (first, vec![("m/0start".into(), "s".into())]),
+                (
+                    big,
+                    items
+                        .iter()
+                        .map(|(k, _, _)| (k.clone(), value.clone()))
+                        .collect(),
+                ),
+            ],
+            attempted: ["s".to_string(), value.clone()].into_iter().collect(),
+            failed: 0,
+        },
+    );
+}
+
+/// A data event's index (0 for progress and errors).
+fn index_of(e: &Value) -> u64 {
+    if matches!(kind(e), "put" | "delete" | "expire") {
+        index(e)
+    } else {
+        0
+    }
+}

@@ -228,9 +228,15 @@ async fn a_resuming_watcher_sees_every_acknowledged_write_once_in_order_through_
                     watcher_node(&c)
                 };
                 if let Some(node) = target {
+                    let restarts = c.restarts(&node);
                     c.signal(&node, "KILL").unwrap();
+                    // Recovered: kvsup restarted it and the cluster is Ready.
+                    let back = kvstore_testkit::wait_until(Duration::from_secs(60), || {
+                        c.restarts(&node) > restarts
+                            && c.status().is_ok_and(|s| s["conditions"]["Ready"] == true)
+                    });
+                    assert!(back, "no recovery after the kill of {node}");
                     kills.push((n, node));
-                    c.wait_ready(Duration::from_secs(60)).unwrap();
                 }
                 n += 1;
             }

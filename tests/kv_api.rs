@@ -629,7 +629,7 @@ fn bad_requests(tampered: &str, foreign: &str) -> Vec<Bad> {
             .header("if-match", "*")
             .header("if-none-match", "*")
             .body("x"),
-        unknown("PUT with ttl_ms", Method::PUT, "/v1/kv/t/ttl?ttl_ms=300").body("v").naming("ttl_ms"),
+        unknown("PUT with a misspelt ttl", Method::PUT, "/v1/kv/t/ttl?ttl=300").body("v").naming("\"ttl\""),
         unknown("GET with an unknown parameter", Method::GET, "/v1/kv/a?x=1").naming("\"x\""),
         unknown("DELETE with debug_flaky", Method::DELETE, "/v1/kv/a?debug_flaky=0").naming("debug_flaky"),
         unknown("range with sort", Method::GET, "/v1/kv?prefix=r/&sort=desc").naming("sort"),

@@ -20,3 +20,10 @@ pub const CREATE_INDEX: &str = "x-kv-create-index";
 
 /// On a read of a key: the writes since its creation (1 after the first).
 pub const VERSION: &str = "x-kv-version";
+
+/// On a read of a key with a deadline: the milliseconds it has left (at
+/// least 1), of its own deadline or its lease's.
+pub const TTL_MS: &str = "x-kv-ttl-ms";
+
+/// On a read of a key attached to a lease: the lease's id.
+pub const LEASE: &str = "x-kv-lease";

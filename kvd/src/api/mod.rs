@@ -9,6 +9,7 @@ pub mod admin;
 pub mod body_budget;
 pub mod conn_io;
 pub mod error;
+mod lease;
 pub mod listener;
 mod precondition;
 pub mod query;
@@ -16,8 +17,10 @@ mod range;
 mod search;
 pub mod serve;
 mod token;
+mod ttl;
 mod txn;
 mod upload;
+mod watch;
 mod wire;
 
 use std::sync::Arc;
@@ -42,8 +45,8 @@ use kvproto::status::{IndexStatus, Memory, Peers, Status};
 use kvproto::{code, header as h};
 
 use crate::metrics::Metrics;
-use crate::model::{Expiry, KeyMeta, OpResult, TxnOp};
-use crate::node::{Node, Runtime, WriteTarget, Written};
+use crate::model::{Item, KeyMeta, OpResult, TxnOp};
+use crate::node::{self as node_layer, Node, Runtime, WriteTarget, Written};
 use crate::replication::node::{self, AppendReply};
 use crate::replication::rules;
 use crate::storage::{self, Engine, Op, Timestamp};
@@ -86,11 +89,16 @@ pub struct AppState {
     pub enable_debug: bool,
     pub data_dir: String,
     pub started: Instant,
+    /// The engine's expired-keys count when `/metrics` last read it: the
+    /// counter advances by the difference (a counter cannot be set).
+    expired_seen: std::sync::atomic::AtomicU64,
     inflight: Semaphore,
     body_budget: body_budget::BodyBudget,
     /// Metric handles per operation, resolved once: looking labels up on
     /// every request costs more than the rest of a GET's bookkeeping.
     op_metrics: Vec<OpMetrics>,
+    /// Open watches (`--max-watchers`).
+    watchers: watch::Watchers,
 }
 
 struct OpMetrics {
@@ -117,6 +125,7 @@ impl AppState {
             .collect();
         AppState {
             op_metrics,
+            watchers: watch::Watchers::new(limits.max_watchers, &metrics.watch),
             inflight: Semaphore::new(limits.max_inflight_requests.max(1)),
             body_budget: body_budget::BodyBudget::new(
                 limits.max_inflight_body_bytes,
@@ -129,6 +138,7 @@ impl AppState {
             enable_debug,
             data_dir,
             started: Instant::now(),
+            expired_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -151,6 +161,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/kv/", any(empty_key))
         .route("/v1/txn", axum::routing::post(txn::txn))
         .route("/v1/bulk", axum::routing::post(bulk))
+        .route("/v1/watch", get(watch::watch))
         .route("/openapi.json", get(openapi))
         .route("/internal/append", axum::routing::post(internal_append))
         .route("/internal/vote", axum::routing::post(internal_vote))
@@ -160,6 +171,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/admin/transfer", axum::routing::post(transfer))
         .route("/v1/search", get(search::search))
         .route("/v1/similar", get(search::similar))
+        .route("/v1/leases", axum::routing::post(lease::grant))
+        .route("/v1/leases/{id}", get(lease::show).delete(lease::revoke))
+        .route(
+            "/v1/leases/{id}/keepalive",
+            axum::routing::post(lease::keepalive),
+        )
         .route("/v1/status", get(status))
         .route(
             "/v1/admin/pause_writes",
@@ -339,10 +356,22 @@ struct WriteParams {
     debug_flaky: Option<f64>,
 }
 
+/// The parameters of `PUT /v1/kv/{key}`: the expiry's numbers as text, so
+/// that any malformed one is `invalid_ttl` ([`ttl::from_query`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutParams {
+    debug_flaky: Option<f64>,
+    ttl_ms: Option<String>,
+    lease: Option<String>,
+    #[serde(default)]
+    keep_ttl: bool,
+}
+
 /// Decides whether this write is applied in memory (false only when
 /// `debug_flaky` is allowed, valid, and the coin says so).
-fn apply_decision(st: &AppState, params: &WriteParams) -> Result<bool, ApiError> {
-    let Some(p) = params.debug_flaky else {
+fn apply_decision(st: &AppState, debug_flaky: Option<f64>) -> Result<bool, ApiError> {
+    let Some(p) = debug_flaky else {
         return Ok(true);
     };
     if !st.enable_debug {
@@ -451,6 +480,15 @@ impl AppState {
         self.node.mode() == Some(kvproto::Mode::Masterless)
     }
 
+    /// 409 on a masterless node, for a lease route or a write on a lease,
+    /// before anything else is read.
+    fn refuse_lease_if_masterless(&self) -> Result<(), ApiError> {
+        if self.is_masterless() {
+            return Err(node_layer::WriteError::UnsupportedInMasterless.into());
+        }
+        Ok(())
+    }
+
     /// Logs a write and waits for its commit, within the commit timeout.
     async fn write(&self, op: Op, apply: bool) -> Result<Written, ApiError> {
         Ok(self.node.write(op, apply).await?)
@@ -531,24 +569,54 @@ struct ReadParams {
 /// same write before it answers with what it has.
 const STAMP_READ_TRIES: usize = 16;
 
-/// A key's value and versions, and in masterless mode its stamp. The WAL
-/// thread changes a key's value and stamp together under the stamps'
-/// lock, and a key's stamps only grow, so a value read between two equal
-/// stamps is that stamp's write.
-fn read_versioned(engine: &Engine, key: &[u8]) -> Option<(Bytes, KeyMeta, Option<Timestamp>)> {
+/// A key as a read shows it (absent once past its deadline), and in
+/// masterless mode its stamp. The WAL thread changes a key's value and
+/// stamp together under the stamps' lock, and a key's stamps only grow, so
+/// a value read between two equal stamps is that stamp's write.
+fn read_item(engine: &Engine, key: &[u8]) -> Option<(Item, Option<Timestamp>)> {
     if !engine.is_masterless() {
-        return engine.get_versioned(key).map(|(v, m)| (v, m, None));
+        return engine.get_item(key).map(|i| (i, None));
     }
     let mut tries = 0;
     loop {
         let before = engine.lww().entry(key);
-        let read = engine.get_versioned(key);
+        let read = engine.get_item(key);
         tries += 1;
         if tries == STAMP_READ_TRIES || engine.lww().entry(key) == before {
             let ts = before.map(|e| e.ts).unwrap_or_default();
-            return read.map(|(v, m)| (v, m, Some(ts)));
+            return read.map(|i| (i, Some(ts)));
         }
     }
+}
+
+/// The lease deadlines of `engine`, for a [`wire::Clock`].
+fn lease_deadline(engine: &Engine) -> impl Fn(u64) -> Option<u64> + '_ {
+    |id| engine.lease(id, 0).map(|(l, _)| l.deadline_ms)
+}
+
+/// `X-KV-TTL-Ms` and `X-KV-Lease` of a key with a deadline (§2.15), or
+/// `None` when its lease is gone since the read (the key with it).
+fn ttl_headers(engine: &Engine, item: &Item) -> Option<axum::http::HeaderMap> {
+    let mut headers = axum::http::HeaderMap::new();
+    // Most keys have no deadline: no clock read for them.
+    if matches!(item.expiry, crate::model::Expiry::Never) {
+        return Some(headers);
+    }
+    let leases = lease_deadline(engine);
+    let clock = wire::Clock {
+        now_ms: engine.wall_ms(),
+        lease_deadline: &leases,
+    };
+    if let crate::model::Expiry::Lease(id) = item.expiry {
+        leases(id)?;
+    }
+    let (ttl_ms, lease) = clock.left(item.expiry);
+    for (name, value) in [(h::TTL_MS, ttl_ms), (h::LEASE, lease)] {
+        if let Some(v) = value {
+            headers.insert(HeaderName::from_static(name), v.into());
+        }
+    }
+    Some(headers)
 }
 
 /// The headers of a key's read (§2.10): `ETag` is the quoted mod_index,
@@ -586,8 +654,13 @@ async fn get_key(
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     st.read_barrier(&uri, params.consistent).await?;
-    match read_versioned(&st.engine, key.as_bytes()) {
-        Some((value, meta, stamp)) => Ok((version_headers(&meta, stamp), value).into_response()),
+    let found = read_item(&st.engine, key.as_bytes())
+        .and_then(|(item, stamp)| Some((ttl_headers(&st.engine, &item)?, item, stamp)));
+    match found {
+        Some((ttl, item, stamp)) => {
+            let value = item.value.unwrap_or_default();
+            Ok((version_headers(&item.meta, stamp), ttl, value).into_response())
+        }
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             code::KEY_NOT_FOUND,
@@ -609,38 +682,39 @@ async fn put_key(
     State(st): State<Shared>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
-    Params(params): Params<WriteParams>,
+    Params(params): Params<PutParams>,
     condition: Condition,
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
     let pre = condition.check(st.is_masterless())?;
+    let ttl = ttl::from_query(
+        params.ttl_ms.as_deref(),
+        params.lease.as_deref(),
+        params.keep_ttl,
+    )?;
+    if ttl.is_lease() {
+        st.refuse_lease_if_masterless()?;
+    }
     if pre.is_some() && params.debug_flaky.is_some() {
         return Err(flaky_and_conditional());
     }
-    let apply = apply_decision(&st, &params)?;
+    let apply = apply_decision(&st, params.debug_flaky)?;
     st.check_primary(&uri)?;
     let value = read_body(&st, body, st.limits.max_value_bytes, "value").await?;
     let key = Bytes::from(key.into_bytes());
+    // The deadline counts from when the write is taken, once its body is in.
+    let expiry = ttl.expiry(st.engine.wall_ms());
     let (index, stamp) = match pre {
         None => {
-            let r = st
-                .write(
-                    Op::Put {
-                        key,
-                        value,
-                        expiry: Expiry::Never,
-                    },
-                    apply,
-                )
-                .await?;
+            let r = st.write(Op::Put { key, value, expiry }, apply).await?;
             (r.index, r.stamp)
         }
         Some(pre) => {
             let write = TxnOp::Put {
                 key: key.clone(),
                 value,
-                expiry: Expiry::Never,
+                expiry,
             };
             (st.write_if(key, pre, write).await?.0, None)
         }
@@ -695,6 +769,12 @@ struct BulkRequest {
 struct BulkItem {
     key: String,
     value: JsonValue,
+    #[serde(default, deserialize_with = "ttl::present")]
+    ttl_ms: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "ttl::present")]
+    lease: Option<serde_json::Value>,
+    #[serde(default)]
+    keep_ttl: bool,
 }
 
 /// 413 for a value over `--max-value-bytes`.
@@ -712,8 +792,9 @@ fn check_value_size(path: &str, value: &[u8], limits: &Limits) -> Result<(), Api
     Ok(())
 }
 
-/// Turns a parsed bulk request into one log op, or says which item is bad.
-fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
+/// Turns a parsed bulk request into one log op, or says which item is bad;
+/// `now_ms`: this node's wall clock, that items' `ttl_ms` count from.
+fn bulk_op(req: BulkRequest, limits: &Limits, now_ms: u64) -> Result<Op, ApiError> {
     if req.items.is_empty() {
         return Err(ApiError::bad_request(
             code::INVALID_BULK,
@@ -734,9 +815,20 @@ fn bulk_op(req: BulkRequest, limits: &Limits) -> Result<Op, ApiError> {
     for (i, wire::Obj(item)) in req.items.into_iter().enumerate() {
         let bad = |m: String| ApiError::bad_request(code::INVALID_ITEM, format!("items[{i}]: {m}"));
         validate_key(&item.key).map_err(bad)?;
+        let at = format!("items[{i}]");
+        let ttl = ttl::from_json(
+            &at,
+            item.ttl_ms.as_ref(),
+            item.lease.as_ref(),
+            item.keep_ttl,
+        )?;
         let value = item.value.into_bytes().map_err(bad)?;
-        check_value_size(&format!("items[{i}]"), &value, limits)?;
-        items.push((Bytes::from(item.key.into_bytes()), value, Expiry::Never));
+        check_value_size(&at, &value, limits)?;
+        items.push((
+            Bytes::from(item.key.into_bytes()),
+            value,
+            ttl.expiry(now_ms),
+        ));
     }
     Ok(Op::Bulk { items })
 }
@@ -747,7 +839,7 @@ async fn bulk(
     Params(params): Params<WriteParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let apply = apply_decision(&st, &params)?;
+    let apply = apply_decision(&st, params.debug_flaky)?;
     st.check_primary(&uri)?;
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "bulk body").await?;
     let req: BulkRequest = wire::from_object(&raw).map_err(|e| {
@@ -756,7 +848,7 @@ async fn bulk(
             format!("bulk body is not {{\"items\": [{{\"key\", \"value\"}}]}}: {e}"),
         )
     })?;
-    let op = bulk_op(req, &st.limits)?;
+    let op = bulk_op(req, &st.limits, st.engine.wall_ms())?;
     let count = match &op {
         Op::Bulk { items } => items.len(),
         _ => 0,
@@ -993,6 +1085,7 @@ async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
         s.max_data_bytes
             .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
     );
+    set_expiry_metrics(&st, &s);
     if let Some(ix) = st.engine.state().index() {
         let s = ix.stats();
         m.index.documents.set(s.documents as i64);
@@ -1013,6 +1106,27 @@ async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+/// The TTL gauges from the engine, and the expired-keys counter advanced
+/// by what the engine counted since the last read (concurrent reads each
+/// add their own part: `fetch_max` hands out every step once).
+fn set_expiry_metrics(st: &AppState, s: &storage::EngineStatus) {
+    let m = &st.metrics.expiry;
+    m.keys_with_ttl
+        .set(i64::try_from(s.keys_with_ttl).unwrap_or(i64::MAX));
+    m.leases.set(i64::try_from(s.leases).unwrap_or(i64::MAX));
+    let seen = st
+        .expired_seen
+        .fetch_max(s.expired_keys, std::sync::atomic::Ordering::AcqRel);
+    m.expired_keys_total
+        .inc_by(counter_step(seen, s.expired_keys));
+}
+
+/// How far a counter advances from the last value seen to `now` (never
+/// back).
+fn counter_step(seen: u64, now: u64) -> u64 {
+    now.saturating_sub(seen)
 }
 
 async fn empty_key() -> ApiError {
@@ -1075,6 +1189,83 @@ mod tests {
         assert_eq!(label(Method::POST, "/v1/txn"), "txn");
         assert_eq!(label(Method::GET, "/openapi.json"), "other");
         assert_eq!(OPS[op_label(&Method::GET, None)], "other");
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_value_bytes: 8,
+            max_bulk_bytes: 1 << 20,
+            max_bulk_items: 10,
+            max_inflight_requests: 10,
+            body_timeout: Duration::from_secs(1),
+            max_snapshot_bytes: 1 << 20,
+            max_inflight_body_bytes: 1 << 20,
+            max_watchers: 10,
+        }
+    }
+
+    fn bulk_of(body: serde_json::Value) -> Result<Op, ApiError> {
+        let req: BulkRequest = serde_json::from_value(body)
+            .map_err(|e| ApiError::bad_request(code::INVALID_JSON, e.to_string()))?;
+        bulk_op(req, &limits(), 1_000)
+    }
+
+    #[test]
+    fn bulk_items_carry_their_expiry() {
+        use crate::model::Expiry;
+        let op = bulk_of(json!({"items": [
+            {"key": "a", "value": "x", "ttl_ms": 250},
+            {"key": "b", "value": "x", "lease": 3},
+            {"key": "c", "value": "x", "keep_ttl": true},
+            {"key": "d", "value": "x"},
+        ]}))
+        .unwrap();
+        let Op::Bulk { items } = op else {
+            panic!("{op:?}")
+        };
+        let expiries: Vec<Expiry> = items.iter().map(|(_, _, e)| *e).collect();
+        assert_eq!(
+            expiries,
+            [
+                Expiry::At(1_250),
+                Expiry::Lease(3),
+                Expiry::Keep,
+                Expiry::Never
+            ]
+        );
+        for (item, field) in [
+            (
+                json!({"key": "a", "value": "x", "ttl_ms": 0}),
+                "items[1].ttl_ms",
+            ),
+            (
+                json!({"key": "a", "value": "x", "ttl_ms": -4}),
+                "items[1].ttl_ms",
+            ),
+            (
+                json!({"key": "a", "value": "x", "lease": "x"}),
+                "items[1].lease",
+            ),
+            (
+                json!({"key": "a", "value": "x", "lease": 1, "ttl_ms": 4}),
+                "items[1]",
+            ),
+        ] {
+            let ok = json!({"key": "k", "value": "v"});
+            let e = bulk_of(json!({"items": [ok, item]})).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (400, "invalid_ttl"), "{item}");
+            assert!(e.message.starts_with(&format!("{field}:")), "{}", e.message);
+        }
+        let unknown = bulk_of(json!({"items": [{"key": "a", "value": "x", "ttl": 5}]}));
+        assert_eq!(unknown.unwrap_err().code, "invalid_json");
+    }
+
+    #[test]
+    fn the_expired_counter_only_moves_forward() {
+        assert_eq!(counter_step(0, 5), 5);
+        assert_eq!(counter_step(5, 5), 0);
+        assert_eq!(counter_step(5, 12), 7);
+        assert_eq!(counter_step(12, 3), 0);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::query::Params;
 use super::token::{self, TokenError};
-use super::wire::JsonItem;
-use super::{blocking, ApiError, Shared};
+use super::wire::{Clock, JsonItem};
+use super::{blocking, lease_deadline, ApiError, Shared};
 use crate::model::{prefix_end, KeyRange, Page, RangeRead};
 
 /// Keys per page when the request says none.
@@ -117,14 +117,14 @@ struct PageAnswer {
 }
 
 /// The answer to a page of `range` (the token continues `range`, whatever
-/// part of it this page was read from).
-fn page_answer(range: &KeyRange, page: &Page) -> PageAnswer {
+/// part of it this page was read from); `clock` counts its keys' TTLs.
+fn page_answer(range: &KeyRange, page: &Page, clock: &Clock) -> PageAnswer {
     let next_page_token = match page.items.last() {
         Some(last) if page.more => Some(token::encode(range, &last.key)),
         _ => None,
     };
     PageAnswer {
-        items: page.items.iter().map(JsonItem::from).collect(),
+        items: page.items.iter().map(|i| JsonItem::new(i, clock)).collect(),
         count: page.items.len(),
         index: page.index,
         next_page_token,
@@ -156,7 +156,12 @@ pub async fn list(
         keys_only: p.keys_only,
     };
     let page = blocking(move || engine.range(&read)).await?;
-    Ok(Json(page_answer(&range, &page)).into_response())
+    let leases = lease_deadline(&st.engine);
+    let clock = Clock {
+        now_ms: st.engine.wall_ms(),
+        lease_deadline: &leases,
+    };
+    Ok(Json(page_answer(&range, &page, &clock)).into_response())
 }
 
 #[cfg(test)]
@@ -246,6 +251,12 @@ mod tests {
     #[test]
     fn a_page_has_a_token_exactly_when_the_range_goes_on() {
         let r = KeyRange::prefix(b"k");
+        let no_leases = |_| None;
+        let clock = Clock {
+            now_ms: 0,
+            lease_deadline: &no_leases,
+        };
+        let page_answer = |r: &KeyRange, p: &Page| page_answer(r, p, &clock);
         let last = page_answer(&r, &page(&["k1", "k2"], false));
         assert_eq!(last.next_page_token, None);
         assert_eq!((last.count, last.index), (2, 7));

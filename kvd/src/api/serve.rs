@@ -20,12 +20,16 @@
 //! accept never ends the loop: a shortage such as EMFILE waits with backoff
 //! (`listener::on_accept_error`). On shutdown the loop stops accepting,
 //! every connection finishes the request it is serving and closes, and
-//! `serve` returns once all are closed. The connections' tasks are owned
+//! `serve` returns once all are closed. A response that would never finish
+//! by itself (a watch) learns of the shutdown through the [`Serving`]
+//! extension of its request and ends; a connection that still has one
+//! after [`STREAM_GRACE`] (a client that stopped reading) is dropped. The connections' tasks are owned
 //! by `serve` (a `JoinSet`): if `serve` itself is dropped, they are
 //! aborted with it, so none outlives the server.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -48,6 +52,63 @@ pub const MAX_HEAD_BYTES: usize = 64 << 10;
 pub const MAX_HEADERS: usize = 100;
 /// The idle and header timeouts of a connection in the reserved pool.
 pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection with a long-lived response still open gets to
+/// close after a shutdown, before it is dropped.
+pub const STREAM_GRACE: Duration = Duration::from_millis(500);
+
+/// What a request learns of the server serving it (a request extension):
+/// whether it is shutting down, for responses that never end by
+/// themselves.
+#[derive(Clone)]
+pub struct Serving {
+    stop: watch::Receiver<bool>,
+    /// Long-lived responses open on this connection.
+    streams: Arc<AtomicUsize>,
+}
+
+impl Serving {
+    /// Resolves once the server shuts down (or is gone).
+    pub async fn stopped(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
+
+    /// Marks a long-lived response on this connection until the mark is
+    /// dropped: a shutdown then waits at most [`STREAM_GRACE`] for it.
+    pub fn stream(&self) -> StreamMark {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamMark(self.streams.clone())
+    }
+}
+
+/// See [`Serving::stream`].
+pub struct StreamMark(Arc<AtomicUsize>);
+
+impl Drop for StreamMark {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The router's service with [`Serving`] put into every request.
+struct WithServing<S> {
+    inner: S,
+    serving: Serving,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for WithServing<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: hyper::Request<B>) -> S::Future {
+        req.extensions_mut().insert(self.serving.clone());
+        self.inner.call(req)
+    }
+}
 
 const HEAD_LIMITS: HeadLimits = HeadLimits {
     max_head_bytes: MAX_HEAD_BYTES,
@@ -198,12 +259,28 @@ async fn connection(
         .header_read_timeout(timeouts.header)
         .max_header_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
-    let mut conn = pin!(builder.serve_connection(io, TowerToHyperService::new(router)));
+    let serving = Serving {
+        stop: stop.clone(),
+        streams: Arc::new(AtomicUsize::new(0)),
+    };
+    let service = WithServing {
+        inner: TowerToHyperService::new(router),
+        serving: serving.clone(),
+    };
+    let mut conn = pin!(builder.serve_connection(io, service));
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = async { drop(stop.wait_for(|stop| *stop).await) } => {
             conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
+            if serving.streams.load(Ordering::Relaxed) == 0 {
+                conn.as_mut().await
+            } else {
+                match tokio::time::timeout(STREAM_GRACE, conn.as_mut()).await {
+                    Ok(r) => r,
+                    // A stream its client does not read: dropped with the connection.
+                    Err(_) => return,
+                }
+            }
         }
     };
     let parked = parked.lock().take();

@@ -18,11 +18,12 @@ use serde_json::json;
 
 use super::query::{NoParams, Params};
 use super::range::{bounds_error, key_range, limit, BoundsError};
-use super::wire::{from_object, JsonItem, JsonValue, Obj};
-use super::{check_value_size, read_body, validate_key, with_stamp, ApiError, Limits, Shared};
-use crate::model::{
-    Cmp, Compare, Expiry, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS,
+use super::ttl;
+use super::wire::{from_object, Clock, JsonItem, JsonValue, Obj};
+use super::{
+    check_value_size, lease_deadline, read_body, validate_key, with_stamp, ApiError, Limits, Shared,
 };
+use crate::model::{Cmp, Compare, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS};
 use crate::node::Written;
 
 /// The body of `POST /v1/txn`.
@@ -63,6 +64,12 @@ enum OpJson {
 struct PutJson {
     key: String,
     value: JsonValue,
+    #[serde(default, deserialize_with = "ttl::present")]
+    ttl_ms: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "ttl::present")]
+    lease: Option<serde_json::Value>,
+    #[serde(default)]
+    keep_ttl: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,19 +111,20 @@ fn value_of(path: &str, value: JsonValue, limits: &Limits) -> Result<Bytes, ApiE
     Ok(bytes)
 }
 
-/// A transaction's body, parsed ([`TxnRequest`]) and checked ([`txn_of`]).
-pub fn parse(raw: &[u8], limits: &Limits) -> Result<Txn, ApiError> {
+/// A transaction's body, parsed ([`TxnRequest`]) and checked ([`txn_of`]);
+/// `now_ms`: this node's wall clock, that puts' `ttl_ms` count from.
+pub fn parse(raw: &[u8], limits: &Limits, now_ms: u64) -> Result<Txn, ApiError> {
     let req: TxnRequest = from_object(raw).map_err(|e| {
         ApiError::bad_request(
             code::INVALID_JSON,
             format!("the body is not a transaction {{\"compare\", \"success\", \"failure\"}}: {e}"),
         )
     })?;
-    txn_of(req, limits)
+    txn_of(req, limits, now_ms)
 }
 
 /// Checks a transaction's body and turns it into the model's [`Txn`].
-pub fn txn_of(req: TxnRequest, limits: &Limits) -> Result<Txn, ApiError> {
+pub fn txn_of(req: TxnRequest, limits: &Limits, now_ms: u64) -> Result<Txn, ApiError> {
     let total = req.compare.len() + req.success.len() + req.failure.len();
     if total > MAX_TXN_OPS {
         return Err(ApiError::too_large(
@@ -133,7 +141,7 @@ pub fn txn_of(req: TxnRequest, limits: &Limits) -> Result<Txn, ApiError> {
     let branch = |name: &str, ops: Vec<OpJson>| -> Result<Vec<TxnOp>, ApiError> {
         ops.into_iter()
             .enumerate()
-            .map(|(i, op)| op_of(&format!("{name}[{i}]"), op, limits))
+            .map(|(i, op)| op_of(&format!("{name}[{i}]"), op, limits, now_ms))
             .collect()
     };
     Ok(Txn {
@@ -204,13 +212,17 @@ fn compare_of(path: &str, c: CompareJson, limits: &Limits) -> Result<Compare, Ap
     Ok(Compare { key, target, cmp })
 }
 
-fn op_of(path: &str, op: OpJson, limits: &Limits) -> Result<TxnOp, ApiError> {
+fn op_of(path: &str, op: OpJson, limits: &Limits, now_ms: u64) -> Result<TxnOp, ApiError> {
     Ok(match op {
-        OpJson::Put(Obj(p)) => TxnOp::Put {
-            key: key_of(&format!("{path}.put.key"), p.key)?,
-            value: value_of(&format!("{path}.put.value"), p.value, limits)?,
-            expiry: Expiry::Never,
-        },
+        OpJson::Put(Obj(p)) => {
+            let at = format!("{path}.put");
+            let expiry = ttl::from_json(&at, p.ttl_ms.as_ref(), p.lease.as_ref(), p.keep_ttl)?;
+            TxnOp::Put {
+                key: key_of(&format!("{at}.key"), p.key)?,
+                value: value_of(&format!("{at}.value"), p.value, limits)?,
+                expiry: expiry.expiry(now_ms),
+            }
+        }
         OpJson::Delete(Obj(d)) => TxnOp::Delete {
             key: key_of(&format!("{path}.delete.key"), d.key)?,
         },
@@ -249,17 +261,17 @@ enum ResultJson {
     Range { items: Vec<JsonItem>, more: bool },
 }
 
-impl From<&OpResult> for ResultJson {
-    fn from(r: &OpResult) -> ResultJson {
+impl ResultJson {
+    fn new(r: &OpResult, clock: &Clock) -> ResultJson {
         match r {
             OpResult::Put { mod_index } => ResultJson::Put {
                 mod_index: *mod_index,
             },
             OpResult::Delete { deleted } => ResultJson::Delete { deleted: *deleted },
             OpResult::DeletePrefix { deleted } => ResultJson::DeletePrefix { deleted: *deleted },
-            OpResult::Get(item) => ResultJson::Get(item.as_ref().map(JsonItem::from)),
+            OpResult::Get(item) => ResultJson::Get(item.as_ref().map(|i| JsonItem::new(i, clock))),
             OpResult::Range { items, more } => ResultJson::Range {
-                items: items.iter().map(JsonItem::from).collect(),
+                items: items.iter().map(|i| JsonItem::new(i, clock)).collect(),
                 more: *more,
             },
         }
@@ -281,10 +293,14 @@ pub fn unexpected(got: Option<&OpResult>) -> ApiError {
     )
 }
 
-/// `{"succeeded", "index", "results"}`.
-pub fn answer(w: &Written) -> Result<serde_json::Value, ApiError> {
+/// `{"succeeded", "index", "results"}`; `clock` counts the read keys' TTLs.
+pub fn answer(w: &Written, clock: &Clock) -> Result<serde_json::Value, ApiError> {
     let r = results(w)?;
-    let results: Vec<ResultJson> = r.results.iter().map(ResultJson::from).collect();
+    let results: Vec<ResultJson> = r
+        .results
+        .iter()
+        .map(|r| ResultJson::new(r, clock))
+        .collect();
     Ok(json!({"succeeded": r.succeeded, "index": w.index, "results": results}))
 }
 
@@ -297,9 +313,14 @@ pub async fn txn(
 ) -> Result<Response, ApiError> {
     st.check_primary(&uri)?;
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "transaction body").await?;
-    let txn = parse(&raw, &st.limits)?;
+    let txn = parse(&raw, &st.limits, st.engine.wall_ms())?;
     let w = st.node.write_txn(txn).await?;
-    Ok(Json(answer(&w)?).into_response())
+    let leases = lease_deadline(&st.engine);
+    let clock = Clock {
+        now_ms: st.engine.wall_ms(),
+        lease_deadline: &leases,
+    };
+    Ok(Json(answer(&w, &clock)?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,7 +363,7 @@ pub async fn delete_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Item, KeyMeta, KeyRange};
+    use crate::model::{Expiry, Item, KeyMeta, KeyRange};
     use crate::storage::ApplyOutcome;
 
     fn limits() -> Limits {
@@ -358,8 +379,11 @@ mod tests {
         }
     }
 
+    /// The wall clock the tests' puts count their TTLs from.
+    const NOW: u64 = 1_000_000;
+
     fn parse(body: serde_json::Value) -> Result<Txn, ApiError> {
-        super::parse(body.to_string().as_bytes(), &limits())
+        super::parse(body.to_string().as_bytes(), &limits(), NOW)
     }
 
     fn refusal(body: serde_json::Value) -> (u16, &'static str, String) {
@@ -504,6 +528,7 @@ mod tests {
             json!({"compare": [], "succes": []}),
             json!({"success": [{"puts": {"key": "a", "value": "x"}}]}),
             json!({"success": [{"put": {"key": "a", "value": "x", "ttl": 1}}]}),
+            json!({"success": [{"put": {"key": "a", "value": "x", "keep_ttl": "yes"}}]}),
             json!({"success": [{"put": {"key": "a"}}]}),
             json!({"success": [{"put": {"key": "a", "value": "x"}, "get": {"key": "a"}}]}),
             json!({"compare": [{"key": "a", "target": "version", "op": "=="}]}),
@@ -515,6 +540,58 @@ mod tests {
         ] {
             let (status, code, _) = refusal(body.clone());
             assert_eq!((status, code), (400, "invalid_json"), "{body}");
+        }
+    }
+
+    #[test]
+    fn puts_carry_their_expiry() {
+        let t = parse(json!({
+            "success": [
+                {"put": {"key": "a", "value": "x", "ttl_ms": 500}},
+                {"put": {"key": "b", "value": "x", "lease": 7}},
+                {"put": {"key": "c", "value": "x", "keep_ttl": true}},
+                {"put": {"key": "d", "value": "x", "keep_ttl": false}},
+            ],
+        }))
+        .unwrap();
+        let expiries: Vec<Expiry> = t
+            .success
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { expiry, .. } => *expiry,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            expiries,
+            [
+                Expiry::At(NOW + 500),
+                Expiry::Lease(7),
+                Expiry::Keep,
+                Expiry::Never
+            ]
+        );
+        for (put, path) in [
+            (
+                json!({"key": "a", "value": "x", "ttl_ms": 0}),
+                "failure[0].put.ttl_ms",
+            ),
+            (
+                json!({"key": "a", "value": "x", "ttl_ms": "5"}),
+                "failure[0].put.ttl_ms",
+            ),
+            (
+                json!({"key": "a", "value": "x", "lease": -1}),
+                "failure[0].put.lease",
+            ),
+            (
+                json!({"key": "a", "value": "x", "ttl_ms": 5, "keep_ttl": true}),
+                "failure[0].put",
+            ),
+        ] {
+            let (status, code, message) = refusal(json!({"failure": [{"put": put}]}));
+            assert_eq!((status, code), (400, "invalid_ttl"), "{put}");
+            assert!(message.starts_with(&format!("{path}:")), "{put}: {message}");
         }
     }
 
@@ -573,10 +650,15 @@ mod tests {
             },
             stamp: None,
         };
+        let no_leases = |_| None;
+        let clock = Clock {
+            now_ms: 0,
+            lease_deadline: &no_leases,
+        };
         let one =
             json!({"key": "a", "value": "v", "create_index": 1, "mod_index": 2, "version": 2});
         assert_eq!(
-            answer(&w).unwrap(),
+            answer(&w, &clock).unwrap(),
             json!({"succeeded": false, "index": 5, "results": [
                 {"put": {"mod_index": 5}},
                 {"delete": {"deleted": true}},
@@ -592,7 +674,7 @@ mod tests {
             stamp: None,
         };
         assert_eq!(
-            answer(&bare).unwrap_err().status,
+            answer(&bare, &clock).unwrap_err().status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{Item, KeyMeta};
+use crate::model::{Expiry, Item, KeyMeta};
 
 /// A value as JSON carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +75,8 @@ pub fn from_object<T: DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
 }
 
 /// One key of a range page or a transaction's `get`: `value` is left out
-/// of a keys-only read.
+/// of a keys-only read, `ttl_ms` and `lease` of a key without a deadline
+/// (docs/DESIGN.md §2.15).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JsonItem {
     pub key: String,
@@ -84,10 +85,44 @@ pub struct JsonItem {
     pub create_index: u64,
     pub mod_index: u64,
     pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
 }
 
-impl From<&Item> for JsonItem {
-    fn from(item: &Item) -> JsonItem {
+/// What a key's time left is counted from: this node's wall clock (Unix
+/// ms), and the deadline of each live lease.
+pub struct Clock<'a> {
+    pub now_ms: u64,
+    pub lease_deadline: &'a dyn Fn(u64) -> Option<u64>,
+}
+
+impl Clock<'_> {
+    /// `(ttl_ms, lease)` of a key with `expiry`: the milliseconds to its
+    /// deadline or its lease's, at least 1 (a read shows only keys still
+    /// alive, and 0 would read as "no TTL"), and the lease's id.
+    pub fn left(&self, expiry: Expiry) -> (Option<u64>, Option<u64>) {
+        match expiry {
+            Expiry::At(deadline) => (Some(remaining_ms(deadline, self.now_ms)), None),
+            Expiry::Lease(id) => {
+                // A lease gone since the read: its keys go with it.
+                let deadline = (self.lease_deadline)(id).unwrap_or(self.now_ms);
+                (Some(remaining_ms(deadline, self.now_ms)), Some(id))
+            }
+            Expiry::Never | Expiry::Keep => (None, None),
+        }
+    }
+}
+
+/// Milliseconds from `now_ms` to `deadline_ms`, at least 1.
+pub fn remaining_ms(deadline_ms: u64, now_ms: u64) -> u64 {
+    deadline_ms.saturating_sub(now_ms).max(1)
+}
+
+impl JsonItem {
+    pub fn new(item: &Item, clock: &Clock) -> JsonItem {
+        let (ttl_ms, lease) = clock.left(item.expiry);
         JsonItem {
             // Keys are UTF-8: every write checked them.
             key: String::from_utf8_lossy(&item.key).into_owned(),
@@ -95,6 +130,8 @@ impl From<&Item> for JsonItem {
             create_index: item.meta.create_index,
             mod_index: item.meta.mod_index,
             version: item.meta.version,
+            ttl_ms,
+            lease,
         }
     }
 }
@@ -124,7 +161,7 @@ impl Current {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Expiry;
+    use serde_json::json;
 
     #[test]
     fn values_round_trip_in_the_shorter_faithful_form() {
@@ -173,6 +210,40 @@ mod tests {
         assert!(serde_json::from_str::<Vec<Obj<Body>>>("[[[1]]]").is_err());
     }
 
+    const NO_LEASES: &dyn Fn(u64) -> Option<u64> = &|_| None;
+
+    #[test]
+    fn items_say_the_time_left_and_the_lease() {
+        let leases = |id: u64| (id == 4).then_some(10_500);
+        let clock = Clock {
+            now_ms: 10_000,
+            lease_deadline: &leases,
+        };
+        let item = |expiry| Item {
+            key: Bytes::from_static(b"k"),
+            value: Some(Bytes::from_static(b"v")),
+            meta: KeyMeta::default(),
+            expiry,
+        };
+        let json = |expiry| serde_json::to_value(JsonItem::new(&item(expiry), &clock)).unwrap();
+        assert_eq!(json(Expiry::At(12_345))["ttl_ms"], 2_345);
+        assert!(json(Expiry::At(12_345)).get("lease").is_none());
+        // Read just before its deadline passed: still alive, so at least 1.
+        assert_eq!(json(Expiry::At(10_000))["ttl_ms"], 1);
+        assert_eq!(json(Expiry::At(9_000))["ttl_ms"], 1);
+        let on_lease = json(Expiry::Lease(4));
+        assert_eq!(
+            (&on_lease["ttl_ms"], &on_lease["lease"]),
+            (&json!(500), &json!(4))
+        );
+        let gone = json(Expiry::Lease(5));
+        assert_eq!((&gone["ttl_ms"], &gone["lease"]), (&json!(1), &json!(5)));
+        for plain in [Expiry::Never, Expiry::Keep] {
+            let v = json(plain);
+            assert!(v.get("ttl_ms").is_none() && v.get("lease").is_none(), "{v}");
+        }
+    }
+
     #[test]
     fn items_leave_out_the_value_of_a_keys_only_read() {
         let meta = KeyMeta {
@@ -186,8 +257,12 @@ mod tests {
             meta,
             expiry: Expiry::Never,
         };
+        let clock = Clock {
+            now_ms: 0,
+            lease_deadline: NO_LEASES,
+        };
         assert_eq!(
-            serde_json::to_value(JsonItem::from(&item)).unwrap(),
+            serde_json::to_value(JsonItem::new(&item, &clock)).unwrap(),
             serde_json::json!({"key": "a/1", "create_index": 3, "mod_index": 9, "version": 2})
         );
         let absent = serde_json::to_value(Current::of(None)).unwrap();

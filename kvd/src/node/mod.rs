@@ -21,6 +21,7 @@ use kvproto::Mode;
 
 use crate::masterless::hlc::WallClock;
 use crate::masterless::node::{self as ml, MlNode};
+use crate::model::{Expiry, TxnOp};
 use crate::replication::node::{self as ps, Replicator};
 use crate::replication::rules;
 use crate::storage::{self, ApplyOutcome, Engine, Meta, MetaStore, Op, Timestamp, Txn};
@@ -164,10 +165,11 @@ pub enum WriteError {
     )]
     QuorumTimeout { quorum: usize, timeout: Duration },
     /// Masterless mode has no single order of writes for a compare to
-    /// hold in (docs/DESIGN.md §2.12): nothing was logged.
+    /// hold in (docs/DESIGN.md §2.12), nor for a lease's deadline to move
+    /// in (§2.16): nothing was logged.
     #[error(
-        "a masterless node takes no conditional write or transaction with a compare: \
-         its nodes order writes by stamp, not by one log, so the check could not hold"
+        "a masterless node takes no conditional write, transaction with a compare or lease: \
+         its nodes order writes by stamp, not by one log, so the check or the lease could not hold"
     )]
     UnsupportedInMasterless,
     #[error(transparent)]
@@ -175,15 +177,42 @@ pub enum WriteError {
 }
 
 /// Whether a client write may be logged now: not while writes are paused
-/// or the node is between modes, and one with a compare not in masterless
-/// mode (`mode`: `None` while switching).
-pub fn admit(paused: bool, mode: Option<Mode>, compares: bool) -> Result<(), WriteError> {
+/// or the node is between modes, and one that needs a single log order
+/// (`one_log`: a compare, a lease) not in masterless mode (`mode`: `None`
+/// while switching).
+pub fn admit(paused: bool, mode: Option<Mode>, one_log: bool) -> Result<(), WriteError> {
     match mode {
         _ if paused => Err(WriteError::Paused),
         None => Err(WriteError::Paused),
-        Some(Mode::Masterless) if compares => Err(WriteError::UnsupportedInMasterless),
+        Some(Mode::Masterless) if one_log => Err(WriteError::UnsupportedInMasterless),
         Some(_) => Ok(()),
     }
+}
+
+/// Whether a write holds only in a single log order: a lease's grant,
+/// keep-alive or revoke, or a key put on a lease (a lease's deadline moves
+/// by records in log order, which masterless nodes do not share).
+pub fn needs_one_log(op: &Op) -> bool {
+    match op {
+        Op::LeaseGrant { .. } | Op::LeaseKeepAlive { .. } | Op::LeaseRevoke { .. } => true,
+        Op::Put { expiry, .. } => on_lease(expiry),
+        Op::Bulk { items } => items.iter().any(|(_, _, e)| on_lease(e)),
+        Op::Txn { ops } => ops.iter().any(txn_op_on_lease),
+        Op::Delete { .. } | Op::Noop | Op::Expire { .. } => false,
+    }
+}
+
+/// [`needs_one_log`] of a transaction: a compare, or a put on a lease.
+pub fn txn_needs_one_log(txn: &Txn) -> bool {
+    !txn.compare.is_empty() || txn.success.iter().chain(&txn.failure).any(txn_op_on_lease)
+}
+
+fn on_lease(e: &Expiry) -> bool {
+    matches!(e, Expiry::Lease(_))
+}
+
+fn txn_op_on_lease(op: &TxnOp) -> bool {
+    matches!(op, TxnOp::Put { expiry, .. } if on_lease(expiry))
 }
 
 /// A running node.
@@ -332,31 +361,30 @@ impl Node {
 
     /// Logs a client write and waits for its commit (primary/secondary) or
     /// write quorum (masterless), within the commit timeout.
+    /// A masterless node refuses the lease ops and puts on a lease.
     pub async fn write(&self, op: Op, apply: bool) -> Result<Written, WriteError> {
-        self.logged(false, || self.engine.write(op, apply)).await
+        let one_log = needs_one_log(&op);
+        self.logged(one_log, || self.engine.write(op, apply)).await
     }
 
     /// Logs a transaction as one record, under the same rules as
-    /// [`Node::write`]; a masterless node refuses one with a compare.
+    /// [`Node::write`]; a masterless node refuses one with a compare or a
+    /// put on a lease.
     pub async fn write_txn(&self, txn: Txn) -> Result<Written, WriteError> {
-        let compares = !txn.compare.is_empty();
-        self.logged(compares, || self.engine.write_txn(txn)).await
+        let one_log = txn_needs_one_log(&txn);
+        self.logged(one_log, || self.engine.write_txn(txn)).await
     }
 
     /// The write path every client write takes: `log` hands the write to
     /// the engine, and the runtime decides what else it waits for.
-    async fn logged<F>(
-        &self,
-        compares: bool,
-        log: impl FnOnce() -> F,
-    ) -> Result<Written, WriteError>
+    async fn logged<F>(&self, one_log: bool, log: impl FnOnce() -> F) -> Result<Written, WriteError>
     where
         F: Future<Output = Result<storage::WriteResult, storage::Error>>,
     {
         // Held while in flight, so that a pause can wait for this write.
         let _gate = self.write_gate.read().await;
         let runtime = self.runtime();
-        admit(self.writes_paused(), runtime.mode(), compares)?;
+        admit(self.writes_paused(), runtime.mode(), one_log)?;
         let r = match runtime {
             Runtime::Switching => return Err(WriteError::Paused),
             Runtime::Masterless(n) => return self.quorum(&n, log().await?).await,
@@ -430,6 +458,75 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn put(expiry: Expiry) -> TxnOp {
+        TxnOp::Put {
+            key: bytes::Bytes::from_static(b"k"),
+            value: bytes::Bytes::new(),
+            expiry,
+        }
+    }
+
+    #[test]
+    fn leases_need_one_log_and_deadlines_do_not() {
+        let k = || bytes::Bytes::from_static(b"k");
+        for op in [
+            Op::LeaseGrant { ttl_ms: 5 },
+            Op::LeaseKeepAlive { id: 1 },
+            Op::LeaseRevoke {
+                id: 1,
+                expired: false,
+            },
+            Op::Put {
+                key: k(),
+                value: k(),
+                expiry: Expiry::Lease(3),
+            },
+            Op::Bulk {
+                items: vec![(k(), k(), Expiry::At(9)), (k(), k(), Expiry::Lease(3))],
+            },
+            Op::Txn {
+                ops: vec![put(Expiry::Never), put(Expiry::Lease(2))],
+            },
+        ] {
+            assert!(needs_one_log(&op), "{op:?}");
+        }
+        for op in [
+            Op::Put {
+                key: k(),
+                value: k(),
+                expiry: Expiry::At(5),
+            },
+            Op::Put {
+                key: k(),
+                value: k(),
+                expiry: Expiry::Keep,
+            },
+            Op::Bulk {
+                items: vec![(k(), k(), Expiry::At(9)), (k(), k(), Expiry::Never)],
+            },
+            Op::Delete { key: k() },
+            Op::Noop,
+            Op::Expire {
+                keys: vec![(k(), 3)],
+            },
+            Op::Txn {
+                ops: vec![put(Expiry::Keep), put(Expiry::At(1))],
+            },
+        ] {
+            assert!(!needs_one_log(&op), "{op:?}");
+        }
+        let on_lease = Txn {
+            failure: vec![put(Expiry::Lease(4))],
+            ..Txn::default()
+        };
+        assert!(txn_needs_one_log(&on_lease));
+        let timed = Txn {
+            success: vec![put(Expiry::At(4)), put(Expiry::Keep)],
+            ..Txn::default()
+        };
+        assert!(!txn_needs_one_log(&timed));
+    }
 
     #[test]
     fn which_writes_are_admitted() {

@@ -481,9 +481,12 @@ impl Engine {
         let started = Instant::now();
         let snap_dir = cfg.data_dir.join("snap");
         let state = Arc::new(State::with_index(cfg.index.clone()));
+        state.watch().set_budget(cfg.watch_cache_bytes);
         let lww = Arc::new(Lww::new());
         let stamps = (cfg.policy == CommitPolicy::Merge).then_some(&*lww);
         let snap = recover_snapshot(fs.as_ref(), &snap_dir, &state, stamps)?;
+        // Watches start after the snapshot: the replay fills the hub from there.
+        state.watch().reset(snap.last_index + 1);
         let Recovered {
             log,
             view,

@@ -460,6 +460,11 @@ impl State {
     /// transaction's reads and results are computed (a secondary and a
     /// replay skip them).
     pub fn apply(&self, index: u64, op: &Op, reads: bool) -> ApplyOutcome {
+        // provisional: what the keys held before, for the watch events.
+        let provisional_prev = provisional_keys(op)
+            .into_iter()
+            .map(|k| (k.clone(), self.get(k)))
+            .collect::<Vec<_>>();
         let mut changes = self.index.as_ref().map(|_| Vec::new());
         let outcome = {
             let mut inner = self.inner.write();
@@ -488,12 +493,55 @@ impl State {
                 }
             }
         }
+        // provisional: the events of a put, delete or bulk (no stamp), until
+        // the apply itself reports them.
+        let events = provisional_prev
+            .into_iter()
+            .filter_map(|(key, prev)| {
+                let now = self.get_versioned(&key);
+                let deleted = matches!(op, Op::Delete { .. });
+                let (kind, value, meta) = match now {
+                    Some((v, m)) if !deleted => (crate::model::EventKind::Put, Some(v), m),
+                    _ if deleted && outcome.deleted => {
+                        (crate::model::EventKind::Delete, None, KeyMeta::default())
+                    }
+                    _ => return None,
+                };
+                Some(crate::model::Event {
+                    kind,
+                    key,
+                    value,
+                    prev,
+                    meta,
+                })
+            })
+            .collect();
+        self.watch.publish(crate::model::RecordEvents {
+            index,
+            ts: Default::default(),
+            events,
+        });
         outcome
     }
 
     /// Order-independent digest of the contents, for comparing replicas.
     pub fn digest(&self) -> u64 {
         self.digest.load(Ordering::Relaxed)
+    }
+}
+
+// provisional: the keys a put, delete or bulk writes, in event order (a
+// bulk: each key once, in key order).
+fn provisional_keys(op: &Op) -> Vec<&Bytes> {
+    match op {
+        Op::Put { key, .. } | Op::Delete { key } => vec![key],
+        Op::Bulk { items } => {
+            let mut keys: Vec<&Bytes> = items.iter().map(|(k, _, _)| k).collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        }
+        _ => Vec::new(),
     }
 }
 

@@ -373,7 +373,8 @@ impl CliWatch {
         self.events.len() - before
     }
 
-    /// Polls until `cond` holds over the events so far, or `timeout`.
+    /// Polls until `cond` holds over the events so far, or `timeout`, or
+    /// the process has exited and everything it printed is in.
     pub fn wait_for(&mut self, timeout: Duration, mut cond: impl FnMut(&[Value]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
@@ -384,7 +385,10 @@ impl CliWatch {
             if left.is_zero() {
                 return false;
             }
-            self.drain(left.min(Duration::from_millis(100)));
+            let exited = self.try_exit().is_some();
+            if self.drain(left.min(Duration::from_millis(100))) == 0 && exited {
+                return cond(&self.events);
+            }
         }
     }
 

@@ -140,3 +140,58 @@ fn link(links: &[Vec<Option<LinkProxy>>], i: usize, j: usize) -> &LinkProxy {
         .as_ref()
         .unwrap_or_else(|| panic!("no link from n{i} to itself"))
 }
+
+/// After the primary died: promotes one of the nodes on `ports` through
+/// `/promote_to_primary`, the most up-to-date first (by `last_index`, as
+/// kvsup would), trying again while the refusals are the ones a moment
+/// of lag or a slow vote explains (`behind_peer`, `no_majority`,
+/// `not_enough_votes`), until `timeout`. Returns the position in `ports`
+/// of the node that became primary.
+pub fn promote_survivor(ports: &[u16], timeout: std::time::Duration) -> Result<usize> {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + timeout;
+    let mut refusals = Vec::new();
+    loop {
+        let mut order: Vec<(u64, usize)> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let last = crate::http_get(p, "/v1/status", Duration::from_secs(5))
+                    .ok()
+                    .and_then(|(_, b)| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|s| s["last_index"].as_u64())
+                    .unwrap_or(0);
+                (last, i)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, i) in order {
+            let answer = crate::http_post_json(
+                ports[i],
+                "/promote_to_primary",
+                &serde_json::json!({}),
+                Duration::from_secs(10),
+            );
+            let (code, body) = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    refusals.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            if code == 200 {
+                return Ok(i);
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let why = v["error"]["code"].as_str().unwrap_or_default().to_string();
+            if !["behind_peer", "no_majority", "not_enough_votes"].contains(&why.as_str()) {
+                anyhow::bail!("promotion refused for good: {code} {v}");
+            }
+            refusals.push(why);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("nobody could be promoted in {timeout:?}: {refusals:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -16,6 +16,9 @@
 //! - [`cluster`]: three nodes, linked directly or through cuttable proxies;
 //! - [`masterless`]: stamped writes, convergence and last-write-wins checks;
 //! - [`sup`]: clusters run by a real `kvsup`;
+//! - [`ttl`]: writes with deadlines and the window they lie in, leases,
+//!   one `/metrics` sample;
+//! - [`watch`]: watch streams over a raw socket, and `kvclient watch`;
 //! - [`wal`]: the WAL's on-disk format, to damage it precisely;
 //! - [`raw`]: HTTP/1.1 byte by byte over a `TcpStream`;
 //! - [`linearizability`]: the checker that judges the chaos test's history;
@@ -43,7 +46,9 @@ pub mod masterless;
 pub mod node;
 pub mod raw;
 pub mod sup;
+pub mod ttl;
 pub mod wal;
+pub mod watch;
 
 pub use cluster::start_cluster;
 

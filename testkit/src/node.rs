@@ -155,15 +155,20 @@ pub async fn expect_json_error(resp: reqwest::Response, what: &str) -> (u16, Str
 /// round this way costs the node little and the test client almost nothing,
 /// where a full HTTP client in a debug build would dominate the suite's time.
 pub fn pipelined_get(port: u16, paths: &[String]) -> Vec<(u16, Vec<u8>)> {
+    try_pipelined_get(port, paths).unwrap_or_else(|e| panic!("pipelined GETs: {e:#}"))
+}
+
+/// [`pipelined_get`] that returns an error instead of panicking (a node
+/// that is down or restarting, in a test that expects it).
+pub fn try_pipelined_get(port: u16, paths: &[String]) -> anyhow::Result<Vec<(u16, Vec<u8>)>> {
+    use anyhow::Context;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpStream;
 
-    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting to kvd");
-    stream
-        .set_read_timeout(Some(REQUEST_TIMEOUT))
-        .expect("read timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let mut writer = stream.try_clone().expect("cloning the socket");
+    let stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to kvd")?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
     let requests: Vec<u8> = paths
         .iter()
         .flat_map(|p| format!("GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes())
@@ -177,16 +182,18 @@ pub fn pipelined_get(port: u16, paths: &[String]) -> Vec<(u16, Vec<u8>)> {
     let mut line = String::new();
     for p in paths {
         line.clear();
-        reader.read_line(&mut line).expect("reading a status line");
+        reader
+            .read_line(&mut line)
+            .context("reading a status line")?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?} for {p}"));
+            .with_context(|| format!("bad status line {line:?} for {p}"))?;
         let mut content_length = None;
         loop {
             line.clear();
-            reader.read_line(&mut line).expect("reading a header");
+            reader.read_line(&mut line).context("reading a header")?;
             let h = line.trim_end();
             if h.is_empty() {
                 break;
@@ -197,14 +204,13 @@ pub fn pipelined_get(port: u16, paths: &[String]) -> Vec<(u16, Vec<u8>)> {
                 }
             }
         }
-        let n = content_length.unwrap_or_else(|| panic!("no content-length in answer for {p}"));
+        let n = content_length.with_context(|| format!("no content-length in answer for {p}"))?;
         let mut body = vec![0u8; n];
-        reader.read_exact(&mut body).expect("reading a body");
+        reader.read_exact(&mut body).context("reading a body")?;
         out.push((status, body));
     }
-    sender
-        .join()
-        .expect("request writer thread")
-        .expect("writing pipelined requests");
-    out
+    // The sender ends once everything is written or the socket fails; a
+    // failure after every answer arrived changes nothing.
+    let _ = sender.join();
+    Ok(out)
 }

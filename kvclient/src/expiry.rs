@@ -12,14 +12,11 @@ use crate::error::{Error, Result};
 pub type LeaseId = u64;
 
 /// The longest TTL the node takes: ten years, in milliseconds.
-pub const MAX_TTL_MS: u64 = 315_360_000_000;
+pub use kvproto::MAX_TTL_MS;
 
 /// `X-KV-TTL-Ms`: the milliseconds a key has left (GET/HEAD of a key with
-/// a deadline).
-pub const TTL_MS_HEADER: &str = "x-kv-ttl-ms";
-
-/// `X-KV-Lease`: the lease a key is attached to.
-pub const LEASE_HEADER: &str = "x-kv-lease";
+/// a deadline); `X-KV-Lease`: the lease a key is attached to.
+pub use kvproto::header::{LEASE as LEASE_HEADER, TTL_MS as TTL_MS_HEADER};
 
 /// What a put does to its key's deadline. A put without one makes the key
 /// permanent (it clears any deadline or lease the key had).

@@ -38,7 +38,7 @@ use crate::wire::WireValue;
 use kvproto::code;
 
 /// `X-KV-Watch-Index`: the node's applied index when the watch started.
-pub const WATCH_INDEX_HEADER: &str = "x-kv-watch-index";
+pub use kvproto::header::WATCH_INDEX as WATCH_INDEX_HEADER;
 
 /// The progress interval the node uses without `progress_ms` (1 s).
 pub const DEFAULT_PROGRESS: Duration = Duration::from_millis(1000);

@@ -87,8 +87,7 @@ pub enum Expiry {
     Keep,
 }
 
-/// Longest `ttl_ms` of a key or a lease: ten years.
-pub const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+pub use kvproto::MAX_TTL_MS;
 
 /// Most keys one [`Op::Expire`] record removes, so that expiring many keys
 /// at once is spread over many batches and never holds writes up.

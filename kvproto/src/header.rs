@@ -27,3 +27,6 @@ pub const TTL_MS: &str = "x-kv-ttl-ms";
 
 /// On a read of a key attached to a lease: the lease's id.
 pub const LEASE: &str = "x-kv-lease";
+
+/// On a watch: the node's applied index when the watch started.
+pub const WATCH_INDEX: &str = "x-kv-watch-index";

@@ -32,3 +32,6 @@ pub use error::{ErrorBody, ErrorDetail};
 pub use key::{validate_key, KeyError, MAX_KEY_BYTES};
 pub use mode::{or_switching, Mode, UnknownMode};
 pub use timestamp::Timestamp;
+
+/// Longest `ttl_ms` of a key or a lease: ten years.
+pub const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;

@@ -88,7 +88,7 @@ pub async fn pause_writes(State(st): State<Shared>, _: Params<NoParams>) -> Resp
 
 /// `POST /v1/admin/resume_writes`.
 pub async fn resume_writes(State(st): State<Shared>, _: Params<NoParams>) -> Response {
-    Json(st.node.resume_writes()).into_response()
+    Json(st.node.resume_writes().await).into_response()
 }
 
 /// `POST /v1/admin/mode`: switch this node (writes must be paused).

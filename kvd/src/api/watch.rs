@@ -41,8 +41,7 @@ use crate::metrics::WatchMetrics;
 use crate::model::{Event, EventKind, KeyRange, RecordEvents, Timestamp};
 use crate::storage::watch::{Compacted, Cursor, Head, WatchHub};
 
-/// `X-KV-Watch-Index`: the applied index when the watch started.
-pub const WATCH_INDEX: &str = "x-kv-watch-index";
+use kvproto::header::WATCH_INDEX;
 /// `progress_ms` when the request gives none, and its range.
 pub const DEFAULT_PROGRESS_MS: u64 = 1000;
 pub const PROGRESS_MS: std::ops::RangeInclusive<u64> = 100..=60_000;

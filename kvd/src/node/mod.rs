@@ -423,11 +423,20 @@ impl Node {
         self.paused.store(true, Ordering::Release);
         // Every write holds the gate shared while in flight.
         drop(self.write_gate.write().await);
+        // Nor may the expirer log: the switch reads this node's last index
+        // now and expects it to stay. A failure here is the engine's (it
+        // is stopping or poisoned), and the status says so.
+        if let Err(e) = self.engine.pause_expiries(true).await {
+            tracing::warn!(error = %e, "could not pause expiries");
+        }
         self.switch_status()
     }
 
-    pub fn resume_writes(&self) -> SwitchStatus {
+    pub async fn resume_writes(&self) -> SwitchStatus {
         self.paused.store(false, Ordering::Release);
+        if let Err(e) = self.engine.pause_expiries(false).await {
+            tracing::warn!(error = %e, "could not resume expiries");
+        }
         self.switch_status()
     }
 

@@ -14,7 +14,7 @@
 //!   resume index) while writes go on, and the node's resident memory
 //!   grows by no more than its watch cache and a margin.
 //!
-//! `KVSTORE_WATCH_SECS` sets the length of the first (default 30).
+//! `KVSTORE_WATCH_SECS` sets the length of the first (default 60).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,7 +169,7 @@ fn watcher_node(c: &Supervised) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resuming_watcher_sees_every_acknowledged_write_once_in_order_through_primary_kills() {
-    let secs = env_u64("KVSTORE_WATCH_SECS", 30);
+    let secs = env_u64("KVSTORE_WATCH_SECS", 60);
     let tmp = TempDir::new().unwrap();
     let c = Arc::new(Supervised::apply(tmp.path(), 3, "").unwrap());
     let urls = c.urls();

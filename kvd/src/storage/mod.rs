@@ -470,6 +470,9 @@ pub struct Engine {
     state: Arc<State>,
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    /// Dropped at shutdown: ends the expiry ticker's wait at once (else
+    /// every shutdown would wait out its tick).
+    expiry_stop: Mutex<Option<std_mpsc::Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -515,7 +518,9 @@ impl Engine {
         let shared = Arc::new(Shared::recovered(&cfg, &log.wal, view, cache, snap, lww));
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let ticks = tx.downgrade();
-        let threads = start_threads(&fs, &cfg, metrics, &state, &shared, log, (rx, ticks))?;
+        let (expiry_stop, stop) = std_mpsc::channel();
+        let channels = (rx, ticks, stop);
+        let threads = start_threads(&fs, &cfg, metrics, &state, &shared, log, channels)?;
         Ok((
             Engine {
                 fs,
@@ -527,6 +532,7 @@ impl Engine {
                 state,
                 shared,
                 tx: Mutex::new(Some(tx)),
+                expiry_stop: Mutex::new(Some(expiry_stop)),
                 threads: Mutex::new(threads),
             },
             report,
@@ -928,6 +934,7 @@ impl Engine {
     /// its reply), and joins the engine's threads.
     pub fn shutdown(&self) {
         self.tx.lock().take();
+        self.expiry_stop.lock().take();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();
@@ -1080,7 +1087,11 @@ fn start_threads(
     state: &Arc<State>,
     shared: &Arc<Shared>,
     recovered: RecoveredLog,
-    (rx, ticks): (mpsc::Receiver<Cmd>, mpsc::WeakSender<Cmd>),
+    (rx, ticks, stop): (
+        mpsc::Receiver<Cmd>,
+        mpsc::WeakSender<Cmd>,
+        std_mpsc::Receiver<()>,
+    ),
 ) -> Result<Vec<JoinHandle<()>>, Error> {
     let snap_dir = cfg.data_dir.join("snap");
     let (snap_tx, snap_rx) = std_mpsc::sync_channel::<snapshot::SnapshotMeta>(1);
@@ -1131,7 +1142,7 @@ fn start_threads(
         spawn("snapshot", Box::new(move || snapshotter.run(snap_rx)))?,
         spawn(
             "expiry",
-            Box::new(move || expiry_ticks(ticks, &ticker, &ticker_state, &ticker_wall)),
+            Box::new(move || expiry_ticks(ticks, &stop, &ticker, &ticker_state, &ticker_wall)),
         )?,
     ])
 }
@@ -1147,14 +1158,24 @@ const EXPIRY_BACKLOG_TICK: Duration = Duration::from_millis(5);
 /// no deadline due never wakes it). It holds the channel only weakly (so
 /// shutdown still closes it), and never waits for room in it: a busy
 /// writer forms batches anyway, and each batch carries the expiries due.
-fn expiry_ticks(ticks: mpsc::WeakSender<Cmd>, shared: &Shared, state: &State, wall: &WallClock) {
+/// It waits on `stop`, which shutdown drops, so it never holds one up.
+fn expiry_ticks(
+    ticks: mpsc::WeakSender<Cmd>,
+    stop: &std_mpsc::Receiver<()>,
+    shared: &Shared,
+    state: &State,
+    wall: &WallClock,
+) {
     loop {
         let backlog = shared.expiry_backlog.load(Ordering::Relaxed);
-        std::thread::sleep(if backlog {
+        let tick = if backlog {
             EXPIRY_BACKLOG_TICK
         } else {
             EXPIRY_TICK
-        });
+        };
+        if stop.recv_timeout(tick) != Err(std_mpsc::RecvTimeoutError::Timeout) {
+            return;
+        }
         let Some(tx) = ticks.upgrade() else {
             return;
         };

@@ -54,6 +54,19 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
     ttl::lease_id(&text).map_err(|m| ApiError::bad_request(code::INVALID_QUERY, m))
 }
 
+/// The lease a keep-alive or a revoke names, once this node may log it:
+/// 409 on a masterless node, 400 for a malformed id, 307 on a secondary.
+fn lease_to_write(
+    st: &Shared,
+    uri: &Uri,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<u64, ApiError> {
+    st.refuse_lease_if_masterless()?;
+    let id = path_id(path)?;
+    st.check_primary(uri)?;
+    Ok(id)
+}
+
 /// 404 `lease_not_found`.
 fn not_found(id: u64) -> ApiError {
     storage::Error::LeaseNotFound(id).into()
@@ -88,9 +101,7 @@ pub async fn keepalive(
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
 ) -> Result<Response, ApiError> {
-    st.refuse_lease_if_masterless()?;
-    let id = path_id(path)?;
-    st.check_primary(&uri)?;
+    let id = lease_to_write(&st, &uri, path)?;
     let w = st.write(Op::LeaseKeepAlive { id }, true).await?;
     // The apply outcome carries the lease as the keep-alive left it.
     let lease = w.outcome.lease.ok_or_else(|| not_found(id))?;
@@ -105,9 +116,7 @@ pub async fn revoke(
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
 ) -> Result<Response, ApiError> {
-    st.refuse_lease_if_masterless()?;
-    let id = path_id(path)?;
-    st.check_primary(&uri)?;
+    let id = lease_to_write(&st, &uri, path)?;
     let w = st
         .write(Op::LeaseRevoke { id, expired: false }, true)
         .await?;

@@ -1150,7 +1150,7 @@ fn start_threads(
 /// How often an idle writer looks for keys and leases past their deadline.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// ... and while its last look found some (a backlog of expiries, a
-/// record of at most 1000 keys and one lease each time).
+/// record of at most 128 keys and one lease each time).
 const EXPIRY_BACKLOG_TICK: Duration = Duration::from_millis(5);
 
 /// Wakes the WAL writer every [`EXPIRY_TICK`] (or [`EXPIRY_BACKLOG_TICK`])

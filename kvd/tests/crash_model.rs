@@ -181,30 +181,18 @@ fn crash_once(seed: u64, writers: usize, txns: bool) -> Vec<sim::TornTail> {
 
 #[test]
 fn a_single_writer_survives_1000_crash_points() {
-    let mut tally = TailTally::default();
-    for seed in 0..1000 {
-        tally.add(&crash_once(seed, 1, false));
-    }
-    tally.assert_each_at_least(100);
+    sim::crash_points(0, 1000, 100, |seed| crash_once(seed, 1, false));
 }
 
 #[test]
 fn concurrent_writers_with_group_commit_survive_300_crash_points() {
-    let mut tally = TailTally::default();
-    for seed in 10_000..10_300 {
-        tally.add(&crash_once(seed, 4, false));
-    }
-    tally.assert_each_at_least(10);
+    sim::crash_points(10_000, 300, 10, |seed| crash_once(seed, 4, false));
 }
 
 /// A transaction is one record: all of its writes survive a crash, or none.
 #[test]
 fn transactions_survive_300_crash_points_whole() {
-    let mut tally = TailTally::default();
-    for seed in 20_000..20_300 {
-        tally.add(&crash_once(seed, 2, true));
-    }
-    tally.assert_each_at_least(10);
+    sim::crash_points(20_000, 300, 10, |seed| crash_once(seed, 2, true));
 }
 
 #[test]

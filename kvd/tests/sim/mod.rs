@@ -341,6 +341,23 @@ fn torn_tail(rng: &mut StdRng, path: &Path, unsynced: &[u8]) -> (Vec<u8>, TornTa
     (bytes, tail)
 }
 
+/// Runs crash points `once(seed)` from seed `first` on until at least
+/// `runs` have run and each kind of torn tail reached the WAL `n` times,
+/// then checks that it did. With writer threads, how much is unsynced at
+/// the crash, and so which tails a run leaves, depends on timing: a loaded
+/// machine leaves fewer, and gets more runs (at most ten times `runs`)
+/// rather than a verdict on too little evidence.
+pub fn crash_points(first: u64, runs: u64, n: u64, mut once: impl FnMut(u64) -> Vec<TornTail>) {
+    let mut tally = TailTally::default();
+    for seed in first..first + 10 * runs {
+        tally.add(&once(seed));
+        if seed + 1 >= first + runs && tally.each_at_least(n) {
+            break;
+        }
+    }
+    tally.assert_each_at_least(n);
+}
+
 /// How many torn tails of each kind reached WAL segments, over many reboots:
 /// evidence that recovery really met zeros and garbage, not only prefixes.
 #[derive(Debug, Default)]
@@ -361,6 +378,11 @@ impl TailTally {
                 Fill::Garbage => self.garbage += 1,
             }
         }
+    }
+
+    /// Whether each kind of tail reached the WAL at least `n` times.
+    pub fn each_at_least(&self, n: u64) -> bool {
+        self.prefix_only >= n && self.zeros >= n && self.garbage >= n
     }
 
     /// Panics unless each kind of tail reached the WAL at least `n` times.

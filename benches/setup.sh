@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the comparison servers the benchmarks measure kvd against:
-# single-node etcd (Debian `etcd-server`, plus `etcd-client` for etcdctl) and
-# Redis 7 (`redis-server`, `redis-tools` for redis-benchmark and redis-cli),
+# Installs the comparison servers the benchmarks measure kvd against
+# (`compare`, `throughput`, `replicated`, `recovery`, `api`): etcd, single
+# member or a 3-member cluster (Debian `etcd-server`, plus `etcd-client` for
+# etcdctl) and Redis 7 (`redis-server`, `redis-tools` for redis-cli),
 # and SQLite (`sqlite3`, `libsqlite3-dev`: the search benchmark's FTS5
 # comparison links the system libsqlite3 with `--features sqlite-bench`).
 #

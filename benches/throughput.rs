@@ -2,7 +2,8 @@
 //! 1, 16 and 64 connections on data dirs pre-populated with 0 .. 1M keys,
 //! GET throughput at 64 connections, and the same PUT load against a
 //! single-node etcd (JSON gateway and, with `--features etcd-grpc`, gRPC)
-//! plus `redis-benchmark` against Redis with `appendfsync always`.
+//! and Redis with `appendfsync always` (over RESP), all through the same
+//! load generator.
 //!
 //! Method. Each pre-populated size is bulk-loaded once (POST /v1/bulk in
 //! chunks) into a template data dir; every measured cell starts kvd on a
@@ -32,7 +33,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,11 +50,11 @@ use serde_json::{json, Value};
 #[command(
     name = "throughput",
     about = "Durable PUT and GET throughput of kvd over HTTP, beside etcd and Redis.",
-    override_usage = "cargo build --release && cargo bench --bench throughput -- [FLAGS]",
+    override_usage = "cargo build --release && cargo bench --features etcd-grpc --bench throughput -- [FLAGS]",
     args_override_self = true
 )]
 struct Cli {
-    /// short run: 1 s cells, sizes 0,10k,1M, 50k Redis requests
+    /// short run: 1 s cells, sizes 0,10k,1M
     #[arg(long)]
     quick: bool,
     /// measured seconds per cell (default 5, quick 1)
@@ -105,9 +106,6 @@ struct Cli {
     /// skip the Redis reference
     #[arg(long)]
     no_redis: bool,
-    /// redis-benchmark -n (default 200000, quick 50000)
-    #[arg(long, value_name = "N")]
-    redis_requests: Option<u64>,
     /// interleaved comparison rounds (kvd, etcd, Redis); medians compared (default 3, quick 1)
     #[arg(long, value_name = "N")]
     rounds: Option<usize>,
@@ -145,7 +143,6 @@ struct Config {
     kvd_args: Vec<String>,
     etcd: bool,
     redis: bool,
-    redis_requests: u64,
     rounds: usize,
     quiet: Quiet,
 }
@@ -189,9 +186,6 @@ impl Config {
             kvd_args: split_flags(cli.kvd_args.as_deref().unwrap_or("")),
             etcd: !cli.no_etcd,
             redis: !cli.no_redis,
-            redis_requests: cli
-                .redis_requests
-                .unwrap_or(if quick { 50_000 } else { 200_000 }),
             rounds: cli.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
             quiet: cli.quiet.clone(),
         }
@@ -387,55 +381,49 @@ impl Ctx<'_> {
         ))
     }
 
-    /// PUT cells against a fresh single-node etcd: through its JSON gateway
-    /// and (with the `etcd-grpc` feature) through gRPC.
+    /// PUT cells against single-node etcd: through its JSON gateway and
+    /// (with the `etcd-grpc` feature) through gRPC.
     fn etcd_puts(&self, dir: &Path) -> Result<Vec<Cell>> {
-        let conns = self.cfg.get_conns;
-        let etcd = start_etcd(dir)?;
-        let pid = etcd.pid().to_string();
-        let mut cells = Vec::new();
-
-        self.ticker.set(format!("etcd JSON gateway PUT c={conns}"));
-        let spec = self.spec(etcd.port, Proto::Http1, conns);
-        let make = etcd_gateway_put_make(&self.value);
-        let (res, cpu, attempts) = quietest(&self.cfg.quiet, || {
-            measured(self.rt, &spec, make.clone(), self.ticker, &pid)
-        })?;
-        cells.push(cell_of(
-            ETCD_GATEWAY,
-            None,
-            "PUT",
-            &spec,
-            &res,
-            cpu,
-            attempts,
-        ));
-
+        // Pushed to with `--features etcd-grpc`.
+        #[allow(unused_mut)]
+        let mut cells = vec![self.fresh_server_put(dir, ETCD_GATEWAY)?];
         #[cfg(feature = "etcd-grpc")]
-        {
-            self.ticker.set(format!("etcd gRPC PUT c={conns}"));
-            let spec = self.spec(etcd.port, Proto::Http2, conns);
-            let make = etcd_grpc_put_make(etcd.port, self.value.clone());
-            let (res, cpu, attempts) = quietest(&self.cfg.quiet, || {
-                measured(self.rt, &spec, make.clone(), self.ticker, &pid)
-            })?;
-            cells.push(cell_of(ETCD_GRPC, None, "PUT", &spec, &res, cpu, attempts));
-        }
+        cells.push(self.fresh_server_put(dir, ETCD_GRPC)?);
         Ok(cells)
     }
 
-    /// `redis-benchmark -t set` against a fresh Redis (`appendfsync always`).
-    fn redis_set(&self, dir: &Path) -> Result<Cell> {
+    /// A PUT cell of new unique keys at the comparison concurrency against
+    /// `system` (an etcd front end, or Redis with `appendfsync always`
+    /// over RESP), through the same load generator as kvd's. Every attempt
+    /// starts its server fresh in a dir of its own under `dir`: a re-run on
+    /// a server that took the last run's writes would start bigger.
+    fn fresh_server_put(&self, dir: &Path, system: &str) -> Result<Cell> {
         let conns = self.cfg.get_conns;
-        self.ticker.set(format!("redis-benchmark SET c={conns}"));
-        let redis = start_redis(dir)?;
-        let (mut cell, cpu, attempts) = quietest(&self.cfg.quiet, || {
-            redis_benchmark(&redis, conns, self.cfg.value_bytes, self.cfg.redis_requests)
+        self.ticker.set(format!("{system} PUT c={conns}"));
+        std::fs::create_dir_all(dir)?;
+        let ((res, spec), cpu, attempts) = quietest(&self.cfg.quiet, || {
+            let tmp = tempfile::Builder::new().prefix("server-").tempdir_in(dir)?;
+            let server = if system == REDIS {
+                start_redis(tmp.path())?
+            } else {
+                start_etcd(tmp.path())?
+            };
+            let (proto, make) = match system {
+                REDIS => (Proto::Resp, redis_set_make(self.value.clone())),
+                #[cfg(feature = "etcd-grpc")]
+                ETCD_GRPC => (
+                    Proto::Http2,
+                    etcd_grpc_put_make(server.port, self.value.clone()),
+                ),
+                _ => (Proto::Http1, etcd_gateway_put_make(&self.value)),
+            };
+            let spec = self.spec(server.port, proto, conns);
+            let pid = server.pid().to_string();
+            let (res, cpu) = measured(self.rt, &spec, make, self.ticker, &pid)?;
+            Ok(((res, spec), cpu))
         })?;
-        cell.other_cpu = Some(cpu.other);
-        cell.attempts = attempts;
-        cell.detail["machine_idle_pct"] = json!(cpu.idle);
-        Ok(cell)
+        let op = if system == REDIS { "SET" } else { "PUT" };
+        Ok(cell_of(system, None, op, &spec, &res, cpu, attempts))
     }
 }
 
@@ -601,7 +589,8 @@ fn run() -> Result<ExitCode> {
             }
         }
         if cfg.redis {
-            round_cells.push(ctx.redis_set(&tmp.path().join(format!("redis-{round}")))?);
+            round_cells
+                .push(ctx.fresh_server_put(&tmp.path().join(format!("redis-{round}")), REDIS)?);
             pb.inc(1);
         }
     }
@@ -691,15 +680,29 @@ fn run() -> Result<ExitCode> {
     println!();
     if let (Some(k), Some(e)) = (&kvd0, etcd_best) {
         let ratio = k.ops_per_sec / e.ops_per_sec;
-        let ok = ratio >= TARGET_ETCD_RATIO;
-        let p99_ok = k.p99_us <= e.p99_us;
+        // Errors in either side's cells (every round) fail each verdict.
+        let errors = k.errors + e.errors;
+        let rate = Verdict {
+            claim: format!(
+                "kvd/etcd PUT/s c={c} ({} keys vs the better etcd, {})",
+                human_count(min_size),
+                e.system
+            ),
+            value: Some(ratio),
+            target: Target::AtLeast(TARGET_ETCD_RATIO),
+            errors,
+            detail: format!("{:.0} vs {:.0} PUT/s", k.ops_per_sec, e.ops_per_sec),
+        };
+        let p99 = Verdict {
+            claim: format!("p99 PUT c={c}, kvd / etcd"),
+            value: Some(k.p99_us as f64 / e.p99_us.max(1) as f64),
+            target: Target::AtMost(1.0),
+            errors,
+            detail: format!("{} ms vs {} ms", fmt_ms(k.p99_us), fmt_ms(e.p99_us)),
+        };
+        let (ok, p99_ok) = (rate.met(), p99.met());
         failed |= !ok || !p99_ok;
-        println!(
-            "kvd/etcd PUT c={c} ({} keys vs the better etcd, {}): {ratio:.2}x  (target >= {TARGET_ETCD_RATIO}x) {}",
-            human_count(min_size),
-            e.system,
-            pass(ok)
-        );
+        println!("{}", rate.line());
         for x in &etcd {
             println!(
                 "  kvd / {}: {:.2}x",
@@ -707,12 +710,7 @@ fn run() -> Result<ExitCode> {
                 k.ops_per_sec / x.ops_per_sec
             );
         }
-        println!(
-            "p99 PUT c={c}: kvd {} ms vs etcd {} ms  (target kvd <= etcd) {}",
-            fmt_ms(k.p99_us),
-            fmt_ms(e.p99_us),
-            pass(p99_ok)
-        );
+        println!("{}", p99.line());
         summary.insert("kvd_over_etcd".into(), json!(ratio));
         summary.insert("kvd_over_etcd_target".into(), json!(TARGET_ETCD_RATIO));
         summary.insert("kvd_over_etcd_pass".into(), json!(ok));
@@ -720,28 +718,35 @@ fn run() -> Result<ExitCode> {
         summary.insert("kvd_p99_us".into(), json!(k.p99_us));
         summary.insert("etcd_p99_us".into(), json!(e.p99_us));
         summary.insert("p99_pass".into(), json!(p99_ok));
+        summary.insert("errors".into(), json!(errors));
     }
     if let (Some(k), Some(r)) = (&kvd0, &redis) {
         let ratio = k.ops_per_sec / r.ops_per_sec;
         println!(
-            "kvd/Redis (appendfsync always) c={c}: {ratio:.2}x, p99 {} ms vs {} ms  (reference)",
+            "kvd/Redis (appendfsync always) c={c}: {ratio:.2}x, p99 {} ms vs {} ms, errors {} and {}  (reference)",
             fmt_ms(k.p99_us),
-            fmt_ms(r.p99_us)
+            fmt_ms(r.p99_us),
+            k.errors,
+            r.errors
         );
         summary.insert("kvd_over_redis".into(), json!(ratio));
     }
     if let (Some(k0), Some(km)) = (&kvd0, &kvd_max) {
         let ratio = km.ops_per_sec / k0.ops_per_sec;
-        let ok = ratio >= TARGET_SIZE_RATIO;
+        let verdict = Verdict {
+            claim: format!(
+                "PUT/s c={c} with {} keys / with {} keys",
+                human_count(max_size),
+                human_count(min_size)
+            ),
+            value: Some(ratio),
+            target: Target::AtLeast(TARGET_SIZE_RATIO),
+            errors: km.errors + k0.errors,
+            detail: format!("{:.0} vs {:.0} PUT/s", km.ops_per_sec, k0.ops_per_sec),
+        };
+        let ok = verdict.met();
         failed |= !ok;
-        println!(
-            "PUT c={c} with {} keys vs {} keys: {:.0}%  (target >= {:.0}%) {}",
-            human_count(max_size),
-            human_count(min_size),
-            ratio * 100.0,
-            TARGET_SIZE_RATIO * 100.0,
-            pass(ok)
-        );
+        println!("{}", verdict.line());
         let mut per_conns = serde_json::Map::new();
         let find = |keys: u64, conns: usize| {
             cells.iter().find(|x| {
@@ -845,83 +850,4 @@ fn wal_view(before: WalCounters, after: WalCounters, wall_secs: f64) -> Value {
         "fsync_ms_mean": if batches > 0.0 { fsync / batches * 1000.0 } else { 0.0 },
         "fsync_busy_pct": fsync / wall_secs * 100.0,
     })
-}
-
-/// Runs `redis-benchmark -t set` against `redis` (a Redis with
-/// `appendfsync always`) and parses its CSV summary.
-fn redis_benchmark(
-    redis: &Server,
-    conns: usize,
-    value_bytes: usize,
-    requests: u64,
-) -> Result<(Cell, CpuShare)> {
-    let pid = redis.pid().to_string();
-    let args = [
-        "-h".to_string(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        redis.port.to_string(),
-        "-t".into(),
-        "set".into(),
-        "-d".into(),
-        value_bytes.to_string(),
-        "-c".into(),
-        conns.to_string(),
-        "-n".into(),
-        requests.to_string(),
-        "--csv".into(),
-    ];
-    // redis-benchmark is a child: once reaped, its CPU time counts as this
-    // process's (the load generator's).
-    let (out, cpu) = with_cpu(&pid, || {
-        Command::new("redis-benchmark")
-            .args(&args)
-            .output()
-            .context("running redis-benchmark (run benches/setup.sh to install it)")
-    })?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "redis-benchmark failed ({}): {stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
-    // "p95_latency_ms","p99_latency_ms","max_latency_ms"
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("\"SET\""))
-        .with_context(|| format!("no SET line in redis-benchmark output: {stdout}"))?;
-    let f: Vec<f64> = line
-        .split(',')
-        .skip(1)
-        .map(|s| s.trim_matches('"').parse().unwrap_or(f64::NAN))
-        .collect();
-    if f.len() < 7 {
-        bail!("unexpected redis-benchmark line: {line}");
-    }
-    let ms = |v: f64| (v * 1000.0).round() as u64;
-    let cell = Cell {
-        system: "redis (aof always)".into(),
-        keys: None,
-        op: "SET",
-        conns,
-        ops_per_sec: f[0],
-        p50_us: ms(f[3]),
-        p99_us: ms(f[5]),
-        errors: 0,
-        server_cpu: Some(cpu.server),
-        client_cpu: Some(cpu.client),
-        other_cpu: Some(cpu.other),
-        attempts: 1,
-        detail: json!({
-            "command": format!("redis-benchmark {}", args.join(" ")),
-            "csv": line,
-            "avg_ms": f[1],
-            "p95_ms": f[4],
-            "max_ms": f[6],
-        }),
-    };
-    Ok((cell, cpu))
 }

@@ -1,7 +1,9 @@
 //! A real Prometheus server (Debian package `prometheus`, installed by
 //! test.sh) scrapes the supervisor and every node of a kvsup cluster; its
 //! query API must see them all up and a non-zero `kvd_keys`. `promtool
-//! check metrics` must accept every `/metrics` page.
+//! check metrics` must accept every `/metrics` page. kvsup's `/metrics`
+//! needs its admin token: Prometheus reads it from the token file
+//! (`authorization: credentials_file:`), as an operator's would.
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -79,9 +81,11 @@ fn prometheus_scrapes_kvsup_and_every_node() {
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
          scrape_configs:\n\
          \x20 - job_name: kvsup\n\
+         \x20   authorization: {{credentials_file: '{}'}}\n\
          \x20   static_configs: [{{targets: ['127.0.0.1:{}']}}]\n\
          \x20 - job_name: kvd\n\
          \x20   static_configs: [{{targets: [{}]}}]\n",
+        c.token_file().display(),
         c.sup_port,
         node_targets.join(", ")
     );
@@ -134,9 +138,18 @@ fn prometheus_scrapes_kvsup_and_every_node() {
     assert_eq!(nodes_up[0]["value"][1], "3", "{nodes_up:#?}");
 
     // promtool's linter accepts every exposition page.
-    let ports: Vec<u16> = c.nodes.iter().map(|n| n.1).chain([c.sup_port]).collect();
-    for p in ports {
-        let (_, page) = http_get(p, "/metrics", Duration::from_secs(5)).unwrap();
+    let mut pages: Vec<(u16, Vec<u8>)> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.1,
+                http_get(n.1, "/metrics", Duration::from_secs(5)).unwrap().1,
+            )
+        })
+        .collect();
+    pages.push((c.sup_port, c.metrics().unwrap().into_bytes()));
+    for (p, page) in pages {
         let mut child = Command::new(&promtool)
             .args(["check", "metrics"])
             .stdin(Stdio::piped())

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub http_request_duration_seconds: HistogramVec,
     pub wal_fsync_seconds: Histogram,
     pub wal_batch_records: Histogram,
+    pub wal_appends_per_fsync: Histogram,
+    pub commit_latency_seconds: Histogram,
     pub snapshots_total: IntCounter,
     pub snapshot_seconds: Histogram,
     pub keys: IntGauge,
@@ -250,13 +252,26 @@ impl Metrics {
             )?,
             wal_fsync_seconds: r.histogram(
                 "kvd_wal_fsync_duration_seconds",
-                "Time to write and fdatasync one group-commit batch",
+                "Time to write and fdatasync one group-commit batch (a secondary: one \
+                 group of the primary's appends)",
                 LATENCY_BUCKETS,
             )?,
             wal_batch_records: r.histogram(
                 "kvd_wal_batch_records",
                 "Records made durable by one fdatasync (group commit batch size)",
                 BATCH_BUCKETS,
+            )?,
+            wal_appends_per_fsync: r.histogram(
+                "kvd_wal_appends_per_fsync",
+                "A secondary: appends from the primary (with entries) made durable by one \
+                 fdatasync; above 1 only when several were in flight at once",
+                BATCH_BUCKETS,
+            )?,
+            commit_latency_seconds: r.histogram(
+                "kvd_commit_latency_seconds",
+                "A primary: time from a batch's write to the WAL to its commit (durable on \
+                 a majority)",
+                LATENCY_BUCKETS,
             )?,
             snapshots_total: r.counter("kvd_snapshots_total", "Snapshots written")?,
             snapshot_seconds: r.histogram(

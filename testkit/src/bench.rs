@@ -1,6 +1,7 @@
-//! Shared parts of the benchmark programs (`benches/`; feature `bench`): flag value parsers, a lean HTTP load
-//! generator and the PUT requests it sends, a live rate display, helpers to
-//! start the comparison servers (etcd, Redis) and to read process figures
+//! Shared parts of the benchmark programs (`benches/`; feature `bench`):
+//! flag value parsers, a lean HTTP load generator (plain, or over TLS with a
+//! bearer token) and the PUT requests it sends, a live rate display, helpers
+//! to start the comparison servers (etcd, Redis) and to read process figures
 //! from `/proc`, and the report plumbing (table, JSON file, the command that
 //! reproduces the run).
 //!
@@ -123,6 +124,32 @@ pub fn tmp_parent(tmp_dir: Option<&Path>) -> PathBuf {
     tmp_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Set to `1` to run on tmpfs anyway, with a warning.
+const ALLOW_TMPFS_ENV: &str = "KVSTORE_BENCH_ALLOW_TMPFS";
+
+/// Refuses a data dir parent on tmpfs: there fsync and fdatasync return at
+/// once, so every durable-write figure (kvd's, etcd's, Redis's
+/// `appendfsync always`) would measure memory, not the disk. With
+/// `KVSTORE_BENCH_ALLOW_TMPFS=1` it warns loudly instead.
+pub fn check_not_tmpfs(dir: &Path) -> Result<()> {
+    let st =
+        nix::sys::statfs::statfs(dir).with_context(|| format!("statfs of {}", dir.display()))?;
+    // TMPFS_MAGIC is 0x01021994 (linux/magic.h).
+    if st.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(());
+    }
+    let what = format!(
+        "{} is on tmpfs: fsync costs nothing there, so durable writes would be measured \
+         without the disk",
+        dir.display()
+    );
+    if std::env::var(ALLOW_TMPFS_ENV).as_deref() == Ok("1") {
+        eprintln!("WARNING: {what}; {ALLOW_TMPFS_ENV}=1 is set, running anyway: the figures mean nothing for durability");
+        return Ok(());
+    }
+    bail!("{what}. Pass --tmp-dir DIR on a real disk (or set {ALLOW_TMPFS_ENV}=1 to run anyway)")
 }
 
 /// Writes `bench-results/<name>.json` and returns its path.
@@ -442,16 +469,18 @@ pub struct CpuShare {
 /// Measures CPU time over `f`: the server's, this process's, and the rest
 /// of the machine's.
 pub fn with_cpu<T>(server_pid: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, CpuShare)> {
-    let (srv0, me0, all0, idle0) = (
-        cpu_time(server_pid),
-        cpu_time("self"),
-        machine_busy(),
-        machine_idle(),
-    );
+    with_cpu_of(&[server_pid.to_string()], f)
+}
+
+/// [`with_cpu`] of a system of several server processes (a cluster): their
+/// CPU times are summed as the server's.
+pub fn with_cpu_of<T>(pids: &[String], f: impl FnOnce() -> Result<T>) -> Result<(T, CpuShare)> {
+    let servers = || pids.iter().map(|p| cpu_time(p)).sum::<Duration>();
+    let (srv0, me0, all0, idle0) = (servers(), cpu_time("self"), machine_busy(), machine_idle());
     let t0 = Instant::now();
     let out = f()?;
     let wall = t0.elapsed().as_secs_f64();
-    let srv = cpu_time(server_pid).saturating_sub(srv0).as_secs_f64();
+    let srv = servers().saturating_sub(srv0).as_secs_f64();
     let me = cpu_time("self").saturating_sub(me0).as_secs_f64();
     let all = machine_busy().saturating_sub(all0).as_secs_f64();
     let idle = machine_idle().saturating_sub(idle0).as_secs_f64();
@@ -844,6 +873,8 @@ pub enum Conn {
     /// HTTP/2 (h2c), for gRPC.
     #[cfg(feature = "etcd-grpc")]
     H2(hyper::client::conn::http2::SendRequest<Body>),
+    /// Redis, so that it is driven by the same load generator.
+    Resp(RespConn),
 }
 
 impl Conn {
@@ -857,6 +888,42 @@ impl Conn {
             let _ = conn.await;
         });
         Ok(Conn::H1(sender))
+    }
+
+    /// Opens an HTTP/1.1 connection over TLS with `config` (the server's
+    /// certificate must name the address's IP); its driver runs as a task
+    /// of the current runtime, as [`Conn::http1`]'s does. The connect and
+    /// the handshake together are bounded by [`TLS_HANDSHAKE_TIMEOUT`].
+    pub async fn https1(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Conn> {
+        let handshake = async {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+        };
+        let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .with_context(|| format!("the TLS handshake with {addr} timed out"))?
+            .with_context(|| format!("the TLS handshake with {addr}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H1(sender))
+    }
+
+    /// Opens a connection of `proto` to `addr`, over TLS if `security`
+    /// says so (HTTP/1.1 only).
+    pub async fn open(proto: Proto, addr: SocketAddr, security: &Security) -> Result<Conn> {
+        match (&security.tls, proto) {
+            (None, _) => connect(proto, addr).await,
+            (Some(config), Proto::Http1) => Conn::https1(addr, config.clone()).await,
+            (Some(_), other) => {
+                bail!("the load generator speaks TLS over HTTP/1.1 only, not {other:?}")
+            }
+        }
     }
 
     /// Opens a cleartext HTTP/2 connection (what gRPC speaks to etcd).
@@ -905,6 +972,17 @@ impl Conn {
                     None => bail!("no grpc-status in the response"),
                 }
             }
+            Conn::Resp(r) => {
+                // The body is the command (see `resp_request`).
+                let cmd = req.into_body().collect().await?.to_bytes();
+                match r.call(&cmd).await? {
+                    RespReply::Error(e) => bail!("Redis: {e}"),
+                    // A GET of a key that should exist: a failure, as kvd's 404 is.
+                    RespReply::Nil => Ok((StatusCode::NOT_FOUND, Bytes::new())),
+                    RespReply::Simple(b) | RespReply::Bulk(b) => Ok((StatusCode::OK, b)),
+                    RespReply::Int(i) => Ok((StatusCode::OK, Bytes::from(i.to_string()))),
+                }
+            }
         }
     }
 
@@ -923,6 +1001,7 @@ impl Conn {
             }
             #[cfg(feature = "etcd-grpc")]
             Conn::H2(_) => bail!("send_parts speaks HTTP/1.1 only"),
+            Conn::Resp(_) => bail!("send_parts speaks HTTP/1.1 only"),
         }
     }
 }
@@ -933,25 +1012,42 @@ impl Conn {
 /// benchmark needs neither protoc nor a gRPC stack beyond hyper.
 #[cfg(feature = "etcd-grpc")]
 pub fn grpc_put_request(port: u16, key: &[u8], value: &[u8]) -> Request<Body> {
-    fn varint(out: &mut Vec<u8>, mut v: usize) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
     let mut msg = Vec::with_capacity(key.len() + value.len() + 8);
-    msg.push(0x0a); // field 1 (key), wire type 2
-    varint(&mut msg, key.len());
-    msg.extend_from_slice(key);
-    msg.push(0x12); // field 2 (value), wire type 2
-    varint(&mut msg, value.len());
-    msg.extend_from_slice(value);
+    pb_bytes(&mut msg, 1, key);
+    pb_bytes(&mut msg, 2, value);
+    grpc_request(port, "/etcdserverpb.KV/Put", &msg)
+}
+
+/// etcd's `KV/Range` of one key over gRPC: `RangeRequest{key = 1}` (a
+/// linearizable read, etcd's default).
+#[cfg(feature = "etcd-grpc")]
+pub fn grpc_range_request(port: u16, key: &[u8]) -> Request<Body> {
+    let mut msg = Vec::with_capacity(key.len() + 4);
+    pb_bytes(&mut msg, 1, key);
+    grpc_request(port, "/etcdserverpb.KV/Range", &msg)
+}
+
+/// A length-delimited protobuf field (wire type 2).
+#[cfg(feature = "etcd-grpc")]
+fn pb_bytes(out: &mut Vec<u8>, field: u8, bytes: &[u8]) {
+    out.push(field << 3 | 2);
+    let mut v = bytes.len();
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out.extend_from_slice(bytes);
+}
+
+/// A unary gRPC call of `path` with protobuf message `msg`.
+#[cfg(feature = "etcd-grpc")]
+fn grpc_request(port: u16, path: &str, msg: &[u8]) -> Request<Body> {
     let mut framed = Vec::with_capacity(msg.len() + 5);
     framed.push(0); // not compressed
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
-    Request::post(format!("http://127.0.0.1:{port}/etcdserverpb.KV/Put"))
+    framed.extend_from_slice(msg);
+    Request::post(format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Full::new(Bytes::from(framed)))
@@ -964,6 +1060,8 @@ pub enum Proto {
     Http1,
     #[cfg(feature = "etcd-grpc")]
     Http2,
+    /// Redis's protocol (see [`resp_request`]).
+    Resp,
 }
 
 async fn connect(proto: Proto, addr: SocketAddr) -> Result<Conn> {
@@ -971,6 +1069,54 @@ async fn connect(proto: Proto, addr: SocketAddr) -> Result<Conn> {
         Proto::Http1 => Conn::http1(addr).await,
         #[cfg(feature = "etcd-grpc")]
         Proto::Http2 => Conn::http2(addr).await,
+        Proto::Resp => Ok(Conn::Resp(RespConn::connect(addr).await?)),
+    }
+}
+
+/// How long the load generator waits for a TLS connection (the TCP
+/// connect and the handshake) to be made.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a load adds to plain HTTP: TLS on every connection, a bearer token
+/// on every request. The default is neither, and then the load generator
+/// does exactly what it does without it: no wrapper around the requests,
+/// no branch in the loop.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// The client's TLS configuration (see `tls::TlsDir::client_config`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The whole `Authorization` header, marked sensitive so that no debug
+    /// output shows the secret.
+    pub authorization: Option<hyper::header::HeaderValue>,
+}
+
+impl Security {
+    /// TLS with `tls`, if given, and `Authorization: Bearer <token>`, if
+    /// given.
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>, token: Option<&str>) -> Result<Security> {
+        let authorization = token
+            .map(|t| {
+                let mut v = hyper::header::HeaderValue::try_from(format!("Bearer {t}"))
+                    .context("a bearer token must be a valid header value")?;
+                v.set_sensitive(true);
+                anyhow::Ok(v)
+            })
+            .transpose()?;
+        Ok(Security { tls, authorization })
+    }
+
+    /// `make`, with this security's `Authorization` header added to every
+    /// request; `make` itself when there is none.
+    pub fn wrap(&self, make: Arc<MakeRequest>) -> Arc<MakeRequest> {
+        let Some(header) = self.authorization.clone() else {
+            return make;
+        };
+        Arc::new(move |conn, seq| {
+            let mut req = make(conn, seq);
+            req.headers_mut()
+                .insert(hyper::header::AUTHORIZATION, header.clone());
+            req
+        })
     }
 }
 
@@ -1047,11 +1193,24 @@ pub async fn run_load(
     make: Arc<MakeRequest>,
     live: Arc<AtomicU64>,
 ) -> Result<LoadResult> {
+    run_load_with(spec, &Security::default(), make, live).await
+}
+
+/// [`run_load`] with `security`: every connection (a replaced one too)
+/// over its TLS, every request with its token. Connections are opened,
+/// handshakes included, before the clock starts.
+pub async fn run_load_with(
+    spec: &LoadSpec,
+    security: &Security,
+    make: Arc<MakeRequest>,
+    live: Arc<AtomicU64>,
+) -> Result<LoadResult> {
+    let make = security.wrap(make);
     // Open every connection before the clock starts.
     let mut conns = Vec::with_capacity(spec.conns);
     for _ in 0..spec.conns {
         conns.push(
-            connect(spec.proto, spec.addr)
+            Conn::open(spec.proto, spec.addr, security)
                 .await
                 .with_context(|| format!("connecting to {}", spec.addr))?,
         );
@@ -1063,6 +1222,7 @@ pub async fn run_load(
         let make = make.clone();
         let live = live.clone();
         let spec = spec.clone();
+        let security = security.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = new_hist();
             let (mut ops, mut errors, mut first_error) = (0u64, 0u64, None::<String>);
@@ -1099,7 +1259,7 @@ pub async fn run_load(
                         // A broken connection is replaced; give the server a
                         // moment rather than spinning on it.
                         tokio::time::sleep(Duration::from_millis(10)).await;
-                        if let Ok(c) = connect(spec.proto, spec.addr).await {
+                        if let Ok(c) = Conn::open(spec.proto, spec.addr, &security).await {
                             conn = c;
                         }
                     }
@@ -1405,9 +1565,11 @@ pub fn start_run(bench: &str, tmp_dir: Option<&Path>) -> Result<RunStart> {
     println!("command: {command}");
     let noisy_start = warn_if_noisy("start");
     let env_start = environment();
+    let parent = tmp_parent(tmp_dir);
+    check_not_tmpfs(&parent)?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!("kv-{bench}-"))
-        .tempdir_in(tmp_parent(tmp_dir))?;
+        .tempdir_in(parent)?;
     Ok(RunStart {
         command,
         noisy_start,
@@ -1423,4 +1585,702 @@ pub fn report_results(bench: &str, results: &Value, command: &str) -> Result<()>
     println!("results: {}", path.display());
     println!("reproduce: {command}");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Redis over RESP, through the same load generator
+
+/// Longest reply line or bulk string a Redis connection accepts: the
+/// benchmarks' values are a few hundred bytes.
+const RESP_MAX_REPLY: usize = 1 << 20;
+/// How long one Redis command may take before it counts as failed.
+const RESP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A reply of Redis's protocol (RESP2), as far as SET and GET need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RespReply {
+    /// `+OK`
+    Simple(Bytes),
+    /// `:n`
+    Int(i64),
+    /// `$n`, then n bytes.
+    Bulk(Bytes),
+    /// `$-1`: no such key.
+    Nil,
+    /// `-ERR ...`
+    Error(String),
+}
+
+/// A command as RESP2 sends it: an array of bulk strings.
+pub fn resp_command(args: &[&[u8]]) -> Bytes {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    Bytes::from(out)
+}
+
+/// Parses the reply at the start of `buf`: the reply and the bytes it
+/// took, or `None` while `buf` holds only part of it.
+pub fn parse_resp(buf: &[u8]) -> Result<Option<(RespReply, usize)>> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+        if buf.len() > RESP_MAX_REPLY {
+            bail!("a RESP line longer than {RESP_MAX_REPLY} bytes");
+        }
+        return Ok(None);
+    };
+    let Some((&kind, rest)) = buf[..eol].split_first() else {
+        bail!("an empty RESP line");
+    };
+    let line = std::str::from_utf8(rest).context("a RESP line that is not UTF-8")?;
+    let head = eol + 2;
+    let reply = match kind {
+        b'+' => RespReply::Simple(Bytes::copy_from_slice(rest)),
+        b'-' => RespReply::Error(line.to_string()),
+        b':' => RespReply::Int(
+            line.parse()
+                .with_context(|| format!("RESP integer {line:?}"))?,
+        ),
+        b'$' => {
+            let n: i64 = line
+                .parse()
+                .with_context(|| format!("RESP bulk length {line:?}"))?;
+            let Ok(n) = usize::try_from(n) else {
+                return Ok(Some((RespReply::Nil, head)));
+            };
+            if n > RESP_MAX_REPLY {
+                bail!("a RESP bulk string of {n} bytes (limit {RESP_MAX_REPLY})");
+            }
+            if buf.len() < head + n + 2 {
+                return Ok(None);
+            }
+            if &buf[head + n..head + n + 2] != b"\r\n" {
+                bail!("a RESP bulk string not ended by CRLF");
+            }
+            let bulk = Bytes::copy_from_slice(&buf[head..head + n]);
+            return Ok(Some((RespReply::Bulk(bulk), head + n + 2)));
+        }
+        other => bail!("a RESP reply of type {:?}", other as char),
+    };
+    Ok(Some((reply, head)))
+}
+
+/// One Redis connection: a command out, its reply in, one at a time like
+/// the load's HTTP connections.
+pub struct RespConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RespConn {
+    pub async fn connect(addr: SocketAddr) -> Result<RespConn> {
+        let stream = tokio::time::timeout(RESP_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .context("connecting to Redis timed out")??;
+        stream.set_nodelay(true)?;
+        Ok(RespConn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends `cmd` (see [`resp_command`]) and reads its reply.
+    pub async fn call(&mut self, cmd: &[u8]) -> Result<RespReply> {
+        tokio::time::timeout(RESP_TIMEOUT, self.exchange(cmd))
+            .await
+            .context("Redis did not answer in time")?
+    }
+
+    async fn exchange(&mut self, cmd: &[u8]) -> Result<RespReply> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(cmd).await?;
+        self.buf.clear();
+        loop {
+            if let Some((reply, used)) = parse_resp(&self.buf)? {
+                if used != self.buf.len() {
+                    bail!("Redis sent more than the one reply asked for");
+                }
+                return Ok(reply);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("Redis closed the connection");
+            }
+        }
+    }
+}
+
+/// A request for a [`Proto::Resp`] connection: its body is the Redis
+/// command; method and URI are not sent. The load generator builds every
+/// request through one [`MakeRequest`] type, so Redis's commands travel in
+/// the same envelope as HTTP's.
+pub fn resp_request(cmd: Bytes) -> Request<Body> {
+    Request::post("/")
+        .body(Full::new(cmd))
+        .expect("a request built from valid parts")
+}
+
+/// `SET` of `value` to Redis under new unique keys ([`write_key`]).
+pub fn redis_set_make(value: Bytes) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| {
+        resp_request(resp_command(&[
+            b"SET",
+            write_key(conn, seq).as_bytes(),
+            &value,
+        ]))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Read loads
+
+/// The keys a write load created: for each `(c, n)`, connection `c` wrote
+/// `write_key(c, 0..n)`.
+#[derive(Debug, Clone, Default)]
+pub struct WrittenKeys {
+    conns: Vec<(usize, u64)>,
+}
+
+impl WrittenKeys {
+    /// From [`LoadResult::sent`] of a load of [`write_key`]s: connection
+    /// `i` sent `sent[i]` writes (all answered; with errors, some keys may
+    /// be missing, and reading them counts as an error again).
+    pub fn from_sent(sent: &[u64]) -> WrittenKeys {
+        WrittenKeys {
+            conns: sent
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(c, &n)| (c, n))
+                .collect(),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.conns.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The key that `h` (a well-mixed number, e.g. from [`mix64`]) picks.
+    /// With no keys at all, a key nobody wrote: reading it fails, visibly.
+    pub fn pick(&self, h: u64) -> String {
+        if self.conns.is_empty() {
+            return write_key(0, 0);
+        }
+        let (c, n) = self.conns[(h % self.conns.len() as u64) as usize];
+        write_key(c, (h >> 20) % n)
+    }
+
+    /// The key request `seq` of connection `conn` reads.
+    fn for_request(&self, conn: usize, seq: u64) -> String {
+        self.pick(mix64(((conn as u64) << 40) ^ seq))
+    }
+}
+
+/// `GET /v1/kv/<key>` of random keys of `keys` from kvd.
+pub fn kvd_get_make(keys: Arc<WrittenKeys>) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| {
+        Request::get(format!("/v1/kv/{}", keys.for_request(conn, seq)))
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::new()))
+            .expect("a request built from valid parts")
+    })
+}
+
+/// Reads of random keys of `keys` from etcd's JSON gateway
+/// (`/v3/kv/range`, linearizable as etcd's reads are by default).
+pub fn etcd_gateway_get_make(keys: Arc<WrittenKeys>) -> Arc<MakeRequest> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Arc::new(move |conn, seq| {
+        let body = format!(
+            "{{\"key\":\"{}\"}}",
+            b64.encode(keys.for_request(conn, seq))
+        );
+        Request::post("/v3/kv/range")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request built from valid parts")
+    })
+}
+
+/// Reads of random keys of `keys` from the etcd on `port` over gRPC.
+#[cfg(feature = "etcd-grpc")]
+pub fn etcd_grpc_get_make(port: u16, keys: Arc<WrittenKeys>) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| grpc_range_request(port, keys.for_request(conn, seq).as_bytes()))
+}
+
+/// `GET` of random keys of `keys` from Redis.
+pub fn redis_get_make(keys: Arc<WrittenKeys>) -> Arc<MakeRequest> {
+    Arc::new(move |conn, seq| {
+        resp_request(resp_command(&[
+            b"GET",
+            keys.for_request(conn, seq).as_bytes(),
+        ]))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Loads over several nodes, and clusters
+
+/// `conns` connections split over `n` servers as evenly as possible, the
+/// first servers taking one more.
+pub fn split_conns(conns: usize, n: usize) -> Vec<usize> {
+    let n = n.max(1);
+    (0..n)
+        .map(|i| conns / n + usize::from(i < conns % n))
+        .collect()
+}
+
+impl LoadResult {
+    /// A result with nothing in it yet, of a `secs`-second window.
+    pub fn empty(secs: f64) -> LoadResult {
+        LoadResult {
+            ops: 0,
+            errors: 0,
+            first_error: None,
+            hist: new_hist(),
+            secs,
+            sent: Vec::new(),
+        }
+    }
+
+    /// Adds the figures of `other`, a load run beside this one in the same
+    /// window; its connections come after this one's in `sent`.
+    pub fn absorb(&mut self, other: LoadResult) -> Result<()> {
+        self.ops += other.ops;
+        self.errors += other.errors;
+        self.hist.add(&other.hist).context("merging histograms")?;
+        self.sent.extend(other.sent);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        Ok(())
+    }
+}
+
+/// A closed-loop load spread over several servers (a masterless
+/// cluster's nodes): `spec.conns` split by [`split_conns`] over `ports`
+/// (`spec.addr` is replaced by each). Connection numbers are global, so
+/// `make` sees each connection once (write keys stay distinct and 16
+/// bytes) and the merged [`LoadResult::sent`] is in that order.
+pub async fn run_load_spread(
+    spec: &LoadSpec,
+    ports: &[u16],
+    make: Arc<MakeRequest>,
+    live: Arc<AtomicU64>,
+) -> Result<LoadResult> {
+    let mut tasks = Vec::new();
+    let mut first_conn = 0;
+    for (&port, conns) in ports.iter().zip(split_conns(spec.conns, ports.len())) {
+        if conns == 0 {
+            continue;
+        }
+        let spec = LoadSpec {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            conns,
+            ..spec.clone()
+        };
+        let (make, live) = (make.clone(), live.clone());
+        let offset = first_conn;
+        first_conn += conns;
+        let shifted: Arc<MakeRequest> = Arc::new(move |conn, seq| make(offset + conn, seq));
+        tasks.push(tokio::spawn(
+            async move { run_load(&spec, shifted, live).await },
+        ));
+    }
+    let mut total = LoadResult::empty(spec.duration.as_secs_f64());
+    for t in tasks {
+        total.absorb(t.await.context("load task panicked")??)?;
+    }
+    Ok(total)
+}
+
+/// PUTs one key to the kvd on `port` until it is acknowledged, for up to
+/// 30 s (a primary commits once a secondary has joined).
+pub async fn await_writable(http: &reqwest::Client, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http
+            .put(format!("http://127.0.0.1:{port}/v1/kv/ready-probe"))
+            .body("x")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            other => {
+                if Instant::now() > deadline {
+                    bail!("kvd on port {port} never acknowledged a write: {other:?}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`await_writable`] through the load generator's own connection, with
+/// `security` (TLS, token): PUTs one key to `addr` until it is
+/// acknowledged, for up to 30 s, each try bounded by 5 s.
+pub async fn await_writable_with(addr: SocketAddr, security: &Security) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let make = security.wrap(kvd_put_make(Bytes::from_static(b"x")));
+    loop {
+        let attempt = async {
+            let mut conn = Conn::open(Proto::Http1, addr, security).await?;
+            conn.send(make(0, 0)).await
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+        match outcome {
+            Ok(Ok((status, _))) if status.is_success() => return Ok(()),
+            other => {
+                if Instant::now() > deadline {
+                    let why = match other {
+                        Ok(Ok((status, body))) => {
+                            format!("HTTP {status}: {}", String::from_utf8_lossy(&body))
+                        }
+                        Ok(Err(e)) => format!("{e:#}"),
+                        Err(_) => "timed out".into(),
+                    };
+                    bail!("kvd at {addr} never acknowledged a write: {why}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The client port of the etcd leader among `members` (from
+/// `/v3/maintenance/status`), within 30 s.
+pub async fn etcd_leader(http: &reqwest::Client, members: &[Server]) -> Result<u16> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for m in members {
+            let st: Value = match http
+                .post(format!("http://127.0.0.1:{}/v3/maintenance/status", m.port))
+                .body("{}")
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => continue,
+            };
+            let me = &st["header"]["member_id"];
+            if !me.is_null() && *me == st["leader"] {
+                return Ok(m.port);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no etcd member reports itself as the leader");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until the kvd nodes on `ports` report the same digest; how long
+/// that took, or an error after `timeout`.
+pub fn wait_digests_equal(ports: &[u16], timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let ds: Vec<Option<String>> = ports
+            .iter()
+            .map(|&p| {
+                kvd_status(p)
+                    .ok()
+                    .and_then(|s| s["digest"].as_str().map(str::to_string))
+            })
+            .collect();
+        if ds.iter().all(|d| d.is_some() && *d == ds[0]) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("digests still differ after {timeout:?}: {ds:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The disk's own cost
+
+/// Commits every pending change of the file system that holds `dir`
+/// (`syncfs`). Removing a stopped server's data dir frees its blocks, and
+/// with the `discard` mount option the next journal commit trims them all:
+/// whatever fsyncs first after a removal pays for it. A cell started after
+/// this begins on a settled disk, whichever system went before it.
+pub fn settle_disk(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::unistd::syncfs(d.as_raw_fd()).with_context(|| format!("syncfs of {}", dir.display()))?;
+    Ok(())
+}
+
+/// How [`fdatasync_probe`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeWrite {
+    /// To the end of a fresh file, as a log appends (each fdatasync then
+    /// also makes the new size durable: a journal commit on ext4).
+    Append,
+    /// Over a region written and synced beforehand (fdatasync flushes the
+    /// data alone): the cheapest durable small write the disk offers.
+    Overwrite,
+}
+
+/// What a durable small write costs this disk: `n` times, a `bytes`-byte
+/// write to a file in `dir` (see [`ProbeWrite`]) and an fdatasync of it,
+/// each timed (µs). No database can acknowledge a durable write on one
+/// connection much faster than the cheaper of the two.
+pub fn fdatasync_probe(
+    dir: &Path,
+    how: ProbeWrite,
+    n: usize,
+    bytes: usize,
+) -> Result<Histogram<u64>> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if how == ProbeWrite::Overwrite {
+        f.write_all(&vec![0u8; n * bytes])?;
+        f.sync_all()?;
+    }
+    let record = value_of(7, bytes);
+    let mut hist = new_hist();
+    for i in 0..n {
+        let t0 = Instant::now();
+        match how {
+            ProbeWrite::Append => f.write_all(record.as_bytes())?,
+            ProbeWrite::Overwrite => f.write_all_at(record.as_bytes(), (i * bytes) as u64)?,
+        }
+        f.sync_data()?;
+        let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(hist)
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------------------
+// Verdicts
+
+/// Which side of its target a figure must be on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// A target check: a measured figure (a ratio, usually) against its
+/// target. Any error in the cells the figure was computed from fails it,
+/// however good the figure: a fast system that drops requests is not fast.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// What is compared, e.g. "kvd 3-node / kvd single, PUT/s at 64 conns".
+    pub claim: String,
+    /// None when a cell it needs was not measured.
+    pub value: Option<f64>,
+    pub target: Target,
+    /// Errors in the cells the figure comes from (every round).
+    pub errors: u64,
+    /// The figures behind the value, for the reader.
+    pub detail: String,
+}
+
+impl Verdict {
+    pub fn met(&self) -> bool {
+        let on_target = match (self.value, self.target) {
+            (Some(v), Target::AtLeast(t)) => v >= t,
+            (Some(v), Target::AtMost(t)) => v <= t,
+            (None, _) => false,
+        };
+        on_target && self.errors == 0
+    }
+
+    /// One line: the claim, the figure, the target, the errors and
+    /// whether it was met.
+    pub fn line(&self) -> String {
+        let target = match self.target {
+            Target::AtLeast(t) => format!(">= {t}"),
+            Target::AtMost(t) => format!("<= {t}"),
+        };
+        let value = self
+            .value
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "not measured".into());
+        let met = if self.met() { "met" } else { "NOT met" };
+        let detail = if self.detail.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.detail)
+        };
+        format!(
+            "{}: {value} (target {target}, errors {}): {met}{detail}",
+            self.claim, self.errors
+        )
+    }
+
+    pub fn to_json(&self) -> Value {
+        let (kind, target) = match self.target {
+            Target::AtLeast(t) => ("at_least", t),
+            Target::AtMost(t) => ("at_most", t),
+        };
+        json!({
+            "claim": self.claim,
+            "value": self.value,
+            "target": target,
+            "target_kind": kind,
+            "errors": self.errors,
+            "met": self.met(),
+            "detail": self.detail,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn resp_command_is_an_array_of_bulk_strings() {
+        let c = resp_command(&[b"SET", b"k", b"value"]);
+        assert_eq!(&c[..], b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n");
+    }
+
+    #[test]
+    fn parse_resp_reads_each_reply_kind() {
+        let one = |b: &[u8]| parse_resp(b).unwrap().unwrap();
+        assert_eq!(one(b"+OK\r\n"), (RespReply::Simple(Bytes::from("OK")), 5));
+        assert_eq!(one(b":42\r\n"), (RespReply::Int(42), 5));
+        assert_eq!(one(b"$-1\r\n"), (RespReply::Nil, 5));
+        assert_eq!(
+            one(b"$3\r\nabc\r\n"),
+            (RespReply::Bulk(Bytes::from("abc")), 9)
+        );
+        assert_eq!(one(b"$0\r\n\r\n"), (RespReply::Bulk(Bytes::new()), 6));
+        assert_eq!(
+            one(b"-ERR wrong\r\n"),
+            (RespReply::Error("ERR wrong".into()), 12)
+        );
+    }
+
+    #[test]
+    fn parse_resp_waits_for_the_rest_of_a_reply() {
+        for partial in [
+            &b""[..],
+            b"+O",
+            b"+OK\r",
+            b"$3\r\n",
+            b"$3\r\nab",
+            b"$3\r\nabc\r",
+        ] {
+            assert_eq!(parse_resp(partial).unwrap(), None, "{partial:?}");
+        }
+    }
+
+    #[test]
+    fn parse_resp_refuses_what_it_does_not_know() {
+        assert!(parse_resp(b"*1\r\n").is_err());
+        assert!(parse_resp(b"$3\r\nabcd\r\n").is_err());
+        assert!(parse_resp(b":x\r\n").is_err());
+        let huge = format!("${}\r\n", RESP_MAX_REPLY + 1);
+        assert!(parse_resp(huge.as_bytes()).is_err());
+        assert!(parse_resp(&vec![b'+'; RESP_MAX_REPLY + 1]).is_err());
+    }
+
+    #[test]
+    fn written_keys_pick_only_keys_that_were_written() {
+        let keys = WrittenKeys::from_sent(&[3, 0, 2]);
+        assert_eq!(keys.count(), 5);
+        let written: Vec<String> = [(0, 0), (0, 1), (0, 2), (2, 0), (2, 1)]
+            .iter()
+            .map(|&(c, s)| write_key(c, s))
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for seq in 0..1000 {
+            let k = keys.for_request(1, seq);
+            assert!(written.contains(&k), "{k} was never written");
+            seen.insert(k);
+        }
+        assert_eq!(seen.len(), written.len(), "every written key is read");
+        assert_eq!(WrittenKeys::default().pick(5), write_key(0, 0));
+    }
+
+    #[test]
+    fn split_conns_spreads_evenly_and_loses_none() {
+        assert_eq!(split_conns(64, 3), vec![22, 21, 21]);
+        assert_eq!(split_conns(1, 3), vec![1, 0, 0]);
+        assert_eq!(split_conns(256, 3).iter().sum::<usize>(), 256);
+        assert_eq!(split_conns(5, 0), vec![5]);
+    }
+
+    #[test]
+    fn a_verdict_needs_its_target_no_errors_and_a_figure() {
+        let v = |value, target, errors| Verdict {
+            claim: "x".into(),
+            value,
+            target,
+            errors,
+            detail: String::new(),
+        };
+        assert!(v(Some(0.7), Target::AtLeast(0.7), 0).met());
+        assert!(!v(Some(0.69), Target::AtLeast(0.7), 0).met());
+        assert!(v(Some(1.3), Target::AtMost(1.3), 0).met());
+        assert!(!v(Some(1.31), Target::AtMost(1.3), 0).met());
+        assert!(
+            !v(Some(5.0), Target::AtLeast(0.7), 1).met(),
+            "errors fail it"
+        );
+        assert!(
+            !v(None, Target::AtLeast(0.7), 0).met(),
+            "unmeasured fails it"
+        );
+        assert!(v(Some(5.0), Target::AtLeast(0.7), 2)
+            .line()
+            .contains("errors 2): NOT met"));
+    }
+
+    #[test]
+    fn security_adds_its_token_to_every_request_and_nothing_without_one() {
+        let make = kvd_put_make(Bytes::from_static(b"v"));
+        let plain = Security::default().wrap(make.clone());
+        assert!(
+            Arc::ptr_eq(&plain, &make),
+            "without a token the requests are not wrapped"
+        );
+        assert!(plain(0, 0).headers().get("authorization").is_none());
+        let secured = Security::new(None, Some("s3cret")).unwrap();
+        let wrapped = secured.wrap(make);
+        for seq in 0..3 {
+            let req = wrapped(1, seq);
+            let auth = req.headers().get("authorization").unwrap();
+            assert_eq!(auth, "Bearer s3cret");
+            assert!(auth.is_sensitive(), "the secret stays out of debug output");
+            assert_eq!(req.uri().path(), format!("/v1/kv/{}", write_key(1, seq)));
+        }
+        assert!(!format!("{secured:?}").contains("s3cret"));
+        assert!(Security::new(None, Some("bad\ntoken")).is_err());
+    }
+
+    #[test]
+    fn median_is_the_middle_value() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

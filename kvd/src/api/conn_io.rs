@@ -87,26 +87,27 @@ impl Default for Activity {
 
 /// The socket and what hyper wrote last, parked when hyper shut the
 /// connection down while the held bytes were not yet sent.
-pub struct Parked {
-    pub stream: TcpStream,
+pub struct Parked<S = TcpStream> {
+    pub stream: S,
     pub held: Vec<u8>,
 }
 
 /// The slot a connection's task reads [`Parked`] from.
-pub type ParkedSlot = Arc<Mutex<Option<Parked>>>;
+pub type ParkedSlot<S = TcpStream> = Arc<Mutex<Option<Parked<S>>>>;
 
-/// The socket wrapper given to hyper.
-pub struct ConnIo {
+/// The socket wrapper given to hyper; `S` is the socket (a TCP stream, or
+/// a TLS stream over one).
+pub struct ConnIo<S = TcpStream> {
     /// `None` once parked.
-    stream: Option<TcpStream>,
+    stream: Option<S>,
     activity: Arc<Activity>,
     /// A write that looked like one of hyper's error responses, not sent yet.
     held: Vec<u8>,
-    parked: ParkedSlot,
+    parked: ParkedSlot<S>,
 }
 
-impl ConnIo {
-    pub fn new(stream: TcpStream, activity: Arc<Activity>, parked: ParkedSlot) -> ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
+    pub fn new(stream: S, activity: Arc<Activity>, parked: ParkedSlot<S>) -> ConnIo<S> {
         ConnIo {
             stream: Some(stream),
             activity,
@@ -131,7 +132,7 @@ impl ConnIo {
         Poll::Ready(Ok(()))
     }
 
-    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+    fn stream(&mut self) -> io::Result<Pin<&mut S>> {
         match self.stream.as_mut() {
             Some(s) => Ok(Pin::new(s)),
             None => Err(io::ErrorKind::NotConnected.into()),
@@ -139,7 +140,7 @@ impl ConnIo {
     }
 }
 
-impl AsyncRead for ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -156,7 +157,7 @@ impl AsyncRead for ConnIo {
     }
 }
 
-impl AsyncWrite for ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -224,7 +225,11 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Sends what was parked: the JSON form of hyper's error response if
 /// hyper's connection ended with a parse error, else the held bytes.
-pub async fn finish_parked(parked: Parked, error: Option<&hyper::Error>, limits: &HeadLimits) {
+pub async fn finish_parked<S: AsyncWrite + Unpin>(
+    parked: Parked<S>,
+    error: Option<&hyper::Error>,
+    limits: &HeadLimits,
+) {
     let Parked { mut stream, held } = parked;
     let out = match error {
         Some(e) if e.is_parse() => json_error_response(&held, &e.to_string(), limits),

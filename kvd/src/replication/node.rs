@@ -1,11 +1,14 @@
 //! The replication runtime: moves bytes and persists what the rules decide.
 //!
-//! On the primary, one task per peer ships log entries (`POST
-//! /internal/append`, batched, one request in flight per peer) and a commit
-//! task advances the commit index with [`rules::commit_index`] whenever the
-//! local log or a peer's match index moves. On a secondary, the append
-//! handler persists a newer epoch before anything else, then hands the
-//! entries to [`Engine::replicate`].
+//! On the primary, one task per peer ships log entries as soon as they are
+//! written (`POST /internal/append`, batched, a bounded pipeline of
+//! appends per peer whose answers are taken in order, see
+//! [`rules::next_send`] and [`rules::pipeline_step`]) and a commit task
+//! advances the commit index with [`rules::commit_index`] whenever the
+//! durable local log or a peer's match index moves. On a secondary, the
+//! append handler persists a newer epoch before anything else, then hands
+//! the entries to the WAL writer in `prev_index` order
+//! ([`Engine::submit_replicate`], [`rules::in_order`]).
 //!
 //! Promotion (`POST /promote_to_primary`) follows `replication::mod`'s steps:
 //! a pre-vote round (no state changes anywhere) whose answers also feed the
@@ -62,6 +65,10 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A snapshot transfer may take this long (hundreds of MB on loopback),
 /// both for the sender and for the receiver reading it.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a secondary holds an append that overtook its predecessor
+/// (see `Replicator::handle_append`) before handing it over anyway.
+const ORDER_WAIT: Duration = Duration::from_millis(500);
 
 /// How long an election waits for the remaining peers once a majority has
 /// answered (see `ask_votes`).
@@ -148,6 +155,38 @@ pub struct Replicator {
     tasks: Tasks,
     /// One incoming snapshot at a time: they share one temp file.
     receiving_snapshot: tokio::sync::Mutex<()>,
+    /// Secondary: how far the appends of the newest epoch have been
+    /// handed to the WAL writer (for their order, see `handle_append`).
+    handoff: Mutex<Handoff>,
+    /// Woken when an append is handed to the WAL writer.
+    handed: Notify,
+}
+
+/// The end (`prev_index` + entries) of the furthest append of `epoch`
+/// handed to the WAL writer.
+#[derive(Default)]
+struct Handoff {
+    epoch: u64,
+    end: u64,
+}
+
+impl Handoff {
+    fn handed(&mut self, epoch: u64, end: u64) {
+        if epoch > self.epoch {
+            *self = Handoff { epoch, end };
+        } else if epoch == self.epoch {
+            self.end = self.end.max(end);
+        }
+    }
+
+    /// How far appends of `epoch` were handed over (0: none yet).
+    fn end(&self, epoch: u64) -> u64 {
+        if epoch == self.epoch {
+            self.end
+        } else {
+            0
+        }
+    }
 }
 
 /// The secondary's answer to an append.
@@ -157,6 +196,77 @@ pub enum AppendReply {
     Accept { match_index: u64 },
     Stale { my_epoch: u64 },
     Mismatch { hint: ConflictHint },
+}
+
+/// One append on its way to a peer: after which index, how many entries,
+/// how many payload bytes.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    prev_index: u64,
+    count: u64,
+    bytes: usize,
+}
+
+/// What [`Replicator::prepare_append`] found.
+enum Prepared {
+    /// Send this body (for the entries `Sent` describes).
+    Send(Sent, Vec<u8>),
+    /// Nothing can be sent until the answers in flight are in.
+    Wait,
+    /// Start again from the peer's `next_index` (a snapshot went, the
+    /// log could not be read, or this node no longer leads).
+    Restart,
+}
+
+/// The appends in flight to one peer, oldest first, each on its own task;
+/// the tasks end with it (aborted when it is dropped: their answers are
+/// no longer wanted).
+#[derive(Default)]
+struct Pipeline {
+    sent: std::collections::VecDeque<(Sent, tokio::task::JoinHandle<Option<AppendReply>>)>,
+    /// Payload bytes in flight.
+    bytes: usize,
+}
+
+impl Pipeline {
+    fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    fn push(&mut self, sent: Sent, task: tokio::task::JoinHandle<Option<AppendReply>>) {
+        self.bytes += sent.bytes;
+        self.sent.push_back((sent, task));
+    }
+
+    /// Waits for the oldest append's answer (`None` for none) and takes it
+    /// out of the window; `None` if nothing is in flight.
+    async fn oldest(&mut self) -> Option<(Sent, Option<AppendReply>)> {
+        let (_, task) = self.sent.front_mut()?;
+        let reply = task.await.ok().flatten();
+        let (sent, _) = self.sent.pop_front()?;
+        self.bytes -= sent.bytes;
+        Some((sent, reply))
+    }
+}
+
+impl Pipeline {
+    /// Drops every append in flight (their answers are ignored).
+    fn clear(&mut self) {
+        for (_, task) in self.sent.drain(..) {
+            task.abort();
+        }
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 /// A voter's answer on `/internal/vote`: its state, whatever it decided.
@@ -350,6 +460,8 @@ impl Replicator {
             stopped: AtomicBool::new(false),
             tasks: Tasks::new(),
             receiving_snapshot: tokio::sync::Mutex::new(()),
+            handoff: Mutex::new(Handoff::default()),
+            handed: Notify::new(),
         })
     }
 
@@ -619,14 +731,22 @@ impl Replicator {
                 my_epoch: t.meta.epoch,
             });
         }
+        let (mut granted, mut reason, mut last) = (decision.granted, decision.reason, last);
         if let Some(next) = next {
             self.persist(&mut t, next).map_err(VoteError::Persist)?;
+            // An append accepted while `last` was read is answered after
+            // its fsync only if the epoch had not moved on by then
+            // (`rules::answer_after_fsync`); if it had not, its entries are
+            // durable now: the candidate must hold them too.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            last = self.engine.last_log_pos();
+            (granted, reason) = rules::confirm_grant(granted, reason, req.last, last);
         }
         Ok(VoteAnswer {
-            granted: decision.granted,
+            granted,
             epoch: t.meta.epoch,
             last,
-            reason: decision.reason.as_str().to_string(),
+            reason: reason.as_str().to_string(),
         })
     }
 
@@ -835,20 +955,36 @@ impl Replicator {
     /// Secondary side of `/internal/append`. Nothing changes (not even the
     /// epoch) unless every entry is one a client could have written and
     /// the sender may lead the epoch it claims.
+    ///
+    /// Appends of one epoch arrive over several connections and may
+    /// overtake each other: one that starts past what has been handed to
+    /// the WAL writer waits (at most [`ORDER_WAIT`]) for its predecessor,
+    /// then goes anyway. The order is only for speed (an append out of
+    /// order is refused as a mismatch, and the primary falls back); what is
+    /// safe to take is for the writer's rules alone.
     pub async fn handle_append(&self, body: AppendBody) -> Result<AppendReply, Error> {
         self.engine.check_entries(&body.records)?;
         if let Some(my_epoch) = self.follow(body.epoch, &body.leader_url)? {
             return Ok(AppendReply::Stale { my_epoch });
         }
-        let outcome = self
+        let (epoch, end) = (
+            body.epoch,
+            body.prev.index.saturating_add(body.records.len() as u64),
+        );
+        self.wait_for_predecessor(epoch, body.prev.index).await;
+        let answer = self
             .engine
-            .replicate(ReplicateRequest {
-                epoch: body.epoch,
+            .submit_replicate(ReplicateRequest {
+                epoch,
                 prev: body.prev,
                 records: body.records,
                 leader_commit: body.leader_commit,
             })
             .await?;
+        // Queued: the writer takes it before any append queued later.
+        self.handoff.lock().handed(epoch, end);
+        self.handed.notify_waiters();
+        let outcome = answer.await.map_err(|_| storage::Error::ShuttingDown)??;
         Ok(match outcome {
             AppendOutcome::Accept { match_index, .. } => AppendReply::Accept { match_index },
             AppendOutcome::Stale { my_epoch } => AppendReply::Stale { my_epoch },
@@ -856,92 +992,217 @@ impl Replicator {
         })
     }
 
+    /// Waits until an append of `epoch` after `prev_index` is next in line
+    /// ([`rules::in_order`]), or [`ORDER_WAIT`] has passed.
+    async fn wait_for_predecessor(&self, epoch: u64, prev_index: u64) {
+        let deadline = tokio::time::Instant::now() + ORDER_WAIT;
+        loop {
+            let handed = self.handed.notified();
+            tokio::pin!(handed);
+            handed.as_mut().enable();
+            let end = self.handoff.lock().end(epoch);
+            if rules::in_order(prev_index, end, self.engine.written_last_index()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, handed).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Primary: keeps peer `i` up to date.
     async fn ship_to(self: Arc<Self>, i: usize) {
         let peer = &self.peers[i];
+        // After a refusal, one append at a time until one is accepted.
+        let mut probing = false;
         while !self.stopped.load(Ordering::Acquire) {
             let lead = self.leadership();
             if !lead.leads() {
                 tokio::time::sleep(HEARTBEAT).await;
                 continue;
             }
+            probing = self.ship_as(peer, lead, probing).await;
+        }
+    }
+
+    /// Ships to `peer` as the primary of `lead`, with up to
+    /// [`rules::MAX_APPENDS_IN_FLIGHT`] appends in flight (one while
+    /// `probing`), their answers taken in the order they were sent. Returns
+    /// when this node no longer leads so, or after anything but an accept
+    /// (handled as one append at a time would be; the answers still in
+    /// flight are dropped), with whether the next round probes: the caller
+    /// then starts again from the last acknowledged match index.
+    async fn ship_as(&self, peer: &Peer, lead: Leadership, mut probing: bool) -> bool {
+        let mut pipe = Pipeline::default();
+        let mut next = peer.next_index.load(Ordering::Acquire).max(1);
+        let mut last_send: Option<Instant> = None;
+        let mut commit_sent = None;
+        loop {
+            if self.stopped.load(Ordering::Acquire) || self.leadership() != lead {
+                return probing;
+            }
             // Register for "new entries" before looking, so none is missed.
-            let durable = self.engine.durable_notify().notified();
-            tokio::pin!(durable);
-            durable.as_mut().enable();
-            let next = peer.next_index.load(Ordering::Acquire).max(1);
-            let prev_index = next - 1;
-            let Some(prev_epoch) = self.engine.epoch_at(prev_index) else {
-                // The entries it needs are only in our snapshot now.
-                self.send_snapshot(peer, lead).await;
-                continue;
-            };
-            let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(node = %self.settings.node_id, peer = %peer.url, error = %e, "reading entries to ship");
-                    tokio::time::sleep(HEARTBEAT).await;
-                    continue;
-                }
-            };
-            // Reading the log may have waited: deposed meanwhile, this node
-            // must not present these entries as any epoch's primary.
-            let Some(epoch) = rules::send_epoch(lead, self.leadership()) else {
-                continue;
-            };
-            let sent = records.len() as u64;
-            let body = encode_append(
-                epoch,
-                LogPos {
-                    epoch: prev_epoch,
-                    index: prev_index,
-                },
-                self.engine.commit_index(),
-                &self.settings.advertise_url,
-                &records,
+            let written = self.engine.written_notify().notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            let commit = self.engine.commit_index();
+            let idle_for = last_send.map_or(HEARTBEAT, |t| t.elapsed());
+            let decision = rules::next_send(
+                pipe.len(),
+                pipe.bytes,
+                probing,
+                next <= self.engine.written_last_index(),
+                idle_for,
+                HEARTBEAT,
+                commit_sent != Some(commit),
             );
-            let reply =
-                crate::peer_http::post_body(&self.http, &peer.url, "/internal/append", body).await;
-            let reply = match reply {
+            // New entries can go as soon as they are written while the
+            // window has room, unless the next append must wait for the
+            // answers in flight.
+            let mut listen = rules::has_room(pipe.len(), pipe.bytes, probing);
+            if decision != rules::SendDecision::Wait {
+                match self.prepare_append(peer, lead, next, commit, &pipe).await {
+                    Prepared::Send(sent, body) => {
+                        next += sent.count;
+                        last_send = Some(Instant::now());
+                        commit_sent = Some(commit);
+                        pipe.push(sent, self.post_append(peer, body));
+                        continue;
+                    }
+                    Prepared::Wait => listen = false,
+                    Prepared::Restart => return probing,
+                }
+            }
+            let heartbeat_in = HEARTBEAT.saturating_sub(idle_for);
+            tokio::select! {
+                answer = pipe.oldest(), if !pipe.is_empty() => {
+                    let Some((sent, reply)) = answer else { continue };
+                    // An answer about a log this node led before a
+                    // step-down says nothing about the log it holds now.
+                    if self.leadership() != lead {
+                        return probing;
+                    }
+                    peer.reachable.store(reply.is_some(), Ordering::Release);
+                    let accepted = match &reply {
+                        Some(AppendReply::Accept { match_index }) => Some(*match_index),
+                        _ => None,
+                    };
+                    match rules::pipeline_step(sent.prev_index, sent.count, accepted) {
+                        rules::PipelineStep::Acked { match_index } => {
+                            probing = false;
+                            *peer.last_ack.lock() = Some(Instant::now());
+                            peer.match_index.fetch_max(match_index, Ordering::AcqRel);
+                            peer.next_index
+                                .store(match_index.saturating_add(1), Ordering::Release);
+                            self.acked.notify_one();
+                        }
+                        rules::PipelineStep::Drain => {
+                            pipe.clear();
+                            self.after_refusal(peer, lead, sent.prev_index, reply).await;
+                            return true;
+                        }
+                    }
+                }
+                _ = &mut written, if listen => {}
+                _ = tokio::time::sleep(heartbeat_in), if pipe.is_empty() => {}
+            }
+        }
+    }
+
+    /// The next append to `peer` from `next` on (entries, or none for a
+    /// heartbeat), unless it must wait for the answers in flight or needs a
+    /// snapshot (sent here when nothing is in flight).
+    async fn prepare_append(
+        &self,
+        peer: &Peer,
+        lead: Leadership,
+        next: u64,
+        commit: u64,
+        pipe: &Pipeline,
+    ) -> Prepared {
+        let prev_index = next - 1;
+        let Some(prev_epoch) = self.engine.epoch_at(prev_index) else {
+            if !pipe.is_empty() {
+                return Prepared::Wait;
+            }
+            // The entries it needs are only in our snapshot now.
+            self.send_snapshot(peer, lead).await;
+            return Prepared::Restart;
+        };
+        let records = match self.engine.entries_from(next, MAX_BATCH_BYTES).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(node = %self.settings.node_id, peer = %peer.url, error = %e, "reading entries to ship");
+                if pipe.is_empty() {
+                    tokio::time::sleep(HEARTBEAT).await;
+                    return Prepared::Restart;
+                }
+                return Prepared::Wait;
+            }
+        };
+        // Reading the log may have waited: deposed meanwhile, this node
+        // must not present these entries as any epoch's primary.
+        let Some(epoch) = rules::send_epoch(lead, self.leadership()) else {
+            return Prepared::Restart;
+        };
+        let sent = Sent {
+            prev_index,
+            count: records.len() as u64,
+            bytes: records.iter().map(|r| r.op.encoded_len()).sum(),
+        };
+        let body = encode_append(
+            epoch,
+            LogPos {
+                epoch: prev_epoch,
+                index: prev_index,
+            },
+            commit,
+            &self.settings.advertise_url,
+            &records,
+        );
+        Prepared::Send(sent, body)
+    }
+
+    /// Sends one append to `peer` on a task of its own (so that several
+    /// are in flight); its handle yields the answer, `None` for none.
+    fn post_append(
+        &self,
+        peer: &Peer,
+        body: Vec<u8>,
+    ) -> tokio::task::JoinHandle<Option<AppendReply>> {
+        let (http, url) = (self.http.clone(), peer.url.clone());
+        tokio::spawn(async move {
+            let reply = crate::peer_http::post_body(&http, &url, "/internal/append", body).await;
+            match reply {
                 Ok(r) => parse_append_reply(r).await,
                 Err(_) => None,
-            };
-            // An answer about a log this node led before a step-down says
-            // nothing about the log it holds now.
-            if self.leadership() != lead {
-                continue;
             }
-            peer.reachable.store(reply.is_some(), Ordering::Release);
-            match reply {
-                None => tokio::time::sleep(HEARTBEAT).await,
-                Some(AppendReply::Accept { match_index }) => {
-                    // A peer holds at most what it was sent.
-                    let match_index = match_index.min(prev_index.saturating_add(sent));
-                    *peer.last_ack.lock() = Some(Instant::now());
-                    peer.match_index.fetch_max(match_index, Ordering::AcqRel);
-                    peer.next_index
-                        .store(match_index.saturating_add(1), Ordering::Release);
-                    self.acked.notify_one();
-                    if sent == 0 {
-                        // Caught up: wait for new entries, or heartbeat.
-                        tokio::select! {
-                            _ = durable => {}
-                            _ = tokio::time::sleep(HEARTBEAT) => {}
-                        }
-                    }
+        })
+    }
+
+    /// After anything but an accept, as one append at a time did: no
+    /// answer waits a heartbeat, a newer epoch is adopted, a mismatch moves
+    /// `next_index` back by the hint (or sends the snapshot).
+    async fn after_refusal(
+        &self,
+        peer: &Peer,
+        lead: Leadership,
+        prev_index: u64,
+        reply: Option<AppendReply>,
+    ) {
+        match reply {
+            None | Some(AppendReply::Accept { .. }) => tokio::time::sleep(HEARTBEAT).await,
+            Some(AppendReply::Stale { my_epoch }) => {
+                if let Err(e) = self.adopt_epoch(my_epoch) {
+                    tracing::warn!(node = %self.settings.node_id, epoch = my_epoch, peer = %peer.url, error = %e, "could not adopt a peer's epoch");
                 }
-                Some(AppendReply::Stale { my_epoch }) => {
-                    if let Err(e) = self.adopt_epoch(my_epoch) {
-                        tracing::warn!(node = %self.settings.node_id, epoch = my_epoch, peer = %peer.url, error = %e, "could not adopt a peer's epoch");
+            }
+            Some(AppendReply::Mismatch { hint }) => {
+                match self.engine.catch_up_after_reject(prev_index, &hint) {
+                    CatchUp::Append { next_index } => {
+                        peer.next_index.store(next_index, Ordering::Release)
                     }
-                }
-                Some(AppendReply::Mismatch { hint }) => {
-                    match self.engine.catch_up_after_reject(prev_index, &hint) {
-                        CatchUp::Append { next_index } => {
-                            peer.next_index.store(next_index, Ordering::Release)
-                        }
-                        CatchUp::InstallSnapshot => self.send_snapshot(peer, lead).await,
-                    }
+                    CatchUp::InstallSnapshot => self.send_snapshot(peer, lead).await,
                 }
             }
         }

@@ -25,6 +25,7 @@
 
 use kvproto::code;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 pub use crate::model::LogPos;
 
@@ -873,6 +874,128 @@ pub fn check_snapshot(
             sender_last,
             epoch,
         })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pipelined shipping (primary) and answers after a group fsync (secondary)
+// ---------------------------------------------------------------------------
+
+/// Appends a primary keeps in flight to one peer at most: enough that the
+/// next append travels while the peer fsyncs the last ones (which it then
+/// covers with one fsync), few enough that a refusal, which throws the rest
+/// of the window away, wastes little.
+pub const MAX_APPENDS_IN_FLIGHT: usize = 4;
+
+/// Payload bytes in flight to one peer at most (two full appends): bounds
+/// what a slow peer ties up in memory and on the wire.
+pub const MAX_BYTES_IN_FLIGHT: usize = 8 << 20;
+
+/// What a primary's shipper to one peer does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendDecision {
+    /// Send the entries it has after the last one sent.
+    Entries,
+    /// Send an empty append: the peer learns the commit index, and that
+    /// this node still leads.
+    Heartbeat,
+    /// Wait for an answer, new entries, or the heartbeat interval.
+    Wait,
+}
+
+/// The shipper's next step, given what it has in flight (`appends`
+/// requests of `bytes` payload), whether entries past the last one sent
+/// exist, how long since it last sent, and whether the commit index moved
+/// since. While `probing` (after a refusal, until an accept) one append
+/// at a time, as without a pipeline. Heartbeats go only when nothing is in flight: an append in
+/// flight already carries the commit index and the leadership.
+pub fn next_send(
+    appends: usize,
+    bytes: usize,
+    probing: bool,
+    has_entries: bool,
+    idle_for: Duration,
+    heartbeat: Duration,
+    commit_moved: bool,
+) -> SendDecision {
+    if !has_room(appends, bytes, probing) {
+        return SendDecision::Wait;
+    }
+    if has_entries {
+        return SendDecision::Entries;
+    }
+    if appends == 0 && (idle_for >= heartbeat || commit_moved) {
+        return SendDecision::Heartbeat;
+    }
+    SendDecision::Wait
+}
+
+/// Whether the window to a peer with `appends` appends of `bytes` payload
+/// in flight takes another (while `probing`, only when nothing is in
+/// flight).
+pub fn has_room(appends: usize, bytes: usize, probing: bool) -> bool {
+    let max_appends = if probing { 1 } else { MAX_APPENDS_IN_FLIGHT };
+    appends < max_appends && bytes < MAX_BYTES_IN_FLIGHT
+}
+
+/// What the primary does with the answer to the oldest append in flight
+/// (answers are taken in the order their appends were sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineStep {
+    /// The peer holds our log through `match_index`: never more than the
+    /// append, sent after `prev_index`, carried.
+    Acked { match_index: u64 },
+    /// Anything but an accept (mismatch, stale epoch, no answer): the
+    /// answers still in flight are ignored and shipping resumes, one
+    /// append at a time, from the last acknowledged match index.
+    Drain,
+}
+
+/// The step for an append of `sent` entries after `prev_index`, answered
+/// `accepted` (`Some(match index)` for an accept, else `None`).
+pub fn pipeline_step(prev_index: u64, sent: u64, accepted: Option<u64>) -> PipelineStep {
+    match accepted {
+        Some(m) => PipelineStep::Acked {
+            match_index: m.min(prev_index.saturating_add(sent)),
+        },
+        None => PipelineStep::Drain,
+    }
+}
+
+/// Secondary: whether an append after `prev_index` is next in line, given
+/// how far appends of its epoch were handed to the WAL writer
+/// (`handed_end`) and the end of the written log: its predecessor is in,
+/// or it does not start past the log.
+pub fn in_order(prev_index: u64, handed_end: u64, written_last: u64) -> bool {
+    prev_index <= handed_end.max(written_last)
+}
+
+/// A secondary's answer to an append once the fsync covering it is done.
+/// If this node entered a newer epoch than the append's meanwhile (a vote
+/// it cast, a newer primary's append), that step may have read a log
+/// without these entries (a vote counts only the durable log), so an
+/// accept could let the old primary count entries the new one lacks: it
+/// becomes a stale answer instead, and the old primary steps down.
+pub fn answer_after_fsync(outcome: AppendOutcome, req_epoch: u64, my_epoch: u64) -> AppendOutcome {
+    match outcome {
+        AppendOutcome::Accept { .. } if my_epoch > req_epoch => AppendOutcome::Stale { my_epoch },
+        other => other,
+    }
+}
+
+/// A vote decided on the log read before its epoch was persisted, checked
+/// again against the durable log `now`, read after: entries that became
+/// durable in between (an append accepted just before) may put the
+/// candidate behind, and then the answer says so.
+pub fn confirm_grant(
+    granted: bool,
+    reason: VoteReason,
+    candidate: LogPos,
+    now: LogPos,
+) -> (bool, VoteReason) {
+    match granted && !candidate.at_least_as_up_to_date_as(&now) {
+        true => (false, VoteReason::CandidateBehind),
+        false => (granted, reason),
     }
 }
 
@@ -2075,5 +2198,125 @@ mod tests {
                 prop_assert_eq!(fe, *l.last().unwrap());
             }
         }
+    }
+
+    #[test]
+    fn the_window_bounds_appends_and_bytes_and_heartbeats_only_when_empty() {
+        let hb = Duration::from_millis(50);
+        let (short, long) = (Duration::from_millis(1), Duration::from_millis(60));
+        let send = |appends, bytes, probing, has| {
+            next_send(appends, bytes, probing, has, short, hb, false)
+        };
+        assert_eq!(send(0, 0, false, true), SendDecision::Entries);
+        assert_eq!(
+            send(MAX_APPENDS_IN_FLIGHT - 1, 0, false, true),
+            SendDecision::Entries
+        );
+        assert_eq!(
+            send(MAX_APPENDS_IN_FLIGHT, 0, false, true),
+            SendDecision::Wait
+        );
+        assert_eq!(
+            send(1, MAX_BYTES_IN_FLIGHT, false, true),
+            SendDecision::Wait
+        );
+        assert_eq!(
+            send(1, MAX_BYTES_IN_FLIGHT - 1, false, true),
+            SendDecision::Entries
+        );
+        // After a refusal: one at a time.
+        assert_eq!(send(0, 0, true, true), SendDecision::Entries);
+        assert_eq!(send(1, 0, true, true), SendDecision::Wait);
+        // Idle: a heartbeat after the interval, or at once to carry a moved
+        // commit index; never while an append is in flight.
+        assert_eq!(send(0, 0, false, false), SendDecision::Wait);
+        assert_eq!(
+            next_send(0, 0, false, false, long, hb, false),
+            SendDecision::Heartbeat
+        );
+        assert_eq!(
+            next_send(0, 0, false, false, short, hb, true),
+            SendDecision::Heartbeat
+        );
+        assert_eq!(
+            next_send(1, 10, false, false, long, hb, true),
+            SendDecision::Wait
+        );
+    }
+
+    #[test]
+    fn a_pipelined_ack_never_counts_more_than_sent_and_anything_else_drains() {
+        assert_eq!(
+            pipeline_step(10, 5, Some(15)),
+            PipelineStep::Acked { match_index: 15 }
+        );
+        // A peer claiming more than it was sent holds only what it was sent.
+        assert_eq!(
+            pipeline_step(10, 5, Some(99)),
+            PipelineStep::Acked { match_index: 15 }
+        );
+        assert_eq!(
+            pipeline_step(10, 0, Some(10)),
+            PipelineStep::Acked { match_index: 10 }
+        );
+        assert_eq!(
+            pipeline_step(u64::MAX - 1, 5, Some(u64::MAX)),
+            PipelineStep::Acked {
+                match_index: u64::MAX
+            }
+        );
+        assert_eq!(pipeline_step(10, 5, None), PipelineStep::Drain);
+    }
+
+    #[test]
+    fn an_append_waits_only_when_it_starts_past_everything_handed_over() {
+        // Its predecessor (ending at 10) is in: go.
+        assert!(in_order(10, 10, 4));
+        assert!(in_order(7, 10, 4));
+        // The log itself already reaches it (a restart, a new epoch).
+        assert!(in_order(10, 0, 12));
+        // It overtook the append ending at 10.
+        assert!(!in_order(11, 10, 4));
+        assert!(!in_order(20, 0, 12));
+        // Read barriers and first probes start at 0.
+        assert!(in_order(0, 0, 0));
+    }
+
+    #[test]
+    fn a_grant_is_withdrawn_as_candidate_behind_when_the_log_grew_meanwhile() {
+        let (c, shorter, longer) = (LogPos::new(3, 10), LogPos::new(3, 9), LogPos::new(3, 11));
+        assert_eq!(
+            confirm_grant(true, VoteReason::Granted, c, shorter),
+            (true, VoteReason::Granted)
+        );
+        assert_eq!(
+            confirm_grant(true, VoteReason::Granted, c, longer),
+            (false, VoteReason::CandidateBehind)
+        );
+        assert_eq!(
+            confirm_grant(false, VoteReason::EpochTaken, c, longer),
+            (false, VoteReason::EpochTaken),
+            "a refusal keeps its own reason"
+        );
+    }
+
+    #[test]
+    fn an_accept_after_a_newer_epoch_was_entered_turns_stale() {
+        let accept = AppendOutcome::Accept {
+            truncate_from: None,
+            append_from: 0,
+            match_index: 7,
+            commit: 3,
+        };
+        assert_eq!(answer_after_fsync(accept.clone(), 4, 4), accept);
+        assert_eq!(
+            answer_after_fsync(accept, 4, 5),
+            AppendOutcome::Stale { my_epoch: 5 }
+        );
+        let mismatch = AppendOutcome::Mismatch(ConflictHint {
+            conflict_epoch: None,
+            first_index: 2,
+        });
+        assert_eq!(answer_after_fsync(mismatch.clone(), 4, 5), mismatch);
     }
 }

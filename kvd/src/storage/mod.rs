@@ -26,6 +26,11 @@
 //!   `replication::rules::check_append` and may cut an uncommitted suffix
 //!   (whose waiting writers get [`Error::Superseded`]). After a restart,
 //!   entries past the snapshot wait for the primary's commit index.
+//! - Replicated mode, written before durable: a batch is in the log view
+//!   and the ship cache from its write(2) on ([`Engine::written_notify`],
+//!   [`Engine::written_last_index`]), so it can be shipped while its fsync
+//!   runs; [`Engine::last_log_pos`] and the commit index speak of the
+//!   durable log only, and nothing past it is applied or acknowledged.
 //!
 //! Threads (`writer.rs`): the WAL writer owns the log and applies; the
 //! snapshotter writes snapshots in the background and hands compaction
@@ -415,8 +420,18 @@ struct Shared {
     /// Woken whenever the durable last index moves (replication recomputes
     /// the commit index then).
     durable_changed: tokio::sync::Notify,
+    /// Woken whenever entries are written (write(2), before their fsync)
+    /// into the log view and the ship cache: a primary's shippers send
+    /// them while the fsync runs.
+    written_changed: tokio::sync::Notify,
+    /// The epochs of the written log (it may run ahead of `last_index` by
+    /// the batch being fsync'd, or for good once the WAL is poisoned).
     log: parking_lot::Mutex<EpochRuns>,
+    /// Recent written entries, for shipping (replicated mode ships them
+    /// before their fsync; masterless only once durable).
     cache: parking_lot::Mutex<LogCache>,
+    /// The durable last index: what votes, commit counting and
+    /// acknowledgements speak of.
     last_index: AtomicU64,
     applied_index: AtomicU64,
     snapshot_index: AtomicU64,
@@ -622,9 +637,26 @@ impl Engine {
     /// suffix, and makes them durable before answering. Refuses the whole
     /// request, changing nothing, if any entry fails [`Engine::check_entries`].
     pub async fn replicate(&self, req: ReplicateRequest) -> Result<AppendOutcome, Error> {
-        self.check_entries(&req.records)?;
-        self.ask(|reply| Cmd::Replicate(ReplicateReq { req, reply }))
+        self.submit_replicate(req)
             .await?
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// [`Engine::replicate`] in two steps: returns once the request is
+    /// queued for the WAL writer (requests reach it in the order they were
+    /// queued), with the receiver of its answer.
+    pub async fn submit_replicate(
+        &self,
+        req: ReplicateRequest,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome, Error>>, Error> {
+        self.check_entries(&req.records)?;
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Cmd::Replicate(ReplicateReq { req, reply }))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(rx)
     }
 
     /// Checks records from a peer as a client write is checked (keys,
@@ -806,13 +838,37 @@ impl Engine {
         rules::next_index_after_reject(&*self.shared.log.lock(), rejected_prev_index, hint)
     }
 
-    /// `(epoch, index)` of the last durable entry.
+    /// `(epoch, index)` of the last durable entry (the written log may
+    /// hold more, not yet fsync'd: those count for nothing here).
     pub fn last_log_pos(&self) -> LogPos {
-        self.shared.log.lock().last()
+        let log = self.shared.log.lock();
+        let written = log.last();
+        let durable = self.shared.last_index.load(Ordering::Acquire);
+        if durable >= written.index {
+            return written;
+        }
+        LogPos {
+            epoch: log.epoch_at(durable).unwrap_or(0),
+            index: durable,
+        }
     }
 
     pub fn commit_index(&self) -> u64 {
         self.shared.commit_index.load(Ordering::Acquire)
+    }
+
+    /// The last index written to the log (write(2)), durable or not: what
+    /// a primary can ship, and where a secondary's next append starts.
+    pub fn written_last_index(&self) -> u64 {
+        self.shared.log.lock().last().index
+    }
+
+    /// Notified (`notify_waiters`) whenever entries are written to the log
+    /// (before their fsync) and can be read with [`Engine::entries_from`].
+    /// Create and `enable` a `notified()` future before reading, as with
+    /// [`Engine::durable_notify`].
+    pub fn written_notify(&self) -> &tokio::sync::Notify {
+        &self.shared.written_changed
     }
 
     /// Notified (`notify_waiters`) whenever the durable last index moves.
@@ -1060,6 +1116,7 @@ impl Shared {
             epoch: AtomicU64::new(cfg.epoch),
             commit_index: AtomicU64::new(committed),
             durable_changed: tokio::sync::Notify::new(),
+            written_changed: tokio::sync::Notify::new(),
             log: parking_lot::Mutex::new(view),
             cache: parking_lot::Mutex::new(cache),
             last_index: AtomicU64::new(last_index),
@@ -1121,6 +1178,7 @@ fn start_threads(
         in_flight: writer::InFlight::default(),
         led: None,
         expiries_paused: false,
+        commit_clock: writer::CommitClock::default(),
     };
     let (ticker, ticker_state, ticker_wall) = (shared.clone(), state.clone(), cfg.wall.clone());
     let snapshotter = Snapshotter {

@@ -123,7 +123,7 @@ impl Resolver<'_> {
     pub fn resolve(self, batch: &mut Vec<WriteReq>) -> Vec<Resolved> {
         let needs_view = batch.iter().any(|r| match &r.write {
             Write::Txn(_) => true,
-            Write::Op(op) => self.merges && keeps(op),
+            Write::Op(op) => keeps(op),
         });
         if needs_view && self.view.is_none() {
             let pending = self.pending.iter().filter(|p| p.apply);
@@ -197,11 +197,14 @@ impl Resolver<'_> {
         self.state.lease_count() + pending
     }
 
-    /// Masterless mode: a `keep_ttl` put is logged with the expiry its key
-    /// has here (the view's, at the record's stamp), so that every node
-    /// merges the same deadline.
+    /// A `keep_ttl` put is logged with the expiry its key has in the log
+    /// before it (the view's, at the record's stamp): the record then says
+    /// the same wherever and whenever it is applied. (Resolved at apply, a
+    /// replay over a fuzzy snapshot could find the key in another state,
+    /// say absent because a later revoke removed it, and bring it back
+    /// with no lease; masterless nodes must merge the same deadline.)
     fn keep_resolved(&self, op: Op, at_ms: u64) -> Op {
-        let Some(view) = self.view.as_ref().filter(|_| self.merges && keeps(&op)) else {
+        let Some(view) = self.view.as_ref().filter(|_| keeps(&op)) else {
             return op;
         };
         let kept = |key: &[u8], x: Expiry| {
@@ -254,15 +257,22 @@ impl Resolver<'_> {
                 }
             )
         });
-        if !self.merges || !(prefixes || keeps) {
+        if !(keeps || self.merges && prefixes) {
             return Ok((Op::Txn { ops }, answer));
         }
         let (mut flat, mut expanded) = (Vec::with_capacity(ops.len()), Vec::new());
         // What the branch's earlier ops did to a key: present (with its
-        // expiry) or not.
+        // expiry) or not; and the prefixes it deleted (when not expanded).
         let mut own: BTreeMap<Bytes, Option<Expiry>> = BTreeMap::new();
+        let mut cleared: Vec<Bytes> = Vec::new();
         for op in ops {
             match op {
+                TxnOp::DeletePrefix { prefix } if !self.merges => {
+                    own.retain(|k, _| !k.starts_with(&prefix));
+                    cleared.push(prefix.clone());
+                    expanded.push(None);
+                    flat.push(TxnOp::DeletePrefix { prefix });
+                }
                 TxnOp::DeletePrefix { prefix } => {
                     let mut keys = view.keys_under(self.state, &prefix, at_ms);
                     keys.retain(|k| !matches!(own.get(k), Some(None)));
@@ -281,6 +291,7 @@ impl Resolver<'_> {
                 TxnOp::Put { key, value, expiry } => {
                     let had = match own.get(&key) {
                         Some(x) => *x,
+                        None if cleared.iter().any(|p| key.starts_with(p)) => None,
                         None => view.held(self.state, &key, at_ms).map(|(_, _, x)| x),
                     };
                     let expiry = state::resolve_keep(expiry, had);
@@ -308,7 +319,8 @@ impl Resolver<'_> {
                  takes at most --max-bulk-items ({max}) in one record"
             )));
         }
-        answer.expanded = Some(expanded);
+        // Only masterless mode expands prefix deletes (and says so).
+        answer.expanded = self.merges.then_some(expanded);
         Ok((Op::Txn { ops: flat }, answer))
     }
 }
@@ -622,7 +634,7 @@ mod tests {
     }
 
     #[test]
-    fn masterless_keep_ttl_is_logged_as_the_expiry_the_key_has() {
+    fn keep_ttl_is_logged_as_the_expiry_the_key_has_in_every_mode() {
         let mut s = Setup::new();
         s.merges = true;
         s.state.apply(
@@ -649,14 +661,14 @@ mod tests {
             })
             .collect();
         assert_eq!(expiries, [Expiry::At(500), Expiry::Never]);
-        // Outside masterless mode it is resolved when applied.
+        // Outside masterless mode too: a replay must not resolve it again.
         s.merges = false;
         s.view = None;
         let (out, _) = s.resolve(vec![Write::Op(keep("t"))]);
         assert!(matches!(
             &out[0].op,
             Op::Put {
-                expiry: Expiry::Keep,
+                expiry: Expiry::At(500),
                 ..
             }
         ));

@@ -14,14 +14,20 @@
 //! such a record, with no events. What cannot be streamed any more is said
 //! by [`WatchHub::oldest`] alone: the records evicted, and everything
 //! before a [`WatchHub::reset`].
+//!
+//! A [`Watcher`] is woken only by records with an event in its range: the
+//! hub keeps each watcher's range and, per watcher, the first record in it
+//! that the watcher has not read. A watcher with none skips straight to
+//! the head without looking at a record, so watches of a quiet range cost
+//! the write path one range check per record, not a wake-up each.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-use crate::model::RecordEvents;
+use crate::model::{KeyRange, RecordEvents};
 
 /// What one event costs the budget besides its key and values.
 pub const EVENT_COST: usize = 64;
@@ -106,6 +112,26 @@ struct Inner {
     oldest: u64,
     next: u64,
     generation: u64,
+    /// Every open [`Watcher`]'s range and wake-up, by id.
+    interests: HashMap<u64, Interest>,
+    next_interest: u64,
+}
+
+/// What one watcher waits for.
+struct Interest {
+    range: KeyRange,
+    /// The first record at or after the watcher's cursor that may have an
+    /// event in its range (`None`: no record published since its cursor
+    /// has one). Set by [`WatchHub::publish`], cleared by a read to the
+    /// head; both under the hub's lock, so no record slips between.
+    first_match: Option<u64>,
+    wake: Arc<Notify>,
+}
+
+impl Interest {
+    fn matches(&self, r: &RecordEvents) -> bool {
+        r.events.iter().any(|e| self.range.contains(&e.key))
+    }
 }
 
 impl Inner {
@@ -135,6 +161,46 @@ impl Inner {
             self.bytes -= cost(&old.events);
             self.oldest = old.events.index + 1;
         }
+    }
+
+    /// The records from `cursor` on (see [`WatchHub::read`]).
+    fn read(
+        &self,
+        cursor: &mut Cursor,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<RecordEvents>>, Compacted> {
+        if cursor.generation != self.generation || cursor.next < self.oldest {
+            return Err(Compacted {
+                oldest: self.oldest,
+            });
+        }
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for held in self.records.range(self.position(cursor.next)..) {
+            if out.len() >= max_records.max(1) || (bytes >= max_bytes && !out.is_empty()) {
+                break;
+            }
+            bytes += cost(&held.events);
+            out.push(held.events.clone());
+        }
+        cursor.next = match out.last() {
+            Some(last) if last.index + 1 < self.next => last.index + 1,
+            _ => cursor.next.max(self.next),
+        };
+        Ok(out)
+    }
+
+    /// Marks every watcher with an event in `r` and no earlier mark; the
+    /// wake-ups of those newly marked.
+    fn mark(&mut self, r: &RecordEvents) -> Vec<Arc<Notify>> {
+        let mut woken = Vec::new();
+        for interest in self.interests.values_mut() {
+            if interest.first_match.is_none() && interest.matches(r) {
+                interest.first_match = Some(r.index);
+                woken.push(interest.wake.clone());
+            }
+        }
+        woken
     }
 }
 
@@ -166,6 +232,8 @@ impl WatchHub {
                 oldest: 1,
                 next: 1,
                 generation: 0,
+                interests: HashMap::new(),
+                next_interest: 0,
             }),
             head: watch::Sender::new(head),
         }
@@ -187,11 +255,12 @@ impl WatchHub {
     /// applied record in log order (one with no events too). A record at or
     /// before the last one published is not in log order and is dropped.
     pub fn publish(&self, events: RecordEvents) {
-        let head = {
+        let (head, woken) = {
             let mut inner = self.inner.lock();
             if events.index < inner.next {
                 return;
             }
+            let woken = inner.mark(&events);
             let c = cost(&events);
             inner.next = events.index + 1;
             let start = inner.total;
@@ -202,11 +271,14 @@ impl WatchHub {
                 start,
             });
             inner.evict();
-            Head {
+            let head = Head {
                 generation: inner.generation,
                 next: inner.next,
-            }
+            };
+            (head, woken)
         };
+        // A permit is kept for a watcher not waiting yet: none is missed.
+        woken.iter().for_each(|w| w.notify_one());
         self.head.send_replace(head);
     }
 
@@ -214,7 +286,7 @@ impl WatchHub {
     /// `next_index` can be served any more, and every cursor made before
     /// this ends ([`WatchHub::read`] answers [`Compacted`]).
     pub fn reset(&self, next_index: u64) {
-        let head = {
+        let (head, woken) = {
             let mut inner = self.inner.lock();
             inner.records.clear();
             inner.bytes = 0;
@@ -222,11 +294,15 @@ impl WatchHub {
             inner.oldest = next_index;
             inner.next = next_index;
             inner.generation += 1;
-            Head {
+            let woken: Vec<_> = inner.interests.values().map(|i| i.wake.clone()).collect();
+            let head = Head {
                 generation: inner.generation,
                 next: inner.next,
-            }
+            };
+            (head, woken)
         };
+        // Every watcher learns that it has ended.
+        woken.iter().for_each(|w| w.notify_one());
         self.head.send_replace(head);
     }
 
@@ -266,15 +342,6 @@ impl WatchHub {
         })
     }
 
-    /// A cursor at the next record to be published.
-    pub fn cursor_at_head(&self) -> Cursor {
-        let inner = self.inner.lock();
-        Cursor {
-            generation: inner.generation,
-            next: inner.next,
-        }
-    }
-
     /// The records from `cursor` on, at most `max_records` of them and
     /// fewer once their costs reach `max_bytes` (at least one), and moves
     /// the cursor past them (past the head, when it reads to the head).
@@ -286,25 +353,7 @@ impl WatchHub {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<RecordEvents>>, Compacted> {
-        let inner = self.inner.lock();
-        if cursor.generation != inner.generation || cursor.next < inner.oldest {
-            return Err(Compacted {
-                oldest: inner.oldest,
-            });
-        }
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        for held in inner.records.range(inner.position(cursor.next)..) {
-            if out.len() >= max_records.max(1) || (bytes >= max_bytes && !out.is_empty()) {
-                break;
-            }
-            bytes += cost(&held.events);
-            out.push(held.events.clone());
-        }
-        cursor.next = match out.last() {
-            Some(last) if last.index + 1 < inner.next => last.index + 1,
-            _ => cursor.next.max(inner.next),
-        };
-        Ok(out)
+        self.inner.lock().read(cursor, max_records, max_bytes)
     }
 
     /// What is held from index `from` to the head, or [`Compacted`] when
@@ -319,19 +368,105 @@ impl WatchHub {
         Ok(inner.lag(from))
     }
 
-    /// Follows the head: [`WatchHub::changed`] on it waits for a publish or
-    /// a reset.
+    /// A watcher of `range` from index `from` (`None`: from the next record
+    /// published), or [`Compacted`] when `from` is no longer held.
+    pub fn watch(
+        self: &Arc<Self>,
+        range: KeyRange,
+        from: Option<u64>,
+    ) -> Result<Watcher, Compacted> {
+        let mut inner = self.inner.lock();
+        let from = from.unwrap_or(inner.next);
+        if from < inner.oldest {
+            return Err(Compacted {
+                oldest: inner.oldest,
+            });
+        }
+        let id = inner.next_interest;
+        inner.next_interest += 1;
+        let wake = Arc::new(Notify::new());
+        let interest = Interest {
+            range,
+            // History to read: looked at once, by the first read.
+            first_match: (from < inner.next).then_some(from),
+            wake: wake.clone(),
+        };
+        inner.interests.insert(id, interest);
+        Ok(Watcher {
+            hub: self.clone(),
+            id,
+            cursor: Cursor {
+                generation: inner.generation,
+                next: from,
+            },
+            wake,
+        })
+    }
+
+    /// Open watchers.
+    pub fn watchers(&self) -> usize {
+        self.inner.lock().interests.len()
+    }
+
+    /// Follows the head, which every publish and every reset moves.
     pub fn subscribe(&self) -> watch::Receiver<Head> {
         self.head.subscribe()
     }
+}
 
-    /// Resolves once `cursor` has something to read (a record at or after
-    /// its next index is published) or is ended by a reset. Cancel-safe.
-    pub async fn changed(rx: &mut watch::Receiver<Head>, cursor: &Cursor) {
-        let ready = |h: &Head| h.generation != cursor.generation || h.next > cursor.next;
-        // The sender lives as long as the hub, which outlives its readers'
-        // borrows; an error would only mean it is gone: nothing to wait for.
-        let _ = rx.wait_for(ready).await;
+/// A cursor over the records with events in one range, woken only by
+/// those; it leaves the hub when dropped.
+pub struct Watcher {
+    hub: Arc<WatchHub>,
+    id: u64,
+    cursor: Cursor,
+    wake: Arc<Notify>,
+}
+
+impl Watcher {
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    /// As [`WatchHub::read`], but a record with no event in the range may
+    /// be skipped unread, and is when no record after the cursor has one:
+    /// the cursor then moves to the head, however far behind it was.
+    /// [`Compacted`] once a record in the range is gone before it was read.
+    pub fn read(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<RecordEvents>>, Compacted> {
+        let mut inner = self.hub.inner.lock();
+        let first_match = inner.interests.get(&self.id).and_then(|i| i.first_match);
+        if self.cursor.generation == inner.generation {
+            match first_match {
+                None => {
+                    self.cursor.next = self.cursor.next.max(inner.next);
+                    return Ok(Vec::new());
+                }
+                Some(m) => self.cursor.next = self.cursor.next.max(m),
+            }
+        }
+        let out = inner.read(&mut self.cursor, max_records, max_bytes)?;
+        let rest = (self.cursor.next < inner.next).then_some(self.cursor.next);
+        if let Some(i) = inner.interests.get_mut(&self.id) {
+            i.first_match = rest;
+        }
+        Ok(out)
+    }
+
+    /// Resolves once a record in the range is published after the last
+    /// read, or a reset ends this watcher (and, rarely, for nothing: a
+    /// read then finds nothing). Cancel-safe.
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.hub.inner.lock().interests.remove(&self.id);
     }
 }
 
@@ -526,28 +661,83 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn waiters_wake_on_a_publish_past_their_cursor_and_on_a_reset() {
-        let hub = Arc::new(WatchHub::new());
-        hub.publish(record(1, vec![]));
-        let mut rx = hub.subscribe();
-        let c = hub.cursor(3).unwrap();
-        let waiter = tokio::spawn(async move { WatchHub::changed(&mut rx, &c).await });
-        hub.publish(record(2, vec![]));
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "2 is before the cursor");
-        hub.publish(record(3, vec![]));
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("woken by 3")
-            .unwrap();
-        let mut rx = hub.subscribe();
-        let c = hub.cursor_at_head();
-        let waiter = tokio::spawn(async move { WatchHub::changed(&mut rx, &c).await });
-        hub.reset(10);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("woken by the reset")
-            .unwrap();
+    fn range(prefix: &str) -> KeyRange {
+        KeyRange::prefix(prefix.as_bytes())
     }
+
+    async fn woken(w: &Watcher) -> bool {
+        tokio::time::timeout(std::time::Duration::from_millis(50), w.changed())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_watcher_wakes_only_for_records_in_its_range_and_skips_the_rest() {
+        let hub = Arc::new(WatchHub::new());
+        let mut w = hub.watch(range("a/"), None).unwrap();
+        assert_eq!(hub.watchers(), 1);
+        hub.publish(record(1, vec![put("b/1", "x")]));
+        hub.publish(record(2, vec![]));
+        assert!(!woken(&w).await, "nothing in a/ yet");
+        let none = w.read(READ, BYTES).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(w.cursor().next(), 3, "skipped to the head unread");
+        hub.publish(record(3, vec![put("b/2", "x")]));
+        hub.publish(record(4, vec![put("b/3", "x"), put("a/1", "y")]));
+        hub.publish(record(5, vec![put("a/2", "y")]));
+        assert!(woken(&w).await, "4 is in a/");
+        assert_eq!(indexes(&w.read(READ, BYTES).unwrap()), vec![4, 5]);
+        assert_eq!(w.cursor().next(), 6);
+        drop(w);
+        assert_eq!(hub.watchers(), 0, "a dropped watcher leaves the hub");
+    }
+
+    #[test]
+    fn a_watcher_reads_its_history_first_in_as_many_reads_as_it_takes() {
+        let hub = Arc::new(WatchHub::new());
+        hub.publish(record(1, vec![put("a/1", "x")]));
+        hub.publish(record(2, vec![put("b/1", "x")]));
+        hub.publish(record(3, vec![put("a/2", "x")]));
+        let mut w = hub.watch(range("a/"), Some(1)).unwrap();
+        assert_eq!(indexes(&w.read(1, BYTES).unwrap()), vec![1]);
+        assert_eq!(indexes(&w.read(2, BYTES).unwrap()), vec![2, 3]);
+        assert!(w.read(READ, BYTES).unwrap().is_empty());
+        assert_eq!(w.cursor().next(), 4);
+        assert!(
+            hub.watch(range("a/"), Some(0)).is_err(),
+            "0 is before the oldest"
+        );
+    }
+
+    #[test]
+    fn eviction_ends_a_watcher_only_when_it_took_a_record_in_its_range() {
+        let hub = Arc::new(WatchHub::new());
+        hub.set_budget(2 * cost(&record(0, vec![put("b/1", "x")])));
+        let mut quiet = hub.watch(range("a/"), None).unwrap();
+        let mut behind = hub.watch(range("b/"), None).unwrap();
+        for i in 1..=10 {
+            hub.publish(record(i, vec![put("b/1", "x")]));
+        }
+        assert!(hub.oldest() > 1);
+        assert!(quiet.read(READ, BYTES).unwrap().is_empty());
+        assert_eq!(quiet.cursor().next(), 11, "nothing of a/ was evicted");
+        assert_eq!(
+            behind.read(READ, BYTES),
+            Err(Compacted {
+                oldest: hub.oldest()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_wakes_and_ends_every_watcher() {
+        let hub = Arc::new(WatchHub::new());
+        let mut w = hub.watch(range("a/"), None).unwrap();
+        hub.reset(10);
+        assert!(woken(&w).await);
+        assert_eq!(w.read(READ, BYTES), Err(Compacted { oldest: 10 }));
+    }
+
+    const READ: usize = 64;
+    const BYTES: usize = 1 << 20;
 }

@@ -3,20 +3,25 @@
 //! snapshotter ([`Snapshotter`]: writes snapshots in the background and
 //! hands compaction back to the writer).
 //!
-//! Every record reaches the log through one path,
-//! [`Writer::append_durably`] (frame, write, fsync, mark the storage state
-//! on failure, make the entries part of the log view, notify): client
-//! writes ([`Writer::commit`]), a primary's entries
-//! ([`Writer::replicate`]) and peers' merged writes ([`Writer::ingest`])
-//! differ only in what they append and when they apply it, which the
-//! [`CommitPolicy`] decides.
+//! Every record reaches the log through one path: [`Writer::write_entries`]
+//! (frame, write(2), in replicated mode into the log view and the ship
+//! cache at once, shippers woken), one fsync (a failure marks the storage
+//! state), then [`Writer::publish_durable`] (the durable last index,
+//! waiters notified). Client writes ([`Writer::commit`]) and peers' merged
+//! writes ([`Writer::ingest`]) take it one batch at a time
+//! ([`Writer::append_durably`]); a secondary takes the primary's appends
+//! queued together as one group under one fsync
+//! ([`Writer::replicate_group`]). They differ only in what they append and
+//! when they apply it, which the [`CommitPolicy`] decides.
 //!
 //! # Invariants (checked with `debug_assert!`)
 //!
 //! - commit index <= last index;
 //! - the applied index never decreases;
-//! - pending entries (durable, waiting for their commit) are in strictly
-//!   ascending index order, all after the commit index.
+//! - pending entries (logged, waiting for their commit) are in strictly
+//!   ascending index order, all after the commit index;
+//! - the commit index never passes the durable last index, which never
+//!   passes the written one (the log view's last index).
 //!
 //! # Compare-and-write
 //!
@@ -55,11 +60,72 @@ use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 /// One entry on its way into the log: its epoch, stamp and op.
 type Entry<'a> = (u64, Timestamp, &'a Op);
 
+/// What [`Writer::write_entries`] wrote (write(2), not yet fsync'd).
+struct Written {
+    first: u64,
+    last: u64,
+    /// When the write began.
+    started: Instant,
+}
+
 /// What [`Writer::append_durably`] made durable.
 struct Appended {
     last: u64,
     /// The write and fsync took this long.
     fsync: Duration,
+    /// When the write began (the start of an entry's commit latency).
+    written_at: Instant,
+}
+
+/// Most appends from the primary one fsync covers on a secondary: the
+/// primary keeps at most a few in flight per peer (and read barriers add
+/// empty ones), so a group rarely reaches it; it bounds the replies held
+/// back by one fsync.
+const MAX_GROUP_APPENDS: usize = 16;
+
+/// Batches of a primary whose commit is still awaited, with when they were
+/// written, for `kvd_commit_latency_seconds`. Bounded: past the bound the
+/// oldest is dropped (one sample lost, nothing else).
+#[derive(Default)]
+pub(super) struct CommitClock {
+    batches: VecDeque<(u64, Instant)>,
+}
+
+/// Batches [`CommitClock`] keeps at most (the writer's queue holds fewer
+/// batches than this in flight).
+const COMMIT_CLOCK_BATCHES: usize = 4096;
+
+impl CommitClock {
+    /// A batch ending at `last` was written at `at`.
+    fn written(&mut self, last: u64, at: Instant) {
+        if self.batches.len() >= COMMIT_CLOCK_BATCHES {
+            self.batches.pop_front();
+        }
+        self.batches.push_back((last, at));
+    }
+
+    /// The commit index reached `commit`: how long each batch it covers
+    /// took from its write.
+    fn committed(&mut self, commit: u64, mut observe: impl FnMut(Duration)) {
+        while let Some(&(last, at)) = self.batches.front() {
+            if last > commit {
+                break;
+            }
+            observe(at.elapsed());
+            self.batches.pop_front();
+        }
+    }
+
+    /// Entries from `from` on were cut: they never commit.
+    fn forget_from(&mut self, from: u64) {
+        while self.batches.back().is_some_and(|&(last, _)| last >= from) {
+            self.batches.pop_back();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+    }
 }
 
 /// The WAL thread.
@@ -96,6 +162,8 @@ pub(super) struct Writer {
     pub led: Option<(u64, u64)>,
     /// Writes are paused for a mode switch: no expiries either.
     pub expiries_paused: bool,
+    /// Primary: when its uncommitted batches were written.
+    pub commit_clock: CommitClock,
 }
 
 /// The keys named by `Expire` records and the leases by expired
@@ -174,11 +242,34 @@ impl Writer {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
         while let Some(first) = rx.blocking_recv() {
             self.gather(&mut rx, first, &mut batch, &mut other);
+            // Commits first: they apply entries that are durable already,
+            // and taken after the batch they would wait out its fsync
+            // (their writers' replies with them).
+            other.retain(|cmd| match cmd {
+                Cmd::Commit { index, epoch } => {
+                    self.commit_counted(*index, *epoch);
+                    false
+                }
+                _ => true,
+            });
             if !batch.is_empty() {
                 self.commit(&mut batch, &mut buf);
             }
-            for cmd in other.drain(..) {
-                self.handle(cmd, &mut buf);
+            let mut cmds = other.drain(..).peekable();
+            while let Some(cmd) = cmds.next() {
+                let Cmd::Replicate(first) = cmd else {
+                    self.handle(cmd, &mut buf);
+                    continue;
+                };
+                // Appends queued while the last fsync ran share the next.
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP_APPENDS {
+                    match cmds.next_if(|c| matches!(c, Cmd::Replicate(_))) {
+                        Some(Cmd::Replicate(r)) => group.push(r),
+                        _ => break,
+                    }
+                }
+                self.replicate_group(group, &mut buf);
             }
             self.compact();
             // Off the reply path: the next roll then needs no new file.
@@ -222,15 +313,8 @@ impl Writer {
             // A count by a primary since deposed is of a log it may no
             // longer hold (a newer primary's entries may have replaced its
             // suffix): not ours to commit.
-            Cmd::Commit { index, epoch } => {
-                if epoch == self.shared.epoch.load(Ordering::Acquire) {
-                    self.advance_commit(index)
-                }
-            }
-            Cmd::Replicate(r) => {
-                let outcome = self.replicate(r.req, buf);
-                let _ = r.reply.send(outcome);
-            }
+            Cmd::Commit { index, epoch } => self.commit_counted(index, epoch),
+            Cmd::Replicate(r) => self.replicate_group(vec![r], buf),
             Cmd::ReadFrom {
                 from,
                 max_bytes,
@@ -265,6 +349,14 @@ impl Writer {
                 self.wal.check_anchors();
                 let _ = reply.send(self.wal.state());
             }
+        }
+    }
+
+    /// A primary's count: commits through `index` unless this node has
+    /// left `epoch` since.
+    fn commit_counted(&mut self, index: u64, epoch: u64) {
+        if epoch == self.shared.epoch.load(Ordering::Acquire) {
+            self.advance_commit(index)
         }
     }
 
@@ -308,20 +400,44 @@ impl Writer {
         }
     }
 
-    /// The one way records enter the log: frames `entries` (contiguous
-    /// from the WAL's next index) into one write, fsyncs it, and only then
-    /// makes them part of the log: recorded in the log view (and the ship
-    /// cache, in a cluster), the last index published, then `durable_hlc`
-    /// (the clock's value once these are durable, for a writer whose clock
-    /// stamped or observed them), then waiters notified. On failure
-    /// nothing of them counts, and the storage state says why (the WAL
-    /// marks it where it failed).
+    /// The one way records enter the log: [`Writer::write_entries`],
+    /// then one fsync, then [`Writer::publish_durable`]. Only then do they
+    /// count as part of the log (the durable last index, votes, commit
+    /// counting, acknowledgements); in replicated mode they were already
+    /// in the log view and the ship cache at their write, so that shippers
+    /// send them while the fsync runs, and in the other modes they enter
+    /// those only now. On failure nothing of them counts, and the storage
+    /// state says why (the WAL marks it where it failed, and refuses
+    /// everything after).
     fn append_durably<'a>(
         &mut self,
         entries: impl Iterator<Item = Entry<'a>> + Clone,
         durable_hlc: Option<Timestamp>,
         buf: &mut Vec<u8>,
     ) -> Result<Appended, Error> {
+        let written = self.write_entries(entries.clone(), buf)?;
+        self.wal.sync()?;
+        let fsync = written.started.elapsed();
+        if !self.ships_at_write() {
+            self.remember(written.first, entries);
+        }
+        self.publish_durable(written.last, durable_hlc);
+        Ok(Appended {
+            last: written.last,
+            fsync,
+            written_at: written.started,
+        })
+    }
+
+    /// Frames `entries` (contiguous from the WAL's next index) into one
+    /// write(2), not yet durable. In replicated mode they enter the log
+    /// view and the ship cache now and shippers are woken: a secondary's
+    /// fsync then runs while ours does.
+    fn write_entries<'a>(
+        &mut self,
+        entries: impl Iterator<Item = Entry<'a>> + Clone,
+        buf: &mut Vec<u8>,
+    ) -> Result<Written, Error> {
         let first = self.wal.next_index();
         buf.clear();
         let mut count = 0u64;
@@ -332,26 +448,44 @@ impl Writer {
             last_epoch = epoch;
         }
         debug_assert!(count > 0, "an append carries at least one entry");
-        let fsync_started = Instant::now();
-        self.wal
-            .append(first, count, buf, last_epoch)
-            .and_then(|_| self.wal.sync())?;
-        let fsync = fsync_started.elapsed();
-        self.remember(first, entries);
-        let last = first + count - 1;
-        self.shared.last_index.store(last, Ordering::Release);
+        let started = Instant::now();
+        self.wal.append(first, count, buf, last_epoch)?;
+        self.bytes_since_snapshot += buf.len() as u64;
+        if self.ships_at_write() {
+            self.remember(first, entries);
+            self.shared.written_changed.notify_waiters();
+        }
+        Ok(Written {
+            first,
+            last: first + count - 1,
+            started,
+        })
+    }
+
+    /// Whether written entries are shipped before their fsync: in
+    /// replicated mode, where a primary counts itself toward a commit only
+    /// at its own fsync. (Masterless streams only durable entries.)
+    fn ships_at_write(&self) -> bool {
+        self.policy() == CommitPolicy::Replicated
+    }
+
+    /// Everything written through `last` is durable: the durable last
+    /// index published, then `durable_hlc` (the clock's value once these
+    /// are durable, for a writer whose clock stamped or observed them),
+    /// then waiters notified.
+    fn publish_durable(&mut self, last: u64, durable_hlc: Option<Timestamp>) {
+        self.shared.last_index.store(last, Ordering::SeqCst);
         if let Some(ts) = durable_hlc {
             // Published after the index: see `Engine::durable_hlc`.
             *self.shared.durable_hlc.lock() = ts;
         }
-        self.bytes_since_snapshot += buf.len() as u64;
         self.publish_wal_stats();
         self.shared.durable_changed.notify_waiters();
-        Ok(Appended { last, fsync })
     }
 
-    /// Records newly durable entries in the in-memory log view: their
-    /// epochs always, the entries themselves when this node ships them.
+    /// Records newly written (replicated mode) or durable entries in the
+    /// in-memory log view: their epochs always, the entries themselves
+    /// when this node ships them.
     fn remember<'a>(&mut self, first: u64, entries: impl Iterator<Item = Entry<'a>>) {
         let mut log = self.shared.log.lock();
         let mut cache = self.policy().ships().then(|| self.shared.cache.lock());
@@ -369,7 +503,8 @@ impl Writer {
         }
     }
 
-    /// Queues a durable entry for its commit.
+    /// Queues a logged entry for its commit (applied only once durable
+    /// here too: [`Writer::advance_commit`] stops at the durable index).
     fn push_pending(&mut self, entry: PendingEntry) {
         debug_assert!(
             self.pending.back().is_none_or(|p| p.index < entry.index),
@@ -380,13 +515,20 @@ impl Writer {
         self.pending.push_back(entry);
     }
 
-    /// Replicated mode: applies pending entries up to the commit index.
+    /// Replicated mode: applies pending entries up to the commit index,
+    /// never past what is durable here (a poisoned WAL's written entries
+    /// are never acknowledged by this node).
     fn advance_commit(&mut self, index: u64) {
-        let last = self.wal.next_index() - 1;
-        let commit = index.min(last);
+        let durable = self.shared.last_index.load(Ordering::Acquire);
+        let commit = index.min(durable);
         let old = self.shared.commit_index.fetch_max(commit, Ordering::AcqRel);
         if commit <= old {
             return;
+        }
+        if let Some(m) = &self.metrics {
+            let latency = &m.commit_latency_seconds;
+            self.commit_clock
+                .committed(commit, |d| latency.observe(d.as_secs_f64()));
         }
         while self.pending.front().is_some_and(|p| p.index <= commit) {
             let Some(p) = self.pending.pop_front() else {
@@ -537,6 +679,8 @@ impl Writer {
             if self.led.is_none_or(|(e, _)| e != epoch) {
                 self.led = Some((epoch, first));
             }
+            self.commit_clock
+                .written(appended.last, appended.written_at);
             // Durable here; applied and acknowledged once committed.
             for (i, r) in requests {
                 self.push_pending(PendingEntry {
@@ -615,18 +759,65 @@ impl Writer {
         }
     }
 
-    /// Secondary side of log shipping (see [`super::Engine::replicate`]):
-    /// the rules decide, a conflicting suffix is cut, the new entries are
-    /// appended durably and wait for their commit.
-    fn replicate(
+    /// Secondary side of log shipping (see [`super::Engine::replicate`])
+    /// for appends queued together: each in turn is decided by the rules
+    /// against the log as the earlier ones left it (written, and with the
+    /// commit index they taught), a conflicting suffix is cut, new entries
+    /// are written; then ONE fsync covers them all, and only then is each
+    /// answered and the commit index applied.
+    fn replicate_group(&mut self, group: Vec<super::ReplicateReq>, buf: &mut Vec<u8>) {
+        let started = Instant::now();
+        let mut commit = self.shared.commit_index.load(Ordering::Acquire);
+        let (mut records, mut appends) = (0usize, 0usize);
+        let mut answers = Vec::with_capacity(group.len());
+        for r in group {
+            let epoch = r.req.epoch;
+            let outcome = self.replicate_one(r.req, &mut commit, buf);
+            if let Ok((_, n @ 1..)) = outcome {
+                records += n;
+                appends += 1;
+            }
+            answers.push((r.reply, epoch, outcome.map(|(o, _)| o)));
+        }
+        if appends > 0 {
+            if let Err(e) = self.wal.sync() {
+                tracing::error!(error = %e, "WAL fsync failed");
+                for (reply, _, _) in answers {
+                    let _ = reply.send(Err(Error::NotDurable(e.to_string())));
+                }
+                return;
+            }
+            self.publish_durable(self.wal.next_index() - 1, None);
+            if let Some(m) = &self.metrics {
+                m.wal_fsync_seconds.observe(started.elapsed().as_secs_f64());
+                m.wal_batch_records.observe(records as f64);
+                m.wal_appends_per_fsync.observe(appends as f64);
+            }
+        }
+        self.advance_commit(commit);
+        // After the fsync: an epoch entered meanwhile (a vote, a newer
+        // primary) may have been decided on a log without these entries.
+        let my_epoch = self.shared.epoch.load(Ordering::SeqCst);
+        for (reply, epoch, outcome) in answers {
+            let outcome = outcome.map(|o| rules::answer_after_fsync(o, epoch, my_epoch));
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// One append of [`Writer::replicate_group`]: decided against the
+    /// written log and `commit` (the group's commit index so far, raised
+    /// by an accepted append), new entries written but not fsync'd.
+    /// Returns the outcome and how many entries it wrote.
+    fn replicate_one(
         &mut self,
         req: ReplicateRequest,
+        commit: &mut u64,
         buf: &mut Vec<u8>,
-    ) -> Result<AppendOutcome, Error> {
+    ) -> Result<(AppendOutcome, usize), Error> {
         if self.wal.is_poisoned() {
             return Err(Error::Poisoned);
         }
-        let decision = self.check_append(&req)?;
+        let decision = self.check_append(&req, *commit)?;
         if let Some(e) = decision.new_epoch_to_persist {
             // The caller persisted it before handing us the request.
             self.shared.epoch.fetch_max(e, Ordering::AcqRel);
@@ -634,11 +825,11 @@ impl Writer {
         let AppendOutcome::Accept {
             truncate_from,
             append_from,
-            commit,
+            commit: learned,
             ..
         } = decision.outcome.clone()
         else {
-            return Ok(decision.outcome);
+            return Ok((decision.outcome, 0));
         };
         if let Some(from) = truncate_from {
             self.truncate_suffix(from)?;
@@ -652,7 +843,7 @@ impl Writer {
                 "the rules accept only entries that continue the log"
             );
             let entries = new.iter().map(|r| (r.epoch, r.ts, &r.op));
-            self.append_durably(entries, None, buf)?;
+            self.write_entries(entries, buf)?;
             // A secondary checks no transactions; if it leads again, the
             // view is built afresh from its pending entries.
             self.view = None;
@@ -667,12 +858,16 @@ impl Writer {
                 });
             }
         }
-        self.advance_commit(commit);
-        Ok(decision.outcome)
+        *commit = (*commit).max(learned.min(self.wal.next_index() - 1));
+        Ok((decision.outcome, new.len()))
     }
 
     /// What [`rules::check_append`] says of `req` against this log.
-    fn check_append(&self, req: &ReplicateRequest) -> Result<rules::AppendDecision, Error> {
+    fn check_append(
+        &self,
+        req: &ReplicateRequest,
+        commit: u64,
+    ) -> Result<rules::AppendDecision, Error> {
         let positions: Vec<LogPos> = req
             .records
             .iter()
@@ -682,7 +877,6 @@ impl Writer {
             })
             .collect();
         let my_epoch = self.shared.epoch.load(Ordering::Acquire);
-        let commit = self.shared.commit_index.load(Ordering::Acquire);
         let log = self.shared.log.lock();
         let request = rules::AppendRequest {
             epoch: req.epoch,
@@ -702,6 +896,7 @@ impl Writer {
         self.in_flight.clear();
         self.shared.log.lock().truncate_from(from);
         self.shared.cache.lock().truncate_from(from);
+        self.commit_clock.forget_from(from);
         // Our own writes in the cut suffix were never committed: their
         // clients learn that they did not happen.
         while self.pending.back().is_some_and(|p| p.index >= from) {
@@ -709,7 +904,9 @@ impl Writer {
                 let _ = reply.send(Err(Error::Superseded));
             }
         }
-        self.shared.last_index.store(from - 1, Ordering::Release);
+        // Written entries before `from` may not be fsync'd yet: the
+        // durable index only ever moves down here.
+        self.shared.last_index.fetch_min(from - 1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -821,6 +1018,7 @@ impl Writer {
         );
         *self.shared.log.lock() = EpochRuns::new(base.last_index, base.last_epoch);
         self.shared.cache.lock().clear();
+        self.commit_clock.clear();
         self.first_unapplied = None;
         self.bytes_since_snapshot = 0;
         self.covered = base.last_index;
@@ -1057,5 +1255,40 @@ impl Snapshotter {
         self.fs
             .sync_dir(&self.dir)
             .map_err(|e| Error::io(format!("fsync of {}", self.dir.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_clock_times_each_batch_once_and_forgets_cut_ones() {
+        let mut clock = CommitClock::default();
+        let t = Instant::now();
+        for last in [3, 7, 12] {
+            clock.written(last, t);
+        }
+        let mut seen = 0;
+        clock.committed(8, |_| seen += 1);
+        assert_eq!(seen, 2, "the batches ending at 3 and 7");
+        clock.committed(8, |_| seen += 1);
+        assert_eq!(seen, 2, "each batch is timed once");
+        clock.forget_from(10);
+        clock.committed(u64::MAX, |_| seen += 1);
+        assert_eq!(seen, 2, "the batch ending at 12 was cut");
+    }
+
+    #[test]
+    fn the_commit_clock_is_bounded() {
+        let mut clock = CommitClock::default();
+        let t = Instant::now();
+        for last in 1..=(COMMIT_CLOCK_BATCHES as u64 + 10) {
+            clock.written(last, t);
+        }
+        assert_eq!(clock.batches.len(), COMMIT_CLOCK_BATCHES);
+        let mut seen = 0;
+        clock.committed(u64::MAX, |_| seen += 1);
+        assert_eq!(seen, COMMIT_CLOCK_BATCHES);
     }
 }

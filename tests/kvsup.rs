@@ -486,6 +486,7 @@ fn a_crashing_node_is_restarted_with_growing_capped_backoff() {
         sup_port,
         nodes,
         down: false,
+        tls: false,
     };
     let (ok, out) = c.kvsup(&["apply"]).unwrap();
     assert!(ok.success(), "{out}");

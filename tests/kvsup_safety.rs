@@ -323,10 +323,13 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
     let tmp = TempDir::new().unwrap();
     let c = Supervised::apply(tmp.path(), 1, "").unwrap();
     let url = format!("http://127.0.0.1:{}", c.sup_port);
+    let token = c.token_file();
     for cmd in [&["status"][..], &["status", "--json"], &["events"]] {
         let mut child = Command::new(bin("kvsup"))
             .args(cmd)
             .args(["--supervisor", &url])
+            .arg("--token-file")
+            .arg(&token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -385,9 +388,11 @@ async fn apply_requests_read_only_small_regular_files_and_echo_none() {
     assert!(limited, "prlimit on the supervisor failed");
 
     let http = reqwest::Client::new();
+    let token = c.token().unwrap();
     let apply = |path: PathBuf| {
         let req = http
             .post(format!("http://127.0.0.1:{}/v1/apply", c.sup_port))
+            .bearer_auth(&token)
             .json(&json!({"path": path, "base_dir": tmp.path()}))
             .timeout(Duration::from_secs(10));
         async move {

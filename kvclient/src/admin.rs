@@ -31,6 +31,8 @@ use kvproto::admin::ModeRequest;
 use kvproto::status::Status;
 use serde_json::{json, Value};
 
+use crate::tls::TlsFiles;
+
 /// A cluster's replication mode (the one type kvd, kvsup and clients use).
 pub use kvproto::Mode;
 
@@ -50,6 +52,11 @@ pub struct SwitchOptions {
     /// To primary/secondary: the node id of the new primary (default: the
     /// first node given).
     pub primary: Option<String>,
+    /// TLS to the nodes: their CA, and the node certificate that
+    /// `/v1/admin/*` needs over TLS (docs/DESIGN.md §12).
+    pub tls: TlsFiles,
+    /// The admin token, for nodes with a token file (docs/DESIGN.md §2.18).
+    pub token: Option<String>,
 }
 
 impl Default for SwitchOptions {
@@ -58,6 +65,8 @@ impl Default for SwitchOptions {
             converge_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             primary: None,
+            tls: TlsFiles::default(),
+            token: None,
         }
     }
 }
@@ -211,7 +220,15 @@ impl Admin {
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(opts.request_timeout)
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(1));
+        let http = match &opts.token {
+            Some(t) => http.default_headers(crate::client::bearer_headers(t).map_err(SwitchError)?),
+            None => http,
+        };
+        let http = opts
+            .tls
+            .apply(http)
+            .map_err(|e| SwitchError(format!("TLS: {e}")))?
             .build()
             .map_err(|e| SwitchError(e.to_string()))?;
         Ok(Admin {

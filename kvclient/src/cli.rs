@@ -16,7 +16,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use kvclient::lock::LockOptions;
 use kvclient::{
-    BulkRequest, Client, Expiry, Precondition, PutOptions, WatchRequest, WireValue,
+    BulkRequest, Client, Expiry, Precondition, PutOptions, TlsFiles, WatchRequest, WireValue,
     DEFAULT_ENDPOINT,
 };
 use serde_json::{json, Value};
@@ -147,6 +147,45 @@ pub struct Cli {
     /// Print machine-readable JSON instead of human output
     #[arg(long, global = true)]
     json: bool,
+
+    /// CA certificates (PEM) that https:// nodes' certificates must chain
+    /// to. Like --cert and --key, given before the command (`watch` and
+    /// `similar` have a --key of their own)
+    #[arg(long = "ca", env = "KV_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) to present when a node asks (needs --key)
+    #[arg(
+        long = "cert",
+        env = "KV_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert
+    #[arg(
+        long = "key",
+        env = "KV_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// Bearer token to send to nodes that ask for one (a node's
+    /// --auth-file); better through KV_TOKEN or --token-file than on the
+    /// command line, where other users can see it
+    #[arg(long, env = "KV_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// File holding the bearer token (its first line)
+    #[arg(
+        long,
+        env = "KV_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -480,13 +519,45 @@ fn report(message: &str) {
 
 fn build_client(cli: &Cli) -> Result<Client, Failure> {
     let budget = Duration::from_millis(cli.timeout_ms);
-    Ok(Client::builder()
+    let builder = Client::builder()
         .endpoints(cli.endpoints.iter().cloned())
         .request_timeout(budget)
         .connect_timeout(budget.min(Duration::from_secs(1)))
         .retry_deadline(budget)
         .max_retries(cli.retries)
-        .build()?)
+        .tls(TlsFiles {
+            ca: cli.tls_ca.clone(),
+            cert: cli.tls_cert.clone(),
+            key: cli.tls_key.clone(),
+        });
+    let builder = match token_of(cli)? {
+        Some(t) => builder.token(t),
+        None => builder,
+    };
+    Ok(builder.build()?)
+}
+
+/// The token of `--token`/`KV_TOKEN`, or the first line of `--token-file`.
+fn token_of(cli: &Cli) -> Result<Option<String>, Failure> {
+    if let Some(t) = &cli.token {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let Some(path) = &cli.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::Other(anyhow::anyhow!(
+            "reading the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    match text.lines().next().map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => Ok(Some(t.to_string())),
+        None => Err(Failure::Other(anyhow::anyhow!(
+            "the token file {} is empty",
+            path.display()
+        ))),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {

@@ -16,6 +16,7 @@
 //! DELETE or bulk write repeated with the same content leaves the same state
 //! (it may get a later log index, which is harmless).
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use serde::de::DeserializeOwned;
 use crate::backoff::Backoff;
 use crate::error::{is_retryable_status, Error, Result};
 use crate::key::{encode_query_value, path_for_key, validate_key};
+use crate::tls::TlsFiles;
 use crate::wire::{
     BulkOutcome, BulkRequest, DeleteOutcome, ErrorBody, IndexResponse, PreconditionBody, SearchHit,
     SearchPage, SimilarTo, Status,
@@ -50,6 +52,18 @@ const MAX_ERROR_MESSAGE_CHARS: usize = 300;
 pub struct ClientBuilder {
     endpoints: Vec<String>,
     limits: Limits,
+    tls: TlsFiles,
+    token: Option<Token>,
+}
+
+/// A bearer token; never printed (`Debug` shows only that one is set).
+#[derive(Clone)]
+struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 /// The limits a client keeps to; each has a setter on [`ClientBuilder`]
@@ -112,6 +126,34 @@ impl ClientBuilder {
         S: Into<String>,
     {
         self.endpoints.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Trusts the CA certificates of this PEM file (and no others) for
+    /// `https://` endpoints.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca = Some(path.into());
+        self
+    }
+
+    /// Presents this client certificate chain and key (PEM files) when a
+    /// node asks for one.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls.cert = Some(cert.into());
+        self.tls.key = Some(key.into());
+        self
+    }
+
+    /// Sets every TLS file at once.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = files;
+        self
+    }
+
+    /// Sends this bearer token (`Authorization: Bearer <token>`) with every
+    /// request: a node with a token file asks for one (docs/DESIGN.md §2.18).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Token(token.into()));
         self
     }
 
@@ -180,7 +222,15 @@ impl ClientBuilder {
             .no_proxy()
             .connect_timeout(limits.connect_timeout)
             .tcp_nodelay(true)
-            .user_agent(concat!("kvclient/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("kvclient/", env!("CARGO_PKG_VERSION")));
+        let http = match &self.token {
+            Some(token) => http.default_headers(bearer(token)?),
+            None => http,
+        };
+        let http = self
+            .tls
+            .apply(http)
+            .map_err(|err| Error::InvalidConfig(format!("TLS: {err}")))?
             .build()
             .map_err(|err| Error::InvalidConfig(format!("HTTP client: {err}")))?;
         Ok(Client {
@@ -194,6 +244,23 @@ impl ClientBuilder {
             }),
         })
     }
+}
+
+/// The `Authorization` header of `token`, marked sensitive (kept out of
+/// logs and HTTP/2 compression tables).
+pub(crate) fn bearer_headers(
+    token: &str,
+) -> std::result::Result<reqwest::header::HeaderMap, String> {
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "the token is not printable ASCII".to_string())?;
+    value.set_sensitive(true);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(headers)
+}
+
+fn bearer(token: &Token) -> Result<reqwest::header::HeaderMap> {
+    bearer_headers(&token.0).map_err(Error::InvalidConfig)
 }
 
 /// A kvstore client over a list of nodes. Cheap to clone; clones share
@@ -785,9 +852,8 @@ pub(crate) fn normalize_endpoint(raw: &str) -> Result<String> {
         format!("http://{trimmed}")
     };
     let url = reqwest::Url::parse(&with_scheme).map_err(|err| invalid(&err.to_string()))?;
-    if url.scheme() != "http" {
-        // kvd serves plain HTTP, and the workspace builds reqwest without TLS.
-        return Err(invalid("only http:// endpoints are supported"));
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(invalid("only http:// and https:// endpoints are supported"));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("no host"));
@@ -978,7 +1044,7 @@ mod tests {
             normalize_endpoint("http://h:1/prefix/").unwrap(),
             "http://h:1/prefix"
         );
-        for bad in ["", "https://h:1", "http://", "http://h:1/?x=1", "ftp://h"] {
+        for bad in ["", "ws://h:1", "http://", "http://h:1/?x=1", "ftp://h"] {
             let err = normalize_endpoint(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_endpoint", "{bad:?}");
         }

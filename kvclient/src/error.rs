@@ -128,6 +128,20 @@ pub enum Error {
         source: reqwest::Error,
     },
 
+    /// The TLS handshake failed: the node's certificate does not chain to
+    /// the trusted CA (or names another host), or the node refused ours.
+    /// A setting to fix, not a moment to wait out: never retried.
+    #[error("TLS with {endpoint} failed: {reason}")]
+    Tls {
+        /// Base URL of the node.
+        endpoint: String,
+        /// What TLS said, e.g. "invalid peer certificate: UnknownIssuer".
+        reason: String,
+        /// The underlying error, kept for debugging.
+        #[source]
+        source: reqwest::Error,
+    },
+
     /// The connection broke while the request or response was in flight.
     #[error("HTTP exchange with {endpoint} failed: {reason}")]
     Transport {
@@ -274,6 +288,7 @@ impl Error {
             | Error::NoEndpoints
             | Error::InvalidConfig(_)
             | Error::InvalidValue { .. }
+            | Error::Tls { .. }
             | Error::Decode { .. }
             | Error::ResponseTooLarge { .. }
             | Error::RedirectLoop { .. }
@@ -322,6 +337,7 @@ impl Error {
             Error::Server { code, .. } => code,
             Error::Timeout { .. } => "timeout",
             Error::Connect { .. } => "connect",
+            Error::Tls { .. } => "tls",
             Error::Transport { .. } => "transport",
             Error::Decode { .. } => "decode",
             Error::ResponseTooLarge { .. } => "response_too_large",
@@ -361,6 +377,7 @@ impl Error {
             Error::Server { endpoint, .. }
             | Error::Timeout { endpoint, .. }
             | Error::Connect { endpoint, .. }
+            | Error::Tls { endpoint, .. }
             | Error::Transport { endpoint, .. }
             | Error::Decode { endpoint, .. }
             | Error::ResponseTooLarge { endpoint, .. }
@@ -401,7 +418,14 @@ impl Error {
     /// the user ("that node is down"), not a slow request.
     pub(crate) fn from_reqwest(endpoint: &str, timeout: Duration, err: reqwest::Error) -> Self {
         let endpoint = endpoint.to_owned();
-        if err.is_connect() {
+        if is_tls_failure(&err) {
+            let reason = root_cause(&err);
+            Error::Tls {
+                endpoint,
+                reason,
+                source: err,
+            }
+        } else if err.is_connect() {
             let reason = root_cause(&err);
             Error::Connect {
                 endpoint,
@@ -443,6 +467,27 @@ const NOT_WRITTEN: [&str; 9] = [
 /// Statuses that mean "not now" rather than "not like this".
 pub(crate) fn is_retryable_status(status: u16) -> bool {
     matches!(status, 429 | 502 | 503 | 504)
+}
+
+/// Whether a TLS error (rustls's) is in `err`'s chain of sources. reqwest
+/// wraps it in I/O errors, one inside another, whose `source` skips the
+/// error they wrap: those are unwrapped by hand.
+fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let mut layer = e;
+        while let Some(inner) = layer
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            layer = inner;
+        }
+        if layer.is::<rustls::Error>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The innermost error message: `reqwest` wraps the useful part ("Connection

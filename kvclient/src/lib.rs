@@ -36,12 +36,17 @@
 //! [`admin::switch_mode`] switches a live cluster between primary/secondary
 //! and masterless (docs/DESIGN.md §6).
 //!
+//! Over TLS (`https://` endpoints), [`ClientBuilder::ca_file`] names the CA
+//! that the nodes' certificates must chain to, and
+//! [`ClientBuilder::client_cert`] a client certificate ([`TlsFiles`],
+//! docs/DESIGN.md §12).
+//!
 //! Code map: `admin` (mode switch orchestration), `client` (endpoints,
 //! redirects, retries), `versioned` (versions, conditional writes, prefix
 //! deletes), `range` (ranges and their pager), `txn` (the transaction
 //! builder), `error` (the error type and its classifiers), `key` (key rules
 //! and URL encoding), `wire` (the API's JSON shapes), `backoff` (retry
-//! delays). What must match kvd comes from `kvproto`, the wire types
+//! delays), `tls` (CA and client certificate files). What must match kvd comes from `kvproto`, the wire types
 //! kvd itself uses: header names, error codes, the key rule, the mode and
 //! the status body.
 
@@ -54,6 +59,7 @@ mod key;
 mod lease;
 pub mod lock;
 mod range;
+mod tls;
 mod txn;
 mod versioned;
 mod watch;
@@ -71,6 +77,7 @@ pub use kvproto::header::{
 };
 pub use lease::{LeaseAnswer, LeaseInfo, RevokeAnswer};
 pub use range::{KeyRange, Pager, RangeRequest, MAX_PAGE_SIZE};
+pub use tls::TlsFiles;
 pub use txn::{Cmp, Compare, Operand, Target, Txn, TxnOp, MAX_TXN_OPS};
 pub use versioned::{Precondition, PutOptions, Versioned};
 pub use watch::{

@@ -10,7 +10,7 @@ use kvclient::{Client, Error};
 fn builder_rejects_unusable_configuration() {
     let err = Client::builder().build().unwrap_err();
     assert!(matches!(err, Error::NoEndpoints));
-    let err = Client::new(["https://127.0.0.1:1"]).unwrap_err();
+    let err = Client::new(["ftp://127.0.0.1:1"]).unwrap_err();
     assert_eq!(err.code(), "invalid_endpoint");
     let err = Client::builder()
         .endpoint("127.0.0.1:1")

@@ -186,7 +186,7 @@ fn local_errors_are_reported_before_any_request() {
         (&["del", "--prefix", ""], "", "prefix to delete is empty"),
         (&["txn"], "{not json", "parsing the transaction JSON"),
         (
-            &["--endpoints", "https://x:1", "status"],
+            &["--endpoints", "ftp://x:1", "status"],
             "",
             "invalid endpoint",
         ),

@@ -24,9 +24,16 @@ pub struct Config {
     pub port: u16,
 
     /// Address to listen on. The default keeps the node private to this
-    /// machine; kvd has no authentication, so expose it with care.
+    /// machine; any other needs TLS (--tls-cert, --tls-key) and tokens
+    /// (--auth-file), or --insecure
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
+
+    /// Serve a non-loopback --bind without TLS and tokens: only on a
+    /// network where everyone who can reach the port may read and write
+    /// every key and run the admin routes
+    #[arg(long)]
+    pub insecure: bool,
 
     /// Directory holding the WAL (wal/), snapshots (snap/), node metadata
     /// (meta) and the LOCK file. Created if missing; one kvd per directory.
@@ -188,6 +195,12 @@ pub struct Config {
     #[arg(long)]
     pub enable_debug: bool,
 
+    /// Bearer tokens and their roles (a JSON file of SHA-256 hashes, never
+    /// the secrets; docs/DESIGN.md §2.18), read again on SIGHUP. Without it
+    /// no token is asked for.
+    #[arg(long, value_name = "FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
+
     /// Keep a full-text (BM25) and TF-IDF similarity index over the values
     /// and serve GET /v1/search and /v1/similar. Rebuilt from the data on
     /// every start (it is not stored); costs memory and some write speed.
@@ -216,6 +229,23 @@ pub struct Config {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_watchers: u64,
 
+    // --- TLS (api::tls, docs/DESIGN.md §12) ---
+    /// Serve the whole port over TLS with this certificate chain (PEM;
+    /// needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The cluster's CA (PEM). Client certificates are asked for and
+    /// verified against it; clients without one still reach the key
+    /// routes, but /internal/* and /v1/admin/* need a node certificate of
+    /// this CA. Peers are then reached over mutual TLS (https --peers).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    // --- end of TLS ---
     /// How the node writes its log to stderr: text, or JSON lines (one
     /// object per event). The filter is the KVD_LOG environment variable
     /// (e.g. `debug`, `kvd=debug,hyper=warn`; default `info`).

@@ -5,7 +5,7 @@
 //!
 //! - [`model`]: the types every layer shares (`Op`, `Record`, `Timestamp`,
 //!   `LogPos`) and the pure rules (`replication::rules`,
-//!   `masterless::rules`, `masterless::hlc`).
+//!   `masterless::rules`, `masterless::hlc`, [`auth`]: who may do what).
 //! - [`index`], [`metrics`], [`tasks`], [`peer_http`]: the search index,
 //!   the Prometheus metrics, owned background tasks, the client to peers.
 //! - [`storage`]: WAL, in-memory state, snapshots, `meta`, recovery.
@@ -17,6 +17,7 @@
 //!   subscriber (`KVD_LOG`, `--log-format`), running a node.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod index;
 pub mod logging;

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use kvproto::Mode;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::api::access::Access;
 use crate::api::{self, AppState, Limits};
 use crate::config::{BootRole, Config};
 use crate::index::Index;
@@ -137,8 +138,18 @@ fn watch_data_dir(engine: &Arc<Engine>, tasks: &Tasks) {
 
 /// Runs the node until a shutdown signal.
 pub async fn run(cfg: Config) -> Result<()> {
+    // Before the data dir is touched.
+    if let Some(why) = unprotected(&cfg) {
+        bail!("{why}");
+    }
     let _lock = DataDirLock::acquire(&cfg.data_dir)?;
     check_flags(&cfg)?;
+    // Before anything starts: a token file that does not parse is a refusal.
+    let access = match &cfg.auth_file {
+        Some(path) => Some(Arc::new(Access::load(path).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
+    let tls = tls_setup(&cfg)?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let store = MetaStore::new(Arc::new(RealFs), &cfg.data_dir);
     let (meta, fresh) = load_meta(&cfg, &store)?;
@@ -155,14 +166,20 @@ pub async fn run(cfg: Config) -> Result<()> {
     let budget = connection_budget(&cfg)?;
     tracing::info!(node = %meta.node_id, "{}", budget.describe(cfg.max_connections));
     let connections = metrics.connections.clone();
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         node.clone(),
         metrics,
         limits(&cfg),
         cfg.enable_debug,
         cfg.data_dir.display().to_string(),
-    ));
-    tracing::info!(node = %meta.node_id, mode = %meta.mode, "serving on http://{addr}");
+    );
+    if let Some(access) = &access {
+        reload_on_sighup(access.clone(), &tasks);
+        state.access = Some(access.clone());
+    }
+    let state = Arc::new(state);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(node = %meta.node_id, mode = %meta.mode, "serving on {scheme}://{addr}");
     let serve_cfg = api::serve::ServeConfig {
         budget,
         timeouts: api::serve::Timeouts {
@@ -170,6 +187,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             header: Duration::from_millis(cfg.header_timeout_ms),
         },
         metrics: connections,
+        tls,
     };
     api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
 
@@ -183,6 +201,47 @@ pub async fn run(cfg: Config) -> Result<()> {
         .context("engine shutdown panicked")?;
     tracing::info!(node = %meta.node_id, "shut down cleanly");
     Ok(())
+}
+
+/// Reads the TLS files, if TLS is on: the server's acceptor, and with a
+/// client CA, mutual TLS for the peer client. A file that cannot be used
+/// stops the start, named with the reason.
+fn tls_setup(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
+    let files = api::tls::TlsFiles {
+        cert,
+        key,
+        client_ca: cfg.tls_client_ca.as_deref(),
+    };
+    let server = api::tls::server_config(files).context("TLS file unusable")?;
+    if let Some(ca) = files.client_ca {
+        let peers = api::tls::peer_client_config(files, ca).context("TLS file unusable")?;
+        crate::peer_http::use_tls(peers);
+    }
+    Ok(Some(tokio_rustls::TlsAcceptor::from(server)))
+}
+
+/// Protected mode (as Redis has it): a node that listens beyond loopback
+/// must prove who clients and peers are, by TLS and tokens, unless the
+/// operator says the network is trusted (`--insecure`). The reason, if it
+/// must not start.
+fn unprotected(cfg: &Config) -> Option<String> {
+    let tls = cfg.tls_cert.is_some();
+    let tokens = cfg.auth_file.is_some();
+    if cfg.bind.is_loopback() || cfg.insecure || (tls && tokens) {
+        return None;
+    }
+    let missing = match (tls, tokens) {
+        (false, false) => "TLS (--tls-cert, --tls-key) and tokens (--auth-file)",
+        (false, true) => "TLS (--tls-cert, --tls-key)",
+        _ => "tokens (--auth-file)",
+    };
+    Some(format!(
+        "refusing to listen on {} without {missing}: anyone who reaches the port could read          and write every key, post replication traffic and run the admin routes. Give them,          bind a loopback address (--bind 127.0.0.1), or pass --insecure if everyone on this          network may do all that",
+        cfg.bind
+    ))
 }
 
 /// Refuses flag combinations that cannot work, before anything starts.
@@ -201,6 +260,16 @@ fn check_flags(cfg: &Config) -> Result<()> {
             cfg.write_quorum - 1,
             cfg.peers.len()
         );
+    }
+    if cfg.tls_cert.is_some() && !cfg.peers.is_empty() {
+        // Peers authenticate each other by certificate: without the CA
+        // there is none to check, and nothing could reach /internal/*.
+        if cfg.tls_client_ca.is_none() {
+            bail!("--peers with --tls-cert needs --tls-client-ca (peers use mutual TLS)");
+        }
+        if let Some(p) = cfg.peers.iter().find(|p| !p.starts_with("https://")) {
+            bail!("--peers {p}: with TLS on, peer URLs are https://");
+        }
     }
     if cfg.clock_offset_ms != 0 && !cfg.enable_debug {
         bail!("--clock-offset-ms is a debug knob; it needs --enable-debug");
@@ -294,10 +363,14 @@ fn start_node(
 ) -> Result<Node> {
     let cluster = meta.mode.is_cluster().then(|| ClusterSettings {
         node_id: meta.node_id.clone(),
-        advertise_url: cfg
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}:{}", cfg.bind, cfg.port)),
+        advertise_url: cfg.advertise_url.clone().unwrap_or_else(|| {
+            let scheme = if cfg.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}:{}", cfg.bind, cfg.port)
+        }),
         peers: cfg.peers.clone(),
         sync_replicas: cfg.sync_replicas,
         write_quorum: cfg.write_quorum as usize,
@@ -344,6 +417,27 @@ fn connection_budget(cfg: &Config) -> Result<api::listener::Budget> {
         .map_err(anyhow::Error::msg)
 }
 
+/// Reads the token file again at each SIGHUP; a file that does not parse
+/// leaves the tokens as they were, and the log says why.
+fn reload_on_sighup(access: Arc<Access>, tasks: &Tasks) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; the token file is read only at start");
+            return;
+        }
+    };
+    tasks.spawn(async move {
+        while hup.recv().await.is_some() {
+            match access.reload() {
+                Ok(n) => tracing::info!(tokens = n, file = %access.path().display(), "token file read again"),
+                Err(e) => tracing::error!(error = %e, "token file not taken; the tokens before it stay in force"),
+            }
+        }
+    });
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -356,5 +450,56 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("kvd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn only_loopback_serves_without_tls_and_tokens_unless_insecure() {
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let auth = ["--auth-file", "t.json"];
+        assert_eq!(unprotected(&cfg(&[])), None);
+        assert_eq!(unprotected(&cfg(&["--bind", "127.0.0.2"])), None);
+        assert_eq!(unprotected(&cfg(&["--bind", "::1"])), None);
+        let open = unprotected(&cfg(&["--bind", "0.0.0.0"])).expect("refused");
+        assert!(
+            open.contains("0.0.0.0") && open.contains("--insecure"),
+            "{open}"
+        );
+        assert!(
+            open.contains("TLS") && open.contains("--auth-file"),
+            "{open}"
+        );
+        let only_tls: Vec<&str> = ["--bind", "10.0.0.1"].iter().chain(&tls).copied().collect();
+        let why = unprotected(&cfg(&only_tls)).expect("refused");
+        assert!(
+            why.contains("tokens (--auth-file)") && !why.contains("--tls-cert"),
+            "{why}"
+        );
+        let only_auth: Vec<&str> = ["--bind", "::"].iter().chain(&auth).copied().collect();
+        let why = unprotected(&cfg(&only_auth)).expect("refused");
+        assert!(
+            why.contains("TLS (--tls-cert") && !why.contains("--auth-file"),
+            "{why}"
+        );
+        let both: Vec<&str> = ["--bind", "0.0.0.0"]
+            .iter()
+            .chain(&tls)
+            .chain(&auth)
+            .copied()
+            .collect();
+        assert_eq!(unprotected(&cfg(&both)), None);
+        assert_eq!(
+            unprotected(&cfg(&["--bind", "0.0.0.0", "--insecure"])),
+            None
+        );
     }
 }

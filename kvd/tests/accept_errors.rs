@@ -38,6 +38,7 @@ async fn accept_backs_off_on_emfile_and_serves_once_descriptors_free_up() {
             header: DEADLINE,
         },
         metrics: metrics.connections.clone(),
+        tls: None,
     };
     let router = Router::new().route("/", get(|| async { "ok" }));
     tokio::spawn(serve(tcp, router, cfg, std::future::pending()));

@@ -9,7 +9,7 @@
 //!
 //! | layer | modules | may use |
 //! |---|---|---|
-//! | model | `model`, `replication::rules`, `masterless::rules`, `masterless::hlc` | model |
+//! | model | `model`, `auth`, `replication::rules`, `masterless::rules`, `masterless::hlc` | model |
 //! | base | `index`, `metrics`, `tasks` | base |
 //! | storage | `storage::*` | model, base |
 //! | replication | `replication` (the runtime: `replication::node`) | storage, model, base |
@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 /// Module path prefix -> layer; the longest matching prefix wins.
 const LAYER_OF: &[(&str, &str)] = &[
     ("model", "model"),
+    ("auth", "model"),
     ("replication::rules", "model"),
     ("masterless::rules", "model"),
     ("masterless::hlc", "model"),

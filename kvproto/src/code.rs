@@ -180,6 +180,9 @@ pub const EPOCH_OUT_OF_RANGE: &str = "epoch_out_of_range";
 pub const STAMP_OUT_OF_RANGE: &str = "stamp_out_of_range";
 /// A replication request the engine could not follow.
 pub const REPLICATION_ERROR: &str = "replication_error";
+/// A peer or admin route over TLS without a client certificate of the
+/// cluster CA that names a node.
+pub const PEER_CERTIFICATE_REQUIRED: &str = "peer_certificate_required";
 
 // --- Mode switch ---
 /// A mode request naming no cluster mode, or without its primary.
@@ -192,6 +195,12 @@ pub const NOT_QUIESCENT: &str = "not_quiescent";
 pub const RUNTIME_START_FAILED: &str = "runtime_start_failed";
 /// A task of the node failed unexpectedly.
 pub const INTERNAL: &str = "internal";
+
+// --- Access ---
+/// No token, or one the node's token file does not hold (401).
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// A valid token without the role the request needs (403).
+pub const PERMISSION_DENIED: &str = "permission_denied";
 
 /// The codes of answers that say nothing was written (writes paused, a
 /// primary handing over, no primary known yet, overload): retrying such a

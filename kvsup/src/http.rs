@@ -1,12 +1,16 @@
 //! The daemon's HTTP API, spoken by the `kvsup` commands (and scraped by
-//! Prometheus at `/metrics`). Loopback only: it can kill nodes.
+//! Prometheus at `/metrics`). Loopback only, and every request passes
+//! [`crate::auth::Guard`] first: it can kill nodes. No route answers CORS
+//! preflights or sends CORS headers, so a web page can send none of the
+//! requests that carry the token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::auth::{Guard, Head, Refusal};
 use crate::daemon::{ApplyError, Sup};
 
 #[derive(Clone)]
@@ -23,7 +28,7 @@ struct Ctx {
     stop: mpsc::Sender<()>,
 }
 
-pub fn router(sup: Arc<Sup>, stop: mpsc::Sender<()>) -> Router {
+pub fn router(sup: Arc<Sup>, stop: mpsc::Sender<()>, guard: Guard) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/status", get(status))
@@ -35,6 +40,53 @@ pub fn router(sup: Arc<Sup>, stop: mpsc::Sender<()>) -> Router {
         .route("/v1/down", post(down))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
         .with_state(Ctx { sup, stop })
+        // Outermost, so that it runs before routing, the body extractors
+        // and the fallback.
+        .layer(axum::middleware::from_fn_with_state(Arc::new(guard), admit))
+}
+
+/// Lets a request through only if [`Guard::check`] passes it.
+async fn admit(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let mut host = values(h, &header::HOST);
+    if let Some(a) = req.uri().authority() {
+        host.push(a.as_str().as_bytes());
+    }
+    let head = Head {
+        path: req.uri().path(),
+        origin: values(h, &header::ORIGIN),
+        host,
+        authorization: values(h, &header::AUTHORIZATION),
+    };
+    match guard.check(&head) {
+        Ok(()) => next.run(req).await,
+        Err(r) => refused(r, guard.port()),
+    }
+}
+
+fn values<'a>(h: &'a HeaderMap, name: &HeaderName) -> Vec<&'a [u8]> {
+    h.get_all(name).iter().map(|v| v.as_bytes()).collect()
+}
+
+/// 403 for a request from a web page or to a foreign host name; 401 (with
+/// the challenge RFC 6750 asks for) for a missing or wrong token.
+fn refused(r: Refusal, port: u16) -> Response {
+    let (code, challenge) = match r {
+        Refusal::OriginNotAllowed | Refusal::HostNotAllowed => (StatusCode::FORBIDDEN, None),
+        Refusal::TokenRequired => (StatusCode::UNAUTHORIZED, Some("Bearer realm=\"kvsup\"")),
+        Refusal::TokenInvalid => (
+            StatusCode::UNAUTHORIZED,
+            Some("Bearer realm=\"kvsup\", error=\"invalid_token\""),
+        ),
+    };
+    let mut resp = error(code, r.code(), r.message(port));
+    if let Some(c) = challenge {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(c),
+        );
+    }
+    resp
 }
 
 fn error(code: StatusCode, kind: &str, message: String) -> Response {

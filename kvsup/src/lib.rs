@@ -5,9 +5,11 @@
 //! table and checks every `crate::` path against it):
 //!
 //! 1. decisions, no I/O but reading a manifest file: `manifest` (types,
-//!    validation, diff, restart backoff) and `election` (when to elect,
-//!    whom to ask);
-//! 2. effects: `process` (spawn, adopt, signal kvd), `metrics`, `logging`;
+//!    validation, diff, restart backoff), `election` (when to elect,
+//!    whom to ask) and `auth` (the admin token, who may use the API);
+//! 2. effects: `process` (spawn, adopt, signal kvd), `token_file` (the
+//!    admin token's file), `creds` (`tls: auto`'s CA, certificates and
+//!    tokens), `metrics`, `logging`;
 //! 3. `daemon`: the supervisor's state and tasks (health checks, exit
 //!    watchers, reconcile and failover, the commands);
 //! 4. interfaces: `http` (the daemon's API) and `watch` (the manifest file
@@ -15,6 +17,8 @@
 //! 5. wiring: `server` (the daemon from start to stop) and the `kvsup`
 //!    command in `main.rs`.
 
+pub mod auth;
+pub mod creds;
 pub mod daemon;
 pub mod election;
 pub mod http;
@@ -23,4 +27,5 @@ pub mod manifest;
 pub mod metrics;
 pub mod process;
 pub mod server;
+pub mod token_file;
 pub mod watch;

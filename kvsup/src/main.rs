@@ -1,7 +1,9 @@
 //! The `kvsup` command: `apply` starts (or updates) a cluster's supervisor
-//! daemon; the other commands talk to the running daemon over loopback HTTP.
+//! daemon; the other commands talk to the running daemon over loopback HTTP,
+//! sending the admin token the daemon keeps in its state dir.
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -47,9 +49,16 @@ struct Cli {
     #[arg(long, env = "KVSUP_URL", global = true)]
     supervisor: Option<String>,
 
-    /// Manifest whose supervisor to talk to (for commands other than apply).
+    /// Manifest whose supervisor to talk to (for commands other than apply);
+    /// its admin token is read from `<stateDir>/admin.token`, `stateDir`
+    /// resolved as `apply` resolves it (against the current directory).
     #[arg(short = 'f', long = "file", global = true)]
     file: Option<PathBuf>,
+
+    /// File holding the supervisor's admin token (default: `admin.token` in
+    /// the state dir of -f's manifest).
+    #[arg(long, env = "KVSUP_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
 
     /// How the daemon writes its log (`<stateDir>/kvsup.log`): text, or
     /// JSON lines. The filter is the KVSUP_LOG environment variable
@@ -100,6 +109,12 @@ enum Cmd {
     },
     /// Stop every node gracefully (SIGTERM) and the supervisor daemon.
     Down,
+    /// Where a `tls: auto` cluster's CA and client token are (read from the
+    /// `-f` manifest; no daemon needed).
+    Creds {
+        #[arg(long)]
+        json: bool,
+    },
     /// Failovers, restarts, kills and applies, oldest first.
     Events {
         #[arg(long)]
@@ -152,15 +167,17 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Apply { kvd, dry_run } => {
             let file = file.context("apply needs -f MANIFEST")?;
-            apply(&file, kvd, dry_run, cli.log_format).await
+            apply(&file, cli.token_file, kvd, dry_run, cli.log_format).await
         }
         Cmd::Daemon { base_dir, kvd } => {
             let file = file.context("daemon needs -f MANIFEST")?;
             kvsup::server::run(file, base_dir, kvd).await
         }
+        Cmd::Creds { json } => creds(&file.context("creds needs -f MANIFEST")?, json),
         cmd => {
             let url = supervisor_url(cli.supervisor.as_deref(), file.as_deref())?;
-            talk(&Api::new(&url)?, cmd).await
+            let token_file = token_file(cli.token_file, file.as_deref(), &url)?;
+            talk(&Api::new(&url)?.with_token(&token_file)?, cmd).await
         }
     }
 }
@@ -191,7 +208,9 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         }
         Cmd::Down => down(c).await?,
         Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
-        Cmd::Apply { .. } | Cmd::Daemon { .. } => unreachable!("handled by run"),
+        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } => {
+            unreachable!("handled by run")
+        }
     }
     Ok(())
 }
@@ -232,10 +251,34 @@ fn supervisor_url(flag: Option<&str>, file: Option<&Path>) -> Result<String> {
     Ok("http://127.0.0.1:8700".into())
 }
 
+/// Where the admin token of the supervisor at `url` is: `--token-file`,
+/// else `admin.token` in the state dir of the `-f` manifest.
+fn token_file(flag: Option<PathBuf>, manifest: Option<&Path>, url: &str) -> Result<PathBuf> {
+    if let Some(f) = flag {
+        return Ok(f);
+    }
+    let Some(f) = manifest else {
+        bail!(
+            "the supervisor at {url} needs its admin token: pass -f MANIFEST (the token is \
+             <stateDir>/admin.token) or --token-file FILE"
+        );
+    };
+    let m = Manifest::load(f).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let dir = m
+        .checked_state_dir(&base, &f.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(kvsup::token_file::path_in(&dir))
+}
+
 /// A small client for the daemon's API; every call has a timeout.
+#[derive(Clone)]
 struct Api {
     base: String,
     http: reqwest::Client,
+    /// `Authorization`'s value and the file it came from; `None` only for
+    /// the probe of `/health`.
+    auth: Option<(String, PathBuf)>,
 }
 
 impl Api {
@@ -245,51 +288,85 @@ impl Api {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .build()?,
+            auth: None,
         })
+    }
+
+    /// This client, sending the token in `file`.
+    fn with_token(&self, file: &Path) -> Result<Api> {
+        // The error names the file.
+        let token =
+            kvsup::token_file::read(file).context("cannot read the supervisor's admin token")?;
+        Ok(Api {
+            auth: Some((format!("Bearer {}", token.to_hex()), file.to_path_buf())),
+            ..self.clone()
+        })
+    }
+
+    /// Whether a supervisor answers on the port (`/health` needs no token).
+    async fn healthy(&self) -> bool {
+        let r = self
+            .http
+            .get(format!("{}/health", self.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        r.is_ok_and(|r| r.status().is_success())
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
         let r = self
-            .http
-            .get(format!("{}{path}", self.base))
+            .authorized(self.http.get(format!("{}{path}", self.base)))
             .timeout(Duration::from_secs(10))
             .send()
             .await
             .with_context(|| format!("no kvsup supervisor answering at {}", self.base))?;
-        Self::decode(r).await
+        self.decode(r).await
     }
 
     async fn post(&self, path: &str, body: Value, timeout_s: u64) -> Result<Value> {
         let r = self
-            .http
-            .post(format!("{}{path}", self.base))
+            .authorized(self.http.post(format!("{}{path}", self.base)))
             .json(&body)
             .timeout(Duration::from_secs(timeout_s))
             .send()
             .await
             .with_context(|| format!("no kvsup supervisor answering at {}", self.base))?;
-        Self::decode(r).await
+        self.decode(r).await
     }
 
-    async fn decode(r: reqwest::Response) -> Result<Value> {
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some((value, _)) => req.header(reqwest::header::AUTHORIZATION, value),
+            None => req,
+        }
+    }
+
+    async fn decode(&self, r: reqwest::Response) -> Result<Value> {
         let code = r.status();
         let body: Value = r.json().await.unwrap_or(Value::Null);
         if code.is_success() {
-            Ok(body)
-        } else {
-            bail!(
-                "{}",
-                body.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map_or_else(|| format!("supervisor answered {code}"), str::to_string)
-            )
+            return Ok(body);
+        }
+        let message = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("supervisor answered {code}"), str::to_string);
+        match (&self.auth, code) {
+            (Some((_, file)), reqwest::StatusCode::UNAUTHORIZED) => bail!(
+                "the supervisor at {} refused the admin token from {} (is it another cluster's \
+                 supervisor?): {message}",
+                self.base,
+                file.display()
+            ),
+            _ => bail!("{message}"),
         }
     }
 }
 
 /// What `kvsup apply` works with: the manifest, where its file is, where
 /// apply runs (relative `stateDir`s resolve against it), and the daemon's
-/// state dir and URL.
+/// state dir, URL and token file.
 struct Applying {
     manifest: Manifest,
     /// The file as given, for the messages.
@@ -299,12 +376,19 @@ struct Applying {
     base: PathBuf,
     state_dir: PathBuf,
     url: String,
+    token_file: PathBuf,
 }
 
 /// `kvsup apply`: validates the manifest here (as the user, with the full
 /// message), then hands it to the daemon that answers on its port, or
 /// starts one.
-async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool, log: LogFormat) -> Result<()> {
+async fn apply(
+    file: &Path,
+    token_file: Option<PathBuf>,
+    kvd: Option<PathBuf>,
+    dry_run: bool,
+    log: LogFormat,
+) -> Result<()> {
     let manifest = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
     let path =
         std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
@@ -313,6 +397,7 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool, log: LogFormat)
         .checked_state_dir(&base, &file.display().to_string())
         .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
     let url = format!("http://127.0.0.1:{}", manifest.spec.supervisor.port);
+    let token_file = token_file.unwrap_or_else(|| kvsup::token_file::path_in(&state_dir));
     let a = Applying {
         manifest,
         file: file.to_path_buf(),
@@ -320,9 +405,12 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool, log: LogFormat)
         base,
         state_dir,
         url,
+        token_file,
     };
-    let api = Api::new(&a.url)?;
-    if let Ok(st) = api.get("/v1/status").await {
+    let probe = Api::new(&a.url)?;
+    if probe.healthy().await {
+        let api = probe.with_token(&a.token_file)?;
+        let st = api.get("/v1/status").await?;
         return apply_to_running(&api, &st, &a, dry_run).await;
     }
     let kvd = match kvd {
@@ -344,7 +432,7 @@ async fn apply(file: &Path, kvd: Option<PathBuf>, dry_run: bool, log: LogFormat)
         return Ok(());
     }
     let child = start_daemon(&a, &kvd, log)?;
-    wait_until_started(&api, child, &a).await
+    wait_until_started(&probe, child, &a).await
 }
 
 /// Hands the manifest to the daemon already running (which `st` is the
@@ -400,7 +488,11 @@ fn start_daemon(a: &Applying, kvd: &Path, log: LogFormat) -> Result<std::process
             );
         }
     }
-    std::fs::create_dir_all(&a.state_dir)
+    // Only its owner may look in: it holds tokens (and keys, with TLS).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let log_path = a.state_dir.join("kvsup.log");
     let log_file = std::fs::OpenOptions::new()
@@ -431,8 +523,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waits until the new daemon answers and has started every node (or seen
 /// it exit at once: its log says why), then says where things are. If the
-/// daemon exits first, the tail of its log is the error.
-async fn wait_until_started(api: &Api, mut child: std::process::Child, a: &Applying) -> Result<()> {
+/// daemon exits first, the tail of its log is the error. The daemon makes
+/// its token before it answers, so the token is read once `probe` gets an
+/// answer.
+async fn wait_until_started(
+    probe: &Api,
+    mut child: std::process::Child,
+    a: &Applying,
+) -> Result<()> {
+    let mut api = None;
     let log_path = a.state_dir.join("kvsup.log");
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
@@ -444,7 +543,14 @@ async fn wait_until_started(api: &Api, mut child: std::process::Child, a: &Apply
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        if let Ok(st) = api.get("/v1/status").await {
+        if api.is_none() && probe.healthy().await {
+            api = Some(probe.with_token(&a.token_file)?);
+        }
+        let status = match &api {
+            Some(api) => api.get("/v1/status").await.ok(),
+            None => None,
+        };
+        if let Some(st) = status {
             let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
             if nodes
                 .iter()
@@ -517,6 +623,37 @@ async fn down(c: &Api) -> Result<()> {
     Ok(())
 }
 
+/// `kvsup creds`: the paths of the manifest's credentials.
+fn creds(file: &Path, json: bool) -> Result<()> {
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !m.spec.tls_auto() {
+        bail!(
+            "{}: the cluster has no credentials: its spec.tls is not auto",
+            file.display()
+        );
+    }
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let d = kvsup::creds::Layout::in_state_dir(&dir).describe();
+    if json {
+        say!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        print_creds(&d)?;
+    }
+    Ok(())
+}
+
+fn print_creds(d: &Value) -> Result<()> {
+    let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+    say!("CA           {}", s("ca"));
+    say!("CLIENT TOKEN {}", s("client_token_file"));
+    say!("ADMIN TOKEN  {}", s("admin_token_file"));
+    say!("TOKEN FILE   {}", s("tokens_file"));
+    Ok(())
+}
+
 fn print_status(st: &Value) -> Result<()> {
     let s = |v: &Value| match v {
         Value::Null => "-".to_string(),
@@ -566,6 +703,9 @@ fn print_status(st: &Value) -> Result<()> {
             },
             s(&n["restarts"])
         );
+    }
+    if st["tls"].is_object() {
+        print_creds(&st["tls"])?;
     }
     Ok(())
 }

@@ -77,6 +77,26 @@ pub struct Spec {
     /// Flags that kvsup sets itself are refused.
     #[serde(default)]
     pub kvd_args: Vec<String>,
+    /// `auto`: kvsup makes a CA, node certificates and tokens and runs the
+    /// cluster over mutual TLS with a token file (`crate::creds` is what
+    /// the daemon does with it). Left out: plain HTTP, no tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// `spec.tls`: the one value it takes. Off is the field left out, so that a
+/// typo (`tls: on`) is an error, never a cluster without TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tls {
+    Auto,
+}
+
+impl Spec {
+    /// `spec.tls: auto`.
+    pub fn tls_auto(&self) -> bool {
+        self.tls == Some(Tls::Auto)
+    }
 }
 
 fn default_mode() -> Mode {
@@ -183,6 +203,10 @@ const RESERVED_FLAGS: &[&str] = &[
     "--index",
 ];
 
+/// Flags kvsup sets itself with `tls: auto` (its CA, certificates and token
+/// file); without it `kvdArgs` may give them.
+const TLS_FLAGS: &[&str] = &["--tls-cert", "--tls-key", "--tls-client-ca", "--auth-file"];
+
 /// A manifest that failed to parse or validate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -213,6 +237,7 @@ const FIELD_NAMES: &[&str] = &[
     "intervalMs",
     "failureThreshold",
     "timeoutMs",
+    "tls",
     "supervisor",
     "restart",
     "backoffInitialMs",
@@ -407,7 +432,7 @@ impl Manifest {
         check_supervisor_port(s.supervisor.port, &ports, &at)?;
         check_health_check(&s.health_check, &at)?;
         check_restart(&s.restart, &at)?;
-        check_kvd_args(&s.kvd_args, &at)
+        check_kvd_args(&s.kvd_args, s.tls_auto(), &at)
     }
 
     /// `apiVersion`, `kind` and `metadata.name`.
@@ -481,6 +506,12 @@ impl Manifest {
         }
         if a.supervisor != b.supervisor {
             refused.push("spec.supervisor.port: cannot change on a running cluster".into());
+        }
+        if a.tls != b.tls {
+            refused.push(
+                "spec.tls: a running cluster cannot turn TLS on or off (kvsup down, then apply)"
+                    .into(),
+            );
         }
         if a.index != b.index || a.kvd_args != b.kvd_args {
             refused.push(
@@ -708,10 +739,10 @@ fn check_restart(r: &RestartPolicy, at: &Locator) -> Result<(), ManifestError> {
     Ok(())
 }
 
-fn check_kvd_args(args: &[String], at: &Locator) -> Result<(), ManifestError> {
+fn check_kvd_args(args: &[String], tls: bool, at: &Locator) -> Result<(), ManifestError> {
     for a in args {
         let flag = a.split('=').next().unwrap_or(a);
-        if RESERVED_FLAGS.contains(&flag) {
+        if RESERVED_FLAGS.contains(&flag) || (tls && TLS_FLAGS.contains(&flag)) {
             return Err(at.fail(
                 "spec.kvdArgs",
                 "kvdArgs",
@@ -814,6 +845,26 @@ spec:
         assert_eq!(m.spec.health_check.interval_ms, 200);
         assert_eq!(m.spec.supervisor.port, 8700);
         assert_eq!(m.spec.mode, Mode::PrimarySecondary);
+    }
+
+    #[test]
+    fn tls_takes_auto_only_and_reserves_its_flags() {
+        assert!(!Manifest::parse(GOOD, "m").unwrap().spec.tls_auto());
+        let auto = format!("{GOOD}  tls: auto\n");
+        let m = Manifest::parse(&auto, "m").unwrap();
+        assert!(m.spec.tls_auto());
+        for bad in ["on", "true", "off", "\"\""] {
+            let e = Manifest::parse(&format!("{GOOD}  tls: {bad}\n"), "m").unwrap_err();
+            assert_eq!(e.line, Some(13), "{bad}: {e}");
+            assert!(e.field.contains("tls") && e.message.contains("auto"), "{e}");
+        }
+        let flag = format!("{GOOD}  tls: auto\n  kvdArgs: [\"--auth-file=x\"]\n");
+        let e = Manifest::parse(&flag, "m").unwrap_err();
+        assert!(e.message.contains("--auth-file"), "{e}");
+        let plain = format!("{GOOD}  kvdArgs: [\"--auth-file=x\"]\n");
+        assert!(Manifest::parse(&plain, "m").is_ok());
+        let e = Manifest::parse(GOOD, "m").unwrap().diff(&m).unwrap_err();
+        assert!(e.contains("spec.tls"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Wiring only: the daemon (`kvsup daemon`, forked by `kvsup apply`) from
-//! start to stop. It builds the [`Sup`], claims the supervisor port and the
-//! pid file, starts the daemon's tasks and the manifest file watcher,
-//! serves the HTTP API, and on `kvsup down` or SIGTERM stops every task
-//! before it exits.
+//! start to stop. It claims the supervisor port, loads (or makes) the admin
+//! token and, with `tls: auto`, the cluster's credentials, builds the [`Sup`], writes the pid file, starts the daemon's
+//! tasks and the manifest file watcher, serves the HTTP API, and on
+//! `kvsup down` or SIGTERM stops every task before it exits.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,12 +21,31 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
         .checked_state_dir(&base_dir, &manifest_path.display().to_string())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let port = manifest.spec.supervisor.port;
-    let sup = Arc::new(Sup::new(manifest, manifest_path, base_dir, kvd)?);
-    std::fs::create_dir_all(&sup.state_dir)
-        .with_context(|| format!("creating {}", sup.state_dir.display()))?;
+    let state_dir = manifest.state_dir(&base_dir);
+    // Only its owner may look in: it holds tokens and keys.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("binding the supervisor port 127.0.0.1:{port}"))?;
+    // After the port is ours: no other daemon of this state dir runs, so
+    // none races this one to make the token and the credentials.
+    let token = crate::token_file::load_or_create(&state_dir)?;
+    let creds = if manifest.spec.tls_auto() {
+        let names: Vec<String> = manifest.spec.nodes.iter().map(|n| n.name.clone()).collect();
+        Some(crate::creds::load_or_create(
+            &state_dir,
+            &manifest.metadata.name,
+            &names,
+        )?)
+    } else {
+        None
+    };
+    let sup = Arc::new(Sup::new(manifest, manifest_path, base_dir, kvd, creds)?);
+    let guard = crate::auth::Guard::new(port, &token);
     let pid_file = sup.state_dir.join("kvsup.pid");
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
@@ -42,7 +62,7 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
     sup.metrics.applies.inc();
     sup.start();
     sup.spawn(crate::watch::run(sup.clone()));
-    let served = serve(&sup, listener).await;
+    let served = serve(&sup, listener, guard).await;
     if !sup.shutting_down() {
         sup.event("stop", None, "supervisor stopping; nodes keep running");
     }
@@ -54,9 +74,13 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
 
 /// Serves the HTTP API until `kvsup down` has answered, or SIGTERM or
 /// SIGINT arrives; requests in flight are finished first.
-async fn serve(sup: &Arc<Sup>, listener: tokio::net::TcpListener) -> Result<()> {
+async fn serve(
+    sup: &Arc<Sup>,
+    listener: tokio::net::TcpListener,
+    guard: crate::auth::Guard,
+) -> Result<()> {
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let app = crate::http::router(sup.clone(), stop_tx);
+    let app = crate::http::router(sup.clone(), stop_tx, guard);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     axum::serve(listener, app)

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 /// kvsup's layers, bottom first. A module may use the modules of the
 /// layers below its own, never its own layer's or a higher one's.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("decisions", &["manifest", "election"]),
-    ("effects", &["process", "metrics", "logging"]),
+    ("decisions", &["manifest", "election", "auth"]),
+    (
+        "effects",
+        &["process", "token_file", "creds", "metrics", "logging"],
+    ),
     ("daemon", &["daemon"]),
     ("interfaces", &["http", "watch"]),
     ("wiring", &["server"]),

@@ -16,6 +16,7 @@ from .codec import Value
 from .errors import (
     CompactedError,
     ConnectError,
+    TLSError,
     Current,
     InvalidKeyError,
     InvalidRequestError,
@@ -46,6 +47,7 @@ __all__ = [
     "UnavailableError",
     "TransportError",
     "ConnectError",
+    "TLSError",
     "KVTimeoutError",
     "InvalidKeyError",
     "InvalidValueError",

@@ -34,6 +34,10 @@ See :mod:`kvstore.codec` for the exact rule.
 
 A client is thread-safe: threads share its connection pool and its knowledge
 of the primary.
+
+Over TLS (``https://`` endpoints, docs/DESIGN.md §12) the node's certificate
+is verified against ``ca_file`` and no other roots, and ``cert_file`` /
+``key_file`` are presented when the node asks for a client certificate.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -72,6 +77,7 @@ from .errors import (
     RedirectLoopError,
     ResponseTooLargeError,
     ServerError,
+    TLSError,
     TransportError,
     UnavailableError,
 )
@@ -271,8 +277,8 @@ def key_path(key: str) -> str:
 
 
 def normalize_endpoint(raw: str) -> str:
-    """A base URL in canonical form: ``http://host:port[/prefix]``, scheme
-    added when missing, no trailing slash."""
+    """A base URL in canonical form: ``http[s]://host:port[/prefix]``,
+    ``http://`` added when no scheme is given, no trailing slash."""
     trimmed = raw.strip()
     if not trimmed:
         raise InvalidEndpointError(f"invalid endpoint {raw!r}: empty")
@@ -282,9 +288,10 @@ def normalize_endpoint(raw: str) -> str:
         port = parts.port
     except ValueError as err:
         raise InvalidEndpointError(f"invalid endpoint {raw!r}: {err}") from err
-    if parts.scheme.lower() != "http":
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
         raise InvalidEndpointError(
-            f"invalid endpoint {raw!r}: only http:// endpoints are supported"
+            f"invalid endpoint {raw!r}: only http:// and https:// endpoints are supported"
         )
     if not parts.hostname:
         raise InvalidEndpointError(f"invalid endpoint {raw!r}: no host")
@@ -296,29 +303,74 @@ def normalize_endpoint(raw: str) -> str:
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
-    return f"http://{netloc}{parts.path.rstrip('/')}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def tls_context(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """The TLS settings of a client: trusts the CA certificates of
+    ``ca_file`` and no others (a cluster has its own CA; without one nothing
+    is trusted), checks the host name, and presents ``cert_file`` with
+    ``key_file`` when a node asks for a client certificate."""
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("a client certificate needs both cert_file and key_file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=os.fspath(ca_file))
+        if cert_file is not None and key_file is not None:
+            ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"TLS files unusable: {err}") from err
+    return ctx
 
 
 class _Connection(http.client.HTTPConnection):
-    """An HTTP/1.1 keep-alive connection whose connect has its own timeout."""
+    """An HTTP/1.1 keep-alive connection whose connect (the TLS handshake
+    included, over TLS) has its own timeout."""
 
-    def __init__(self, host: str, port: int | None, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int | None,
+        connect_timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(host, port, timeout=connect_timeout)
         self.connect_timeout = connect_timeout
+        self.tls = tls
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
 
 
 class _Pool:
     """Idle keep-alive connections per endpoint, shared by threads."""
 
-    def __init__(self, connect_timeout: float, max_idle_per_endpoint: int) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        max_idle_per_endpoint: int,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._idle: dict[str, list[_Connection]] = {}
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_endpoint
+        self._tls = tls
         self._closed = False
 
     def take(self, endpoint: str) -> tuple[_Connection, bool]:
@@ -329,7 +381,8 @@ class _Pool:
                 return idle.pop(), True
         parts = urlsplit(endpoint)
         host = parts.hostname or ""
-        return _Connection(host, parts.port, self._connect_timeout), False
+        tls = self._tls if parts.scheme == "https" else None
+        return _Connection(host, parts.port, self._connect_timeout, tls), False
 
     def give_back(self, endpoint: str, conn: _Connection) -> None:
         with self._lock:
@@ -410,6 +463,18 @@ class KVClient:
       :class:`~kvstore.errors.RedirectLoopError`;
     - ``max_retry_after``: cap on a server's ``Retry-After``;
     - ``max_response_bytes``: largest response body accepted.
+
+    TLS (``https://`` endpoints): ``ca_file`` is the CA that the nodes'
+    certificates must chain to; ``cert_file`` and ``key_file`` a client
+    certificate (a node certificate of the cluster CA is what the admin
+    routes take over TLS). A failed handshake raises
+    :class:`~kvstore.errors.TLSError`, which is not retried.
+
+    ``token``: a bearer token sent with every request, for nodes with a
+    token file (``--auth-file``); without one, ``$KV_TOKEN`` if set. A node
+    answers a missing or unknown token with 401 ``unauthenticated`` and a
+    token without the role with 403 ``permission_denied``
+    (:class:`~kvstore.errors.ServerError`).
     """
 
     def __init__(
@@ -426,6 +491,10 @@ class KVClient:
         max_retry_after: float = 5.0,
         max_response_bytes: int = 64 << 20,
         max_idle_connections: int = 16,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        token: str | None = None,
     ) -> None:
         if url_or_urls is None:
             url_or_urls = os.environ.get("KV_ENDPOINTS") or DEFAULT_ENDPOINT
@@ -459,14 +528,19 @@ class KVClient:
         self.max_retry_after = float(max_retry_after)
         self.max_response_bytes = max_response_bytes
         self._endpoints = _Endpoints(configured)
-        self._pool = _Pool(self.connect_timeout, max_idle_connections)
+        self._tls = tls_context(ca_file, cert_file, key_file)
+        self._pool = _Pool(self.connect_timeout, max_idle_connections, self._tls)
+        token = token if token is not None else os.environ.get("KV_TOKEN")
+        if token is not None and (not token.strip() or not token.isprintable() or not token.isascii()):
+            raise ConfigError("the token must be printable ASCII, not empty")
+        self._auth: dict[str, str] = {"Authorization": f"Bearer {token.strip()}"} if token else {}
 
     # -- lifecycle -------------------------------------------------------
 
     def close(self) -> None:
         """Closes idle connections. The client stays usable (it reconnects)."""
         self._pool.close()
-        self._pool = _Pool(self.connect_timeout, self._pool._max_idle)
+        self._pool = _Pool(self.connect_timeout, self._pool._max_idle, self._tls)
 
     def __enter__(self) -> KVClient:
         return self
@@ -982,7 +1056,7 @@ class KVClient:
         connection that the server closed meanwhile is replaced once, at no
         cost to the retry budget."""
         prefix = urlsplit(endpoint).path
-        headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", **(extra_headers or {})}
+        headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", **self._auth, **(extra_headers or {})}
         if content_type is not None:
             headers["Content-Type"] = content_type
         while True:
@@ -995,6 +1069,11 @@ class KVClient:
                     conn.close()
                     raise ConnectError(
                         f"cannot connect to {endpoint}: connect timed out", endpoint=endpoint
+                    ) from err
+                except ssl.SSLError as err:
+                    conn.close()
+                    raise TLSError(
+                        f"TLS with {endpoint} failed: {err.reason or err}", endpoint=endpoint
                     ) from err
                 except OSError as err:
                     conn.close()

@@ -231,6 +231,15 @@ class ConnectError(TransportError):
         return False  # nothing was sent
 
 
+class TLSError(ConnectError):
+    """The TLS handshake failed: the node's certificate does not chain to
+    ``ca_file`` (or names another host), or the node refused ours. A setting
+    to fix, so it is not retried."""
+
+    code = "tls"
+    retryable = False
+
+
 class KVTimeoutError(TransportError, TimeoutError):
     """No complete answer within the request timeout (a stopped or
     overloaded node)."""

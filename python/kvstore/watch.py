@@ -211,7 +211,10 @@ class Watch:
         endpoint = self._endpoint
         parts = urlsplit(endpoint)
         client = self._client
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=client.connect_timeout)
+        from .client import _Connection  # client imports this module
+
+        tls = client._tls if parts.scheme == "https" else None
+        conn = _Connection(parts.hostname or "", parts.port, client.connect_timeout, tls)
         with self._lock:
             self._conn = conn
         try:
@@ -222,7 +225,8 @@ class Watch:
         assert conn.sock is not None
         conn.sock.settimeout(client.timeout)
         try:
-            conn.request("GET", parts.path + self._path(), headers={"Accept": "application/x-ndjson"})
+            headers = {"Accept": "application/x-ndjson", **client._auth}
+            conn.request("GET", parts.path + self._path(), headers=headers)
             resp = conn.getresponse()
         except socket.timeout as err:
             conn.close()

@@ -121,7 +121,7 @@ def test_endpoints_are_normalised() -> None:
     assert normalize_endpoint("127.0.0.1:8765") == "http://127.0.0.1:8765"
     assert normalize_endpoint(" http://Node0:8765/ ") == "http://node0:8765"
     assert normalize_endpoint("http://h:1/prefix/") == "http://h:1/prefix"
-    for bad in ["", "https://h:1", "http://", "http://h:1/?x=1", "ftp://h", "http://h:99999"]:
+    for bad in ["", "ws://h:1", "http://", "http://h:1/?x=1", "ftp://h", "http://h:99999"]:
         with pytest.raises(InvalidEndpointError):
             normalize_endpoint(bad)
 

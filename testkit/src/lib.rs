@@ -21,6 +21,7 @@
 //! - [`watch`]: watch streams over a raw socket, and `kvclient watch`;
 //! - [`wal`]: the WAL's on-disk format, to damage it precisely;
 //! - [`raw`]: HTTP/1.1 byte by byte over a `TcpStream`;
+//! - [`tls`]: a CA and certificates, TLS nodes and a mutual-TLS cluster;
 //! - [`linearizability`]: the checker that judges the chaos test's history;
 //! - `bench` (feature `bench`): the benchmark programs' load generator,
 //!   comparison servers and reports.
@@ -46,6 +47,7 @@ pub mod masterless;
 pub mod node;
 pub mod raw;
 pub mod sup;
+pub mod tls;
 pub mod ttl;
 pub mod wal;
 pub mod watch;
@@ -127,7 +129,17 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Minimal blocking HTTP/1.1 GET over loopback: (status, body). Used for
 /// readiness polling so the kit works inside and outside async runtimes.
 pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
-    http_request(port, "GET", path, None, timeout)
+    http_request(port, "GET", path, &[], None, timeout)
+}
+
+/// [`http_get`] with extra request headers (e.g. `Authorization`).
+pub fn http_get_with(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
+    http_request(port, "GET", path, headers, None, timeout)
 }
 
 /// [`http_get`]'s POST of a JSON body.
@@ -141,6 +153,7 @@ pub fn http_post_json(
         port,
         "POST",
         path,
+        &[],
         Some(&serde_json::to_vec(body)?),
         timeout,
     )
@@ -150,6 +163,7 @@ fn http_request(
     port: u16,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     json_body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>)> {
@@ -158,20 +172,31 @@ fn http_request(
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let body = json_body.unwrap_or_default();
-    let content = match json_body {
+    let mut extra = match json_body {
         Some(b) => format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             b.len()
         ),
         None => String::new(),
     };
+    for (name, value) in headers {
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
+    // The port belongs in Host (RFC 9110 §7.2); kvsup refuses a Host
+    // without it.
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{content}\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{extra}\r\n"
     )?;
     s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// A whole HTTP/1.1 answer as read to the end of its connection:
+/// (status, body), a chunked body decoded.
+pub(crate) fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
     let head_end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -232,6 +257,9 @@ pub struct Kvd {
     /// The kvd binary this node runs.
     program: PathBuf,
     args: Vec<String>,
+    /// Set for a node that serves TLS: how its readiness is checked, and
+    /// that its URL is `https://`.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Kvd {
@@ -268,6 +296,7 @@ impl Kvd {
             log_path: PathBuf::new(),
             program: program.to_path_buf(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            tls: None,
         }
     }
 
@@ -275,6 +304,20 @@ impl Kvd {
     /// each other's URLs before they start) and waits for `/health`.
     pub fn start_on(port: u16, data_dir: &Path, extra: &[&str]) -> Result<Kvd> {
         let mut node = Kvd::new(&bin("kvd"), port, data_dir, extra);
+        node.spawn_and_wait()?;
+        Ok(node)
+    }
+
+    /// [`Kvd::start_on`] of a node whose `extra` flags turn TLS on; its
+    /// readiness is checked over TLS with `tls` (see [`tls`]).
+    pub fn start_tls_on(
+        port: u16,
+        data_dir: &Path,
+        extra: &[&str],
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Kvd> {
+        let mut node = Kvd::new(&bin("kvd"), port, data_dir, extra);
+        node.tls = Some(tls);
         node.spawn_and_wait()?;
         Ok(node)
     }
@@ -317,10 +360,12 @@ impl Kvd {
                     self.log()
                 );
             }
-            if matches!(
-                http_get(self.port, "/health", Duration::from_millis(500)),
-                Ok((200, _))
-            ) {
+            let timeout = Duration::from_millis(500);
+            let health = match &self.tls {
+                None => http_get(self.port, "/health", timeout),
+                Some(tls) => tls::https_get(tls, self.port, "/health", timeout),
+            };
+            if matches!(health, Ok((200, _))) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -334,7 +379,8 @@ impl Kvd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -6,6 +6,8 @@
 //! free loopback ports. On drop the cluster is brought down with
 //! `kvsup down`; if that fails, the processes named by the pid files in the
 //! state dir (ours: started by this cluster's supervisor) are SIGKILLed.
+//! Every call to the supervisor sends the admin token its daemon keeps in
+//! the state dir.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{free_port, http_get, wait_until};
+use crate::{free_port, http_get, http_get_with, wait_until};
 
 pub struct Supervised {
     pub dir: PathBuf,
@@ -24,6 +26,8 @@ pub struct Supervised {
     /// `(name, port)` of every node, in manifest order.
     pub nodes: Vec<(String, u16)>,
     pub down: bool,
+    /// The manifest says `tls: auto`: the nodes serve https.
+    pub tls: bool,
 }
 
 /// A manifest for `nodes` with free ports; `extra_spec` is added to `spec:`
@@ -85,6 +89,7 @@ impl Supervised {
             nodes,
             // Nothing to bring down until `start`.
             down: true,
+            tls: extra_spec.lines().any(|l| l.trim() == "tls: auto"),
         })
     }
 
@@ -106,17 +111,41 @@ impl Supervised {
         // they work even while the file holds a broken edit.
         let m = self.manifest.display().to_string();
         let url = format!("http://127.0.0.1:{}", self.sup_port);
+        let token = self.token_file().display().to_string();
         let mut all: Vec<&str> = args.to_vec();
         if args.first() == Some(&"apply") {
             all.extend(["-f", &m]);
         } else {
-            all.extend(["--supervisor", &url]);
+            all.extend(["--supervisor", &url, "--token-file", &token]);
         }
         run_in(&self.dir, "kvsup", &all, Duration::from_secs(120))
     }
 
+    /// The supervisor's admin token file (made by its daemon at start).
+    pub fn token_file(&self) -> PathBuf {
+        self.state_dir.join("admin.token")
+    }
+
+    /// The supervisor's admin token, as sent after `Bearer`.
+    pub fn token(&self) -> Result<String> {
+        let p = self.token_file();
+        let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(t.trim().to_string())
+    }
+
+    /// GET `path` from the supervisor with its token: (status, body).
+    pub fn sup_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let auth = format!("Bearer {}", self.token()?);
+        http_get_with(
+            self.sup_port,
+            path,
+            &[("Authorization", &auth)],
+            Duration::from_secs(5),
+        )
+    }
+
     pub fn status(&self) -> Result<Value> {
-        let (code, body) = http_get(self.sup_port, "/v1/status", Duration::from_secs(5))?;
+        let (code, body) = self.sup_get("/v1/status")?;
         if code != 200 {
             bail!("supervisor status answered {code}");
         }
@@ -124,7 +153,10 @@ impl Supervised {
     }
 
     pub fn metrics(&self) -> Result<String> {
-        let (_, body) = http_get(self.sup_port, "/metrics", Duration::from_secs(5))?;
+        let (code, body) = self.sup_get("/metrics")?;
+        if code != 200 {
+            bail!("supervisor /metrics answered {code}");
+        }
         Ok(String::from_utf8(body)?)
     }
 
@@ -163,14 +195,58 @@ impl Supervised {
             .iter()
             .find(|(n, _)| n == node)
             .map_or(0, |(_, p)| *p);
-        format!("http://127.0.0.1:{port}")
+        format!("{}://127.0.0.1:{port}", self.scheme())
     }
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+            .map(|(_, p)| format!("{}://127.0.0.1:{p}", self.scheme()))
             .collect()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// With `tls: auto`: where the daemon keeps the CA, the certificates
+    /// and the tokens (`ca.pem`, `client.token`, `admin.token`, ...).
+    pub fn creds_dir(&self) -> PathBuf {
+        self.state_dir.join("creds")
+    }
+
+    /// The token in `creds/<name>.token` (`client` or `admin`).
+    pub fn cluster_token(&self, name: &str) -> Result<String> {
+        let p = self.creds_dir().join(format!("{name}.token"));
+        let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(t.trim().to_string())
+    }
+
+    /// The pid of `node`'s kvd, from the pid file its supervisor wrote.
+    pub fn node_pid(&self, node: &str) -> Result<u32> {
+        let p = self.state_dir.join(format!("{node}.pid"));
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{}: not a pid", p.display()))
+    }
+
+    /// SIGKILLs `node`'s kvd by its pid, not through the supervisor: a
+    /// crash the supervisor only sees.
+    pub fn kill_node_process(&self, node: &str) -> Result<u32> {
+        let pid = self.node_pid(node)?;
+        let p = i32::try_from(pid).context("pid out of range")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .with_context(|| format!("SIGKILL to {node} (pid {pid})"))?;
+        Ok(pid)
     }
 
     /// One node's entry in the supervisor's status.

@@ -11,14 +11,16 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use kvproto::code;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::access::Caller;
 use super::query::{NoParams, Params};
 use super::wire::{from_object, remaining_ms};
 use super::{read_body, ttl, ApiError, Shared};
+use crate::auth::Action;
 use crate::model::{LeaseInfo, Op};
 use crate::storage::{self, Engine};
 
@@ -112,11 +114,22 @@ pub async fn keepalive(
 /// and its C keys gone in one record; 404 if it is not alive.
 pub async fn revoke(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     let id = lease_to_write(&st, &uri, path)?;
+    if caller != Caller::Anyone {
+        // A revoke deletes the lease's keys: each must be the token's to
+        // write (as the lease now holds them).
+        caller.check(Action::Lease)?;
+        let (lease, _) = live(&st.engine, id, usize::MAX)?;
+        for key in &lease.keys {
+            caller.check(Action::Write(key))?;
+        }
+    }
     let w = st
         .write(Op::LeaseRevoke { id, expired: false }, true)
         .await?;
@@ -129,12 +142,16 @@ pub async fn revoke(
 /// deadline has passed by this node's clock.
 pub async fn show(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     st.refuse_lease_if_masterless()?;
     let id = path_id(path)?;
-    let (lease, more) = live(&st.engine, id, MAX_LISTED_KEYS)?;
+    let (mut lease, more) = live(&st.engine, id, MAX_LISTED_KEYS)?;
+    // Only the keys the caller may read are named.
+    lease.keys.retain(|k| caller.may_read(k));
     Ok(Json(shown(&lease, more, st.engine.wall_ms())).into_response())
 }
 

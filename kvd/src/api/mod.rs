@@ -5,6 +5,7 @@
 //! so a rejected request never writes anything. Errors become responses in
 //! one place, [`error::ApiError`].
 
+pub mod access;
 pub mod admin;
 pub mod body_budget;
 pub mod conn_io;
@@ -16,6 +17,7 @@ pub mod query;
 mod range;
 mod search;
 pub mod serve;
+pub mod tls;
 mod token;
 mod ttl;
 mod txn;
@@ -33,7 +35,7 @@ use axum::http::{header, HeaderName, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -41,6 +43,9 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use kvproto::admin::{PromoteAnswer, TransferAnswer, TransferRequest};
+
+use self::access::Caller;
+use crate::auth::Action;
 use kvproto::status::{IndexStatus, Memory, Peers, Status};
 use kvproto::{code, header as h};
 
@@ -99,6 +104,8 @@ pub struct AppState {
     op_metrics: Vec<OpMetrics>,
     /// Open watches (`--max-watchers`).
     watchers: watch::Watchers,
+    /// The token file (`--auth-file`); `None`: no tokens are asked for.
+    pub access: Option<Arc<access::Access>>,
 }
 
 struct OpMetrics {
@@ -137,6 +144,7 @@ impl AppState {
             limits,
             enable_debug,
             data_dir,
+            access: None,
             started: Instant::now(),
             expired_seen: std::sync::atomic::AtomicU64::new(0),
         }
@@ -147,7 +155,7 @@ type Shared = Arc<AppState>;
 
 /// Builds the router with every route of docs/DESIGN.md §2 that a single node serves.
 pub fn router(state: Shared) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(
             "/v1/kv/{*key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -201,7 +209,14 @@ pub fn router(state: Shared) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    // Without a token file no request is asked for one: the guard is not
+    // put in every request's way at all.
+    let routes = match &state.access {
+        Some(_) => routes.layer(middleware::from_fn_with_state(state.clone(), access::guard)),
+        None => routes,
+    };
+    routes
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -213,7 +228,7 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
         req.extensions().get::<MatchedPath>().map(|p| p.as_str()),
     );
     let started = Instant::now();
-    let response = match check_request(&req) {
+    let response = match check_request(&req, st.access.is_some()) {
         Err(e) => e.into_response(),
         Ok(()) => match st.inflight.try_acquire() {
             Ok(_permit) => {
@@ -241,13 +256,39 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
     response
 }
 
-/// What every request must satisfy before any handler sees it.
-fn check_request(req: &Request) -> Result<(), ApiError> {
+/// What every request must satisfy before any handler sees it; `tokens`:
+/// the node has a token file.
+fn check_request(req: &Request, tokens: bool) -> Result<(), ApiError> {
+    peer_routes_guarded(req, tokens)?;
     transfer_codings_supported(req.headers())?;
     if let Some(q) = req.uri().query() {
         query_is_utf8(q)?;
     }
     Ok(())
+}
+
+/// Over TLS, the routes of peers and operators take only a connection
+/// whose client certificate names a node of the cluster (`tls`); with TLS
+/// off (or a request that came through no connection) nothing changes.
+/// With a token file, an operator's route is the admin token's to allow
+/// (`access`), certificate or not; a peer's never is.
+fn peer_routes_guarded(req: &Request, tokens: bool) -> Result<(), ApiError> {
+    let plain = tls::PeerIdentity::Plain;
+    let identity = req
+        .extensions()
+        .get::<tls::PeerIdentity>()
+        .unwrap_or(&plain);
+    let path = req.uri().path();
+    let by_token = tokens && !path.starts_with("/internal/");
+    if !tls::is_privileged(path) || by_token || tls::may_call_privileged(identity) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        code::PEER_CERTIFICATE_REQUIRED,
+        "this route needs a client certificate of the cluster CA that names a node \
+         (a URI SAN kvd://node/<id>)",
+    ))
 }
 
 /// hyper decodes `chunked`, and refuses (400) a list that does not end
@@ -436,6 +477,15 @@ async fn read_body(st: &AppState, body: Body, limit: usize, what: &str) -> Resul
     })
 }
 
+/// `bytes` in an allocation of their own. A body read whole is a slice of
+/// the connection's read buffer (8 KiB or more); a value the engine keeps
+/// (the watch cache holds recent writes' values) would keep all of that
+/// buffer alive and make hyper allocate a new one for the next request.
+/// Copying a value costs less than the memory it would pin.
+fn owned(bytes: Bytes) -> Bytes {
+    Bytes::copy_from_slice(&bytes)
+}
+
 /// The first error of type `T` in `e`'s chain of sources.
 fn cause<'a, T: std::error::Error + 'static>(
     e: &'a (dyn std::error::Error + 'static),
@@ -620,39 +670,45 @@ fn ttl_headers(engine: &Engine, item: &Item) -> Option<axum::http::HeaderMap> {
 }
 
 /// The headers of a key's read (§2.10): `ETag` is the quoted mod_index,
-/// or in masterless mode the quoted stamp.
-fn version_headers(meta: &KeyMeta, stamp: Option<Timestamp>) -> [(HeaderName, String); 5] {
+/// or in masterless mode the quoted stamp. Built as header values, not
+/// text to be checked again: this is every GET's answer.
+fn version_headers(
+    meta: &KeyMeta,
+    stamp: Option<Timestamp>,
+) -> impl axum::response::IntoResponseParts {
+    const MOD_INDEX: HeaderName = HeaderName::from_static(h::MOD_INDEX);
+    const CREATE_INDEX: HeaderName = HeaderName::from_static(h::CREATE_INDEX);
+    const VERSION: HeaderName = HeaderName::from_static(h::VERSION);
     let etag = match stamp {
         Some(ts) => format!("\"{}.{}.{}\"", ts.physical_ms, ts.logical, ts.node),
         None => precondition::etag(meta.mod_index),
     };
-    [
-        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-        (header::ETAG, etag),
-        (
-            HeaderName::from_static(h::MOD_INDEX),
-            meta.mod_index.to_string(),
-        ),
-        (
-            HeaderName::from_static(h::CREATE_INDEX),
-            meta.create_index.to_string(),
-        ),
-        (
-            HeaderName::from_static(h::VERSION),
-            meta.version.to_string(),
-        ),
-    ]
+    let number = axum::http::HeaderValue::from;
+    (
+        [(
+            header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/octet-stream"),
+        )],
+        [(header::ETAG, etag)],
+        [
+            (MOD_INDEX, number(meta.mod_index)),
+            (CREATE_INDEX, number(meta.create_index)),
+            (VERSION, number(meta.version)),
+        ],
+    )
 }
 
 /// `GET` and `HEAD /v1/kv/{key}` (axum answers a HEAD with the GET's
 /// headers and no body).
 async fn get_key(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     Params(params): Params<ReadParams>,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    Caller::of(&st, caller)?.check(Action::Read(key.as_bytes()))?;
     st.read_barrier(&uri, params.consistent).await?;
     let found = read_item(&st.engine, key.as_bytes())
         .and_then(|(item, stamp)| Some((ttl_headers(&st.engine, &item)?, item, stamp)));
@@ -680,6 +736,7 @@ fn flaky_and_conditional() -> ApiError {
 
 async fn put_key(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     Params(params): Params<PutParams>,
@@ -687,6 +744,7 @@ async fn put_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    Caller::of(&st, caller)?.check(Action::Write(key.as_bytes()))?;
     let pre = condition.check(st.is_masterless())?;
     let ttl = ttl::from_query(
         params.ttl_ms.as_deref(),
@@ -701,7 +759,7 @@ async fn put_key(
     }
     let apply = apply_decision(&st, params.debug_flaky)?;
     st.check_primary(&uri)?;
-    let value = read_body(&st, body, st.limits.max_value_bytes, "value").await?;
+    let value = owned(read_body(&st, body, st.limits.max_value_bytes, "value").await?);
     let key = Bytes::from(key.into_bytes());
     // The deadline counts from when the write is taken, once its body is in.
     let expiry = ttl.expiry(st.engine.wall_ms());
@@ -728,17 +786,20 @@ async fn put_key(
         ),
         None => format!("{{\"index\":{index}}}"),
     };
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let json = axum::http::HeaderValue::from_static("application/json");
+    Ok(([(header::CONTENT_TYPE, json)], body).into_response())
 }
 
 async fn delete_key(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     path: Result<Path<String>, PathRejection>,
     _: Params<NoParams>,
     condition: Condition,
 ) -> Result<Response, ApiError> {
     let key = key_from_path(path)?;
+    Caller::of(&st, caller)?.check(Action::Write(key.as_bytes()))?;
     let pre = condition.check(st.is_masterless())?;
     st.check_primary(&uri)?;
     let key = Bytes::from(key.into_bytes());
@@ -835,10 +896,12 @@ fn bulk_op(req: BulkRequest, limits: &Limits, now_ms: u64) -> Result<Op, ApiErro
 
 async fn bulk(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     Params(params): Params<WriteParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     let apply = apply_decision(&st, params.debug_flaky)?;
     st.check_primary(&uri)?;
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "bulk body").await?;
@@ -850,7 +913,12 @@ async fn bulk(
     })?;
     let op = bulk_op(req, &st.limits, st.engine.wall_ms())?;
     let count = match &op {
-        Op::Bulk { items } => items.len(),
+        Op::Bulk { items } => {
+            for (key, _, _) in items {
+                caller.check(Action::Write(key))?;
+            }
+            items.len()
+        }
         _ => 0,
     };
     let r = st.write(op, apply).await?;

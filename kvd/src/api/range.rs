@@ -7,16 +7,18 @@
 use axum::extract::State;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use kvproto::{code, MAX_KEY_BYTES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::access::Caller;
 use super::query::Params;
 use super::token::{self, TokenError};
 use super::wire::{Clock, JsonItem};
 use super::{blocking, lease_deadline, ApiError, Shared};
+use crate::auth::Action;
 use crate::model::{prefix_end, KeyRange, Page, RangeRead};
 
 /// Keys per page when the request says none.
@@ -118,50 +120,109 @@ struct PageAnswer {
 
 /// The answer to a page of `range` (the token continues `range`, whatever
 /// part of it this page was read from); `clock` counts its keys' TTLs.
-fn page_answer(range: &KeyRange, page: &Page, clock: &Clock) -> PageAnswer {
+/// Only the items `keep` says the caller may read are answered; the token
+/// continues after the last key read, kept or not.
+fn page_answer(
+    range: &KeyRange,
+    page: &Page,
+    clock: &Clock,
+    keep: impl Fn(&[u8]) -> bool,
+) -> PageAnswer {
     let next_page_token = match page.items.last() {
         Some(last) if page.more => Some(token::encode(range, &last.key)),
         _ => None,
     };
+    let items: Vec<JsonItem> = page
+        .items
+        .iter()
+        .filter(|i| keep(&i.key))
+        .map(|i| JsonItem::new(i, clock))
+        .collect();
     PageAnswer {
-        items: page.items.iter().map(|i| JsonItem::new(i, clock)).collect(),
-        count: page.items.len(),
+        count: items.len(),
+        items,
         index: page.index,
         next_page_token,
     }
 }
 
+/// What of `rest` a caller's read covers: for a token, from the first of
+/// its readable parts to the end of the last (`None`: none of it), so a
+/// single readable prefix is read exactly; with several, what lies between
+/// them is read and left out of the page.
+fn readable_span(caller: &Caller, rest: &KeyRange) -> Option<KeyRange> {
+    let Caller::Token(g) = caller else {
+        return Some(rest.clone());
+    };
+    let parts = g.readable_parts(rest);
+    let (first, last) = (parts.first()?, parts.last()?);
+    Some(KeyRange {
+        start: first.start.clone(),
+        end: last.end.clone(),
+    })
+}
+
+/// The number of keys of `rest` the caller may read: for a token, the sum
+/// of the counts of its readable parts (each read at its own index; the
+/// answer names the last).
+async fn count(st: &Shared, caller: &Caller, rest: KeyRange) -> Result<Response, ApiError> {
+    let parts = match caller {
+        Caller::Anyone => vec![rest],
+        Caller::Token(g) => g.readable_parts(&rest),
+    };
+    let (mut total, mut at) = (0, st.engine.state().applied_index());
+    for part in parts {
+        let engine = st.engine.clone();
+        let (n, index) = blocking(move || engine.count(&part)).await?;
+        total += n;
+        at = index;
+    }
+    Ok(Json(json!({"count": total, "index": at})).into_response())
+}
+
 /// `GET /v1/kv`: one page of a range, or its count.
 pub async fn list(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     Params(p): Params<RangeParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     let range = key_range(p.prefix.as_deref(), p.start.as_deref(), p.end.as_deref())
         .map_err(bounds_error)?;
+    caller.check(Action::ReadFiltered(&range))?;
     let limit = limit(p.limit).map_err(|m| ApiError::bad_request(code::INVALID_LIMIT, m))?;
     let rest = match &p.page_token {
         Some(t) => token::after(&range, &token::decode(&range, t).map_err(token_error)?),
         None => range.clone(),
     };
     st.read_barrier(&uri, p.consistent).await?;
-    let engine = st.engine.clone();
     if p.count_only {
-        let (count, index) = blocking(move || engine.count(&rest)).await?;
-        return Ok(Json(json!({"count": count, "index": index})).into_response());
+        return count(&st, &caller, rest).await;
     }
-    let read = RangeRead {
-        range: rest,
-        limit,
-        keys_only: p.keys_only,
+    let engine = st.engine.clone();
+    let page = match readable_span(&caller, &rest) {
+        Some(span) => {
+            let read = RangeRead {
+                range: span,
+                limit,
+                keys_only: p.keys_only,
+            };
+            blocking(move || engine.range(&read)).await?
+        }
+        None => Page {
+            items: Vec::new(),
+            more: false,
+            index: engine.state().applied_index(),
+        },
     };
-    let page = blocking(move || engine.range(&read)).await?;
     let leases = lease_deadline(&st.engine);
     let clock = Clock {
         now_ms: st.engine.wall_ms(),
         lease_deadline: &leases,
     };
-    Ok(Json(page_answer(&range, &page, &clock)).into_response())
+    let answer = page_answer(&range, &page, &clock, |k| caller.may_read(k));
+    Ok(Json(answer).into_response())
 }
 
 #[cfg(test)]
@@ -256,7 +317,7 @@ mod tests {
             now_ms: 0,
             lease_deadline: &no_leases,
         };
-        let page_answer = |r: &KeyRange, p: &Page| page_answer(r, p, &clock);
+        let page_answer = |r: &KeyRange, p: &Page| page_answer(r, p, &clock, |_| true);
         let last = page_answer(&r, &page(&["k1", "k2"], false));
         assert_eq!(last.next_page_token, None);
         assert_eq!((last.count, last.index), (2, 7));

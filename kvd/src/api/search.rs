@@ -26,13 +26,16 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::access::Caller;
 use super::query::Params;
 use super::{validate_key, ApiError, AppState};
+use crate::auth::Action;
 use crate::index::{self, Index, Page, QueryError};
+use crate::model::KeyRange;
 
 const DEFAULT_LIMIT: usize = 10;
 
@@ -92,6 +95,33 @@ fn query_error(e: QueryError) -> ApiError {
     ApiError::bad_request(code, e.to_string())
 }
 
+/// The part of the ranking a query reads: the page asked for, or for a
+/// caller whose reads are filtered, the whole ranking a page can reach,
+/// which [`narrow`] then filters and pages.
+fn window(caller: &Caller, offset: usize, limit: usize) -> (usize, usize) {
+    match caller.filter() {
+        None => (offset, limit),
+        Some(_) => (0, index::MAX_OFFSET + index::MAX_LIMIT),
+    }
+}
+
+/// The page at `offset` of the ranking of the keys the caller may read
+/// (`total` counts those, within the reach of a page).
+fn narrow(caller: &Caller, page: Page, offset: usize, limit: usize) -> Page {
+    let Some(g) = caller.filter() else {
+        return page;
+    };
+    let readable: Vec<_> = page
+        .hits
+        .into_iter()
+        .filter(|h| g.may_read(h.key.as_bytes()))
+        .collect();
+    Page {
+        total: readable.len(),
+        hits: readable.into_iter().skip(offset).take(limit).collect(),
+    }
+}
+
 fn answer(page: Page, offset: usize) -> Response {
     let end = offset + page.hits.len();
     let next = (page.total > end && !page.hits.is_empty()).then_some(end);
@@ -128,21 +158,32 @@ fn timed<T>(
 
 pub(super) async fn search(
     State(st): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Params(p): Params<SearchParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
+    caller.check(Action::ReadFiltered(&KeyRange::prefix(b"")))?;
     let ix = index_of(&st)?;
     let (limit, offset) = page_bounds(p.limit, p.offset)?;
     let q = p.q.unwrap_or_default();
+    let (from, n) = window(&caller, offset, limit);
     let page = timed(&st, "search", || {
-        ix.search(&q, offset, limit).map_err(query_error)
+        ix.search(&q, from, n).map_err(query_error)
     })?;
-    Ok(answer(page, offset))
+    Ok(answer(narrow(&caller, page, offset, limit), offset))
 }
 
 pub(super) async fn similar(
     State(st): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Params(p): Params<SimilarParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
+    caller.check(Action::ReadFiltered(&KeyRange::prefix(b"")))?;
+    if let Some(key) = &p.key {
+        // More like a key is a read of it.
+        caller.check(Action::Read(key.as_bytes()))?;
+    }
     let ix = index_of(&st)?;
     if p.top_k.is_some() && p.limit.is_some() {
         return Err(ApiError::bad_request(
@@ -151,11 +192,12 @@ pub(super) async fn similar(
         ));
     }
     let (limit, offset) = page_bounds(p.top_k.or(p.limit), p.offset)?;
+    let (from, n) = window(&caller, offset, limit);
     let page = timed(&st, "similar", || match (p.q, p.key) {
-        (Some(q), None) => ix.similar_text(&q, offset, limit).map_err(query_error),
+        (Some(q), None) => ix.similar_text(&q, from, n).map_err(query_error),
         (None, Some(key)) => {
             validate_key(&key).map_err(|m| ApiError::bad_request(code::INVALID_KEY, m))?;
-            match ix.similar_key(&key, offset, limit) {
+            match ix.similar_key(&key, from, n) {
                 Some(page) => Ok(page),
                 // Present but without text: nothing is like it.
                 None if st.engine.get(key.as_bytes()).is_some() => Ok(Page::default()),
@@ -171,5 +213,5 @@ pub(super) async fn similar(
             "give exactly one of q (text) and key (more like this key's value)",
         )),
     })?;
-    Ok(answer(page, offset))
+    Ok(answer(narrow(&caller, page, offset, limit), offset))
 }

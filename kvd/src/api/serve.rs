@@ -15,6 +15,12 @@
 //! - Keep-alive as usual; pipelined requests are answered in order, each
 //!   answer flushed when ready (hyper's pipeline flushing stays off).
 //!
+//! With TLS on (`ServeConfig::tls`), a connection's TLS handshake comes
+//! first, within the header timeout and holding the connection's slot; a
+//! failed one (a client speaking plain HTTP, say) closes the connection
+//! with a rate-limited log line (`tls`). Every request then carries the
+//! connection's `tls::PeerIdentity` as an extension.
+//!
 //! The loop takes a slot (`listener::Pools`) before it accepts, so a
 //! connection beyond the budget waits in the kernel's backlog. A failed
 //! accept never ends the loop: a shortage such as EMFILE waits with backoff
@@ -44,11 +50,13 @@ use tokio::task::JoinSet;
 
 use super::conn_io::{self, Activity, ConnIo, HeadLimits, ParkedSlot};
 use super::listener::{self, AcceptAction, Budget, Pool, Pools, Slot};
+use super::tls::{self, HandshakeLog, PeerIdentity, Socket};
 use crate::metrics::ConnectionMetrics;
 
 /// Largest request head (request line and headers), in bytes.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
-/// Most header fields in one request (hyper's default).
+/// Most header fields in one request: hyper's default, which `connection`
+/// relies on.
 pub const MAX_HEADERS: usize = 100;
 /// The idle and header timeouts of a connection in the reserved pool.
 pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -90,10 +98,12 @@ impl Drop for StreamMark {
     }
 }
 
-/// The router's service with [`Serving`] put into every request.
+/// The router's service with [`Serving`] and the connection's
+/// [`PeerIdentity`] put into every request.
 struct WithServing<S> {
     inner: S,
     serving: Serving,
+    identity: PeerIdentity,
 }
 
 impl<S, B> hyper::service::Service<hyper::Request<B>> for WithServing<S>
@@ -106,6 +116,7 @@ where
 
     fn call(&self, mut req: hyper::Request<B>) -> S::Future {
         req.extensions_mut().insert(self.serving.clone());
+        req.extensions_mut().insert(self.identity.clone());
         self.inner.call(req)
     }
 }
@@ -157,6 +168,8 @@ pub struct ServeConfig {
     /// Timeouts of client-pool connections.
     pub timeouts: Timeouts,
     pub metrics: ConnectionMetrics,
+    /// TLS on the whole port (`None`: plain HTTP).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then waits
@@ -168,6 +181,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let pools = Pools::new(&cfg.budget, cfg.metrics.clone());
+    let handshakes = Arc::new(HandshakeLog::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -221,11 +235,16 @@ pub async fn serve(
         // Forget connections that have closed, so the set holds about the
         // open ones (at most the budget's slots, plus those closed since).
         while connections.try_join_next().is_some() {}
+        let tls = cfg
+            .tls
+            .clone()
+            .map(|acceptor| (acceptor, handshakes.clone()));
         connections.spawn(connection(
             stream,
             slot,
             router.clone(),
             timeouts,
+            tls,
             stop_rx.clone(),
         ));
     }
@@ -242,6 +261,7 @@ async fn connection(
     slot: Slot,
     router: Router,
     timeouts: Timeouts,
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<HandshakeLog>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Replies are small and each completes a request: send them at once
@@ -249,16 +269,34 @@ async fn connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
+    let (stream, identity) = match tls {
+        None => (Socket::Plain(stream), PeerIdentity::Plain),
+        Some((acceptor, log)) => {
+            let handshake = tls::handshake(&acceptor, stream, timeouts.header, &log);
+            let done = tokio::select! {
+                done = handshake => done,
+                // A shutdown does not wait for a handshake: no request was asked.
+                _ = async { drop(stop.wait_for(|stop| *stop).await) } => None,
+            };
+            match done {
+                Some(done) => done,
+                None => return,
+            }
+        }
+    };
     let activity = Arc::new(Activity::new());
-    let parked = ParkedSlot::default();
+    let parked = ParkedSlot::<Socket>::default();
     let io = TokioIo::new(ConnIo::new(stream, activity.clone(), parked.clone()));
     let mut builder = http1::Builder::new();
     builder
-        .timer(HeadTimer { activity, timeouts })
+        .timer(HeadTimer::new(activity, timeouts))
         // Turns the timer on; `HeadTimer` computes the actual deadlines.
         .header_read_timeout(timeouts.header)
-        .max_header_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
+        .max_header_size(MAX_HEAD_BYTES);
+    // `MAX_HEADERS` is hyper's own default, so it is not set: once set
+    // (`.max_headers`), hyper fills two arrays of that many header slots
+    // one by one for every request head, where its default leaves them
+    // uninitialised.
     let serving = Serving {
         stop: stop.clone(),
         streams: Arc::new(AtomicUsize::new(0)),
@@ -266,6 +304,7 @@ async fn connection(
     let service = WithServing {
         inner: TowerToHyperService::new(router),
         serving: serving.clone(),
+        identity,
     };
     let mut conn = pin!(builder.serve_connection(io, service));
     let result = tokio::select! {
@@ -293,9 +332,32 @@ async fn connection(
 /// hyper's timer for the header read timeout, which it arms whenever it
 /// starts waiting for a request head: the sleep it hands out ends at
 /// [`head_deadline`], recomputed as the head's first byte arrives.
+///
+/// Every sleep of a connection shares one tokio timer (`alarm`), which is
+/// left armed when hyper drops a sleep: a fresh timer per head would be
+/// put into tokio's timer wheel and taken out again for every request,
+/// for a deadline that a busy connection never reaches. The shared timer
+/// may ring before the deadline hyper is now waiting for (it was set for
+/// an earlier head); it is then moved to that deadline ([`on_alarm`]). So
+/// a connection busy with requests moves its timer about once per idle
+/// timeout, not once per request.
 struct HeadTimer {
     activity: Arc<Activity>,
     timeouts: Timeouts,
+    alarm: Alarm,
+}
+
+/// The connection's one tokio timer, created when first needed.
+type Alarm = Arc<parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+
+impl HeadTimer {
+    fn new(activity: Arc<Activity>, timeouts: Timeouts) -> HeadTimer {
+        HeadTimer {
+            activity,
+            timeouts,
+            alarm: Alarm::default(),
+        }
+    }
 }
 
 impl hyper::rt::Timer for HeadTimer {
@@ -309,9 +371,9 @@ impl hyper::rt::Timer for HeadTimer {
         Box::pin(HeadSleep {
             activity: self.activity.clone(),
             timeouts: self.timeouts,
+            alarm: self.alarm.clone(),
             wanted_at: Instant::now(),
             first,
-            sleep: None,
         })
     }
 }
@@ -319,30 +381,62 @@ impl hyper::rt::Timer for HeadTimer {
 struct HeadSleep {
     activity: Arc<Activity>,
     timeouts: Timeouts,
+    alarm: Alarm,
     wanted_at: Instant,
     first: bool,
-    /// Created on the first poll: most heads arrive before hyper waits.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// What a head's sleep does with the connection's timer, set for `armed`,
+/// when the head's deadline is `deadline`; `rang`: the timer has gone off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlarmAction {
+    /// Wait for the timer as it is.
+    Wait,
+    /// Set the timer for the deadline and wait.
+    Move,
+    /// The deadline has passed: the head's time is up.
+    Expired,
+}
+
+/// Decides [`AlarmAction`]. A timer set for later than the deadline is
+/// moved (the head's first byte has brought its deadline forward); one
+/// that rang early (set for an earlier head) is moved to the deadline.
+pub fn on_alarm(armed: Instant, deadline: Instant, rang: bool) -> AlarmAction {
+    match (rang, armed.cmp(&deadline)) {
+        (_, std::cmp::Ordering::Greater) => AlarmAction::Move,
+        (true, std::cmp::Ordering::Equal) => AlarmAction::Expired,
+        (true, std::cmp::Ordering::Less) => AlarmAction::Move,
+        (false, _) => AlarmAction::Wait,
+    }
 }
 
 impl Future for HeadSleep {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &*self;
         let deadline = tokio::time::Instant::from_std(head_deadline(
             this.wanted_at,
             this.first,
             this.activity.first_byte(),
             this.timeouts,
         ));
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        let mut alarm = this.alarm.lock();
+        let sleep = alarm.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Two rounds suffice: after a move the timer is set for the
+        // deadline, so the second poll waits or expires.
+        for _ in 0..2 {
+            let rang = sleep.as_mut().poll(cx).is_ready();
+            match on_alarm(sleep.deadline().into_std(), deadline.into_std(), rang) {
+                AlarmAction::Wait => return Poll::Pending,
+                AlarmAction::Expired => return Poll::Ready(()),
+                AlarmAction::Move => sleep.as_mut().reset(deadline),
+            }
         }
-        sleep.as_mut().poll(cx)
+        // The last poll registered the waker, and the timer is set for the
+        // deadline.
+        let _ = sleep.as_mut().poll(cx);
+        Poll::Pending
     }
 }
 
@@ -374,6 +468,21 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_timer_moves_only_when_it_rings_early_or_is_set_late() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        // Set for an earlier head's deadline: left alone until it rings.
+        assert_eq!(on_alarm(t0, later, false), AlarmAction::Wait);
+        assert_eq!(on_alarm(t0, later, true), AlarmAction::Move);
+        // Set for this deadline.
+        assert_eq!(on_alarm(later, later, false), AlarmAction::Wait);
+        assert_eq!(on_alarm(later, later, true), AlarmAction::Expired);
+        // Set for later than the deadline (the head's first byte came).
+        assert_eq!(on_alarm(later, t0, false), AlarmAction::Move);
+        assert_eq!(on_alarm(later, t0, true), AlarmAction::Move);
+    }
+
+    #[test]
     fn reserved_connections_time_out_quickly() {
         let r = T.for_reserve();
         assert_eq!(r.idle, RESERVE_TIMEOUT);
@@ -397,6 +506,7 @@ mod tests {
             budget: listener::connection_budget(1 << 20, 0, 16, 0).unwrap(),
             timeouts: T,
             metrics,
+            tls: None,
         };
         let router = Router::new().route("/", axum::routing::get(std::future::pending::<()>));
         let server = tokio::spawn(serve(tcp, router, cfg, async {

@@ -10,12 +10,13 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use kvproto::{code, MAX_KEY_BYTES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::access::Caller;
 use super::query::{NoParams, Params};
 use super::range::{bounds_error, key_range, limit, BoundsError};
 use super::ttl;
@@ -23,6 +24,7 @@ use super::wire::{from_object, Clock, JsonItem, JsonValue, Obj};
 use super::{
     check_value_size, lease_deadline, read_body, validate_key, with_stamp, ApiError, Limits, Shared,
 };
+use crate::auth::Action;
 use crate::model::{Cmp, Compare, OpResult, RangeRead, Target, Txn, TxnOp, TxnResult, MAX_TXN_OPS};
 use crate::node::Written;
 
@@ -307,13 +309,16 @@ pub fn answer(w: &Written, clock: &Clock) -> Result<serde_json::Value, ApiError>
 /// `POST /v1/txn`.
 pub async fn txn(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     _: Params<NoParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     st.check_primary(&uri)?;
     let raw = read_body(&st, body, st.limits.max_bulk_bytes, "transaction body").await?;
     let txn = parse(&raw, &st.limits, st.engine.wall_ms())?;
+    caller.check_txn(&txn)?;
     let w = st.node.write_txn(txn).await?;
     let leases = lease_deadline(&st.engine);
     let clock = Clock {
@@ -332,9 +337,11 @@ pub struct PrefixParams {
 /// `DELETE /v1/kv?prefix=P`: every key under `P`, in one record.
 pub async fn delete_prefix(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     Params(p): Params<PrefixParams>,
 ) -> Result<Response, ApiError> {
+    let caller = Caller::of(&st, caller)?;
     let prefix = p.prefix.filter(|p| !p.is_empty()).ok_or_else(|| {
         ApiError::bad_request(
             code::INVALID_QUERY,
@@ -344,6 +351,7 @@ pub async fn delete_prefix(
     if prefix.len() > MAX_KEY_BYTES {
         return Err(bounds_error(BoundsError::TooLong("prefix")));
     }
+    caller.check(Action::WritePrefix(prefix.as_bytes()))?;
     st.check_primary(&uri)?;
     let txn = Txn {
         success: vec![TxnOp::DeletePrefix {

@@ -25,6 +25,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use http_body::Frame;
 use kvproto::code;
 use parking_lot::Mutex;
@@ -32,14 +33,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::access::Caller;
 use super::query::Params;
 use super::range::{key_range, BoundsError};
 use super::serve::{Serving, StreamMark};
 use super::wire::JsonValue;
 use super::{validate_key, ApiError, Shared};
+use crate::auth::Action;
 use crate::metrics::WatchMetrics;
 use crate::model::{Event, EventKind, KeyRange, RecordEvents, Timestamp};
-use crate::storage::watch::{Compacted, Cursor, Head, WatchHub};
+use crate::storage::watch::{Compacted, Head, WatchHub, Watcher};
 
 use kvproto::header::WATCH_INDEX;
 /// `progress_ms` when the request gives none, and its range.
@@ -56,9 +59,6 @@ const CHUNK_BYTES: usize = 16 << 10;
 /// What one read of the hub takes at most.
 const READ_RECORDS: usize = 64;
 const READ_BYTES: usize = 1 << 20;
-/// How long a stream woken for nothing in its range waits before it looks
-/// again ([`Stream::quiet_pause`]).
-const QUIET_PAUSE: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +81,8 @@ pub struct Spec {
     pub from_index: Option<u64>,
     pub prev_value: bool,
     pub progress: Duration,
+    /// Events are sent only of keys the caller may read.
+    pub caller: Caller,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -141,6 +143,7 @@ pub fn parse(p: &WatchParams) -> Result<Spec, ApiError> {
         from_index: number("from_index", p.from_index.as_deref(), 1..=MAX_FROM_INDEX)?,
         prev_value: p.prev_value,
         progress: Duration::from_millis(progress),
+        caller: Caller::Anyone,
     })
 }
 
@@ -351,31 +354,34 @@ impl Watchers {
 /// `GET /v1/watch`.
 pub async fn watch(
     State(st): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Params(p): Params<WatchParams>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let spec = parse(&p)?;
+    let caller = Caller::of(&st, caller)?;
+    let mut spec = parse(&p)?;
+    caller.check(Action::ReadFiltered(&spec.range))?;
+    spec.caller = caller;
     let hub = st.engine.watch().clone();
     let applied = st.engine.state().applied_index();
-    let cursor = match spec.from_index {
-        None => hub.cursor_at_head(),
-        Some(from) => {
-            let last = st.engine.last_log_pos().index;
-            if from > last.saturating_add(1) {
-                return Err(ApiError::bad_request(
-                    code::FUTURE_INDEX,
-                    format!("from_index {from} is past the node's last log index {last} + 1"),
-                ));
-            }
-            hub.cursor(from).map_err(compacted)?
+    if let Some(from) = spec.from_index {
+        let last = st.engine.last_log_pos().index;
+        if from > last.saturating_add(1) {
+            return Err(ApiError::bad_request(
+                code::FUTURE_INDEX,
+                format!("from_index {from} is past the node's last log index {last} + 1"),
+            ));
         }
-    };
+    }
+    let watcher = hub
+        .watch(spec.range.clone(), spec.from_index)
+        .map_err(compacted)?;
     let admitted = st.watchers.admit()?;
     let format = Format::of(req.headers());
     let body = open(
         Setup {
             hub,
-            cursor,
+            watcher,
             spec,
             format,
             stamps: st.engine.is_masterless(),
@@ -398,7 +404,7 @@ pub async fn watch(
 /// What a stream needs to start.
 struct Setup {
     hub: Arc<WatchHub>,
-    cursor: Cursor,
+    watcher: Watcher,
     spec: Spec,
     format: Format,
     /// Masterless: events carry their record's stamp.
@@ -414,9 +420,9 @@ fn open(s: Setup, admitted: Admitted) -> WatchBody {
     let stream = Stream {
         head: s.hub.subscribe(),
         half_budget: (s.hub.budget() / 2) as u64,
-        unsent: s.cursor.next(),
+        unsent: s.watcher.cursor().next(),
         hub: s.hub,
-        cursor: s.cursor,
+        watcher: s.watcher,
         spec: s.spec,
         format: s.format,
         stamps: s.stamps,
@@ -486,7 +492,7 @@ impl http_body::Body for WatchBody {
 struct Stream {
     hub: Arc<WatchHub>,
     head: watch::Receiver<Head>,
-    cursor: Cursor,
+    watcher: Watcher,
     spec: Spec,
     format: Format,
     stamps: bool,
@@ -536,16 +542,12 @@ impl Stream {
         let mut progressed = false;
         let mut idle_at = Instant::now() + self.spec.progress;
         loop {
-            let before = self.cursor.next();
             let sent = match self.catch_up().await {
                 Ok(sent) => sent,
                 Err(end) => return end,
             };
-            let quiet = !sent && self.cursor.next() > before;
             if sent {
                 idle_at = Instant::now() + self.spec.progress;
-            } else if quiet && progressed && self.quiet_pause().await.is_err() {
-                return End::Gone;
             }
             // Once the history is sent, and after each idle period.
             if !progressed || Instant::now() >= idle_at {
@@ -560,23 +562,9 @@ impl Stream {
                 biased;
                 _ = stop => return End::ShuttingDown,
                 _ = self.tx.closed() => return End::Gone,
-                _ = WatchHub::changed(&mut self.head, &self.cursor) => {}
+                _ = self.watcher.changed() => {}
                 _ = tokio::time::sleep_until(idle_at) => {}
             }
-        }
-    }
-
-    /// A stream that was woken for records none of which were in its range
-    /// waits [`QUIET_PAUSE`] before it looks again: every applied record
-    /// wakes every stream, and a hundred streams of a quiet range woken by
-    /// every write cost a node a quarter of its writes (`benches/expiry.rs`);
-    /// this way one wakes at most every pause, at the price of noticing the
-    /// first event after a quiet spell up to that much later. `Err`: the
-    /// client went (shutdown is noticed at the next wait).
-    async fn quiet_pause(&mut self) -> Result<(), ()> {
-        tokio::select! {
-            _ = self.tx.closed() => Err(()),
-            _ = tokio::time::sleep(QUIET_PAUSE) => Ok(()),
         }
     }
 
@@ -585,12 +573,12 @@ impl Stream {
         let mut sent = false;
         loop {
             let records = self
-                .hub
-                .read(&mut self.cursor, READ_RECORDS, READ_BYTES)
+                .watcher
+                .read(READ_RECORDS, READ_BYTES)
                 // Generations only grow: the same one now means the same
                 // one at the read, which then failed for an eviction.
                 .map_err(
-                    |c| match self.hub.generation() == self.cursor.generation() {
+                    |c| match self.hub.generation() == self.watcher.cursor().generation() {
                         true => End::TooSlow,
                         false => End::Compacted(c.oldest),
                     },
@@ -604,7 +592,7 @@ impl Stream {
         }
         // Every record before the cursor is now encoded.
         sent |= self.buf_events > 0;
-        self.flush(self.cursor.next()).await?;
+        self.flush(self.watcher.cursor().next()).await?;
         Ok(sent)
     }
 
@@ -613,7 +601,7 @@ impl Stream {
         let mut sent = false;
         let stamp = self.stamps.then_some(r.ts);
         for e in &r.events {
-            if !self.spec.range.contains(&e.key) {
+            if !self.spec.range.contains(&e.key) || !self.spec.caller.may_read(&e.key) {
                 continue;
             }
             let json = json_event(e, r.index, stamp, self.spec.prev_value);
@@ -629,13 +617,13 @@ impl Stream {
     }
 
     async fn progress(&mut self) -> Result<(), End> {
-        let index = self.cursor.next().saturating_sub(1);
+        let index = self.watcher.cursor().next().saturating_sub(1);
         let event = Progress {
             kind: "progress",
             index,
         };
         self.format.frame(&mut self.buf, "progress", &event);
-        self.flush(self.cursor.next()).await
+        self.flush(self.watcher.cursor().next()).await
     }
 
     /// Sends what is encoded; then every record before `unsent` is sent.
@@ -691,7 +679,7 @@ impl Stream {
     /// Checked only while the stream waits for its client: one that keeps
     /// up reads any history the hub holds, however long.
     fn check_lag(&self) -> Result<(), End> {
-        if self.hub.generation() != self.cursor.generation() {
+        if self.hub.generation() != self.watcher.cursor().generation() {
             // A reset, not slowness, took its records.
             return Err(End::Compacted(self.hub.oldest()));
         }
@@ -907,14 +895,17 @@ mod tests {
         hub.publish(record(1, &["a/1", "b/1"]));
         hub.publish(record(2, &[]));
         hub.publish(record(3, &["a/2"]));
-        let setup = |from, progress_ms| Setup {
-            hub: hub.clone(),
-            cursor: hub.cursor(from).unwrap(),
-            spec: spec(&format!("prefix=a/&progress_ms={progress_ms}")).unwrap(),
-            format: Format::Ndjson,
-            stamps: false,
-            serving: None,
-            metrics: metrics.watch.clone(),
+        let setup = |from, progress_ms| {
+            let spec = spec(&format!("prefix=a/&progress_ms={progress_ms}")).unwrap();
+            Setup {
+                hub: hub.clone(),
+                watcher: hub.watch(spec.range.clone(), Some(from)).unwrap(),
+                spec,
+                format: Format::Ndjson,
+                stamps: false,
+                serving: None,
+                metrics: metrics.watch.clone(),
+            }
         };
         let mut body = open(setup(1, 100), watchers.admit().unwrap());
         assert_eq!(metrics.watch.watchers.get(), 1);

@@ -107,6 +107,11 @@ impl Sup {
             .flatten();
         let opts = admin::SwitchOptions {
             primary,
+            tls: kvclient::TlsFiles {
+                ca: self.creds.as_ref().map(|c| c.layout().ca()),
+                ..Default::default()
+            },
+            token: self.creds.as_ref().map(|c| c.admin_secret().to_string()),
             ..admin::SwitchOptions::default()
         };
         self.switching.store(true, Ordering::Release);

@@ -39,6 +39,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::creds::Creds;
 use crate::manifest::{Manifest, ManifestError};
 use crate::metrics::Metrics;
 
@@ -123,6 +124,10 @@ pub struct Sup {
     pub state_dir: PathBuf,
     kvd: PathBuf,
     pub nodes: Vec<Arc<Node>>,
+    /// With `tls: auto`: the cluster's CA, certificates and tokens.
+    creds: Option<Creds>,
+    /// Speaks to the nodes: with `creds`, over https trusting their CA and
+    /// with the cluster admin token on every request.
     http: reqwest::Client,
     events: Mutex<VecDeque<Event>>,
     next_event: AtomicU64,
@@ -157,8 +162,20 @@ fn now_ms() -> u64 {
 }
 
 impl Sup {
-    pub fn new(manifest: Manifest, path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Result<Sup> {
+    /// `creds` must be given exactly when the manifest says `tls: auto`.
+    pub fn new(
+        manifest: Manifest,
+        path: PathBuf,
+        base_dir: PathBuf,
+        kvd: PathBuf,
+        creds: Option<Creds>,
+    ) -> Result<Sup> {
+        anyhow::ensure!(
+            manifest.spec.tls_auto() == creds.is_some(),
+            "tls: auto needs the cluster's credentials, and only it"
+        );
         let state_dir = manifest.state_dir(&base_dir);
+        let scheme = if creds.is_some() { "https" } else { "http" };
         let nodes = manifest
             .spec
             .nodes
@@ -168,7 +185,7 @@ impl Sup {
                 Arc::new(Node {
                     name: n.name.clone(),
                     port: n.port,
-                    url: format!("http://127.0.0.1:{}", n.port),
+                    url: format!("{scheme}://127.0.0.1:{}", n.port),
                     data_dir: dir.join("data"),
                     log: state_dir.join(format!("{}.log", n.name)),
                     pid_file: state_dir.join(format!("{}.pid", n.name)),
@@ -179,11 +196,7 @@ impl Sup {
                 })
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_max_idle_per_host(4)
-            .build()
-            .context("building the HTTP client")?;
+        let http = node_client(creds.as_ref())?;
         Ok(Sup {
             manifest: RwLock::new(manifest),
             manifest_path: tokio::sync::watch::Sender::new(path),
@@ -191,6 +204,7 @@ impl Sup {
             state_dir,
             kvd,
             nodes,
+            creds,
             http,
             events: Mutex::new(VecDeque::new()),
             next_event: AtomicU64::new(1),
@@ -317,6 +331,33 @@ impl Sup {
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
+}
+
+/// The client kvsup speaks to its nodes with. With `creds` it trusts only
+/// the cluster CA and sends the cluster admin token (marked sensitive, so
+/// no debug output shows it); it needs no client certificate, as kvd lets
+/// the admin token open the operator's routes (docs/DESIGN.md §12).
+fn node_client(creds: Option<&Creds>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .pool_max_idle_per_host(4);
+    if let Some(c) = creds {
+        let ca = c.layout().ca();
+        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{}: not a PEM certificate", ca.display()))?;
+        let mut auth =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", c.admin_secret()))
+                .context("the admin token is not a header value")?;
+        auth.set_sensitive(true);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, auth);
+        b = b
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(cert)
+            .default_headers(headers);
+    }
+    b.build().context("building the HTTP client")
 }
 
 /// An event at the level its kind calls for: failures are warnings or

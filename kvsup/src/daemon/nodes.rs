@@ -89,6 +89,9 @@ impl Sup {
         if m.spec.index {
             args.push("--index".into());
         }
+        if let Some(c) = &self.creds {
+            args.extend(tls_args(&c.layout(), &node.name));
+        }
         args.extend(m.spec.kvd_args.iter().cloned());
         Launch {
             kvd: self.kvd.clone(),
@@ -188,4 +191,20 @@ impl Sup {
         }
         self.wake.notify_one();
     }
+}
+
+/// kvd's flags for node `name` of a `tls: auto` cluster: its certificate,
+/// the CA for clients and peers, and the token file.
+fn tls_args(l: &crate::creds::Layout, name: &str) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    vec![
+        "--tls-cert".into(),
+        path(l.cert(name)),
+        "--tls-key".into(),
+        path(l.key(name)),
+        "--tls-client-ca".into(),
+        path(l.ca()),
+        "--auth-file".into(),
+        path(l.tokens()),
+    ]
 }

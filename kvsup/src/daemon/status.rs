@@ -101,6 +101,7 @@ impl Sup {
             "primary": primary,
             "epoch": epoch,
             "nodes": nodes,
+            "tls": self.creds.as_ref().map(|c| c.layout().describe()),
         })
     }
 }

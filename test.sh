@@ -7,13 +7,20 @@ cd "$(dirname "$0")"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "== test dependencies"
-# tests/prometheus.rs runs a real Prometheus server and promtool (Debian
-# package `prometheus`). Installed only when missing; needs root or sudo.
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+# Debian packages the tests run, installed only when missing (needs root or
+# sudo): a real Prometheus server and promtool (tests/prometheus.rs),
+# iproute2's `ip` for the network namespaces that stand in for hosts
+# (tests/hosts*.rs), and systemd-analyze, which checks the unit files
+# `kvsup render systemd` writes.
+need=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+command -v ip >/dev/null || need+=(iproute2)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 echo "== build (debug binaries used by the end-to-end tests)"

@@ -24,6 +24,8 @@ use rcgen::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::manifest::NodeSpec;
+
 /// The directory of the set, under the state dir.
 pub const DIR: &str = "creds";
 
@@ -151,9 +153,10 @@ pub fn plan(dir_exists: bool, missing: Vec<String>) -> Plan {
 
 /// The set of `state_dir` for the nodes named `nodes` of cluster
 /// `cluster`: loaded, or made if there is none.
-pub fn load_or_create(state_dir: &Path, cluster: &str, nodes: &[String]) -> Result<Creds> {
+pub fn load_or_create(state_dir: &Path, cluster: &str, nodes: &[NodeSpec]) -> Result<Creds> {
     let layout = Layout::in_state_dir(state_dir);
-    let missing = Layout::names(nodes)
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let missing = Layout::names(&names)
         .into_iter()
         .filter(|n| !layout.dir.join(n).exists())
         .collect();
@@ -169,7 +172,7 @@ pub fn load_or_create(state_dir: &Path, cluster: &str, nodes: &[String]) -> Resu
     }
     let admin = read_secret(&layout.admin_token())?;
     read_secret(&layout.client_token())?;
-    for key in nodes.iter().map(|n| layout.key(n)).chain([layout.ca_key()]) {
+    for key in names.iter().map(|n| layout.key(n)).chain([layout.ca_key()]) {
         check_private(&key)?;
     }
     Ok(Creds {
@@ -179,7 +182,7 @@ pub fn load_or_create(state_dir: &Path, cluster: &str, nodes: &[String]) -> Resu
 }
 
 /// Makes the whole set in `creds.new/` and renames it to `creds/`.
-fn create(state_dir: &Path, cluster: &str, nodes: &[String]) -> Result<()> {
+fn create(state_dir: &Path, cluster: &str, nodes: &[NodeSpec]) -> Result<()> {
     let tmp = Layout {
         dir: state_dir.join(format!("{DIR}.new")),
     };
@@ -202,7 +205,7 @@ fn create(state_dir: &Path, cluster: &str, nodes: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn write_set(at: &Layout, cluster: &str, nodes: &[String]) -> Result<()> {
+fn write_set(at: &Layout, cluster: &str, nodes: &[NodeSpec]) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().context("making the CA key")?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -219,12 +222,11 @@ fn write_set(at: &Layout, cluster: &str, nodes: &[String]) -> Result<()> {
     let ca = ca.self_signed(&ca_key).context("signing the CA")?;
     write_private(&at.ca(), ca.pem().as_bytes())?;
     write_private(&at.ca_key(), ca_key.serialize_pem().as_bytes())?;
-    for node in nodes {
-        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, node.as_str());
-        // Every node listens on 127.0.0.1: its URL's host.
-        p.subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    for spec in nodes {
+        let node = spec.name.as_str();
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, node);
+        p.subject_alt_names = host_names(spec.address.as_deref())?;
         let uri = format!("kvd://node/{node}");
         p.subject_alt_names.push(SanType::URI(uri.try_into()?));
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -246,6 +248,24 @@ fn write_set(at: &Layout, cluster: &str, nodes: &[String]) -> Result<()> {
     write_private(&at.admin_token(), format!("{admin}\n").as_bytes())?;
     write_private(&at.client_token(), format!("{client}\n").as_bytes())?;
     write_private(&at.tokens(), token_file_json(&admin, &client).as_bytes())
+}
+
+/// The names a node's certificate vouches for: `localhost` and 127.0.0.1
+/// (a node without an `address` listens there, and a local client may
+/// always use them), and its `address`, an IP or a DNS name.
+fn host_names(address: Option<&str>) -> Result<Vec<SanType>> {
+    let mut sans = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    ];
+    match address.map(|a| (a, a.parse::<IpAddr>())) {
+        None => {}
+        Some((_, Ok(ip))) if ip == IpAddr::V4(Ipv4Addr::LOCALHOST) => {}
+        Some((_, Ok(ip))) => sans.push(SanType::IpAddress(ip)),
+        Some(("localhost", Err(_))) => {}
+        Some((name, Err(_))) => sans.push(SanType::DnsName(name.try_into()?)),
+    }
+    Ok(sans)
 }
 
 /// kvd's `--auth-file` for the two tokens (docs/DESIGN.md §2.18): `admin`
@@ -350,13 +370,28 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_names_the_address_of_its_node() {
+        let names = |a| format!("{:?}", host_names(a).unwrap());
+        assert_eq!(names(None), names(Some("127.0.0.1")));
+        assert!(names(Some("10.9.0.3")).contains("10.9.0.3"));
+        assert!(names(Some("kv-1.kv.default.svc")).contains("kv-1.kv.default.svc"));
+        assert_eq!(host_names(Some("fd00::1")).unwrap().len(), 3);
+    }
+
+    #[test]
     fn a_set_is_kept_and_a_partial_one_names_what_is_missing() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::TempDir::new().unwrap();
-        let nodes = vec!["n0".to_string(), "n1".to_string()];
+        let spec = |name: &str| NodeSpec {
+            name: name.into(),
+            port: 1,
+            address: None,
+            runtime: Default::default(),
+        };
+        let nodes = vec![spec("n0"), spec("n1")];
         let first = load_or_create(dir.path(), "demo", &nodes).unwrap();
         let l = first.layout();
-        for name in Layout::names(&nodes) {
+        for name in Layout::names(&["n0".to_string(), "n1".to_string()]) {
             let mode = std::fs::metadata(l.dir.join(&name)).unwrap().mode() & 0o777;
             assert_eq!(mode, 0o600, "{name}");
         }

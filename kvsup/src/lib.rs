@@ -10,11 +10,13 @@
 //! 2. effects: `process` (spawn, adopt, signal kvd), `token_file` (the
 //!    admin token's file), `creds` (`tls: auto`'s CA, certificates and
 //!    tokens), `metrics`, `logging`;
-//! 3. `daemon`: the supervisor's state and tasks (health checks, exit
+//! 3. plans: `launch` (a node's kvd command line, for the daemon and for
+//!    `kvsup render`);
+//! 4. `daemon`: the supervisor's state and tasks (health checks, exit
 //!    watchers, reconcile and failover, the commands);
-//! 4. interfaces: `http` (the daemon's API) and `watch` (the manifest file
+//! 5. interfaces: `http` (the daemon's API) and `watch` (the manifest file
 //!    watcher);
-//! 5. wiring: `server` (the daemon from start to stop) and the `kvsup`
+//! 6. wiring: `server` (the daemon from start to stop) and the `kvsup`
 //!    command in `main.rs`.
 
 pub mod auth;
@@ -22,6 +24,7 @@ pub mod creds;
 pub mod daemon;
 pub mod election;
 pub mod http;
+pub mod launch;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::io::Read;
+use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,68 @@ fn default_mode() -> Mode {
 pub struct NodeSpec {
     pub name: String,
     pub port: u16,
+    /// The IP or DNS name the node is reached at (its URL's host, and a
+    /// name in its certificate). An IP is also what it binds; for a DNS
+    /// name it binds every address (`0.0.0.0`). Left out: 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Who runs the node's process: kvsup (`process`, the default) or
+    /// something else on its host (`external`: systemd, a StatefulSet),
+    /// which kvsup then supervises through the node's API only.
+    #[serde(default, skip_serializing_if = "Runtime::is_process")]
+    pub runtime: Runtime,
+}
+
+/// `spec.nodes[].runtime`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Process,
+    External,
+}
+
+impl Runtime {
+    pub fn is_process(&self) -> bool {
+        *self == Runtime::Process
+    }
+}
+
+/// A node's host when its manifest entry names no `address`.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1";
+
+impl NodeSpec {
+    /// The host of the node's URL: its `address`, else 127.0.0.1.
+    pub fn host(&self) -> &str {
+        self.address.as_deref().unwrap_or(DEFAULT_ADDRESS)
+    }
+
+    /// What kvd binds: the address when it is an IP, every IPv4 address
+    /// for a DNS name (which kvd cannot bind).
+    pub fn bind(&self) -> IpAddr {
+        self.host()
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Whether only this host can reach the node (kvd's protected mode
+    /// lets such a node run without TLS and tokens).
+    pub fn loopback(&self) -> bool {
+        self.bind().is_loopback()
+    }
+
+    /// The node's base URL, as peers, kvsup and clients reach it.
+    pub fn url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        match self.host().parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("{scheme}://[{ip}]:{}", self.port),
+            _ => format!("{scheme}://{}:{}", self.host(), self.port),
+        }
+    }
+
+    pub fn external(&self) -> bool {
+        self.runtime == Runtime::External
+    }
 }
 
 /// `spec.healthCheck`; a field left out takes its value from
@@ -233,6 +296,8 @@ const FIELD_NAMES: &[&str] = &[
     "stateDir",
     "nodes",
     "port",
+    "address",
+    "runtime",
     "healthCheck",
     "intervalMs",
     "failureThreshold",
@@ -432,7 +497,8 @@ impl Manifest {
         check_supervisor_port(s.supervisor.port, &ports, &at)?;
         check_health_check(&s.health_check, &at)?;
         check_restart(&s.restart, &at)?;
-        check_kvd_args(&s.kvd_args, s.tls_auto(), &at)
+        check_kvd_args(&s.kvd_args, s.tls_auto(), &at)?;
+        check_exposure(s, &at)
     }
 
     /// `apiVersion`, `kind` and `metadata.name`.
@@ -607,8 +673,10 @@ fn check_state_dir_field(dir: &Path, at: &Locator) -> Result<(), ManifestError> 
 /// Most nodes a manifest may list.
 const MAX_NODES: usize = 7;
 
-/// The node list: 1 to [`MAX_NODES`] nodes, valid and distinct names and
-/// ports. Returns the ports (the supervisor may not take one).
+/// The node list: 1 to [`MAX_NODES`] nodes, valid and distinct names,
+/// valid addresses, and no two nodes on one address and port. Returns the
+/// ports of the nodes on loopback (the supervisor, which binds 127.0.0.1,
+/// may not take one).
 fn check_nodes(nodes: &[NodeSpec], at: &Locator) -> Result<HashSet<u16>, ManifestError> {
     if nodes.is_empty() {
         return Err(at.fail(
@@ -629,25 +697,79 @@ fn check_nodes(nodes: &[NodeSpec], at: &Locator) -> Result<HashSet<u16>, Manifes
         ));
     }
     let mut names = HashSet::new();
-    let mut ports = HashSet::new();
+    let mut endpoints = HashSet::new();
     for (i, n) in nodes.iter().enumerate() {
         check_node_name(i, &n.name, &mut names, at)?;
+        if let Some(a) = &n.address {
+            check_address(a).map_err(|why| {
+                at.fail(&format!("spec.nodes[{i}].address"), "address", a, 0, why)
+            })?;
+        }
         let field = format!("spec.nodes[{i}].port");
         let port = n.port.to_string();
         if n.port == 0 {
             return Err(at.fail(&field, "port", &port, 0, "must be 1..=65535".into()));
         }
-        if !ports.insert(n.port) {
+        if !endpoints.insert((n.host().to_string(), n.port)) {
             return Err(at.fail(
                 &field,
                 "port",
                 &port,
                 1,
-                format!("duplicate port {}", n.port),
+                format!("duplicate port {} on {}", n.port, n.host()),
             ));
         }
     }
-    Ok(ports)
+    Ok(nodes
+        .iter()
+        .filter(|n| n.loopback())
+        .map(|n| n.port)
+        .collect())
+}
+
+/// An `address`: an IP, or a DNS name (RFC 1123 labels, at most 253
+/// characters).
+fn check_address(a: &str) -> Result<(), String> {
+    if a.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if a.len() <= 253 && a.split('.').all(label_ok) {
+        return Ok(());
+    }
+    Err(format!(
+        "{a:?} is neither an IP address nor a DNS name (labels of letters, digits and '-')"
+    ))
+}
+
+/// kvd's protected mode, said at apply rather than by a node that will not
+/// start: a node reachable from other hosts needs `tls: auto` (TLS and
+/// tokens), or `--insecure` in `kvdArgs` to run it open on purpose.
+fn check_exposure(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
+    let open = s.kvd_args.iter().any(|a| a == "--insecure");
+    if s.tls_auto() || open {
+        return Ok(());
+    }
+    match s.nodes.iter().enumerate().find(|(_, n)| !n.loopback()) {
+        None => Ok(()),
+        Some((i, n)) => Err(at.fail(
+            &format!("spec.nodes[{i}].address"),
+            "address",
+            n.host(),
+            0,
+            format!(
+                "{} is reachable from other hosts: set spec.tls: auto (TLS and tokens), or \
+                 add --insecure to spec.kvdArgs to serve it without them",
+                n.host()
+            ),
+        )),
+    }
 }
 
 /// The name of node `i`: valid, not the daemon's own, not taken by an
@@ -865,6 +987,50 @@ spec:
         assert!(Manifest::parse(&plain, "m").is_ok());
         let e = Manifest::parse(GOOD, "m").unwrap().diff(&m).unwrap_err();
         assert!(e.contains("spec.tls"), "{e}");
+    }
+
+    #[test]
+    fn nodes_on_hosts_name_their_address_and_runtime() {
+        let hosts = GOOD
+            .replace(
+                "{name: n0, port: 8765}",
+                "{name: n0, port: 8765, address: 10.1.0.1, runtime: external}",
+            )
+            .replace(
+                "{name: n1, port: 8766}",
+                "{name: n1, port: 8765, address: \"fd00::7\"}",
+            )
+            .replace(
+                "{name: n2, port: 8767}",
+                "{name: n2, port: 8765, address: kv-2.kv.svc}",
+            );
+        let e = Manifest::parse(&hosts, "m").unwrap_err();
+        assert_eq!(e.field, "spec.nodes[0].address", "{e}");
+        assert!(
+            e.message.contains("tls: auto") && e.message.contains("--insecure"),
+            "{e}"
+        );
+        let m = Manifest::parse(&format!("{hosts}  tls: auto\n"), "m").unwrap();
+        let n = &m.spec.nodes;
+        assert!(n[0].external() && !n[1].external());
+        assert_eq!(n[0].url(true), "https://10.1.0.1:8765");
+        assert_eq!(n[1].url(true), "https://[fd00::7]:8765");
+        assert_eq!(n[2].url(false), "http://kv-2.kv.svc:8765");
+        assert_eq!(n[2].bind().to_string(), "0.0.0.0");
+        let open = format!("{hosts}  kvdArgs: [\"--insecure\"]\n");
+        assert!(Manifest::parse(&open, "m").is_ok());
+        // One port on two hosts is fine; twice on one host is not.
+        let twice = hosts.replace("address: kv-2.kv.svc", "address: 10.1.0.1");
+        let e = Manifest::parse(&format!("{twice}  tls: auto\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.nodes[2].port", "{e}");
+        for bad in ["-x.y", "a..b", "a_b.c", "x:80"] {
+            let t = hosts.replace("kv-2.kv.svc", bad);
+            let e = Manifest::parse(&format!("{t}  tls: auto\n"), "m").unwrap_err();
+            assert_eq!(e.field, "spec.nodes[2].address", "{bad}: {e}");
+        }
+        let e = Manifest::parse(&hosts.replace("runtime: external", "runtime: systemd"), "m")
+            .unwrap_err();
+        assert!(e.message.contains("external"), "{e}");
     }
 
     #[test]

@@ -35,11 +35,10 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
     // none races this one to make the token and the credentials.
     let token = crate::token_file::load_or_create(&state_dir)?;
     let creds = if manifest.spec.tls_auto() {
-        let names: Vec<String> = manifest.spec.nodes.iter().map(|n| n.name.clone()).collect();
         Some(crate::creds::load_or_create(
             &state_dir,
             &manifest.metadata.name,
-            &names,
+            &manifest.spec.nodes,
         )?)
     } else {
         None

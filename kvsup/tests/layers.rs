@@ -13,6 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "effects",
         &["process", "token_file", "creds", "metrics", "logging"],
     ),
+    ("plans", &["launch"]),
     ("daemon", &["daemon"]),
     ("interfaces", &["http", "watch"]),
     ("wiring", &["server"]),

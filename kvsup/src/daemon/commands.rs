@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use kvclient::admin;
 use nix::sys::signal::Signal;
 
-use super::{load_manifest, Sup};
+use super::{load_manifest, Node, Sup};
 use crate::election::{self, NodeView};
 use crate::manifest::Mode;
 use crate::process;
@@ -148,6 +148,9 @@ impl Sup {
         let node = self
             .node(name)
             .with_context(|| format!("no node named {name:?}"))?;
+        if node.external {
+            bail!("{name} has runtime: external: kvsup does not run it, so it sends it no signal");
+        }
         let pid = node
             .run
             .lock()
@@ -226,6 +229,10 @@ impl Sup {
         self.until_all_exited(grace).await;
         let mut report = Vec::new();
         for n in &self.nodes {
+            if n.external {
+                report.push(format!("{}: runtime external, left running", n.name));
+                continue;
+            }
             let (running, pid, exit) = {
                 let r = n.run.lock();
                 (r.running, r.pid, r.last_exit.clone())
@@ -252,7 +259,8 @@ impl Sup {
     /// Waits until no node runs, for at most `limit`.
     async fn until_all_exited(&self, limit: Duration) {
         let until = Instant::now() + limit;
-        while Instant::now() < until && self.nodes.iter().any(|n| n.run.lock().running) {
+        let runs = |n: &Arc<Node>| !n.external && n.run.lock().running;
+        while Instant::now() < until && self.nodes.iter().any(runs) {
             tokio::time::sleep(POLL).await;
         }
     }

@@ -97,6 +97,8 @@ pub struct Node {
     pub name: String,
     pub port: u16,
     pub url: String,
+    /// `runtime: external`: something else runs it; kvsup only talks to it.
+    pub external: bool,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub pid_file: PathBuf,
@@ -175,21 +177,25 @@ impl Sup {
             "tls: auto needs the cluster's credentials, and only it"
         );
         let state_dir = manifest.state_dir(&base_dir);
-        let scheme = if creds.is_some() { "https" } else { "http" };
         let nodes = manifest
             .spec
             .nodes
             .iter()
             .map(|n| {
-                let dir = state_dir.join(&n.name);
                 Arc::new(Node {
                     name: n.name.clone(),
                     port: n.port,
-                    url: format!("{scheme}://127.0.0.1:{}", n.port),
-                    data_dir: dir.join("data"),
+                    url: n.url(creds.is_some()),
+                    external: n.external(),
+                    data_dir: crate::launch::data_dir(&state_dir, &n.name),
                     log: state_dir.join(format!("{}.log", n.name)),
                     pid_file: state_dir.join(format!("{}.pid", n.name)),
-                    run: Mutex::new(RunState::default()),
+                    // An external node counts as running for good: whether
+                    // it is up is what its health checks say.
+                    run: Mutex::new(RunState {
+                        running: n.external(),
+                        ..RunState::default()
+                    }),
                     health: Mutex::new(Health::default()),
                     restarts: AtomicU64::new(0),
                     started: tokio::sync::Notify::new(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::{Node, RunState, Sup};
+use crate::launch::{kvd_args, Start};
 use crate::manifest::{restart_at, Mode, RestartPolicy};
 use crate::process::{self, Handle, Launch};
 
@@ -53,49 +54,27 @@ impl Sup {
     /// elects a primary if none is left.
     fn bootstraps(&self, node: &Node) -> bool {
         let ps = self.manifest.read().spec.mode == Mode::PrimarySecondary;
-        let fresh = self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
+        // kvsup sees the data dirs of the nodes it runs only; with an
+        // external node, nothing is started as the leader and the reconcile
+        // loop elects one once every node answers.
+        let ours = self.nodes.iter().all(|n| !n.external);
+        let fresh = ours && self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
         let first = self.nodes.first().is_some_and(|n| n.name == node.name);
         ps && self.nodes.len() > 1 && fresh && first
     }
 
     fn launch_for(&self, node: &Node, bootstraps: bool) -> Launch {
         let m = self.manifest.read();
-        let mut args = vec![
-            "--port".to_string(),
-            node.port.to_string(),
-            "--data-dir".to_string(),
-            node.data_dir.display().to_string(),
-            "--node-id".to_string(),
-            node.name.clone(),
-            "--advertise-url".to_string(),
-            node.url.clone(),
-        ];
-        if self.nodes.len() > 1 {
-            let peers: Vec<&str> = self
-                .nodes
-                .iter()
-                .filter(|n| n.name != node.name)
-                .map(|n| n.url.as_str())
-                .collect();
-            args.push("--peers".into());
-            args.push(peers.join(","));
-            args.push("--mode".into());
-            args.push(m.spec.mode.as_str().into());
-            if m.spec.mode == Mode::PrimarySecondary {
-                args.push("--role".into());
-                args.push(if bootstraps { "primary" } else { "secondary" }.into());
-            }
-        }
-        if m.spec.index {
-            args.push("--index".into());
-        }
-        if let Some(c) = &self.creds {
-            args.extend(tls_args(&c.layout(), &node.name));
-        }
-        args.extend(m.spec.kvd_args.iter().cloned());
+        let spec = m.node(&node.name).expect("a node of the manifest");
+        let start = if bootstraps {
+            Start::Bootstrap
+        } else {
+            Start::Join
+        };
+        let layout = self.creds.as_ref().map(crate::creds::Creds::layout);
         Launch {
             kvd: self.kvd.clone(),
-            args,
+            args: kvd_args(&m, spec, &node.data_dir, start, layout.as_ref()),
             log: node.log.clone(),
             pid_file: node.pid_file.clone(),
         }
@@ -191,20 +170,4 @@ impl Sup {
         }
         self.wake.notify_one();
     }
-}
-
-/// kvd's flags for node `name` of a `tls: auto` cluster: its certificate,
-/// the CA for clients and peers, and the token file.
-fn tls_args(l: &crate::creds::Layout, name: &str) -> Vec<String> {
-    let path = |p: std::path::PathBuf| p.display().to_string();
-    vec![
-        "--tls-cert".into(),
-        path(l.cert(name)),
-        "--tls-key".into(),
-        path(l.key(name)),
-        "--tls-client-ca".into(),
-        path(l.ca()),
-        "--auth-file".into(),
-        path(l.tokens()),
-    ]
 }

@@ -120,6 +120,7 @@ fn node_row(n: &Node, lag: Option<u64>) -> Value {
         "name": n.name,
         "url": n.url,
         "pid": r.pid,
+        "runtime": if n.external { "external" } else { "process" },
         "running": r.running,
         "role": role,
         "mode": st.map(|s| s.mode.map_or(kvproto::or_switching::SWITCHING, Mode::as_str)),

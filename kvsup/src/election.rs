@@ -130,6 +130,18 @@ pub fn leader(views: &[NodeView]) -> Option<&NodeView> {
         .find(|v| v.healthy() && v.claims_primary && v.epoch == newest)
 }
 
+/// No node answers at all. Then the likeliest fault is kvsup's own (its
+/// host cut off, its network down), not every node's at once: kvsup elects
+/// nobody, and the wait for a leader starts over when a node answers again,
+/// so that the primary has its whole patience to be seen before anyone is
+/// asked to replace it. A primary that really died with its peers' links
+/// is then replaced one patience after kvsup sees the others again.
+/// (Nodes kvsup runs itself and saw exit are not a network fault: an exit
+/// is a cause of its own.)
+pub fn sees_no_node(views: &[NodeView]) -> bool {
+    views.iter().all(|v| v.running && !v.answering)
+}
+
 /// Decides for one reconcile, given the primary kvsup last knew (or
 /// started as the bootstrap primary of a fresh cluster).
 pub fn decide<'a>(views: &'a [NodeView], known: Option<&str>, t: Timing) -> Decision<'a> {
@@ -224,6 +236,21 @@ mod tests {
             patience: PATIENCE,
             grace: GRACE,
         }
+    }
+
+    #[test]
+    fn a_supervisor_that_sees_no_node_knows_it_may_be_the_one_cut_off() {
+        let cut = |v: NodeView| NodeView {
+            answering: false,
+            failed: true,
+            ..v
+        };
+        let all_cut = [cut(primary("a")), cut(node("b")), cut(node("c"))];
+        assert!(sees_no_node(&all_cut));
+        let one_seen = [cut(primary("a")), node("b"), cut(node("c"))];
+        assert!(!sees_no_node(&one_seen));
+        let exited = [dead(primary("a")), cut(node("b")), cut(node("c"))];
+        assert!(!sees_no_node(&exited));
     }
 
     fn elected<'a>(d: &'a Decision<'a>) -> Option<(&'a str, &'a Cause)> {

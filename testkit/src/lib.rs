@@ -41,7 +41,10 @@ pub use nix::sys::signal::Signal as Sig;
 pub mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
+pub mod host_cluster;
+pub mod hosts;
 pub mod linearizability;
 pub mod masterless;
 pub mod node;
@@ -459,31 +462,46 @@ pub fn run_to_exit_in(
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
+    cmd.args(args);
+    run_command(cmd, timeout).with_context(|| format!("running {name}"))
+}
+
+/// Runs `cmd` to completion within `timeout` (killed after it): exit
+/// status and combined output (stdout, then stderr).
+pub fn run_command(mut cmd: Command, timeout: Duration) -> Result<(ExitStatus, String)> {
     let mut child = cmd
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    // Read while it runs: a child whose output fills the pipe would block.
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
     let deadline = Instant::now() + timeout;
-    loop {
+    let status = loop {
         if let Some(status) = child.try_wait()? {
-            let mut out = String::new();
-            if let Some(mut o) = child.stdout.take() {
-                o.read_to_string(&mut out)?;
-            }
-            if let Some(mut e) = child.stderr.take() {
-                e.read_to_string(&mut out)?;
-            }
-            return Ok((status, out));
+            break status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{name} did not exit within {timeout:?}");
+            bail!("did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let mut text = out.join().unwrap_or_default();
+    text.push_str(&err.join().unwrap_or_default());
+    Ok((status, text))
 }
 
 /// A TCP proxy on a loopback port for one network link, which a test can

@@ -93,6 +93,19 @@ impl Sup {
     async fn failover_step(self: &Arc<Self>) {
         let views = self.views();
         let hc = self.manifest.read().spec.health_check;
+        if election::sees_no_node(&views) {
+            let mut el = self.election.lock();
+            if el.known_primary.is_some() {
+                el.no_primary_since = Some(Instant::now());
+                drop(el);
+                self.report_once(
+                    "no node answers the supervisor (is kvsup cut off from them?): electing \
+                     nobody until one does"
+                        .to_string(),
+                );
+                return;
+            }
+        }
         let decision = {
             let mut el = self.election.lock();
             let timing = election::Timing {

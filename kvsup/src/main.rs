@@ -81,8 +81,13 @@ enum Cmd {
         #[arg(long)]
         kvd: Option<PathBuf>,
         /// Print what would change, change nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "foreground")]
         dry_run: bool,
+        /// Run the supervisor in this process instead of forking it, logging
+        /// to stderr, until SIGTERM or `kvsup down` (for a systemd unit or a
+        /// container). Its state dir and API are those of a forked one.
+        #[arg(long)]
+        foreground: bool,
     },
     /// Nodes (role, epoch, commit index, lag, health, restarts) and the
     /// cluster's conditions (Ready, Degraded, FailoverInProgress).
@@ -165,7 +170,13 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let file = cli.file.clone();
     match cli.cmd {
-        Cmd::Apply { kvd, dry_run } => {
+        Cmd::Apply {
+            kvd, foreground, ..
+        } if foreground => {
+            let file = file.context("apply needs -f MANIFEST")?;
+            apply_foreground(&file, kvd).await
+        }
+        Cmd::Apply { kvd, dry_run, .. } => {
             let file = file.context("apply needs -f MANIFEST")?;
             apply(&file, cli.token_file, kvd, dry_run, cli.log_format).await
         }
@@ -415,9 +426,7 @@ async fn apply(
     }
     let kvd = match kvd {
         Some(k) => k,
-        None => std::env::current_exe()
-            .context("locating kvsup")?
-            .with_file_name("kvd"),
+        None => kvd_beside_kvsup()?,
     };
     if dry_run {
         let name = &a.manifest.metadata.name;
@@ -433,6 +442,36 @@ async fn apply(
     }
     let child = start_daemon(&a, &kvd, log)?;
     wait_until_started(&probe, child, &a).await
+}
+
+/// The `kvd` in this kvsup's directory.
+fn kvd_beside_kvsup() -> Result<PathBuf> {
+    Ok(std::env::current_exe()
+        .context("locating kvsup")?
+        .with_file_name("kvd"))
+}
+
+/// `kvsup apply --foreground`: the daemon `apply` would fork, run here.
+async fn apply_foreground(file: &Path, kvd: Option<PathBuf>) -> Result<()> {
+    let manifest = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let path =
+        std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    manifest
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let kvd = match kvd {
+        Some(k) => k,
+        None => kvd_beside_kvsup()?,
+    };
+    // Only nodes kvsup runs itself need the binary.
+    if manifest.spec.nodes.iter().any(|n| !n.external()) && !kvd.exists() {
+        bail!(
+            "kvd not found at {} (build it, or pass --kvd PATH)",
+            kvd.display()
+        );
+    }
+    kvsup::server::run(path, base, kvd).await
 }
 
 /// Hands the manifest to the daemon already running (which `st` is the

@@ -125,6 +125,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the files another system runs the cluster with: systemd units
+    /// for nodes on hosts, or Kubernetes objects.
+    Render {
+        #[command(subcommand)]
+        target: RenderTarget,
+    },
     /// Run the supervisor daemon in the foreground (`apply` starts it).
     #[command(hide = true)]
     Daemon {
@@ -132,6 +138,38 @@ enum Cmd {
         base_dir: PathBuf,
         #[arg(long)]
         kvd: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RenderTarget {
+    /// A unit per `runtime: external` node (kvd on its host) and one for
+    /// the supervisor; with `tls: auto` the credentials are made (or loaded)
+    /// first, and which files each host needs is printed.
+    Systemd {
+        /// Directory to write the units into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// kvd on the nodes' hosts (default: the kvd beside this kvsup).
+        #[arg(long)]
+        kvd: Option<PathBuf>,
+        /// kvsup on the supervisor's host (default: this kvsup).
+        #[arg(long)]
+        kvsup: Option<PathBuf>,
+    },
+    /// One YAML stream: a headless Service, a StatefulSet of the nodes, a
+    /// PodDisruptionBudget, the credentials' Secrets, the manifest's
+    /// ConfigMap and kvsup's Deployment. It holds private keys: a file is
+    /// written with mode 0600.
+    Kubernetes {
+        /// File to write, or - for stdout.
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Image holding /usr/local/bin/kvd, /usr/local/bin/kvsup and /bin/sh.
+        #[arg(long, default_value = "kvstore:latest")]
+        image: String,
     },
 }
 
@@ -180,6 +218,19 @@ async fn run(cli: Cli) -> Result<()> {
             let file = file.context("apply needs -f MANIFEST")?;
             apply(&file, cli.token_file, kvd, dry_run, cli.log_format).await
         }
+        Cmd::Render { target } => {
+            let file = file.context("render needs -f MANIFEST")?;
+            match target {
+                RenderTarget::Systemd { out, kvd, kvsup } => {
+                    render_systemd(&file, &out, kvd, kvsup)
+                }
+                RenderTarget::Kubernetes {
+                    out,
+                    namespace,
+                    image,
+                } => render_kubernetes(&file, &out, namespace, image),
+            }
+        }
         Cmd::Daemon { base_dir, kvd } => {
             let file = file.context("daemon needs -f MANIFEST")?;
             kvsup::server::run(file, base_dir, kvd).await
@@ -219,7 +270,7 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         }
         Cmd::Down => down(c).await?,
         Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
-        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } => {
+        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } | Cmd::Render { .. } => {
             unreachable!("handled by run")
         }
     }
@@ -472,6 +523,76 @@ async fn apply_foreground(file: &Path, kvd: Option<PathBuf>) -> Result<()> {
         );
     }
     kvsup::server::run(path, base, kvd).await
+}
+
+/// `kvsup render systemd`: the units into `out`, after making (or
+/// loading) the credentials they name; then what goes to which host.
+fn render_systemd(
+    file: &Path,
+    out: &Path,
+    kvd: Option<PathBuf>,
+    kvsup_bin: Option<PathBuf>,
+) -> Result<()> {
+    use kvsup::render::{self, systemd};
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let state_dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let kvd = render::absolute(&kvd.map_or_else(kvd_beside_kvsup, Ok)?, "kvd")?;
+    let kvsup_bin = match kvsup_bin {
+        Some(k) => k,
+        None => std::env::current_exe().context("locating kvsup")?,
+    };
+    let p = systemd::Paths {
+        kvd,
+        kvsup: render::absolute(&kvsup_bin, "kvsup")?,
+        manifest: render::absolute(file, "manifest")?,
+        state_dir,
+        base_dir: base,
+    };
+    // Refused before anything is made or written.
+    let units = systemd::units(&m, &p).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    render::ensure_creds(&m, &p.state_dir)?;
+    for path in render::write_units(out, &units)? {
+        say!("wrote {}", path.display());
+    }
+    say!("copy to each host, at the same paths:");
+    for line in render::copy_plan(&m, &p, out) {
+        say!("  {line}");
+    }
+    Ok(())
+}
+
+/// `kvsup render kubernetes`: every object as one YAML stream.
+fn render_kubernetes(file: &Path, out: &Path, namespace: String, image: String) -> Result<()> {
+    use kvsup::render::{self, kubernetes};
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let state_dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    // Refused before the credentials are made.
+    kubernetes::check_nodes(&m, &namespace)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let creds = match render::ensure_creds(&m, &state_dir)? {
+        Some(layout) => Some(render::read_creds(&m, &layout)?),
+        None => None,
+    };
+    let o = kubernetes::Options { namespace, image };
+    let objects =
+        kubernetes::objects(&m, &o, creds.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let yaml = kubernetes::to_yaml(&objects).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if out == Path::new("-") {
+        std::io::stdout()
+            .lock()
+            .write_all(yaml.as_bytes())
+            .map_err(stdout_error)?;
+    } else {
+        render::write_private(out, &yaml)?;
+        eprintln!("wrote {} ({} objects)", out.display(), objects.len());
+    }
+    Ok(())
 }
 
 /// Hands the manifest to the daemon already running (which `st` is the

@@ -104,7 +104,7 @@ fn node_unit(m: &Manifest, node: &NodeSpec, p: &Paths) -> Unit {
         url = node.url(m.spec.tls_auto()),
         exec = exec_line(&argv),
         hardening = HARDENING,
-        rw = quote(&data_dir.display().to_string()),
+        rw = read_write(&data_dir),
     );
     Unit {
         name: node_unit_name(cluster, &node.name),
@@ -169,12 +169,18 @@ fn supervisor_unit(m: &Manifest, p: &Paths) -> Unit {
         wd = quote(&p.base_dir.display().to_string()),
         exec = exec_line(&argv),
         hardening = HARDENING,
-        rw = quote(&p.state_dir.display().to_string()),
+        rw = read_write(&p.state_dir),
     );
     Unit {
         name: supervisor_unit_name(cluster),
         text,
     }
+}
+
+/// A `ReadWritePaths=` entry that a missing directory does not fail (the
+/// `-` prefix): on a node's first start kvd makes its data dir itself.
+fn read_write(dir: &Path) -> String {
+    quote(&format!("-{}", dir.display()))
 }
 
 /// A command line as systemd reads `ExecStart=`: arguments separated by
@@ -286,7 +292,7 @@ mod tests {
         );
         assert!(line(&u[0], "ExecStart").contains("--role secondary"));
         assert!(!u.iter().any(|u| u.text.contains("--role primary")));
-        assert_eq!(line(&u[0], "ReadWritePaths"), "/srv/kv/t/a/data");
+        assert_eq!(line(&u[0], "ReadWritePaths"), "-/srv/kv/t/a/data");
         assert_eq!(line(&u[0], "Restart"), "always");
         assert_eq!(line(&u[0], "LimitNOFILE"), "65536");
         assert_eq!(line(&u[0], "WantedBy"), "multi-user.target");

@@ -14,8 +14,9 @@
 //!    `kvsup render`);
 //! 4. `daemon`: the supervisor's state and tasks (health checks, exit
 //!    watchers, reconcile and failover, the commands);
-//! 5. interfaces: `http` (the daemon's API) and `watch` (the manifest file
-//!    watcher);
+//! 5. interfaces: `http` (the daemon's API), `watch` (the manifest file
+//!    watcher) and `render` (systemd units and Kubernetes objects of a
+//!    manifest);
 //! 6. wiring: `server` (the daemon from start to stop) and the `kvsup`
 //!    command in `main.rs`.
 
@@ -29,6 +30,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod process;
+pub mod render;
 pub mod server;
 pub mod token_file;
 pub mod watch;

@@ -81,8 +81,13 @@ enum Cmd {
         #[arg(long)]
         kvd: Option<PathBuf>,
         /// Print what would change, change nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "foreground")]
         dry_run: bool,
+        /// Run the supervisor in this process instead of forking it, logging
+        /// to stderr, until SIGTERM or `kvsup down` (for a systemd unit or a
+        /// container). Its state dir and API are those of a forked one.
+        #[arg(long)]
+        foreground: bool,
     },
     /// Nodes (role, epoch, commit index, lag, health, restarts) and the
     /// cluster's conditions (Ready, Degraded, FailoverInProgress).
@@ -120,6 +125,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the files another system runs the cluster with: systemd units
+    /// for nodes on hosts, or Kubernetes objects.
+    Render {
+        #[command(subcommand)]
+        target: RenderTarget,
+    },
     /// Run the supervisor daemon in the foreground (`apply` starts it).
     #[command(hide = true)]
     Daemon {
@@ -127,6 +138,38 @@ enum Cmd {
         base_dir: PathBuf,
         #[arg(long)]
         kvd: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RenderTarget {
+    /// A unit per `runtime: external` node (kvd on its host) and one for
+    /// the supervisor; with `tls: auto` the credentials are made (or loaded)
+    /// first, and which files each host needs is printed.
+    Systemd {
+        /// Directory to write the units into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// kvd on the nodes' hosts (default: the kvd beside this kvsup).
+        #[arg(long)]
+        kvd: Option<PathBuf>,
+        /// kvsup on the supervisor's host (default: this kvsup).
+        #[arg(long)]
+        kvsup: Option<PathBuf>,
+    },
+    /// One YAML stream: a headless Service, a StatefulSet of the nodes, a
+    /// PodDisruptionBudget, the credentials' Secrets, the manifest's
+    /// ConfigMap and kvsup's Deployment. It holds private keys: a file is
+    /// written with mode 0600.
+    Kubernetes {
+        /// File to write, or - for stdout.
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Image holding /usr/local/bin/kvd, /usr/local/bin/kvsup and /bin/sh.
+        #[arg(long, default_value = "kvstore:latest")]
+        image: String,
     },
 }
 
@@ -165,9 +208,28 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let file = cli.file.clone();
     match cli.cmd {
-        Cmd::Apply { kvd, dry_run } => {
+        Cmd::Apply {
+            kvd, foreground, ..
+        } if foreground => {
+            let file = file.context("apply needs -f MANIFEST")?;
+            apply_foreground(&file, kvd).await
+        }
+        Cmd::Apply { kvd, dry_run, .. } => {
             let file = file.context("apply needs -f MANIFEST")?;
             apply(&file, cli.token_file, kvd, dry_run, cli.log_format).await
+        }
+        Cmd::Render { target } => {
+            let file = file.context("render needs -f MANIFEST")?;
+            match target {
+                RenderTarget::Systemd { out, kvd, kvsup } => {
+                    render_systemd(&file, &out, kvd, kvsup)
+                }
+                RenderTarget::Kubernetes {
+                    out,
+                    namespace,
+                    image,
+                } => render_kubernetes(&file, &out, namespace, image),
+            }
         }
         Cmd::Daemon { base_dir, kvd } => {
             let file = file.context("daemon needs -f MANIFEST")?;
@@ -208,7 +270,7 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         }
         Cmd::Down => down(c).await?,
         Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
-        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } => {
+        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } | Cmd::Render { .. } => {
             unreachable!("handled by run")
         }
     }
@@ -415,9 +477,7 @@ async fn apply(
     }
     let kvd = match kvd {
         Some(k) => k,
-        None => std::env::current_exe()
-            .context("locating kvsup")?
-            .with_file_name("kvd"),
+        None => kvd_beside_kvsup()?,
     };
     if dry_run {
         let name = &a.manifest.metadata.name;
@@ -433,6 +493,106 @@ async fn apply(
     }
     let child = start_daemon(&a, &kvd, log)?;
     wait_until_started(&probe, child, &a).await
+}
+
+/// The `kvd` in this kvsup's directory.
+fn kvd_beside_kvsup() -> Result<PathBuf> {
+    Ok(std::env::current_exe()
+        .context("locating kvsup")?
+        .with_file_name("kvd"))
+}
+
+/// `kvsup apply --foreground`: the daemon `apply` would fork, run here.
+async fn apply_foreground(file: &Path, kvd: Option<PathBuf>) -> Result<()> {
+    let manifest = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let path =
+        std::fs::canonicalize(file).with_context(|| format!("resolving {}", file.display()))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    manifest
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let kvd = match kvd {
+        Some(k) => k,
+        None => kvd_beside_kvsup()?,
+    };
+    // Only nodes kvsup runs itself need the binary.
+    if manifest.spec.nodes.iter().any(|n| !n.external()) && !kvd.exists() {
+        bail!(
+            "kvd not found at {} (build it, or pass --kvd PATH)",
+            kvd.display()
+        );
+    }
+    kvsup::server::run(path, base, kvd).await
+}
+
+/// `kvsup render systemd`: the units into `out`, after making (or
+/// loading) the credentials they name; then what goes to which host.
+fn render_systemd(
+    file: &Path,
+    out: &Path,
+    kvd: Option<PathBuf>,
+    kvsup_bin: Option<PathBuf>,
+) -> Result<()> {
+    use kvsup::render::{self, systemd};
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let state_dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let kvd = render::absolute(&kvd.map_or_else(kvd_beside_kvsup, Ok)?, "kvd")?;
+    let kvsup_bin = match kvsup_bin {
+        Some(k) => k,
+        None => std::env::current_exe().context("locating kvsup")?,
+    };
+    let p = systemd::Paths {
+        kvd,
+        kvsup: render::absolute(&kvsup_bin, "kvsup")?,
+        manifest: render::absolute(file, "manifest")?,
+        state_dir,
+        base_dir: base,
+    };
+    // Refused before anything is made or written.
+    let units = systemd::units(&m, &p).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    render::ensure_creds(&m, &p.state_dir)?;
+    for path in render::write_units(out, &units)? {
+        say!("wrote {}", path.display());
+    }
+    say!("copy to each host, at the same paths:");
+    for line in render::copy_plan(&m, &p, out) {
+        say!("  {line}");
+    }
+    Ok(())
+}
+
+/// `kvsup render kubernetes`: every object as one YAML stream.
+fn render_kubernetes(file: &Path, out: &Path, namespace: String, image: String) -> Result<()> {
+    use kvsup::render::{self, kubernetes};
+    let m = Manifest::load(file).map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    let base = std::env::current_dir().context("reading the current directory")?;
+    let state_dir = m
+        .checked_state_dir(&base, &file.display().to_string())
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    // Refused before the credentials are made.
+    kubernetes::check_nodes(&m, &namespace)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let creds = match render::ensure_creds(&m, &state_dir)? {
+        Some(layout) => Some(render::read_creds(&m, &layout)?),
+        None => None,
+    };
+    let o = kubernetes::Options { namespace, image };
+    let objects =
+        kubernetes::objects(&m, &o, creds.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let yaml = kubernetes::to_yaml(&objects).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if out == Path::new("-") {
+        std::io::stdout()
+            .lock()
+            .write_all(yaml.as_bytes())
+            .map_err(stdout_error)?;
+    } else {
+        render::write_private(out, &yaml)?;
+        eprintln!("wrote {} ({} objects)", out.display(), objects.len());
+    }
+    Ok(())
 }
 
 /// Hands the manifest to the daemon already running (which `st` is the

@@ -712,10 +712,12 @@ async fn wait_until_started(
         };
         if let Some(st) = status {
             let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
-            if nodes
-                .iter()
-                .all(|n| !n["pid"].is_null() || !n["last_exit"].is_null())
-            {
+            // An external node is not the daemon's to start: it counts as
+            // started at once.
+            let started = |n: &Value| {
+                n["runtime"] == "external" || !n["pid"].is_null() || !n["last_exit"].is_null()
+            };
+            if nodes.iter().all(started) {
                 return print_started(a, child.id(), &nodes);
             }
         }
@@ -739,6 +741,7 @@ fn print_started(a: &Applying, pid: u32, nodes: &[Value]) -> Result<()> {
     for n in nodes {
         let how = match n["pid"].as_u64() {
             Some(pid) => format!("pid {pid}"),
+            None if n["runtime"] == "external" => "runtime external: run where it lives".into(),
             None => format!(
                 "{} (will be restarted; see {})",
                 n["last_exit"].as_str().unwrap_or("exited"),

@@ -157,6 +157,9 @@ fn supervisor_unit(m: &Manifest, p: &Paths) -> Unit {
          Type=simple\n\
          WorkingDirectory={wd}\n\
          ExecStart={exec}\n\
+         # Nodes kvsup runs itself (runtime: process) outlive a restart of the\n\
+         # daemon, which adopts them, as outside systemd.\n\
+         KillMode=process\n\
          Restart=always\n\
          RestartSec=1\n\
          {hardening}\
@@ -301,6 +304,7 @@ mod tests {
             "/opt/kv/bin/kvsup apply --foreground -f /etc/kv/t.yaml --kvd /opt/kv/bin/kvd"
         );
         assert!(line(&u[2], "After").contains("kvstore-t-b.service"));
+        assert_eq!(line(&u[2], "KillMode"), "process");
     }
 
     #[test]

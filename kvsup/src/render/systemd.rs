@@ -309,12 +309,11 @@ mod tests {
 
     #[test]
     fn a_manifest_without_an_external_node_is_refused() {
-        let m = manifest("  tls: auto\n").clone();
-        let mut m2 = m.clone();
-        for n in &mut m2.spec.nodes {
+        let mut m = manifest("  tls: auto\n");
+        for n in &mut m.spec.nodes {
             n.runtime = Default::default();
         }
-        let e = units(&m2, &paths()).unwrap_err();
+        let e = units(&m, &paths()).unwrap_err();
         assert!(e.contains("runtime: external"), "{e}");
     }
 

@@ -165,6 +165,7 @@ enum RenderTarget {
         /// File to write, or - for stdout.
         #[arg(long, default_value = "-")]
         out: PathBuf,
+        /// Namespace of every object (and of the nodes' addresses).
         #[arg(long, default_value = "default")]
         namespace: String,
         /// Image holding /usr/local/bin/kvd, /usr/local/bin/kvsup and /bin/sh.

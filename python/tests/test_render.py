@@ -69,6 +69,16 @@ def k8s_validate(files: list[Path]) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_pod_script(script: str, hostname: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={"HOSTNAME": hostname, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
 def one_file_each(objects: list[dict[str, Any]], into: Path) -> list[Path]:
     into.mkdir()
     files = []
@@ -111,6 +121,13 @@ def test_the_kubernetes_objects_pass_the_api_schemas_and_a_broken_one_does_not(
     assert pod["volumes"][0]["secret"]["defaultMode"] == 0o600
     script = pod["containers"][0]["command"][2]
     assert "--role primary" not in script
+    # The pod picks its node's line by host name (echo stands in for kvd).
+    picked = run_pod_script(script.replace("/usr/local/bin/kvd", "echo"), "kv-1")
+    assert picked.returncode == 0, picked.stderr
+    assert "--node-id kv-1 " in picked.stdout
+    assert "--data-dir /var/lib/kvstore/kv-1/data " in picked.stdout
+    stranger = run_pod_script(script, "kv-9")
+    assert stranger.returncode == 1 and "kv-9" in stranger.stderr
     inside = yaml.safe_load(by_kind["ConfigMap"]["data"]["cluster.yaml"])
     assert inside["spec"]["stateDir"] == "/var/lib/kvstore"
 

@@ -214,9 +214,10 @@ fn config_map(m: &Manifest, o: &Options, manifest: &str) -> Value {
     })
 }
 
-/// Headless, and publishing pods that are not ready: the nodes find each
-/// other by their pods' DNS names before any of them is ready (a node is
-/// ready only once the cluster has a primary).
+/// Headless, and publishing pods that are not ready: the nodes and kvsup
+/// reach each node by its pod's DNS name also while it replays its WAL,
+/// and while its storage refuses writes (`/ready` is 503 then, DESIGN
+/// §2.3), when kvsup must still see it to fail it over.
 fn service(m: &Manifest, o: &Options) -> Value {
     let port = m.spec.nodes[0].port;
     json!({
@@ -289,9 +290,10 @@ pub fn sh_quote(s: &str) -> String {
     }
 }
 
-/// The nodes: one pod each, started all at once (`Parallel`: with
-/// `OrderedReady` pod 1 would wait for pod 0 to be ready, which it is only
-/// once a majority is up and kvsup has elected a primary).
+/// The nodes: one pod each, started all at once (`Parallel`): they are
+/// peers, not a chain; with `OrderedReady` a pod whose storage refuses
+/// writes (never ready) would hold back every pod after it, and each pod
+/// would wait out the one before it replaying its WAL.
 fn stateful_set(inside: &Manifest, o: &Options) -> Value {
     let m = inside;
     let tls = m.spec.tls_auto();

@@ -157,6 +157,9 @@ fn supervisor_unit(m: &Manifest, p: &Paths) -> Unit {
          Type=simple\n\
          WorkingDirectory={wd}\n\
          ExecStart={exec}\n\
+         # Nodes kvsup runs itself (runtime: process) outlive a restart of the\n\
+         # daemon, which adopts them, as outside systemd.\n\
+         KillMode=process\n\
          Restart=always\n\
          RestartSec=1\n\
          {hardening}\
@@ -301,16 +304,16 @@ mod tests {
             "/opt/kv/bin/kvsup apply --foreground -f /etc/kv/t.yaml --kvd /opt/kv/bin/kvd"
         );
         assert!(line(&u[2], "After").contains("kvstore-t-b.service"));
+        assert_eq!(line(&u[2], "KillMode"), "process");
     }
 
     #[test]
     fn a_manifest_without_an_external_node_is_refused() {
-        let m = manifest("  tls: auto\n").clone();
-        let mut m2 = m.clone();
-        for n in &mut m2.spec.nodes {
+        let mut m = manifest("  tls: auto\n");
+        for n in &mut m.spec.nodes {
             n.runtime = Default::default();
         }
-        let e = units(&m2, &paths()).unwrap_err();
+        let e = units(&m, &paths()).unwrap_err();
         assert!(e.contains("runtime: external"), "{e}");
     }
 

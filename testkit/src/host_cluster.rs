@@ -54,7 +54,7 @@ impl HostCluster {
         let mut text = format!(
             "apiVersion: kvstore/v1\nkind: Cluster\nmetadata: {{name: {CLUSTER}}}\nspec:\n  \
              mode: {mode}\n  stateDir: {}\n  tls: auto\n  supervisor: {{port: {SUP_PORT}}}\n  \
-             healthCheck: {{intervalMs: 100, failureThreshold: 3, timeoutMs: 300}}\n  nodes:\n",
+             nodes:\n",
             state_dir.display()
         );
         for name in &nodes {

@@ -35,9 +35,10 @@ use anyhow::{bail, Context, Result};
 const OWNERS: &str = "/run/kvstore-test-hosts";
 
 /// How often the service thread looks for exited processes, and how long
-/// it waits before starting one again (systemd's `RestartSec`).
+/// it waits before starting one again (`RestartSec=1` of the rendered
+/// units).
 const SERVICE_POLL: Duration = Duration::from_millis(20);
-const RESTART_AFTER: Duration = Duration::from_millis(200);
+const RESTART_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs `ip ARGS`; an error carries its stderr.
 fn ip(args: &[&str]) -> Result<()> {

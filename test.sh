@@ -10,12 +10,13 @@ echo "== test dependencies"
 # Debian packages the tests run, installed only when missing (needs root or
 # sudo): a real Prometheus server and promtool (tests/prometheus.rs),
 # iproute2's `ip` for the network namespaces that stand in for hosts
-# (tests/hosts*.rs), and systemd-analyze, which checks the unit files
-# `kvsup render systemd` writes.
+# (tests/hosts*.rs), systemd-analyze, which checks the unit files
+# `kvsup render systemd` writes, and headless Chromium for kvsup's dashboard.
 need=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

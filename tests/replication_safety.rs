@@ -595,3 +595,64 @@ async fn snapshot_uploads_too_big_or_stalled_are_cut_and_cleaned_up() {
     let s = status(&http(), &node).await;
     assert_eq!((u(&s, "last_index"), u(&s, "keys")), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoining_node_neither_votes_nor_runs_until_it_holds_the_primarys_commit_index() {
+    let tmp = TempDir::new().unwrap();
+    let mut node = lone_secondary(&tmp, &["--rejoin"]);
+    let http = http();
+    let vote = |epoch: u64, last: LogPos| json!({"epoch": epoch, "candidate": "n2", "last": last, "pre_vote": false});
+    let vote_url = format!("{}/internal/vote", node.url());
+    let ask = |body: Value| {
+        let req = http.post(&vote_url).json(&body);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let s = status(&http, &node).await;
+    assert_eq!(s["rejoining"], true, "{s}");
+    let epoch = u(&s, "epoch");
+
+    // It may not run...
+    let resp = http
+        .post(format!("{}/promote_to_primary", node.url()))
+        .send()
+        .await
+        .unwrap();
+    let (code, err) = expect_json_error(resp, "promoting a rejoining node").await;
+    assert_eq!((code, err.as_str()), (409, "rejoining"));
+    // ...nor vote, even for a candidate as up to date as it is; the epoch
+    // is still taken up (an old primary is deposed where it is seen).
+    let answer = ask(vote(epoch + 1, LogPos::new(epoch, 5))).await;
+    assert_eq!(answer["granted"], false, "{answer}");
+    assert_eq!(answer["reason"], "rejoining", "{answer}");
+    assert_eq!(answer["epoch"], epoch + 1, "{answer}");
+
+    // A restart before it has caught up keeps it rejoining.
+    node.kill9().unwrap();
+    node.restart().unwrap();
+    assert_eq!(status(&http, &node).await["rejoining"], true);
+
+    // The primary of epoch + 1, whose commit index is 5, catches it up in
+    // two appends: after 1..=3 it still lacks committed entries; after
+    // 4..=5 it holds them all, and votes again.
+    let recs: Vec<Record> = (1..=3)
+        .map(|i| put_rec(i, epoch + 1, format!("k{i}").as_bytes(), b"v"))
+        .collect();
+    let leader = format!("http://127.0.0.1:{}", free_port());
+    let resp = append(&http, &node, epoch + 1, LogPos::ZERO, 5, &leader, &recs).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(status(&http, &node).await["rejoining"], true);
+    let more: Vec<Record> = (4..=5)
+        .map(|i| put_rec(i, epoch + 1, format!("k{i}").as_bytes(), b"v"))
+        .collect();
+    let prev = LogPos::new(epoch + 1, 3);
+    let resp = append(&http, &node, epoch + 1, prev, 5, &leader, &more).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(status(&http, &node).await["rejoining"], false);
+    let answer = ask(vote(epoch + 2, LogPos::new(epoch + 1, 5))).await;
+    assert_eq!(answer["granted"], true, "{answer}");
+
+    // --rejoin on a data dir with history changes nothing.
+    node.kill9().unwrap();
+    node.restart().unwrap();
+    assert_eq!(status(&http, &node).await["rejoining"], false);
+}

@@ -50,6 +50,14 @@ pub struct Config {
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// This node lost its data and rejoins its cluster with a fresh data
+    /// dir: it may have acknowledged entries it no longer holds, so it
+    /// grants no vote and cannot be promoted until its log reaches a
+    /// primary's commit index. Only for a fresh data dir (ignored, with a
+    /// warning, for one with history); not with --role primary
+    #[arg(long)]
+    pub rejoin: bool,
+
     /// Role when the data dir is fresh: the `primary` bootstraps the cluster
     /// in epoch 1. A restarted node trusts its persisted epoch and log, not
     /// this flag, and starts as a secondary until promoted.

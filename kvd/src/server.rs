@@ -274,6 +274,14 @@ fn check_flags(cfg: &Config) -> Result<()> {
     if cfg.clock_offset_ms != 0 && !cfg.enable_debug {
         bail!("--clock-offset-ms is a debug knob; it needs --enable-debug");
     }
+    if cfg.rejoin && (cfg.peers.is_empty() || cfg.mode != Mode::PrimarySecondary) {
+        bail!(
+            "--rejoin is for a primary/secondary cluster node (--peers, --mode primary-secondary)"
+        );
+    }
+    if cfg.rejoin && cfg.role == BootRole::Primary {
+        bail!("--rejoin with --role primary: a node that lost its data cannot bootstrap a cluster");
+    }
     Ok(())
 }
 
@@ -284,6 +292,20 @@ fn load_meta(cfg: &Config, store: &MetaStore) -> Result<(Meta, bool)> {
     let replicated = !cfg.peers.is_empty();
     let mode = if replicated { cfg.mode } else { Mode::Single };
     let (mut meta, fresh) = store.load_or_init(&cfg.node_id, mode)?;
+    match (cfg.rejoin, fresh) {
+        (true, true) => {
+            // Durable before the node answers anyone: a crash before it has
+            // caught up must not bring it back as an ordinary voter.
+            meta.rejoining = true;
+            store.store(&meta)?;
+            tracing::info!(data_dir = %cfg.data_dir.display(), "rejoining with a fresh data dir: no votes until caught up");
+        }
+        (true, false) if !meta.rejoining => tracing::warn!(
+            data_dir = %cfg.data_dir.display(),
+            "--rejoin ignored: the data dir has history"
+        ),
+        _ => {}
+    }
     meta.mode = match meta.mode {
         m if replicated && m.is_cluster() => {
             if m != cfg.mode {

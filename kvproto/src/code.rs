@@ -132,6 +132,9 @@ pub const BEHIND_PEER: &str = "behind_peer";
 pub const NOT_ENOUGH_VOTES: &str = "not_enough_votes";
 /// A newer epoch or another primary appeared during the election.
 pub const OVERTAKEN: &str = "overtaken";
+/// A node re-seeded after losing its data has not caught up with a
+/// primary yet: it may not lead.
+pub const REJOINING: &str = "rejoining";
 /// A leadership transfer that did not complete.
 pub const TRANSFER_FAILED: &str = "transfer_failed";
 /// A transfer request that does not parse.

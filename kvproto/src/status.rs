@@ -35,6 +35,10 @@ pub struct Status {
     pub peers: Peers,
     /// Primary/secondary: the primary's base URL, when known.
     pub primary: Option<String>,
+    /// Re-seeded after losing its data and not caught up yet: no votes,
+    /// no promotion (docs/DESIGN.md §4.10). Absent from older nodes.
+    #[serde(default)]
+    pub rejoining: bool,
     pub role: Role,
     pub snapshot_index: u64,
     /// What went wrong, when `storage_state` is not `ok`.
@@ -225,6 +229,7 @@ mod tests {
                 url: "http://127.0.0.1:1".into(),
             }]),
             primary: Some("http://127.0.0.1:0".into()),
+            rejoining: false,
             role: Role::Primary,
             snapshot_index: 0,
             storage_detail: None,

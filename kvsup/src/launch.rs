@@ -21,6 +21,29 @@ pub enum Start {
     Bootstrap,
     /// Anything else: a secondary (or a masterless peer) until elected.
     Join,
+    /// A node of a primary/secondary cluster whose data was lost, started
+    /// on a fresh data dir: a secondary that neither votes nor runs until
+    /// it has caught up (kvd's `--rejoin`).
+    Rejoin,
+}
+
+/// How a node starts: `bootstraps` (the first node of a brand-new cluster
+/// kvsup runs alone), `reseed` (its data dir was lost), in a
+/// primary/secondary cluster or not, and whether its data dir holds data
+/// now. A dir that holds data is started as it is, never as a fresh rejoin
+/// (kvsup deletes nothing: a dir put back, or replaced by another with
+/// data, keeps it).
+pub fn start_kind(
+    bootstraps: bool,
+    reseed: bool,
+    primary_secondary: bool,
+    holds_data: bool,
+) -> Start {
+    match (bootstraps, reseed && primary_secondary && !holds_data) {
+        (true, _) => Start::Bootstrap,
+        (false, true) => Start::Rejoin,
+        (false, false) => Start::Join,
+    }
 }
 
 /// kvd's flags for `node` of manifest `m`; `creds` is the credentials'
@@ -62,10 +85,13 @@ pub fn kvd_args(
         if m.spec.mode == Mode::PrimarySecondary {
             let role = match start {
                 Start::Bootstrap => "primary",
-                Start::Join => "secondary",
+                Start::Join | Start::Rejoin => "secondary",
             };
             args.push("--role".into());
             args.push(role.into());
+            if start == Start::Rejoin {
+                args.push("--rejoin".into());
+            }
         }
     }
     if m.spec.index {
@@ -138,6 +164,15 @@ mod tests {
     }
 
     #[test]
+    fn only_a_lost_data_dir_that_is_still_empty_starts_a_rejoin() {
+        assert_eq!(start_kind(false, true, true, false), Start::Rejoin);
+        assert_eq!(start_kind(false, true, true, true), Start::Join);
+        assert_eq!(start_kind(false, true, false, false), Start::Join);
+        assert_eq!(start_kind(false, false, true, false), Start::Join);
+        assert_eq!(start_kind(true, false, true, false), Start::Bootstrap);
+    }
+
+    #[test]
     fn a_loopback_node_keeps_the_default_bind_and_only_a_bootstrap_leads() {
         let text = "apiVersion: kvstore/v1\nkind: Cluster\nmetadata: {name: t}\nspec:\n  \
                     stateDir: /srv/kv/t\n  nodes: [{name: a, port: 7001}, {name: b, port: 7002}]\n";
@@ -148,5 +183,9 @@ mod tests {
         assert_eq!(flag(&boot, "--role"), Some("primary"));
         assert_eq!(flag(&boot, "--peers"), Some("http://127.0.0.1:7002"));
         assert_eq!(flag(&boot, "--tls-cert"), None);
+        let again = kvd_args(&m, a, Path::new("/d"), Start::Rejoin, None);
+        assert_eq!(flag(&again, "--role"), Some("secondary"));
+        assert!(again.iter().any(|a| a == "--rejoin"));
+        assert!(!boot.iter().any(|a| a == "--rejoin"));
     }
 }

@@ -261,6 +261,7 @@ const RESERVED_FLAGS: &[&str] = &[
     "--node-id",
     "--peers",
     "--role",
+    "--rejoin",
     "--mode",
     "--advertise-url",
     "--index",

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub failover_duration: Histogram,
     pub reconcile_errors: IntCounter,
     pub applies: IntCounter,
+    pub reseeds: IntCounter,
     pub health_check_failures: IntCounterVec,
     pub ready: IntGauge,
     pub mode_switches: IntCounter,
@@ -67,6 +68,11 @@ impl Metrics {
                 "Reconcile steps that failed (spawn, promotion, manifest reload)",
             )?,
             applies: counter(&r, "kvsup_applies_total", "Manifests applied")?,
+            reseeds: counter(
+                &r,
+                "kvsup_reseeds_total",
+                "Nodes started again on a fresh data dir after theirs was lost",
+            )?,
             health_check_failures: per_node_counter(
                 &r,
                 "kvsup_health_check_failures_total",

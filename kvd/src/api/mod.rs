@@ -978,6 +978,7 @@ async fn status(State(st): State<Shared>, _: Params<NoParams>) -> Json<Status> {
         node_id: node.node_id().to_string(),
         peers,
         primary,
+        rejoining: node.rejoining(),
         role: node.role(),
         snapshot_index: s.snapshot_index,
         storage_detail: s.storage_detail,

@@ -338,6 +338,12 @@ impl Node {
         }
     }
 
+    /// The primary/secondary runtime's node was re-seeded and has not
+    /// caught up yet.
+    pub fn rejoining(&self) -> bool {
+        self.replicator().is_some_and(|r| r.rejoining())
+    }
+
     pub fn writes_paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
     }

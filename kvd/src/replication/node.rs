@@ -833,6 +833,9 @@ impl Replicator {
         if now.leads() {
             return Ok(now.epoch);
         }
+        if self.term.lock().meta.rejoining {
+            return Err(PromoteError::Refused(Refusal::Rejoining));
+        }
         let my_last = self.engine.last_log_pos();
         // 1. Probe with a pre-vote: its answers carry every peer's epoch and
         //    log, for the precheck. Nothing changes anywhere yet.
@@ -986,10 +989,40 @@ impl Replicator {
         self.handed.notify_waiters();
         let outcome = answer.await.map_err(|_| storage::Error::ShuttingDown)??;
         Ok(match outcome {
-            AppendOutcome::Accept { match_index, .. } => AppendReply::Accept { match_index },
+            AppendOutcome::Accept { match_index, .. } => {
+                self.caught_up(match_index, body.leader_commit)?;
+                AppendReply::Accept { match_index }
+            }
             AppendOutcome::Stale { my_epoch } => AppendReply::Stale { my_epoch },
             AppendOutcome::Mismatch(hint) => AppendReply::Mismatch { hint },
         })
+    }
+
+    /// Re-seeded after losing its data and not caught up yet.
+    pub fn rejoining(&self) -> bool {
+        self.term.lock().meta.rejoining
+    }
+
+    /// A rejoining node whose log, durable now, reaches the commit index of
+    /// the primary that sent it holds every entry that was committed with
+    /// its lost acknowledgements: it may vote and run again.
+    fn caught_up(&self, match_index: u64, leader_commit: u64) -> Result<(), storage::Error> {
+        let mut t = self.term.lock();
+        if !t.meta.rejoining || match_index < leader_commit {
+            return Ok(());
+        }
+        let next = Meta {
+            rejoining: false,
+            ..t.meta.clone()
+        };
+        self.settings.meta.store(&next)?;
+        t.meta = next;
+        tracing::info!(
+            node = %self.settings.node_id,
+            index = match_index,
+            "re-seeded node caught up with the primary's commit index; it votes again"
+        );
+        Ok(())
     }
 
     /// Waits until an append of `epoch` after `prev_index` is next in line
@@ -1376,6 +1409,7 @@ pub fn vote_step(meta: &Meta, last: LogPos, req: &VoteRequest) -> (VoteDecision,
         current_epoch: meta.epoch,
         voted_for: meta.voted_for.clone(),
         last,
+        rejoining: meta.rejoining,
     };
     let decision = rules::decide_vote(&state, req);
     if decision.reason == VoteReason::EpochOutOfReach || decision.new_epoch_to_persist.is_none() {

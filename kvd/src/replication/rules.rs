@@ -149,6 +149,9 @@ pub struct VoterState {
     pub voted_for: Option<String>,
     /// Last entry of this node's log.
     pub last: LogPos,
+    /// Re-seeded and not caught up yet (`Meta::rejoining`): it grants no
+    /// vote, since its log no longer shows what it acknowledged before.
+    pub rejoining: bool,
 }
 
 /// A candidate asking for a vote in `epoch`.
@@ -185,6 +188,10 @@ pub enum VoteReason {
     CandidateBehind,
     /// The requested epoch is beyond [`epoch_in_reach`] of ours.
     EpochOutOfReach,
+    /// This node lost its data and has not caught up with a primary yet:
+    /// an entry committed with its old acknowledgement may be on one other
+    /// node only, and this vote could elect a candidate without it.
+    Rejoining,
 }
 
 impl VoteReason {
@@ -197,6 +204,7 @@ impl VoteReason {
             VoteReason::EpochTaken => "epoch_taken",
             VoteReason::CandidateBehind => "candidate_behind",
             VoteReason::EpochOutOfReach => "epoch_out_of_range",
+            VoteReason::Rejoining => "rejoining",
         }
     }
 }
@@ -240,6 +248,8 @@ pub fn decide_vote(my: &VoterState, req: &VoteRequest) -> VoteDecision {
         VoteReason::EpochTaken
     } else if !req.last.at_least_as_up_to_date_as(&my.last) {
         VoteReason::CandidateBehind
+    } else if my.rejoining {
+        VoteReason::Rejoining
     } else if newer {
         VoteReason::Granted
     } else {
@@ -302,6 +312,13 @@ pub enum Refusal {
     /// this one, or a peer had already seen the epoch).
     #[error("only {granted} of the {needed} votes needed were granted")]
     NotEnoughVotes { granted: usize, needed: usize },
+    /// This node was re-seeded after losing its data and has not caught
+    /// up with a primary yet (it may lack entries it acknowledged).
+    #[error(
+        "this node was re-seeded after losing its data and has not caught up with a \
+         primary yet: it may lack entries it had acknowledged"
+    )]
+    Rejoining,
     /// The votes were won, but meanwhile this node saw a newer epoch (or
     /// another primary of the one it ran for): it does not lead.
     #[error("the election for epoch {ran_for} was overtaken: this node is now in epoch {now}")]
@@ -316,7 +333,8 @@ impl Refusal {
             Refusal::BehindPeer { .. } => code::BEHIND_PEER,
             Refusal::NoMajority { .. } => code::NO_MAJORITY,
             Refusal::NotEnoughVotes { .. } => code::NOT_ENOUGH_VOTES,
-            Refusal::Overtaken { .. } => "overtaken",
+            Refusal::Overtaken { .. } => code::OVERTAKEN,
+            Refusal::Rejoining => code::REJOINING,
         }
     }
 }
@@ -1163,7 +1181,27 @@ mod tests {
             current_epoch: epoch,
             voted_for: voted_for.map(str::to_owned),
             last,
+            rejoining: false,
         }
+    }
+
+    #[test]
+    fn a_rejoining_node_grants_no_vote_but_still_takes_up_a_newer_epoch() {
+        let mut v = voter(3, None, LogPos::new(3, 10));
+        v.rejoining = true;
+        let d = decide_vote(&v, &ask(4, "b", LogPos::new(3, 12), false));
+        assert!(!d.granted);
+        assert_eq!(d.reason, VoteReason::Rejoining);
+        // The epoch is still adopted on sight (an old primary is deposed),
+        // with no vote recorded in it.
+        assert_eq!(d.new_epoch_to_persist, Some(4));
+        assert!(!d.record_vote);
+        // A candidate behind it is refused for that reason first; once
+        // caught up, the same request is granted.
+        let behind = decide_vote(&v, &ask(4, "b", LogPos::new(3, 9), false));
+        assert_eq!(behind.reason, VoteReason::CandidateBehind);
+        v.rejoining = false;
+        assert!(decide_vote(&v, &ask(4, "b", LogPos::new(3, 12), false)).granted);
     }
 
     fn ask(epoch: u64, candidate: &str, last: LogPos, pre_vote: bool) -> VoteRequest {

@@ -35,6 +35,12 @@ pub struct Meta {
     /// Whom this node voted for in `epoch` (each epoch is granted once).
     #[serde(default)]
     pub voted_for: Option<String>,
+    /// Re-seeded after its data was lost (`--rejoin`), and not yet caught
+    /// up with a primary's commit index: it may have acknowledged entries
+    /// it no longer holds, so it neither votes nor runs until it holds
+    /// them again (docs/DESIGN.md §4.10). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejoining: bool,
 }
 
 /// Reads and replaces a data dir's `meta`.
@@ -70,6 +76,7 @@ impl MetaStore {
                     epoch: 1,
                     mode,
                     voted_for: None,
+                    rejoining: false,
                 };
                 self.store(&meta)?;
                 Ok((meta, true))

@@ -80,6 +80,7 @@ impl Sup {
             return;
         }
         self.start_due_nodes();
+        self.reseed_lost();
         let mode = self.manifest.read().spec.mode;
         if mode == Mode::PrimarySecondary && self.nodes.len() > 1 {
             // Failover waits while a switchover or mode switch holds the lock.

@@ -80,6 +80,8 @@ struct RunState {
     spawned_once: bool,
     next_start: Option<Instant>,
     backoff_ms: u64,
+    /// Its data dir was lost: the next start is a re-seed (`--rejoin`).
+    reseed: bool,
 }
 
 #[derive(Default)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::{Node, RunState, Sup};
-use crate::launch::{kvd_args, Start};
+use crate::launch::{kvd_args, start_kind, Start};
 use crate::manifest::{restart_at, Mode, RestartPolicy};
 use crate::process::{self, Handle, Launch};
 
@@ -63,14 +63,9 @@ impl Sup {
         ps && self.nodes.len() > 1 && fresh && first
     }
 
-    fn launch_for(&self, node: &Node, bootstraps: bool) -> Launch {
+    fn launch_for(&self, node: &Node, start: Start) -> Launch {
         let m = self.manifest.read();
         let spec = m.node(&node.name).expect("a node of the manifest");
-        let start = if bootstraps {
-            Start::Bootstrap
-        } else {
-            Start::Join
-        };
         let layout = self.creds.as_ref().map(crate::creds::Creds::layout);
         Launch {
             kvd: self.kvd.clone(),
@@ -95,6 +90,9 @@ impl Sup {
             r.next_start = None;
             restart
         };
+        // What the last status said was the previous process's (a re-seed
+        // must not act on the old one's `data_dir_lost`).
+        node.health.lock().status = None;
         node.started.notify_one();
         if restart {
             node.restarts.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +122,10 @@ impl Sup {
             return Ok(Handle::Adopted(pid));
         }
         let bootstraps = self.bootstraps(node);
-        let child = process::spawn(&self.launch_for(node, bootstraps))?;
+        let reseed = std::mem::take(&mut node.run.lock().reseed);
+        let ps = self.manifest.read().spec.mode == Mode::PrimarySecondary;
+        let start = start_kind(bootstraps, reseed, ps, holds_data(&node.data_dir));
+        let child = process::spawn(&self.launch_for(node, start))?;
         if bootstraps {
             // kvsup knows who leads a fresh cluster before it answers: its
             // exit is then a failover like any other, not a wait for a
@@ -134,6 +135,45 @@ impl Sup {
             el.no_primary_since = None;
         }
         Ok(Handle::Child(child))
+    }
+
+    /// Re-seeds each node of ours whose data dir is gone (kvd says
+    /// `data_dir_lost`): it is stopped, and started again on a fresh data
+    /// dir, as a secondary that the primary catches up (its log, or a
+    /// snapshot) and that votes again once it has caught up. kvsup deletes
+    /// nothing: kvd makes the fresh dir, and a dir that holds data again
+    /// by then is started as it is.
+    pub(super) fn reseed_lost(&self) {
+        for node in self.nodes.iter().filter(|n| !n.external) {
+            let lost = node
+                .health
+                .lock()
+                .status
+                .as_ref()
+                .is_some_and(|s| s.storage_state == kvproto::status::StorageState::DataDirLost);
+            let pid = {
+                let mut r = node.run.lock();
+                // `answered`: the status is this process's, not the one
+                // of the run before a re-seed.
+                if !lost || r.reseed || !r.running || !r.answered {
+                    continue;
+                }
+                r.reseed = true;
+                r.pid
+            };
+            self.metrics.reseeds.inc();
+            self.event(
+                "reseed",
+                Some(&node.name),
+                format!(
+                    "its data dir {} is gone: stopping it to start it again on a fresh one",
+                    node.data_dir.display()
+                ),
+            );
+            if let Some(pid) = pid {
+                let _ = process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 
     /// Waits for the process of `node` to exit. A daemon that stops first
@@ -170,4 +210,10 @@ impl Sup {
         }
         self.wake.notify_one();
     }
+}
+
+/// Whether `dir` holds a node's data (its `meta` or its WAL): such a dir
+/// is never treated as fresh.
+fn holds_data(dir: &std::path::Path) -> bool {
+    dir.join("meta").exists() || dir.join("wal").exists()
 }

@@ -5,7 +5,8 @@
 //! no reload (a value the test left in `window` is still there, and the
 //! frame navigated no more). A page of another origin cannot read the API
 //! with the token, nor act on the cluster without it. The screenshot is
-//! the README's `docs/dashboard.png`.
+//! the README's `docs/dashboard.png` (written there with
+//! `UPDATE_SCREENSHOTS=1`, else under `target/`).
 //!
 //! Chromium must be installed (`chromium`, or the binary named by
 //! `CHROMIUM`); without it these tests fail, they do not pass.
@@ -336,8 +337,15 @@ fn dashboard_url(c: &Supervised) -> String {
     url
 }
 
-fn docs_png() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
+/// Where the screenshot goes: the README's `docs/dashboard.png` when
+/// `UPDATE_SCREENSHOTS=1`, else the test's scratch dir under `target/`,
+/// so that a test run leaves the work tree as it was.
+fn screenshot_path() -> PathBuf {
+    if std::env::var_os("UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png")
+    }
 }
 
 #[test]
@@ -367,7 +375,12 @@ fn the_dashboard_shows_a_failover_live_without_a_reload() {
         .decode(shot)
         .unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    std::fs::write(docs_png(), &png).unwrap();
+    // IHDR: the width and height, big-endian, at bytes 16..24.
+    let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!((size(16), size(20)), (1280, 1000), "the viewport's size");
+    let path = screenshot_path();
+    std::fs::write(&path, &png).unwrap();
+    eprintln!("screenshot: {}", path.display());
 }
 
 /// Opens the page, checks what it shows, kills the primary, and watches

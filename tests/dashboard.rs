@@ -486,6 +486,47 @@ async fn drive(browser: &Browser, c: &Supervised, url: &str, first: &str) -> Res
         .to_string())
 }
 
+/// Opened without the token in its fragment, the page asks for it: a
+/// wrong one is refused (and nothing is shown), the right one opens it.
+async fn login_by_form(browser: &Browser, sup: &str, token: &str) -> Result<()> {
+    let mut cdp = Cdp::connect(browser).await?;
+    cdp.call("Page.navigate", json!({"url": format!("{sup}/")}))
+        .await?;
+    let form_shown = r#"(() => {
+        const f = document.getElementById("login");
+        return f ? {shown: !f.hidden, text: document.body.innerText} : {shown: false};
+    })()"#;
+    cdp.eval_until(form_shown, Duration::from_secs(30), |v| v["shown"] == true)
+        .await
+        .context("no token form")?;
+    let submit = |t: &str| {
+        format!(
+            "document.getElementById('token-input').value = {t:?};\
+             document.getElementById('login').requestSubmit()"
+        )
+    };
+    cdp.eval(&submit(&"0".repeat(64))).await?;
+    let v = cdp
+        .eval_until(form_shown, Duration::from_secs(30), |v| {
+            v["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("token was refused")
+        })
+        .await
+        .context("a wrong token was not refused")?;
+    anyhow::ensure!(v["shown"] == true, "{v:#}");
+    let text = v["text"].as_str().unwrap_or("");
+    anyhow::ensure!(!text.contains("n0"), "data shown without the token: {text}");
+    cdp.eval(&submit(token)).await?;
+    cdp.eval_until(PAGE_VIEW, Duration::from_secs(30), |v| {
+        v["renders"].as_u64() >= Some(1) && v["text"].as_str().unwrap_or("").contains("n0")
+    })
+    .await
+    .context("the right token did not open the page")?;
+    Ok(())
+}
+
 /// Serves `html` at `/` on a free loopback port (another origin than
 /// kvsup's) for as long as the test runs.
 fn foreign_site(html: String) -> u16 {
@@ -557,7 +598,26 @@ fn another_origin_cannot_use_the_api_and_no_token_reads_nothing() {
         http_get_with(c.sup_port, "/v1/samples", &[("Authorization", &auth)], none).unwrap();
     assert_eq!(code, 200, "the token alone is let in");
 
+    // The page keeps to its own origin: no framing, no other sources.
+    let mut s = raw::connect(c.sup_port);
+    let page = raw::exchange(
+        &mut s,
+        format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", c.sup_port).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(page.status, 200, "{}", page.head);
+    let csp = page.header("content-security-policy").unwrap_or("");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{}",
+        page.head
+    );
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+
     let sup = format!("http://127.0.0.1:{}", c.sup_port);
+    runtime()
+        .block_on(login_by_form(&browser, &sup, &token))
+        .unwrap();
     let outcome = runtime().block_on(async {
         let mut cdp = Cdp::connect(&browser).await?;
         cdp.call("Page.navigate", json!({"url": format!("{origin}/")}))

@@ -427,6 +427,7 @@ async fn drive(browser: &Browser, c: &Supervised, url: &str, first: &str) -> Res
     .context("no write rate in the samples")?;
 
     c.signal(first, "KILL")?;
+    let killed = Instant::now();
     let renders_before = cdp.eval(PAGE_VIEW).await?["renders"].clone();
     let v = cdp
         .eval_until(PAGE_VIEW, Duration::from_secs(60), |v| {
@@ -437,6 +438,10 @@ async fn drive(browser: &Browser, c: &Supervised, url: &str, first: &str) -> Res
         .await
         .context("the page never showed the failover")?;
     let second = v["primary"].as_str().unwrap_or("").to_string();
+    eprintln!(
+        "the page showed {second} as primary {} ms after kvsup kill {first}",
+        killed.elapsed().as_millis()
+    );
     anyhow::ensure!(
         c.primary().as_deref() == Some(second.as_str()),
         "the page shows {second}, kvsup says {:?}",

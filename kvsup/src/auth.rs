@@ -3,7 +3,8 @@
 //! layer maps a [`Refusal`] to its status code.
 //!
 //! The API can kill nodes and stop the cluster, so every route but
-//! `/health` needs the token. A web page cannot send an `Authorization`
+//! `/health` and the dashboard's page (its HTML, script and style, which
+//! hold no data: the page fetches the data with the token) needs the token. A web page cannot send an `Authorization`
 //! header to another origin without a CORS preflight, which kvsup never
 //! answers; the `Origin` check also refuses the "simple" requests a page
 //! may send without one, and the `Host` check refuses a page whose own
@@ -118,6 +119,10 @@ pub struct Guard {
 /// nothing and changes nothing.
 pub const OPEN_PATH: &str = "/health";
 
+/// The dashboard's static files, open too: they are the same for everyone
+/// and hold no data. The script they load sends the token itself.
+pub const PAGE_PATHS: &[&str] = &["/", "/dashboard.js", "/dashboard.css"];
+
 impl Guard {
     pub fn new(port: u16, token: &AdminToken) -> Guard {
         Guard {
@@ -140,7 +145,7 @@ impl Guard {
         if head.host.is_empty() || !head.host.iter().all(|h| self.host_allowed(h)) {
             return Err(Refusal::HostNotAllowed);
         }
-        if head.path == OPEN_PATH {
+        if head.path == OPEN_PATH || PAGE_PATHS.contains(&head.path) {
             return Ok(());
         }
         match head.authorization.as_slice() {
@@ -272,6 +277,36 @@ mod tests {
         let mut twice = head("/v1/down", &right);
         twice.authorization.push(other.as_bytes());
         assert_eq!(guard().check(&twice), Err(Refusal::TokenInvalid));
+    }
+
+    #[test]
+    fn only_the_page_files_are_open_besides_health_and_nothing_under_them() {
+        for path in ["/", "/dashboard.js", "/dashboard.css"] {
+            assert_eq!(guard().check(&head(path, "")), Ok(()), "{path}");
+        }
+        for path in [
+            "/v1/samples",
+            "/dashboard.js/x",
+            "/dashboard",
+            "//",
+            "/index.html",
+            "",
+        ] {
+            assert_eq!(
+                guard().check(&head(path, "")),
+                Err(Refusal::TokenRequired),
+                "{path}"
+            );
+        }
+        // The page's own origin is let in; any other is refused, even on
+        // the page's paths.
+        let auth = bearer_of(&token());
+        let mut own = head("/v1/samples", &auth);
+        own.origin = vec![b"http://127.0.0.1:8700"];
+        assert_eq!(guard().check(&own), Ok(()));
+        let mut foreign = head("/", "");
+        foreign.origin = vec![b"http://127.0.0.1:9000"];
+        assert_eq!(guard().check(&foreign), Err(Refusal::OriginNotAllowed));
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //! [`crate::auth::Guard`] first: it can kill nodes. No route answers CORS
 //! preflights or sends CORS headers, so a web page can send none of the
 //! requests that carry the token.
+//!
+//! `/`, `/dashboard.js` and `/dashboard.css` are the dashboard's page
+//! (`crate::dashboard`): open, as they hold no data; the page's script
+//! fetches `/v1/status`, `/v1/events` and `/v1/samples` from this same
+//! origin with the token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{Guard, Head, Refusal};
 use crate::daemon::{ApplyError, Sup};
+use crate::dashboard;
 
 #[derive(Clone)]
 struct Ctx {
@@ -31,6 +37,10 @@ struct Ctx {
 pub fn router(sup: Arc<Sup>, stop: mpsc::Sender<()>, guard: Guard) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/", get(page))
+        .route("/dashboard.js", get(page))
+        .route("/dashboard.css", get(page))
+        .route("/v1/samples", get(samples))
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -99,6 +109,33 @@ fn error(code: StatusCode, kind: &str, message: String) -> Response {
 
 async fn status(State(c): State<Ctx>) -> Response {
     Json(c.sup.status()).into_response()
+}
+
+/// A file of the dashboard's page, with headers that keep it to itself:
+/// its own origin only (CSP), never framed, never cached, no referrer.
+async fn page(uri: Uri) -> Response {
+    let Some(a) = dashboard::asset(uri.path()) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such route".into());
+    };
+    (
+        [
+            (header::CONTENT_TYPE, a.content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                dashboard::CONTENT_SECURITY_POLICY,
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        a.body,
+    )
+        .into_response()
+}
+
+async fn samples(State(c): State<Ctx>) -> Response {
+    Json(c.sup.samples()).into_response()
 }
 
 async fn events(State(c): State<Ctx>) -> Response {

@@ -6,7 +6,8 @@
 //!
 //! 1. decisions, no I/O but reading a manifest file: `manifest` (types,
 //!    validation, diff, restart backoff), `election` (when to elect,
-//!    whom to ask) and `auth` (the admin token, who may use the API);
+//!    whom to ask), `auth` (the admin token, who may use the API) and
+//!    `dashboard` (the web page's files and its charts' sample rings);
 //! 2. effects: `process` (spawn, adopt, signal kvd), `token_file` (the
 //!    admin token's file), `creds` (`tls: auto`'s CA, certificates and
 //!    tokens), `metrics`, `logging`;
@@ -23,6 +24,7 @@
 pub mod auth;
 pub mod creds;
 pub mod daemon;
+pub mod dashboard;
 pub mod election;
 pub mod http;
 pub mod launch;

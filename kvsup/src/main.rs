@@ -120,6 +120,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the URL of the supervisor's web dashboard (nodes, conditions,
+    /// events, live charts), with the admin token in its fragment: the
+    /// browser keeps a fragment to itself, so the token is never sent in a
+    /// URL or logged. Opens nothing. The link is the token: keep it private.
+    Dashboard,
     /// Failovers, restarts, kills and applies, oldest first.
     Events {
         #[arg(long)]
@@ -237,6 +242,14 @@ async fn run(cli: Cli) -> Result<()> {
             kvsup::server::run(file, base_dir, kvd).await
         }
         Cmd::Creds { json } => creds(&file.context("creds needs -f MANIFEST")?, json),
+        Cmd::Dashboard => {
+            let url = supervisor_url(cli.supervisor.as_deref(), file.as_deref())?;
+            let file = token_file(cli.token_file, file.as_deref(), &url)?;
+            let token = kvsup::token_file::read(&file)
+                .context("cannot read the supervisor's admin token")?;
+            say!("{url}/#token={}", token.to_hex());
+            Ok(())
+        }
         cmd => {
             let url = supervisor_url(cli.supervisor.as_deref(), file.as_deref())?;
             let token_file = token_file(cli.token_file, file.as_deref(), &url)?;
@@ -271,7 +284,11 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         }
         Cmd::Down => down(c).await?,
         Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
-        Cmd::Apply { .. } | Cmd::Daemon { .. } | Cmd::Creds { .. } | Cmd::Render { .. } => {
+        Cmd::Apply { .. }
+        | Cmd::Daemon { .. }
+        | Cmd::Creds { .. }
+        | Cmd::Render { .. }
+        | Cmd::Dashboard => {
             unreachable!("handled by run")
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// kvsup's layers, bottom first. A module may use the modules of the
 /// layers below its own, never its own layer's or a higher one's.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("decisions", &["manifest", "election", "auth"]),
+    ("decisions", &["manifest", "election", "auth", "dashboard"]),
     (
         "effects",
         &["process", "token_file", "creds", "metrics", "logging"],

@@ -166,6 +166,7 @@ impl Sup {
         self.metrics.failovers.inc();
         if let Some(t) = took {
             self.metrics.failover_duration.observe(t.as_secs_f64());
+            self.record_failover(&c.name, t);
         }
         self.event(
             "failover",

@@ -8,7 +8,9 @@
 //! - one watcher per running process, whose exit is seen at once
 //!   (`nodes.rs`);
 //! - the reconcile loop: start missing nodes, restart dead ones with capped
-//!   backoff, and fail over when the primary has failed (`failover.rs`).
+//!   backoff, and fail over when the primary has failed (`failover.rs`);
+//! - the sampler: the status document once a second into the dashboard's
+//!   bounded ring (`crate::dashboard::Samples`).
 //!
 //! The layers above add the manifest file watcher and the HTTP API the
 //! `kvsup` commands talk to (`commands.rs` is what they call; `status.rs`
@@ -40,6 +42,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::creds::Creds;
+use crate::dashboard::{self, Failover, Sample, Samples};
 use crate::manifest::{Manifest, ManifestError};
 use crate::metrics::Metrics;
 
@@ -135,6 +138,8 @@ pub struct Sup {
     http: reqwest::Client,
     events: Mutex<VecDeque<Event>>,
     next_event: AtomicU64,
+    /// Recent samples and failovers, for the dashboard's charts.
+    samples: Mutex<Samples>,
     pub metrics: Metrics,
     wake: tokio::sync::Notify,
     failover_in_progress: AtomicBool,
@@ -216,6 +221,7 @@ impl Sup {
             http,
             events: Mutex::new(VecDeque::new()),
             next_event: AtomicU64::new(1),
+            samples: Mutex::new(Samples::default()),
             metrics: Metrics::new().context("registering metrics")?,
             wake: tokio::sync::Notify::new(),
             failover_in_progress: AtomicBool::new(false),
@@ -235,6 +241,35 @@ impl Sup {
             self.spawn(self.clone().health_loop(n.clone()));
         }
         self.spawn(self.clone().reconcile_loop());
+        self.spawn(self.clone().sample_loop());
+    }
+
+    /// Takes a [`Sample`] of the status every [`dashboard::SAMPLE_EVERY_MS`]
+    /// until the daemon stops.
+    async fn sample_loop(self: Arc<Self>) {
+        let every = Duration::from_millis(dashboard::SAMPLE_EVERY_MS);
+        loop {
+            let s = Sample::from_status(now_ms(), &self.status());
+            self.samples.lock().push(s);
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.stopped() => return,
+            }
+        }
+    }
+
+    /// The `/v1/samples` document.
+    pub fn samples(&self) -> Value {
+        self.samples.lock().to_json()
+    }
+
+    /// Records a failover's duration for the dashboard.
+    fn record_failover(&self, node: &str, took: Duration) {
+        self.samples.lock().failover(Failover {
+            t_ms: now_ms(),
+            node: node.to_string(),
+            ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        });
     }
 
     /// Runs `task` as one of the daemon's tasks, so that [`Sup::stop`]

@@ -114,6 +114,7 @@ fn routes(c: &Supervised) -> Vec<(&'static str, &'static str, String)> {
     vec![
         ("GET", "/v1/status", String::new()),
         ("GET", "/v1/events", String::new()),
+        ("GET", "/v1/samples", String::new()),
         ("GET", "/metrics", String::new()),
         ("GET", "/no/such/route", String::new()),
         ("POST", "/v1/apply", apply),

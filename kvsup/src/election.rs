@@ -138,8 +138,10 @@ pub fn leader(views: &[NodeView]) -> Option<&NodeView> {
 /// is then replaced one patience after kvsup sees the others again.
 /// (Nodes kvsup runs itself and saw exit are not a network fault: an exit
 /// is a cause of its own.)
+/// (Only nodes that failed their checks count: a node still starting has
+/// not answered yet either.)
 pub fn sees_no_node(views: &[NodeView]) -> bool {
-    views.iter().all(|v| v.running && !v.answering)
+    views.iter().all(|v| v.running && !v.answering && v.failed)
 }
 
 /// Decides for one reconcile, given the primary kvsup last knew (or
@@ -251,6 +253,12 @@ mod tests {
         assert!(!sees_no_node(&one_seen));
         let exited = [dead(primary("a")), cut(node("b")), cut(node("c"))];
         assert!(!sees_no_node(&exited));
+        let starting = |v: NodeView| NodeView {
+            answering: false,
+            ..v
+        };
+        let start = [starting(primary("a")), starting(node("b")), cut(node("c"))];
+        assert!(!sees_no_node(&start));
     }
 
     fn elected<'a>(d: &'a Decision<'a>) -> Option<(&'a str, &'a Cause)> {

@@ -83,6 +83,12 @@ pub struct Spec {
     /// the daemon does with it). Left out: plain HTTP, no tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+    /// A backup file (`kvsup backup`) a new cluster is made from: while no
+    /// node has ever started, the daemon verifies it and restores every
+    /// node's data dir from it (`kvd restore`) before the first start.
+    /// Relative to the directory `kvsup apply` ran in; read only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// `spec.tls`: the one value it takes. Off is the field left out, so that a
@@ -308,6 +314,7 @@ const FIELD_NAMES: &[&str] = &[
     "backoffInitialMs",
     "backoffMaxMs",
     "kvdArgs",
+    "restoreFrom",
 ];
 
 impl ManifestError {
@@ -498,6 +505,7 @@ impl Manifest {
         check_health_check(&s.health_check, &at)?;
         check_restart(&s.restart, &at)?;
         check_kvd_args(&s.kvd_args, s.tls_auto(), &at)?;
+        check_restore_from(s, &at)?;
         check_exposure(s, &at)
     }
 
@@ -751,6 +759,37 @@ fn check_address(a: &str) -> Result<(), String> {
 /// kvd's protected mode, said at apply rather than by a node that will not
 /// start: a node reachable from other hosts needs `tls: auto` (TLS and
 /// tokens), or `--insecure` in `kvdArgs` to run it open on purpose.
+/// `restoreFrom`: a path, and only for nodes kvsup runs (it restores a
+/// data dir on this host, never on an external node's).
+fn check_restore_from(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
+    let Some(path) = &s.restore_from else {
+        return Ok(());
+    };
+    let shown = path.display().to_string();
+    if path.as_os_str().is_empty() {
+        return Err(at.fail(
+            "spec.restoreFrom",
+            "restoreFrom",
+            "",
+            0,
+            "must name a backup file".into(),
+        ));
+    }
+    if let Some((i, _)) = s.nodes.iter().enumerate().find(|(_, n)| n.external()) {
+        return Err(at.fail(
+            "spec.restoreFrom",
+            "restoreFrom",
+            &shown,
+            0,
+            format!(
+                "node {i} is external: kvsup restores only the data dirs of nodes it runs \
+                 (restore an external node with kvd restore on its host)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_exposure(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
     let open = s.kvd_args.iter().any(|a| a == "--insecure");
     if s.tls_auto() || open {

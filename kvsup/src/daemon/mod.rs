@@ -23,6 +23,7 @@ mod commands;
 mod failover;
 mod health;
 mod nodes;
+pub mod restore;
 mod status;
 
 use std::collections::VecDeque;

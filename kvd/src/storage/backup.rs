@@ -294,7 +294,39 @@ pub fn verify_from(reader: impl Read, path: &Path, limits: &Limits) -> Result<Ve
             ),
         ));
     }
-    let mut epoch = meta.last_epoch;
+    let epoch = entries(&mut r, &header, meta.last_epoch, &state, limits, &corrupt)?;
+    if epoch != header.epoch {
+        return Err(corrupt(
+            24,
+            format!(
+                "the header says epoch {}, entry {} has {epoch}",
+                header.epoch, header.index
+            ),
+        ));
+    }
+    trailer(&mut r, &header, &corrupt)?;
+    nothing_after(&state, header.index, &corrupt)?;
+    Ok(Verified {
+        header,
+        state,
+        // The checksum itself is read past the summing.
+        bytes: r.pos + 4,
+    })
+}
+
+/// The entries S+1..=C at the reader's position, applied to `state` in
+/// order; returns the epoch of the last (the snapshot's without any).
+fn entries<R: Read>(
+    r: &mut Summing<R>,
+    header: &Header,
+    snapshot_epoch: u64,
+    state: &State,
+    limits: &Limits,
+    corrupt: &impl Fn(u64, String) -> Error,
+) -> Result<u64, Error> {
+    let short =
+        |offset: u64, what: &str| corrupt(offset, format!("the backup ends early, in {what}"));
+    let mut epoch = snapshot_epoch;
     let mut frame = Vec::new();
     for index in header.snapshot_index + 1..=header.index {
         let at = r.pos;
@@ -332,21 +364,20 @@ pub fn verify_from(reader: impl Read, path: &Path, limits: &Limits) -> Result<Ve
         state.apply(rec.index, rec.ts, &rec.op, false);
         epoch = rec.epoch;
     }
-    if epoch != header.epoch {
-        return Err(corrupt(
-            24,
-            format!(
-                "the header says epoch {}, entry {} has {epoch}",
-                header.epoch, header.index
-            ),
-        ));
-    }
-    trailer(&mut r, &header, corrupt)?;
+    Ok(epoch)
+}
+
+/// Refuses a state holding a write after `index`.
+fn nothing_after(
+    state: &State,
+    index: u64,
+    corrupt: &impl Fn(u64, String) -> Error,
+) -> Result<(), Error> {
     // The snapshot was complete before C was chosen, so nothing in the
     // state may be newer than C.
     let mut newer = None;
     state.for_each(|key, _, m| {
-        if m.mod_index > header.index && newer.is_none() {
+        if m.mod_index > index && newer.is_none() {
             newer = Some((String::from_utf8_lossy(key).into_owned(), m.mod_index));
         }
     });
@@ -355,16 +386,11 @@ pub fn verify_from(reader: impl Read, path: &Path, limits: &Limits) -> Result<Ve
             HEADER_BYTES as u64,
             format!(
                 "the snapshot holds key {key:?} written at {at}, after index {}",
-                header.index
+                index
             ),
         ));
     }
-    Ok(Verified {
-        header,
-        state,
-        // The checksum itself is read past the summing.
-        bytes: r.pos + 4,
-    })
+    Ok(())
 }
 
 /// The trailer at the reader's position: marker, count, the checksum of
@@ -372,7 +398,7 @@ pub fn verify_from(reader: impl Read, path: &Path, limits: &Limits) -> Result<Ve
 fn trailer<R: Read>(
     r: &mut Summing<R>,
     header: &Header,
-    corrupt: impl Fn(u64, String) -> Error,
+    corrupt: &impl Fn(u64, String) -> Error,
 ) -> Result<(), Error> {
     let at = r.pos;
     let mut t = [0u8; 16];

@@ -10,8 +10,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::creds::Layout;
-
 /// The node a backup is taken from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
@@ -40,20 +38,19 @@ pub fn pick(nodes: &[Value]) -> Option<Source> {
     with_role("secondary").or_else(|| with_role("primary"))
 }
 
-/// The client to the nodes: under `tls: auto` (`creds` given) over https
-/// trusting the cluster CA, with the cluster admin token.
-pub fn client(creds: Option<&Layout>) -> Result<(reqwest::Client, Option<String>)> {
+/// The client to the nodes: under `tls: auto` (`tls` given: the cluster
+/// CA's file and the cluster admin token's file, `creds/` of the state
+/// dir) over https trusting that CA, with that token.
+pub fn client(tls: Option<(&Path, &Path)>) -> Result<(reqwest::Client, Option<String>)> {
     let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
     let mut token = None;
-    if let Some(l) = creds {
-        let ca = l.ca();
-        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+    if let Some((ca, token_file)) = tls {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         let cert = reqwest::Certificate::from_pem(&pem)
             .with_context(|| format!("{}: not a PEM certificate", ca.display()))?;
         b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
-        let t = l.admin_token();
-        let secret = std::fs::read_to_string(&t)
-            .with_context(|| format!("reading the cluster admin token {}", t.display()))?;
+        let secret = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the cluster admin token {}", token_file.display()))?;
         token = Some(secret.trim().to_string());
     }
     Ok((b.build().context("building the HTTP client")?, token))

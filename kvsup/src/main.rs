@@ -306,7 +306,9 @@ async fn backup(c: &Api, to: &Path, kvd: Option<PathBuf>) -> Result<()> {
         (Value::Object(_), Some(dir)) => Some(kvsup::creds::Layout::in_state_dir(Path::new(dir))),
         _ => None,
     };
-    let (http, token) = kvsup::backup::client(creds.as_ref())?;
+    let files = creds.as_ref().map(|l| (l.ca(), l.admin_token()));
+    let (http, token) =
+        kvsup::backup::client(files.as_ref().map(|(ca, t)| (ca.as_path(), t.as_path())))?;
     let kvd = kvd.map_or_else(kvd_beside_kvsup, Ok)?;
     let mut last = None;
     for _ in 0..BACKUP_TRIES {

@@ -1029,6 +1029,29 @@ spec:
     }
 
     #[test]
+    fn restore_from_names_a_file_for_nodes_kvsup_runs() {
+        let m = Manifest::parse(&format!("{GOOD}  restoreFrom: backups/b.kvbak\n"), "m").unwrap();
+        assert_eq!(
+            m.spec.restore_from.as_deref(),
+            Some(Path::new("backups/b.kvbak"))
+        );
+        assert!(Manifest::parse(GOOD, "m")
+            .unwrap()
+            .spec
+            .restore_from
+            .is_none());
+        let e = Manifest::parse(&format!("{GOOD}  restoreFrom: \"\"\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.restoreFrom", "{e}");
+        let external = GOOD.replace(
+            "{name: n0, port: 8765}",
+            "{name: n0, port: 8765, runtime: external}",
+        );
+        let e = Manifest::parse(&format!("{external}  restoreFrom: b\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.restoreFrom", "{e}");
+        assert!(e.message.contains("external"), "{e}");
+    }
+
+    #[test]
     fn nodes_on_hosts_name_their_address_and_runtime() {
         let hosts = GOOD
             .replace(

@@ -31,6 +31,8 @@ pub const BACKUP_SNAPSHOT_INDEX: &str = "x-kv-backup-snapshot-index";
 /// A masterless node's log is not one history (peers' writes are merged
 /// into it), so it is not replayable elsewhere.
 const BACKUP_UNSUPPORTED: &str = "backup_unsupported";
+/// The snapshot or the entries after it could not be pinned; retry.
+const BACKUP_UNAVAILABLE: &str = "backup_unavailable";
 
 /// Bytes of the snapshot read per chunk, and of entries per read.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -59,7 +61,7 @@ struct Source {
 /// complete before C was read, so it holds nothing after C).
 fn open_source(engine: &Engine) -> Result<Source, ApiError> {
     let unavailable = |why: String| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL, why)
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, BACKUP_UNAVAILABLE, why)
             .with_header("retry-after", "1".into())
     };
     for _ in 0..OPEN_TRIES {
@@ -75,7 +77,13 @@ fn open_source(engine: &Engine) -> Result<Source, ApiError> {
             Some((path, index)) => match open_snapshot(&path) {
                 Ok((f, epoch, len)) => (Snapshot::File(f), index, epoch, len),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(unavailable(format!("reading {}: {e}", path.display()))),
+                Err(e) => {
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        code::STORAGE_ERROR,
+                        format!("reading {}: {e}", path.display()),
+                    ))
+                }
             },
         };
         let c = engine.state().applied_index().max(s_index);

@@ -368,3 +368,42 @@ fn a_tls_cluster_is_backed_up_with_its_ca_and_admin_token() {
         "{out}"
     );
 }
+
+#[test]
+fn scheduled_backups_are_taken_verified_and_the_newest_kept() {
+    let d = TempDir::new().unwrap();
+    let c = Supervised::apply(d.path(), 2, "  backup: {every: 1s, keep: 2, dir: bk}\n").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let k = client(c.urls());
+        for i in 0..20 {
+            k.set(&format!("s{i}"), "x").await.unwrap();
+        }
+    });
+    let ok = wait_until(Duration::from_secs(30), || {
+        c.metric("kvsup_backups_total{result=\"ok\"}")
+            .unwrap_or(0.0)
+            >= 3.0
+    });
+    assert!(ok, "{}", c.metrics().unwrap_or_default());
+    assert!(c.metric("kvsup_last_backup_index").unwrap() >= 1.0);
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(d.path().join("bk"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kvbak"))
+        .collect();
+    assert!(!files.is_empty() && files.len() <= 2, "{files:?}");
+    for f in &files {
+        let (st, out) = run_in(
+            d.path(),
+            "kvd",
+            &["restore", "--check", "--from", &f.display().to_string()],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(st.success(), "{}: {out}", f.display());
+    }
+    let (_, events) = c.kvsup(&["events"]).unwrap();
+    assert!(events.contains("backup"), "{events}");
+}

@@ -89,6 +89,50 @@ pub struct Spec {
     /// Relative to the directory `kvsup apply` ran in; read only then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<PathBuf>,
+    /// Scheduled backups by the daemon (`kvsup backup`'s, into `dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSchedule>,
+}
+
+/// `spec.backup`: a backup every `every` (`30s`, `15m`, `1h`, `1d`) into
+/// `dir` (relative to the directory `kvsup apply` ran in), keeping the
+/// newest `keep`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    pub every: String,
+    pub keep: u32,
+    pub dir: PathBuf,
+}
+
+impl BackupSchedule {
+    /// `every` in milliseconds (checked at load).
+    pub fn every_ms(&self) -> u64 {
+        parse_every(&self.every).unwrap_or(3_600_000)
+    }
+}
+
+/// A duration of `spec.backup.every`: a positive integer and a unit, `s`,
+/// `m`, `h` or `d`; 1 s ..= 30 days.
+pub fn parse_every(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 15m, 1h or 1d"))?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    let ms = n.saturating_mul(unit_ms);
+    if !(1_000..=30 * 86_400_000).contains(&ms) {
+        return Err(format!("{text:?} is outside 1s ..= 30d"));
+    }
+    Ok(ms)
 }
 
 /// `spec.tls`: the one value it takes. Off is the field left out, so that a
@@ -315,6 +359,10 @@ const FIELD_NAMES: &[&str] = &[
     "backoffMaxMs",
     "kvdArgs",
     "restoreFrom",
+    "backup",
+    "every",
+    "keep",
+    "dir",
 ];
 
 impl ManifestError {
@@ -506,6 +554,7 @@ impl Manifest {
         check_restart(&s.restart, &at)?;
         check_kvd_args(&s.kvd_args, s.tls_auto(), &at)?;
         check_restore_from(s, &at)?;
+        check_backup(s, &at)?;
         check_exposure(s, &at)
     }
 
@@ -790,6 +839,28 @@ fn check_restore_from(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// `backup`: a valid period, 1 ..= 1000 kept, a directory named.
+fn check_backup(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
+    let Some(b) = &s.backup else {
+        return Ok(());
+    };
+    parse_every(&b.every).map_err(|why| at.fail("spec.backup.every", "every", &b.every, 0, why))?;
+    if !(1..=1000).contains(&b.keep) {
+        let v = b.keep.to_string();
+        return Err(at.fail("spec.backup.keep", "keep", &v, 0, "must be 1..=1000".into()));
+    }
+    if b.dir.as_os_str().is_empty() {
+        return Err(at.fail(
+            "spec.backup.dir",
+            "dir",
+            "",
+            0,
+            "must name a directory".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_exposure(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
     let open = s.kvd_args.iter().any(|a| a == "--insecure");
     if s.tls_auto() || open {
@@ -1049,6 +1120,25 @@ spec:
         let e = Manifest::parse(&format!("{external}  restoreFrom: b\n"), "m").unwrap_err();
         assert_eq!(e.field, "spec.restoreFrom", "{e}");
         assert!(e.message.contains("external"), "{e}");
+    }
+
+    #[test]
+    fn a_backup_schedule_has_a_period_a_count_and_a_dir() {
+        assert_eq!(parse_every("30s"), Ok(30_000));
+        assert_eq!(parse_every("15m"), Ok(900_000));
+        assert_eq!(parse_every("1h"), Ok(3_600_000));
+        assert_eq!(parse_every("2d"), Ok(172_800_000));
+        for bad in ["", "h", "1", "1w", "0s", "31d", "-1h", "1.5h"] {
+            assert!(parse_every(bad).is_err(), "{bad}");
+        }
+        let ok = format!("{GOOD}  backup: {{every: 1h, keep: 24, dir: backups}}\n");
+        let m = Manifest::parse(&ok, "m").unwrap();
+        let b = m.spec.backup.unwrap();
+        assert_eq!((b.every_ms(), b.keep), (3_600_000, 24));
+        let e = Manifest::parse(&ok.replace("1h", "1y"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.backup.every", "{e}");
+        let e = Manifest::parse(&ok.replace("keep: 24", "keep: 0"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.backup.keep", "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! (docs/DESIGN.md §4), so a wrong guess here (a primary that was only slow) costs a
 //! needless election, never a lost write.
 
+mod backups;
 mod commands;
 mod failover;
 mod health;
@@ -234,6 +235,7 @@ impl Sup {
             self.spawn(self.clone().health_loop(n.clone()));
         }
         self.spawn(self.clone().reconcile_loop());
+        self.spawn(self.clone().backup_loop());
     }
 
     /// Runs `task` as one of the daemon's tasks, so that [`Sup::stop`]

@@ -14,11 +14,17 @@ use crate::logging::LogFormat;
 #[command(
     name = "kvd",
     version,
+    // `kvd restore ...` takes only its own flags; `kvd --port ...` serves.
+    args_conflicts_with_subcommands = true,
     after_help = "Signals: SIGTERM or SIGINT stop the node gracefully (in-flight writes finish, exit 0).\n\
                   Exit status 1: the node could not start (data dir in use, corrupt data, port taken); \
                   the message says which and where."
 )]
 pub struct Config {
+    /// Something else than serving (without one, kvd serves).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TCP port of the HTTP API.
     #[arg(long, default_value_t = 8765)]
     pub port: u16,
@@ -266,4 +272,39 @@ pub struct Config {
 pub enum BootRole {
     Primary,
     Secondary,
+}
+
+/// kvd's subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Make a data dir from a backup (`GET /v1/admin/snapshot`): verifies
+    /// the whole file first (a damaged one is refused, naming the byte
+    /// offset, and nothing is created), then writes DATA_DIR (which must
+    /// not exist or be empty) holding exactly the state at the backup's
+    /// index. Exit 0 with a line naming the index, keys and digest.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The backup file.
+    #[arg(long)]
+    pub from: PathBuf,
+
+    /// The data dir to make (absent or empty). Required unless --check.
+    #[arg(long, required_unless_present = "check")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Verify the file only; create nothing.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Largest value a key of the backup may hold (as kvd's
+    /// --max-value-bytes: a restored node must be able to serve it).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_value_bytes: usize,
+
+    /// Largest bulk of an entry of the backup (as kvd's --max-bulk-items).
+    #[arg(long, default_value_t = 100_000)]
+    pub max_bulk_items: usize,
 }

@@ -13,8 +13,9 @@
 //! - [`node`]: the node's mode and runtime, the write path, the mode switch.
 //! - [`api`]: the HTTP API (docs/DESIGN.md §2), thin handlers; the only place that
 //!   chooses status codes.
-//! - [`server`], [`config`], [`logging`]: the wiring: flags, the log
-//!   subscriber (`KVD_LOG`, `--log-format`), running a node.
+//! - [`server`], [`config`], [`logging`], [`restore`]: the wiring: flags,
+//!   the log subscriber (`KVD_LOG`, `--log-format`), running a node,
+//!   `kvd restore`.
 
 pub mod api;
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod model;
 pub mod node;
 pub mod peer_http;
 pub mod replication;
+pub mod restore;
 pub mod server;
 pub mod storage;
 pub mod tasks;

@@ -22,6 +22,7 @@
 //!    command in `main.rs`.
 
 pub mod auth;
+pub mod backup;
 pub mod creds;
 pub mod daemon;
 pub mod dashboard;

@@ -114,6 +114,18 @@ enum Cmd {
     },
     /// Stop every node gracefully (SIGTERM) and the supervisor daemon.
     Down,
+    /// Back the cluster up into FILE: from a healthy secondary (else the
+    /// primary), exact at one index; written as FILE.tmp, fsync'd,
+    /// verified (`kvd restore --check`), then renamed. `spec.restoreFrom`
+    /// makes a new cluster from it.
+    Backup {
+        /// The backup file to write.
+        #[arg(long)]
+        to: PathBuf,
+        /// kvd binary that verifies it (default: the kvd beside this kvsup).
+        #[arg(long)]
+        kvd: Option<PathBuf>,
+    },
     /// Where a `tls: auto` cluster's CA and client token are (read from the
     /// `-f` manifest; no daemon needed).
     Creds {
@@ -283,6 +295,7 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
             say!("{node} is primary of epoch {}", r["epoch"]);
         }
         Cmd::Down => down(c).await?,
+        Cmd::Backup { to, kvd } => backup(c, &to, kvd).await?,
         Cmd::Events { json } => show(c, "/v1/events", json, print_events).await?,
         Cmd::Apply { .. }
         | Cmd::Daemon { .. }
@@ -293,6 +306,63 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fetch attempts of `kvsup backup` (a backup cut short, say by a
+/// snapshot that compacted the log under it, is taken again).
+const BACKUP_TRIES: usize = 3;
+
+/// `kvsup backup`: the source node from the daemon's status, the file from
+/// the node, verified before it takes its name.
+async fn backup(c: &Api, to: &Path, kvd: Option<PathBuf>) -> Result<()> {
+    use kvsup::daemon::restore::Restore;
+    let st = c.get("/v1/status").await?;
+    let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+    let src = kvsup::backup::pick(&nodes).context("no healthy node to back up")?;
+    let creds = match (&st["tls"], st["state_dir"].as_str()) {
+        (Value::Object(_), Some(dir)) => Some(kvsup::creds::Layout::in_state_dir(Path::new(dir))),
+        _ => None,
+    };
+    let files = creds.as_ref().map(|l| (l.ca(), l.admin_token()));
+    let (http, token) =
+        kvsup::backup::client(files.as_ref().map(|(ca, t)| (ca.as_path(), t.as_path())))?;
+    let kvd = kvd.map_or_else(kvd_beside_kvsup, Ok)?;
+    let mut last = None;
+    for _ in 0..BACKUP_TRIES {
+        let tried = async {
+            let f = kvsup::backup::fetch(&http, token.as_deref(), &src.url, to).await?;
+            let check = Restore {
+                kvd: kvd.clone(),
+                from: f.tmp.clone(),
+            };
+            let line = check
+                .check()
+                .await
+                .context("the fetched backup is refused")?;
+            kvsup::backup::commit(&f.tmp, to)?;
+            anyhow::Ok((f, line))
+        }
+        .await;
+        match tried {
+            Ok((f, line)) => {
+                say!(
+                    "backup of cluster {}: index {} from {} ({}), {} bytes, to {} ({line})",
+                    st["cluster"].as_str().unwrap_or("?"),
+                    f.index,
+                    src.name,
+                    src.role,
+                    f.bytes,
+                    to.display()
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(kvsup::backup::tmp_path(to));
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
 }
 
 /// GETs `path` from the daemon and prints it: the JSON document, or
@@ -508,6 +578,14 @@ async fn apply(
             say!("  {} on http://127.0.0.1:{}", n.name, n.port);
         }
         return Ok(());
+    }
+    // A new cluster from a backup: a damaged file is refused here, before
+    // the daemon or anything of the cluster is made (the daemon checks
+    // again before it restores).
+    if let Some((r, _)) = kvsup::daemon::restore::plan(&a.manifest, &a.base, &a.state_dir, &kvd) {
+        r.check()
+            .await
+            .with_context(|| format!("spec.restoreFrom {}", r.from.display()))?;
     }
     let child = start_daemon(&a, &kvd, log)?;
     wait_until_started(&probe, child, &a).await

@@ -83,6 +83,56 @@ pub struct Spec {
     /// the daemon does with it). Left out: plain HTTP, no tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+    /// A backup file (`kvsup backup`) a new cluster is made from: while no
+    /// node has ever started, the daemon verifies it and restores every
+    /// node's data dir from it (`kvd restore`) before the first start.
+    /// Relative to the directory `kvsup apply` ran in; read only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<PathBuf>,
+    /// Scheduled backups by the daemon (`kvsup backup`'s, into `dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSchedule>,
+}
+
+/// `spec.backup`: a backup every `every` (`30s`, `15m`, `1h`, `1d`) into
+/// `dir` (relative to the directory `kvsup apply` ran in), keeping the
+/// newest `keep`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    pub every: String,
+    pub keep: u32,
+    pub dir: PathBuf,
+}
+
+impl BackupSchedule {
+    /// `every` in milliseconds (checked at load).
+    pub fn every_ms(&self) -> u64 {
+        parse_every(&self.every).unwrap_or(3_600_000)
+    }
+}
+
+/// A duration of `spec.backup.every`: a positive integer and a unit, `s`,
+/// `m`, `h` or `d`; 1 s ..= 30 days.
+pub fn parse_every(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 15m, 1h or 1d"))?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    let ms = n.saturating_mul(unit_ms);
+    if !(1_000..=30 * 86_400_000).contains(&ms) {
+        return Err(format!("{text:?} is outside 1s ..= 30d"));
+    }
+    Ok(ms)
 }
 
 /// `spec.tls`: the one value it takes. Off is the field left out, so that a
@@ -309,6 +359,11 @@ const FIELD_NAMES: &[&str] = &[
     "backoffInitialMs",
     "backoffMaxMs",
     "kvdArgs",
+    "restoreFrom",
+    "backup",
+    "every",
+    "keep",
+    "dir",
 ];
 
 impl ManifestError {
@@ -499,6 +554,8 @@ impl Manifest {
         check_health_check(&s.health_check, &at)?;
         check_restart(&s.restart, &at)?;
         check_kvd_args(&s.kvd_args, s.tls_auto(), &at)?;
+        check_restore_from(s, &at)?;
+        check_backup(s, &at)?;
         check_exposure(s, &at)
     }
 
@@ -752,6 +809,59 @@ fn check_address(a: &str) -> Result<(), String> {
 /// kvd's protected mode, said at apply rather than by a node that will not
 /// start: a node reachable from other hosts needs `tls: auto` (TLS and
 /// tokens), or `--insecure` in `kvdArgs` to run it open on purpose.
+/// `restoreFrom`: a path, and only for nodes kvsup runs (it restores a
+/// data dir on this host, never on an external node's).
+fn check_restore_from(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
+    let Some(path) = &s.restore_from else {
+        return Ok(());
+    };
+    let shown = path.display().to_string();
+    if path.as_os_str().is_empty() {
+        return Err(at.fail(
+            "spec.restoreFrom",
+            "restoreFrom",
+            "",
+            0,
+            "must name a backup file".into(),
+        ));
+    }
+    if let Some((i, _)) = s.nodes.iter().enumerate().find(|(_, n)| n.external()) {
+        return Err(at.fail(
+            "spec.restoreFrom",
+            "restoreFrom",
+            &shown,
+            0,
+            format!(
+                "node {i} is external: kvsup restores only the data dirs of nodes it runs \
+                 (restore an external node with kvd restore on its host)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `backup`: a valid period, 1 ..= 1000 kept, a directory named.
+fn check_backup(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
+    let Some(b) = &s.backup else {
+        return Ok(());
+    };
+    parse_every(&b.every).map_err(|why| at.fail("spec.backup.every", "every", &b.every, 0, why))?;
+    if !(1..=1000).contains(&b.keep) {
+        let v = b.keep.to_string();
+        return Err(at.fail("spec.backup.keep", "keep", &v, 0, "must be 1..=1000".into()));
+    }
+    if b.dir.as_os_str().is_empty() {
+        return Err(at.fail(
+            "spec.backup.dir",
+            "dir",
+            "",
+            0,
+            "must name a directory".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_exposure(s: &Spec, at: &Locator) -> Result<(), ManifestError> {
     let open = s.kvd_args.iter().any(|a| a == "--insecure");
     if s.tls_auto() || open {
@@ -988,6 +1098,48 @@ spec:
         assert!(Manifest::parse(&plain, "m").is_ok());
         let e = Manifest::parse(GOOD, "m").unwrap().diff(&m).unwrap_err();
         assert!(e.contains("spec.tls"), "{e}");
+    }
+
+    #[test]
+    fn restore_from_names_a_file_for_nodes_kvsup_runs() {
+        let m = Manifest::parse(&format!("{GOOD}  restoreFrom: backups/b.kvbak\n"), "m").unwrap();
+        assert_eq!(
+            m.spec.restore_from.as_deref(),
+            Some(Path::new("backups/b.kvbak"))
+        );
+        assert!(Manifest::parse(GOOD, "m")
+            .unwrap()
+            .spec
+            .restore_from
+            .is_none());
+        let e = Manifest::parse(&format!("{GOOD}  restoreFrom: \"\"\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.restoreFrom", "{e}");
+        let external = GOOD.replace(
+            "{name: n0, port: 8765}",
+            "{name: n0, port: 8765, runtime: external}",
+        );
+        let e = Manifest::parse(&format!("{external}  restoreFrom: b\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.restoreFrom", "{e}");
+        assert!(e.message.contains("external"), "{e}");
+    }
+
+    #[test]
+    fn a_backup_schedule_has_a_period_a_count_and_a_dir() {
+        assert_eq!(parse_every("30s"), Ok(30_000));
+        assert_eq!(parse_every("15m"), Ok(900_000));
+        assert_eq!(parse_every("1h"), Ok(3_600_000));
+        assert_eq!(parse_every("2d"), Ok(172_800_000));
+        for bad in ["", "h", "1", "1w", "0s", "31d", "-1h", "1.5h"] {
+            assert!(parse_every(bad).is_err(), "{bad}");
+        }
+        let ok = format!("{GOOD}  backup: {{every: 1h, keep: 24, dir: backups}}\n");
+        let m = Manifest::parse(&ok, "m").unwrap();
+        let b = m.spec.backup.unwrap();
+        assert_eq!((b.every_ms(), b.keep), (3_600_000, 24));
+        let e = Manifest::parse(&ok.replace("1h", "1y"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.backup.every", "{e}");
+        let e = Manifest::parse(&ok.replace("keep: 24", "keep: 0"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.backup.keep", "{e}");
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub mode_switches: IntCounter,
     pub mode_switch_pause: Histogram,
+    /// Scheduled backups by result (`ok`, `failed`).
+    pub backups: IntCounterVec,
+    /// The index the newest scheduled backup is exact at.
+    pub last_backup_index: IntGauge,
 }
 
 impl Metrics {
@@ -92,6 +96,23 @@ impl Metrics {
                 "kvsup_mode_switch_pause_seconds",
                 "How long writes were paused by a mode switch",
                 &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            )?,
+            backups: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvsup_backups_total",
+                        "Scheduled backups (spec.backup) by result: ok or failed",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            last_backup_index: register(
+                &r,
+                IntGauge::new(
+                    "kvsup_last_backup_index",
+                    "The log index the newest scheduled backup is exact at (0: none yet)",
+                )?,
             )?,
             registry: r,
         })

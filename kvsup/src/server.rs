@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::daemon::Sup;
+use crate::daemon::{restore, Sup};
 use crate::manifest::Manifest;
 
 /// Runs the daemon until `kvsup down` (or SIGTERM, which leaves the nodes
@@ -22,6 +22,16 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let port = manifest.spec.supervisor.port;
     let state_dir = manifest.state_dir(&base_dir);
+    // A new cluster from a backup: the file is verified before anything
+    // is made, so a bad one stops the daemon having created nothing.
+    let restore = restore::plan(&manifest, &base_dir, &state_dir, &kvd);
+    if let Some((r, _)) = &restore {
+        let line = r
+            .check()
+            .await
+            .with_context(|| format!("spec.restoreFrom {}", r.from.display()))?;
+        tracing::info!(file = %r.from.display(), "{line}");
+    }
     // Only its owner may look in: it holds tokens and keys.
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -59,6 +69,15 @@ pub async fn run(manifest_path: PathBuf, base_dir: PathBuf, kvd: PathBuf) -> Res
         ),
     );
     sup.metrics.applies.inc();
+    if let Some((r, dirs)) = &restore {
+        for (name, dir) in dirs {
+            let line = r
+                .into_dir(dir)
+                .await
+                .with_context(|| format!("restoring node {name} from {}", r.from.display()))?;
+            sup.event("restore", Some(name), line);
+        }
+    }
     sup.start();
     sup.spawn(crate::watch::run(sup.clone()));
     let served = serve(&sup, listener, guard).await;

@@ -11,7 +11,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("decisions", &["manifest", "election", "auth", "dashboard"]),
     (
         "effects",
-        &["process", "token_file", "creds", "metrics", "logging"],
+        &[
+            "process",
+            "token_file",
+            "creds",
+            "metrics",
+            "logging",
+            "backup",
+        ],
     ),
     ("plans", &["launch"]),
     ("daemon", &["daemon"]),

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+mod backup;
 pub mod body_budget;
 pub mod conn_io;
 pub mod error;
@@ -195,6 +196,7 @@ pub fn router(state: Shared) -> Router {
             axum::routing::post(admin::resume_writes),
         )
         .route("/v1/admin/mode", axum::routing::post(admin::switch_mode))
+        .route("/v1/admin/snapshot", get(backup::snapshot))
         .route(
             "/v1/admin/debug/clock",
             axum::routing::post(admin::debug_clock),

@@ -38,6 +38,7 @@
 //! One [`Health`] flag says whether the engine takes writes: the WAL sets
 //! it where a failure happens, everyone else reads it.
 
+pub mod backup;
 pub mod expiry;
 pub mod fs;
 mod health;

@@ -158,13 +158,36 @@ pub fn load(
     let f = fs
         .open_read(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    load_from(
+        BufReader::with_capacity(1 << 20, f),
+        path,
+        0,
+        state,
+        lww,
+        source,
+    )
+}
+
+/// [`load`] from `reader`, which must end where the snapshot ends: a
+/// snapshot inside a larger file (a backup, docs/DESIGN.md §3.10) is read
+/// through a reader limited to its length. `base` is the snapshot's offset
+/// in `path`, so every error names the byte of that file.
+pub fn load_from<R: Read>(
+    reader: R,
+    path: &Path,
+    base: u64,
+    state: &State,
+    lww: Option<&Lww>,
+    source: Source<'_>,
+) -> Result<SnapshotMeta, Error> {
     let mut l = Loader {
         r: CrcReader {
-            inner: BufReader::with_capacity(1 << 20, f),
+            inner: reader,
             crc: 0,
             pos: 0,
         },
         path,
+        base,
         source,
         max_value_bytes: match source {
             Source::Own => MAX_PAYLOAD_BYTES,
@@ -223,6 +246,8 @@ struct Loaded {
 struct Loader<'a, R> {
     r: CrcReader<R>,
     path: &'a Path,
+    /// Where the snapshot starts in `path` (0 for a snapshot file).
+    base: u64,
     source: Source<'a>,
     max_value_bytes: usize,
     /// The header's format version.
@@ -236,7 +261,7 @@ impl<R: Read> Loader<'_, R> {
     fn corrupt(&self, offset: u64, reason: String) -> Error {
         Error::Corruption {
             file: self.path.to_path_buf(),
-            offset,
+            offset: self.base + offset,
             reason,
         }
     }

@@ -21,10 +21,12 @@
 //! (docs/DESIGN.md §4), so a wrong guess here (a primary that was only slow) costs a
 //! needless election, never a lost write.
 
+mod backups;
 mod commands;
 mod failover;
 mod health;
 mod nodes;
+pub mod restore;
 mod status;
 
 use std::collections::VecDeque;
@@ -242,6 +244,7 @@ impl Sup {
         }
         self.spawn(self.clone().reconcile_loop());
         self.spawn(self.clone().sample_loop());
+        self.spawn(self.clone().backup_loop());
     }
 
     /// Takes a [`Sample`] of the status every [`dashboard::SAMPLE_EVERY_MS`]

@@ -2,10 +2,11 @@
 //! clients and the judge are kvcheck's (the ones the chaos tests use): 16
 //! clients write and read through kvclient while faults go in through the
 //! running supervisor's API (`/v1/kill`: SIGKILL, or SIGSTOP then SIGCONT,
-//! of the primary or of a secondary); after each fault the run waits until
-//! the cluster is Ready and serves writes and reads again. Then a final read
-//! of every key, the acknowledged writes lost, and the history's
-//! linearizability check; the history is saved as JSON lines.
+//! of the primary or of a secondary, or the primary killed while every
+//! secondary is stopped); after each fault the run waits until the cluster
+//! is Ready and serves writes and reads again. Then a final read of every
+//! key, the acknowledged writes lost, the history's linearizability check
+//! and equal digests on every node; the history is saved as JSON lines.
 //!
 //! The decisions (whether a manifest may be a target, the fault schedule,
 //! the verdict and its report) are pure functions, tested below; [`run`]
@@ -55,6 +56,11 @@ pub enum Fault {
     Kill,
     /// SIGSTOP, a pause of 1-3 s, SIGCONT: a node that hangs, then wakes.
     Stop,
+    /// SIGSTOP every secondary, 1-2 s, SIGKILL the primary, SIGCONT the
+    /// secondaries: a primary that lost its replicas, then crashed. A
+    /// cluster that acknowledges writes no secondary holds loses them here
+    /// (with both `--kill` and `--stop`; always aimed at the primary).
+    KillAlone,
 }
 
 /// Why a manifest may not be a chaos run's target, or `None` if it may.
@@ -122,6 +128,9 @@ pub fn cycle(o: &Options, rng: &mut impl Rng) -> Vec<(Fault, bool)> {
         .filter(|(_, on)| *on)
         .flat_map(|(f, _)| [(f, true), (f, false)])
         .collect();
+    if o.kill && o.stop {
+        all.push((Fault::KillAlone, true));
+    }
     all.shuffle(rng);
     all
 }
@@ -174,7 +183,8 @@ pub struct Report {
     pub seed: u64,
     pub elapsed: Duration,
     pub faults: Vec<String>,
-    /// Faults that did not land, or after which the cluster did not recover.
+    /// Faults that did not land, or after which the cluster did not
+    /// recover; replicas that did not converge once the clients stopped.
     pub problems: Vec<String>,
     pub counts: Counts,
     pub operations: usize,
@@ -430,7 +440,11 @@ pub async fn run(t: Target, o: Options) -> Result<Report> {
     // After a problem it may never be: the history so far is still checked.
     let finals = if report.problems.is_empty() {
         wait_ready(&sup, RECOVERY).await?;
-        Some(clients::final_reads(&to, &work, RECOVERY, start, &mut history).await?)
+        let finals = clients::final_reads(&to, &work, RECOVERY, start, &mut history).await?;
+        if let Err(e) = converged(&to, CONVERGE).await {
+            report.problems.push(e);
+        }
+        Some(finals)
     } else {
         None
     };
@@ -447,6 +461,52 @@ pub async fn run(t: Target, o: Options) -> Result<Report> {
     report.violations = checked.violations;
     report.undecided = checked.undecided;
     Ok(report)
+}
+
+/// How long the replicas may take to hold the same contents once the
+/// clients stop.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Waits until every node reports the same digest and commit index (once
+/// writes stop, replicas converge; ones that do not have diverged, which
+/// the history of one client's view may not show).
+async fn converged(to: &Endpoints, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        for url in &to.urls {
+            let one = to
+                .builder(std::slice::from_ref(url))
+                .request_timeout(Duration::from_secs(2))
+                .max_retries(0)
+                .build();
+            let seen = match one {
+                Ok(kv) => kv.status().await.ok(),
+                Err(_) => None,
+            };
+            last.push(seen.map(|s| (s.as_json()["digest"].to_string(), s.commit_index())));
+        }
+        if last.iter().all(Option::is_some) && last.windows(2).all(|w| w[0] == w[1]) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let shown: Vec<String> = to
+                .urls
+                .iter()
+                .zip(&last)
+                .map(|(u, s)| match s {
+                    Some((d, c)) => format!("{u}: digest {d} at commit {c:?}"),
+                    None => format!("{u}: no status"),
+                })
+                .collect();
+            return Err(format!(
+                "the replicas did not converge within {within:?} of the last write: {}",
+                shown.join("; ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_ready(sup: &Supervisor, within: Duration) -> Result<()> {
@@ -546,6 +606,20 @@ async fn fault_round(
     let restarts_before = restarts(&status, &node);
     match fault {
         Fault::Kill => sup.signal(&node, "KILL").await?,
+        Fault::KillAlone => {
+            let others: Vec<&String> = names.iter().filter(|n| **n != node).collect();
+            for n in &others {
+                sup.signal(n, "STOP").await?;
+            }
+            // The time the primary is alone is how much it may acknowledge.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(1_000..2_000))).await;
+            let killed = sup.signal(&node, "KILL").await;
+            // Woken whatever happened: a frozen cluster helps no one.
+            for n in &others {
+                sup.signal(n, "CONT").await?;
+            }
+            killed?;
+        }
         Fault::Stop => {
             sup.signal(&node, "STOP").await?;
             // How long the node stays frozen is the fault itself.
@@ -560,7 +634,8 @@ async fn fault_round(
     let mut last = String::new();
     while began.elapsed() < RECOVERY {
         let s = sup.status().await.unwrap_or_default();
-        let restarted = fault != Fault::Kill || restarts(&s, &node) > restarts_before;
+        let killed = matches!(fault, Fault::Kill | Fault::KillAlone);
+        let restarted = !killed || restarts(&s, &node) > restarts_before;
         let (w, r) = progress.since_fault();
         let enough = clients::OPS_AFTER_EACH_FAULT;
         if ready(&s) && restarted && w >= enough && r >= enough {
@@ -636,14 +711,15 @@ spec:
     fn a_cycle_aims_each_chosen_fault_at_the_primary_and_a_secondary() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut c = cycle(&opts(), &mut rng);
-        c.sort_by_key(|(f, p)| (*f == Fault::Stop, *p));
+        c.sort_by_key(|(f, p)| (*f as u8, *p));
         assert_eq!(
             c,
             [
                 (Fault::Kill, false),
                 (Fault::Kill, true),
                 (Fault::Stop, false),
-                (Fault::Stop, true)
+                (Fault::Stop, true),
+                (Fault::KillAlone, true)
             ]
         );
         let kill_only = Options {
@@ -653,6 +729,11 @@ spec:
         assert!(cycle(&kill_only, &mut rng)
             .iter()
             .all(|(f, _)| *f == Fault::Kill));
+        let stop_only = Options {
+            kill: false,
+            ..opts()
+        };
+        assert_eq!(cycle(&stop_only, &mut rng).len(), 2);
     }
 
     #[test]

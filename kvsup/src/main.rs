@@ -144,7 +144,9 @@ enum Cmd {
         /// SIGKILL the primary or a secondary (restarted by the supervisor).
         #[arg(long)]
         kill: bool,
-        /// SIGSTOP the primary or a secondary for 1-3 s, then SIGCONT.
+        /// SIGSTOP the primary or a secondary for 1-3 s, then SIGCONT. With
+        /// --kill too: also the primary killed while every secondary is
+        /// stopped.
         #[arg(long)]
         stop: bool,
         /// Cut a node off from its peers (not supported on one host yet:

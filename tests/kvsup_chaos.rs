@@ -1,12 +1,13 @@
 //! `kvsup chaos` against a kvsup-run 3-node cluster: with kills and stops
 //! it reports nothing lost and nothing violated (exit 0) and saves its
-//! history; on a cluster whose manifest does not say `chaos: allowed` it
-//! refuses (exit 2) and changes nothing; `--partition` is refused.
+//! history; on a cluster that commits without any secondary
+//! (`--sync-replicas=0`) it finds violations (exit 1); on a cluster whose
+//! manifest does not say `chaos: allowed` it refuses (exit 2) and changes
+//! nothing; `--partition` is refused.
 //!
-//! `KVSTORE_KVSUP_CHAOS_SECS` sets the run's length (default 120).
-//! `KVSTORE_CHAOS_KVD_ARGS` (comma-separated) adds kvd flags: with
-//! `--sync-replicas=0` (commit without any secondary) the first test
-//! fails, `kvsup chaos` reporting lost writes or violations.
+//! `KVSTORE_KVSUP_CHAOS_SECS` sets the first run's length (default 120).
+//! `KVSTORE_CHAOS_KVD_ARGS` (comma-separated) adds kvd flags to it: with
+//! `--sync-replicas=0` it fails.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -85,6 +86,7 @@ fn kvsup_chaos_with_kills_and_stops_reports_nothing_lost_and_nothing_violated() 
             );
         }
     }
+    assert!(out.contains("KillAlone"), "no primary killed alone: {out}");
     // The supervisor restarted the killed nodes.
     let restarts: u64 = pids(&c).values().map(|(_, r)| r).sum();
     assert!(restarts >= 2, "{restarts} restarts: {out}");
@@ -105,6 +107,34 @@ fn kvsup_chaos_with_kills_and_stops_reports_nothing_lost_and_nothing_violated() 
     assert!(has(|k| matches!(k, Kind::Cas { ok: Some(true), .. })));
     assert!(ops.iter().any(|o| o.ret.is_none()), "no unknown outcome");
     c.wait_converged(Duration::from_secs(30)).unwrap();
+}
+
+/// A primary that acknowledges writes no secondary holds loses them when
+/// it is killed alone (its secondaries stopped): reads after the failover
+/// miss values that were read or acknowledged before it.
+#[test]
+fn kvsup_chaos_finds_what_a_cluster_without_synchronous_replicas_loses() {
+    let tmp = TempDir::new().unwrap();
+    let extra = "  chaos: allowed\n  kvdArgs: [\"--sync-replicas=0\"]\n";
+    let _c = Supervised::apply(tmp.path(), 3, extra).unwrap();
+    let args = [
+        "chaos",
+        "-f",
+        "cluster.yaml",
+        "--duration",
+        "40s",
+        "--kill",
+        "--stop",
+    ];
+    let t = Duration::from_secs(600);
+    let (status, out) = run_to_exit_in(Some(tmp.path()), "kvsup", &args, t).unwrap();
+    eprintln!("{out}");
+    assert!(out.contains("KillAlone"), "{out}");
+    let lost = number_after(&out, "acknowledged writes lost:").unwrap();
+    let violations = number_after(&out, "linearizability violations:").unwrap();
+    assert!(lost + violations > 0, "{out}");
+    assert!(out.contains("verdict: FAIL"), "{out}");
+    assert_eq!(status.code(), Some(1), "{out}");
 }
 
 #[test]

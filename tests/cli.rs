@@ -113,7 +113,16 @@ fn kvclient_help_describes_every_flag_and_command() {
 #[test]
 fn kvsup_help_describes_every_command_and_flag() {
     let help = help_of("kvsup");
-    for cmd in ["apply", "status", "kill", "promote", "down", "events", "render", "dashboard"] {
+    for cmd in [
+        "apply",
+        "status",
+        "kill",
+        "promote",
+        "down",
+        "events",
+        "render",
+        "dashboard",
+    ] {
         assert!(
             help.lines()
                 .any(|l| l.trim_start().starts_with(cmd) && l.len() > cmd.len() + 8),

@@ -16,13 +16,15 @@
 //! 4. `daemon`: the supervisor's state and tasks (health checks, exit
 //!    watchers, reconcile and failover, the commands);
 //! 5. interfaces: `http` (the daemon's API), `watch` (the manifest file
-//!    watcher) and `render` (systemd units and Kubernetes objects of a
-//!    manifest);
+//!    watcher), `render` (systemd units and Kubernetes objects of a
+//!    manifest) and `chaos` (`kvsup chaos`: a check of the cluster under
+//!    faults, through the daemon's API and kvclient);
 //! 6. wiring: `server` (the daemon from start to stop) and the `kvsup`
 //!    command in `main.rs`.
 
 pub mod auth;
 pub mod backup;
+pub mod chaos;
 pub mod creds;
 pub mod daemon;
 pub mod dashboard;

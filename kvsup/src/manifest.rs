@@ -92,6 +92,11 @@ pub struct Spec {
     /// Scheduled backups by the daemon (`kvsup backup`'s, into `dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSchedule>,
+    /// `allowed`: `kvsup chaos` may kill and stop this cluster's nodes and
+    /// write its own keys (`chaos/...`) to check it. Left out: it refuses,
+    /// so a production cluster is never a chaos run's target by mistake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<Chaos>,
 }
 
 /// `spec.backup`: a backup every `every` (`30s`, `15m`, `1h`, `1d`) into
@@ -135,6 +140,14 @@ pub fn parse_every(text: &str) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// `spec.chaos`: the one value it takes (as `spec.tls`, so that a typo is
+/// an error, never a silent "allowed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Chaos {
+    Allowed,
+}
+
 /// `spec.tls`: the one value it takes. Off is the field left out, so that a
 /// typo (`tls: on`) is an error, never a cluster without TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +160,11 @@ impl Spec {
     /// `spec.tls: auto`.
     pub fn tls_auto(&self) -> bool {
         self.tls == Some(Tls::Auto)
+    }
+
+    /// `spec.chaos: allowed`.
+    pub fn chaos_allowed(&self) -> bool {
+        self.chaos == Some(Chaos::Allowed)
     }
 }
 
@@ -1078,6 +1096,20 @@ spec:
         assert_eq!(m.spec.health_check.interval_ms, 200);
         assert_eq!(m.spec.supervisor.port, 8700);
         assert_eq!(m.spec.mode, Mode::PrimarySecondary);
+    }
+
+    #[test]
+    fn chaos_takes_allowed_only() {
+        assert!(!Manifest::parse(GOOD, "m").unwrap().spec.chaos_allowed());
+        let m = Manifest::parse(&format!("{GOOD}  chaos: allowed\n"), "m").unwrap();
+        assert!(m.spec.chaos_allowed());
+        for bad in ["on", "true", "yes", "\"\""] {
+            let e = Manifest::parse(&format!("{GOOD}  chaos: {bad}\n"), "m").unwrap_err();
+            assert!(
+                e.field.contains("chaos") && e.message.contains("allowed"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

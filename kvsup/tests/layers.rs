@@ -22,7 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("plans", &["launch"]),
     ("daemon", &["daemon"]),
-    ("interfaces", &["http", "watch", "render"]),
+    ("interfaces", &["http", "watch", "render", "chaos"]),
     ("wiring", &["server"]),
 ];
 

@@ -195,7 +195,6 @@ impl HostCluster {
                 cert: None,
                 key: None,
             }),
-            http: self.http(&token, Duration::from_secs(1))?,
             token: Some(token),
         })
     }

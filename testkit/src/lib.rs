@@ -22,7 +22,8 @@
 //! - [`wal`]: the WAL's on-disk format, to damage it precisely;
 //! - [`raw`]: HTTP/1.1 byte by byte over a `TcpStream`;
 //! - [`tls`]: a CA and certificates, TLS nodes and a mutual-TLS cluster;
-//! - [`linearizability`]: the checker that judges the chaos test's history;
+//! - [`chaos`], [`linearizability`]: the chaos tests' clients and their judge,
+//!   re-exported from `kvcheck` (the product's: `kvsup chaos` runs them);
 //! - `bench` (feature `bench`): the benchmark programs' load generator,
 //!   comparison servers and reports.
 

@@ -1,0 +1,16 @@
+//! kvcheck: kvstore's Jepsen-style check, for the product (`kvsup chaos`)
+//! and the end-to-end tests alike.
+//!
+//! - [`clients`]: 16 concurrent clients (puts, deletes, bulks,
+//!   linearizable reads, compare-and-sets through kvclient, one attempt
+//!   per call) that record a history; the final reads; the acknowledged
+//!   writes the final state cannot show;
+//! - [`linearizability`]: the per-key linearizability checker that judges
+//!   the history;
+//! - [`history`]: a history as JSON lines, one operation a line.
+//!
+//! Faults are the caller's: this crate only drives clients and judges.
+
+pub mod clients;
+pub mod history;
+pub mod linearizability;

@@ -379,6 +379,7 @@ const FIELD_NAMES: &[&str] = &[
     "kvdArgs",
     "restoreFrom",
     "backup",
+    "chaos",
     "every",
     "keep",
     "dir",
@@ -1416,6 +1417,17 @@ spec:
         let mut m = Manifest::parse(GOOD, "m").unwrap();
         m.spec.health_check.timeout_ms = Some(500);
         m.spec.kvd_args = vec!["--sync-replicas=1".into()];
+        // Every optional field set, so that each is serialized and named.
+        m.spec.tls = Some(Tls::Auto);
+        m.spec.chaos = Some(Chaos::Allowed);
+        m.spec.restore_from = Some("b.kvbak".into());
+        m.spec.backup = Some(BackupSchedule {
+            every: "1h".into(),
+            keep: 2,
+            dir: "b".into(),
+        });
+        m.spec.nodes[0].address = Some("10.0.0.1".into());
+        m.spec.nodes[0].runtime = Runtime::External;
         let mut all = Vec::new();
         keys(&serde_yaml_ng::to_value(&m).unwrap(), &mut all);
         for k in all {

@@ -282,11 +282,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-/// Puts keys until told to stop, to whichever node takes them (the
+/// Writer `id` puts keys until told to stop, to whichever node takes them (the
 /// primary), so the writes chart has something to draw. Paced: it is
 /// load, not a wait for a condition.
-fn writer(ports: Vec<u16>, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
-    let mut at = 0;
+fn writer(id: usize, ports: Vec<u16>, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
+    let mut at = id;
     let mut conn: Option<TcpStream> = None;
     while !stop.load(Ordering::Relaxed) {
         let s = match conn.as_mut() {
@@ -303,7 +303,7 @@ fn writer(ports: Vec<u16>, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
             },
         };
         let n = done.load(Ordering::Relaxed);
-        match raw::put(s, &format!("dash-{n}"), b"v") {
+        match raw::put(s, &format!("dash-{id}-{n}"), b"v") {
             Ok(a) if (200..300).contains(&a.status) => {
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -359,13 +359,18 @@ fn the_dashboard_shows_a_failover_live_without_a_reload() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let ports: Vec<u16> = c.nodes.iter().map(|(_, p)| *p).collect();
-    let load = {
-        let (stop, done) = (stop.clone(), done.clone());
-        std::thread::spawn(move || writer(ports, stop, done))
-    };
+    // 16 writers throughout, as a user's cluster would have.
+    let load: Vec<_> = (0..16)
+        .map(|id| {
+            let (ports, stop, done) = (ports.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || writer(id, ports, stop, done))
+        })
+        .collect();
     let result = runtime().block_on(drive(&browser, &c, &url, &first));
     stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    for l in load {
+        l.join().unwrap();
+    }
     let shot = result.unwrap();
     assert!(
         done.load(Ordering::Relaxed) > 0,

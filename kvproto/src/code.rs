@@ -132,6 +132,12 @@ pub const BEHIND_PEER: &str = "behind_peer";
 pub const NOT_ENOUGH_VOTES: &str = "not_enough_votes";
 /// A newer epoch or another primary appeared during the election.
 pub const OVERTAKEN: &str = "overtaken";
+/// A backup asked of a masterless node: its log merges peers' writes, so
+/// it is not one history another node could replay.
+pub const BACKUP_UNSUPPORTED: &str = "backup_unsupported";
+/// A backup could not pin the newest snapshot with the log after it, or
+/// does not know its last entry's epoch; retry.
+pub const BACKUP_UNAVAILABLE: &str = "backup_unavailable";
 /// A node re-seeded after losing its data has not caught up with a
 /// primary yet: it may not lead.
 pub const REJOINING: &str = "rejoining";

@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
-use kvproto::code;
+use kvproto::code::{self, BACKUP_UNAVAILABLE, BACKUP_UNSUPPORTED};
 use tokio::sync::mpsc;
 
 use super::query::{NoParams, Params};
@@ -28,11 +28,6 @@ pub const BACKUP_INDEX: &str = "x-kv-backup-index";
 pub const BACKUP_EPOCH: &str = "x-kv-backup-epoch";
 /// The embedded snapshot's index S.
 pub const BACKUP_SNAPSHOT_INDEX: &str = "x-kv-backup-snapshot-index";
-/// A masterless node's log is not one history (peers' writes are merged
-/// into it), so it is not replayable elsewhere.
-const BACKUP_UNSUPPORTED: &str = "backup_unsupported";
-/// The snapshot or the entries after it could not be pinned; retry.
-const BACKUP_UNAVAILABLE: &str = "backup_unavailable";
 
 /// Bytes of the snapshot read per chunk, and of entries per read.
 const CHUNK_BYTES: usize = 1 << 20;

@@ -258,25 +258,30 @@ fn damaged_copies(dir: &Path) -> (std::path::PathBuf, Vec<(String, std::path::Pa
     )
 }
 
+/// `kvd restore --from FILE --data-dir TARGET`, run in `dir`.
+fn kvd_restore(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+    target: &std::path::Path,
+) -> (std::process::ExitStatus, String) {
+    let (from, to) = (file.display().to_string(), target.display().to_string());
+    let args = [
+        "restore",
+        "--from",
+        from.as_str(),
+        "--data-dir",
+        to.as_str(),
+    ];
+    run_in(dir, "kvd", &args, Duration::from_secs(60)).unwrap()
+}
+
 #[test]
 fn damaged_backups_are_refused_naming_the_offset_and_nothing_is_created() {
     let d = TempDir::new().unwrap();
     let (good, bad) = damaged_copies(d.path());
     let target = d.path().join("restored");
     for (what, file) in &bad {
-        let (st, out) = run_in(
-            d.path(),
-            "kvd",
-            &[
-                "restore",
-                "--from",
-                &file.display().to_string(),
-                "--data-dir",
-                &target.display().to_string(),
-            ],
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let (st, out) = kvd_restore(d.path(), file, &target);
         assert!(!st.success(), "a {what} backup was restored: {out}");
         assert!(out.contains("at offset"), "{what}: {out}");
         assert!(!target.exists(), "{what}: the data dir was created");
@@ -302,34 +307,10 @@ fn damaged_backups_are_refused_naming_the_offset_and_nothing_is_created() {
         }
     }
     // The good copy restores, and a data dir that holds anything is refused.
-    let (st, out) = run_in(
-        d.path(),
-        "kvd",
-        &[
-            "restore",
-            "--from",
-            &good.display().to_string(),
-            "--data-dir",
-            &target.display().to_string(),
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (st, out) = kvd_restore(d.path(), &good, &target);
     assert!(st.success(), "{out}");
     assert!(out.contains("200 keys"), "{out}");
-    let (st, out) = run_in(
-        d.path(),
-        "kvd",
-        &[
-            "restore",
-            "--from",
-            &good.display().to_string(),
-            "--data-dir",
-            &target.display().to_string(),
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (st, out) = kvd_restore(d.path(), &good, &target);
     assert!(!st.success() && out.contains("not empty"), "{out}");
 }
 

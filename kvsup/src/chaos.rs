@@ -38,14 +38,32 @@ pub struct Refused(pub String);
 #[error("the chaos run failed: {0}")]
 pub struct Failed(pub String);
 
-/// What `kvsup chaos` was asked to do.
-#[derive(Debug, Clone)]
+/// What `kvsup chaos` was asked to do (its flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// How long to inject faults: 90s, 2m, 1h (at least one round of
+    /// every chosen fault runs whatever it says).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub duration: Duration,
+    /// SIGKILL the primary or a secondary (restarted by the supervisor).
+    #[arg(long)]
     pub kill: bool,
+    /// SIGSTOP the primary or a secondary for 1-3 s, then SIGCONT. With
+    /// --kill too: also the primary killed while every secondary is
+    /// stopped.
+    #[arg(long)]
     pub stop: bool,
+    /// Cut a node off from its peers (not supported on one host yet:
+    /// refused).
+    #[arg(long)]
     pub partition: bool,
+    /// Where to save the history, as JSON lines (default:
+    /// `<stateDir>/chaos/history-<unix-ms>.jsonl`).
+    #[arg(long)]
     pub history: Option<PathBuf>,
+    /// Seed of the fault schedule and the clients' operations (default:
+    /// random; printed, to repeat a run).
+    #[arg(long)]
     pub seed: Option<u64>,
 }
 

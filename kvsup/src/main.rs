@@ -153,32 +153,7 @@ enum Cmd {
     /// acknowledged writes lost and linearizability violations are
     /// reported, and the history saved. Needs `spec.chaos: allowed` (exit
     /// 2 otherwise); exit 0 only when nothing was lost or violated.
-    Chaos {
-        /// How long to inject faults: 90s, 2m, 1h (at least one round of
-        /// every chosen fault runs whatever it says).
-        #[arg(long, default_value = "2m", value_parser = kvsup::chaos::parse_duration)]
-        duration: Duration,
-        /// SIGKILL the primary or a secondary (restarted by the supervisor).
-        #[arg(long)]
-        kill: bool,
-        /// SIGSTOP the primary or a secondary for 1-3 s, then SIGCONT. With
-        /// --kill too: also the primary killed while every secondary is
-        /// stopped.
-        #[arg(long)]
-        stop: bool,
-        /// Cut a node off from its peers (not supported on one host yet:
-        /// refused).
-        #[arg(long)]
-        partition: bool,
-        /// Where to save the history, as JSON lines (default:
-        /// `<stateDir>/chaos/history-<unix-ms>.jsonl`).
-        #[arg(long)]
-        history: Option<PathBuf>,
-        /// Seed of the fault schedule and the clients' operations (default:
-        /// random; printed, to repeat a run).
-        #[arg(long)]
-        seed: Option<u64>,
-    },
+    Chaos(kvsup::chaos::Options),
     /// Run the supervisor daemon in the foreground (`apply` starts it).
     #[command(hide = true)]
     Daemon {
@@ -298,24 +273,9 @@ async fn run(cli: Cli) -> Result<()> {
             say!("{url}/#token={}", token.to_hex());
             Ok(())
         }
-        Cmd::Chaos {
-            duration,
-            kill,
-            stop,
-            partition,
-            history,
-            seed,
-        } => {
+        Cmd::Chaos(options) => {
             let Some(file) = file else {
                 return Err(kvsup::chaos::Refused("chaos needs -f MANIFEST".into()).into());
-            };
-            let options = kvsup::chaos::Options {
-                duration,
-                kill,
-                stop,
-                partition,
-                history,
-                seed,
             };
             chaos(&file, cli.supervisor.as_deref(), cli.token_file, options).await
         }
@@ -359,7 +319,7 @@ async fn talk(c: &Api, cmd: Cmd) -> Result<()> {
         | Cmd::Creds { .. }
         | Cmd::Render { .. }
         | Cmd::Dashboard
-        | Cmd::Chaos { .. } => {
+        | Cmd::Chaos(_) => {
             unreachable!("handled by run")
         }
     }

@@ -24,14 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstore_testkit::chaos::{
-    final_reads, lost_writes, Clients, Endpoints, Progress, MIN_BULKS, MIN_CAS, MIN_DELETES,
-    MIN_READS, MIN_UNKNOWN, MIN_WRITES, OPS_AFTER_EACH_FAULT, RECOVERY,
+    aim, at_both, final_reads, lost_writes, Clients, Endpoints, Progress, Schedule, MIN_BULKS,
+    MIN_CAS, MIN_DELETES, MIN_READS, MIN_UNKNOWN, MIN_WRITES, OPS_AFTER_EACH_FAULT, RECOVERY,
 };
 use kvstore_testkit::linearizability::check;
 use kvstore_testkit::sup::{kvd_args_spec, Supervised};
 use kvstore_testkit::{env_u64, http_get, http_post_json, is_stopped, wait_until};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -40,20 +39,6 @@ enum Fault {
     Kill,
     Stop,
     StepDown,
-}
-
-/// Faults times targets (the primary, or a secondary).
-const FAULT_KINDS: usize = 6;
-
-/// Every (fault, aimed at the primary?) pair, in a random order: a run of
-/// one cycle or more has hit the primary with each fault.
-fn cycle(rng: &mut impl Rng) -> Vec<(Fault, bool)> {
-    let mut all: Vec<(Fault, bool)> = [Fault::Kill, Fault::Stop, Fault::StepDown]
-        .into_iter()
-        .flat_map(|f| [(f, true), (f, false)])
-        .collect();
-    all.shuffle(rng);
-    all
 }
 
 /// What the monkey did, and everything that went wrong.
@@ -76,24 +61,13 @@ struct Monkey {
 
 impl Monkey {
     fn run(mut self, secs: u64, seed: u64) -> MonkeyLog {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut schedule = Vec::new();
-        let mut round = 0;
-        loop {
+        let faults = at_both(&[Fault::Kill, Fault::Stop, Fault::StepDown]);
+        let mut schedule = Schedule::new(faults, 5_000..=10_000, Duration::from_secs(secs), seed);
+        while let Some((pause, fault, at_primary)) = schedule.next(self.start.elapsed()) {
             // The pause is the fault rate, not a wait for anything: the
             // clients run meanwhile.
-            let pause = Duration::from_millis(rng.gen_range(5_000..10_000));
-            let first_cycle_done = round >= FAULT_KINDS;
-            if first_cycle_done && self.start.elapsed() + pause >= Duration::from_secs(secs) {
-                break;
-            }
             std::thread::sleep(pause);
-            if schedule.is_empty() {
-                schedule = cycle(&mut rng);
-            }
-            let (fault, at_primary) = schedule.pop().unwrap();
-            self.round(fault, at_primary, &mut rng);
-            round += 1;
+            self.round(fault, at_primary, schedule.rng());
             if !self.log.problems.is_empty() {
                 // The test has failed; more faults would only bury the
                 // first problem and make it slower.
@@ -110,19 +84,10 @@ impl Monkey {
 
     fn round(&mut self, fault: Fault, at_primary: bool, rng: &mut impl Rng) {
         let primary = self.c.primary();
-        let node = match (&primary, at_primary) {
-            (Some(p), true) => p.clone(),
-            (p, _) => {
-                let others: Vec<String> = self
-                    .c
-                    .nodes
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .filter(|n| Some(n) != p.as_ref())
-                    .collect();
-                others.choose(rng).unwrap().clone()
-            }
-        };
+        let names: Vec<String> = self.c.nodes.iter().map(|(n, _)| n.clone()).collect();
+        let node = aim(&names, primary.as_deref(), at_primary, rng)
+            .expect("three nodes")
+            .to_string();
         let was_primary = primary.as_deref() == Some(node.as_str());
         let what = format!(
             "{:>6.1?} {fault:?} {node} (primary: {was_primary})",

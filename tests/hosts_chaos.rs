@@ -19,16 +19,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstore_testkit::chaos::{
-    final_reads, lost_writes, Clients, Progress, MIN_READS, MIN_UNKNOWN, MIN_WRITES,
-    OPS_AFTER_EACH_FAULT, RECOVERY,
+    aim, at_both, final_reads, lost_writes, Clients, Progress, Schedule, MIN_READS, MIN_UNKNOWN,
+    MIN_WRITES, OPS_AFTER_EACH_FAULT, RECOVERY,
 };
 use kvstore_testkit::host_cluster::HostCluster;
 use kvstore_testkit::linearizability::check;
 use kvstore_testkit::sup::kvd_args_spec;
 use kvstore_testkit::{env_u64, is_stopped, wait_until};
 use nix::sys::signal::Signal;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tempfile::TempDir;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,18 +36,6 @@ enum Fault {
     Stop,
     Partition,
 }
-
-/// Every (fault, aimed at the primary?) pair in a random order.
-fn cycle(rng: &mut impl Rng) -> Vec<(Fault, bool)> {
-    let mut all: Vec<(Fault, bool)> = [Fault::Kill, Fault::Stop, Fault::Partition]
-        .into_iter()
-        .flat_map(|f| [(f, true), (f, false)])
-        .collect();
-    all.shuffle(rng);
-    all
-}
-
-const FAULT_KINDS: usize = 6;
 
 #[derive(Debug, Default)]
 struct Log {
@@ -68,23 +55,12 @@ struct Monkey {
 
 impl Monkey {
     fn run(mut self, secs: u64, seed: u64) -> Log {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut schedule = Vec::new();
-        let mut round = 0;
-        loop {
+        let faults = at_both(&[Fault::Kill, Fault::Stop, Fault::Partition]);
+        let mut schedule = Schedule::new(faults, 3_000..=6_000, Duration::from_secs(secs), seed);
+        while let Some((pause, fault, at_primary)) = schedule.next(self.start.elapsed()) {
             // The fault rate, not a wait for anything: the clients run.
-            let pause = Duration::from_millis(rng.gen_range(3_000..6_000));
-            let done = round >= FAULT_KINDS;
-            if done && self.start.elapsed() + pause >= Duration::from_secs(secs) {
-                break;
-            }
             std::thread::sleep(pause);
-            if schedule.is_empty() {
-                schedule = cycle(&mut rng);
-            }
-            let (fault, at_primary) = schedule.pop().unwrap();
-            self.round(fault, at_primary, &mut rng);
-            round += 1;
+            self.round(fault, at_primary, schedule.rng());
             if !self.log.problems.is_empty() {
                 break;
             }
@@ -99,18 +75,9 @@ impl Monkey {
 
     fn round(&mut self, fault: Fault, at_primary: bool, rng: &mut impl Rng) {
         let primary = self.rt.block_on(self.c.primary());
-        let node = match (&primary, at_primary) {
-            (Some(p), true) => p.clone(),
-            (p, _) => {
-                let others: Vec<&String> = self
-                    .c
-                    .nodes
-                    .iter()
-                    .filter(|n| Some(*n) != p.as_ref())
-                    .collect();
-                (*others.choose(rng).unwrap()).clone()
-            }
-        };
+        let node = aim(&self.c.nodes, primary.as_deref(), at_primary, rng)
+            .expect("three hosts")
+            .to_string();
         let was_primary = primary.as_deref() == Some(node.as_str());
         self.log.primary_faults += u64::from(was_primary);
         let what = format!(

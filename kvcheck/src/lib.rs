@@ -7,10 +7,14 @@
 //!   writes the final state cannot show;
 //! - [`linearizability`]: the per-key linearizability checker that judges
 //!   the history;
-//! - [`history`]: a history as JSON lines, one operation a line.
+//! - [`history`]: a history as JSON lines, one operation a line;
+//! - [`faults`]: the fault schedule (which fault next, aimed where, and
+//!   when the run is over).
 //!
-//! Faults are the caller's: this crate only drives clients and judges.
+//! What a fault does is the caller's: this crate drives clients, plans
+//! faults and judges.
 
 pub mod clients;
+pub mod faults;
 pub mod history;
 pub mod linearizability;

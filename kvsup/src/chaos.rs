@@ -13,15 +13,16 @@
 //! moves the bytes.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kvcheck::clients::{self, Clients, Endpoints, Progress, Workload};
+use kvcheck::faults::{self, Schedule};
 use kvcheck::linearizability::{self, Operation};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::manifest::{Manifest, Mode};
@@ -138,27 +139,26 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
-/// Every chosen (fault, aimed at the primary?) pair in a random order: a
-/// run of one cycle or more hits the primary and a secondary with each.
-pub fn cycle(o: &Options, rng: &mut impl Rng) -> Vec<(Fault, bool)> {
-    let mut all: Vec<(Fault, bool)> = [(Fault::Kill, o.kill), (Fault::Stop, o.stop)]
+/// Every chosen (fault, aimed at the primary?) pair: a run of one cycle or
+/// more hits the primary and a secondary with each.
+pub fn cycle(o: &Options) -> Vec<(Fault, bool)> {
+    let chosen: Vec<Fault> = [(Fault::Kill, o.kill), (Fault::Stop, o.stop)]
         .into_iter()
-        .filter(|(_, on)| *on)
-        .flat_map(|(f, _)| [(f, true), (f, false)])
+        .filter_map(|(f, on)| on.then_some(f))
         .collect();
+    let mut all = faults::at_both(&chosen);
     if o.kill && o.stop {
         all.push((Fault::KillAlone, true));
     }
-    all.shuffle(rng);
     all
 }
 
-/// The pause before the next fault: the fault rate. A short run gets
-/// shorter pauses, so that it still takes a fault of every kind.
-pub fn pause(duration: Duration, faults_per_cycle: usize, rng: &mut impl Rng) -> Duration {
+/// The pauses before faults, in milliseconds: the fault rate. A short run
+/// gets shorter pauses, so that it still takes a fault of every kind.
+pub fn pauses_ms(duration: Duration, faults_per_cycle: usize) -> RangeInclusive<u64> {
     let per = duration.as_millis() as u64 / (faults_per_cycle.max(1) as u64 * 2);
     let top = per.clamp(1_000, 10_000);
-    Duration::from_millis(rng.gen_range(top / 2..=top))
+    top / 2..=top
 }
 
 /// Operations acknowledged, by kind (reads: linearizable reads that
@@ -562,30 +562,18 @@ async fn monkey(
     progress: &Progress,
     report: &mut Report,
 ) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let per_cycle = cycle(o, &mut rng).len();
-    let mut schedule = Vec::new();
-    let mut round = 0;
-    loop {
-        let wait = pause(o.duration, per_cycle, &mut rng);
-        if round >= per_cycle && start.elapsed() + wait >= o.duration {
-            break;
-        }
+    let faults = cycle(o);
+    let pauses = pauses_ms(o.duration, faults.len());
+    let mut schedule = Schedule::new(faults, pauses, o.duration, seed);
+    while let Some((wait, fault, at_primary)) = schedule.next(start.elapsed()) {
         // The pause is the fault rate, not a wait for anything.
         tokio::time::sleep(wait).await;
-        if schedule.is_empty() {
-            schedule = cycle(o, &mut rng);
-        }
-        let Some((fault, at_primary)) = schedule.pop() else {
-            break;
-        };
-        if let Err(e) = fault_round(sup, fault, at_primary, start, progress, &mut rng, report).await
-        {
+        let rng = schedule.rng();
+        if let Err(e) = fault_round(sup, fault, at_primary, start, progress, rng, report).await {
             let what = report.faults.last().cloned().unwrap_or_default();
             report.problems.push(format!("{what}: {e:#}"));
             break;
         }
-        round += 1;
     }
 }
 
@@ -606,16 +594,10 @@ async fn fault_round(
         .flatten()
         .filter_map(|n| n["name"].as_str().map(str::to_string))
         .collect();
-    let node = match (&primary, at_primary) {
-        (Some(p), true) => p.clone(),
-        (p, _) => {
-            let others: Vec<&String> = names.iter().filter(|n| Some(*n) != p.as_ref()).collect();
-            match others.choose(rng) {
-                Some(n) => (*n).clone(),
-                None => bail!("no node to aim at (status: {status})"),
-            }
-        }
+    let Some(node) = faults::aim(&names, primary.as_deref(), at_primary, rng) else {
+        bail!("no node to aim at (status: {status})")
     };
+    let node = node.to_string();
     let was_primary = primary.as_deref() == Some(node.as_str());
     let role = if was_primary { "primary" } else { "secondary" };
     let what = format!("{:>6.1?} {fault:?} {node} ({role})", start.elapsed());
@@ -727,8 +709,7 @@ spec:
 
     #[test]
     fn a_cycle_aims_each_chosen_fault_at_the_primary_and_a_secondary() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut c = cycle(&opts(), &mut rng);
+        let mut c = cycle(&opts());
         c.sort_by_key(|(f, p)| (*f as u8, *p));
         assert_eq!(
             c,
@@ -744,27 +725,19 @@ spec:
             stop: false,
             ..opts()
         };
-        assert!(cycle(&kill_only, &mut rng)
-            .iter()
-            .all(|(f, _)| *f == Fault::Kill));
+        assert!(cycle(&kill_only).iter().all(|(f, _)| *f == Fault::Kill));
         let stop_only = Options {
             kill: false,
             ..opts()
         };
-        assert_eq!(cycle(&stop_only, &mut rng).len(), 2);
+        assert_eq!(cycle(&stop_only).len(), 2);
     }
 
     #[test]
     fn pauses_fit_the_run() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..100 {
-            let long = pause(Duration::from_secs(3600), 4, &mut rng);
-            assert!((Duration::from_secs(5)..=Duration::from_secs(10)).contains(&long));
-            let short = pause(Duration::from_secs(20), 4, &mut rng);
-            assert!((Duration::from_millis(1_250)..=Duration::from_millis(2_500)).contains(&short));
-            let tiny = pause(Duration::from_secs(1), 4, &mut rng);
-            assert!(tiny >= Duration::from_millis(500), "{tiny:?}");
-        }
+        assert_eq!(pauses_ms(Duration::from_secs(3600), 4), 5_000..=10_000);
+        assert_eq!(pauses_ms(Duration::from_secs(20), 4), 1_250..=2_500);
+        assert_eq!(pauses_ms(Duration::from_secs(1), 4), 500..=1_000);
     }
 
     #[test]

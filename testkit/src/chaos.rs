@@ -1,7 +1,8 @@
 //! The chaos tests' clients, which are the product's (`kvsup chaos` runs
-//! the same): see [`kvcheck::clients`]. The faults are each test's own
-//! (kills and stops through kvsup on loopback; kills, stops and cut links
-//! across test hosts).
+//! the same): see [`kvcheck::clients`], and the fault schedule,
+//! [`kvcheck::faults`]. What a fault does is each test's own (kills and
+//! stops through kvsup on loopback; kills, stops and cut links across test
+//! hosts).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ pub use kvcheck::clients::{
     MIN_BULKS, MIN_CAS, MIN_DELETES, MIN_READS, MIN_UNKNOWN, MIN_WRITES, OPS_AFTER_EACH_FAULT,
     RECOVERY,
 };
+pub use kvcheck::faults::{aim, at_both, Schedule};
 use kvcheck::linearizability::Operation;
 
 /// A linearizable read of every key `k0`..`k31` (retrying for up to 30 s,

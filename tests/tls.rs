@@ -3,7 +3,8 @@
 //! fails over over mutual TLS, forged peer traffic without a node
 //! certificate refused (403) while the primary carries on, clients that
 //! verify the server (kvclient's library and CLI, curl), plain HTTP to a
-//! TLS port, and starts refused for unusable files.
+//! TLS port, starts refused for unusable files, and certificates and CAs
+//! rotated by SIGHUP alone.
 
 use std::process::Command;
 use std::time::Duration;
@@ -238,6 +239,125 @@ async fn plain_http_to_a_tls_port_fails_and_tls_goes_on() {
         "no log line for the failed handshake:\n{}",
         node.log()
     );
+    let (code, body) = tls::https_get(&health, node.port, "/metrics", REQUEST_TIMEOUT).unwrap();
+    assert_eq!(code, 200);
+    let failures = metric(
+        &String::from_utf8_lossy(&body),
+        "kvd_tls_handshake_failures_total",
+    );
+    assert!(
+        failures >= 3.0,
+        "3 plain requests, {failures} failures counted"
+    );
+}
+
+/// The value of an unlabelled metric in a Prometheus text page (0 if absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Whether a fresh TLS connection with `config` gets `/health` from `port`.
+fn handshakes(config: &std::sync::Arc<rustls::ClientConfig>, port: u16) -> bool {
+    matches!(
+        tls::https_get(config, port, "/health", Duration::from_secs(5)),
+        Ok((200, _))
+    )
+}
+
+/// Copies certificate and key `name` of `from` over the files of the same
+/// name in `to` (where the nodes' flags point).
+fn copy_cert(from: &TlsDir, to: &TlsDir, name: &str) {
+    std::fs::copy(from.cert(name), to.cert(name)).unwrap();
+    std::fs::copy(from.key(name), to.key(name)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_new_certificates_and_a_new_ca_and_keeps_the_old_on_a_bad_file() {
+    use kvstore_testkit::Sig;
+    let tmp = TempDir::new().unwrap();
+    let (live, mut nodes) = tls::start_cluster(tmp.path(), &[]).unwrap();
+    let urls: Vec<String> = nodes.iter().map(Kvd::url).collect();
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    // `live` is where the flags point; `old` keeps the first CA's files,
+    // `new` is a second CA with certificates for the same nodes.
+    let old = TlsDir::create(&tmp.path().join("old"), &[]).unwrap();
+    for name in ["n0", "n1", "n2"] {
+        copy_cert(&live, &old, name);
+    }
+    std::fs::copy(live.ca(), old.ca()).unwrap();
+    let new = TlsDir::create(&tmp.path().join("new"), &["n0", "n1", "n2"]).unwrap();
+    let hup = |nodes: &[Kvd]| nodes.iter().for_each(|n| n.signal(Sig::SIGHUP).unwrap());
+    let index = old.kvclient(&urls).set("before", "1").await.unwrap();
+    replicated(&old.http(None), &urls, index, "before", "1").await;
+
+    // 1. Both CAs trusted, 2. the new certificates, each by SIGHUP alone.
+    let both = [
+        std::fs::read(old.ca()).unwrap(),
+        std::fs::read(new.ca()).unwrap(),
+    ]
+    .concat();
+    std::fs::write(live.ca(), both).unwrap();
+    hup(&nodes);
+    for name in ["n0", "n1", "n2"] {
+        copy_cert(&new, &live, name);
+    }
+    hup(&nodes);
+    let trusts_new = new.client_config(None).unwrap();
+    for &port in &ports {
+        assert!(
+            kvstore_testkit::wait_until(Duration::from_secs(30), || handshakes(&trusts_new, port)),
+            "port {port} still serves the old certificate"
+        );
+    }
+    let index = new.kvclient(&urls).set("rotated", "2").await.unwrap();
+    replicated(&new.http(None), &urls, index, "rotated", "2").await;
+
+    // 3. The old CA dropped: its certificates no longer make a member.
+    std::fs::copy(new.ca(), live.ca()).unwrap();
+    hup(&nodes);
+    let old_member = old.client_config(Some("n1")).unwrap();
+    let refused = kvstore_testkit::wait_until(Duration::from_secs(30), || {
+        let mut cfg = (*new.client_config(None).unwrap()).clone();
+        cfg.client_auth_cert_resolver = old_member.client_auth_cert_resolver.clone();
+        // A certificate sent is verified: one the CA did not sign fails
+        // the handshake (only sending none gets in, as no member).
+        !handshakes(&std::sync::Arc::new(cfg), ports[0])
+    });
+    assert!(refused, "a certificate of the dropped CA still gets in");
+
+    // The primary presents its new certificate as a client too: a
+    // secondary restarted trusting only the new CA takes its appends.
+    nodes[2].kill9().unwrap();
+    let mut flags = live.node_flags("n2");
+    flags.extend(["--node-id", "n2", "--role", "secondary"].map(String::from));
+    flags.extend(["--peers".to_string(), format!("{},{}", urls[0], urls[1])]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    nodes[2] =
+        Kvd::start_tls_on(ports[2], &tmp.path().join("n2"), &args, trusts_new.clone()).unwrap();
+    let index = new.kvclient(&urls).set("after-restart", "3").await.unwrap();
+    replicated(&new.http(None), &urls, index, "after-restart", "3").await;
+
+    // A file that does not parse changes nothing: the node serves on with
+    // what it had, and says why.
+    std::fs::write(live.cert("n0"), "not a certificate").unwrap();
+    nodes[0].signal(Sig::SIGHUP).unwrap();
+    let logged = kvstore_testkit::wait_until(Duration::from_secs(30), || {
+        nodes[0].log().contains("TLS files not taken")
+    });
+    assert!(
+        logged,
+        "no log line for the unusable file:\n{}",
+        nodes[0].log()
+    );
+    assert!(handshakes(&trusts_new, ports[0]));
+    let index = new
+        .kvclient(&urls)
+        .set("after-bad-file", "4")
+        .await
+        .unwrap();
+    replicated(&new.http(None), &urls, index, "after-bad-file", "4").await;
 }
 
 #[test]

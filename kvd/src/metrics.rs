@@ -134,6 +134,7 @@ pub struct ConnectionMetrics {
     pub accept_paused: IntGauge,
     pub accept_errors_total: IntCounter,
     pub body_bytes_inflight: IntGauge,
+    pub tls_handshake_failures_total: IntCounter,
 }
 
 impl ConnectionMetrics {
@@ -162,6 +163,10 @@ impl ConnectionMetrics {
             body_bytes_inflight: r.gauge(
                 "kvd_http_body_bytes_inflight",
                 "Request-body bytes reserved by requests being read or handled",
+            )?,
+            tls_handshake_failures_total: r.counter(
+                "kvd_tls_handshake_failures_total",
+                "TLS handshakes that failed or did not finish in time (plain HTTP to a TLS port, an untrusted certificate, a scanner)",
             )?,
         })
     }

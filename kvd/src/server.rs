@@ -14,6 +14,7 @@ use kvproto::Mode;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::api::access::Access;
+use crate::api::tls::NodeTls;
 use crate::api::{self, AppState, Limits};
 use crate::config::{BootRole, Config};
 use crate::index::Index;
@@ -173,10 +174,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.enable_debug,
         cfg.data_dir.display().to_string(),
     );
-    if let Some(access) = &access {
-        reload_on_sighup(access.clone(), &tasks);
-        state.access = Some(access.clone());
-    }
+    reload_on_sighup(access.clone(), tls.as_ref().map(|(t, _)| t.clone()), &tasks);
+    state.access = access;
     let state = Arc::new(state);
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(node = %meta.node_id, mode = %meta.mode, "serving on {scheme}://{addr}");
@@ -187,7 +186,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             header: Duration::from_millis(cfg.header_timeout_ms),
         },
         metrics: connections,
-        tls,
+        tls: tls.map(|(_, acceptor)| acceptor),
     };
     api::serve::serve(listener, api::router(state), serve_cfg, shutdown_signal()).await;
 
@@ -203,10 +202,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Reads the TLS files, if TLS is on: the server's acceptor, and with a
-/// client CA, mutual TLS for the peer client. A file that cannot be used
-/// stops the start, named with the reason.
-fn tls_setup(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+/// Reads the TLS files, if TLS is on: the node's TLS (which SIGHUP reads
+/// again) and the server's acceptor, and with a client CA, mutual TLS for
+/// the peer client. A file that cannot be used stops the start, named with
+/// the reason.
+fn tls_setup(cfg: &Config) -> Result<Option<(Arc<NodeTls>, tokio_rustls::TlsAcceptor)>> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
         return Ok(None);
     };
@@ -215,12 +215,12 @@ fn tls_setup(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
         key,
         client_ca: cfg.tls_client_ca.as_deref(),
     };
-    let server = api::tls::server_config(files).context("TLS file unusable")?;
-    if let Some(ca) = files.client_ca {
-        let peers = api::tls::peer_client_config(files, ca).context("TLS file unusable")?;
+    let tls = NodeTls::load(files).context("TLS file unusable")?;
+    if let Some(peers) = tls.peer_client_config() {
         crate::peer_http::use_tls(peers);
     }
-    Ok(Some(tokio_rustls::TlsAcceptor::from(server)))
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    Ok(Some((tls, acceptor)))
 }
 
 /// Protected mode (as Redis has it): a node that listens beyond loopback
@@ -439,22 +439,34 @@ fn connection_budget(cfg: &Config) -> Result<api::listener::Budget> {
         .map_err(anyhow::Error::msg)
 }
 
-/// Reads the token file again at each SIGHUP; a file that does not parse
-/// leaves the tokens as they were, and the log says why.
-fn reload_on_sighup(access: Arc<Access>, tasks: &Tasks) {
+/// Reads the token file and the TLS files again at each SIGHUP; a file that
+/// cannot be used leaves what it would replace as it was, and the log says
+/// why.
+fn reload_on_sighup(access: Option<Arc<Access>>, tls: Option<Arc<NodeTls>>, tasks: &Tasks) {
     use tokio::signal::unix::{signal, SignalKind};
+    if access.is_none() && tls.is_none() {
+        return;
+    }
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; the token file is read only at start");
+            tracing::error!(error = %e, "cannot listen for SIGHUP; the token and TLS files are read only at start");
             return;
         }
     };
     tasks.spawn(async move {
         while hup.recv().await.is_some() {
-            match access.reload() {
-                Ok(n) => tracing::info!(tokens = n, file = %access.path().display(), "token file read again"),
-                Err(e) => tracing::error!(error = %e, "token file not taken; the tokens before it stay in force"),
+            if let Some(access) = &access {
+                match access.reload() {
+                    Ok(n) => tracing::info!(tokens = n, file = %access.path().display(), "token file read again"),
+                    Err(e) => tracing::error!(error = %e, "token file not taken; the tokens before it stay in force"),
+                }
+            }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS files read again; new connections use them"),
+                    Err(e) => tracing::error!(error = %e, "TLS files not taken; the certificate and CA before them stay in force"),
+                }
             }
         }
     });

@@ -181,7 +181,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let pools = Pools::new(&cfg.budget, cfg.metrics.clone());
-    let handshakes = Arc::new(HandshakeLog::default());
+    let handshakes = Arc::new(HandshakeLog::new(
+        cfg.metrics.tls_handshake_failures_total.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);

@@ -13,6 +13,11 @@
 //! a URI cannot be mistaken for a host name, so a certificate made for a
 //! client with DNS SANs never counts as a node's. A node knows its peers
 //! by URL, not id, so any node certificate of the cluster CA is a member.
+//!
+//! [`NodeTls`] holds what the files said when last read; SIGHUP reads them
+//! again. The server and peer client configurations are made once, with a
+//! certificate resolver and verifiers that ask it at every handshake, so a
+//! reload reaches new connections, both ways, without a restart.
 
 use std::io;
 use std::path::Path;
@@ -23,11 +28,18 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    ServerConnection, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -167,46 +179,248 @@ pub struct TlsFiles<'a> {
     pub client_ca: Option<&'a Path>,
 }
 
-/// The server side: the node's certificate and key, and with a client CA,
-/// client certificates asked for (not required) and verified.
-pub fn server_config(files: TlsFiles<'_>) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = read_certs(files.cert)?;
-    let key = read_key(files.key)?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::new(files.cert, e.to_string()))?;
-    let builder = match files.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::new(ca, e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::new(files.key, format!("does not fit the certificate: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+/// What the TLS files held when last read: the node's certificate with
+/// its key, and with a client CA the verifiers built from it.
+struct Material {
+    key: Arc<CertifiedKey>,
+    /// Client certificates, asked for and not required.
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+    /// Peers' server certificates (mutual TLS between peers).
+    peers: Option<Arc<WebPkiServerVerifier>>,
 }
 
-/// The peer client's side of mutual TLS: peers' server certificates are
-/// verified against the cluster CA, and the node's own certificate is
-/// its client certificate.
-pub fn peer_client_config(files: TlsFiles<'_>, ca: &Path) -> Result<ClientConfig, TlsError> {
-    let roots = read_roots(ca)?;
-    let certs = read_certs(files.cert)?;
-    let key = read_key(files.key)?;
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::new(ca, e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| TlsError::new(files.key, format!("does not fit the certificate: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+impl Material {
+    /// Reads every file; nothing is kept unless all of them are usable.
+    fn read(files: TlsFiles<'_>) -> Result<Material, TlsError> {
+        let certs = read_certs(files.cert)?;
+        let key = read_key(files.key)?;
+        let key = CertifiedKey::from_der(certs, key, &provider())
+            .map_err(|e| TlsError::new(files.key, format!("does not fit the certificate: {e}")))?;
+        let (clients, peers) = match files.client_ca {
+            None => (None, None),
+            Some(ca) => {
+                let roots = read_roots(ca)?;
+                let clients =
+                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| TlsError::new(ca, e.to_string()))?;
+                let peers = WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| TlsError::new(ca, e.to_string()))?;
+                (Some(clients), Some(peers))
+            }
+        };
+        Ok(Material {
+            key: Arc::new(key),
+            clients,
+            peers,
+        })
+    }
+}
+
+/// The node's TLS, read at start and again on SIGHUP: the certificate it
+/// serves and presents to peers, and the CA it verifies clients and peers
+/// against. Connections made after a reload use the new files; those open
+/// keep what they were made with. The server and peer client configs are
+/// made once and ask this for the current material at every handshake.
+pub struct NodeTls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    client_ca: Option<std::path::PathBuf>,
+    current: parking_lot::RwLock<Arc<Material>>,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls").field("cert", &self.cert).finish()
+    }
+}
+
+impl NodeTls {
+    /// Reads the files; a file that cannot be used is named with the reason.
+    pub fn load(files: TlsFiles<'_>) -> Result<Arc<NodeTls>, TlsError> {
+        let material = Material::read(files)?;
+        Ok(Arc::new(NodeTls {
+            cert: files.cert.to_path_buf(),
+            key: files.key.to_path_buf(),
+            client_ca: files.client_ca.map(Path::to_path_buf),
+            current: parking_lot::RwLock::new(Arc::new(material)),
+        }))
+    }
+
+    fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            cert: &self.cert,
+            key: &self.key,
+            client_ca: self.client_ca.as_deref(),
+        }
+    }
+
+    /// Reads the files again. Only a set that is usable whole replaces the
+    /// one in force; otherwise nothing changes and the error says why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let material = Material::read(self.files())?;
+        *self.current.write() = Arc::new(material);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Material> {
+        self.current.read().clone()
+    }
+
+    /// The server side: the node's certificate, and with a client CA,
+    /// client certificates asked for (not required) and verified.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("the default protocol versions suit the default provider");
+        let builder = match self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(_) => builder.with_client_cert_verifier(Arc::new(Clients(self.clone()))),
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// The peer client's side of mutual TLS (with a client CA only): peers'
+    /// server certificates are verified against the cluster CA, and the
+    /// node's own certificate is its client certificate.
+    pub fn peer_client_config(self: &Arc<Self>) -> Option<ClientConfig> {
+        self.client_ca.as_ref()?;
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("the default protocol versions suit the default provider")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Peers(self.clone())))
+            .with_client_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(config)
+    }
+}
+
+impl ResolvesServerCert for NodeTls {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+}
+
+impl ResolvesClientCert for NodeTls {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Client certificates, verified by the CA in force at the handshake.
+#[derive(Debug)]
+struct Clients(Arc<NodeTls>);
+
+impl Clients {
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        // Made only when there is a client CA, so every material has one.
+        self.0.current().clients.clone().expect("a client CA")
+    }
+}
+
+impl ClientCertVerifier for Clients {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a client has one certificate to offer, and the hints
+        // would have to outlive a reload.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
+}
+
+/// Peers' server certificates, verified by the CA in force at the
+/// handshake.
+#[derive(Debug)]
+struct Peers(Arc<NodeTls>);
+
+impl Peers {
+    fn inner(&self) -> Arc<WebPkiServerVerifier> {
+        // Made only when there is a client CA, so every material has one.
+        self.0.current().peers.clone().expect("a client CA")
+    }
+}
+
+impl ServerCertVerifier for Peers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
 }
 
 /// How often a failed handshake is logged at warn; the others in between
@@ -220,16 +434,26 @@ pub fn should_warn(last: Option<Instant>, now: Instant) -> bool {
     last.is_none_or(|last| now.saturating_duration_since(last) >= HANDSHAKE_WARN_EVERY)
 }
 
-/// The rate limit of handshake failure logs, shared by a server's connections.
-#[derive(Default)]
+/// The rate limit of handshake failure logs, and their count
+/// (`kvd_tls_handshake_failures_total`), shared by a server's connections.
 pub struct HandshakeLog {
     last_warn: Mutex<Option<Instant>>,
     /// Failures since the last warn.
     quiet: AtomicU64,
+    total: prometheus::IntCounter,
 }
 
 impl HandshakeLog {
+    pub fn new(total: prometheus::IntCounter) -> HandshakeLog {
+        HandshakeLog {
+            last_warn: Mutex::new(None),
+            quiet: AtomicU64::new(0),
+            total,
+        }
+    }
+
     pub fn failed(&self, why: &dyn std::fmt::Display) {
+        self.total.inc();
         let now = Instant::now();
         let warn = {
             let mut last = self.last_warn.lock();

@@ -420,6 +420,12 @@ async fn a_node_in_another_mode_refuses_a_peer_set() {
         (code, answer["error"]["code"].as_str()),
         (409, Some("not_masterless"))
     );
+    // A malformed body is 400 on any node: it is judged before the mode.
+    let (code, answer) = post_peers(&http, &node.url(), b"{\"peers\": [\"x\"]}").await;
+    assert_eq!(
+        (code, answer["error"]["code"].as_str()),
+        (400, Some("invalid_peers"))
+    );
     let r = http
         .get(format!("{}/v1/admin/peers", node.url()))
         .send()

@@ -17,6 +17,7 @@ use serde_json::json;
 use super::query::{NoParams, Params};
 use super::{read_body, ApiError, Shared};
 use crate::masterless::node::{MlNode, PeersError};
+use crate::masterless::rules;
 
 /// Largest body: 64 URLs of a few hundred bytes each fit well within it.
 const MAX_BODY_BYTES: usize = 64 << 10;
@@ -54,12 +55,16 @@ pub async fn change(
     _: Params<NoParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let node = masterless(&st)?;
+    // The body is judged before the mode, so a malformed one is 400 on
+    // any node.
     let raw = read_body(&st, body, MAX_BODY_BYTES, "peers request").await?;
     let value: serde_json::Value = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request(code::INVALID_JSON, e.to_string()))?;
     let req: PeersRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(code::INVALID_PEERS, e.to_string()))?;
+    rules::check_peer_list(&req.peers)
+        .map_err(|m| ApiError::bad_request(code::INVALID_PEERS, m))?;
+    let node = masterless(&st)?;
     match node.set_peers(&req.peers).await {
         Ok(answer) => Ok(Json(answer).into_response()),
         Err(PeersError::Invalid(m)) => Err(ApiError::bad_request(code::INVALID_PEERS, m)),

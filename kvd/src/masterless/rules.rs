@@ -175,35 +175,43 @@ pub fn check_peer_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// Decides a change of the peer set from `current` to `new` for the node
-/// reachable at `own_url`: every URL well formed, not this node, no
-/// duplicates, at most [`MAX_PEERS`], and enough peers left for the write
-/// quorum. The same set again is a change with nothing added or removed.
-pub fn change_peers(
-    current: &[String],
-    new: &[String],
-    own_url: &str,
-    write_quorum: usize,
-) -> Result<PeerChange, String> {
+/// Checks a peer list on its own (what any node, in any mode, can tell of
+/// it): at most [`MAX_PEERS`], every URL well formed, no duplicates. The
+/// URLs as kept ([`peer_url`]).
+pub fn check_peer_list(new: &[String]) -> Result<Vec<String>, String> {
     if new.len() > MAX_PEERS {
         return Err(format!(
             "{} peers; at most {MAX_PEERS} are allowed",
             new.len()
         ));
     }
-    let own = peer_url(own_url).to_ascii_lowercase();
     let mut peers: Vec<String> = Vec::with_capacity(new.len());
     for url in new {
         check_peer_url(url)?;
         let url = peer_url(url);
         let lower = url.to_ascii_lowercase();
-        if lower == own {
-            return Err(format!("peer {url:?} is this node itself"));
-        }
         if peers.iter().any(|p| p.to_ascii_lowercase() == lower) {
             return Err(format!("peer {url:?} is listed twice"));
         }
         peers.push(url);
+    }
+    Ok(peers)
+}
+
+/// Decides a change of the peer set from `current` to `new` for the node
+/// reachable at `own_url`: a list [`check_peer_list`] takes, without this
+/// node, and enough peers left for the write quorum. The same set again is
+/// a change with nothing added or removed.
+pub fn change_peers(
+    current: &[String],
+    new: &[String],
+    own_url: &str,
+    write_quorum: usize,
+) -> Result<PeerChange, String> {
+    let peers = check_peer_list(new)?;
+    let own = peer_url(own_url).to_ascii_lowercase();
+    if let Some(url) = peers.iter().find(|p| p.to_ascii_lowercase() == own) {
+        return Err(format!("peer {url:?} is this node itself"));
     }
     if peers.len() + 1 < write_quorum {
         return Err(format!(

@@ -17,7 +17,11 @@
 //!
 //! If the sender's WAL no longer holds `pos + 1` (compacted after a
 //! snapshot), it sends from its oldest entry with `gap = 1`; anti-entropy
-//! repairs what the gap held.
+//! repairs what the gap held. A receiver that holds no position for an
+//! origin at all (a node that joined a running cluster) takes the origin's
+//! first batch as a gap at the sender's end, merging none of it
+//! ([`rules::receive_first`]): a WAL's history may hold puts whose deletes
+//! the cluster has purged since.
 //!
 //! # Write quorum
 //!
@@ -32,7 +36,16 @@
 //! and for differing buckets `POST /internal/ml/buckets` to pull their
 //! versions (keys with stamps, values, tombstones), merged like any peer
 //! write. Every node pulls from every peer, so differences disappear in
-//! both directions.
+//! both directions. While a stream gap is open for the peer's origin, a
+//! round pulls every bucket (digests leave tombstones out, so equal ones
+//! do not prove we hold them), and only then may the gap close.
+//!
+//! # The peer set
+//!
+//! Each peer owns its stream and anti-entropy tasks. `set_peers`
+//! (`POST /v1/admin/peers`, docs/DESIGN.md §5.9) starts an added peer's
+//! and stops (awaits) a removed peer's before it answers; the stable time,
+//! the purges, quorums and status read the current set.
 //!
 //! # Tombstone purging
 //!
@@ -41,8 +54,9 @@
 //! before H". The receiver keeps the largest such `H` per origin (durably,
 //! with the position). A node's *stable time* is the minimum over origins;
 //! the *global stable time* (GST) is the minimum of its own and every peer's
-//! (learned from digests). A tombstone older than the GST is held by every
-//! node, and no older write for its key can still arrive from any stream,
+//! (learned from digests), zero unless every peer counts as many members
+//! as we do (a peer-set change half done). A tombstone older than the GST
+//! is held by every node, and no older write for its key can still arrive from any stream,
 //! so it can go. A stream gap freezes the origin's `H` until an
 //! anti-entropy round finds the origin and us equal.
 //!

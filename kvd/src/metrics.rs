@@ -31,6 +31,7 @@ pub struct Metrics {
     pub data_set_bytes: IntGauge,
     pub max_data_bytes: IntGauge,
     pub replication_lag_entries: IntGaugeVec,
+    pub ml_peers: IntGauge,
     pub index: IndexMetrics,
     pub connections: ConnectionMetrics,
     pub expiry: ExpiryMetrics,
@@ -319,6 +320,10 @@ impl Metrics {
                 "kvd_replication_lag_entries",
                 "Log entries a peer is behind this primary's last index",
                 &["peer"],
+            )?,
+            ml_peers: r.gauge(
+                "kvd_ml_peers",
+                "Peers in this masterless node's current peer set (0 in other modes)",
             )?,
             index: IndexMetrics::new(&r)?,
             connections: ConnectionMetrics::new(&r)?,

@@ -159,6 +159,8 @@ pub const META_READ_FAILED: &str = "meta_read_failed";
 pub const NOT_REPLICATED: &str = "not_replicated";
 /// Masterless traffic sent to a node in another mode.
 pub const NOT_MASTERLESS: &str = "not_masterless";
+/// A masterless peer set (`POST /v1/admin/peers`) that is not well formed.
+pub const INVALID_PEERS: &str = "invalid_peers";
 /// An `/internal/append` body that does not decode.
 pub const INVALID_APPEND: &str = "invalid_append";
 /// An `/internal/ml/stream` body that does not decode.

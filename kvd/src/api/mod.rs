@@ -13,6 +13,7 @@ pub mod conn_io;
 pub mod error;
 mod lease;
 pub mod listener;
+mod peers;
 mod precondition;
 pub mod query;
 mod range;
@@ -197,6 +198,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/admin/mode", axum::routing::post(admin::switch_mode))
         .route("/v1/admin/snapshot", get(backup::snapshot))
+        .route("/v1/admin/peers", get(peers::show).post(peers::change))
         .route(
             "/v1/admin/debug/clock",
             axum::routing::post(admin::debug_clock),
@@ -1164,7 +1166,15 @@ async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
         m.index.postings.set(s.postings as i64);
         m.index.memory_bytes.set(s.memory_bytes as i64);
     }
-    for (peer, lag) in st.node.runtime().peer_lags() {
+    let runtime = st.node.runtime();
+    let ml_peers = match &runtime {
+        Runtime::Masterless(n) => n.peer_urls().len(),
+        _ => 0,
+    };
+    m.ml_peers.set(ml_peers as i64);
+    // A peer that left the set (§5.9) leaves no stale gauge behind.
+    m.replication_lag_entries.reset();
+    for (peer, lag) in runtime.peer_lags() {
         m.replication_lag_entries
             .with_label_values(&[&peer])
             .set(lag as i64);

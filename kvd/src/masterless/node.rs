@@ -17,7 +17,11 @@
 //!
 //! If the sender's WAL no longer holds `pos + 1` (compacted after a
 //! snapshot), it sends from its oldest entry with `gap = 1`; anti-entropy
-//! repairs what the gap held.
+//! repairs what the gap held. A receiver that holds no position for an
+//! origin at all (a node that joined a running cluster) takes the origin's
+//! first batch as a gap at the sender's end, merging none of it
+//! ([`rules::receive_first`]): a WAL's history may hold puts whose deletes
+//! the cluster has purged since.
 //!
 //! # Write quorum
 //!
@@ -32,7 +36,16 @@
 //! and for differing buckets `POST /internal/ml/buckets` to pull their
 //! versions (keys with stamps, values, tombstones), merged like any peer
 //! write. Every node pulls from every peer, so differences disappear in
-//! both directions.
+//! both directions. While a stream gap is open for the peer's origin, a
+//! round pulls every bucket (digests leave tombstones out, so equal ones
+//! do not prove we hold them), and only then may the gap close.
+//!
+//! # The peer set
+//!
+//! Each peer owns its stream and anti-entropy tasks. `set_peers`
+//! (`POST /v1/admin/peers`, docs/DESIGN.md §5.9) starts an added peer's
+//! and stops (awaits) a removed peer's before it answers; the stable time,
+//! the purges, quorums and status read the current set.
 //!
 //! # Tombstone purging
 //!
@@ -41,8 +54,9 @@
 //! before H". The receiver keeps the largest such `H` per origin (durably,
 //! with the position). A node's *stable time* is the minimum over origins;
 //! the *global stable time* (GST) is the minimum of its own and every peer's
-//! (learned from digests). A tombstone older than the GST is held by every
-//! node, and no older write for its key can still arrive from any stream,
+//! (learned from digests), zero unless every peer counts as many members
+//! as we do (a peer-set change half done). A tombstone older than the GST
+//! is held by every node, and no older write for its key can still arrive from any stream,
 //! so it can go. A stream gap freezes the origin's `H` until an
 //! anti-entropy round finds the origin and us equal.
 //!
@@ -103,6 +117,11 @@ pub struct Settings {
 
 struct Peer {
     url: String,
+    /// Its stream and anti-entropy tasks, stopped when it leaves the set.
+    tasks: Tasks,
+    /// Members (the peer and its peers) its last digest answer counted; 0
+    /// until it answered.
+    members: AtomicU64,
     /// The peer's node id, once a digest answer told us.
     node_id: Mutex<Option<String>>,
     /// Our log position the peer holds durably (from its last answer).
@@ -115,6 +134,23 @@ struct Peer {
     stable: Mutex<Timestamp>,
     /// Whether the last anti-entropy round found every bucket equal.
     in_sync: AtomicBool,
+}
+
+impl Peer {
+    fn new(url: &str) -> Peer {
+        Peer {
+            url: rules::peer_url(url),
+            tasks: Tasks::new(),
+            members: AtomicU64::new(0),
+            node_id: Mutex::new(None),
+            acked: AtomicU64::new(0),
+            known: AtomicBool::new(false),
+            reachable: AtomicBool::new(false),
+            last_ack: Mutex::new(None),
+            stable: Mutex::new(Timestamp::default()),
+            in_sync: AtomicBool::new(false),
+        }
+    }
 }
 
 /// `ml-recv.json`.
@@ -143,8 +179,29 @@ pub struct DigestAnswer {
     pub durable_hlc: Timestamp,
     pub last_index: u64,
     pub stable: Timestamp,
+    /// This node and its peers: how many it counts (0 from a node that
+    /// does not say).
+    #[serde(default)]
+    pub members: u64,
     /// `BUCKETS` little-endian u64 digests, base64.
     pub buckets: String,
+}
+
+/// What a peer-set change did (`POST /v1/admin/peers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PeersAnswer {
+    pub peers: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Why a peer-set change was refused.
+#[derive(Debug)]
+pub enum PeersError {
+    /// The set itself (400 `invalid_peers`).
+    Invalid(String),
+    /// The runtime has stopped (a mode switch, a shutdown).
+    Stopped,
 }
 
 /// The masterless state of this node.
@@ -152,13 +209,18 @@ pub struct MlNode {
     engine: Arc<Engine>,
     settings: Settings,
     tag: u32,
-    peers: Vec<Peer>,
+    /// The current peer set, in the order it was given. Changed only under
+    /// `changing`; readers take a copy of the `Arc`s.
+    peers: parking_lot::RwLock<Vec<Arc<Peer>>>,
+    /// Held by a peer-set change and by `stop`, so none starts tasks after
+    /// the runtime stopped.
+    changing: tokio::sync::Mutex<()>,
     recv: tokio::sync::Mutex<RecvFile>,
     /// A copy of `recv`'s origins for status (no await needed).
     recv_view: Mutex<BTreeMap<String, RecvPos>>,
     acked: Notify,
     stopped: AtomicBool,
-    /// The stream and anti-entropy tasks.
+    /// The clock tick and the purges (each peer owns its own tasks).
     tasks: Tasks,
     http: reqwest::Client,
     repaired: AtomicU64,
@@ -212,16 +274,7 @@ impl MlNode {
         let peers = settings
             .peers
             .iter()
-            .map(|url| Peer {
-                url: url.trim_end_matches('/').to_string(),
-                node_id: Mutex::new(None),
-                acked: AtomicU64::new(0),
-                known: AtomicBool::new(false),
-                reachable: AtomicBool::new(false),
-                last_ack: Mutex::new(None),
-                stable: Mutex::new(Timestamp::default()),
-                in_sync: AtomicBool::new(false),
-            })
+            .map(|url| Arc::new(Peer::new(url)))
             .collect();
         let http = crate::peer_http::client(REQUEST_TIMEOUT);
         Ok(Arc::new(MlNode {
@@ -230,7 +283,8 @@ impl MlNode {
             recv: tokio::sync::Mutex::new(recv),
             engine,
             settings,
-            peers,
+            peers: parking_lot::RwLock::new(peers),
+            changing: tokio::sync::Mutex::new(()),
             acked: Notify::new(),
             stopped: AtomicBool::new(false),
             tasks: Tasks::new(),
@@ -242,13 +296,20 @@ impl MlNode {
         }))
     }
 
-    /// Starts the stream and anti-entropy tasks.
+    /// Starts every peer's stream and anti-entropy tasks, and the purges.
     pub fn start(self: &Arc<Self>) {
-        let tasks = &self.tasks;
-        tasks.spawn_each(self, self.peers.len(), |me, i| async move {
-            me.stream_to(i).await
-        });
-        tasks.spawn_on(self, |me| async move { me.anti_entropy().await });
+        for peer in self.peers() {
+            self.start_peer(&peer);
+        }
+        self.tasks
+            .spawn_on(self, |me| async move { me.housekeeping().await });
+    }
+
+    fn start_peer(self: &Arc<Self>, peer: &Arc<Peer>) {
+        let (me, p) = (self.clone(), peer.clone());
+        peer.tasks.spawn(async move { me.stream_to(p).await });
+        let (me, p) = (self.clone(), peer.clone());
+        peer.tasks.spawn(async move { me.anti_entropy(p).await });
     }
 
     /// Stops the background tasks, waiting until they are gone (a mode
@@ -256,7 +317,76 @@ impl MlNode {
     pub async fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.acked.notify_waiters();
+        let _changing = self.changing.lock().await;
+        for peer in self.peers() {
+            peer.tasks.stop().await;
+        }
         self.tasks.stop().await;
+    }
+
+    /// A copy of the current peer set.
+    fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.read().clone()
+    }
+
+    /// The current peers' URLs.
+    pub fn peer_urls(&self) -> Vec<String> {
+        self.peers.read().iter().map(|p| p.url.clone()).collect()
+    }
+
+    /// Replaces the peer set with `new` (docs/DESIGN.md §5.9): returns once
+    /// every added peer's stream and anti-entropy run and every removed
+    /// peer's have ended. The same set again changes nothing.
+    pub async fn set_peers(self: &Arc<Self>, new: &[String]) -> Result<PeersAnswer, PeersError> {
+        let _changing = self.changing.lock().await;
+        if self.is_stopped() {
+            return Err(PeersError::Stopped);
+        }
+        let change = rules::change_peers(
+            &self.peer_urls(),
+            new,
+            &self.settings.advertise_url,
+            self.settings.write_quorum,
+        )
+        .map_err(PeersError::Invalid)?;
+        let current = self.peers();
+        let mut next = Vec::with_capacity(change.peers.len());
+        let mut started = Vec::new();
+        for url in &change.peers {
+            match current.iter().find(|p| &p.url == url) {
+                Some(p) => next.push(p.clone()),
+                None => {
+                    let p = Arc::new(Peer::new(url));
+                    self.start_peer(&p);
+                    started.push(p.clone());
+                    next.push(p);
+                }
+            }
+        }
+        let gone: Vec<Arc<Peer>> = current
+            .iter()
+            .filter(|p| change.removed.contains(&p.url))
+            .cloned()
+            .collect();
+        // From here on the stable time, the purges, quorums and status see
+        // the new set; the removed peers' tasks end before we answer.
+        *self.peers.write() = next;
+        for p in &gone {
+            p.tasks.stop().await;
+        }
+        self.acked.notify_waiters();
+        tracing::info!(
+            node = %self.settings.node_id,
+            peers = ?change.peers,
+            added = ?change.added,
+            removed = ?change.removed,
+            "peer set changed"
+        );
+        Ok(PeersAnswer {
+            peers: change.peers,
+            added: change.added,
+            removed: change.removed,
+        })
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -274,7 +404,8 @@ impl MlNode {
             let notified = self.acked.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let acks = self.peers.iter().map(|p| p.acked.load(Ordering::Acquire));
+            let peers = self.peers();
+            let acks = peers.iter().map(|p| p.acked.load(Ordering::Acquire));
             if rules::has_quorum(acks, index, self.settings.write_quorum) {
                 return true;
             }
@@ -289,8 +420,7 @@ impl MlNode {
 
     // ----- streaming, sender side -----
 
-    async fn stream_to(self: Arc<Self>, i: usize) {
-        let peer = &self.peers[i];
+    async fn stream_to(self: Arc<Self>, peer: Arc<Peer>) {
         // Until the peer tells us its position, offer nothing but our end.
         let mut next = self.engine.durable_hlc().1.saturating_add(1);
         while !self.is_stopped() {
@@ -361,8 +491,11 @@ impl MlNode {
         // tombstone purges: it must be no more believable than its records.
         self.engine.check_stamp(body.hlc)?;
         let mut recv = self.recv.lock().await;
-        let base = recv.origins.get("*").copied().unwrap_or_default();
-        let cur = recv.origins.get(&body.origin).copied().unwrap_or(base);
+        let held = recv
+            .origins
+            .get(&body.origin)
+            .or_else(|| recv.origins.get("*"))
+            .copied();
         let batch = Batch {
             from: body.from,
             upto: body.upto,
@@ -370,7 +503,11 @@ impl MlNode {
             complete: body.complete,
             gap: body.gap,
         };
-        match rules::receive(cur, batch) {
+        let decision = match held {
+            Some(cur) => rules::receive(cur, batch),
+            None => rules::receive_first(batch),
+        };
+        match decision {
             Receive::Answer { pos, store } => {
                 if let Some(next) = store {
                     self.store(&mut recv, &body.origin, next).await;
@@ -385,6 +522,11 @@ impl MlNode {
                     self.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 // Never ahead of the WAL: stored after the ingest's fsync.
+                self.store(&mut recv, &body.origin, next).await;
+                Ok(next.pos)
+            }
+            Receive::Skip { next } => {
+                self.gaps.fetch_add(1, Ordering::Relaxed);
                 self.store(&mut recv, &body.origin, next).await;
                 Ok(next.pos)
             }
@@ -430,6 +572,7 @@ impl MlNode {
             durable_hlc,
             last_index,
             stable: self.stable_time(),
+            members: self.peers.read().len() as u64 + 1,
             buckets: base64::engine::general_purpose::STANDARD.encode(raw),
         }
     }
@@ -457,7 +600,7 @@ impl MlNode {
         let view = self.recv_view.lock();
         let base = view.get("*").copied().unwrap_or_default();
         let held: Vec<Option<Timestamp>> = self
-            .peers
+            .peers()
             .iter()
             .map(|p| {
                 let id = p.node_id.lock().clone()?;
@@ -467,21 +610,29 @@ impl MlNode {
         rules::stable_time(&held, self.engine.durable_hlc().0)
     }
 
-    async fn anti_entropy(self: Arc<Self>) {
+    /// Anti-entropy with one peer, every 250 ms, until it leaves the set.
+    async fn anti_entropy(self: Arc<Self>, peer: Arc<Peer>) {
+        while !self.is_stopped() {
+            tokio::time::sleep(ANTI_ENTROPY_EVERY).await;
+            if let Err(e) = self.sync_with(&peer).await {
+                peer.in_sync.store(false, Ordering::Release);
+                let _ = e; // unreachable peers are normal; status shows it
+            }
+        }
+    }
+
+    /// Every 250 ms: the idle clock tick, and purging the tombstones below
+    /// the global stable time over the current peer set.
+    async fn housekeeping(self: Arc<Self>) {
         while !self.is_stopped() {
             tokio::time::sleep(ANTI_ENTROPY_EVERY).await;
             let _ = self.engine.tick_clock().await;
-            for i in 0..self.peers.len() {
-                if self.is_stopped() {
-                    return;
-                }
-                if let Err(e) = self.sync_with(i).await {
-                    self.peers[i].in_sync.store(false, Ordering::Release);
-                    let _ = e; // unreachable peers are normal; status shows it
-                }
-            }
-            let peers = self.peers.iter().map(|p| *p.stable.lock());
-            let gst = rules::global_stable_time(self.stable_time(), peers);
+            let peers = self.peers();
+            let members = peers.len() as u64 + 1;
+            let views = peers
+                .iter()
+                .map(|p| (*p.stable.lock(), p.members.load(Ordering::Acquire)));
+            let gst = rules::purge_time(self.stable_time(), members, views);
             *self.gst.lock() = gst;
             if gst > Timestamp::default() {
                 if let Ok(n) = self.engine.purge_tombstones(gst).await {
@@ -491,8 +642,7 @@ impl MlNode {
         }
     }
 
-    async fn sync_with(&self, i: usize) -> anyhow::Result<()> {
-        let peer = &self.peers[i];
+    async fn sync_with(&self, peer: &Peer) -> anyhow::Result<()> {
         let answer: DigestAnswer = self
             .http
             .get(format!("{}/internal/ml/digest", peer.url))
@@ -507,6 +657,7 @@ impl MlNode {
         self.engine.check_stamp(answer.stable)?;
         *peer.node_id.lock() = Some(answer.node_id.clone());
         *peer.stable.lock() = answer.stable;
+        peer.members.store(answer.members, Ordering::Release);
         let raw = base64::engine::general_purpose::STANDARD.decode(&answer.buckets)?;
         anyhow::ensure!(raw.len() == BUCKETS * 8, "digest answer has the wrong size");
         let mine = self.engine.lww().digests();
@@ -517,35 +668,70 @@ impl MlNode {
                 u64::from_le_bytes(w) != mine[b]
             })
             .collect();
-        if differing.is_empty() {
+        // With a gap open for this origin, equal digests do not prove we
+        // hold its tombstones (digests leave them out): pull every bucket,
+        // and only then may the gap close.
+        let gap_open = self
+            .recv_view
+            .lock()
+            .get(&answer.node_id)
+            .is_some_and(|r| r.gap);
+        if differing.is_empty() && !gap_open {
             peer.in_sync.store(true, Ordering::Release);
-            self.close_gap(&answer).await;
             return Ok(());
         }
-        peer.in_sync.store(false, Ordering::Release);
-        for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
-            let bytes = self
-                .http
-                .post(format!("{}/internal/ml/buckets", peer.url))
-                .json(&serde_json::json!({ "buckets": chunk }))
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
-            let records = decode_frames(&bytes, 0).map_err(anyhow::Error::msg)?;
-            let n = records.len() as u64;
-            if n > 0 {
-                self.engine.ingest(records).await?;
-                self.repaired.fetch_add(n, Ordering::Relaxed);
+        peer.in_sync.store(differing.is_empty(), Ordering::Release);
+        let pull: Vec<usize> = if gap_open {
+            (0..BUCKETS).collect()
+        } else {
+            differing
+        };
+        self.pull(peer, &pull).await?;
+        if gap_open {
+            self.close_gap(&answer).await;
+        }
+        Ok(())
+    }
+
+    /// Pulls the versions of `buckets` from `peer` and merges them. An
+    /// answer may stop early at its size cap (whole buckets), so a chunk
+    /// whose answer reached the cap is asked again bucket by bucket: a
+    /// one-bucket answer is never cut.
+    async fn pull(&self, peer: &Peer, buckets: &[usize]) -> anyhow::Result<()> {
+        for chunk in buckets.chunks(BUCKETS_PER_REQUEST) {
+            let n = self.pull_chunk(peer, chunk).await?;
+            if n >= MAX_BUCKETS_ANSWER_BYTES && chunk.len() > 1 {
+                for b in chunk {
+                    self.pull_chunk(peer, std::slice::from_ref(b)).await?;
+                }
             }
         }
         Ok(())
     }
 
+    /// One buckets request, merged; the answer's size.
+    async fn pull_chunk(&self, peer: &Peer, chunk: &[usize]) -> anyhow::Result<usize> {
+        let bytes = self
+            .http
+            .post(format!("{}/internal/ml/buckets", peer.url))
+            .json(&serde_json::json!({ "buckets": chunk }))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        let records = decode_frames(&bytes, 0).map_err(anyhow::Error::msg)?;
+        let n = records.len() as u64;
+        if n > 0 {
+            self.engine.ingest(records).await?;
+            self.repaired.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(bytes.len())
+    }
+
     /// After a stream gap, the origin's clock may advance again once we
-    /// hold everything it held when it answered (equal digests, and our
-    /// stream position at its last index).
+    /// hold everything it held when it answered (every bucket pulled after
+    /// its answer, and our stream position at its last index).
     async fn close_gap(&self, answer: &DigestAnswer) {
         let mut recv = self.recv.lock().await;
         let Some(cur) = recv.origins.get(&answer.node_id).copied() else {
@@ -565,7 +751,7 @@ impl MlNode {
         let view = self.recv_view.lock().clone();
         let base = view.get("*").copied().unwrap_or_default();
         let peers = self
-            .peers
+            .peers()
             .iter()
             .map(|p| {
                 let id = p.node_id.lock().clone();
@@ -603,7 +789,7 @@ impl MlNode {
     /// `(peer URL, entries of our log it does not hold yet)`.
     pub fn peer_lags(&self) -> Vec<(String, u64)> {
         let last = self.engine.durable_hlc().1;
-        self.peers
+        self.peers()
             .iter()
             .map(|p| {
                 (

@@ -52,6 +52,8 @@ pub enum Receive {
     /// Merge the batch's records durably, then store `next` and answer
     /// `next.pos`. `crossed_gap`: the batch skipped entries (counted).
     Ingest { next: RecvPos, crossed_gap: bool },
+    /// Merge nothing, store `next` (a gap opened) and answer `next.pos`.
+    Skip { next: RecvPos },
 }
 
 /// Decides what a batch does (see the module docs of `masterless::node`):
@@ -127,6 +129,154 @@ pub fn global_stable_time(
     peers: impl IntoIterator<Item = Timestamp>,
 ) -> Timestamp {
     peers.into_iter().fold(ours, Timestamp::min)
+}
+
+/// Most peers a node takes (`POST /v1/admin/peers`).
+pub const MAX_PEERS: usize = 64;
+
+/// A change of this node's peer set, as decided before anything moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    /// The complete new set, in the order given.
+    pub peers: Vec<String>,
+    /// In the new set and not the current one.
+    pub added: Vec<String>,
+    /// In the current set and not the new one.
+    pub removed: Vec<String>,
+}
+
+/// A peer URL as a node keeps it: without a trailing slash.
+pub fn peer_url(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
+}
+
+/// Checks that `url` is `http(s)://host:port` and nothing more (a path,
+/// query, user or fragment would be glued to every route we call).
+pub fn check_peer_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("peer {url:?} is not an http:// or https:// URL"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("peer {url:?} has no port"))?;
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-[]:".contains(&c))
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok {
+        return Err(format!("peer {url:?} has no valid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|c| c.is_ascii_digit()) => Ok(()),
+        _ => Err(format!("peer {url:?} has no valid port")),
+    }
+}
+
+/// Checks a peer list on its own (what any node, in any mode, can tell of
+/// it): at most [`MAX_PEERS`], every URL well formed, no duplicates. The
+/// URLs as kept ([`peer_url`]).
+pub fn check_peer_list(new: &[String]) -> Result<Vec<String>, String> {
+    if new.len() > MAX_PEERS {
+        return Err(format!(
+            "{} peers; at most {MAX_PEERS} are allowed",
+            new.len()
+        ));
+    }
+    let mut peers: Vec<String> = Vec::with_capacity(new.len());
+    for url in new {
+        check_peer_url(url)?;
+        let url = peer_url(url);
+        let lower = url.to_ascii_lowercase();
+        if peers.iter().any(|p| p.to_ascii_lowercase() == lower) {
+            return Err(format!("peer {url:?} is listed twice"));
+        }
+        peers.push(url);
+    }
+    Ok(peers)
+}
+
+/// Decides a change of the peer set from `current` to `new` for the node
+/// reachable at `own_url`: a list [`check_peer_list`] takes, without this
+/// node, and enough peers left for the write quorum. The same set again is
+/// a change with nothing added or removed.
+pub fn change_peers(
+    current: &[String],
+    new: &[String],
+    own_url: &str,
+    write_quorum: usize,
+) -> Result<PeerChange, String> {
+    let peers = check_peer_list(new)?;
+    let own = peer_url(own_url).to_ascii_lowercase();
+    if let Some(url) = peers.iter().find(|p| p.to_ascii_lowercase() == own) {
+        return Err(format!("peer {url:?} is this node itself"));
+    }
+    if peers.len() + 1 < write_quorum {
+        return Err(format!(
+            "a write quorum of {write_quorum} needs at least {} peers",
+            write_quorum - 1
+        ));
+    }
+    let current: Vec<String> = current.iter().map(|u| peer_url(u)).collect();
+    let added = peers
+        .iter()
+        .filter(|p| !current.contains(p))
+        .cloned()
+        .collect();
+    let removed = current
+        .iter()
+        .filter(|p| !peers.contains(p))
+        .cloned()
+        .collect();
+    Ok(PeerChange {
+        peers,
+        added,
+        removed,
+    })
+}
+
+/// What a receiver does with the first batch of an origin it holds no
+/// position for (no entry and no mode-switch base): a sender starting at
+/// its log's beginning is taken as usual; any other batch starts our
+/// position at the sender's `upto` with a gap open, merging none of its
+/// records. A node that joins a running cluster must not replay a WAL's
+/// history: a put there may be older than a tombstone the cluster has
+/// purged, and would come back to life. Anti-entropy pulls the origin's
+/// whole state instead before the gap closes.
+pub fn receive_first(b: Batch) -> Receive {
+    if b.from <= 1 {
+        return receive(RecvPos::default(), b);
+    }
+    Receive::Skip {
+        next: RecvPos {
+            pos: b.upto,
+            hlc: Timestamp::default(),
+            gap: true,
+        },
+    }
+}
+
+/// The global stable time a node may purge below: the least of ours and
+/// every peer's, and zero unless every peer reported the same member count
+/// as ours (`members`: this node and its peers). While nodes are told of
+/// an added or removed node one by one, some count a node the others do
+/// not: the stable times of the ones not told yet leave out the new
+/// node's stream, or still count a removed one.
+pub fn purge_time(
+    ours: Timestamp,
+    members: u64,
+    peers: impl IntoIterator<Item = (Timestamp, u64)>,
+) -> Timestamp {
+    let mut gst = ours;
+    for (stable, theirs) in peers {
+        if theirs != members {
+            return Timestamp::default();
+        }
+        gst = gst.min(stable);
+    }
+    gst
 }
 
 #[cfg(test)]
@@ -281,5 +431,126 @@ mod tests {
         );
         assert_eq!(global_stable_time(ts(5), [ts(9), ts(4)]), ts(4));
         assert_eq!(global_stable_time(ts(5), []), ts(5));
+    }
+
+    fn urls(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_peer_change_says_what_was_added_and_removed() {
+        let cur = urls(&["http://a:1", "http://b:2"]);
+        let c = change_peers(
+            &cur,
+            &urls(&["http://b:2/", "http://c:3"]),
+            "http://me:9",
+            1,
+        )
+        .unwrap();
+        assert_eq!(c.peers, urls(&["http://b:2", "http://c:3"]));
+        assert_eq!(c.added, urls(&["http://c:3"]));
+        assert_eq!(c.removed, urls(&["http://a:1"]));
+        // The same set again changes nothing.
+        let same = change_peers(&cur, &cur, "http://me:9", 1).unwrap();
+        assert!(same.added.is_empty() && same.removed.is_empty());
+        assert_eq!(same.peers, cur);
+        // No peers at all is a set too (a quorum of one).
+        assert!(change_peers(&cur, &[], "http://me:9", 1).is_ok());
+    }
+
+    #[test]
+    fn bad_peer_sets_are_refused() {
+        let cur = urls(&["http://a:1"]);
+        let too_many: Vec<String> = (1..=65).map(|p| format!("http://h:{p}")).collect();
+        let max: Vec<String> = (1..=64).map(|p| format!("http://h:{p}")).collect();
+        assert!(change_peers(&cur, &max, "http://me:9", 1).is_ok());
+        for (new, why) in [
+            (too_many, "at most"),
+            (urls(&["http://me:9/"]), "itself"),
+            (urls(&["http://ME:9"]), "itself"),
+            (urls(&["http://b:2", "http://b:2/"]), "twice"),
+            (urls(&["ftp://b:2"]), "http"),
+            (urls(&["b:2"]), "http"),
+            (urls(&["http://b"]), "port"),
+            (urls(&["http://b:0"]), "port"),
+            (urls(&["http://b:99999"]), "port"),
+            (urls(&["http://b:2/x"]), "port"),
+            (urls(&["http://:2"]), "host"),
+            (urls(&["http://u@b:2"]), "host"),
+            (urls(&["http://b:2?q=1"]), "port"),
+        ] {
+            let e = change_peers(&cur, &new, "http://me:9", 1).unwrap_err();
+            assert!(e.contains(why), "{new:?}: {e}");
+        }
+        let e = change_peers(&cur, &[], "http://me:9", 2).unwrap_err();
+        assert!(e.contains("quorum"), "{e}");
+        assert!(check_peer_url("https://[::1]:8443").is_ok());
+        assert!(check_peer_url("http://127.0.0.1:80").is_ok());
+    }
+
+    #[test]
+    fn a_new_origin_starts_past_the_senders_history_with_a_gap() {
+        // The sender's first offer: its end, no records.
+        assert_eq!(
+            receive_first(batch(41, 40, 50, true, false)),
+            Receive::Skip {
+                next: RecvPos {
+                    pos: 40,
+                    hlc: Timestamp::default(),
+                    gap: true
+                }
+            }
+        );
+        // A compacted sender's oldest entry onward: not replayed either.
+        assert_eq!(
+            receive_first(batch(30, 40, 50, true, true)),
+            Receive::Skip {
+                next: RecvPos {
+                    pos: 40,
+                    hlc: Timestamp::default(),
+                    gap: true
+                }
+            }
+        );
+        // A sender whose log starts at 1 (a cluster starting together)
+        // streams as always.
+        assert_eq!(
+            receive_first(batch(1, 3, 50, true, false)),
+            Receive::Ingest {
+                next: at(3, 50, false),
+                crossed_gap: false
+            }
+        );
+    }
+
+    #[test]
+    fn purges_wait_until_every_node_counts_the_same_members() {
+        assert_eq!(purge_time(ts(9), 4, [(ts(7), 4), (ts(8), 4)]), ts(7));
+        // One peer not told of the fourth node yet (or of a removal).
+        assert_eq!(
+            purge_time(ts(9), 4, [(ts(7), 4), (ts(8), 3)]),
+            Timestamp::default()
+        );
+        // A peer that never answered a digest counts nothing yet.
+        assert_eq!(
+            purge_time(ts(9), 3, [(ts(7), 3), (Timestamp::default(), 0)]),
+            Timestamp::default()
+        );
+        assert_eq!(purge_time(ts(9), 1, []), ts(9));
+    }
+
+    #[test]
+    fn a_changed_set_changes_the_stable_time() {
+        // Three peers, all known.
+        let three = [Some(ts(5)), Some(ts(6)), Some(ts(7))];
+        assert_eq!(stable_time(&three, ts(9)), ts(5));
+        // A fourth added: zero until its id is known, then it counts.
+        let added = [Some(ts(5)), Some(ts(6)), Some(ts(7)), None];
+        assert_eq!(stable_time(&added, ts(9)), Timestamp::default());
+        let known = [Some(ts(5)), Some(ts(6)), Some(ts(7)), Some(ts(0))];
+        assert_eq!(stable_time(&known, ts(9)), ts(0));
+        // The one holding it back (a dead peer) removed: it moves again.
+        let removed = [Some(ts(6)), Some(ts(7))];
+        assert_eq!(stable_time(&removed, ts(9)), ts(6));
     }
 }

@@ -254,7 +254,11 @@ def test_schemathesis_finds_nothing_on_a_masterless_node(start_three: StartThree
     # A write with If-Match or If-None-Match is 409 there whatever the
     # header holds (its ETags are stamps, not mod_indexes): a malformed
     # one too. So is every lease route, before it reads anything.
-    schemathesis(tmp_path, node.url, CLUSTER_EXAMPLES, [PAUSE, WATCH], NEGATIVE_STATUSES + [409])
+    # A valid peer set really replaces the node's peers (an empty one cuts
+    # it off from the others): the peer routes' refusals are held to the
+    # spec by the masterless membership tests instead.
+    excluded = [PAUSE, WATCH, "/v1/admin/peers"]
+    schemathesis(tmp_path, node.url, CLUSTER_EXAMPLES, excluded, NEGATIVE_STATUSES + [409])
 
 
 def status_of(url: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use super::{load_manifest, Node, Sup};
 use crate::election::{self, NodeView};
 use crate::manifest::Mode;
+use crate::plan;
 use crate::process;
 
 /// How long the nodes stopped with SIGKILL by `down` are given to be reaped.
@@ -54,9 +55,19 @@ impl Sup {
             )));
         }
         let old = self.manifest();
-        let changes = old.diff(&new).map_err(ApplyError::Refused)?;
+        let kvd = super::rolling::binary_id(&self.kvd)
+            .map_err(|e| ApplyError::Failed(format!("reading the kvd binary: {e:#}")))?;
+        let planned = plan::plan(&old, &kvd, &new, &kvd, None)
+            .map_err(|r| ApplyError::Refused(r.to_string()))?;
+        let changes = planned.lines();
         if dry_run {
             return Ok(changes);
+        }
+        if planned.change_kind().is_some() {
+            return Err(ApplyError::Refused(format!(
+                "{}: not supported yet",
+                changes.join("; ")
+            )));
         }
         if new.spec.mode != old.spec.mode {
             self.switch_mode(new.spec.mode)

@@ -27,6 +27,7 @@ mod failover;
 mod health;
 mod nodes;
 pub mod restore;
+mod rolling;
 mod status;
 
 use std::collections::VecDeque;

@@ -579,7 +579,7 @@ async fn apply(
     if probe.healthy().await {
         let api = probe.with_token(&a.token_file)?;
         let st = api.get("/v1/status").await?;
-        return apply_to_running(&api, &st, &a, dry_run).await;
+        return apply_to_running(&api, &st, &a, kvd.as_deref(), dry_run).await;
     }
     let kvd = match kvd {
         Some(k) => k,
@@ -711,7 +711,13 @@ fn render_kubernetes(file: &Path, out: &Path, namespace: String, image: String) 
 
 /// Hands the manifest to the daemon already running (which `st` is the
 /// status of) and says what changed.
-async fn apply_to_running(api: &Api, st: &Value, a: &Applying, dry_run: bool) -> Result<()> {
+async fn apply_to_running(
+    api: &Api,
+    st: &Value,
+    a: &Applying,
+    kvd: Option<&Path>,
+    dry_run: bool,
+) -> Result<()> {
     let name = &a.manifest.metadata.name;
     if st["cluster"].as_str() != Some(name) {
         bail!(
@@ -720,10 +726,14 @@ async fn apply_to_running(api: &Api, st: &Value, a: &Applying, dry_run: bool) ->
             st["cluster"]
         );
     }
+    // The daemon may run in another directory: the binary goes absolute.
+    let kvd = kvd
+        .map(|k| std::fs::canonicalize(k).with_context(|| format!("--kvd {}", k.display())))
+        .transpose()?;
     let r = api
         .post(
             "/v1/apply",
-            json!({"path": a.path, "base_dir": a.base, "dry_run": dry_run}),
+            json!({"path": a.path, "base_dir": a.base, "dry_run": dry_run, "kvd": kvd}),
             120,
         )
         .await?;

@@ -317,17 +317,21 @@ impl RestartPolicy {
 }
 
 /// `spec.rollout`: a rolling change stops at a node that is not healthy
-/// and caught up within `readyTimeoutMs` of its start (default 60 s).
+/// and caught up within `readyTimeoutMs` of its stop (default 60 s); a
+/// node that has not exited `stopGraceMs` after SIGTERM gets SIGKILL
+/// (default 10 s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rollout {
     pub ready_timeout_ms: u64,
+    pub stop_grace_ms: u64,
 }
 
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
             ready_timeout_ms: 60_000,
+            stop_grace_ms: 10_000,
         }
     }
 }
@@ -397,6 +401,7 @@ const FIELD_NAMES: &[&str] = &[
     "backoffMaxMs",
     "rollout",
     "readyTimeoutMs",
+    "stopGraceMs",
     "kvdArgs",
     "restoreFrom",
     "backup",
@@ -954,17 +959,21 @@ fn check_restart(r: &RestartPolicy, at: &Locator) -> Result<(), ManifestError> {
 }
 
 fn check_rollout(r: &Rollout, at: &Locator) -> Result<(), ManifestError> {
-    let t = r.ready_timeout_ms;
-    if (1_000..=3_600_000).contains(&t) {
-        return Ok(());
+    for (key, value, range) in [
+        ("readyTimeoutMs", r.ready_timeout_ms, 1_000..=3_600_000),
+        ("stopGraceMs", r.stop_grace_ms, 100..=600_000),
+    ] {
+        if !range.contains(&value) {
+            return Err(at.fail(
+                &format!("spec.rollout.{key}"),
+                key,
+                &value.to_string(),
+                0,
+                format!("must be {}..={} (milliseconds)", range.start(), range.end()),
+            ));
+        }
     }
-    Err(at.fail(
-        "spec.rollout.readyTimeoutMs",
-        "readyTimeoutMs",
-        &t.to_string(),
-        0,
-        "must be 1000..=3600000 (1 s to 1 h)".into(),
-    ))
+    Ok(())
 }
 
 fn check_kvd_args(args: &[String], tls: bool, at: &Locator) -> Result<(), ManifestError> {
@@ -1464,5 +1473,8 @@ spec:
                 "{e}"
             );
         }
+        let e =
+            Manifest::parse(&format!("{GOOD}  rollout: {{stopGraceMs: 99}}\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.rollout.stopGraceMs", "{e}");
     }
 }

@@ -473,6 +473,62 @@ fn settings_lines(running: &Manifest, new: &Manifest) -> Vec<String> {
     out
 }
 
+/// A node as the next step of a rolling change sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollNode {
+    pub name: String,
+    /// It runs the change's settings already.
+    pub updated: bool,
+    /// Running, answering and ready.
+    pub healthy: bool,
+    /// `runtime: external`: kvsup cannot restart it.
+    pub external: bool,
+}
+
+/// The next step of a rolling change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollStep {
+    /// Restart this node onto the new settings.
+    Restart(String),
+    /// Move the primary to this updated, healthy secondary first.
+    Switchover(String),
+    /// Every node kvsup runs is on the new settings.
+    Done,
+    /// Nothing can be done now (no primary known yet, or no updated
+    /// secondary healthy): look again shortly.
+    Wait(String),
+}
+
+/// What a rolling change does next. Primary/secondary: the secondaries
+/// first, then a switchover to an updated healthy secondary, then the old
+/// primary (never restarted while it leads, so that no restart is a
+/// failover); masterless: in list order. `nodes` in the daemon's order.
+pub fn next_step(mode: Mode, primary: Option<&str>, nodes: &[RollNode]) -> RollStep {
+    let todo: Vec<&RollNode> = nodes.iter().filter(|n| !n.updated && !n.external).collect();
+    if todo.is_empty() {
+        return RollStep::Done;
+    }
+    if mode != Mode::PrimarySecondary || nodes.len() < 2 {
+        return RollStep::Restart(todo[0].name.clone());
+    }
+    let Some(primary) = primary else {
+        return RollStep::Wait("no primary is known yet".into());
+    };
+    if let Some(n) = todo.iter().find(|n| n.name != primary) {
+        return RollStep::Restart(n.name.clone());
+    }
+    // Only the primary is left.
+    match nodes
+        .iter()
+        .find(|n| n.name != primary && n.updated && n.healthy)
+    {
+        Some(to) => RollStep::Switchover(to.name.clone()),
+        None => RollStep::Wait(format!(
+            "no updated secondary is healthy to take over from {primary}"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,5 +865,82 @@ spec:
         let over = rolling(ChangeState::Failed, &[]);
         let p = plan(&good(), &kvd("a"), &good(), &kvd("a"), Some(&over));
         assert_eq!(p, Ok(Plan::Settings(vec![])));
+    }
+
+    fn rn(name: &str, updated: bool, healthy: bool) -> RollNode {
+        RollNode {
+            name: name.into(),
+            updated,
+            healthy,
+            external: false,
+        }
+    }
+
+    #[test]
+    fn a_rolling_change_restarts_the_secondaries_then_moves_the_primary() {
+        let ps = Mode::PrimarySecondary;
+        let all_old = [
+            rn("n0", false, true),
+            rn("n1", false, true),
+            rn("n2", false, true),
+        ];
+        assert_eq!(
+            next_step(ps, Some("n0"), &all_old),
+            RollStep::Restart("n1".into())
+        );
+        let one = [
+            rn("n0", false, true),
+            rn("n1", true, true),
+            rn("n2", false, true),
+        ];
+        assert_eq!(
+            next_step(ps, Some("n0"), &one),
+            RollStep::Restart("n2".into())
+        );
+        let two = [
+            rn("n0", false, true),
+            rn("n1", true, false),
+            rn("n2", true, true),
+        ];
+        assert_eq!(
+            next_step(ps, Some("n0"), &two),
+            RollStep::Switchover("n2".into())
+        );
+        let sick = [
+            rn("n0", false, true),
+            rn("n1", true, false),
+            rn("n2", true, false),
+        ];
+        assert!(matches!(
+            next_step(ps, Some("n0"), &sick),
+            RollStep::Wait(_)
+        ));
+        // After the switchover the old primary is a secondary like any other.
+        assert_eq!(
+            next_step(ps, Some("n2"), &two),
+            RollStep::Restart("n0".into())
+        );
+        let done = [
+            rn("n0", true, true),
+            rn("n1", true, true),
+            rn("n2", true, true),
+        ];
+        assert_eq!(next_step(ps, Some("n2"), &done), RollStep::Done);
+        assert!(matches!(next_step(ps, None, &all_old), RollStep::Wait(_)));
+    }
+
+    #[test]
+    fn masterless_rolls_in_order_and_external_nodes_are_left_alone() {
+        let ml = Mode::Masterless;
+        let mut nodes = [
+            rn("n0", true, true),
+            rn("n1", false, true),
+            rn("n2", false, true),
+        ];
+        assert_eq!(next_step(ml, None, &nodes), RollStep::Restart("n1".into()));
+        nodes[1].external = true;
+        assert_eq!(next_step(ml, None, &nodes), RollStep::Restart("n2".into()));
+        nodes[2].updated = true;
+        assert_eq!(next_step(ml, None, &nodes), RollStep::Done);
     }
 }

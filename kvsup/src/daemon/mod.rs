@@ -152,6 +152,8 @@ pub struct Sup {
     /// `kvsup down` is stopping the nodes.
     shutting_down: AtomicBool,
     election: Mutex<ElectionState>,
+    /// What each node runs, and the last change (`rolling.rs`).
+    rollouts: rolling::Rollouts,
     /// Cancelled when the daemon stops: every task ends at its next wait.
     cancel: CancellationToken,
     /// Every task the daemon runs; joined (or aborted) by [`Sup::stop`].
@@ -213,6 +215,7 @@ impl Sup {
             })
             .collect();
         let http = node_client(creds.as_ref())?;
+        let rollouts = rolling::Rollouts::new(&manifest, rolling::binary_id_or_unknown(&kvd));
         Ok(Sup {
             manifest: RwLock::new(manifest),
             manifest_path: tokio::sync::watch::Sender::new(path),
@@ -232,6 +235,7 @@ impl Sup {
             moving: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
+            rollouts,
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
         })

@@ -74,13 +74,19 @@ struct Cli {
 enum Cmd {
     /// Make the cluster match the manifest: start the supervisor daemon and
     /// its nodes if none runs, else hand the manifest to the running daemon.
-    /// Applying the same file again changes nothing. The daemon then watches
-    /// the file and re-applies it when it is edited.
+    /// Applying the same file again changes nothing. One change per apply:
+    /// settings taken at once, a rolling change of kvdArgs, index or the
+    /// kvd binary (the nodes restarted one at a time; `kvsup status`
+    /// follows it), or a refusal saying what to do. The daemon then
+    /// watches the file and re-applies it when it is edited.
     Apply {
-        /// kvd binary to run (default: the kvd beside this kvsup).
+        /// kvd binary to run (default: the kvd beside this kvsup). On a
+        /// running cluster: a rolling change onto this binary (default: the
+        /// one the nodes run, read again, so that one replaced in place
+        /// rolls too).
         #[arg(long)]
         kvd: Option<PathBuf>,
-        /// Print what would change, change nothing.
+        /// Print the plan (what would change), change nothing.
         #[arg(long, conflicts_with = "foreground")]
         dry_run: bool,
         /// Run the supervisor in this process instead of forking it, logging
@@ -994,6 +1000,9 @@ fn print_status(st: &Value) -> Result<()> {
         s(&c["Degraded"]),
         s(&c["FailoverInProgress"])
     );
+    if let Some(line) = change_line(&st["change"]) {
+        say!("{line}");
+    }
     say!(
         "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
         "NAME",
@@ -1028,6 +1037,40 @@ fn print_status(st: &Value) -> Result<()> {
         print_creds(&st["tls"])?;
     }
     Ok(())
+}
+
+/// The status's last change in one line (`None` when none ran): its
+/// kind, state and step, the nodes done and left, and why it failed.
+fn change_line(c: &Value) -> Option<String> {
+    let names = |v: &Value| {
+        let list: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if list.is_empty() {
+            "-".to_string()
+        } else {
+            list.join(",")
+        }
+    };
+    let obj = c.as_object()?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("-");
+    let mut line = format!(
+        "CHANGE {} generation {} {}: {} (done {}, left {})",
+        text("kind"),
+        obj.get("generation")
+            .map_or_else(|| "-".into(), Value::to_string),
+        text("state"),
+        text("step"),
+        names(&c["nodes_done"]),
+        names(&c["nodes_left"])
+    );
+    if let Some(why) = obj.get("reason").and_then(Value::as_str) {
+        line.push_str(&format!(": {why}"));
+    }
+    Some(line)
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.

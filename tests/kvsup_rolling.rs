@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstore_testkit::sup::{run_in, Supervised};
-use kvstore_testkit::{bin, wait_until};
+use kvstore_testkit::{bin, http_get, wait_until};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -179,9 +179,27 @@ fn exe(pid: u64) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default()
 }
 
+/// Waits until every node reports the same digest (in either mode).
+fn wait_same_digests(c: &Supervised) {
+    let mut last = Vec::new();
+    let same = wait_until(Duration::from_secs(30), || {
+        last = c
+            .nodes
+            .iter()
+            .map(|(_, p)| {
+                let (code, body) = http_get(*p, "/v1/status", Duration::from_secs(2)).ok()?;
+                let s: Value = (code == 200).then(|| serde_json::from_slice(&body).ok())??;
+                Some(s["digest"].clone())
+            })
+            .collect();
+        last.iter().all(Option::is_some) && last.windows(2).all(|w| w[0] == w[1])
+    });
+    assert!(same, "the nodes' digests differ: {last:?}");
+}
+
 /// Every node holds every acknowledged key, and all hold the same.
 async fn assert_nothing_lost(c: &Supervised, acked: &[String]) {
-    c.wait_converged(Duration::from_secs(30)).unwrap();
+    wait_same_digests(c);
     for url in c.urls() {
         let node = kvclient::Client::new([url.clone()]).unwrap();
         for k in acked {
@@ -451,4 +469,38 @@ async fn a_refused_apply_changes_nothing() {
     assert_eq!(after["manifest"], before["manifest"]);
     assert_eq!(after["change"], Value::Null);
     assert_eq!(after["generation"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masterless_cluster_rolls_in_order_losing_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let c = Arc::new(Supervised::apply(tmp.path(), 3, "  mode: masterless\n").unwrap());
+    let old_pids = node_pids(&c.status().unwrap());
+    let load = Load::start(&c, 16);
+    load.more(100).await;
+    let m = manifest(
+        &c,
+        "rolled.yaml",
+        &with_spec(&c, &format!("  kvdArgs: [\"{NEW_FLAG}\"]\n")),
+    );
+    let (ok, out) = kvsup(&c, &["apply", "-f", &m]).await;
+    assert!(ok && out.contains("rolling change"), "{out}");
+    let st = wait_change_over(&c, Duration::from_secs(180));
+    assert_eq!(st["change"]["state"], "done", "{st:#}");
+    let order: Vec<String> = serde_json::from_value(st["change"]["nodes_done"].clone()).unwrap();
+    assert_eq!(order, ["n0", "n1", "n2"], "{st:#}");
+    load.more(100).await;
+    let (acked, failed, pause) = load.finish().await;
+    let st = c.wait_ready(Duration::from_secs(30)).unwrap();
+    for (name, pid) in node_pids(&st) {
+        let old = old_pids.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_ne!(pid, old, "{name} was not restarted");
+        assert!(cmdline(pid).iter().any(|a| a == NEW_FLAG), "{name}");
+    }
+    assert_nothing_lost(&c, &acked).await;
+    eprintln!(
+        "masterless rolling change: {} writes acknowledged, {failed} failed, longest pause {} ms",
+        acked.len(),
+        pause.as_millis()
+    );
 }

@@ -11,6 +11,9 @@
 //!   backoff, and fail over when the primary has failed (`failover.rs`);
 //! - the sampler: the status document once a second into the dashboard's
 //!   bounded ring (`crate::dashboard::Samples`).
+//! - a rolling change, while one runs: the nodes restarted one at a time
+//!   onto new settings, as `crate::plan` plans and orders them
+//!   (`rolling.rs`, which also keeps what each node runs).
 //!
 //! The layers above add the manifest file watcher and the HTTP API the
 //! `kvsup` commands talk to (`commands.rs` is what they call; `status.rs`

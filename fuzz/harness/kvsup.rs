@@ -9,12 +9,14 @@
 use std::path::{Component, Path};
 
 use kvsup::manifest::Manifest;
+use kvsup::plan::{plan, BinaryId, Plan};
 
 /// `manifest`: parses and validates a manifest as `kvsup apply` does
 /// (`Manifest::load` reads the file as UTF-8 first, so other bytes never
 /// reach the parser). An error must print, redacted or not; a manifest
-/// that passes must survive a JSON round trip, differ from itself in
-/// nothing, and give an absolute state directory with no `.` or `..` in it.
+/// that passes must survive a JSON round trip, be planned as no change
+/// when applied over itself, and give an absolute state directory with no
+/// `.` or `..` in it.
 pub fn manifest(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -31,7 +33,15 @@ pub fn manifest(data: &[u8]) {
     let json = serde_json::to_string(&m).expect("a manifest serializes");
     let back: Manifest = serde_json::from_str(&json).expect("a serialized manifest parses");
     assert_eq!(back, m, "a manifest changed in a JSON round trip");
-    assert_eq!(m.diff(&m), Ok(Vec::new()), "a manifest differs from itself");
+    let kvd = BinaryId {
+        path: "/usr/local/bin/kvd".into(),
+        sha256: "0".repeat(64),
+    };
+    assert_eq!(
+        plan(&m, &kvd, &m, &kvd, None),
+        Ok(Plan::Settings(Vec::new())),
+        "applying a manifest over itself changes something"
+    );
     for n in &m.spec.nodes {
         assert!(m.node(&n.name).is_some(), "node {} not found", n.name);
     }
@@ -88,5 +98,8 @@ spec:
   restart:
     backoffInitialMs: 10
     backoffMaxMs: 300000
+  rollout:
+    readyTimeoutMs: 30000
+    stopGraceMs: 5000
   kvdArgs: [\"--write-quorum=2\", \"--max-value-bytes\", \"1024\"]
 ";

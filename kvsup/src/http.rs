@@ -157,19 +157,27 @@ struct ApplyReq {
     base_dir: PathBuf,
     #[serde(default)]
     dry_run: bool,
+    /// `kvsup apply --kvd`: the binary the nodes move to (absolute).
+    #[serde(default)]
+    kvd: Option<PathBuf>,
 }
 
 async fn apply(State(c): State<Ctx>, Json(req): Json<ApplyReq>) -> Response {
     // Relative paths would resolve against the daemon's directory, which
     // the requester does not know.
-    if !req.path.is_absolute() || !req.base_dir.is_absolute() {
+    let relative_kvd = req.kvd.as_ref().is_some_and(|k| !k.is_absolute());
+    if !req.path.is_absolute() || !req.base_dir.is_absolute() || relative_kvd {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "path and base_dir must be absolute".into(),
+            "path, base_dir and kvd must be absolute".into(),
         );
     }
-    match c.sup.apply(&req.path, &req.base_dir, req.dry_run).await {
+    match c
+        .sup
+        .apply(&req.path, &req.base_dir, req.kvd.as_deref(), req.dry_run)
+        .await
+    {
         Ok(changes) => Json(json!({"changes": changes, "dry_run": req.dry_run})).into_response(),
         Err(ApplyError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "invalid_manifest", m),
         Err(ApplyError::Refused(m)) => error(StatusCode::CONFLICT, "change_refused", m),

@@ -5,14 +5,15 @@
 //! table and checks every `crate::` path against it):
 //!
 //! 1. decisions, no I/O but reading a manifest file: `manifest` (types,
-//!    validation, diff, restart backoff), `election` (when to elect,
+//!    validation, restart backoff), `election` (when to elect,
 //!    whom to ask), `auth` (the admin token, who may use the API) and
 //!    `dashboard` (the web page's files and its charts' sample rings);
 //! 2. effects: `process` (spawn, adopt, signal kvd), `token_file` (the
 //!    admin token's file), `creds` (`tls: auto`'s CA, certificates and
 //!    tokens), `metrics`, `logging`;
 //! 3. plans: `launch` (a node's kvd command line, for the daemon and for
-//!    `kvsup render`);
+//!    `kvsup render`) and `plan` (what an apply changes: one change or a
+//!    refusal);
 //! 4. `daemon`: the supervisor's state and tasks (health checks, exit
 //!    watchers, reconcile and failover, the commands);
 //! 5. interfaces: `http` (the daemon's API), `watch` (the manifest file
@@ -34,6 +35,7 @@ pub mod launch;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod plan;
 pub mod process;
 pub mod render;
 pub mod server;

@@ -74,13 +74,19 @@ struct Cli {
 enum Cmd {
     /// Make the cluster match the manifest: start the supervisor daemon and
     /// its nodes if none runs, else hand the manifest to the running daemon.
-    /// Applying the same file again changes nothing. The daemon then watches
-    /// the file and re-applies it when it is edited.
+    /// Applying the same file again changes nothing. One change per apply:
+    /// settings taken at once, a rolling change of kvdArgs, index or the
+    /// kvd binary (the nodes restarted one at a time; `kvsup status`
+    /// follows it), or a refusal saying what to do. The daemon then
+    /// watches the file and re-applies it when it is edited.
     Apply {
-        /// kvd binary to run (default: the kvd beside this kvsup).
+        /// kvd binary to run (default: the kvd beside this kvsup). On a
+        /// running cluster: a rolling change onto this binary (default: the
+        /// one the nodes run, read again, so that one replaced in place
+        /// rolls too).
         #[arg(long)]
         kvd: Option<PathBuf>,
-        /// Print what would change, change nothing.
+        /// Print the plan (what would change), change nothing.
         #[arg(long, conflicts_with = "foreground")]
         dry_run: bool,
         /// Run the supervisor in this process instead of forking it, logging
@@ -579,7 +585,7 @@ async fn apply(
     if probe.healthy().await {
         let api = probe.with_token(&a.token_file)?;
         let st = api.get("/v1/status").await?;
-        return apply_to_running(&api, &st, &a, dry_run).await;
+        return apply_to_running(&api, &st, &a, kvd.as_deref(), dry_run).await;
     }
     let kvd = match kvd {
         Some(k) => k,
@@ -711,7 +717,13 @@ fn render_kubernetes(file: &Path, out: &Path, namespace: String, image: String) 
 
 /// Hands the manifest to the daemon already running (which `st` is the
 /// status of) and says what changed.
-async fn apply_to_running(api: &Api, st: &Value, a: &Applying, dry_run: bool) -> Result<()> {
+async fn apply_to_running(
+    api: &Api,
+    st: &Value,
+    a: &Applying,
+    kvd: Option<&Path>,
+    dry_run: bool,
+) -> Result<()> {
     let name = &a.manifest.metadata.name;
     if st["cluster"].as_str() != Some(name) {
         bail!(
@@ -720,10 +732,14 @@ async fn apply_to_running(api: &Api, st: &Value, a: &Applying, dry_run: bool) ->
             st["cluster"]
         );
     }
+    // The daemon may run in another directory: the binary goes absolute.
+    let kvd = kvd
+        .map(|k| std::fs::canonicalize(k).with_context(|| format!("--kvd {}", k.display())))
+        .transpose()?;
     let r = api
         .post(
             "/v1/apply",
-            json!({"path": a.path, "base_dir": a.base, "dry_run": dry_run}),
+            json!({"path": a.path, "base_dir": a.base, "dry_run": dry_run, "kvd": kvd}),
             120,
         )
         .await?;
@@ -984,6 +1000,9 @@ fn print_status(st: &Value) -> Result<()> {
         s(&c["Degraded"]),
         s(&c["FailoverInProgress"])
     );
+    if let Some(line) = change_line(&st["change"]) {
+        say!("{line}");
+    }
     say!(
         "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
         "NAME",
@@ -1018,6 +1037,40 @@ fn print_status(st: &Value) -> Result<()> {
         print_creds(&st["tls"])?;
     }
     Ok(())
+}
+
+/// The status's last change in one line (`None` when none ran): its
+/// kind, state and step, the nodes done and left, and why it failed.
+fn change_line(c: &Value) -> Option<String> {
+    let names = |v: &Value| {
+        let list: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if list.is_empty() {
+            "-".to_string()
+        } else {
+            list.join(",")
+        }
+    };
+    let obj = c.as_object()?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("-");
+    let mut line = format!(
+        "CHANGE {} generation {} {}: {} (done {}, left {})",
+        text("kind"),
+        obj.get("generation")
+            .map_or_else(|| "-".into(), Value::to_string),
+        text("state"),
+        text("step"),
+        names(&c["nodes_done"]),
+        names(&c["nodes_left"])
+    );
+    if let Some(why) = obj.get("reason").and_then(Value::as_str) {
+        line.push_str(&format!(": {why}"));
+    }
+    Some(line)
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.

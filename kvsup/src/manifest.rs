@@ -74,6 +74,9 @@ pub struct Spec {
     pub supervisor: Supervisor,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// `spec.rollout`: how a rolling change waits for each node.
+    #[serde(default)]
+    pub rollout: Rollout,
     /// Extra flags for every kvd (e.g. `--sync-replicas`, `--write-quorum`).
     /// Flags that kvsup sets itself are refused.
     #[serde(default)]
@@ -313,6 +316,26 @@ impl RestartPolicy {
     }
 }
 
+/// `spec.rollout`: a rolling change stops at a node that is not healthy
+/// and caught up within `readyTimeoutMs` of its stop (default 60 s); a
+/// node that has not exited `stopGraceMs` after SIGTERM gets SIGKILL
+/// (default 10 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rollout {
+    pub ready_timeout_ms: u64,
+    pub stop_grace_ms: u64,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            ready_timeout_ms: 60_000,
+            stop_grace_ms: 10_000,
+        }
+    }
+}
+
 /// When a node whose backoff is `backoff_ms` may start again: `now +
 /// backoff_ms`, held to [`MAX_BACKOFF_MS`], so that no value can overflow
 /// the clock (which would panic the exit watcher and leave the node never
@@ -376,6 +399,9 @@ const FIELD_NAMES: &[&str] = &[
     "restart",
     "backoffInitialMs",
     "backoffMaxMs",
+    "rollout",
+    "readyTimeoutMs",
+    "stopGraceMs",
     "kvdArgs",
     "restoreFrom",
     "backup",
@@ -572,6 +598,7 @@ impl Manifest {
         check_supervisor_port(s.supervisor.port, &ports, &at)?;
         check_health_check(&s.health_check, &at)?;
         check_restart(&s.restart, &at)?;
+        check_rollout(&s.rollout, &at)?;
         check_kvd_args(&s.kvd_args, s.tls_auto(), &at)?;
         check_restore_from(s, &at)?;
         check_backup(s, &at)?;
@@ -624,66 +651,6 @@ impl Manifest {
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.spec.nodes.iter().find(|n| n.name == name)
-    }
-
-    /// What applying `new` over `self` (the running manifest) changes, one
-    /// human line each; `Err` lists changes a running cluster cannot take.
-    pub fn diff(&self, new: &Manifest) -> Result<Vec<String>, String> {
-        let (a, b) = (&self.spec, &new.spec);
-        let mut refused = Vec::new();
-        if self.metadata.name != new.metadata.name {
-            refused.push(format!(
-                "metadata.name {:?} -> {:?}: this supervisor runs cluster {:?}",
-                self.metadata.name, new.metadata.name, self.metadata.name
-            ));
-        }
-        if a.nodes != b.nodes {
-            refused.push(
-                "spec.nodes: changing the node set of a running cluster is not supported \
-                 (kvsup down, then apply)"
-                    .to_string(),
-            );
-        }
-        if a.state_dir != b.state_dir {
-            refused.push("spec.stateDir: cannot change on a running cluster".into());
-        }
-        if a.supervisor != b.supervisor {
-            refused.push("spec.supervisor.port: cannot change on a running cluster".into());
-        }
-        if a.tls != b.tls {
-            refused.push(
-                "spec.tls: a running cluster cannot turn TLS on or off (kvsup down, then apply)"
-                    .into(),
-            );
-        }
-        if a.index != b.index || a.kvd_args != b.kvd_args {
-            refused.push(
-                "spec.index / spec.kvdArgs: node flags of a running cluster cannot change \
-                 (kvsup down, then apply)"
-                    .into(),
-            );
-        }
-        if !refused.is_empty() {
-            return Err(refused.join("; "));
-        }
-        let mut changes = Vec::new();
-        if a.mode != b.mode {
-            changes.push(format!(
-                "spec.mode: {} -> {} (live mode switch)",
-                a.mode.as_str(),
-                b.mode.as_str()
-            ));
-        }
-        if a.health_check != b.health_check {
-            changes.push(format!(
-                "spec.healthCheck: {:?} -> {:?}",
-                a.health_check, b.health_check
-            ));
-        }
-        if a.restart != b.restart {
-            changes.push(format!("spec.restart: {:?} -> {:?}", a.restart, b.restart));
-        }
-        Ok(changes)
     }
 }
 
@@ -991,6 +958,24 @@ fn check_restart(r: &RestartPolicy, at: &Locator) -> Result<(), ManifestError> {
     Ok(())
 }
 
+fn check_rollout(r: &Rollout, at: &Locator) -> Result<(), ManifestError> {
+    for (key, value, range) in [
+        ("readyTimeoutMs", r.ready_timeout_ms, 1_000..=3_600_000),
+        ("stopGraceMs", r.stop_grace_ms, 100..=600_000),
+    ] {
+        if !range.contains(&value) {
+            return Err(at.fail(
+                &format!("spec.rollout.{key}"),
+                key,
+                &value.to_string(),
+                0,
+                format!("must be {}..={} (milliseconds)", range.start(), range.end()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_kvd_args(args: &[String], tls: bool, at: &Locator) -> Result<(), ManifestError> {
     for a in args {
         let flag = a.split('=').next().unwrap_or(a);
@@ -1129,8 +1114,6 @@ spec:
         assert!(e.message.contains("--auth-file"), "{e}");
         let plain = format!("{GOOD}  kvdArgs: [\"--auth-file=x\"]\n");
         assert!(Manifest::parse(&plain, "m").is_ok());
-        let e = Manifest::parse(GOOD, "m").unwrap().diff(&m).unwrap_err();
-        assert!(e.contains("spec.tls"), "{e}");
     }
 
     #[test]
@@ -1463,12 +1446,35 @@ spec:
     }
 
     #[test]
-    fn diff_refuses_node_changes_and_lists_live_ones() {
-        let a = Manifest::parse(GOOD, "m").unwrap();
-        let b = Manifest::parse(&GOOD.replace("intervalMs: 200", "intervalMs: 500"), "m").unwrap();
-        assert_eq!(a.diff(&a).unwrap(), Vec::<String>::new());
-        assert_eq!(a.diff(&b).unwrap().len(), 1);
-        let c = Manifest::parse(&GOOD.replace("port: 8767", "port: 8768"), "m").unwrap();
-        assert!(a.diff(&c).is_err());
+    fn rollout_ready_timeout_is_bounded() {
+        assert_eq!(
+            Manifest::parse(GOOD, "m")
+                .unwrap()
+                .spec
+                .rollout
+                .ready_timeout_ms,
+            60_000
+        );
+        let ok = format!("{GOOD}  rollout: {{readyTimeoutMs: 5000}}\n");
+        assert_eq!(
+            Manifest::parse(&ok, "m")
+                .unwrap()
+                .spec
+                .rollout
+                .ready_timeout_ms,
+            5_000
+        );
+        for bad in ["999", "3600001"] {
+            let t = format!("{GOOD}  rollout: {{readyTimeoutMs: %s}}\n");
+            let e = Manifest::parse(&t.replace("%s", bad), "m").unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.line),
+                ("spec.rollout.readyTimeoutMs", Some(13)),
+                "{e}"
+            );
+        }
+        let e =
+            Manifest::parse(&format!("{GOOD}  rollout: {{stopGraceMs: 99}}\n"), "m").unwrap_err();
+        assert_eq!(e.field, "spec.rollout.stopGraceMs", "{e}");
     }
 }

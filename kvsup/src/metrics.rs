@@ -25,6 +25,9 @@ pub struct Metrics {
     pub backups: IntCounterVec,
     /// The index the newest scheduled backup is exact at.
     pub last_backup_index: IntGauge,
+    /// Changes carried out over time (rolling, add_node, remove_node) by
+    /// result (`ok`, `failed`).
+    pub changes: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +115,17 @@ impl Metrics {
                 IntGauge::new(
                     "kvsup_last_backup_index",
                     "The log index the newest scheduled backup is exact at (0: none yet)",
+                )?,
+            )?,
+            changes: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvsup_changes_total",
+                        "Changes of a running cluster by kind (rolling, add_node, remove_node) \
+                         and result (ok, failed)",
+                    ),
+                    &["kind", "result"],
                 )?,
             )?,
             registry: r,

@@ -116,7 +116,7 @@ async fn reapply(sup: &Arc<Sup>, path: &Path) {
         return;
     }
     let base = sup.base_dir().to_path_buf();
-    if let Err(e) = sup.apply(path, &base, false).await {
+    if let Err(e) = sup.apply(path, &base, None, false).await {
         sup.metrics.reconcile_errors.inc();
         sup.event("error", None, format!("edited manifest not applied: {e}"));
     }

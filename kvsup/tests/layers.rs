@@ -20,7 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "backup",
         ],
     ),
-    ("plans", &["launch"]),
+    ("plans", &["launch", "plan"]),
     ("daemon", &["daemon"]),
     ("interfaces", &["http", "watch", "render", "chaos"]),
     ("wiring", &["server"]),

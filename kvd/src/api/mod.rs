@@ -519,14 +519,21 @@ impl AppState {
                 code::TRANSFER_IN_PROGRESS,
                 "the primary is handing over to another node; retry shortly",
             )
-            .retry_after(1)),
+            .retry_after(1)
+            // A finer hint for kvclient, as for a mode switch's pause: a
+            // handover takes milliseconds, and a client that slept the
+            // whole second would stall its writes for that long.
+            .with_header(h::RETRY_AFTER_MS, "50".to_string())),
             WriteTarget::Primary(primary) => Err(ApiError::redirect(&primary, uri)),
             WriteTarget::NoPrimary => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::NO_PRIMARY,
                 "this node is a secondary and knows no primary yet; retry shortly",
             )
-            .retry_after(1)),
+            .retry_after(1)
+            // Right after a handover the new primary is known within
+            // milliseconds: the same finer hint.
+            .with_header(h::RETRY_AFTER_MS, "50".to_string())),
         }
     }
 

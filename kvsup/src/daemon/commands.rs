@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use kvclient::admin;
 use nix::sys::signal::Signal;
 
-use super::{load_manifest, Node, Sup};
+use super::{load_manifest, rolling, Node, Sup};
 use crate::election::{self, NodeView};
 use crate::manifest::Mode;
+use crate::plan::{self, NodeSettings, Plan};
 use crate::process;
 
 /// How long the nodes stopped with SIGKILL by `down` are given to be reaped.
@@ -34,11 +35,16 @@ pub enum ApplyError {
 
 impl Sup {
     /// Applies a manifest read from `path` (by `kvsup apply` or the file
-    /// watcher). Returns the list of changes; with `dry_run`, changes nothing.
+    /// watcher), with the kvd binary `kvd` (`kvsup apply --kvd`; left out:
+    /// the binary the nodes run, read again, so that one replaced in place
+    /// counts). Returns the plan's lines once its change has started (a
+    /// rolling change goes on after: `kvsup status` follows it); with
+    /// `dry_run`, changes nothing.
     pub async fn apply(
         self: &Arc<Self>,
         path: &Path,
         base_dir: &Path,
+        kvd: Option<&Path>,
         dry_run: bool,
     ) -> Result<Vec<String>, ApplyError> {
         // The requester may not be allowed to read `path` (the daemon may
@@ -53,17 +59,38 @@ impl Sup {
                 self.state_dir.display()
             )));
         }
+        // One apply plans at a time, from the state the last one left.
+        let _applying = self.rollouts.applying.lock().await;
         let old = self.manifest();
-        let changes = old.diff(&new).map_err(ApplyError::Refused)?;
+        let running_kvd = self.rollouts.target().settings.kvd;
+        let new_kvd = match kvd {
+            Some(k) => {
+                rolling::binary_id(k).map_err(|e| ApplyError::Invalid(format!("--kvd: {e:#}")))?
+            }
+            None => rolling::binary_id(&running_kvd.path).unwrap_or_else(|_| running_kvd.clone()),
+        };
+        let change = self.rollouts.change();
+        let planned = plan::plan(&old, &running_kvd, &new, &new_kvd, change.as_ref())
+            .map_err(|r| ApplyError::Refused(r.to_string()))?;
+        let changes = planned.lines();
         if dry_run {
             return Ok(changes);
+        }
+        if matches!(planned, Plan::AddNode(_) | Plan::RemoveNode(_)) {
+            return Err(ApplyError::Refused(format!(
+                "{}: adding and removing nodes is not available in this kvsup",
+                changes.join("; ")
+            )));
         }
         if new.spec.mode != old.spec.mode {
             self.switch_mode(new.spec.mode)
                 .await
                 .map_err(|e| ApplyError::Failed(format!("mode switch failed: {e:#}")))?;
         }
-        *self.manifest.write() = new;
+        *self.manifest.write() = new.clone();
+        if let Plan::Rolling { what, .. } = &planned {
+            self.start_rolling(NodeSettings::of(&new, &new_kvd), what.clone());
+        }
         // The file watcher follows the path when it moves.
         self.manifest_path.send_if_modified(|p| {
             let moved = *p != path;

@@ -11,6 +11,9 @@
 //!   backoff, and fail over when the primary has failed (`failover.rs`);
 //! - the sampler: the status document once a second into the dashboard's
 //!   bounded ring (`crate::dashboard::Samples`).
+//! - a rolling change, while one runs: the nodes restarted one at a time
+//!   onto new settings, as `crate::plan` plans and orders them
+//!   (`rolling.rs`, which also keeps what each node runs).
 //!
 //! The layers above add the manifest file watcher and the HTTP API the
 //! `kvsup` commands talk to (`commands.rs` is what they call; `status.rs`
@@ -27,6 +30,7 @@ mod failover;
 mod health;
 mod nodes;
 pub mod restore;
+mod rolling;
 mod status;
 
 use std::collections::VecDeque;
@@ -151,6 +155,8 @@ pub struct Sup {
     /// `kvsup down` is stopping the nodes.
     shutting_down: AtomicBool,
     election: Mutex<ElectionState>,
+    /// What each node runs, and the last change (`rolling.rs`).
+    rollouts: rolling::Rollouts,
     /// Cancelled when the daemon stops: every task ends at its next wait.
     cancel: CancellationToken,
     /// Every task the daemon runs; joined (or aborted) by [`Sup::stop`].
@@ -212,6 +218,7 @@ impl Sup {
             })
             .collect();
         let http = node_client(creds.as_ref())?;
+        let rollouts = rolling::Rollouts::new(&manifest, rolling::binary_id_or_unknown(&kvd));
         Ok(Sup {
             manifest: RwLock::new(manifest),
             manifest_path: tokio::sync::watch::Sender::new(path),
@@ -231,6 +238,7 @@ impl Sup {
             moving: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
+            rollouts,
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
         })

@@ -63,12 +63,18 @@ impl Sup {
         ps && self.nodes.len() > 1 && fresh && first
     }
 
+    /// The command line of `node`: the manifest's, with the settings the
+    /// node runs (`rolling.rs`), which a rolling change moves one node at
+    /// a time.
     fn launch_for(&self, node: &Node, start: Start) -> Launch {
-        let m = self.manifest.read();
+        let runs = self.rollouts.runs(&node.name).settings;
+        let mut m = self.manifest.read().clone();
+        m.spec.index = runs.index;
+        m.spec.kvd_args = runs.kvd_args;
         let spec = m.node(&node.name).expect("a node of the manifest");
         let layout = self.creds.as_ref().map(crate::creds::Creds::layout);
         Launch {
-            kvd: self.kvd.clone(),
+            kvd: runs.kvd.path,
             args: kvd_args(&m, spec, &node.data_dir, start, layout.as_ref()),
             log: node.log.clone(),
             pid_file: node.pid_file.clone(),

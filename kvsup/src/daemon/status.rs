@@ -71,7 +71,9 @@ impl Sup {
             .iter()
             .map(|n| {
                 let is_primary = primary.as_deref() == Some(&n.name);
-                node_row(n, lags.of(&n.url, is_primary))
+                let mut row = node_row(n, lags.of(&n.url, is_primary));
+                row["generation"] = self.rollouts.runs(&n.name).number.into();
+                row
             })
             .collect();
         let all_healthy = views.iter().all(NodeView::healthy);
@@ -102,6 +104,8 @@ impl Sup {
             "epoch": epoch,
             "nodes": nodes,
             "tls": self.creds.as_ref().map(|c| c.layout().describe()),
+            "generation": self.rollouts.target().number,
+            "change": self.change_json(),
         })
     }
 }

@@ -198,7 +198,7 @@ pub fn needs_one_log(op: &Op) -> bool {
         Op::Put { expiry, .. } => on_lease(expiry),
         Op::Bulk { items } => items.iter().any(|(_, _, e)| on_lease(e)),
         Op::Txn { ops } => ops.iter().any(txn_op_on_lease),
-        Op::Delete { .. } | Op::Noop | Op::Expire { .. } => false,
+        Op::Delete { .. } | Op::Noop | Op::Expire { .. } | Op::Config { .. } => false,
     }
 }
 

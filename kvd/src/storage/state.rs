@@ -521,7 +521,7 @@ impl State {
         match op {
             Op::Put { key, value, .. } => return diff(charge_of(key, value), charged(key)),
             Op::Delete { key } => return diff(0, charged(key)),
-            Op::Noop => return 0,
+            Op::Noop | Op::Config { .. } => return 0,
             Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
@@ -820,7 +820,7 @@ impl Apply<'_> {
                 }
             }
             Op::Bulk { items } => self.bulk(items),
-            Op::Noop => {}
+            Op::Noop | Op::Config { .. } => {}
             Op::Expire { keys } => self.expire(keys),
             Op::LeaseGrant { ttl_ms } => return self.grant(*ttl_ms),
             Op::LeaseKeepAlive { id } => return self.keep_alive(*id),

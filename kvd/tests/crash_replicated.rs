@@ -250,6 +250,7 @@ fn snapshot_file(model: &Model, index: u64, epoch: u64) -> Vec<u8> {
         None,
         meta,
         Versions::Kept,
+        None,
     )
     .expect("writing a snapshot on a disk that does not crash");
     scratch.read(&path).expect("reading it back")

@@ -101,6 +101,10 @@ struct Peer {
     /// No longer a member of the configuration in effect: its shipping
     /// task ends.
     gone: AtomicBool,
+    /// Removed by the configuration record at this index (0: a member):
+    /// it is still shipped to until it holds that record, so that it
+    /// learns it is no voter, for [`LEAVING_GRACE`] at most.
+    leaving: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Peer {
@@ -112,9 +116,30 @@ impl Peer {
             reachable: AtomicBool::new(false),
             last_ack: Mutex::new(None),
             gone: AtomicBool::new(false),
+            leaving: Mutex::new(None),
         }
     }
+
+    /// Whether shipping to this peer is over: it left the configuration
+    /// and holds the record that says so (or the grace has passed).
+    fn done(&self) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some((index, since)) = *self.leaving.lock() else {
+            return false;
+        };
+        if self.match_index.load(Ordering::Acquire) >= index || since.elapsed() > LEAVING_GRACE {
+            self.gone.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
 }
+
+/// How long a removed member is still shipped to, at most, for it to learn
+/// of its removal.
+const LEAVING_GRACE: Duration = Duration::from_secs(10);
 
 /// What this node is in which epoch: `meta` (epoch, vote) as persisted,
 /// the role in that epoch, and whom it follows in it. One lock, so that
@@ -620,14 +645,15 @@ impl Replicator {
     /// shipping task for each new member (from our log's end, falling back
     /// as after any refusal), the tasks of members gone told to end.
     fn reconcile(self: &Arc<Self>) {
-        let cfg = self.in_effect().config;
+        let InEffect { index, config: cfg } = self.in_effect();
         let wanted: Vec<&String> = cfg.members().filter(|m| **m != self.me).collect();
         let mut peers = self.peers.lock();
         peers.retain(|p| {
             let keep = wanted.contains(&&p.url);
             if !keep {
-                p.gone.store(true, Ordering::Release);
-                tracing::info!(node = %self.settings.node_id, peer = %p.url, "no longer a member: shipping to it stops");
+                // Its task ends once it holds the record removing it.
+                *p.leaving.lock() = Some((index, Instant::now()));
+                tracing::info!(node = %self.settings.node_id, peer = %p.url, index, "no longer a member: shipping to it stops once it holds its removal");
             }
             keep
         });
@@ -1262,7 +1288,7 @@ impl Replicator {
         let peer = &*peer;
         // After a refusal, one append at a time until one is accepted.
         let mut probing = false;
-        while !self.stopped.load(Ordering::Acquire) && !peer.gone.load(Ordering::Acquire) {
+        while !self.stopped.load(Ordering::Acquire) && !peer.done() {
             let lead = self.leadership();
             if !lead.leads() {
                 tokio::time::sleep(HEARTBEAT).await;
@@ -1285,9 +1311,7 @@ impl Replicator {
         let mut last_send: Option<Instant> = None;
         let mut commit_sent = None;
         loop {
-            if self.stopped.load(Ordering::Acquire)
-                || peer.gone.load(Ordering::Acquire)
-                || self.leadership() != lead
+            if self.stopped.load(Ordering::Acquire) || peer.done() || self.leadership() != lead
             {
                 return probing;
             }

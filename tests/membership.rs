@@ -127,10 +127,30 @@ impl Deadline {
 /// primary's commit index, then promotes it (retrying `learner_behind`
 /// while it catches up, as an operator would).
 async fn add_and_promote(primary: &str, url: &str) {
+    add_learner(primary, url).await;
+    promote(primary, url).await;
+}
+
+async fn add_learner(primary: &str, url: &str) {
     let (s, body) = change(primary, json!({ "add_learner": url })).await;
     assert_eq!(s, 200, "add_learner {url}: {body}");
     assert!(body["learners"].as_array().unwrap().contains(&json!(url)));
     assert_eq!(body["committed"], true, "{body}");
+}
+
+/// Waits until the node at `url` holds everything the primary has.
+async fn caught_up(primary: &str, url: &str) {
+    let d = Deadline::new();
+    loop {
+        let want = status(primary).await["last_index"].as_u64().unwrap();
+        if status(url).await["last_index"].as_u64().unwrap() >= want {
+            return;
+        }
+        d.tick(&format!("{url} catching up")).await;
+    }
+}
+
+async fn promote(primary: &str, url: &str) {
     let d = Deadline::new();
     let last = loop {
         let (s, b) = change(primary, json!({ "promote": url })).await;
@@ -225,9 +245,20 @@ async fn grow_to_five_then_shrink_to_three_and_commit_follows_the_voters() {
     let n4 = join(&tmp, "n4", &urls);
     let s3 = status(&n3.url()).await;
     assert_eq!(s3["voter"], false, "a --join node is a learner: {s3}");
-    add_and_promote(&p, &n3.url()).await;
-    add_and_promote(&p, &n4.url()).await;
+    add_learner(&p, &n3.url()).await;
+    add_learner(&p, &n4.url()).await;
     acked.extend(writer.await.unwrap());
+    caught_up(&p, &n3.url()).await;
+    caught_up(&p, &n4.url()).await;
+    // Two learners hold every write, but only the 3 voters count: with
+    // both voter secondaries stopped, nothing commits.
+    nodes[1].signal(Sig::SIGSTOP).unwrap();
+    nodes[2].signal(Sig::SIGSTOP).unwrap();
+    assert_eq!(put(&p, "learners-only", "x").await, 503);
+    nodes[1].signal(Sig::SIGCONT).unwrap();
+    nodes[2].signal(Sig::SIGCONT).unwrap();
+    promote(&p, &n3.url()).await;
+    promote(&p, &n4.url()).await;
     let sent_snapshot = nodes[0]
         .log()
         .lines()
@@ -329,18 +360,23 @@ async fn a_learner_never_makes_a_commit() {
     let nodes = start_cluster(tmp.path(), FLAGS).unwrap();
     let urls: Vec<String> = nodes.iter().map(Kvd::url).collect();
     let p = urls[0].clone();
+    // Two learners: counted as voters, they would make 3 of 5 with the
+    // primary.
     let n3 = join(&tmp, "n3", &urls);
-    let (s, body) = change(&p, json!({ "add_learner": n3.url() })).await;
-    assert_eq!(s, 200, "{body}");
+    let n4 = join(&tmp, "n4", &urls);
+    add_learner(&p, &n3.url()).await;
+    add_learner(&p, &n4.url()).await;
     fill(&p, "k", 3, 10).await;
     nodes[1].signal(Sig::SIGSTOP).unwrap();
     nodes[2].signal(Sig::SIGSTOP).unwrap();
     assert_eq!(put(&p, "held-by-the-learner", "x").await, 503);
     let last = status(&p).await["last_index"].as_u64().unwrap();
-    eventually("the learner holds the write", || async {
-        status(&n3.url()).await["last_index"].as_u64().unwrap() >= last
-    })
-    .await;
+    for n in [&n3, &n4] {
+        eventually("the learners hold the write", || async {
+            status(&n.url()).await["last_index"].as_u64().unwrap() >= last
+        })
+        .await;
+    }
     let s = status(&p).await;
     assert!(
         s["commit_index"].as_u64().unwrap() < last,

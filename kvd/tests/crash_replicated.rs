@@ -599,7 +599,7 @@ fn versions(op: &Op) -> Vec<(Bytes, Option<Bytes>)> {
                 .collect();
             last.into_iter().map(|(k, v)| (k, Some(v))).collect()
         }
-        Op::Noop => Vec::new(),
+        Op::Noop | Op::Config { .. } => Vec::new(),
         Op::Expire { .. }
         | Op::LeaseGrant { .. }
         | Op::LeaseKeepAlive { .. }

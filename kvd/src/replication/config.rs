@@ -523,22 +523,23 @@ mod tests {
     #[test]
     fn commit_counts_voters_only() {
         let me = u(1);
+        let (u2, u3, u4) = (u(2), u(3), u(4));
         let c = cfg(&[1, 2, 3], &[4]);
         // The learner holds 9 but never counts; voters 2 and 3 hold 5, 3.
-        let m = [(u(2).as_str(), 5), (u(3).as_str(), 3), (u(4).as_str(), 9)];
+        let m = [(u2.as_str(), 5), (u3.as_str(), 3), (u4.as_str(), 9)];
         assert_eq!(replicated_by_voters(&c, &me, 7, &m), 5);
         // Both voter secondaries down: the learner alone commits nothing.
-        let m = [(u(4).as_str(), 9)];
+        let m = [(u4.as_str(), 9)];
         assert_eq!(replicated_by_voters(&c, &me, 7, &m), 0);
         // 5 voters: 3 needed.
         let c5 = cfg(&[1, 2, 3, 4, 5], &[]);
-        let m = [(u(2).as_str(), 6), (u(3).as_str(), 4)];
+        let m = [(u2.as_str(), 6), (u3.as_str(), 4)];
         assert_eq!(replicated_by_voters(&c5, &me, 7, &m), 4);
-        let m = [(u(2).as_str(), 6)];
+        let m = [(u2.as_str(), 6)];
         assert_eq!(replicated_by_voters(&c5, &me, 7, &m), 0);
         // A primary that is not a voter does not count itself.
         let c = cfg(&[2, 3], &[1]);
-        let m = [(u(2).as_str(), 6), (u(3).as_str(), 2)];
+        let m = [(u2.as_str(), 6), (u3.as_str(), 2)];
         assert_eq!(replicated_by_voters(&c, &me, 9, &m), 2);
         // A single voter commits alone.
         assert_eq!(replicated_by_voters(&cfg(&[1], &[2]), &me, 4, &[]), 4);

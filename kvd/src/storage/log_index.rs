@@ -247,6 +247,37 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_configuration_reverts_and_compaction_keeps_the_base_one() {
+        use crate::replication::config::Config;
+        let c = |n: u16| Config {
+            voters: vec![format!("http://127.0.0.1:{n}")],
+            learners: vec![],
+        };
+        let mut r = EpochRuns::new(10, 2).with_config(Some((4, c(1))));
+        for i in 11..=20 {
+            r.push(i, 2);
+        }
+        r.push_config(20, c(2));
+        r.push(21, 3);
+        r.push_config(21, c(3));
+        assert_eq!(r.config().map(|(i, _)| i), Some(21));
+        // A deposed primary's configuration, cut: the one before it.
+        r.truncate_from(21);
+        assert_eq!(r.config(), Some((20, &c(2))));
+        assert_eq!(r.config_at(15), Some((4, c(1))));
+        r.truncate_from(15);
+        assert_eq!(r.config(), Some((4, &c(1))), "the snapshot's");
+        for i in 15..=30 {
+            r.push(i, 3);
+        }
+        r.push_config(30, c(5));
+        r.compact_to(25);
+        assert_eq!(r.config_at(25), Some((4, c(1))), "still the base's");
+        r.compact_to(30);
+        assert_eq!(r.config_at(30), Some((30, c(5))));
+    }
+
+    #[test]
     fn cache_is_bounded_and_contiguous() {
         let rec = |index| Record {
             index,

@@ -724,6 +724,7 @@ mod tests {
             Some(&lww),
             META,
             Versions::Kept,
+            None,
         )
         .unwrap();
 
@@ -767,13 +768,13 @@ mod tests {
         {
             state.apply(i as u64 + 1, Timestamp::default(), op, false);
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept, None).unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [b"a", b"b"] {
             assert_eq!(s2.get_versioned(k, 0), state.get_versioned(k, 0));
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased).unwrap();
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased, None).unwrap();
         let s3 = State::new();
         load(&RealFs, &path, &s3, None, Source::Own).unwrap();
         let base = KeyMeta {
@@ -847,7 +848,7 @@ mod tests {
             last_index: 4,
             last_epoch: 1,
         };
-        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept).unwrap();
+        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept, None).unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [&b"l"[..], b"t", b"n"] {
@@ -871,7 +872,7 @@ mod tests {
             expiry: Expiry::At(5),
         };
         state.apply(1, ts(1), &op, false);
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept, None).unwrap();
         let good = std::fs::read(&path).unwrap();
         let rewrite = |bytes: &[u8]| {
             // A valid checksum over the changed bytes: only the layout is wrong.
@@ -888,11 +889,66 @@ mod tests {
         let mut bad = good.clone();
         bad[kind_at] = 3;
         assert!(matches!(rewrite(&bad), Err(Error::Corruption { .. })));
-        // Without the lease section (16 bytes: marker and a zero count).
-        let at = good.len() - 20 - 16;
+        // Without the lease section (16 bytes: marker and a zero count),
+        // which comes before the configuration section (9 bytes: marker
+        // and an unset flag).
+        let at = good.len() - 20 - 9 - 16;
         assert_eq!(&good[at..at + 8], LEASES_MAGIC);
         let mut cut = good[..at].to_vec();
         cut.extend_from_slice(&good[at + 16..]);
         assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
+    }
+
+    #[test]
+    fn the_configuration_section_round_trips_and_older_versions_load_without_one() {
+        use crate::replication::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let config = Config {
+            voters: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            learners: vec!["http://127.0.0.1:3".into()],
+        };
+        let meta = SnapshotMeta {
+            last_index: 9,
+            last_epoch: 2,
+        };
+        let entry = (7, config.clone());
+        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept, Some(&entry)).unwrap();
+        let s2 = State::new();
+        load(&RealFs, &path, &s2, None, Source::Own).unwrap();
+        assert_eq!(s2.loaded_config(), Some(entry));
+        let good = std::fs::read(&path).unwrap();
+        let rewrite = |bytes: &[u8]| {
+            let body = &bytes[..bytes.len() - 4];
+            let mut out = body.to_vec();
+            out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            std::fs::write(&path, &out).unwrap();
+            let s = State::new();
+            load(&RealFs, &path, &s, None, Source::Own).map(|_| s.loaded_config())
+        };
+        let section = 8 + 1 + 8 + config.encoded_len();
+        let at = good.len() - 20 - section;
+        assert_eq!(&good[at..at + 8], CONFIG_MAGIC);
+        // Version 5 without the section is damage; version 4 without it
+        // loads with none.
+        let mut cut = good[..at].to_vec();
+        cut.extend_from_slice(&good[at + section..]);
+        assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
+        cut[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(rewrite(&cut).unwrap(), None);
+        // A version 4 snapshot holding one is damage too.
+        let mut old = good.clone();
+        old[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(rewrite(&old), Err(Error::Corruption { .. })));
+        // An index past the snapshot, a bad flag, a bad body.
+        let mut past = good.clone();
+        past[at + 9..at + 17].copy_from_slice(&10u64.to_le_bytes());
+        assert!(matches!(rewrite(&past), Err(Error::Corruption { .. })));
+        let mut flag = good.clone();
+        flag[at + 8] = 2;
+        assert!(matches!(rewrite(&flag), Err(Error::Corruption { .. })));
+        let mut role = good.clone();
+        role[at + 17 + 2] = 9;
+        assert!(matches!(rewrite(&role), Err(Error::Corruption { .. })));
     }
 }

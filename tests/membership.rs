@@ -160,7 +160,10 @@ async fn promote(primary: &str, url: &str) {
         assert_eq!(code(&b), "learner_behind", "promote {url}: {s} {b}");
         d.tick(&format!("promoting {url}")).await;
     };
-    assert!(last["voters"].as_array().unwrap().contains(&json!(url)), "{last}");
+    assert!(
+        last["voters"].as_array().unwrap().contains(&json!(url)),
+        "{last}"
+    );
 }
 
 /// Writes `n` values of `size` bytes at `primary` under `prefix`.
@@ -316,7 +319,11 @@ async fn grow_to_five_then_shrink_to_three_and_commit_follows_the_voters() {
             if s == 200 {
                 break;
             }
-            assert_eq!(code(&b), "config_change_in_progress", "remove {gone}: {s} {b}");
+            assert_eq!(
+                code(&b),
+                "config_change_in_progress",
+                "remove {gone}: {s} {b}"
+            );
             d.tick(&format!("removing {gone}")).await;
         }
     }
@@ -459,7 +466,11 @@ async fn restarts_keep_the_configuration_of_the_log() {
         assert_eq!(m["index"], want["index"], "{u}: {m}");
         assert_eq!(m["voters"], want["voters"], "{u}: {m}");
     }
-    assert_eq!(status(&n3.url()).await["voter"], true, "a promoted learner stays a voter");
+    assert_eq!(
+        status(&n3.url()).await["voter"],
+        true,
+        "a promoted learner stays a voter"
+    );
     // The restarted cluster elects a primary among its 4 voters.
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).chain([n3.port]).collect();
     let at = kvstore_testkit::cluster::promote_survivor(&ports, PATIENCE).unwrap();
@@ -482,12 +493,28 @@ async fn every_refusal_changes_nothing() {
     let cases: Vec<(Value, u16, &str)> = vec![
         (json!("not an object"), 400, "invalid_member"),
         (json!({}), 400, "invalid_member"),
-        (json!({ "add_learner": "http://a:1", "remove": "http://a:1" }), 400, "invalid_member"),
-        (json!({ "add_learner": "http://a:1", "colour": "red" }), 400, "invalid_member"),
+        (
+            json!({ "add_learner": "http://a:1", "remove": "http://a:1" }),
+            400,
+            "invalid_member",
+        ),
+        (
+            json!({ "add_learner": "http://a:1", "colour": "red" }),
+            400,
+            "invalid_member",
+        ),
         (json!({ "add_learner": "a:1" }), 400, "invalid_member"),
-        (json!({ "add_learner": "http://a:1/path" }), 400, "invalid_member"),
+        (
+            json!({ "add_learner": "http://a:1/path" }),
+            400,
+            "invalid_member",
+        ),
         (json!({ "add_learner": urls[1] }), 409, "already_member"),
-        (json!({ "promote": "http://127.0.0.1:1" }), 409, "not_member"),
+        (
+            json!({ "promote": "http://127.0.0.1:1" }),
+            409,
+            "not_member",
+        ),
         (json!({ "remove": "http://127.0.0.1:1" }), 409, "not_member"),
         (json!({ "promote": urls[1] }), 409, "not_learner"),
         (json!({ "promote": ghost }), 409, "learner_behind"),
@@ -511,7 +538,10 @@ async fn every_refusal_changes_nothing() {
     assert_eq!((s, code(&b)), (503, "commit_timeout"), "{b}");
     let m = members(&p).await;
     assert_eq!(m["committed"], false, "{m}");
-    assert!(m["learners"].as_array().unwrap().is_empty(), "in effect: {m}");
+    assert!(
+        m["learners"].as_array().unwrap().is_empty(),
+        "in effect: {m}"
+    );
     let pending = marks(&p).await;
     let (s, b) = change(&p, json!({ "add_learner": ghost })).await;
     assert_eq!((s, code(&b)), (409, "config_change_in_progress"), "{b}");

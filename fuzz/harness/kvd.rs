@@ -518,8 +518,9 @@ fn snapshot_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let written = |state: &State, lww: Option<&Lww>| {
         let fs = MemFs::default();
-        let (path, _) = snapshot::write(&fs, Path::new("/s"), state, lww, meta, Versions::Kept, None)
-            .expect("a snapshot write to memory cannot fail");
+        let (path, _) =
+            snapshot::write(&fs, Path::new("/s"), state, lww, meta, Versions::Kept, None)
+                .expect("a snapshot write to memory cannot fail");
         fs.get(&path).expect("the snapshot just written")
     };
     let (state, lww) = (State::new(), Lww::new());

@@ -290,10 +290,7 @@ impl Metrics {
                 "kvd_config_index",
                 "Log index of the configuration in effect (0: the bootstrap configuration)",
             )?,
-            config_voters: r.gauge(
-                "kvd_config_voters",
-                "Voters of the configuration in effect",
-            )?,
+            config_voters: r.gauge("kvd_config_voters", "Voters of the configuration in effect")?,
             config_learners: r.gauge(
                 "kvd_config_learners",
                 "Learners of the configuration in effect",

@@ -48,8 +48,8 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 /// The one action of a request, its URL normalized and checked.
 pub fn parse_action(raw: &[u8]) -> Result<(Action, Option<u64>), ApiError> {
-    let req: MembersRequest = serde_json::from_slice(raw)
-        .map_err(|e| invalid(format!("bad members request: {e}")))?;
+    let req: MembersRequest =
+        serde_json::from_slice(raw).map_err(|e| invalid(format!("bad members request: {e}")))?;
     let mut actions = Vec::new();
     if let Some(u) = req.add_learner {
         actions.push(Action::AddLearner(config::normalize(&u)));
@@ -68,9 +68,7 @@ pub fn parse_action(raw: &[u8]) -> Result<(Action, Option<u64>), ApiError> {
     })?;
     config::check_url(action.url()).map_err(invalid)?;
     if req.timeout_ms == Some(0) || req.timeout_ms.is_some_and(|t| t > MAX_TIMEOUT_MS) {
-        return Err(invalid(format!(
-            "timeout_ms must be 1..={MAX_TIMEOUT_MS}"
-        )));
+        return Err(invalid(format!("timeout_ms must be 1..={MAX_TIMEOUT_MS}")));
     }
     Ok((action, req.timeout_ms))
 }

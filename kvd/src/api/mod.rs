@@ -7,13 +7,13 @@
 
 pub mod access;
 pub mod admin;
-pub mod members;
 mod backup;
 pub mod body_budget;
 pub mod conn_io;
 pub mod error;
 mod lease;
 pub mod listener;
+pub mod members;
 mod precondition;
 pub mod query;
 mod range;
@@ -1149,7 +1149,8 @@ async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     ));
     if let Some(r) = st.node.replicator() {
         let c = r.members();
-        m.config_index.set(i64::try_from(c.index).unwrap_or(i64::MAX));
+        m.config_index
+            .set(i64::try_from(c.index).unwrap_or(i64::MAX));
         m.config_voters.set(c.voters.len() as i64);
         m.config_learners.set(c.learners.len() as i64);
     }

@@ -374,8 +374,10 @@ impl Node {
     /// A masterless node refuses the lease ops and puts on a lease.
     pub async fn write(&self, op: Op, apply: bool) -> Result<Written, WriteError> {
         let one_log = needs_one_log(&op);
-        self.logged(one_log, self.commit_timeout, || self.engine.write(op, apply))
-            .await
+        self.logged(one_log, self.commit_timeout, || {
+            self.engine.write(op, apply)
+        })
+        .await
     }
 
     /// [`Node::write`] waiting up to `timeout` for the commit (a

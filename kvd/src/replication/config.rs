@@ -490,7 +490,10 @@ mod tests {
         assert_eq!(out.len(), c.encoded_len());
         assert_eq!(Config::decode(&mut Reader::new(&out)), Ok(c.clone()));
         for cut in 0..out.len() {
-            assert!(Config::decode(&mut Reader::new(&out[..cut])).is_err(), "{cut}");
+            assert!(
+                Config::decode(&mut Reader::new(&out[..cut])).is_err(),
+                "{cut}"
+            );
         }
         let mut role = out.clone();
         role[2] = 3;

@@ -42,8 +42,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use super::rules::Role;
 use super::config::{self, Action, ChangeRefusal, ChangeState, Config, InEffect};
+pub use super::rules::Role;
 use super::rules::{
     self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, Leadership, LogPos, PeerStatus,
     Refusal, SenderVerdict, VoteDecision, VoteReason, VoteReply, VoteRequest, VoterState,
@@ -1311,8 +1311,7 @@ impl Replicator {
         let mut last_send: Option<Instant> = None;
         let mut commit_sent = None;
         loop {
-            if self.stopped.load(Ordering::Acquire) || peer.done() || self.leadership() != lead
-            {
+            if self.stopped.load(Ordering::Acquire) || peer.done() || self.leadership() != lead {
                 return probing;
             }
             // Register for "new entries" before looking, so none is missed.
@@ -1637,7 +1636,12 @@ impl Replicator {
                             .map(|p| (p.url.as_str(), p.match_index.load(Ordering::Acquire)))
                             .collect();
                         let n = config::replicated_by_voters(&cfg, &self.me, durable, &matches);
-                        rules::commit_at(lead.epoch, n, |i| engine.epoch_at(i), engine.commit_index())
+                        rules::commit_at(
+                            lead.epoch,
+                            n,
+                            |i| engine.epoch_at(i),
+                            engine.commit_index(),
+                        )
                     }
                 };
                 // Tagged with the epoch it was counted in: the WAL thread

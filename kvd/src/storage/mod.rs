@@ -800,11 +800,7 @@ impl Engine {
     /// The newest configuration record of the log (written, not yet
     /// durable included: it takes effect when appended), if any.
     pub fn config(&self) -> Option<(u64, crate::replication::config::Config)> {
-        self.shared
-            .log
-            .lock()
-            .config()
-            .map(|(i, c)| (i, c.clone()))
+        self.shared.log.lock().config().map(|(i, c)| (i, c.clone()))
     }
 
     pub fn first_log_index(&self) -> u64 {
@@ -1064,7 +1060,8 @@ fn replay_wal(
     lww: &Lww,
 ) -> Result<Recovered, Error> {
     let dir = wal_dir(&cfg.data_dir);
-    let mut log = EpochRuns::new(snap.last_index, snap.last_epoch).with_config(state.loaded_config());
+    let mut log =
+        EpochRuns::new(snap.last_index, snap.last_epoch).with_config(state.loaded_config());
     let mut cache = LogCache::new(cfg.log_cache_bytes);
     let mut pending = VecDeque::new();
     let (mut wal, report) = wal::Wal::open(

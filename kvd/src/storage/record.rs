@@ -389,8 +389,8 @@ impl Record {
             },
             12 => {
                 let mut body = kvproto::bytes::Reader::new(&r.buf[r.pos..]);
-                let config = crate::replication::config::Config::decode(&mut body)
-                    .map_err(Error::Decode)?;
+                let config =
+                    crate::replication::config::Config::decode(&mut body).map_err(Error::Decode)?;
                 r.pos += body.offset();
                 Op::Config { config }
             }

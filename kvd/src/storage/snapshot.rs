@@ -334,7 +334,10 @@ impl<R: Read> Loader<'_, R> {
 
     /// The configuration section at `at` (its marker already read): a
     /// flag, then the record's index and body if set.
-    fn config(&mut self, at: u64) -> Result<Option<(u64, crate::replication::config::Config)>, Error> {
+    fn config(
+        &mut self,
+        at: u64,
+    ) -> Result<Option<(u64, crate::replication::config::Config)>, Error> {
         let mut flag = [0u8; 1];
         self.r.exact(&mut flag).map_err(|e| self.short(at, e))?;
         match flag[0] {
@@ -364,10 +367,14 @@ impl<R: Read> Loader<'_, R> {
             body.extend_from_slice(&m);
             body.extend_from_slice(&url);
         }
-        let config = crate::replication::config::Config::decode(&mut kvproto::bytes::Reader::new(&body))
-            .map_err(|e| self.corrupt(at, e))?;
+        let config =
+            crate::replication::config::Config::decode(&mut kvproto::bytes::Reader::new(&body))
+                .map_err(|e| self.corrupt(at, e))?;
         if index > self.last_index {
-            return Err(self.corrupt(at, format!("configuration index {index} is past the snapshot")));
+            return Err(self.corrupt(
+                at,
+                format!("configuration index {index} is past the snapshot"),
+            ));
         }
         Ok(Some((index, config)))
     }
@@ -768,13 +775,31 @@ mod tests {
         {
             state.apply(i as u64 + 1, Timestamp::default(), op, false);
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept, None).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [b"a", b"b"] {
             assert_eq!(s2.get_versioned(k, 0), state.get_versioned(k, 0));
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased, None).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Rebased,
+            None,
+        )
+        .unwrap();
         let s3 = State::new();
         load(&RealFs, &path, &s3, None, Source::Own).unwrap();
         let base = KeyMeta {
@@ -848,7 +873,16 @@ mod tests {
             last_index: 4,
             last_epoch: 1,
         };
-        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept, None).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            meta,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [&b"l"[..], b"t", b"n"] {
@@ -872,7 +906,16 @@ mod tests {
             expiry: Expiry::At(5),
         };
         state.apply(1, ts(1), &op, false);
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept, None).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let good = std::fs::read(&path).unwrap();
         let rewrite = |bytes: &[u8]| {
             // A valid checksum over the changed bytes: only the layout is wrong.
@@ -913,7 +956,16 @@ mod tests {
             last_epoch: 2,
         };
         let entry = (7, config.clone());
-        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept, Some(&entry)).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            meta,
+            Versions::Kept,
+            Some(&entry),
+        )
+        .unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         assert_eq!(s2.loaded_config(), Some(entry));

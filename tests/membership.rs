@@ -40,14 +40,8 @@ fn no_redirects() -> reqwest::Client {
 
 /// Starts a node that joins the cluster of `peers` (fresh data dir).
 fn join(tmp: &TempDir, name: &str, peers: &[String]) -> Kvd {
-    let mut args = vec![
-        "--node-id",
-        name,
-        "--role",
-        "secondary",
-        "--join",
-        "--peers",
-    ];
+    // No --role: a joining node boots as a secondary whatever it says.
+    let mut args = vec!["--node-id", name, "--join", "--peers"];
     let peers = peers.join(",");
     args.push(&peers);
     args.extend_from_slice(FLAGS);

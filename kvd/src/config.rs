@@ -68,8 +68,8 @@ pub struct Config {
     /// §4.11): it is not in the bootstrap configuration (--peers names the
     /// cluster's nodes), and until its log holds a configuration it is a
     /// learner of an unknown one, never promoted. The primary adds it with
-    /// `POST /v1/admin/members`. Only with a fresh data dir and
-    /// --role secondary; not with --rejoin
+    /// `POST /v1/admin/members`. It always starts as a secondary (--role
+    /// is ignored); not with --rejoin
     #[arg(long)]
     pub join: bool,
 

@@ -283,8 +283,8 @@ fn check_flags(cfg: &Config) -> Result<()> {
     if cfg.join && (cfg.peers.is_empty() || cfg.mode != Mode::PrimarySecondary) {
         bail!("--join is for a primary/secondary cluster node (--peers, --mode primary-secondary)");
     }
-    if cfg.join && (cfg.role == BootRole::Primary || cfg.rejoin) {
-        bail!("--join is for a fresh secondary: not with --role primary or --rejoin");
+    if cfg.join && cfg.rejoin {
+        bail!("--join is for a node new to the cluster: not with --rejoin");
     }
     if cfg.rejoin && cfg.role == BootRole::Primary {
         bail!("--rejoin with --role primary: a node that lost its data cannot bootstrap a cluster");
@@ -409,7 +409,9 @@ fn start_node(
     });
     let runtime = match &cluster {
         Some(c) => {
-            let primary = fresh && cfg.role == BootRole::Primary;
+            // A joining node is a learner: it never bootstraps a cluster,
+            // whatever --role says (its default is primary).
+            let primary = fresh && cfg.role == BootRole::Primary && !cfg.join;
             Runtime::start(engine, c, meta, primary, None)?
         }
         None => Runtime::Single,

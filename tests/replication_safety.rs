@@ -140,7 +140,8 @@ fn snapshot_bytes(dir: &Path, index: u64, epoch: u64, items: &[(&[u8], &[u8])]) 
         last_index: index,
         last_epoch: epoch,
     };
-    let (path, _) = snapshot::write(&RealFs, dir, &state, None, meta, Versions::Kept).unwrap();
+    let (path, _) =
+        snapshot::write(&RealFs, dir, &state, None, meta, Versions::Kept, None).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(path).unwrap();
     bytes

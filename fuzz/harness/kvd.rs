@@ -210,6 +210,7 @@ fn open_wal(
 /// contents, same stamps.
 fn rewrite_snapshot(state: &State, lww: Option<&Lww>, meta: SnapshotMeta) {
     let fs = MemFs::default();
+    let config = state.loaded_config();
     let (path, size) = snapshot::write(
         &fs,
         Path::new("/out/snap"),
@@ -217,12 +218,14 @@ fn rewrite_snapshot(state: &State, lww: Option<&Lww>, meta: SnapshotMeta) {
         lww,
         meta,
         Versions::Kept,
+        config.as_ref(),
     )
     .expect("a snapshot write to memory cannot fail");
     assert_eq!(Some(size), fs.get(&path).map(|b| b.len() as u64));
     let (state2, lww2) = (State::new(), Lww::new());
     let meta2 = snapshot::load(&fs, &path, &state2, lww.map(|_| &lww2), Source::Own)
         .expect("a snapshot just written loads");
+    assert_eq!(state2.loaded_config(), config, "the configuration section");
     assert_eq!(meta2, meta);
     assert_eq!(
         (state2.len(), state2.digest()),
@@ -515,8 +518,9 @@ fn snapshot_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let written = |state: &State, lww: Option<&Lww>| {
         let fs = MemFs::default();
-        let (path, _) = snapshot::write(&fs, Path::new("/s"), state, lww, meta, Versions::Kept)
-            .expect("a snapshot write to memory cannot fail");
+        let (path, _) =
+            snapshot::write(&fs, Path::new("/s"), state, lww, meta, Versions::Kept, None)
+                .expect("a snapshot write to memory cannot fail");
         fs.get(&path).expect("the snapshot just written")
     };
     let (state, lww) = (State::new(), Lww::new());

@@ -64,18 +64,30 @@ pub struct Config {
     #[arg(long)]
     pub rejoin: bool,
 
+    /// This node joins a running primary/secondary cluster (docs/DESIGN.md
+    /// §4.11): it is not in the bootstrap configuration (--peers names the
+    /// cluster's nodes), and until its log holds a configuration it is a
+    /// learner of an unknown one, never promoted. The primary adds it with
+    /// `POST /v1/admin/members`. It always starts as a secondary (--role
+    /// is ignored); not with --rejoin
+    #[arg(long)]
+    pub join: bool,
+
     /// Role when the data dir is fresh: the `primary` bootstraps the cluster
     /// in epoch 1. A restarted node trusts its persisted epoch and log, not
     /// this flag, and starts as a secondary until promoted.
     #[arg(long, value_enum, default_value = "primary")]
     pub role: BootRole,
 
-    /// Secondaries that must hold a write durably before it is acknowledged
-    /// (with the primary: a majority of 3 by default). 0 = asynchronous
-    /// replication: a write is acknowledged once durable on the primary
-    /// alone and CAN BE LOST if the primary fails before shipping it.
-    #[arg(long, default_value_t = 1)]
-    pub sync_replicas: usize,
+    /// Secondaries that must hold a write durably before it is
+    /// acknowledged, a fixed count. Absent (the default): a majority of the
+    /// voters of the configuration in effect (docs/DESIGN.md §4.11), 1
+    /// secondary of 3. 0 = asynchronous replication: a write is
+    /// acknowledged once durable on the primary alone and CAN BE LOST if the
+    /// primary fails before shipping it. A fixed count refuses membership
+    /// changes (409 fixed_quorum)
+    #[arg(long)]
+    pub sync_replicas: Option<usize>,
 
     /// URL other nodes and clients use to reach this node (default
     /// http://<bind>:<port>).

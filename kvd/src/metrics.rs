@@ -21,6 +21,10 @@ pub struct Metrics {
     pub keys: IntGauge,
     pub epoch: IntGauge,
     pub is_primary: IntGauge,
+    /// Primary/secondary: the configuration in effect (docs/DESIGN.md §4.11).
+    pub config_index: IntGauge,
+    pub config_voters: IntGauge,
+    pub config_learners: IntGauge,
     pub last_index: IntGauge,
     pub commit_index: IntGauge,
     pub wal_bytes: IntGauge,
@@ -288,6 +292,15 @@ impl Metrics {
             keys: r.gauge("kvd_keys", "Live keys in memory")?,
             epoch: r.gauge("kvd_epoch", "Current epoch of this node")?,
             is_primary: r.gauge("kvd_is_primary", "1 if this node accepts writes as primary")?,
+            config_index: r.gauge(
+                "kvd_config_index",
+                "Log index of the configuration in effect (0: the bootstrap configuration)",
+            )?,
+            config_voters: r.gauge("kvd_config_voters", "Voters of the configuration in effect")?,
+            config_learners: r.gauge(
+                "kvd_config_learners",
+                "Learners of the configuration in effect",
+            )?,
             last_index: r.gauge("kvd_last_index", "Index of the last durable log entry")?,
             commit_index: r.gauge("kvd_commit_index", "Index of the last committed log entry")?,
             wal_bytes: r.gauge("kvd_wal_bytes", "Bytes in WAL segments on disk")?,

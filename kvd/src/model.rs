@@ -67,6 +67,11 @@ pub enum Op {
         id: u64,
         expired: bool,
     },
+    /// The cluster's configuration from this record on (docs/DESIGN.md
+    /// §4.11): it changes no key.
+    Config {
+        config: crate::replication::config::Config,
+    },
 }
 
 /// When a key stops being readable. Deadlines are Unix times in

@@ -246,12 +246,13 @@ fn unprotected(cfg: &Config) -> Option<String> {
 
 /// Refuses flag combinations that cannot work, before anything starts.
 fn check_flags(cfg: &Config) -> Result<()> {
-    if cfg.sync_replicas > cfg.peers.len() && !cfg.peers.is_empty() {
-        bail!(
-            "--sync-replicas {} needs at least that many --peers (got {})",
-            cfg.sync_replicas,
-            cfg.peers.len()
-        );
+    if let Some(n) = cfg.sync_replicas {
+        if n > cfg.peers.len() && !cfg.peers.is_empty() {
+            bail!(
+                "--sync-replicas {n} needs at least that many --peers (got {})",
+                cfg.peers.len()
+            );
+        }
     }
     if cfg.write_quorum as usize > cfg.peers.len() + 1 {
         bail!(
@@ -278,6 +279,12 @@ fn check_flags(cfg: &Config) -> Result<()> {
         bail!(
             "--rejoin is for a primary/secondary cluster node (--peers, --mode primary-secondary)"
         );
+    }
+    if cfg.join && (cfg.peers.is_empty() || cfg.mode != Mode::PrimarySecondary) {
+        bail!("--join is for a primary/secondary cluster node (--peers, --mode primary-secondary)");
+    }
+    if cfg.join && cfg.rejoin {
+        bail!("--join is for a node new to the cluster: not with --rejoin");
     }
     if cfg.rejoin && cfg.role == BootRole::Primary {
         bail!("--rejoin with --role primary: a node that lost its data cannot bootstrap a cluster");
@@ -395,13 +402,16 @@ fn start_node(
         }),
         peers: cfg.peers.clone(),
         sync_replicas: cfg.sync_replicas,
+        join: cfg.join,
         write_quorum: cfg.write_quorum as usize,
         data_dir: cfg.data_dir.clone(),
         meta: store,
     });
     let runtime = match &cluster {
         Some(c) => {
-            let primary = fresh && cfg.role == BootRole::Primary;
+            // A joining node is a learner: it never bootstraps a cluster,
+            // whatever --role says (its default is primary).
+            let primary = fresh && cfg.role == BootRole::Primary && !cfg.join;
             Runtime::start(engine, c, meta, primary, None)?
         }
         None => Runtime::Single,

@@ -250,6 +250,7 @@ fn snapshot_file(model: &Model, index: u64, epoch: u64) -> Vec<u8> {
         None,
         meta,
         Versions::Kept,
+        None,
     )
     .expect("writing a snapshot on a disk that does not crash");
     scratch.read(&path).expect("reading it back")
@@ -598,7 +599,7 @@ fn versions(op: &Op) -> Vec<(Bytes, Option<Bytes>)> {
                 .collect();
             last.into_iter().map(|(k, v)| (k, Some(v))).collect()
         }
-        Op::Noop => Vec::new(),
+        Op::Noop | Op::Config { .. } => Vec::new(),
         Op::Expire { .. }
         | Op::LeaseGrant { .. }
         | Op::LeaseKeepAlive { .. }

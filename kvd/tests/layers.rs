@@ -9,7 +9,7 @@
 //!
 //! | layer | modules | may use |
 //! |---|---|---|
-//! | model | `model`, `auth`, `replication::rules`, `masterless::rules`, `masterless::hlc` | model |
+//! | model | `model`, `auth`, `replication::rules`, `replication::config`, `masterless::rules`, `masterless::hlc` | model |
 //! | base | `index`, `metrics`, `tasks` | base |
 //! | storage | `storage::*` | model, base |
 //! | replication | `replication` (the runtime: `replication::node`) | storage, model, base |
@@ -26,6 +26,7 @@ const LAYER_OF: &[(&str, &str)] = &[
     ("model", "model"),
     ("auth", "model"),
     ("replication::rules", "model"),
+    ("replication::config", "model"),
     ("masterless::rules", "model"),
     ("masterless::hlc", "model"),
     ("index", "base"),

@@ -100,6 +100,7 @@ fn model(writes: &[(Timestamp, Op)]) -> BTreeMap<Bytes, Option<Bytes>> {
                 }
             }
             Op::Noop
+            | Op::Config { .. }
             | Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }

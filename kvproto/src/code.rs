@@ -143,6 +143,29 @@ pub const BACKUP_UNAVAILABLE: &str = "backup_unavailable";
 pub const REJOINING: &str = "rejoining";
 /// A leadership transfer that did not complete.
 pub const TRANSFER_FAILED: &str = "transfer_failed";
+/// A membership change whose body is not one well-formed action
+/// (docs/DESIGN.md §4.11).
+pub const INVALID_MEMBER: &str = "invalid_member";
+/// A membership change while the newest configuration, or the primary's
+/// first entry of its epoch, is not committed yet.
+pub const CONFIG_CHANGE_IN_PROGRESS: &str = "config_change_in_progress";
+/// Adding a node that is already a member.
+pub const ALREADY_MEMBER: &str = "already_member";
+/// Promoting or removing a URL that is not a member.
+pub const NOT_MEMBER: &str = "not_member";
+/// Promoting a member that is not a learner.
+pub const NOT_LEARNER: &str = "not_learner";
+/// Promoting a learner whose log is behind the primary's commit index.
+pub const LEARNER_BEHIND: &str = "learner_behind";
+/// The primary asked to remove itself (transfer leadership first).
+pub const REMOVE_SELF: &str = "remove_self";
+/// Removing the only voter.
+pub const LAST_VOTER: &str = "last_voter";
+/// A membership change on a node whose quorum `--sync-replicas` fixes.
+pub const FIXED_QUORUM: &str = "fixed_quorum";
+/// Promoting a node that is not a voter of its configuration (a learner,
+/// a removed node, a `--join` node before it has a configuration).
+pub const LEARNER: &str = "learner";
 /// A transfer request that does not parse.
 pub const INVALID_TRANSFER: &str = "invalid_transfer";
 /// A vote request that does not parse.

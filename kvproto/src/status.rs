@@ -14,6 +14,10 @@ use crate::{or_switching, Mode, Timestamp};
 pub struct Status {
     pub applied_index: u64,
     pub commit_index: u64,
+    /// Primary/secondary: the configuration in effect (docs/DESIGN.md
+    /// §4.11). Absent in other modes and from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::admin::Members>,
     pub data_dir: String,
     /// Content digest (XOR of per-entry hashes), 16 hex digits.
     pub digest: String,
@@ -48,6 +52,10 @@ pub struct Status {
     pub storage_state: StorageState,
     pub uptime_seconds: u64,
     pub version: String,
+    /// Primary/secondary: whether this node is a voter of its
+    /// configuration in effect. Absent in other modes and from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voter: Option<bool>,
     pub wal_bytes: u64,
     pub wal_segments: u64,
     /// Paused for a mode switch.
@@ -206,6 +214,12 @@ mod tests {
         Status {
             applied_index: 3,
             commit_index: 3,
+            config: Some(crate::admin::Members {
+                committed: true,
+                index: 0,
+                learners: vec![],
+                voters: vec!["http://127.0.0.1:0".into(), "http://127.0.0.1:1".into()],
+            }),
             data_dir: "d".into(),
             digest: "00000000000000ff".into(),
             epoch: 2,
@@ -237,6 +251,7 @@ mod tests {
             storage_state: StorageState::Ok,
             uptime_seconds: 9,
             version: "0.1.0".into(),
+            voter: Some(true),
             wal_bytes: 100,
             wal_segments: 1,
             writes_paused: false,

@@ -13,6 +13,7 @@ pub mod conn_io;
 pub mod error;
 mod lease;
 pub mod listener;
+pub mod members;
 mod peers;
 mod precondition;
 pub mod query;
@@ -179,6 +180,10 @@ pub fn router(state: Shared) -> Router {
         .route("/promote_to_primary", axum::routing::post(promote))
         .route("/v1/admin/promote", axum::routing::post(promote))
         .route("/v1/admin/transfer", axum::routing::post(transfer))
+        .route(
+            "/v1/admin/members",
+            get(members::show).post(members::change),
+        )
         .route("/v1/search", get(search::search))
         .route("/v1/similar", get(search::similar))
         .route("/v1/leases", axum::routing::post(lease::grant))
@@ -956,13 +961,14 @@ async fn status(State(st): State<Shared>, _: Params<NoParams>) -> Json<Status> {
         }
         Runtime::Single | Runtime::Switching => (Peers::Replication(Vec::new()), None),
     };
-    let primary = match &runtime {
-        Runtime::PrimarySecondary(r) => r.primary_url(),
-        _ => None,
+    let (primary, config, voter) = match &runtime {
+        Runtime::PrimarySecondary(r) => (r.primary_url(), Some(r.members()), Some(r.is_voter())),
+        _ => (None, None, None),
     };
     Json(Status {
         applied_index: s.applied_index,
         commit_index: st.engine.commit_index(),
+        config,
         data_dir: st.data_dir.clone(),
         digest: format!("{:016x}", st.engine.state().digest()),
         epoch: node.epoch(),
@@ -997,6 +1003,7 @@ async fn status(State(st): State<Shared>, _: Params<NoParams>) -> Json<Status> {
         storage_state: s.storage_state,
         uptime_seconds: st.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        voter,
         wal_bytes: s.wal_bytes,
         wal_segments: s.wal_segments,
         writes_paused: node.writes_paused(),
@@ -1149,6 +1156,13 @@ async fn metrics(State(st): State<Shared>, _: Params<NoParams>) -> Response {
     m.is_primary.set(i64::from(
         st.node.replication_role() == rules::Role::Primary,
     ));
+    if let Some(r) = st.node.replicator() {
+        let c = r.members();
+        m.config_index
+            .set(i64::try_from(c.index).unwrap_or(i64::MAX));
+        m.config_voters.set(c.voters.len() as i64);
+        m.config_learners.set(c.learners.len() as i64);
+    }
     m.last_index.set(s.last_index as i64);
     m.commit_index.set(st.engine.commit_index() as i64);
     m.wal_bytes.set(s.wal_bytes as i64);

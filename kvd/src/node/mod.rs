@@ -32,7 +32,10 @@ pub struct ClusterSettings {
     pub node_id: String,
     pub advertise_url: String,
     pub peers: Vec<String>,
-    pub sync_replicas: usize,
+    /// `--sync-replicas`, if given (a fixed count instead of the voters).
+    pub sync_replicas: Option<usize>,
+    /// `--join`: not in the bootstrap configuration.
+    pub join: bool,
     pub write_quorum: usize,
     pub data_dir: PathBuf,
     /// The data dir's `meta`.
@@ -77,6 +80,7 @@ impl Runtime {
                 advertise_url: c.advertise_url.clone(),
                 peers: c.peers.clone(),
                 sync_replicas: c.sync_replicas,
+                join: c.join,
                 meta: c.meta.clone(),
             };
             Runtime::PrimarySecondary(Replicator::new(
@@ -198,7 +202,7 @@ pub fn needs_one_log(op: &Op) -> bool {
         Op::Put { expiry, .. } => on_lease(expiry),
         Op::Bulk { items } => items.iter().any(|(_, _, e)| on_lease(e)),
         Op::Txn { ops } => ops.iter().any(txn_op_on_lease),
-        Op::Delete { .. } | Op::Noop | Op::Expire { .. } => false,
+        Op::Delete { .. } | Op::Noop | Op::Expire { .. } | Op::Config { .. } => false,
     }
 }
 
@@ -370,7 +374,18 @@ impl Node {
     /// A masterless node refuses the lease ops and puts on a lease.
     pub async fn write(&self, op: Op, apply: bool) -> Result<Written, WriteError> {
         let one_log = needs_one_log(&op);
-        self.logged(one_log, || self.engine.write(op, apply)).await
+        self.logged(one_log, self.commit_timeout, || {
+            self.engine.write(op, apply)
+        })
+        .await
+    }
+
+    /// [`Node::write`] waiting up to `timeout` for the commit (a
+    /// membership change's own `timeout_ms`).
+    pub async fn write_within(&self, op: Op, timeout: Duration) -> Result<Written, WriteError> {
+        let one_log = needs_one_log(&op);
+        self.logged(one_log, timeout, || self.engine.write(op, true))
+            .await
     }
 
     /// Logs a transaction as one record, under the same rules as
@@ -378,12 +393,18 @@ impl Node {
     /// put on a lease.
     pub async fn write_txn(&self, txn: Txn) -> Result<Written, WriteError> {
         let one_log = txn_needs_one_log(&txn);
-        self.logged(one_log, || self.engine.write_txn(txn)).await
+        self.logged(one_log, self.commit_timeout, || self.engine.write_txn(txn))
+            .await
     }
 
     /// The write path every client write takes: `log` hands the write to
     /// the engine, and the runtime decides what else it waits for.
-    async fn logged<F>(&self, one_log: bool, log: impl FnOnce() -> F) -> Result<Written, WriteError>
+    async fn logged<F>(
+        &self,
+        one_log: bool,
+        commit_timeout: Duration,
+        log: impl FnOnce() -> F,
+    ) -> Result<Written, WriteError>
     where
         F: Future<Output = Result<storage::WriteResult, storage::Error>>,
     {
@@ -396,9 +417,9 @@ impl Node {
             Runtime::Masterless(n) => return self.quorum(&n, log().await?).await,
             // A single node commits at its own fsync: nothing to time out on.
             Runtime::Single => log().await?,
-            Runtime::PrimarySecondary(_) => tokio::time::timeout(self.commit_timeout, log())
+            Runtime::PrimarySecondary(_) => tokio::time::timeout(commit_timeout, log())
                 .await
-                .map_err(|_| WriteError::CommitTimeout(self.commit_timeout))??,
+                .map_err(|_| WriteError::CommitTimeout(commit_timeout))??,
         };
         Ok(Written {
             index: r.index,

@@ -39,5 +39,6 @@
 //!   function over state, without I/O. The runtime around it moves bytes,
 //!   persists what a decision says to persist, and nothing else.
 
+pub mod config;
 pub mod node;
 pub mod rules;

@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use super::config::{self, Action, ChangeRefusal, ChangeState, Config, InEffect};
 pub use super::rules::Role;
 use super::rules::{
     self, AppendOutcome, CatchUp, ConflictHint, ElectionOutcome, Leadership, LogPos, PeerStatus,
@@ -81,8 +82,12 @@ pub struct Settings {
     /// How peers and clients reach this node.
     pub advertise_url: String,
     pub peers: Vec<String>,
-    /// Secondaries that must hold an entry durably before it commits.
-    pub sync_replicas: usize,
+    /// Secondaries that must hold an entry durably before it commits, a
+    /// fixed count (`--sync-replicas`); `None`: a majority of the voters of
+    /// the configuration in effect (docs/DESIGN.md §4.11).
+    pub sync_replicas: Option<usize>,
+    /// `--join`: this node is not in the bootstrap configuration.
+    pub join: bool,
     /// Where this node's epoch and vote are persisted.
     pub meta: MetaStore,
 }
@@ -93,7 +98,48 @@ struct Peer {
     next_index: AtomicU64,
     reachable: AtomicBool,
     last_ack: Mutex<Option<Instant>>,
+    /// No longer a member of the configuration in effect: its shipping
+    /// task ends.
+    gone: AtomicBool,
+    /// Removed by the configuration record at this index (0: a member):
+    /// it is still shipped to until it holds that record, so that it
+    /// learns it is no voter, for [`LEAVING_GRACE`] at most.
+    leaving: Mutex<Option<(u64, Instant)>>,
 }
+
+impl Peer {
+    fn new(url: String, next: u64) -> Peer {
+        Peer {
+            url,
+            match_index: AtomicU64::new(0),
+            next_index: AtomicU64::new(next),
+            reachable: AtomicBool::new(false),
+            last_ack: Mutex::new(None),
+            gone: AtomicBool::new(false),
+            leaving: Mutex::new(None),
+        }
+    }
+
+    /// Whether shipping to this peer is over: it left the configuration
+    /// and holds the record that says so (or the grace has passed).
+    fn done(&self) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some((index, since)) = *self.leaving.lock() else {
+            return false;
+        };
+        if self.match_index.load(Ordering::Acquire) >= index || since.elapsed() > LEAVING_GRACE {
+            self.gone.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+}
+
+/// How long a removed member is still shipped to, at most, for it to learn
+/// of its removal.
+const LEAVING_GRACE: Duration = Duration::from_secs(10);
 
 /// What this node is in which epoch: `meta` (epoch, vote) as persisted,
 /// the role in that epoch, and whom it follows in it. One lock, so that
@@ -135,7 +181,15 @@ pub struct Replicator {
     engine: Arc<Engine>,
     settings: Settings,
     term: Mutex<Term>,
-    peers: Vec<Peer>,
+    /// Every member of the configuration in effect but this node, voters
+    /// and learners, each with its shipping task (see `reconcile`).
+    peers: Mutex<Vec<Arc<Peer>>>,
+    /// The configuration of a log without a configuration record.
+    bootstrap: Config,
+    /// This node's URL as members are named.
+    me: String,
+    /// One membership change at a time on this node.
+    changing: tokio::sync::Mutex<()>,
     /// Woken when a peer's match index moves.
     acked: Notify,
     /// One promotion at a time on this node.
@@ -354,6 +408,16 @@ impl SnapshotOffer {
     }
 }
 
+/// Why a membership change was not made (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum MembersError {
+    /// This node is no longer (or not) the primary.
+    #[error("this node is not the primary")]
+    NotPrimary,
+    #[error("{0}")]
+    Refused(ChangeRefusal),
+}
+
 /// Why a promotion did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -428,18 +492,8 @@ pub fn decode_append(body: &[u8]) -> Result<AppendBody, String> {
 
 impl Replicator {
     pub fn new(engine: Arc<Engine>, settings: Settings, meta: Meta, primary: bool) -> Arc<Self> {
-        let next = engine.last_log_pos().index.saturating_add(1);
-        let peers = settings
-            .peers
-            .iter()
-            .map(|url| Peer {
-                url: url.trim_end_matches('/').to_string(),
-                match_index: AtomicU64::new(0),
-                next_index: AtomicU64::new(next),
-                reachable: AtomicBool::new(false),
-                last_ack: Mutex::new(None),
-            })
-            .collect();
+        let me = config::normalize(&settings.advertise_url);
+        let bootstrap = Config::bootstrap(&me, &settings.peers);
         let http = crate::peer_http::client(APPEND_TIMEOUT);
         engine.set_epoch(meta.epoch);
         Arc::new(Replicator {
@@ -451,7 +505,10 @@ impl Replicator {
             }),
             engine,
             settings,
-            peers,
+            peers: Mutex::new(Vec::new()),
+            bootstrap,
+            me,
+            changing: tokio::sync::Mutex::new(()),
             acked: Notify::new(),
             promoting: tokio::sync::Mutex::new(()),
             transfer_until: Mutex::new(None),
@@ -481,9 +538,15 @@ impl Replicator {
         if !self.is_primary() {
             return Err("this node is not the primary".into());
         }
-        let Some(peer) = self.peers.iter().find(|p| p.url == to) else {
+        let to = &config::normalize(to);
+        let Some(peer) = self.peer(to) else {
             return Err(format!("{to} is not a peer of this node"));
         };
+        if !self.in_effect().config.is_voter(to) {
+            return Err(format!(
+                "{to} is not a voter of this node's configuration: only a voter can lead"
+            ));
+        }
         let deadline = Instant::now() + timeout;
         *self.transfer_until.lock() = Some(deadline);
         let result = async {
@@ -532,11 +595,126 @@ impl Replicator {
 
     /// Starts the background tasks (they idle while this node is secondary).
     pub fn start(self: &Arc<Self>) {
+        self.reconcile();
         let tasks = &self.tasks;
-        tasks.spawn_each(self, self.peers.len(), |me, i| async move {
-            me.ship_to(i).await
-        });
         tasks.spawn_on(self, |me| async move { me.advance_commit().await });
+        tasks.spawn_on(self, |me| async move { me.follow_members().await });
+    }
+
+    /// The configuration in effect (docs/DESIGN.md §4.11): the newest
+    /// configuration record of the log, committed or not; without one, the
+    /// bootstrap configuration (this node and `--peers`, all voters), or
+    /// for a `--join` node an unknown one in which it is a learner.
+    pub fn in_effect(&self) -> InEffect {
+        match self.engine.config() {
+            Some((index, config)) => InEffect { index, config },
+            None if self.settings.join => config::joining(),
+            None => InEffect {
+                index: 0,
+                config: self.bootstrap.clone(),
+            },
+        }
+    }
+
+    /// Whether this node is a voter of its configuration in effect.
+    pub fn is_voter(&self) -> bool {
+        self.in_effect().config.is_voter(&self.me)
+    }
+
+    /// The configuration in effect as `GET /v1/admin/members` shows it.
+    pub fn members(&self) -> kvproto::admin::Members {
+        let InEffect { index, config } = self.in_effect();
+        kvproto::admin::Members {
+            committed: self.engine.commit_index() >= index,
+            index,
+            learners: config.learners,
+            voters: config.voters,
+        }
+    }
+
+    /// The peers now (members of the configuration in effect but us).
+    fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.lock().clone()
+    }
+
+    fn peer(&self, url: &str) -> Option<Arc<Peer>> {
+        self.peers.lock().iter().find(|p| p.url == url).cloned()
+    }
+
+    /// Makes the peers the members of the configuration in effect: a
+    /// shipping task for each new member (from our log's end, falling back
+    /// as after any refusal), the tasks of members gone told to end.
+    fn reconcile(self: &Arc<Self>) {
+        let InEffect { index, config: cfg } = self.in_effect();
+        let wanted: Vec<&String> = cfg.members().filter(|m| **m != self.me).collect();
+        let mut peers = self.peers.lock();
+        peers.retain(|p| {
+            let keep = wanted.contains(&&p.url);
+            if !keep {
+                // Its task ends once it holds the record removing it.
+                *p.leaving.lock() = Some((index, Instant::now()));
+                tracing::info!(node = %self.settings.node_id, peer = %p.url, index, "no longer a member: shipping to it stops once it holds its removal");
+            }
+            keep
+        });
+        let next = self.engine.last_log_pos().index.saturating_add(1);
+        for url in wanted {
+            if peers.iter().any(|p| p.url == *url) {
+                continue;
+            }
+            let peer = Arc::new(Peer::new(url.clone(), next));
+            peers.push(peer.clone());
+            self.tasks
+                .spawn_on(self, |me| async move { me.ship_to(peer).await });
+        }
+    }
+
+    /// Follows the configuration in effect: whenever entries are written
+    /// or cut (a configuration record among them, or cut), the peers are
+    /// made its members again.
+    async fn follow_members(self: Arc<Self>) {
+        let mut seen = self.in_effect();
+        while !self.stopped.load(Ordering::Acquire) {
+            let written = self.engine.written_notify().notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            let now = self.in_effect();
+            if now != seen {
+                self.reconcile();
+                seen = now;
+            }
+            tokio::select! {
+                _ = written => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+        }
+    }
+
+    /// Plans one membership change on the primary: the new configuration
+    /// ([`config::check_change`]) under the change lock, which the caller
+    /// holds until the record is appended.
+    pub async fn plan_change(
+        &self,
+        action: &Action,
+    ) -> Result<(Config, tokio::sync::MutexGuard<'_, ()>), MembersError> {
+        let guard = self.changing.lock().await;
+        if !self.is_primary() {
+            return Err(MembersError::NotPrimary);
+        }
+        let current = self.in_effect();
+        let state = ChangeState {
+            current: &current,
+            me: &self.me,
+            commit: self.engine.commit_index(),
+            lead_from: self.lead_from.load(Ordering::Acquire),
+            fixed_quorum: self.settings.sync_replicas.is_some(),
+        };
+        let next = config::check_change(&state, action, |url| {
+            self.peer(url)
+                .map_or(0, |p| p.match_index.load(Ordering::Acquire))
+        })
+        .map_err(MembersError::Refused)?;
+        Ok((next, guard))
     }
 
     /// Tells a secondary where the primary is before its first append
@@ -583,7 +761,7 @@ impl Replicator {
     /// Per-peer replication state for `/v1/status`.
     pub fn peer_status(&self) -> Vec<ReplicaPeer> {
         let last = self.engine.last_log_pos().index;
-        self.peers
+        self.peers()
             .iter()
             .map(|p| {
                 let m = p.match_index.load(Ordering::Acquire);
@@ -601,7 +779,7 @@ impl Replicator {
     /// `(peer URL, entries behind our last index)` for every peer.
     pub fn peer_lags(&self) -> Vec<(String, u64)> {
         let last = self.engine.last_log_pos().index;
-        self.peers
+        self.peers()
             .iter()
             .map(|p| {
                 let m = p.match_index.load(Ordering::Acquire);
@@ -676,8 +854,13 @@ impl Replicator {
             &self.settings.advertise_url,
             &[],
         );
+        // Confirmations count from the voters of the configuration in
+        // effect only (this node too, if it is one).
+        let cfg = self.in_effect().config;
+        let needed = config::voter_quorum(&cfg);
+        let mut confirmed = config::count_voters(&cfg, &self.me, |_| false);
         let mut asks = tokio::task::JoinSet::new();
-        for p in &self.peers {
+        for p in self.peers().iter().filter(|p| cfg.is_voter(&p.url)) {
             let (http, url, body) = (self.http.clone(), p.url.clone(), body.clone());
             asks.spawn(async move {
                 let resp = http
@@ -690,9 +873,10 @@ impl Replicator {
                 parse_append_reply(resp).await
             });
         }
-        let needed = rules::majority(self.peers.len() + 1);
-        let mut confirmed = 1; // ourselves
-        while let Some(done) = asks.join_next().await {
+        while confirmed < needed {
+            let Some(done) = asks.join_next().await else {
+                break;
+            };
             match done {
                 Ok(Some(AppendReply::Stale { my_epoch })) => {
                     let _ = self.adopt_epoch(my_epoch);
@@ -700,9 +884,6 @@ impl Replicator {
                 }
                 Ok(Some(_)) => confirmed += 1,
                 _ => {}
-            }
-            if confirmed >= needed {
-                break;
             }
         }
         // The confirmations are for the leadership the read started in.
@@ -750,11 +931,18 @@ impl Replicator {
         })
     }
 
-    /// Asks every peer for its vote in `epoch`; `None` for no answer.
+    /// Asks every voter in `voters` (the other voters of a configuration of
+    /// `cluster` voters) for its vote in `epoch`; `None` for no answer.
     ///
-    /// Returns when every peer answered, or [`VOTE_STRAGGLER_GRACE`] after a
+    /// Returns when every one answered, or [`VOTE_STRAGGLER_GRACE`] after a
     /// majority did.
-    async fn ask_votes(&self, epoch: u64, pre_vote: bool) -> Vec<Option<VoteAnswer>> {
+    async fn ask_votes(
+        &self,
+        epoch: u64,
+        pre_vote: bool,
+        voters: &[Arc<Peer>],
+        cluster: usize,
+    ) -> Vec<Option<VoteAnswer>> {
         let req = VoteRequest {
             epoch,
             candidate: self.settings.node_id.clone(),
@@ -764,7 +952,7 @@ impl Replicator {
         // Ask everyone at once: an unreachable peer costs one timeout, not
         // one per peer.
         let mut asks = tokio::task::JoinSet::new();
-        for (i, p) in self.peers.iter().enumerate() {
+        for (i, p) in voters.iter().enumerate() {
             let (http, url, req) = (self.http.clone(), p.url.clone(), req.clone());
             asks.spawn(async move {
                 let resp = http
@@ -778,12 +966,12 @@ impl Replicator {
                 resp.json::<VoteAnswer>().await.ok().map(|a| (i, a))
             });
         }
-        let mut answers: Vec<Option<VoteAnswer>> = self.peers.iter().map(|_| None).collect();
+        let mut answers: Vec<Option<VoteAnswer>> = voters.iter().map(|_| None).collect();
         // Once a majority (with us) has answered, a peer that is stopped or
         // cut off should not hold the election up for a whole timeout: the
         // rest get a short grace, then count as unreachable. Safety does not
         // depend on the stragglers; every rule is decided by the answers.
-        let needed = rules::majority(self.peers.len() + 1);
+        let needed = rules::majority(cluster);
         let mut answered = 1;
         let mut grace_until: Option<tokio::time::Instant> = None;
         loop {
@@ -806,9 +994,15 @@ impl Replicator {
         answers
     }
 
-    fn tally(&self, answers: &[Option<VoteAnswer>]) -> ElectionOutcome {
-        let replies: Vec<(&str, VoteReply)> = self
-            .peers
+    /// Counts the answers of `voters` (the other voters of a configuration
+    /// of `cluster` voters, this candidate being one).
+    fn tally(
+        &self,
+        voters: &[Arc<Peer>],
+        cluster: usize,
+        answers: &[Option<VoteAnswer>],
+    ) -> ElectionOutcome {
+        let replies: Vec<(&str, VoteReply)> = voters
             .iter()
             .zip(answers)
             .map(|(p, a)| {
@@ -823,7 +1017,7 @@ impl Replicator {
                 (p.url.as_str(), reply)
             })
             .collect();
-        rules::tally(self.engine.last_log_pos(), &replies, self.peers.len() + 1)
+        rules::tally(self.engine.last_log_pos(), &replies, cluster)
     }
 
     /// Runs an election for this node (docs/DESIGN.md §4); returns the new epoch.
@@ -836,12 +1030,30 @@ impl Replicator {
         if self.term.lock().meta.rejoining {
             return Err(PromoteError::Refused(Refusal::Rejoining));
         }
+        // Only a voter of its own configuration may lead, and it counts
+        // the votes of that configuration's voters alone.
+        let cfg = self.in_effect().config;
+        if !cfg.is_voter(&self.me) {
+            return Err(PromoteError::Refused(Refusal::Learner));
+        }
+        let cluster = cfg.voters.len();
+        let voters: Vec<Arc<Peer>> = self
+            .peers()
+            .into_iter()
+            .filter(|p| cfg.is_voter(&p.url))
+            .collect();
         let my_last = self.engine.last_log_pos();
+        if cluster == 1 {
+            // The only voter left (the others were removed): its own vote
+            // is the majority.
+            return self.win_alone(now.epoch.saturating_add(1), my_last).await;
+        }
         // 1. Probe with a pre-vote: its answers carry every peer's epoch and
         //    log, for the precheck. Nothing changes anywhere yet.
-        let probe = self.ask_votes(now.epoch.saturating_add(1), true).await;
-        let statuses: Vec<(&str, Option<PeerStatus>)> = self
-            .peers
+        let probe = self
+            .ask_votes(now.epoch.saturating_add(1), true, &voters, cluster)
+            .await;
+        let statuses: Vec<(&str, Option<PeerStatus>)> = voters
             .iter()
             .zip(&probe)
             .map(|(p, a)| {
@@ -852,12 +1064,11 @@ impl Replicator {
                 (p.url.as_str(), status)
             })
             .collect();
-        let epoch =
-            rules::promotion_precheck(self.epoch(), my_last, &statuses, self.peers.len() + 1)
-                .map_err(PromoteError::Refused)?;
+        let epoch = rules::promotion_precheck(self.epoch(), my_last, &statuses, cluster)
+            .map_err(PromoteError::Refused)?;
         // 2. The pre-vote at the epoch we will really run for.
-        let pre = self.ask_votes(epoch, true).await;
-        if let ElectionOutcome::Lost(why) = self.tally(&pre) {
+        let pre = self.ask_votes(epoch, true, &voters, cluster).await;
+        if let ElectionOutcome::Lost(why) = self.tally(&voters, cluster, &pre) {
             return Err(PromoteError::Refused(why));
         }
         // 3. Our own vote, persisted, then the real vote.
@@ -870,7 +1081,7 @@ impl Replicator {
         let not_granted = || {
             PromoteError::Refused(Refusal::NotEnoughVotes {
                 granted: 0,
-                needed: rules::majority(self.peers.len() + 1),
+                needed: rules::majority(cluster),
             })
         };
         let mine = self.handle_vote(&own).map_err(|e| match e {
@@ -880,12 +1091,41 @@ impl Replicator {
         if !mine.granted {
             return Err(not_granted());
         }
-        let votes = self.ask_votes(epoch, false).await;
-        if let ElectionOutcome::Lost(why) = self.tally(&votes) {
+        let votes = self.ask_votes(epoch, false, &voters, cluster).await;
+        if let ElectionOutcome::Lost(why) = self.tally(&voters, cluster, &votes) {
             return Err(PromoteError::Refused(why));
         }
-        // 4. Won: lead, and commit a no-op of our epoch (which commits
-        //    older entries with it).
+        self.won(epoch)
+    }
+
+    /// The only voter of its configuration runs: its own vote, persisted,
+    /// is the majority.
+    async fn win_alone(self: &Arc<Self>, epoch: u64, my_last: LogPos) -> Result<u64, PromoteError> {
+        let own = VoteRequest {
+            epoch,
+            candidate: self.settings.node_id.clone(),
+            last: my_last,
+            pre_vote: false,
+        };
+        let refused = || {
+            PromoteError::Refused(Refusal::NotEnoughVotes {
+                granted: 0,
+                needed: 1,
+            })
+        };
+        let mine = self.handle_vote(&own).map_err(|e| match e {
+            VoteError::Persist(e) => PromoteError::Persist(e),
+            VoteError::OutOfReach { .. } => refused(),
+        })?;
+        if !mine.granted {
+            return Err(refused());
+        }
+        self.won(epoch)
+    }
+
+    /// 4. Won: lead, and commit a no-op of our epoch (which commits older
+    ///    entries with it).
+    fn won(self: &Arc<Self>, epoch: u64) -> Result<u64, PromoteError> {
         self.take_lead(epoch).map_err(PromoteError::Refused)?;
         tracing::info!(node = %self.settings.node_id, epoch, "promoted to primary");
         let (engine, node) = (self.engine.clone(), self.settings.node_id.clone());
@@ -910,7 +1150,7 @@ impl Replicator {
             });
         }
         let next = self.engine.last_log_pos().index.saturating_add(1);
-        for p in &self.peers {
+        for p in self.peers() {
             p.match_index.store(0, Ordering::Release);
             p.next_index.store(next, Ordering::Release);
         }
@@ -1043,12 +1283,12 @@ impl Replicator {
         }
     }
 
-    /// Primary: keeps peer `i` up to date.
-    async fn ship_to(self: Arc<Self>, i: usize) {
-        let peer = &self.peers[i];
+    /// Primary: keeps `peer` up to date while it is a member.
+    async fn ship_to(self: Arc<Self>, peer: Arc<Peer>) {
+        let peer = &*peer;
         // After a refusal, one append at a time until one is accepted.
         let mut probing = false;
-        while !self.stopped.load(Ordering::Acquire) {
+        while !self.stopped.load(Ordering::Acquire) && !peer.done() {
             let lead = self.leadership();
             if !lead.leads() {
                 tokio::time::sleep(HEARTBEAT).await;
@@ -1071,7 +1311,7 @@ impl Replicator {
         let mut last_send: Option<Instant> = None;
         let mut commit_sent = None;
         loop {
-            if self.stopped.load(Ordering::Acquire) || self.leadership() != lead {
+            if self.stopped.load(Ordering::Acquire) || peer.done() || self.leadership() != lead {
                 return probing;
             }
             // Register for "new entries" before looking, so none is missed.
@@ -1369,20 +1609,41 @@ impl Replicator {
             let acked = self.acked.notified();
             let lead = self.leadership();
             if lead.leads() {
-                let matches: Vec<u64> = self
-                    .peers
-                    .iter()
-                    .map(|p| p.match_index.load(Ordering::Acquire))
-                    .collect();
+                let peers = self.peers();
                 let engine = &self.engine;
-                let commit = rules::commit_index(
-                    lead.epoch,
-                    engine.last_log_pos().index,
-                    &matches,
-                    |i| engine.epoch_at(i),
-                    engine.commit_index(),
-                    self.settings.sync_replicas,
-                );
+                let durable = engine.last_log_pos().index;
+                let commit = match self.settings.sync_replicas {
+                    Some(fixed) => {
+                        let matches: Vec<u64> = peers
+                            .iter()
+                            .map(|p| p.match_index.load(Ordering::Acquire))
+                            .collect();
+                        rules::commit_index(
+                            lead.epoch,
+                            durable,
+                            &matches,
+                            |i| engine.epoch_at(i),
+                            engine.commit_index(),
+                            fixed,
+                        )
+                    }
+                    None => {
+                        // A majority of the voters of the configuration in
+                        // effect; learners never count.
+                        let cfg = self.in_effect().config;
+                        let matches: Vec<(&str, u64)> = peers
+                            .iter()
+                            .map(|p| (p.url.as_str(), p.match_index.load(Ordering::Acquire)))
+                            .collect();
+                        let n = config::replicated_by_voters(&cfg, &self.me, durable, &matches);
+                        rules::commit_at(
+                            lead.epoch,
+                            n,
+                            |i| engine.epoch_at(i),
+                            engine.commit_index(),
+                        )
+                    }
+                };
                 // Tagged with the epoch it was counted in: the WAL thread
                 // ignores it if this node has been deposed since.
                 if commit > engine.commit_index()

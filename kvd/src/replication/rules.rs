@@ -323,6 +323,11 @@ pub enum Refusal {
     /// another primary of the one it ran for): it does not lead.
     #[error("the election for epoch {ran_for} was overtaken: this node is now in epoch {now}")]
     Overtaken { ran_for: u64, now: u64 },
+    /// This node is not a voter of its configuration in effect (a
+    /// learner, a removed node, a `--join` node without a configuration
+    /// yet): it may not lead (docs/DESIGN.md §4.11).
+    #[error("this node is not a voter of its configuration: a learner cannot be promoted")]
+    Learner,
 }
 
 impl Refusal {
@@ -335,6 +340,7 @@ impl Refusal {
             Refusal::NotEnoughVotes { .. } => code::NOT_ENOUGH_VOTES,
             Refusal::Overtaken { .. } => code::OVERTAKEN,
             Refusal::Rejoining => code::REJOINING,
+            Refusal::Learner => code::LEARNER,
         }
     }
 }
@@ -517,7 +523,25 @@ pub fn commit_index(
         sorted.sort_unstable_by(|a, b| b.cmp(a));
         sorted[sync_replicas - 1]
     };
-    let n = replicated.min(my_durable_index);
+    commit_at(
+        current_epoch,
+        replicated.min(my_durable_index),
+        epoch_of,
+        old_commit,
+    )
+}
+
+/// The commit index once `n` is known durable on the quorum (by a fixed
+/// count, [`commit_index`], or by a majority of the voters,
+/// `config::replicated_by_voters`): `n` if its entry is of the primary's
+/// own epoch (the rule [`commit_index`] explains), else `old_commit`;
+/// never below `old_commit`.
+pub fn commit_at(
+    current_epoch: u64,
+    n: u64,
+    epoch_of: impl Fn(u64) -> Option<u64>,
+    old_commit: u64,
+) -> u64 {
     if n <= old_commit {
         return old_commit;
     }

@@ -129,6 +129,9 @@ pub fn empty_snapshot() -> Vec<u8> {
     b.extend_from_slice(&[0u8; 4 + 8 + 8]);
     b.extend_from_slice(b"SNAPLEAS");
     b.extend_from_slice(&0u64.to_le_bytes());
+    // No configuration (version 5's section, its flag 0).
+    b.extend_from_slice(b"SNAPCONF");
+    b.push(0);
     b.extend_from_slice(b"SNAPEND\0");
     b.extend_from_slice(&0u64.to_le_bytes());
     let crc = crc32c::crc32c(&b);
@@ -478,7 +481,7 @@ pub fn write_data_dir(v: &Verified, data_dir: &Path) -> Result<(), Error> {
             last_index: v.header.index,
             last_epoch: 1,
         };
-        snapshot::write(&fs, &snap, &v.state, None, meta, Versions::Kept)?;
+        snapshot::write(&fs, &snap, &v.state, None, meta, Versions::Kept, None)?;
     }
     fs.sync_dir(&snap).map_err(io("fsync of", &snap))?;
     fs.sync_dir(&tmp).map_err(io("fsync of", &tmp))?;

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 
 use super::record::Record;
+use crate::replication::config::{Config, History};
 use crate::replication::rules::{LogPos, LogView};
 
 /// Epochs of the log `base_index+1..=last_index`, plus the epoch of
@@ -20,6 +21,9 @@ pub struct EpochRuns {
     /// `(first index, epoch)` of each run of equal epochs.
     runs: Vec<(u64, u64)>,
     last_index: u64,
+    /// The configuration records (docs/DESIGN.md §4.11), from the one the
+    /// base carries on.
+    configs: History,
 }
 
 impl EpochRuns {
@@ -29,7 +33,31 @@ impl EpochRuns {
             base_epoch,
             runs: Vec::new(),
             last_index: base_index,
+            configs: History::default(),
         }
+    }
+
+    /// The same log view whose base carries the configuration record
+    /// `config` (a snapshot's configuration section).
+    pub fn with_config(mut self, config: Option<(u64, Config)>) -> Self {
+        self.configs = History::new(config);
+        self
+    }
+
+    /// Records that entry `index` (just pushed) is a configuration record.
+    pub fn push_config(&mut self, index: u64, config: Config) {
+        debug_assert_eq!(index, self.last_index);
+        self.configs.push(index, config);
+    }
+
+    /// The newest configuration record of the log, if any.
+    pub fn config(&self) -> Option<(u64, &Config)> {
+        self.configs.newest()
+    }
+
+    /// The configuration record in effect at `index`, if any.
+    pub fn config_at(&self, index: u64) -> Option<(u64, Config)> {
+        self.configs.at(index).map(|(i, c)| (i, c.clone()))
     }
 
     /// Records that entry `index` (the next one) has `epoch`.
@@ -66,6 +94,7 @@ impl EpochRuns {
             // The run holding base_index + 1 may start earlier; keep it.
             let keep_from = keep_from.saturating_sub(1);
             self.runs.drain(..keep_from);
+            self.configs.compact_to(base_index);
         }
     }
 
@@ -77,6 +106,8 @@ impl EpochRuns {
         );
         self.runs.retain(|&(start, _)| start < from);
         self.last_index = self.last_index.min(from - 1);
+        // A cut configuration reverts to the one before it.
+        self.configs.truncate_from(from);
     }
 }
 
@@ -213,6 +244,37 @@ mod tests {
                 index: 10
             }
         );
+    }
+
+    #[test]
+    fn a_cut_configuration_reverts_and_compaction_keeps_the_base_one() {
+        use crate::replication::config::Config;
+        let c = |n: u16| Config {
+            voters: vec![format!("http://127.0.0.1:{n}")],
+            learners: vec![],
+        };
+        let mut r = EpochRuns::new(10, 2).with_config(Some((4, c(1))));
+        for i in 11..=20 {
+            r.push(i, 2);
+        }
+        r.push_config(20, c(2));
+        r.push(21, 3);
+        r.push_config(21, c(3));
+        assert_eq!(r.config().map(|(i, _)| i), Some(21));
+        // A deposed primary's configuration, cut: the one before it.
+        r.truncate_from(21);
+        assert_eq!(r.config(), Some((20, &c(2))));
+        assert_eq!(r.config_at(15), Some((4, c(1))));
+        r.truncate_from(15);
+        assert_eq!(r.config(), Some((4, &c(1))), "the snapshot's");
+        for i in 15..=30 {
+            r.push(i, 3);
+        }
+        r.push_config(30, c(5));
+        r.compact_to(25);
+        assert_eq!(r.config_at(25), Some((4, c(1))), "still the base's");
+        r.compact_to(30);
+        assert_eq!(r.config_at(30), Some((30, c(5))));
     }
 
     #[test]

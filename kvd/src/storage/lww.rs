@@ -235,6 +235,7 @@ impl Lww {
             // leases are not taken in masterless mode: a peer's are ignored.
             Op::Noop
             | Op::Expire { .. }
+            | Op::Config { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,
@@ -319,6 +320,7 @@ impl Lww {
                 Some(op.clone())
             }
             Op::Noop
+            | Op::Config { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. } => None,

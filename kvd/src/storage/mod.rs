@@ -797,6 +797,12 @@ impl Engine {
 
     /// Index of the oldest entry the WAL still holds (older ones are only
     /// in the snapshot).
+    /// The newest configuration record of the log (written, not yet
+    /// durable included: it takes effect when appended), if any.
+    pub fn config(&self) -> Option<(u64, crate::replication::config::Config)> {
+        self.shared.log.lock().config().map(|(i, c)| (i, c.clone()))
+    }
+
     pub fn first_log_index(&self) -> u64 {
         self.shared.log.lock().first_index()
     }
@@ -1054,7 +1060,8 @@ fn replay_wal(
     lww: &Lww,
 ) -> Result<Recovered, Error> {
     let dir = wal_dir(&cfg.data_dir);
-    let mut log = EpochRuns::new(snap.last_index, snap.last_epoch);
+    let mut log =
+        EpochRuns::new(snap.last_index, snap.last_epoch).with_config(state.loaded_config());
     let mut cache = LogCache::new(cfg.log_cache_bytes);
     let mut pending = VecDeque::new();
     let (mut wal, report) = wal::Wal::open(
@@ -1064,6 +1071,9 @@ fn replay_wal(
         cfg.segment_max_bytes,
         |rec| {
             log.push(rec.index, rec.epoch);
+            if let Op::Config { config } = &rec.op {
+                log.push_config(rec.index, config.clone());
+            }
             match cfg.policy {
                 CommitPolicy::Local => {
                     state.apply(rec.index, rec.ts, &rec.op, false);

@@ -212,7 +212,7 @@ impl PendingView {
             }
             // An expiry needs nothing here: every later record's stamp is at
             // or past it, so the keys it names are expired to those already.
-            Op::Noop | Op::Expire { .. } => {}
+            Op::Noop | Op::Expire { .. } | Op::Config { .. } => {}
         }
     }
 
@@ -251,7 +251,7 @@ impl PendingView {
             }
             Op::LeaseGrant { .. } => self.forget_lease(index, index),
             Op::LeaseKeepAlive { id } | Op::LeaseRevoke { id, .. } => self.forget_lease(*id, index),
-            Op::Noop | Op::Expire { .. } => {}
+            Op::Noop | Op::Expire { .. } | Op::Config { .. } => {}
         }
         self.prefixes.retain(|(at, _)| at.0 != index);
     }

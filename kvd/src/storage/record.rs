@@ -36,6 +36,8 @@
 //!   9 LeaseGrant     ttl_ms u64
 //!  10 LeaseKeepAlive id u64
 //!  11 LeaseRevoke    id u64, expired u8
+//!  12 Config         count u16 (1..=64), then count x (role u8: 1 voter,
+//!                    2 learner, url_len u16, url UTF-8)
 //! expiry: kind u8 (0 never, 1 deadline, 2 lease, 3 keep), u64
 //! ```
 //!
@@ -67,8 +69,8 @@ pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
 
 pub use crate::model::{Op, Record, Timestamp};
 
-/// The highest op code (LeaseRevoke).
-const MAX_OP_CODE: u8 = 11;
+/// The highest op code (Config).
+const MAX_OP_CODE: u8 = 12;
 
 /// Bytes an encoded [`Expiry`] takes: its kind and a u64.
 const EXPIRY_BYTES: usize = 9;
@@ -92,6 +94,7 @@ impl Op {
             Op::LeaseGrant { .. } => 9,
             Op::LeaseKeepAlive { .. } => 10,
             Op::LeaseRevoke { .. } => 11,
+            Op::Config { .. } => 12,
         }
     }
 
@@ -140,6 +143,7 @@ impl Op {
                 Op::Expire { keys } => 4 + keys.iter().map(|(k, _)| 12 + k.len()).sum::<usize>(),
                 Op::LeaseGrant { .. } | Op::LeaseKeepAlive { .. } => 8,
                 Op::LeaseRevoke { .. } => 9,
+                Op::Config { config } => config.encoded_len(),
             }
     }
 }
@@ -383,6 +387,13 @@ impl Record {
                 id: r.lease_id()?,
                 expired: r.flag()?,
             },
+            12 => {
+                let mut body = kvproto::bytes::Reader::new(&r.buf[r.pos..]);
+                let config =
+                    crate::replication::config::Config::decode(&mut body).map_err(Error::Decode)?;
+                r.pos += body.offset();
+                Op::Config { config }
+            }
             other => return Err(Error::Decode(format!("unknown op code {other}"))),
         };
         if r.pos != p.len() {
@@ -498,6 +509,7 @@ pub fn encode(index: u64, epoch: u64, ts: Timestamp, op: &Op, out: &mut Vec<u8>)
             out.extend_from_slice(&id.to_le_bytes());
             out.push(u8::from(*expired));
         }
+        Op::Config { config } => config.encode(out),
     }
     let payload_len = out.len() - start - FRAME_HEADER_BYTES;
     assert!(
@@ -587,6 +599,7 @@ pub fn validate_op(op: &Op, limits: &Limits) -> Result<(), String> {
                 Err(format!("lease TTL {ttl_ms} ms is not 1..={MAX_TTL_MS}"))
             }
         }
+        Op::Config { config } => config.validate(),
     }
 }
 

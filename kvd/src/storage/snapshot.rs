@@ -1,18 +1,20 @@
 //! Snapshots: the key space as of some log index, so the WAL before it can go.
 //!
-//! # File format (version 4; docs/DESIGN.md §3.4), integers little-endian
+//! # File format (version 5; docs/DESIGN.md §3.4), integers little-endian
 //!
 //! `snap/{last_index:020}.snap`:
 //!
 //! ```text
-//! header  magic b"KVSTSNAP" | version u32 = 4 | reserved u32 = 0
+//! header  magic b"KVSTSNAP" | version u32 = 5 | reserved u32 = 0
 //!         | last_index u64 | last_epoch u64                      (32 bytes)
 //! entries key_len u32 | key | value_len u32 | value
 //!         | create_index u64 | mod_index u64 | version u64      (versions 3, 4)
 //!         | expiry kind u8 | u64                                (version 4)
 //!         | ts_ms u64 | logical u32 | node u32 | flags u8       (versions 2 to 4)
 //! leases  b"SNAPLEAS" | count u64 | count x (id, ttl_ms, deadline_ms u64)
-//!                                                               (version 4)
+//!                                                               (versions 4, 5)
+//! config  b"SNAPCONF" | present u8 | [index u64 | configuration record body]
+//!                                                               (version 5)
 //! trailer b"SNAPEND\0" | entry_count u64 | crc u32                (20 bytes)
 //! crc = CRC32C of every byte before it; flags bit 0: a tombstone (empty value).
 //! ```
@@ -21,6 +23,10 @@
 //! freezes it when it asks for the snapshot), not fuzzy like the entries:
 //! lease records replayed after it then decide as they did the first time.
 //! An entry's lease need not be in it (granted after `last_index`).
+//! The configuration section is the configuration record in effect at
+//! `last_index` (docs/DESIGN.md §4.11), if the log had one by then; its
+//! body is the WAL record's (`replication::config`). Versions 1 to 4 load
+//! with none.
 //!
 //! kvd writes version 4 in every mode: in key order from the state outside
 //! masterless mode (zero stamps, no tombstones), by anti-entropy bucket with
@@ -60,9 +66,12 @@ const VERSION_PLAIN: u32 = 1;
 const VERSION_LWW: u32 = 2;
 /// The second release: versions, stamps and tombstones.
 const VERSION_VERSIONED: u32 = 3;
-/// This release, in every mode: expiries and the lease section too.
-pub const VERSION: u32 = 4;
+/// The previous release: expiries and the lease section too.
+const VERSION_LEASES: u32 = 4;
+/// This release, in every mode: the configuration section too.
+pub const VERSION: u32 = 5;
 const LEASES_MAGIC: &[u8; 8] = b"SNAPLEAS";
+const CONFIG_MAGIC: &[u8; 8] = b"SNAPCONF";
 const HEADER_BYTES: usize = 32;
 
 /// The versions snapshot keys from before versions existed get.
@@ -194,6 +203,7 @@ pub fn load_from<R: Read>(
             Source::Peer(limits) => limits.max_value_bytes,
         },
         version: 0,
+        last_index: 0,
         key: Vec::new(),
         value: Vec::new(),
     };
@@ -201,6 +211,7 @@ pub fn load_from<R: Read>(
     state.skip_to(meta.last_index);
     let mut count = 0u64;
     let mut leases_read = false;
+    let mut config_read = false;
     loop {
         let at = l.r.pos;
         let mut tag = [0u8; 4];
@@ -210,15 +221,23 @@ pub fn load_from<R: Read>(
             // spell "SNAP" (0x50414e53): the lease section or the trailer.
             let mut rest = [0u8; 4];
             l.r.exact(&mut rest).map_err(|e| l.short(at, e))?;
-            if &rest == b"LEAS" && l.version >= VERSION && !leases_read {
+            if &rest == b"LEAS" && l.version >= VERSION_LEASES && !leases_read {
                 for row in l.leases(at)? {
                     state.load_lease(row);
                 }
                 leases_read = true;
                 continue;
             }
-            if l.version >= VERSION && !leases_read {
+            if &rest == b"CONF" && l.version >= VERSION && leases_read && !config_read {
+                state.load_config(l.config(at)?);
+                config_read = true;
+                continue;
+            }
+            if l.version >= VERSION_LEASES && !leases_read {
                 return Err(l.corrupt(at, "no lease section before the trailer".into()));
+            }
+            if l.version >= VERSION && !config_read {
+                return Err(l.corrupt(at, "no configuration section before the trailer".into()));
             }
             l.trailer(at, &rest, count)?;
             return Ok(meta);
@@ -252,6 +271,8 @@ struct Loader<'a, R> {
     max_value_bytes: usize,
     /// The header's format version.
     version: u32,
+    /// The header's last index.
+    last_index: u64,
     /// The current entry's key and value (their buffers are reused).
     key: Vec<u8>,
     value: Vec<u8>,
@@ -287,6 +308,7 @@ impl<R: Read> Loader<'_, R> {
         let last_index = u64::from_le_bytes(word);
         word.copy_from_slice(&header[24..32]);
         let last_epoch = u64::from_le_bytes(word);
+        self.last_index = last_index;
         Ok(SnapshotMeta {
             last_index,
             last_epoch,
@@ -308,6 +330,53 @@ impl<R: Read> Loader<'_, R> {
             rows.push(row);
         }
         Ok(rows)
+    }
+
+    /// The configuration section at `at` (its marker already read): a
+    /// flag, then the record's index and body if set.
+    fn config(
+        &mut self,
+        at: u64,
+    ) -> Result<Option<(u64, crate::replication::config::Config)>, Error> {
+        let mut flag = [0u8; 1];
+        self.r.exact(&mut flag).map_err(|e| self.short(at, e))?;
+        match flag[0] {
+            0 => return Ok(None),
+            1 => {}
+            f => return Err(self.corrupt(at, format!("configuration flag {f} is not 0 or 1"))),
+        }
+        let index = self.r.u64().map_err(|e| self.short(at, e))?;
+        // The body is at most 64 members of a 2-byte length, a role and
+        // a URL; its count comes first.
+        let mut head = [0u8; 2];
+        self.r.exact(&mut head).map_err(|e| self.short(at, e))?;
+        let count = usize::from(u16::from_le_bytes(head));
+        if count == 0 || count > crate::replication::config::MAX_MEMBERS {
+            return Err(self.corrupt(at, format!("configuration member count {count}")));
+        }
+        let mut body = head.to_vec();
+        for _ in 0..count {
+            let mut m = [0u8; 3];
+            self.r.exact(&mut m).map_err(|e| self.short(at, e))?;
+            let len = usize::from(u16::from_le_bytes([m[1], m[2]]));
+            if len > crate::replication::config::MAX_URL_BYTES {
+                return Err(self.corrupt(at, format!("member URL of {len} bytes")));
+            }
+            let mut url = vec![0u8; len];
+            self.r.exact(&mut url).map_err(|e| self.short(at, e))?;
+            body.extend_from_slice(&m);
+            body.extend_from_slice(&url);
+        }
+        let config =
+            crate::replication::config::Config::decode(&mut kvproto::bytes::Reader::new(&body))
+                .map_err(|e| self.corrupt(at, e))?;
+        if index > self.last_index {
+            return Err(self.corrupt(
+                at,
+                format!("configuration index {index} is past the snapshot"),
+            ));
+        }
+        Ok(Some((index, config)))
     }
 
     /// The trailer at `at` ("SNAP" and `rest` already read): the rest of
@@ -375,7 +444,7 @@ impl<R: Read> Loader<'_, R> {
             _ => UNVERSIONED,
         };
         let expiry = match self.version {
-            VERSION.. => self.expiry(at)?,
+            VERSION_LEASES.. => self.expiry(at)?,
             _ => Expiry::Never,
         };
         let (ts, tombstone) = if self.version >= VERSION_LWW {
@@ -553,6 +622,7 @@ pub fn write(
     lww: Option<&Lww>,
     meta: SnapshotMeta,
     versions: Versions,
+    config: Option<&(u64, crate::replication::config::Config)>,
 ) -> Result<(PathBuf, u64), Error> {
     let final_path = dir.join(snapshot_name(meta.last_index));
     let tmp_path = dir.join(format!("{}.tmp", snapshot_name(meta.last_index)));
@@ -587,6 +657,15 @@ pub fn write(
     for (id, ttl_ms, deadline_ms) in leases {
         for n in [id, ttl_ms, deadline_ms] {
             out.buf.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    out.buf.extend_from_slice(CONFIG_MAGIC);
+    match config {
+        None => out.buf.push(0),
+        Some((index, config)) => {
+            out.buf.push(1);
+            out.buf.extend_from_slice(&index.to_le_bytes());
+            config.encode(&mut out.buf);
         }
     }
     out.buf.extend_from_slice(END_MAGIC);
@@ -652,6 +731,7 @@ mod tests {
             Some(&lww),
             META,
             Versions::Kept,
+            None,
         )
         .unwrap();
 
@@ -695,13 +775,31 @@ mod tests {
         {
             state.apply(i as u64 + 1, Timestamp::default(), op, false);
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [b"a", b"b"] {
             assert_eq!(s2.get_versioned(k, 0), state.get_versioned(k, 0));
         }
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Rebased).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Rebased,
+            None,
+        )
+        .unwrap();
         let s3 = State::new();
         load(&RealFs, &path, &s3, None, Source::Own).unwrap();
         let base = KeyMeta {
@@ -775,7 +873,16 @@ mod tests {
             last_index: 4,
             last_epoch: 1,
         };
-        let (path, _) = write(&RealFs, dir.path(), &state, None, meta, Versions::Kept).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            meta,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let s2 = State::new();
         load(&RealFs, &path, &s2, None, Source::Own).unwrap();
         for k in [&b"l"[..], b"t", b"n"] {
@@ -799,7 +906,16 @@ mod tests {
             expiry: Expiry::At(5),
         };
         state.apply(1, ts(1), &op, false);
-        let (path, _) = write(&RealFs, dir.path(), &state, None, META, Versions::Kept).unwrap();
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            META,
+            Versions::Kept,
+            None,
+        )
+        .unwrap();
         let good = std::fs::read(&path).unwrap();
         let rewrite = |bytes: &[u8]| {
             // A valid checksum over the changed bytes: only the layout is wrong.
@@ -816,11 +932,75 @@ mod tests {
         let mut bad = good.clone();
         bad[kind_at] = 3;
         assert!(matches!(rewrite(&bad), Err(Error::Corruption { .. })));
-        // Without the lease section (16 bytes: marker and a zero count).
-        let at = good.len() - 20 - 16;
+        // Without the lease section (16 bytes: marker and a zero count),
+        // which comes before the configuration section (9 bytes: marker
+        // and an unset flag).
+        let at = good.len() - 20 - 9 - 16;
         assert_eq!(&good[at..at + 8], LEASES_MAGIC);
         let mut cut = good[..at].to_vec();
         cut.extend_from_slice(&good[at + 16..]);
         assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
+    }
+
+    #[test]
+    fn the_configuration_section_round_trips_and_older_versions_load_without_one() {
+        use crate::replication::config::Config;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::new();
+        let config = Config {
+            voters: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            learners: vec!["http://127.0.0.1:3".into()],
+        };
+        let meta = SnapshotMeta {
+            last_index: 9,
+            last_epoch: 2,
+        };
+        let entry = (7, config.clone());
+        let (path, _) = write(
+            &RealFs,
+            dir.path(),
+            &state,
+            None,
+            meta,
+            Versions::Kept,
+            Some(&entry),
+        )
+        .unwrap();
+        let s2 = State::new();
+        load(&RealFs, &path, &s2, None, Source::Own).unwrap();
+        assert_eq!(s2.loaded_config(), Some(entry));
+        let good = std::fs::read(&path).unwrap();
+        let rewrite = |bytes: &[u8]| {
+            let body = &bytes[..bytes.len() - 4];
+            let mut out = body.to_vec();
+            out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            std::fs::write(&path, &out).unwrap();
+            let s = State::new();
+            load(&RealFs, &path, &s, None, Source::Own).map(|_| s.loaded_config())
+        };
+        let section = 8 + 1 + 8 + config.encoded_len();
+        let at = good.len() - 20 - section;
+        assert_eq!(&good[at..at + 8], CONFIG_MAGIC);
+        // Version 5 without the section is damage; version 4 without it
+        // loads with none.
+        let mut cut = good[..at].to_vec();
+        cut.extend_from_slice(&good[at + section..]);
+        assert!(matches!(rewrite(&cut), Err(Error::Corruption { .. })));
+        cut[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(rewrite(&cut).unwrap(), None);
+        // A version 4 snapshot holding one is damage too.
+        let mut old = good.clone();
+        old[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(rewrite(&old), Err(Error::Corruption { .. })));
+        // An index past the snapshot, a bad flag, a bad body.
+        let mut past = good.clone();
+        past[at + 9..at + 17].copy_from_slice(&10u64.to_le_bytes());
+        assert!(matches!(rewrite(&past), Err(Error::Corruption { .. })));
+        let mut flag = good.clone();
+        flag[at + 8] = 2;
+        assert!(matches!(rewrite(&flag), Err(Error::Corruption { .. })));
+        let mut role = good.clone();
+        role[at + 17 + 2] = 9;
+        assert!(matches!(rewrite(&role), Err(Error::Corruption { .. })));
     }
 }

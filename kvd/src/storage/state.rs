@@ -176,6 +176,9 @@ pub struct State {
     /// The lease table as it was at an index a snapshot is about to cover
     /// (see [`State::freeze_leases`]).
     frozen_leases: Mutex<Option<(u64, Vec<LeaseRow>)>>,
+    /// The configuration record a loaded snapshot carried (docs/DESIGN.md
+    /// §3.4, §4.11): the log view starts its history from it.
+    snapshot_config: Mutex<Option<(u64, crate::replication::config::Config)>>,
     /// `kvd --index`: told every change [`State::apply`] makes (after the
     /// state's lock is released, in one index batch per record) and
     /// rebuilt by [`State::replace_with`].
@@ -248,6 +251,7 @@ impl State {
             digest: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             frozen_leases: Mutex::new(None),
+            snapshot_config: Mutex::new(None),
             index,
             watch: Arc::new(WatchHub::new()),
             #[cfg(test)]
@@ -468,6 +472,17 @@ impl State {
         *self.frozen_leases.lock() = Some((at, rows));
     }
 
+    /// Snapshot load: the configuration section's record.
+    pub fn load_config(&self, config: Option<(u64, crate::replication::config::Config)>) {
+        *self.snapshot_config.lock() = config;
+    }
+
+    /// The configuration record the snapshot this state was loaded from
+    /// carried, if any.
+    pub fn loaded_config(&self) -> Option<(u64, crate::replication::config::Config)> {
+        self.snapshot_config.lock().clone()
+    }
+
     /// Snapshot load: a lease of the lease section.
     pub fn load_lease(&self, (id, ttl_ms, deadline_ms): LeaseRow) {
         self.inner.write().ttl.grant(
@@ -521,7 +536,7 @@ impl State {
         match op {
             Op::Put { key, value, .. } => return diff(charge_of(key, value), charged(key)),
             Op::Delete { key } => return diff(0, charged(key)),
-            Op::Noop => return 0,
+            Op::Noop | Op::Config { .. } => return 0,
             Op::Expire { .. }
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
@@ -820,7 +835,7 @@ impl Apply<'_> {
                 }
             }
             Op::Bulk { items } => self.bulk(items),
-            Op::Noop => {}
+            Op::Noop | Op::Config { .. } => {}
             Op::Expire { keys } => self.expire(keys),
             Op::LeaseGrant { ttl_ms } => return self.grant(*ttl_ms),
             Op::LeaseKeepAlive { id } => return self.keep_alive(*id),

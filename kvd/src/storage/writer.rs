@@ -492,6 +492,9 @@ impl Writer {
         for (i, (epoch, ts, op)) in entries.enumerate() {
             let index = first + i as u64;
             log.push(index, epoch);
+            if let Op::Config { config } = op {
+                log.push_config(index, config.clone());
+            }
             if let Some(cache) = cache.as_mut() {
                 cache.push(Record {
                     index,
@@ -990,8 +993,9 @@ impl Writer {
                 let _ = reply.send(Err(Error::Superseded));
             }
         }
+        let config = fresh.loaded_config();
         self.state.replace_with(fresh);
-        self.restart_log_at(meta);
+        self.restart_log_at(meta, config);
         Ok(meta.last_index)
     }
 
@@ -1008,7 +1012,11 @@ impl Writer {
 
     /// After the WAL was reset to start after `base`: the log view, the
     /// indexes and the snapshot bookkeeping say so too.
-    fn restart_log_at(&mut self, base: snapshot::SnapshotMeta) {
+    fn restart_log_at(
+        &mut self,
+        base: snapshot::SnapshotMeta,
+        config: Option<(u64, crate::replication::config::Config)>,
+    ) {
         let applied = self.shared.applied_index.load(Ordering::Acquire);
         debug_assert!(
             base.last_index >= applied,
@@ -1016,7 +1024,8 @@ impl Writer {
              from {applied}",
             base.last_index
         );
-        *self.shared.log.lock() = EpochRuns::new(base.last_index, base.last_epoch);
+        *self.shared.log.lock() =
+            EpochRuns::new(base.last_index, base.last_epoch).with_config(config);
         self.shared.cache.lock().clear();
         self.commit_clock.clear();
         self.first_unapplied = None;
@@ -1056,6 +1065,7 @@ impl Writer {
             merges.then_some(&stamps),
             base,
             snapshot::Versions::Rebased,
+            None,
         )?;
         self.shared.lww.replace_with(stamps);
         // As in the snapshot, identical on every node (docs/DESIGN.md §6.1).
@@ -1068,7 +1078,8 @@ impl Writer {
         self.wal.reset(next, req.epoch)?;
         self.shared.set_policy(req.policy);
         self.shared.epoch.fetch_max(req.epoch, Ordering::AcqRel);
-        self.restart_log_at(base);
+        // A mode switch starts the cluster afresh from its own --peers.
+        self.restart_log_at(base, None);
         let wall = self.wall.now_ms();
         self.clock.observe(req.base_ts, wall);
         *self.shared.hlc.lock() = self.clock.last();
@@ -1236,6 +1247,9 @@ impl Snapshotter {
     fn take(&self, meta: snapshot::SnapshotMeta) -> Result<(), Error> {
         let merges = self.shared.policy() == CommitPolicy::Merge;
         let stamps = merges.then_some(&*self.shared.lww);
+        // The configuration in effect at the snapshot's index: the log
+        // view holds it until the WAL this snapshot covers is removed.
+        let config = self.shared.log.lock().config_at(meta.last_index);
         let (path, _size) = snapshot::write(
             self.fs.as_ref(),
             &self.dir,
@@ -1243,6 +1257,7 @@ impl Snapshotter {
             stamps,
             meta,
             snapshot::Versions::Kept,
+            config.as_ref(),
         )?;
         // Older snapshots are now redundant; the WAL they needed goes too.
         for (_, old) in snapshot::list(self.fs.as_ref(), &self.dir)? {

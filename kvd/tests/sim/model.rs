@@ -32,7 +32,7 @@ pub fn apply_model(m: &mut Model, op: &Op) {
                 m.insert(k.clone(), v.clone());
             }
         }
-        Op::Noop => {}
+        Op::Noop | Op::Config { .. } => {}
         Op::Expire { .. }
         | Op::LeaseGrant { .. }
         | Op::LeaseKeepAlive { .. }

@@ -898,7 +898,8 @@ pub fn decode_stream(body: &[u8]) -> Result<StreamBody, String> {
 }
 
 /// Whether a record of this node's own goes to its peers: its writes, not
-/// its expiries (nor leases, which masterless mode does not take).
+/// its expiries (nor leases, which masterless mode does not take, nor a
+/// primary/secondary configuration left in its log from before a switch).
 fn streams(op: &Op) -> bool {
     !matches!(
         op,
@@ -906,14 +907,16 @@ fn streams(op: &Op) -> bool {
             | Op::LeaseGrant { .. }
             | Op::LeaseKeepAlive { .. }
             | Op::LeaseRevoke { .. }
+            | Op::Config { .. }
     )
 }
 
-/// Decodes contiguous WAL frames of writes (no no-ops) from `off` to the
-/// end of `buf`.
+/// Decodes contiguous WAL frames of writes (no no-ops, no configurations)
+/// from `off` to the end of `buf`.
 pub fn decode_frames(buf: &[u8], off: usize) -> Result<Vec<Record>, String> {
     record::decode_frames(buf, off, |rec| match rec.op {
         Op::Noop => Err("a no-op is not a write".into()),
+        Op::Config { .. } => Err("a configuration is not a masterless write".into()),
         _ => Ok(()),
     })
 }

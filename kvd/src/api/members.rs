@@ -48,8 +48,14 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 /// The one action of a request, its URL normalized and checked.
 pub fn parse_action(raw: &[u8]) -> Result<(Action, Option<u64>), ApiError> {
-    let req: MembersRequest =
-        serde_json::from_slice(raw).map_err(|e| invalid(format!("bad members request: {e}")))?;
+    let bad = |e: serde_json::Error| invalid(format!("bad members request: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(bad)?;
+    // `null` would read as absence: a field is given with a value or left out.
+    let null = value.as_object().and_then(|m| m.iter().find(|(_, v)| v.is_null()));
+    if let Some((field, _)) = null {
+        return Err(invalid(format!("{field} is null: give a value or leave it out")));
+    }
+    let req: MembersRequest = serde_json::from_value(value).map_err(bad)?;
     let mut actions = Vec::new();
     if let Some(u) = req.add_learner {
         actions.push(Action::AddLearner(config::normalize(&u)));
@@ -150,6 +156,7 @@ mod tests {
             r#"{"add_learner":"http://a:1","extra":1}"#,
             r#"{"add_learner":"http://a:1","timeout_ms":0}"#,
             r#"{"add_learner":7}"#,
+            r#"{"add_learner":"http://a:1","timeout_ms":null}"#,
         ] {
             assert_eq!(code_of(bad), Some(code::INVALID_MEMBER), "{bad}");
         }

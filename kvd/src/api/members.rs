@@ -51,9 +51,13 @@ pub fn parse_action(raw: &[u8]) -> Result<(Action, Option<u64>), ApiError> {
     let bad = |e: serde_json::Error| invalid(format!("bad members request: {e}"));
     let value: serde_json::Value = serde_json::from_slice(raw).map_err(bad)?;
     // `null` would read as absence: a field is given with a value or left out.
-    let null = value.as_object().and_then(|m| m.iter().find(|(_, v)| v.is_null()));
+    let null = value
+        .as_object()
+        .and_then(|m| m.iter().find(|(_, v)| v.is_null()));
     if let Some((field, _)) = null {
-        return Err(invalid(format!("{field} is null: give a value or leave it out")));
+        return Err(invalid(format!(
+            "{field} is null: give a value or leave it out"
+        )));
     }
     let req: MembersRequest = serde_json::from_value(value).map_err(bad)?;
     let mut actions = Vec::new();

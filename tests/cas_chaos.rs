@@ -14,7 +14,7 @@
 //! connection, 503 `commit_timeout`): none lost, none doubled. The history
 //! must be linearizable and every replica's digest equal.
 //!
-//! `KVSTORE_CAS_SECS` sets the length (default 120; at least two kills run
+//! `KVSTORE_CAS_SECS` sets the length (default 60; at least two kills run
 //! whatever it says). `KVSTORE_CAS_KVD_ARGS` (comma-separated) adds kvd
 //! flags.
 
@@ -231,7 +231,7 @@ async fn final_read(urls: &[String], start: Instant, history: &mut Vec<Operation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compare_and_set_increments_under_primary_kills_are_neither_lost_nor_doubled() {
-    let secs = env_u64("KVSTORE_CAS_SECS", 120);
+    let secs = env_u64("KVSTORE_CAS_SECS", 60);
     let tmp = TempDir::new().unwrap();
     let c =
         Arc::new(Supervised::apply(tmp.path(), 3, &kvd_args_spec("KVSTORE_CAS_KVD_ARGS")).unwrap());

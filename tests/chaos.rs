@@ -12,7 +12,7 @@
 //! lost, every key's history linearizable (`kvstore_testkit::linearizability`),
 //! all digests equal.
 //!
-//! `KVSTORE_CHAOS_SECS` sets the length (default 120; at least one round
+//! `KVSTORE_CHAOS_SECS` sets the length (default 75; at least one round
 //! of every fault runs whatever it says). `KVSTORE_CHAOS_SEED` replays a
 //! fault schedule. `KVSTORE_CHAOS_KVD_ARGS` (comma-separated) adds kvd
 //! flags; with `--sync-replicas=0` (commit without any secondary) this test
@@ -197,7 +197,7 @@ impl Monkey {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_kills_stops_and_step_downs_lose_no_acknowledged_write_and_stay_linearizable() {
-    let secs = env_u64("KVSTORE_CHAOS_SECS", 120);
+    let secs = env_u64("KVSTORE_CHAOS_SECS", 75);
     let tmp = TempDir::new().unwrap();
     let c = Arc::new(
         Supervised::apply(tmp.path(), 3, &kvd_args_spec("KVSTORE_CHAOS_KVD_ARGS")).unwrap(),

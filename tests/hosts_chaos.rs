@@ -9,7 +9,7 @@
 //! Afterwards: no acknowledged write lost, every key's history
 //! linearizable, all digests equal.
 //!
-//! `KVSTORE_HOSTS_CHAOS_SECS` sets the length (default 180; one round of
+//! `KVSTORE_HOSTS_CHAOS_SECS` sets the length (default 90; one round of
 //! every fault runs whatever it says), `KVSTORE_CHAOS_SEED` replays a
 //! schedule, `KVSTORE_CHAOS_KVD_ARGS` (comma-separated) adds kvd flags:
 //! with `--sync-replicas=0` (commit without any secondary) it fails.
@@ -145,7 +145,7 @@ impl Monkey {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_across_hosts_with_partitions_loses_no_acknowledged_write_and_stays_linearizable() {
-    let secs = env_u64("KVSTORE_HOSTS_CHAOS_SECS", 180);
+    let secs = env_u64("KVSTORE_HOSTS_CHAOS_SECS", 90);
     let tmp = TempDir::new().unwrap();
     let extra = kvd_args_spec("KVSTORE_CHAOS_KVD_ARGS");
     let c = Arc::new(HostCluster::start(tmp.path(), 3, "primary-secondary", &extra).unwrap());

@@ -5,7 +5,7 @@
 //! manifest does not say `chaos: allowed` it refuses (exit 2) and changes
 //! nothing; `--partition` is refused.
 //!
-//! `KVSTORE_KVSUP_CHAOS_SECS` sets the first run's length (default 120).
+//! `KVSTORE_KVSUP_CHAOS_SECS` sets the first run's length (default 60).
 //! `KVSTORE_CHAOS_KVD_ARGS` (comma-separated) adds kvd flags to it: with
 //! `--sync-replicas=0` it fails.
 
@@ -38,7 +38,7 @@ fn pids(c: &Supervised) -> HashMap<String, (u64, u64)> {
 
 #[test]
 fn kvsup_chaos_with_kills_and_stops_reports_nothing_lost_and_nothing_violated() {
-    let secs = env_u64("KVSTORE_KVSUP_CHAOS_SECS", 120);
+    let secs = env_u64("KVSTORE_KVSUP_CHAOS_SECS", 60);
     let tmp = TempDir::new().unwrap();
     let extra = format!(
         "  chaos: allowed\n{}",

@@ -564,3 +564,31 @@ async fn every_refusal_changes_nothing() {
     let (s, b) = change(&single.url(), json!({ "add_learner": ghost })).await;
     assert_eq!((s, code(&b)), (409, "no_peers"), "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_stays_a_learner_when_restarted_without_join() {
+    let tmp = TempDir::new().unwrap();
+    let nodes = start_cluster(tmp.path(), FLAGS).unwrap();
+    let urls: Vec<String> = nodes.iter().map(Kvd::url).collect();
+    let mut n3 = join(&tmp, "n3", &urls);
+    // Restarted before anyone added it, and without the flag: its data dir
+    // remembers the join, so `--peers` is not taken as a configuration of
+    // voters that includes it.
+    n3.terminate().unwrap();
+    n3.restart_without("--join").unwrap();
+    let s = status(&n3.url()).await;
+    assert_eq!(s["voter"], false, "{s}");
+    let m = members(&n3.url()).await;
+    assert!(m["voters"].as_array().unwrap().is_empty(), "{m}");
+    let resp = http()
+        .post(format!("{}/promote_to_primary", n3.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code(&body), "learner", "{body}");
+    // Added and promoted, it is a voter like any other.
+    add_and_promote(&urls[0], &n3.url()).await;
+    assert_eq!(status(&n3.url()).await["voter"], true);
+}

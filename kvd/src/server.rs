@@ -313,6 +313,20 @@ fn load_meta(cfg: &Config, store: &MetaStore) -> Result<(Meta, bool)> {
         ),
         _ => {}
     }
+    match (cfg.join, fresh) {
+        (true, true) => {
+            // Durable before the node answers anyone: a restart without
+            // --join must not take `--peers` as a configuration of voters
+            // that includes it.
+            meta.joined = true;
+            store.store(&meta)?;
+        }
+        (true, false) if !meta.joined => tracing::warn!(
+            data_dir = %cfg.data_dir.display(),
+            "--join ignored: the data dir has history"
+        ),
+        _ => {}
+    }
     meta.mode = match meta.mode {
         m if replicated && m.is_cluster() => {
             if m != cfg.mode {
@@ -402,7 +416,7 @@ fn start_node(
         }),
         peers: cfg.peers.clone(),
         sync_replicas: cfg.sync_replicas,
-        join: cfg.join,
+        join: meta.joined,
         write_quorum: cfg.write_quorum as usize,
         data_dir: cfg.data_dir.clone(),
         meta: store,
@@ -411,7 +425,7 @@ fn start_node(
         Some(c) => {
             // A joining node is a learner: it never bootstraps a cluster,
             // whatever --role says (its default is primary).
-            let primary = fresh && cfg.role == BootRole::Primary && !cfg.join;
+            let primary = fresh && cfg.role == BootRole::Primary && !meta.joined;
             Runtime::start(engine, c, meta, primary, None)?
         }
         None => Runtime::Single,

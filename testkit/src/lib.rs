@@ -435,6 +435,13 @@ impl Kvd {
         }
         self.spawn_and_wait()
     }
+
+    /// Starts the node again as [`Kvd::restart`] does, with flag `flag`
+    /// (one that takes no value) left out from now on.
+    pub fn restart_without(&mut self, flag: &str) -> Result<()> {
+        self.args.retain(|a| a != flag);
+        self.restart()
+    }
 }
 
 impl Drop for Kvd {

@@ -41,6 +41,12 @@ pub struct Meta {
     /// them again (docs/DESIGN.md §4.10). Left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rejoining: bool,
+    /// Started fresh with `--join`: not in the bootstrap configuration, so
+    /// until its log holds a configuration it stays a learner of an
+    /// unknown one, whatever a later start's flags say (docs/DESIGN.md
+    /// §4.11). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined: bool,
 }
 
 /// Reads and replaces a data dir's `meta`.
@@ -77,6 +83,7 @@ impl MetaStore {
                     mode,
                     voted_for: None,
                     rejoining: false,
+                    joined: false,
                 };
                 self.store(&meta)?;
                 Ok((meta, true))

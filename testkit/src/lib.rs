@@ -51,6 +51,7 @@ pub mod masterless;
 pub mod node;
 pub mod raw;
 pub mod sup;
+pub mod sup_change;
 pub mod tls;
 pub mod ttl;
 pub mod wal;

@@ -24,6 +24,7 @@ pub mod header;
 pub mod key;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod members;
 mod mode;
 pub mod status;
 mod timestamp;

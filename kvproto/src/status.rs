@@ -17,7 +17,7 @@ pub struct Status {
     /// Primary/secondary: the configuration in effect (docs/DESIGN.md
     /// §4.11). Absent in other modes and from older nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<crate::admin::Members>,
+    pub config: Option<crate::members::Members>,
     pub data_dir: String,
     /// Content digest (XOR of per-entry hashes), 16 hex digits.
     pub digest: String,
@@ -214,7 +214,7 @@ mod tests {
         Status {
             applied_index: 3,
             commit_index: 3,
-            config: Some(crate::admin::Members {
+            config: Some(crate::members::Members {
                 committed: true,
                 index: 0,
                 learners: vec![],

@@ -19,7 +19,11 @@
 
 use kvproto::bytes::{PutLe, Reader};
 
-use super::rules::majority;
+/// Number of votes (or durable copies) that make a majority of
+/// `cluster_size` nodes. Any two majorities share a node.
+pub fn majority(cluster_size: usize) -> usize {
+    cluster_size / 2 + 1
+}
 
 /// Members one configuration may hold at most.
 pub const MAX_MEMBERS: usize = 64;

@@ -29,11 +29,9 @@ use std::time::Duration;
 
 pub use crate::model::LogPos;
 
-/// Number of votes (or durable copies) that make a majority of
-/// `cluster_size` nodes. Any two majorities share a node.
-pub fn majority(cluster_size: usize) -> usize {
-    cluster_size / 2 + 1
-}
+// The majority of a count of voters is membership's arithmetic: it lives
+// with the configuration, which the log's types (`model`) name.
+pub use super::config::majority;
 
 /// Seeing `seen_epoch` (in any request or response), must a node in
 /// `my_epoch` adopt it and, if primary, step down?

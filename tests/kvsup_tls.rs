@@ -283,3 +283,47 @@ fn a_partial_credential_set_is_refused_naming_what_is_missing() {
     assert!(!ok.success(), "{out}");
     assert!(out.contains("n1.key") && out.contains("missing"), "{out}");
 }
+
+#[test]
+fn a_node_added_to_a_tls_auto_cluster_gets_a_certificate_of_its_ca() {
+    let tmp = TempDir::new().unwrap();
+    let c = Supervised::apply(tmp.path(), 3, TLS).unwrap();
+    assert!(put_until_ok(&c, "before", "1", Duration::from_secs(30)));
+    let mut nodes = c.nodes.clone();
+    nodes.push(("n3".into(), kvstore_testkit::free_port()));
+    let grown = tmp.path().join("grown.yaml");
+    std::fs::write(
+        &grown,
+        kvstore_testkit::sup::manifest_text("test", &nodes, c.sup_port, TLS),
+    )
+    .unwrap();
+    let m = grown.display().to_string();
+    let (ok, out) = run_in(
+        &c.dir,
+        "kvsup",
+        &["apply", "-f", &m],
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(ok.success() && out.contains("add node n3"), "{out}");
+    let mut st = Value::Null;
+    let done = wait_until(Duration::from_secs(120), || {
+        st = c.status().unwrap();
+        st["change"]["state"] != "running"
+            && st["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "n3" && n["voter"] == true)
+    });
+    assert!(done, "{st:#}");
+    assert_eq!(st["change"]["state"], "done", "{st:#}");
+    let key = c.creds_dir().join("n3.key");
+    assert_eq!(mode_of(&key), 0o600);
+    // n3 serves https with its new certificate, which clients holding the
+    // cluster CA trust, and it holds what was written before it joined.
+    let url = st["nodes"][3]["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://"), "{url}");
+    let r = get_value(&c, &url, "before");
+    assert_eq!((r.code, r.body.as_str()), (200, "1"), "{}", r.body);
+}

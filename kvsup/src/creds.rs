@@ -7,8 +7,9 @@
 //! each file created 0600) and that directory is renamed to `creds/`, so a
 //! crash leaves either no set or a whole one. A set is never made again: a
 //! `creds/` missing any file is an error naming the missing files (a new
-//! certificate would not match what clients already trust). No secret is
-//! ever logged.
+//! certificate would not match what clients already trust). A node added
+//! to a running cluster gets its certificate from the kept CA key
+//! ([`add_node`]). No secret is ever logged.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
@@ -208,6 +209,28 @@ fn create(state_dir: &Path, cluster: &str, nodes: &[NodeSpec]) -> Result<()> {
 fn write_set(at: &Layout, cluster: &str, nodes: &[NodeSpec]) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().context("making the CA key")?;
+    let ca = ca_params(cluster, now)?
+        .self_signed(&ca_key)
+        .context("signing the CA")?;
+    write_private(&at.ca(), ca.pem().as_bytes())?;
+    write_private(&at.ca_key(), ca_key.serialize_pem().as_bytes())?;
+    for spec in nodes {
+        let (cert, key) = node_cert(spec, &ca, &ca_key, now)?;
+        write_private(&at.cert(&spec.name), cert.as_bytes())?;
+        write_private(&at.key(&spec.name), key.as_bytes())?;
+    }
+    let admin = new_secret()?;
+    let client = new_secret()?;
+    write_private(&at.admin_token(), format!("{admin}\n").as_bytes())?;
+    write_private(&at.client_token(), format!("{client}\n").as_bytes())?;
+    write_private(&at.tokens(), token_file_json(&admin, &client).as_bytes())
+}
+
+/// The cluster CA's certificate parameters, valid from `now`: the same
+/// subject for a cluster name whenever they are made, so that a CA
+/// certificate made again from the kept key issues certificates that
+/// chain to the one the nodes trust.
+fn ca_params(cluster: &str, now: time::OffsetDateTime) -> Result<CertificateParams> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
@@ -219,35 +242,62 @@ fn write_set(at: &Layout, cluster: &str, nodes: &[NodeSpec]) -> Result<()> {
     ];
     ca.not_before = now;
     ca.not_after = now + CA_VALIDITY;
-    let ca = ca.self_signed(&ca_key).context("signing the CA")?;
-    write_private(&at.ca(), ca.pem().as_bytes())?;
-    write_private(&at.ca_key(), ca_key.serialize_pem().as_bytes())?;
-    for spec in nodes {
-        let node = spec.name.as_str();
-        let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.distinguished_name.push(DnType::CommonName, node);
-        p.subject_alt_names = host_names(spec.address.as_deref())?;
-        let uri = format!("kvd://node/{node}");
-        p.subject_alt_names.push(SanType::URI(uri.try_into()?));
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = now;
-        p.not_after = now + NODE_VALIDITY;
-        let key = KeyPair::generate().context("making a node key")?;
-        let cert = p
-            .signed_by(&key, &ca, &ca_key)
-            .with_context(|| format!("signing {node}'s certificate"))?;
-        write_private(&at.cert(node), cert.pem().as_bytes())?;
-        write_private(&at.key(node), key.serialize_pem().as_bytes())?;
+    Ok(ca)
+}
+
+/// A certificate and key (PEM) for node `spec`, signed by `ca`.
+fn node_cert(
+    spec: &NodeSpec,
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    now: time::OffsetDateTime,
+) -> Result<(String, String)> {
+    let node = spec.name.as_str();
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, node);
+    p.subject_alt_names = host_names(spec.address.as_deref())?;
+    let uri = format!("kvd://node/{node}");
+    p.subject_alt_names.push(SanType::URI(uri.try_into()?));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = now;
+    p.not_after = now + NODE_VALIDITY;
+    let key = KeyPair::generate().context("making a node key")?;
+    let cert = p
+        .signed_by(&key, ca, ca_key)
+        .with_context(|| format!("signing {node}'s certificate"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Makes a certificate and key for node `spec`, added to the running
+/// cluster `cluster` of `state_dir`, with the kept CA key; one left from
+/// an earlier member of that name is replaced (the node starts anew). Each
+/// file is written beside its place and renamed over it.
+pub fn add_node(state_dir: &Path, cluster: &str, spec: &NodeSpec) -> Result<()> {
+    let at = Layout::in_state_dir(state_dir);
+    check_private(&at.ca_key())?;
+    let pem = std::fs::read_to_string(at.ca_key())
+        .with_context(|| format!("reading {}", at.ca_key().display()))?;
+    let ca_key = KeyPair::from_pem(&pem)
+        .with_context(|| format!("{}: not a PEM private key", at.ca_key().display()))?;
+    let now = time::OffsetDateTime::now_utc();
+    let ca = ca_params(cluster, now)?
+        .self_signed(&ca_key)
+        .context("making the CA certificate again")?;
+    let (cert, key) = node_cert(spec, &ca, &ca_key, now)?;
+    for (path, bytes) in [(at.cert(&spec.name), cert), (at.key(&spec.name), key)] {
+        let tmp = path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, bytes.as_bytes())?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     }
-    let admin = new_secret()?;
-    let client = new_secret()?;
-    write_private(&at.admin_token(), format!("{admin}\n").as_bytes())?;
-    write_private(&at.client_token(), format!("{client}\n").as_bytes())?;
-    write_private(&at.tokens(), token_file_json(&admin, &client).as_bytes())
+    File::open(&at.dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", at.dir.display()))
 }
 
 /// The names a node's certificate vouches for: `localhost` and 127.0.0.1
@@ -367,6 +417,40 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["tokens"][0]["admin"], true);
         assert_eq!(v["tokens"][1].get("admin"), None);
+    }
+
+    #[test]
+    fn an_added_node_gets_a_certificate_of_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |name: &str| NodeSpec {
+            name: name.into(),
+            port: 1,
+            address: None,
+            runtime: Default::default(),
+        };
+        load_or_create(dir.path(), "demo", &[spec("n0")]).unwrap();
+        add_node(dir.path(), "demo", &spec("n5")).unwrap();
+        let at = Layout::in_state_dir(dir.path());
+        let ca_pem = std::fs::read(at.ca()).unwrap();
+        let leaf_pem = std::fs::read(at.cert("n5")).unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let ca = CertificateDer::from_pem_slice(&ca_pem).unwrap();
+        let leaf = CertificateDer::from_pem_slice(&leaf_pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .expect("the added node's certificate chains to the cluster CA");
+        // Made again, it replaces the old files; the set still loads.
+        add_node(dir.path(), "demo", &spec("n5")).unwrap();
+        check_private(&at.key("n5")).unwrap();
     }
 
     #[test]

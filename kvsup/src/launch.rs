@@ -21,28 +21,43 @@ pub enum Start {
     Bootstrap,
     /// Anything else: a secondary (or a masterless peer) until elected.
     Join,
+    /// A node added to a running primary/secondary cluster, on a fresh
+    /// data dir: a learner outside the configuration until the primary
+    /// adds it (kvd's `--join`).
+    Learner,
     /// A node of a primary/secondary cluster whose data was lost, started
     /// on a fresh data dir: a secondary that neither votes nor runs until
     /// it has caught up (kvd's `--rejoin`).
     Rejoin,
 }
 
-/// How a node starts: `bootstraps` (the first node of a brand-new cluster
-/// kvsup runs alone), `reseed` (its data dir was lost), in a
-/// primary/secondary cluster or not, and whether its data dir holds data
-/// now. A dir that holds data is started as it is, never as a fresh rejoin
-/// (kvsup deletes nothing: a dir put back, or replaced by another with
-/// data, keeps it).
-pub fn start_kind(
-    bootstraps: bool,
-    reseed: bool,
-    primary_secondary: bool,
-    holds_data: bool,
-) -> Start {
-    match (bootstraps, reseed && primary_secondary && !holds_data) {
-        (true, _) => Start::Bootstrap,
-        (false, true) => Start::Rejoin,
-        (false, false) => Start::Join,
+/// What decides how a node starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartFacts {
+    /// The first node of a brand-new cluster kvsup runs alone.
+    pub bootstraps: bool,
+    /// Its data dir was lost.
+    pub reseed: bool,
+    /// It was added to the running cluster.
+    pub joins: bool,
+    pub primary_secondary: bool,
+    /// Its data dir holds data now.
+    pub holds_data: bool,
+}
+
+/// How a node starts. A dir that holds data is started as it is, never as
+/// a fresh rejoin or join (kvsup deletes nothing: a dir put back, or
+/// replaced by another with data, keeps it; kvd remembers a join).
+pub fn start_kind(f: StartFacts) -> Start {
+    let fresh_ps = f.primary_secondary && !f.holds_data;
+    if f.bootstraps {
+        Start::Bootstrap
+    } else if fresh_ps && f.joins {
+        Start::Learner
+    } else if fresh_ps && f.reseed {
+        Start::Rejoin
+    } else {
+        Start::Join
     }
 }
 
@@ -85,12 +100,14 @@ pub fn kvd_args(
         if m.spec.mode == Mode::PrimarySecondary {
             let role = match start {
                 Start::Bootstrap => "primary",
-                Start::Join | Start::Rejoin => "secondary",
+                Start::Join | Start::Rejoin | Start::Learner => "secondary",
             };
             args.push("--role".into());
             args.push(role.into());
-            if start == Start::Rejoin {
-                args.push("--rejoin".into());
+            match start {
+                Start::Rejoin => args.push("--rejoin".into()),
+                Start::Learner => args.push("--join".into()),
+                Start::Bootstrap | Start::Join => {}
             }
         }
     }
@@ -163,13 +180,45 @@ mod tests {
         assert_eq!(args.last().map(String::as_str), Some("--sync-replicas=1"));
     }
 
+    fn kind(bootstraps: bool, reseed: bool, joins: bool, ps: bool, holds_data: bool) -> Start {
+        start_kind(StartFacts {
+            bootstraps,
+            reseed,
+            joins,
+            primary_secondary: ps,
+            holds_data,
+        })
+    }
+
     #[test]
     fn only_a_lost_data_dir_that_is_still_empty_starts_a_rejoin() {
-        assert_eq!(start_kind(false, true, true, false), Start::Rejoin);
-        assert_eq!(start_kind(false, true, true, true), Start::Join);
-        assert_eq!(start_kind(false, true, false, false), Start::Join);
-        assert_eq!(start_kind(false, false, true, false), Start::Join);
-        assert_eq!(start_kind(true, false, true, false), Start::Bootstrap);
+        assert_eq!(kind(false, true, false, true, false), Start::Rejoin);
+        assert_eq!(kind(false, true, false, true, true), Start::Join);
+        assert_eq!(kind(false, true, false, false, false), Start::Join);
+        assert_eq!(kind(false, false, false, true, false), Start::Join);
+        assert_eq!(kind(true, false, false, true, false), Start::Bootstrap);
+    }
+
+    #[test]
+    fn only_an_added_node_on_a_fresh_data_dir_starts_as_a_learner() {
+        assert_eq!(kind(false, false, true, true, false), Start::Learner);
+        // Restarted after its first start: kvd remembers the join.
+        assert_eq!(kind(false, false, true, true, true), Start::Join);
+        // Masterless has no configuration to join.
+        assert_eq!(kind(false, false, true, false, false), Start::Join);
+        // An added node whose fresh dir is lost again still only joins.
+        assert_eq!(kind(false, true, true, true, false), Start::Learner);
+    }
+
+    #[test]
+    fn a_learner_joins_as_a_secondary() {
+        let text = "apiVersion: kvstore/v1\nkind: Cluster\nmetadata: {name: t}\nspec:\n  \
+                    stateDir: /srv/kv/t\n  nodes: [{name: a, port: 7001}, {name: b, port: 7002}]\n";
+        let m = Manifest::parse(text, "m").unwrap();
+        let args = kvd_args(&m, &m.spec.nodes[1], Path::new("/d"), Start::Learner, None);
+        assert_eq!(flag(&args, "--role"), Some("secondary"));
+        assert!(args.iter().any(|a| a == "--join"));
+        assert!(!args.iter().any(|a| a == "--rejoin"));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //!
 //! 1. decisions, no I/O but reading a manifest file: `manifest` (types,
 //!    validation, restart backoff), `election` (when to elect,
-//!    whom to ask), `auth` (the admin token, who may use the API) and
-//!    `dashboard` (the web page's files and its charts' sample rings);
+//!    whom to ask), `membership` (the next step of a node change, from
+//!    the configuration in effect), `auth` (the admin token, who may use
+//!    the API) and `dashboard` (the web page's files and its charts'
+//!    sample rings);
 //! 2. effects: `process` (spawn, adopt, signal kvd), `token_file` (the
 //!    admin token's file), `creds` (`tls: auto`'s CA, certificates and
 //!    tokens), `metrics`, `logging`;
@@ -34,6 +36,7 @@ pub mod http;
 pub mod launch;
 pub mod logging;
 pub mod manifest;
+pub mod membership;
 pub mod metrics;
 pub mod plan;
 pub mod process;

@@ -1003,6 +1003,9 @@ fn print_status(st: &Value) -> Result<()> {
     if let Some(line) = change_line(&st["change"]) {
         say!("{line}");
     }
+    if let Some(line) = config_line(&st["config"]) {
+        say!("{line}");
+    }
     say!(
         "{:<6} {:<24} {:>8} {:<10} {:>6} {:>8} {:>6} {:<9} {:>8}",
         "NAME",
@@ -1021,7 +1024,12 @@ fn print_status(st: &Value) -> Result<()> {
             s(&n["name"]),
             s(&n["url"]),
             s(&n["pid"]),
-            s(&n["role"]),
+            // A secondary outside the voters: a node being added.
+            if n["voter"] == Value::Bool(false) && n["role"] == "secondary" {
+                "learner".to_string()
+            } else {
+                s(&n["role"])
+            },
             s(&n["epoch"]),
             s(&n["commit_index"]),
             s(&n["lag"]),
@@ -1071,6 +1079,25 @@ fn change_line(c: &Value) -> Option<String> {
         line.push_str(&format!(": {why}"));
     }
     Some(line)
+}
+
+/// The primary's configuration in one line (`None` outside
+/// primary/secondary mode, or with no primary).
+fn config_line(c: &Value) -> Option<String> {
+    let obj = c.as_object()?;
+    let count = |k: &str| obj.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+    Some(format!(
+        "CONFIG index {} ({}): {} voters, {} learners",
+        obj.get("index")
+            .map_or_else(|| "-".into(), Value::to_string),
+        if obj.get("committed") == Some(&Value::Bool(true)) {
+            "committed"
+        } else {
+            "not committed yet"
+        },
+        count("voters"),
+        count("learners")
+    ))
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.

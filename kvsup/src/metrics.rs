@@ -25,6 +25,11 @@ pub struct Metrics {
     pub backups: IntCounterVec,
     /// The index the newest scheduled backup is exact at.
     pub last_backup_index: IntGauge,
+    /// The primary's configuration in effect: its record's index, its
+    /// voters and its learners.
+    pub config_index: IntGauge,
+    pub config_voters: IntGauge,
+    pub config_learners: IntGauge,
     /// Changes carried out over time (rolling, add_node, remove_node) by
     /// result (`ok`, `failed`).
     pub changes: IntCounterVec,
@@ -41,12 +46,10 @@ impl Metrics {
                     &["node"],
                 )?,
             )?,
-            primary_epoch: register(
+            primary_epoch: gauge(
                 &r,
-                IntGauge::new(
-                    "kvsup_primary_epoch",
-                    "Epoch of the healthy primary (0: none)",
-                )?,
+                "kvsup_primary_epoch",
+                "Epoch of the healthy primary (0: none)",
             )?,
             failovers: counter(
                 &r,
@@ -85,10 +88,7 @@ impl Metrics {
                 "kvsup_health_check_failures_total",
                 "Failed node health checks",
             )?,
-            ready: register(
-                &r,
-                IntGauge::new("kvsup_cluster_ready", "1 when the cluster is Ready")?,
-            )?,
+            ready: gauge(&r, "kvsup_cluster_ready", "1 when the cluster is Ready")?,
             mode_switches: counter(
                 &r,
                 "kvsup_mode_switches_total",
@@ -100,33 +100,38 @@ impl Metrics {
                 "How long writes were paused by a mode switch",
                 &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
             )?,
-            backups: register(
+            backups: labelled_counter(
                 &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "kvsup_backups_total",
-                        "Scheduled backups (spec.backup) by result: ok or failed",
-                    ),
-                    &["result"],
-                )?,
+                "kvsup_backups_total",
+                "Scheduled backups (spec.backup) by result: ok or failed",
+                &["result"],
             )?,
-            last_backup_index: register(
+            last_backup_index: gauge(
                 &r,
-                IntGauge::new(
-                    "kvsup_last_backup_index",
-                    "The log index the newest scheduled backup is exact at (0: none yet)",
-                )?,
+                "kvsup_last_backup_index",
+                "The log index the newest scheduled backup is exact at (0: none yet)",
             )?,
-            changes: register(
+            config_index: gauge(
                 &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "kvsup_changes_total",
-                        "Changes of a running cluster by kind (rolling, add_node, remove_node) \
-                         and result (ok, failed)",
-                    ),
-                    &["kind", "result"],
-                )?,
+                "kvsup_config_index",
+                "Log index of the primary's configuration in effect (0: the bootstrap one)",
+            )?,
+            config_voters: gauge(
+                &r,
+                "kvsup_config_voters",
+                "Voters of the primary's configuration in effect",
+            )?,
+            config_learners: gauge(
+                &r,
+                "kvsup_config_learners",
+                "Learners of the primary's configuration in effect (nodes being added)",
+            )?,
+            changes: labelled_counter(
+                &r,
+                "kvsup_changes_total",
+                "Changes of a running cluster by kind (rolling, add_node, remove_node) and \
+                 result (ok, failed)",
+                &["kind", "result"],
             )?,
             registry: r,
         })
@@ -146,13 +151,26 @@ fn register<M: Collector + Clone + 'static>(r: &Registry, metric: M) -> promethe
     Ok(metric)
 }
 
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    register(r, IntGauge::new(name, help)?)
+}
+
 fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     register(r, IntCounter::new(name, help)?)
 }
 
 /// A counter with a `node` label.
 fn per_node_counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounterVec> {
-    register(r, IntCounterVec::new(Opts::new(name, help), &["node"])?)
+    labelled_counter(r, name, help, &["node"])
+}
+
+fn labelled_counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
 fn histogram(

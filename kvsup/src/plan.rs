@@ -219,6 +219,28 @@ pub fn plan(
     new_kvd: &BinaryId,
     in_progress: Option<&ChangeStatus>,
 ) -> Result<Plan, Refusal> {
+    let planned = plan_change(running, running_kvd, new, new_kvd, in_progress);
+    match in_progress.filter(|c| c.running()) {
+        // While a change runs, any other edit (even one refused for its
+        // own reasons) waits for it: the running manifest is half way.
+        Some(c) if planned != Ok(Plan::Settings(Vec::new())) => Err(Refusal(vec![format!(
+            "a change is in progress: {} ({}), step: {}; wait for it or see kvsup status",
+            c.kind.as_str(),
+            c.what.join("; "),
+            c.step
+        )])),
+        _ => planned,
+    }
+}
+
+/// [`plan`] but for a change in progress.
+fn plan_change(
+    running: &Manifest,
+    running_kvd: &BinaryId,
+    new: &Manifest,
+    new_kvd: &BinaryId,
+    in_progress: Option<&ChangeStatus>,
+) -> Result<Plan, Refusal> {
     fixed_fields(running, new)?;
     let nodes = node_change(running, new)?;
     let rolling =
@@ -290,16 +312,6 @@ pub fn plan(
             None => Plan::Settings(settings),
         },
     };
-    if let Some(c) = in_progress.filter(|c| c.running()) {
-        if plan != Plan::Settings(Vec::new()) {
-            return Err(Refusal(vec![format!(
-                "a change is in progress: {} ({}), step: {}; wait for it or see kvsup status",
-                c.kind.as_str(),
-                c.what.join("; "),
-                c.step
-            )]));
-        }
-    }
     Ok(plan)
 }
 
@@ -833,6 +845,10 @@ spec:
         assert!(e.is_err());
         let same = plan(&good(), &kvd("a"), &good(), &kvd("a"), Some(&running));
         assert_eq!(same, Ok(Plan::Settings(vec![])));
+        // An edit refused for its own reasons waits for the change too.
+        let two = with_nodes(&["{name: n0, port: 8765}"]);
+        let e = plan(&good(), &kvd("a"), &m(&two), &kvd("a"), Some(&running)).unwrap_err();
+        assert!(e.to_string().starts_with("a change is in progress"), "{e}");
         // A finished change holds nothing up.
         let done = rolling(ChangeState::Done, &[]);
         assert!(plan(&good(), &kvd("a"), &m(&args), &kvd("a"), Some(&done)).is_ok());

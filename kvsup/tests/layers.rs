@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 /// kvsup's layers, bottom first. A module may use the modules of the
 /// layers below its own, never its own layer's or a higher one's.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("decisions", &["manifest", "election", "auth", "dashboard"]),
+    (
+        "decisions",
+        &["manifest", "election", "membership", "auth", "dashboard"],
+    ),
     (
         "effects",
         &[

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use kvclient::admin;
 use nix::sys::signal::Signal;
 
-use super::{load_manifest, rolling, Node, Sup};
+use super::{load_manifest, Node, Sup};
 use crate::election::{self, NodeView};
 use crate::manifest::Mode;
 use crate::plan::{self, NodeSettings, Plan};
@@ -63,11 +63,16 @@ impl Sup {
         let _applying = self.rollouts.applying.lock().await;
         let old = self.manifest();
         let running_kvd = self.rollouts.target().settings.kvd;
+        let binaries = &self.rollouts.binaries;
         let new_kvd = match kvd {
-            Some(k) => {
-                rolling::binary_id(k).map_err(|e| ApplyError::Invalid(format!("--kvd: {e:#}")))?
-            }
-            None => rolling::binary_id(&running_kvd.path).unwrap_or_else(|_| running_kvd.clone()),
+            Some(k) => binaries
+                .id(k)
+                .await
+                .map_err(|e| ApplyError::Invalid(format!("--kvd: {e:#}")))?,
+            None => binaries
+                .id(&running_kvd.path)
+                .await
+                .unwrap_or_else(|_| running_kvd.clone()),
         };
         let change = self.rollouts.change();
         let planned = plan::plan(&old, &running_kvd, &new, &new_kvd, change.as_ref())
@@ -76,11 +81,8 @@ impl Sup {
         if dry_run {
             return Ok(changes);
         }
-        if matches!(planned, Plan::AddNode(_) | Plan::RemoveNode(_)) {
-            return Err(ApplyError::Refused(format!(
-                "{}: adding and removing nodes is not available in this kvsup",
-                changes.join("; ")
-            )));
+        if let Plan::AddNode(spec) = &planned {
+            self.check_addable(spec).map_err(ApplyError::Refused)?;
         }
         if new.spec.mode != old.spec.mode {
             self.switch_mode(new.spec.mode)
@@ -88,9 +90,7 @@ impl Sup {
                 .map_err(|e| ApplyError::Failed(format!("mode switch failed: {e:#}")))?;
         }
         *self.manifest.write() = new.clone();
-        if let Plan::Rolling { what, .. } = &planned {
-            self.start_rolling(NodeSettings::of(&new, &new_kvd), what.clone());
-        }
+        let old_path = self.manifest_path();
         // The file watcher follows the path when it moves.
         self.manifest_path.send_if_modified(|p| {
             let moved = *p != path;
@@ -99,6 +99,15 @@ impl Sup {
             }
             moved
         });
+        match &planned {
+            Plan::Rolling { what, .. } => {
+                self.start_rolling(NodeSettings::of(&new, &new_kvd), what.clone());
+            }
+            Plan::AddNode(_) | Plan::RemoveNode(_) => {
+                self.start_node_change((old.clone(), old_path), planned.clone());
+            }
+            Plan::Settings(_) => {}
+        }
         self.metrics.applies.inc();
         self.event(
             "apply",
@@ -118,11 +127,11 @@ impl Sup {
     /// node changes mode, writes resume. No failover or switchover runs
     /// meanwhile (they take the same lock).
     async fn switch_mode(self: &Arc<Self>, to: Mode) -> Result<()> {
-        if self.nodes.len() < 2 {
+        if self.nodes.read().len() < 2 {
             bail!("a single node has no replication mode to switch");
         }
         let _moving = self.moving.lock().await;
-        let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
+        let urls: Vec<String> = self.nodes().iter().map(|n| n.url.clone()).collect();
         // Back to primary/secondary: the first healthy node leads.
         let primary = (to == Mode::PrimarySecondary)
             .then(|| {
@@ -165,7 +174,7 @@ impl Sup {
             el.no_primary_since = None;
         }
         self.event("mode", None, switched_message(to, &report));
-        for n in &self.nodes {
+        for n in &self.nodes() {
             self.check(n).await;
         }
         Ok(())
@@ -201,7 +210,7 @@ impl Sup {
         let target = self
             .node(name)
             .with_context(|| format!("no node named {name:?}"))?;
-        if self.manifest.read().spec.mode != Mode::PrimarySecondary || self.nodes.len() < 2 {
+        if self.manifest.read().spec.mode != Mode::PrimarySecondary || self.nodes.read().len() < 2 {
             bail!("promote needs a primary/secondary cluster of 2 or more nodes");
         }
         let _guard = self.moving.lock().await;
@@ -230,7 +239,7 @@ impl Sup {
                         Some(name),
                         format!("planned switchover: primary of epoch {epoch}"),
                     );
-                    for n in &self.nodes {
+                    for n in &self.nodes() {
                         self.check(n).await;
                     }
                     return Ok(epoch);
@@ -246,7 +255,7 @@ impl Sup {
     pub async fn down(self: &Arc<Self>, grace: Duration) -> Vec<String> {
         self.shutting_down.store(true, Ordering::Release);
         self.event("down", None, "stopping all nodes");
-        for n in &self.nodes {
+        for n in &self.nodes() {
             if let Some(pid) = n.run.lock().pid {
                 let _ = process::signal(pid, Signal::SIGTERM);
                 // A stopped process handles SIGTERM only once continued.
@@ -255,7 +264,7 @@ impl Sup {
         }
         self.until_all_exited(grace).await;
         let mut report = Vec::new();
-        for n in &self.nodes {
+        for n in &self.nodes() {
             if n.external {
                 report.push(format!("{}: runtime external, left running", n.name));
                 continue;
@@ -287,7 +296,7 @@ impl Sup {
     async fn until_all_exited(&self, limit: Duration) {
         let until = Instant::now() + limit;
         let runs = |n: &Arc<Node>| !n.external && n.run.lock().running;
-        while Instant::now() < until && self.nodes.iter().any(runs) {
+        while Instant::now() < until && self.nodes().iter().any(runs) {
             tokio::time::sleep(POLL).await;
         }
     }

@@ -54,7 +54,7 @@ impl Sup {
     /// rules take it.
     pub(super) fn views(&self) -> Vec<NodeView> {
         let threshold = self.manifest.read().spec.health_check.failure_threshold;
-        self.nodes
+        self.nodes()
             .iter()
             .map(|n| {
                 let running = n.run.lock().running;
@@ -82,7 +82,7 @@ impl Sup {
         self.start_due_nodes();
         self.reseed_lost();
         let mode = self.manifest.read().spec.mode;
-        if mode == Mode::PrimarySecondary && self.nodes.len() > 1 {
+        if mode == Mode::PrimarySecondary && self.nodes.read().len() > 1 {
             // Failover waits while a switchover or mode switch holds the lock.
             if let Ok(_guard) = self.moving.try_lock() {
                 self.failover_step().await;
@@ -244,5 +244,12 @@ impl Sup {
         self.metrics
             .primary_epoch
             .set(st["epoch"].as_u64().unwrap_or(0) as i64);
+        let config = &st["config"];
+        let count = |k: &str| config[k].as_array().map_or(0, |a| a.len() as i64);
+        self.metrics
+            .config_index
+            .set(config["index"].as_u64().unwrap_or(0) as i64);
+        self.metrics.config_voters.set(count("voters"));
+        self.metrics.config_learners.set(count("learners"));
     }
 }

@@ -23,12 +23,13 @@ struct Seen {
 }
 
 impl Sup {
-    /// Checks `node` every interval until the daemon stops.
+    /// Checks `node` every interval until the daemon stops or the node
+    /// leaves the cluster.
     pub(super) async fn health_loop(self: Arc<Self>, node: Arc<Node>) {
         while !self.shutting_down() {
             tokio::select! {
                 () = self.health_round(&node) => {}
-                () = self.stopped() => return,
+                () = node.gone.cancelled() => return,
             }
         }
     }

@@ -13,7 +13,9 @@
 //!   bounded ring (`crate::dashboard::Samples`).
 //! - a rolling change, while one runs: the nodes restarted one at a time
 //!   onto new settings, as `crate::plan` plans and orders them
-//!   (`rolling.rs`, which also keeps what each node runs).
+//!   (`rolling.rs`, which also keeps what each node runs);
+//! - a node added or removed, while one is: the node started and made a
+//!   member, or handed over from, taken out and stopped (`members.rs`).
 //!
 //! The layers above add the manifest file watcher and the HTTP API the
 //! `kvsup` commands talk to (`commands.rs` is what they call; `status.rs`
@@ -28,6 +30,7 @@ mod backups;
 mod commands;
 mod failover;
 mod health;
+mod members;
 mod nodes;
 pub mod restore;
 mod rolling;
@@ -49,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::creds::Creds;
 use crate::dashboard::{self, Failover, Sample, Samples};
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError, NodeSpec};
 use crate::metrics::Metrics;
 
 pub use commands::ApplyError;
@@ -106,6 +109,8 @@ struct Health {
 
 pub struct Node {
     pub name: String,
+    /// Its entry in the manifest it was added with.
+    pub spec: NodeSpec,
     pub port: u16,
     pub url: String,
     /// `runtime: external`: something else runs it; kvsup only talks to it.
@@ -118,9 +123,41 @@ pub struct Node {
     restarts: AtomicU64,
     /// Wakes the node's health checker when its process is started.
     started: tokio::sync::Notify,
+    /// Added to a running cluster: its first start on a fresh data dir
+    /// is a learner's (`--join`).
+    joins: AtomicBool,
+    /// Cancelled when it leaves the cluster (or the daemon stops): its
+    /// health checker ends.
+    gone: CancellationToken,
 }
 
 impl Node {
+    /// Node `spec` of a cluster whose state is in `state_dir` (`tls`: it
+    /// serves https); `cancel` is the daemon's.
+    fn new(spec: &NodeSpec, state_dir: &Path, tls: bool, cancel: &CancellationToken) -> Node {
+        Node {
+            name: spec.name.clone(),
+            spec: spec.clone(),
+            port: spec.port,
+            url: spec.url(tls),
+            external: spec.external(),
+            data_dir: crate::launch::data_dir(state_dir, &spec.name),
+            log: state_dir.join(format!("{}.log", spec.name)),
+            pid_file: state_dir.join(format!("{}.pid", spec.name)),
+            // An external node counts as running for good: whether it is
+            // up is what its health checks say.
+            run: Mutex::new(RunState {
+                running: spec.external(),
+                ..RunState::default()
+            }),
+            health: Mutex::new(Health::default()),
+            restarts: AtomicU64::new(0),
+            started: tokio::sync::Notify::new(),
+            joins: AtomicBool::new(false),
+            gone: cancel.child_token(),
+        }
+    }
+
     /// Running, and no check has answered since it was started.
     fn awaiting_first_answer(&self) -> bool {
         let r = self.run.lock();
@@ -136,7 +173,8 @@ pub struct Sup {
     base_dir: PathBuf,
     pub state_dir: PathBuf,
     kvd: PathBuf,
-    pub nodes: Vec<Arc<Node>>,
+    /// The nodes, in manifest order; a node change adds or removes one.
+    nodes: RwLock<Vec<Arc<Node>>>,
     /// With `tls: auto`: the cluster's CA, certificates and tokens.
     creds: Option<Creds>,
     /// Speaks to the nodes: with `creds`, over https trusting their CA and
@@ -192,30 +230,12 @@ impl Sup {
             "tls: auto needs the cluster's credentials, and only it"
         );
         let state_dir = manifest.state_dir(&base_dir);
+        let cancel = CancellationToken::new();
         let nodes = manifest
             .spec
             .nodes
             .iter()
-            .map(|n| {
-                Arc::new(Node {
-                    name: n.name.clone(),
-                    port: n.port,
-                    url: n.url(creds.is_some()),
-                    external: n.external(),
-                    data_dir: crate::launch::data_dir(&state_dir, &n.name),
-                    log: state_dir.join(format!("{}.log", n.name)),
-                    pid_file: state_dir.join(format!("{}.pid", n.name)),
-                    // An external node counts as running for good: whether
-                    // it is up is what its health checks say.
-                    run: Mutex::new(RunState {
-                        running: n.external(),
-                        ..RunState::default()
-                    }),
-                    health: Mutex::new(Health::default()),
-                    restarts: AtomicU64::new(0),
-                    started: tokio::sync::Notify::new(),
-                })
-            })
+            .map(|n| Arc::new(Node::new(n, &state_dir, creds.is_some(), &cancel)))
             .collect();
         let http = node_client(creds.as_ref())?;
         let rollouts = rolling::Rollouts::new(&manifest, rolling::binary_id_or_unknown(&kvd));
@@ -225,7 +245,7 @@ impl Sup {
             base_dir,
             state_dir,
             kvd,
-            nodes,
+            nodes: RwLock::new(nodes),
             creds,
             http,
             events: Mutex::new(VecDeque::new()),
@@ -239,7 +259,7 @@ impl Sup {
             shutting_down: AtomicBool::new(false),
             election: Mutex::new(ElectionState::default()),
             rollouts,
-            cancel: CancellationToken::new(),
+            cancel,
             tasks: Mutex::new(JoinSet::new()),
         })
     }
@@ -247,7 +267,7 @@ impl Sup {
     /// Starts the daemon's own tasks: a health checker per node and the
     /// reconcile loop (which starts the nodes).
     pub fn start(self: &Arc<Self>) {
-        for n in &self.nodes {
+        for n in &self.nodes() {
             self.spawn(self.clone().health_loop(n.clone()));
         }
         self.spawn(self.clone().reconcile_loop());
@@ -370,7 +390,12 @@ impl Sup {
     }
 
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
-        self.nodes.iter().find(|n| n.name == name).cloned()
+        self.nodes.read().iter().find(|n| n.name == name).cloned()
+    }
+
+    /// The nodes now, in manifest order.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.read().clone()
     }
 
     fn interval(&self) -> Duration {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::{Node, RunState, Sup};
-use crate::launch::{kvd_args, start_kind, Start};
+use crate::launch::{kvd_args, start_kind, Start, StartFacts};
 use crate::manifest::{restart_at, Mode, RestartPolicy};
 use crate::process::{self, Handle, Launch};
 
@@ -31,7 +31,10 @@ impl Sup {
     /// Starts every node that is not running once its backoff has passed.
     pub(super) fn start_due_nodes(self: &Arc<Self>) {
         let now = Instant::now();
-        for node in &self.nodes {
+        for node in &self.nodes() {
+            if node.gone.is_cancelled() {
+                continue;
+            }
             let due = {
                 let r = node.run.lock();
                 !r.running && r.next_start.is_none_or(|t| now >= t)
@@ -57,10 +60,14 @@ impl Sup {
         // kvsup sees the data dirs of the nodes it runs only; with an
         // external node, nothing is started as the leader and the reconcile
         // loop elects one once every node answers.
-        let ours = self.nodes.iter().all(|n| !n.external);
-        let fresh = ours && self.nodes.iter().all(|n| !n.data_dir.join("meta").exists());
-        let first = self.nodes.first().is_some_and(|n| n.name == node.name);
-        ps && self.nodes.len() > 1 && fresh && first
+        let ours = self.nodes().iter().all(|n| !n.external);
+        let fresh = ours
+            && self
+                .nodes()
+                .iter()
+                .all(|n| !n.data_dir.join("meta").exists());
+        let first = self.nodes().first().is_some_and(|n| n.name == node.name);
+        ps && self.nodes.read().len() > 1 && fresh && first
     }
 
     /// The command line of `node`: the manifest's, with the settings the
@@ -71,11 +78,10 @@ impl Sup {
         let mut m = self.manifest.read().clone();
         m.spec.index = runs.index;
         m.spec.kvd_args = runs.kvd_args;
-        let spec = m.node(&node.name).expect("a node of the manifest");
         let layout = self.creds.as_ref().map(crate::creds::Creds::layout);
         Launch {
             kvd: runs.kvd.path,
-            args: kvd_args(&m, spec, &node.data_dir, start, layout.as_ref()),
+            args: kvd_args(&m, &node.spec, &node.data_dir, start, layout.as_ref()),
             log: node.log.clone(),
             pid_file: node.pid_file.clone(),
         }
@@ -130,7 +136,13 @@ impl Sup {
         let bootstraps = self.bootstraps(node);
         let reseed = std::mem::take(&mut node.run.lock().reseed);
         let ps = self.manifest.read().spec.mode == Mode::PrimarySecondary;
-        let start = start_kind(bootstraps, reseed, ps, holds_data(&node.data_dir));
+        let start = start_kind(StartFacts {
+            bootstraps,
+            reseed,
+            joins: node.joins.load(Ordering::Acquire),
+            primary_secondary: ps,
+            holds_data: holds_data(&node.data_dir),
+        });
         let child = process::spawn(&self.launch_for(node, start))?;
         if bootstraps {
             // kvsup knows who leads a fresh cluster before it answers: its
@@ -150,7 +162,7 @@ impl Sup {
     /// nothing: kvd makes the fresh dir, and a dir that holds data again
     /// by then is started as it is.
     pub(super) fn reseed_lost(&self) {
-        for node in self.nodes.iter().filter(|n| !n.external) {
+        for node in self.nodes().iter().filter(|n| !n.external) {
             let lost = node
                 .health
                 .lock()
@@ -220,6 +232,6 @@ impl Sup {
 
 /// Whether `dir` holds a node's data (its `meta` or its WAL): such a dir
 /// is never treated as fresh.
-fn holds_data(dir: &std::path::Path) -> bool {
+pub(super) fn holds_data(dir: &std::path::Path) -> bool {
     dir.join("meta").exists() || dir.join("wal").exists()
 }

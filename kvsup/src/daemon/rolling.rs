@@ -47,6 +47,58 @@ pub(super) struct Rollouts {
     /// Held while an apply plans and starts its change, so that two
     /// applies never plan from the same state.
     pub(super) applying: tokio::sync::Mutex<()>,
+    /// The checksums of the kvd binaries applies named.
+    pub(super) binaries: BinaryIds,
+}
+
+/// What tells that a file is unchanged without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    mtime_ns: i128,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(FileStamp {
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// [`binary_id`] of each path, kept while the file's size, modification
+/// time and inode stay the same: hashing a debug build of kvd takes
+/// seconds, which every apply would otherwise spend (on a blocking
+/// thread, so that the health checks go on meanwhile).
+#[derive(Default)]
+pub(super) struct BinaryIds(Mutex<HashMap<std::path::PathBuf, (FileStamp, BinaryId)>>);
+
+impl BinaryIds {
+    pub(super) async fn id(&self, path: &Path) -> Result<BinaryId> {
+        let stamp = FileStamp::of(path)?;
+        if let Some((s, id)) = self.0.lock().get(path) {
+            if *s == stamp {
+                return Ok(id.clone());
+            }
+        }
+        let owned = path.to_path_buf();
+        let id = tokio::task::spawn_blocking(move || binary_id(&owned))
+            .await
+            .context("hashing the kvd binary")??;
+        // Keyed by the stamp taken before reading: a file changed while
+        // it was read has another stamp by the next apply, and is read again.
+        self.0
+            .lock()
+            .insert(path.to_path_buf(), (stamp, id.clone()));
+        Ok(id)
+    }
 }
 
 struct Inner {
@@ -77,6 +129,7 @@ impl Rollouts {
                 change: None,
             }),
             applying: tokio::sync::Mutex::new(()),
+            binaries: BinaryIds::default(),
         }
     }
 
@@ -98,7 +151,24 @@ impl Rollouts {
         self.inner.lock().runs.insert(name.to_string(), g);
     }
 
-    fn update(&self, f: impl FnOnce(&mut ChangeStatus)) {
+    /// A node added: it runs the target.
+    pub(super) fn add(&self, name: &str) {
+        let mut i = self.inner.lock();
+        let t = i.target.clone();
+        i.runs.insert(name.to_string(), t);
+    }
+
+    /// A node removed: nothing is kept of it.
+    pub(super) fn forget(&self, name: &str) {
+        self.inner.lock().runs.remove(name);
+    }
+
+    /// Makes `change` the last change (it starts running).
+    pub(super) fn begin(&self, change: ChangeStatus) {
+        self.inner.lock().change = Some(change);
+    }
+
+    pub(super) fn update(&self, f: impl FnOnce(&mut ChangeStatus)) {
         if let Some(c) = self.inner.lock().change.as_mut() {
             f(c);
         }
@@ -146,7 +216,7 @@ pub(super) fn binary_id_or_unknown(path: &Path) -> BinaryId {
 }
 
 /// The last lines of `log`, for an event.
-fn log_tail(log: &Path) -> String {
+pub(super) fn log_tail(log: &Path) -> String {
     let read = || -> std::io::Result<String> {
         let mut f = std::fs::File::open(log)?;
         let len = f.metadata()?.len();
@@ -165,7 +235,7 @@ impl Sup {
     /// and its binary); `what` is the plan's lines. The same settings as
     /// the target already (a stopped change applied again) resume it.
     pub(super) fn start_rolling(self: &Arc<Self>, target: NodeSettings, what: Vec<String>) {
-        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let names: Vec<String> = self.nodes().iter().map(|n| n.name.clone()).collect();
         let generation = {
             let mut i = self.rollouts.inner.lock();
             if i.target.settings != target {
@@ -223,7 +293,7 @@ impl Sup {
             r = self.roll_nodes() => r,
             () = self.stopped() => Err("the supervisor stopped".to_string()),
         };
-        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let names: Vec<String> = self.nodes().iter().map(|n| n.name.clone()).collect();
         let left = self.rollouts.left(&names);
         let (state, label) = match &result {
             Ok(()) => (ChangeState::Done, "ok"),
@@ -311,7 +381,7 @@ impl Sup {
         }
     }
 
-    fn ready_timeout(&self) -> Duration {
+    pub(super) fn ready_timeout(&self) -> Duration {
         Duration::from_millis(self.manifest.read().spec.rollout.ready_timeout_ms)
     }
 
@@ -321,7 +391,7 @@ impl Sup {
         let primary = election::leader(&views).map(|v| v.name.clone());
         let target = self.rollouts.target().number;
         let nodes: Vec<plan::RollNode> = self
-            .nodes
+            .nodes()
             .iter()
             .map(|n| plan::RollNode {
                 name: n.name.clone(),
@@ -412,7 +482,11 @@ impl Sup {
     }
 
     /// Waits until every node but `name` is healthy.
-    async fn until_others_healthy(&self, name: &str, timeout: Duration) -> Result<(), String> {
+    pub(super) async fn until_others_healthy(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let until = Instant::now() + timeout;
         loop {
             let sick: Vec<String> = self
@@ -435,10 +509,26 @@ impl Sup {
         }
     }
 
-    /// Stops `node`'s process (SIGTERM; SIGKILL after the rollout's stop
-    /// grace) and has the reconcile loop start it at once, on the settings
-    /// [`Rollouts::runs`] gives it.
+    /// Stops `node`'s process (see [`Sup::stop_process`]) and has the
+    /// reconcile loop start it at once, on the settings [`Rollouts::runs`]
+    /// gives it.
     async fn stop_and_start(&self, node: &Node) -> Result<(), String> {
+        self.stop_process(node).await?;
+        {
+            // A planned stop: no backoff before the start.
+            let mut r = node.run.lock();
+            if !r.running {
+                r.next_start = None;
+                r.backoff_ms = 0;
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops `node`'s process: SIGTERM, SIGKILL after the rollout's stop
+    /// grace; an error if it still runs after another grace.
+    pub(super) async fn stop_process(&self, node: &Node) -> Result<(), String> {
         let grace = Duration::from_millis(self.manifest.read().spec.rollout.stop_grace_ms);
         let pid = node.run.lock().pid;
         if let Some(pid) = pid {
@@ -465,15 +555,6 @@ impl Sup {
                 }
             }
         }
-        {
-            // A planned stop: no backoff before the start.
-            let mut r = node.run.lock();
-            if !r.running {
-                r.next_start = None;
-                r.backoff_ms = 0;
-            }
-        }
-        self.wake.notify_one();
         Ok(())
     }
 
@@ -486,7 +567,7 @@ impl Sup {
     /// committed when it first answered: primary/secondary, its applied
     /// index reaches the primary's commit index; masterless, every other
     /// node has had its entries up to then acknowledged by it. Its pid.
-    async fn until_caught_up(&self, node: &Node, until: Instant) -> Result<u32, String> {
+    pub(super) async fn until_caught_up(&self, node: &Node, until: Instant) -> Result<u32, String> {
         let mut goal: Option<Goal> = None;
         let mut last = String::from("not started yet");
         while Instant::now() < until {
@@ -534,7 +615,7 @@ impl Sup {
         Err(last)
     }
 
-    async fn status_of(&self, url: &str) -> Result<kvproto::status::Status, String> {
+    pub(super) async fn status_of(&self, url: &str) -> Result<kvproto::status::Status, String> {
         let resp = self
             .http
             .get(format!("{url}/v1/status"))
@@ -553,7 +634,7 @@ impl Sup {
     /// What `node` must reach, taken now (after it answered).
     async fn goal_for(&self, node: &Node) -> Result<Goal, String> {
         let mode = self.manifest.read().spec.mode;
-        if self.nodes.len() < 2 {
+        if self.nodes.read().len() < 2 {
             return Ok(Goal::Alone);
         }
         if mode == Mode::PrimarySecondary {
@@ -565,7 +646,7 @@ impl Sup {
             return Ok(Goal::Applied(st.commit_index));
         }
         let mut marks = Vec::new();
-        for other in self.nodes.iter().filter(|n| n.name != node.name) {
+        for other in self.nodes().iter().filter(|n| n.name != node.name) {
             let st = self.status_of(&other.url).await?;
             marks.push((other.url.clone(), st.last_index));
         }

@@ -61,13 +61,13 @@ impl Sup {
                 .and_then(|p| self.node(p))
                 .and_then(|n| n.health.lock().status.clone()),
             statuses: self
-                .nodes
+                .nodes()
                 .iter()
                 .filter_map(|n| n.health.lock().status.clone())
                 .collect(),
         };
         let nodes: Vec<Value> = self
-            .nodes
+            .nodes()
             .iter()
             .map(|n| {
                 let is_primary = primary.as_deref() == Some(&n.name);
@@ -80,7 +80,7 @@ impl Sup {
         let failover = self.failover_in_progress.load(Ordering::Acquire);
         let switching = self.switching.load(Ordering::Acquire);
         let has_leader = match m.spec.mode {
-            Mode::PrimarySecondary if self.nodes.len() > 1 => primary.is_some(),
+            Mode::PrimarySecondary if self.nodes.read().len() > 1 => primary.is_some(),
             _ => true,
         };
         let epoch = primary
@@ -102,6 +102,7 @@ impl Sup {
             },
             "primary": primary,
             "epoch": epoch,
+            "config": lags.primary_status.as_ref().and_then(|s| s.config.as_ref()),
             "nodes": nodes,
             "tls": self.creds.as_ref().map(|c| c.layout().describe()),
             "generation": self.rollouts.target().number,
@@ -134,6 +135,7 @@ fn node_row(n: &Node, lag: Option<u64>) -> Value {
         "keys": st.map(|s| s.keys),
         "digest": st.map(|s| &s.digest),
         "lag": lag,
+        "voter": st.and_then(|s| s.voter),
         "healthy": r.running && h.ok && h.ready,
         "ready": h.ready,
         "failures": h.failures,

@@ -75,6 +75,20 @@ fn get_value(c: &Supervised, url: &str, key: &str) -> Curl {
     curl(&refs(&trusted(c, &token)), &format!("{url}/v1/kv/{key}"))
 }
 
+/// `kvsup apply -f FILE` for the cluster, which must succeed; its output.
+fn apply_file(c: &Supervised, file: &Path) -> String {
+    let m = file.display().to_string();
+    let (ok, out) = run_in(
+        &c.dir,
+        "kvsup",
+        &["apply", "-f", &m],
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(ok.success(), "{out}");
+    out
+}
+
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -233,15 +247,8 @@ fn a_tls_auto_cluster_fails_over_and_switches_mode() {
         text.replace("stateDir: state", "stateDir: state\n  mode: masterless"),
     )
     .unwrap();
-    let m = masterless.display().to_string();
-    let (ok, out) = run_in(
-        &c.dir,
-        "kvsup",
-        &["apply", "-f", &m],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    assert!(ok.success() && out.contains("spec.mode"), "{out}");
+    let out = apply_file(&c, &masterless);
+    assert!(out.contains("spec.mode"), "{out}");
     let st: Value = c.wait_ready(Duration::from_secs(60)).unwrap();
     assert_eq!(st["mode"], "masterless", "{st:#}");
     assert!(put_until_ok(&c, "masterless", "3", Duration::from_secs(30)));
@@ -297,15 +304,8 @@ fn a_node_added_to_a_tls_auto_cluster_gets_a_certificate_of_its_ca() {
         kvstore_testkit::sup::manifest_text("test", &nodes, c.sup_port, TLS),
     )
     .unwrap();
-    let m = grown.display().to_string();
-    let (ok, out) = run_in(
-        &c.dir,
-        "kvsup",
-        &["apply", "-f", &m],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    assert!(ok.success() && out.contains("add node n3"), "{out}");
+    let out = apply_file(&c, &grown);
+    assert!(out.contains("add node n3"), "{out}");
     let mut st = Value::Null;
     let done = wait_until(Duration::from_secs(120), || {
         st = c.status().unwrap();

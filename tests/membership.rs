@@ -48,6 +48,19 @@ fn join(tmp: &TempDir, name: &str, peers: &[String]) -> Kvd {
     Kvd::start(&tmp.path().join(name), &args).unwrap()
 }
 
+/// `POST /promote_to_primary` on `url`: its status and body.
+async fn promote_to_primary(url: &str) -> (u16, Value) {
+    let resp = http()
+        .post(format!("{url}/promote_to_primary"))
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
 async fn members(url: &str) -> Value {
     let resp = http()
         .get(format!("{url}/v1/admin/members"))
@@ -329,14 +342,8 @@ async fn grow_to_five_then_shrink_to_three_and_commit_follows_the_voters() {
         status(&urls[0]).await["voter"] == false
     })
     .await;
-    let resp = http()
-        .post(format!("{}/promote_to_primary", urls[0]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 409);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(code(&body), "learner", "{body}");
+    let (answer, body) = promote_to_primary(&urls[0]).await;
+    assert_eq!((answer, code(&body)), (409, "learner"), "{body}");
 
     // Voters n1, n3, n4: 2 of 3 needed.
     n3.signal(Sig::SIGSTOP).unwrap();
@@ -412,23 +419,12 @@ async fn elections_count_the_voters_of_the_configuration() {
     nodes[0].kill9().unwrap();
     n3.signal(Sig::SIGSTOP).unwrap();
     n4.signal(Sig::SIGSTOP).unwrap();
-    let resp = http()
-        .post(format!("{}/promote_to_primary", urls[1]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 409);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(code(&body), "no_majority", "{body}");
+    let (answer, body) = promote_to_primary(&urls[1]).await;
+    assert_eq!((answer, code(&body)), (409, "no_majority"), "{body}");
     // With n3 back, 3 of 5.
     n3.signal(Sig::SIGCONT).unwrap();
-    let resp = http()
-        .post(format!("{}/promote_to_primary", urls[1]))
-        .send()
-        .await
-        .unwrap();
-    let ok = resp.status();
-    assert_eq!(ok, 200, "{}", resp.text().await.unwrap());
+    let (answer, body) = promote_to_primary(&urls[1]).await;
+    assert_eq!(answer, 200, "{body}");
     n4.signal(Sig::SIGCONT).unwrap();
     assert_eq!(put(&urls[1], "after", "x").await, 200);
 }
@@ -580,14 +576,8 @@ async fn a_joined_node_stays_a_learner_when_restarted_without_join() {
     assert_eq!(s["voter"], false, "{s}");
     let m = members(&n3.url()).await;
     assert!(m["voters"].as_array().unwrap().is_empty(), "{m}");
-    let resp = http()
-        .post(format!("{}/promote_to_primary", n3.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 409);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(code(&body), "learner", "{body}");
+    let (answer, body) = promote_to_primary(&n3.url()).await;
+    assert_eq!((answer, code(&body)), (409, "learner"), "{body}");
     // Added and promoted, it is a voter like any other.
     add_and_promote(&urls[0], &n3.url()).await;
     assert_eq!(status(&n3.url()).await["voter"], true);

@@ -312,20 +312,9 @@ impl Sup {
         let url = election::leader(&views)
             .map(|v| v.url.clone())
             .ok_or("no primary")?;
-        let resp = self
-            .http
-            .get(format!("{url}/v1/admin/members"))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| format!("members of {url}: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("members of {url} answered {}", resp.status()));
-        }
-        let m = resp
-            .json()
-            .await
-            .map_err(|e| format!("members of {url}: bad body: {e}"))?;
+        let m = self
+            .get_json(&url, "/v1/admin/members", REQUEST_TIMEOUT, "members")
+            .await?;
         Ok((url, m))
     }
 

@@ -616,19 +616,32 @@ impl Sup {
     }
 
     pub(super) async fn status_of(&self, url: &str) -> Result<kvproto::status::Status, String> {
+        self.get_json(url, "/v1/status", STATUS_TIMEOUT, "status")
+            .await
+    }
+
+    /// `GET {url}{path}` within `timeout`, its JSON body; `what` names it
+    /// in errors.
+    pub(super) async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        path: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<T, String> {
         let resp = self
             .http
-            .get(format!("{url}/v1/status"))
-            .timeout(STATUS_TIMEOUT)
+            .get(format!("{url}{path}"))
+            .timeout(timeout)
             .send()
             .await
-            .map_err(|e| format!("status of {url}: {e}"))?;
+            .map_err(|e| format!("{what} of {url}: {e}"))?;
         if !resp.status().is_success() {
-            return Err(format!("status of {url} answered {}", resp.status()));
+            return Err(format!("{what} of {url} answered {}", resp.status()));
         }
         resp.json()
             .await
-            .map_err(|e| format!("status of {url}: bad body: {e}"))
+            .map_err(|e| format!("{what} of {url}: bad body: {e}"))
     }
 
     /// What `node` must reach, taken now (after it answered).

@@ -476,13 +476,16 @@ impl Sup {
                 })
                 .await;
             done.map_err(|e| format!("removing {}: {e}", node.name))?;
-            let views = self.views();
-            if election::leader(&views).is_none_or(|v| v.name != node.name) {
-                break;
+            // Done, or stopped because the node leads again: read afresh.
+            if let Ok((_, m)) = self.primary_members().await {
+                if membership::remove_step(&node.url, &m) == MemberStep::Done {
+                    break;
+                }
             }
             if Instant::now() >= deadline {
-                return Err(format!("{} leads again: not removed in time", node.name));
+                return Err(format!("{} not removed in time", node.name));
             }
+            tokio::time::sleep(POLL).await;
         }
         self.step(format!("waiting for {} to learn it was removed", node.name));
         let until = Instant::now() + LEAVE_WAIT;

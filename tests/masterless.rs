@@ -489,3 +489,51 @@ async fn a_restarted_sender_resumes_its_stream_where_each_peer_holds_it() {
         .unwrap();
     check_winners(&c.nodes, &acked.snapshot());
 }
+
+/// `kvd_wal_appends_per_fsync` of the node at `url`: (sum, count).
+async fn merges_per_fsync(http: &reqwest::Client, url: &str) -> (f64, f64) {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = |name: &str| kvstore_testkit::raw::metric(&text, name).unwrap_or(0.0);
+    (
+        series("kvd_wal_appends_per_fsync_sum"),
+        series("kvd_wal_appends_per_fsync_count"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_peers_batches_arriving_together_share_one_fsync() {
+    // n0 and n1 take writes; n2 merges both streams. A receiver that took
+    // one batch at a time (or made each wait for its own fsync) would
+    // never cover two origins' batches with one fsync.
+    let c = masterless(none);
+    let http = http();
+    let urls = c.urls();
+    let acked = Acked::default();
+    let writers = urls[..2].to_vec();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let grouped = loop {
+        let failed = write_load(writers.clone(), 32, 3000, 5000, 5, &acked).await;
+        assert_eq!(failed, 0);
+        let (sum, count) = merges_per_fsync(&http, &urls[2]).await;
+        assert!(count > 0.0, "n2 merged nothing");
+        if sum > count {
+            break Some((sum, count));
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+    };
+    let (sum, count) = grouped.expect("no fsync on n2 covered two peers' batches");
+    eprintln!("n2: {sum} peer batches under {count} fsyncs");
+    wait_converged(&http, &urls, Duration::from_secs(30))
+        .await
+        .expect("digests did not agree once the writes stopped");
+    check_winners(&c.nodes, &acked.snapshot());
+}

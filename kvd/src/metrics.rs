@@ -273,8 +273,9 @@ impl Metrics {
             )?,
             wal_appends_per_fsync: r.histogram(
                 "kvd_wal_appends_per_fsync",
-                "A secondary: appends from the primary (with entries) made durable by one \
-                 fdatasync; above 1 only when several were in flight at once",
+                "Peers' batches made durable by one fdatasync: on a secondary the primary's \
+                 appends (with entries), on a masterless node the peers' merged batches; \
+                 above 1 only when several arrived at once",
                 BATCH_BUCKETS,
             )?,
             commit_latency_seconds: r.histogram(

@@ -7,13 +7,17 @@
 //! position: `POST /internal/ml/stream`, one request in flight per peer,
 //! batches up to 4 MiB, an empty one every 100 ms when idle. The RECEIVER
 //! owns the position: after it has merged a batch durably
-//! ([`Engine::ingest`] fsyncs before returning) it stores "origin X: through
-//! X's index N" in `ml-recv.json` (temp file, fsync, rename) and answers
-//! `{"pos": N}`; the sender always continues from `pos + 1`. So a restart
-//! of either side resumes where the receiver's durable copy ends: the
-//! sender learns the position from the first answer. A position file
-//! behind the WAL (crash between the two) only means records arrive twice,
-//! which the merge ignores.
+//! ([`Engine::ingest`] fsyncs before returning) it answers `{"pos": N}`
+//! ("origin X: through X's index N"); the sender always continues from
+//! `pos + 1`. The positions reach `ml-recv.json` (temp file, fsync,
+//! rename) from a keeper task, one store at a time, each taking every
+//! change made meanwhile: no answer waits for the file, and batches of
+//! different origins are merged concurrently (one at a time per origin),
+//! so the WAL writer can put them under one fsync. A restart of either
+//! side resumes where the receiver's stored copy ends: the sender learns
+//! the position from the first answer. A position file behind the WAL
+//! only means records arrive twice, which the merge ignores; the stable
+//! time counts only positions stored.
 //!
 //! If the sender's WAL no longer holds `pos + 1` (compacted after a
 //! snapshot), it sends from its oldest entry with `gap = 1`; anti-entropy
@@ -215,9 +219,21 @@ pub struct MlNode {
     /// Held by a peer-set change and by `stop`, so none starts tasks after
     /// the runtime stopped.
     changing: tokio::sync::Mutex<()>,
+    /// The positions as this node knows them: ahead of the file while a
+    /// store is due.
     recv: tokio::sync::Mutex<RecvFile>,
-    /// A copy of `recv`'s origins for status (no await needed).
+    /// The origins as last stored in `ml-recv.json` (no await needed):
+    /// what the stable time, gaps and status count, so none of them
+    /// counts a position a crash could take back.
     recv_view: Mutex<BTreeMap<String, RecvPos>>,
+    /// Rung when `recv` changes; the position keeper then stores it.
+    recv_changed: Notify,
+    /// Held while `ml-recv.json` is written, by the keeper's blocking
+    /// store and the last one at stop alike (a stopped keeper's blocking
+    /// store may still be running).
+    recv_store: Arc<Mutex<()>>,
+    /// One per origin (a few: the peers, past and present).
+    origin_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     acked: Notify,
     stopped: AtomicBool,
     /// The clock tick and the purges (each peer owns its own tasks).
@@ -281,6 +297,9 @@ impl MlNode {
             tag: node_tag(&settings.node_id),
             recv_view: Mutex::new(recv.origins.clone()),
             recv: tokio::sync::Mutex::new(recv),
+            recv_changed: Notify::new(),
+            recv_store: Arc::new(Mutex::new(())),
+            origin_locks: Mutex::new(BTreeMap::new()),
             engine,
             settings,
             peers: parking_lot::RwLock::new(peers),
@@ -303,6 +322,8 @@ impl MlNode {
         }
         self.tasks
             .spawn_on(self, |me| async move { me.housekeeping().await });
+        self.tasks
+            .spawn_on(self, |me| async move { me.keep_positions().await });
     }
 
     fn start_peer(self: &Arc<Self>, peer: &Arc<Peer>) {
@@ -322,6 +343,9 @@ impl MlNode {
             peer.tasks.stop().await;
         }
         self.tasks.stop().await;
+        // What the keeper had not stored yet: a restart then resumes every
+        // stream where it stood.
+        self.store_positions().await;
     }
 
     /// A copy of the current peer set.
@@ -490,12 +514,18 @@ impl MlNode {
         // The sender's clock becomes our stable time for it, which decides
         // tombstone purges: it must be no more believable than its records.
         self.engine.check_stamp(body.hlc)?;
-        let mut recv = self.recv.lock().await;
-        let held = recv
-            .origins
-            .get(&body.origin)
-            .or_else(|| recv.origins.get("*"))
-            .copied();
+        // One batch of an origin at a time, from the decision to the
+        // stored position; other origins' batches go on meanwhile, so
+        // their merges can share the WAL's next fsync.
+        let origin = self.origin_lock(&body.origin);
+        let _one_batch = origin.lock().await;
+        let held = {
+            let recv = self.recv.lock().await;
+            recv.origins
+                .get(&body.origin)
+                .or_else(|| recv.origins.get("*"))
+                .copied()
+        };
         let batch = Batch {
             from: body.from,
             upto: body.upto,
@@ -510,7 +540,7 @@ impl MlNode {
         match decision {
             Receive::Answer { pos, store } => {
                 if let Some(next) = store {
-                    self.store(&mut recv, &body.origin, next).await;
+                    self.store(&body.origin, next).await;
                 }
                 Ok(pos)
             }
@@ -522,39 +552,75 @@ impl MlNode {
                     self.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 // Never ahead of the WAL: stored after the ingest's fsync.
-                self.store(&mut recv, &body.origin, next).await;
+                self.store(&body.origin, next).await;
                 Ok(next.pos)
             }
             Receive::Skip { next } => {
                 self.gaps.fetch_add(1, Ordering::Relaxed);
-                self.store(&mut recv, &body.origin, next).await;
+                self.store(&body.origin, next).await;
                 Ok(next.pos)
             }
         }
     }
 
-    /// Records `origin`'s new position, durably.
-    async fn store(&self, recv: &mut RecvFile, origin: &str, pos: RecvPos) {
-        recv.origins.insert(origin.to_string(), pos);
-        let file = recv.clone();
+    /// Records `origin`'s new position; the keeper stores it. The answer
+    /// need not wait: the records it counts are durable in the WAL
+    /// already, and a file that lags the WAL only makes peers resend.
+    async fn store(&self, origin: &str, pos: RecvPos) {
+        self.recv
+            .lock()
+            .await
+            .origins
+            .insert(origin.to_string(), pos);
+        self.recv_changed.notify_one();
+    }
+
+    /// The lock under which `origin`'s position is decided and changed.
+    fn origin_lock(&self, origin: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.origin_locks
+            .lock()
+            .entry(origin.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Stores the positions whenever they change, one store at a time:
+    /// changes made during a store are taken by the next one, so under
+    /// load the file is written back to back, off every answer's path.
+    async fn keep_positions(self: Arc<Self>) {
+        loop {
+            self.recv_changed.notified().await;
+            self.store_positions().await;
+        }
+    }
+
+    /// Writes the current positions to `ml-recv.json` (fsync'd), then
+    /// makes them the ones the stable time counts.
+    async fn store_positions(&self) {
+        let file = self.recv.lock().await.clone();
         let dir = self.settings.data_dir.clone();
         let fs = self.engine.fs();
-        let stored =
-            tokio::task::spawn_blocking(move || store_recv(fs.as_ref(), &dir, &file)).await;
+        let lock = self.recv_store.clone();
+        let origins = file.origins.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = lock.lock();
+            store_recv(fs.as_ref(), &dir, &file)
+        })
+        .await;
         let failed = match stored {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(e) => Some(e.to_string()),
         };
-        if let Some(error) = failed {
-            tracing::warn!(
+        match failed {
+            None => *self.recv_view.lock() = origins,
+            Some(error) => tracing::warn!(
                 node = %self.settings.node_id,
                 file = RECV_FILE,
                 error,
                 "could not store the stream positions; peers may resend"
-            );
+            ),
         }
-        *self.recv_view.lock() = recv.origins.clone();
     }
 
     // ----- anti-entropy -----
@@ -733,12 +799,14 @@ impl MlNode {
     /// hold everything it held when it answered (every bucket pulled after
     /// its answer, and our stream position at its last index).
     async fn close_gap(&self, answer: &DigestAnswer) {
-        let mut recv = self.recv.lock().await;
-        let Some(cur) = recv.origins.get(&answer.node_id).copied() else {
+        let origin = self.origin_lock(&answer.node_id);
+        let _one_change = origin.lock().await;
+        let held = self.recv.lock().await.origins.get(&answer.node_id).copied();
+        let Some(cur) = held else {
             return;
         };
         if let Some(next) = rules::close_gap(cur, answer.last_index, answer.durable_hlc) {
-            self.store(&mut recv, &answer.node_id, next).await;
+            self.store(&answer.node_id, next).await;
         }
     }
 

@@ -11,7 +11,8 @@
 //! writes ([`Writer::ingest`]) take it one batch at a time
 //! ([`Writer::append_durably`]); a secondary takes the primary's appends
 //! queued together as one group under one fsync
-//! ([`Writer::replicate_group`]). They differ only in what they append and
+//! ([`Writer::replicate_group`]), and a masterless node the peers' merges
+//! queued together ([`Writer::ingest_group`]). They differ only in what they append and
 //! when they apply it, which the [`CommitPolicy`] decides.
 //!
 //! # Invariants (checked with `debug_assert!`)
@@ -39,7 +40,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::fs::Fs;
 use super::log_index::EpochRuns;
@@ -59,6 +60,9 @@ use crate::replication::rules::{self, AppendOutcome, LogPos, LogView};
 
 /// One entry on its way into the log: its epoch, stamp and op.
 type Entry<'a> = (u64, Timestamp, &'a Op);
+
+/// A peer's records to merge and where their answer goes.
+type IngestReq = (Vec<Record>, oneshot::Sender<Result<u64, Error>>);
 
 /// What [`Writer::write_entries`] wrote (write(2), not yet fsync'd).
 struct Written {
@@ -257,6 +261,19 @@ impl Writer {
             }
             let mut cmds = other.drain(..).peekable();
             while let Some(cmd) = cmds.next() {
+                if let Cmd::Ingest { records, reply } = cmd {
+                    // Peers' batches queued together (one per origin)
+                    // share one fsync, as a secondary's appends do.
+                    let mut group = vec![(records, reply)];
+                    while group.len() < MAX_GROUP_APPENDS {
+                        match cmds.next_if(|c| matches!(c, Cmd::Ingest { .. })) {
+                            Some(Cmd::Ingest { records, reply }) => group.push((records, reply)),
+                            _ => break,
+                        }
+                    }
+                    self.ingest_group(group, &mut buf);
+                    continue;
+                }
                 let Cmd::Replicate(first) = cmd else {
                     self.handle(cmd, &mut buf);
                     continue;
@@ -325,9 +342,7 @@ impl Writer {
             Cmd::InstallSnapshot { snapshot, reply } => {
                 let _ = reply.send(self.install_snapshot(*snapshot));
             }
-            Cmd::Ingest { records, reply } => {
-                let _ = reply.send(self.ingest(records, buf));
-            }
+            Cmd::Ingest { records, reply } => self.ingest_group(vec![(records, reply)], buf),
             Cmd::Rebase { req, reply } => {
                 let _ = reply.send(self.rebase(req));
             }
@@ -915,7 +930,42 @@ impl Writer {
 
     /// Masterless side of [`super::Engine::ingest`]: the clock observes
     /// every stamp; the items that win are appended durably and applied.
-    fn ingest(&mut self, records: Vec<Record>, buf: &mut Vec<u8>) -> Result<u64, Error> {
+    /// Merges several ingests' records as one (in their order, under one
+    /// fsync) and answers each: a record's fate does not depend on which
+    /// batch carried it, since every apply decides by the stamps alone.
+    fn ingest_group(&mut self, group: Vec<IngestReq>, buf: &mut Vec<u8>) {
+        let batches = group.len();
+        let mut replies = Vec::with_capacity(batches);
+        let mut records = Vec::new();
+        for (recs, reply) in group {
+            records.extend(recs);
+            replies.push(reply);
+        }
+        match self.ingest(records, batches, buf) {
+            Ok(last) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(last));
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let mut replies = replies.into_iter();
+                if let Some(first) = replies.next() {
+                    let _ = first.send(Err(e));
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(Error::NotDurable(text.clone())));
+                }
+            }
+        }
+    }
+
+    fn ingest(
+        &mut self,
+        records: Vec<Record>,
+        batches: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, Error> {
         if self.wal.is_poisoned() {
             return Err(Error::Poisoned);
         }
@@ -948,6 +998,9 @@ impl Writer {
                 return Err(e);
             }
         };
+        if let Some(m) = &self.metrics {
+            m.wal_appends_per_fsync.observe(batches as f64);
+        }
         self.shared
             .commit_index
             .store(appended.last, Ordering::Release);

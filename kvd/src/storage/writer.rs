@@ -12,7 +12,8 @@
 //! ([`Writer::append_durably`]); a secondary takes the primary's appends
 //! queued together as one group under one fsync
 //! ([`Writer::replicate_group`]), and a masterless node the peers' merges
-//! queued together ([`Writer::ingest_group`]). They differ only in what they append and
+//! queued together, with its client batch when there is one
+//! ([`Writer::commit`]) or alone ([`Writer::ingest_group`]). They differ only in what they append and
 //! when they apply it, which the [`CommitPolicy`] decides.
 //!
 //! # Invariants (checked with `debug_assert!`)
@@ -63,6 +64,38 @@ type Entry<'a> = (u64, Timestamp, &'a Op);
 
 /// A peer's records to merge and where their answer goes.
 type IngestReq = (Vec<Record>, oneshot::Sender<Result<u64, Error>>);
+
+/// The records of `merges`, in order, and their answers' channels.
+fn split_merges(merges: Vec<IngestReq>) -> (Vec<Record>, Vec<oneshot::Sender<Result<u64, Error>>>) {
+    let mut records = Vec::new();
+    let mut replies = Vec::with_capacity(merges.len());
+    for (recs, reply) in merges {
+        records.extend(recs);
+        replies.push(reply);
+    }
+    (records, replies)
+}
+
+/// Answers every merged batch with the append's outcome.
+fn answer_merges(replies: Vec<oneshot::Sender<Result<u64, Error>>>, outcome: Result<u64, Error>) {
+    match outcome {
+        Ok(last) => {
+            for reply in replies {
+                let _ = reply.send(Ok(last));
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let mut replies = replies.into_iter();
+            if let Some(first) = replies.next() {
+                let _ = first.send(Err(e));
+            }
+            for reply in replies {
+                let _ = reply.send(Err(Error::NotDurable(text.clone())));
+            }
+        }
+    }
+}
 
 /// What [`Writer::write_entries`] wrote (write(2), not yet fsync'd).
 struct Written {
@@ -257,7 +290,8 @@ impl Writer {
                 _ => true,
             });
             if !batch.is_empty() {
-                self.commit(&mut batch, &mut buf);
+                let merges = self.take_merges(&mut other);
+                self.commit(&mut batch, merges, &mut buf);
             }
             let mut cmds = other.drain(..).peekable();
             while let Some(cmd) = cmds.next() {
@@ -601,17 +635,69 @@ impl Writer {
     /// Client writes: resolved (transactions) and checked against the
     /// memory budget, logged in one durable append, then applied and
     /// acknowledged now (at their own fsync) or once committed (replicated).
-    fn commit(&mut self, batch: &mut Vec<WriteReq>, buf: &mut Vec<u8>) {
+    ///
+    /// Masterless: `merges` (peers' batches queued meanwhile) go into the
+    /// same append, after the client writes, so both share one fsync; the
+    /// clock observes their stamps first, so the client writes' stamps
+    /// follow everything this node has seen.
+    fn commit(&mut self, batch: &mut Vec<WriteReq>, merges: Vec<IngestReq>, buf: &mut Vec<u8>) {
         let wall = self.wall.now_ms();
+        let (records, replies) = split_merges(merges);
+        let winners = self.merge_winners(&records, wall);
         // Stamped before they are resolved: a record decides expiry by its
         // own stamp, and so must its transaction's compares.
         let stamps: Vec<Timestamp> = batch.iter().map(|_| self.clock.now(wall)).collect();
         let mut resolved = self.resolve(batch, &stamps);
-        if resolved.is_empty() {
+        if resolved.is_empty() && winners.is_empty() {
+            if !replies.is_empty() {
+                // Nothing to log: every stamp seen is covered, as an
+                // ingest with no winner has it.
+                *self.shared.durable_hlc.lock() = self.clock.last();
+            }
+            let last = self.wal.next_index() - 1;
+            answer_merges(replies, Ok(last));
             return;
         }
+        let merged = replies.len();
+        for (ts, op) in winners {
+            // No client waits on a peer's record: its batch's answer does.
+            let (reply, _) = oneshot::channel();
+            resolved.push(Resolved {
+                op,
+                ts,
+                apply: true,
+                reply,
+                txn: None,
+            });
+        }
         self.add_expiries(&mut resolved, wall);
-        self.log_and_apply(resolved, buf);
+        let logged = self.log_and_apply(resolved, buf);
+        if logged.is_ok() && merged > 0 {
+            if let Some(m) = &self.metrics {
+                m.wal_appends_per_fsync.observe(merged as f64);
+            }
+        }
+        answer_merges(replies, logged.map_err(Error::NotDurable));
+    }
+
+    /// Masterless: the peers' batches queued in `other`, taken out to go
+    /// with the client batch (at most [`MAX_GROUP_APPENDS`]).
+    fn take_merges(&self, other: &mut Vec<Cmd>) -> Vec<IngestReq> {
+        if self.policy() != CommitPolicy::Merge || self.wal.is_poisoned() {
+            return Vec::new();
+        }
+        let mut merges = Vec::new();
+        let mut rest = Vec::with_capacity(other.len());
+        for cmd in other.drain(..) {
+            match cmd {
+                Cmd::Ingest { records, reply } if merges.len() < MAX_GROUP_APPENDS => {
+                    merges.push((records, reply));
+                }
+                cmd => rest.push(cmd),
+            }
+        }
+        *other = rest;
+        merges
     }
 
     /// Adds the expirer's records to a batch about to be logged, if this
@@ -662,14 +748,15 @@ impl Writer {
         let mut resolved = Vec::new();
         self.add_expiries(&mut resolved, self.wall.now_ms());
         if !resolved.is_empty() {
-            self.log_and_apply(resolved, buf);
+            // A refusal has answered nobody to tell: the storage state says it.
+            let _ = self.log_and_apply(resolved, buf);
         }
     }
 
     /// Logs resolved records in one durable append, then applies and
     /// acknowledges them now (at their own fsync) or once committed
     /// (replicated).
-    fn log_and_apply(&mut self, resolved: Vec<Resolved>, buf: &mut Vec<u8>) {
+    fn log_and_apply(&mut self, resolved: Vec<Resolved>, buf: &mut Vec<u8>) -> Result<u64, String> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let entries = resolved.iter().map(|r| (epoch, r.ts, &r.op));
         let first = self.wal.next_index();
@@ -680,7 +767,9 @@ impl Writer {
             Err(e) => {
                 // The view holds the batch as if logged.
                 self.view = None;
-                return self.refuse_batch(resolved, &e);
+                let text = e.to_string();
+                self.refuse_batch(resolved, &e);
+                return Err(text);
             }
         };
         self.roll_taken_again();
@@ -723,6 +812,7 @@ impl Writer {
             self.view = None;
         }
         self.maybe_snapshot();
+        Ok(appended.last)
     }
 
     /// Turns the batch's requests into the ops they log (see [`Resolver`]).
@@ -930,34 +1020,28 @@ impl Writer {
 
     /// Masterless side of [`super::Engine::ingest`]: the clock observes
     /// every stamp; the items that win are appended durably and applied.
+    /// A peer's records that win over what this node holds, the clock
+    /// moved past each of their stamps.
+    fn merge_winners(&mut self, records: &[Record], wall: u64) -> Vec<(Timestamp, Op)> {
+        let mut winners = Vec::with_capacity(records.len());
+        for r in records {
+            self.clock.observe(r.ts, wall);
+            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
+                winners.push((r.ts, op));
+            }
+        }
+        *self.shared.hlc.lock() = self.clock.last();
+        winners
+    }
+
     /// Merges several ingests' records as one (in their order, under one
     /// fsync) and answers each: a record's fate does not depend on which
     /// batch carried it, since every apply decides by the stamps alone.
     fn ingest_group(&mut self, group: Vec<IngestReq>, buf: &mut Vec<u8>) {
         let batches = group.len();
-        let mut replies = Vec::with_capacity(batches);
-        let mut records = Vec::new();
-        for (recs, reply) in group {
-            records.extend(recs);
-            replies.push(reply);
-        }
-        match self.ingest(records, batches, buf) {
-            Ok(last) => {
-                for reply in replies {
-                    let _ = reply.send(Ok(last));
-                }
-            }
-            Err(e) => {
-                let text = e.to_string();
-                let mut replies = replies.into_iter();
-                if let Some(first) = replies.next() {
-                    let _ = first.send(Err(e));
-                }
-                for reply in replies {
-                    let _ = reply.send(Err(Error::NotDurable(text.clone())));
-                }
-            }
-        }
+        let (records, replies) = split_merges(group);
+        let outcome = self.ingest(records, batches, buf);
+        answer_merges(replies, outcome);
     }
 
     fn ingest(
@@ -974,16 +1058,8 @@ impl Writer {
                 "this node is not in masterless mode".into(),
             ));
         }
-        let wall = self.wall.now_ms();
-        let mut winners = Vec::with_capacity(records.len());
-        for r in &records {
-            self.clock.observe(r.ts, wall);
-            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
-                winners.push((r.ts, op));
-            }
-        }
+        let winners = self.merge_winners(&records, self.wall.now_ms());
         let observed = self.clock.last();
-        *self.shared.hlc.lock() = observed;
         let first = self.wal.next_index();
         if winners.is_empty() {
             *self.shared.durable_hlc.lock() = observed;

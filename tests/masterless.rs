@@ -10,7 +10,7 @@ use kvstore_testkit::cluster::Cluster;
 use kvstore_testkit::masterless::{
     check_winners, del, eventually, get, put, wait_converged, Acked, Ts,
 };
-use kvstore_testkit::node::{http, status_at};
+use kvstore_testkit::node::{http, metrics_at, status_at};
 use kvstore_testkit::run_to_exit;
 use rand::Rng;
 
@@ -492,14 +492,7 @@ async fn a_restarted_sender_resumes_its_stream_where_each_peer_holds_it() {
 
 /// `kvd_wal_appends_per_fsync` of the node at `url`: (sum, count).
 async fn merges_per_fsync(http: &reqwest::Client, url: &str) -> (f64, f64) {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_at(http, url).await;
     let series = |name: &str| kvstore_testkit::raw::metric(&text, name).unwrap_or(0.0);
     (
         series("kvd_wal_appends_per_fsync_sum"),

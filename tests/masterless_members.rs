@@ -299,14 +299,7 @@ async fn a_masterless_cluster_grows_to_four_and_shrinks_to_three_under_writers()
     assert!(ml(&s3, "stream_gaps_total") >= 3, "{s3}");
     assert!(ml(&s3, "repaired_versions") > 0, "{s3}");
     check_winners(&nodes, &acked.snapshot());
-    let metrics = http
-        .get(format!("{}/metrics", urls[3]))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = kvstore_testkit::node::metrics_at(&http, &urls[3]).await;
     assert!(metrics.contains("\nkvd_ml_peers 3\n"), "{metrics}");
 
     // n1 dies while still in everyone's set: deletes leave tombstones that

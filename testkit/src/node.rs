@@ -91,6 +91,17 @@ pub async fn status_at(http: &reqwest::Client, url: &str) -> Value {
         .expect("status is JSON")
 }
 
+/// `GET /metrics` of the node at `url`: the Prometheus text.
+pub async fn metrics_at(http: &reqwest::Client, url: &str) -> String {
+    http.get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics are text")
+}
+
 /// A numeric field of the status document.
 pub fn field(status: &Value, name: &str) -> u64 {
     status[name]

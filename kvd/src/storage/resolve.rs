@@ -79,6 +79,21 @@ pub(super) struct Resolved {
     pub txn: Option<TxnAnswer>,
 }
 
+impl Resolved {
+    /// A record no client waits for (an expiry, a peer's merged write):
+    /// applied when logged, its answer dropped.
+    pub fn unanswered(op: Op, ts: Timestamp) -> Resolved {
+        let (reply, _) = oneshot::channel();
+        Resolved {
+            op,
+            ts,
+            apply: true,
+            reply,
+            txn: None,
+        }
+    }
+}
+
 /// One batch's resolution, over the writer's state (see the module docs).
 pub(super) struct Resolver<'a> {
     pub state: &'a State,

@@ -659,17 +659,12 @@ impl Writer {
             return;
         }
         let merged = replies.len();
-        for (ts, op) in winners {
-            // No client waits on a peer's record: its batch's answer does.
-            let (reply, _) = oneshot::channel();
-            resolved.push(Resolved {
-                op,
-                ts,
-                apply: true,
-                reply,
-                txn: None,
-            });
-        }
+        // No client waits on a peer's record: its batch's answer does.
+        resolved.extend(
+            winners
+                .into_iter()
+                .map(|(ts, op)| Resolved::unanswered(op, ts)),
+        );
         self.add_expiries(&mut resolved, wall);
         let logged = self.log_and_apply(resolved, buf);
         if logged.is_ok() && merged > 0 {
@@ -711,15 +706,8 @@ impl Writer {
             .expiry_backlog
             .store(!ops.is_empty(), Ordering::Relaxed);
         for op in ops {
-            let (reply, _) = tokio::sync::oneshot::channel();
             let ts = self.clock.now(wall);
-            resolved.push(Resolved {
-                op,
-                ts,
-                apply: true,
-                reply,
-                txn: None,
-            });
+            resolved.push(Resolved::unanswered(op, ts));
         }
     }
 

@@ -206,40 +206,23 @@ impl Lww {
     /// The part of `op` (stamped `ts`) that would change this node: `None`
     /// if every item is older than what the node holds.
     pub fn winning(&self, ts: Timestamp, op: &Op) -> Option<Op> {
-        let inner = self.inner.read();
-        match op {
-            // Reads are of the node that answered; a prefix delete (which
-            // the node that took it resolves into deletes) is kept whole.
-            Op::Txn { ops } => {
-                let ops: Vec<TxnOp> = ops
-                    .iter()
-                    .filter(|op| match op {
-                        TxnOp::Put { key, .. } | TxnOp::Delete { key } => inner.wins(key, ts),
-                        TxnOp::DeletePrefix { .. } => true,
-                        TxnOp::Get { .. } | TxnOp::Range(_) => false,
-                    })
-                    .cloned()
-                    .collect();
-                (!ops.is_empty()).then_some(Op::Txn { ops })
-            }
-            Op::Put { key, .. } | Op::Delete { key } => inner.wins(key, ts).then(|| op.clone()),
-            Op::Bulk { items } => {
-                let items: Vec<_> = items
-                    .iter()
-                    .filter(|(k, _, _)| inner.wins(k, ts))
-                    .cloned()
-                    .collect();
-                (!items.is_empty()).then_some(Op::Bulk { items })
-            }
-            // Expiries are each node's own (docs/DESIGN.md §5.7) and
-            // leases are not taken in masterless mode: a peer's are ignored.
-            Op::Noop
-            | Op::Expire { .. }
-            | Op::Config { .. }
-            | Op::LeaseGrant { .. }
-            | Op::LeaseKeepAlive { .. }
-            | Op::LeaseRevoke { .. } => None,
+        self.winning_after(ts, op, &mut Ahead::default())
+    }
+
+    /// [`Lww::winning`] for a record logged after `ahead` in one append:
+    /// an item must also be newer than the stamp `ahead` holds for its key,
+    /// so the same version arriving twice (a stream batch and a repair) is
+    /// logged once. The winning part's keys join `ahead`.
+    pub fn winning_after(&self, ts: Timestamp, op: &Op, ahead: &mut Ahead) -> Option<Op> {
+        let won = {
+            let inner = self.inner.read();
+            let wins = |key: &[u8]| inner.wins(key, ts) && ahead.get(key).is_none_or(|a| ts > *a);
+            winning_part(op, wins)
+        };
+        if let Some(op) = &won {
+            note_ahead(ahead, ts, op);
         }
+        won
     }
 
     /// The merge: applies the items of `op` (record `index`, stamped `ts`)
@@ -463,6 +446,62 @@ impl Lww {
     }
 }
 
+/// Stamps of the keys an append logs ahead of the record being judged.
+pub type Ahead = hashbrown::HashMap<Bytes, Timestamp>;
+
+/// Records the keys `op` (stamped `ts`) writes in `ahead`.
+pub fn note_ahead(ahead: &mut Ahead, ts: Timestamp, op: &Op) {
+    let mut note = |key: &Bytes| {
+        let at = ahead.entry(key.clone()).or_default();
+        *at = (*at).max(ts);
+    };
+    match op {
+        Op::Put { key, .. } | Op::Delete { key } => note(key),
+        Op::Bulk { items } => items.iter().for_each(|(k, _, _)| note(k)),
+        Op::Txn { ops } => {
+            for op in ops {
+                if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
+                    note(key);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The items of `op` for which `wins` holds (see [`Lww::winning`]).
+fn winning_part(op: &Op, wins: impl Fn(&[u8]) -> bool) -> Option<Op> {
+    match op {
+        // Reads are of the node that answered; a prefix delete (which
+        // the node that took it resolves into deletes) is kept whole.
+        Op::Txn { ops } => {
+            let ops: Vec<TxnOp> = ops
+                .iter()
+                .filter(|op| match op {
+                    TxnOp::Put { key, .. } | TxnOp::Delete { key } => wins(key),
+                    TxnOp::DeletePrefix { .. } => true,
+                    TxnOp::Get { .. } | TxnOp::Range(_) => false,
+                })
+                .cloned()
+                .collect();
+            (!ops.is_empty()).then_some(Op::Txn { ops })
+        }
+        Op::Put { key, .. } | Op::Delete { key } => wins(key).then(|| op.clone()),
+        Op::Bulk { items } => {
+            let items: Vec<_> = items.iter().filter(|(k, _, _)| wins(k)).cloned().collect();
+            (!items.is_empty()).then_some(Op::Bulk { items })
+        }
+        // Expiries are each node's own (docs/DESIGN.md §5.7) and
+        // leases are not taken in masterless mode: a peer's are ignored.
+        Op::Noop
+        | Op::Expire { .. }
+        | Op::Config { .. }
+        | Op::LeaseGrant { .. }
+        | Op::LeaseKeepAlive { .. }
+        | Op::LeaseRevoke { .. } => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,6 +556,51 @@ mod tests {
         let b = &l1.bucket(&s1, bucket_of(b"a"))[0];
         assert_eq!(b.value.as_deref(), Some(&b"x"[..]));
         assert_eq!(b.meta.mod_index, 1);
+    }
+
+    #[test]
+    fn a_version_logged_ahead_in_the_same_append_is_not_logged_again() {
+        let (s, l) = (State::new(), Lww::new());
+        l.apply(&s, 1, ts(5, 1), &put("old", "x"), false);
+        let mut ahead = Ahead::default();
+        // A stream batch and a repair carrying the same version.
+        assert!(l
+            .winning_after(ts(7, 2), &put("k", "v"), &mut ahead)
+            .is_some());
+        assert_eq!(l.winning_after(ts(7, 2), &put("k", "v"), &mut ahead), None);
+        // An older version after a newer one loses; a newer one wins.
+        assert_eq!(l.winning_after(ts(6, 3), &put("k", "w"), &mut ahead), None);
+        assert!(l
+            .winning_after(ts(8, 3), &put("k", "w"), &mut ahead)
+            .is_some());
+        // A bulk keeps only the items nothing ahead of it beats.
+        let bulk = Op::Bulk {
+            items: vec![
+                (
+                    Bytes::from_static(b"k"),
+                    Bytes::from_static(b"b"),
+                    Expiry::Never,
+                ),
+                (
+                    Bytes::from_static(b"old"),
+                    Bytes::from_static(b"b"),
+                    Expiry::Never,
+                ),
+                (
+                    Bytes::from_static(b"new"),
+                    Bytes::from_static(b"b"),
+                    Expiry::Never,
+                ),
+            ],
+        };
+        let won = l.winning_after(ts(7, 4), &bulk, &mut ahead);
+        let Some(Op::Bulk { items }) = won else {
+            panic!("the bulk's newer items win: {won:?}");
+        };
+        let keys: Vec<&[u8]> = items.iter().map(|(k, _, _)| &k[..]).collect();
+        assert_eq!(keys, vec![&b"old"[..], &b"new"[..]]);
+        // Without anything ahead, the state alone decides, as before.
+        assert!(l.winning(ts(7, 2), &put("k", "v")).is_some());
     }
 
     #[test]

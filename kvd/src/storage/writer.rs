@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::fs::Fs;
 use super::log_index::EpochRuns;
-use super::lww::Lww;
+use super::lww::{note_ahead, Ahead, Lww};
 use super::pending_view::PendingView;
 use super::record::{self, Record};
 use super::resolve::{PendingEntry, Resolved, Resolver, TxnAnswer};
@@ -643,11 +643,20 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<WriteReq>, merges: Vec<IngestReq>, buf: &mut Vec<u8>) {
         let wall = self.wall.now_ms();
         let (records, replies) = split_merges(merges);
-        let winners = self.merge_winners(&records, wall);
+        for r in &records {
+            self.clock.observe(r.ts, wall);
+        }
         // Stamped before they are resolved: a record decides expiry by its
         // own stamp, and so must its transaction's compares.
         let stamps: Vec<Timestamp> = batch.iter().map(|_| self.clock.now(wall)).collect();
         let mut resolved = self.resolve(batch, &stamps);
+        // Logged after the client writes: a peer's version of a key they
+        // write loses to them, and is not logged at all.
+        let mut ahead = Ahead::default();
+        for r in &resolved {
+            note_ahead(&mut ahead, r.ts, &r.op);
+        }
+        let winners = self.merge_winners(&records, wall, &mut ahead);
         if resolved.is_empty() && winners.is_empty() {
             if !replies.is_empty() {
                 // Nothing to log: every stamp seen is covered, as an
@@ -1010,11 +1019,18 @@ impl Writer {
     /// every stamp; the items that win are appended durably and applied.
     /// A peer's records that win over what this node holds, the clock
     /// moved past each of their stamps.
-    fn merge_winners(&mut self, records: &[Record], wall: u64) -> Vec<(Timestamp, Op)> {
+    fn merge_winners(
+        &mut self,
+        records: &[Record],
+        wall: u64,
+        ahead: &mut Ahead,
+    ) -> Vec<(Timestamp, Op)> {
         let mut winners = Vec::with_capacity(records.len());
         for r in records {
             self.clock.observe(r.ts, wall);
-            if let Some(op) = self.shared.lww.winning(r.ts, &r.op) {
+            // Judged against the records before it in this append too: the
+            // same version from two batches is logged once.
+            if let Some(op) = self.shared.lww.winning_after(r.ts, &r.op, ahead) {
                 winners.push((r.ts, op));
             }
         }
@@ -1046,7 +1062,8 @@ impl Writer {
                 "this node is not in masterless mode".into(),
             ));
         }
-        let winners = self.merge_winners(&records, self.wall.now_ms());
+        let wall = self.wall.now_ms();
+        let winners = self.merge_winners(&records, wall, &mut Ahead::default());
         let observed = self.clock.last();
         let first = self.wal.next_index();
         if winners.is_empty() {

@@ -245,6 +245,25 @@ pub enum TxnOp {
     Range(RangeRead),
 }
 
+impl Op {
+    /// Calls `f` with every key this op puts or deletes by name (a prefix
+    /// delete names none).
+    pub fn for_each_written_key(&self, mut f: impl FnMut(&Bytes)) {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => f(key),
+            Op::Bulk { items } => items.iter().for_each(|(k, _, _)| f(k)),
+            Op::Txn { ops } => {
+                for op in ops {
+                    if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
+                        f(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl TxnOp {
     /// Whether the op changes the key space.
     pub fn writes(&self) -> bool {

@@ -451,22 +451,10 @@ pub type Ahead = hashbrown::HashMap<Bytes, Timestamp>;
 
 /// Records the keys `op` (stamped `ts`) writes in `ahead`.
 pub fn note_ahead(ahead: &mut Ahead, ts: Timestamp, op: &Op) {
-    let mut note = |key: &Bytes| {
+    op.for_each_written_key(|key| {
         let at = ahead.entry(key.clone()).or_default();
         *at = (*at).max(ts);
-    };
-    match op {
-        Op::Put { key, .. } | Op::Delete { key } => note(key),
-        Op::Bulk { items } => items.iter().for_each(|(k, _, _)| note(k)),
-        Op::Txn { ops } => {
-            for op in ops {
-                if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
-                    note(key);
-                }
-            }
-        }
-        _ => {}
-    }
+    });
 }
 
 /// The items of `op` for which `wins` holds (see [`Lww::winning`]).

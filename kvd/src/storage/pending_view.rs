@@ -239,19 +239,11 @@ impl PendingView {
                 self.keys.remove(key);
             }
         };
+        op.for_each_written_key(&mut forget);
         match op {
-            Op::Put { key, .. } | Op::Delete { key } => forget(key),
-            Op::Bulk { items } => items.iter().for_each(|(k, _, _)| forget(k)),
-            Op::Txn { ops } => {
-                for op in ops {
-                    if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
-                        forget(key);
-                    }
-                }
-            }
             Op::LeaseGrant { .. } => self.forget_lease(index, index),
             Op::LeaseKeepAlive { id } | Op::LeaseRevoke { id, .. } => self.forget_lease(*id, index),
-            Op::Noop | Op::Expire { .. } | Op::Config { .. } => {}
+            _ => {}
         }
         self.prefixes.retain(|(at, _)| at.0 != index);
     }

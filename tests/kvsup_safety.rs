@@ -166,13 +166,29 @@ async fn a_primary_whose_disk_is_full_is_failed_over_and_writes_continue() {
     kv.set("before", "1").await.unwrap();
     let old = c.primary().unwrap();
 
-    // The primary's disk fills up: its next WAL write that needs a new
-    // page (a value larger than the last page's slack) fails and poisons it.
+    // The primary's disk fills up. Its WAL holds up to 1 MiB of zeros
+    // written ahead, which the next writes still fill; the first write
+    // past them fails and poisons the log.
     disks.iter().find(|(n, _)| *n == old).unwrap().1.fill();
-    // That write is refused (500 storage_error: not acknowledged); the
-    // next ones must find a new primary.
-    let refused = kv.set("poison", "x".repeat(256 << 10)).await;
-    assert!(refused.is_err(), "{refused:?}");
+    // That write is refused (500 storage_error: not acknowledged); those
+    // before it were acknowledged and stay; the next ones must find a new
+    // primary.
+    let mut taken = Vec::new();
+    let mut refused = None;
+    for i in 0..16 {
+        let key = format!("big/{i}");
+        match kv.set(&key, "x".repeat(256 << 10)).await {
+            Ok(_) => taken.push(key),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(
+        refused.is_some(),
+        "16 writes of 256 KiB on a full disk: {taken:?}"
+    );
     let after = kv.set("after", "2").await;
     assert!(
         after.is_ok(),
@@ -193,6 +209,10 @@ async fn a_primary_whose_disk_is_full_is_failed_over_and_writes_continue() {
     assert!(events(&c).contains("failover"), "{}", events(&c));
     for (k, v) in [("before", "1"), ("after", "2"), ("after-2", "3")] {
         assert_eq!(kv.get_consistent(k).await.unwrap().unwrap(), v);
+    }
+    for k in &taken {
+        let v = kv.get_consistent(k).await.unwrap();
+        assert_eq!(v.map(|v| v.len()), Some(256 << 10), "{k}");
     }
     c.down().unwrap();
 }

@@ -26,6 +26,11 @@ struct Expiring {
 
 const PER_NODE: usize = 300;
 
+/// TTLs of the expiring keys. Long enough that a pass over every key on
+/// every node still finds the latest written alive on a loaded machine
+/// (the run must check both sides of the deadlines).
+const TTL_MS: std::ops::RangeInclusive<u64> = 1500..=4000;
+
 async fn write_expiring(http: &reqwest::Client, urls: &[String]) -> Vec<Expiring> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut out = Vec::new();
@@ -33,7 +38,7 @@ async fn write_expiring(http: &reqwest::Client, urls: &[String]) -> Vec<Expiring
         // Most in one bulk, a few as single PUTs.
         let items: Vec<(String, Vec<u8>, Expiry)> = (0..PER_NODE - 10)
             .map(|j| {
-                let ttl = rng.gen_range(500..=2000);
+                let ttl = rng.gen_range(TTL_MS);
                 (
                     format!("mt/n{n}/{j:04}"),
                     format!("b{n}-{j}").into_bytes(),
@@ -54,7 +59,7 @@ async fn write_expiring(http: &reqwest::Client, urls: &[String]) -> Vec<Expiring
             });
         }
         for j in PER_NODE - 10..PER_NODE {
-            let ms = rng.gen_range(500..=2000);
+            let ms = rng.gen_range(TTL_MS);
             let key = format!("mt/n{n}/{j:04}");
             let value = format!("p{n}-{j}").into_bytes();
             let t = ttl::timed(ttl::put(http, url, &key, &value, Expiry::Ttl(ms))).await;

@@ -388,6 +388,7 @@ async fn open_engine(
         snapshot_index = report.snapshot_index,
         records_replayed = report.records_replayed,
         torn_bytes_cut = report.truncated_bytes,
+        written_ahead_zeros_cut = report.zeros_cut,
         "recovered the data dir"
     );
     Ok(Arc::new(engine))

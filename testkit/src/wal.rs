@@ -58,9 +58,10 @@ impl FrameAt {
     }
 }
 
-/// Walks the frames of a whole, undamaged segment from the start. Checks the
-/// magic and each CRC so a misreading of the format fails loudly here rather
-/// than as a puzzling kvd result.
+/// Walks the frames of a whole, undamaged segment from the start, up to the
+/// zeros an active segment may hold after its last record (space written
+/// ahead). Checks the magic and each CRC so a misreading of the format fails
+/// loudly here rather than as a puzzling kvd result.
 pub fn frames(buf: &[u8]) -> Vec<FrameAt> {
     assert!(
         buf.len() >= SEGMENT_HEADER_BYTES,
@@ -69,7 +70,7 @@ pub fn frames(buf: &[u8]) -> Vec<FrameAt> {
     assert_eq!(&buf[..8], b"KVSTWAL\0", "segment magic");
     let mut out = Vec::new();
     let mut off = SEGMENT_HEADER_BYTES;
-    while off < buf.len() {
+    while off < buf.len() && buf[off..].iter().any(|&b| b != 0) {
         assert!(
             off + FRAME_HEADER_BYTES <= buf.len(),
             "partial frame header at {off}"

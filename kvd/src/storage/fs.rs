@@ -11,8 +11,8 @@
 //! that tells a running engine its data dir was removed or replaced).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// A file opened for writing.
@@ -24,6 +24,15 @@ pub trait WriteFile: Write + Send {
     /// reading that counts as "no": only a positive answer stops writes.
     fn is_unlinked(&self) -> bool {
         false
+    }
+    /// Writes zeros over `[from, to)`, past the write position, without
+    /// moving it: later writes there overwrite blocks the file already has,
+    /// and on a journaling file system their fdatasync then commits no new
+    /// size or block (it costs about what an overwrite in place does, not
+    /// what an append does). Says whether it wrote anything; a backend that
+    /// gains nothing by it (the simulated ones) keeps this default.
+    fn preallocate(&mut self, _from: u64, _to: u64) -> io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -55,7 +64,7 @@ pub trait Fs: Send + Sync + 'static {
     }
     /// Creates `path`, truncating it if it exists.
     fn create(&self, path: &Path) -> io::Result<Box<dyn WriteFile>>;
-    /// Opens an existing file for appending.
+    /// Opens an existing file to write at its end.
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WriteFile>>;
     /// Cuts `path` to `len` bytes and makes the new length durable.
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
@@ -104,6 +113,18 @@ impl WriteFile for RealFile {
         // One fstat of a descriptor already open: cheap beside the fsync.
         self.0.metadata().is_ok_and(|m| m.nlink() == 0)
     }
+    fn preallocate(&mut self, from: u64, to: u64) -> io::Result<bool> {
+        // Real zeros, not fallocate: an unwritten extent's first write
+        // converts it, which is again a journal commit.
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            self.0.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        Ok(to > from)
+    }
 }
 
 impl Fs for RealFs {
@@ -133,7 +154,10 @@ impl Fs for RealFs {
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WriteFile>> {
-        let f = OpenOptions::new().append(true).open(path)?;
+        // Not O_APPEND: Linux's pwrite on such a descriptor appends too,
+        // and `preallocate` writes ahead of the position.
+        let mut f = OpenOptions::new().write(true).open(path)?;
+        f.seek(SeekFrom::End(0))?;
         Ok(Box::new(RealFile(f)))
     }
 

@@ -498,6 +498,8 @@ pub struct OpenReport {
     pub snapshot_index: u64,
     pub records_replayed: u64,
     pub truncated_bytes: u64,
+    /// Zeros written ahead of the last record, cut (not a torn write).
+    pub zeros_cut: u64,
     pub keys: u64,
     pub duration: Duration,
 }
@@ -528,6 +530,7 @@ impl Engine {
             snapshot_index: snap.last_index,
             records_replayed: replayed.records_replayed,
             truncated_bytes: replayed.truncated_bytes,
+            zeros_cut: replayed.zeros_cut,
             keys: state.len(),
             duration: started.elapsed(),
         };

@@ -74,6 +74,14 @@ fn header_version(header: &[u8]) -> Result<u32, (usize, String)> {
 /// Name of the segment made in advance (see the module docs).
 pub const SPARE_NAME: &str = "next-segment.tmp";
 
+/// Zeros written ahead of the active segment's last record, at most, so
+/// that the appends after them overwrite blocks the file already has.
+/// Each extension is one fsync's extra work (its size and blocks go
+/// through the journal once, its zeros to the disk); the appends it covers
+/// then cost an overwrite in place. Part of one extension is all the disk
+/// space it can waste.
+pub const WRITE_AHEAD_BYTES: u64 = 1 << 20;
+
 fn segment_name(first_index: u64) -> String {
     format!("{first_index:020}.wal")
 }
@@ -103,6 +111,9 @@ pub struct Wal {
     /// Sorted by first index; the last one is being appended to.
     segments: Vec<Segment>,
     active: Box<dyn WriteFile>,
+    /// The active segment file's length: its records, then the zeros
+    /// written ahead of them ([`WRITE_AHEAD_BYTES`]).
+    file_end: u64,
     segment_max_bytes: u64,
     /// Index the next appended record must carry.
     next_index: u64,
@@ -124,6 +135,9 @@ pub struct Wal {
 pub struct RecoveryReport {
     /// Bytes cut from the tail of the last segment (an unacknowledged write).
     pub truncated_bytes: u64,
+    /// Zeros cut after the last segment's last record: space written ahead
+    /// that no record reached (not a torn write).
+    pub zeros_cut: u64,
     pub records_replayed: u64,
     pub segments: usize,
 }
@@ -191,11 +205,13 @@ impl Wal {
         let dir_handle = fs
             .open_dir(dir)
             .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let file_end = segments.last().map_or(0, |s| s.bytes);
         let mut wal = Wal {
             fs,
             dir: dir.to_path_buf(),
             segments,
             active,
+            file_end,
             segment_max_bytes,
             next_index,
             last_epoch: replay.last_epoch,
@@ -234,6 +250,7 @@ impl Wal {
                     .map_err(|e| Error::io(format!("removing {}", seg.path.display()), e))?;
             }
             let (seg, active) = create_segment(self.fs.as_ref(), &self.dir, next_index)?;
+            self.file_end = seg.bytes;
             self.segments.push(seg);
             self.active = active;
             Ok(())
@@ -343,6 +360,7 @@ impl Wal {
         if active.bytes >= max || active.version < SEGMENT_VERSION {
             self.roll()?;
         }
+        self.write_ahead(framed.len() as u64);
         if let Err(e) = self.active.write_all(framed) {
             return Err(self.poison(Error::io("appending to the WAL".into(), e)));
         }
@@ -350,6 +368,24 @@ impl Wal {
         self.next_index = first + count;
         self.last_epoch = last_epoch;
         Ok(())
+    }
+
+    /// Zeros past the end of an append of `len` bytes when it would pass
+    /// the zeros already there, up to [`WRITE_AHEAD_BYTES`] beyond it
+    /// (never far past the segment's size limit). The append's own fsync
+    /// makes them durable. Best effort: a failure only leaves the appends
+    /// after it costing what appends cost (the append's own write reports
+    /// a full disk).
+    fn write_ahead(&mut self, len: u64) {
+        let end = self.active_mut().bytes + len;
+        if end <= self.file_end {
+            return;
+        }
+        // Never past the size limit: see `roll`.
+        let to = (end + WRITE_AHEAD_BYTES).min(end.max(self.segment_max_bytes));
+        if let Ok(true) = self.active.preallocate(end, to) {
+            self.file_end = to;
+        }
     }
 
     /// Makes everything appended so far durable (one fdatasync).
@@ -394,6 +430,14 @@ impl Wal {
         // Everything in the old segment must be durable before records can
         // land in a newer one: recovery only tolerates a torn *last* segment.
         self.sync()?;
+        // Zeros are written ahead only up to the size limit, and a segment
+        // is sealed only past it (or holding no zeros, when its version is
+        // older): a sealed segment ends at its last record, as recovery
+        // requires (and as a release that never wrote ahead expects).
+        debug_assert!(
+            self.file_end <= self.active_mut().bytes,
+            "WAL invariant: a segment is sealed with no zeros after its last record"
+        );
         self.check_anchors();
         if let Some(e) = self.refusal() {
             return Err(e);
@@ -425,6 +469,7 @@ impl Wal {
             version: SEGMENT_VERSION,
         });
         self.active = active;
+        self.file_end = SEGMENT_HEADER_BYTES as u64;
         Ok(())
     }
 
@@ -569,6 +614,7 @@ impl Wal {
             .truncate(&seg.path, cut)
             .map_err(|e| Error::io(format!("truncating {}", seg.path.display()), e))?;
         seg.bytes = cut;
+        self.file_end = cut;
         self.active = self
             .fs
             .open_append(&seg.path)
@@ -788,8 +834,15 @@ impl Replay {
                 _ => "record runs past the end of the file".to_string(),
             };
             check_torn_tail(w, seg, off, want, is_last, &reason)?;
-            // A torn tail: the write it held was never acknowledged.
-            self.report.truncated_bytes += (w.end() - off) as u64;
+            // A torn tail: the write it held was never acknowledged. Or
+            // nothing but zeros: space written ahead, which the next
+            // append writes ahead again.
+            let cut = (w.end() - off) as u64;
+            if w.buf[off - w.base..].iter().all(|&b| b == 0) {
+                self.report.zeros_cut += cut;
+            } else {
+                self.report.truncated_bytes += cut;
+            }
             fs.truncate(&seg.path, off as u64).map_err(|e| {
                 Error::io(format!("truncating torn tail of {}", seg.path.display()), e)
             })?;
@@ -1008,6 +1061,114 @@ mod tests {
         assert!(seen[..24].iter().all(|r| r.epoch == 1));
         assert!(seen[24..].iter().all(|r| r.epoch == 3));
         assert_eq!(wal.next_index(), 41);
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn open_with(dir: &Path, segment_max: u64) -> (Wal, Vec<Record>, RecoveryReport) {
+        let mut seen = Vec::new();
+        let (wal, report) =
+            Wal::open(Arc::new(RealFs), dir, 0, segment_max, |r| seen.push(r)).unwrap();
+        (wal, seen, report)
+    }
+
+    #[test]
+    fn appends_write_zeros_ahead_which_recovery_cuts_as_no_torn_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _, _) = open_with(tmp.path(), 64 << 20);
+        for i in 1..=10 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        let bytes = wal.total_bytes();
+        let path = segment_files(tmp.path()).pop().unwrap();
+        assert!(
+            file_len(&path) > bytes,
+            "zeros written ahead of the records"
+        );
+        assert!(file_len(&path) <= bytes + WRITE_AHEAD_BYTES);
+        drop(wal);
+        let (mut wal, seen, report) = open_with(tmp.path(), 64 << 20);
+        assert_eq!(seen.len(), 10);
+        assert_eq!(
+            report.truncated_bytes, 0,
+            "zeros ahead are not a torn write"
+        );
+        assert!(report.zeros_cut > 0);
+        assert_eq!(file_len(&path), bytes, "cut back to the last record");
+        for i in 11..=20 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        drop(wal);
+        let (_, seen, report) = open_with(tmp.path(), 64 << 20);
+        assert_eq!(
+            seen.iter().map(|r| r.index).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        assert_eq!(report.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_write_into_the_zeros_ahead_is_cut_as_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _, _) = open_with(tmp.path(), 64 << 20);
+        for i in 1..=5 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        let bytes = wal.total_bytes();
+        drop(wal);
+        // Half of record 6 reached the disk, the zeros after it stayed.
+        let mut frame = Vec::new();
+        put(6, 1).encode_into(&mut frame);
+        let path = segment_files(tmp.path()).pop().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &frame[..frame.len() / 2], bytes).unwrap();
+        let (_, seen, report) = open_with(tmp.path(), 64 << 20);
+        assert_eq!(seen.len(), 5);
+        assert_eq!(file_len(&path), bytes);
+        assert!(report.truncated_bytes > (frame.len() / 2) as u64);
+        assert_eq!(report.zeros_cut, 0);
+    }
+
+    #[test]
+    fn a_sealed_segment_ends_at_its_last_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _, _) = open_with(tmp.path(), 4096);
+        for i in 1..=200 {
+            append(&mut wal, &[put(i, 1)]);
+        }
+        let files = segment_files(tmp.path());
+        assert!(files.len() > 2);
+        let last = files.last().unwrap().clone();
+        assert!(
+            file_len(&last) > wal.segments.last().unwrap().bytes,
+            "zeros ahead"
+        );
+        for (seg, path) in wal.segments.iter().zip(&files) {
+            if *path != last {
+                assert_eq!(
+                    file_len(path),
+                    seg.bytes,
+                    "{} was sealed with zeros",
+                    path.display()
+                );
+            }
+        }
+        drop(wal);
+        let (_, seen, report) = open_with(tmp.path(), 4096);
+        assert_eq!(seen.len(), 200);
+        assert_eq!(report.truncated_bytes, 0);
     }
 
     /// The real file system, except that `create` fails while `fail` is set

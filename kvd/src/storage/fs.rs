@@ -34,6 +34,19 @@ pub trait WriteFile: Write + Send {
     fn preallocate(&mut self, _from: u64, _to: u64) -> io::Result<bool> {
         Ok(false)
     }
+    /// A second handle on the file, to make what was written so far
+    /// durable from another thread while this one goes on; `None` where
+    /// there is none to give (a backend without one, or out of file
+    /// descriptors): the caller then syncs here.
+    fn sync_handle(&self) -> Option<Box<dyn SyncHandle>> {
+        None
+    }
+}
+
+/// See [`WriteFile::sync_handle`].
+pub trait SyncHandle: Send {
+    /// Makes the file's data durable (fdatasync), as [`WriteFile::sync_data`].
+    fn sync_data(&self) -> io::Result<()>;
 }
 
 /// A directory held open for [`DirHandle::sync`].
@@ -124,6 +137,19 @@ impl WriteFile for RealFile {
             at += n as u64;
         }
         Ok(to > from)
+    }
+    fn sync_handle(&self) -> Option<Box<dyn SyncHandle>> {
+        // A dup of the descriptor: one open file, so its fdatasync covers
+        // every write made through this one before it.
+        Some(Box::new(RealSync(self.0.try_clone().ok()?)))
+    }
+}
+
+struct RealSync(File);
+
+impl SyncHandle for RealSync {
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
     }
 }
 

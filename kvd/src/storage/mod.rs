@@ -51,6 +51,7 @@ pub mod record;
 mod resolve;
 pub mod snapshot;
 pub mod state;
+mod syncer;
 pub mod wal;
 pub mod watch;
 mod writer;
@@ -339,6 +340,8 @@ enum Cmd {
     /// Masterless: move the clock to the wall clock's time, so an idle
     /// node's durable clock (and the global stable time) still advances.
     Tick,
+    /// The fsync thread is done (its outcome is with it, see `syncer`).
+    Synced,
     /// The expirer's wake-up when no write comes (every 100 ms): log what
     /// is due, if this node decides expiries.
     ExpiryTick,
@@ -1193,6 +1196,10 @@ fn start_threads(
         led: None,
         expiries_paused: false,
         commit_clock: writer::CommitClock::default(),
+        inbox: None,
+        held: std::collections::VecDeque::new(),
+        wake: ticks.clone(),
+        syncer: None,
     };
     let (ticker, ticker_state, ticker_wall) = (shared.clone(), state.clone(), cfg.wall.clone());
     let snapshotter = Snapshotter {

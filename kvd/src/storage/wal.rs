@@ -39,7 +39,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::fs::{Anchors, DirHandle, Fs, WriteFile};
+use super::fs::{Anchors, DirHandle, Fs, SyncHandle, WriteFile};
 use super::health::Health;
 use super::record::{self, Frame, Record};
 use super::{Error, StorageState};
@@ -393,7 +393,25 @@ impl Wal {
         if let Some(e) = self.refusal() {
             return Err(e);
         }
-        if let Err(e) = self.active.sync_data() {
+        let outcome = self.active.sync_data();
+        self.sync_end(outcome)
+    }
+
+    /// [`Wal::sync`] in two halves, for a caller that runs the fdatasync on
+    /// another thread: a handle to sync everything appended so far (`None`:
+    /// sync here instead), then [`Wal::sync_end`] with its outcome. Nothing
+    /// may be appended in between.
+    pub fn sync_handle(&mut self) -> Result<Option<Box<dyn SyncHandle>>, Error> {
+        if let Some(e) = self.refusal() {
+            return Err(e);
+        }
+        Ok(self.active.sync_handle())
+    }
+
+    /// Judges an fdatasync's outcome: a failure poisons the log, and so
+    /// does a segment found unlinked.
+    pub fn sync_end(&mut self, outcome: std::io::Result<()>) -> Result<(), Error> {
+        if let Err(e) = outcome {
             return Err(self.poison(Error::io("fsync of the WAL".into(), e)));
         }
         // The fsync of a segment that was unlinked (its data dir deleted)

@@ -1,7 +1,8 @@
 //! The engine's two threads: the WAL writer ([`Writer`]: batches, fsyncs,
-//! applies, replies; every WAL file operation happens here) and the
-//! snapshotter ([`Snapshotter`]: writes snapshots in the background and
-//! hands compaction back to the writer).
+//! applies, replies; every WAL file operation happens here, but for a
+//! primary's fsyncs, which it hands to its [`Syncer`] and waits out while
+//! it applies commits) and the snapshotter ([`Snapshotter`]: writes
+//! snapshots in the background and hands compaction back to the writer).
 //!
 //! Every record reaches the log through one path: [`Writer::write_entries`]
 //! (frame, write(2), in replicated mode into the log view and the ship
@@ -50,6 +51,7 @@ use super::pending_view::PendingView;
 use super::record::{self, Record};
 use super::resolve::{PendingEntry, Resolved, Resolver, TxnAnswer};
 use super::state::{ApplyOutcome, Refusal, State};
+use super::syncer::Syncer;
 use super::{
     snapshot, wal, Cmd, CommitPolicy, EngineConfig, Error, IncomingSnapshot, Rebase,
     ReplicateRequest, Shared, WriteReq, WriteResult,
@@ -201,6 +203,15 @@ pub(super) struct Writer {
     pub expiries_paused: bool,
     /// Primary: when its uncommitted batches were written.
     pub commit_clock: CommitClock,
+    /// The queue, once [`Writer::run`] took it.
+    pub inbox: Option<mpsc::Receiver<Cmd>>,
+    /// Commands taken from the queue while an fsync ran, to carry out after
+    /// it, in order, before anything queued since.
+    pub held: VecDeque<Cmd>,
+    /// The queue, held weakly, for the fsync thread to wake the writer.
+    pub wake: mpsc::WeakSender<Cmd>,
+    /// The primary's fsync thread, once started (see [`super::syncer`]).
+    pub syncer: Option<Syncer>,
 }
 
 /// The keys named by `Expire` records and the leases by expired
@@ -273,12 +284,13 @@ impl Writer {
         self.shared.policy()
     }
 
-    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    pub fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         let mut batch: Vec<WriteReq> = Vec::with_capacity(self.cfg.max_batch_records);
         let mut other: Vec<Cmd> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-        while let Some(first) = rx.blocking_recv() {
-            self.gather(&mut rx, first, &mut batch, &mut other);
+        self.inbox = Some(rx);
+        while let Some(first) = self.next_cmd(true) {
+            self.gather(first, &mut batch, &mut other);
             // Commits first: they apply entries that are durable already,
             // and taken after the batch they would wait out its fsync
             // (their writers' replies with them).
@@ -331,16 +343,25 @@ impl Writer {
         // fsync, so there is nothing left to flush.
     }
 
+    /// The next command: one held during an fsync, else from the queue
+    /// (waiting for one if `wait`); `None` once the queue is closed and
+    /// drained.
+    fn next_cmd(&mut self, wait: bool) -> Option<Cmd> {
+        if let Some(cmd) = self.held.pop_front() {
+            return Some(cmd);
+        }
+        let rx = self.inbox.as_mut()?;
+        if wait {
+            rx.blocking_recv()
+        } else {
+            rx.try_recv().ok()
+        }
+    }
+
     /// Group commit: takes `first` and every write already queued (up to
     /// the batch limits) into `batch`; anything else goes to `other`, to
     /// wait until the batch is durable.
-    fn gather(
-        &self,
-        rx: &mut mpsc::Receiver<Cmd>,
-        first: Cmd,
-        batch: &mut Vec<WriteReq>,
-        other: &mut Vec<Cmd>,
-    ) {
+    fn gather(&mut self, first: Cmd, batch: &mut Vec<WriteReq>, other: &mut Vec<Cmd>) {
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
@@ -352,7 +373,7 @@ impl Writer {
                 cmd => other.push(cmd),
             }
             if batch.len() < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes {
-                next = rx.try_recv().ok();
+                next = self.next_cmd(false);
             }
         }
     }
@@ -381,6 +402,8 @@ impl Writer {
                 let _ = reply.send(self.rebase(req));
             }
             Cmd::Tick => self.tick(),
+            // Its outcome was taken where the fsync was awaited.
+            Cmd::Synced => {}
             Cmd::ExpiryTick => self.expire_idle(buf),
             Cmd::PauseExpiries { paused, reply } => {
                 self.expiries_paused = paused;
@@ -465,7 +488,11 @@ impl Writer {
         buf: &mut Vec<u8>,
     ) -> Result<Appended, Error> {
         let written = self.write_entries(entries.clone(), buf)?;
-        self.wal.sync()?;
+        if self.policy() == CommitPolicy::Replicated {
+            self.sync_applying_commits()?;
+        } else {
+            self.wal.sync()?;
+        }
         let fsync = written.started.elapsed();
         if !self.ships_at_write() {
             self.remember(written.first, entries);
@@ -476,6 +503,43 @@ impl Writer {
             fsync,
             written_at: written.started,
         })
+    }
+
+    /// A primary's fsync, run on the fsync thread while this one applies
+    /// the commits that arrive (acknowledgements of earlier batches: the
+    /// commit index stays below the durable index, so nothing of this
+    /// batch is applied) and holds every other command for later. Where
+    /// there is no second handle or thread, the fsync runs here.
+    fn sync_applying_commits(&mut self) -> Result<(), Error> {
+        let Some(handle) = self.wal.sync_handle()? else {
+            return self.wal.sync();
+        };
+        if self.syncer.is_none() {
+            self.syncer = Syncer::start(self.wake.clone()).ok();
+        }
+        let Some(syncer) = &self.syncer else {
+            return self.wal.sync();
+        };
+        let outcome = syncer.outcome.clone();
+        if syncer.submit(handle).is_err() {
+            return self.wal.sync();
+        }
+        let result = loop {
+            if let Some(r) = outcome.take() {
+                break r;
+            }
+            if self.held.len() >= self.cfg.queue_capacity {
+                // As many held as the queue holds: wait, as it would.
+                break outcome.wait();
+            }
+            match self.inbox.as_mut().and_then(|rx| rx.blocking_recv()) {
+                Some(Cmd::Commit { index, epoch }) => self.commit_counted(index, epoch),
+                Some(Cmd::Synced) => {}
+                Some(cmd) => self.held.push_back(cmd),
+                None => break outcome.wait(),
+            }
+        };
+        self.wal.sync_end(result)
     }
 
     /// Frames `entries` (contiguous from the WAL's next index) into one

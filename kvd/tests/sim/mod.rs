@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use kvd::storage::fs::{Fs, WriteFile};
+use kvd::storage::fs::{Fs, SyncHandle, WriteFile};
 
 #[derive(Clone, Default)]
 struct Inode {
@@ -61,6 +61,10 @@ struct Disk {
     crashed: bool,
     /// Fail the next sync_data with EIO (then behave again).
     fail_next_sync: bool,
+    /// Every sync_data waits while this is set (an fsync that takes as long
+    /// as a test needs), counted in `syncs_held`.
+    hold_syncs: bool,
+    syncs_held: usize,
 }
 
 impl Disk {
@@ -109,15 +113,46 @@ impl Write for SimFile {
 
 impl WriteFile for SimFile {
     fn sync_data(&mut self) -> io::Result<()> {
-        let mut d = self.disk.lock();
-        d.tick()?;
-        if std::mem::take(&mut d.fail_next_sync) {
-            return Err(io::Error::other("simulated EIO from fdatasync"));
-        }
-        let ino = &mut d.inodes[self.ino];
-        ino.synced = ino.data.clone();
-        Ok(())
+        sync_inode(&self.disk, self.ino)
     }
+    fn sync_handle(&self) -> Option<Box<dyn SyncHandle>> {
+        Some(Box::new(SimSync {
+            disk: self.disk.clone(),
+            ino: self.ino,
+        }))
+    }
+}
+
+/// A second handle on a file, synced from the engine's fsync thread.
+struct SimSync {
+    disk: Arc<Mutex<Disk>>,
+    ino: usize,
+}
+
+impl SyncHandle for SimSync {
+    fn sync_data(&self) -> io::Result<()> {
+        sync_inode(&self.disk, self.ino)
+    }
+}
+
+fn sync_inode(disk: &Mutex<Disk>, ino: usize) -> io::Result<()> {
+    let mut d = disk.lock();
+    if d.hold_syncs {
+        d.syncs_held += 1;
+        while d.hold_syncs {
+            drop(d);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            d = disk.lock();
+        }
+        d.syncs_held -= 1;
+    }
+    d.tick()?;
+    if std::mem::take(&mut d.fail_next_sync) {
+        return Err(io::Error::other("simulated EIO from fdatasync"));
+    }
+    let ino = &mut d.inodes[ino];
+    ino.synced = ino.data.clone();
+    Ok(())
 }
 
 fn not_found(p: &Path) -> io::Error {
@@ -257,6 +292,16 @@ impl SimFs {
     }
 
     /// The next sync_data fails with EIO (the disk works again after it).
+    /// Holds every fsync from now on until called with `false`.
+    pub fn hold_syncs(&self, hold: bool) {
+        self.0.lock().hold_syncs = hold;
+    }
+
+    /// How many fsyncs are being held now.
+    pub fn syncs_held(&self) -> usize {
+        self.0.lock().syncs_held
+    }
+
     pub fn fail_next_sync(&self) {
         self.0.lock().fail_next_sync = true;
     }
